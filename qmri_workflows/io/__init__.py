@@ -1,0 +1,1 @@
+"""File input/output: BIDS queries (pybids) and BIDS-derivative writing (no Nipype)."""

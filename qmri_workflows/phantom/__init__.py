@@ -1,0 +1,1 @@
+"""Digital MS-brain phantom and qMRI protocol simulator."""

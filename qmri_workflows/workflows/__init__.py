@@ -1,0 +1,1 @@
+"""Workflow factories (``init_*_wf``) that wire the interfaces into Nipype graphs."""

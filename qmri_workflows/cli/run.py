@@ -1,0 +1,341 @@
+"""The BIDS-App command line: ``qmri-workflows BIDS_DIR OUTPUT_DIR participant``.
+
+Exit codes follow the BIDS-Apps draft where it has one:
+
+====  ====================================================================
+0     success (maps the data cannot support are skipped with a message)
+1     a processing step failed (see the crash files named in the log)
+16    the input is not a valid BIDS dataset (BIDS validator errors)
+17    unknown analysis level
+18    the participant/session filters selected nothing
+64    command-line usage error
+65    input data unusable (missing metadata, mismatched grids, phase units ...)
+66    input dataset missing, or no subject has data for any map
+73    the output directory cannot be created or lies inside the input dataset
+====  ====================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .. import __version__
+
+EXIT_FAILURE = 1
+EXIT_INVALID_BIDS = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_SELECTION = 18
+EXIT_USAGE = 64
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+EXIT_CANNOT_CREATE = 73
+
+ANALYSIS_LEVELS = ("participant",)
+LOGGER = logging.getLogger("qmri_workflows")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse exits with 2 on usage errors, which clashes with BIDS-App codes: use 64."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _strip_prefix(prefix):
+    def strip(label):
+        return label[len(prefix):] if label.startswith(prefix) else label
+
+    return strip
+
+
+def build_parser():
+    """Return the argument parser of ``qmri-workflows``."""
+    parser = _ArgumentParser(
+        prog="qmri-workflows",
+        description="Quantitative MRI maps (R2*, T2*; R1, PD, R2 and QSM in later releases) "
+        "from a raw BIDS dataset, written as BIDS derivatives.",
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")
+    parser.add_argument(
+        "analysis_level", help="processing stage: 'participant' (each subject separately)"
+    )
+    parser.add_argument("--version", action="version", version=f"qmri-workflows {__version__}")
+
+    bids = parser.add_argument_group("BIDS filtering")
+    bids.add_argument(
+        "--participant-label", "--participant_label", nargs="+", type=_strip_prefix("sub-"),
+        metavar="LABEL", help="subjects to process ('sub-' prefix optional; default: all)",
+    )  # fmt: skip
+    bids.add_argument(
+        "--session-label", "--session_label", nargs="+", type=_strip_prefix("ses-"),
+        metavar="LABEL", help="sessions to process ('ses-' prefix optional; default: all)",
+    )  # fmt: skip
+    bids.add_argument(
+        "--skip-bids-validation", "--skip_bids_validation", action="store_true",
+        help="do not run the BIDS validator on the input dataset",
+    )  # fmt: skip
+
+    perf = parser.add_argument_group("Performance")
+    perf.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
+                      help="processes to run in parallel (default: all cores)")
+    perf.add_argument("--mem-gb", "--mem_gb", type=float, default=None,
+                      help="memory limit (GB) for the MultiProc scheduler")
+    perf.add_argument("--plugin", default=None,
+                      help="Nipype execution plugin (Linear, MultiProc, SLURM, SGE, PBS, ...); "
+                      "default MultiProc, or Linear with --nprocs 1")
+    perf.add_argument("--plugin-config", type=Path, default=None,
+                      help="YAML or JSON file with 'plugin' and 'plugin_args' (overrides --plugin)")
+
+    config = parser.add_argument_group("Workflow configuration")
+    config.add_argument("--r2star-method", choices=("wls", "nls"), default="wls",
+                        help="R2* estimator: ESTATICS weighted log-linear (wls, default) or "
+                        "non-linear with the magnitude noise floor (nls)")
+    config.add_argument("--n-coils", type=int, default=1,
+                        help="receive channels combined by root-sum-of-squares (noise law for nls)")
+
+    other = parser.add_argument_group("Other options")
+    other.add_argument("-w", "--work-dir", type=Path, default=None,
+                       help="Nipype working directory (default: OUTPUT_DIR/../qmri_work)")
+    other.add_argument("--stop-on-first-crash", action="store_true",
+                       help="stop at the first failing step")
+    other.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
+    return parser
+
+
+def _inside(path, folder):
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def load_plugin_config(path):
+    """Read a plugin configuration (YAML or JSON) with keys ``plugin`` and ``plugin_args``."""
+    text = Path(path).read_text()
+    if Path(path).suffix == ".json":
+        config = json.loads(text)
+    else:
+        import yaml
+
+        config = yaml.safe_load(text)
+    if not isinstance(config, dict) or "plugin" not in config:
+        raise ValueError(f"{path}: expected a mapping with a 'plugin' key (and 'plugin_args')")
+    return config["plugin"], dict(config.get("plugin_args") or {})
+
+
+def batch_resources(workflow, plugin):
+    """Pass each node's ``mem_gb``/``n_procs`` to a batch scheduler.
+
+    Nipype's batch plugins do not forward them, so a SLURM/SGE/PBS job would get the queue's
+    default memory. Nodes that run inside the submitting process are left alone.
+    """
+    for node in workflow._get_all_nodes():
+        if node.run_without_submitting:
+            continue
+        mem_mb = int(node.mem_gb * 1024) + 256
+        cpus = node.n_procs or 1
+        if plugin.startswith("SLURM"):
+            node.plugin_args = {
+                "sbatch_args": f"--mem={mem_mb}M --cpus-per-task={cpus}",
+                "overwrite": True,
+            }
+        elif plugin.startswith(("SGE", "PBS")):
+            node.plugin_args = {"qsub_args": f"-l mem={mem_mb}mb", "overwrite": True}
+
+
+def run_validator(bids_dir):
+    """Run the BIDS validator on ``bids_dir``.
+
+    Returns
+    -------
+    list of str or None
+        One line per error; None when no validator is installed.
+    """
+    import shutil
+    import subprocess
+
+    executable = shutil.which("bids-validator-deno")
+    if executable is None:
+        candidate = Path(sys.executable).parent / "bids-validator-deno"
+        executable = str(candidate) if candidate.exists() else None
+    if executable is None:
+        return None
+    result = subprocess.run(
+        [executable, str(bids_dir), "--json"], capture_output=True, text=True, check=False
+    )
+    try:
+        report = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return [f"the BIDS validator failed to run: {result.stderr.strip() or result.stdout[:500]}"]
+    issues = report.get("issues", {}).get("issues", [])
+    errors = []
+    for issue in issues:
+        if issue.get("severity") == "error":
+            where = issue.get("location", "")
+            errors.append(f"{issue.get('code', 'ERROR')}: {where} {issue.get('issueMessage', '')}".strip())
+    return errors
+
+
+def write_description(output_dir, bids_dir, argv):
+    """Write the derivatives' ``dataset_description.json`` (always, even if processing fails)."""
+    from ..io.derivatives import write_dataset_description
+
+    command = "qmri-workflows " + " ".join(shlex.quote(a) for a in argv)
+    return write_dataset_description(
+        output_dir,
+        name="qmri-workflows quantitative maps",
+        dataset_type="derivative",
+        generated_by=[{
+            "Name": "qmri-workflows",
+            "Version": __version__,
+            "CodeURL": "https://github.com/qmri-workflows/qmri-workflows",
+            "CommandLine": command,
+        }],  # fmt: skip
+        extra={"DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()}},
+    )
+
+
+def main(argv=None):
+    """Run the BIDS App; returns the exit code (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+        format="%(asctime)s [qmri-workflows] %(levelname)s: %(message)s",
+    )
+    status = _run(args, argv)
+    return status
+
+
+def _run(args, argv):
+    from ..io.query import BIDSInputError, collect_inputs, open_layout, select_participants
+
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        LOGGER.error("unknown analysis level %r; choose from %s", args.analysis_level,
+                     ", ".join(ANALYSIS_LEVELS))
+        return EXIT_UNKNOWN_LEVEL
+    bids_dir = args.bids_dir.resolve()
+    if not (bids_dir / "dataset_description.json").is_file():
+        LOGGER.error("%s is not a BIDS dataset (no dataset_description.json); give the dataset root",
+                     bids_dir)
+        return EXIT_NO_INPUT
+    output_dir = args.output_dir.resolve()
+    if _inside(output_dir, bids_dir) and not _inside(output_dir, bids_dir / "derivatives"):
+        LOGGER.error("output directory %s lies inside the input dataset %s; the input is never "
+                     "written to: choose a folder outside it (or under its derivatives/)",
+                     output_dir, bids_dir)
+        return EXIT_CANNOT_CREATE
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        work_dir = (args.work_dir or output_dir.parent / "qmri_work").resolve()
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        LOGGER.error("cannot create the output or work directory: %s", error)
+        return EXIT_CANNOT_CREATE
+    if _inside(work_dir, bids_dir):
+        LOGGER.error("work directory %s lies inside the input dataset; choose another with -w",
+                     work_dir)
+        return EXIT_CANNOT_CREATE
+
+    write_description(output_dir, bids_dir, argv)
+
+    if not args.skip_bids_validation:
+        errors = run_validator(bids_dir)
+        if errors is None:
+            LOGGER.warning("BIDS validator not installed (pip install 'qmri-workflows[validator]'); "
+                           "continuing without validation")
+        elif errors:
+            LOGGER.error("the BIDS validator found %d error(s) in %s:\n  %s\nFix them, or pass "
+                         "--skip-bids-validation to proceed at your own risk.", len(errors),
+                         bids_dir, "\n  ".join(errors[:20]))
+            return EXIT_INVALID_BIDS
+
+    try:
+        layout = open_layout(bids_dir)
+        selection = select_participants(layout, args.participant_label, args.session_label)
+    except BIDSInputError as error:
+        LOGGER.error("%s", error)
+        return EXIT_NO_SELECTION
+    if not selection:
+        LOGGER.error("no subject in %s matches the filters", bids_dir)
+        return EXIT_NO_SELECTION
+
+    subjects = []
+    for subject, session in selection:
+        try:
+            subjects.append(collect_inputs(layout, subject, session))
+        except BIDSInputError as error:
+            LOGGER.error("%s", error)
+            return EXIT_DATA
+
+    return _execute(args, subjects, output_dir, bids_dir, work_dir)
+
+
+def _execute(args, subjects, output_dir, bids_dir, work_dir):
+    from nipype import config as nipype_config
+
+    from ..workflows.base import init_qmri_wf
+
+    nipype_config.update_config({
+        "execution": {
+            "crashdump_dir": str(work_dir / "crash"),
+            "crashfile_format": "txt",
+            "hash_method": "timestamp",
+            "stop_on_first_crash": args.stop_on_first_crash,
+            "remove_unnecessary_outputs": False,
+        },
+        "monitoring": {"enabled": False},
+    })  # fmt: skip
+    workflow, plans = init_qmri_wf(
+        subjects=subjects,
+        output_dir=str(output_dir),
+        raw_root=str(bids_dir),
+        work_dir=str(work_dir),
+        r2star_method=args.r2star_method,
+        n_coils=args.n_coils,
+    )
+    for (subject, session), subject_plans in plans.items():
+        label = f"sub-{subject}" + (f" ses-{session}" if session else "")
+        for plan in subject_plans:
+            if plan.run:
+                LOGGER.info("%s: %s map from %s", label, plan.name, plan.reason)
+            else:
+                LOGGER.warning("%s: %s skipped: %s", label, plan.name, plan.reason)
+    if not workflow._graph.nodes():
+        LOGGER.error("no subject has data for any map this version computes")
+        return EXIT_NO_INPUT
+
+    if args.plugin_config:
+        try:
+            plugin, plugin_args = load_plugin_config(args.plugin_config)
+        except (OSError, ValueError) as error:
+            LOGGER.error("%s", error)
+            return EXIT_USAGE
+    else:
+        plugin = args.plugin or ("Linear" if args.nprocs == 1 else "MultiProc")
+        plugin_args = {}
+    if plugin in ("MultiProc", "LegacyMultiProc"):
+        plugin_args.setdefault("n_procs", args.nprocs)
+        if args.mem_gb:
+            plugin_args.setdefault("memory_gb", args.mem_gb)
+        plugin_args.setdefault("raise_insufficient", False)
+    batch_resources(workflow, plugin)
+
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except Exception as error:  # nipype raises RuntimeError listing the crashed nodes
+        LOGGER.error("processing failed: %s\nCrash files are in %s", error, work_dir / "crash")
+        return EXIT_FAILURE
+    LOGGER.info("derivatives written to %s", output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Nipype interface for the brain mask."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+)
+
+from ..core.masking import brain_mask
+from ..io.images import load_volume
+from ._common import save_like
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(
+        File(exists=True),
+        mandatory=True,
+        desc="magnitude images on one grid (e.g. the first echo of each flip angle); "
+        "their root-sum-of-squares is masked",
+    )
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="brain mask (uint8)")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask from magnitude images (see :func:`qmri_workflows.core.masking.brain_mask`)."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        reference = nib.load(self.inputs.in_files[0])
+        sum_of_squares = np.zeros(reference.shape[:3], dtype=np.float64)
+        for path in self.inputs.in_files:
+            sum_of_squares += np.square(load_volume(path, reference=reference), dtype=np.float64)
+        mask = brain_mask(np.sqrt(sum_of_squares), voxel_size=reference.header.get_zooms()[:3])
+        self._results["out_mask"] = save_like(
+            mask, reference, os.path.join(runtime.cwd, "brain_mask.nii.gz"), dtype=np.uint8
+        )
+        return runtime

@@ -1,0 +1,182 @@
+"""Nipype interfaces for R2*/T2* mapping from multi-echo spoiled gradient echoes."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..core.noise import estimate_sigma_background
+from ..core.r2star import fit_estatics
+from ..io.images import load_volume
+from ._common import save_like
+
+ESTATICS_REFERENCE = (
+    "Weiskopf N, Callaghan MF, Josephs O, Lutti A, Mohammadi S. Estimating the apparent transverse "
+    "relaxation time (R2*) from images with different contrasts (ESTATICS) reduces motion artifacts. "
+    "Front Neurosci 2014;8:278. doi:10.3389/fnins.2014.00278"
+)
+
+ESTIMATION_ALGORITHMS = {
+    "wls": "ESTATICS: one R2* shared by all flip angles, one intercept per flip angle; "
+    "log-linear least squares weighted by the squared model signal (iterated)",
+    "nls": "ESTATICS: one R2* shared by all flip angles, one intercept per flip angle; "
+    "non-linear least squares of the expected magnitude including the noise floor "
+    "(Rician/non-central chi), initialised by the weighted log-linear fit",
+}
+
+
+def group_echoes_by_flip_angle(files, echo_times, flip_angles):
+    """Group a flat list of echo files into contrasts, one per flip angle.
+
+    Parameters
+    ----------
+    files, echo_times, flip_angles : sequence
+        One entry per echo image; ``flip_angles`` (degrees) names the contrast of each image.
+
+    Returns
+    -------
+    groups : list of (flip_angle, [(echo_time, file), ...])
+        Sorted by flip angle, echoes sorted by echo time.
+    """
+    if not len(files) == len(echo_times) == len(flip_angles):
+        raise ValueError(
+            f"files ({len(files)}), echo_times ({len(echo_times)}) and flip_angles "
+            f"({len(flip_angles)}) must have one entry per echo image"
+        )
+    groups: dict[float, list] = {}
+    for path, te, flip in zip(files, echo_times, flip_angles):
+        groups.setdefault(float(flip), []).append((float(te), path))
+    return [(flip, sorted(echoes)) for flip, echoes in sorted(groups.items())]
+
+
+def stack_contrasts(groups):
+    """Load grouped echoes into ``signal[x, y, z, n_contrast, n_echo]`` and ``echo_times``.
+
+    Contrasts with fewer echoes are padded with NaN, which the ESTATICS fit ignores.
+    """
+    n_echo = max(len(echoes) for _, echoes in groups)
+    reference = nib.load(groups[0][1][0][1])
+    shape = reference.shape[:3]
+    signal = np.full(shape + (len(groups), n_echo), np.nan, dtype=np.float32)
+    echo_times = np.full((len(groups), n_echo), np.nan)
+    for c, (_, echoes) in enumerate(groups):
+        for e, (te, path) in enumerate(echoes):
+            signal[..., c, e] = load_volume(path, reference=reference)
+            echo_times[c, e] = te
+    return signal, echo_times, reference
+
+
+class _FitR2starInputSpec(BaseInterfaceInputSpec):
+    magnitude_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="magnitude image of every echo of every flip angle"
+    )
+    echo_times = traits.List(traits.Float, mandatory=True, desc="echo time (s) of each file")
+    flip_angles = traits.List(
+        traits.Float, mandatory=True, desc="nominal flip angle (deg) of each file; groups contrasts"
+    )
+    mask_file = File(exists=True, desc="voxels to fit (others are written as 0)")
+    method = traits.Enum("wls", "nls", usedefault=True, desc="estimator (see EstimationAlgorithm)")
+    n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
+    noise_sigma = traits.Float(desc="noise SD per channel; estimated from air when 'nls' needs it")
+    chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per fitting chunk")
+
+
+class _FitR2starOutputSpec(TraitedSpec):
+    r2star_file = File(exists=True, desc="R2* (1/s)")
+    t2star_file = File(exists=True, desc="T2* (s); 0 where R2* <= 0")
+    s0_files = OutputMultiObject(File(exists=True), desc="TE = 0 intercept, one per flip angle")
+    flip_angles = traits.List(traits.Float, desc="flip angle (deg) of each S0 file")
+    noise_sigma = traits.Float(desc="noise SD used by the fit (nan when unused)")
+    metadata = traits.Dict(desc="EstimationAlgorithm, EstimationReference and protocol for sidecars")
+
+
+class FitR2star(SimpleInterface):
+    """Fit R2* (and one TE = 0 intercept per flip angle) with the ESTATICS model.
+
+    Loads the echoes, calls :func:`qmri_workflows.core.r2star.fit_estatics` inside the mask and
+    writes float32 maps on the input grid.
+    """
+
+    input_spec = _FitR2starInputSpec
+    output_spec = _FitR2starOutputSpec
+
+    def _run_interface(self, runtime):
+        groups = group_echoes_by_flip_angle(
+            self.inputs.magnitude_files, self.inputs.echo_times, self.inputs.flip_angles
+        )
+        signal, echo_times, reference = stack_contrasts(groups)
+        mask = None
+        if isdefined(self.inputs.mask_file):
+            mask = load_volume(self.inputs.mask_file, reference=reference) > 0
+
+        sigma = None
+        if self.inputs.method == "nls":
+            if isdefined(self.inputs.noise_sigma):
+                sigma = self.inputs.noise_sigma
+            else:
+                sigma = estimate_noise_from_air(signal[..., 0, 0], mask, n_coils=self.inputs.n_coils)
+
+        s0, r2star = fit_estatics(
+            signal,
+            echo_times,
+            sigma=sigma,
+            n_coils=self.inputs.n_coils,
+            method=self.inputs.method,
+            mask=mask,
+            chunk_size=self.inputs.chunk_size,
+        )
+        r2star = np.nan_to_num(r2star, nan=0.0, posinf=0.0, neginf=0.0)
+        with np.errstate(divide="ignore"):
+            t2star = np.where(r2star > 0, 1.0 / r2star, 0.0)
+
+        cwd = runtime.cwd
+        self._results["r2star_file"] = save_like(r2star, reference, os.path.join(cwd, "R2starmap.nii.gz"))
+        self._results["t2star_file"] = save_like(t2star, reference, os.path.join(cwd, "T2starmap.nii.gz"))
+        self._results["s0_files"] = [
+            save_like(
+                np.nan_to_num(s0[..., c]), reference, os.path.join(cwd, f"S0map_flip{c + 1}.nii.gz")
+            )
+            for c in range(len(groups))
+        ]
+        self._results["flip_angles"] = [flip for flip, _ in groups]
+        self._results["noise_sigma"] = float(sigma) if sigma is not None else float("nan")
+        self._results["metadata"] = {
+            "EstimationAlgorithm": ESTIMATION_ALGORITHMS[self.inputs.method],
+            "EstimationReference": ESTATICS_REFERENCE,
+            "EchoTime": [te for te, _ in groups[int(np.argmax([len(e) for _, e in groups]))][1]],
+            "FlipAngle": [flip for flip, _ in groups],
+        }
+        return runtime
+
+
+def estimate_noise_from_air(image, mask, *, n_coils=1):
+    """Noise SD per channel from voxels far from the object.
+
+    Air is taken as the voxels at least 10 voxels away from the mask (or, without a mask, the
+    darkest half of the volume), which keeps head signal and ghosts at the object's edge out.
+    """
+    from scipy import ndimage
+
+    if mask is not None and mask.any():
+        far = ~ndimage.binary_dilation(mask, iterations=10)
+        air = image[far]
+    else:
+        air = image[image <= np.median(image)]
+    air = air[np.isfinite(air)]
+    if air.size < 100:
+        raise ValueError(
+            "too few air voxels to estimate the noise level; give noise_sigma explicitly"
+        )
+    return float(estimate_sigma_background(air, n_coils=n_coils))

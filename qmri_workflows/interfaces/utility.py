@@ -1,0 +1,61 @@
+"""Small utility interfaces for the workflows."""
+
+from __future__ import annotations
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    File,
+    traits,
+)
+
+from ..io.staging import commit_staged_files
+
+
+class _MergeMetadataInputSpec(BaseInterfaceInputSpec):
+    in_dicts = traits.List(traits.Dict, mandatory=True, desc="dictionaries; later ones win")
+
+
+class _MergeMetadataOutputSpec(TraitedSpec):
+    out_dict = traits.Dict(desc="merged dictionary")
+
+
+class MergeMetadata(SimpleInterface):
+    """Merge sidecar dictionaries (static protocol fields and fields computed by a node)."""
+
+    input_spec = _MergeMetadataInputSpec
+    output_spec = _MergeMetadataOutputSpec
+
+    def _run_interface(self, runtime):
+        merged = {}
+        for entry in self.inputs.in_dicts:
+            merged.update(entry)
+        self._results["out_dict"] = merged
+        return runtime
+
+
+class _CommitDerivativesInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="staged files")
+    staging_dir = Directory(mandatory=True, desc="staging folder the files are in")
+    output_dir = Directory(mandatory=True, desc="derivatives dataset root")
+
+
+class _CommitDerivativesOutputSpec(TraitedSpec):
+    out_files = OutputMultiObject(File(exists=True), desc="published files")
+
+
+class CommitDerivatives(SimpleInterface):
+    """Publish a subject's staged derivatives in one step (see :mod:`qmri_workflows.io.staging`)."""
+
+    input_spec = _CommitDerivativesInputSpec
+    output_spec = _CommitDerivativesOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_files"] = commit_staged_files(
+            self.inputs.staging_dir, self.inputs.output_dir, self.inputs.in_files
+        )
+        return runtime

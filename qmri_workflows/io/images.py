@@ -1,0 +1,84 @@
+"""Load NIfTI volumes for the interfaces, with checks that turn bad inputs into clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import BIDSInputError
+
+__all__ = ["GRID_TOLERANCE_MM", "load_phase", "load_volume", "same_grid"]
+
+GRID_TOLERANCE_MM = 1e-3
+"""Largest difference between affine entries (mm) for two images to count as on the same grid."""
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b, *, atol=GRID_TOLERANCE_MM):
+    """Whether two images share their 3D voxel grid (shape and affine within ``atol`` mm)."""
+    return (tuple(shape_a[:3]) == tuple(shape_b[:3])
+            and np.allclose(np.asarray(affine_a), np.asarray(affine_b), atol=atol, rtol=0))
+
+
+def load_volume(path, *, dtype=np.float32, reference=None):
+    """Load one 3D volume as an array of ``dtype`` (scaling applied).
+
+    Parameters
+    ----------
+    path : str or Path
+        NIfTI file. A 4D image with a single volume is accepted and squeezed.
+    dtype : numpy dtype, optional
+        dtype of the returned array.
+    reference : nibabel image, optional
+        When given, the file must lie on the same grid (shape and affine within
+        :data:`GRID_TOLERANCE_MM`).
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z)
+
+    Raises
+    ------
+    BIDSInputError
+        If the file cannot be read, is not 3D, holds no finite value, or is off the reference grid.
+    """
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for corrupt or foreign files
+        raise BIDSInputError(f"cannot read image {path}: {error}") from error
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise BIDSInputError(
+            f"image {path} has shape {image.shape}; a single 3D volume is expected (split 4D files "
+            "into one file per echo/flip angle as BIDS describes)")
+    if reference is not None and not same_grid(image.shape, image.affine, reference.shape, reference.affine):
+        raise BIDSInputError(
+            f"image {path} (shape {image.shape[:3]}) is not on the grid of "
+            f"{getattr(reference, 'get_filename', lambda: 'the reference')()} (shape {reference.shape[:3]}); "
+            "resample it onto the same grid or re-export the series together")
+    data = np.asarray(image.dataobj, dtype=dtype).reshape(shape)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.any():
+            raise BIDSInputError(f"image {path} holds no finite value (all NaN/Inf)")
+    return data
+
+
+def load_phase(path, phase_scale, *, dtype=np.float32, reference=None):
+    """Load a phase volume in radians: the stored values times ``phase_scale``.
+
+    ``phase_scale`` comes from :func:`qmri_workflows.io.query.collect_inputs` (1.0 when the sidecar
+    says ``"Units": "rad"``; e.g. pi/4096 for Siemens integer phase). Values are not re-wrapped;
+    an integer encoding such as 0..4095 maps onto [0, 2*pi), which is the same phase modulo 2*pi.
+
+    Raises
+    ------
+    BIDSInputError
+        As :func:`load_volume`, or for a non-positive/non-finite ``phase_scale``.
+    """
+    if phase_scale is None or not np.isfinite(phase_scale) or phase_scale <= 0:
+        raise BIDSInputError(f"phase image {path}: invalid phase scale {phase_scale!r} (need a positive number)")
+    data = load_volume(path, dtype=np.float64, reference=reference)
+    return (data * float(phase_scale)).astype(dtype, copy=False)

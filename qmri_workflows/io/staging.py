@@ -1,0 +1,52 @@
+"""Publish a subject's derivatives all at once.
+
+The pipeline writes every derivative of a subject into a hidden staging folder inside the output
+dataset and moves them into place only after all of them were written, so a failed run leaves the
+output dataset without a partial subject. Staging lives inside the output directory so that the
+final moves are renames on one file system.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+STAGING_FOLDER = ".qmri-staging"
+
+
+def staging_directory(output_dir, subject, session=None):
+    """Return the staging folder for one subject (and session) inside ``output_dir``."""
+    label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    return Path(output_dir) / STAGING_FOLDER / label
+
+
+def commit_staged_files(staging_dir, output_dir, files):
+    """Move ``files`` (all under ``staging_dir``) to the same relative paths under ``output_dir``.
+
+    Every file is checked before the first one moves, so a missing file moves nothing.
+
+    Returns
+    -------
+    list of str
+        The published paths.
+    """
+    staging_dir = Path(staging_dir).resolve()
+    output_dir = Path(output_dir).resolve()
+    sources = [Path(f).resolve() for f in files]
+    for source in sources:
+        if not source.is_file():
+            raise FileNotFoundError(f"staged derivative {source} is missing; nothing was published")
+        if staging_dir not in source.parents:
+            raise ValueError(f"{source} is not inside the staging folder {staging_dir}")
+    published = []
+    for source in sources:
+        target = output_dir / source.relative_to(staging_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        published.append(str(target))
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    staging_root = staging_dir.parent
+    if staging_root.name == STAGING_FOLDER and not any(staging_root.iterdir()):
+        staging_root.rmdir()
+    return published

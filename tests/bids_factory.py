@@ -1,0 +1,274 @@
+"""Write small synthetic raw BIDS datasets (tiny random NIfTIs + sidecars) for tests.
+
+Images are 8x8x6 by default; values are random, only the layout and metadata matter. Every
+builder returns the paths it wrote so tests can edit a sidecar or replace an image to provoke
+one specific error.
+
+Example
+-------
+>>> ds = make_dataset(tmp_path / "raw", gre="VFA", flip_angles=(4, 20), n_echoes=3)   # doctest: +SKIP
+>>> edit_sidecar(ds.files["gre"][0], EchoTime=None)                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+DEFAULT_AFFINE = np.array([
+    [1.5, 0.0, 0.0, -6.0],
+    [0.0, 1.5, 0.0, -6.0],
+    [0.0, 0.0, 2.0, -5.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+DEFAULT_SHAPE = (8, 8, 6)
+
+
+@dataclass
+class FakeDataset:
+    """Paths written by :func:`make_dataset` (``files`` keys: gre, gre_phase, bssfp, afi, receive)."""
+
+    root: Path
+    files: dict = field(default_factory=dict)
+
+    def add(self, key, path):
+        self.files.setdefault(key, []).append(Path(path))
+
+
+def write_image(path, data=None, *, shape=DEFAULT_SHAPE, affine=DEFAULT_AFFINE, dtype=np.float32, seed=0):
+    """Write a NIfTI (random positive data unless ``data`` is given); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = np.random.default_rng(seed).uniform(100, 1000, size=shape)
+    data = np.asarray(data).astype(dtype)
+    image = nib.Nifti1Image(data, np.asarray(affine, float))
+    image.set_data_dtype(dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, path)
+    return path
+
+
+def write_sidecar(path, metadata):
+    """Write the JSON sidecar of image ``path`` (keys with value None are skipped)."""
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    sidecar = path.with_name(name + ".json")
+    sidecar.write_text(json.dumps({k: v for k, v in metadata.items() if v is not None}, indent=2))
+    return sidecar
+
+
+def sidecar_of(path):
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
+
+def edit_sidecar(path, **changes):
+    """Change keys of an image's sidecar; a value of None removes the key."""
+    sidecar = sidecar_of(path)
+    metadata = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    for key, value in changes.items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    sidecar.write_text(json.dumps(metadata, indent=2))
+    return sidecar
+
+
+def phase_data(units, *, shape=DEFAULT_SHAPE, seed=0):
+    """Random phase covering the full range of an encoding.
+
+    units : "rad" ([-pi, pi)), "rad2pi" ([0, 2pi)), "siemens" (integers -4096..4094),
+    "siemens12" (0..4095), "ge" (milliradians, -3142..3142), "int16" (-32768..32767),
+    "weird" (values 0..1000 that fit no encoding).
+    """
+    rng = np.random.default_rng(seed)
+    radians = rng.uniform(-np.pi, np.pi, size=shape)
+    radians.flat[0], radians.flat[1] = -np.pi, np.pi * (1 - 1e-6)  # span the full range
+    if units == "rad":
+        return radians, np.float32
+    if units == "rad2pi":
+        return np.mod(radians, 2 * np.pi), np.float32
+    if units == "siemens":
+        return np.clip(np.round(radians / np.pi * 4096), -4096, 4095), np.int16
+    if units == "siemens12":
+        return np.clip(np.round(np.mod(radians, 2 * np.pi) / (2 * np.pi) * 4096), 0, 4095), np.int16
+    if units == "ge":
+        return np.round(radians * 1000), np.int16
+    if units == "int16":
+        return np.clip(np.round(radians / np.pi * 32768), -32768, 32767), np.int16
+    if units == "weird":
+        return rng.uniform(0, 1000, size=shape), np.float32
+    raise ValueError(f"unknown phase units {units!r}")
+
+
+def make_dataset(
+    root,
+    *,
+    subjects=("01",),
+    sessions=None,
+    gre="VFA",
+    flip_angles=(4.0, 20.0),
+    n_echoes=3,
+    first_echo=0.003,
+    echo_spacing=0.004,
+    repetition_time=0.025,
+    phase=True,
+    phase_units="rad",
+    extension=".nii.gz",
+    sidecar_style="bids",
+    inherit=False,
+    bssfp_increments=(),
+    bssfp_flip_angles=(30.0,),
+    bssfp_repetition_time=0.005,
+    afi=False,
+    receive=False,
+    field_strength=3.0,
+    shape=DEFAULT_SHAPE,
+    affine=DEFAULT_AFFINE,
+    seed=0,
+):
+    """Write a raw BIDS dataset following docs/architecture.rst "Raw BIDS layout".
+
+    Parameters
+    ----------
+    gre : {"VFA", "MEGRE", None}
+        Spoiled multi-echo GRE at ``flip_angles`` (VFA) or at ``flip_angles[0]`` (MEGRE).
+    n_echoes : int
+        Echoes per flip angle; with 1 and ``gre="VFA"`` the files carry no ``echo`` entity.
+    phase : bool
+        Also write ``part-phase`` echoes (magnitude files get ``part-mag``); without phase the
+        magnitude files have no ``part`` entity.
+    phase_units : str
+        See :func:`phase_data`; the phase sidecars get ``"Units": "rad"`` for "rad", else
+        ``"arbitrary"`` (remove it with :func:`edit_sidecar` to test unlabelled phase).
+    sidecar_style : {"bids", "dcm2niix"}
+        "dcm2niix": ``RepetitionTime`` instead of ``RepetitionTimeExcitation``, no
+        ``PulseSequenceType``, Siemens-like extra keys.
+    inherit : bool
+        Put keys shared by all GRE files (TR, field strength, manufacturer, sequence type) into a
+        dataset-level ``<suffix>.json`` (BIDS inheritance); the per-file sidecars keep the rest.
+    bssfp_increments : sequence of int
+        RF phase-cycling increments (deg) of a bSSFP collection; empty for none.
+    afi, receive : bool
+        Write an AFI pair / a receive-field (RB1COR) pair in ``fmap``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "synthetic", "BIDSVersion": "1.10.0", "DatasetType": "raw"}))
+    (root / "participants.tsv").write_text(
+        "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
+    dataset = FakeDataset(root)
+    counter = [seed]
+
+    def image(path, data=None, dtype=np.float32):
+        counter[0] += 1
+        return write_image(path, data, shape=shape, affine=affine, dtype=dtype, seed=counter[0])
+
+    common = {"MagneticFieldStrength": field_strength, "Manufacturer": "Siemens"}
+    if sidecar_style == "dcm2niix":
+        common.update({"ManufacturersModelName": "Prisma", "ScanningSequence": "GR", "SequenceVariant": "SP",
+                       "ConversionSoftware": "dcm2niix", "Modality": "MR"})
+    inherited = {}
+    for subject in subjects:
+        for session in (sessions or (None,)):
+            prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
+            anat, fmap = folder / "anat", folder / "fmap"
+            if gre:
+                flips = tuple(flip_angles) if gre == "VFA" else (flip_angles[0],)
+                for flip_index, flip_angle in enumerate(flips, start=1):
+                    for echo in range(1, n_echoes + 1):
+                        for part in (("mag", "phase") if phase else (None,)):
+                            entities = []
+                            if n_echoes > 1 or gre == "MEGRE":
+                                entities.append(f"echo-{echo}")
+                            if gre == "VFA":
+                                entities.append(f"flip-{flip_index}")
+                            if part:
+                                entities.append(f"part-{part}")
+                            name = "_".join([prefix, *entities, gre]) + extension
+                            metadata = {"EchoTime": round(first_echo + (echo - 1) * echo_spacing, 6),
+                                        "FlipAngle": flip_angle}
+                            shared = dict(common)
+                            if sidecar_style == "dcm2niix":
+                                shared["RepetitionTime"] = repetition_time
+                                metadata["EchoNumber"] = echo
+                                metadata["ImageType"] = ["ORIGINAL", "PRIMARY", "P" if part == "phase" else "M"]
+                            else:
+                                shared["RepetitionTimeExcitation"] = repetition_time
+                                shared["PulseSequenceType"] = "SPGR"
+                                shared["SpoilingRFPhaseIncrement"] = 50.0
+                            if inherit:
+                                inherited[gre] = shared
+                            else:
+                                metadata.update(shared)
+                            if part == "phase":
+                                data, dtype = phase_data(phase_units, shape=shape, seed=counter[0])
+                                # BIDS requires Units for part-phase; scanner integers are "arbitrary"
+                                metadata["Units"] = "rad" if phase_units == "rad" else "arbitrary"
+                                path = image(anat / name, data, dtype)
+                                dataset.add("gre_phase", path)
+                            else:
+                                path = image(anat / name)
+                                dataset.add("gre", path)
+                            write_sidecar(path, metadata)
+            for increment in bssfp_increments:
+                for flip_index, flip_angle in enumerate(bssfp_flip_angles, start=1):
+                    for part in (("mag", "phase") if phase else (None,)):
+                        entities = [f"acq-bssfp{int(increment):03d}", f"flip-{flip_index}"]
+                        if part:
+                            entities.append(f"part-{part}")
+                        name = "_".join([prefix, *entities, "VFA"]) + extension
+                        metadata = {
+                            **common, "FlipAngle": flip_angle, "RepetitionTimeExcitation": bssfp_repetition_time,
+                            "EchoTime": bssfp_repetition_time / 2, "PulseSequenceType": "bSSFP",
+                            "PhaseCyclingIncrement": float(increment)}
+                        if part == "phase":
+                            data, dtype = phase_data("rad", shape=shape, seed=counter[0])
+                            metadata["Units"] = "rad"
+                            path = image(anat / name, data, dtype)
+                        else:
+                            path = image(anat / name)
+                        write_sidecar(path, metadata)
+                        dataset.add("bssfp", path)
+            if afi:
+                for label, tr in (("tr1", 0.02), ("tr2", 0.1)):
+                    path = image(fmap / f"{prefix}_acq-{label}_TB1AFI{extension}")
+                    write_sidecar(path, {**common, "FlipAngle": 60.0, "RepetitionTimeExcitation": tr,
+                                         "EchoTime": 0.002})
+                    dataset.add("afi", path)
+            if receive:
+                for label in ("headPDw", "bodyPDw"):
+                    path = image(fmap / f"{prefix}_acq-{label}_RB1COR{extension}")
+                    write_sidecar(path, {**common, "FlipAngle": 6.0, "RepetitionTimeExcitation": 0.006,
+                                         "EchoTime": 0.002})
+                    dataset.add("receive", path)
+    for suffix, shared in inherited.items():
+        (root / f"{suffix}.json").write_text(json.dumps(shared, indent=2))
+    return dataset
+
+
+def make_vfa_dataset(root, **kwargs):
+    """Shortcut: a VFA dataset (see :func:`make_dataset` for the options); returns its root path."""
+    kwargs.setdefault("gre", "VFA")
+    return make_dataset(root, **kwargs).root
+
+
+def make_megre_dataset(root, **kwargs):
+    """Shortcut: a single-flip-angle MEGRE dataset; returns its root path."""
+    kwargs.setdefault("gre", "MEGRE")
+    return make_dataset(root, **kwargs).root

@@ -1,0 +1,181 @@
+"""Smooth scanner fields of the phantom: B1+ transmit, receive sensitivity, B0 and TE = 0 phase.
+
+All patterns are functions of position in mm relative to the centre of the brain, so they look the
+same at every resolution; ``seed`` perturbs them slightly (centre shift, gradients, coil positions)
+so that two subjects do not share identical fields.
+
+B0 is computed physically: the head (tissue about -9.05 ppm) in air (+0.36 ppm) produces a background
+field by the dipole forward model (:func:`qmri_workflows.core.dipole.forward_field`) with enough zero
+padding (padding = air) that the FFT does not wrap; the brain's own susceptibility variations give the
+local field; a small linear term stands for the residual of a first-order shim. The scanner's centre
+frequency is set on the brain: the mean total field over the brain is 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.dipole import forward_field
+from .tissues import CHI_AIR_PPM, CHI_WATER_PPM
+
+__all__ = ["transmit_field", "receive_sensitivity", "phase_offset", "b0_fields",
+           "TRANSMIT_RANGE", "RECEIVE_VARIATION"]
+
+#: Target B1+ ratio at the brain centre and at ~80 mm from it (3 T head coil: centre-bright).
+TRANSMIT_RANGE = (0.86, 1.22)
+#: Largest relative deviation of the receive sensitivity from its brain mean.
+RECEIVE_VARIATION = 0.30
+#: Length (mm) that normalises positions in the polynomial/Gaussian patterns.
+_HEAD_RADIUS_MM = 80.0
+
+
+def _rng(seed, stream):
+    return np.random.default_rng(np.random.SeedSequence([int(seed), stream]))
+
+
+def _unit(vector):
+    return vector / np.linalg.norm(vector)
+
+
+def _normalised_axes(shape, affine, centre_mm):
+    axes = [(affine[i, i] * np.arange(shape[i]) + affine[i, 3] - centre_mm[i]) / _HEAD_RADIUS_MM
+            for i in range(3)]
+    return np.meshgrid(*[a.astype(np.float32) for a in axes], indexing="ij", sparse=True)
+
+
+def transmit_field(shape, affine, centre_mm, *, seed=0):
+    """Smooth B1+ ratio (actual / nominal flip angle), brighter in the centre as at 3 T.
+
+    A Gaussian bump (wider along z) from about 0.86 at 80 mm off-centre to 1.22 at the centre, with a
+    seeded shift of its centre (sd 4 mm) and a weak linear gradient (4 % per 80 mm, seeded direction)
+    mimicking the left-right asymmetry of a birdcage coil loaded by a head.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+    affine : ndarray (4, 4)
+        Axis-aligned voxel -> mm.
+    centre_mm : sequence of 3 float
+        Brain centre (mm).
+    seed : int
+
+    Returns
+    -------
+    ndarray of float32, shape ``shape``
+    """
+    rng = _rng(seed, 1)
+    centre = np.asarray(centre_mm, float) + rng.normal(0, 4.0, 3)
+    x, y, z = _normalised_axes(shape, affine, centre)
+    width = np.array([0.62, 0.66, 0.85]) * (1 + rng.uniform(-0.05, 0.05))
+    bump = np.exp(-0.5 * ((x / width[0]) ** 2 + (y / width[1]) ** 2 + (z / width[2]) ** 2))
+    low, high = TRANSMIT_RANGE
+    edge = np.exp(-0.5 / width[0] ** 2)        # bump value 80 mm off-centre along x
+    amplitude = (high - low) / (1 - edge)
+    gradient = 0.04 * _unit(rng.normal(size=3))
+    b1 = high - amplitude * (1 - bump) + gradient[0] * x + gradient[1] * y + gradient[2] * z
+    return np.clip(b1, 0.5, 1.5).astype(np.float32)
+
+
+def receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
+    """Smooth receive sensitivity of a multi-channel head coil (sum of squares of loop elements).
+
+    Eight loop elements on a ring (radius 110 mm) around the head plus one above it; each element's
+    sensitivity falls off like the on-axis field of a loop of radius 50 mm,
+    ``(1 + (d / 50 mm)^2)^(-3/2)``. The root-sum-of-squares combination is brighter at the periphery;
+    it is scaled to mean 1 over ``brain_mask`` and its deviations to at most 30 % there.
+
+    Parameters
+    ----------
+    shape, affine, centre_mm
+        See :func:`transmit_field`.
+    brain_mask : ndarray of bool
+    seed : int
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    rng = _rng(seed, 2)
+    x, y, z = _normalised_axes(shape, affine, centre_mm)
+    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False) + rng.uniform(0, np.pi / 4)
+    ring = 110.0 / _HEAD_RADIUS_MM
+    elements = [(ring * np.cos(a), ring * np.sin(a), 0.15 + rng.normal(0, 0.05)) for a in angles]
+    elements.append((0.0, 0.05, 1.35))
+    loop = 50.0 / _HEAD_RADIUS_MM
+    power = np.zeros(shape, dtype=np.float32)
+    for ex, ey, ez in elements:
+        falloff = 1 + ((x - ex) ** 2 + (y - ey) ** 2 + (z - ez) ** 2) / np.float32(loop**2)
+        np.reciprocal(falloff, out=falloff)
+        weight = np.float32(rng.uniform(0.8, 1.2))
+        power += weight**2 * falloff * falloff * falloff
+    pattern = np.sqrt(power)
+    mean = pattern[brain_mask].mean()
+    deviation = np.abs(pattern[brain_mask] - mean).max()
+    receive = 1 + RECEIVE_VARIATION * (pattern - mean) / deviation
+    return np.clip(receive, 0.2, None).astype(np.float32)
+
+
+def phase_offset(shape, affine, centre_mm, *, seed=0):
+    """Smooth TE = 0 phase (rad): a constant, linear and quadratic terms with seeded coefficients.
+
+    Spans a few radians over the head (it wraps), as the transceive phase of a receive array does.
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    rng = _rng(seed, 3)
+    x, y, z = _normalised_axes(shape, affine, centre_mm)
+    constant = rng.uniform(-np.pi, np.pi)
+    linear = rng.normal(0, 0.8, 3)
+    quadratic = rng.normal(0, 0.5, 3)
+    cross = rng.normal(0, 0.3)
+    phase = (constant + linear[0] * x + linear[1] * y + linear[2] * z
+             + quadratic[0] * x * x + quadratic[1] * y * y + quadratic[2] * z * z + cross * x * y)
+    return np.broadcast_to(phase, shape).astype(np.float32)
+
+
+def b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *,
+              b0_direction=(0, 0, 1), seed=0):
+    """Total, background and local field (ppm of B0) of the head in air.
+
+    Parameters
+    ----------
+    chi : ndarray
+        Susceptibility (ppm) relative to water/CSF, 0 in air.
+    tissue_fraction : ndarray
+        Volume fraction of tissue (1 - air) per voxel.
+    brain_mask : ndarray of bool
+        Sources inside it make the *local* field; everything else (the head's bulk in air, skull,
+        scalp, and the brain's water-level susceptibility) the *background* field.
+    voxel_size : float
+    centre_mm : sequence of 3 float
+        Brain centre; the linear shim residual is zero there.
+    affine : ndarray (4, 4)
+    b0_direction : sequence of 3 float
+        Main-field direction in voxel axes.
+    seed : int
+
+    Returns
+    -------
+    total, background, local : ndarray of float32
+        ``total = local + background + shim residual``; the constant (centre frequency) is part of
+        ``background`` and chosen so that the mean of ``total`` over the brain is 0.
+    """
+    sources = np.empty(chi.shape + (2,), dtype=np.float32)
+    sources[..., 0] = chi + np.float32(CHI_WATER_PPM - CHI_AIR_PPM) * tissue_fraction
+    sources[..., 1] = np.where(brain_mask, chi, 0)
+    fields = forward_field(sources, voxel_size, b0_direction=b0_direction)
+    del sources
+    total, local = fields[..., 0], np.ascontiguousarray(fields[..., 1])
+    background = total - local
+    del fields, total
+    rng = _rng(seed, 4)
+    # Linear residual of a first-order shim: about 0.05 ppm per 80 mm in a seeded direction.
+    slope = 0.05 * _unit(rng.normal(size=3))
+    x, y, z = _normalised_axes(chi.shape, affine, centre_mm)
+    shim = (slope[0] * x + slope[1] * y + slope[2] * z).astype(np.float32)
+    shim = np.broadcast_to(shim, chi.shape)
+    background -= np.float32((local + background + shim)[brain_mask].mean())
+    total = local + background + shim
+    return total.astype(np.float32), background.astype(np.float32), local.astype(np.float32)

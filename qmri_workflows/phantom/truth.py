@@ -1,0 +1,234 @@
+"""Ground truth of the digital MS-brain phantom (public entry point :func:`make_phantom`).
+
+Mixing rule
+-----------
+Each voxel holds volume fractions ``f_t`` of compartments ``t`` (the rest is air) and is treated as
+*one* compartment in fast exchange whose parameters follow from its own fractions:
+
+* ``PD = sum_t f_t PD_t`` (percent water per voxel volume: water adds up by volume);
+* ``R = sum_t f_t PD_t R_t / sum_t f_t PD_t`` for R1, R2 and R2*: rates average over the *water*
+  of the voxel, so each compartment weighs by its water content (fast-exchange limit);
+* ``chi = sum_t f_t chi_t`` (susceptibility adds up by volume; ppm relative to CSF).
+
+The protocol simulator computes each voxel's signal from that voxel's parameters only, so these maps
+are the exact truth of the simulated data. Air has PD = 0 and all parameters 0; the outermost scalp
+voxels (tissue fraction < 0.5, outside ``head_mask``) keep their partial-volume values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .anatomy import build_anatomy
+from .fields import b0_fields, phase_offset, receive_sensitivity, transmit_field
+from .tissues import COMPARTMENT_LABELS, LABELS, tissue_parameters
+
+__all__ = ["PhantomTruth", "make_phantom", "LABELS"]
+
+_BRAIN_LABELS = tuple(range(1, 14))
+_EXTRACRANIAL_LABELS = (14, 15)
+
+
+@dataclass
+class PhantomTruth:
+    """Ground-truth maps of the phantom on one axis-aligned grid (RAS, MNI152 mm).
+
+    Attributes
+    ----------
+    affine : ndarray (4, 4)
+        Voxel -> RAS mm.
+    field_strength : float
+        Tesla.
+    r1, r2, r2star : ndarray of float32
+        Relaxation rates (1/s); ``r2star >= r2``; 0 in air.
+    pd : ndarray of float32
+        Proton density, percent water (0..100).
+    chi : ndarray of float32
+        Susceptibility (ppm) relative to CSF; skull and scalp carry their tissue values on the same
+        scale; 0 in air (air's own +9.41 ppm vs water enters ``background_field_ppm``).
+    dseg : ndarray of int16
+        Labels of :data:`~qmri_workflows.phantom.tissues.LABELS` (0 = background).
+    labels : dict of int -> str
+    brain_mask : ndarray of bool
+        Intracranial: brain plus ventricular and sulcal CSF.
+    head_mask : ndarray of bool
+        Brain, skull and scalp.
+    b1 : ndarray of float32
+        Transmit field, ratio of actual to nominal flip angle.
+    receive : ndarray of float32
+        Relative receive sensitivity (mean 1 over the brain).
+    b0_ppm, background_field_ppm, local_field_ppm : ndarray of float32
+        Field offsets in ppm of B0; ``b0_ppm = local + background + linear shim residual``.
+    phase_offset : ndarray of float32
+        TE = 0 phase (rad), smooth, not wrapped.
+    subject : str
+        ``"patient"`` or ``"control"``.
+    lesions : tuple of Lesion
+        Lesion compartments, centres (mm) and radii (mm); empty for controls.
+    b0_direction : tuple of float
+        Unit main-field direction in voxel axes.
+    """
+
+    affine: np.ndarray
+    field_strength: float
+    r1: np.ndarray
+    r2: np.ndarray
+    r2star: np.ndarray
+    pd: np.ndarray
+    chi: np.ndarray
+    dseg: np.ndarray
+    labels: dict
+    brain_mask: np.ndarray
+    head_mask: np.ndarray
+    b1: np.ndarray
+    receive: np.ndarray
+    b0_ppm: np.ndarray
+    background_field_ppm: np.ndarray
+    local_field_ppm: np.ndarray
+    phase_offset: np.ndarray
+    subject: str = "patient"
+    lesions: tuple = ()
+    b0_direction: tuple = (0.0, 0.0, 1.0)
+
+    @property
+    def voxel_size(self):
+        """Voxel size (mm) along each array axis."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self):
+        """Grid shape."""
+        return tuple(self.r1.shape)
+
+
+def _nonzero_box(array):
+    """Slices of the bounding box of the non-zero voxels (most compartments are local)."""
+    box = []
+    for axis in range(array.ndim):
+        other = tuple(a for a in range(array.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(array, axis=other))
+        if hits.size == 0:
+            return None
+        box.append(slice(hits[0], hits[-1] + 1))
+    return tuple(box)
+
+
+def _mix(fractions, parameters):
+    """Partial-volume mixing (module notes) of compartment parameters."""
+    shape = next(iter(fractions.values())).shape
+    pd = np.zeros(shape, dtype=np.float32)
+    weighted = {key: np.zeros(shape, dtype=np.float32) for key in ("r1", "r2", "r2star")}
+    chi = np.zeros(shape, dtype=np.float32)
+    for name, fraction in fractions.items():
+        box = _nonzero_box(fraction)
+        if box is None:
+            continue
+        values = parameters[name]
+        local_fraction = fraction[box]
+        water = local_fraction * np.float32(values.pd)
+        pd[box] += water
+        weighted["r1"][box] += water * np.float32(values.r1)
+        weighted["r2"][box] += water * np.float32(values.r2)
+        weighted["r2star"][box] += water * np.float32(values.r2star)
+        chi[box] += local_fraction * np.float32(values.chi)
+    has_water = pd > 0
+    rates = {}
+    for key, total in weighted.items():
+        rate = np.zeros(shape, dtype=np.float32)
+        np.divide(total, pd, out=rate, where=has_water)
+        rates[key] = rate
+    # float32 rounding can put R2* a hair below R2 where they are equal in a compartment.
+    np.maximum(rates["r2star"], rates["r2"], out=rates["r2star"])
+    return rates["r1"], rates["r2"], rates["r2star"], pd, chi
+
+
+def _segment(fractions, brain_mask, head_mask):
+    """Label of the largest fraction: brain labels inside the brain mask, skull/scalp outside."""
+    shape = brain_mask.shape
+    by_label = {}
+    for name, fraction in fractions.items():
+        label = COMPARTMENT_LABELS[name]
+        by_label[label] = by_label[label] + fraction if label in by_label else fraction
+    dseg = np.zeros(shape, dtype=np.int16)
+    for group, region in ((_BRAIN_LABELS, brain_mask),
+                          (_EXTRACRANIAL_LABELS, head_mask & ~brain_mask)):
+        best = np.zeros(shape, dtype=np.float32)
+        winner = np.zeros(shape, dtype=np.int16)
+        for label in group:
+            if label not in by_label:
+                continue
+            box = _nonzero_box(by_label[label])
+            if box is None:
+                continue
+            candidate = by_label[label][box]
+            larger = candidate > best[box]
+            best[box] = np.where(larger, candidate, best[box])
+            winner[box][larger] = label
+        dseg[region] = winner[region]
+    return dseg
+
+
+def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=0,
+                 b0_direction=(0, 0, 1)):
+    """Build the ground truth of the MS-brain phantom.
+
+    Parameters
+    ----------
+    resolution : float, optional
+        Isotropic voxel size (mm); 1 mm is the template's native grid.
+    field_strength : float, optional
+        Main field (tesla); relaxation rates are scaled from 3 T (see :mod:`.tissues`).
+    subject : {"patient", "control"}, optional
+        Patients have lesions of every stage of Table 1 of the review, cortical lesions, and the
+        NAWM / normal-appearing cortex / deep grey-matter changes of Tables 1-2.
+    seed : int, optional
+        Lesion placement and the small subject-to-subject changes of the field patterns.
+    b0_direction : sequence of 3 float, optional
+        Main-field direction in voxel (= RAS) axes.
+
+    Returns
+    -------
+    PhantomTruth
+
+    Notes
+    -----
+    The grid is cropped to the head plus about 10 mm of air. Tissue parameters, mixing rule and
+    field-strength laws are documented in :mod:`qmri_workflows.phantom.tissues` and in this module.
+    """
+    if not (np.isfinite(field_strength) and field_strength > 0):
+        raise ValueError(
+            f"field_strength must be a positive number of tesla, got {field_strength!r}")
+    direction = np.asarray(b0_direction, dtype=float)
+    if direction.shape != (3,) or not np.linalg.norm(direction) > 0:
+        raise ValueError(f"b0_direction must be a non-zero 3-vector, got {b0_direction!r}")
+    direction = tuple(float(v) for v in direction / np.linalg.norm(direction))
+    anatomy = build_anatomy(resolution=resolution, subject=subject, seed=seed)
+    parameters = tissue_parameters(subject, field_strength)
+    fractions = anatomy.fractions
+    r1, r2, r2star, pd, chi = _mix(fractions, parameters)
+    dseg = _segment(fractions, anatomy.brain_mask, anatomy.head_mask)
+    tissue_fraction = np.zeros(r1.shape, dtype=np.float32)
+    for fraction in fractions.values():
+        tissue_fraction += fraction
+    np.clip(tissue_fraction, 0, 1, out=tissue_fraction)
+    del fractions
+    anatomy.fractions = {}
+
+    affine = anatomy.affine
+    shape = r1.shape
+    voxel_size = float(resolution)
+    brain_index = np.argwhere(anatomy.brain_mask)
+    centre_mm = brain_index.mean(0) * voxel_size + affine[:3, 3]
+    b1 = transmit_field(shape, affine, centre_mm, seed=seed)
+    receive = receive_sensitivity(shape, affine, centre_mm, anatomy.brain_mask, seed=seed)
+    phase = phase_offset(shape, affine, centre_mm, seed=seed)
+    total, background, local = b0_fields(chi, tissue_fraction, anatomy.brain_mask, voxel_size,
+                                         centre_mm, affine, b0_direction=direction, seed=seed)
+    return PhantomTruth(
+        affine=affine, field_strength=float(field_strength), r1=r1, r2=r2, r2star=r2star, pd=pd,
+        chi=chi, dseg=dseg, labels=dict(LABELS), brain_mask=anatomy.brain_mask,
+        head_mask=anatomy.head_mask, b1=b1, receive=receive, b0_ppm=total,
+        background_field_ppm=background, local_field_ppm=local, phase_offset=phase,
+        subject=subject, lesions=anatomy.lesions, b0_direction=direction)

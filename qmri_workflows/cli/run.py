@@ -206,12 +206,16 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
-        format="%(asctime)s [qmri-workflows] %(levelname)s: %(message)s",
-    )
-    status = _run(args, argv)
-    return status
+    if not LOGGER.handlers:
+        # Our own handler only: Nipype already logs its nodes through its own handlers.
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [qmri-workflows] %(levelname)s: %(message)s")
+        )
+        LOGGER.addHandler(handler)
+        LOGGER.propagate = False
+    LOGGER.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return _run(args, argv)
 
 
 def _run(args, argv):
@@ -290,6 +294,9 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir):
             "hash_method": "timestamp",
             "stop_on_first_crash": args.stop_on_first_crash,
             "remove_unnecessary_outputs": False,
+            # Nodes last seconds to minutes; the default 2 s between scheduler polls would
+            # dominate small datasets. Batch plugins keep their own (longer) polling.
+            "poll_sleep_duration": 0.2,
         },
         "monitoring": {"enabled": False},
     })  # fmt: skip

@@ -1,0 +1,110 @@
+"""Tests of qmri_workflows.core.noise against closed forms and seeded Monte Carlo."""
+
+import numpy as np
+import pytest
+from scipy import special
+
+from qmri_workflows.core import noise
+
+
+def _simulate_magnitude(amplitude, sigma, n_coils, n_samples, rng):
+    """RSS magnitude of n_coils channels sharing the amplitude equally, complex Gaussian noise."""
+    channel = amplitude / np.sqrt(n_coils)
+    real = channel + rng.normal(scale=sigma, size=(n_samples, n_coils))
+    imag = rng.normal(scale=sigma, size=(n_samples, n_coils))
+    return np.sqrt((real**2 + imag**2).sum(axis=-1))
+
+
+@pytest.mark.parametrize("n_coils", [1, 2, 4, 8])
+def test_mean_matches_hypergeometric_closed_form(n_coils):
+    amplitude = np.linspace(0.0, 39.0, 200)
+    expected = (
+        np.sqrt(2.0)
+        * special.gamma(n_coils + 0.5)
+        / special.gamma(n_coils)
+        * special.hyp1f1(-0.5, n_coils, -(amplitude**2) / 2.0)
+    )
+    actual = noise.magnitude_mean(amplitude, 1.0, n_coils=n_coils)
+    np.testing.assert_allclose(actual, expected, rtol=1e-10)
+
+
+def test_rician_mean_limits():
+    # Zero signal: Rayleigh mean sigma sqrt(pi/2); high SNR: A + sigma^2 / (2A) (Gudbjartsson 1995).
+    assert noise.magnitude_mean(0.0, 2.0) == pytest.approx(2.0 * np.sqrt(np.pi / 2), rel=1e-12)
+    amplitude = np.array([50.0, 200.0, 1e4])
+    np.testing.assert_allclose(
+        noise.magnitude_mean(amplitude, 1.0), amplitude + 1.0 / (2 * amplitude), rtol=1e-7
+    )
+
+
+@pytest.mark.parametrize("n_coils", [1, 4])
+def test_mean_is_continuous_at_asymptotic_switch(n_coils):
+    snr = np.array([40.0 - 1e-9, 40.0 + 1e-9])
+    values = noise.magnitude_mean(snr, 1.0, n_coils=n_coils)
+    slopes = noise.magnitude_mean_derivative(snr, 1.0, n_coils=n_coils)
+    assert abs(values[1] - values[0]) < 1e-8
+    assert abs(slopes[1] - slopes[0]) < 1e-8
+
+
+@pytest.mark.parametrize("n_coils", [1, 3])
+@pytest.mark.parametrize("amplitude", [0.0, 1.5, 6.0])
+def test_moments_match_monte_carlo(n_coils, amplitude):
+    rng = np.random.default_rng(10 * n_coils + int(amplitude))
+    sigma = 1.3
+    samples = _simulate_magnitude(amplitude, sigma, n_coils, 1_000_000, rng)
+    mean = noise.magnitude_mean(amplitude, sigma, n_coils=n_coils)
+    second = noise.magnitude_second_moment(amplitude, sigma, n_coils=n_coils)
+    # Five standard errors of the sample mean / second moment.
+    assert abs(samples.mean() - mean) < 5 * samples.std() / np.sqrt(samples.size)
+    assert abs((samples**2).mean() - second) < 5 * (samples**2).std() / np.sqrt(samples.size)
+
+
+@pytest.mark.parametrize("n_coils", [1, 2, 6])
+def test_derivative_matches_finite_difference(n_coils):
+    amplitude = np.linspace(0.01, 60.0, 500)
+    step = 1e-5
+    numeric = (
+        noise.magnitude_mean(amplitude + step, 1.0, n_coils=n_coils)
+        - noise.magnitude_mean(amplitude - step, 1.0, n_coils=n_coils)
+    ) / (2 * step)
+    analytic = noise.magnitude_mean_derivative(amplitude, 1.0, n_coils=n_coils)
+    np.testing.assert_allclose(analytic, numeric, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_coils", [1, 4])
+def test_lookup_table_matches_exact(n_coils):
+    table = noise.MagnitudeMeanTable(n_coils)
+    snr = np.linspace(0.0, 80.0, 100_001)
+    value, slope = table(snr)
+    np.testing.assert_allclose(value, noise.magnitude_mean(snr, 1.0, n_coils=n_coils), rtol=1e-10)
+    exact_slope = noise.magnitude_mean_derivative(snr, 1.0, n_coils=n_coils)
+    np.testing.assert_allclose(slope, exact_slope, atol=1e-7)
+
+
+def test_correct_noise_floor_inverts_second_moment():
+    amplitude = np.array([0.0, 0.5, 2.0, 30.0])
+    second = noise.magnitude_second_moment(amplitude, 0.7, n_coils=4)
+    np.testing.assert_allclose(
+        noise.correct_noise_floor(np.sqrt(second), 0.7, n_coils=4), amplitude, atol=1e-12
+    )
+    # Below the floor the corrected value is clipped at zero, never NaN.
+    assert noise.correct_noise_floor(0.1, 1.0) == 0.0
+
+
+@pytest.mark.parametrize("n_coils", [1, 4])
+@pytest.mark.parametrize("method", ["second_moment", "mean", "median"])
+def test_estimate_sigma_background(n_coils, method):
+    rng = np.random.default_rng(7)
+    background = _simulate_magnitude(0.0, 2.5, n_coils, 200_000, rng)
+    estimate = noise.estimate_sigma_background(background, n_coils=n_coils, method=method)
+    # Relative SE of these estimators with 2e5 samples is below 0.5 %.
+    assert estimate == pytest.approx(2.5, rel=0.015)
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="n_coils"):
+        noise.magnitude_mean(1.0, 1.0, n_coils=0)
+    with pytest.raises(ValueError, match="sigma"):
+        noise.magnitude_mean(1.0, -1.0)
+    with pytest.raises(ValueError, match="method"):
+        noise.estimate_sigma_background(np.ones(5), method="mode")

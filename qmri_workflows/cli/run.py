@@ -86,6 +86,8 @@ def build_parser():
     perf = parser.add_argument_group("Performance")
     perf.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
                       help="processes to run in parallel (default: all cores)")
+    perf.add_argument("--omp-nthreads", type=int, default=None,
+                      help="threads one fitting step may use (default: --nprocs, at most 8)")
     perf.add_argument("--mem-gb", "--mem_gb", type=float, default=None,
                       help="memory limit (GB) for the MultiProc scheduler")
     perf.add_argument("--plugin", default=None,
@@ -307,6 +309,7 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir):
         work_dir=str(work_dir),
         r2star_method=args.r2star_method,
         n_coils=args.n_coils,
+        omp_nthreads=args.omp_nthreads or min(args.nprocs, 8),
     )
     for (subject, session), subject_plans in plans.items():
         label = f"sub-{subject}" + (f" ses-{session}" if session else "")

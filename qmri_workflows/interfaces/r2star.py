@@ -91,6 +91,7 @@ class _FitR2starInputSpec(BaseInterfaceInputSpec):
     n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
     noise_sigma = traits.Float(desc="noise SD per channel; estimated from air when 'nls' needs it")
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per fitting chunk")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
 
 
 class _FitR2starOutputSpec(TraitedSpec):
@@ -136,6 +137,7 @@ class FitR2star(SimpleInterface):
             method=self.inputs.method,
             mask=mask,
             chunk_size=self.inputs.chunk_size,
+            n_jobs=self.inputs.num_threads,
         )
         r2star = np.nan_to_num(r2star, nan=0.0, posinf=0.0, neginf=0.0)
         with np.errstate(divide="ignore"):

@@ -79,6 +79,7 @@ def init_single_subject_wf(
     raw_root,
     r2star_method="wls",
     n_coils=1,
+    omp_nthreads=1,
     name=None,
 ):
     """Build the workflow of one subject (and session).
@@ -95,6 +96,8 @@ def init_single_subject_wf(
         R2* estimator.
     n_coils : int
         Receive channels combined by root-sum-of-squares in the magnitude images.
+    omp_nthreads : int
+        Threads a single voxel-wise fitting node may use.
     name : str, optional
         Defaults to ``sub_<label>[_ses_<label>]_wf``.
 
@@ -130,7 +133,9 @@ def init_single_subject_wf(
     )
     brain_mask_wf.inputs.inputnode.in_files = first_echoes
 
-    r2star_wf = init_r2star_wf(method=r2star_method, n_coils=n_coils, mem_gb=fit_mem_gb)
+    r2star_wf = init_r2star_wf(
+        method=r2star_method, n_coils=n_coils, mem_gb=fit_mem_gb, omp_nthreads=omp_nthreads
+    )
     r2star_wf.inputs.inputnode.magnitude_files = magnitude_files
     r2star_wf.inputs.inputnode.echo_times = echo_times
     r2star_wf.inputs.inputnode.flip_angles = flip_angles
@@ -166,7 +171,7 @@ def init_single_subject_wf(
 
 
 def init_qmri_wf(*, subjects, output_dir, raw_root, work_dir=None, r2star_method="wls", n_coils=1,
-                 name="qmri_wf"):
+                 omp_nthreads=1, name="qmri_wf"):
     """Gather the workflows of several subjects into one graph.
 
     Parameters
@@ -194,6 +199,7 @@ def init_qmri_wf(*, subjects, output_dir, raw_root, work_dir=None, r2star_method
             raw_root=raw_root,
             r2star_method=r2star_method,
             n_coils=n_coils,
+            omp_nthreads=omp_nthreads,
         )
         plans[(inputs.subject, inputs.session)] = subject_plans
         if subject_wf is not None:

@@ -39,7 +39,7 @@ def init_brain_mask_wf(*, mem_gb=1.0, name="brain_mask_wf"):
     return workflow
 
 
-def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, name="r2star_wf"):
+def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name="r2star_wf"):
     """Build a workflow that fits R2* (and T2*) to multi-echo spoiled gradient echoes.
 
     With several flip angles the ESTATICS model is fitted: one R2* shared by all flip angles and
@@ -53,6 +53,8 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, name="r2star_wf"):
         Number of receive channels combined by root-sum-of-squares (sets the noise law for "nls").
     mem_gb : float
         Memory the fitting node may use (GB).
+    omp_nthreads : int
+        Threads the fitting node uses (chunks of voxels are fitted in parallel).
     name : str
         Workflow name.
 
@@ -95,7 +97,10 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, name="r2star_wf"):
         name="outputnode",
     )
     fit_r2star = pe.Node(
-        FitR2star(method=method, n_coils=n_coils), name="fit_r2star", mem_gb=mem_gb
+        FitR2star(method=method, n_coils=n_coils, num_threads=omp_nthreads),
+        name="fit_r2star",
+        mem_gb=mem_gb,
+        n_procs=omp_nthreads,
     )
     workflow.connect([
         (inputnode, fit_r2star, [

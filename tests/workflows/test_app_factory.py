@@ -1,0 +1,99 @@
+"""The BIDS App on small synthetic datasets: graph shape, plugins, sessions, failure handling."""
+
+import hashlib
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qmri_workflows.cli import run
+from qmri_workflows.io.query import collect_inputs, open_layout
+from qmri_workflows.io.staging import STAGING_FOLDER
+from qmri_workflows.workflows.base import init_qmri_wf
+from tests.bids_factory import make_megre_dataset, make_vfa_dataset
+
+
+def _digest(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_graph_has_named_nodes_and_honest_resources(tmp_path):
+    raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02"))
+    layout = open_layout(raw)
+    subjects = [collect_inputs(layout, label) for label in ("01", "02")]
+    workflow, plans = init_qmri_wf(
+        subjects=subjects, output_dir=str(tmp_path / "out"), raw_root=str(raw), omp_nthreads=2
+    )
+    names = set(workflow.list_node_names())
+    for subject in ("01", "02"):
+        for node in ("brain_mask_wf.brain_mask", "r2star_wf.fit_r2star", "ds_r2star_wf.ds_r2star",
+                     "ds_r2star_wf.ds_s0", "ds_r2star_wf.commit"):
+            assert f"sub_{subject}_wf.{node}" in names
+    fit = workflow.get_node("sub_01_wf.r2star_wf.fit_r2star")
+    assert fit.n_procs == 2 and fit.mem_gb >= 0.5
+    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["R2*"]
+
+
+def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
+    raw = make_megre_dataset(tmp_path / "raw", sessions=("a", "b"), n_echoes=4)
+    before = _digest(raw)
+    out = tmp_path / "out"
+    code = run.main([str(raw), str(out), "participant", "--nprocs", "1", "--session-label", "ses-b",
+                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    assert code == 0
+    anat = out / "sub-01" / "ses-b" / "anat"
+    names = sorted(p.name for p in anat.iterdir())
+    assert names == sorted([
+        "sub-01_ses-b_R2starmap.nii.gz", "sub-01_ses-b_R2starmap.json",
+        "sub-01_ses-b_T2starmap.nii.gz", "sub-01_ses-b_T2starmap.json",
+        "sub-01_ses-b_S0map.nii.gz", "sub-01_ses-b_S0map.json",
+        "sub-01_ses-b_desc-brain_mask.nii.gz", "sub-01_ses-b_desc-brain_mask.json",
+    ])  # fmt: skip
+    assert not (out / "sub-01" / "ses-a").exists()
+    assert not (out / STAGING_FOLDER).exists()
+    assert _digest(raw) == before, "the input dataset was modified"
+
+    r2star = nib.load(anat / "sub-01_ses-b_R2starmap.nii.gz")
+    source = nib.load(next((raw / "sub-01" / "ses-b" / "anat").glob("*echo-1*mag*.nii*")))
+    assert r2star.get_data_dtype() == np.float32
+    assert np.allclose(r2star.affine, source.affine)
+    sidecar = json.loads((anat / "sub-01_ses-b_R2starmap.json").read_text())
+    assert sidecar["Units"] == "1/s"
+    assert sidecar["Sources"][0].startswith("bids:raw:sub-01/ses-b/anat/")
+    assert len(sidecar["EchoTime"]) == 4
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert "participant" in description["GeneratedBy"][0]["CommandLine"]
+
+    errors = run.run_validator(out)
+    if errors is None:
+        pytest.skip("bids-validator-deno is not installed")
+    assert errors == []
+
+
+def test_a_failing_step_publishes_nothing(tmp_path, caplog):
+    raw = make_vfa_dataset(tmp_path / "raw")
+    broken = next((raw / "sub-01" / "anat").glob("*echo-2_flip-2_part-mag*.nii.gz"))
+    image = nib.load(broken)
+    nib.save(nib.Nifti1Image(np.full(image.shape, np.nan, np.float32), image.affine), broken)
+    out = tmp_path / "out"
+    code = run.main([str(raw), str(out), "participant", "--nprocs", "2",
+                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    assert code == run.EXIT_FAILURE
+    assert (out / "dataset_description.json").is_file()
+    assert not (out / "sub-01").exists()
+    assert "crash" in caplog.text.lower()
+
+
+def test_invalid_bids_is_refused_before_processing(tmp_path, caplog):
+    raw = make_vfa_dataset(tmp_path / "raw")
+    (raw / "dataset_description.json").write_text("{}")
+    if run.run_validator(raw) is None:
+        pytest.skip("bids-validator-deno is not installed")
+    code = run.main([str(raw), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")])
+    assert code == run.EXIT_INVALID_BIDS
+    assert "--skip-bids-validation" in caplog.text

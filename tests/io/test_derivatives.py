@@ -366,9 +366,8 @@ def test_derivatives_pass_bids_validator(tmp_path):
     for suffix in ("R1map", "R2starmap", "PDmap", "Chimap"):
         write_map(out, data, affine, subject="01", suffix=suffix,
                   metadata={"Sources": ["bids:raw:sub-01/anat/sub-01_flip-1_VFA.nii.gz"]})
-    # NB: BIDS 1.11 allows no `flip` entity on derivative S0map files (architecture.rst uses
-    # `_flip-<index>_S0map`), so the one-per-flip-angle S0 maps are left out of this check.
-    write_map(out, data, affine, subject="01", suffix="S0map", metadata={}, desc="fit")
+    # BIDS allows no `flip` entity on derivative maps: one S0 map per flip angle uses desc.
+    write_map(out, data, affine, subject="01", suffix="S0map", metadata={}, desc="flip1")
     write_map(out, data, affine, subject="01", suffix="TB1map", metadata={})
     write_map(out, data > 1, affine, subject="01", suffix="mask", metadata={}, desc="brain")
     write_map(out, (data > 1).astype(int) + 1, affine, subject="01", suffix="dseg", metadata={})

@@ -1,0 +1,511 @@
+"""Write the digital phantom as a raw BIDS dataset with its ground truth as a derivative.
+
+Layout (``docs/architecture.rst``, "Raw BIDS layout")::
+
+    OUTPUT_DIR/
+      dataset_description.json  README  CHANGES  participants.tsv  participants.json
+      sub-01/anat/sub-01_echo-<e>_flip-<f>_part-<mag|phase>_VFA.nii.gz (+ .json)      multi-echo SPGR
+      sub-01/anat/sub-01_acq-bssfp<ddd>_flip-<f>_part-<mag|phase>_VFA.nii.gz (+ .json)  phase-cycled bSSFP
+      sub-01/fmap/sub-01_acq-tr1_TB1AFI.nii.gz, sub-01_acq-tr2_TB1AFI.nii.gz (+ .json)   AFI
+      sub-01/fmap/sub-01_acq-headPDw_RB1COR.nii.gz, sub-01_acq-bodyPDw_RB1COR.nii.gz     receive pair
+      derivatives/phantom/
+        dataset_description.json                                      DatasetType "derivative"
+        sub-01/sub-01_desc-simulation.json                            protocol, snr, sigma, coils, seeds
+        sub-01/anat/sub-01_<R1map|T1map|R2map|T2map|R2starmap|T2starmap|PDmap|Chimap|M0map>.nii.gz
+        sub-01/anat/sub-01_desc-flip<f>_S0map.nii.gz                 noiseless TE = 0 SPGR intercepts
+        sub-01/anat/sub-01_dseg.nii.gz + sub-01_dseg.tsv, sub-01_desc-<brain|head>_mask.nii.gz
+        sub-01/fmap/sub-01_TB1map.nii.gz (percent), sub-01_RB1map.nii.gz (ratio)
+        sub-01/fmap/sub-01_desc-<total|background|local>_fieldmap.nii.gz   field offsets in ppm
+
+Truth conventions: rates in 1/s, times in s (``T1map = 1 / R1map``, 0 where the rate is 0, i.e. in
+air), PD in percent water, Chi in ppm relative to CSF, TB1map in percent of the nominal flip angle,
+RB1map the relative receive sensitivity, M0map ``PD / 100 * receive * SIGNAL_SCALE`` (the apparent
+equilibrium signal a VFA fit estimates) and S0map the TE = 0 intercept per flip angle (what a
+multi-echo R2* fit estimates). The field maps are B0 offsets in ppm of the main field: total (what
+the phase sees), background (sources outside the brain mask, incl. air-tissue interfaces and shim
+residual) and local (from the susceptibility inside the brain mask); suffix ``fieldmap`` with
+``Units`` "ppm" (raw BIDS field maps are in Hz). TB1map, RB1map and the field maps are 0 outside
+the head mask (no image carries information there).
+
+The bSSFP increments follow :func:`qmri_workflows.core.signal.bssfp_signal`: increment 0 is
+conventional bSSFP (RF phase alternating by 180 degrees).
+
+Storage: ``dtype="float32"`` writes magnitude and phase as float32; ``dtype="int16"`` quantises them
+to int16 with a NIfTI scale slope, like a scanner's reconstruction, to keep shipped examples small:
+the magnitude step is a quarter of the noise sigma (quantisation adds 0.5 % to the noise variance),
+the phase step pi/1024 (pi/16384 when noiseless). Truth maps are always float32 (masks uint8,
+segmentation int16).
+
+The whole dataset is written into a temporary folder next to ``output_dir`` and renamed into place at
+the end, so a failed or interrupted run never leaves a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from qmri_workflows import __version__
+from qmri_workflows.io.derivatives import (
+    BIDS_VERSION,
+    bids_path,
+    sidecar_path,
+    write_dataset_description,
+    write_dseg_tsv,
+    write_json,
+    write_map,
+    write_nifti,
+)
+from qmri_workflows.phantom.protocol import Protocol
+from qmri_workflows.phantom.simulate import (
+    SIGNAL_SCALE,
+    PhantomScanner,
+    list_volumes,
+    reference_sigma,
+)
+
+__all__ = ["ICBM_NOTICE", "MANUFACTURER", "subject_table", "write_phantom_dataset"]
+
+MANUFACTURER = "qmri-workflows phantom"
+"""``Manufacturer`` written into every raw sidecar."""
+
+ICBM_NOTICE = (
+    "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological "
+    "Institute, McGill University. Permission to use, copy, modify, and distribute this software and "
+    "its documentation for any purpose and without fee is hereby granted, provided that the above "
+    "copyright notice appear in all copies. The authors and McGill University make no representations "
+    "about the suitability of this software for any purpose. It is provided \"as is\" without express "
+    "or implied warranty. The authors are not responsible for any data loss, equipment damage, property "
+    "loss, or injury to subjects or patients resulting from the use or misuse of this software package."
+)
+"""Copyright notice of the MNI ICBM152 2009a template, which every copy of derived data must carry."""
+
+_ICBM_SOURCE = {"URL": "https://nist.mni.mcgill.ca/icbm-152-nonlinear-atlases-2009/",
+                "Version": "ICBM 2009a nonlinear symmetric (as shipped with nilearn)"}
+_DATASET_NAME = "qmri-workflows digital MS-brain phantom"
+_DTYPES = ("float32", "int16")
+
+
+def subject_table(n_subjects, seed=0):
+    """Participants of a phantom dataset: labels, groups, ages and sexes.
+
+    Subjects alternate patient, control, patient, ... starting with ``sub-01`` (patient). Ages and
+    sexes are drawn from ``seed`` (patients 25-55 years, about 70 % female as in relapsing MS;
+    controls 25-55 years, half female).
+
+    Returns
+    -------
+    list of dict
+        Keys ``label`` (``"01"``), ``group`` (``"patient"``/``"control"``), ``age`` (int), ``sex``
+        (``"F"``/``"M"``), ``index`` (0-based).
+    """
+    if isinstance(n_subjects, bool) or not isinstance(n_subjects, (int, np.integer)) or n_subjects < 1:
+        raise ValueError(f"subjects must be a positive integer, got {n_subjects!r}")
+    width = max(2, len(str(int(n_subjects))))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA9E]))
+    rows = []
+    for index in range(int(n_subjects)):
+        group = "patient" if index % 2 == 0 else "control"
+        age = int(rng.integers(25, 56))
+        female = rng.random() < (0.7 if group == "patient" else 0.5)
+        rows.append({"index": index, "label": f"{index + 1:0{width}d}", "group": group, "age": age,
+                     "sex": "F" if female else "M"})
+    return rows
+
+
+def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype):
+    snr_text = "noiseless (snr = inf)" if math.isinf(snr) else f"{snr:g}"
+    lines = [
+        "qmri-workflows digital MS-brain phantom",
+        "=======================================",
+        "",
+        "A simulated quantitative-MRI dataset of an MS patient / control brain phantom, written by",
+        f"qmri-phantom (qmri-workflows {__version__}). The ground truth of every map is in",
+        "derivatives/phantom/ (same file names as the qmri-workflows pipeline output).",
+        "",
+        "Generation",
+        "----------",
+        f"Command: {command}" if command else "Generated with qmri_workflows.phantom.write_phantom_dataset.",
+        f"Resolution {resolution:g} mm isotropic, {field_strength:g} T, {n_subjects} subject(s), seed {seed},",
+        f"SNR {snr_text}, {n_coils} receive channel(s), oversampling {oversample}, storage {dtype}.",
+        "",
+        "SNR: the noise standard deviation per channel (real and imaginary parts) is the median",
+        "noiseless white-matter magnitude of the first echo of the lowest-flip-angle VFA image of",
+        "sub-01 divided by the SNR; it is the same for every image of the dataset (fixed receiver).",
+        "Each subject's derivatives/phantom/sub-XX/sub-XX_desc-simulation.json records the protocol,",
+        "the noise sigma, the number of channels and the seeds.",
+        "",
+        "Storage: " + ("float32 magnitude and phase (rad)." if dtype == "float32" else
+                       "int16 with a NIfTI scale slope: magnitude step sigma/4 (0.5 % of the noise variance),"
+                       " phase step pi/1024 (pi/16384 when noiseless); readers apply the slope."),
+        "",
+        "Ground truth (derivatives/phantom)",
+        "----------------------------------",
+        "R1map/R2map/R2starmap (1/s) and T1map/T2map/T2starmap (s, 1/rate), PDmap (percent water),",
+        "Chimap (ppm relative to CSF), M0map (PD/100 x receive x signal scale), desc-flip<f>_S0map (noiseless",
+        "TE = 0 SPGR intercept per flip angle, incl. B1+ and receive), dseg (+ dseg.tsv), brain and",
+        "head masks; fmap: TB1map (percent of nominal flip angle), RB1map (receive sensitivity) and",
+        "desc-total|background|local_fieldmap (field offsets in ppm of B0); the smooth fields are 0",
+        "outside the head mask. With oversampling the truth is the block average of a finer truth",
+        "(approximate).",
+        "",
+        "Acquisitions",
+        "------------",
+        "- anat/*_echo-<e>_flip-<f>_part-<mag|phase>_VFA: multi-echo spoiled gradient echo (SPGR) at",
+        "  several flip angles, ideal RF spoiling in the simulation.",
+        "- anat/*_acq-bssfp<ddd>_flip-<f>_part-<mag|phase>_VFA: phase-cycled balanced SSFP, TE = TR/2.",
+        "  Project convention (BIDS has no phase-cycling entity): one acq- label per RF phase-cycling",
+        "  increment in degrees, repeated in the sidecar as PhaseCyclingIncrement. Increment 0 is",
+        "  conventional bSSFP (RF phase alternating by 180 degrees, pass band centred on resonance).",
+        "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007).",
+        "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
+        "  coil; body coil with uniform sensitivity, single channel).",
+        "",
+        "Anatomy source and licence",
+        "--------------------------",
+        "The brain anatomy is derived from the MNI ICBM152 2009a nonlinear symmetric template",
+        "(Fonov et al., NeuroImage 2011;54:313-327; Fonov et al., NeuroImage 2009;47:S102), whose",
+        "licence requires the following notice in all copies:",
+        "",
+    ]
+    words, line = ICBM_NOTICE.split(), ""
+    for word in words:
+        if len(line) + len(word) + 1 > 96:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _quantisation_step(data, *, part, sigma):
+    """int16 step of a raw image: a fraction of the noise, or of the range when noiseless.
+
+    Magnitude: ``sigma / 4`` (uniform quantisation error of variance ``step**2 / 12``, i.e. 0.5 % of
+    the noise variance), never finer than needed to fit the range into 32000 levels. Phase:
+    ``pi / 1024`` with noise (0.0009 rad rms, below the phase noise ``sigma / |S|`` of any image with
+    |S| < 1000 sigma), ``pi / 16384`` without.
+    """
+    if part == "phase":
+        return math.pi / (1024.0 if sigma > 0 else 16384.0)
+    peak = float(np.max(np.abs(data))) if np.size(data) else 0.0
+    range_step = peak / 32000.0
+    step = max(sigma / 4.0, range_step) if sigma > 0 else range_step
+    return step if step > 0 else 1.0
+
+
+def _write_raw_image(path, data, affine, dtype, *, part=None, sigma=0.0):
+    """Write one raw image: float32 through the project writer, int16 with a scale slope."""
+    if dtype == "float32":
+        write_nifti(path, data, affine, dtype=np.float32)
+        return
+    import nibabel as nib
+
+    step = _quantisation_step(data, part=part, sigma=sigma)
+    levels = np.round(np.asarray(data, dtype=float) / step).astype(np.int16)
+    image = nib.Nifti1Image(levels, affine)
+    image.header.set_data_dtype(np.int16)
+    image.header.set_slope_inter(step, 0.0)
+    image.header.set_xyzt_units(xyz="mm", t="sec")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, os.fspath(path))
+
+
+def _raw_sidecar(volume, *, field_strength, part, n_coils):
+    metadata = {
+        **volume.metadata,
+        "MagneticFieldStrength": float(field_strength),
+        "Manufacturer": MANUFACTURER,
+        "ManufacturersModelName": f"qmri-workflows {__version__} simulator",
+        "MRAcquisitionType": "3D",
+    }
+    body_coil = volume.kind == "rb1cor" and volume.parameters.get("coil") == "body"
+    if "ReceiveCoilName" not in metadata:
+        metadata["ReceiveCoilName"] = f"head array, {n_coils} channel(s)"
+    if body_coil or n_coils == 1:
+        metadata["CoilCombinationMethod"] = "single channel"
+    else:
+        metadata["CoilCombinationMethod"] = ("rSOS magnitude; phase of the sensitivity-weighted (Roemer) sum"
+                                             " with the known sensitivities")
+    metadata["ReceiveCoilActiveElements"] = "body" if body_coil else f"all {n_coils}"
+    metadata["MatrixCoilMode"] = "none"
+    metadata["NonlinearGradientCorrection"] = False
+    metadata["ScanningSequence"] = "GR"
+    metadata["SequenceVariant"] = ["SS"] if volume.kind == "bssfp" else ["SS", "SP"]
+    metadata["SequenceName"] = f"qmri_{volume.kind}"
+    metadata["PulseSequenceDetails"] = (
+        "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); "
+        + ("balanced, TE = TR/2" if volume.kind == "bssfp" else "ideal RF and gradient spoiling"))
+    if volume.kind in ("afi", "rb1cor"):
+        metadata.setdefault("SpoilingType", "COMBINED")
+    metadata["SoftwareVersions"] = f"qmri-workflows {__version__}"
+    metadata["DeviceSerialNumber"] = "0000"
+    metadata["StationName"] = "qmri-phantom"
+    metadata["InstitutionName"] = "none (simulated data)"
+    metadata["InstitutionalDepartmentName"] = "none (simulated data)"
+    metadata["InstitutionAddress"] = "none (simulated data)"
+    metadata["Units"] = "rad" if part == "phase" else "arbitrary"
+    return metadata
+
+
+def _truth_metadata(description, *, field_strength, oversample, **extra):
+    text = description
+    if oversample > 1:
+        text += (f" Block average of the truth on a grid {oversample} times finer (approximate truth"
+                 " of the k-space-reduced images).")
+    return {"Description": text, "EstimationAlgorithm": "ground truth of the digital phantom",
+            "MagneticFieldStrength": float(field_strength), **extra}
+
+
+def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, oversample):
+    affine = scanner.affine
+    meta = {"field_strength": field_strength, "oversample": oversample}
+    rates = {"R1map": ("T1map", "longitudinal relaxation"), "R2map": ("T2map", "transverse relaxation"),
+             "R2starmap": ("T2starmap", "effective transverse relaxation")}
+    for name, data in scanner.truth_maps(protocol):
+        if name in rates:
+            time_name, what = rates[name]
+            write_map(derivatives_root, data, affine, subject=label, suffix=name,
+                      metadata=_truth_metadata(f"True {what} rate.", **meta))
+            with np.errstate(divide="ignore"):
+                times = np.where(data > 0, 1.0 / np.where(data > 0, data, 1.0), 0.0)
+            write_map(derivatives_root, times, affine, subject=label, suffix=time_name,
+                      metadata=_truth_metadata(f"True {what} time, 1 / rate (0 where the rate is 0).", **meta))
+        elif name == "PDmap":
+            write_map(derivatives_root, data, affine, subject=label, suffix="PDmap",
+                      metadata=_truth_metadata("True proton density, percent water.", **meta))
+        elif name == "Chimap":
+            write_map(derivatives_root, data, affine, subject=label, suffix="Chimap",
+                      metadata=_truth_metadata("True magnetic susceptibility relative to CSF.", **meta))
+        elif name == "M0map":
+            write_map(derivatives_root, data, affine, subject=label, suffix="M0map",
+                      metadata=_truth_metadata(
+                          f"Apparent equilibrium magnetisation PD / 100 x receive x {SIGNAL_SCALE:g}.", **meta))
+        elif name.startswith("S0map-"):
+            flip_index = int(name.split("-")[1])
+            flip_angle = protocol.vfa.flip_angles[flip_index - 1]
+            write_map(derivatives_root, data, affine, subject=label, suffix="S0map", desc=f"flip{flip_index}",
+                      metadata=_truth_metadata(
+                          "Noiseless TE = 0 intercept of the SPGR signal at this flip angle (includes B1+ "
+                          "and receive).", FlipAngle=float(flip_angle),
+                          RepetitionTimeExcitation=float(protocol.vfa.repetition_time), **meta))
+        elif name == "TB1map":
+            write_map(derivatives_root, data, affine, subject=label, suffix="TB1map",
+                      metadata=_truth_metadata("True transmit field, percent of the nominal flip angle.",
+                                               **meta))
+        elif name == "RB1map":
+            write_map(derivatives_root, data, affine, subject=label, suffix="RB1map",
+                      metadata=_truth_metadata("True relative receive sensitivity (ratio).", Units="arbitrary",
+                                               **meta))
+        elif name == "dseg":
+            path = write_map(derivatives_root, data.astype(np.int16), affine, subject=label, suffix="dseg",
+                             metadata=_truth_metadata("Tissue labels of the phantom (majority label).", **meta))
+            from qmri_workflows.phantom.tissues import dseg_tsv_rows
+
+            write_dseg_tsv(Path(path).with_name(f"sub-{label}_dseg.tsv"), dseg_tsv_rows())
+        elif name in ("brainmask", "headmask"):
+            region = name[:-4]
+            what = "Intracranial mask (brain and CSF)." if region == "brain" else "Head mask (brain, skull, scalp)."
+            write_map(derivatives_root, data.astype(np.uint8), affine, subject=label, suffix="mask", desc=region,
+                      metadata=_truth_metadata(what, Type="Brain" if region == "brain" else "Head", **meta))
+        elif name.endswith("field"):
+            kind = name[:-5]
+            write_map(derivatives_root, data, affine, subject=label, suffix="fieldmap", datatype="fmap",
+                      desc=kind, metadata=_truth_metadata(
+                          f"True {kind} field offset in ppm of the main field.", Units="ppm", **meta))
+        else:  # pragma: no cover - every name of truth_maps is handled above
+            raise RuntimeError(f"unhandled truth map {name}")
+
+
+def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=1, seed=0, field_strength=3.0,
+                          n_coils=1, oversample=1, dtype="float32", protocol=None, overwrite=False, command=None):
+    """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        Dataset root to create. Must not exist or be empty unless ``overwrite``.
+    resolution : float, optional
+        Isotropic voxel size (mm) of the main images.
+    snr : float, optional
+        White-matter SNR of the first echo of the lowest-flip-angle VFA image (see
+        :func:`qmri_workflows.phantom.simulate.reference_sigma`); ``math.inf`` for noiseless data.
+    subjects : int, optional
+        Number of subjects: ``sub-01`` patient, ``sub-02`` control, then alternating.
+    seed : int, optional
+        Non-negative seed. Subject ``i`` (0-based) uses the phantom seed ``seed + i`` and the noise
+        stream ``SeedSequence([seed, i, volume index])``, so results do not depend on what else is
+        simulated.
+    field_strength : float, optional
+        Main field (T).
+    n_coils : int, optional
+        Receive channels (1: Rician magnitude; more: root-sum-of-squares).
+    oversample : int, optional
+        Simulate on a grid this many times finer and reduce by k-space cropping (see
+        :mod:`qmri_workflows.phantom.simulate`); memory grows with ``oversample**3``.
+    dtype : {"float32", "int16"}, optional
+        Storage of the raw images.
+    protocol : Protocol, optional
+        Acquisition protocol; default :class:`~qmri_workflows.phantom.protocol.Protocol`.
+    overwrite : bool, optional
+        Replace an existing ``output_dir`` (only after the new dataset is complete).
+    command : str, optional
+        Command line recorded in the README.
+
+    Returns
+    -------
+    Path
+        ``output_dir``.
+    """
+    from qmri_workflows.phantom.truth import make_phantom
+
+    output_dir = Path(os.path.abspath(output_dir))
+    resolution = float(resolution)
+    if not (math.isfinite(resolution) and resolution > 0):
+        raise ValueError(f"resolution must be a positive number of mm, got {resolution!r}")
+    snr = float(snr)
+    if not snr > 0:
+        raise ValueError(f"snr must be > 0 (inf for noiseless data), got {snr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 1:
+        raise ValueError(f"oversample must be a positive integer, got {oversample!r}")
+    if isinstance(n_coils, bool) or not isinstance(n_coils, (int, np.integer)) or n_coils < 1:
+        raise ValueError(f"n_coils must be a positive integer, got {n_coils!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if not (math.isfinite(float(field_strength)) and field_strength > 0):
+        raise ValueError(f"field_strength must be a positive number of tesla, got {field_strength!r}")
+    protocol = Protocol() if protocol is None else protocol
+    if not isinstance(protocol, Protocol):
+        raise ValueError(f"protocol must be a Protocol, got {type(protocol).__name__}")
+    participants = subject_table(subjects, seed)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; choose another folder or pass overwrite=True")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        _write_dataset(staging, participants=participants, resolution=resolution, snr=snr, seed=int(seed),
+                       field_strength=float(field_strength), n_coils=int(n_coils), oversample=int(oversample),
+                       dtype=dtype, protocol=protocol, make_phantom=make_phantom, command=command)
+        os.chmod(staging, 0o777 & ~_umask())
+        if output_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.rmdir(retired)
+            os.replace(output_dir, retired)
+            os.replace(staging, output_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_dataset(root, *, participants, resolution, snr, seed, field_strength, n_coils, oversample, dtype,
+                   protocol, make_phantom, command):
+    generated_by = [{"Name": "qmri-phantom", "Version": __version__,
+                     "Description": "Digital MS-brain phantom and qMRI protocol simulator of qmri-workflows"}]
+    write_dataset_description(root, name=_DATASET_NAME, dataset_type="raw", extra={
+        "BIDSVersion": BIDS_VERSION,
+        "License": "Simulated data; the anatomy derives from the MNI ICBM152 2009a template, whose "
+                   "copyright notice (README) must accompany every copy.",
+        "Authors": ["qmri-workflows developers"],
+        "GeneratedBy": generated_by,
+        "SourceDatasets": [_ICBM_SOURCE],
+        "HowToAcknowledge": "Cite qmri-workflows and the MNI ICBM152 2009a template (Fonov et al. 2009, 2011).",
+        "ReferencesAndLinks": [
+            "Fonov VS et al. Unbiased nonlinear average age-appropriate brain templates from birth to "
+            "adulthood. NeuroImage 2009;47:S102.",
+            "Fonov V et al. Unbiased average age-appropriate atlases for pediatric studies. "
+            "NeuroImage 2011;54:313-327.",
+        ],
+    })
+    readme = _readme(command=command, resolution=resolution, snr=snr, n_subjects=len(participants), seed=seed,
+                     field_strength=field_strength, n_coils=n_coils, oversample=oversample, dtype=dtype)
+    (root / "README").write_text(readme, encoding="utf-8")
+    (root / "CHANGES").write_text(
+        f"{__version__}\n  - Simulated by qmri-phantom (qmri-workflows {__version__}).\n", encoding="utf-8")
+    rows = ["participant_id\tgroup\tage\tsex"] + [
+        f"sub-{p['label']}\t{p['group']}\t{p['age']}\t{p['sex']}" for p in participants]
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    write_json(root / "participants.json", {
+        "participant_id": {"Description": "Subject label"},
+        "group": {"Description": "Simulated group",
+                  "Levels": {"patient": "MS patient phantom (lesions, NAWM and deep grey-matter changes)",
+                             "control": "Healthy control phantom"}},
+        "age": {"Description": "Nominal age of the simulated subject", "Units": "year"},
+        "sex": {"Description": "Nominal sex of the simulated subject", "Levels": {"F": "female", "M": "male"}},
+    })
+
+    derivatives_root = root / "derivatives" / "phantom"
+    write_dataset_description(derivatives_root, name=f"{_DATASET_NAME}: ground truth", dataset_type="derivative",
+                              generated_by=generated_by, source_datasets=[_ICBM_SOURCE],
+                              extra={"License": "Same as the raw dataset (see ../../README)."})
+    volumes = list_volumes(protocol)
+    sigma = None
+    for participant in participants:
+        label, index = participant["label"], participant["index"]
+        truth = make_phantom(resolution=resolution / oversample, field_strength=field_strength,
+                             subject=participant["group"], seed=seed + index)
+        rb1cor_factor = 1 if protocol.rb1cor is None else protocol.rb1cor.coarsening_factor(resolution)
+        scanner = PhantomScanner(truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor)
+        if sigma is None:
+            # one receiver for the whole dataset: the noise level is set on the first subject
+            sigma = reference_sigma(scanner, protocol, snr)
+        scanner.sigma = sigma
+        for volume_index, volume in enumerate(volumes):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, index, volume_index]))
+            magnitude, phase = scanner.acquire(volume, rng=rng)
+            affine, _ = scanner.grid(volume)
+            parts = (("mag", magnitude), ("phase", phase)) if volume.with_phase else ((None, magnitude),)
+            for part, data in parts:
+                relative = bids_path(subject=label, suffix=volume.suffix, datatype=volume.datatype,
+                                     part=part, **volume.entities)
+                _write_raw_image(root / relative, data, affine, dtype, part=part, sigma=sigma)
+                write_json(sidecar_path(root / relative),
+                           _raw_sidecar(volume, field_strength=field_strength, part=part, n_coils=n_coils))
+            del magnitude, phase
+        _write_truth(derivatives_root, scanner, protocol, label, field_strength=field_strength,
+                     oversample=oversample)
+        write_json(derivatives_root / f"sub-{label}" / f"sub-{label}_desc-simulation.json", {
+            "Description": "Parameters of the simulation of this subject's raw data.",
+            "Generator": f"qmri-workflows {__version__}",
+            "Group": participant["group"],
+            "PhantomSeed": seed + index,
+            "NoiseSeed": [seed, index],
+            "NoiseSeedNote": "noise of volume v comes from numpy SeedSequence([seed, subject index, v])",
+            "DatasetSeed": seed,
+            "MagneticFieldStrength": field_strength,
+            "Resolution": resolution,
+            "Oversample": oversample,
+            "SNR": None if math.isinf(snr) else snr,
+            "SNRDefinition": ("median noiseless white-matter magnitude of echo 1 of the lowest-flip-angle VFA "
+                              "image of sub-01 divided by the noise sigma per channel"),
+            "NoiseSigma": sigma,
+            "NumberOfReceiveChannels": n_coils,
+            "MagnitudeCombination": "Rician (1 channel)" if n_coils == 1 else "root-sum-of-squares",
+            "PhaseCombination": "sensitivity-weighted (Roemer) with the known channel sensitivities",
+            "SignalScale": SIGNAL_SCALE,
+            "StorageDataType": dtype,
+            "Protocol": protocol.to_dict(),
+            "MainGridShape": list(scanner.shape),
+            "RB1CORGridShape": list(scanner.rb1cor_shape),
+        })
+        del truth, scanner

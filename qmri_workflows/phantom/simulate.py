@@ -1,0 +1,675 @@
+"""Protocol simulator: raw images of every sequence from the phantom's ground-truth maps.
+
+Signal model
+------------
+Every voxel is simulated from its own truth with the signal equations of
+:mod:`qmri_workflows.core.signal`:
+
+* actual flip angle = ``b1 * nominal``;
+* equilibrium magnetisation ``M0 = pd / 100 * receive * SIGNAL_SCALE`` (the body coil of the RB1COR
+  pair has a uniform receive field of 1);
+* frequency offset ``f = b0_ppm * 1e-6 * GYROMAGNETIC_RATIO * field_strength`` (Hz); gradient-echo
+  phase ``phase_offset + 2 pi f TE``, wrapped to (-pi, pi]; bSSFP off-resonance ``2 pi f TR`` per TR
+  (plus the same transceive phase);
+* ideal RF spoiling for the spoiled sequences (SPGR, AFI, RB1COR).
+
+Noise and coils
+---------------
+Complex Gaussian noise of standard deviation ``sigma`` is added to the real and to the imaginary part
+of every receive channel, independently per voxel. ``sigma`` is fixed for the whole dataset, like a
+receiver with fixed gain: it is the median noiseless white-matter magnitude of the first echo of the
+lowest-flip-angle VFA image of the first subject, divided by ``snr`` (:func:`reference_sigma`).
+``snr=inf`` gives noiseless data.
+
+With one channel the magnitude is Rician. With ``n_coils > 1`` the channels are
+:class:`ReceiveCoils` whose root-sum-of-squares equals ``truth.receive`` exactly; the magnitude is
+the root-sum-of-squares of the noisy channels (non-central chi with ``2 n_coils`` degrees of freedom,
+``E[M^2] = A^2 + 2 n_coils sigma^2``) and the phase that of the sensitivity-weighted (Roemer-type)
+combination with the known sensitivities, so that the noiseless combined image equals the
+single-channel model times ``receive`` and the truth stays exact.
+
+Oversampling
+------------
+With ``oversample = K > 1`` the phantom is built on a grid ``K`` times finer; every channel's
+complex image is reduced to the target grid by cropping the centred k-space (the scanner's finite
+sampling: partial volume with ringing, and intravoxel dephasing of the complex signal), and the noise
+is added on the target grid. The target grid is the fine grid coarsened by ``K`` (voxel centres at
+the centres of the ``K^3`` blocks; the fine grid is edge-padded to a multiple of ``K``), so it may be
+one voxel larger than the grid of ``make_phantom(resolution=K * fine)``. The truth maps written for
+it are block averages of the fine truth (segmentation: majority label; masks: at least half the
+block) and are then only approximate: e.g. the R2* of a voxel with a field gradient across it is
+larger than the average of its sub-voxels' R2*.
+
+Memory: volumes are simulated one at a time in float64/complex128; at 1 mm and ``oversample=1`` a
+volume takes about 140 MB (complex) and the truth about 1 GB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.fft
+
+from qmri_workflows.core.signal import afi_signals, bssfp_signal, spgr_signal
+
+__all__ = [
+    "GYROMAGNETIC_RATIO",
+    "SIGNAL_SCALE",
+    "PhantomScanner",
+    "ReceiveCoils",
+    "VolumeSpec",
+    "block_average",
+    "block_majority",
+    "coarsen_affine",
+    "kspace_downsample",
+    "list_volumes",
+    "noiseless_signal",
+    "reference_sigma",
+    "white_matter_labels",
+]
+
+GYROMAGNETIC_RATIO = 42.577478e6
+"""Proton gyromagnetic ratio over 2 pi (Hz/T), CODATA 2018."""
+
+SIGNAL_SCALE = 1000.0
+"""Signal of pure water (PD 100 %) at unit receive sensitivity, full relaxation and 90 degrees."""
+
+
+# --------------------------------------------------------------------------------------------------
+# grids
+# --------------------------------------------------------------------------------------------------
+def _check_factor(factor):
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"the coarsening factor must be a positive integer, got {factor!r}")
+    return int(factor)
+
+
+def coarsen_affine(affine, factor):
+    """Affine of the grid coarsened by ``factor``: voxel centres at the centres of the blocks.
+
+    Parameters
+    ----------
+    affine : array_like, shape (4, 4)
+        Affine of the fine grid.
+    factor : int
+        Integer coarsening factor.
+
+    Returns
+    -------
+    numpy.ndarray, shape (4, 4)
+    """
+    factor = _check_factor(factor)
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    coarse = affine.copy()
+    coarse[:3, :3] = affine[:3, :3] * factor
+    coarse[:3, 3] = affine[:3, 3] + affine[:3, :3] @ np.full(3, (factor - 1) / 2.0)
+    return coarse
+
+
+def coarse_shape(shape, factor):
+    """Shape of the grid coarsened by ``factor`` (the fine grid padded to a multiple)."""
+    factor = _check_factor(factor)
+    return tuple(int(math.ceil(n / factor)) for n in shape[:3])
+
+
+def _pad_to_multiple(array, factor):
+    pad = [(0, (-n) % factor) for n in array.shape[:3]] + [(0, 0)] * (array.ndim - 3)
+    if not any(p[1] for p in pad):
+        return array
+    return np.pad(array, pad, mode="edge")
+
+
+def _blocks(array, factor):
+    """View of a 3-D array padded to a multiple of ``factor`` as (n0, f, n1, f, n2, f)."""
+    array = _pad_to_multiple(np.asarray(array), factor)
+    n0, n1, n2 = (n // factor for n in array.shape[:3])
+    return array.reshape(n0, factor, n1, factor, n2, factor)
+
+
+def block_average(array, factor):
+    """Average of ``factor**3`` blocks of a 3-D array (edge-padded to a multiple of ``factor``).
+
+    Parameters
+    ----------
+    array : array_like, shape (X, Y, Z)
+    factor : int
+
+    Returns
+    -------
+    numpy.ndarray, shape ``coarse_shape((X, Y, Z), factor)``, float64
+    """
+    factor = _check_factor(factor)
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ValueError(f"block_average needs a 3-D array, got shape {array.shape}")
+    if factor == 1:
+        return array.astype(float)
+    return _blocks(array.astype(float, copy=False), factor).mean(axis=(1, 3, 5))
+
+
+def block_majority(labels, factor):
+    """Most frequent label in each ``factor**3`` block (ties go to the smaller label).
+
+    Parameters
+    ----------
+    labels : array_like of int, shape (X, Y, Z)
+    factor : int
+
+    Returns
+    -------
+    numpy.ndarray, coarse shape, same dtype as ``labels``
+    """
+    factor = _check_factor(factor)
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"block_majority needs a 3-D array, got shape {labels.shape}")
+    if factor == 1:
+        return labels.copy()
+    blocks = _blocks(labels, factor)
+    best_label = np.zeros(blocks.shape[::2], dtype=labels.dtype)
+    best_count = np.full(blocks.shape[::2], -1, dtype=np.int32)
+    for value in np.unique(labels):
+        count = (blocks == value).sum(axis=(1, 3, 5), dtype=np.int32)
+        better = count > best_count
+        best_label[better] = value
+        best_count[better] = count[better]
+    return best_label
+
+
+def kspace_downsample(image, factor, *, workers=-1):
+    """Reduce a complex 3-D image to the coarser grid by cropping its centred k-space.
+
+    The fine image is edge-padded to a multiple of ``factor``; along each axis the lowest
+    ``n // factor`` spatial frequencies are kept (the scanner samples only those) and a linear phase
+    shifts the samples to the block centres of :func:`coarsen_affine`. The result is scaled so that
+    a constant image keeps its value.
+
+    Parameters
+    ----------
+    image : array_like, shape (X, Y, Z), real or complex
+    factor : int
+    workers : int, optional
+        Threads for :mod:`scipy.fft`.
+
+    Returns
+    -------
+    numpy.ndarray of complex128, shape ``coarse_shape((X, Y, Z), factor)``
+    """
+    factor = _check_factor(factor)
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"kspace_downsample needs a 3-D image, got shape {image.shape}")
+    result = image.astype(np.complex128, copy=factor == 1)
+    if factor == 1:
+        return result
+    result = _pad_to_multiple(result, factor)
+    shift = (factor - 1) / 2.0
+    for axis in range(3):
+        n_fine = result.shape[axis]
+        n_coarse = n_fine // factor
+        spectrum = scipy.fft.fft(result, axis=axis, workers=workers)
+        del result
+        keep = np.r_[0:(n_coarse + 1) // 2, n_fine - n_coarse // 2:n_fine]
+        frequencies = np.fft.fftfreq(n_fine, d=1.0 / n_fine)[keep]
+        spectrum = np.take(spectrum, keep, axis=axis)
+        ramp_shape = [1, 1, 1]
+        ramp_shape[axis] = keep.size
+        spectrum *= np.exp(2j * np.pi * frequencies * shift / n_fine).reshape(ramp_shape)
+        result = scipy.fft.ifft(spectrum, axis=axis, workers=workers, overwrite_x=True)
+        del spectrum
+        result *= n_coarse / n_fine
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# receive coils
+# --------------------------------------------------------------------------------------------------
+def _world_coordinates(affine, shape):
+    i, j, k = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    return [affine[axis, 0] * i + affine[axis, 1] * j + affine[axis, 2] * k + affine[axis, 3]
+            for axis in range(3)]
+
+
+class ReceiveCoils:
+    """Receive channels of a head-array coil, normalised to a given combined sensitivity.
+
+    Channel ``k`` has the complex sensitivity ``receive * w_k exp(i phi_k)`` with
+    ``sum_k w_k**2 = 1`` everywhere, so the root-sum-of-squares of the sensitivities is exactly
+    ``receive``. The magnitude profiles ``w_k`` fall off with the distance from loop elements spread
+    over a sphere around the head (a Fibonacci lattice on the upper 80 % of the sphere); the phases
+    ``phi_k`` vary linearly in space (about one cycle over the head) with a channel-specific offset.
+
+    Parameters
+    ----------
+    n_coils : int
+        Number of channels (>= 1; one channel has ``w = 1`` and ``phi = 0``).
+    centre : array_like, shape (3,)
+        Head centre (mm, world coordinates).
+    radius : float
+        Radius (mm) of the sphere that carries the elements.
+    """
+
+    cache_bytes = 2 * 1024**3
+    """Upper bound of the memory used to cache channel weights (bytes)."""
+
+    def __init__(self, n_coils, *, centre, radius):
+        if isinstance(n_coils, bool) or not isinstance(n_coils, (int, np.integer)) or n_coils < 1:
+            raise ValueError(f"n_coils must be a positive integer, got {n_coils!r}")
+        if not radius > 0:
+            raise ValueError(f"radius must be > 0 mm, got {radius!r}")
+        self.n_coils = int(n_coils)
+        self.centre = np.asarray(centre, dtype=float).reshape(3)
+        self.radius = float(radius)
+        index = np.arange(self.n_coils) + 0.5
+        height = 1.0 - 1.6 * index / self.n_coils  # z from 1 down to -0.6: no elements under the chin
+        azimuth = np.pi * (1.0 + 5.0**0.5) * index
+        ring = np.sqrt(1.0 - height**2)
+        self.directions = np.stack([ring * np.cos(azimuth), ring * np.sin(azimuth), height], axis=1)
+        self.phase_offsets = 2.0 * np.pi * np.arange(self.n_coils) / self.n_coils
+        self._norm_cache = {}
+        self._weight_cache = {}
+
+    @classmethod
+    def around(cls, n_coils, affine, shape):
+        """Coils centred on the field of view of the grid ``(affine, shape)``."""
+        affine = np.asarray(affine, dtype=float)
+        corners = np.array([[0, 0, 0], np.asarray(shape[:3], dtype=float) - 1.0])
+        world = corners @ affine[:3, :3].T + affine[:3, 3]
+        centre = world.mean(axis=0)
+        radius = 0.5 * float(np.min(np.abs(world[1] - world[0])))
+        return cls(n_coils, centre=centre, radius=max(radius, 1.0))
+
+    def _profile(self, coil, coordinates):
+        element = self.centre + self.radius * self.directions[coil]
+        distance_sq = sum((c - e) ** 2 for c, e in zip(coordinates, element))
+        # a loop element's sensitivity falls off like (1 + d^2/a^2)^(-3/2) (Biot-Savart on its axis)
+        return (1.0 + distance_sq / (0.5 * self.radius) ** 2) ** -1.5
+
+    def _norm(self, affine, shape):
+        key = (np.asarray(affine, dtype=float).tobytes(), tuple(shape[:3]))
+        if key not in self._norm_cache:
+            coordinates = _world_coordinates(affine, shape)
+            total = np.zeros(tuple(shape[:3]))
+            for coil in range(self.n_coils):
+                total += self._profile(coil, coordinates) ** 2
+            if len(self._norm_cache) >= 2:
+                self._norm_cache.clear()
+            self._norm_cache[key] = np.sqrt(total)
+        return self._norm_cache[key]
+
+    def weights(self, coil, affine, shape):
+        """Complex unit-RSS weight ``w_k exp(i phi_k)`` of channel ``coil`` on a grid.
+
+        Weights are cached per grid while the cache stays below :attr:`cache_bytes`.
+        """
+        if self.n_coils == 1:
+            return np.ones(tuple(shape[:3]), dtype=np.complex128)
+        affine = np.asarray(affine, dtype=float)
+        key = (affine.tobytes(), tuple(shape[:3]), int(coil))
+        if key in self._weight_cache:
+            return self._weight_cache[key]
+        coordinates = _world_coordinates(affine, shape)
+        magnitude = self._profile(coil, coordinates) / self._norm(affine, shape)
+        phase = self.phase_offsets[coil] + 2.0 * np.pi / (4.0 * self.radius) * sum(
+            d * (c - o) for d, c, o in zip(self.directions[coil], coordinates, self.centre))
+        weight = magnitude * np.exp(1j * phase)
+        cached = sum(w.nbytes for w in self._weight_cache.values())
+        if cached + weight.nbytes <= self.cache_bytes:
+            self._weight_cache[key] = weight
+        return weight
+
+
+# --------------------------------------------------------------------------------------------------
+# the protocol as a list of volumes
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VolumeSpec:
+    """One raw image (magnitude, and phase when ``with_phase``) of the protocol.
+
+    Attributes
+    ----------
+    kind : {"spgr", "bssfp", "afi", "rb1cor"}
+    datatype : {"anat", "fmap"}
+    suffix : str
+        BIDS suffix (``VFA``, ``TB1AFI``, ``RB1COR``).
+    entities : dict
+        File-name entities other than ``sub`` and ``part``.
+    metadata : dict
+        Sidecar keys specific to this image (times in s, angles in deg).
+    with_phase : bool
+        Whether a phase image is written (``part-mag`` / ``part-phase``).
+    parameters : dict
+        Simulation parameters (radians, seconds).
+    grid : {"main", "rb1cor"}
+        Target grid of the image.
+    """
+
+    kind: str
+    datatype: str
+    suffix: str
+    entities: dict
+    metadata: dict
+    with_phase: bool
+    parameters: dict = field(default_factory=dict)
+    grid: str = "main"
+
+
+def list_volumes(protocol):
+    """All raw images of ``protocol`` in acquisition order (VFA, bSSFP, AFI, RB1COR).
+
+    Parameters
+    ----------
+    protocol : qmri_workflows.phantom.protocol.Protocol
+
+    Returns
+    -------
+    list of VolumeSpec
+    """
+    volumes = []
+    vfa = protocol.vfa
+    for flip_index, flip_angle in enumerate(vfa.flip_angles, start=1):
+        for echo_index, echo_time in enumerate(vfa.echo_times, start=1):
+            volumes.append(VolumeSpec(
+                kind="spgr", datatype="anat", suffix="VFA",
+                entities={"echo": echo_index, "flip": flip_index},
+                metadata={
+                    "FlipAngle": float(flip_angle), "EchoTime": float(echo_time),
+                    "RepetitionTimeExcitation": float(vfa.repetition_time), "PulseSequenceType": "SPGR",
+                    "SpoilingState": True, "SpoilingType": "COMBINED",
+                    "SpoilingRFPhaseIncrement": float(vfa.spoiling_rf_phase_increment),
+                },
+                with_phase=True,
+                parameters={"flip_angle": math.radians(flip_angle), "tr": float(vfa.repetition_time),
+                            "te": float(echo_time)}))
+    if protocol.bssfp is not None:
+        bssfp = protocol.bssfp
+        for increment in bssfp.phase_increments:
+            for flip_index, flip_angle in enumerate(bssfp.flip_angles, start=1):
+                volumes.append(VolumeSpec(
+                    kind="bssfp", datatype="anat", suffix="VFA",
+                    entities={"acq": f"bssfp{int(round(increment)):03d}", "flip": flip_index},
+                    metadata={
+                        "FlipAngle": float(flip_angle), "EchoTime": float(bssfp.echo_time),
+                        "RepetitionTimeExcitation": float(bssfp.repetition_time),
+                        "PulseSequenceType": "bSSFP", "PhaseCyclingIncrement": float(increment),
+                        "SpoilingState": False,
+                    },
+                    with_phase=True,
+                    parameters={"flip_angle": math.radians(flip_angle), "tr": float(bssfp.repetition_time),
+                                "phase_increment": math.radians(increment)}))
+    if protocol.afi is not None:
+        afi = protocol.afi
+        for label, repetition_time in (("tr1", afi.repetition_time_1), ("tr2", afi.repetition_time_2)):
+            volumes.append(VolumeSpec(
+                kind="afi", datatype="fmap", suffix="TB1AFI", entities={"acq": label},
+                metadata={
+                    "FlipAngle": float(afi.flip_angle), "EchoTime": float(afi.echo_time),
+                    "RepetitionTimeExcitation": float(repetition_time), "PulseSequenceType": "AFI",
+                    "SpoilingState": True,
+                },
+                with_phase=False,
+                parameters={"flip_angle": math.radians(afi.flip_angle), "tr1": float(afi.repetition_time_1),
+                            "tr2": float(afi.repetition_time_2), "te": float(afi.echo_time),
+                            "interval": 1 if label == "tr1" else 2}))
+    if protocol.rb1cor is not None:
+        rb1cor = protocol.rb1cor
+        for label, coil in (("headPDw", "head"), ("bodyPDw", "body")):
+            volumes.append(VolumeSpec(
+                kind="rb1cor", datatype="fmap", suffix="RB1COR", entities={"acq": label},
+                metadata={
+                    "FlipAngle": float(rb1cor.flip_angle), "EchoTime": float(rb1cor.echo_time),
+                    "RepetitionTimeExcitation": float(rb1cor.repetition_time), "PulseSequenceType": "SPGR",
+                    "SpoilingState": True, "ReceiveCoilName": f"{coil} coil",
+                },
+                with_phase=False,
+                parameters={"flip_angle": math.radians(rb1cor.flip_angle), "tr": float(rb1cor.repetition_time),
+                            "te": float(rb1cor.echo_time), "coil": coil},
+                grid="rb1cor"))
+    return volumes
+
+
+def _field_hz(truth):
+    return np.asarray(truth.b0_ppm, dtype=float) * 1e-6 * GYROMAGNETIC_RATIO * float(truth.field_strength)
+
+
+def _m0(truth, *, receive=True, scale=SIGNAL_SCALE):
+    m0 = np.asarray(truth.pd, dtype=float) * (scale / 100.0)
+    if receive:
+        m0 = m0 * np.asarray(truth.receive, dtype=float)
+    return m0
+
+
+def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE):
+    """Noiseless complex image of one volume on the grid of ``truth``.
+
+    The magnitude includes the receive field (except for the body coil of the RB1COR pair); the phase
+    is the transceive phase plus the off-resonance phase at the echo time.
+
+    Parameters
+    ----------
+    truth : PhantomTruth
+        Ground truth (any object with the maps as attributes).
+    volume : VolumeSpec
+    scale : float, optional
+        Signal of pure water at unit receive, see :data:`SIGNAL_SCALE`.
+
+    Returns
+    -------
+    numpy.ndarray of complex128, the shape of the truth maps
+    """
+    p = volume.parameters
+    field_hz = _field_hz(truth)
+    b1 = np.asarray(truth.b1, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if volume.kind == "spgr":
+            magnitude = spgr_signal(_m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr"],
+                                    p["te"], b1=b1)
+            phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
+            signal = magnitude * np.exp(1j * phase)
+        elif volume.kind == "bssfp":
+            theta = 2.0 * np.pi * field_hz * p["tr"]
+            signal = bssfp_signal(_m0(truth, scale=scale), truth.r1, truth.r2, p["flip_angle"], p["tr"],
+                                  off_resonance=theta, phase_increment=p["phase_increment"], b1=b1)
+            signal = signal * np.exp(1j * np.asarray(truth.phase_offset, dtype=float))
+        elif volume.kind == "afi":
+            pair = afi_signals(_m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr1"],
+                               p["tr2"], p["te"], b1=b1)
+            phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
+            signal = pair[p["interval"] - 1] * np.exp(1j * phase)
+        elif volume.kind == "rb1cor":
+            m0 = _m0(truth, receive=p["coil"] == "head", scale=scale)
+            magnitude = spgr_signal(m0, truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1)
+            phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
+            signal = magnitude * np.exp(1j * phase)
+        else:
+            raise ValueError(f"unknown volume kind {volume.kind!r}")
+    # air (pd = 0, r1 = 0) gives 0/0 in the steady-state formulas: no magnetisation, no signal
+    signal = np.where(np.isfinite(signal) & (np.asarray(truth.pd) > 0), signal, 0.0)
+    return np.asarray(signal, dtype=np.complex128)
+
+
+def white_matter_labels(labels):
+    """Label values of (normal-appearing) white matter in a ``{value: name}`` table."""
+    chosen = []
+    for value, name in labels.items():
+        lowered = str(name).lower().replace("_", " ").replace("-", " ")
+        if lowered in ("wm", "nawm") or ("white matter" in lowered and "lesion" not in lowered):
+            chosen.append(int(value))
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# the scanner
+# --------------------------------------------------------------------------------------------------
+class PhantomScanner:
+    """Acquire the volumes of a protocol from one subject's (possibly oversampled) truth.
+
+    Parameters
+    ----------
+    truth : PhantomTruth
+        Ground truth, on the fine grid when ``oversample > 1``.
+    oversample : int, optional
+        Ratio of the truth grid to the target grid.
+    n_coils : int, optional
+        Receive channels (1: Rician magnitude; more: root-sum-of-squares).
+    sigma : float, optional
+        Noise standard deviation per channel and per real/imaginary part (0: noiseless).
+    rb1cor_factor : int, optional
+        Coarsening of the RB1COR grid relative to the target grid.
+    scale : float, optional
+        See :data:`SIGNAL_SCALE`.
+    """
+
+    def __init__(self, truth, *, oversample=1, n_coils=1, sigma=0.0, rb1cor_factor=1, scale=SIGNAL_SCALE):
+        self.truth = truth
+        self.oversample = _check_factor(oversample)
+        self.rb1cor_factor = _check_factor(rb1cor_factor)
+        if not (sigma >= 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma must be finite and >= 0, got {sigma!r}")
+        self.sigma = float(sigma)
+        self.scale = float(scale)
+        self.fine_affine = np.asarray(truth.affine, dtype=float)
+        self.fine_shape = tuple(np.shape(truth.pd))
+        self.affine = coarsen_affine(self.fine_affine, self.oversample)
+        self.shape = coarse_shape(self.fine_shape, self.oversample)
+        self.rb1cor_affine = coarsen_affine(self.affine, self.rb1cor_factor)
+        self.rb1cor_shape = coarse_shape(self.shape, self.rb1cor_factor)
+        self.coils = ReceiveCoils.around(n_coils, self.affine, self.shape)
+
+    @property
+    def n_coils(self):
+        """Number of receive channels."""
+        return self.coils.n_coils
+
+    def grid(self, volume):
+        """``(affine, shape)`` of the target grid of ``volume``."""
+        if volume.grid == "rb1cor":
+            return self.rb1cor_affine, self.rb1cor_shape
+        return self.affine, self.shape
+
+    def acquire(self, volume, *, rng=None, sigma=None):
+        """Simulate one volume: magnitude and (if ``volume.with_phase``) phase on its target grid.
+
+        Parameters
+        ----------
+        volume : VolumeSpec
+        rng : numpy.random.Generator, optional
+            Noise source; required when the noise ``sigma`` is > 0.
+        sigma : float, optional
+            Override of the scanner's noise level (0 gives the noiseless combined image).
+
+        Returns
+        -------
+        magnitude : numpy.ndarray (float64)
+        phase : numpy.ndarray (float64, radians in (-pi, pi]) or None
+        """
+        sigma = self.sigma if sigma is None else float(sigma)
+        if sigma > 0 and rng is None:
+            raise ValueError("acquire needs an rng (numpy.random.Generator) when sigma > 0")
+        factor = self.oversample * (self.rb1cor_factor if volume.grid == "rb1cor" else 1)
+        affine, shape = self.grid(volume)
+        fine = noiseless_signal(self.truth, volume, scale=self.scale)
+        # the body coil of the RB1COR pair is a single uniform channel
+        single_channel = self.n_coils == 1 or (volume.kind == "rb1cor" and volume.parameters["coil"] == "body")
+
+        def noisy(image):
+            if sigma > 0:
+                noise = rng.standard_normal(image.shape + (2,))
+                image = image + sigma * (noise[..., 0] + 1j * noise[..., 1])
+            return image
+
+        if single_channel:
+            combined = noisy(kspace_downsample(fine, factor))
+            magnitude = np.abs(combined)
+        else:
+            sum_of_squares = np.zeros(shape)
+            combined = np.zeros(shape, dtype=np.complex128)
+            for coil in range(self.n_coils):
+                channel = kspace_downsample(fine * self.coils.weights(coil, self.fine_affine, self.fine_shape), factor)
+                channel = noisy(channel)
+                sum_of_squares += channel.real**2 + channel.imag**2
+                combined += np.conj(self.coils.weights(coil, affine, shape)) * channel
+            magnitude = np.sqrt(sum_of_squares)
+        phase = None
+        if volume.with_phase:
+            phase = np.angle(combined)
+            phase[phase <= -np.pi] = np.pi  # (-pi, pi]
+        return magnitude, phase
+
+    def truth_maps(self, protocol):
+        """Ground-truth maps on the target grid, one at a time.
+
+        Yields
+        ------
+        name : str
+            ``R1map``, ``R2map``, ``R2starmap``, ``PDmap``, ``Chimap``, ``M0map``, ``S0map-<flip index>``,
+            ``TB1map`` (percent), ``RB1map``, ``dseg``, ``brainmask``, ``headmask``, ``totalfield``,
+            ``backgroundfield``, ``localfield`` (ppm). The smooth fields (TB1map, RB1map and the field
+            offsets) are set to 0 outside the head mask, where no image carries information on them.
+        data : numpy.ndarray
+        """
+        truth, factor = self.truth, self.oversample
+        for name, attribute in (("R1map", "r1"), ("R2map", "r2"), ("R2starmap", "r2star"), ("PDmap", "pd"),
+                                ("Chimap", "chi")):
+            yield name, block_average(getattr(truth, attribute), factor)
+        yield "M0map", block_average(_m0(truth, scale=self.scale), factor)
+        for flip_index, flip_angle in enumerate(protocol.vfa.flip_angles, start=1):
+            intercept = VolumeSpec(kind="spgr", datatype="anat", suffix="VFA", entities={}, metadata={},
+                                   with_phase=True,
+                                   parameters={"flip_angle": math.radians(flip_angle),
+                                               "tr": protocol.vfa.repetition_time, "te": 0.0})
+            # the TE = 0 intercept of the (k-space reduced) complex signal is what R2* fits estimate
+            yield f"S0map-{flip_index}", np.abs(kspace_downsample(noiseless_signal(truth, intercept, scale=self.scale),
+                                                                  factor))
+        head = block_average(truth.head_mask, factor) >= 0.5
+        # smooth fields are only observable where there is signal: 0 outside the head mask
+        yield "TB1map", np.where(head, 100.0 * block_average(truth.b1, factor), 0.0)
+        yield "RB1map", np.where(head, block_average(truth.receive, factor), 0.0)
+        yield "dseg", block_majority(truth.dseg, factor)
+        yield "brainmask", block_average(truth.brain_mask, factor) >= 0.5
+        yield "headmask", head
+        yield "totalfield", np.where(head, block_average(truth.b0_ppm, factor), 0.0)
+        yield "backgroundfield", np.where(head, block_average(truth.background_field_ppm, factor), 0.0)
+        yield "localfield", np.where(head, block_average(truth.local_field_ppm, factor), 0.0)
+
+
+def reference_sigma(scanner, protocol, snr):
+    """Noise standard deviation per channel that gives ``snr`` in white matter.
+
+    ``sigma = median(|S| over white matter) / snr`` where ``S`` is the noiseless combined magnitude of
+    the first echo of the lowest-flip-angle VFA image on the target grid, and white matter is taken
+    from the (target-grid) segmentation (:func:`white_matter_labels`; the brain mask if the table
+    has no white-matter label).
+
+    Parameters
+    ----------
+    scanner : PhantomScanner
+    protocol : Protocol
+    snr : float
+        > 0; ``inf`` gives 0 (noiseless).
+
+    Returns
+    -------
+    float
+    """
+    snr = float(snr)
+    if not snr > 0:
+        raise ValueError(f"snr must be > 0 (inf for noiseless data), got {snr!r}")
+    if math.isinf(snr):
+        return 0.0
+    flip_index = int(np.argmin(protocol.vfa.flip_angles))
+    reference = next(v for v in list_volumes(protocol)
+                     if v.kind == "spgr" and v.entities == {"echo": 1, "flip": flip_index + 1})
+    magnitude, _ = scanner.acquire(reference, sigma=0.0)
+    dseg = block_majority(scanner.truth.dseg, scanner.oversample)
+    wm_values = white_matter_labels(scanner.truth.labels)
+    region = np.isin(dseg, wm_values) if wm_values else np.zeros(dseg.shape, dtype=bool)
+    if not region.any():
+        region = block_average(scanner.truth.brain_mask, scanner.oversample) >= 0.5
+    if not region.any():
+        raise ValueError("cannot define the noise level: the phantom has neither white matter nor a brain mask")
+    return float(np.median(magnitude[region])) / snr

@@ -273,13 +273,18 @@ def _run(args, argv):
         LOGGER.error("no subject in %s matches the filters", bids_dir)
         return EXIT_NO_SELECTION
 
-    subjects = []
+    # Check every subject before processing any, so one run reports every problem to fix.
+    subjects, problems = [], 0
     for subject, session in selection:
         try:
             subjects.append(collect_inputs(layout, subject, session))
         except BIDSInputError as error:
             LOGGER.error("%s", error)
-            return EXIT_DATA
+            problems += 1
+    if problems:
+        LOGGER.error("%d of %d subject(s) cannot be processed (see above); fix the input or leave "
+                     "them out with --participant-label", problems, len(selection))
+        return EXIT_DATA
 
     return _execute(args, subjects, output_dir, bids_dir, work_dir)
 

@@ -76,3 +76,19 @@ def test_plugin_config_is_read(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match="plugin"):
         run.load_plugin_config(bad)
+
+
+def test_every_bad_subject_is_reported_before_processing(tmp_path, caplog):
+    from tests.bids_factory import edit_sidecar, make_vfa_dataset
+
+    bids = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03"))
+    for subject in ("01", "03"):
+        sidecar = next((bids / f"sub-{subject}" / "anat").glob("*echo-2_flip-1_part-mag_VFA.json"))
+        edit_sidecar(sidecar, EchoTime=None)
+    code = run.main([str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+                     "-w", str(tmp_path / "work")])
+    assert code == run.EXIT_DATA
+    assert "sub-01_echo-2_flip-1_part-mag_VFA" in caplog.text
+    assert "sub-03_echo-2_flip-1_part-mag_VFA" in caplog.text
+    assert "2 of 3 subject(s)" in caplog.text
+    assert not (tmp_path / "out" / "sub-02").exists()

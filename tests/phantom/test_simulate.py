@@ -1,13 +1,12 @@
 """The protocol simulator reproduces the truth exactly without noise and adds the intended noise."""
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
 from qmri_workflows.core.signal import spgr_signal
 from qmri_workflows.phantom.protocol import Protocol
+from qmri_workflows.phantom.truth import PhantomTruth
 from qmri_workflows.phantom.simulate import (
     GYROMAGNETIC_RATIO,
     SIGNAL_SCALE,
@@ -20,29 +19,6 @@ from qmri_workflows.phantom.simulate import (
     list_volumes,
     reference_sigma,
 )
-
-
-@dataclass
-class SphereTruth:
-    """Small stand-in with the attributes of ``PhantomTruth`` (a WM sphere in GM, CSF shell, air)."""
-
-    affine: np.ndarray
-    field_strength: float
-    r1: np.ndarray
-    r2: np.ndarray
-    r2star: np.ndarray
-    pd: np.ndarray
-    chi: np.ndarray
-    dseg: np.ndarray
-    labels: dict
-    brain_mask: np.ndarray
-    head_mask: np.ndarray
-    b1: np.ndarray
-    receive: np.ndarray
-    b0_ppm: np.ndarray
-    background_field_ppm: np.ndarray
-    local_field_ppm: np.ndarray
-    phase_offset: np.ndarray
 
 
 def sphere_truth(shape=(28, 28, 24), voxel=3.0):
@@ -63,7 +39,7 @@ def sphere_truth(shape=(28, 28, 24), voxel=3.0):
     head = dseg > 0
     background = 0.4 * (z / 40.0) ** 2 + 0.1 * x / 40.0
     local = 0.02 * np.sin(x / 7.0) * head
-    return SphereTruth(
+    return PhantomTruth(
         affine=affine, field_strength=3.0, dseg=dseg,
         labels={0: "background", 1: "CSF", 2: "cortical GM", 3: "WM"},
         brain_mask=dseg >= 2, head_mask=head,

@@ -18,6 +18,7 @@ Exit codes follow the BIDS-Apps draft where it has one:
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ EXIT_NO_INPUT = 66
 EXIT_CANNOT_CREATE = 73
 
 ANALYSIS_LEVELS = ("participant",)
+# Plugins that submit the whole graph as dependent jobs and return before they run.
+GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "CondorDAGMan")
 LOGGER = logging.getLogger("qmri_workflows")
 
 
@@ -341,6 +344,12 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir):
         if args.mem_gb:
             plugin_args.setdefault("memory_gb", args.mem_gb)
         plugin_args.setdefault("raise_insufficient", False)
+    if plugin.startswith("SLURM"):
+        # Nipype's SLURM plugins name jobs after $LOGNAME and fail without it (e.g. under cron).
+        os.environ.setdefault("LOGNAME", getpass.getuser())
+    if plugin in GRAPH_PLUGINS:
+        # Nipype 1.11 sets this attribute only when it is passed, and fails without it.
+        plugin_args.setdefault("dont_resubmit_completed_jobs", False)
     batch_resources(workflow, plugin)
 
     try:
@@ -348,7 +357,11 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir):
     except Exception as error:  # nipype raises RuntimeError listing the crashed nodes
         LOGGER.error("processing failed: %s\nCrash files are in %s", error, work_dir / "crash")
         return EXIT_FAILURE
-    LOGGER.info("derivatives written to %s", output_dir)
+    if plugin in GRAPH_PLUGINS:
+        LOGGER.info("the whole graph was submitted to the scheduler as dependent jobs; each "
+                    "subject's derivatives appear in %s when its last job finishes", output_dir)
+    else:
+        LOGGER.info("derivatives written to %s", output_dir)
     return 0
 
 

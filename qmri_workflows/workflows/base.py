@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -115,6 +116,8 @@ def init_single_subject_wf(
     plans = plan_maps(inputs)
     if not any(plan.run for plan in plans):
         return None, plans
+    # Nodes run in their own folders: relative paths would point somewhere else there.
+    output_dir, raw_root = Path(output_dir).absolute(), Path(raw_root).absolute()
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
     workflow = pe.Workflow(name=name or f"{label}_wf")

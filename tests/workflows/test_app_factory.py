@@ -97,3 +97,17 @@ def test_invalid_bids_is_refused_before_processing(tmp_path, caplog):
     code = run.main([str(raw), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")])
     assert code == run.EXIT_INVALID_BIDS
     assert "--skip-bids-validation" in caplog.text
+
+
+def test_workflow_from_python_with_relative_paths(tmp_path, monkeypatch):
+    """The README's library example: relative paths work although nodes run in other folders."""
+    from qmri_workflows.workflows.base import init_single_subject_wf
+
+    make_vfa_dataset(tmp_path / "raw")
+    monkeypatch.chdir(tmp_path)
+    inputs = collect_inputs(open_layout("raw"), "01")
+    workflow, plans = init_single_subject_wf(inputs=inputs, output_dir="out", raw_root="raw")
+    workflow.base_dir = "work"
+    workflow.run(plugin="Linear")
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz").is_file()
+    assert not (tmp_path / "out" / STAGING_FOLDER).exists()

@@ -72,7 +72,7 @@ def test_layout_files_and_metadata(noisy_dataset):
     assert len(layout.get(subject="01", suffix="RB1COR", extension=".nii.gz")) == 2
     with_truth = bids.BIDSLayout(noisy_dataset, derivatives=True)
     assert len(with_truth.get(scope="derivatives", suffix="R2starmap", extension=".nii.gz")) == 2
-    assert len(with_truth.get(scope="derivatives", subject="01", suffix="S0map", flip=2,
+    assert len(with_truth.get(scope="derivatives", subject="01", suffix="S0map", desc="flip2",
                               extension=".nii.gz")) == 1
 
     participants = (noisy_dataset / "participants.tsv").read_text().splitlines()

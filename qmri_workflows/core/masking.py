@@ -1,40 +1,62 @@
 """Brain (intracranial) masking of magnitude images.
 
-The mask is built in two passes from a magnitude image in which the brain is bright, the skull dark
-and the scalp bright, e.g. the root-sum-of-squares of the first echoes of all flip angles of a
-multi-parameter mapping protocol:
+The mask is meant to contain every voxel that is *at least half intracranial* (brain, CSF and
+lesions), the definition used by partial-volume ground truths, and no extracranial tissue. It is
+built from a magnitude image in which the brain is bright, the skull dark and the scalp bright,
+e.g. the root-sum-of-squares of the first echoes of all flip angles of a multi-parameter mapping
+protocol.
 
-1. A threshold separating air and skull from tissue is chosen by Otsu's criterion on the
-   *logarithm* of the intensities. Background noise and tissue then form two compact classes
-   whose boundary lies near the geometric mean of the noise level and the tissue intensity, far from
-   both, so the threshold is insensitive to the receive bias and keeps dark tissue such as CSF and
-   T1-hypointense lesions whenever they are well above the noise.
-2. The thresholded image is opened with a ball of ``erosion_mm`` (erosion, then the largest
-   connected component, then a dilation by the same ball restricted to the thresholded voxels).
-   Balls are approximated by alternating 3x3x3 cross and cube steps (within ~15 % of Euclidean),
-   which is several times faster than distance transforms at 1 mm.
-   This cuts bridges through the skull to the scalp and keeps the scalp out, because the scalp lies
-   further than ``erosion_mm`` from the eroded brain.
-3. Holes are filled (lesions, ventricles), a closing by ``closing_mm`` smooths the surface and
-   re-encloses dark lesions whose thin cover was removed by the opening, and holes are filled
-   again.
-4. Second pass: a smooth multiplicative receive bias is fitted to the log-intensities inside the
-   first-pass mask (low-order polynomial in mm; robust Tukey-biweight reweighting so lesions and
-   CSF do not pull it), the image is divided by the bias and steps 1-3 are repeated. The first
-   pass runs on a ~3 mm block-averaged copy of the image, which is all the bias fit needs.
+Partial-volume model
+--------------------
+A voxel at the edge of the brain holds a fraction ``f`` of intracranial tissue of local intensity
+``T`` and ``1 - f`` of bone or air, whose signal is negligible (cortical bone has little
+MR-visible water and a T2* of a few ms: below ~5 % of brain at a TE of a few ms). On the
+noise-corrected, bias-corrected *linear* intensity ``S`` the voxel is at least half intracranial
+when ``S >= T / 2``. The method applies this rule with ``T`` estimated locally:
 
-All sizes are in millimetres and converted with ``voxel_size``, so the same defaults work at 1 mm
-and at 4 mm; every morphological radius is at least one voxel.
+1. **Noise floor.** Magnitude (Rician or non-central chi) noise adds a floor that lifts dark
+   voxels. Its power ``P`` is the mean of ``M**2`` over air voxels away from the head and is
+   removed as ``S = sqrt(max(M**2 - P, 0))`` [1]_; the bias of ``M**2`` is exactly ``P``.
+2. **Receive bias.** A smooth multiplicative bias is fitted to the log-intensities of a first,
+   ~3 mm block-averaged mask (low-order polynomial in mm; robust Tukey-biweight reweighting so
+   CSF and lesions do not pull it [4]_) and divided out.
+3. **Conservative seed.** Voxels above half of the global tissue level are opened with a ball of
+   radius ``max(erosion_mm, 1.5 voxels)`` (erosion, largest connected component, dilation
+   restricted to the thresholded voxels) [3]_. The erosion cuts partial-volume bridges through
+   the skull, and the largest eroded component is the brain. A radius of at least 1.5 voxels
+   matters at 4-5 mm, where a 7 mm skull is less than two voxels thick.
+4. **Local tissue level.** ``T`` is the normalised-convolution average (Gaussian,
+   ``level_mm``) of the intensities of the seed eroded by one voxel, i.e. of nearby tissue that
+   is certainly intracranial, so it follows the CSF and cortex at the surface and any residual
+   bias [5]_.
+5. **Growth with competition.** Voxels with ``S >= tissue_fraction * T`` are *candidates*. The
+   brain grows from the seed through candidates (6-connected geodesic dilation, at most
+   ``2 * opening radius``, enough to restore what the opening removed). Bright extracranial
+   tissue, i.e. candidates out of that reach that are connected to the air outside the head
+   (the scalp), grows at the same time; a voxel goes to whichever region reaches it first
+   (ties to the outside). A noisy partial-volume skull voxel that bridges brain and scalp thus
+   cannot carry the brain into the scalp: the scalp behind it is claimed from outside first.
+6. **Holes and dents.** Holes are filled (ventricles, dark lesions). A small closing
+   (``closing_mm``, at least one voxel) re-encloses dark juxtacortical lesions whose thin tissue
+   cover lost a voxel to noise; it may only add voxels brighter than a quarter of ``T``
+   (dark lesions), never bone or air in a concavity of the brain. Holes are filled again.
+
+All sizes are in millimetres and converted with ``voxel_size``, so the same defaults work from
+1 mm to 5 mm; every morphological radius is at least one voxel.
 
 References
 ----------
-.. [1] Otsu N. A threshold selection method from gray-level histograms. IEEE Trans Syst Man Cybern.
-   1979;9(1):62-66. doi:10.1109/TSMC.1979.4310076
+.. [1] McGibney G, Smith MR. An unbiased signal-to-noise ratio measure for magnetic resonance
+   images. Med Phys. 1993;20(4):1077-1078. doi:10.1118/1.597004
 .. [2] Smith SM. Fast robust automated brain extraction. Hum Brain Mapp. 2002;17(3):143-155.
    doi:10.1002/hbm.10062
 .. [3] Serra J. Image Analysis and Mathematical Morphology. Academic Press; 1982.
 .. [4] Holland PW, Welsch RE. Robust regression using iteratively reweighted least-squares. Commun
    Stat Theory Methods. 1977;6(9):813-827. doi:10.1080/03610927708827533
+.. [5] Knutsson H, Westin CF. Normalized and differential convolution. Proc IEEE CVPR.
+   1993:515-523. doi:10.1109/CVPR.1993.341081
+.. [6] Vincent L. Morphological grayscale reconstruction in image analysis: applications and
+   efficient algorithms. IEEE Trans Image Process. 1993;2(2):176-201. doi:10.1109/83.217222
 """
 
 import numpy as np
@@ -44,6 +66,8 @@ __all__ = ["brain_mask", "otsu_threshold", "fit_smooth_bias"]
 
 # Voxel size (mm) of the first, bias-finding pass.
 _FIRST_PASS_MM = 3.0
+# Typical adult skull thickness (mm), only used to size the working box around the brain.
+_SKULL_MM = 7.0
 
 
 def _ball_steps(radius_mm, voxel_size):
@@ -255,34 +279,94 @@ def _largest_component(binary):
     return labels == np.argmax(sizes)
 
 
-def _mask_from_threshold(image, threshold, voxel_size, erosion_mm, closing_mm):
-    foreground = image > threshold
-    mask = np.zeros(image.shape, dtype=bool)
-    if not foreground.any():
-        return mask
-    opening_radius = float(erosion_mm)
-    closing_radius = float(closing_mm)
-    # Work on the bounding box of the foreground, padded so the closing is not clipped.
-    pad = len(_ball_steps(closing_radius, voxel_size)) + 2
-    occupied = [
-        np.flatnonzero(np.any(foreground, axis=tuple(a for a in range(3) if a != axis)))
-        for axis in range(3)
-    ]
-    box = tuple(slice(max(int(i[0]) - pad, 0), int(i[-1]) + 1 + pad) for i in occupied)
-    local = np.pad(foreground[box], pad)
-    core = _erode(local, opening_radius, voxel_size)
+def _opening_radius(erosion_mm, voxel_size):
+    """Opening radius (mm): ``erosion_mm``, but at least 1.5 of the largest voxel dimension."""
+    return max(float(erosion_mm), 1.5 * float(np.max(voxel_size)))
+
+
+def _noise_power(image, voxel_size):
+    """Mean squared magnitude of the air, away from the head (0 if there is too little air).
+
+    Air and skull lie below the log-Otsu threshold; voxels within ~5 mm of the head are dropped
+    (ringing, partial volume) and so are outliers above 10x the median power (ghosts). A subsample
+    on a ~2 mm grid is used: plain sub-sampling, not averaging, keeps the noise statistics.
+    """
+    steps = [max(1, int(2.0 // v)) for v in voxel_size]
+    sample = image[:: steps[0], :: steps[1], :: steps[2]]
+    sample_size = np.asarray(voxel_size) * steps
+    head = sample > _threshold_log_otsu(sample)
+    near_head = _dilate(head, max(5.0, float(np.max(sample_size))), sample_size)
+    power = np.square(sample[~near_head], dtype=float)
+    if power.size < 100:
+        return 0.0
+    power = power[power <= 10.0 * np.median(power)]
+    return float(power.mean()) if power.size else 0.0
+
+
+def _open_largest(candidate, radius_mm, voxel_size):
+    """Opening by a ball that keeps the largest eroded component."""
+    core = _erode(candidate, radius_mm, voxel_size)
     if not core.any():
-        core = local
+        core = candidate
     core = _largest_component(core)
-    local_mask = _dilate(core, opening_radius, voxel_size) & local
-    # Dilation can touch thresholded islands outside the core only at the rim: keep one piece.
-    local_mask = _largest_component(local_mask)
-    local_mask = ndimage.binary_fill_holes(local_mask)
-    local_mask = _erode(_dilate(local_mask, closing_radius, voxel_size), closing_radius, voxel_size)
-    local_mask = ndimage.binary_fill_holes(local_mask)
-    inner = tuple(slice(pad, n - pad) for n in local_mask.shape)
-    mask[box] = local_mask[inner]
-    return mask
+    return _largest_component(_dilate(core, radius_mm, voxel_size) & candidate)
+
+
+def _local_level(image, tissue, voxel_size, sigma_mm, default):
+    """Normalised convolution: Gaussian-weighted mean of ``image`` over ``tissue`` voxels."""
+    sigma = np.maximum(float(sigma_mm) / np.asarray(voxel_size), 1.0)
+    weight = ndimage.gaussian_filter(tissue.astype(np.float32), sigma, truncate=3.0)
+    total = ndimage.gaussian_filter(
+        np.where(tissue, image, 0.0).astype(np.float32), sigma, truncate=3.0
+    )
+    level = np.full(image.shape, default, dtype=np.float32)
+    np.divide(total, weight, out=level, where=weight > 1e-3)
+    return level
+
+
+def _exterior(candidate):
+    """Non-candidate voxels connected to the array border (air around the head)."""
+    labels, _ = ndimage.label(~candidate)
+    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+    border_labels = np.unique(np.concatenate([face.ravel() for face in faces]))
+    return np.isin(labels, border_labels[border_labels > 0])
+
+
+def _grow_against_outside(seed, candidate, n_steps):
+    """Grow ``seed`` through ``candidate`` while the extracranial candidates grow against it.
+
+    The outside region starts from the candidates that the seed cannot reach in ``n_steps``
+    6-connected steps and that touch the air (or the array border): the scalp. Both regions then
+    take, one 6-connected step at a time, the free candidates next to them; a voxel reached by both
+    in the same step goes to the outside. Returns the grown brain region.
+    """
+    cross = ndimage.generate_binary_structure(3, 1)
+    brain = seed & candidate
+    reach = ndimage.binary_dilation(brain, cross, iterations=n_steps, mask=candidate)
+    beyond = candidate & ~reach
+    on_border = np.zeros(candidate.shape, dtype=bool)
+    on_border[[0, -1]] = on_border[:, [0, -1]] = on_border[:, :, [0, -1]] = True
+    touching_air = beyond & (ndimage.binary_dilation(_exterior(candidate), cross) | on_border)
+    outside = ndimage.binary_dilation(touching_air, cross, iterations=-1, mask=beyond)
+    for _ in range(n_steps):
+        free = reach & ~brain & ~outside
+        new_outside = ndimage.binary_dilation(outside, cross, mask=free) & free
+        new_brain = ndimage.binary_dilation(brain, cross, mask=free) & free & ~new_outside
+        if not new_brain.any():
+            break
+        brain |= new_brain
+        outside |= new_outside
+    return brain
+
+
+def _crop_box(region, margin, shape):
+    """Slices of the bounding box of ``region`` grown by ``margin`` voxels per axis."""
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(np.any(region, axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(int(hits[0]) - margin[axis], 0),
+                         min(int(hits[-1]) + 1 + margin[axis], shape[axis])))
+    return tuple(box)
 
 
 def brain_mask(
@@ -290,8 +374,10 @@ def brain_mask(
     *,
     voxel_size=(1.0, 1.0, 1.0),
     erosion_mm=4.0,
-    closing_mm=8.0,
+    closing_mm=2.0,
     bias_degree=2,
+    tissue_fraction=0.5,
+    level_mm=6.0,
     threshold=None,
     return_threshold=False,
 ):
@@ -305,19 +391,26 @@ def brain_mask(
     voxel_size : sequence of 3 floats, optional
         Voxel dimensions in mm.
     erosion_mm : float, optional
-        Radius of the opening that disconnects the scalp; choose it at most about the thickness of
-        the dark skull and large enough to break thin bridges.
+        Radius of the opening that makes the conservative seed and cuts it from the scalp; the
+        radius used is ``max(erosion_mm, 1.5 * max(voxel_size))``. Choose it about the thickness of
+        the dark skull or less.
     closing_mm : float, optional
-        Radius of the final closing, before the last hole filling. It must exceed about half the
-        width of a dark juxtacortical lesion whose thin tissue cover was cut by the opening, so the
-        lesion becomes an enclosed hole and is filled; it only adds voxels in concavities of the
-        brain mask and cannot reach the scalp.
+        Radius of the final closing (at least one voxel; 0 disables it). It re-encloses dark
+        juxtacortical lesions whose thin cover lost voxels to noise; it only adds voxels brighter
+        than a quarter of the local tissue level, so bone and air in concavities stay out.
     bias_degree : int, optional
-        Degree of the polynomial receive-bias model for the second pass (0 disables the pass).
+        Degree of the polynomial receive-bias model (0 disables the correction).
+    tissue_fraction : float, optional
+        Intracranial fraction above which a partial-volume voxel is in the mask (in (0, 1)); the
+        threshold is this fraction of the local tissue level.
+    level_mm : float, optional
+        Width (Gaussian sigma, mm) over which the local tissue level is averaged.
     threshold : float, optional
-        Intensity threshold to use instead of the automatic log-Otsu choice (both passes).
+        Fixed threshold on the noise- and bias-corrected intensity (bias normalised to median 1
+        over the first-pass mask) used instead of ``tissue_fraction`` times the tissue level.
     return_threshold : bool, optional
-        Also return the final threshold (in bias-corrected units when the second pass runs).
+        Also return the global threshold (``tissue_fraction`` times the median tissue level, or
+        ``threshold``), in noise- and bias-corrected units.
 
     Returns
     -------
@@ -327,14 +420,15 @@ def brain_mask(
 
     Notes
     -----
-    The mask contains brain tissue, lesions, ventricles and CSF brighter than the threshold, with
-    all enclosed holes filled; skull, scalp and air are excluded. See the module docstring for the
-    method.
+    The mask contains brain tissue, lesions, ventricles and CSF, with enclosed holes filled, and
+    every partial-volume voxel whose intracranial fraction is about ``tissue_fraction`` or more;
+    skull, scalp and air are excluded. See the module docstring for the method.
 
     References
     ----------
-    .. [1] Otsu N. IEEE Trans Syst Man Cybern. 1979;9:62-66.
+    .. [1] McGibney G, Smith MR. Med Phys. 1993;20:1077-1078.
     .. [2] Smith SM. Hum Brain Mapp. 2002;17:143-155.
+    .. [3] Vincent L. IEEE Trans Image Process. 1993;2:176-201.
     """
     image = np.asarray(image, dtype=float)
     if image.ndim != 3:
@@ -342,30 +436,84 @@ def brain_mask(
     voxel_size = np.asarray(voxel_size, dtype=float)
     if voxel_size.shape != (3,) or np.any(~(voxel_size > 0)):
         raise ValueError(f"voxel_size must be 3 positive values in mm, got {voxel_size}")
+    if not 0 < float(tissue_fraction) < 1:
+        raise ValueError(f"tissue_fraction must be in (0, 1), got {tissue_fraction!r}")
     image = np.where(np.isfinite(image), image, 0.0)
     if not np.any(image > 0):
         raise ValueError("image has no positive voxel")
+    fraction = float(tissue_fraction)
+    opening = _opening_radius(erosion_mm, voxel_size)
 
+    noise_power = _noise_power(image, voxel_size)
+    if noise_power > 0:
+        image = np.sqrt(np.maximum(np.square(image) - noise_power, 0.0))
+
+    # First pass on a ~3 mm grid: find the brain (not the scalp) for the bias fit and the level.
+    factors = [max(1, int(_FIRST_PASS_MM // v)) for v in voxel_size]
+    coarse = _block_average(image, factors) if max(factors) > 1 else image
+    coarse_size = voxel_size * factors
+    if threshold is None:
+        rough = _threshold_log_otsu(coarse)
+        coarse_level = fraction * float(np.median(coarse[coarse > rough]))
+    else:
+        coarse_level = float(threshold)
+    coarse_seed = _open_largest(coarse > coarse_level, opening, coarse_size)
+    coarse_tissue = ndimage.binary_erosion(coarse_seed) & (coarse > coarse_level)
+    if not coarse_tissue.any():
+        coarse_tissue = coarse_seed & (coarse > coarse_level)
+    if not coarse_tissue.any():
+        raise ValueError("no tissue found above the threshold: is this a magnitude image?")
+    bias_model = None
     if bias_degree and bias_degree > 0:
-        # First pass on a ~3 mm grid: it only has to find tissue (no scalp, no air) for the bias.
-        factors = [max(1, int(_FIRST_PASS_MM // v)) for v in voxel_size]
-        coarse = _block_average(image, factors) if max(factors) > 1 else image
-        coarse_size = voxel_size * factors
-        coarse_level = _threshold_log_otsu(coarse) if threshold is None else float(threshold)
-        coarse_mask = _mask_from_threshold(
-            coarse, coarse_level, coarse_size, erosion_mm, closing_mm
-        )
-        model = _fit_log_bias(
-            coarse, coarse_mask & (coarse > coarse_level), coarse_size, degree=int(bias_degree)
-        )
-        if model is not None:
-            # Centre of coarse voxel 0 sits at (f - 1) / 2 fine voxels.
-            origin = -(np.asarray(factors) - 1) / 2.0 * voxel_size
-            log_bias = model.evaluate_grid(image.shape, voxel_size, origin_mm=origin)
-            log_bias -= np.median(model.evaluate_grid(coarse.shape, coarse_size)[coarse_mask])
-            image = image * np.exp(-log_bias)
-    level = _threshold_log_otsu(image) if threshold is None else float(threshold)
-    mask = _mask_from_threshold(image, level, voxel_size, erosion_mm, closing_mm)
+        bias_model = _fit_log_bias(coarse, coarse_tissue, coarse_size, degree=int(bias_degree))
+    log_bias_offset = 0.0
+    if bias_model is not None:
+        coarse_log_bias = bias_model.evaluate_grid(coarse.shape, coarse_size)
+        log_bias_offset = float(np.median(coarse_log_bias[coarse_tissue]))
+        coarse = coarse * np.exp(-(coarse_log_bias - log_bias_offset))
+    tissue_level = float(np.median(coarse[coarse_tissue]))
+    global_threshold = fraction * tissue_level if threshold is None else float(threshold)
+
+    # Second pass at full resolution, in a box around the brain: everything the mask can reach
+    # (growth, closing), one coarse voxel for the first pass's coarseness and a typical skull
+    # thickness, so that the box edge lies in the scalp or the air, not in the skull.
+    steps_growth = max(1, int(np.ceil(2.0 * opening / np.min(voxel_size))))
+    margin_mm = 2.0 * opening + max(float(closing_mm), 0.0) + _FIRST_PASS_MM + _SKULL_MM
+    margin = [int(np.ceil(margin_mm / v)) + 2 for v in voxel_size]
+    fine_region = np.zeros(image.shape, dtype=bool)
+    fine_region[: coarse.shape[0] * factors[0], : coarse.shape[1] * factors[1],
+                : coarse.shape[2] * factors[2]] = np.repeat(np.repeat(np.repeat(
+                    coarse_seed, factors[0], 0), factors[1], 1), factors[2], 2)
+    box = _crop_box(fine_region, margin, image.shape)
+    local_image = image[box]
+    if bias_model is not None:
+        # Centre of coarse voxel 0 sits at (f - 1) / 2 fine voxels; the box starts further on.
+        origin = (np.array([s.start for s in box]) - (np.asarray(factors) - 1) / 2.0) * voxel_size
+        log_bias = bias_model.evaluate_grid(local_image.shape, voxel_size, origin_mm=origin)
+        local_image = local_image * np.exp(-(log_bias - log_bias_offset))
+
+    seed = _open_largest(local_image > global_threshold, opening, voxel_size)
+    if threshold is None:
+        tissue = ndimage.binary_erosion(seed)
+        if not tissue.any():
+            tissue = seed
+        level = _local_level(local_image, tissue, voxel_size, level_mm, tissue_level)
+        candidate = local_image >= fraction * level
+    else:
+        level = np.full(local_image.shape, global_threshold / fraction, dtype=np.float32)
+        candidate = local_image >= global_threshold
+    local_mask = _grow_against_outside(seed, candidate, steps_growth)
+    local_mask = ndimage.binary_fill_holes(_largest_component(local_mask))
+    if closing_mm > 0:
+        pad = len(_ball_steps(closing_mm, voxel_size)) + 1
+        closed = np.pad(local_mask, pad)
+        closed = _erode(_dilate(closed, closing_mm, voxel_size), closing_mm, voxel_size)
+        closed = closed[pad:-pad, pad:-pad, pad:-pad]
+        # Dark lesions are several times brighter than bone; dents of bone or air stay out.
+        local_mask |= closed & (local_image >= 0.25 * level)
+        local_mask = ndimage.binary_fill_holes(local_mask)
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[box] = local_mask
     if return_threshold:
-        return mask, level
+        return mask, global_threshold
     return mask

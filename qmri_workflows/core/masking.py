@@ -62,7 +62,7 @@ References
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["brain_mask", "otsu_threshold", "fit_smooth_bias"]
+__all__ = ["brain_mask", "air_mask", "otsu_threshold", "fit_smooth_bias"]
 
 # Voxel size (mm) of the first, bias-finding pass.
 _FIRST_PASS_MM = 3.0
@@ -284,19 +284,42 @@ def _opening_radius(erosion_mm, voxel_size):
     return max(float(erosion_mm), 1.5 * float(np.max(voxel_size)))
 
 
+def air_mask(image, *, voxel_size=(1.0, 1.0, 1.0), margin_mm=5.0):
+    """Voxels of air away from the head, where the magnitude is pure noise.
+
+    Air and bone lie below a log-Otsu threshold (see :func:`brain_mask`); voxels within
+    ``margin_mm`` (at least one voxel) of anything above it are dropped, which keeps ringing and
+    partial volume at the head's surface out.
+
+    Parameters
+    ----------
+    image : ndarray, shape (X, Y, Z)
+        Magnitude image.
+    voxel_size : sequence of 3 floats
+        Voxel size in mm.
+    margin_mm : float
+        Distance kept from the head.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    image = np.asarray(image, dtype=np.float32)
+    voxel_size = np.asarray(voxel_size, dtype=float)
+    head = image > _threshold_log_otsu(image)
+    return ~_dilate(head, max(float(margin_mm), float(voxel_size.max())), voxel_size)
+
+
 def _noise_power(image, voxel_size):
     """Mean squared magnitude of the air, away from the head (0 if there is too little air).
 
-    Air and skull lie below the log-Otsu threshold; voxels within ~5 mm of the head are dropped
-    (ringing, partial volume) and so are outliers above 10x the median power (ghosts). A subsample
-    on a ~2 mm grid is used: plain sub-sampling, not averaging, keeps the noise statistics.
+    Outliers above 10x the median power (ghosts) are dropped. A subsample on a ~2 mm grid is
+    used: plain sub-sampling, not averaging, keeps the noise statistics.
     """
     steps = [max(1, int(2.0 // v)) for v in voxel_size]
     sample = image[:: steps[0], :: steps[1], :: steps[2]]
     sample_size = np.asarray(voxel_size) * steps
-    head = sample > _threshold_log_otsu(sample)
-    near_head = _dilate(head, max(5.0, float(np.max(sample_size))), sample_size)
-    power = np.square(sample[~near_head], dtype=float)
+    power = np.square(sample[air_mask(sample, voxel_size=sample_size)], dtype=float)
     if power.size < 100:
         return 0.0
     power = power[power <= 10.0 * np.median(power)]

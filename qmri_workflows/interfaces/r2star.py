@@ -17,6 +17,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..core.masking import air_mask
 from ..core.noise import estimate_sigma_background
 from ..core.r2star import fit_estatics
 from ..io.images import load_volume
@@ -127,7 +128,11 @@ class FitR2star(SimpleInterface):
             if isdefined(self.inputs.noise_sigma):
                 sigma = self.inputs.noise_sigma
             else:
-                sigma = estimate_noise_from_air(signal[..., 0, 0], mask, n_coils=self.inputs.n_coils)
+                sigma = estimate_noise_from_air(
+                    signal[..., 0, 0],
+                    voxel_size=reference.header.get_zooms()[:3],
+                    n_coils=self.inputs.n_coils,
+                )
 
         s0, r2star = fit_estatics(
             signal,
@@ -160,25 +165,21 @@ class FitR2star(SimpleInterface):
             "EchoTime": [te for te, _ in groups[int(np.argmax([len(e) for _, e in groups]))][1]],
             "FlipAngle": [flip for flip, _ in groups],
         }
+        if sigma is not None:
+            self._results["metadata"]["NoiseStandardDeviationPerChannel"] = float(sigma)
+            self._results["metadata"]["NumberOfReceiveChannels"] = self.inputs.n_coils
         return runtime
 
 
-def estimate_noise_from_air(image, mask, *, n_coils=1):
-    """Noise SD per channel from voxels far from the object.
+def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
+    """Noise SD per channel from the air around the head (see :func:`core.masking.air_mask`).
 
-    Air is taken as the voxels at least 10 voxels away from the mask (or, without a mask, the
-    darkest half of the volume), which keeps head signal and ghosts at the object's edge out.
+    The median estimator is used: it is robust to the few ghosts or signal voxels that reach the air.
     """
-    from scipy import ndimage
-
-    if mask is not None and mask.any():
-        far = ~ndimage.binary_dilation(mask, iterations=10)
-        air = image[far]
-    else:
-        air = image[image <= np.median(image)]
-    air = air[np.isfinite(air)]
+    air = image[air_mask(image, voxel_size=voxel_size) & np.isfinite(image)]
     if air.size < 100:
         raise ValueError(
-            "too few air voxels to estimate the noise level; give noise_sigma explicitly"
+            f"only {air.size} air voxels to estimate the noise level from; the field of view "
+            "holds too little air around the head: give noise_sigma explicitly"
         )
-    return float(estimate_sigma_background(air, n_coils=n_coils))
+    return float(estimate_sigma_background(air, n_coils=n_coils, method="median"))

@@ -123,3 +123,20 @@ def test_invalid_inputs_raise():
         brain_mask(np.ones((5, 5, 5)), voxel_size=(1.0, 1.0))
     with pytest.raises(ValueError, match="positive"):
         brain_mask(np.zeros((5, 5, 5)))
+
+
+def test_air_mask_gives_the_noise_level_of_a_phantom_head():
+    from qmri_workflows.core.masking import air_mask
+    from qmri_workflows.core.noise import estimate_sigma_background
+
+    rng = np.random.default_rng(4)
+    shape = (48, 48, 40)
+    grid = np.indices(shape) - np.array(shape)[:, None, None, None] / 2
+    head = ((grid / np.array([18, 20, 15])[:, None, None, None]) ** 2).sum(0) < 1
+    sigma = 3.0
+    noise = rng.normal(0, sigma, shape) + 1j * rng.normal(0, sigma, shape)
+    image = np.abs(np.where(head, 200.0, 0.0) + noise)
+    air = air_mask(image, voxel_size=(2.0, 2.0, 2.0))
+    assert not (air & head).any()
+    assert air.sum() > 0.3 * air.size
+    assert estimate_sigma_background(image[air], method="median") == pytest.approx(sigma, rel=0.03)

@@ -131,3 +131,24 @@ def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     assert 0.8 < ratio < 1.2, f"SD(R2*) / RMS CRLB = {ratio:.3f}"
     bias = np.mean(error) / typical
     assert abs(bias) < 0.02, f"relative bias {bias:.2%}"
+
+
+def test_nonlinear_fit_measures_the_noise_in_air_and_stays_unbiased(tmp_path):
+    raw = write_phantom_dataset(tmp_path / "raw", resolution=3.0, snr=20.0, subjects=1, seed=9,
+                                protocol=_vfa_only())
+    out = _run_app(raw, tmp_path, "--skip-bids-validation", "--r2star-method", "nls")
+    truth = raw / "derivatives" / "phantom" / "sub-01"
+    simulation = json.loads((truth / "sub-01_desc-simulation.json").read_text())
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
+    assert "non-linear" in sidecar["EstimationAlgorithm"]
+    assert sidecar["NoiseStandardDeviationPerChannel"] == pytest.approx(
+        simulation["NoiseSigma"], rel=0.05)
+
+    r2star_true = _load(truth / "anat" / "sub-01_R2starmap.nii.gz")
+    r2star = _load(out / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz")
+    dseg = _load(truth / "anat" / "sub-01_dseg.nii.gz").astype(int)
+    labels = _labels(truth / "anat" / "sub-01_dseg.tsv")
+    for name in ("WM", "cortical GM"):
+        region = dseg == labels[name]
+        bias = np.mean(r2star[region] - r2star_true[region]) / np.mean(r2star_true[region])
+        assert abs(bias) < 0.02, f"{name}: relative bias {bias:.2%}"

@@ -326,8 +326,25 @@ def _noise_power(image, voxel_size):
     return float(power.mean()) if power.size else 0.0
 
 
+def _fill_small_holes(binary, radius_mm, voxel_size):
+    """Fill dark clusters smaller than a ball of ``radius_mm``, wherever they are.
+
+    Dark speckle from noise or tissue texture would otherwise make an opening erode the whole
+    tissue away; the skull, a dark shell connected over the whole head, is far larger and stays.
+    """
+    holes, n_holes = ndimage.label(~binary)
+    if n_holes == 0:
+        return binary
+    sizes = np.bincount(holes.ravel())
+    largest_small = 4.0 / 3.0 * np.pi * float(radius_mm) ** 3 / float(np.prod(voxel_size))
+    small = sizes <= largest_small
+    small[0] = False
+    return binary | small[holes]
+
+
 def _open_largest(candidate, radius_mm, voxel_size):
-    """Opening by a ball that keeps the largest eroded component."""
+    """Opening by a ball that keeps the largest eroded component (small dark holes filled first)."""
+    candidate = _fill_small_holes(candidate, radius_mm, voxel_size)
     core = _erode(candidate, radius_mm, voxel_size)
     if not core.any():
         core = candidate

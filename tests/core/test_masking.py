@@ -140,3 +140,18 @@ def test_air_mask_gives_the_noise_level_of_a_phantom_head():
     assert not (air & head).any()
     assert air.sum() > 0.3 * air.size
     assert estimate_sigma_background(image[air], method="median") == pytest.approx(sigma, rel=0.03)
+
+
+def test_speckled_head_without_skull_is_masked_whole():
+    """Voxel-to-voxel texture (noise, tissue heterogeneity) must not break the opening's seed."""
+    shape, voxel_size = (32, 32, 20), (1.5, 1.5, 2.0)
+    grid = np.indices(shape, dtype=float)
+    semi_axes = (18.0, 18.0, 14.0)
+    radius = np.sqrt(sum(((grid[a] - (shape[a] - 1) / 2) * voxel_size[a] / semi_axes[a]) ** 2
+                         for a in range(3)))
+    head = radius <= 1.0
+    rng = np.random.default_rng(7)
+    image = np.where(head, rng.uniform(500.0, 2000.0, shape), rng.uniform(5.0, 20.0, shape))
+    mask = brain_mask(image, voxel_size=voxel_size)
+    assert not (mask & ~head).any()
+    assert (mask & head).sum() >= 0.97 * head.sum()

@@ -133,14 +133,18 @@ def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     assert abs(bias) < 0.02, f"relative bias {bias:.2%}"
 
 
-def test_nonlinear_fit_measures_the_noise_in_air_and_stays_unbiased(tmp_path):
+@pytest.mark.parametrize("n_coils", [1, 4])
+def test_nonlinear_fit_measures_the_noise_in_air_and_stays_unbiased(tmp_path, n_coils):
+    """Rician (1 channel) and non-central chi (root-sum-of-squares of 4) magnitudes."""
     raw = write_phantom_dataset(tmp_path / "raw", resolution=3.0, snr=20.0, subjects=1, seed=9,
-                                protocol=_vfa_only())
-    out = _run_app(raw, tmp_path, "--skip-bids-validation", "--r2star-method", "nls")
+                                n_coils=n_coils, protocol=_vfa_only())
+    out = _run_app(raw, tmp_path, "--skip-bids-validation", "--r2star-method", "nls",
+                   "--n-coils", str(n_coils))
     truth = raw / "derivatives" / "phantom" / "sub-01"
     simulation = json.loads((truth / "sub-01_desc-simulation.json").read_text())
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     assert "non-linear" in sidecar["EstimationAlgorithm"]
+    assert sidecar["NumberOfReceiveChannels"] == n_coils
     assert sidecar["NoiseStandardDeviationPerChannel"] == pytest.approx(
         simulation["NoiseSigma"], rel=0.05)
 

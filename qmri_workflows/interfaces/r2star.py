@@ -85,7 +85,9 @@ class _FitR2starInputSpec(BaseInterfaceInputSpec):
     )
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo time (s) of each file")
     flip_angles = traits.List(
-        traits.Float, mandatory=True, desc="nominal flip angle (deg) of each file; groups contrasts"
+        traits.Float,
+        mandatory=True,
+        desc="nominal flip angle (deg) of each file; groups contrasts (0 = not recorded)",
     )
     mask_file = File(exists=True, desc="voxels to fit (others are written as 0)")
     method = traits.Enum("wls", "nls", usedefault=True, desc="estimator (see EstimationAlgorithm)")
@@ -163,8 +165,9 @@ class FitR2star(SimpleInterface):
             "EstimationAlgorithm": ESTIMATION_ALGORITHMS[self.inputs.method],
             "EstimationReference": ESTATICS_REFERENCE,
             "EchoTime": [te for te, _ in groups[int(np.argmax([len(e) for _, e in groups]))][1]],
-            "FlipAngle": [flip for flip, _ in groups],
         }
+        if all(flip > 0 for flip, _ in groups):
+            self._results["metadata"]["FlipAngle"] = [flip for flip, _ in groups]
         if sigma is not None:
             self._results["metadata"]["NoiseStandardDeviationPerChannel"] = float(sigma)
             self._results["metadata"]["NumberOfReceiveChannels"] = self.inputs.n_coils

@@ -126,6 +126,7 @@ def init_single_subject_wf(
     for series in inputs.gre:
         magnitude_files += list(series.magnitude)
         echo_times += list(series.echo_times)
+        # 0 marks a flip angle the sidecar does not record (a plain MEGRE may omit it).
         flip = series.flip_angle if series.flip_angle is not None else 0.0
         flip_angles += [float(flip)] * len(series.magnitude)
     first_echoes = [series.magnitude[0] for series in inputs.gre]

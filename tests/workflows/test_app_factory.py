@@ -111,3 +111,17 @@ def test_workflow_from_python_with_relative_paths(tmp_path, monkeypatch):
     workflow.run(plugin="Linear")
     assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz").is_file()
     assert not (tmp_path / "out" / STAGING_FOLDER).exists()
+
+
+def test_megre_without_flip_angle_records_none(tmp_path):
+    raw = make_megre_dataset(tmp_path / "raw", n_echoes=3)
+    for sidecar in raw.rglob("*.json"):
+        metadata = json.loads(sidecar.read_text())
+        if metadata.pop("FlipAngle", None) is not None:
+            sidecar.write_text(json.dumps(metadata))
+    out = tmp_path / "out"
+    code = run.main([str(raw), str(out), "participant", "--nprocs", "1",
+                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    assert code == 0
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
+    assert "FlipAngle" not in sidecar and len(sidecar["EchoTime"]) == 3

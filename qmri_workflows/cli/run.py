@@ -87,11 +87,11 @@ def build_parser():
     )  # fmt: skip
 
     perf = parser.add_argument_group("Performance")
-    perf.add_argument("--nprocs", "--n-cpus", type=int, default=os.cpu_count() or 1,
+    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
                       help="processes to run in parallel (default: all cores)")
-    perf.add_argument("--omp-nthreads", type=int, default=None,
+    perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
                       help="threads one fitting step may use (default: --nprocs, at most 8)")
-    perf.add_argument("--mem-gb", "--mem_gb", type=float, default=None,
+    perf.add_argument("--mem-gb", "--mem_gb", type=_positive_float, default=None,
                       help="memory limit (GB) for the MultiProc scheduler")
     perf.add_argument("--plugin", default=None,
                       help="Nipype execution plugin (Linear, MultiProc, SLURM, SGE, PBS, ...); "
@@ -103,7 +103,7 @@ def build_parser():
     config.add_argument("--r2star-method", choices=("wls", "nls"), default="wls",
                         help="R2* estimator: ESTATICS weighted log-linear (wls, default) or "
                         "non-linear with the magnitude noise floor (nls)")
-    config.add_argument("--n-coils", type=int, default=1,
+    config.add_argument("--n-coils", type=_positive_int, default=1,
                         help="receive channels combined by root-sum-of-squares (noise law for nls)")
 
     other = parser.add_argument_group("Other options")
@@ -145,13 +145,16 @@ def batch_resources(workflow, plugin):
             continue
         mem_mb = int(node.mem_gb * 1024) + 256
         cpus = node.n_procs or 1
+        # overwrite=False appends to the user's own arguments (partition, account, time limit).
         if plugin.startswith("SLURM"):
             node.plugin_args = {
                 "sbatch_args": f"--mem={mem_mb}M --cpus-per-task={cpus}",
-                "overwrite": True,
+                "overwrite": False,
             }
-        elif plugin.startswith(("SGE", "PBS")):
-            node.plugin_args = {"qsub_args": f"-l mem={mem_mb}mb", "overwrite": True}
+        elif plugin.startswith("SGE"):
+            node.plugin_args = {"qsub_args": f"-l h_vmem={mem_mb}M", "overwrite": False}
+        elif plugin.startswith("PBS"):
+            node.plugin_args = {"qsub_args": f"-l mem={mem_mb}mb,ncpus={cpus}", "overwrite": False}
 
 
 def run_validator(bids_dir):
@@ -183,7 +186,8 @@ def run_validator(bids_dir):
     for issue in issues:
         if issue.get("severity") == "error":
             where = issue.get("location", "")
-            errors.append(f"{issue.get('code', 'ERROR')}: {where} {issue.get('issueMessage', '')}".strip())
+            message = (issue.get("issueMessage") or "").strip().splitlines()
+            errors.append(f"{issue.get('code', 'ERROR')}: {where} {message[0] if message else ''}".strip())
     return errors
 
 
@@ -223,37 +227,96 @@ def main(argv=None):
     return _run(args, argv)
 
 
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _plugin_settings(args):
+    """Plugin name and arguments from --plugin-config or --plugin; ValueError if unusable."""
+    from nipype.pipeline import plugins
+
+    if args.plugin_config:
+        try:
+            plugin, plugin_args = load_plugin_config(args.plugin_config)
+        except OSError as error:
+            raise ValueError(f"cannot read the plugin configuration: {error}") from error
+    else:
+        plugin = args.plugin or ("Linear" if args.nprocs == 1 else "MultiProc")
+        plugin_args = {}
+    if not hasattr(plugins, f"{plugin}Plugin"):
+        known = sorted(name[: -len("Plugin")] for name in dir(plugins) if name.endswith("Plugin"))
+        raise ValueError(f"unknown Nipype plugin {plugin!r}; choose from {', '.join(known)}")
+    return plugin, plugin_args
+
+
+def _foreign_dataset(folder):
+    """Describe the dataset already in ``folder`` if another tool made it, else None."""
+    description = Path(folder) / "dataset_description.json"
+    if not description.is_file():
+        return None
+    try:
+        content = json.loads(description.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "a dataset whose dataset_description.json cannot be read"
+    generated_by = content.get("GeneratedBy") or [{}]
+    if content.get("DatasetType") == "derivative" and generated_by[0].get("Name") == "qmri-workflows":
+        return None
+    return f"the dataset {content.get('Name', '(unnamed)')!r} made by " + (
+        generated_by[0].get("Name", "another tool") if content.get("DatasetType") == "derivative"
+        else "a scanner (raw data)")
+
+
+def _default_work_dir(output_dir, bids_dir):
+    for candidate in (output_dir.parent / "qmri_work", Path.cwd() / "qmri_work"):
+        if not _inside(candidate, bids_dir):
+            return candidate.resolve()
+    return None
+
+
 def _run(args, argv):
     from ..io.query import BIDSInputError, collect_inputs, open_layout, select_participants
 
+    # Everything that can be checked without touching a file comes first, so a mistake in the
+    # call costs nothing and leaves nothing behind.
     if args.analysis_level not in ANALYSIS_LEVELS:
         LOGGER.error("unknown analysis level %r; choose from %s", args.analysis_level,
                      ", ".join(ANALYSIS_LEVELS))
         return EXIT_UNKNOWN_LEVEL
+    try:
+        plugin, plugin_args = _plugin_settings(args)
+    except ValueError as error:
+        LOGGER.error("%s", error)
+        return EXIT_USAGE
     bids_dir = args.bids_dir.resolve()
     if not (bids_dir / "dataset_description.json").is_file():
         LOGGER.error("%s is not a BIDS dataset (no dataset_description.json); give the dataset root",
                      bids_dir)
         return EXIT_NO_INPUT
     output_dir = args.output_dir.resolve()
-    if _inside(output_dir, bids_dir) and not _inside(output_dir, bids_dir / "derivatives"):
-        LOGGER.error("output directory %s lies inside the input dataset %s; the input is never "
-                     "written to: choose a folder outside it (or under its derivatives/)",
-                     output_dir, bids_dir)
+    if _inside(output_dir, bids_dir) or _inside(bids_dir, output_dir):
+        LOGGER.error("output directory %s overlaps the input dataset %s; the input is never "
+                     "written to: choose a folder outside it", output_dir, bids_dir)
         return EXIT_CANNOT_CREATE
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        work_dir = (args.work_dir or output_dir.parent / "qmri_work").resolve()
-        work_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        LOGGER.error("cannot create the output or work directory: %s", error)
+    foreign = _foreign_dataset(output_dir)
+    if foreign:
+        LOGGER.error("output directory %s already holds %s; choose an empty folder or an earlier "
+                     "qmri-workflows output", output_dir, foreign)
         return EXIT_CANNOT_CREATE
-    if _inside(work_dir, bids_dir):
-        LOGGER.error("work directory %s lies inside the input dataset; choose another with -w",
-                     work_dir)
+    work_dir = args.work_dir.resolve() if args.work_dir else _default_work_dir(output_dir, bids_dir)
+    if work_dir is None or _inside(work_dir, bids_dir):
+        LOGGER.error("the work directory would lie inside the input dataset %s; choose one "
+                     "outside it with -w", bids_dir)
         return EXIT_CANNOT_CREATE
-
-    write_description(output_dir, bids_dir, argv)
 
     if not args.skip_bids_validation:
         errors = run_validator(bids_dir)
@@ -289,10 +352,18 @@ def _run(args, argv):
                      "them out with --participant-label", problems, len(selection))
         return EXIT_DATA
 
-    return _execute(args, subjects, output_dir, bids_dir, work_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # Written before processing, so it is there even when a step fails.
+        write_description(output_dir, bids_dir, argv)
+    except (OSError, ValueError) as error:
+        LOGGER.error("cannot create the output: %s", error)
+        return EXIT_CANNOT_CREATE
+    return _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args)
 
 
-def _execute(args, subjects, output_dir, bids_dir, work_dir):
+def _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args):
     from nipype import config as nipype_config
 
     from ..workflows.base import init_qmri_wf
@@ -330,15 +401,6 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir):
         LOGGER.error("no subject has data for any map this version computes")
         return EXIT_NO_INPUT
 
-    if args.plugin_config:
-        try:
-            plugin, plugin_args = load_plugin_config(args.plugin_config)
-        except (OSError, ValueError) as error:
-            LOGGER.error("%s", error)
-            return EXIT_USAGE
-    else:
-        plugin = args.plugin or ("Linear" if args.nprocs == 1 else "MultiProc")
-        plugin_args = {}
     if plugin in ("MultiProc", "LegacyMultiProc"):
         plugin_args.setdefault("n_procs", args.nprocs)
         if args.mem_gb:

@@ -92,3 +92,63 @@ def test_every_bad_subject_is_reported_before_processing(tmp_path, caplog):
     assert "sub-03_echo-2_flip-1_part-mag_VFA" in caplog.text
     assert "2 of 3 subject(s)" in caplog.text
     assert not (tmp_path / "out" / "sub-02").exists()
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_output_under_the_inputs_derivatives_is_refused_and_nothing_is_created(tmp_path, caplog):
+    from tests.bids_factory import make_vfa_dataset
+
+    bids = make_vfa_dataset(tmp_path / "raw")
+    before = _tree(bids)
+    code = run.main([str(bids), str(bids / "derivatives" / "qmri"), "participant",
+                     "--skip-bids-validation"])
+    assert code == run.EXIT_CANNOT_CREATE
+    assert _tree(bids) == before
+
+
+def test_another_tools_dataset_is_never_overwritten(tmp_path, caplog):
+    from tests.bids_factory import make_vfa_dataset
+
+    bids = make_vfa_dataset(tmp_path / "raw")
+    other = _raw_dataset(tmp_path / "other")
+    (other / "dataset_description.json").write_text(json.dumps(
+        {"Name": "fmriprep out", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+         "GeneratedBy": [{"Name": "fMRIPrep"}]}))
+    before = (other / "dataset_description.json").read_text()
+    code = run.main([str(bids), str(other), "participant", "--skip-bids-validation",
+                     "-w", str(tmp_path / "w")])
+    assert code == run.EXIT_CANNOT_CREATE
+    assert "fMRIPrep" in caplog.text
+    assert (other / "dataset_description.json").read_text() == before
+
+
+@pytest.mark.parametrize("options", [["--plugin", "NoSuchPlugin"], ["--nprocs", "0"],
+                                     ["--n-coils", "0"], ["--plugin-config", "/no/such.yml"]])
+def test_bad_options_are_usage_errors_that_create_nothing(tmp_path, options):
+    from tests.bids_factory import make_vfa_dataset
+
+    bids = make_vfa_dataset(tmp_path / "raw")
+    try:
+        code = run.main([str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+                         "-w", str(tmp_path / "w"), *options])
+    except SystemExit as exit_:  # argparse rejects it before main returns
+        code = exit_.code
+    assert code == run.EXIT_USAGE
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
+
+
+def test_failed_selection_keeps_the_previous_provenance(tmp_path):
+    from tests.bids_factory import make_vfa_dataset
+
+    bids = make_vfa_dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    assert run.main([str(bids), str(out), "participant", "--skip-bids-validation", "--nprocs", "1",
+                     "-w", str(tmp_path / "w")]) == 0
+    description = (out / "dataset_description.json").read_text()
+    code = run.main([str(bids), str(out), "participant", "--skip-bids-validation",
+                     "--participant-label", "07", "-w", str(tmp_path / "w")])
+    assert code == run.EXIT_NO_SELECTION
+    assert (out / "dataset_description.json").read_text() == description

@@ -129,7 +129,8 @@ def _requested(workflow):
         mem = re.search(r"--mem=(\d+)M", args)
         cpus = re.search(r"--cpus-per-task=(\d+)", args)
         assert mem and cpus, f"batch_resources gave {node.name} no --mem/--cpus-per-task: {args!r}"
-        assert node.plugin_args["overwrite"] is True
+        # appended to the user's own sbatch arguments, not replacing them
+        assert node.plugin_args["overwrite"] is False
         assert int(mem.group(1)) == int(MEM_GB[node.name] * 1024) + 256
         requests[node.name] = (args, int(mem.group(1)), int(cpus.group(1)))
     assert set(requests) == set(MEM_GB), f"nodes found: {sorted(requests)}"
@@ -203,12 +204,16 @@ def test_r2star_workflow_on_slurm(tmp_path, slurm_env):
     workflow, truth, head = _build_workflow(tmp_path, "slurm_r2star")
     requests = _requested(workflow)
 
-    workflow.run(plugin="SLURM", plugin_args={"retry_timeout": 2, "max_tries": 2})
+    # A user's own scheduler arguments (here a time limit) must reach every job as well.
+    workflow.run(plugin="SLURM",
+                 plugin_args={"retry_timeout": 2, "max_tries": 2, "sbatch_args": "--time=10"})
 
     batch_dir = Path(workflow.base_dir) / workflow.name / "batch"
     job_ids = sorted(int(m.group(1)) for out in batch_dir.glob("slurm-*.out")
                      if (m := re.fullmatch(r"slurm-(\d+)\.out", out.name)))
-    _check_jobs([_show_job(job_id) for job_id in job_ids], requests)
+    jobs = [_show_job(job_id) for job_id in job_ids]
+    _check_jobs(jobs, requests)
+    assert all(job["TimeLimit"] == "00:10:00" for job in jobs), [job["TimeLimit"] for job in jobs]
     _check_maps(workflow, truth, head)
 
 

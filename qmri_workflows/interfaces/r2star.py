@@ -99,7 +99,9 @@ class _FitR2starInputSpec(BaseInterfaceInputSpec):
 
 class _FitR2starOutputSpec(TraitedSpec):
     r2star_file = File(exists=True, desc="R2* (1/s)")
-    t2star_file = File(exists=True, desc="T2* (s); 0 where R2* <= 0")
+    t2star_file = File(
+        exists=True, desc="T2* (s); NaN where the fitted R2* <= 0, 0 outside the mask"
+    )
     s0_files = OutputMultiObject(File(exists=True), desc="TE = 0 intercept, one per flip angle")
     flip_angles = traits.List(traits.Float, desc="flip angle (deg) of each S0 file")
     noise_sigma = traits.Float(desc="noise SD used by the fit (nan when unused)")
@@ -147,8 +149,11 @@ class FitR2star(SimpleInterface):
             n_jobs=self.inputs.num_threads,
         )
         r2star = np.nan_to_num(r2star, nan=0.0, posinf=0.0, neginf=0.0)
+        fitted = mask if mask is not None else np.ones(r2star.shape, dtype=bool)
         with np.errstate(divide="ignore"):
-            t2star = np.where(r2star > 0, 1.0 / r2star, 0.0)
+            # T2* is undefined where the fitted R2* is not positive (noise in CSF): NaN, not a
+            # misleading 0 s; voxels that were not fitted stay 0 like R2*.
+            t2star = np.where(r2star > 0, 1.0 / r2star, np.where(fitted, np.nan, 0.0))
 
         cwd = runtime.cwd
         self._results["r2star_file"] = save_like(r2star, reference, os.path.join(cwd, "R2starmap.nii.gz"))

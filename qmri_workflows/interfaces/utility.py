@@ -17,7 +17,8 @@ from ..io.staging import commit_staged_files
 
 
 class _MergeMetadataInputSpec(BaseInterfaceInputSpec):
-    in_dicts = traits.List(traits.Dict, mandatory=True, desc="dictionaries; later ones win")
+    base = traits.Dict(mandatory=True, desc="fields computed by a node (e.g. EstimationAlgorithm)")
+    update = traits.Dict(mandatory=True, desc="fields that win over base (e.g. one flip angle's)")
 
 
 class _MergeMetadataOutputSpec(TraitedSpec):
@@ -25,16 +26,13 @@ class _MergeMetadataOutputSpec(TraitedSpec):
 
 
 class MergeMetadata(SimpleInterface):
-    """Merge sidecar dictionaries (static protocol fields and fields computed by a node)."""
+    """Merge sidecar dictionaries: a node's computed fields, updated by fields known at build time."""
 
     input_spec = _MergeMetadataInputSpec
     output_spec = _MergeMetadataOutputSpec
 
     def _run_interface(self, runtime):
-        merged = {}
-        for entry in self.inputs.in_dicts:
-            merged.update(entry)
-        self._results["out_dict"] = merged
+        self._results["out_dict"] = {**self.inputs.base, **self.inputs.update}
         return runtime
 
 

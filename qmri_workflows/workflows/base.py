@@ -148,9 +148,18 @@ def init_single_subject_wf(
     static_metadata = {"SkullStripped": True}
     if inputs.field_strength:
         static_metadata["MagneticFieldStrength"] = inputs.field_strength
-    flip_labels = None
+    s0_labels = None
     if inputs.gre_suffix == "VFA" and len(inputs.gre) > 1:
-        flip_labels = [f"flip{i + 1}" for i in range(len(inputs.gre))]
+        s0_labels = [f"flip{i + 1}" for i in range(len(inputs.gre))]
+    # The query layer sorts the series by flip angle, as the fit orders its S0 maps.
+    s0_metadata = []
+    for series in inputs.gre:
+        acquisition = {"EchoTime": list(series.echo_times)}
+        if series.flip_angle:
+            acquisition["FlipAngle"] = series.flip_angle
+        if series.repetition_time:
+            acquisition["RepetitionTimeExcitation"] = series.repetition_time
+        s0_metadata.append(acquisition)
     ds_r2star_wf = init_ds_r2star_wf(
         output_dir=str(output_dir),
         staging_dir=str(staging_directory(output_dir, inputs.subject, inputs.session)),
@@ -158,7 +167,9 @@ def init_single_subject_wf(
         subject=inputs.subject,
         session=inputs.session,
         source_files=magnitude_files,
-        flip_labels=flip_labels,
+        s0_labels=s0_labels,
+        s0_metadata=s0_metadata,
+        s0_source_files=[series.magnitude for series in inputs.gre],
         static_metadata=static_metadata,
     )
     workflow.connect([

@@ -30,7 +30,9 @@ def init_ds_r2star_wf(
     subject,
     session=None,
     source_files,
-    flip_labels=None,
+    s0_labels=None,
+    s0_metadata,
+    s0_source_files,
     static_metadata=None,
     name="ds_r2star_wf",
 ):
@@ -49,9 +51,14 @@ def init_ds_r2star_wf(
         Labels without prefixes.
     source_files : list of str
         Raw magnitude files the maps come from.
-    flip_labels : list of str, optional
+    s0_labels : list of str, optional
         ``desc`` label of each S0 map (``flip1``, ``flip2``, ... in ascending flip angle; BIDS
         allows no ``flip`` entity on derivative maps); None for a single flip angle.
+    s0_metadata : list of dict
+        Sidecar fields of each S0 map's own acquisition (``FlipAngle``,
+        ``RepetitionTimeExcitation``, ``EchoTime``), in the order of the S0 maps.
+    s0_source_files : list of list of str
+        Raw magnitude files of each S0 map.
     static_metadata : dict, optional
         Sidecar fields known when the workflow is built (e.g. ``MagneticFieldStrength``).
 
@@ -86,24 +93,25 @@ def init_ds_r2star_wf(
     )
     static = pe.Node(niu.IdentityInterface(fields=["metadata"]), name="static")
     static.inputs.metadata = dict(static_metadata or {})
-    pack_metadata = pe.Node(niu.Merge(2), name="pack_metadata", run_without_submitting=True)
     merge_metadata = pe.Node(MergeMetadata(), name="merge_metadata", run_without_submitting=True)
+    merge_s0_metadata = pe.MapNode(
+        MergeMetadata(), name="merge_s0_metadata", iterfield=["update"],
+        run_without_submitting=True,
+    )  # fmt: skip
+    merge_s0_metadata.inputs.update = [dict(entry) for entry in s0_metadata]
 
     ds_r2star = _sink("ds_r2star", suffix="R2starmap", **common)
     ds_t2star = _sink("ds_t2star", suffix="T2starmap", **common)
     ds_mask = _sink("ds_mask", suffix="mask", desc="brain", **common)
-    ds_s0 = _sink("ds_s0", suffix="S0map", **common)
-    if flip_labels:
-        ds_s0 = pe.MapNode(
-            ds_s0.interface, name="ds_s0", iterfield=["in_file", "desc"],
-            run_without_submitting=True, overwrite=True,
-        )  # fmt: skip
-        ds_s0.inputs.desc = list(flip_labels)
-    else:
-        ds_s0 = pe.MapNode(
-            ds_s0.interface, name="ds_s0", iterfield=["in_file"],
-            run_without_submitting=True, overwrite=True,
-        )  # fmt: skip
+    # One S0 map per flip angle, each with its own acquisition's metadata and raw files.
+    s0_fields = ["in_file", "metadata", "source_files"] + (["desc"] if s0_labels else [])
+    ds_s0 = pe.MapNode(
+        _sink("ds_s0", suffix="S0map", **common).interface, name="ds_s0", iterfield=s0_fields,
+        run_without_submitting=True, overwrite=True,
+    )  # fmt: skip
+    ds_s0.inputs.source_files = [list(files) for files in s0_source_files]
+    if s0_labels:
+        ds_s0.inputs.desc = list(s0_labels)
 
     gather = pe.Node(niu.Merge(8, ravel_inputs=True), name="gather", run_without_submitting=True)
     commit = pe.Node(
@@ -113,12 +121,12 @@ def init_ds_r2star_wf(
         overwrite=True,
     )
     workflow.connect([
-        (static, pack_metadata, [("metadata", "in1")]),
-        (inputnode, pack_metadata, [("metadata", "in2")]),
-        (pack_metadata, merge_metadata, [("out", "in_dicts")]),
+        (inputnode, merge_metadata, [("metadata", "base")]),
+        (static, merge_metadata, [("metadata", "update")]),
         (merge_metadata, ds_r2star, [("out_dict", "metadata")]),
         (merge_metadata, ds_t2star, [("out_dict", "metadata")]),
-        (merge_metadata, ds_s0, [("out_dict", "metadata")]),
+        (merge_metadata, merge_s0_metadata, [("out_dict", "base")]),
+        (merge_s0_metadata, ds_s0, [("out_dict", "metadata")]),
         (static, ds_mask, [("metadata", "metadata")]),
         (inputnode, ds_r2star, [("r2star_file", "in_file")]),
         (inputnode, ds_t2star, [("t2star_file", "in_file")]),

@@ -125,3 +125,19 @@ def test_megre_without_flip_angle_records_none(tmp_path):
     assert code == 0
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     assert "FlipAngle" not in sidecar and len(sidecar["EchoTime"]) == 3
+
+
+def test_each_s0_sidecar_describes_its_own_flip_angle(tmp_path):
+    raw = make_vfa_dataset(tmp_path / "raw", flip_angles=(4.0, 20.0), repetition_time=0.025)
+    out = tmp_path / "out"
+    assert run.main([str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "w"),
+                     "--skip-bids-validation"]) == 0
+    anat = out / "sub-01" / "anat"
+    for index, flip in ((1, 4.0), (2, 20.0)):
+        sidecar = json.loads((anat / f"sub-01_desc-flip{index}_S0map.json").read_text())
+        assert sidecar["FlipAngle"] == flip
+        assert sidecar["RepetitionTimeExcitation"] == 0.025
+        assert sidecar["Sources"] and all(f"_flip-{index}_" in uri for uri in sidecar["Sources"])
+        assert "ESTATICS" in sidecar["EstimationAlgorithm"]
+    r2star = json.loads((anat / "sub-01_R2starmap.json").read_text())
+    assert r2star["FlipAngle"] == [4.0, 20.0] and len(r2star["Sources"]) == 6

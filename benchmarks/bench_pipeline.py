@@ -51,22 +51,14 @@ def step_load(root):
 
     from qmri_workflows.interfaces.r2star import group_echoes_by_flip_angle, stack_contrasts
     from qmri_workflows.io.query import collect_inputs, open_layout
+    from qmri_workflows.workflows.base import flatten_echoes
 
     inputs = collect_inputs(open_layout(root), "01")
-    files, tes, flips = _flat(inputs)
+    files, tes, flips = flatten_echoes(inputs.gre)
     signal, echo_times, _ = stack_contrasts(group_echoes_by_flip_angle(files, tes, flips))
     np.save(Path(root).parent / "signal.npy", signal)
     np.save(Path(root).parent / "echo_times.npy", echo_times)
     return f"{signal.shape}"
-
-
-def _flat(inputs):
-    files, tes, flips = [], [], []
-    for series in inputs.gre:
-        files += list(series.magnitude)
-        tes += list(series.echo_times)
-        flips += [series.flip_angle or 0.0] * len(series.magnitude)
-    return files, tes, flips
 
 
 def step_mask(workdir):

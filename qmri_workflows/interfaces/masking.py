@@ -16,7 +16,7 @@ from nipype.interfaces.base import (
 
 from ..core.masking import brain_mask
 from ..io.images import load_volume
-from ._common import save_like
+from ..io.derivatives import write_nifti
 
 
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
@@ -44,7 +44,7 @@ class BrainMask(SimpleInterface):
         for path in self.inputs.in_files:
             sum_of_squares += np.square(load_volume(path, reference=reference), dtype=np.float64)
         mask = brain_mask(np.sqrt(sum_of_squares), voxel_size=reference.header.get_zooms()[:3])
-        self._results["out_mask"] = save_like(
-            mask, reference, os.path.join(runtime.cwd, "brain_mask.nii.gz"), dtype=np.uint8
+        self._results["out_mask"] = str(
+            write_nifti(os.path.join(runtime.cwd, "brain_mask.nii.gz"), mask, reference.affine)
         )
         return runtime

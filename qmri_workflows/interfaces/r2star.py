@@ -21,7 +21,7 @@ from ..core.masking import air_mask
 from ..core.noise import estimate_sigma_background
 from ..core.r2star import fit_estatics
 from ..io.images import load_volume
-from ._common import save_like
+from ..io.derivatives import write_nifti
 
 ESTATICS_REFERENCE = (
     "Weiskopf N, Callaghan MF, Josephs O, Lutti A, Mohammadi S. Estimating the apparent transverse "
@@ -156,11 +156,19 @@ class FitR2star(SimpleInterface):
             t2star = np.where(r2star > 0, 1.0 / r2star, np.where(fitted, np.nan, 0.0))
 
         cwd = runtime.cwd
-        self._results["r2star_file"] = save_like(r2star, reference, os.path.join(cwd, "R2starmap.nii.gz"))
-        self._results["t2star_file"] = save_like(t2star, reference, os.path.join(cwd, "T2starmap.nii.gz"))
+        self._results["r2star_file"] = str(
+            write_nifti(os.path.join(cwd, "R2starmap.nii.gz"), r2star, reference.affine)
+        )
+        self._results["t2star_file"] = str(
+            write_nifti(os.path.join(cwd, "T2starmap.nii.gz"), t2star, reference.affine)
+        )
         self._results["s0_files"] = [
-            save_like(
-                np.nan_to_num(s0[..., c]), reference, os.path.join(cwd, f"S0map_flip{c + 1}.nii.gz")
+            str(
+                write_nifti(
+                    os.path.join(cwd, f"S0map_flip{c + 1}.nii.gz"),
+                    np.nan_to_num(s0[..., c]),
+                    reference.affine,
+                )
             )
             for c in range(len(groups))
         ]

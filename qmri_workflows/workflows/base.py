@@ -61,6 +61,21 @@ def plan_maps(inputs):
     return plans
 
 
+def flatten_echoes(gre_series):
+    """One entry per magnitude echo of every GRE series: ``(files, echo_times, flip_angles)``.
+
+    This is the flat form :class:`~qmri_workflows.interfaces.r2star.FitR2star` takes; a flip angle
+    of 0 marks one the sidecar does not record (a plain MEGRE may omit it).
+    """
+    files, echo_times, flip_angles = [], [], []
+    for series in gre_series:
+        files += list(series.magnitude)
+        echo_times += list(series.echo_times)
+        flip = series.flip_angle if series.flip_angle is not None else 0.0
+        flip_angles += [float(flip)] * len(series.magnitude)
+    return files, echo_times, flip_angles
+
+
 def estimate_fit_mem_gb(reference_file, n_volumes):
     """Memory (GB) a voxel-wise fit needs for ``n_volumes`` images on the grid of ``reference_file``.
 
@@ -122,13 +137,7 @@ def init_single_subject_wf(
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
     workflow = pe.Workflow(name=name or f"{label}_wf")
 
-    magnitude_files, echo_times, flip_angles = [], [], []
-    for series in inputs.gre:
-        magnitude_files += list(series.magnitude)
-        echo_times += list(series.echo_times)
-        # 0 marks a flip angle the sidecar does not record (a plain MEGRE may omit it).
-        flip = series.flip_angle if series.flip_angle is not None else 0.0
-        flip_angles += [float(flip)] * len(series.magnitude)
+    magnitude_files, echo_times, flip_angles = flatten_echoes(inputs.gre)
     first_echoes = [series.magnitude[0] for series in inputs.gre]
     fit_mem_gb = estimate_fit_mem_gb(first_echoes[0], len(magnitude_files))
 

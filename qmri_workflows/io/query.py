@@ -149,6 +149,15 @@ class SubjectInputs:
     field_strength: float | None = None
     notes: tuple = ()
 
+    def has(self, collection):
+        """Whether the collection named ``collection`` ("gre", "bssfp", "afi", "receive") is usable."""
+        return bool({"gre": self.gre, "bssfp": self.bssfp, "afi": self.afi,
+                     "receive": self.receive}.get(collection))
+
+    def problem(self, collection):  # noqa: ARG002 - every problem still aborts the subject here
+        """What is wrong with ``collection`` (None: nothing recorded)."""
+        return None
+
     def describe(self):
         """Human-readable summary (one line per collection)."""
         label = f"sub-{self.subject}" + (f" ses-{self.session}" if self.session else "")

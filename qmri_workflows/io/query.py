@@ -32,6 +32,10 @@ from .errors import BIDSInputError
 from .images import GRID_TOLERANCE_MM, same_grid
 
 __all__ = [
+    "AFI",
+    "BSSFP",
+    "GRE",
+    "RECEIVE",
     "AFIPair",
     "BIDSInputError",
     "BSSFPSeries",
@@ -45,6 +49,12 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger("qmri_workflows.io")
+
+# Collection names (what a map family needs, see qmri_workflows.workflows.registry).
+GRE = "gre"
+BSSFP = "bssfp"
+AFI = "afi"
+RECEIVE = "receive"
 
 IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
 IGNORED_FOLDERS = ["derivatives", "sourcedata", "code", "stimuli", "models"]

@@ -155,13 +155,17 @@ def load_on_grid(path, reference, *, kind="linear", dtype=np.float32, min_covera
     """
     if kind == "linear" and np.dtype(dtype).kind != "f":
         raise ValueError(f"linear resampling yields NaN outside the field of view; use a float dtype, not {dtype}")
-    resampled = resample_to_reference(read_image(path), reference, kind=kind, name=str(path),
+    source_image = read_image(path)
+    reference_image, _ = _as_image(reference, None)
+    if same_grid(source_image.shape, source_image.affine, reference_image.shape, reference_image.affine):
+        return volume_data(source_image, path, dtype=dtype)
+    resampled = resample_to_reference(source_image, reference_image, kind=kind, name=str(path),
                                       min_coverage=min_coverage)
     return np.asarray(resampled.dataobj).astype(dtype, copy=False)
 
 
 def _as_image(image_or_path, name):
-    if isinstance(image_or_path, (str,)) or hasattr(image_or_path, "__fspath__"):
+    if isinstance(image_or_path, str) or hasattr(image_or_path, "__fspath__"):
         return read_image(image_or_path), name or str(image_or_path)
     return image_or_path, name or image_or_path.get_filename() or "the in-memory image"
 

@@ -94,21 +94,22 @@ def test_linear_fields_are_reproduced_exactly():
     np.testing.assert_allclose(values[interpolated], truth[interpolated], rtol=0, atol=2e-5)
 
 
-def test_nan_source_voxels_are_bridged_but_not_spread():
+def test_non_finite_source_voxels_are_bridged_but_not_spread():
     shape = (12, 12, 12)
     source_affine = _affine(2.0, (0, 0, 0), shape)
     gradient = np.array([0.01, 0.02, -0.01])
     field = 1.0 + _world(shape, source_affine) @ gradient
-    field[5, 5, 5] = np.nan  # one lost voxel
+    field[5, 5, 5] = np.inf  # one lost voxel (any non-finite value counts as missing)
     field[8:10, 8:10, 8:10] = np.nan  # a lost block
     # reference voxel centres halfway between source centres: each sees 8 neighbours, weight 1/8 each
     reference_affine = source_affine.copy()
     reference_affine[:3, 3] += 1.0
     reference = nib.Nifti1Image(np.zeros((11, 11, 11), np.float32), reference_affine)
 
-    values = np.asarray(resample_to_reference(nib.Nifti1Image(field, source_affine), reference).dataobj)
+    single_volume_4d = nib.Nifti1Image(field[..., np.newaxis], source_affine)
+    values = np.asarray(resample_to_reference(single_volume_4d, reference).dataobj)
 
-    # the lone NaN is bridged by its 7 finite neighbours (the renormalised mean of a linear field)
+    # the lone Inf is bridged by its 7 finite neighbours (the renormalised mean of a linear field)
     around_single = values[4:6, 4:6, 4:6]
     assert np.all(np.isfinite(around_single))
     truth = 1.0 + _world((11, 11, 11), reference_affine) @ gradient
@@ -206,6 +207,9 @@ def test_identical_grids_return_the_data_untouched(tmp_path):
     reference = nib.Nifti1Image(np.zeros(MAP_SHAPE, np.float32), almost)
 
     np.testing.assert_array_equal(load_on_grid(path, reference), load_volume(path))
+    as_float64 = load_on_grid(path, reference, kind="nearest", dtype=np.float64)
+    assert as_float64.dtype == np.float64
+    np.testing.assert_array_equal(as_float64, load_volume(path, dtype=np.float64))
     np.testing.assert_array_equal(np.asarray(resample_to_reference(path, reference).dataobj), data)
     labels = np.asarray(resample_to_reference(path, reference, kind="majority").dataobj)
     np.testing.assert_array_equal(labels, data)

@@ -9,7 +9,7 @@ Exit codes follow the BIDS-Apps draft where it has one:
 17    unknown analysis level
 18    the participant/session filters selected nothing
 64    command-line usage error
-65    input data unusable (missing metadata, mismatched grids, phase units ...)
+65    input data unusable (a subject without usable GRE/bSSFP; a bad --derivatives path)
 66    input dataset missing, or no subject has data for any map
 73    the output directory cannot be created or lies inside the input dataset
 ====  ====================================================================

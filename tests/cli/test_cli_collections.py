@@ -20,7 +20,7 @@ def cli_log(caplog, monkeypatch):
 
 def test_broken_afi_pair_does_not_stop_r2star(tmp_path, caplog):
     raw = make_dataset(tmp_path / "raw", afi=True, phase=False)
-    tr1, tr2 = raw.files["afi"]
+    _, tr2 = raw.files["afi"]
     edit_sidecar(tr2, FlipAngle=55.0)
     derivatives = make_derivatives(tmp_path / "deriv")
     out = tmp_path / "out"

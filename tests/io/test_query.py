@@ -524,7 +524,7 @@ def test_factory_layout_passes_bids_validator(tmp_path):
 @pytest.mark.parametrize("part", ["phase", "mag"])
 def test_bssfp_duplicate_increment(tmp_path, part):
     dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90))
-    source = [p for p in dataset.files["bssfp"] if "bssfp090" in p.name and f"part-{part}" in p.name][0]
+    source = next(p for p in dataset.files["bssfp"] if "bssfp090" in p.name and f"part-{part}" in p.name)
     # same increment (from the sidecar), named without the acq- label
     duplicate = source.with_name(source.name.replace("_acq-bssfp090", ""))
     duplicate.write_bytes(source.read_bytes())

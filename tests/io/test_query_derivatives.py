@@ -19,7 +19,12 @@ from qmri_workflows.io.query import (
     open_derivatives,
     open_layout,
 )
-from tests.bids_factory import DEFAULT_AFFINE, make_dataset, make_derivatives, write_image
+from tests.bids_factory import (
+    DEFAULT_AFFINE,
+    make_dataset,
+    make_derivatives,
+    write_image,
+)
 
 
 def _collect(raw, derivatives, subject="01", session=None):
@@ -138,7 +143,7 @@ def test_candidates_in_two_datasets_and_template_space_ignored(tmp_path):
 @pytest.mark.parametrize("collection, data, match", [
     (LESION_MASK, np.full((10, 10, 8), 0.4), "non-integer values .* threshold or round it"),
     (BRAIN_MASK, np.zeros((10, 10, 8)), "brain mask .* is empty"),
-    (TB1MAP, np.full((10, 10, 8, 2), 100.0), r"shape \(10, 10, 8, 2\); a single 3D volume"),
+    (TB1MAP, np.full((10, 10, 8, 2), 100.0), r"shape \(10, 10, 8, 2\); one 3D volume per file"),
     (TB1MAP, np.full((10, 10, 8), np.inf), "infinite values"),
     (DSEG, np.full((10, 10, 8), -1.0), "negative labels"),
 ])

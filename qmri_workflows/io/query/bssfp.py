@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 from ..errors import BIDSInputError
 from .layout import entity, split_parts
-from .metadata import ANGLE_TOLERANCE, TIME_TOLERANCE, check_grids, check_same, phase_scale, sidecar_number
+from .metadata import (
+    ANGLE_TOLERANCE,
+    TIME_TOLERANCE,
+    check_grids,
+    check_same,
+    phase_scale,
+    sidecar_number,
+    sorted_by_flip_angle,
+)
 
 __all__ = ["BSSFPSeries", "bssfp_series", "says_bssfp", "sequence_kind"]
 
@@ -168,11 +176,6 @@ def bssfp_series(ctx, files):
             phase_scale=phase_scale(ctx, phase_tuple[0]) if phase_tuple else None,
             metadata=dict(ctx.metadata(paths[0])),
         ))
-    series.sort(key=lambda s: s.flip_angle)
-    for a, b in zip(series, series[1:]):
-        if abs(a.flip_angle - b.flip_angle) <= ANGLE_TOLERANCE:
-            raise BIDSInputError(
-                f"two bSSFP flip- groups have the same FlipAngle {a.flip_angle:g} deg "
-                f"({ctx.name(a.magnitude[0])}, {ctx.name(b.magnitude[0])}); fix the sidecars or the flip- labels")
+    series = sorted_by_flip_angle(ctx, series, "bSSFP")
     check_grids(ctx, [p for s in series for p in (*s.magnitude, *(s.phase or ()))], "bSSFP")
     return tuple(series)

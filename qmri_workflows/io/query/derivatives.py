@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import BIDSInputError
 from .layout import IMAGE_EXTENSIONS, dataset_root
+from .metadata import load_header
 from .problems import BRAIN_MASK, DSEG, LESION_MASK, TB1MAP, CollectionProblem
 
 __all__ = ["DerivativeFile", "find_derivatives", "open_derivatives"]
@@ -178,16 +179,7 @@ def find_derivatives(layouts, subject, session):
 
 def _check_volume(path, collection, integer_valued):
     """Check one derivative image; return the path of its label table for a dseg (else None)."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(path)
-    except Exception as error:  # nibabel raises several types for corrupt or foreign files
-        raise BIDSInputError(f"cannot read image {path}: {error}; replace it with a valid NIfTI") from error
-    shape = image.shape
-    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-        raise BIDSInputError(f"{path} has shape {shape}; a single 3D volume is expected")
-    data = np.asanyarray(image.dataobj)
+    data = np.asanyarray(load_header(path).dataobj)
     if data.dtype.kind == "f":
         if np.isinf(data).any():
             raise BIDSInputError(f"{path} holds infinite values; replace them (NaN or 0 where there is no value)")

@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 
 from ..errors import BIDSInputError
 from .layout import by_echo, entity, single_collection, split_parts
-from .metadata import ANGLE_TOLERANCE, TIME_TOLERANCE, check_grids, check_same, phase_scale, sidecar_number
+from .metadata import (
+    ANGLE_TOLERANCE,
+    TIME_TOLERANCE,
+    check_grids,
+    check_same,
+    phase_scale,
+    sidecar_number,
+    sorted_by_flip_angle,
+)
 
 __all__ = ["EchoSeries", "gre_series"]
 
@@ -74,12 +82,7 @@ def gre_series(ctx, files, suffix):
     series = [_echo_series(ctx, group, suffix=suffix, require_flip=require, require_tr=require)
               for _, group in sorted(groups.items(), key=lambda item: str(item[0]))]
     if suffix == "VFA":
-        series.sort(key=lambda s: s.flip_angle)
-        for a, b in zip(series, series[1:]):
-            if abs(a.flip_angle - b.flip_angle) <= ANGLE_TOLERANCE:
-                raise BIDSInputError(
-                    f"two VFA flip- groups have the same FlipAngle {a.flip_angle:g} deg: {ctx.name(a.magnitude[0])} "
-                    f"and {ctx.name(b.magnitude[0])}; fix the FlipAngle in the sidecars or the flip- labels")
+        series = sorted_by_flip_angle(ctx, series, "VFA")
         check_same(ctx, {s.magnitude[0]: s.repetition_time for s in series}, "TR",
                    "the flip angles of a VFA collection must share one TR; fix the sidecars",
                    tolerance=TIME_TOLERANCE)

@@ -12,7 +12,15 @@ from .fieldmaps import AFIPair, ReceivePair, afi_pair, receive_pair
 from .gre import gre_series
 from .layout import QueryContext, image_files, strip_prefix
 from .metadata import FIELD_TOLERANCE, check_same, sidecar_number
-from .problems import AFI, BSSFP, COLLECTIONS, DERIVATIVE_COLLECTIONS, GRE, RECEIVE, CollectionProblem
+from .problems import (
+    AFI,
+    BSSFP,
+    COLLECTIONS,
+    DERIVATIVE_COLLECTIONS,
+    GRE,
+    RECEIVE,
+    CollectionProblem,
+)
 
 __all__ = ["SubjectInputs", "collect_inputs"]
 

@@ -22,6 +22,7 @@ __all__ = [
     "phase_scale_from_values",
     "sidecar_name",
     "sidecar_number",
+    "sorted_by_flip_angle",
 ]
 
 LOGGER = logging.getLogger("qmri_workflows.io")
@@ -149,27 +150,42 @@ def check_same(ctx, values, label, fix, *, tolerance):
     return reference
 
 
-def load_header(ctx, path):
-    """nibabel image of ``path`` (data not read) that holds a single 3D volume."""
+def load_header(path, shown=None):
+    """nibabel image of ``path`` (data not read) that holds a single 3D volume.
+
+    ``shown`` is how messages name the file (e.g. relative to the dataset root); ``path`` if None.
+    """
     import nibabel as nib
 
+    shown = path if shown is None else shown
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for corrupt or foreign files
-        raise BIDSInputError(f"cannot read image {ctx.name(path)}: {error}") from error
+        raise BIDSInputError(f"cannot read image {shown}: {error}") from error
     shape = image.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise BIDSInputError(
-            f"{ctx.name(path)} has shape {shape}; one 3D volume per file is expected "
+            f"{shown} has shape {shape}; one 3D volume per file is expected "
             "(split 4D series into one file per echo / flip angle / part)")
     return image
+
+
+def sorted_by_flip_angle(ctx, series, what):
+    """``series`` (objects with ``flip_angle`` and ``magnitude``) sorted by flip angle, all distinct."""
+    series = sorted(series, key=lambda s: s.flip_angle)
+    for a, b in zip(series, series[1:]):
+        if abs(a.flip_angle - b.flip_angle) <= ANGLE_TOLERANCE:
+            raise BIDSInputError(
+                f"two {what} flip- groups have the same FlipAngle {a.flip_angle:g} deg: {ctx.name(a.magnitude[0])} "
+                f"and {ctx.name(b.magnitude[0])}; fix the FlipAngle in the sidecars or the flip- labels")
+    return series
 
 
 def check_grids(ctx, paths, what):
     """All ``paths`` must be single 3D volumes on the same grid (headers only)."""
     reference = None
     for path in paths:
-        image = load_header(ctx, path)
+        image = load_header(path, ctx.name(path))
         shape = image.shape
         if reference is None:
             reference = (path, shape, image.affine)
@@ -240,7 +256,7 @@ def phase_scale(ctx, path):
         raise BIDSInputError(
             f"{ctx.name(path)}: unsupported phase \"Units\": {units!r} in {sidecar_name(ctx, path)}; "
             "phase must be in \"rad\" (or \"deg\"), or unlabelled scanner integers")
-    data = np.asanyarray(load_header(ctx, path).dataobj)
+    data = np.asanyarray(load_header(path, ctx.name(path)).dataobj)
     values = data[np.isfinite(data)] if data.dtype.kind == "f" else data.ravel()
     if values.size == 0:
         raise BIDSInputError(f"phase image {ctx.name(path)} holds no finite value")

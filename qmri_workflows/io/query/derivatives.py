@@ -174,6 +174,7 @@ def find_derivatives(layouts, subject, session):
         if collection == TB1MAP and "Units" not in metadata:
             notes.append(f"{bids_file.path} has no \"Units\" in its sidecar; TB1map values are read as percent "
                          "of the nominal flip angle (100 = nominal)")
+            LOGGER.info(notes[-1])
     return found, problems, notes
 
 

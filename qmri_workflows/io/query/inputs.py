@@ -174,7 +174,9 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
             collected[GRE] = attempt(GRE, gre_series, ctx, spoiled, "VFA")
         if megre_files:
             ctx.notes.append(
-                f"MEGRE images ignored ({ctx.name(megre_files[0].path)} ...): the VFA collection is used")
+                f"MEGRE images ignored ({ctx.name(megre_files[0].path)} ...): the VFA collection is used"
+                + (" (it is unusable: fix it, or move it out of the dataset to use the MEGRE)"
+                   if GRE in problems else ""))
             LOGGER.warning(ctx.notes[-1])
     elif megre_files:
         gre_suffix = "MEGRE"

@@ -105,11 +105,12 @@ def build_parser():
                       help="YAML or JSON file with 'plugin' and 'plugin_args' (overrides --plugin)")
 
     config = parser.add_argument_group("Workflow configuration")
-    config.add_argument("--r2star-method", choices=("wls", "nls"), default="wls",
-                        help="R2* estimator: ESTATICS weighted log-linear (wls, default) or "
-                        "non-linear with the magnitude noise floor (nls)")
-    config.add_argument("--n-coils", type=_positive_int, default=1,
-                        help="receive channels combined by root-sum-of-squares (noise law for nls)")
+    from ..workflows.registry import registered_families
+
+    # Each map family brings its own options (qmri_workflows.workflows.registry).
+    for family in registered_families():
+        for option in family.options:
+            config.add_argument(*option.flags, dest=option.dest, **option.kwargs)
 
     other = parser.add_argument_group("Other options")
     other.add_argument("-w", "--work-dir", type=Path, default=None,
@@ -389,6 +390,12 @@ def _run(args, argv):
     return _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args)
 
 
+def _used_collections():
+    from ..workflows.registry import registered_families
+
+    return {collection for family in registered_families() for collection in family.needs}
+
+
 def _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args):
     from nipype import config as nipype_config
 
@@ -407,22 +414,27 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args
         },
         "monitoring": {"enabled": False},
     })  # fmt: skip
+    from ..workflows.base import default_options
+
+    options = {dest: getattr(args, dest) for dest in default_options()}
     workflow, plans = init_qmri_wf(
         subjects=subjects,
         output_dir=str(output_dir),
-        raw_root=str(bids_dir),
         work_dir=str(work_dir),
-        r2star_method=args.r2star_method,
-        n_coils=args.n_coils,
+        options=options,
         omp_nthreads=args.omp_nthreads or min(args.nprocs, 8),
     )
-    for (subject, session), subject_plans in plans.items():
-        label = f"sub-{subject}" + (f" ses-{session}" if session else "")
-        for plan in subject_plans:
-            if plan.run:
-                LOGGER.info("%s: %s map from %s", label, plan.name, plan.reason)
-            else:
-                LOGGER.warning("%s: %s skipped: %s", label, plan.name, plan.reason)
+    from ..io.query import AFI, BSSFP, GRE, RECEIVE
+
+    used = _used_collections()
+    for subject in subjects:
+        label = f"sub-{subject.subject}" + (f" ses-{subject.session}" if subject.session else "")
+        LOGGER.info("%s plan:\n  %s", label, "\n  ".join(str(plan) for plan in plans[(subject.subject,
+                                                                                          subject.session)]))
+        unused = [collection for collection in (GRE, BSSFP, AFI, RECEIVE)
+                  if subject.has(collection) and collection not in used]
+        if unused:
+            LOGGER.info("%s: %s data present; no map of this version uses them yet", label, ", ".join(unused))
     if not workflow._graph.nodes():
         LOGGER.error("no subject has data for any map this version computes")
         return EXIT_NO_INPUT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -15,9 +16,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..io.derivatives import ENTITY_ORDER, bids_uri, sidecar_path, write_map
+from ..io.derivatives import ENTITY_ORDER, bids_uri, publish_map, sidecar_path
 
-__all__ = ["DerivativesDataSink", "find_dataset_root"]
+__all__ = ["DerivativesDataSink", "find_dataset_root", "subject_session_of"]
 
 _DTYPES = {"auto": None, "float32": "float32", "uint8": "uint8", "int16": "int16"}
 
@@ -28,6 +29,28 @@ def find_dataset_root(path):
         if (folder / "dataset_description.json").is_file():
             return folder
     return None
+
+
+_SUBJECT = re.compile(r"(?:^|_)sub-([A-Za-z0-9]+)")
+_SESSION = re.compile(r"(?:^|_)ses-([A-Za-z0-9]+)")
+
+
+def subject_session_of(path):
+    """``(subject, session or None)`` from the file name of a BIDS file.
+
+    Only the file name is read: folders above the dataset (``/data/sub-x/...``) cannot mislead it.
+
+    Raises
+    ------
+    ValueError
+        If the name carries no ``sub-`` entity.
+    """
+    name = Path(path).name
+    subject = _SUBJECT.search(name)
+    if subject is None:
+        raise ValueError(f"{path} is not a BIDS file name (no sub-<label> entity)")
+    session = _SESSION.search(name)
+    return subject.group(1), session.group(1) if session else None
 
 
 def _source_uris(source_files, raw_root):
@@ -46,8 +69,10 @@ def _source_uris(source_files, raw_root):
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="NIfTI image to publish")
     base_directory = Str(mandatory=True, desc="root of the derivatives dataset (never a raw dataset)")
-    subject = Str(mandatory=True, desc="subject label (sub- prefix optional)")
-    session = Str("", usedefault=True, desc="session label; empty for none")
+    subject = Str("", usedefault=True,
+                  desc="subject label (sub- prefix optional); empty: from the first source file's name")
+    session = Str("", usedefault=True,
+                  desc="session label; empty: from the first source file's name (none if it has none)")
     suffix = Str(mandatory=True, desc="BIDS suffix: R1map, R2starmap, mask, dseg, TB1map ...")
     datatype = traits.Enum("auto", "anat", "fmap", usedefault=True,
                            desc="data-type folder; 'auto': fmap for TB1map/RB1map, anat otherwise")
@@ -77,15 +102,17 @@ class _DerivativesDataSinkOutputSpec(TraitedSpec):
 class DerivativesDataSink(SimpleInterface):
     """Write ``in_file`` into a BIDS-derivatives dataset with a clean header and a sidecar.
 
-    The path comes from :func:`qmri_workflows.io.derivatives.bids_path`; the image is rewritten by
-    :func:`qmri_workflows.io.derivatives.write_map` (affine copied exactly into sform/qform, dtype by
-    kind, atomic write), and the sidecar gets ``metadata`` plus ``Sources`` (BIDS URIs of
-    ``source_files``) and default ``Units`` for map suffixes.
+    As NiPreps' sink, it names the output after its first source file: the subject and session
+    entities come from that file's name unless given. The path comes from
+    :func:`qmri_workflows.io.derivatives.bids_path`; the image is published by
+    :func:`qmri_workflows.io.derivatives.publish_map` (copied without re-encoding when the interface
+    that made it already wrote a clean header, rewritten otherwise), and the sidecar gets
+    ``metadata`` plus ``Sources`` (BIDS URIs of ``source_files``) and default ``Units`` for maps.
 
     Examples
     --------
-    >>> sink = DerivativesDataSink(base_directory="/out/qmri", subject="01", suffix="R1map",
-    ...                            raw_root="/data/raw", desc="fit")
+    >>> sink = DerivativesDataSink(base_directory="/out/qmri", suffix="R1map", desc="fit",
+    ...                            source_files=["/data/raw/sub-01/anat/sub-01_flip-1_VFA.nii.gz"])
     >>> sink.inputs.flip = 2
     """
 
@@ -93,12 +120,7 @@ class DerivativesDataSink(SimpleInterface):
     output_spec = _DerivativesDataSinkOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-        import numpy as np
-
         inputs = self.inputs
-        image = nib.load(inputs.in_file)
-        data = np.asanyarray(image.dataobj)
         entities = {}
         for key in ENTITY_ORDER:
             value = getattr(inputs, key)
@@ -115,17 +137,20 @@ class DerivativesDataSink(SimpleInterface):
                     sources.append(uri)
             metadata["Sources"] = sources
 
-        out_file = write_map(
+        subject, session = inputs.subject, inputs.session
+        if not subject:
+            if not source_files:
+                raise ValueError("DerivativesDataSink needs a subject or source files to name the output")
+            subject, session = subject_session_of(source_files[0])
+        out_file = publish_map(
             inputs.base_directory,
-            data,
-            image.affine,
-            subject=inputs.subject,
-            session=inputs.session or None,
+            inputs.in_file,
+            subject=subject,
+            session=session or None,
             suffix=inputs.suffix,
             datatype=None if inputs.datatype == "auto" else inputs.datatype,
             dtype=_DTYPES[inputs.dtype],
             metadata=metadata,
-            header=image.header,
             **entities,
         )
         self._results["out_file"] = str(out_file)

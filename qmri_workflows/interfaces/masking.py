@@ -45,6 +45,6 @@ class BrainMask(SimpleInterface):
             sum_of_squares += np.square(load_volume(path, reference=reference), dtype=np.float64)
         mask = brain_mask(np.sqrt(sum_of_squares), voxel_size=reference.header.get_zooms()[:3])
         self._results["out_mask"] = str(
-            write_nifti(os.path.join(runtime.cwd, "brain_mask.nii.gz"), mask, reference.affine)
+            write_nifti(os.path.join(runtime.cwd, "brain_mask.nii"), mask, reference.affine)
         )
         return runtime

@@ -157,15 +157,15 @@ class FitR2star(SimpleInterface):
 
         cwd = runtime.cwd
         self._results["r2star_file"] = str(
-            write_nifti(os.path.join(cwd, "R2starmap.nii.gz"), r2star, reference.affine)
+            write_nifti(os.path.join(cwd, "R2starmap.nii"), r2star, reference.affine)
         )
         self._results["t2star_file"] = str(
-            write_nifti(os.path.join(cwd, "T2starmap.nii.gz"), t2star, reference.affine)
+            write_nifti(os.path.join(cwd, "T2starmap.nii"), t2star, reference.affine)
         )
         self._results["s0_files"] = [
             str(
                 write_nifti(
-                    os.path.join(cwd, f"S0map_flip{c + 1}.nii.gz"),
+                    os.path.join(cwd, f"S0map_flip{c + 1}.nii"),
                     np.nan_to_num(s0[..., c]),
                     reference.affine,
                 )

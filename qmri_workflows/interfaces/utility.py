@@ -57,3 +57,27 @@ class CommitDerivatives(SimpleInterface):
             self.inputs.staging_dir, self.inputs.output_dir, self.inputs.in_files
         )
         return runtime
+
+
+class _PickItemInputSpec(BaseInterfaceInputSpec):
+    # A one-item list may arrive as the item itself (OutputMultiObject unwraps it).
+    inlist = InputMultiObject(traits.Any, mandatory=True, desc="items (e.g. one file per flip angle)")
+    index = traits.Int(mandatory=True, desc="position of the item to pass on")
+
+
+class _PickItemOutputSpec(TraitedSpec):
+    out = traits.Any(desc="the item at index")
+
+
+class PickItem(SimpleInterface):
+    """Pass on one item of a list (one of a family's per-flip-angle maps to its own sink)."""
+
+    input_spec = _PickItemInputSpec
+    output_spec = _PickItemOutputSpec
+
+    def _run_interface(self, runtime):
+        items = self.inputs.inlist
+        if not -len(items) <= self.inputs.index < len(items):
+            raise IndexError(f"item {self.inputs.index} requested from a list of {len(items)}")
+        self._results["out"] = items[self.inputs.index]
+        return runtime

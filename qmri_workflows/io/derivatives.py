@@ -50,6 +50,8 @@ __all__ = [
     "write_json",
     "write_map",
     "write_nifti",
+    "has_clean_header",
+    "publish_map",
 ]
 
 BIDS_VERSION = "1.10.0"
@@ -454,6 +456,44 @@ def check_output_root(out_root):
 # --------------------------------------------------------------------------------------------------
 # derivatives
 # --------------------------------------------------------------------------------------------------
+def _map_target(out_root, *, subject, suffix, session, datatype, **entities):
+    """Checked output root and target path of a derivative image (see :func:`write_map`)."""
+    root = check_output_root(out_root)
+    if datatype is None:
+        datatype = "fmap" if suffix in FMAP_SUFFIXES else "anat"
+    elif suffix in FMAP_SUFFIXES and datatype != "fmap":
+        raise ValueError(f"{suffix} belongs in the 'fmap' folder (BIDS), got datatype={datatype!r}")
+    relative = bids_path(subject=subject, session=session, suffix=suffix, datatype=datatype,
+                         extension=".nii.gz", **entities)
+    return root / relative
+
+
+def _map_sidecar(metadata, suffix, entities):
+    sidecar = dict(metadata or {})
+    if suffix in DEFAULT_UNITS:
+        sidecar.setdefault("Units", DEFAULT_UNITS[suffix])
+        # required by BIDS for derivative images that are not masks or segmentations
+        sidecar.setdefault("SkullStripped", False)
+    if suffix in _MASK_SUFFIXES and entities.get("desc") == "brain":
+        sidecar.setdefault("Type", "Brain")
+    return sidecar
+
+
+def _check_mask_values(data):
+    values = np.unique(data)
+    if not np.isin(values, (0, 1)).all():
+        raise ValueError(
+            f"a mask must hold only 0 and 1, got values {values[:10].tolist()} (shape {np.shape(data)})")
+
+
+def _default_dtype(suffix):
+    if suffix in _MASK_SUFFIXES:
+        return np.dtype(np.uint8)
+    if suffix in _SEGMENTATION_SUFFIXES:
+        return np.dtype(np.int16)
+    return np.dtype(np.float32)
+
+
 def write_map(out_root, data, affine, *, subject, suffix, metadata, session=None, datatype=None,
               dtype=None, header=None, **entities):
     """Write a derivative image and its JSON sidecar into the BIDS-derivatives dataset ``out_root``.
@@ -492,36 +532,84 @@ def write_map(out_root, data, affine, *, subject, suffix, metadata, session=None
         If ``out_root`` is in a raw dataset, a B1 map is put outside ``fmap``, a mask has values other
         than 0/1, or a file-name entity is invalid.
     """
-    root = check_output_root(out_root)
-    if datatype is None:
-        datatype = "fmap" if suffix in FMAP_SUFFIXES else "anat"
-    elif suffix in FMAP_SUFFIXES and datatype != "fmap":
-        raise ValueError(f"{suffix} belongs in the 'fmap' folder (BIDS), got datatype={datatype!r}")
-    relative = bids_path(subject=subject, session=session, suffix=suffix, datatype=datatype,
-                         extension=".nii.gz", **entities)
+    target = _map_target(out_root, subject=subject, session=session, suffix=suffix, datatype=datatype,
+                         **entities)
     data = np.asanyarray(data)
     if dtype is None:
         if suffix in _MASK_SUFFIXES:
-            values = np.unique(data)
-            if not np.isin(values, (0, 1)).all():
-                raise ValueError(
-                    f"a mask must hold only 0 and 1, got values {values[:10].tolist()} (shape {data.shape})")
-            dtype = np.uint8
-        elif suffix in _SEGMENTATION_SUFFIXES:
-            dtype = np.int16
-        else:
-            dtype = np.float32
-    sidecar = dict(metadata or {})
-    if suffix in DEFAULT_UNITS:
-        sidecar.setdefault("Units", DEFAULT_UNITS[suffix])
-        # required by BIDS for derivative images that are not masks or segmentations
-        sidecar.setdefault("SkullStripped", False)
-    if suffix in _MASK_SUFFIXES and entities.get("desc") == "brain":
-        sidecar.setdefault("Type", "Brain")
-
-    target = root / relative
+            _check_mask_values(data)
+        dtype = _default_dtype(suffix)
     write_nifti(target, data, affine, dtype=dtype, header=header)
-    write_json(sidecar_path(target), sidecar)
+    write_json(sidecar_path(target), _map_sidecar(metadata, suffix, entities))
+    return target
+
+
+def has_clean_header(image, dtype):
+    """Whether ``image`` (nibabel) is stored as :func:`write_nifti` would store it with ``dtype``.
+
+    Only the header is read: dtype, unit scaling, sform (code 1) and qform consistent with it,
+    spatial units mm and no display window.
+    """
+    header = image.header
+    if header.get_data_dtype() != np.dtype(dtype):
+        return False
+    slope, inter = header.get_slope_inter()
+    if slope not in (None, 1.0) or inter not in (None, 0.0):
+        return False
+    sform, sform_code = image.get_sform(coded=True)
+    if int(sform_code) != 1:
+        return False
+    qform, qform_code = image.get_qform(coded=True)
+    if int(qform_code) not in (0, 1) or (int(qform_code) == 1 and not np.allclose(qform, sform, atol=1e-4,
+                                                                                  rtol=0)):
+        return False
+    return header.get_xyzt_units()[0] == "mm" and header["cal_min"] == 0 and header["cal_max"] == 0
+
+
+def publish_map(out_root, in_file, *, subject, suffix, metadata, session=None, datatype=None, dtype=None,
+                **entities):
+    """Put the image file ``in_file`` into the derivatives dataset, as :func:`write_map` would.
+
+    A file whose header already follows :func:`write_nifti`'s conventions for the target dtype
+    (the interfaces write their results with it) is copied byte for byte, or gzip-compressed when
+    it is a ``.nii``: the voxels are neither decoded nor re-encoded. Any other file is rewritten
+    through :func:`write_map`.
+
+    Parameters
+    ----------
+    out_root, subject, suffix, metadata, session, datatype, dtype, **entities
+        As :func:`write_map`.
+    in_file : str or Path
+        NIfTI file (``.nii`` or ``.nii.gz``).
+
+    Returns
+    -------
+    Path
+        The published NIfTI file.
+    """
+    import gzip
+    import shutil
+
+    import nibabel as nib
+
+    image = nib.load(str(in_file))
+    target_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(suffix)
+    if not has_clean_header(image, target_dtype) or not isinstance(image, nib.Nifti1Image):
+        data = np.asanyarray(image.dataobj)
+        return write_map(out_root, data, image.affine, subject=subject, suffix=suffix, metadata=metadata,
+                         session=session, datatype=datatype, dtype=dtype, header=image.header, **entities)
+    if suffix in _MASK_SUFFIXES:
+        _check_mask_values(np.asanyarray(image.dataobj))
+    target = _map_target(out_root, subject=subject, session=session, suffix=suffix, datatype=datatype,
+                         **entities)
+    with _atomic_target(target) as temporary:
+        if str(in_file).endswith(".gz"):
+            shutil.copyfile(in_file, temporary)
+        else:
+            # nibabel's own default level: fast, and the maps compress well at it
+            with open(in_file, "rb") as source, gzip.open(temporary, "wb", compresslevel=1) as sink:
+                shutil.copyfileobj(source, sink, length=1 << 22)
+    write_json(sidecar_path(target), _map_sidecar(metadata, suffix, entities))
     return target
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import BIDSInputError
 
-__all__ = ["GRID_TOLERANCE_MM", "load_phase", "load_volume", "same_grid"]
+__all__ = ["GRID_TOLERANCE_MM", "load_phase", "load_volume", "read_image", "same_grid", "volume_data"]
 
 GRID_TOLERANCE_MM = 1e-3
 """Largest difference between affine entries (mm) for two images to count as on the same grid."""
@@ -40,29 +40,60 @@ def load_volume(path, *, dtype=np.float32, reference=None):
     BIDSInputError
         If the file cannot be read, is not 3D, holds no finite value, or is off the reference grid.
     """
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises several types for corrupt or foreign files
-        raise BIDSInputError(f"cannot read image {path}: {error}") from error
-    shape = image.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise BIDSInputError(
-            f"image {path} has shape {image.shape}; a single 3D volume is expected (split 4D files "
-            "into one file per echo/flip angle as BIDS describes)")
+    image = read_image(path)
     if reference is not None and not same_grid(image.shape, image.affine, reference.shape, reference.affine):
         raise BIDSInputError(
             f"image {path} (shape {image.shape[:3]}) is not on the grid of "
             f"{getattr(reference, 'get_filename', lambda: 'the reference')()} (shape {reference.shape[:3]}); "
             "resample it onto the same grid or re-export the series together")
+    return volume_data(image, path, dtype=dtype)
+
+
+def read_image(path):
+    """Open a NIfTI file (header only; data stay on disk until used).
+
+    Raises
+    ------
+    BIDSInputError
+        If nibabel cannot read the file.
+    """
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception as error:  # nibabel raises several types for corrupt or foreign files
+        raise BIDSInputError(f"cannot read image {path}: {error}") from error
+
+
+def volume_data(image, name, *, dtype=np.float32):
+    """The data of a single-volume image as a 3D array of ``dtype`` (scaling applied).
+
+    Parameters
+    ----------
+    image : nibabel image
+        A 3D image, or a 4D image holding a single volume (squeezed).
+    name : str or Path
+        How error messages name the image (usually its file).
+    dtype : numpy dtype, optional
+        dtype of the returned array.
+
+    Raises
+    ------
+    BIDSInputError
+        If the image is not 3D or holds no finite value.
+    """
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise BIDSInputError(
+            f"image {name} has shape {image.shape}; a single 3D volume is expected (split 4D files "
+            "into one file per echo/flip angle as BIDS describes)")
     data = np.asarray(image.dataobj, dtype=dtype).reshape(shape)
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.any():
-            raise BIDSInputError(f"image {path} holds no finite value (all NaN/Inf)")
+            raise BIDSInputError(f"image {name} holds no finite value (all NaN/Inf)")
     return data
 
 

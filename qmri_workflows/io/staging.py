@@ -8,8 +8,8 @@ final moves are renames on one file system.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from pathlib import Path
 
 STAGING_FOLDER = ".qmri-staging"
@@ -24,7 +24,9 @@ def staging_directory(output_dir, subject, session=None):
 def commit_staged_files(staging_dir, output_dir, files):
     """Move ``files`` (all under ``staging_dir``) to the same relative paths under ``output_dir``.
 
-    Every file is checked before the first one moves, so a missing file moves nothing.
+    Every file is checked before the first one moves, so a missing file moves nothing. Only the
+    moved files leave the staging folder; folders left empty are removed, so another writer's
+    files staged beside them are never touched.
 
     Returns
     -------
@@ -45,8 +47,22 @@ def commit_staged_files(staging_dir, output_dir, files):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
         published.append(str(target))
-    shutil.rmtree(staging_dir, ignore_errors=True)
-    staging_root = staging_dir.parent
-    if staging_root.name == STAGING_FOLDER and not any(staging_root.iterdir()):
-        staging_root.rmdir()
+    _remove_empty_folders({source.parent for source in sources}, stop=staging_dir.parent)
     return published
+
+
+def _remove_empty_folders(folders, *, stop):
+    """Remove each folder in ``folders`` and its parents up to (excluding) ``stop`` while empty.
+
+    The hidden staging root itself goes too once nothing is staged in it.
+    """
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        while folder != stop and stop in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another writer's files) or already gone
+                break
+            folder = folder.parent
+    if stop.name == STAGING_FOLDER:
+        with contextlib.suppress(OSError):
+            stop.rmdir()

@@ -1,64 +1,23 @@
-"""Top-level workflows: one per subject (and session), gathered into one graph."""
+"""Top-level workflows: one per subject (and session), built from the map registry."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-MIN_ECHOES_R2STAR = 2
+from .registry import BuildContext, MapPlan, plan_families, registered_families
 
-
-@dataclass(frozen=True)
-class MapPlan:
-    """Whether a map can be computed for a subject, and why (not)."""
-
-    name: str
-    run: bool
-    reason: str
-
-
-def plan_maps(inputs):
-    """Decide which maps the data of one subject supports.
-
-    Parameters
-    ----------
-    inputs : qmri_workflows.io.query.SubjectInputs
-
-    Returns
-    -------
-    list of MapPlan
-    """
-    plans = []
-    if not inputs.gre:
-        plans.append(MapPlan("R2*", False, "no multi-echo GRE (VFA or MEGRE) found"))
-    else:
-        n_echoes = max(len(series.magnitude) for series in inputs.gre)
-        if n_echoes < MIN_ECHOES_R2STAR:
-            plans.append(
-                MapPlan("R2*", False, f"{n_echoes} echo(es); R2* needs at least {MIN_ECHOES_R2STAR}")
-            )
-        else:
-            plans.append(
-                MapPlan(
-                    "R2*",
-                    True,
-                    f"{inputs.gre_suffix}: {len(inputs.gre)} flip angle(s) x {n_echoes} echoes",
-                )
-            )
-    # Maps that later releases estimate; say so rather than skip silently.
-    not_yet = [
-        ("R1/PD", bool(inputs.gre and len(inputs.gre) >= 2), "variable flip angle SPGR"),
-        ("R2", bool(inputs.bssfp), "phase-cycled bSSFP"),
-        ("B1+", inputs.afi is not None, "AFI"),
-        ("QSM", any(series.phase for series in inputs.gre), "multi-echo GRE phase"),
-    ]
-    for name, has_data, source in not_yet:
-        if has_data:
-            plans.append(MapPlan(name, False, f"{source} found, but this version does not fit {name} yet"))
-    return plans
+__all__ = [
+    "MapPlan",
+    "default_options",
+    "estimate_fit_mem_gb",
+    "flatten_echoes",
+    "init_qmri_wf",
+    "init_single_subject_wf",
+    "map_grid_file",
+]
 
 
 def flatten_echoes(gre_series):
@@ -88,17 +47,32 @@ def estimate_fit_mem_gb(reference_file, n_volumes):
     return round(max(0.5, 1.2 * (stack + outputs) / 1e9 + 0.3), 2)
 
 
-def init_single_subject_wf(
-    *,
-    inputs,
-    output_dir,
-    raw_root,
-    r2star_method="wls",
-    n_coils=1,
-    omp_nthreads=1,
-    name=None,
-):
-    """Build the workflow of one subject (and session).
+def map_grid_file(inputs):
+    """The raw image whose grid every map of the subject is computed on.
+
+    The first magnitude echo of the multi-echo GRE (lowest flip angle), or of the bSSFP when the
+    subject has no GRE.
+    """
+    if inputs.gre:
+        return inputs.gre[0].magnitude[0]
+    if inputs.bssfp:
+        return inputs.bssfp[0].magnitude[0]
+    raise ValueError(f"sub-{inputs.subject} has no GRE or bSSFP image to define the map grid")
+
+
+def default_options(families=None):
+    """``{dest: default}`` of every option of the registered map families."""
+    families = registered_families() if families is None else families
+    return {option.dest: option.kwargs.get("default") for family in families for option in family.options}
+
+
+def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, families=None, name=None):
+    """Build the workflow of one subject (and session) from the map registry.
+
+    Every family whose needs the subject's data meet is built (dependencies first) and connected to
+    the families it consumes; files given with ``--derivatives`` that a family asks for are
+    resampled onto the map grid first; all outputs go to one derivatives writer that publishes
+    the subject's files together (:func:`qmri_workflows.workflows.outputs.init_ds_subject_wf`).
 
     Parameters
     ----------
@@ -106,14 +80,13 @@ def init_single_subject_wf(
         What the query layer found for this subject.
     output_dir : str
         Root of the derivatives dataset.
-    raw_root : str
-        Root of the raw BIDS dataset.
-    r2star_method : {"wls", "nls"}
-        R2* estimator.
-    n_coils : int
-        Receive channels combined by root-sum-of-squares in the magnitude images.
+    options : dict, optional
+        Values of the families' options by ``dest`` (``r2star_method``, ``n_coils`` ...); missing
+        ones take their defaults (:func:`default_options`).
     omp_nthreads : int
-        Threads a single voxel-wise fitting node may use.
+        Threads a single voxel-wise node may use.
+    families : list of MapFamily, optional
+        In dependency order; every registered family by default.
     name : str, optional
         Defaults to ``sub_<label>[_ses_<label>]_wf``.
 
@@ -125,86 +98,82 @@ def init_single_subject_wf(
     from nipype.pipeline import engine as pe
 
     from ..io.staging import staging_directory
-    from .outputs import init_ds_r2star_wf
-    from .r2star import init_brain_mask_wf, init_r2star_wf
+    from .outputs import init_ds_subject_wf, output_field
 
-    plans = plan_maps(inputs)
-    if not any(plan.run for plan in plans):
+    families = registered_families() if families is None else list(families)
+    plans = plan_families(inputs, families)
+    running = [family for family, plan in zip(families, plans) if plan.run]
+    if not running:
         return None, plans
-    # Nodes run in their own folders: relative paths would point somewhere else there.
-    output_dir, raw_root = Path(output_dir).absolute(), Path(raw_root).absolute()
+    # Nodes run in their own folders: a relative path would point somewhere else there.
+    output_dir = Path(output_dir).absolute()
+    context = BuildContext(inputs=inputs, options={**default_options(families), **(options or {})},
+                           omp_nthreads=omp_nthreads)
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
     workflow = pe.Workflow(name=name or f"{label}_wf")
+    built = {}
+    for family in running:
+        family_wf = family.build(context)
+        if family_wf.name in {other.name for other in built.values()} or family_wf.name == "ds_wf":
+            raise ValueError(f"map family {family.key!r} builds a workflow named {family_wf.name!r}, "
+                             "which another family (or the derivatives writer) already uses")
+        workflow.add_nodes([family_wf])
+        for field, (dependency, dependency_field) in family.consumes.items():
+            workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
+        for field, (collection, interpolation) in family.derived_inputs.items():
+            derived = inputs.derivatives.get(collection) if hasattr(inputs, "derivatives") else None
+            if derived is None:
+                continue
+            workflow.connect(_resample_node(derived.path, map_grid_file(inputs), interpolation,
+                                            name=f"resample_{family.key}_{field}"),
+                             "out_file", family_wf, f"inputnode.{field}")
+        built[family.key] = family_wf
 
-    magnitude_files, echo_times, flip_angles = flatten_echoes(inputs.gre)
-    first_echoes = [series.magnitude[0] for series in inputs.gre]
-    fit_mem_gb = estimate_fit_mem_gb(first_echoes[0], len(magnitude_files))
-
-    brain_mask_wf = init_brain_mask_wf(
-        mem_gb=estimate_fit_mem_gb(first_echoes[0], len(first_echoes))
-    )
-    brain_mask_wf.inputs.inputnode.in_files = first_echoes
-
-    r2star_wf = init_r2star_wf(
-        method=r2star_method, n_coils=n_coils, mem_gb=fit_mem_gb, omp_nthreads=omp_nthreads
-    )
-    r2star_wf.inputs.inputnode.magnitude_files = magnitude_files
-    r2star_wf.inputs.inputnode.echo_times = echo_times
-    r2star_wf.inputs.inputnode.flip_angles = flip_angles
-
-    # The maps are fitted inside the brain mask only.
-    static_metadata = {"SkullStripped": True}
+    static_metadata = {}
     if inputs.field_strength:
         static_metadata["MagneticFieldStrength"] = inputs.field_strength
-    s0_labels = None
-    if inputs.gre_suffix == "VFA" and len(inputs.gre) > 1:
-        s0_labels = [f"flip{i + 1}" for i in range(len(inputs.gre))]
-    # The query layer sorts the series by flip angle, as the fit orders its S0 maps.
-    s0_metadata = []
-    for series in inputs.gre:
-        acquisition = {"EchoTime": list(series.echo_times)}
-        if series.flip_angle:
-            acquisition["FlipAngle"] = series.flip_angle
-        if series.repetition_time:
-            acquisition["RepetitionTimeExcitation"] = series.repetition_time
-        s0_metadata.append(acquisition)
-    ds_r2star_wf = init_ds_r2star_wf(
+    family_outputs = [(family, family.outputs(inputs)) for family in running]
+    ds_wf = init_ds_subject_wf(
+        family_outputs=family_outputs,
         output_dir=str(output_dir),
         staging_dir=str(staging_directory(output_dir, inputs.subject, inputs.session)),
-        raw_root=str(raw_root),
-        subject=inputs.subject,
-        session=inputs.session,
-        source_files=magnitude_files,
-        s0_labels=s0_labels,
-        s0_metadata=s0_metadata,
-        s0_source_files=[series.magnitude for series in inputs.gre],
         static_metadata=static_metadata,
     )
-    workflow.connect([
-        (brain_mask_wf, r2star_wf, [("outputnode.mask_file", "inputnode.mask_file")]),
-        (brain_mask_wf, ds_r2star_wf, [("outputnode.mask_file", "inputnode.mask_file")]),
-        (r2star_wf, ds_r2star_wf, [
-            ("outputnode.r2star_file", "inputnode.r2star_file"),
-            ("outputnode.t2star_file", "inputnode.t2star_file"),
-            ("outputnode.s0_files", "inputnode.s0_files"),
-            ("outputnode.metadata", "inputnode.metadata"),
-        ]),
-    ])  # fmt: skip
+    for family, outputs in family_outputs:
+        fields = dict.fromkeys(output.field for output in outputs)
+        if family.runtime_metadata:
+            fields["metadata"] = None
+        workflow.connect([
+            (built[family.key], ds_wf,
+             [(f"outputnode.{field}", f"inputnode.{output_field(family.key, field)}") for field in fields]),
+        ])  # fmt: skip
     return workflow, plans
 
 
-def init_qmri_wf(*, subjects, output_dir, raw_root, work_dir=None, r2star_method="wls", n_coils=1,
-                 omp_nthreads=1, name="qmri_wf"):
+def _resample_node(in_file, reference_file, interpolation, *, name):
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.resample import ResampleToReference
+
+    return pe.Node(ResampleToReference(in_file=str(in_file), reference_file=str(reference_file),
+                                       kind=interpolation), name=name)
+
+
+def init_qmri_wf(*, subjects, output_dir, work_dir=None, options=None, omp_nthreads=1, name="qmri_wf"):
     """Gather the workflows of several subjects into one graph.
 
     Parameters
     ----------
     subjects : list of qmri_workflows.io.query.SubjectInputs
-    output_dir, raw_root : str
-        Derivatives root and raw dataset root.
+    output_dir : str
+        Derivatives root.
     work_dir : str, optional
         Nipype's working directory.
+    options : dict, optional
+        Options of the map families (see :func:`init_single_subject_wf`).
+    omp_nthreads : int
+        Threads a single voxel-wise node may use.
 
     Returns
     -------
@@ -214,16 +183,13 @@ def init_qmri_wf(*, subjects, output_dir, raw_root, work_dir=None, r2star_method
     """
     from nipype.pipeline import engine as pe
 
+    families = registered_families()
     workflow = pe.Workflow(name=name, base_dir=work_dir)
     plans = {}
     for inputs in subjects:
         subject_wf, subject_plans = init_single_subject_wf(
-            inputs=inputs,
-            output_dir=output_dir,
-            raw_root=raw_root,
-            r2star_method=r2star_method,
-            n_coils=n_coils,
-            omp_nthreads=omp_nthreads,
+            inputs=inputs, output_dir=output_dir, options=options, omp_nthreads=omp_nthreads,
+            families=families,
         )
         plans[(inputs.subject, inputs.session)] = subject_plans
         if subject_wf is not None:

@@ -1,70 +1,40 @@
-"""Workflows that write derivatives (NiPreps' ``init_ds_*_wf`` pattern)."""
+"""The derivatives writer of a subject: one sink per registry output, one commit at the end."""
 
 from __future__ import annotations
 
 
-def _sink(name, *, staging_dir, raw_root, subject, session, source_files, **fields):
-    from nipype.pipeline import engine as pe
-
-    from ..interfaces.bids import DerivativesDataSink
-
-    sink = DerivativesDataSink(
-        base_directory=str(staging_dir),
-        raw_root=str(raw_root),
-        subject=subject,
-        source_files=list(source_files),
-        **fields,
-    )
-    if session:
-        sink.inputs.session = session
-    # Writing a file is cheap; a batch plugin should not queue a job for it, and a sink must
-    # run again whenever its staged file was published by an earlier run.
-    return pe.Node(sink, name=name, run_without_submitting=True, overwrite=True)
+def output_field(family_key, field):
+    """Name of the derivatives workflow's ``inputnode`` field fed by ``family_key``'s ``field``."""
+    return f"{family_key}__{field}"
 
 
-def init_ds_r2star_wf(
-    *,
-    output_dir,
-    staging_dir,
-    raw_root,
-    subject,
-    session=None,
-    source_files,
-    s0_labels=None,
-    s0_metadata,
-    s0_source_files,
-    static_metadata=None,
-    name="ds_r2star_wf",
-):
-    """Write the R2* workflow's maps and the brain mask, then publish them together.
+def init_ds_subject_wf(*, family_outputs, output_dir, staging_dir, static_metadata=None, name="ds_wf"):
+    """Write every output of a subject's map families, then publish them together.
+
+    Each :class:`~qmri_workflows.workflows.registry.Output` gets its own sink, named after its
+    first source file (subject and session entities) as NiPreps' ``DerivativesDataSink`` does.
+    All sinks write into the subject's staging folder; a single commit node moves every file into
+    ``output_dir`` once all were written, so a subject's derivatives appear together or not at all.
 
     Parameters
     ----------
+    family_outputs : list of (MapFamily, list of Output)
+        The families that run for the subject, with the outputs each writes.
     output_dir : str
         Root of the derivatives dataset.
     staging_dir : str
-        Hidden folder inside ``output_dir`` where the files are written first
+        The subject's hidden staging folder inside ``output_dir``
         (:func:`qmri_workflows.io.staging.staging_directory`).
-    raw_root : str
-        Root of the raw dataset (for ``Sources`` as BIDS URIs).
-    subject, session : str
-        Labels without prefixes.
-    source_files : list of str
-        Raw magnitude files the maps come from.
-    s0_labels : list of str, optional
-        ``desc`` label of each S0 map (``flip1``, ``flip2``, ... in ascending flip angle; BIDS
-        allows no ``flip`` entity on derivative maps); None for a single flip angle.
-    s0_metadata : list of dict
-        Sidecar fields of each S0 map's own acquisition (``FlipAngle``,
-        ``RepetitionTimeExcitation``, ``EchoTime``), in the order of the S0 maps.
-    s0_source_files : list of list of str
-        Raw magnitude files of each S0 map.
     static_metadata : dict, optional
-        Sidecar fields known when the workflow is built (e.g. ``MagneticFieldStrength``).
+        Sidecar fields of every output known when the graph is built (``MagneticFieldStrength``...);
+        an output's own ``metadata`` wins over them, and both win over the run-time ``metadata``.
+    name : str
+        Workflow name.
 
     Inputs
     ------
-    r2star_file, t2star_file, s0_files, mask_file, metadata
+    ``<family key>__<field>`` for each output field, and ``<family key>__metadata`` for each family
+    with run-time metadata (see :func:`output_field`).
 
     Outputs
     -------
@@ -74,46 +44,68 @@ def init_ds_r2star_wf(
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
-    from ..interfaces.utility import CommitDerivatives, MergeMetadata
+    from ..interfaces.bids import DerivativesDataSink
+    from ..interfaces.utility import CommitDerivatives, MergeMetadata, PickItem
 
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(
-        niu.IdentityInterface(
-            fields=["r2star_file", "t2star_file", "s0_files", "mask_file", "metadata"]
-        ),
-        name="inputnode",
-    )
+    fields = []
+    for family, outputs in family_outputs:
+        for output in outputs:
+            if output_field(family.key, output.field) not in fields:
+                fields.append(output_field(family.key, output.field))
+        if family.runtime_metadata:
+            fields.append(output_field(family.key, "metadata"))
+    inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
-    common = dict(
-        staging_dir=staging_dir,
-        raw_root=raw_root,
-        subject=subject,
-        session=session,
-        source_files=source_files,
-    )
-    static = pe.Node(niu.IdentityInterface(fields=["metadata"]), name="static")
-    static.inputs.metadata = dict(static_metadata or {})
-    merge_metadata = pe.Node(MergeMetadata(), name="merge_metadata", run_without_submitting=True)
-    merge_s0_metadata = pe.MapNode(
-        MergeMetadata(), name="merge_s0_metadata", iterfield=["update"],
-        run_without_submitting=True,
-    )  # fmt: skip
-    merge_s0_metadata.inputs.update = [dict(entry) for entry in s0_metadata]
 
-    ds_r2star = _sink("ds_r2star", suffix="R2starmap", **common)
-    ds_t2star = _sink("ds_t2star", suffix="T2starmap", **common)
-    ds_mask = _sink("ds_mask", suffix="mask", desc="brain", **common)
-    # One S0 map per flip angle, each with its own acquisition's metadata and raw files.
-    s0_fields = ["in_file", "metadata", "source_files"] + (["desc"] if s0_labels else [])
-    ds_s0 = pe.MapNode(
-        _sink("ds_s0", suffix="S0map", **common).interface, name="ds_s0", iterfield=s0_fields,
-        run_without_submitting=True, overwrite=True,
-    )  # fmt: skip
-    ds_s0.inputs.source_files = [list(files) for files in s0_source_files]
-    if s0_labels:
-        ds_s0.inputs.desc = list(s0_labels)
+    sinks = []
+    for family, outputs in family_outputs:
+        for output in outputs:
+            label = f"{family.key}_{output.suffix}" + (f"_{output.desc}" if output.desc else "")
+            if output.index is not None:
+                label += f"_{output.index}"
+            sink = pe.Node(
+                DerivativesDataSink(
+                    base_directory=str(staging_dir),
+                    suffix=output.suffix,
+                    source_files=[str(path) for path in output.source_files],
+                ),
+                name=f"ds_{label}",
+                # Writing a file is cheap: a batch plugin should not queue a job for it. A sink
+                # must run again whenever its staged file was published by an earlier run.
+                run_without_submitting=True,
+                overwrite=True,
+            )
+            if output.desc:
+                sink.inputs.desc = output.desc
+            if output.datatype:
+                sink.inputs.datatype = output.datatype
+            static = {**(static_metadata or {}), **output.metadata}
+            if family.runtime_metadata:
+                merge = pe.Node(MergeMetadata(update=static), name=f"metadata_{label}",
+                                run_without_submitting=True)
+                workflow.connect(inputnode, output_field(family.key, "metadata"), merge, "base")
+                workflow.connect(merge, "out_dict", sink, "metadata")
+            else:
+                sink.inputs.metadata = static
+            source = output_field(family.key, output.field)
+            if output.index is None:
+                workflow.connect(inputnode, source, sink, "in_file")
+            else:
+                pick = pe.Node(PickItem(index=output.index), name=f"pick_{label}",
+                               run_without_submitting=True)
+                workflow.connect([
+                    (inputnode, pick, [(source, "inlist")]),
+                    (pick, sink, [("out", "in_file")]),
+                ])  # fmt: skip
+            sinks.append(sink)
 
-    gather = pe.Node(niu.Merge(8, ravel_inputs=True), name="gather", run_without_submitting=True)
+    gather = pe.Node(niu.Merge(2 * len(sinks), ravel_inputs=True), name="gather",
+                     run_without_submitting=True)
+    for position, sink in enumerate(sinks):
+        workflow.connect([
+            (sink, gather, [("out_file", f"in{2 * position + 1}"), ("out_meta", f"in{2 * position + 2}")]),
+        ])  # fmt: skip
     commit = pe.Node(
         CommitDerivatives(staging_dir=str(staging_dir), output_dir=str(output_dir)),
         name="commit",
@@ -121,21 +113,6 @@ def init_ds_r2star_wf(
         overwrite=True,
     )
     workflow.connect([
-        (inputnode, merge_metadata, [("metadata", "base")]),
-        (static, merge_metadata, [("metadata", "update")]),
-        (merge_metadata, ds_r2star, [("out_dict", "metadata")]),
-        (merge_metadata, ds_t2star, [("out_dict", "metadata")]),
-        (merge_metadata, merge_s0_metadata, [("out_dict", "base")]),
-        (merge_s0_metadata, ds_s0, [("out_dict", "metadata")]),
-        (static, ds_mask, [("metadata", "metadata")]),
-        (inputnode, ds_r2star, [("r2star_file", "in_file")]),
-        (inputnode, ds_t2star, [("t2star_file", "in_file")]),
-        (inputnode, ds_s0, [("s0_files", "in_file")]),
-        (inputnode, ds_mask, [("mask_file", "in_file")]),
-        (ds_r2star, gather, [("out_file", "in1"), ("out_meta", "in2")]),
-        (ds_t2star, gather, [("out_file", "in3"), ("out_meta", "in4")]),
-        (ds_s0, gather, [("out_file", "in5"), ("out_meta", "in6")]),
-        (ds_mask, gather, [("out_file", "in7"), ("out_meta", "in8")]),
         (gather, commit, [("out", "in_files")]),
         (commit, outputnode, [("out_files", "out_files")]),
     ])  # fmt: skip

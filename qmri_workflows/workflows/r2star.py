@@ -118,3 +118,125 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
         ]),
     ])  # fmt: skip
     return workflow
+
+
+# --------------------------------------------------------------------------------------------------
+# registry entries
+# --------------------------------------------------------------------------------------------------
+MIN_ECHOES_R2STAR = 2
+
+
+def _first_echoes(inputs):
+    return [series.magnitude[0] for series in inputs.gre]
+
+
+def _build_brain_mask(context):
+    from .base import estimate_fit_mem_gb
+
+    first_echoes = _first_echoes(context.inputs)
+    workflow = init_brain_mask_wf(mem_gb=estimate_fit_mem_gb(first_echoes[0], len(first_echoes)))
+    workflow.inputs.inputnode.in_files = first_echoes
+    return workflow
+
+
+def _brain_mask_outputs(inputs):
+    from .registry import Output
+
+    # The maps are fitted inside it: it is as much a result as they are.
+    return [Output(field="mask_file", suffix="mask", desc="brain", source_files=tuple(_first_echoes(inputs)))]
+
+
+def _n_echoes(inputs):
+    return max(len(series.magnitude) for series in inputs.gre)
+
+
+def _check_r2star(inputs):
+    n_echoes = _n_echoes(inputs)
+    if n_echoes < MIN_ECHOES_R2STAR:
+        return f"{n_echoes} echo(es); R2* needs at least {MIN_ECHOES_R2STAR}"
+    return None
+
+
+def _describe_r2star(inputs):
+    return f"{inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {_n_echoes(inputs)} echoes"
+
+
+def _build_r2star(context):
+    from .base import estimate_fit_mem_gb, flatten_echoes
+
+    magnitude_files, echo_times, flip_angles = flatten_echoes(context.inputs.gre)
+    workflow = init_r2star_wf(
+        method=context.options["r2star_method"],
+        n_coils=context.options["n_coils"],
+        mem_gb=estimate_fit_mem_gb(magnitude_files[0], len(magnitude_files)),
+        omp_nthreads=context.omp_nthreads,
+    )
+    workflow.inputs.inputnode.magnitude_files = magnitude_files
+    workflow.inputs.inputnode.echo_times = echo_times
+    workflow.inputs.inputnode.flip_angles = flip_angles
+    return workflow
+
+
+def _r2star_outputs(inputs):
+    from .base import flatten_echoes
+    from .registry import Output
+
+    magnitude_files = tuple(flatten_echoes(inputs.gre)[0])
+    # The maps are fitted inside the brain mask only.
+    masked = {"SkullStripped": True}
+    outputs = [
+        Output(field="r2star_file", suffix="R2starmap", source_files=magnitude_files, metadata=masked),
+        Output(field="t2star_file", suffix="T2starmap", source_files=magnitude_files, metadata=masked),
+    ]
+    several = inputs.gre_suffix == "VFA" and len(inputs.gre) > 1
+    # The query layer sorts the series by flip angle, as the fit orders its S0 maps; each S0 map
+    # describes its own acquisition (BIDS allows no flip entity on derivative maps: desc-flip<i>).
+    for index, series in enumerate(inputs.gre):
+        acquisition = {**masked, "EchoTime": list(series.echo_times)}
+        if series.flip_angle:
+            acquisition["FlipAngle"] = series.flip_angle
+        if series.repetition_time:
+            acquisition["RepetitionTimeExcitation"] = series.repetition_time
+        outputs.append(Output(field="s0_files", suffix="S0map", index=index,
+                              desc=f"flip{index + 1}" if several else None,
+                              source_files=tuple(series.magnitude), metadata=acquisition))
+    return outputs
+
+
+def _registry_entries():
+    from ..io.query import GRE
+    from .registry import MapFamily, Option, positive_int
+
+    brain_mask = MapFamily(
+        key="brainmask",
+        name="brain mask",
+        needs=(GRE,),
+        describe=lambda inputs: f"first echo of {len(inputs.gre)} {inputs.gre_suffix} flip angle(s)",
+        build=_build_brain_mask,
+        outputs=_brain_mask_outputs,
+        runtime_metadata=False,
+    )
+    r2star = MapFamily(
+        key="r2star",
+        name="R2*",
+        needs=(GRE,),
+        depends=("brainmask",),
+        consumes={"mask_file": ("brainmask", "mask_file")},
+        check=_check_r2star,
+        describe=_describe_r2star,
+        build=_build_r2star,
+        outputs=_r2star_outputs,
+        options=(
+            Option(("--r2star-method",), "r2star_method",
+                   {"choices": ("wls", "nls"), "default": "wls",
+                    "help": "R2* estimator: ESTATICS weighted log-linear (wls, default) or "
+                            "non-linear with the magnitude noise floor (nls)"}),
+            Option(("--n-coils",), "n_coils",
+                   {"type": positive_int, "default": 1, "metavar": "N",
+                    "help": "receive channels combined by root-sum-of-squares (noise law for nls)"}),
+        ),
+    )
+    return brain_mask, r2star
+
+
+MAP_FAMILIES = _registry_entries()

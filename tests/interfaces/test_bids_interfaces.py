@@ -125,3 +125,12 @@ def test_sink_as_mapnode_over_flip_labels(tmp_path):
                                                                "sub-01_flip-2_S0map.nii.gz"]
     assert [float(nib.load(f).dataobj[0, 0, 0]) for f in outputs.out_file] == [100.0, 200.0]
     assert all(json.loads(open(m).read())["Units"] == "arbitrary" for m in outputs.out_meta)
+
+
+def test_subject_and_session_come_from_the_file_name_only():
+    from qmri_workflows.interfaces.bids import subject_session_of
+
+    assert subject_session_of("/data/sub-x/ses-y/raw/sub-01/ses-a/anat/sub-01_ses-a_echo-1_MEGRE.nii.gz") == ("01", "a")
+    assert subject_session_of("/studies/ses-old/sub-02_flip-1_VFA.nii") == ("02", None)
+    with pytest.raises(ValueError, match="no sub-"):
+        subject_session_of("/data/sub-01/anat/echo1.nii.gz")

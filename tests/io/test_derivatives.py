@@ -376,3 +376,45 @@ def test_derivatives_pass_bids_validator(tmp_path):
     report = json.loads(result.stdout)
     errors = [issue for issue in report["issues"]["issues"] if issue.get("severity") == "error"]
     assert errors == [], errors
+
+
+# --------------------------------------------------------------------------------------------------
+# publishing a file an interface wrote
+# --------------------------------------------------------------------------------------------------
+def test_publish_map_copies_a_clean_file_without_reencoding(tmp_path):
+    import gzip
+
+    from qmri_workflows.io.derivatives import publish_map
+
+    data = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    written = write_nifti(tmp_path / "work" / "R2starmap.nii", data, affine)
+    target = publish_map(tmp_path / "out", written, subject="01", suffix="R2starmap",
+                         metadata={"EstimationAlgorithm": "x"})
+    assert target.name == "sub-01_R2starmap.nii.gz"
+    with gzip.open(target, "rb") as published:
+        assert published.read() == written.read_bytes(), "the voxels were re-encoded"
+    assert json.loads(sidecar_path(target).read_text())["Units"] == "1/s"
+
+
+def test_publish_map_rewrites_a_file_with_a_foreign_header(tmp_path):
+    from qmri_workflows.io.derivatives import has_clean_header, publish_map
+
+    data = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    image = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    image.header.set_slope_inter(0.5, 1.0)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(image, path)
+    assert not has_clean_header(nib.load(path), np.float32)
+    target = publish_map(tmp_path / "out", path, subject="01", session="a", suffix="R1map", metadata={})
+    published = nib.load(target)
+    assert has_clean_header(published, np.float32)
+    assert np.allclose(published.get_fdata(), 0.5 * data + 1.0)
+
+
+def test_publish_map_refuses_a_mask_with_other_values(tmp_path):
+    from qmri_workflows.io.derivatives import publish_map
+
+    path = write_nifti(tmp_path / "mask.nii", np.full((3, 3, 3), 2, np.uint8), np.eye(4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        publish_map(tmp_path / "out", path, subject="01", suffix="mask", desc="brain", metadata={})

@@ -39,3 +39,15 @@ def test_refuses_files_outside_staging(tmp_path):
     stray.write_text("x")
     with pytest.raises(ValueError, match="not inside the staging folder"):
         commit_staged_files(staging, tmp_path / "out", [stray])
+
+
+def test_a_commit_leaves_files_staged_by_another_writer(tmp_path):
+    """Two commits on one subject's staging folder: the first must not take the second's files."""
+    staging, files = _stage(tmp_path, ["sub-01_ses-a_R2starmap.nii.gz", "sub-01_ses-a_R1map.nii.gz"])
+    first, second = files
+    commit_staged_files(staging, tmp_path / "out", [first])
+    assert second.read_text() == second.name, "the other writer's staged file was removed"
+    assert (tmp_path / "out" / STAGING_FOLDER).exists()
+    commit_staged_files(staging, tmp_path / "out", [second])
+    assert (tmp_path / "out" / "sub-01" / "ses-a" / "anat" / second.name).is_file()
+    assert not (tmp_path / "out" / STAGING_FOLDER).exists()

@@ -25,17 +25,18 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02"))
     layout = open_layout(raw)
     subjects = [collect_inputs(layout, label) for label in ("01", "02")]
-    workflow, plans = init_qmri_wf(
-        subjects=subjects, output_dir=str(tmp_path / "out"), raw_root=str(raw), omp_nthreads=2
-    )
+    workflow, plans = init_qmri_wf(subjects=subjects, output_dir=str(tmp_path / "out"), omp_nthreads=2)
     names = set(workflow.list_node_names())
     for subject in ("01", "02"):
-        for node in ("brain_mask_wf.brain_mask", "r2star_wf.fit_r2star", "ds_r2star_wf.ds_r2star",
-                     "ds_r2star_wf.ds_s0", "ds_r2star_wf.commit"):
+        for node in ("brain_mask_wf.brain_mask", "r2star_wf.fit_r2star", "ds_wf.ds_r2star_R2starmap",
+                     "ds_wf.ds_r2star_S0map_flip1_0", "ds_wf.ds_r2star_S0map_flip2_1",
+                     "ds_wf.ds_brainmask_mask_brain", "ds_wf.commit"):
             assert f"sub_{subject}_wf.{node}" in names
+    # One commit per subject, whatever maps it has.
+    assert sum(name.endswith(".commit") for name in names) == 2
     fit = workflow.get_node("sub_01_wf.r2star_wf.fit_r2star")
     assert fit.n_procs == 2 and fit.mem_gb >= 0.5
-    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["R2*"]
+    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["brain mask", "R2*"]
 
 
 def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
@@ -106,7 +107,7 @@ def test_workflow_from_python_with_relative_paths(tmp_path, monkeypatch):
     make_vfa_dataset(tmp_path / "raw")
     monkeypatch.chdir(tmp_path)
     inputs = collect_inputs(open_layout("raw"), "01")
-    workflow, plans = init_single_subject_wf(inputs=inputs, output_dir="out", raw_root="raw")
+    workflow, plans = init_single_subject_wf(inputs=inputs, output_dir="out")
     workflow.base_dir = "work"
     workflow.run(plugin="Linear")
     assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz").is_file()

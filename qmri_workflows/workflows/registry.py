@@ -1,0 +1,280 @@
+"""The map registry: one declarative entry per family of maps.
+
+A :class:`MapFamily` says what a family of maps needs (input collections, other families), how to
+build its workflow, what it writes and which command-line options it takes. The subject workflow
+(:func:`qmri_workflows.workflows.base.init_single_subject_wf`), the plan printed at start, the
+derivative sinks and the command line are all generated from these entries, so adding a map is
+adding an entry, a core module, an interface and a factory, and nothing else.
+
+Built-in entries live next to their factories, as a module-level ``MAP_FAMILIES`` tuple in any module
+of :mod:`qmri_workflows.workflows`; they are found by :func:`registered_families`. Code outside the
+package (a lab pipeline, a test) adds its own with :func:`register`.
+
+The contract of a family's workflow (returned by :attr:`MapFamily.build`):
+
+* an ``inputnode`` with one field per key of :attr:`MapFamily.consumes` (outputs of other
+  families, connected by the subject workflow) and of :attr:`MapFamily.derived_inputs` (files
+  given with ``--derivatives``, resampled onto the map grid first); everything known when the
+  graph is built (raw file names, echo times ...) the factory sets itself from ``inputs``;
+* an ``outputnode`` with the fields named by the family's :class:`Output` entries, and a
+  ``metadata`` field (dict of sidecar fields computed at run time) when
+  :attr:`MapFamily.runtime_metadata` is true.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = [
+    "BuildContext",
+    "MapFamily",
+    "MapPlan",
+    "Option",
+    "Output",
+    "clear_registered",
+    "plan_families",
+    "positive_int",
+    "register",
+    "registered_families",
+    "unregister",
+]
+
+
+def positive_int(text):
+    """argparse type of a whole number of 1 or more."""
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of a family, as ``argparse.ArgumentParser.add_argument`` takes it.
+
+    ``dest`` is the key under which the value reaches :attr:`BuildContext.options`.
+    """
+
+    flags: tuple
+    dest: str
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One derivative file a family writes.
+
+    Attributes
+    ----------
+    field : str
+        Field of the family's ``outputnode`` holding the file (or a list of files, see ``index``).
+    suffix : str
+        BIDS suffix (``R2starmap``, ``mask`` ...).
+    desc : str, optional
+        ``desc-`` entity.
+    index : int, optional
+        Position in the list the field holds, when the family writes one file per item (one S0 map
+        per flip angle, say); None when the field holds one file.
+    source_files : tuple of str
+        Raw files the output derives from (``Sources``); the first one also gives the subject and
+        session entities of the output's name.
+    metadata : dict
+        Sidecar fields known when the graph is built; they win over the run-time ``metadata``.
+    datatype : str, optional
+        ``anat`` or ``fmap``; by default ``fmap`` for TB1map/RB1map and ``anat`` otherwise.
+    """
+
+    field: str
+    suffix: str
+    source_files: tuple
+    desc: str | None = None
+    index: int | None = None
+    metadata: dict = field(default_factory=dict)
+    datatype: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a family's factory receives.
+
+    Attributes
+    ----------
+    inputs : qmri_workflows.io.query.SubjectInputs
+        The subject's collections.
+    options : dict
+        Values of every registered family's options (by ``dest``), defaults filled in.
+    omp_nthreads : int
+        Threads one voxel-wise node may use (its ``n_procs``).
+    """
+
+    inputs: object
+    options: dict
+    omp_nthreads: int = 1
+
+
+@dataclass(frozen=True)
+class MapFamily:
+    """One registry entry.
+
+    Attributes
+    ----------
+    key : str
+        Identifier (alphanumeric and ``_``) used in node names and in ``consumes``.
+    name : str
+        Name printed in the plan (``R2*``, ``R1``, ``brain mask``).
+    needs : tuple of str
+        Input collections that must all be usable (names from :mod:`qmri_workflows.io.query`).
+    depends : tuple of str
+        Keys of families whose outputs this one consumes; it runs only when they run.
+    check : callable, optional
+        ``check(inputs) -> str or None``: a reason the data cannot support the family even though
+        the collections exist (too few echoes, say), or None.
+    describe : callable
+        ``describe(inputs) -> str``: what the family will be computed from (for the plan).
+    build : callable
+        ``build(context: BuildContext) -> nipype Workflow`` (contract in the module notes).
+    outputs : callable
+        ``outputs(inputs) -> list of Output``.
+    consumes : dict
+        ``{inputnode field: (family key, outputnode field)}``.
+    derived_inputs : dict
+        ``{inputnode field: (collection, interpolation)}``: files given with ``--derivatives``
+        (:data:`qmri_workflows.io.query.TB1MAP` ...), brought onto the map grid with
+        ``interpolation`` (``"linear"`` for smooth fields, ``"nearest"``/``"majority"`` for labels)
+        before they reach the family. Optional: the field is left undefined when the subject has
+        no such file.
+    options : tuple of Option
+        Command-line options of the family.
+    runtime_metadata : bool
+        Whether the family's ``outputnode`` has a ``metadata`` field.
+    """
+
+    key: str
+    name: str
+    build: Callable
+    outputs: Callable
+    describe: Callable
+    needs: tuple = ()
+    depends: tuple = ()
+    check: Callable | None = None
+    consumes: dict = field(default_factory=dict)
+    derived_inputs: dict = field(default_factory=dict)
+    options: tuple = ()
+    runtime_metadata: bool = True
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """Whether a family runs for a subject, and why (not)."""
+
+    name: str
+    run: bool
+    reason: str
+    key: str = ""
+
+    def __str__(self):
+        return f"{self.name}: {'yes' if self.run else 'no'}, {self.reason}"
+
+
+_ADDED: dict = {}
+
+
+def register(family):
+    """Add ``family`` to the registry (replacing an entry with the same key); return it."""
+    if not family.key.replace("_", "").isalnum():
+        raise ValueError(f"map family key {family.key!r} must be alphanumeric (and '_')")
+    _ADDED[family.key] = family
+    return family
+
+
+def unregister(key):
+    """Remove a family added with :func:`register` (no error if absent)."""
+    _ADDED.pop(key, None)
+
+
+def clear_registered():
+    """Remove every family added with :func:`register`."""
+    _ADDED.clear()
+
+
+def _builtin_families():
+    from .. import workflows
+
+    found = {}
+    for module_info in pkgutil.iter_modules(workflows.__path__):
+        module = importlib.import_module(f"{workflows.__name__}.{module_info.name}")
+        for family in getattr(module, "MAP_FAMILIES", ()):
+            found[family.key] = family
+    return found
+
+
+def registered_families():
+    """Every family (built-in and registered), dependencies before dependents.
+
+    Raises
+    ------
+    ValueError
+        If a family depends on an unknown family, or dependencies form a cycle.
+    """
+    families = {**_builtin_families(), **_ADDED}
+    ordered, state = [], {}
+
+    def visit(key, chain):
+        if state.get(key) == "done":
+            return
+        if state.get(key) == "visiting":
+            raise ValueError(f"map families depend on each other in a cycle: {' -> '.join(chain + [key])}")
+        if key not in families:
+            raise ValueError(f"map family {chain[-1]!r} depends on unknown family {key!r}")
+        state[key] = "visiting"
+        for dependency in families[key].depends:
+            visit(dependency, chain + [key])
+        state[key] = "done"
+        ordered.append(families[key])
+
+    for key in sorted(families):
+        visit(key, [])
+    return ordered
+
+
+def plan_families(inputs, families=None):
+    """Decide, family by family, what the subject's data support.
+
+    Parameters
+    ----------
+    inputs : qmri_workflows.io.query.SubjectInputs
+    families : list of MapFamily, optional
+        In dependency order; :func:`registered_families` by default.
+
+    Returns
+    -------
+    list of MapPlan
+        One per family, in dependency order.
+    """
+    families = registered_families() if families is None else families
+    plans, running = [], {}
+    names = {family.key: family.name for family in families}
+    for family in families:
+        reason = None
+        for collection in family.needs:
+            if not inputs.has(collection):
+                problem = inputs.problem(collection)
+                reason = (f"{collection} unusable: {problem.message}" if problem
+                          else f"no {collection} data")
+                break
+        if reason is None:
+            for dependency in family.depends:
+                if not running.get(dependency, False):
+                    reason = f"needs {names.get(dependency, dependency)}, which is not computed"
+                    break
+        if reason is None and family.check is not None:
+            reason = family.check(inputs)
+        run = reason is None
+        running[family.key] = run
+        plans.append(MapPlan(family.name, run, family.describe(inputs) if run else reason, family.key))
+    return plans

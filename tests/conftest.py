@@ -1,0 +1,20 @@
+"""Shared test set-up."""
+
+import logging
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _app_messages_reach_caplog():
+    """Let the App's messages propagate to pytest's handlers, whichever test calls the App first.
+
+    ``qmri_workflows.cli.run.main`` installs its own stderr handler and stops propagation unless
+    the logger already has a handler; a NullHandler stands in for it during tests.
+    """
+    logger = logging.getLogger("qmri_workflows")
+    saved = (list(logger.handlers), logger.propagate)
+    logger.handlers[:] = [logging.NullHandler()]
+    logger.propagate = True
+    yield
+    logger.handlers[:], logger.propagate = saved

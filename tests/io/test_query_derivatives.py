@@ -130,7 +130,7 @@ def test_candidates_in_two_datasets_and_template_space_ignored(tmp_path):
     second = make_derivatives(tmp_path / "second", tb1map=False, dseg=False, lesion_mask=False)
     (mask,) = second.files["brain_mask"]
     mask.with_name("sub-01_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz").write_bytes(mask.read_bytes())
-    inputs = _collect(raw, [first, second])
+    inputs = _collect(raw, [first, second, first])  # a dataset given twice is read once
     assert inputs.problems == ()
     assert inputs.derivatives[BRAIN_MASK].path == str(mask)  # the template-space copy is not a candidate
     assert inputs.derivatives[TB1MAP].path == str(first.files["tb1map"][0])

@@ -80,7 +80,7 @@ def open_derivatives(paths):
     Returns
     -------
     list of bids.BIDSLayout
-        One per path, indexed with pybids' derivatives configuration (``desc``, ``label``, ...
+        One per distinct path, indexed with pybids' derivatives configuration (``desc``, ``label``, ...
         parsed) and kept in memory.
 
     Raises
@@ -91,9 +91,12 @@ def open_derivatives(paths):
     from bids import BIDSLayout
     from bids.layout import BIDSLayoutIndexer
 
-    layouts = []
+    layouts, roots = [], set()
     for path in paths:
         root = dataset_root(path, what="derivatives dataset")
+        if root in roots:  # given twice: its files would compete with themselves
+            continue
+        roots.add(root)
         description_file = root / "dataset_description.json"
         try:
             description = json.loads(description_file.read_text())

@@ -9,7 +9,7 @@ Exit codes follow the BIDS-Apps draft where it has one:
 17    unknown analysis level
 18    the participant/session filters selected nothing
 64    command-line usage error
-65    input data unusable (missing metadata, mismatched grids, phase units ...)
+65    input data unusable (a subject without usable GRE/bSSFP; a bad --derivatives path)
 66    input dataset missing, or no subject has data for any map
 73    the output directory cannot be created or lies inside the input dataset
 ====  ====================================================================
@@ -80,6 +80,11 @@ def build_parser():
     bids.add_argument(
         "--session-label", "--session_label", nargs="+", type=_strip_prefix("ses-"),
         metavar="LABEL", help="sessions to process ('ses-' prefix optional; default: all)",
+    )  # fmt: skip
+    bids.add_argument(
+        "--derivatives", nargs="+", type=Path, default=[], metavar="PATH",
+        help="BIDS derivatives datasets with precomputed inputs (TB1map, dseg + tsv, "
+        "label-lesion mask, desc-brain mask) of the same subjects/sessions; read only",
     )  # fmt: skip
     bids.add_argument(
         "--skip-bids-validation", "--skip_bids_validation", action="store_true",
@@ -285,7 +290,15 @@ def _default_work_dir(output_dir, bids_dir):
 
 
 def _run(args, argv):
-    from ..io.query import BIDSInputError, collect_inputs, open_layout, select_participants
+    from ..io.query import (
+        BSSFP,
+        GRE,
+        BIDSInputError,
+        collect_inputs,
+        open_derivatives,
+        open_layout,
+        select_participants,
+    )
 
     # Everything that can be checked without touching a file comes first, so a mistake in the
     # call costs nothing and leaves nothing behind.
@@ -339,14 +352,27 @@ def _run(args, argv):
     if not selection:
         LOGGER.error("no subject in %s matches the filters", bids_dir)
         return EXIT_NO_SELECTION
+    try:
+        derivatives = open_derivatives(args.derivatives)
+    except BIDSInputError as error:
+        LOGGER.error("%s", error)
+        return EXIT_DATA
 
     # Check every subject before processing any, so one run reports every problem to fix.
     subjects, problems = [], 0
     for subject, session in selection:
         try:
-            subjects.append(collect_inputs(layout, subject, session))
+            inputs = collect_inputs(layout, subject, session, derivatives=derivatives)
         except BIDSInputError as error:
             LOGGER.error("%s", error)
+            problems += 1
+            continue
+        label = f"sub-{subject}" + (f" ses-{session}" if session else "")
+        for problem in inputs.problems:
+            LOGGER.warning("%s: %s unusable: %s", label, problem.collection, problem.message)
+        if inputs.has(GRE) or inputs.has(BSSFP):
+            subjects.append(inputs)
+        else:
             problems += 1
     if problems:
         LOGGER.error("%d of %d subject(s) cannot be processed (see above); fix the input or leave "

@@ -29,7 +29,7 @@ def test_version_and_help():
     )
     assert out.returncode == 0
     for option in ("--participant-label", "--work-dir", "--nprocs", "--mem-gb", "--plugin",
-                   "--plugin-config", "--skip-bids-validation", "--session-label"):
+                   "--plugin-config", "--skip-bids-validation", "--session-label", "--derivatives"):
         assert option in out.stdout
 
 

@@ -122,7 +122,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
         for field, (dependency, dependency_field) in family.consumes.items():
             workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
         for field, (collection, interpolation) in family.derived_inputs.items():
-            derived = inputs.derivatives.get(collection) if hasattr(inputs, "derivatives") else None
+            derived = inputs.derivatives.get(collection)
             if derived is None:
                 continue
             workflow.connect(_resample_node(derived.path, map_grid_file(inputs), interpolation,

@@ -1,17 +1,19 @@
 """The BIDS-App command line: ``qmri-workflows BIDS_DIR OUTPUT_DIR participant``.
 
-Exit codes follow the BIDS-Apps draft where it has one:
+Every subject that can be processed is; the others are reported with the reason. Exit codes follow
+the BIDS-Apps draft where it has one:
 
 ====  ====================================================================
-0     success (maps the data cannot support are skipped with a message)
-1     a processing step failed (see the crash files named in the log)
-16    the input is not a valid BIDS dataset (BIDS validator errors)
+0     every selected subject got its maps
+1     a processing step failed for some subject (crash files named in the log)
+16    the input is not a valid BIDS dataset (validator errors, unreadable files)
 17    unknown analysis level
 18    the participant/session filters selected nothing
-64    command-line usage error
-65    input data unusable (a subject without usable GRE/bSSFP; a bad --derivatives path)
-66    input dataset missing, or no subject has data for any map
-73    the output directory cannot be created or lies inside the input dataset
+64    command-line usage error (including a malformed --plugin-config)
+65    some subject's input is unusable, or a --derivatives path is not a derivatives dataset
+66    input dataset missing, or the selected subjects hold no qMRI data
+73    output or work directory cannot be created, overlaps the input, or is in use
+130   interrupted (Ctrl-C)
 ====  ====================================================================
 """
 

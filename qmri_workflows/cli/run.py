@@ -560,9 +560,12 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
             "hash_method": "timestamp",
             "stop_on_first_crash": args.stop_on_first_crash,
             "remove_unnecessary_outputs": False,
-            # Nodes last seconds to minutes; the default 2 s between scheduler polls would
-            # dominate small datasets. Batch plugins keep their own (longer) polling.
-            "poll_sleep_duration": 0.2,
+            # Nipype's scheduler sleeps this long after every pass over the graph, and each
+            # pass only starts the nodes whose inputs were ready at its start: a chain of quick
+            # nodes (identity, sink, commit) costs one sleep per link. A pass costs well under a
+            # millisecond here, so local plugins can afford to look often; batch plugins query
+            # their scheduler at each pass and keep a slower pace.
+            "poll_sleep_duration": 0.01 if plugin in ("MultiProc", "LegacyMultiProc") else 0.2,
         },
         "monitoring": {"enabled": False},
     })  # fmt: skip

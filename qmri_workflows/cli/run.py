@@ -560,12 +560,6 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
             "hash_method": "timestamp",
             "stop_on_first_crash": args.stop_on_first_crash,
             "remove_unnecessary_outputs": False,
-            # Nipype's scheduler sleeps this long after every pass over the graph, and each
-            # pass only starts the nodes whose inputs were ready at its start: a chain of quick
-            # nodes (identity, sink, commit) costs one sleep per link. A pass costs well under a
-            # millisecond here, so local plugins can afford to look often; batch plugins query
-            # their scheduler at each pass and keep a slower pace.
-            "poll_sleep_duration": 0.01 if plugin in ("MultiProc", "LegacyMultiProc") else 0.2,
         },
         "monitoring": {"enabled": False},
     })  # fmt: skip
@@ -577,6 +571,10 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
         options=options,
         omp_nthreads=args.omp_nthreads or min(args.nprocs, 8),
     )
+    if plugin in ("MultiProc", "LegacyMultiProc", "Linear"):
+        # A pass over the graph costs well under a millisecond: look often (see
+        # workflows.base.POLL_SECONDS); batch plugins query their scheduler at each pass.
+        workflow.config["execution"]["poll_sleep_duration"] = 0.01
     used = _used_collections()
     for inputs in subjects:
         label = _label(inputs.subject, inputs.session)

@@ -345,6 +345,12 @@ def make_derivatives(
 
 
 DAMAGE_KINDS = ("truncated", "empty", "wrong_compression", "lying_header")
+DAMAGE_MESSAGES = {  # what the pre-flight calls each kind of damage (regular expressions)
+    "truncated": r"(is truncated|is damaged or truncated)",
+    "empty": r"is empty \(0 bytes\)",
+    "wrong_compression": r"is not gzip-compressed, which its name does not say",
+    "lying_header": r"is truncated: \d+ bytes uncompressed where its header promises \d+",
+}
 
 
 def damage_image(path, kind):

@@ -6,15 +6,7 @@ import re
 import pytest
 
 from qmri_workflows.io.query import AFI, GRE, TB1MAP, collect_inputs, open_derivatives, open_layout
-from tests.bids_factory import DAMAGE_KINDS, damage_image, edit_sidecar, make_dataset, make_derivatives
-
-# What each kind of damage is called in the message.
-_DAMAGE_WORDS = {
-    "truncated": r"(is truncated|is damaged or truncated)",
-    "empty": r"is empty \(0 bytes\)",
-    "wrong_compression": r"is not gzip-compressed, which its name does not say",
-    "lying_header": r"is truncated: \d+ bytes uncompressed where its header promises \d+",
-}
+from tests.bids_factory import DAMAGE_KINDS, DAMAGE_MESSAGES, damage_image, edit_sidecar, make_dataset, make_derivatives
 
 
 def _single_line_problem(inputs, collection, damaged):
@@ -30,7 +22,7 @@ def test_damaged_gre_echo_disables_gre_only(tmp_path, kind):
     damaged = damage_image(raw.files["gre"][3], kind)  # an echo of the second flip angle
     inputs = collect_inputs(open_layout(raw.root), "01")
     message = _single_line_problem(inputs, GRE, damaged)
-    assert re.search(_DAMAGE_WORDS[kind], message), message
+    assert re.search(DAMAGE_MESSAGES[kind], message), message
     assert not inputs.has(GRE) and inputs.gre == ()
     assert inputs.has(AFI) and inputs.problem(AFI) is None
 
@@ -41,7 +33,7 @@ def test_damaged_afi_image_disables_afi_only(tmp_path, kind):
     damaged = damage_image(raw.files["afi"][1], kind)
     inputs = collect_inputs(open_layout(raw.root), "01")
     message = _single_line_problem(inputs, AFI, damaged)
-    assert re.search(_DAMAGE_WORDS[kind], message), message
+    assert re.search(DAMAGE_MESSAGES[kind], message), message
     assert not inputs.has(AFI)
     assert inputs.has(GRE) and inputs.problem(GRE) is None and len(inputs.gre) == 2
 

@@ -41,8 +41,9 @@ def test_subject_without_gre_or_bssfp_exits_65(tmp_path, caplog):
     code = run.main([str(raw.root), str(tmp_path / "out"), "participant", "--skip-bids-validation",
                      "-w", str(tmp_path / "work")])
     assert code == run.EXIT_DATA
-    assert "sub-02: gre unusable:" in caplog.text and "1 of 2 subject(s)" in caplog.text
-    assert not (tmp_path / "out").exists()
+    assert "sub-02: gre unusable:" in caplog.text and "sub-02: not processed" in caplog.text
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz").is_file()
+    assert not (tmp_path / "out" / "sub-02").exists()
 
 
 def test_bad_derivatives_dataset_exits_65_before_writing(tmp_path, caplog):

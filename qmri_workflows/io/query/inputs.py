@@ -194,7 +194,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         problems[GRE] = CollectionProblem(GRE, (
             f"no qMRI inputs for sub-{subject}" + (f" ses-{session}" if session else "") + f" in {ctx.root}: "
             "expected anat/*_VFA or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
-            f"found: {listing}"))
+            f"found: {listing}"), missing=True)
 
     found = {}
     if derivatives:

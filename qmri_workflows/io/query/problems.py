@@ -51,10 +51,14 @@ class CollectionProblem:
         One of :data:`COLLECTIONS` (e.g. :data:`AFI`).
     message : str
         Names the offending file(s) and says how to fix them.
+    missing : bool
+        True when nothing is wrong with what is there: the data are simply absent (a subject
+        without any qMRI images); False for a broken collection.
     """
 
     collection: str
     message: str
+    missing: bool = False
 
     def __str__(self):
         return f"{self.collection}: {self.message}"

@@ -111,10 +111,23 @@ class PaddedGrid:
         return self.rfft(kernel).real.astype(np.float32)
 
 
-def forward_difference(array, voxel_size):
+def forward_difference(array, voxel_size, out=None):
     """Periodic forward differences along the three axes, stacked first (units of array / mm)."""
-    return np.stack([(np.roll(array, -1, axis=axis) - array) / np.float32(h)
-                     for axis, h in enumerate(voxel_size)])
+    if out is None:
+        out = np.empty((3,) + array.shape, dtype=array.dtype)
+    for axis, h in enumerate(voxel_size):
+        ahead = [slice(None)] * 3
+        here = [slice(None)] * 3
+        ahead[axis], here[axis] = slice(1, None), slice(None, -1)
+        target = out[axis]
+        np.subtract(array[tuple(ahead)], array[tuple(here)], out=target[tuple(here)])
+        last = [slice(None)] * 3
+        first = [slice(None)] * 3
+        last[axis], first[axis] = slice(-1, None), slice(0, 1)
+        np.subtract(array[tuple(first)], array[tuple(last)], out=target[tuple(last)])
+        if h != 1:
+            target *= np.asarray(1.0 / h, dtype=array.dtype)
+    return out
 
 
 def forward_difference_adjoint(components, voxel_size):
@@ -122,5 +135,15 @@ def forward_difference_adjoint(components, voxel_size):
     total = np.zeros(components.shape[1:], dtype=components.dtype)
     for axis, h in enumerate(voxel_size):
         component = components[axis]
-        total += (np.roll(component, 1, axis=axis) - component) / np.float32(h)
+        if h != 1:
+            component = component * np.asarray(1.0 / h, dtype=components.dtype)
+        behind = [slice(None)] * 3
+        here = [slice(None)] * 3
+        behind[axis], here[axis] = slice(None, -1), slice(1, None)
+        total[tuple(here)] += component[tuple(behind)]
+        first = [slice(None)] * 3
+        last = [slice(None)] * 3
+        first[axis], last[axis] = slice(0, 1), slice(-1, None)
+        total[tuple(first)] += component[tuple(last)]
+        total -= component
     return total

@@ -92,7 +92,8 @@ def fit_field_linear(unwrapped_phase, echo_times, *, magnitude=None, mask=None, 
         Noise SD of the field in Hz.
     """
     phase, echo_times = _check_echoes(unwrapped_phase, echo_times, "unwrapped_phase")
-    voxels, mask = _select(phase.astype(np.float64, copy=False), mask)
+    voxels, mask = _select(phase, mask)
+    voxels = voxels.astype(np.float64, copy=False)
     if magnitude is None:
         weights = np.ones_like(voxels)
         noise_sd = None
@@ -101,7 +102,7 @@ def fit_field_linear(unwrapped_phase, echo_times, *, magnitude=None, mask=None, 
         if magnitude.shape != phase.shape:
             raise ValueError(f"magnitude must have the shape of the phase {phase.shape}, "
                              f"got {magnitude.shape}")
-        weights = _select(magnitude.astype(np.float64, copy=False), mask)[0] ** 2
+        weights = _select(magnitude, mask)[0].astype(np.float64) ** 2
     t = echo_times
     s0 = weights.sum(-1)
     s1 = weights @ t

@@ -249,11 +249,13 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
 
     Returns
     -------
-    unwrapped : ndarray, shape (X, Y, Z, N), float64
-        Unwrapped phase in radians; equal to the true phase up to one multiple of 2 pi per connected
-        region (the same for all echoes).
+    unwrapped : ndarray, shape (X, Y, Z, N)
+        Unwrapped phase in radians (float32 for float32 input, float64 otherwise); equal to the
+        true phase up to one multiple of 2 pi per connected region (the same for all echoes).
     """
-    phase = np.asarray(phase, dtype=np.float64)
+    phase = np.asarray(phase)
+    if not np.issubdtype(phase.dtype, np.floating):
+        phase = phase.astype(np.float64)
     if phase.ndim != 4:
         raise ValueError(f"phase must be 4-D with echoes last, got shape {phase.shape}")
     echo_times = np.asarray(echo_times, dtype=np.float64)
@@ -266,7 +268,7 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
     shape = phase.shape[:3]
     mask = np.ones(shape, bool) if mask is None else check_mask_volume(mask, shape)
     if magnitude is not None:
-        magnitude = np.asarray(magnitude, dtype=np.float64)
+        magnitude = np.asarray(magnitude)
         if magnitude.shape != phase.shape:
             raise ValueError(f"magnitude must have the shape of phase {phase.shape}, "
                              f"got {magnitude.shape}")
@@ -277,14 +279,16 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
 
     spacing = echo_times[1] - echo_times[0]
     difference = wrap_phase(phase[..., 1] - phase[..., 0])
-    pair_magnitude = None if magnitude is None else np.sqrt(magnitude[..., 0] * magnitude[..., 1])
+    pair_magnitude = (None if magnitude is None
+                      else np.sqrt(magnitude[..., 0].astype(np.float64) * magnitude[..., 1]))
     omega = spatial(difference, pair_magnitude, mask, voxel_size)[mask] / spacing
     offset_wrapped = np.zeros(shape)
     offset_wrapped[mask] = wrap_phase(phase[mask, 0] - omega * echo_times[0])
     offset = spatial(offset_wrapped, first_magnitude, mask, voxel_size)[mask]
 
-    measured = phase[mask]
-    weights = (np.ones_like(measured) if magnitude is None else magnitude[mask] ** 2)
+    measured = phase[mask].astype(np.float64)
+    weights = (np.ones_like(measured) if magnitude is None
+               else magnitude[mask].astype(np.float64) ** 2)
     unwrapped_voxels = np.empty_like(measured)
     sums = np.zeros((5, measured.shape[0]))     # S0, S1, S2, Sy, Sty of the weighted line fit
     for echo, echo_time in enumerate(echo_times):

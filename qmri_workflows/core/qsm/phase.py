@@ -148,12 +148,23 @@ def unwrap_region_growing(phase, *, magnitude=None, mask=None):
     shape = phase.shape
     mask = (np.ones(shape, bool) if mask is None else check_mask_volume(mask, shape))
     if magnitude is not None:
-        magnitude = check_volume(magnitude, "magnitude", shape).astype(np.float64)
+        magnitude = check_volume(magnitude, "magnitude", shape)
+    parent = _spanning_forest(phase, magnitude, mask)
+    unwrapped = phase.copy()
+    unwrapped[mask] = _integrate_along(parent, phase[mask])
+    return unwrapped
+
+
+def _spanning_forest(phase, magnitude, mask):
+    """Parent of each mask voxel (flat mask order) in the maximum-quality spanning forest.
+
+    Seeds (one per connected region, the voxel of largest magnitude) have parent ``n_voxels``.
+    """
     n_voxels = int(mask.sum())
-    index = np.full(shape, -1, dtype=np.int64)
+    index = np.full(mask.shape, -1, dtype=np.int64)
     index[mask] = np.arange(n_voxels)
-    flat_phase = phase[mask]
-    flat_magnitude = None if magnitude is None else magnitude[mask]
+    flat_phase = phase[mask].astype(np.float64)
+    flat_magnitude = None if magnitude is None else magnitude[mask].astype(np.float64)
 
     firsts, seconds = [], []
     for axis in range(3):
@@ -185,20 +196,23 @@ def unwrap_region_growing(phase, *, magnitude=None, mask=None):
     _, predecessors = breadth_first_order(forest, root, directed=False, return_predecessors=True)
     parent = predecessors[:n_voxels].astype(np.int64)
     parent[seeds] = root
+    return parent
 
+
+def _integrate_along(parent, flat_phase):
+    """Unwrap ``flat_phase`` by integrating wrapped differences from each seed along ``parent``."""
+    n_voxels = len(parent)
+    root = n_voxels
     extended_phase = np.append(flat_phase, 0.0)
     steps = np.zeros(n_voxels + 1, dtype=np.int64)
-    has_voxel_parent = parent != root
-    child = np.flatnonzero(has_voxel_parent)
+    child = np.flatnonzero(parent != root)
     steps[child] = -np.rint((flat_phase[child] - extended_phase[parent[child]]) / TWO_PI)
     # Pointer jumping: after pass j each voxel holds the sum of steps over 2^j tree edges.
     pointer = np.append(parent, root)
     while np.any(pointer[:n_voxels] != root):
         steps = steps + steps[pointer]
         pointer = pointer[pointer]
-    unwrapped = phase.copy()
-    unwrapped[mask] = flat_phase + TWO_PI * steps[:n_voxels]
-    return unwrapped
+    return flat_phase + TWO_PI * steps[:n_voxels]
 
 
 def _spatial_unwrapper(method):
@@ -281,10 +295,16 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
     difference = wrap_phase(phase[..., 1] - phase[..., 0])
     pair_magnitude = (None if magnitude is None
                       else np.sqrt(magnitude[..., 0].astype(np.float64) * magnitude[..., 1]))
-    omega = spatial(difference, pair_magnitude, mask, voxel_size)[mask] / spacing
-    offset_wrapped = np.zeros(shape)
-    offset_wrapped[mask] = wrap_phase(phase[mask, 0] - omega * echo_times[0])
-    offset = spatial(offset_wrapped, first_magnitude, mask, voxel_size)[mask]
+    if spatial_method == "region_growing":
+        # The offset is smooth: the difference's spanning forest serves it too (one tree, not two).
+        parent = _spanning_forest(difference, pair_magnitude, mask)
+        omega = _integrate_along(parent, difference[mask].astype(np.float64)) / spacing
+        offset = _integrate_along(parent, wrap_phase(phase[mask, 0] - omega * echo_times[0]))
+    else:
+        omega = spatial(difference, pair_magnitude, mask, voxel_size)[mask] / spacing
+        offset_wrapped = np.zeros(shape)
+        offset_wrapped[mask] = wrap_phase(phase[mask, 0] - omega * echo_times[0])
+        offset = spatial(offset_wrapped, first_magnitude, mask, voxel_size)[mask]
 
     measured = phase[mask].astype(np.float64)
     weights = (np.ones_like(measured) if magnitude is None

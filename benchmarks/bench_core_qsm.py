@@ -21,8 +21,14 @@ import numpy as np
 from scipy import ndimage
 
 from qmri_workflows.core.dipole import forward_field
-from qmri_workflows.core.qsm import (fit_field_linear, hz_to_ppm, invert_tv_admm,
-                                     reference_to_region, remove_background_vsharp, unwrap_echoes)
+from qmri_workflows.core.qsm import (
+    fit_field_linear,
+    hz_to_ppm,
+    invert_tv_admm,
+    reference_to_region,
+    remove_background_vsharp,
+    unwrap_echoes,
+)
 
 SHAPE = (191, 227, 201)
 B0_TESLA = 3.0
@@ -83,7 +89,7 @@ def main():
 
     unwrapped = unwrap_echoes(phase, echo_times, magnitude=magnitude, mask=mask)
     lap("unwrap_echoes")
-    field_hz, _, field_sd = fit_field_linear(unwrapped, echo_times, magnitude=magnitude, mask=mask)
+    field_hz, _, _ = fit_field_linear(unwrapped, echo_times, magnitude=magnitude, mask=mask)
     del unwrapped
     lap("fit_field_linear")
     local, eroded = remove_background_vsharp(hz_to_ppm(field_hz, B0_TESLA), mask, 1.0,

@@ -12,8 +12,12 @@ Default chain (multi-echo GRE, coil-combined phase in radians, echo times in sec
 Pure numpy/scipy on arrays; no file I/O.
 """
 
-from .background import (erode_ball, remove_background_lbv, remove_background_pdf,
-                         remove_background_vsharp)
+from .background import (
+    erode_ball,
+    remove_background_lbv,
+    remove_background_pdf,
+    remove_background_vsharp,
+)
 from .field import fit_field_complex, fit_field_linear
 from .inversion import invert_ilsqr, invert_l2_gradient, invert_tkd, invert_tv_admm
 from .phase import unwrap_echoes, unwrap_laplacian, unwrap_region_growing, wrap_phase

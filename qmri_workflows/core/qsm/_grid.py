@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.fft
+from scipy.sparse.linalg import LinearOperator, lsqr
 
 from ..dipole import _check_grid, _rfft_kernel, _unit_vector
 
@@ -147,3 +148,10 @@ def forward_difference_adjoint(components, voxel_size):
         total[tuple(first)] += component[tuple(last)]
         total -= component
     return total
+
+
+def solve_lsqr(matvec, rmatvec, n_unknowns, data, tol, max_iter):
+    """LSQR on a matrix-free operator (float64 vectors), stopped at ``tol`` or ``max_iter``."""
+    operator = LinearOperator((data.size, n_unknowns), matvec=matvec, rmatvec=rmatvec,
+                              dtype=np.float64)
+    return lsqr(operator, data, atol=tol, btol=tol, iter_lim=max_iter)[0]

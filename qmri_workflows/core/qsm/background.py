@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix, diags
-from scipy.sparse.linalg import LinearOperator, cg, lsqr
+from scipy.sparse.linalg import cg
 
-from ._grid import PaddedGrid, check_mask_volume, check_volume
+from ._grid import PaddedGrid, check_mask_volume, check_volume, solve_lsqr
 
 __all__ = ["erode_ball", "remove_background_vsharp", "remove_background_pdf",
            "remove_background_lbv"]
@@ -199,9 +199,7 @@ def remove_background_pdf(field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_directi
         residual[inside] = values
         return grid.irfft(grid.rfft(weight * residual) * kernel)[outside]
 
-    operator = LinearOperator((data.size, n_outside), matvec=forward, rmatvec=adjoint,
-                              dtype=np.float64)
-    solution = lsqr(operator, data, atol=tol, btol=tol, iter_lim=max_iter)[0]
+    solution = solve_lsqr(forward, adjoint, n_outside, data, tol, max_iter)
     source = np.zeros(grid.shape, dtype=np.float32)
     source[outside] = solution
     background = grid.irfft(grid.rfft(source) * kernel).astype(np.float32)

@@ -35,10 +35,15 @@ regularization. Magn Reson Med 2018;80:814-821.
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator, lsqr
 
-from ._grid import (PaddedGrid, check_mask_volume, check_volume, forward_difference,
-                    forward_difference_adjoint)
+from ._grid import (
+    PaddedGrid,
+    check_mask_volume,
+    check_volume,
+    forward_difference,
+    forward_difference_adjoint,
+    solve_lsqr,
+)
 
 __all__ = ["invert_tkd", "invert_l2_gradient", "invert_ilsqr", "invert_tv_admm"]
 
@@ -164,11 +169,6 @@ def invert_l2_gradient(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_dire
     return problem.result(chi)
 
 
-def _lsqr(matvec, rmatvec, n, data, tol, max_iter):
-    operator = LinearOperator((data.size, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
-    return lsqr(operator, data, atol=tol, btol=tol, iter_lim=max_iter)[0]
-
-
 def _ramp(values, low, high):
     """1 below ``low``, 0 above ``high``, linear between (edge-free regions get weight 1)."""
     span = max(high - low, np.finfo(np.float32).tiny)
@@ -235,7 +235,7 @@ def invert_ilsqr(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=
         return problem.apply_kernel(weight * y.reshape(shape).astype(np.float32)).ravel()
 
     data = (weight * problem.field).ravel().astype(np.float64)
-    chi_lsqr = _lsqr(forward, adjoint, n, data, tol, max_iter).reshape(shape).astype(np.float32)
+    chi_lsqr = solve_lsqr(forward, adjoint, n, data, tol, max_iter).reshape(shape).astype(np.float32)
 
     prior = grid.irfft(grid.rfft(problem.field) * _tkd_inverse(kernel, prior_threshold))
     low, high = edge_percentiles
@@ -263,7 +263,7 @@ def invert_ilsqr(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=
         return project(forward_difference_adjoint(edge_weights * y, grid.voxel_size)).ravel()
 
     target = (edge_weights * forward_difference(chi_lsqr, grid.voxel_size)).ravel()
-    streaking = _lsqr(streak_forward, streak_adjoint, n, target.astype(np.float64), tol, max_iter)
+    streaking = solve_lsqr(streak_forward, streak_adjoint, n, target.astype(np.float64), tol, max_iter)
     streaking = project(streaking.reshape(shape).astype(np.float32))
     return problem.result(chi_lsqr - streaking)
 

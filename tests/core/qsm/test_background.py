@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from qmri_workflows.core.qsm.background import (erode_ball, remove_background_lbv,
-                                                remove_background_pdf, remove_background_vsharp)
+from qmri_workflows.core.qsm.background import (
+    erode_ball,
+    remove_background_lbv,
+    remove_background_pdf,
+    remove_background_vsharp,
+)
 from tests.core.qsm._analytic import ball, nrmse, sample
 
 SHAPE = (72, 72, 72)
@@ -61,7 +65,7 @@ def test_vsharp(fields):
 
 def test_pdf(fields):
     evaluation = erode_ball(fields["mask"], 3.0)
-    local, background = remove_background_pdf(fields["total"], fields["mask"], 1.0,
+    local, _ = remove_background_pdf(fields["total"], fields["mask"], 1.0,
                                                b0_direction=fields["b0_direction"])
     error = nrmse(local, fields["local"], evaluation)
     deep = erode_ball(fields["mask"], 8.0)
@@ -76,7 +80,7 @@ def test_pdf(fields):
 
 def test_lbv(fields):
     evaluation = erode_ball(fields["mask"], 3.0)
-    local, interior = remove_background_lbv(fields["total"], fields["mask"], 1.0)
+    local, _ = remove_background_lbv(fields["total"], fields["mask"], 1.0)
     error = nrmse(local, fields["local"], evaluation)
     print(f"LBV {fields['b0_direction']}: NRMSE {error:.1f} % in the mask eroded by 3 mm")
     assert error < 15

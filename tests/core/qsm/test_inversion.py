@@ -8,8 +8,12 @@ Figures (NRMSE per method, streaking) are printed; run with ``-s`` to see them.
 import numpy as np
 import pytest
 
-from qmri_workflows.core.qsm.inversion import (invert_ilsqr, invert_l2_gradient, invert_tkd,
-                                               invert_tv_admm)
+from qmri_workflows.core.qsm.inversion import (
+    invert_ilsqr,
+    invert_l2_gradient,
+    invert_tkd,
+    invert_tv_admm,
+)
 from tests.core.qsm._analytic import ball, nrmse, sample
 
 N = 64

@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 
 from qmri_workflows.core.qsm.field import fit_field_linear
-from qmri_workflows.core.qsm.phase import (unwrap_echoes, unwrap_laplacian,
-                                           unwrap_region_growing, wrap_phase)
+from qmri_workflows.core.qsm.phase import (
+    unwrap_echoes,
+    unwrap_laplacian,
+    unwrap_region_growing,
+    wrap_phase,
+)
 from tests.core.qsm._analytic import ball, nrmse, sample
 
 N = 56

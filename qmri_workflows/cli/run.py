@@ -453,9 +453,10 @@ def _run(args, argv):
             subjects.append(inputs)
             continue
         broken = [problem for problem in inputs.problems if not problem.missing]
-        reasons = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
-        if broken or not inputs.problems:
-            unusable[label] = reasons  # broken inputs, or too little data (one echo, say)
+        if broken:  # each problem was just logged with its file and fix: name it only
+            unusable[label] = "unusable " + ", ".join(problem.collection for problem in broken) + " (see above)"
+        elif not inputs.problems:  # too little data (one echo, say)
+            unusable[label] = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
         else:
             without_data[label] = "; ".join(problem.message for problem in inputs.problems)
     for label, reason in {**unusable, **without_data}.items():

@@ -188,11 +188,11 @@ def _check_jobs(jobs, requests):
 
 def _check_maps(workflow, truth, head):
     node_dir = Path(workflow.base_dir) / workflow.name
-    mask = np.asarray(nib.load(node_dir / "brain_mask_wf" / "brain_mask" / "brain_mask.nii.gz").dataobj) > 0
+    mask = np.asarray(nib.load(node_dir / "brain_mask_wf" / "brain_mask" / "brain_mask.nii").dataobj) > 0
     # the ellipsoid is the only bright object: the mask must cover most of it and nothing else
     assert (mask & ~head).sum() == 0, f"{(mask & ~head).sum()} mask voxels outside the head"
     assert (mask & head).sum() >= 0.9 * head.sum(), f"mask {mask.sum()} of {head.sum()} head voxels"
-    r2star_file = node_dir / "r2star_wf" / "fit_r2star" / "R2starmap.nii.gz"
+    r2star_file = node_dir / "r2star_wf" / "fit_r2star" / "R2starmap.nii"
     fitted = np.asarray(nib.load(r2star_file).dataobj)
     # Noise-free data: the log-linear fit is exact; float32 images bound the error at ~1e-6
     # relative per echo, i.e. ~1e-6 / TE-span (16 ms) ~ 1e-4 s^-1 in R2*.

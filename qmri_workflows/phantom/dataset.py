@@ -14,7 +14,9 @@ Layout (``docs/architecture.rst``, "Raw BIDS layout")::
         sub-01/anat/sub-01_<R1map|T1map|R2map|T2map|R2starmap|T2starmap|PDmap|Chimap|M0map>.nii.gz
         sub-01/anat/sub-01_desc-flip<f>_S0map.nii.gz                 noiseless TE = 0 SPGR intercepts
         sub-01/anat/sub-01_dseg.nii.gz + sub-01_dseg.tsv, sub-01_desc-<brain|head>_mask.nii.gz
-        sub-01/fmap/sub-01_TB1map.nii.gz (percent), sub-01_RB1map.nii.gz (ratio)
+        sub-01/anat/sub-01_label-<abbreviation>_desc-interior_mask.nii.gz  per brain label (see below)
+        sub-01/fmap/sub-01_TB1map.nii.gz (percent), sub-01_RB1map.nii.gz (ratio),
+                    sub-01_desc-bodycoil_RB1map.nii.gz (receive field of the RB1COR body coil)
         sub-01/fmap/sub-01_desc-<total|background|local>_fieldmap.nii.gz   field offsets in ppm
 
 Truth conventions: rates in 1/s, times in s (``T1map = 1 / R1map``, 0 where the rate is 0, i.e. in
@@ -26,6 +28,20 @@ the phase sees), background (sources outside the brain mask, incl. air-tissue in
 residual) and local (from the susceptibility inside the brain mask); suffix ``fieldmap`` with
 ``Units`` "ppm" (raw BIDS field maps are in Hz). TB1map, RB1map and the field maps are 0 outside
 the head mask (no image carries information there).
+
+Interior masks: one ``label-<abbreviation>_desc-interior_mask`` (abbreviations of ``dseg.tsv``: WM,
+CGM, CAU, PUT, GP, THA, LEA, LLA, LCAC, LCAR, LCI, CL, CSF) per brain label of the subject: the
+voxels whose whole footprint on the simulation grid (``oversample**3`` fine voxels) has that label
+with at least 95 % of each fine voxel's volume in it (no partial volume), eroded by one more voxel
+(3 x 3 x 3) when at least 20 voxels remain; the sidecar records the rule, whether the mask was
+eroded and its voxel count (0 when the region has no interior at this resolution). Accuracy tests
+evaluate estimates there; the rest of a region (its edge) shows what partial volume and intravoxel
+dephasing do.
+
+Oversampling (default 2): the images are simulated on a grid twice as fine and reduced by k-space
+cropping, so they carry partial volume, Gibbs ringing and intravoxel dephasing, which the
+block-averaged truth does not model: the truth is then not the exact inverse of any fit.
+``oversample=1`` gives images that are the exact signal model of the truth (plumbing tests).
 
 The bSSFP increments follow :func:`qmri_workflows.core.signal.bssfp_signal`: increment 0 is
 conventional bSSFP (RF phase alternating by 180 degrees).
@@ -151,8 +167,14 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "TE = 0 SPGR intercept per flip angle, incl. B1+ and receive), dseg (+ dseg.tsv), brain and",
         "head masks; fmap: TB1map (percent of nominal flip angle), RB1map (receive sensitivity) and",
         "desc-total|background|local_fieldmap (field offsets in ppm of B0); the smooth fields are 0",
-        "outside the head mask. With oversampling the truth is the block average of a finer truth",
-        "(approximate).",
+        "outside the head mask; desc-bodycoil_RB1map is the receive field of the body coil (within 3 %",
+        "of 1 over the brain, so the RB1COR head/body ratio is RB1map / desc-bodycoil_RB1map).",
+        "With oversampling the truth is the block average of a finer truth, and the images carry",
+        "partial volume, ringing and intravoxel dephasing that it does not model.",
+        "label-<region>_desc-interior_mask: per brain region (dseg.tsv abbreviations), the voxels",
+        "without partial volume: their whole footprint on the simulation grid has the region's label,",
+        "each fine voxel at least 95 % of it; eroded by one voxel when at least 20 voxels remain (the",
+        "sidecar says so). Evaluate accuracy there; the region minus its interior is its edge.",
         "",
         "Acquisitions",
         "------------",
@@ -164,7 +186,7 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "  conventional bSSFP (RF phase alternating by 180 degrees, pass band centred on resonance).",
         "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007).",
         "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
-        "  coil; body coil with uniform sensitivity, single channel).",
+        "  coil; body coil, single channel, smooth sensitivity within 3 % of uniform).",
         "",
         "Anatomy source and licence",
         "--------------------------",
@@ -305,6 +327,12 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
             write_map(derivatives_root, data, affine, subject=label, suffix="RB1map",
                       metadata=_truth_metadata("True relative receive sensitivity (ratio).", Units="arbitrary",
                                                **meta))
+        elif name == "RB1map-body":
+            write_map(derivatives_root, data, affine, subject=label, suffix="RB1map", desc="bodycoil",
+                      metadata=_truth_metadata(
+                          "True receive sensitivity of the body coil of the RB1COR pair (smooth, within "
+                          "a few percent of 1 over the brain); the head/body RB1COR ratio is "
+                          "RB1map / this map.", Units="arbitrary", **meta))
         elif name == "dseg":
             path = write_map(derivatives_root, data.astype(np.int16), affine, subject=label, suffix="dseg",
                              metadata=_truth_metadata("Tissue labels of the phantom (majority label).", **meta))
@@ -323,10 +351,32 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
                           f"True {kind} field offset in ppm of the main field.", Units="ppm", **meta))
         else:  # pragma: no cover - every name of truth_maps is handled above
             raise RuntimeError(f"unhandled truth map {name}")
+    _write_interior_masks(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
+
+
+def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, oversample):
+    """One ``label-<abbreviation>_desc-interior_mask`` per brain label of the subject."""
+    from qmri_workflows.phantom.simulate import MIN_ERODED_VOXELS, PURE_FRACTION
+    from qmri_workflows.phantom.tissues import BRAIN_LABELS, LABEL_ABBREVIATIONS, LABELS
+
+    present = set(np.unique(scanner.truth.dseg).tolist())
+    labels = [value for value in BRAIN_LABELS if value in present]
+    rule = (f"Voxels of the label whose whole footprint on the simulation grid ({oversample}^3 voxels "
+            f"{oversample} times finer) has this label, each footprint voxel at least "
+            f"{PURE_FRACTION:.0%} of this label (no partial volume); then eroded by one voxel "
+            f"(3x3x3) if at least {MIN_ERODED_VOXELS} voxels remain.")
+    for value, (mask, eroded) in scanner.interior_masks(labels).items():
+        write_map(derivatives_root, mask.astype(np.uint8), scanner.affine, subject=label, suffix="mask",
+                  label=LABEL_ABBREVIATIONS[value], desc="interior",
+                  metadata=_truth_metadata(
+                      f"Interior of {LABELS[value]} (dseg label {value}), free of partial volume.",
+                      field_strength=field_strength, oversample=1, Type="ROI", LabelIndex=value,
+                      LabelName=LABELS[value], InteriorRule=rule, PureFraction=PURE_FRACTION,
+                      Eroded=bool(eroded), VoxelCount=int(mask.sum()), Oversample=oversample))
 
 
 def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=1, seed=0, field_strength=3.0,
-                          n_coils=1, oversample=1, dtype="float32", protocol=None, overwrite=False, command=None):
+                          n_coils=1, oversample=2, dtype="float32", protocol=None, overwrite=False, command=None):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
     Parameters
@@ -350,7 +400,10 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         Receive channels (1: Rician magnitude; more: root-sum-of-squares).
     oversample : int, optional
         Simulate on a grid this many times finer and reduce by k-space cropping (see
-        :mod:`qmri_workflows.phantom.simulate`); memory grows with ``oversample**3``.
+        :mod:`qmri_workflows.phantom.simulate`), so that the images carry partial volume and
+        intravoxel dephasing that the block-averaged truth does not model; 1 makes the truth the
+        exact inverse of the signal model (fast plumbing tests). The fine truth takes about
+        60 bytes per fine voxel (4 GB for 1 mm at ``oversample=2``).
     dtype : {"float32", "int16"}, optional
         Storage of the raw images.
     protocol : Protocol, optional

@@ -85,6 +85,8 @@ def build_parser():
                              "have partial volume and intravoxel dephasing; 1 makes the truth the exact "
                              "inverse of the signal model (fast tests). Memory grows as K^3 "
                              "(default: %(default)s)")
+    parser.add_argument("--kspace-filter", choices=("tukey", "none"), default="tukey",
+                        help="reconstruction filter of the k-space crop when K > 1 (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "int16"), default="float32",
                         help="storage of the raw images; int16 uses a scale slope (default: float32)")
     parser.add_argument("--overwrite", action="store_true",
@@ -109,7 +111,7 @@ def main(argv=None):
         path = write_phantom_dataset(
             args.output_dir, resolution=args.resolution, snr=args.snr, subjects=args.subjects, seed=args.seed,
             field_strength=args.field_strength, n_coils=args.n_coils, oversample=args.oversample,
-            dtype=args.dtype, overwrite=args.overwrite, command=command)
+            dtype=args.dtype, overwrite=args.overwrite, command=command, kspace_filter=args.kspace_filter)
     except (ValueError, FileExistsError, OSError) as error:
         print(f"qmri-phantom: error: {error}", file=sys.stderr)
         return 1

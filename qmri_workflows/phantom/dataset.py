@@ -79,6 +79,7 @@ from qmri_workflows.io.derivatives import (
 )
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import (
+    KSPACE_FILTERS,
     SIGNAL_SCALE,
     PhantomScanner,
     list_volumes,
@@ -134,7 +135,8 @@ def subject_table(n_subjects, seed=0):
     return rows
 
 
-def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype):
+def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype,
+            kspace_filter):
     snr_text = "noiseless (snr = inf)" if math.isinf(snr) else f"{snr:g}"
     lines = [
         "qmri-workflows digital MS-brain phantom",
@@ -149,6 +151,13 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         f"Command: {command}" if command else "Generated with qmri_workflows.phantom.write_phantom_dataset.",
         f"Resolution {resolution:g} mm isotropic, {field_strength:g} T, {n_subjects} subject(s), seed {seed},",
         f"SNR {snr_text}, {n_coils} receive channel(s), oversampling {oversample}, storage {dtype}.",
+        "",
+        "Oversampling: with oversampling K > 1 every image is simulated on a grid K times finer and",
+        "reduced by cropping its k-space"
+        + (" with a Tukey reconstruction filter (inner half of k-space flat, cosine taper outside)."
+           if kspace_filter == "tukey" else " without a filter (Gibbs ringing kept)."),
+        "The images then carry partial volume and intravoxel dephasing that the block-averaged truth",
+        "does not model. With K = 1 each image is the exact signal model of its truth.",
         "",
         "SNR: the noise standard deviation per channel (real and imaginary parts) is the median",
         "noiseless white-matter magnitude of the first echo of the lowest-flip-angle VFA image of",
@@ -376,7 +385,8 @@ def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, o
 
 
 def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=1, seed=0, field_strength=3.0,
-                          n_coils=1, oversample=2, dtype="float32", protocol=None, overwrite=False, command=None):
+                          n_coils=1, oversample=2, dtype="float32", protocol=None, overwrite=False, command=None,
+                          kspace_filter="tukey"):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
     Parameters
@@ -412,6 +422,9 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         Replace an existing ``output_dir`` (only after the new dataset is complete).
     command : str, optional
         Command line recorded in the README.
+    kspace_filter : {"tukey", "none"}, optional
+        Reconstruction filter of the k-space crop when ``oversample > 1``
+        (:func:`qmri_workflows.phantom.simulate.kspace_downsample`).
 
     Returns
     -------
@@ -433,6 +446,8 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         raise ValueError(f"oversample must be a positive integer, got {oversample!r}")
     if isinstance(n_coils, bool) or not isinstance(n_coils, (int, np.integer)) or n_coils < 1:
         raise ValueError(f"n_coils must be a positive integer, got {n_coils!r}")
+    if kspace_filter not in KSPACE_FILTERS:
+        raise ValueError(f"kspace_filter must be one of {KSPACE_FILTERS}, got {kspace_filter!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if not (math.isfinite(float(field_strength)) and field_strength > 0):
@@ -449,7 +464,8 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
     try:
         _write_dataset(staging, participants=participants, resolution=resolution, snr=snr, seed=int(seed),
                        field_strength=float(field_strength), n_coils=int(n_coils), oversample=int(oversample),
-                       dtype=dtype, protocol=protocol, make_phantom=make_phantom, command=command)
+                       dtype=dtype, protocol=protocol, make_phantom=make_phantom, command=command,
+                       kspace_filter=kspace_filter)
         os.chmod(staging, 0o777 & ~_umask())
         if output_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
@@ -472,7 +488,7 @@ def _umask():
 
 
 def _write_dataset(root, *, participants, resolution, snr, seed, field_strength, n_coils, oversample, dtype,
-                   protocol, make_phantom, command):
+                   protocol, make_phantom, command, kspace_filter):
     generated_by = [{"Name": "qmri-phantom", "Version": __version__,
                      "Description": "Digital MS-brain phantom and qMRI protocol simulator of qmri-workflows"}]
     write_dataset_description(root, name=_DATASET_NAME, dataset_type="raw", extra={
@@ -491,7 +507,8 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
         ],
     })
     readme = _readme(command=command, resolution=resolution, snr=snr, n_subjects=len(participants), seed=seed,
-                     field_strength=field_strength, n_coils=n_coils, oversample=oversample, dtype=dtype)
+                     field_strength=field_strength, n_coils=n_coils, oversample=oversample, dtype=dtype,
+                     kspace_filter=kspace_filter)
     (root / "README").write_text(readme, encoding="utf-8")
     (root / "CHANGES").write_text(
         f"{__version__}\n  - Simulated by qmri-phantom (qmri-workflows {__version__}).\n", encoding="utf-8")
@@ -518,7 +535,8 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
         truth = make_phantom(resolution=resolution / oversample, field_strength=field_strength,
                              subject=participant["group"], seed=seed + index)
         rb1cor_factor = 1 if protocol.rb1cor is None else protocol.rb1cor.coarsening_factor(resolution)
-        scanner = PhantomScanner(truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor)
+        scanner = PhantomScanner(truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor,
+                                 kspace_filter=kspace_filter)
         if sigma is None:
             # one receiver for the whole dataset: the noise level is set on the first subject
             sigma = reference_sigma(scanner, protocol, snr)
@@ -548,6 +566,7 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
             "MagneticFieldStrength": field_strength,
             "Resolution": resolution,
             "Oversample": oversample,
+            "KSpaceFilter": kspace_filter if oversample > 1 else "none (no k-space crop at oversample 1)",
             "SNR": None if math.isinf(snr) else snr,
             "SNRDefinition": ("median noiseless white-matter magnitude of echo 1 of the lowest-flip-angle VFA "
                               "image of sub-01 divided by the noise sigma per channel"),

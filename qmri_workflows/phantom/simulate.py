@@ -32,8 +32,9 @@ Oversampling
 ------------
 With ``oversample = K > 1`` the phantom is built on a grid ``K`` times finer; every channel's
 complex image is reduced to the target grid by cropping the centred k-space (the scanner's finite
-sampling: partial volume with ringing, and intravoxel dephasing of the complex signal), and the noise
-is added on the target grid. The target grid is the fine grid coarsened by ``K`` (voxel centres at
+sampling: partial volume with ringing, and intravoxel dephasing of the complex signal), weighted by a
+Tukey reconstruction filter by default (see :func:`kspace_downsample` for why), and the noise is
+added on the target grid. The target grid is the fine grid coarsened by ``K`` (voxel centres at
 the centres of the ``K^3`` blocks; the fine grid is edge-padded to a multiple of ``K``), so it may be
 one voxel larger than the grid of ``make_phantom(resolution=K * fine)``. The truth maps written for
 it are block averages of the fine truth (segmentation: majority label; masks: at least half the
@@ -76,6 +77,8 @@ __all__ = [
     "white_matter_labels",
     "PURE_FRACTION",
     "MIN_ERODED_VOXELS",
+    "KSPACE_FILTERS",
+    "TUKEY_FLAT_FRACTION",
     "SLAB_VOXELS",
 ]
 
@@ -190,7 +193,29 @@ def _pad_axes(array, factor, axes):
     return np.pad(array, pad, mode="edge")
 
 
-def _crop_kspace(image, factor, axes, workers):
+KSPACE_FILTERS = ("tukey", "none")
+"""Reconstruction filters of :func:`kspace_downsample`: ``"tukey"`` (default) or ``"none"``."""
+
+#: Fraction of the kept k-space (from the centre outwards) that the Tukey filter leaves untouched.
+TUKEY_FLAT_FRACTION = 0.5
+
+
+def _kspace_window(frequencies, n_coarse, kspace_filter):
+    """1-D filter over the kept frequencies: 1 in the centre, a cosine taper to the edge."""
+    if kspace_filter == "none":
+        return np.ones(frequencies.size)
+    radius = np.abs(frequencies) / (n_coarse / 2.0)  # 1 at the edge of the kept k-space
+    taper = (radius - TUKEY_FLAT_FRACTION) / (1.0 - TUKEY_FLAT_FRACTION)
+    return np.where(radius <= TUKEY_FLAT_FRACTION, 1.0, 0.5 * (1.0 + np.cos(np.pi * np.clip(taper, 0, 1))))
+
+
+def _check_filter(kspace_filter):
+    if kspace_filter not in KSPACE_FILTERS:
+        raise ValueError(f"kspace_filter must be one of {KSPACE_FILTERS}, got {kspace_filter!r}")
+    return kspace_filter
+
+
+def _crop_kspace(image, factor, axes, workers, kspace_filter="tukey"):
     """Keep the lowest ``n // factor`` spatial frequencies along each of ``axes`` (see
     :func:`kspace_downsample`); the axes must already be multiples of ``factor``."""
     shift = (factor - 1) / 2.0
@@ -205,21 +230,31 @@ def _crop_kspace(image, factor, axes, workers):
         spectrum = np.take(spectrum, keep, axis=axis)
         ramp_shape = [1] * spectrum.ndim
         ramp_shape[axis] = keep.size
-        spectrum *= np.exp(2j * np.pi * frequencies * shift / n_fine).reshape(ramp_shape)
+        ramp = np.exp(2j * np.pi * frequencies * shift / n_fine) * _kspace_window(frequencies, n_coarse,
+                                                                                 kspace_filter)
+        spectrum *= ramp.reshape(ramp_shape)
         result = scipy.fft.ifft(spectrum, axis=axis, workers=workers, overwrite_x=True)
         del spectrum
         result *= n_coarse / n_fine
     return result
 
 
-def kspace_downsample(image, factor, *, workers=-1):
+def kspace_downsample(image, factor, *, workers=-1, kspace_filter="tukey"):
     """Reduce a complex 3-D image to the coarser grid by cropping its centred k-space.
 
     The fine image is edge-padded to a multiple of ``factor``; along each axis the lowest
-    ``n // factor`` spatial frequencies are kept (the scanner samples only those) and a linear phase
-    shifts the samples to the block centres of :func:`coarsen_affine`. The result is scaled so that
-    a constant image keeps its value. The crop is separable: :class:`PhantomScanner` applies it to
-    the two in-plane axes slab by slab and to the third axis at the end, with the same result.
+    ``n // factor`` spatial frequencies are kept (the scanner samples only those), weighted by the
+    reconstruction filter, and a linear phase shifts the samples to the block centres of
+    :func:`coarsen_affine`. The result is scaled so that a constant image keeps its value. Crop and
+    filter are separable: :class:`PhantomScanner` applies them to the two in-plane axes slab by slab
+    and to the third axis at the end, with the same result.
+
+    Filter: ``"tukey"`` leaves the inner half of the kept k-space (:data:`TUKEY_FLAT_FRACTION`)
+    untouched and tapers the outer half with a half cosine to 0 at its edge, per axis, like the
+    k-space ("raw") filters of scanner reconstructions. Without it (``"none"``) the Gibbs ringing of
+    every edge of the head reaches deep into the brain, and because the ringing carries the
+    off-resonance of its source it changes from echo to echo: at 2 mm it moves R2* in deep white
+    matter by +-4 % (median; 5-95 % range +-10 %), against 0.1 % with the filter.
 
     Parameters
     ----------
@@ -227,6 +262,8 @@ def kspace_downsample(image, factor, *, workers=-1):
     factor : int
     workers : int, optional
         Threads for :mod:`scipy.fft`.
+    kspace_filter : {"tukey", "none"}, optional
+        Reconstruction filter (ignored when ``factor`` is 1).
 
     Returns
     -------
@@ -236,10 +273,11 @@ def kspace_downsample(image, factor, *, workers=-1):
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"kspace_downsample needs a 3-D image, got shape {image.shape}")
+    _check_filter(kspace_filter)
     result = image.astype(np.complex128, copy=factor == 1)
     if factor == 1:
         return result
-    return _crop_kspace(_pad_axes(result, factor, (0, 1, 2)), factor, (0, 1, 2), workers)
+    return _crop_kspace(_pad_axes(result, factor, (0, 1, 2)), factor, (0, 1, 2), workers, kspace_filter)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,11 +615,14 @@ class PhantomScanner:
         See :data:`SIGNAL_SCALE`.
     slab_voxels : int, optional
         Fine voxels per slab (at least one slice).
+    kspace_filter : {"tukey", "none"}, optional
+        Reconstruction filter of the k-space crop (:func:`kspace_downsample`).
     """
 
     def __init__(self, truth, *, oversample=1, n_coils=1, sigma=0.0, rb1cor_factor=1, scale=SIGNAL_SCALE,
-                 slab_voxels=SLAB_VOXELS):
+                 slab_voxels=SLAB_VOXELS, kspace_filter="tukey"):
         self.truth = truth
+        self.kspace_filter = _check_filter(kspace_filter)
         self.oversample = _check_factor(oversample)
         self.rb1cor_factor = _check_factor(rb1cor_factor)
         if not (sigma >= 0 and math.isfinite(sigma)):
@@ -626,11 +667,11 @@ class PhantomScanner:
                 if n_channels > 1:
                     image = signal * self.coils.weights(coil, slab_affine, signal.shape, cache=whole_grid)
                 if factor > 1:
-                    image = _crop_kspace(_pad_axes(image, factor, (0, 1)), factor, (0, 1), -1)
+                    image = _crop_kspace(_pad_axes(image, factor, (0, 1)), factor, (0, 1), -1, self.kspace_filter)
                 channel[:, :, z0:z1] = image
             del signal, image
         if factor > 1:
-            channels = [_crop_kspace(_pad_axes(channel, factor, (2,)), factor, (2,), -1)
+            channels = [_crop_kspace(_pad_axes(channel, factor, (2,)), factor, (2,), -1, self.kspace_filter)
                         for channel in channels]
         return channels
 

@@ -113,11 +113,17 @@ def receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
         np.reciprocal(falloff, out=falloff)
         weight = np.float32(rng.uniform(0.8, 1.2))
         power += weight**2 * falloff * falloff * falloff
-    pattern = np.sqrt(power)
-    mean = pattern[brain_mask].mean()
-    deviation = np.abs(pattern[brain_mask] - mean).max()
-    receive = 1 + RECEIVE_VARIATION * (pattern - mean) / deviation
+    receive = _scaled_on_brain(np.sqrt(power), brain_mask, RECEIVE_VARIATION)
     return np.clip(receive, 0.2, None).astype(np.float32)
+
+
+def _scaled_on_brain(pattern, brain_mask, variation):
+    """``1 + variation * (pattern - mean) / largest deviation``, mean and deviation over the brain."""
+    inside = pattern[brain_mask]
+    mean = inside.mean()
+    deviation = np.abs(inside - mean).max()
+    del inside
+    return 1 + variation * (pattern - mean) / deviation
 
 
 def body_receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
@@ -131,16 +137,7 @@ def body_receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
     largest deviation of :data:`BODY_RECEIVE_VARIATION` (3 %) there. An estimate of the head-coil
     sensitivity from the RB1COR ratio is therefore biased by up to about 3 %, as on a scanner.
 
-    Parameters
-    ----------
-    shape, affine, centre_mm
-        See :func:`transmit_field`.
-    brain_mask : ndarray of bool
-    seed : int
-
-    Returns
-    -------
-    ndarray of float32
+    Parameters and returns as :func:`receive_sensitivity`.
     """
     rng = _rng(seed, 5)
     x, y, z = _normalised_axes(shape, affine, centre_mm)
@@ -148,11 +145,7 @@ def body_receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
     pattern = (-(x * x + y * y) - np.float32(0.5) * z * z
                + np.float32(gradient[0]) * x + np.float32(gradient[1]) * y + np.float32(gradient[2]) * z)
     pattern = np.broadcast_to(pattern, shape)
-    inside = pattern[brain_mask]
-    mean = inside.mean(dtype=np.float64)
-    deviation = np.abs(inside - mean).max()
-    del inside
-    return (1 + BODY_RECEIVE_VARIATION * (pattern - np.float32(mean)) / np.float32(deviation)).astype(np.float32)
+    return _scaled_on_brain(pattern, brain_mask, BODY_RECEIVE_VARIATION).astype(np.float32)
 
 
 def shim_residual(shape, affine, centre_mm, *, seed=0):

@@ -11,7 +11,13 @@ Each voxel holds volume fractions ``f_t`` of compartments ``t`` (the rest is air
 * ``chi = sum_t f_t chi_t`` (susceptibility adds up by volume; ppm relative to CSF).
 
 The protocol simulator computes each voxel's signal from that voxel's parameters only, so these maps
-are the exact truth of the simulated data. Air has PD = 0 and all parameters 0; the outermost scalp
+are the exact truth of data simulated on this grid (``oversample=1``). An oversampled dataset builds
+this truth on the fine grid; its written truth is the block average, which its images (k-space
+reduced, with partial volume and intravoxel dephasing) match only away from edges: see
+``label_fraction`` and the interior masks.
+
+Below 1 mm (:data:`~.fields.FIELD_GRID_MM`) the B0 field is computed by the dipole model on a grid of
+about 1 mm and interpolated (memory; see ``_b0_fields``). Air has PD = 0 and all parameters 0; the outermost scalp
 voxels (tissue fraction < 0.5, outside ``head_mask``) keep their partial-volume values.
 """
 

@@ -105,8 +105,9 @@ def region_errors(truth_root, estimate, *, subject, suffix="R2starmap", mask=Non
 
 def format_region_errors(rows):
     """Plain-text table of :func:`region_errors` (percent)."""
-    lines = [f"{'region':28s} {'interior n':>10s} {'|err| med':>9s} {'err med':>8s}   "
-             f"{'edge n':>7s} {'|err| med':>9s} {'err med':>8s}"]
+    header = (f"{'region':28s} {'interior n':>10s} {'|err| med':>9s} {'err med':>8s}   "
+              f"{'edge n':>7s} {'|err| med':>9s} {'err med':>8s}")
+    lines = [header]
     for row in rows:
         lines.append(f"{row.name:28s} {row.interior_voxels:10d} {row.interior_median_abs:9.2%} "
                      f"{row.interior_median:+8.2%}   {row.edge_voxels:7d} {row.edge_median_abs:9.2%} "

@@ -81,12 +81,15 @@ def build_parser():
                         help="receive channels; 1 gives Rician magnitude, more root-sum-of-squares "
                              "(default: 1)")
     parser.add_argument("--oversample", type=_positive_int, default=2, metavar="K",
-                        help="simulate on a K times finer grid and reduce by k-space cropping, so the images "
+                        help="simulate on a K times finer grid and reduce it to the target grid, so the images "
                              "have partial volume and intravoxel dephasing; 1 makes the truth the exact "
                              "inverse of the signal model (fast tests). Memory grows as K^3 "
                              "(default: %(default)s)")
-    parser.add_argument("--kspace-filter", choices=("tukey", "none"), default="tukey",
-                        help="reconstruction filter of the k-space crop when K > 1 (default: %(default)s)")
+    parser.add_argument("--kspace-filter", choices=("box", "tukey", "none"), default="box",
+                        help="how a voxel forms from the K^3 finer ones when K > 1: 'box' averages the "
+                             "signal over its footprint (partial volume and intravoxel dephasing, no "
+                             "ringing); 'tukey' and 'none' crop k-space with and without a "
+                             "reconstruction filter (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "int16"), default="float32",
                         help="storage of the raw images; int16 uses a scale slope (default: float32)")
     parser.add_argument("--overwrite", action="store_true",

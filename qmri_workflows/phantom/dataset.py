@@ -153,9 +153,10 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         f"SNR {snr_text}, {n_coils} receive channel(s), oversampling {oversample}, storage {dtype}.",
         "",
         "Oversampling: with oversampling K > 1 every image is simulated on a grid K times finer and",
-        "reduced by cropping its k-space"
-        + (" with a Tukey reconstruction filter (inner half of k-space flat, cosine taper outside)."
-           if kspace_filter == "tukey" else " without a filter (Gibbs ringing kept)."),
+        {"box": "reduced by averaging the complex signal over each voxel's footprint (no ringing).",
+         "tukey": "reduced by cropping its k-space with a Tukey reconstruction filter (inner half of "
+                  "k-space flat, cosine taper outside).",
+         "none": "reduced by cropping its k-space without a filter (Gibbs ringing kept)."}[kspace_filter],
         "The images then carry partial volume and intravoxel dephasing that the block-averaged truth",
         "does not model. With K = 1 each image is the exact signal model of its truth.",
         "",
@@ -386,7 +387,7 @@ def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, o
 
 def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=1, seed=0, field_strength=3.0,
                           n_coils=1, oversample=2, dtype="float32", protocol=None, overwrite=False, command=None,
-                          kspace_filter="tukey"):
+                          kspace_filter="box"):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
     Parameters
@@ -422,8 +423,8 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         Replace an existing ``output_dir`` (only after the new dataset is complete).
     command : str, optional
         Command line recorded in the README.
-    kspace_filter : {"tukey", "none"}, optional
-        Reconstruction filter of the k-space crop when ``oversample > 1``
+    kspace_filter : {"box", "tukey", "none"}, optional
+        How a voxel forms from the finer ones when ``oversample > 1``
         (:func:`qmri_workflows.phantom.simulate.kspace_downsample`).
 
     Returns

@@ -193,8 +193,8 @@ def _pad_axes(array, factor, axes):
     return np.pad(array, pad, mode="edge")
 
 
-KSPACE_FILTERS = ("tukey", "none")
-"""Reconstruction filters of :func:`kspace_downsample`: ``"tukey"`` (default) or ``"none"``."""
+KSPACE_FILTERS = ("box", "tukey", "none")
+"""How :func:`kspace_downsample` forms a voxel: ``"box"`` (default), ``"tukey"`` or ``"none"``."""
 
 #: Fraction of the kept k-space (from the centre outwards) that the Tukey filter leaves untouched.
 TUKEY_FLAT_FRACTION = 0.5
@@ -215,9 +215,11 @@ def _check_filter(kspace_filter):
     return kspace_filter
 
 
-def _crop_kspace(image, factor, axes, workers, kspace_filter="tukey"):
+def _crop_kspace(image, factor, axes, workers, kspace_filter="box"):
     """Keep the lowest ``n // factor`` spatial frequencies along each of ``axes`` (see
     :func:`kspace_downsample`); the axes must already be multiples of ``factor``."""
+    if kspace_filter == "box":
+        return _box_average(image, factor, axes)
     shift = (factor - 1) / 2.0
     result = image
     for axis in axes:
@@ -239,7 +241,17 @@ def _crop_kspace(image, factor, axes, workers, kspace_filter="tukey"):
     return result
 
 
-def kspace_downsample(image, factor, *, workers=-1, kspace_filter="tukey"):
+def _box_average(image, factor, axes):
+    """Mean over blocks of ``factor`` samples along each of ``axes`` (multiples of ``factor``)."""
+    result = image
+    for axis in axes:
+        shape = list(result.shape)
+        shape[axis : axis + 1] = [shape[axis] // factor, factor]
+        result = result.reshape(shape).mean(axis=axis + 1)
+    return result
+
+
+def kspace_downsample(image, factor, *, workers=-1, kspace_filter="box"):
     """Reduce a complex 3-D image to the coarser grid by cropping its centred k-space.
 
     The fine image is edge-padded to a multiple of ``factor``; along each axis the lowest
@@ -249,7 +261,11 @@ def kspace_downsample(image, factor, *, workers=-1, kspace_filter="tukey"):
     filter are separable: :class:`PhantomScanner` applies them to the two in-plane axes slab by slab
     and to the third axis at the end, with the same result.
 
-    Filter: ``"tukey"`` leaves the inner half of the kept k-space (:data:`TUKEY_FLAT_FRACTION`)
+    Voxel shape: ``"box"`` (default) averages the complex signal over each voxel's footprint, the
+    ideal rectangular voxel: partial volume and intravoxel dephasing, no ringing (its spectrum is
+    the sinc of the voxel, so the sum is not band-limited; an interior voxel holds its own tissue
+    only, which makes region interiors a fair ground truth). The two others crop k-space.
+    ``"tukey"`` leaves the inner half of the kept k-space (:data:`TUKEY_FLAT_FRACTION`)
     untouched and tapers the outer half with a half cosine to 0 at its edge, per axis, like the
     k-space ("raw") filters of scanner reconstructions. Without it (``"none"``) the Gibbs ringing of
     every edge of the head reaches deep into the brain, and because the ringing carries the
@@ -262,8 +278,8 @@ def kspace_downsample(image, factor, *, workers=-1, kspace_filter="tukey"):
     factor : int
     workers : int, optional
         Threads for :mod:`scipy.fft`.
-    kspace_filter : {"tukey", "none"}, optional
-        Reconstruction filter (ignored when ``factor`` is 1).
+    kspace_filter : {"box", "tukey", "none"}, optional
+        Voxel shape / reconstruction filter (ignored when ``factor`` is 1).
 
     Returns
     -------
@@ -615,12 +631,12 @@ class PhantomScanner:
         See :data:`SIGNAL_SCALE`.
     slab_voxels : int, optional
         Fine voxels per slab (at least one slice).
-    kspace_filter : {"tukey", "none"}, optional
-        Reconstruction filter of the k-space crop (:func:`kspace_downsample`).
+    kspace_filter : {"box", "tukey", "none"}, optional
+        How a voxel forms from the finer ones (:func:`kspace_downsample`).
     """
 
     def __init__(self, truth, *, oversample=1, n_coils=1, sigma=0.0, rb1cor_factor=1, scale=SIGNAL_SCALE,
-                 slab_voxels=SLAB_VOXELS, kspace_filter="tukey"):
+                 slab_voxels=SLAB_VOXELS, kspace_filter="box"):
         self.truth = truth
         self.kspace_filter = _check_filter(kspace_filter)
         self.oversample = _check_factor(oversample)

@@ -209,12 +209,13 @@ def test_block_reductions_and_affine():
     np.testing.assert_allclose(coarse_affine @ [0, 0, 0, 1], [0.25, 0.25, 0.25, 1])
 
 
-def test_kspace_downsample_keeps_smooth_images_and_constants():
-    assert np.allclose(kspace_downsample(np.full((12, 10, 8), 3.0 + 1j), 2), 3.0 + 1j)
+@pytest.mark.parametrize("kspace_filter", ["none", "tukey"])
+def test_kspace_crop_keeps_smooth_images_and_constants(kspace_filter):
+    assert np.allclose(kspace_downsample(np.full((12, 10, 8), 3.0 + 1j), 2, kspace_filter=kspace_filter), 3.0 + 1j)
     shape, factor = (48, 40, 32), 4
     i, j, k = np.indices(shape, dtype=float)
     blob = np.exp(-(((i - 23.5) / 9) ** 2 + ((j - 19.5) / 8) ** 2 + ((k - 15.5) / 7) ** 2) / 2)
-    reduced = kspace_downsample(blob, factor)
+    reduced = kspace_downsample(blob, factor, kspace_filter=kspace_filter)
     # a band-limited image is sampled at the block centres: compare with the analytic blob there
     ci, cj, ck = np.indices(reduced.shape, dtype=float) * factor + (factor - 1) / 2
     at_centres = np.exp(-(((ci - 23.5) / 9) ** 2 + ((cj - 19.5) / 8) ** 2 + ((ck - 15.5) / 7) ** 2) / 2)
@@ -286,12 +287,27 @@ def test_tukey_filter_damps_the_far_ringing_of_an_edge():
     expected = ((centres > 81) & (centres < 175)).astype(float)
     far = distance >= 5
     sharp = np.abs(kspace_downsample(step, 4, kspace_filter="none").real[:, 0, 0] - expected)[far].max()
-    filtered = np.abs(kspace_downsample(step, 4).real[:, 0, 0] - expected)[far].max()
+    filtered = np.abs(kspace_downsample(step, 4, kspace_filter="tukey").real[:, 0, 0] - expected)[far].max()
     # plain crop: the ringing decays like 1/distance (about 1 % at 5 voxels); the filter cuts it 5x
     assert sharp > 0.005 and filtered < sharp / 5
     assert np.allclose(kspace_downsample(np.full((8, 6, 4), 2.0), 2, kspace_filter="none"), 2.0)
     with pytest.raises(ValueError, match="kspace_filter"):
         kspace_downsample(step, 2, kspace_filter="hamming")
+
+
+def test_box_voxels_hold_the_mean_of_their_footprint_and_do_not_ring():
+    """The default voxel integrates the complex signal over its footprint: exact partial volume."""
+    rng = np.random.default_rng(0)
+    fine = rng.normal(size=(12, 9, 6)) * np.exp(1j * rng.uniform(-np.pi, np.pi, size=(12, 9, 6)))
+    coarse = kspace_downsample(fine, 3)
+    assert coarse.shape == (4, 3, 2)
+    assert np.allclose(coarse, fine.reshape(4, 3, 3, 3, 2, 3).mean(axis=(1, 3, 5)))
+    step = np.zeros((256, 2, 2))
+    step[81:175] = 1.0
+    centres = np.arange(64) * 4 + 1.5
+    far_from_edges = np.minimum(np.abs(centres - 81), np.abs(centres - 175)) >= 4
+    expected = ((centres > 81) & (centres < 175)).astype(float)
+    assert np.allclose(kspace_downsample(step, 4).real[:, 0, 0][far_from_edges], expected[far_from_edges])
 
 
 def test_oversampled_scanner_keeps_truth_approximately(volumes):

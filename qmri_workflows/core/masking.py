@@ -62,7 +62,7 @@ References
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["brain_mask", "air_mask", "otsu_threshold", "fit_smooth_bias"]
+__all__ = ["brain_mask", "check_brain_mask", "air_mask", "otsu_threshold", "fit_smooth_bias"]
 
 # Voxel size (mm) of the first, bias-finding pass.
 _FIRST_PASS_MM = 3.0
@@ -342,14 +342,39 @@ def _fill_small_holes(binary, radius_mm, voxel_size):
     return binary | small[holes]
 
 
-def _open_largest(candidate, radius_mm, voxel_size):
-    """Opening by a ball that keeps the largest eroded component (small dark holes filled first)."""
+def _open_brain(candidate, radius_mm, voxel_size, *, near=None):
+    """Opening by a ball that keeps the brain's eroded component (small dark holes filled first).
+
+    The brain is the *deepest* component: the one holding the candidate voxel farthest from any
+    dark voxel (largest inscribed ball). Scalp, neck fat and other extracranial tissue are layers a
+    few mm to ~2 cm thick, whereas the brain is ~10 cm across, so this holds for any skull and scalp
+    thickness; the largest component does not (a thick bright scalp outweighs a small eroded brain).
+    With ``near`` (a region found on a coarser grid), the component overlapping it most is kept.
+
+    Returns the opened region and its deep part (voxels at least half as deep as its deepest
+    voxel): even when a skull too thin for this grid lets the scalp join the brain, the deep part
+    of the union lies inside the brain, as long as the scalp is thinner than the brain's radius.
+    """
     candidate = _fill_small_holes(candidate, radius_mm, voxel_size)
     core = _erode(candidate, radius_mm, voxel_size)
     if not core.any():
         core = candidate
-    core = _largest_component(core)
-    return _largest_component(_dilate(core, radius_mm, voxel_size) & candidate)
+    labels, n_labels = ndimage.label(core)
+    depth = None
+    if near is None:
+        depth = ndimage.distance_transform_edt(candidate, sampling=voxel_size)
+    if n_labels > 1:
+        index = np.arange(1, n_labels + 1)
+        if near is None:
+            score = ndimage.maximum(depth, labels, index)
+        else:
+            score = ndimage.sum(near, labels, index)
+        core = labels == index[int(np.argmax(score))]
+    opened = _largest_component(_dilate(core, radius_mm, voxel_size) & candidate)
+    if depth is None:
+        return opened, None
+    deep = opened & (depth >= 0.5 * depth[opened].max())
+    return opened, deep
 
 
 def _local_level(image, tissue, voxel_size, sigma_mm, default):
@@ -397,6 +422,16 @@ def _grow_against_outside(seed, candidate, n_steps):
         brain |= new_brain
         outside |= new_outside
     return brain
+
+
+def _upsample(coarse, factors, shape):
+    """Nearest-neighbour copy of a block-averaged mask on the full grid (trailing voxels False)."""
+    full = np.zeros(shape, dtype=bool)
+    repeated = coarse
+    for axis, factor in enumerate(factors):
+        repeated = np.repeat(repeated, factor, axis)
+    full[: repeated.shape[0], : repeated.shape[1], : repeated.shape[2]] = repeated
+    return full
 
 
 def _crop_box(region, margin, shape):
@@ -495,9 +530,16 @@ def brain_mask(
     if threshold is None:
         rough = _threshold_log_otsu(coarse)
         coarse_level = fraction * float(np.median(coarse[coarse > rough]))
+        coarse_seed, coarse_deep = _open_brain(coarse > coarse_level, opening, coarse_size)
+        # The first level mixes brain with the scalp, which may be much brighter (fat): take the
+        # level again from the brain alone.
+        brain_level = fraction * float(np.median(coarse[coarse_seed & (coarse > coarse_level)]))
+        if abs(brain_level - coarse_level) > 0.1 * coarse_level:
+            coarse_level = brain_level
+            coarse_seed, coarse_deep = _open_brain(coarse > coarse_level, opening, coarse_size)
     else:
         coarse_level = float(threshold)
-    coarse_seed = _open_largest(coarse > coarse_level, opening, coarse_size)
+        coarse_seed, coarse_deep = _open_brain(coarse > coarse_level, opening, coarse_size)
     coarse_tissue = ndimage.binary_erosion(coarse_seed) & (coarse > coarse_level)
     if not coarse_tissue.any():
         coarse_tissue = coarse_seed & (coarse > coarse_level)
@@ -520,11 +562,7 @@ def brain_mask(
     steps_growth = max(1, int(np.ceil(2.0 * opening / np.min(voxel_size))))
     margin_mm = 2.0 * opening + max(float(closing_mm), 0.0) + _FIRST_PASS_MM + _SKULL_MM
     margin = [int(np.ceil(margin_mm / v)) + 2 for v in voxel_size]
-    fine_region = np.zeros(image.shape, dtype=bool)
-    fine_region[: coarse.shape[0] * factors[0], : coarse.shape[1] * factors[1],
-                : coarse.shape[2] * factors[2]] = np.repeat(np.repeat(np.repeat(
-                    coarse_seed, factors[0], 0), factors[1], 1), factors[2], 2)
-    box = _crop_box(fine_region, margin, image.shape)
+    box = _crop_box(_upsample(coarse_seed, factors, image.shape), margin, image.shape)
     local_image = image[box]
     if bias_model is not None:
         # Centre of coarse voxel 0 sits at (f - 1) / 2 fine voxels; the box starts further on.
@@ -532,7 +570,8 @@ def brain_mask(
         log_bias = bias_model.evaluate_grid(local_image.shape, voxel_size, origin_mm=origin)
         local_image = local_image * np.exp(-(log_bias - log_bias_offset))
 
-    seed = _open_largest(local_image > global_threshold, opening, voxel_size)
+    deep = _upsample(coarse_deep, factors, image.shape)[box]
+    seed, _ = _open_brain(local_image > global_threshold, opening, voxel_size, near=deep)
     if threshold is None:
         tissue = ndimage.binary_erosion(seed)
         if not tissue.any():
@@ -557,3 +596,138 @@ def brain_mask(
     if return_threshold:
         return mask, global_threshold
     return mask
+
+
+def _fill_holes_in_slices(binary):
+    """Holes filled in 3-D and in every 2-D slice along each axis (open shells fill too).
+
+    A hole is a connected part of the complement that does not reach the array's border; labelling
+    the complement once per connectivity is much faster than ``binary_fill_holes``' propagation.
+    """
+    filled = binary.copy()
+    structures = [ndimage.generate_binary_structure(3, 1)]
+    for axis in range(3):
+        in_slice = ndimage.generate_binary_structure(3, 1)
+        np.moveaxis(in_slice, axis, 0)[[0, 2]] = False
+        structures.append(in_slice)
+    for structure in structures:
+        labels, _ = ndimage.label(~binary, structure=structure)
+        faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0],
+                 labels[:, :, -1]]
+        outside = np.unique(np.concatenate([face.ravel() for face in faces]))
+        filled |= (labels > 0) & ~np.isin(labels, outside)
+    return filled
+
+
+def _faces_touched(mask, min_fraction):
+    """Number of the 6 faces of the array on which the mask covers at least ``min_fraction``."""
+    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+    return sum(np.count_nonzero(face) >= max(1.0, min_fraction * face.size) for face in faces)
+
+
+def check_brain_mask(
+    mask,
+    reference,
+    *,
+    voxel_size=(1.0, 1.0, 1.0),
+    min_head_fraction=0.05,
+    max_hollow_ratio=1.5,
+    max_faces=3,
+    max_dark_fraction=0.05,
+):
+    """Sanity checks of a brain mask; returns the problems found (empty if none).
+
+    A brain mask is a compact solid (filled holes), well inside the field of view or cut by it on
+    a few sides only, holding a sizeable part of the head and little of the dark skull. The checks
+    catch the ways an automatic mask fails: picking the scalp ring (a hollow shell), spreading over
+    the background (touching the field of view all round, lying outside the head), finding a
+    speck (under 5 % of the head), or swallowing the skull and scalp (a dark layer inside).
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask to check.
+    reference : ndarray, shape (X, Y, Z)
+        Either the head mask (bool) or the magnitude image the mask was made from (float); the
+        head is then the voxels above a log-Otsu threshold with holes filled, and the image also
+        allows the dark-layer check.
+    voxel_size : sequence of 3 floats, optional
+        Voxel dimensions in mm (the volumes in the messages are in mL).
+    min_head_fraction : float, optional
+        Smallest acceptable mask volume as a fraction of the head's.
+    max_hollow_ratio : float, optional
+        Largest acceptable ratio of the mask's volume with its holes filled (in 3-D and in every
+        slice, so that shells cut open by the field of view fill too) to its own volume.
+    max_faces : int, optional
+        Largest number of the six faces of the field of view the mask may cover (at least 5 % of
+        the face each); a brain cut by the field of view on one side, or a slab cut at the top and
+        bottom, covers one or two.
+    max_dark_fraction : float, optional
+        Largest acceptable fraction of mask voxels darker than a quarter of the mask's median
+        intensity (bone and air; lesions are brighter). Only checked when ``reference`` is an
+        image.
+
+    Returns
+    -------
+    problems : list of str
+        One sentence per failed check, with the measured value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> head = np.zeros((40, 40, 40), dtype=bool)
+    >>> head[5:35, 5:35, 5:35] = True
+    >>> shell = head & ~np.pad(np.ones((26, 26, 26), dtype=bool), 7)
+    >>> check_brain_mask(shell, head)[0].startswith("the mask is a hollow shell")
+    True
+    >>> check_brain_mask(np.pad(np.ones((20, 20, 20), dtype=bool), 10), head)
+    []
+    """
+    mask = np.asarray(mask, dtype=bool)
+    reference = np.asarray(reference)
+    if mask.ndim != 3 or mask.shape != reference.shape:
+        raise ValueError(
+            f"mask and reference must be 3-D arrays of one shape, got {mask.shape} and "
+            f"{reference.shape}")
+    voxel_ml = float(np.prod(np.asarray(voxel_size, dtype=float))) / 1000.0
+    image = None
+    if reference.dtype == bool:
+        head = reference
+    else:
+        image = np.where(np.isfinite(reference), reference, 0.0).astype(np.float32)
+        if not np.any(image > 0):
+            raise ValueError("the reference image has no positive voxel")
+        head = ndimage.binary_fill_holes(image > _threshold_log_otsu(image))
+    n_mask = np.count_nonzero(mask)
+    if n_mask == 0:
+        return ["the mask is empty"]
+    problems = []
+    n_head = max(np.count_nonzero(head), 1)
+    inside_head = np.count_nonzero(mask & head)
+    if inside_head < min_head_fraction * n_head:
+        problems.append(
+            f"the mask holds {100.0 * inside_head / n_head:.1f} % of the head "
+            f"({inside_head * voxel_ml:.0f} of {n_head * voxel_ml:.0f} mL; expected at least "
+            f"{100.0 * min_head_fraction:.0f} %)")
+    if n_mask - inside_head > 0.5 * n_mask:
+        problems.append(
+            f"{100.0 * (n_mask - inside_head) / n_mask:.0f} % of the mask lies outside the head, "
+            "in the background")
+    hollow_ratio = np.count_nonzero(_fill_holes_in_slices(mask)) / n_mask
+    if hollow_ratio > max_hollow_ratio:
+        problems.append(
+            f"the mask is a hollow shell: filling its holes makes it {hollow_ratio:.1f} times "
+            f"larger (expected at most {max_hollow_ratio:g})")
+    n_faces = _faces_touched(mask, 0.05)
+    if n_faces > max_faces:
+        problems.append(
+            f"the mask touches the edge of the field of view all round ({n_faces} of 6 faces; "
+            f"expected at most {max_faces})")
+    if image is not None:
+        values = image[mask]
+        dark_fraction = np.count_nonzero(values < 0.25 * np.median(values)) / n_mask
+        if dark_fraction > max_dark_fraction:
+            problems.append(
+                f"{100.0 * dark_fraction:.0f} % of the mask is darker than a quarter of its "
+                "median intensity, like skull or air: it may hold the skull and scalp")
+    return problems

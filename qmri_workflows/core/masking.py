@@ -688,9 +688,9 @@ def check_brain_mask(
         the face each); a brain cut by the field of view on one side, or a slab cut at the top and
         bottom, covers one or two.
     max_dark_fraction : float, optional
-        Largest acceptable fraction of mask voxels darker than a quarter of the mask's median
-        intensity (bone and air; lesions are brighter). Only checked when ``reference`` is an
-        image.
+        Largest acceptable fraction of mask voxels darker than a quarter of the head's median
+        tissue intensity (above the log-Otsu threshold): bone and air; lesions are brighter. Only
+        checked when ``reference`` is an image.
 
     Returns
     -------
@@ -722,7 +722,9 @@ def check_brain_mask(
         image = np.where(np.isfinite(reference), reference, 0.0).astype(np.float32)
         if not np.any(image > 0):
             raise ValueError("the reference image has no positive voxel")
-        head = ndimage.binary_fill_holes(image > _threshold_log_otsu(image))
+        tissue = image > _threshold_log_otsu(image)
+        tissue_level = float(np.median(image[tissue]))
+        head = ndimage.binary_fill_holes(tissue)
     n_mask = np.count_nonzero(mask)
     if n_mask == 0:
         return ["the mask is empty"]
@@ -749,10 +751,11 @@ def check_brain_mask(
             f"the mask touches the edge of the field of view all round ({n_faces} of 6 faces; "
             f"expected at most {max_faces})")
     if image is not None:
-        values = image[mask]
-        dark_fraction = np.count_nonzero(values < 0.25 * np.median(values)) / n_mask
+        # Relative to the head's tissue, not to the mask: a mask of a brainless head is mostly
+        # noise, and its own median is noise too.
+        dark_fraction = np.count_nonzero(image[mask] < 0.25 * tissue_level) / n_mask
         if dark_fraction > max_dark_fraction:
             problems.append(
-                f"{100.0 * dark_fraction:.0f} % of the mask is darker than a quarter of its "
-                "median intensity, like skull or air: it may hold the skull and scalp")
+                f"{100.0 * dark_fraction:.0f} % of the mask is darker than a quarter of the "
+                "head's tissue, like bone or air: it may hold the skull and scalp, or background")
     return problems

@@ -51,7 +51,7 @@ def dice(a, b):
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def check_goals(mask, truth):
+def check_goals(mask, truth, image):
     resolution = max(truth.voxel_size)
     assert mask.dtype == bool and mask.shape == truth.shape
     scalp_inside = np.count_nonzero(mask & (truth.dseg == SCALP))
@@ -60,6 +60,8 @@ def check_goals(mask, truth):
     assert np.all(mask[lesions]), f"{np.count_nonzero(lesions & ~mask)} lesion voxels missed"
     minimum = 0.95 if resolution <= 3 else 0.92
     assert dice(mask, truth.brain_mask) >= minimum
+    # A good mask raises no alarm (the App would stop on one).
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
 
 
 RESOLUTIONS = [pytest.param(1.0, marks=pytest.mark.slow), 2.0, 3.0, 4.0, 5.0]
@@ -71,22 +73,22 @@ def test_brain_mask_on_patient_phantom(resolution, snr):
     truth = phantom(resolution)
     if truth.subject == "patient":
         assert np.isin(truth.dseg, LESION_LABELS).any()  # the lesion check is not vacuous
-    mask = brain_mask(masked_image(resolution, snr), voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    image = masked_image(resolution, snr)
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 @pytest.mark.parametrize("snr", [20.0, np.inf])
 def test_brain_mask_on_control_phantom(snr):
     truth = phantom(4.0, "control")
-    mask = brain_mask(masked_image(4.0, snr, "control"), voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    image = masked_image(4.0, snr, "control")
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 def test_brain_mask_with_eight_receive_coils():
     # The RSS of 8 channels has a non-central chi noise floor about 2.8x the single-channel one.
     truth = phantom(2.0)
-    mask = brain_mask(masked_image(2.0, 20.0, n_coils=8), voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    image = masked_image(2.0, 20.0, n_coils=8)
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 @pytest.mark.parametrize("direction", [0, 2])
@@ -98,8 +100,7 @@ def test_brain_mask_with_extra_receive_bias(direction):
     shape = [1, 1, 1]
     shape[direction] = -1
     biased = image * (1.0 + 0.3 * position.reshape(shape))
-    mask = brain_mask(biased, voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    check_goals(brain_mask(biased, voxel_size=truth.voxel_size), truth, biased)
 
 
 def test_brain_mask_keeps_t1_hypointense_lesions():
@@ -109,8 +110,7 @@ def test_brain_mask_keeps_t1_hypointense_lesions():
     image = masked_image(2.0, 20.0).copy()
     lesions = np.isin(truth.dseg, LESION_LABELS)
     image[lesions] *= 0.35
-    mask = brain_mask(image, voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 def test_partial_volume_voxels_follow_the_half_intracranial_rule():

@@ -367,7 +367,8 @@ def _open_brain(candidate, radius_mm, voxel_size, *, near=None):
     dark voxel (largest inscribed ball). Scalp, neck fat and other extracranial tissue are layers a
     few mm to ~2 cm thick, whereas the brain is ~10 cm across, so this holds for any skull and scalp
     thickness; the largest component does not (a thick bright scalp outweighs a small eroded brain).
-    With ``near`` (a region found on a coarser grid), the component overlapping it most is kept.
+    With ``near`` (a region found on a coarser grid), the component overlapping it most is kept
+    (the deepest if it overlaps none).
 
     Returns the opened region and its deep part (voxels at least half as deep as its deepest
     voxel): even when a skull too thin for this grid lets the scalp join the brain, the deep part
@@ -379,18 +380,18 @@ def _open_brain(candidate, radius_mm, voxel_size, *, near=None):
         core = candidate
     labels, n_labels = ndimage.label(core)
     depth = None
-    if near is None:
-        depth = ndimage.distance_transform_edt(candidate, sampling=voxel_size)
     if n_labels > 1:
         index = np.arange(1, n_labels + 1)
-        if near is None:
+        score = ndimage.sum(near, labels, index) if near is not None else np.zeros(n_labels)
+        if not score.max() > 0:  # no coarse guide, or it missed every component
+            depth = ndimage.distance_transform_edt(candidate, sampling=voxel_size)
             score = ndimage.maximum(depth, labels, index)
-        else:
-            score = ndimage.sum(near, labels, index)
         core = labels == index[int(np.argmax(score))]
     opened = _largest_component(_dilate(core, radius_mm, voxel_size) & candidate)
-    if depth is None:
+    if near is not None:
         return opened, None
+    if depth is None:
+        depth = ndimage.distance_transform_edt(candidate, sampling=voxel_size)
     deep = opened & (depth >= 0.5 * depth[opened].max())
     return opened, deep
 

@@ -158,6 +158,15 @@ def test_thin_skull_under_thick_fat_scalp_and_small_brain():
     check_mask(image, truth, lesions, 2.0)
 
 
+def test_slab_through_thin_skull_and_thick_scalp():
+    # An 80 mm slab through the same head: the old mask kept the scalp ring (open at the slab's
+    # faces, so no hole filling recovered the brain) and none of the brain, Dice 0.
+    image, truth, lesions = ellipsoidal_head(
+        2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0, semi_axes_mm=(50.0, 60.0, 45.0), seed=2)
+    slab = slice(image.shape[2] // 2 - 20, image.shape[2] // 2 + 20)
+    check_mask(image[:, :, slab], truth[:, :, slab], lesions[:, :, slab], 2.0)
+
+
 @pytest.mark.parametrize(
     "skull_mm, scalp",
     [(2.0, "bright"), pytest.param(10.0, "dark", marks=pytest.mark.slow),

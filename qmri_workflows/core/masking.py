@@ -667,7 +667,8 @@ def check_brain_mask(
     a few sides only, holding a sizeable part of the head and little of the dark skull. The checks
     catch the ways an automatic mask fails: picking the scalp ring (a hollow shell), spreading over
     the background (touching the field of view all round, lying outside the head), finding a
-    speck (under 5 % of the head), or swallowing the skull and scalp (a dark layer inside).
+    speck (under 5 % of the head), or swallowing the skull and scalp (many dark voxels inside, or
+    one dark layer spanning the mask along every axis, as even a thin skull does).
 
     Parameters
     ----------
@@ -754,9 +755,22 @@ def check_brain_mask(
     if image is not None:
         # Relative to the head's tissue, not to the mask: a mask of a brainless head is mostly
         # noise, and its own median is noise too.
-        dark_fraction = np.count_nonzero(image[mask] < 0.25 * tissue_level) / n_mask
+        dark = mask & (image < 0.25 * tissue_level)
+        dark_fraction = np.count_nonzero(dark) / n_mask
         if dark_fraction > max_dark_fraction:
             problems.append(
                 f"{100.0 * dark_fraction:.0f} % of the mask is darker than a quarter of the "
                 "head's tissue, like bone or air: it may hold the skull and scalp, or background")
+        elif dark.any():
+            # A thin skull is too small a fraction of the mask, but it is one dark layer spanning
+            # the mask, where dark lesions are compact and a few cm across at most.
+            labels, _ = ndimage.label(dark)
+            largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+            layer = ndimage.find_objects(labels)[largest - 1]
+            whole = ndimage.find_objects(mask.astype(np.int8))[0]
+            span = min((a.stop - a.start) / (b.stop - b.start) for a, b in zip(layer, whole))
+            if span > 0.5:
+                problems.append(
+                    "a dark layer, like a skull, spans the mask (at least "
+                    f"{100.0 * span:.0f} % of its extent along every axis): it may hold the scalp")
     return problems

@@ -289,3 +289,14 @@ def test_sanity_check_takes_a_head_mask(head_and_mask):
     assert check_brain_mask(shell, head) != []
     with pytest.raises(ValueError, match="one shape"):
         check_brain_mask(truth, head[:-1])
+
+
+def test_sanity_check_flags_a_mask_holding_a_thin_skull_and_the_scalp():
+    # A 2 mm skull is ~2 % of the head: too few dark voxels for the fraction check, but one dark
+    # layer spanning the mask (the old mask's failure on the fatty scalp, Dice 0.51).
+    image, truth, _ = ellipsoidal_head(2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0,
+                                       semi_axes_mm=(50.0, 60.0, 45.0), seed=2)
+    head = ndimage.binary_fill_holes(image > 0.5)
+    problems = check_brain_mask(head, image, voxel_size=(2.0,) * 3)
+    assert any("dark layer" in p for p in problems), problems
+    assert check_brain_mask(truth, image, voxel_size=(2.0,) * 3) == []

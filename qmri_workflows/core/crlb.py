@@ -121,9 +121,10 @@ def estatics_r2star_information(s0, r2star, echo_times):
     r"""Fisher information on R2* alone of the ESTATICS model, for unit noise SD.
 
     The intercepts are eliminated (Schur complement, see the module notes), so this is
-    :math:`\sigma^2 / \mathrm{CRLB}^2`. It is also the R2* term of :math:`J^T J` at any point of the
-    model, which turns a fit's residual noise estimate into a standard error
-    (:func:`qmri_workflows.core.r2star.fit_estatics` with ``return_stderr=True``).
+    :math:`\sigma^2 / \mathrm{CRLB}^2`, the reciprocal of the R2* element of :math:`(J^T J)^{-1}`
+    at any point of the model: divided into a fit's residual noise SD it gives the asymptotic
+    standard error of R2* (:func:`qmri_workflows.core.r2star.fit_estatics` with
+    ``return_stderr=True``).
 
     Parameters
     ----------
@@ -148,9 +149,12 @@ def estatics_r2star_information(s0, r2star, echo_times):
     valid = np.isfinite(echo_times)
     te = np.where(valid, echo_times, 0.0)
     decay_sq = np.where(valid, np.exp(-2.0 * r2star[..., None, None] * te), 0.0)
+    te, decay_sq = np.broadcast_arrays(te, decay_sq)
+    # einsum: sums over the short echo axis without temporaries (numpy's sum is slow there).
     sum_e2 = decay_sq.sum(axis=-1)
-    sum_te_e2 = (te * decay_sq).sum(axis=-1)
-    sum_te2_e2 = (te**2 * decay_sq).sum(axis=-1)
+    te_e2 = te * decay_sq
+    sum_te_e2 = te_e2.sum(axis=-1)
+    sum_te2_e2 = np.einsum("...e,...e->...", te_e2, te)
     safe = np.where(sum_e2 > 0, sum_e2, 1.0)
     # Weighted variance of each contrast's echo times; clipped at 0 against rounding.
     spread = np.maximum(sum_te2_e2 - sum_te_e2**2 / safe, 0.0)

@@ -194,11 +194,14 @@ def _r2star_standard_error(s0, r2star, residual, echo_times, valid, noise_sd):
     freedom is left (two echoes, one contrast). NaN where R2* is NaN or not identifiable, or where
     no noise SD is available.
     """
-    n_samples = valid.sum(axis=(-2, -1))
-    n_intercepts = valid.any(axis=-1).sum(axis=-1)
+    n_voxels = valid.shape[0]
+    n_samples = np.count_nonzero(valid.reshape(n_voxels, -1), axis=-1)
+    n_intercepts = np.count_nonzero(valid.any(axis=-1), axis=-1)
     dof = n_samples - n_intercepts - 1
+    flat_residual = residual.reshape(n_voxels, -1)
+    residual_ss = np.einsum("ij,ij->i", flat_residual, flat_residual)
     with np.errstate(invalid="ignore", divide="ignore"):
-        residual_sd = np.sqrt((residual * residual).sum(axis=(-2, -1)) / np.where(dof > 0, dof, np.nan))
+        residual_sd = np.sqrt(residual_ss / np.where(dof > 0, dof, np.nan))
     if noise_sd is not None:
         noise_sd = np.asarray(noise_sd, dtype=np.float64).reshape(-1) if np.ndim(noise_sd) else noise_sd
         residual_sd = np.where(dof > 0, residual_sd, noise_sd)

@@ -254,7 +254,8 @@ def _registry_entries():
                             "non-linear with the magnitude noise floor (nls)"}),
             Option(("--n-coils",), "n_coils",
                    {"type": positive_int, "default": 1, "metavar": "N",
-                    "help": "receive channels combined by root-sum-of-squares (noise law for nls)"}),
+                    "help": "receive channels combined by root-sum-of-squares (noise law for nls, and "
+                            "for the noise measured in the air with two echoes)"}),
         ),
     )
     return brain_mask, r2star

@@ -272,3 +272,71 @@ def make_megre_dataset(root, **kwargs):
     """Shortcut: a single-flip-angle MEGRE dataset; returns its root path."""
     kwargs.setdefault("gre", "MEGRE")
     return make_dataset(root, **kwargs).root
+
+
+DERIVATIVE_AFFINE = np.array([
+    [1.0, 0.0, 0.0, -5.0],
+    [0.0, 1.0, 0.0, -5.0],
+    [0.0, 0.0, 1.0, -4.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+DERIVATIVE_SHAPE = (10, 10, 8)
+DSEG_LABELS = {1: "CSF", 2: "GM", 3: "WM"}
+
+
+def make_derivatives(
+    root,
+    *,
+    subjects=("01",),
+    sessions=None,
+    tb1map=True,
+    tb1map_units="p.u.",
+    dseg=True,
+    dseg_tsv=True,
+    lesion_mask=True,
+    brain_mask=True,
+    dataset_type="derivative",
+    shape=DERIVATIVE_SHAPE,
+    affine=DERIVATIVE_AFFINE,
+):
+    """Write a BIDS derivatives dataset of precomputed inputs, on its own grid (not the raw one).
+
+    ``files`` keys: tb1map (``fmap/*_TB1map``, percent of nominal, sidecar ``Units`` unless
+    ``tb1map_units`` is None), dseg (``anat/*_desc-tissue_dseg`` with labels :data:`DSEG_LABELS`)
+    and dseg_tsv, lesion_mask (``anat/*_label-lesion_mask``), brain_mask (``anat/*_desc-brain_mask``).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    description = {"Name": "precomputed", "BIDSVersion": "1.10.0", "GeneratedBy": [{"Name": "sometool"}]}
+    if dataset_type is not None:
+        description["DatasetType"] = dataset_type
+    (root / "dataset_description.json").write_text(json.dumps(description))
+    dataset = FakeDataset(root)
+    grid = np.indices(shape).sum(axis=0)
+    labels = (grid % 4).astype(np.int16)  # 0..3: background and every tissue label
+    for subject in subjects:
+        for session in (sessions or (None,)):
+            prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+            folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
+            if tb1map:
+                path = write_image(folder / "fmap" / f"{prefix}_TB1map.nii.gz", np.full(shape, 95.0),
+                                   affine=affine)
+                write_sidecar(path, {"Units": tb1map_units})
+                dataset.add("tb1map", path)
+            if dseg:
+                path = write_image(folder / "anat" / f"{prefix}_desc-tissue_dseg.nii.gz", labels,
+                                   affine=affine, dtype=np.int16)
+                dataset.add("dseg", path)
+                if dseg_tsv:
+                    tsv = path.with_name(path.name.replace(".nii.gz", ".tsv"))
+                    tsv.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in DSEG_LABELS.items()))
+                    dataset.add("dseg_tsv", tsv)
+            if lesion_mask:
+                path = write_image(folder / "anat" / f"{prefix}_label-lesion_mask.nii.gz",
+                                   (grid == 9).astype(np.uint8), affine=affine, dtype=np.uint8)
+                dataset.add("lesion_mask", path)
+            if brain_mask:
+                path = write_image(folder / "anat" / f"{prefix}_desc-brain_mask.nii.gz",
+                                   (labels > 0).astype(np.uint8), affine=affine, dtype=np.uint8)
+                dataset.add("brain_mask", path)
+    return dataset

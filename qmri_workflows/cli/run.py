@@ -9,7 +9,7 @@ Exit codes follow the BIDS-Apps draft where it has one:
 17    unknown analysis level
 18    the participant/session filters selected nothing
 64    command-line usage error
-65    input data unusable (missing metadata, mismatched grids, phase units ...)
+65    input data unusable (a subject without usable GRE/bSSFP; a bad --derivatives path)
 66    input dataset missing, or no subject has data for any map
 73    the output directory cannot be created or lies inside the input dataset
 ====  ====================================================================
@@ -18,11 +18,14 @@ Exit codes follow the BIDS-Apps draft where it has one:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import logging
 import os
 import shlex
+import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -36,6 +39,7 @@ EXIT_USAGE = 64
 EXIT_DATA = 65
 EXIT_NO_INPUT = 66
 EXIT_CANNOT_CREATE = 73
+EXIT_INTERRUPTED = 130
 
 ANALYSIS_LEVELS = ("participant",)
 # Plugins that submit the whole graph as dependent jobs and return before they run.
@@ -82,6 +86,11 @@ def build_parser():
         metavar="LABEL", help="sessions to process ('ses-' prefix optional; default: all)",
     )  # fmt: skip
     bids.add_argument(
+        "--derivatives", nargs="+", type=Path, default=[], metavar="PATH",
+        help="BIDS derivatives datasets with precomputed inputs (TB1map, dseg + tsv, "
+        "label-lesion mask, desc-brain mask) of the same subjects/sessions; read only",
+    )  # fmt: skip
+    bids.add_argument(
         "--skip-bids-validation", "--skip_bids_validation", action="store_true",
         help="do not run the BIDS validator on the input dataset",
     )  # fmt: skip
@@ -112,7 +121,11 @@ def build_parser():
                        help="Nipype working directory (default: OUTPUT_DIR/../qmri_work)")
     other.add_argument("--stop-on-first-crash", action="store_true",
                        help="stop at the first failing step")
-    other.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
+    verbosity = other.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="count", default=0,
+                           help="more messages: -v adds each Nipype node's, -vv debugging output")
+    verbosity.add_argument("-q", "--quiet", action="count", default=0,
+                           help="fewer messages: -q warnings and errors only, -qq errors only")
     return parser
 
 
@@ -123,16 +136,20 @@ def _inside(path, folder):
 
 def load_plugin_config(path):
     """Read a plugin configuration (YAML or JSON) with keys ``plugin`` and ``plugin_args``."""
-    text = Path(path).read_text()
-    if Path(path).suffix == ".json":
-        config = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        config = yaml.safe_load(text)
+    text = Path(path).read_text()
+    try:
+        config = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"{path} is not valid {'JSON' if Path(path).suffix == '.json' else 'YAML'}: "
+                         f"{str(error).splitlines()[0]}") from error
     if not isinstance(config, dict) or "plugin" not in config:
         raise ValueError(f"{path}: expected a mapping with a 'plugin' key (and 'plugin_args')")
-    return config["plugin"], dict(config.get("plugin_args") or {})
+    plugin_args = config.get("plugin_args") or {}
+    if not isinstance(plugin_args, dict):
+        raise ValueError(f"{path}: 'plugin_args' must be a mapping, got {plugin_args!r}")
+    return str(config["plugin"]), dict(plugin_args)
 
 
 def batch_resources(workflow, plugin):
@@ -213,19 +230,18 @@ def write_description(output_dir, bids_dir, argv):
 
 def main(argv=None):
     """Run the BIDS App; returns the exit code (the console script exits with it)."""
+    from .logs import configure_console
+
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     args = build_parser().parse_args(argv)
-    if not LOGGER.handlers:
-        # Our own handler only: Nipype already logs its nodes through its own handlers.
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s [qmri-workflows] %(levelname)s: %(message)s")
-        )
-        LOGGER.addHandler(handler)
-        LOGGER.propagate = False
-    LOGGER.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    return _run(args, argv)
+    configure_console(args.verbose, args.quiet)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted: subjects that had not finished published nothing; run the same "
+                     "command again to resume")
+        return EXIT_INTERRUPTED
 
 
 def _positive_int(text):
@@ -278,60 +294,113 @@ def _foreign_dataset(folder):
 
 
 def _default_work_dir(output_dir, bids_dir):
-    for candidate in (output_dir.parent / "qmri_work", Path.cwd() / "qmri_work"):
+    """``qmri_work/<output name>-<digest>`` beside the output: private to this input and output.
+
+    Runs on other datasets or into other outputs never share it (they would mix their
+    intermediate files); re-running the same command finds it again and resumes.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{bids_dir}\n{output_dir}".encode()).hexdigest()[:10]
+    for parent in (output_dir.parent, Path.cwd()):
+        candidate = (parent / "qmri_work" / f"{output_dir.name}-{digest}").resolve()
         if not _inside(candidate, bids_dir):
-            return candidate.resolve()
+            return candidate
     return None
 
 
-def _run(args, argv):
-    from ..io.query import BIDSInputError, collect_inputs, open_layout, select_participants
+@contextlib.contextmanager
+def _work_dir_lock(work_dir):
+    """Hold an exclusive lock on ``work_dir`` for the run; ``BlockingIOError`` if another run has it."""
+    import fcntl
 
-    # Everything that can be checked without touching a file comes first, so a mistake in the
-    # call costs nothing and leaves nothing behind.
+    with open(work_dir / ".qmri-workflows.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise BlockingIOError(owner) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _label(subject, session):
+    return f"sub-{subject}" + (f" ses-{session}" if session else "")
+
+
+def _check_call(args):
+    """Checks that need no file written; returns (exit code or None, settings)."""
     if args.analysis_level not in ANALYSIS_LEVELS:
         LOGGER.error("unknown analysis level %r; choose from %s", args.analysis_level,
                      ", ".join(ANALYSIS_LEVELS))
-        return EXIT_UNKNOWN_LEVEL
+        return EXIT_UNKNOWN_LEVEL, None
     try:
         plugin, plugin_args = _plugin_settings(args)
     except ValueError as error:
         LOGGER.error("%s", error)
-        return EXIT_USAGE
+        return EXIT_USAGE, None
     bids_dir = args.bids_dir.resolve()
     if not (bids_dir / "dataset_description.json").is_file():
         LOGGER.error("%s is not a BIDS dataset (no dataset_description.json); give the dataset root",
                      bids_dir)
-        return EXIT_NO_INPUT
+        return EXIT_NO_INPUT, None
     output_dir = args.output_dir.resolve()
     if _inside(output_dir, bids_dir) or _inside(bids_dir, output_dir):
         LOGGER.error("output directory %s overlaps the input dataset %s; the input is never "
                      "written to: choose a folder outside it", output_dir, bids_dir)
-        return EXIT_CANNOT_CREATE
+        return EXIT_CANNOT_CREATE, None
     foreign = _foreign_dataset(output_dir)
     if foreign:
         LOGGER.error("output directory %s already holds %s; choose an empty folder or an earlier "
                      "qmri-workflows output", output_dir, foreign)
-        return EXIT_CANNOT_CREATE
+        return EXIT_CANNOT_CREATE, None
     work_dir = args.work_dir.resolve() if args.work_dir else _default_work_dir(output_dir, bids_dir)
     if work_dir is None or _inside(work_dir, bids_dir):
         LOGGER.error("the work directory would lie inside the input dataset %s; choose one "
                      "outside it with -w", bids_dir)
-        return EXIT_CANNOT_CREATE
+        return EXIT_CANNOT_CREATE, None
+    if _inside(work_dir, output_dir):
+        LOGGER.error("the work directory %s lies inside the output %s, which must hold derivatives "
+                     "only; choose another with -w", work_dir, output_dir)
+        return EXIT_CANNOT_CREATE, None
+    return None, (plugin, plugin_args, bids_dir, output_dir, work_dir)
+
+
+def _run(args, argv):
+    from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
+    from ..workflows.registry import has_maps_to_compute, plan_families, registered_families
+
+    # Everything that can be checked without touching a file comes first, so a mistake in the
+    # call costs nothing and leaves nothing behind.
+    code, settings = _check_call(args)
+    if code is not None:
+        return code
+    plugin, plugin_args, bids_dir, output_dir, work_dir = settings
 
     if not args.skip_bids_validation:
-        errors = run_validator(bids_dir)
-        if errors is None:
+        report = run_validator(bids_dir)
+        if report is None:
             LOGGER.warning("BIDS validator not installed (pip install 'qmri-workflows[validator]'); "
                            "continuing without validation")
-        elif errors:
-            LOGGER.error("the BIDS validator found %d error(s) in %s:\n  %s\nFix them, or pass "
-                         "--skip-bids-validation to proceed at your own risk.", len(errors),
-                         bids_dir, "\n  ".join(errors[:20]))
+        elif report:
+            LOGGER.error("the BIDS validator found errors in %s:\n  %s\nFix them, or pass "
+                         "--skip-bids-validation to proceed at your own risk.", bids_dir,
+                         "\n  ".join(report))
             return EXIT_INVALID_BIDS
 
     try:
         layout = open_layout(bids_dir)
+    except BIDSInputError as error:
+        LOGGER.error("%s", error)
+        return EXIT_INVALID_BIDS
+    try:
         selection = select_participants(layout, args.participant_label, args.session_label)
     except BIDSInputError as error:
         LOGGER.error("%s", error)
@@ -339,29 +408,98 @@ def _run(args, argv):
     if not selection:
         LOGGER.error("no subject in %s matches the filters", bids_dir)
         return EXIT_NO_SELECTION
-
-    # Check every subject before processing any, so one run reports every problem to fix.
-    subjects, problems = [], 0
-    for subject, session in selection:
-        try:
-            subjects.append(collect_inputs(layout, subject, session))
-        except BIDSInputError as error:
-            LOGGER.error("%s", error)
-            problems += 1
-    if problems:
-        LOGGER.error("%d of %d subject(s) cannot be processed (see above); fix the input or leave "
-                     "them out with --participant-label", problems, len(selection))
+    try:
+        derivatives = open_derivatives(args.derivatives)
+    except BIDSInputError as error:
+        LOGGER.error("%s", error)
         return EXIT_DATA
+
+    # Check every subject before processing any: one run reports every problem to fix, and the
+    # subjects that can be processed are (BIDS-Apps practice), whatever the others have.
+    families = registered_families()
+    subjects, plans, unusable, without_data = [], {}, {}, {}
+    for subject, session in selection:
+        label = _label(subject, session)
+        try:
+            inputs = collect_inputs(layout, subject, session, derivatives=derivatives)
+        except BIDSInputError as error:
+            unusable[label] = str(error)
+            continue
+        for problem in inputs.problems:
+            LOGGER.warning("%s: %s unusable: %s", label, problem.collection, problem.message)
+        subject_plans = plan_families(inputs, families)
+        plans[(subject, session)] = subject_plans
+        if has_maps_to_compute(subject_plans):
+            subjects.append(inputs)
+            continue
+        broken = [problem for problem in inputs.problems if not problem.missing]
+        reasons = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
+        if broken or not inputs.problems:
+            unusable[label] = reasons  # broken inputs, or too little data (one echo, say)
+        else:
+            without_data[label] = "; ".join(problem.message for problem in inputs.problems)
+    for label, reason in {**unusable, **without_data}.items():
+        LOGGER.error("%s cannot be processed: %s", label, reason)
+    if not subjects:
+        LOGGER.error("no selected subject has data for any map this version computes")
+        return EXIT_DATA if unusable else EXIT_NO_INPUT
 
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         work_dir.mkdir(parents=True, exist_ok=True)
-        # Written before processing, so it is there even when a step fails.
-        write_description(output_dir, bids_dir, argv)
-    except (OSError, ValueError) as error:
-        LOGGER.error("cannot create the output: %s", error)
+    except OSError as error:
+        folder = output_dir if not output_dir.is_dir() else work_dir
+        LOGGER.error("cannot create %s: %s%s", folder, error.strerror or error,
+                     "; choose another work directory with -w" if folder == work_dir else "")
         return EXIT_CANNOT_CREATE
-    return _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args)
+    try:
+        lock = _work_dir_lock(work_dir)
+        lock.__enter__()
+    except BlockingIOError as error:
+        LOGGER.error("the work directory %s is in use by %s; wait for that run to end, or give this "
+                     "run its own work directory with -w", work_dir, error)
+        return EXIT_CANNOT_CREATE
+    from .logs import attach_log_file, detach_log_file
+
+    log_file = attach_log_file(output_dir)
+    try:
+        LOGGER.info("qmri-workflows %s: %s -> %s (work directory %s; log %s)", __version__, bids_dir,
+                    output_dir, work_dir, log_file)
+        try:
+            write_description(output_dir, bids_dir, argv)
+        except (OSError, ValueError) as error:
+            LOGGER.error("cannot write into the output %s: %s", output_dir, error)
+            return EXIT_CANNOT_CREATE
+        failed = _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args)
+        if failed is None:
+            return 0  # submitted to a batch scheduler as a graph: the outcome is not known here
+        return _summarise(subjects, plans, failed, unusable, without_data, log_file)
+    finally:
+        detach_log_file(log_file)
+        lock.__exit__(None, None, None)
+
+
+def _summarise(subjects, plans, failed, unusable, without_data, log_file):
+    """Log what each subject got and return the exit code of the run."""
+    LOGGER.info("summary:")
+    for inputs in subjects:
+        label = _label(inputs.subject, inputs.session)
+        subject_plans = plans[(inputs.subject, inputs.session)]
+        skipped = "; ".join(f"{plan.name} ({plan.reason})" for plan in subject_plans if not plan.run)
+        if label in failed:
+            LOGGER.error("  %s: FAILED in %s; nothing published", label, ", ".join(failed[label]))
+        else:
+            LOGGER.info("  %s: %s written%s", label,
+                        ", ".join(plan.name for plan in subject_plans if plan.run),
+                        f"; skipped: {skipped}" if skipped else "")
+    for label, reason in {**unusable, **without_data}.items():
+        LOGGER.error("  %s: not processed: %s", label, reason)
+    LOGGER.info("log file: %s", log_file)
+    if failed:
+        return EXIT_FAILURE
+    if unusable:
+        return EXIT_DATA
+    return EXIT_NO_INPUT if without_data else 0
 
 
 def _used_collections():
@@ -370,10 +508,30 @@ def _used_collections():
     return {collection for family in registered_families() for collection in family.needs}
 
 
-def _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args):
+def _existing_outputs(output_dir, inputs):
+    folder = output_dir / f"sub-{inputs.subject}"
+    if inputs.session:
+        folder = folder / f"ses-{inputs.session}"
+    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+
+
+def _clean_staging(output_dir, subjects):
+    """Remove what failed subjects left staged: the output holds whole subjects only."""
+    from ..io.staging import STAGING_FOLDER, staging_directory
+
+    for inputs in subjects:
+        shutil.rmtree(staging_directory(output_dir, inputs.subject, inputs.session), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (output_dir / STAGING_FOLDER).rmdir()
+
+
+def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
+    """Build and run the graph; return ``{subject label: [failed steps]}`` (None for graph plugins)."""
     from nipype import config as nipype_config
 
-    from ..workflows.base import init_qmri_wf
+    from ..io.query import AFI, BSSFP, GRE, RECEIVE
+    from ..workflows.base import default_options, init_qmri_wf
+    from .logs import StepReporter
 
     nipype_config.update_config({
         "execution": {
@@ -388,30 +546,27 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args
         },
         "monitoring": {"enabled": False},
     })  # fmt: skip
-    from ..workflows.base import default_options
-
     options = {dest: getattr(args, dest) for dest in default_options()}
-    workflow, plans = init_qmri_wf(
+    workflow, _ = init_qmri_wf(
         subjects=subjects,
         output_dir=str(output_dir),
         work_dir=str(work_dir),
         options=options,
         omp_nthreads=args.omp_nthreads or min(args.nprocs, 8),
     )
-    from ..io.query import AFI, BSSFP, GRE, RECEIVE
-
     used = _used_collections()
-    for subject in subjects:
-        label = f"sub-{subject.subject}" + (f" ses-{subject.session}" if subject.session else "")
-        LOGGER.info("%s plan:\n  %s", label, "\n  ".join(str(plan) for plan in plans[(subject.subject,
-                                                                                          subject.session)]))
+    for inputs in subjects:
+        label = _label(inputs.subject, inputs.session)
+        LOGGER.info("%s plan:\n  %s", label,
+                    "\n  ".join(str(plan) for plan in plans[(inputs.subject, inputs.session)]))
         unused = [collection for collection in (GRE, BSSFP, AFI, RECEIVE)
-                  if subject.has(collection) and collection not in used]
+                  if inputs.has(collection) and collection not in used]
         if unused:
             LOGGER.info("%s: %s data present; no map of this version uses them yet", label, ", ".join(unused))
-    if not workflow._graph.nodes():
-        LOGGER.error("no subject has data for any map this version computes")
-        return EXIT_NO_INPUT
+        existing = _existing_outputs(output_dir, inputs)
+        if existing:
+            LOGGER.warning("%s: %d file(s) from an earlier run will be replaced when this run publishes "
+                           "(%s ...)", label, len(existing), existing[0].name)
 
     if plugin in ("MultiProc", "LegacyMultiProc"):
         plugin_args.setdefault("n_procs", args.nprocs)
@@ -425,18 +580,84 @@ def _execute(args, subjects, output_dir, bids_dir, work_dir, plugin, plugin_args
         # Nipype 1.11 sets this attribute only when it is passed, and fails without it.
         plugin_args.setdefault("dont_resubmit_completed_jobs", False)
     batch_resources(workflow, plugin)
+    reporter = StepReporter()
+    if plugin not in GRAPH_PLUGINS:
+        plugin_args.setdefault("status_callback", reporter)
 
+    runner = _plugin_instance(plugin, plugin_args)
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
+        workflow.run(plugin=runner)
+    except KeyboardInterrupt:
+        _stop_workers(runner)
+        _clean_staging(output_dir, subjects)
+        raise
     except Exception as error:  # nipype raises RuntimeError listing the crashed nodes
-        LOGGER.error("processing failed: %s\nCrash files are in %s", error, work_dir / "crash")
-        return EXIT_FAILURE
+        LOGGER.error("processing failed: %s\nCrash files are in %s", str(error).splitlines()[0],
+                     work_dir / "crash")
+        if not reporter.failed:
+            reporter.failed["run"] = ["(see the crash files)"]
+    finally:
+        _stop_workers(runner)
     if plugin in GRAPH_PLUGINS:
         LOGGER.info("the whole graph was submitted to the scheduler as dependent jobs; each "
                     "subject's derivatives appear in %s when its last job finishes", output_dir)
-    else:
-        LOGGER.info("derivatives written to %s", output_dir)
-    return 0
+        return None
+    if reporter.failed:
+        _clean_staging(output_dir, [inputs for inputs in subjects
+                                    if _label(inputs.subject, inputs.session) in reporter.failed
+                                    or "run" in reporter.failed])
+    return reporter.failed
+
+
+def _plugin_instance(plugin, plugin_args):
+    """The Nipype plugin object; MultiProc workers leave Ctrl-C to the main process."""
+    from nipype.pipeline import plugins
+
+    if plugin == "MultiProc":
+        return _QuietMultiProcPlugin(plugin_args=plugin_args)
+    return getattr(plugins, f"{plugin}Plugin")(plugin_args=plugin_args)
+
+
+def _ignore_interrupt(cwd):
+    import signal
+
+    from nipype.pipeline.plugins.multiproc import process_initializer
+
+    # The main process handles Ctrl-C and ends the workers: no traceback from each of them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    process_initializer(cwd)
+
+
+def _quiet_multiproc_class():
+    from concurrent.futures import ProcessPoolExecutor
+
+    from nipype.pipeline.plugins import MultiProcPlugin
+
+    class QuietMultiProcPlugin(MultiProcPlugin):
+        """Nipype's MultiProc whose worker processes ignore SIGINT."""
+
+        def __init__(self, plugin_args=None):
+            super().__init__(plugin_args=plugin_args)
+            self.pool.shutdown(wait=True)
+            self.pool = ProcessPoolExecutor(max_workers=self.processors, initializer=_ignore_interrupt,
+                                            initargs=(self._cwd,))
+
+    return QuietMultiProcPlugin
+
+
+def _QuietMultiProcPlugin(plugin_args):  # noqa: N802 - stands for the class, built on first use
+    return _quiet_multiproc_class()(plugin_args=plugin_args)
+
+
+def _stop_workers(runner):
+    pool = getattr(runner, "pool", None)
+    if pool is None:
+        return
+    # After a shutdown the executor forgets its processes (None).
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .registry import BuildContext, MapPlan, plan_families, registered_families
+from .registry import BuildContext, MapPlan, has_maps_to_compute, plan_families, registered_families
 
 __all__ = [
     "MapPlan",
@@ -103,7 +103,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     families = registered_families() if families is None else list(families)
     plans = plan_families(inputs, families)
     running = [family for family, plan in zip(families, plans) if plan.run]
-    if not running:
+    if not has_maps_to_compute(plans):
         return None, plans
     # Nodes run in their own folders: a relative path would point somewhere else there.
     output_dir = Path(output_dir).absolute()
@@ -122,7 +122,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
         for field, (dependency, dependency_field) in family.consumes.items():
             workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
         for field, (collection, interpolation) in family.derived_inputs.items():
-            derived = inputs.derivatives.get(collection) if hasattr(inputs, "derivatives") else None
+            derived = inputs.derivatives.get(collection)
             if derived is None:
                 continue
             workflow.connect(_resample_node(derived.path, map_grid_file(inputs), interpolation,
@@ -133,7 +133,8 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     static_metadata = {}
     if inputs.field_strength:
         static_metadata["MagneticFieldStrength"] = inputs.field_strength
-    family_outputs = [(family, family.outputs(inputs)) for family in running]
+    family_outputs = [(family, _with_options(family.outputs(inputs), family, context.options))
+                      for family in running]
     ds_wf = init_ds_subject_wf(
         family_outputs=family_outputs,
         output_dir=str(output_dir),
@@ -149,6 +150,17 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
              [(f"outputnode.{field}", f"inputnode.{output_field(family.key, field)}") for field in fields]),
         ])  # fmt: skip
     return workflow, plans
+
+
+def _with_options(outputs, family, options):
+    """Record the family's option values in its sidecars, so two runs can be told apart."""
+    import dataclasses
+
+    if not family.options:
+        return outputs
+    parameters = {option.dest: options[option.dest] for option in family.options}
+    return [dataclasses.replace(output, metadata={"EstimationParameters": parameters, **output.metadata})
+            for output in outputs]
 
 
 def _resample_node(in_file, reference_file, interpolation, *, name):

@@ -236,6 +236,7 @@ def _registry_entries():
         build=_build_brain_mask,
         outputs=_brain_mask_outputs,
         runtime_metadata=False,
+        auxiliary=True,
     )
     r2star = MapFamily(
         key="r2star",

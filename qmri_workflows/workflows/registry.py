@@ -35,6 +35,7 @@ __all__ = [
     "Option",
     "Output",
     "clear_registered",
+    "has_maps_to_compute",
     "plan_families",
     "positive_int",
     "register",
@@ -152,6 +153,9 @@ class MapFamily:
         Command-line options of the family.
     runtime_metadata : bool
         Whether the family's ``outputnode`` has a ``metadata`` field.
+    auxiliary : bool
+        The family serves others (the brain mask): a subject for which only auxiliary families can
+        run has no map to compute.
     """
 
     key: str
@@ -166,6 +170,7 @@ class MapFamily:
     derived_inputs: dict = field(default_factory=dict)
     options: tuple = ()
     runtime_metadata: bool = True
+    auxiliary: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,7 @@ class MapPlan:
     run: bool
     reason: str
     key: str = ""
+    auxiliary: bool = False
 
     def __str__(self):
         return f"{self.name}: {'yes' if self.run else 'no'}, {self.reason}"
@@ -276,5 +282,11 @@ def plan_families(inputs, families=None):
             reason = family.check(inputs)
         run = reason is None
         running[family.key] = run
-        plans.append(MapPlan(family.name, run, family.describe(inputs) if run else reason, family.key))
+        plans.append(MapPlan(family.name, run, family.describe(inputs) if run else reason, family.key,
+                             family.auxiliary))
     return plans
+
+
+def has_maps_to_compute(plans):
+    """Whether any family that is not auxiliary runs (see :attr:`MapFamily.auxiliary`)."""
+    return any(plan.run and not plan.auxiliary for plan in plans)

@@ -29,7 +29,7 @@ def test_version_and_help():
     )
     assert out.returncode == 0
     for option in ("--participant-label", "--work-dir", "--nprocs", "--mem-gb", "--plugin",
-                   "--plugin-config", "--skip-bids-validation", "--session-label"):
+                   "--plugin-config", "--skip-bids-validation", "--session-label", "--derivatives"):
         assert option in out.stdout
 
 
@@ -78,7 +78,8 @@ def test_plugin_config_is_read(tmp_path):
         run.load_plugin_config(bad)
 
 
-def test_every_bad_subject_is_reported_before_processing(tmp_path, caplog):
+def test_every_bad_subject_is_reported_and_the_others_are_processed(tmp_path, caplog):
+    """One policy for bad subjects (issue 7): process the others, report each, exit non-zero."""
     from tests.bids_factory import edit_sidecar, make_vfa_dataset
 
     bids = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03"))
@@ -88,10 +89,11 @@ def test_every_bad_subject_is_reported_before_processing(tmp_path, caplog):
     code = run.main([str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
                      "-w", str(tmp_path / "work")])
     assert code == run.EXIT_DATA
-    assert "sub-01_echo-2_flip-1_part-mag_VFA" in caplog.text
-    assert "sub-03_echo-2_flip-1_part-mag_VFA" in caplog.text
-    assert "2 of 3 subject(s)" in caplog.text
-    assert not (tmp_path / "out" / "sub-02").exists()
+    for subject in ("01", "03"):
+        assert f"sub-{subject}: not processed: gre unusable: sub-{subject}/anat/sub-{subject}_echo-2_flip-1" in caplog.text
+        assert not (tmp_path / "out" / f"sub-{subject}").exists()
+    assert (tmp_path / "out" / "sub-02" / "anat" / "sub-02_R2starmap.nii.gz").is_file()
+    assert "sub-02: brain mask, R2* written" in caplog.text
 
 
 def _tree(root):

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,10 @@ import pytest
 
 from qmri_workflows.io.images import load_phase, load_volume
 from qmri_workflows.io.query import (
+    AFI,
+    BSSFP,
+    GRE,
+    RECEIVE,
     BIDSInputError,
     collect_inputs,
     open_layout,
@@ -31,6 +36,16 @@ from tests.bids_factory import (
 
 def _collect(dataset, subject="01", session=None):
     return collect_inputs(open_layout(dataset.root), subject, session)
+
+
+def _problem(dataset, collection, match):
+    """Message of ``collection``'s problem (it must match ``match``); the collection is left out."""
+    inputs = _collect(dataset)
+    problem = inputs.problem(collection)
+    assert problem is not None, inputs.describe()
+    assert re.search(match, problem.message), problem.message
+    assert not inputs.has(collection)
+    return problem.message
 
 
 def _file(dataset, key, *needles):
@@ -213,8 +228,11 @@ def test_open_layout_requires_dataset_root(tmp_path):
 
 def test_no_qmri_inputs(tmp_path):
     dataset = make_dataset(tmp_path / "raw", gre=None, afi=True)
-    with pytest.raises(BIDSInputError, match="no qMRI inputs for sub-01.*TB1AFI"):
-        _collect(dataset)
+    inputs = _collect(dataset)  # no exception: the subject is simply empty
+    assert inputs.gre == () and inputs.bssfp == () and not inputs.has(GRE) and not inputs.has(BSSFP)
+    assert [p.collection for p in inputs.problems] == [GRE]
+    assert re.search("no qMRI inputs for sub-01.*TB1AFI", inputs.problem(GRE).message)
+    assert "gre unusable: no qMRI inputs" in inputs.describe()
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -227,10 +245,9 @@ def test_missing_metadata(tmp_path, key, match):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-2", "flip-2")
     edit_sidecar(target, **{key: None})
-    with pytest.raises(BIDSInputError, match=match) as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
-    assert target.name.replace(".nii.gz", ".json") in str(error.value)  # says which sidecar to fix
+    message = _problem(dataset, GRE, match)
+    assert target.name in message
+    assert target.name.replace(".nii.gz", ".json") in message  # says which sidecar to fix
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -241,9 +258,8 @@ def test_inconsistent_within_series(tmp_path, key, value, match):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-3", "flip-1")
     edit_sidecar(target, **{key: value})
-    with pytest.raises(BIDSInputError, match=match) as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, match)
+    assert target.name in message
 
 
 def test_inconsistent_tr_across_flip_angles(tmp_path):
@@ -251,27 +267,24 @@ def test_inconsistent_tr_across_flip_angles(tmp_path):
     for path in dataset.files["gre"]:
         if "flip-2" in path.name:
             edit_sidecar(path, RepetitionTimeExcitation=0.03)
-    with pytest.raises(BIDSInputError, match="share one TR") as error:
-        _collect(dataset)
-    assert "flip-2" in str(error.value)
+    message = _problem(dataset, GRE, "share one TR")
+    assert "flip-2" in message
 
 
 def test_duplicate_echo_times(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-2", "flip-1", "part-mag")
     edit_sidecar(target, EchoTime=0.003)
-    with pytest.raises(BIDSInputError, match="duplicate echo time") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, "duplicate echo time")
+    assert target.name in message
 
 
 def test_echo_times_in_milliseconds(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-1", "flip-1", "part-mag")
     edit_sidecar(target, EchoTime=3.0)
-    with pytest.raises(BIDSInputError, match="seconds, not ms") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, "seconds, not ms")
+    assert target.name in message
 
 
 def test_phase_echoes_must_match_magnitude(tmp_path):
@@ -279,18 +292,16 @@ def test_phase_echoes_must_match_magnitude(tmp_path):
     missing = _file(dataset, "gre_phase", "echo-3", "flip-1")
     missing.unlink()
     sidecar_of(missing).unlink()
-    with pytest.raises(BIDSInputError, match=r"phase echoes \[1, 2\] do not match magnitude echoes \[1, 2, 3\]") as error:
-        _collect(dataset)
-    assert "flip-1" in str(error.value)
+    message = _problem(dataset, GRE, r"phase echoes \[1, 2\] do not match magnitude echoes \[1, 2, 3\]")
+    assert "flip-1" in message
 
 
 def test_phase_echo_time_must_match_magnitude(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre_phase", "echo-2", "flip-2")
     edit_sidecar(target, EchoTime=0.008)
-    with pytest.raises(BIDSInputError, match="EchoTime 0.008") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, "EchoTime 0.008")
+    assert target.name in message
 
 
 @pytest.mark.parametrize("change", ["shape", "affine"])
@@ -303,9 +314,8 @@ def test_grid_mismatch(tmp_path, change):
         affine = DEFAULT_AFFINE.copy()
         affine[0, 3] += 0.01  # 10 micrometres: beyond the 1e-3 mm tolerance
         write_image(target, affine=affine)
-    with pytest.raises(BIDSInputError, match="not on one voxel grid") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, "not on one voxel grid")
+    assert target.name in message
 
 
 def test_grid_tolerance_accepts_rounding(tmp_path):
@@ -320,25 +330,22 @@ def test_4d_image_refused(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-1", "flip-2", "part-mag")
     write_image(target, shape=(8, 8, 6, 3))
-    with pytest.raises(BIDSInputError, match=r"shape \(8, 8, 6, 3\)") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, r"shape \(8, 8, 6, 3\)")
+    assert target.name in message
 
 
 def test_unknown_phase_units(tmp_path):
     dataset = make_dataset(tmp_path / "raw", phase_units="weird")
-    with pytest.raises(BIDSInputError, match=r"cannot tell the units of phase image .*echo-1_flip-1_part-phase"
-                                             r".*values span \[.*\].*\"Units\": \"rad\""):
-        _collect(dataset)
+    _problem(dataset, GRE, r"cannot tell the units of phase image .*echo-1_flip-1_part-phase"
+                           r".*values span \[.*\].*\"Units\": \"rad\"")
 
 
 def test_unsupported_phase_units_label(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre_phase", "echo-1", "flip-1")
     edit_sidecar(target, Units="Hz")
-    with pytest.raises(BIDSInputError, match="unsupported phase") as error:
-        _collect(dataset)
-    assert target.name.replace(".nii.gz", ".json") in str(error.value)
+    message = _problem(dataset, GRE, "unsupported phase")
+    assert target.name.replace(".nii.gz", ".json") in message
 
 
 def test_phase_in_degrees_label(tmp_path):
@@ -354,9 +361,8 @@ def test_real_imaginary_parts_refused(tmp_path):
     real = path.with_name(path.name.replace("_VFA", "_part-real_VFA"))
     write_image(real)
     sidecar_of(real).write_text(sidecar_of(path).read_text())
-    with pytest.raises(BIDSInputError, match="part-real") as error:
-        _collect(dataset)
-    assert real.name in str(error.value)
+    message = _problem(dataset, GRE, "part-real")
+    assert real.name in message
 
 
 def test_two_vfa_acquisitions_refused(tmp_path):
@@ -365,62 +371,63 @@ def test_two_vfa_acquisitions_refused(tmp_path):
     other = path.with_name(path.name.replace("sub-01_", "sub-01_acq-lowres_"))
     write_image(other)
     sidecar_of(other).write_text(sidecar_of(path).read_text())
-    with pytest.raises(BIDSInputError, match="several VFA collections differ in acq-") as error:
-        _collect(dataset)
-    assert other.name in str(error.value)
+    message = _problem(dataset, GRE, "several VFA collections differ in acq-")
+    assert other.name in message
 
 
 def test_bssfp_sequence_type_conflict(tmp_path):
     dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 180))
     target = dataset.files["bssfp"][0]
     edit_sidecar(target, PulseSequenceType="SPGR")
-    with pytest.raises(BIDSInputError, match="acq-bssfp000 marks a phase-cycled bSSFP") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, BSSFP, "acq-bssfp000 marks a phase-cycled bSSFP")
+    assert target.name in message
+    assert len(_collect(dataset).gre) == 2  # the spoiled GRE is not affected
 
 
 def test_bssfp_increment_conflict(tmp_path):
     dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90), phase=False)
     target = [p for p in dataset.files["bssfp"] if "bssfp090" in p.name][0]
     edit_sidecar(target, PhaseCyclingIncrement=180)
-    with pytest.raises(BIDSInputError, match="says 90 deg but the sidecar") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, BSSFP, "says 90 deg but the sidecar")
+    assert target.name in message
 
 
 def test_unknown_pulse_sequence(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-1", "flip-1", "part-mag")
     edit_sidecar(target, PulseSequenceType="MP2RAGE")
-    with pytest.raises(BIDSInputError, match="MP2RAGE") as error:
-        _collect(dataset)
-    assert target.name in str(error.value)
+    message = _problem(dataset, GRE, "MP2RAGE")
+    assert target.name in message
 
 
 def test_afi_errors(tmp_path):
     dataset = make_dataset(tmp_path / "raw", afi=True)
     tr1, tr2 = dataset.files["afi"]
+    intact = _collect(dataset)
+    assert intact.has(AFI) and intact.problems == ()
     edit_sidecar(tr2, FlipAngle=55.0)
-    with pytest.raises(BIDSInputError, match="AFI pair with different flip angles") as error:
-        _collect(dataset)
-    assert tr1.name in str(error.value) and tr2.name in str(error.value)
+    message = _problem(dataset, AFI, "AFI pair with different flip angles")
+    assert tr1.name in message and tr2.name in message
+    inputs = _collect(dataset)  # a broken AFI pair no longer stops the GRE
+    assert inputs.afi is None and inputs.gre_suffix == "VFA" and len(inputs.gre) == 2
+    assert [p.collection for p in inputs.problems] == [AFI]
+    assert inputs.gre == intact.gre and inputs.field_strength == intact.field_strength
     edit_sidecar(tr2, FlipAngle=60.0, RepetitionTimeExcitation=0.02)
-    with pytest.raises(BIDSInputError, match="TR2 <= TR1") as error:
-        _collect(dataset)
-    assert tr2.name in str(error.value)
+    message = _problem(dataset, AFI, "TR2 <= TR1")
+    assert tr2.name in message
     tr2.unlink()
-    with pytest.raises(BIDSInputError, match="incomplete AFI pair") as error:
-        _collect(dataset)
-    assert tr1.name in str(error.value)
+    message = _problem(dataset, AFI, "incomplete AFI pair")
+    assert tr1.name in message
 
 
 def test_receive_pair_incomplete(tmp_path):
     dataset = make_dataset(tmp_path / "raw", receive=True)
     head, body = dataset.files["receive"]
     body.unlink()
-    with pytest.raises(BIDSInputError, match="incomplete receive-field pair") as error:
-        _collect(dataset)
-    assert head.name in str(error.value)
+    message = _problem(dataset, RECEIVE, "incomplete receive-field pair")
+    assert head.name in message
+    inputs = _collect(dataset)
+    assert len(inputs.gre) == 2 and inputs.problem(GRE) is None
 
 
 # ---------------------------------------------------------------------------------------------- phase units
@@ -511,3 +518,38 @@ def test_factory_layout_passes_bids_validator(tmp_path):
     report = json.loads(result.stdout)
     errors = [issue for issue in report["issues"]["issues"] if issue.get("severity") == "error"]
     assert errors == [], errors
+
+
+# ---------------------------------------------------------------------------------------------- per-collection problems
+@pytest.mark.parametrize("part", ["phase", "mag"])
+def test_bssfp_duplicate_increment(tmp_path, part):
+    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90))
+    source = next(p for p in dataset.files["bssfp"] if "bssfp090" in p.name and f"part-{part}" in p.name)
+    # same increment (from the sidecar), named without the acq- label
+    duplicate = source.with_name(source.name.replace("_acq-bssfp090", ""))
+    duplicate.write_bytes(source.read_bytes())
+    sidecar_of(duplicate).write_text(sidecar_of(source).read_text())
+    message = _problem(dataset, BSSFP, f"two bSSFP {'magnitude' if part == 'mag' else 'phase'} images with "
+                                       "increment 90 deg")
+    assert source.name in message and duplicate.name in message
+    assert len(_collect(dataset).gre) == 2
+
+
+def test_field_strength_disagreement_is_a_problem_of_the_later_collection(tmp_path):
+    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 180), afi=True)
+    for path in dataset.files["bssfp"]:
+        edit_sidecar(path, MagneticFieldStrength=1.5)
+    message = _problem(dataset, BSSFP, "MagneticFieldStrength 1.5 T but .*VFA.nii.gz states 3 T")
+    assert "bssfp" in message
+    inputs = _collect(dataset)
+    assert inputs.field_strength == 3.0 and len(inputs.gre) == 2 and inputs.has(AFI)
+    assert [p.collection for p in inputs.problems] == [BSSFP]
+
+
+def test_has_and_problem_refuse_unknown_collections(tmp_path):
+    inputs = _collect(make_dataset(tmp_path / "raw"))
+    assert inputs.has(GRE) and not inputs.has(AFI) and inputs.problem(GRE) is None
+    with pytest.raises(ValueError, match="unknown input collection 'B1'"):
+        inputs.has("B1")
+    with pytest.raises(ValueError, match="unknown input collection"):
+        inputs.problem("B1")

@@ -193,3 +193,97 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
                             "ds_r2star_S0map_flip1_0", "ds_r2star_S0map_flip2_1", "ds_r2star_S0map_flip3_2",
                             "ds_echoratio_S0map_echoratio"])
     assert [name for name in names if name.endswith(".commit")] == ["sub_01_wf.ds_wf.commit"]
+
+
+# --- a family that reads a file given with --derivatives --------------------------------------------
+class _MaskedCopyInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True, mandatory=True)
+
+
+class _MaskedCopyOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class MaskedCopy(SimpleInterface):
+    """The toy 'map' is the given B1+ field inside the brain mask (tells where the field arrived)."""
+
+    input_spec = _MaskedCopyInputSpec
+    output_spec = _MaskedCopyOutputSpec
+
+    def _run_interface(self, runtime):
+        field = nib.load(self.inputs.in_file)
+        mask = nib.load(self.inputs.mask_file).get_fdata() > 0
+        self._results["out_file"] = str(write_nifti(os.path.join(runtime.cwd, "b1.nii"),
+                                                    np.where(mask, field.get_fdata(), 0.0), field.affine))
+        return runtime
+
+
+def init_b1_copy_wf(context):
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+
+    workflow = pe.Workflow(name="b1_copy_wf")
+    inputnode = pe.Node(IdentityInterface(fields=["b1_file", "mask_file"]), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["b1_file"]), name="outputnode")
+    copy = pe.Node(MaskedCopy(), name="masked_copy")
+    workflow.connect([
+        (inputnode, copy, [("b1_file", "in_file"), ("mask_file", "mask_file")]),
+        (copy, outputnode, [("out_file", "b1_file")]),
+    ])  # fmt: skip
+    return workflow
+
+
+def _smooth_b1(points_mm):
+    """A B1+ ratio varying smoothly with position (what a transmit field looks like)."""
+    x, y, z = points_mm
+    return 1.0 + 0.15 * np.exp(-((x - 2.0) ** 2 + (y + 3.0) ** 2 + (z - 1.0) ** 2) / (2 * 12.0**2))
+
+
+def test_a_family_gets_a_derivative_input_on_the_map_grid(tmp_path):
+    from qmri_workflows.io.derivatives import write_dataset_description, write_map
+    from qmri_workflows.io.query import TB1MAP
+
+    family = registry.MapFamily(
+        key="b1copy", name="B1 copy", needs=(GRE,), depends=("brainmask",),
+        consumes={"mask_file": ("brainmask", "mask_file")},
+        derived_inputs={"b1_file": (TB1MAP, "linear")},
+        check=lambda inputs: None if TB1MAP in inputs.derivatives else "no TB1map given",
+        describe=lambda inputs: "the given TB1map", build=init_b1_copy_wf,
+        outputs=lambda inputs: [registry.Output(field="b1_file", suffix="TB1map", desc="copy",
+                                                source_files=(inputs.gre[0].magnitude[0],))],
+        runtime_metadata=False,
+    )
+    registry.register(family)
+    try:
+        raw = make_vfa_dataset(tmp_path / "raw", shape=(16, 16, 12))
+        # A coarser, shifted and rotated grid around the same head.
+        angle = np.deg2rad(12.0)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0],
+                             [0.0, 0.0, 1.0]])
+        affine = np.eye(4)
+        affine[:3, :3] = rotation @ np.diag([3.0, 3.0, 3.0])
+        affine[:3, 3] = [-18.0, -22.0, -14.0]  # covers the map grid with a margin of 2 coarse voxels
+        ijk = np.stack(np.meshgrid(*(np.arange(n) for n in (17, 15, 14)), indexing="ij"), axis=0)
+        world = np.tensordot(affine[:3, :3], ijk, axes=1) + affine[:3, 3, None, None, None]
+        derivatives = tmp_path / "b1maps"
+        write_dataset_description(derivatives, name="external B1 maps")
+        write_map(derivatives, 100.0 * _smooth_b1(world), affine, subject="01", suffix="TB1map",
+                  metadata={"Units": "percent"})
+
+        out = tmp_path / "out"
+        code = run.main([str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "work"),
+                         "--skip-bids-validation", "--derivatives", str(derivatives)])
+        assert code == 0
+        copied = nib.load(out / "sub-01" / "fmap" / "sub-01_desc-copy_TB1map.nii.gz")
+        reference = nib.load(next((raw / "sub-01" / "anat").glob("*echo-1_flip-1_part-mag*.nii.gz")))
+        assert copied.shape == reference.shape and np.allclose(copied.affine, reference.affine)
+        ijk = np.stack(np.meshgrid(*(np.arange(n) for n in reference.shape), indexing="ij"), axis=0)
+        world = np.tensordot(reference.affine[:3, :3], ijk, axes=1) + reference.affine[:3, 3, None, None, None]
+        mask = nib.load(out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
+        values = copied.get_fdata()
+        inside = mask & np.isfinite(values)
+        assert inside.sum() == mask.sum() > 0
+        assert np.allclose(values[inside], 100.0 * _smooth_b1(world)[inside], rtol=0.01)
+    finally:
+        registry.unregister(family.key)

@@ -1,0 +1,74 @@
+"""Find a subject's qMRI inputs in a raw BIDS dataset (pybids) and check them.
+
+The layout read here is described in ``docs/architecture.rst`` ("Raw BIDS layout"):
+
+* spoiled multi-echo GRE at several flip angles: ``anat/*_echo-<e>_flip-<f>_part-<mag|phase>_VFA``;
+* plain multi-echo GRE: ``anat/*_echo-<e>_part-<mag|phase>_MEGRE``;
+* phase-cycled bSSFP: ``anat/*_acq-bssfp<inc>_flip-<f>_part-<mag|phase>_VFA`` with
+  ``PulseSequenceType`` "bSSFP" (project convention);
+* AFI: ``fmap/*_acq-tr1_TB1AFI`` / ``fmap/*_acq-tr2_TB1AFI``;
+* receive-field pair: ``fmap/*_acq-head<contrast>_RB1COR`` / ``fmap/*_acq-body<contrast>_RB1COR``;
+* from derivatives datasets (``--derivatives``): a ``TB1map``, a ``dseg`` with its table, a lesion
+  mask and a brain mask (``derivatives`` module).
+
+Each collection is checked on its own: a broken one is left out of :class:`SubjectInputs` and
+recorded as a :class:`CollectionProblem` whose message names the file(s) and the fix, so a broken
+AFI pair does not stop the R2* map. Only an absent subject or session raises
+:class:`BIDSInputError`. Only image headers are read, except for the first phase echo of a series
+whose sidecar does not state the phase units (its value range tells them, see
+:func:`phase_scale_from_values`) and derivative masks and segmentations (their labels are checked).
+
+Sidecars written by dcm2niix are accepted: ``RepetitionTime`` stands in for
+``RepetitionTimeExcitation``, a missing ``PulseSequenceType`` means spoiled GRE, and metadata
+inherited from dataset-level sidecars is merged by pybids.
+
+Modules: ``layout`` (dataset, participants, entity grouping), ``metadata`` (sidecar numbers,
+tolerances, phase units, grid checks), ``gre``, ``bssfp``, ``fieldmaps`` (AFI, receive pair),
+``derivatives``, ``problems`` (collection names), ``inputs`` (:func:`collect_inputs`).
+"""
+
+from ..errors import BIDSInputError
+from .bssfp import BSSFPSeries
+from .derivatives import DerivativeFile, open_derivatives
+from .fieldmaps import AFIPair, ReceivePair
+from .gre import EchoSeries
+from .inputs import SubjectInputs, collect_inputs
+from .layout import open_layout, select_participants
+from .metadata import phase_scale_from_values
+from .problems import (
+    AFI,
+    BRAIN_MASK,
+    BSSFP,
+    COLLECTIONS,
+    DSEG,
+    GRE,
+    LESION_MASK,
+    RECEIVE,
+    TB1MAP,
+    CollectionProblem,
+)
+
+__all__ = [
+    "AFI",
+    "BRAIN_MASK",
+    "BSSFP",
+    "COLLECTIONS",
+    "DSEG",
+    "GRE",
+    "LESION_MASK",
+    "RECEIVE",
+    "TB1MAP",
+    "AFIPair",
+    "BIDSInputError",
+    "BSSFPSeries",
+    "CollectionProblem",
+    "DerivativeFile",
+    "EchoSeries",
+    "ReceivePair",
+    "SubjectInputs",
+    "collect_inputs",
+    "open_derivatives",
+    "open_layout",
+    "phase_scale_from_values",
+    "select_participants",
+]

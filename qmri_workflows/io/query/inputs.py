@@ -1,0 +1,278 @@
+"""One subject's qMRI inputs: what :func:`collect_inputs` returns and how it checks each collection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..errors import BIDSInputError
+from .bssfp import bssfp_series, says_bssfp, sequence_kind
+from .derivatives import find_derivatives
+from .fieldmaps import AFIPair, ReceivePair, afi_pair, receive_pair
+from .gre import gre_series
+from .layout import QueryContext, image_files, strip_prefix
+from .metadata import FIELD_TOLERANCE, check_same, sidecar_number
+from .problems import (
+    AFI,
+    BSSFP,
+    COLLECTIONS,
+    DERIVATIVE_COLLECTIONS,
+    GRE,
+    RECEIVE,
+    CollectionProblem,
+)
+
+__all__ = ["SubjectInputs", "collect_inputs"]
+
+LOGGER = logging.getLogger("qmri_workflows.io")
+
+
+@dataclass(frozen=True)
+class SubjectInputs:
+    """Everything the pipeline can use for one subject (and session).
+
+    Attributes
+    ----------
+    subject, session : str, str or None
+        Labels without ``sub-``/``ses-``.
+    gre : tuple of EchoSeries
+        Spoiled multi-echo GRE sorted by flip angle; empty if absent or unusable.
+    gre_suffix : {"VFA", "MEGRE"} or None
+    bssfp : tuple of BSSFPSeries
+    afi : AFIPair or None
+    receive : ReceivePair or None
+    field_strength : float or None
+        MagneticFieldStrength (T) shared by the usable collections.
+    notes : tuple of str
+        Things worth knowing that need no action (phase rescaling, ignored files).
+    problems : tuple of CollectionProblem
+        One per collection that is present but unusable (left out of the fields above).
+    derivatives : dict
+        {collection: DerivativeFile} for :data:`TB1MAP`, :data:`DSEG`, :data:`LESION_MASK`,
+        :data:`BRAIN_MASK` found in the ``--derivatives`` datasets.
+    """
+
+    subject: str
+    session: str | None
+    gre: tuple = ()
+    gre_suffix: str | None = None
+    bssfp: tuple = ()
+    afi: AFIPair | None = None
+    receive: ReceivePair | None = None
+    field_strength: float | None = None
+    notes: tuple = ()
+    problems: tuple = ()
+    derivatives: dict = field(default_factory=dict, hash=False)
+
+    def has(self, collection):
+        """Whether ``collection`` (e.g. :data:`GRE`, :data:`TB1MAP`) is present and usable."""
+        _known(collection)
+        if collection in DERIVATIVE_COLLECTIONS:
+            return collection in self.derivatives
+        value = {GRE: self.gre, BSSFP: self.bssfp, AFI: self.afi, RECEIVE: self.receive}[collection]
+        return bool(value)
+
+    def problem(self, collection):
+        """The :class:`CollectionProblem` of ``collection``, or None if it has none."""
+        _known(collection)
+        return next((p for p in self.problems if p.collection == collection), None)
+
+    def describe(self):
+        """Human-readable summary (one line per collection, then the problems)."""
+        label = f"sub-{self.subject}" + (f" ses-{self.session}" if self.session else "")
+        lines = [f"{label}:"]
+        if self.gre:
+            lines.append(f"  {self.gre_suffix}: {len(self.gre)} flip angle(s)")
+            for series in self.gre:
+                flip = "n/a" if series.flip_angle is None else f"{series.flip_angle:g} deg"
+                tr = "n/a" if series.repetition_time is None else f"{series.repetition_time * 1e3:g} ms"
+                tes = ", ".join(f"{te * 1e3:g}" for te in series.echo_times)
+                phase = "with phase" if series.phase else "magnitude only"
+                lines.append(f"    flip {flip}, TR {tr}, {len(series.echo_times)} echo(es) "
+                             f"TE [{tes}] ms, {phase}")
+        else:
+            lines.append("  no multi-echo GRE (VFA/MEGRE)")
+        for series in self.bssfp:
+            increments = ", ".join(f"{inc:g}" for inc in series.phase_increments)
+            lines.append(f"  bSSFP: flip {series.flip_angle:g} deg, TR {series.repetition_time * 1e3:g} ms, "
+                         f"phase increments [{increments}] deg" + (", with phase" if series.phase else ""))
+        if self.afi:
+            lines.append(f"  AFI: flip {self.afi.flip_angle:g} deg, TR1 {self.afi.tr1 * 1e3:g} ms, "
+                         f"TR2 {self.afi.tr2 * 1e3:g} ms")
+        if self.receive:
+            lines.append("  receive field: head/body coil pair")
+        for collection, found in self.derivatives.items():
+            lines.append(f"  {collection} (derivative): {found.path}")
+        if self.field_strength:
+            lines.append(f"  field strength {self.field_strength:g} T")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        lines.extend(f"  {problem.collection} unusable: {problem.message}" for problem in self.problems)
+        return "\n".join(lines)
+
+
+def _known(collection):
+    if collection not in COLLECTIONS:
+        raise ValueError(f"unknown input collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
+
+
+def collect_inputs(layout, subject, session=None, *, derivatives=()):
+    """Collect and check one subject's qMRI inputs, each collection on its own.
+
+    Parameters
+    ----------
+    layout : bids.BIDSLayout
+        From :func:`open_layout`.
+    subject : str
+        Subject label (``sub-`` prefix optional).
+    session : str, optional
+        Session label (``ses-`` prefix optional); required if the subject has sessions.
+    derivatives : sequence of bids.BIDSLayout, optional
+        From :func:`open_derivatives`; searched for a TB1map, a segmentation, a lesion mask and a
+        brain mask of the same subject and session.
+
+    Returns
+    -------
+    SubjectInputs
+        GRE series sorted by flip angle (``gre_suffix`` "VFA" if spoiled VFA files exist, else "MEGRE",
+        else None), bSSFP series, AFI and receive pairs, derivative inputs, field strength, notes
+        (e.g. phase rescaling), and one :class:`CollectionProblem` per collection that is present but
+        unusable (missing or inconsistent metadata, images off the series' grid, incomplete pairs,
+        another scanner's field strength ...), which is then left out. A subject without any GRE or
+        bSSFP image gets a :data:`GRE` problem saying so.
+
+    Raises
+    ------
+    BIDSInputError
+        Only when the subject or session is absent, or the subject has sessions and none is given.
+    """
+    subject = strip_prefix(subject, "sub-")
+    session = strip_prefix(session, "ses-") if session is not None else None
+    ctx = QueryContext(layout)
+    _check_subject(ctx, subject, session)
+    problems = {}
+
+    def attempt(collection, build, *args):
+        """``build(*args)``, or None with the problem recorded if it raises BIDSInputError."""
+        try:
+            return build(*args)
+        except BIDSInputError as error:
+            problems.setdefault(collection, CollectionProblem(collection, str(error)))
+            return None
+
+    spoiled, bssfp_files = [], []
+    for bids_file in image_files(layout, subject, session, suffix="VFA", datatype="anat"):
+        kind = attempt(BSSFP if says_bssfp(ctx, bids_file) else GRE, sequence_kind, ctx, bids_file)
+        if kind is not None:
+            (bssfp_files if kind == "bssfp" else spoiled).append(bids_file)
+    megre_files = image_files(layout, subject, session, suffix="MEGRE", datatype="anat")
+
+    collected = dict.fromkeys((GRE, BSSFP, AFI, RECEIVE))
+    gre_suffix = None
+    if spoiled or GRE in problems:
+        gre_suffix = "VFA"
+        if GRE not in problems:
+            collected[GRE] = attempt(GRE, gre_series, ctx, spoiled, "VFA")
+        if megre_files:
+            ctx.notes.append(
+                f"MEGRE images ignored ({ctx.name(megre_files[0].path)} ...): the VFA collection is used"
+                + (" (it is unusable: fix it, or move it out of the dataset to use the MEGRE)"
+                   if GRE in problems else ""))
+            LOGGER.warning(ctx.notes[-1])
+    elif megre_files:
+        gre_suffix = "MEGRE"
+        collected[GRE] = attempt(GRE, gre_series, ctx, megre_files, "MEGRE")
+    if bssfp_files and BSSFP not in problems:
+        collected[BSSFP] = attempt(BSSFP, bssfp_series, ctx, bssfp_files)
+    collected[AFI] = attempt(AFI, afi_pair, ctx, image_files(layout, subject, session, suffix="TB1AFI",
+                                                             datatype="fmap"))
+    collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, image_files(layout, subject, session,
+                                                                         suffix="RB1COR", datatype="fmap"))
+    field_strength = _field_strength(ctx, collected, problems)
+
+    if not collected[GRE] and not collected[BSSFP] and GRE not in problems and BSSFP not in problems:
+        listing = ", ".join(sorted({f.filename for f in image_files(layout, subject, session)}))[:500] or "no images"
+        problems[GRE] = CollectionProblem(GRE, (
+            f"no qMRI inputs for sub-{subject}" + (f" ses-{session}" if session else "") + f" in {ctx.root}: "
+            "expected anat/*_VFA or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
+            f"found: {listing}"), missing=True)
+
+    found = {}
+    if derivatives:
+        found, derivative_problems, derivative_notes = find_derivatives(derivatives, subject, session)
+        problems.update((problem.collection, problem) for problem in derivative_problems)
+        ctx.notes.extend(derivative_notes)
+
+    return SubjectInputs(
+        subject=subject,
+        session=session,
+        gre=collected[GRE] or (),
+        gre_suffix=gre_suffix if collected[GRE] else None,
+        bssfp=collected[BSSFP] or (),
+        afi=collected[AFI],
+        receive=collected[RECEIVE],
+        field_strength=field_strength,
+        notes=tuple(ctx.notes),
+        problems=tuple(problems[c] for c in COLLECTIONS if c in problems),
+        derivatives=found,
+    )
+
+
+def _check_subject(ctx, subject, session):
+    """Raise BIDSInputError if the subject or session is absent or the session ambiguous."""
+    layout = ctx.layout
+    if subject not in layout.get_subjects():
+        raise BIDSInputError(
+            f"participant sub-{subject} not found in {ctx.root}; available: "
+            + ", ".join("sub-" + s for s in sorted(layout.get_subjects())))
+    sessions = sorted(layout.get_sessions(subject=subject))
+    if session is None and sessions:
+        raise BIDSInputError(
+            f"sub-{subject} in {ctx.root} has sessions ({', '.join('ses-' + s for s in sessions)}); "
+            "choose one (--session-label)")
+    if session is not None and session not in sessions:
+        raise BIDSInputError(
+            f"session ses-{session} not found for sub-{subject} in {ctx.root}; available: "
+            + (", ".join("ses-" + s for s in sessions) or "none"))
+
+
+def _collection_files(collection, value):
+    """The images of a collected value whose sidecars state the field strength."""
+    if not value:
+        return []
+    if collection in (GRE, BSSFP):
+        return [series.magnitude[0] for series in value]
+    if collection == AFI:
+        return [value.tr1_file, value.tr2_file]
+    return [value.head_file, value.body_file]
+
+
+def _field_strength(ctx, collected, problems):
+    """The field strength (T) of the first collection stating one; a collection disagreeing is dropped.
+
+    ``collected`` ({collection: value}) and ``problems`` ({collection: CollectionProblem}) are updated
+    in place: a collection whose images disagree among themselves or with an earlier collection
+    becomes None and gets a problem.
+    """
+    reference = None  # (path, tesla)
+    for collection, value in collected.items():
+        paths = _collection_files(collection, value)
+        try:
+            values = {path: sidecar_number(ctx, path, "MagneticFieldStrength", required=False) for path in paths}
+            tesla = check_same(ctx, values, "MagneticFieldStrength",
+                               "all images of a subject must come from one scanner; fix the sidecars",
+                               tolerance=FIELD_TOLERANCE)
+            if tesla is None:
+                continue
+            path = next(p for p, v in values.items() if v is not None)
+            if reference is not None and abs(tesla - reference[1]) > FIELD_TOLERANCE:
+                raise BIDSInputError(
+                    f"{ctx.name(path)} states MagneticFieldStrength {tesla:g} T but {ctx.name(reference[0])} "
+                    f"states {reference[1]:g} T; all images of a subject must come from one scanner: fix the "
+                    f"sidecars, or move the {collection} images of the other scanner out of the dataset")
+        except BIDSInputError as error:
+            problems[collection] = CollectionProblem(collection, str(error))
+            collected[collection] = None
+            continue
+        if reference is None:
+            reference = (path, tesla)
+    return reference[1] if reference else None

@@ -1,0 +1,227 @@
+"""Open a raw BIDS dataset, choose participants, and group a subject's files by their entities."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import BIDSInputError
+
+__all__ = [
+    "IGNORED_FOLDERS",
+    "IMAGE_EXTENSIONS",
+    "QueryContext",
+    "by_echo",
+    "dataset_root",
+    "entity",
+    "image_files",
+    "open_layout",
+    "select_participants",
+    "single_collection",
+    "split_parts",
+    "strip_prefix",
+]
+
+IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
+IGNORED_FOLDERS = ["derivatives", "sourcedata", "code", "stimuli", "models"]
+
+
+def open_layout(bids_dir, *, database_path=None, validate=False):
+    """Index a raw BIDS dataset with pybids without writing into it.
+
+    Parameters
+    ----------
+    bids_dir : str or Path
+        Dataset root (holds ``dataset_description.json``).
+    database_path : str or Path, optional
+        Folder for pybids' SQLite index (e.g. in the work directory); in memory when None. It must
+        not be inside ``bids_dir``. Do not share one between parallel jobs.
+    validate : bool, optional
+        Let pybids skip files that are not BIDS (False indexes everything but ``derivatives``,
+        ``sourcedata``, ``code`` and hidden files).
+
+    Returns
+    -------
+    bids.BIDSLayout
+
+    Raises
+    ------
+    BIDSInputError
+        If ``bids_dir`` is not a dataset root or ``database_path`` lies inside it.
+    """
+    from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
+
+    root = dataset_root(bids_dir, what="BIDS dataset")
+    if database_path is not None:
+        database = Path(database_path).resolve()
+        if database == root or root in database.parents:
+            raise BIDSInputError(
+                f"the pybids database {database} would be written inside the input dataset {root}; "
+                "put it in the work directory")
+        database_path = str(database)
+    indexer = BIDSLayoutIndexer(validate=validate, ignore=[*IGNORED_FOLDERS, re.compile(r"/\.")])
+    try:
+        return BIDSLayout(str(root), database_path=database_path, indexer=indexer)
+    except Exception as error:  # pybids raises its own types (BIDSValidationError, ...)
+        raise BIDSInputError(f"pybids cannot index {root}: {error}") from error
+
+
+def dataset_root(folder, *, what):
+    """Resolved ``folder`` if it is a dataset root (holds ``dataset_description.json``)."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise BIDSInputError(f"{what} {root} does not exist or is not a folder")
+    if not (root / "dataset_description.json").is_file():
+        raise BIDSInputError(
+            f"{root} is not a BIDS dataset root: {root / 'dataset_description.json'} is missing "
+            "(give the folder that holds dataset_description.json and the sub-* folders)")
+    return root
+
+
+def strip_prefix(label, prefix):
+    """``label`` without ``prefix`` (e.g. "sub-") and surrounding blanks."""
+    label = str(label).strip()
+    return label[len(prefix):] if label.startswith(prefix) else label
+
+
+def select_participants(layout, participant_labels=None, session_labels=None):
+    """Return the (subject, session) pairs to process.
+
+    Parameters
+    ----------
+    layout : bids.BIDSLayout
+    participant_labels : sequence of str, optional
+        Subjects with or without ``sub-``; all subjects when None or empty.
+    session_labels : sequence of str, optional
+        Sessions with or without ``ses-``; all sessions when None or empty.
+
+    Returns
+    -------
+    list of (str, str or None)
+        Sorted pairs; session is None for subjects without sessions.
+
+    Raises
+    ------
+    BIDSInputError
+        If a requested subject or session is absent (the message lists the available labels), or the
+        dataset has no subjects.
+    """
+    root = layout.root
+    available = sorted(layout.get_subjects())
+    if not available:
+        raise BIDSInputError(f"no sub-* folders with data found in {root}")
+    if participant_labels:
+        wanted = sorted({strip_prefix(label, "sub-") for label in participant_labels})
+        missing = [label for label in wanted if label not in available]
+        if missing:
+            raise BIDSInputError(
+                f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {root}; "
+                f"available: {', '.join('sub-' + a for a in available)}")
+    else:
+        wanted = available
+    wanted_sessions = (sorted({strip_prefix(label, "ses-") for label in session_labels})
+                       if session_labels else None)
+
+    pairs = []
+    seen_sessions = set()
+    for subject in wanted:
+        sessions = sorted(layout.get_sessions(subject=subject))
+        seen_sessions.update(sessions)
+        if not sessions:
+            if wanted_sessions is None:
+                pairs.append((subject, None))
+            continue
+        for session in sessions:
+            if wanted_sessions is None or session in wanted_sessions:
+                pairs.append((subject, session))
+    if wanted_sessions is not None:
+        missing = [s for s in wanted_sessions if s not in seen_sessions]
+        if missing:
+            listing = ", ".join("ses-" + s for s in sorted(seen_sessions)) or "none (no ses-* folders)"
+            raise BIDSInputError(
+                f"session(s) {', '.join('ses-' + m for m in missing)} not found for the selected "
+                f"participants in {root}; available: {listing}")
+    return pairs
+
+
+class QueryContext:
+    """What a query needs besides the layout: short file names, cached sidecars, collected notes."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.root = Path(layout.root)
+        self.notes = []
+        self._metadata = {}
+
+    def name(self, path):
+        """``path`` relative to the dataset root (as users see it in messages)."""
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def metadata(self, path):
+        """Merged sidecar of ``path`` (BIDS inheritance applied by pybids)."""
+        if path not in self._metadata:
+            self._metadata[path] = dict(self.layout.get_metadata(path))
+        return self._metadata[path]
+
+
+def image_files(layout, subject, session, **filters):
+    """Image files (BIDSFile objects) of one subject/session matching ``filters``, sorted by path."""
+    from bids.layout import Query
+
+    files = layout.get(subject=subject, session=session if session is not None else Query.NONE,
+                       extension=IMAGE_EXTENSIONS, **filters)
+    return sorted(files, key=lambda f: f.path)
+
+
+def entity(bids_file, key):
+    """Value of entity ``key`` of a BIDSFile, or None."""
+    return bids_file.get_entities().get(key)
+
+
+def single_collection(ctx, files, suffix):
+    """Refuse several acquisitions/runs/reconstructions of the same collection."""
+    for key, name in (("acquisition", "acq"), ("run", "run"), ("reconstruction", "rec")):
+        labels = sorted({str(entity(f, key)) for f in files if entity(f, key) is not None})
+        unlabelled = any(entity(f, key) is None for f in files)
+        if len(labels) + unlabelled > 1:
+            example = {}
+            for f in files:
+                example.setdefault(entity(f, key), f.path)
+            listing = ", ".join(ctx.name(path) for path in example.values())
+            raise BIDSInputError(
+                f"several {suffix} collections differ in {name}- ({listing}); keep one per subject/session "
+                "(move the others to sourcedata/ or another dataset)")
+
+
+def split_parts(ctx, files):
+    """Split files into magnitude (part-mag or no part) and phase; refuse real/imag."""
+    magnitude, phase = [], []
+    for bids_file in files:
+        part = entity(bids_file, "part")
+        if part in (None, "mag"):
+            magnitude.append(bids_file)
+        elif part == "phase":
+            phase.append(bids_file)
+        else:
+            raise BIDSInputError(
+                f"{ctx.name(bids_file.path)}: part-{part} images are not supported; convert real/imaginary "
+                "pairs to part-mag and part-phase")
+    return magnitude, phase
+
+
+def by_echo(ctx, files, what):
+    """{echo index: path}; files without an echo entity count as echo 1 (only one allowed)."""
+    echoes = {}
+    for bids_file in files:
+        echo = entity(bids_file, "echo")
+        index = int(echo) if echo is not None else 1
+        if index in echoes:
+            raise BIDSInputError(
+                f"two {what} files for echo {index}: {ctx.name(echoes[index])} and {ctx.name(bids_file.path)}; "
+                "keep one (or give them different acq-/run- labels and remove the other from the dataset)")
+        echoes[index] = bids_file.path
+    return dict(sorted(echoes.items()))

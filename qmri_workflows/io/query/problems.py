@@ -1,0 +1,64 @@
+"""Names of the input collections and the record of one that cannot be used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AFI",
+    "BRAIN_MASK",
+    "BSSFP",
+    "COLLECTIONS",
+    "DERIVATIVE_COLLECTIONS",
+    "DSEG",
+    "GRE",
+    "LESION_MASK",
+    "RAW_COLLECTIONS",
+    "RECEIVE",
+    "TB1MAP",
+    "CollectionProblem",
+]
+
+GRE = "gre"
+"""Multi-echo spoiled GRE (``VFA`` or ``MEGRE``)."""
+BSSFP = "bssfp"
+"""Phase-cycled bSSFP."""
+AFI = "afi"
+"""Actual flip-angle imaging pair (``TB1AFI``)."""
+RECEIVE = "receive"
+"""Head/body coil receive-field pair (``RB1COR``)."""
+TB1MAP = "TB1map"
+"""Precomputed transmit-field map from a derivatives dataset."""
+DSEG = "dseg"
+"""Segmentation (``*_dseg.nii[.gz]`` + ``*_dseg.tsv``) from a derivatives dataset."""
+LESION_MASK = "lesion_mask"
+"""Lesion mask (``*_label-lesion_mask``) from a derivatives dataset."""
+BRAIN_MASK = "brain_mask"
+"""User brain mask (``*_desc-brain_mask``) from a derivatives dataset."""
+
+RAW_COLLECTIONS = (GRE, BSSFP, AFI, RECEIVE)
+DERIVATIVE_COLLECTIONS = (TB1MAP, DSEG, LESION_MASK, BRAIN_MASK)
+COLLECTIONS = RAW_COLLECTIONS + DERIVATIVE_COLLECTIONS
+
+
+@dataclass(frozen=True)
+class CollectionProblem:
+    """Why one input collection of a subject cannot be used (the others still can).
+
+    Attributes
+    ----------
+    collection : str
+        One of :data:`COLLECTIONS` (e.g. :data:`AFI`).
+    message : str
+        Names the offending file(s) and says how to fix them.
+    missing : bool
+        True when nothing is wrong with what is there: the data are simply absent (a subject
+        without any qMRI images); False for a broken collection.
+    """
+
+    collection: str
+    message: str
+    missing: bool = False
+
+    def __str__(self):
+        return f"{self.collection}: {self.message}"

@@ -42,7 +42,8 @@ class BrainMask(SimpleInterface):
         reference = nib.load(self.inputs.in_files[0])
         sum_of_squares = np.zeros(reference.shape[:3], dtype=np.float64)
         for path in self.inputs.in_files:
-            sum_of_squares += np.square(load_volume(path, reference=reference), dtype=np.float64)
+            magnitude = load_volume(path, reference=reference, require_variation=True)
+            sum_of_squares += np.square(magnitude, dtype=np.float64)
         mask = brain_mask(np.sqrt(sum_of_squares), voxel_size=reference.header.get_zooms()[:3])
         self._results["out_mask"] = str(
             write_nifti(os.path.join(runtime.cwd, "brain_mask.nii"), mask, reference.affine)

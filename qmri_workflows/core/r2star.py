@@ -52,6 +52,7 @@ from .crlb import estatics_r2star_information
 from .noise import MagnitudeMeanTable, _check_n_coils
 
 __all__ = [
+    "MIN_RESIDUAL_DOF",
     "T2STAR_MIN_SIGNIFICANCE",
     "fit_estatics",
     "fit_r2star_loglinear",
@@ -66,6 +67,14 @@ _MAX_EXPONENT = 600.0
 
 T2STAR_MIN_SIGNIFICANCE = 2.0
 """T2* is written where R2* exceeds this many standard errors (about a one-sided 2.3 % test)."""
+
+MIN_RESIDUAL_DOF = 4
+"""Fewest residual degrees of freedom for the standard error to use the voxel's own noise estimate.
+
+With fewer, the residual SD is too erratic (with one, a 2-standard-error test passes 15 % of
+zero rates, some with a tiny standard error and an absurd T2*); a noise SD measured elsewhere (the
+air) is used instead when given.
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,9 +199,9 @@ def _r2star_standard_error(s0, r2star, residual, echo_times, valid, noise_sd):
     """Standard error of R2* per voxel: noise SD over the square root of the R2* information.
 
     The noise SD is the RMS of the residuals over the degrees of freedom left by the fit (valid
-    samples minus one intercept per contrast with data, minus R2*); ``noise_sd`` where no degree of
-    freedom is left (two echoes, one contrast). NaN where R2* is NaN or not identifiable, or where
-    no noise SD is available.
+    samples minus one intercept per contrast with data, minus R2*) where there are at least
+    :data:`MIN_RESIDUAL_DOF`; ``noise_sd`` where there are fewer, if given (the residual RMS
+    otherwise, NaN without any residual). NaN where R2* is NaN or not identifiable.
     """
     n_voxels = valid.shape[0]
     n_samples = np.count_nonzero(valid.reshape(n_voxels, -1), axis=-1)
@@ -204,7 +213,7 @@ def _r2star_standard_error(s0, r2star, residual, echo_times, valid, noise_sd):
         residual_sd = np.sqrt(residual_ss / np.where(dof > 0, dof, np.nan))
     if noise_sd is not None:
         noise_sd = np.asarray(noise_sd, dtype=np.float64).reshape(-1) if np.ndim(noise_sd) else noise_sd
-        residual_sd = np.where(dof > 0, residual_sd, noise_sd)
+        residual_sd = np.where(dof >= MIN_RESIDUAL_DOF, residual_sd, noise_sd)
     # Each voxel's own missing samples (non-finite or, for log fits, non-positive magnitudes).
     voxel_echo_times = np.where(valid, echo_times, np.nan)
     information = estatics_r2star_information(np.nan_to_num(s0), np.nan_to_num(r2star), voxel_echo_times)
@@ -403,8 +412,8 @@ def fit_estatics(
     sigma : float or ndarray, optional
         Per-channel noise SD (scalar or of the leading shape), used by ``method="nls"`` to fit the
         expected magnitude including the noise floor, and by every method for the standard error
-        (``return_stderr``) of voxels whose fit leaves no residual degree of freedom. The
-        log-linear fits themselves ignore it.
+        (``return_stderr``) of voxels whose fit leaves fewer than :data:`MIN_RESIDUAL_DOF` residual
+        degrees of freedom. The log-linear fits themselves ignore it.
     n_coils : int, optional
         Number of RSS-combined channels for the noise-floor model (1 = Rician).
     method : {"wls", "ols", "nls"}, optional
@@ -452,11 +461,11 @@ def fit_estatics(
     (:func:`qmri_workflows.core.crlb.estatics_r2star_information`) and :math:`\hat\sigma` the
     noise SD: the RMS of the residuals (signal minus fitted magnitude, or minus its expected value
     with the noise floor of ``"nls"``) over the degrees of freedom left (usable samples minus the
-    C + 1 parameters), or ``sigma`` where none is left (one contrast of two echoes). Residuals
+    C + 1 parameters) where they are at least :data:`MIN_RESIDUAL_DOF`, else ``sigma`` when given
+    (two flip angles of two or three echoes, one of up to five echoes). Residuals
     carry physiological noise and departures from a mono-exponential decay as well as thermal noise,
     and do not depend on how the receive channels were combined. At high SNR the standard error
-    matches the spread of the estimates (the WLS and NLS fits reach the Cramér-Rao bound); with few
-    degrees of freedom (three echoes of one contrast) it is itself imprecise.
+    matches the spread of the estimates (the WLS and NLS fits reach the Cramér-Rao bound).
 
     References
     ----------

@@ -20,7 +20,12 @@ from nipype.interfaces.base import (
 
 from ..core.masking import air_mask
 from ..core.noise import estimate_sigma_background
-from ..core.r2star import T2STAR_MIN_SIGNIFICANCE, fit_estatics, t2star_where_significant
+from ..core.r2star import (
+    MIN_RESIDUAL_DOF,
+    T2STAR_MIN_SIGNIFICANCE,
+    fit_estatics,
+    t2star_where_significant,
+)
 from ..io.images import load_volume
 from ..io.derivatives import write_nifti
 
@@ -201,12 +206,12 @@ class FitR2star(SimpleInterface):
         """The given noise SD, or the one measured in the air when the fit needs it.
 
         The non-linear fit models the noise floor; the standard error needs a noise level from
-        elsewhere only where the fit leaves no residual (one flip angle, two echoes).
+        elsewhere only where the fit leaves few residuals (see ``core.r2star.MIN_RESIDUAL_DOF``).
         """
         if isdefined(self.inputs.noise_sigma):
             return self.inputs.noise_sigma
         residual_dof = int(np.isfinite(echo_times).sum()) - n_contrasts - 1
-        if self.inputs.method != "nls" and residual_dof >= 1:
+        if self.inputs.method != "nls" and residual_dof >= MIN_RESIDUAL_DOF:
             return None
         try:
             sigma = estimate_noise_from_air(
@@ -223,8 +228,9 @@ class FitR2star(SimpleInterface):
                 return sigma
             problem = "the air holds no noise (simulated data?)"
         consequence = ("the non-linear fit models no noise floor" if self.inputs.method == "nls" else "")
-        if residual_dof < 1:
+        if residual_dof < MIN_RESIDUAL_DOF:
             consequence += (" and " if consequence else "") + (
+                "the R2* standard error rests on few residuals" if residual_dof > 0 else
                 "the R2* standard error and T2* are NaN (the fit leaves no residual)")
         LOGGER.warning("R2*: %s; %s", problem, consequence)
         return None

@@ -130,9 +130,9 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
 MIN_ECHOES_R2STAR = 2
 R2STAR_STDERR_DESC = "stderr"
 R2STAR_STDERR_DESCRIPTION = (
-    "Standard error of R2* (1/s): noise SD from the fit's residuals (or, with two echoes of one flip "
-    "angle, measured in the air) over the square root of the Fisher information on R2*; NaN where "
-    "R2* is undetermined"
+    "Standard error of R2* (1/s): noise SD from the fit's residuals (measured in the air when the "
+    "protocol leaves fewer than 4 residual degrees of freedom) over the square root of the Fisher "
+    "information on R2* at the fitted values; NaN where R2* is undetermined"
 )
 
 
@@ -256,7 +256,7 @@ def _registry_entries():
             Option(("--n-coils",), "n_coils",
                    {"type": positive_int, "default": 1, "metavar": "N",
                     "help": "receive channels combined by root-sum-of-squares (noise law for nls, and "
-                            "for the noise measured in the air with two echoes)"}),
+                            "for the noise measured in the air with few echoes)"}),
         ),
     )
     return brain_mask, r2star

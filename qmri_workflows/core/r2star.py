@@ -183,19 +183,14 @@ def _loglinear_chunk(signal, echo_times, *, weighted, n_iter, noise_sd=None, wit
     r2star = np.where(ok, r2star, np.nan)
     if not with_stderr:
         return s0, r2star
-    amplitude = _amplitude(s0, r2star, te)
-    stderr = _r2star_standard_error(s0, r2star, np.where(valid, signal - amplitude, 0.0),
-                                    echo_times, valid, noise_sd)
+    decay = np.exp(np.clip(-np.nan_to_num(r2star)[:, None, None] * te, -_MAX_EXPONENT, _MAX_EXPONENT))
+    residual = np.where(valid, signal - np.nan_to_num(s0)[..., None] * decay, 0.0).reshape(signal.shape[0], -1)
+    residual_ss = np.einsum("ij,ij->i", residual, residual)
+    stderr = _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, noise_sd)
     return s0, r2star, stderr
 
 
-def _amplitude(s0, r2star, te):
-    """Model magnitudes S0 exp(-R2* TE), (n, C, E); 0 where a parameter is NaN."""
-    decay = np.exp(np.clip(-np.nan_to_num(r2star)[:, None, None] * te, -_MAX_EXPONENT, _MAX_EXPONENT))
-    return np.nan_to_num(s0)[..., None] * decay
-
-
-def _r2star_standard_error(s0, r2star, residual, echo_times, valid, noise_sd):
+def _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, noise_sd):
     """Standard error of R2* per voxel: noise SD over the square root of the R2* information.
 
     The noise SD is the RMS of the residuals over the degrees of freedom left by the fit (valid
@@ -207,8 +202,6 @@ def _r2star_standard_error(s0, r2star, residual, echo_times, valid, noise_sd):
     n_samples = np.count_nonzero(valid.reshape(n_voxels, -1), axis=-1)
     n_intercepts = np.count_nonzero(valid.any(axis=-1), axis=-1)
     dof = n_samples - n_intercepts - 1
-    flat_residual = residual.reshape(n_voxels, -1)
-    residual_ss = np.einsum("ij,ij->i", flat_residual, flat_residual)
     with np.errstate(invalid="ignore", divide="ignore"):
         residual_sd = np.sqrt(residual_ss / np.where(dof > 0, dof, np.nan))
     if noise_sd is not None:
@@ -271,13 +264,14 @@ def _lm_step(residual, jac_s0, jac_r2, damping):
 
 
 def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter, tol):
-    """Vectorised Levenberg-Marquardt from (s0, r2star); returns the refined parameters.
+    """Vectorised Levenberg-Marquardt from (s0, r2star); returns them refined, and the final cost.
 
     Converged voxels are removed from the working set; one model evaluation per iteration (the
     trial point's residuals and Jacobian are kept when its step is accepted).
     """
     s0 = s0.copy()
     r2star = r2star.copy()
+    final_cost = np.empty(s0.shape[0])
     active = np.arange(s0.shape[0])
     a_s0, a_r2, a_data, a_valid, a_sigma = s0, r2star, data, valid, sigma
     damping = np.full(active.size, 1e-3)
@@ -311,6 +305,7 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
             finished = active[done]
             s0[finished] = a_s0[done]
             r2star[finished] = a_r2[done]
+            final_cost[finished] = cost[done]
             keep = ~done
             active = active[keep]
             a_s0, a_r2, a_data, a_valid = a_s0[keep], a_r2[keep], a_data[keep], a_valid[keep]
@@ -321,7 +316,8 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
     # Voxels still active after max_iter keep their best point so far.
     s0[active] = a_s0
     r2star[active] = a_r2
-    return s0, r2star
+    final_cost[active] = cost
+    return s0, r2star, final_cost
 
 
 def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol, with_stderr=False):
@@ -356,8 +352,10 @@ def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol, with_st
     r2star = np.nan_to_num(r2star)
 
     active = np.flatnonzero(fitted)
+    # The residual sum of squares at the fitted values (the LM cost), for the standard error.
+    residual_ss = np.full(n_voxels, np.nan)
     if active.size:
-        s0[active], r2star[active] = _levenberg_marquardt(
+        s0[active], r2star[active], residual_ss[active] = _levenberg_marquardt(
             s0[active],
             r2star[active],
             data[active],
@@ -374,9 +372,7 @@ def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol, with_st
     r2star = np.where(ok, r2star, np.nan)
     if not with_stderr:
         return s0, r2star
-    predicted, _ = model(_amplitude(s0, r2star, te), sigma)
-    stderr = _r2star_standard_error(s0, r2star, np.where(valid, signal - predicted, 0.0),
-                                    echo_times, valid, sigma)
+    stderr = _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, sigma)
     return s0, r2star, stderr
 
 

@@ -15,8 +15,8 @@ from nipype.interfaces.base import (
 )
 
 from ..core.masking import brain_mask
-from ..io.images import load_volume
 from ..io.derivatives import write_nifti
+from ..io.images import load_volume
 
 
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):

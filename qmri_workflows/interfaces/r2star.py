@@ -26,8 +26,8 @@ from ..core.r2star import (
     fit_estatics,
     t2star_where_significant,
 )
-from ..io.images import load_volume
 from ..io.derivatives import write_nifti
+from ..io.images import load_volume
 
 ESTATICS_REFERENCE = (
     "Weiskopf N, Callaghan MF, Josephs O, Lutti A, Mohammadi S. Estimating the apparent transverse "

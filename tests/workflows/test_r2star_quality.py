@@ -10,13 +10,28 @@ from qmri_workflows.cli import run
 from tests.bids_factory import make_megre_dataset, make_vfa_dataset
 
 R2STAR_FAMILY = ("R2starmap", "desc-stderr_R2starmap", "T2starmap", "desc-flip1_S0map", "desc-flip2_S0map")
-COUNTS = ("NonFiniteInputVoxels", "UndeterminedR2starVoxels", "NegativeR2starVoxels",
-          "NonSignificantR2starVoxels", "FittedVoxels")
+COUNTS = (
+    "NonFiniteInputVoxels",
+    "UndeterminedR2starVoxels",
+    "NegativeR2starVoxels",
+    "NonSignificantR2starVoxels",
+    "FittedVoxels",
+)
 
 
 def _run(raw, tmp_path):
-    return run.main([str(raw), str(tmp_path / "out"), "participant", "--nprocs", "1",
-                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    return run.main(
+        [
+            str(raw),
+            str(tmp_path / "out"),
+            "participant",
+            "--nprocs",
+            "1",
+            "-w",
+            str(tmp_path / "work"),
+            "--skip-bids-validation",
+        ]
+    )
 
 
 def _load(path):
@@ -58,10 +73,14 @@ def test_nan_block_is_counted_and_the_error_map_published(tmp_path, caplog):
     assert "standard error" in sidecars["T2starmap"]["Description"]
 
 
-@pytest.mark.parametrize("make, pattern", [
-    (make_vfa_dataset, "*echo-3_flip-2_part-mag*.nii.gz"),
-    (make_megre_dataset, "*echo-1_part-mag*.nii.gz"),  # the brain mask reads it first
-], ids=["vfa-late-echo", "megre-first-echo"])
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (make_vfa_dataset, "*echo-3_flip-2_part-mag*.nii.gz"),
+        (make_megre_dataset, "*echo-1_part-mag*.nii.gz"),  # the brain mask reads it first
+    ],
+    ids=["vfa-late-echo", "megre-first-echo"],
+)
 def test_all_zero_echo_stops_the_subject_naming_the_file(tmp_path, caplog, make, pattern):
     raw = make(tmp_path / "raw", n_echoes=3)
     damaged = next((raw / "sub-01" / "anat").glob(pattern))

@@ -1,17 +1,19 @@
 """The BIDS-App command line: ``qmri-workflows BIDS_DIR OUTPUT_DIR participant``.
 
-Exit codes follow the BIDS-Apps draft where it has one:
+Every subject that can be processed is; the others are reported with the reason. Exit codes follow
+the BIDS-Apps draft where it has one:
 
 ====  ====================================================================
-0     success (maps the data cannot support are skipped with a message)
-1     a processing step failed (see the crash files named in the log)
-16    the input is not a valid BIDS dataset (BIDS validator errors)
+0     every selected subject got its maps
+1     a processing step failed for some subject (crash files named in the log)
+16    the input is not a valid BIDS dataset (validator errors, unreadable files)
 17    unknown analysis level
 18    the participant/session filters selected nothing
-64    command-line usage error
-65    input data unusable (a subject without usable GRE/bSSFP; a bad --derivatives path)
-66    input dataset missing, or no subject has data for any map
-73    the output directory cannot be created or lies inside the input dataset
+64    command-line usage error (including a malformed --plugin-config)
+65    some subject's input is unusable, or a --derivatives path is not a derivatives dataset
+66    input dataset missing, or the selected subjects hold no qMRI data
+73    output or work directory cannot be created, overlaps the input, or is in use
+130   interrupted (Ctrl-C)
 ====  ====================================================================
 """
 
@@ -175,15 +177,16 @@ def batch_resources(workflow, plugin):
             node.plugin_args = {"qsub_args": f"-l mem={mem_mb}mb,ncpus={cpus}", "overwrite": False}
 
 
-def run_validator(bids_dir):
-    """Run the BIDS validator on ``bids_dir``.
+def run_validator(bids_dir, *, files_per_group=3):
+    """Run the BIDS validator on ``bids_dir`` and group its errors.
 
     Returns
     -------
     list of str or None
-        One line per error; None when no validator is installed.
+        One line per kind of error (code and, where the validator names one, the key), with how
+        many files it concerns and at most ``files_per_group`` of them; empty when the dataset is
+        valid; None when no validator is installed.
     """
-    import shutil
     import subprocess
 
     executable = shutil.which("bids-validator-deno")
@@ -199,14 +202,29 @@ def run_validator(bids_dir):
         report = json.loads(result.stdout)
     except json.JSONDecodeError:
         return [f"the BIDS validator failed to run: {result.stderr.strip() or result.stdout[:500]}"]
-    issues = report.get("issues", {}).get("issues", [])
-    errors = []
-    for issue in issues:
-        if issue.get("severity") == "error":
-            where = issue.get("location", "")
-            message = (issue.get("issueMessage") or "").strip().splitlines()
-            errors.append(f"{issue.get('code', 'ERROR')}: {where} {message[0] if message else ''}".strip())
-    return errors
+    return group_validator_errors(report, files_per_group=files_per_group)
+
+
+def group_validator_errors(report, *, files_per_group=3):
+    """Lines of :func:`run_validator` from the validator's JSON report."""
+    descriptions = report.get("issues", {}).get("codeMessages", {})
+    groups = {}
+    for issue in report.get("issues", {}).get("issues", []):
+        if issue.get("severity") != "error":
+            continue
+        key = (issue.get("code", "ERROR"), issue.get("subCode"))
+        groups.setdefault(key, []).append(issue)
+    lines = []
+    for (code, sub_code), issues in groups.items():
+        description = (descriptions.get(code) or issues[0].get("issueMessage") or "").strip().splitlines()
+        what = f"{code}" + (f" '{sub_code}'" if sub_code else "")
+        if description:
+            what += f" ({description[0].rstrip('.')})"
+        locations = list(dict.fromkeys(issue.get("location", "") for issue in issues if issue.get("location")))
+        shown = ", ".join(location.lstrip("/") for location in locations[:files_per_group])
+        more = f" and {len(locations) - files_per_group} more" if len(locations) > files_per_group else ""
+        lines.append(f"{what}: {len(locations)} file(s): {shown}{more}" if locations else what)
+    return lines
 
 
 def write_description(output_dir, bids_dir, argv):
@@ -383,6 +401,8 @@ def _run(args, argv):
     if code is not None:
         return code
     plugin, plugin_args, bids_dir, output_dir, work_dir = settings
+    # The validator and the indexing take seconds: say at once that the App is at work.
+    LOGGER.info("qmri-workflows %s: checking %s", __version__, bids_dir)
 
     if not args.skip_bids_validation:
         report = run_validator(bids_dir)
@@ -463,8 +483,8 @@ def _run(args, argv):
 
     log_file = attach_log_file(output_dir)
     try:
-        LOGGER.info("qmri-workflows %s: %s -> %s (work directory %s; log %s)", __version__, bids_dir,
-                    output_dir, work_dir, log_file)
+        LOGGER.info("processing %d subject(s) of %s into %s (work directory %s; log %s)", len(subjects),
+                    bids_dir, output_dir, work_dir, log_file)
         try:
             write_description(output_dir, bids_dir, argv)
         except (OSError, ValueError) as error:
@@ -588,6 +608,9 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
     try:
         workflow.run(plugin=runner)
     except KeyboardInterrupt:
+        # Ending the workers breaks the futures Nipype still waits on; their callbacks' errors
+        # are expected now and would only bury the one line the user needs.
+        logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL)
         _stop_workers(runner)
         _clean_staging(output_dir, subjects)
         raise

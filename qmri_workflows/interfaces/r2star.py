@@ -232,7 +232,9 @@ class FitR2star(SimpleInterface):
             consequence += (" and " if consequence else "") + (
                 "the R2* standard error rests on few residuals" if residual_dof > 0 else
                 "the R2* standard error and T2* are NaN (the fit leaves no residual)")
-        LOGGER.warning("R2*: %s; %s", problem, consequence)
+        # Only a loss is worth a warning: with a few residuals the standard error is still made.
+        level = logging.WARNING if self.inputs.method == "nls" or residual_dof < 1 else logging.INFO
+        LOGGER.log(level, "R2*: %s; %s", problem, consequence)
         return None
 
 

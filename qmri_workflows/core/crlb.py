@@ -128,10 +128,8 @@ def estatics_r2star_information(s0, r2star, echo_times):
 
     Parameters
     ----------
-    s0 : array_like, shape (..., n_contrast)
-        Intercepts at TE = 0 (signal units).
-    r2star : array_like, shape (...)
-        R2* in 1/s.
+    s0, r2star
+        As in :func:`estatics_crlb`.
     echo_times : array_like, shape (n_echo,), (n_contrast, n_echo) or (..., n_contrast, n_echo)
         Echo times in seconds; NaN marks a missing sample. With leading dimensions (broadcast
         against those of ``s0``), each voxel has its own missing samples (non-finite magnitudes).

@@ -53,7 +53,8 @@ def test_fit_node_recovers_r2star_and_one_s0_per_flip_angle(tmp_path):
     assert result.metadata["EchoTime"] == pytest.approx(list(ECHO_TIMES))
 
 
-def test_non_finite_samples_are_left_out_counted_and_logged(tmp_path, caplog):
+def test_non_finite_samples_are_left_out_counted_and_logged(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bare interface writes its maps into the current directory
     shape = (6, 5, 4)
     r2star = np.random.default_rng(2).uniform(5.0, 80.0, shape)
     r2star[0, 0, 0] = -10.0
@@ -89,8 +90,10 @@ def test_non_finite_samples_are_left_out_counted_and_logged(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("content", [0.0, 250.0])  # all-NaN: tests/io/test_images.py
-def test_echo_without_signal_is_an_input_error_naming_it(tmp_path, content):
+def test_echo_without_signal_is_an_input_error_naming_it(tmp_path, content, monkeypatch):
     from qmri_workflows.io.errors import BIDSInputError
+
+    monkeypatch.chdir(tmp_path)
 
     shape = (6, 5, 4)
     files, tes, flips = _echoes(tmp_path, np.full(shape, 20.0) + np.arange(4), {6.0: np.full(shape, 500.0)})

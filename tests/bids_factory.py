@@ -12,6 +12,8 @@ Example
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,3 +342,41 @@ def make_derivatives(
                                    (labels > 0).astype(np.uint8), affine=affine, dtype=np.uint8)
                 dataset.add("brain_mask", path)
     return dataset
+
+
+DAMAGE_KINDS = ("truncated", "empty", "wrong_compression", "lying_header")
+DAMAGE_MESSAGES = {  # what the pre-flight calls each kind of damage (regular expressions)
+    "truncated": r"(is truncated|is damaged or truncated)",
+    "empty": r"is empty \(0 bytes\)",
+    "wrong_compression": r"is not gzip-compressed, which its name does not say",
+    "lying_header": r"is truncated: \d+ bytes uncompressed where its header promises \d+",
+}
+
+
+def damage_image(path, kind):
+    """Damage a NIfTI file in place as copies and converters do; ``kind`` is one of :data:`DAMAGE_KINDS`.
+
+    "truncated": the last third of the file is cut off (an interrupted copy); "empty": zero bytes;
+    "wrong_compression": a ``.nii.gz`` holding an uncompressed NIfTI (or a ``.nii`` holding a
+    compressed one); "lying_header": a whole, well-formed file whose header promises twice the slices
+    it holds. Returns ``path``.
+    """
+    path = Path(path)
+    compressed = path.name.endswith(".gz")
+    content = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(content[: len(content) * 2 // 3])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "wrong_compression":
+        path.write_bytes(gzip.decompress(content) if compressed else gzip.compress(content))
+    elif kind == "lying_header":
+        raw = gzip.decompress(content) if compressed else content
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
+        shape = header.get_data_shape()
+        header.set_data_shape((*shape[:2], 2 * shape[2], *shape[3:]))
+        lying = header.binaryblock + raw[len(header.binaryblock):]
+        path.write_bytes(gzip.compress(lying) if compressed else lying)
+    else:
+        raise ValueError(f"unknown damage {kind!r}; choose from {', '.join(DAMAGE_KINDS)}")
+    return path

@@ -453,9 +453,10 @@ def _run(args, argv):
             subjects.append(inputs)
             continue
         broken = [problem for problem in inputs.problems if not problem.missing]
-        reasons = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
-        if broken or not inputs.problems:
-            unusable[label] = reasons  # broken inputs, or too little data (one echo, say)
+        if broken:  # each problem was just logged with its file and fix: name it only
+            unusable[label] = "unusable " + ", ".join(problem.collection for problem in broken) + " (see above)"
+        elif not inputs.problems:  # too little data (one echo, say)
+            unusable[label] = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
         else:
             without_data[label] = "; ".join(problem.message for problem in inputs.problems)
     for label, reason in {**unusable, **without_data}.items():
@@ -560,9 +561,6 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
             "hash_method": "timestamp",
             "stop_on_first_crash": args.stop_on_first_crash,
             "remove_unnecessary_outputs": False,
-            # Nodes last seconds to minutes; the default 2 s between scheduler polls would
-            # dominate small datasets. Batch plugins keep their own (longer) polling.
-            "poll_sleep_duration": 0.2,
         },
         "monitoring": {"enabled": False},
     })  # fmt: skip
@@ -574,6 +572,10 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
         options=options,
         omp_nthreads=args.omp_nthreads or min(args.nprocs, 8),
     )
+    if plugin in ("MultiProc", "LegacyMultiProc", "Linear"):
+        # A pass over the graph costs well under a millisecond: look often (see
+        # workflows.base.POLL_SECONDS); batch plugins query their scheduler at each pass.
+        workflow.config["execution"]["poll_sleep_duration"] = 0.01
     used = _used_collections()
     for inputs in subjects:
         label = _label(inputs.subject, inputs.session)

@@ -28,11 +28,13 @@ __all__ = ["check_image_file"]
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _expected_bytes(header):
+def _expected_bytes(image):
     """Bytes the file must hold according to its header: offset plus the data block."""
-    shape = header.get_data_shape()
-    n_bytes = int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
-    return int(header.get_data_offset()) + n_bytes
+    header = image.header
+    n_bytes = int(np.prod(header.get_data_shape(), dtype=np.int64)) * header.get_data_dtype().itemsize
+    # The offset is the file's vox_offset, which the proxy keeps: nibabel resets it to 0 in the
+    # header copy an image holds (it is recomputed on save).
+    return int(image.dataobj.offset) + n_bytes
 
 
 def _decompressed_size(path):
@@ -77,10 +79,10 @@ def check_image_file(path):
         raise BIDSInputError(f"image {path} is {actual}, which its name does not say; rename it "
                              f"({'.nii.gz' if magic == _GZIP_MAGIC else '.nii'}) or {fix}")
     try:
-        header = nib.load(path).header
+        image = nib.load(path)
     except Exception as error:  # nibabel raises several types for damaged files
         raise BIDSInputError(f"image {path} has no readable NIfTI header ({error}); {fix}") from error
-    expected = _expected_bytes(header)
+    expected = _expected_bytes(image)
     if not compressed:
         if size < expected:
             raise BIDSInputError(f"image {path} is truncated: {size} bytes where its header promises "

@@ -112,6 +112,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
     workflow = pe.Workflow(name=name or f"{label}_wf")
+    _quick_polling(workflow)
     built = {}
     for family in running:
         family_wf = family.build(context)
@@ -150,6 +151,20 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
              [(f"outputnode.{field}", f"inputnode.{output_field(family.key, field)}") for field in fields]),
         ])  # fmt: skip
     return workflow, plans
+
+
+POLL_SECONDS = 0.1
+"""Pause of Nipype's scheduler between passes over the graph, for these workflows.
+
+Each pass starts only the nodes whose inputs were ready when it began, so a chain of quick nodes
+(identity, sink, commit) costs one pause per link: Nipype's default of 2 s made a small subject
+take tens of seconds. A batch plugin queries its scheduler at every pass, so the pause is not
+made shorter still; the BIDS App chooses per plugin.
+"""
+
+
+def _quick_polling(workflow):
+    workflow.config["execution"]["poll_sleep_duration"] = POLL_SECONDS
 
 
 def _with_options(outputs, family, options):
@@ -197,6 +212,7 @@ def init_qmri_wf(*, subjects, output_dir, work_dir=None, options=None, omp_nthre
 
     families = registered_families()
     workflow = pe.Workflow(name=name, base_dir=work_dir)
+    _quick_polling(workflow)
     plans = {}
     for inputs in subjects:
         subject_wf, subject_plans = init_single_subject_wf(

@@ -90,7 +90,8 @@ def test_every_bad_subject_is_reported_and_the_others_are_processed(tmp_path, ca
                      "-w", str(tmp_path / "work")])
     assert code == run.EXIT_DATA
     for subject in ("01", "03"):
-        assert f"sub-{subject}: not processed: gre unusable: sub-{subject}/anat/sub-{subject}_echo-2_flip-1" in caplog.text
+        assert f"sub-{subject}: gre unusable: sub-{subject}/anat/sub-{subject}_echo-2_flip-1" in caplog.text
+        assert f"sub-{subject}: not processed: unusable gre (see above)" in caplog.text
         assert not (tmp_path / "out" / f"sub-{subject}").exists()
     assert (tmp_path / "out" / "sub-02" / "anat" / "sub-02_R2starmap.nii.gz").is_file()
     assert "sub-02: brain mask, R2* written" in caplog.text

@@ -79,3 +79,16 @@ def test_garbage_with_a_nifti_name(tmp_path):
     path.write_bytes(b"this is not an image" * 50)
     with pytest.raises(BIDSInputError, match="garbage.nii has no readable NIfTI header"):
         check_image_file(path)
+
+
+@pytest.mark.parametrize("name", ["short.nii", "short.nii.gz"])
+def test_file_short_by_less_than_its_header_size_is_found(tmp_path, name):
+    # The voxel data start at vox_offset (352 bytes here), which the size check must count: a file
+    # missing its last 100 bytes is still longer than the data block alone.
+    path = _image(tmp_path / name)
+    raw = path.read_bytes() if name.endswith(".nii") else gzip.decompress(path.read_bytes())
+    assert int(nib.load(path).dataobj.offset) == 352
+    short = raw[:-100]
+    path.write_bytes(short if name.endswith(".nii") else gzip.compress(short))
+    with pytest.raises(BIDSInputError, match=rf"{name} is truncated: {len(short)} bytes"):
+        check_image_file(path)

@@ -14,8 +14,10 @@ The layout read here is described in ``docs/architecture.rst`` ("Raw BIDS layout
 Each collection is checked on its own: a broken one is left out of :class:`SubjectInputs` and
 recorded as a :class:`CollectionProblem` whose message names the file(s) and the fix, so a broken
 AFI pair does not stop the R2* map. Only an absent subject or session raises
-:class:`BIDSInputError`. Only image headers are read, except for the first phase echo of a series
-whose sidecar does not state the phase units (its value range tells them, see
+:class:`BIDSInputError`. Entities are read from the path inside the dataset, never from the folders
+above it. Every image is checked whole first (:func:`~qmri_workflows.io.integrity.check_image_file`),
+so a damaged file is a problem of its collection. Only image headers are read, except for the first
+phase echo of a series whose sidecar does not state the phase units (its value range tells them, see
 :func:`phase_scale_from_values`) and derivative masks and segmentations (their labels are checked).
 
 Sidecars written by dcm2niix are accepted: ``RepetitionTime`` stands in for

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BIDSInputError
-from .layout import IMAGE_EXTENSIONS, dataset_root
+from .layout import IMAGE_EXTENSIONS, dataset_indexer, dataset_root
 from .metadata import load_header
 from .problems import BRAIN_MASK, DSEG, LESION_MASK, TB1MAP, CollectionProblem
 
@@ -89,7 +89,6 @@ def open_derivatives(paths):
         If a path is not a dataset root, is a raw dataset, or cannot be indexed.
     """
     from bids import BIDSLayout
-    from bids.layout import BIDSLayoutIndexer
 
     layouts, roots = [], set()
     for path in paths:
@@ -113,7 +112,7 @@ def open_derivatives(paths):
                     "or masks, and set \"DatasetType\": \"derivative\" in its dataset_description.json")
             LOGGER.warning("%s has no \"DatasetType\" in dataset_description.json; read as a derivatives dataset",
                            root)
-        indexer = BIDSLayoutIndexer(validate=False, ignore=[re.compile(r"/\.")])
+        indexer = dataset_indexer(root, validate=False, ignore=[re.compile(r"/\.")])
         try:
             layouts.append(BIDSLayout(str(root), config=["bids", "derivatives"], validate=False,
                                       indexer=indexer))

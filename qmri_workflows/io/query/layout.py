@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "QueryContext",
     "by_echo",
+    "dataset_indexer",
     "dataset_root",
     "entity",
     "image_files",
@@ -50,7 +52,6 @@ def open_layout(bids_dir, *, database_path=None, validate=False):
         If ``bids_dir`` is not a dataset root or ``database_path`` lies inside it.
     """
     from bids import BIDSLayout
-    from bids.layout import BIDSLayoutIndexer
 
     root = dataset_root(bids_dir, what="BIDS dataset")
     if database_path is not None:
@@ -60,7 +61,7 @@ def open_layout(bids_dir, *, database_path=None, validate=False):
                 f"the pybids database {database} would be written inside the input dataset {root}; "
                 "put it in the work directory")
         database_path = str(database)
-    indexer = BIDSLayoutIndexer(validate=validate, ignore=[*IGNORED_FOLDERS, re.compile(r"/\.")])
+    indexer = dataset_indexer(root, validate=validate, ignore=[*IGNORED_FOLDERS, re.compile(r"/\.")])
     try:
         return BIDSLayout(str(root), database_path=database_path, indexer=indexer)
     except Exception as error:  # pybids raises its own types (BIDSValidationError, ...)
@@ -77,6 +78,48 @@ def dataset_root(folder, *, what):
             f"{root} is not a BIDS dataset root: {root / 'dataset_description.json'} is missing "
             "(give the folder that holds dataset_description.json and the sub-* folders)")
     return root
+
+
+def dataset_indexer(root, **options):
+    """A pybids indexer that reads entities from the path inside the dataset ``root`` only.
+
+    pybids 0.22 matches its entity patterns against the absolute path of each file, so a folder
+    above the dataset named like a datatype or an entity (``/data/perf/study/sub-01/anat/...``,
+    ``/scans/sub-x/...``, ``/archive/run-2/...``) becomes every file's ``datatype``, ``subject`` or
+    ``run``, and queries for ``anat`` images find nothing (pybids issues #600 and #1270, fixed
+    upstream by pull request #1273 after 0.22.0). The indexer returned here keeps pybids' own
+    parsing and stored absolute paths, and re-reads the values from the path relative to ``root``,
+    which makes BIDS inheritance of sidecars (keyed on these entities) right too.
+
+    Parameters
+    ----------
+    root : Path
+        Resolved dataset root, as given to ``BIDSLayout``.
+    **options
+        Passed to ``bids.layout.BIDSLayoutIndexer`` (``validate``, ``ignore``, ...).
+
+    Returns
+    -------
+    bids.layout.BIDSLayoutIndexer
+    """
+    from bids.layout import BIDSLayoutIndexer
+
+    class DatasetRelativeIndexer(BIDSLayoutIndexer):
+        def _index_file(self, abs_fn, entities):
+            from bids.layout import parse_file_entities
+
+            bids_file, tags = super()._index_file(abs_fn, entities)
+            inside = os.path.relpath(bids_file.path, root)
+            if inside.startswith(os.pardir):  # not below the root: leave pybids' reading alone
+                return bids_file, tags
+            # pybids' patterns expect a leading separator ("/sub-01/anat/..."), as at the root.
+            values = parse_file_entities("/" + Path(inside).as_posix(), entities=entities.values())
+            # Every entity found inside the dataset was also found (perhaps elsewhere) in the absolute
+            # path, so pybids' tags carry its type: keep those, with the value read inside.
+            return bids_file, [{**tag, "_value": str(values[tag["entity_name"]])}
+                               for tag in tags if tag["entity_name"] in values]
+
+    return DatasetRelativeIndexer(**options)
 
 
 def strip_prefix(label, prefix):

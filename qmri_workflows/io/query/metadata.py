@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import BIDSInputError
 from ..images import GRID_TOLERANCE_MM, same_grid
+from ..integrity import check_image_file
 from .layout import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -151,12 +152,18 @@ def check_same(ctx, values, label, fix, *, tolerance):
 
 
 def load_header(path, shown=None):
-    """nibabel image of ``path`` (data not read) that holds a single 3D volume.
+    """nibabel image of ``path`` (data not read) that is whole and holds a single 3D volume.
+
+    Every image the query returns passes through here, so a damaged file (empty, truncated,
+    compressed otherwise than its name says, or shorter than its header promises; see
+    :func:`~qmri_workflows.io.integrity.check_image_file`) makes its collection unusable before
+    anything runs, instead of failing deep inside a workflow.
 
     ``shown`` is how messages name the file (e.g. relative to the dataset root); ``path`` if None.
     """
     import nibabel as nib
 
+    check_image_file(path)
     shown = path if shown is None else shown
     try:
         image = nib.load(path)

@@ -87,7 +87,7 @@ def step_fit(workdir, method):
         from qmri_workflows.interfaces.r2star import estimate_noise_from_air
 
         sigma = estimate_noise_from_air(signal[..., 0, 0], voxel_size=(RESOLUTION,) * 3)
-    fit_estatics(signal, echo_times, method=method, mask=mask, sigma=sigma)
+    fit_estatics(signal, echo_times, method=method, mask=mask, sigma=sigma, return_stderr=True)
     return f"{int(mask.sum())} voxels"
 
 

@@ -17,8 +17,8 @@ from nipype.interfaces.base import (
 )
 
 from ..core.masking import brain_mask, check_brain_mask
-from ..io.images import load_volume
 from ..io.derivatives import write_nifti
+from ..io.images import load_volume
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -65,7 +65,8 @@ class BrainMask(SimpleInterface):
         reference = nib.load(self.inputs.in_files[0])
         sum_of_squares = np.zeros(reference.shape[:3], dtype=np.float64)
         for path in self.inputs.in_files:
-            sum_of_squares += np.square(load_volume(path, reference=reference), dtype=np.float64)
+            magnitude = load_volume(path, reference=reference, require_variation=True)
+            sum_of_squares += np.square(magnitude, dtype=np.float64)
         image = np.sqrt(sum_of_squares)
         voxel_size = reference.header.get_zooms()[:3]
         mask = brain_mask(image, voxel_size=voxel_size)

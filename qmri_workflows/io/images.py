@@ -18,7 +18,7 @@ def same_grid(shape_a, affine_a, shape_b, affine_b, *, atol=GRID_TOLERANCE_MM):
             and np.allclose(np.asarray(affine_a), np.asarray(affine_b), atol=atol, rtol=0))
 
 
-def load_volume(path, *, dtype=np.float32, reference=None):
+def load_volume(path, *, dtype=np.float32, reference=None, require_variation=False):
     """Load one 3D volume as an array of ``dtype`` (scaling applied).
 
     Parameters
@@ -30,6 +30,9 @@ def load_volume(path, *, dtype=np.float32, reference=None):
     reference : nibabel image, optional
         When given, the file must lie on the same grid (shape and affine within
         :data:`GRID_TOLERANCE_MM`).
+    require_variation : bool, optional
+        For images that must hold signal (magnitudes): one holding the same value in every
+        finite voxel (all zeros, say) is an input error too.
 
     Returns
     -------
@@ -38,7 +41,8 @@ def load_volume(path, *, dtype=np.float32, reference=None):
     Raises
     ------
     BIDSInputError
-        If the file cannot be read, is not 3D, holds no finite value, or is off the reference grid.
+        If the file cannot be read, is not 3D, holds no finite value, is off the reference grid, or
+        (``require_variation``) is constant.
     """
     image = read_image(path)
     if reference is not None and not same_grid(image.shape, image.affine, reference.shape, reference.affine):
@@ -46,7 +50,23 @@ def load_volume(path, *, dtype=np.float32, reference=None):
             f"image {path} (shape {image.shape[:3]}) is not on the grid of "
             f"{getattr(reference, 'get_filename', lambda: 'the reference')()} (shape {reference.shape[:3]}); "
             "resample it onto the same grid or re-export the series together")
-    return volume_data(image, path, dtype=dtype)
+    data = volume_data(image, path, dtype=dtype)
+    if require_variation:
+        _check_variation(data, path)
+    return data
+
+
+def _check_variation(data, name):
+    values = data[np.isfinite(data)] if data.dtype.kind == "f" else data.reshape(-1)
+    low, high = values.min(), values.max()
+    if low == high:
+        content = "only zeros" if low == 0 else f"the same value ({low:g}) in every voxel"
+        if values.size < data.size:
+            content += f" and {data.size - values.size} NaN/Inf"
+        raise BIDSInputError(
+            f"image {name} holds {content}: there is no signal in it (a failed reconstruction or "
+            "export?); export the series again from the scanner data, or remove this file and its "
+            "sidecar from the dataset")
 
 
 def read_image(path):
@@ -93,7 +113,9 @@ def volume_data(image, name, *, dtype=np.float32):
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.any():
-            raise BIDSInputError(f"image {name} holds no finite value (all NaN/Inf)")
+            raise BIDSInputError(
+                f"image {name} holds no finite value (all NaN/Inf): there is no signal in it; export "
+                "it again, or remove this file and its sidecar from the dataset")
     return data
 
 

@@ -50,6 +50,7 @@ def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
     names = sorted(p.name for p in anat.iterdir())
     assert names == sorted([
         "sub-01_ses-b_R2starmap.nii.gz", "sub-01_ses-b_R2starmap.json",
+        "sub-01_ses-b_desc-stderr_R2starmap.nii.gz", "sub-01_ses-b_desc-stderr_R2starmap.json",
         "sub-01_ses-b_T2starmap.nii.gz", "sub-01_ses-b_T2starmap.json",
         "sub-01_ses-b_S0map.nii.gz", "sub-01_ses-b_S0map.json",
         "sub-01_ses-b_desc-brain_mask.nii.gz", "sub-01_ses-b_desc-brain_mask.json",

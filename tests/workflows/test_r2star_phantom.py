@@ -191,6 +191,10 @@ def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     assert 0.8 < ratio < 1.2, f"SD(R2*) / RMS CRLB = {ratio:.3f}"
     bias = np.mean(error) / typical
     assert abs(bias) < 0.02, f"relative bias {bias:.2%}"
+    # The published standard error tells the same precision voxel by voxel.
+    stderr = _load(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-stderr_R2starmap.nii.gz")
+    stderr_ratio = np.sqrt(np.mean(stderr[homogeneous] ** 2)) / np.std(r2star)
+    assert 0.85 < stderr_ratio < 1.15, f"RMS standard error / SD(R2*) = {stderr_ratio:.3f}"
 
 
 @pytest.mark.parametrize("n_coils", [1, 4])

@@ -1,0 +1,44 @@
+"""Loading images for the interfaces: unusable images are input errors naming the file."""
+
+import numpy as np
+import pytest
+
+from qmri_workflows.io.errors import BIDSInputError
+from qmri_workflows.io.images import load_volume
+from tests.bids_factory import write_image
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (0.0, "holds only zeros"),
+        (412.0, "the same value \\(412\\) in every voxel"),
+        (np.nan, "holds no finite value"),
+        (np.inf, "holds no finite value"),
+    ],
+    ids=["zeros", "constant", "nan", "inf"],
+)
+def test_image_without_signal_is_an_input_error_naming_the_file(tmp_path, content, message):
+    path = write_image(tmp_path / "sub-01_echo-2_MEGRE.nii.gz", np.full((6, 5, 4), content))
+    with pytest.raises(BIDSInputError, match=message) as raised:
+        load_volume(path, require_variation=True)
+    assert str(path) in str(raised.value)
+    assert "export" in str(raised.value)  # and how to fix it
+
+
+def test_zeros_with_nan_blocks_are_still_no_signal(tmp_path):
+    data = np.zeros((6, 5, 4))
+    data[:2] = np.nan
+    path = write_image(tmp_path / "zeros.nii.gz", data)
+    with pytest.raises(BIDSInputError, match="only zeros and 40 NaN/Inf"):
+        load_volume(path, require_variation=True)
+
+
+def test_constant_images_that_need_no_signal_and_partial_nan_load(tmp_path):
+    # A mask (or a flat field map) may be constant; NaN blocks in a magnitude are left to the fit.
+    constant = write_image(tmp_path / "mask.nii.gz", np.ones((6, 5, 4)), dtype=np.uint8)
+    assert (load_volume(constant) == 1).all()
+    data = np.random.default_rng(0).uniform(100, 200, (6, 5, 4))
+    data[:3, :3] = np.nan
+    loaded = load_volume(write_image(tmp_path / "blocks.nii.gz", data), require_variation=True)
+    assert np.isnan(loaded).sum() == 3 * 3 * 4

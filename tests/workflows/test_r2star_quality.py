@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qmri_workflows.cli import run
-from tests.bids_factory import make_megre_dataset, make_vfa_dataset
+from tests.bids_factory import head_image, make_megre_dataset, make_vfa_dataset
 
 R2STAR_FAMILY = ("R2starmap", "desc-stderr_R2starmap", "T2starmap", "desc-flip1_S0map", "desc-flip2_S0map")
 COUNTS = (
@@ -40,6 +40,11 @@ def _load(path):
 
 def test_nan_block_is_counted_and_the_error_map_published(tmp_path, caplog):
     raw = make_vfa_dataset(tmp_path / "raw", n_echoes=3)
+    # Echoes without decay and with strong noise: R2* scatters around 0, so the counts are not empty.
+    for index, echo in enumerate(sorted((raw / "sub-01" / "anat").glob("*part-mag*.nii.gz"))):
+        template = nib.load(echo)
+        flat = head_image(template.shape, seed=100 + index, r2star=0.0, sigma=150.0).astype(np.float32)
+        nib.save(nib.Nifti1Image(flat, template.affine), echo)
     damaged = next((raw / "sub-01" / "anat").glob("*echo-2_flip-1_part-mag*.nii.gz"))
     image = nib.load(damaged)
     data = np.asarray(image.dataobj)

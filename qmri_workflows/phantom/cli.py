@@ -115,7 +115,12 @@ def main(argv=None):
             args.output_dir, resolution=args.resolution, snr=args.snr, subjects=args.subjects, seed=args.seed,
             field_strength=args.field_strength, n_coils=args.n_coils, oversample=args.oversample,
             dtype=args.dtype, overwrite=args.overwrite, command=command, kspace_filter=args.kspace_filter)
-    except (ValueError, FileExistsError, OSError) as error:
+    except FileExistsError:
+        # the library's message names its keyword argument; here the user needs the flag
+        print(f"qmri-phantom: error: {args.output_dir} exists and is not empty; choose another folder "
+              "or pass --overwrite", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
         print(f"qmri-phantom: error: {error}", file=sys.stderr)
         return 1
     print(f"qmri-phantom: wrote {path} in {time.perf_counter() - start:.1f} s")

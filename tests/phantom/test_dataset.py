@@ -204,6 +204,15 @@ def test_cli_help_and_version(capsys):
     assert exit_info.value.code == 2
 
 
+def test_cli_refuses_a_non_empty_folder_naming_its_flag(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    assert main([str(tmp_path / "taken"), "--resolution", "8"]) == 1
+    error = capsys.readouterr().err
+    assert "pass --overwrite" in error and "overwrite=True" not in error
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.slow
 def test_oversampled_dataset_is_close_to_truth(tmp_path):
     root = write_phantom_dataset(tmp_path / "over", resolution=RESOLUTION, snr=math.inf, subjects=1, seed=1,

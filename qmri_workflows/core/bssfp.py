@@ -199,9 +199,10 @@ def magnitude_combination(magnitudes, *, method="rms"):
     magnitudes : array_like, shape (..., n_cycle)
         Magnitude images of the phase cycles.
     method : {"rms", "max"}, optional
-        ``"rms"``: root mean square over cycles (sum of squares, normalised), the lowest residual
-        modulation and noise of the magnitude-only combinations; ``"max"``: maximum-intensity
-        projection.
+        ``"rms"``: root mean square over cycles (sum of squares, normalised), the lower noise and,
+        at moderate to high flip angles, the lower residual modulation; ``"max"``:
+        maximum-intensity projection, the lower modulation at low flip angles, where the
+        ellipse is elongated (the band's bright peak dominates the RMS).
 
     Returns
     -------
@@ -210,8 +211,9 @@ def magnitude_combination(magnitudes, *, method="rms"):
     Notes
     -----
     Without phase, the chords of the ellipse cannot be drawn: no magnitude-only combination is
-    band-free. Both keep a modulation with off-resonance (a few percent with four cycles and
-    more at high flip angle, see the tests) and their level differs from
+    band-free. Both keep a modulation with off-resonance (WM, TR 5 ms, four cycles: RMS 17 % at
+    15 deg and 0.2 % at 50 deg, maximum 9 % and 4 %; eight cycles: RMS 1.1 % and < 0.01 %,
+    maximum 1.8 % and 0.9 %, peak to peak over the mean) and their level differs from
     :func:`band_free_signal`, so DESPOT2 on them is biased; prefer complex data.
     """
     magnitudes = np.abs(np.asarray(magnitudes))
@@ -397,12 +399,12 @@ def _ellipse_chunk(signals, increments, tr, max_iter, tol):
     params[~start_ok] = [0.0, 0.0, 0.5, 0.5, 0.0]
     target = np.concatenate([signals.real, signals.imag], axis=1)
 
-    def cost_of(p):
+    def cost_of(p, data):
         model, jac = _ellipse_model(p, increments)
-        residual = target - np.concatenate([model.real, model.imag], axis=1)
+        residual = data - np.concatenate([model.real, model.imag], axis=1)
         return residual, jac, np.sum(residual**2, axis=-1)
 
-    residual, jac, cost = cost_of(params)
+    residual, jac, cost = cost_of(params, target)
     damping = np.full(params.shape[0], 1e-3)
     active = start_ok.copy()
     for _ in range(max_iter):
@@ -410,13 +412,14 @@ def _ellipse_chunk(signals, increments, tr, max_iter, tol):
             break
         index = np.flatnonzero(active)
         j, r = jac[index], residual[index]
-        normal = np.einsum("nki,nkj->nij", j, j)
-        gradient = np.einsum("nki,nk->ni", j, r)
+        j_transposed = j.transpose(0, 2, 1)
+        normal = j_transposed @ j
+        gradient = (j_transposed @ r[..., None])[..., 0]
         diagonal = np.einsum("nii->ni", normal)
         normal = normal + (damping[index, None] * np.maximum(diagonal, 1e-300))[:, :, None] * np.eye(5)
         step = np.linalg.solve(normal, gradient[..., None])[..., 0]
         trial = params[index] + step
-        t_residual, t_jac, t_cost = cost_of(trial)
+        t_residual, t_jac, t_cost = cost_of(trial, target[index])
         better = np.isfinite(t_cost) & (t_cost <= cost[index])
         accepted = index[better]
         params[accepted] = trial[better]
@@ -441,7 +444,7 @@ def _ellipse_chunk(signals, increments, tr, max_iter, tol):
 
 
 def fit_ellipse(
-    signals, phase_increments, tr, *, mask=None, max_iter=30, tol=1e-9, chunk_size=100_000,
+    signals, phase_increments, tr, *, mask=None, max_iter=15, tol=1e-6, chunk_size=100_000,
     n_jobs=1,
 ):
     """Fit the elliptical signal model to complex phase cycles (linear fit, then LM refinement).
@@ -743,7 +746,9 @@ def despot2_crlb(m0, r1, r2, flip_angles, tr, sigma, *, b1=1.0):
     tr : float
         Repetition time (s).
     sigma : float or array_like
-        Gaussian noise SD of each band-free magnitude.
+        Gaussian noise SD of each band-free magnitude, broadcastable to ``(..., n_flip)`` (the
+        geometric solution's noise differs between flip angles); give a per-voxel map as
+        ``sigma[..., np.newaxis]``.
     b1 : array_like, optional
         Transmit field ratio.
 
@@ -754,8 +759,8 @@ def despot2_crlb(m0, r1, r2, flip_angles, tr, sigma, *, b1=1.0):
     """
     tr = _check_tr(tr)
     flip_angles = np.asarray(flip_angles, dtype=float)
-    m0, r1, r2, b1, sigma = np.broadcast_arrays(*(np.asarray(v, dtype=float)
-                                                  for v in (m0, r1, r2, b1, sigma)))
+    m0, r1, r2, b1 = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (m0, r1, r2, b1)))
+    weight = 1.0 / np.asarray(sigma, dtype=float) ** 2
     alpha = b1[..., None] * flip_angles
     e1 = np.exp(-tr * r1)[..., None]
     q = np.exp(-2.0 * tr * r2)[..., None]
@@ -764,7 +769,7 @@ def despot2_crlb(m0, r1, r2, flip_angles, tr, sigma, *, b1=1.0):
     d_amplitude = shape
     d_r2 = amplitude * dshape_dq * (-2.0 * tr * q)
     # The amplitude M0 sqrt(E2) is a free parameter: its R2 dependence adds no information.
-    f11, f12, f22 = (np.sum(d_amplitude**2, -1), np.sum(d_amplitude * d_r2, -1),
-                     np.sum(d_r2**2, -1))
+    f11, f12, f22 = (np.sum(weight * d_amplitude**2, -1), np.sum(weight * d_amplitude * d_r2, -1),
+                     np.sum(weight * d_r2**2, -1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return sigma * np.sqrt(f11 / (f11 * f22 - f12**2))
+        return np.sqrt(f11 / (f11 * f22 - f12**2))

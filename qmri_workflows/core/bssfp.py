@@ -355,8 +355,9 @@ def _ellipse_linear(signals, increments):
     columns[..., 5] = -1j * (forward - backward)
     design = np.concatenate([columns.real, columns.imag], axis=1)
     target = np.concatenate([signals.real, signals.imag], axis=1)
-    normal = np.einsum("nki,nkj->nij", design, design)
-    rhs = np.einsum("nki,nk->ni", design, target)
+    design_transposed = design.transpose(0, 2, 1)
+    normal = design_transposed @ design
+    rhs = (design_transposed @ target[..., None])[..., 0]
     # A tiny ridge keeps degenerate (e.g. zero) voxels solvable; they are flagged later.
     scale = np.trace(normal, axis1=1, axis2=2)[:, None, None] / 6.0
     normal = normal + 1e-12 * np.maximum(scale, 1e-300) * np.eye(6)
@@ -371,24 +372,26 @@ def _ellipse_linear(signals, increments):
     return amplitude, a, b, theta
 
 
-def _ellipse_model(params, increments):
-    """Model ``I[n, cycle]`` and its Jacobian (n, 2 n_cycle, 5) for (Re K, Im K, a, b, theta)."""
-    amplitude = params[:, 0] + 1j * params[:, 1]
+def _ellipse_model(params, increments, data, *, with_jacobian=True):
+    """Residual (n, 2 n_cycle), cost and Jacobian (n, 2 n_cycle, 5) for (Re K, Im K, a, b, theta)."""
+    amplitude = params[:, 0:1] + 1j * params[:, 1:2]
     a, b, theta = params[:, 2:3], params[:, 3:4], params[:, 4:5]
     psi = theta - increments
     rotor = np.exp(-1j * psi)
     denominator = 1.0 + b * np.cos(psi)
     shape = (1.0 + a * rotor) / denominator
-    model = amplitude[:, None] * shape
+    model = amplitude * shape
+    residual = data - np.concatenate([model.real, model.imag], axis=1)
+    cost = np.sum(residual**2, axis=-1)
+    if not with_jacobian:
+        return residual, cost, None
     jac = np.empty(psi.shape + (5,), dtype=np.complex128)
     jac[..., 0] = shape
     jac[..., 1] = 1j * shape
-    jac[..., 2] = amplitude[:, None] * rotor / denominator
+    jac[..., 2] = amplitude * rotor / denominator
     jac[..., 3] = -model * np.cos(psi) / denominator
-    jac[..., 4] = amplitude[:, None] * (-1j * a * rotor) / denominator + model * b * np.sin(
-        psi
-    ) / denominator
-    return model, np.concatenate([jac.real, jac.imag], axis=1)
+    jac[..., 4] = (-1j * a * amplitude * rotor + model * b * np.sin(psi)) / denominator
+    return residual, cost, np.concatenate([jac.real, jac.imag], axis=1)
 
 
 def _ellipse_chunk(signals, increments, tr, max_iter, tol):
@@ -398,37 +401,35 @@ def _ellipse_chunk(signals, increments, tr, max_iter, tol):
     start_ok = np.all(np.isfinite(params), axis=-1)
     params[~start_ok] = [0.0, 0.0, 0.5, 0.5, 0.0]
     target = np.concatenate([signals.real, signals.imag], axis=1)
-
-    def cost_of(p, data):
-        model, jac = _ellipse_model(p, increments)
-        residual = data - np.concatenate([model.real, model.imag], axis=1)
-        return residual, jac, np.sum(residual**2, axis=-1)
-
-    residual, jac, cost = cost_of(params, target)
+    _, cost, _ = _ellipse_model(params, increments, target, with_jacobian=False)
+    # Step sizes are judged against the signal level for K, in absolute terms for a, b, theta.
+    signal_level = np.maximum(np.abs(signals).max(axis=-1), 1e-300)
     damping = np.full(params.shape[0], 1e-3)
     active = start_ok.copy()
     for _ in range(max_iter):
         if not active.any():
             break
         index = np.flatnonzero(active)
-        j, r = jac[index], residual[index]
-        j_transposed = j.transpose(0, 2, 1)
-        normal = j_transposed @ j
-        gradient = (j_transposed @ r[..., None])[..., 0]
+        current, data = params[index], target[index]
+        residual, _, jac = _ellipse_model(current, increments, data)
+        j_transposed = jac.transpose(0, 2, 1)
+        normal = j_transposed @ jac
+        gradient = (j_transposed @ residual[..., None])[..., 0]
         diagonal = np.einsum("nii->ni", normal)
-        normal = normal + (damping[index, None] * np.maximum(diagonal, 1e-300))[:, :, None] * np.eye(5)
+        normal += (damping[index, None] * np.maximum(diagonal, 1e-300))[:, :, None] * np.eye(5)
         step = np.linalg.solve(normal, gradient[..., None])[..., 0]
-        trial = params[index] + step
-        t_residual, t_jac, t_cost = cost_of(trial, target[index])
-        better = np.isfinite(t_cost) & (t_cost <= cost[index])
+        trial = current + step
+        _, trial_cost, _ = _ellipse_model(trial, increments, data, with_jacobian=False)
+        better = np.isfinite(trial_cost) & (trial_cost <= cost[index])
         accepted = index[better]
         params[accepted] = trial[better]
-        residual[accepted], jac[accepted], cost[accepted] = (
-            t_residual[better], t_jac[better], t_cost[better])
+        cost[accepted] = trial_cost[better]
         damping[accepted] = np.maximum(damping[accepted] / 10.0, 1e-9)
         damping[index[~better]] *= 10.0
-        size = np.abs(step) / (np.abs(params[index]) + 1e-12)
-        converged = (better & (size.max(axis=-1) < tol)) | (damping[index] > 1e8)
+        scale = np.concatenate([np.repeat(signal_level[index, None], 2, axis=1),
+                                np.ones((index.size, 3))], axis=1)
+        size = np.max(np.abs(step) / scale, axis=-1)
+        converged = (better & (size < tol)) | (damping[index] > 1e8)
         active[index[converged]] = False
     amplitude = params[:, 0] + 1j * params[:, 1]
     a, b, theta = params[:, 2], params[:, 3], params[:, 4]

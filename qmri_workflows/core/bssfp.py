@@ -79,17 +79,22 @@ _MAX_EXPONENT = 600.0
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
+def _check_last_axis(data, data_name, axis_name, values, values_name):
+    """``data`` as an array of shape (..., n) and ``values`` as float of shape (n,)."""
+    data = np.asarray(data)
+    if data.ndim < 1:
+        raise ValueError(f"{data_name} must have shape (..., {axis_name}), got shape {data.shape}")
+    values = np.atleast_1d(np.asarray(values, dtype=float))
+    if values.shape != data.shape[-1:]:
+        raise ValueError(f"{values_name} must have shape ({data.shape[-1]},) to match {data_name} "
+                         f"of shape {data.shape}, got {values.shape}")
+    return data, values
+
+
 def _check_cycles(signals, phase_increments, *, minimum):
-    signals = np.asarray(signals)
-    if signals.ndim < 1:
-        raise ValueError(f"signals must have shape (..., n_cycle), got shape {signals.shape}")
-    increments = np.atleast_1d(np.asarray(phase_increments, dtype=float))
+    signals, increments = _check_last_axis(signals, "signals", "n_cycle", phase_increments,
+                                           "phase_increments")
     n_cycle = signals.shape[-1]
-    if increments.shape != (n_cycle,):
-        raise ValueError(
-            f"phase_increments must have shape ({n_cycle},) to match signals of shape "
-            f"{signals.shape}, got {increments.shape}"
-        )
     if n_cycle < minimum:
         raise ValueError(f"at least {minimum} phase cycles are needed, got {n_cycle}")
     if np.any(np.abs(increments) > 4 * np.pi):
@@ -694,15 +699,8 @@ def fit_despot2(
     time, so R2 comes from the denominator only. Errors in R1 and B1+ propagate to R2 (see the
     tests for a 10 % B1+ error).
     """
-    band_free = np.asarray(band_free)
-    if band_free.ndim < 1:
-        raise ValueError(f"band_free must have shape (..., n_flip), got {band_free.shape}")
-    flip_angles = np.atleast_1d(np.asarray(flip_angles, dtype=float))
-    n_flip = band_free.shape[-1]
-    if flip_angles.shape != (n_flip,):
-        raise ValueError(
-            f"flip_angles must have shape ({n_flip},) to match band_free of shape "
-            f"{band_free.shape}, got {flip_angles.shape}")
+    band_free, flip_angles = _check_last_axis(band_free, "band_free", "n_flip", flip_angles,
+                                              "flip_angles")
     if np.unique(flip_angles).size < 2:
         raise ValueError(f"at least two distinct flip angles are needed, got {flip_angles}")
     if np.any(flip_angles <= 0) or np.any(flip_angles >= np.pi):

@@ -74,6 +74,8 @@ Despot2Fit.__doc__ = """DESPOT2 result per voxel (see :func:`fit_despot2`)."""
 
 # Exponents are clipped so that diverging voxels keep exp() finite.
 _MAX_EXPONENT = 600.0
+# Chords crossing at less than this are ill-conditioned (see geometric_solution): 5 degrees.
+_DEFAULT_MIN_LINE_ANGLE = 5.0 * np.pi / 180.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,21 +88,20 @@ def _check_last_axis(data, data_name, axis_name, values, values_name):
         raise ValueError(f"{data_name} must have shape (..., {axis_name}), got shape {data.shape}")
     values = np.atleast_1d(np.asarray(values, dtype=float))
     if values.shape != data.shape[-1:]:
-        raise ValueError(f"{values_name} must have shape ({data.shape[-1]},) to match {data_name} "
-                         f"of shape {data.shape}, got {values.shape}")
+        raise ValueError(
+            f"{values_name} must have shape ({data.shape[-1]},) to match {data_name} "
+            f"of shape {data.shape}, got {values.shape}"
+        )
     return data, values
 
 
 def _check_cycles(signals, phase_increments, *, minimum):
-    signals, increments = _check_last_axis(signals, "signals", "n_cycle", phase_increments,
-                                           "phase_increments")
+    signals, increments = _check_last_axis(signals, "signals", "n_cycle", phase_increments, "phase_increments")
     n_cycle = signals.shape[-1]
     if n_cycle < minimum:
         raise ValueError(f"at least {minimum} phase cycles are needed, got {n_cycle}")
     if np.any(np.abs(increments) > 4 * np.pi):
-        raise ValueError(
-            f"phase_increments must be in radians, got {increments} (degrees? use np.deg2rad)"
-        )
+        raise ValueError(f"phase_increments must be in radians, got {increments} (degrees? use np.deg2rad)")
     wrapped = np.mod(increments, 2 * np.pi)
     gaps = np.abs(np.angle(np.exp(1j * (wrapped[:, None] - wrapped[None, :]))))
     if np.any(gaps[~np.eye(n_cycle, dtype=bool)] < 1e-6):
@@ -146,8 +147,7 @@ def _voxel_parameter(name, value, leading_shape):
         return np.broadcast_to(value, leading_shape)
     except ValueError:
         raise ValueError(
-            f"{name} must be a scalar or broadcastable to the voxel shape {leading_shape}, "
-            f"got shape {value.shape}"
+            f"{name} must be a scalar or broadcastable to the voxel shape {leading_shape}, got shape {value.shape}"
         ) from None
 
 
@@ -267,7 +267,7 @@ def geometric_solution(
     signals,
     phase_increments,
     *,
-    min_line_angle=np.deg2rad(5.0),
+    min_line_angle=_DEFAULT_MIN_LINE_ANGLE,
     mask=None,
     return_weight=False,
     chunk_size=500_000,
@@ -431,8 +431,7 @@ def _ellipse_chunk(signals, increments, tr, max_iter, tol):
         cost[accepted] = trial_cost[better]
         damping[accepted] = np.maximum(damping[accepted] / 10.0, 1e-9)
         damping[index[~better]] *= 10.0
-        scale = np.concatenate([np.repeat(signal_level[index, None], 2, axis=1),
-                                np.ones((index.size, 3))], axis=1)
+        scale = np.concatenate([np.repeat(signal_level[index, None], 2, axis=1), np.ones((index.size, 3))], axis=1)
         size = np.max(np.abs(step) / scale, axis=-1)
         converged = (better & (size < tol)) | (damping[index] > 1e8)
         active[index[converged]] = False
@@ -445,12 +444,24 @@ def _ellipse_chunk(signals, increments, tr, max_iter, tol):
     off_resonance = theta / (2 * np.pi * tr)
     rms = np.sqrt(cost / signals.shape[-1])
     ok = start_ok & np.isfinite(cost) & np.isfinite(params).all(axis=-1)
-    return (np.where(ok, amplitude, 0.0), np.where(ok, a, 0.0), np.where(ok, b, 0.0),
-            np.where(ok, off_resonance, 0.0), np.where(ok, rms, np.inf))
+    return (
+        np.where(ok, amplitude, 0.0),
+        np.where(ok, a, 0.0),
+        np.where(ok, b, 0.0),
+        np.where(ok, off_resonance, 0.0),
+        np.where(ok, rms, np.inf),
+    )
 
 
 def fit_ellipse(
-    signals, phase_increments, tr, *, mask=None, max_iter=15, tol=1e-6, chunk_size=100_000,
+    signals,
+    phase_increments,
+    tr,
+    *,
+    mask=None,
+    max_iter=15,
+    tol=1e-6,
+    chunk_size=100_000,
     n_jobs=1,
 ):
     """Fit the elliptical signal model to complex phase cycles (linear fit, then LM refinement).
@@ -580,8 +591,7 @@ def _amplitude_and_jacobian(signal, alpha, e1, r2, tr):
     shape, dshape_dq = _band_free_shape(e1[:, None], q[:, None], alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
         amplitude = np.sum(signal * shape, axis=-1) / np.sum(shape**2, axis=-1)
-    jac = np.stack(
-        [shape, amplitude[:, None] * dshape_dq * (-2.0 * tr * q[:, None])], axis=-1)
+    jac = np.stack([shape, amplitude[:, None] * dshape_dq * (-2.0 * tr * q[:, None])], axis=-1)
     residual = signal - amplitude[:, None] * shape
     return amplitude, jac, residual
 
@@ -606,17 +616,18 @@ def _despot2_chunk(signal, r1, b1, sigma, flip_angles, tr, method, max_iter, tol
             if not active.any():
                 break
             index = np.flatnonzero(active)
-            _, jac, residual = _amplitude_and_jacobian(
-                signal[index], alpha[index], e1[index], r2[index], tr)
+            _, jac, residual = _amplitude_and_jacobian(signal[index], alpha[index], e1[index], r2[index], tr)
             shape = jac[..., 0]
             derivative = jac[..., 1]
             # Component of the R2 derivative orthogonal to the amplitude direction.
             with np.errstate(divide="ignore", invalid="ignore"):
-                projected = derivative - shape * (
-                    np.sum(derivative * shape, axis=-1) / np.sum(shape**2, axis=-1))[:, None]
+                projected = (
+                    derivative - shape * (np.sum(derivative * shape, axis=-1) / np.sum(shape**2, axis=-1))[:, None]
+                )
                 step = np.sum(projected * residual, axis=-1) / np.sum(projected**2, axis=-1)
-            step = np.where(np.isfinite(step), np.clip(step, -0.5 * np.abs(r2[index]) - 1.0,
-                                                       0.5 * np.abs(r2[index]) + 1.0), 0.0)
+            step = np.where(
+                np.isfinite(step), np.clip(step, -0.5 * np.abs(r2[index]) - 1.0, 0.5 * np.abs(r2[index]) + 1.0), 0.0
+            )
             r2[index] = r2[index] + step
             converged = np.abs(step) <= tol * (np.abs(r2[index]) + 1e-3)
             active[index[converged]] = False
@@ -625,16 +636,14 @@ def _despot2_chunk(signal, r1, b1, sigma, flip_angles, tr, method, max_iter, tol
     determinant = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] ** 2
     n_flip = signal.shape[-1]
     if sigma is None:
-        noise_variance = (np.sum(residual**2, axis=-1) / (n_flip - 2) if n_flip > 2
-                          else np.full(n, np.nan))
+        noise_variance = np.sum(residual**2, axis=-1) / (n_flip - 2) if n_flip > 2 else np.full(n, np.nan)
     else:
         noise_variance = np.broadcast_to(np.asarray(sigma, dtype=float), (n,)) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         r2_se = np.sqrt(noise_variance * normal[:, 0, 0] / determinant)
     ok = np.isfinite(r2) & np.isfinite(amplitude) & np.isfinite(signal).all(axis=-1)
     ok &= (r1 > 0) & (b1 > 0)
-    return (np.where(ok, r2, 0.0), np.where(ok & (determinant > 0), r2_se, np.inf),
-            np.where(ok, amplitude, 0.0))
+    return (np.where(ok, r2, 0.0), np.where(ok & (determinant > 0), r2_se, np.inf), np.where(ok, amplitude, 0.0))
 
 
 def fit_despot2(
@@ -699,8 +708,7 @@ def fit_despot2(
     time, so R2 comes from the denominator only. Errors in R1 and B1+ propagate to R2 (see the
     tests for a 10 % B1+ error).
     """
-    band_free, flip_angles = _check_last_axis(band_free, "band_free", "n_flip", flip_angles,
-                                              "flip_angles")
+    band_free, flip_angles = _check_last_axis(band_free, "band_free", "n_flip", flip_angles, "flip_angles")
     if np.unique(flip_angles).size < 2:
         raise ValueError(f"at least two distinct flip angles are needed, got {flip_angles}")
     if np.any(flip_angles <= 0) or np.any(flip_angles >= np.pi):
@@ -716,8 +724,7 @@ def fit_despot2(
         sigma = _voxel_parameter("sigma", sigma, leading_shape)
 
     def chunk_function(signal, r1_chunk, b1_chunk, sigma_chunk):
-        return _despot2_chunk(signal, r1_chunk, b1_chunk, sigma_chunk, flip_angles, tr, method,
-                              max_iter, tol)
+        return _despot2_chunk(signal, r1_chunk, b1_chunk, sigma_chunk, flip_angles, tr, method, max_iter, tol)
 
     r2, r2_se, amplitude = apply_in_chunks(
         chunk_function,
@@ -768,7 +775,10 @@ def despot2_crlb(m0, r1, r2, flip_angles, tr, sigma, *, b1=1.0):
     d_amplitude = shape
     d_r2 = amplitude * dshape_dq * (-2.0 * tr * q)
     # The amplitude M0 sqrt(E2) is a free parameter: its R2 dependence adds no information.
-    f11, f12, f22 = (np.sum(weight * d_amplitude**2, -1), np.sum(weight * d_amplitude * d_r2, -1),
-                     np.sum(weight * d_r2**2, -1))
+    f11, f12, f22 = (
+        np.sum(weight * d_amplitude**2, -1),
+        np.sum(weight * d_amplitude * d_r2, -1),
+        np.sum(weight * d_r2**2, -1),
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.sqrt(f11 / (f11 * f22 - f12**2))

@@ -22,11 +22,14 @@ def _rotation(axis, angle):
     x, y, z = axis[:, 0], axis[:, 1], axis[:, 2]
     c, s = np.cos(angle), np.sin(angle)
     t = 1.0 - c
-    return np.stack([
-        np.stack([c + x * x * t, x * y * t - z * s, x * z * t + y * s], -1),
-        np.stack([y * x * t + z * s, c + y * y * t, y * z * t - x * s], -1),
-        np.stack([z * x * t - y * s, z * y * t + x * s, c + z * z * t], -1),
-    ], axis=-2)
+    return np.stack(
+        [
+            np.stack([c + x * x * t, x * y * t - z * s, x * z * t + y * s], -1),
+            np.stack([y * x * t + z * s, c + y * y * t, y * z * t - x * s], -1),
+            np.stack([z * x * t - y * s, z * y * t + x * s, c + z * z * t], -1),
+        ],
+        axis=-2,
+    )
 
 
 def _affine(linear, offset):
@@ -75,8 +78,21 @@ def _rf_pulse(alpha, duration, omega, r1, r2, m0, n_steps):
     return total
 
 
-def simulate_bssfp(m0, r1, r2, alpha, tr, frequencies, increment, *, pulse_duration=0.0,
-                   rf_steps=32, free_steps=8, max_pulses=20000, tolerance=1e-12):
+def simulate_bssfp(
+    m0,
+    r1,
+    r2,
+    alpha,
+    tr,
+    frequencies,
+    increment,
+    *,
+    pulse_duration=0.0,
+    rf_steps=32,
+    free_steps=8,
+    max_pulses=20000,
+    tolerance=1e-12,
+):
     """Steady-state complex echo (TE = TR/2 from the pulse centre) of isochromats.
 
     Parameters

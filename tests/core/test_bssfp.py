@@ -31,8 +31,9 @@ def _cycles(n_cycle):
 def _phase_cycled(t1, t2, increments, frequencies, *, m0=1.0, b1=1.0, transceive_phase=0.7):
     """Complex signals (n_frequency, n_flip, n_cycle) of one isochromat per voxel."""
     theta = 2 * np.pi * np.asarray(frequencies)[:, None, None] * TR
-    signal = bssfp_signal(m0, 1 / t1, 1 / t2, FLIPS[:, None], TR, off_resonance=theta,
-                          phase_increment=increments, b1=b1)
+    signal = bssfp_signal(
+        m0, 1 / t1, 1 / t2, FLIPS[:, None], TR, off_resonance=theta, phase_increment=increments, b1=b1
+    )
     return signal * np.exp(1j * transceive_phase)
 
 
@@ -54,9 +55,11 @@ def test_geometric_solution_is_band_free(n_cycle, tissue):
     band_free, weight = geometric_solution(signals, increments, return_weight=True)
     assert np.all(weight == 1.0)  # noiseless, one isochromat: never regularised
     assert np.all(_modulation(band_free) < 0.02)
-    np.testing.assert_allclose(np.abs(band_free),
-                               band_free_signal(1.0, 1 / t1, 1 / t2, FLIPS, TR, b1=1.1)
-                               * np.ones((FREQUENCIES.size, 1)), rtol=1e-10)
+    np.testing.assert_allclose(
+        np.abs(band_free),
+        band_free_signal(1.0, 1 / t1, 1 / t2, FLIPS, TR, b1=1.1) * np.ones((FREQUENCIES.size, 1)),
+        rtol=1e-10,
+    )
     # The complex sum is not band-free with four cycles (residual modulation of several percent)
     if n_cycle == 4:
         assert np.max(_modulation(complex_sum(signals))) > 0.02
@@ -69,8 +72,10 @@ def test_magnitude_only_combinations_keep_a_modulation(n_cycle):
     magnitudes = np.abs(_phase_cycled(t1, t2, increments, FREQUENCIES))
     rms = _modulation(magnitude_combination(magnitudes, method="rms"))
     peak = _modulation(magnitude_combination(magnitudes, method="max"))
-    print(f"\n{n_cycle} cycles, WM, flips 15/50 deg: residual modulation RMS {np.round(100 * rms, 2)} %, "
-          f"MIP {np.round(100 * peak, 2)} %")
+    print(
+        f"\n{n_cycle} cycles, WM, flips 15/50 deg: residual modulation RMS {np.round(100 * rms, 2)} %, "
+        f"MIP {np.round(100 * peak, 2)} %"
+    )
     assert np.max(peak) > 0.005  # magnitude-only data are never band-free
     with pytest.raises(ValueError, match="'rms' or 'max'"):
         magnitude_combination(magnitudes, method="mean")
@@ -129,8 +134,9 @@ def test_ellipse_fit_and_planet_recover_noiseless_parameters(n_cycle, tissue):
         np.testing.assert_allclose(fit.a, np.exp(-TR / t2), rtol=1e-8)
         wrapped = np.angle(np.exp(2j * np.pi * (fit.off_resonance - FREQUENCIES) * TR))
         np.testing.assert_allclose(wrapped, 0.0, atol=1e-8)
-        np.testing.assert_allclose(np.abs(fit.amplitude),
-                                   band_free_signal(1.0, 1 / t1, 1 / t2, flip, TR, b1=b1), rtol=1e-8)
+        np.testing.assert_allclose(
+            np.abs(fit.amplitude), band_free_signal(1.0, 1 / t1, 1 / t2, flip, TR, b1=b1), rtol=1e-8
+        )
         r1, r2 = planet_relaxation(fit.a, fit.b, flip, TR, b1=b1)
         np.testing.assert_allclose(r1, 1 / t1, rtol=1e-5)
         np.testing.assert_allclose(r2, 1 / t2, rtol=1e-6)  # -ln(a) amplifies a's rounding
@@ -157,8 +163,7 @@ def test_despot2_noiseless_recovery(method, n_cycle):
     for tissue, (t1, t2) in TISSUES.items():
         signals = _phase_cycled(t1, t2, increments, FREQUENCIES, m0=1500.0, b1=b1[:, None, None])
         band_free = geometric_solution(signals, increments)
-        fit = fit_despot2(band_free, FLIPS, TR, np.full(b1.shape, 1 / t1), b1=b1, method=method,
-                          chunk_size=50)
+        fit = fit_despot2(band_free, FLIPS, TR, np.full(b1.shape, 1 / t1), b1=b1, method=method, chunk_size=50)
         assert np.max(np.abs(fit.r2 * t2 - 1)) < 0.02, tissue
         np.testing.assert_allclose(fit.r2, 1 / t2, rtol=1e-8)
         np.testing.assert_allclose(fit.amplitude, 1500.0 * np.exp(-TR / t2 / 2), rtol=1e-8)
@@ -190,13 +195,12 @@ def test_despot2_crlb_matches_a_numerical_fisher_matrix():
         return amplitude * band_free_signal(1.0, 1 / t1, r2, FLIPS, TR) / np.exp(-TR * r2 / 2)
 
     amplitude = np.exp(-TR / t2 / 2)
-    jac = np.stack([model(1.0, 1 / t2),
-                    (model(amplitude, 1 / t2 + step) - model(amplitude, 1 / t2 - step)) / (2 * step)],
-                   axis=-1)
+    jac = np.stack(
+        [model(1.0, 1 / t2), (model(amplitude, 1 / t2 + step) - model(amplitude, 1 / t2 - step)) / (2 * step)], axis=-1
+    )
     fisher = jac.T @ np.diag(1 / sigma**2) @ jac
     expected = np.sqrt(np.linalg.inv(fisher)[1, 1])
-    np.testing.assert_allclose(despot2_crlb(1.0, 1 / t1, 1 / t2, FLIPS, TR, sigma), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(despot2_crlb(1.0, 1 / t1, 1 / t2, FLIPS, TR, sigma), expected, rtol=1e-6)
 
 
 def _band_free_noise_gain(signals, increments, step=1e-7):
@@ -207,8 +211,9 @@ def _band_free_noise_gain(signals, increments, step=1e-7):
             plus, minus = signals.copy(), signals.copy()
             plus[..., cycle] += direction
             minus[..., cycle] -= direction
-            derivative = (np.abs(geometric_solution(plus, increments))
-                          - np.abs(geometric_solution(minus, increments))) / (2 * step)
+            derivative = (
+                np.abs(geometric_solution(plus, increments)) - np.abs(geometric_solution(minus, increments))
+            ) / (2 * step)
             gains += derivative**2
     return np.sqrt(gains)
 
@@ -218,14 +223,20 @@ def _full_data_crlb(t1, t2, increments, theta, sigma):
 
     def data(params):
         m0, r2, off, phase = params
-        signal = bssfp_signal(m0, 1 / t1, r2, FLIPS[:, None], TR, off_resonance=off,
-                              phase_increment=increments) * np.exp(1j * phase)
+        signal = bssfp_signal(
+            m0, 1 / t1, r2, FLIPS[:, None], TR, off_resonance=off, phase_increment=increments
+        ) * np.exp(1j * phase)
         return np.concatenate([signal.real.ravel(), signal.imag.ravel()])
 
     truth = np.array([1.0, 1 / t2, theta, 0.3])
     steps = np.array([1e-6, 1e-4, 1e-6, 1e-6])
-    jac = np.stack([(data(truth + np.eye(4)[k] * steps[k]) - data(truth - np.eye(4)[k] * steps[k]))
-                    / (2 * steps[k]) for k in range(4)], axis=-1)
+    jac = np.stack(
+        [
+            (data(truth + np.eye(4)[k] * steps[k]) - data(truth - np.eye(4)[k] * steps[k])) / (2 * steps[k])
+            for k in range(4)
+        ],
+        axis=-1,
+    )
     return sigma * np.sqrt(np.linalg.inv(jac.T @ jac)[1, 1])
 
 
@@ -238,8 +249,7 @@ def test_despot2_with_noise_is_unbiased_and_efficient(tissue):
     n_repeat = 3000
     lines = []
     for theta in (0.0, 1.0, 2.5, np.pi):
-        clean = bssfp_signal(1.0, 1 / t1, 1 / t2, FLIPS[:, None], TR, off_resonance=theta,
-                             phase_increment=increments)
+        clean = bssfp_signal(1.0, 1 / t1, 1 / t2, FLIPS[:, None], TR, off_resonance=theta, phase_increment=increments)
         noise = rng.standard_normal((n_repeat,) + clean.shape + (2,)) @ np.array([1.0, 1j])
         band_free = geometric_solution(clean + sigma * noise, increments)
         fit = fit_despot2(band_free, FLIPS, TR, 1 / t1)
@@ -251,9 +261,11 @@ def test_despot2_with_noise_is_unbiased_and_efficient(tissue):
         assert abs(ratio - 1) < 0.3
         full = _full_data_crlb(t1, t2, increments, theta, sigma)
         snr = band_free_signal(1.0, 1 / t1, 1 / t2, FLIPS, TR) / band_free_sigma
-        lines.append(f"theta {theta:.2f}: bias {100 * bias:+.2f} %, SD/CRLB {ratio:.3f}, "
-                     f"SD/full-data CRLB {np.std(fit.r2) / full:.2f}, CV {100 * np.std(fit.r2) * t2:.1f} %, "
-                     f"band-free SNR {np.round(snr, 0)}")
+        lines.append(
+            f"theta {theta:.2f}: bias {100 * bias:+.2f} %, SD/CRLB {ratio:.3f}, "
+            f"SD/full-data CRLB {np.std(fit.r2) / full:.2f}, CV {100 * np.std(fit.r2) * t2:.1f} %, "
+            f"band-free SNR {np.round(snr, 0)}"
+        )
     print(f"\n{tissue}: " + "; ".join(lines))
 
 
@@ -262,8 +274,7 @@ def test_despot2_standard_error_with_known_sigma():
     rng = np.random.default_rng(5)
     signal = band_free_signal(1.0, 1 / t1, 1 / t2, FLIPS, TR)
     sigma = 0.0015
-    fit = fit_despot2(signal + sigma * rng.standard_normal((4000, 2)), FLIPS, TR, 1 / t1,
-                      sigma=sigma)
+    fit = fit_despot2(signal + sigma * rng.standard_normal((4000, 2)), FLIPS, TR, 1 / t1, sigma=sigma)
     assert abs(np.median(fit.r2_se) / np.std(fit.r2) - 1) < 0.15
 
 
@@ -280,8 +291,10 @@ def test_despot2_error_from_b1_and_r1_errors():
         # a 10 % B1+ error is far larger than the 2 % accuracy target: B1+ must be mapped
         assert high < -0.05 and low > 0.05
         assert r1_high > 0.05
-        lines.append(f"{tissue}: B1 +10 % -> R2 {100 * high:+.1f} %, B1 -10 % -> {100 * low:+.1f} %, "
-                     f"R1 +10 % -> {100 * r1_high:+.1f} %")
+        lines.append(
+            f"{tissue}: B1 +10 % -> R2 {100 * high:+.1f} %, B1 -10 % -> {100 * low:+.1f} %, "
+            f"R1 +10 % -> {100 * r1_high:+.1f} %"
+        )
     print("\n" + "; ".join(lines))
 
 
@@ -291,8 +304,10 @@ def test_single_phase_cycle_error_is_reported():
     single = np.abs(_phase_cycled(t1, t2, np.zeros(1), FREQUENCIES)[..., 0])
     error = fit_despot2(single, FLIPS, TR, 1 / t1).r2 * t2 - 1
     quantiles = np.percentile(np.abs(error), [50, 90])
-    print(f"\none phase cycle, WM over 1/TR: |R2 error| median {100 * quantiles[0]:.1f} %, "
-          f"90th percentile {100 * quantiles[1]:.0f} %")
+    print(
+        f"\none phase cycle, WM over 1/TR: |R2 error| median {100 * quantiles[0]:.1f} %, "
+        f"90th percentile {100 * quantiles[1]:.0f} %"
+    )
     assert quantiles[1] > 0.1
 
 
@@ -306,18 +321,21 @@ def test_intravoxel_frequency_spread_bias_is_reported():
             biases = []
             for width in (0.0, 10.0, 20.0, 40.0):
                 sub_voxels = centres[:, None] + width * np.linspace(-0.5, 0.5, 33)
-                signals = _phase_cycled(t1, t2, increments, sub_voxels.ravel()).reshape(
-                    centres.size, 33, FLIPS.size, n_cycle).mean(axis=1)
+                signals = (
+                    _phase_cycled(t1, t2, increments, sub_voxels.ravel())
+                    .reshape(centres.size, 33, FLIPS.size, n_cycle)
+                    .mean(axis=1)
+                )
                 r2 = fit_despot2(geometric_solution(signals, increments), FLIPS, TR, 1 / t1).r2
                 biases.append(np.median(r2) * t2 - 1)
             assert abs(biases[0]) < 1e-8
             assert abs(biases[1]) < 0.01  # 10 Hz (2 % of 1/TR) spread: negligible
             assert abs(biases[3]) > abs(biases[1])
-            report.append(f"{n_cycle} cycles {tissue}: "
-                          + ", ".join(f"{w:.0f} Hz {100 * b:+.2f} %"
-                                      for w, b in zip((0, 10, 20, 40), biases)))
-    print("\nmedian R2 bias vs uniform intravoxel frequency spread (1/TR = 200 Hz):\n"
-          + "\n".join(report))
+            report.append(
+                f"{n_cycle} cycles {tissue}: "
+                + ", ".join(f"{w:.0f} Hz {100 * b:+.2f} %" for w, b in zip((0, 10, 20, 40), biases))
+            )
+    print("\nmedian R2 bias vs uniform intravoxel frequency spread (1/TR = 200 Hz):\n" + "\n".join(report))
 
 
 @pytest.mark.slow
@@ -332,9 +350,15 @@ def test_cost_on_two_million_voxels():
     signals = np.empty((n_voxel, FLIPS.size, 4), np.complex64)
     for start in range(0, n_voxel, 250_000):
         part = slice(start, start + 250_000)
-        signals[part] = bssfp_signal(1.0, r1[part, None, None], r2[part, None, None],
-                                     FLIPS[:, None], TR, off_resonance=theta[part, None, None],
-                                     phase_increment=increments)
+        signals[part] = bssfp_signal(
+            1.0,
+            r1[part, None, None],
+            r2[part, None, None],
+            FLIPS[:, None],
+            TR,
+            off_resonance=theta[part, None, None],
+            phase_increment=increments,
+        )
     start = time.perf_counter()
     band_free = geometric_solution(signals, increments, n_jobs=2)
     middle = time.perf_counter()
@@ -351,14 +375,18 @@ def _ellipse_r2_crlb(t1, t2, flip, increments, theta, sigma):
 
     def data(params):
         m0, r1, r2, off, phase = params
-        signal = bssfp_signal(m0, r1, r2, flip, TR, off_resonance=off,
-                              phase_increment=increments) * np.exp(1j * phase)
+        signal = bssfp_signal(m0, r1, r2, flip, TR, off_resonance=off, phase_increment=increments) * np.exp(1j * phase)
         return np.concatenate([signal.real, signal.imag])
 
     truth = np.array([1.0, 1 / t1, 1 / t2, theta, 0.5])
     steps = np.array([1e-6, 1e-5, 1e-5, 1e-6, 1e-6])
-    jac = np.stack([(data(truth + np.eye(5)[k] * steps[k]) - data(truth - np.eye(5)[k] * steps[k]))
-                    / (2 * steps[k]) for k in range(5)], axis=-1)
+    jac = np.stack(
+        [
+            (data(truth + np.eye(5)[k] * steps[k]) - data(truth - np.eye(5)[k] * steps[k])) / (2 * steps[k])
+            for k in range(5)
+        ],
+        axis=-1,
+    )
     return sigma * np.sqrt(np.linalg.inv(jac.T @ jac)[2, 2])
 
 
@@ -371,8 +399,9 @@ def test_planet_r2_with_noise_reaches_its_bound_but_needs_high_snr(n_cycle):
     lines = []
     for tissue, (t1, t2) in sorted(TISSUES.items()):
         for theta in (0.3, 2.0):
-            clean = bssfp_signal(1.0, 1 / t1, 1 / t2, FLIPS[1], TR, off_resonance=theta,
-                                 phase_increment=increments) * np.exp(0.5j)
+            clean = bssfp_signal(
+                1.0, 1 / t1, 1 / t2, FLIPS[1], TR, off_resonance=theta, phase_increment=increments
+            ) * np.exp(0.5j)
             noise = rng.standard_normal((3000, n_cycle, 2)) @ np.array([1.0, 1j])
             fit = fit_ellipse(clean + sigma * noise, increments, TR)
             r1, r2 = planet_relaxation(fit.a, fit.b, FLIPS[1], TR)
@@ -381,8 +410,10 @@ def test_planet_r2_with_noise_reaches_its_bound_but_needs_high_snr(n_cycle):
             assert abs(bias) < 0.03
             assert abs(np.std(r2) / bound - 1) < 0.3
             wrapped = np.angle(np.exp(2j * np.pi * fit.off_resonance * TR - 1j * theta))
-            lines.append(f"{tissue} theta {theta}: R2 bias {100 * bias:+.2f} %, "
-                         f"SD/CRLB {np.std(r2) / bound:.2f}, CV {100 * np.std(r2) * t2:.1f} %, "
-                         f"R1 median error {100 * (np.nanmedian(r1) * t1 - 1):+.1f} %, "
-                         f"off-resonance SD {np.std(wrapped) / (2 * np.pi * TR):.2f} Hz")
+            lines.append(
+                f"{tissue} theta {theta}: R2 bias {100 * bias:+.2f} %, "
+                f"SD/CRLB {np.std(r2) / bound:.2f}, CV {100 * np.std(r2) * t2:.1f} %, "
+                f"R1 median error {100 * (np.nanmedian(r1) * t1 - 1):+.1f} %, "
+                f"off-resonance SD {np.std(wrapped) / (2 * np.pi * TR):.2f} Hz"
+            )
     print(f"\nPLANET, {n_cycle} cycles, 50 deg, sigma {sigma}:\n" + "\n".join(lines))

@@ -5,7 +5,6 @@ import pytest
 
 from qmri_workflows.core.bssfp import fit_despot2, fit_ellipse, geometric_solution
 from qmri_workflows.core.signal import bssfp_signal
-
 from tests.core.bssfp_bloch import simulate_bssfp
 
 TR = 0.005
@@ -20,11 +19,17 @@ def test_closed_form_matches_time_stepped_bloch_with_hard_pulses(tissue, flip_de
     t1, t2 = TISSUES[tissue]
     frequencies = np.linspace(-1 / (2 * TR), 1 / (2 * TR), 25, endpoint=False)
     for increment in np.deg2rad([0.0, 90.0, 135.0, 270.0]):
-        simulated = simulate_bssfp(1.0, 1 / t1, 1 / t2, b1 * np.deg2rad(flip_deg), TR, frequencies,
-                                   increment)
-        model = bssfp_signal(1.0, 1 / t1, 1 / t2, np.deg2rad(flip_deg), TR,
-                             off_resonance=2 * np.pi * frequencies * TR,
-                             phase_increment=increment, b1=b1)
+        simulated = simulate_bssfp(1.0, 1 / t1, 1 / t2, b1 * np.deg2rad(flip_deg), TR, frequencies, increment)
+        model = bssfp_signal(
+            1.0,
+            1 / t1,
+            1 / t2,
+            np.deg2rad(flip_deg),
+            TR,
+            off_resonance=2 * np.pi * frequencies * TR,
+            phase_increment=increment,
+            b1=b1,
+        )
         np.testing.assert_allclose(simulated, model, rtol=0, atol=1e-8)
 
 
@@ -33,8 +38,9 @@ def test_ellipse_fit_recovers_bloch_parameters(tissue):
     t1, t2 = TISSUES[tissue]
     cycles = np.deg2rad(np.arange(0.0, 360.0, 45.0))
     frequencies = np.array([-93.0, -40.0, 0.0, 12.5, 77.0])
-    signals = np.stack([simulate_bssfp(1.0, 1 / t1, 1 / t2, FLIPS[1], TR, frequencies, increment)
-                        for increment in cycles], axis=-1) * np.exp(0.4j)
+    signals = np.stack(
+        [simulate_bssfp(1.0, 1 / t1, 1 / t2, FLIPS[1], TR, frequencies, increment) for increment in cycles], axis=-1
+    ) * np.exp(0.4j)
     fit = fit_ellipse(signals, cycles, TR)
     np.testing.assert_allclose(fit.a, np.exp(-TR / t2), rtol=1e-7)
     np.testing.assert_allclose(fit.off_resonance, frequencies, atol=1e-5)
@@ -49,9 +55,15 @@ def test_finite_pulse_duration_bias_is_reported():
     for tissue, (t1, t2) in sorted(TISSUES.items()):
         band_free = []
         for flip in FLIPS:
-            cycles = np.stack([simulate_bssfp(1.0, 1 / t1, 1 / t2, flip, TR, frequencies, increment,
-                                              pulse_duration=pulse, rf_steps=16)
-                               for increment in FOUR_CYCLES], axis=-1)
+            cycles = np.stack(
+                [
+                    simulate_bssfp(
+                        1.0, 1 / t1, 1 / t2, flip, TR, frequencies, increment, pulse_duration=pulse, rf_steps=16
+                    )
+                    for increment in FOUR_CYCLES
+                ],
+                axis=-1,
+            )
             band_free.append(geometric_solution(cycles, FOUR_CYCLES))
         band_free = np.stack(band_free, axis=-1)
         r2 = fit_despot2(band_free, FLIPS, TR, 1 / t1).r2

@@ -66,6 +66,8 @@ __all__ = [
     "planet_relaxation",
     "fit_despot2",
     "despot2_crlb",
+    "JointFit",
+    "fit_bssfp_joint",
 ]
 
 EllipseFit = namedtuple("EllipseFit", ["amplitude", "a", "b", "off_resonance", "rms_residual"])
@@ -863,3 +865,252 @@ def despot2_crlb(m0, r1, r2, flip_angles, tr, sigma, *, b1=1.0):
     )
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.sqrt(f11 / (f11 * f22 - f12**2))
+
+
+# --------------------------------------------------------------------------------------------
+# Joint fit of all phase cycles and flip angles (R2 and off-resonance, R1 and B1+ given)
+# --------------------------------------------------------------------------------------------
+JointFit = namedtuple("JointFit", ["r2", "r2_se", "amplitude", "off_resonance", "rms_residual"])
+JointFit.__doc__ = """Joint bSSFP fit per voxel (see :func:`fit_bssfp_joint`)."""
+
+
+def _unit_signal(r1, r2, theta, alpha, tr, increments):
+    """``bssfp_signal`` with M0 = 1 for (n,) voxels, alpha (n, F), increments (N,) -> (n, F, N)."""
+    e1 = np.exp(-tr * r1)[:, None, None]
+    e2 = np.exp(-np.clip(tr * r2, -_MAX_EXPONENT, _MAX_EXPONENT))[:, None, None]
+    theta = theta[:, None, None]
+    cos_a = np.cos(alpha)[..., None]
+    denominator = 1.0 - e1 * cos_a - e2**2 * (e1 - cos_a)
+    b = e2 * (1.0 - e1) * (1.0 + cos_a) / denominator
+    psi = theta - increments
+    rotor = e2 * np.exp(-1j * psi)
+    ellipse_denominator = 1.0 + b * np.cos(psi)
+    signal = (
+        (1.0 - e1)
+        * np.sin(alpha)[..., None]
+        / denominator
+        * np.sqrt(e2)
+        * np.exp(0.5j * theta)
+        * (1.0 + rotor)
+        / ellipse_denominator
+    )
+    d_theta = signal * (0.5j - 1j * rotor / (1.0 + rotor) + b * np.sin(psi) / ellipse_denominator)
+    return signal, d_theta
+
+
+def _projected_fit(signals, basis):
+    """Best complex amplitude per voxel and the residual (n, F, N)."""
+    norm = np.sum(np.abs(basis) ** 2, axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        amplitude = np.sum(np.conj(basis) * signals, axis=(1, 2)) / norm
+    residual = signals - amplitude[:, None, None] * basis
+    return amplitude, residual, np.sum(np.abs(residual) ** 2, axis=(1, 2))
+
+
+def _joint_linearisation(signals, r1, r2, theta, alpha, tr, increments):
+    """Amplitude, real residual (n, 2 F N), cost and variable-projection Jacobian (n, 2 F N, 2).
+
+    The Jacobian (Kaufman's approximation, exact at a zero residual) keeps only the part of the
+    model change with (R2, theta) that the complex amplitude cannot absorb.
+    """
+    basis, d_theta = _unit_signal(r1, r2, theta, alpha, tr, increments)
+    amplitude, residual, cost = _projected_fit(signals, basis)
+    step = 1e-5 * np.maximum(np.abs(r2), 1.0)
+    plus, _ = _unit_signal(r1, r2 + step, theta, alpha, tr, increments)
+    minus, _ = _unit_signal(r1, r2 - step, theta, alpha, tr, increments)
+    d_r2 = (plus - minus) / (2.0 * step)[:, None, None]
+    norm = np.sum(np.abs(basis) ** 2, axis=(1, 2))
+    columns = []
+    for derivative in (d_r2, d_theta):
+        column = amplitude[:, None, None] * derivative
+        along = np.sum(np.conj(basis) * column, axis=(1, 2)) / norm
+        flat = (column - along[:, None, None] * basis).reshape(column.shape[0], -1)
+        columns.append(np.concatenate([flat.real, flat.imag], axis=1))
+    flat_residual = residual.reshape(residual.shape[0], -1)
+    residual = np.concatenate([flat_residual.real, flat_residual.imag], axis=1)
+    return amplitude, residual, cost, np.stack(columns, axis=-1)
+
+
+def _solve_2x2(normal, vector):
+    det = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] * normal[:, 1, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        first = (normal[:, 1, 1] * vector[:, 0] - normal[:, 0, 1] * vector[:, 1]) / det
+        second = (normal[:, 0, 0] * vector[:, 1] - normal[:, 1, 0] * vector[:, 0]) / det
+    return first, second, det
+
+
+def _joint_chunk(signals, r1, b1, r2_start, theta_start, sigma, flip_angles, increments, tr, max_iter, tol):
+    n = signals.shape[0]
+    signals = signals.astype(np.complex128, copy=False)
+    r1 = np.broadcast_to(np.asarray(r1, dtype=float), (n,))
+    alpha = np.broadcast_to(np.asarray(b1, dtype=float), (n,))[:, None] * flip_angles
+    r2_start = np.broadcast_to(np.asarray(r2_start, dtype=float), (n,))
+    theta_start = np.broadcast_to(np.asarray(theta_start, dtype=float), (n,))
+    r2 = np.where(np.isfinite(r2_start) & (r2_start > 0), r2_start, 15.0)
+    theta = np.where(np.isfinite(theta_start), theta_start, 0.0)
+    _, _, cost = _projected_fit(signals, _unit_signal(r1, r2, theta, alpha, tr, increments)[0])
+    damping = np.full(n, 1e-3)
+    active = np.isfinite(cost)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        index = np.flatnonzero(active)
+        _, residual, _, jac = _joint_linearisation(
+            signals[index], r1[index], r2[index], theta[index], alpha[index], tr, increments
+        )
+        jt = jac.transpose(0, 2, 1)
+        normal = jt @ jac
+        normal[:, [0, 1], [0, 1]] *= 1.0 + damping[index, None]
+        # residual = data - model and d(model) = jac d(params)
+        step_r2, step_theta, det = _solve_2x2(normal, (jt @ residual[..., None])[..., 0])
+        trial_r2, trial_theta = r2[index] + step_r2, theta[index] + step_theta
+        trial_basis, _ = _unit_signal(r1[index], trial_r2, trial_theta, alpha[index], tr, increments)
+        _, _, trial_cost = _projected_fit(signals[index], trial_basis)
+        better = np.isfinite(trial_cost) & (trial_cost <= cost[index])
+        accepted = index[better]
+        r2[accepted], theta[accepted], cost[accepted] = trial_r2[better], trial_theta[better], trial_cost[better]
+        damping[accepted] = np.maximum(damping[accepted] / 10.0, 1e-9)
+        damping[index[~better]] *= 10.0
+        small = (np.abs(step_r2) <= tol * (np.abs(r2[index]) + 1.0)) & (np.abs(step_theta) <= tol)
+        converged = (better & small) | (damping[index] > 1e8) | ~np.isfinite(det)
+        active[index[converged]] = False
+    amplitude, _, cost, jac = _joint_linearisation(signals, r1, r2, theta, alpha, tr, increments)
+    normal = jac.transpose(0, 2, 1) @ jac
+    det = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] ** 2
+    n_data = 2 * signals.shape[1] * signals.shape[2]
+    if sigma is None:
+        noise_variance = cost / (n_data - 4)
+    else:
+        noise_variance = np.broadcast_to(np.asarray(sigma, dtype=float), (n,)) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2_se = np.sqrt(noise_variance * normal[:, 1, 1] / det)
+    wrapped = np.mod(theta + np.pi, 2 * np.pi) - np.pi
+    # the model carries e^{i theta/2}: each 2 pi taken off theta flips the amplitude's sign
+    turns = np.rint((theta - wrapped) / (2 * np.pi))
+    amplitude = np.where(np.mod(turns, 2) == 1, -amplitude, amplitude)
+    theta = wrapped
+    ok = np.isfinite(r2) & np.isfinite(amplitude) & np.isfinite(cost) & (r1 > 0)
+    return (
+        np.where(ok, r2, 0.0),
+        np.where(ok & (det > 0), r2_se, np.inf),
+        np.where(ok, amplitude, 0.0),
+        np.where(ok, theta / (2 * np.pi * tr), 0.0),
+        np.where(ok, np.sqrt(cost / (n_data // 2)), np.inf),
+    )
+
+
+def fit_bssfp_joint(
+    signals,
+    flip_angles,
+    phase_increments,
+    tr,
+    r1,
+    *,
+    b1=1.0,
+    sigma=None,
+    r2_start=None,
+    off_resonance_start=None,
+    mask=None,
+    max_iter=20,
+    tol=1e-5,
+    chunk_size=50_000,
+    n_jobs=1,
+):
+    r"""R2 and off-resonance from every complex phase cycle and flip angle at once (R1, B1+ given).
+
+    Parameters
+    ----------
+    signals : ndarray of complex, shape (..., n_flip, n_cycle)
+        Complex phase-cycled signals, the same increments at every flip angle.
+    flip_angles : array_like, shape (n_flip,)
+        Nominal flip angles (rad).
+    phase_increments : array_like, shape (n_cycle,)
+        RF phase-cycling increments (rad).
+    tr : float
+        Repetition time (s).
+    r1 : array_like
+        R1 (1/s), scalar or of the voxel shape.
+    b1 : array_like, optional
+        Transmit field ratio, scalar or of the voxel shape.
+    sigma : float or array_like, optional
+        Noise SD of the real (and of the imaginary) part of each sample, for ``r2_se``; without it
+        the SD is estimated from the residuals.
+    r2_start, off_resonance_start : array_like, optional
+        Starting values (1/s, Hz) of the voxel shape. By default R2 comes from
+        :func:`geometric_solution` and non-linear :func:`fit_despot2`, the off-resonance from
+        :func:`geometric_off_resonance` (averaged over flip angles, weighted by ``b``).
+    mask : ndarray of bool, optional
+        Voxels to fit; others are 0.
+    max_iter, tol : optional
+        Levenberg-Marquardt iterations and step tolerance (relative for R2, rad for theta).
+    chunk_size : int, optional
+        Voxels per chunk (about 3 kB per voxel of temporaries for 2 x 4 samples).
+    n_jobs : int, optional
+        Threads working on chunks concurrently.
+
+    Returns
+    -------
+    JointFit
+        ``r2`` (1/s), ``r2_se`` (1/s), ``amplitude`` (complex :math:`M_0 e^{i\phi_0}`; the
+        model's :math:`e^{i\theta/2}` flips its sign when the frequency moves by 1/TR, so at
+        exactly :math:`\pm 1/(2TR)` the phase is defined modulo pi),
+        ``off_resonance`` (Hz, in [-1/(2 TR), 1/(2 TR))) and ``rms_residual`` (signal units).
+
+    Notes
+    -----
+    Least squares of :func:`qmri_workflows.core.signal.bssfp_signal` over the complex amplitude
+    (projected out, variable projection) and (R2, theta). Unlike the geometric solution followed
+    by DESPOT2, it uses the shape of each ellipse as well as its centre, so it reaches the
+    Cramér-Rao bound of the complex data (the tests: an R2 SD 1.4 to 1.8 times lower than
+    DESPOT2 on the geometric solution with 2 flip angles x 4 cycles); it costs more (several
+    model evaluations per iteration) and, like every model-based estimate, assumes one
+    frequency per voxel and instantaneous pulses.
+    """
+    signals = np.asarray(signals)
+    if signals.ndim < 2:
+        raise ValueError(f"signals must have shape (..., n_flip, n_cycle), got shape {signals.shape}")
+    _, increments = _check_cycles(signals, phase_increments, minimum=3)
+    flip_angles = np.atleast_1d(np.asarray(flip_angles, dtype=float))
+    if flip_angles.shape != signals.shape[-2:-1]:
+        raise ValueError(
+            f"flip_angles must have shape ({signals.shape[-2]},) to match signals of shape {signals.shape}, "
+            f"got {flip_angles.shape}"
+        )
+    tr = _check_tr(tr)
+    leading_shape = signals.shape[:-2]
+    mask = check_mask(mask, leading_shape)
+    r1 = _voxel_parameter("r1", r1, leading_shape)
+    b1 = _voxel_parameter("b1", b1, leading_shape)
+    if sigma is not None:
+        sigma = _voxel_parameter("sigma", sigma, leading_shape)
+    if r2_start is None or off_resonance_start is None:
+        band_free = geometric_solution(signals, increments, chunk_size=chunk_size, n_jobs=n_jobs)
+        if r2_start is None:
+            r2_start = fit_despot2(band_free, flip_angles, tr, r1, b1=b1, mask=mask, n_jobs=n_jobs).r2
+        if off_resonance_start is None:
+            off_resonance, b = geometric_off_resonance(signals, increments, tr, band_free=band_free, n_jobs=n_jobs)
+            phasor = np.sum(b * np.exp(2j * np.pi * off_resonance * tr), axis=-1)
+            off_resonance_start = np.angle(phasor) / (2 * np.pi * tr)
+    r2_start = _voxel_parameter("r2_start", r2_start, leading_shape)
+    theta_start = 2 * np.pi * tr * _voxel_parameter("off_resonance_start", off_resonance_start, leading_shape)
+
+    def chunk_function(signal, r1_chunk, b1_chunk, r2_chunk, theta_chunk, sigma_chunk):
+        return _joint_chunk(
+            signal, r1_chunk, b1_chunk, r2_chunk, theta_chunk, sigma_chunk, flip_angles, increments, tr, max_iter, tol
+        )
+
+    r2, r2_se, amplitude, off_resonance, rms = apply_in_chunks(
+        chunk_function,
+        [signals, r1, b1, r2_start, theta_start, sigma],
+        leading_shape=leading_shape,
+        output_shapes=[(), (), (), (), ()],
+        mask=mask,
+        chunk_size=chunk_size,
+        dtype=np.complex128,
+        n_jobs=n_jobs,
+    )
+    r2_se, rms = r2_se.real, rms.real
+    if mask is not None:
+        r2_se[~mask] = np.inf
+        rms[~mask] = np.inf
+    return JointFit(r2.real, r2_se, amplitude, off_resonance.real, rms)

@@ -9,6 +9,7 @@ from qmri_workflows.core.bssfp import (
     band_free_signal,
     complex_sum,
     despot2_crlb,
+    fit_bssfp_joint,
     fit_despot2,
     fit_ellipse,
     geometric_off_resonance,
@@ -448,3 +449,47 @@ def test_planet_r2_with_noise_reaches_its_bound_but_needs_high_snr(n_cycle):
                 f"off-resonance SD {np.std(wrapped) / (2 * np.pi * TR):.2f} Hz"
             )
     print(f"\nPLANET, {n_cycle} cycles, 50 deg, sigma {sigma}:\n" + "\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Joint fit of all cycles and flip angles
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_cycle", [4, 8])
+def test_joint_fit_noiseless_recovery(n_cycle):
+    increments = _cycles(n_cycle)
+    b1 = np.linspace(0.8, 1.2, FREQUENCIES.size)
+    for tissue, (t1, t2) in sorted(TISSUES.items()):
+        signals = _phase_cycled(t1, t2, increments, FREQUENCIES, m0=800.0, b1=b1[:, None, None])
+        for start in ({}, {"r2_start": 10.0, "off_resonance_start": FREQUENCIES + 25.0}):
+            fit = fit_bssfp_joint(signals, FLIPS, increments, TR, 1 / t1, b1=b1, chunk_size=40, **start)
+            np.testing.assert_allclose(fit.r2, 1 / t2, rtol=1e-8, err_msg=tissue)
+            wrapped = np.angle(np.exp(2j * np.pi * (fit.off_resonance - FREQUENCIES) * TR))
+            np.testing.assert_allclose(wrapped, 0.0, atol=1e-8)
+            np.testing.assert_allclose(np.abs(fit.amplitude), 800.0, rtol=1e-8)
+            # at exactly +-1/(2 TR) the phase is defined modulo pi (e^{i theta / 2} in the model)
+            np.testing.assert_allclose(fit.amplitude[1:], 800.0 * np.exp(0.7j), rtol=1e-8)
+
+
+@pytest.mark.parametrize("tissue", sorted(TISSUES))
+def test_joint_fit_with_noise_reaches_the_full_data_bound(tissue):
+    t1, t2 = TISSUES[tissue]
+    increments = _cycles(4)
+    sigma = 0.002
+    rng = np.random.default_rng(13)
+    lines = []
+    for theta in (0.0, 2.5):
+        clean = bssfp_signal(1.0, 1 / t1, 1 / t2, FLIPS[:, None], TR, off_resonance=theta, phase_increment=increments)
+        noisy = clean + sigma * (rng.standard_normal((3000,) + clean.shape + (2,)) @ np.array([1.0, 1j]))
+        fit = fit_bssfp_joint(noisy, FLIPS, increments, TR, 1 / t1, sigma=sigma)
+        bound = _full_data_crlb(t1, t2, increments, theta, sigma)
+        bias = np.mean(fit.r2) * t2 - 1
+        ratio = np.std(fit.r2) / bound
+        assert abs(bias) < 0.03
+        assert abs(ratio - 1) < 0.3
+        assert abs(np.median(fit.r2_se) / bound - 1) < 0.1
+        despot2 = fit_despot2(geometric_solution(noisy, increments), FLIPS, TR, 1 / t1)
+        lines.append(
+            f"theta {theta}: bias {100 * bias:+.2f} %, SD/CRLB {ratio:.2f}, "
+            f"SD relative to DESPOT2 on the geometric solution {np.std(fit.r2) / np.std(despot2.r2):.2f}"
+        )
+    print(f"\njoint fit, {tissue}: " + "; ".join(lines))

@@ -24,6 +24,19 @@ chords, the geometric solution of Xiang & Hoff [1]_, is the band-free signal
 independent of off-resonance (:func:`band_free_signal`), and DESPOT2 [2]_ applies to it with
 :math:`E_2^2` in place of :math:`E_2` in the denominator.
 
+Estimators:
+
+* band-free signal: :func:`geometric_solution` (complex, four or more cycles in opposite pairs),
+  :func:`complex_sum` (its regulariser), :func:`magnitude_combination` (magnitude-only data);
+* ellipse parameters and off-resonance: :func:`fit_ellipse` (linear then Levenberg-Marquardt,
+  any three or more cycles), :func:`geometric_off_resonance` (closed form, as cheap as the
+  geometric solution, noisier);
+* R2: :func:`fit_despot2` on the band-free signal (two or more flip angles; R1 and B1+ given),
+  :func:`planet_relaxation` (R1 and R2 from one flip angle's ellipse: efficient but several
+  times noisier than DESPOT2 at the same SNR), :func:`fit_bssfp_joint` (all cycles and flip
+  angles at once: the most precise, the most sensitive to intravoxel frequency spread);
+  :func:`despot2_crlb` bounds the DESPOT2 precision.
+
 Array conventions: phase cycles last (``signals[..., n_cycle]``, complex); the leading axes are
 voxels (any shape, flip angles included when they are not fitted jointly). Angles in radians,
 times in seconds, rates in 1/s, frequencies in Hz. ``b1`` is the transmit-field ratio.
@@ -1061,10 +1074,12 @@ def fit_bssfp_joint(
     Least squares of :func:`qmri_workflows.core.signal.bssfp_signal` over the complex amplitude
     (projected out, variable projection) and (R2, theta). Unlike the geometric solution followed
     by DESPOT2, it uses the shape of each ellipse as well as its centre, so it reaches the
-    Cramér-Rao bound of the complex data (the tests: an R2 SD 1.4 to 1.8 times lower than
-    DESPOT2 on the geometric solution with 2 flip angles x 4 cycles); it costs more (several
-    model evaluations per iteration) and, like every model-based estimate, assumes one
-    frequency per voxel and instantaneous pulses.
+    Cramér-Rao bound of the complex data (the tests: an R2 SD 0.55 to 0.7 times that of
+    DESPOT2 on the geometric solution with 2 flip angles x 4 cycles). The price: it costs
+    about five times more, and relying on the ellipse's shape makes it more sensitive to a
+    spread of frequencies within the voxel (uniform 40 Hz spread at TR 5 ms: median R2 bias
+    +5 to +11 % against +1 to +6 % for DESPOT2 on the geometric solution). Like every
+    estimate here it assumes instantaneous pulses (1 ms pulses at TR 5 ms: R2 about -9 %).
     """
     signals = np.asarray(signals)
     if signals.ndim < 2:

@@ -61,6 +61,7 @@ References
    Magn Reson Med 2006;56:1067-1074. doi:10.1002/mrm.21056
 """
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -97,6 +98,20 @@ _DEFAULT_MIN_LINE_ANGLE = 5.0 * np.pi / 180.0
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
+def _quiet(chunk_function):
+    """Silence floating-point warnings in a chunk: bad voxels (NaN, inf, zeros) are flagged by value.
+
+    ``np.errstate`` is per thread, so it is set inside each chunk rather than around the pool.
+    """
+
+    @functools.wraps(chunk_function)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return chunk_function(*args, **kwargs)
+
+    return wrapper
+
+
 def _check_last_axis(data, data_name, axis_name, values, values_name):
     """``data`` as an array of shape (..., n) and ``values`` as float of shape (n,)."""
     data = np.asarray(data)
@@ -245,6 +260,7 @@ def magnitude_combination(magnitudes, *, method="rms"):
     raise ValueError(f"method must be 'rms' or 'max', got {method!r}")
 
 
+@_quiet
 def _geometric_solution_chunk(signals, pairs, min_sine):
     """GS of one chunk ``signals[n, n_cycle]`` -> (band_free[n], weight_of_gs[n])."""
     signals = signals.astype(np.complex128, copy=False)
@@ -354,6 +370,7 @@ def geometric_solution(
     return band_free
 
 
+@_quiet
 def _geometric_off_resonance_chunk(signals, band_free, pairs, pair_inverse, tr):
     signals = signals.astype(np.complex128, copy=False)
     band_free = band_free.astype(np.complex128, copy=False)
@@ -495,6 +512,7 @@ def _ellipse_model(params, increments, data, *, with_jacobian=True):
     return residual, cost, np.concatenate([jac.real, jac.imag], axis=1)
 
 
+@_quiet
 def _ellipse_chunk(signals, increments, tr, max_iter, tol):
     signals = signals.astype(np.complex128, copy=False)
     amplitude, a, b, theta = _ellipse_linear(signals, increments)
@@ -692,6 +710,7 @@ def _amplitude_and_jacobian(signal, alpha, e1, r2, tr):
     return amplitude, jac, residual
 
 
+@_quiet
 def _despot2_chunk(signal, r1, b1, sigma, flip_angles, tr, method, max_iter, tol):
     n = signal.shape[0]
     signal = np.abs(signal).astype(np.float64, copy=False)
@@ -738,7 +757,7 @@ def _despot2_chunk(signal, r1, b1, sigma, flip_angles, tr, method, max_iter, tol
     with np.errstate(divide="ignore", invalid="ignore"):
         r2_se = np.sqrt(noise_variance * normal[:, 0, 0] / determinant)
     ok = np.isfinite(r2) & np.isfinite(amplitude) & np.isfinite(signal).all(axis=-1)
-    ok &= (r1 > 0) & (b1 > 0)
+    ok &= (r1 > 0) & (b1 > 0) & np.any(signal > 0, axis=-1)
     return (np.where(ok, r2, 0.0), np.where(ok & (determinant > 0), r2_se, np.inf), np.where(ok, amplitude, 0.0))
 
 
@@ -952,6 +971,7 @@ def _solve_2x2(normal, vector):
     return first, second, det
 
 
+@_quiet
 def _joint_chunk(signals, r1, b1, r2_start, theta_start, sigma, flip_angles, increments, tr, max_iter, tol):
     n = signals.shape[0]
     signals = signals.astype(np.complex128, copy=False)
@@ -1003,6 +1023,7 @@ def _joint_chunk(signals, r1, b1, r2_start, theta_start, sigma, flip_angles, inc
     amplitude = np.where(np.mod(turns, 2) == 1, -amplitude, amplitude)
     theta = wrapped
     ok = np.isfinite(r2) & np.isfinite(amplitude) & np.isfinite(cost) & (r1 > 0)
+    ok &= np.any(np.abs(signals) > 0, axis=(1, 2))
     return (
         np.where(ok, r2, 0.0),
         np.where(ok & (det > 0), r2_se, np.inf),

@@ -501,3 +501,24 @@ def test_joint_fit_with_noise_reaches_the_full_data_bound(tissue):
             f"SD relative to DESPOT2 on the geometric solution {np.std(fit.r2) / np.std(despot2.r2):.2f}"
         )
     print(f"\njoint fit, {tissue}: " + "; ".join(lines))
+
+
+def test_bad_voxels_give_flagged_values_without_warnings():
+    increments = _cycles(4)
+    t1, t2 = TISSUES["wm"]
+    signals = _phase_cycled(t1, t2, increments, [10.0, 20.0, 30.0, 40.0])
+    signals[0, 0, 1] = np.nan
+    signals[1] = 0.0
+    signals[2, 1] = np.inf
+    with np.errstate(all="raise"):
+        band_free = geometric_solution(signals, increments)
+        despot2 = fit_despot2(band_free, FLIPS, TR, 1 / t1)
+        joint = fit_bssfp_joint(signals, FLIPS, increments, TR, 1 / t1)
+        ellipse = fit_ellipse(signals[:, 1], increments, TR)
+        off_resonance, _ = geometric_off_resonance(signals, increments, TR)
+    for fit in (despot2, joint):
+        np.testing.assert_array_equal(fit.r2[:3], 0.0)
+        assert np.all(np.isinf(fit.r2_se[:3]))
+        np.testing.assert_allclose(fit.r2[3], 1 / t2, rtol=1e-8)
+    assert np.isinf(ellipse.rms_residual[1]) and np.isinf(ellipse.rms_residual[2])
+    assert np.all(np.isfinite(off_resonance))

@@ -126,9 +126,8 @@ def check_oversampled_r2star(raw, out, subject="01", *, bound=0.01, large_region
         assert row.interior_median_abs < limit, (
             f"{row.name}: median |relative R2* error| {row.interior_median_abs:.2%} in "
             f"{row.interior_voxels} interior voxels")
-    # Cortex: a ribbon two or three voxels thick, so even its interior voxels sit one voxel from
-    # CSF or WM, within the reconstruction's point-spread function, and next to the strongest
-    # background-field gradients of the head (air-tissue interface): only a loose bound.
+    # Cortex: a ribbon two or three voxels thick next to the strongest background-field gradients of
+    # the head (air-tissue interface), where intravoxel dephasing is largest: only a loose bound.
     cortex = by_name["CGM"]
     if cortex.interior_voxels:
         assert cortex.interior_median_abs < cortex_bound
@@ -146,14 +145,12 @@ def test_r2star_on_the_oversampled_phantom_interior_within_one_percent(tmp_path)
     raw = write_phantom_dataset(tmp_path / "raw", resolution=2.0, snr=float("inf"), subjects=1,
                                 seed=11, protocol=_vfa_only(), oversample=2)
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
-    # At 2 mm only white matter and thalamus are many point-spread widths thick: the nuclei and
-    # lesions are 2-5 voxels across, so even their interior voxels lie within two voxels of tissue
-    # whose R2* differs by up to 80 % (CSF next to the caudate, NAWM around lesions), whose signal
-    # the filtered k-space crop spreads that far. They get a bound that catches gross errors only.
-    # At 1 mm (benchmarks/bench_phantom_r2star.py, by hand) the nuclei, early and late active lesions
-    # and the chronic-active rim are within 1 %; the chronic-active core (8 %: a 2.5-3.5 mm sphere
-    # inside a rim of twice its R2*), chronic inactive (1.2 %) and cortical lesions (2.3 %) are not.
-    check_oversampled_r2star(raw, out, large_regions=("WM", "THA"), small_region_bound=0.15)
+    # Each voxel integrates its footprint (the phantom's "box" voxels): interior voxels hold one
+    # tissue, but still dephase in the background-field gradients across them. Measured here: WM
+    # 0.25 %, nuclei 0.3-0.6 %, lesions 0.2-0.4 %; at 1 mm (benchmarks/bench_phantom_r2star.py, by
+    # hand) 0.05-0.8 % in every interior. Cortical grey matter (a ribbon 2-3 voxels thick) is reported
+    # with a loose bound (2.1 % here, 1.15 % at 1 mm).
+    check_oversampled_r2star(raw, out)
 
 
 @pytest.mark.slow

@@ -31,10 +31,10 @@ single-channel model times ``receive`` and the truth stays exact.
 Oversampling
 ------------
 With ``oversample = K > 1`` the phantom is built on a grid ``K`` times finer; every channel's
-complex image is reduced to the target grid by cropping the centred k-space (the scanner's finite
-sampling: partial volume with ringing, and intravoxel dephasing of the complex signal), weighted by a
-Tukey reconstruction filter by default (see :func:`kspace_downsample` for why), and the noise is
-added on the target grid. The target grid is the fine grid coarsened by ``K`` (voxel centres at
+complex image is reduced to the target grid by averaging it over each voxel's footprint by default
+(``kspace_filter="box"``: partial volume and intravoxel dephasing of the complex signal, no ringing),
+or by cropping the centred k-space with or without a Tukey filter (the scanner's finite sampling,
+with its ringing; see :func:`kspace_downsample`), and the noise is added on the target grid. The target grid is the fine grid coarsened by ``K`` (voxel centres at
 the centres of the ``K^3`` blocks; the fine grid is edge-padded to a multiple of ``K``), so it may be
 one voxel larger than the grid of ``make_phantom(resolution=K * fine)``. The truth maps written for
 it are block averages of the fine truth (segmentation: majority label; masks: at least half the
@@ -47,7 +47,7 @@ a fit should find; the rest of each region shows the effect of partial volume an
 
 Memory and time: volumes are simulated one at a time, each in slabs along the third axis of the fine
 grid (:data:`SLAB_VOXELS` fine voxels, complex128), reduced in-plane slab by slab and along the third
-axis at the end (exact: the k-space crop is separable). The fine truth dominates: about 60 bytes per
+axis at the end (exact: the box average and the k-space crop are separable). The fine truth dominates: about 60 bytes per
 fine voxel, i.e. 0.5 GB at 1 mm and 4 GB for 1 mm at ``oversample=2`` (69 million fine voxels).
 """
 

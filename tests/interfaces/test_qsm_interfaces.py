@@ -1,0 +1,173 @@
+"""QSM interfaces on a synthetic head with known susceptibility, on an oblique grid.
+
+48^3 voxels of 1 mm whose axes are rotated away from the scanner's (B0 is not an array axis);
+spheres of known susceptibility inside a ball-shaped brain, an air-like sphere outside it, fields
+in closed form (tests/core/qsm/_analytic.py: no discrete dipole kernel), a smooth phase offset
+that differs between two flip angles, wraps at every echo, complex noise (SNR 100 at echo 1). The
+given brain mask is one voxel larger than the signal, so the QSM mask must remove that shell.
+"""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from qmri_workflows.interfaces.qsm import (
+    InvertDipole,
+    QSMMask,
+    ReferenceSusceptibility,
+    RemoveBackground,
+    TotalField,
+    b0_direction_from_affine,
+    voxel_size_from_affine,
+)
+from qmri_workflows.io.errors import BIDSInputError
+from tests.core.qsm._analytic import ball, nrmse, sample
+
+SHAPE = (48, 48, 48)
+CENTRE = np.array([24.0, 24.0, 24.0])
+BRAIN_RADIUS = 16.0
+B0_TESLA = 3.0
+HZ_PER_PPM = 42.577478518 * B0_TESLA
+ECHO_TIMES = [0.004, 0.008, 0.012, 0.016, 0.020]
+FLIP_ANGLES = [6.0, 20.0]
+INTERIOR = [("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
+            for offset, radius, chi in [((-6, 0, -4), 4.0, 0.2), ((6, 4, 3), 3.5, -0.15),
+                                        ((0, -7, 5), 3.0, 0.3), ((2, 5, -6), 4.0, 0.1)]]
+
+
+def oblique_affine():
+    rotation = Rotation.from_euler("xyz", [20, -12, 8], degrees=True).as_matrix()
+    affine = np.eye(4)
+    affine[:3, :3] = rotation
+    affine[:3, 3] = -rotation @ CENTRE
+    return affine
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qsm_head")
+    affine = oblique_affine()
+    b0 = b0_direction_from_affine(affine)
+    chi, local_ppm = sample(SHAPE, 1.0, INTERIOR, b0, supersampling=2)
+    air = [("sphere", dict(centre=CENTRE + 23.0 * np.asarray(b0), radius=5.0, chi=-9.4))]
+    _, background_ppm = sample(SHAPE, 1.0, air, b0, supersampling=2)
+    x, y, z = np.meshgrid(*[np.arange(n) - c for n, c in zip(SHAPE, CENTRE)], indexing="ij")
+    total_hz = HZ_PER_PPM * (local_ppm + background_ppm) + 0.5 * x   # + a linear shim residual
+    brain = ball(SHAPE, CENTRE, BRAIN_RADIUS)
+    given_mask = ball(SHAPE, CENTRE, BRAIN_RADIUS + 1.0)
+    rng = np.random.default_rng(3)
+    files = dict(magnitude=[], phase=[], scales=[], echo_times=[], flips=[])
+    for flip_index, (flip, level) in enumerate(zip(FLIP_ANGLES, (0.6, 1.0))):
+        offset = 0.8 * flip_index + 1.5 * np.sin(x / 15.0) * np.cos(y / 19.0) + 0.3 * z / 24
+        for echo, te in enumerate(ECHO_TIMES, start=1):
+            magnitude = level * brain * np.exp(-20 * te)
+            signal = magnitude * np.exp(1j * (offset + 2 * np.pi * total_hz * te))
+            signal += 0.01 * (rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE))
+            for part, data in (("mag", np.abs(signal)), ("phase", np.angle(signal))):
+                path = folder / f"flip{flip_index + 1}_echo{echo}_{part}.nii"
+                nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
+                files["magnitude" if part == "mag" else "phase"].append(str(path))
+            files["scales"].append(1.0)
+            files["echo_times"].append(te)
+            files["flips"].append(flip)
+    mask_path = folder / "brain_mask.nii"
+    nib.save(nib.Nifti1Image(given_mask.astype(np.uint8), affine), mask_path)
+    return dict(files=files, mask_file=str(mask_path), chi=chi, local_hz=HZ_PER_PPM * local_ppm,
+                total_hz=total_hz, brain=brain, given_mask=given_mask, affine=affine, folder=folder)
+
+
+def _run(interface, folder, name):
+    cwd = folder / name
+    cwd.mkdir(exist_ok=True)
+    return interface.run(cwd=str(cwd)).outputs
+
+
+@pytest.fixture(scope="module")
+def chain(head):
+    files, folder = head["files"], head["folder"]
+    total = _run(TotalField(magnitude_files=files["magnitude"], phase_files=files["phase"],
+                            phase_scales=files["scales"], echo_times=files["echo_times"],
+                            flip_angles=files["flips"], mask_file=head["mask_file"]), folder, "total")
+    mask = _run(QSMMask(mask_file=head["mask_file"], magnitude_file=total.magnitude_file,
+                        field_sd_file=total.field_sd_file), folder, "mask")
+    return dict(total=total, mask=mask)
+
+
+def _data(path):
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_geometry_from_the_affine():
+    affine = oblique_affine() @ np.diag([0.8, 1.0, 2.0, 1.0])
+    assert np.allclose(voxel_size_from_affine(affine), (0.8, 1.0, 2.0))
+    b0 = np.asarray(b0_direction_from_affine(affine))
+    # The voxel axes, expressed in scanner coordinates, carry b0 back onto the scanner's z axis.
+    rotation = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    assert np.allclose(rotation @ b0, (0, 0, 1), atol=1e-12)
+    assert np.allclose(b0_direction_from_affine(np.diag([1.0, 1.0, 1.0, 1.0])), (0, 0, 1))
+
+
+def test_total_field_and_mask(head, chain):
+    field = _data(chain["total"].field_file)
+    brain = head["brain"]
+    error = nrmse(field, head["total_hz"], brain, demean=False)
+    print(f"\ntotal field NRMSE {error:.2f} % (both flip angles averaged)")
+    assert error < 1
+    metadata = chain["total"].metadata
+    assert "all flip angles" in metadata["QSMSteps"]["FlipAngles"] and metadata["FlipAngle"] == FLIP_ANGLES
+    qsm_mask = _data(chain["mask"].out_mask) > 0
+    shell = head["given_mask"] & ~brain
+    print(f"QSM mask: {qsm_mask.sum()} voxels of {head['given_mask'].sum()}, "
+          f"{(qsm_mask & shell).sum()} of {shell.sum()} signal-free shell voxels kept")
+    assert (qsm_mask & shell).sum() < 0.02 * shell.sum()
+    assert (qsm_mask & brain).sum() > 0.97 * brain.sum()
+
+
+@pytest.mark.parametrize("background", ["vsharp", "pdf", "lbv"])
+def test_background_and_inversion_recover_chi(head, chain, background):
+    folder = head["folder"]
+    removed = _run(RemoveBackground(field_file=chain["total"].field_file, mask_file=chain["mask"].out_mask,
+                                    magnitude_file=chain["total"].magnitude_file, method=background),
+                   folder, f"bg_{background}")
+    local_mask = _data(removed.local_mask_file) > 0
+    evaluation = local_mask & ball(SHAPE, CENTRE, BRAIN_RADIUS - 3)
+    local_error = nrmse(_data(removed.local_field_file), head["local_hz"], evaluation)
+    inverted = _run(InvertDipole(local_field_file=removed.local_field_file, mask_file=removed.local_mask_file,
+                                 magnitude_file=chain["total"].magnitude_file, field_strength=B0_TESLA,
+                                 mean_echo_time=chain["total"].mean_echo_time), folder, f"tv_{background}")
+    referenced = _run(ReferenceSusceptibility(chi_file=inverted.chi_file, mask_file=removed.local_mask_file,
+                                              step_metadata=[chain["total"].metadata, removed.metadata,
+                                                             inverted.metadata]),
+                      folder, f"ref_{background}")
+    chi = _data(referenced.chi_file)
+    error = nrmse(chi, head["chi"], evaluation)
+    trivial = nrmse(3 * _data(removed.local_field_file) / HZ_PER_PPM, head["chi"], evaluation)
+    means = [chi[ball(SHAPE, p["centre"], p["radius"] - 1)].mean() - chi[evaluation].mean()
+             + head["chi"][evaluation].mean() for _, p in INTERIOR]
+    worst = max(abs(m - p["chi"]) for m, (_, p) in zip(means, INTERIOR))
+    print(f"\n{background} + tv: local field NRMSE {local_error:.1f} %, chi NRMSE {error:.1f} % "
+          f"(trivial {trivial:.0f} %), worst sphere mean error {worst:.3f} ppm")
+    # Sources come within 3 mm of the edge of this small brain, where background removal is least
+    # accurate: the bounds are looser than the phantom targets of issue 10 (15 % local field).
+    assert local_error < 30
+    assert error < 40 and error < trivial / 2
+    assert worst < 0.03
+    assert abs(chi[local_mask].mean()) < 1e-4        # referenced to the whole-brain mean
+    sidecar = referenced.metadata
+    assert "V-SHARP" in sidecar["EstimationAlgorithm"] or background != "vsharp"
+    assert "total-variation" in sidecar["EstimationAlgorithm"]
+    assert sidecar["ReferenceRegion"].startswith("whole brain")
+
+
+def test_a_phase_echo_in_other_units_is_one_clear_error(head, tmp_path):
+    files = {key: list(value) for key, value in head["files"].items()}
+    wrong = tmp_path / "echo3_phase_siemens.nii"
+    radians = _data(files["phase"][2])
+    nib.save(nib.Nifti1Image(np.round(radians / np.pi * 4096).astype(np.int16), head["affine"]), wrong)
+    files["phase"][2] = str(wrong)
+    interface = TotalField(magnitude_files=files["magnitude"], phase_files=files["phase"],
+                           phase_scales=files["scales"], echo_times=files["echo_times"],
+                           flip_angles=files["flips"], mask_file=head["mask_file"])
+    with pytest.raises(BIDSInputError, match=r"echo3_phase_siemens\.nii is not in the units of the first echo"):
+        interface.run(cwd=str(tmp_path))

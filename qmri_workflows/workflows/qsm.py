@@ -3,7 +3,8 @@
 Outputs (``docs/architecture.rst``, "QSM outputs"): ``anat/..._Chimap`` (ppm), and in ``fmap`` the
 total field ``desc-total_fieldmap`` and the background-removed local field ``desc-local_fieldmap``,
 both in Hz (the BIDS ``fieldmap`` suffix requires Hz, rad/s or T), plus the QSM mask
-``anat/..._desc-qsm_mask``.
+``anat/..._desc-qsm_mask`` and, because BIDS wants a magnitude image next to a field map,
+``fmap/..._magnitude`` (root-sum-of-squares over echoes: the data weights of the chain).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
         Susceptibility (ppm) referenced to ``reference``.
     local_field_file, total_field_file
         Local and total field (Hz).
+    magnitude_file
+        Root-sum-of-squares over echoes of the magnitude used (the data weights).
     qsm_mask_file
         The QSM mask.
     metadata
@@ -84,7 +87,8 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
         "magnitude_files", "phase_files", "phase_scales", "echo_times", "flip_angles", "mask_file",
         "dseg_file"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=[
-        "chi_file", "local_field_file", "total_field_file", "qsm_mask_file", "metadata"]),
+        "chi_file", "local_field_file", "total_field_file", "magnitude_file", "qsm_mask_file",
+        "metadata"]),
         name="outputnode")
     total_field = pe.Node(TotalField(unwrap=unwrap, fit=fit, flip_angles_used=flip_angles_used),
                           name="total_field", mem_gb=mem_gb["total_field"])
@@ -125,7 +129,8 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
         (step_metadata, reference_node, [("out", "step_metadata")]),
         (reference_node, outputnode, [("chi_file", "chi_file"), ("metadata", "metadata")]),
         (remove_background, outputnode, [("local_field_file", "local_field_file")]),
-        (total_field, outputnode, [("field_file", "total_field_file")]),
+        (total_field, outputnode, [("field_file", "total_field_file"),
+                                   ("magnitude_file", "magnitude_file")]),
         (qsm_mask, outputnode, [("out_mask", "qsm_mask_file")]),
     ])  # fmt: skip
     return workflow
@@ -230,6 +235,11 @@ def _qsm_outputs(inputs):
                source_files=sources, metadata={**masked, "Units": "Hz", "Description": (
                    "total field offset in Hz inside the brain mask; steps: QSMSteps up to "
                    "TotalField")}),
+        # BIDS wants a magnitude image next to a fieldmap; one without desc serves both fields.
+        Output(field="magnitude_file", suffix="magnitude", datatype="fmap", source_files=sources,
+               metadata={"SkullStripped": False, "Units": "arbitrary", "Description": (
+                   "root-sum-of-squares over echoes of the GRE magnitude used for QSM (the data "
+                   "weights of background removal and inversion)")}),
         Output(field="qsm_mask_file", suffix="mask", desc="qsm", source_files=sources,
                metadata={"Description": "brain mask minus unreliable edge voxels (QSMSteps.Mask)"}),
     ]

@@ -1,16 +1,14 @@
 """QSM interfaces on a synthetic head with known susceptibility, on an oblique grid.
 
-48^3 voxels of 1 mm whose axes are rotated away from the scanner's (B0 is not an array axis);
-spheres of known susceptibility inside a ball-shaped brain, an air-like sphere outside it, fields
-in closed form (tests/core/qsm/_analytic.py: no discrete dipole kernel), a smooth phase offset
-that differs between two flip angles, wraps at every echo, complex noise (SNR 100 at echo 1). The
-given brain mask is one voxel larger than the signal, so the QSM mask must remove that shell.
+The head (tests/qsm_head.py): spheres of known susceptibility in a ball-shaped brain, an air-like
+sphere outside, closed-form fields, two flip angles with different phase offsets, wraps at every
+echo, SNR 60-100. The given brain mask is one voxel larger than the signal, so the QSM mask must
+remove that shell.
 """
 
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 
 from qmri_workflows.interfaces.qsm import (
     InvertDipole,
@@ -22,59 +20,39 @@ from qmri_workflows.interfaces.qsm import (
     voxel_size_from_affine,
 )
 from qmri_workflows.io.errors import BIDSInputError
-from tests.core.qsm._analytic import ball, nrmse, sample
-
-SHAPE = (48, 48, 48)
-CENTRE = np.array([24.0, 24.0, 24.0])
-BRAIN_RADIUS = 16.0
-B0_TESLA = 3.0
-HZ_PER_PPM = 42.577478518 * B0_TESLA
-ECHO_TIMES = [0.004, 0.008, 0.012, 0.016, 0.020]
-FLIP_ANGLES = [6.0, 20.0]
-INTERIOR = [("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
-            for offset, radius, chi in [((-6, 0, -4), 4.0, 0.2), ((6, 4, 3), 3.5, -0.15),
-                                        ((0, -7, 5), 3.0, 0.3), ((2, 5, -6), 4.0, 0.1)]]
-
-
-def oblique_affine():
-    rotation = Rotation.from_euler("xyz", [20, -12, 8], degrees=True).as_matrix()
-    affine = np.eye(4)
-    affine[:3, :3] = rotation
-    affine[:3, 3] = -rotation @ CENTRE
-    return affine
+from tests.core.qsm._analytic import ball, nrmse
+from tests.qsm_head import (
+    B0_TESLA,
+    BRAIN_RADIUS,
+    CENTRE,
+    ECHO_TIMES,
+    FLIP_ANGLES,
+    HZ_PER_PPM,
+    INTERIOR,
+    SHAPE,
+    oblique_affine,
+    synthetic_head,
+)
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qsm_head")
-    affine = oblique_affine()
-    b0 = b0_direction_from_affine(affine)
-    chi, local_ppm = sample(SHAPE, 1.0, INTERIOR, b0, supersampling=2)
-    air = [("sphere", dict(centre=CENTRE + 23.0 * np.asarray(b0), radius=5.0, chi=-9.4))]
-    _, background_ppm = sample(SHAPE, 1.0, air, b0, supersampling=2)
-    x, y, z = np.meshgrid(*[np.arange(n) - c for n, c in zip(SHAPE, CENTRE)], indexing="ij")
-    total_hz = HZ_PER_PPM * (local_ppm + background_ppm) + 0.5 * x   # + a linear shim residual
-    brain = ball(SHAPE, CENTRE, BRAIN_RADIUS)
-    given_mask = ball(SHAPE, CENTRE, BRAIN_RADIUS + 1.0)
-    rng = np.random.default_rng(3)
+    truth = synthetic_head()
+    affine = truth["affine"]
     files = dict(magnitude=[], phase=[], scales=[], echo_times=[], flips=[])
-    for flip_index, (flip, level) in enumerate(zip(FLIP_ANGLES, (0.6, 1.0))):
-        offset = 0.8 * flip_index + 1.5 * np.sin(x / 15.0) * np.cos(y / 19.0) + 0.3 * z / 24
-        for echo, te in enumerate(ECHO_TIMES, start=1):
-            magnitude = level * brain * np.exp(-20 * te)
-            signal = magnitude * np.exp(1j * (offset + 2 * np.pi * total_hz * te))
-            signal += 0.01 * (rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE))
-            for part, data in (("mag", np.abs(signal)), ("phase", np.angle(signal))):
-                path = folder / f"flip{flip_index + 1}_echo{echo}_{part}.nii"
-                nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
-                files["magnitude" if part == "mag" else "phase"].append(str(path))
-            files["scales"].append(1.0)
-            files["echo_times"].append(te)
-            files["flips"].append(flip)
+    for (flip_index, echo_index), (magnitude, phase) in sorted(truth["images"].items()):
+        for part, data in (("mag", magnitude), ("phase", phase)):
+            path = folder / f"flip{flip_index + 1}_echo{echo_index + 1}_{part}.nii"
+            nib.save(nib.Nifti1Image(data, affine), path)
+            files["magnitude" if part == "mag" else "phase"].append(str(path))
+        files["scales"].append(1.0)
+        files["echo_times"].append(ECHO_TIMES[echo_index])
+        files["flips"].append(FLIP_ANGLES[flip_index])
+    given_mask = ball(SHAPE, CENTRE, BRAIN_RADIUS + 1.0)
     mask_path = folder / "brain_mask.nii"
     nib.save(nib.Nifti1Image(given_mask.astype(np.uint8), affine), mask_path)
-    return dict(files=files, mask_file=str(mask_path), chi=chi, local_hz=HZ_PER_PPM * local_ppm,
-                total_hz=total_hz, brain=brain, given_mask=given_mask, affine=affine, folder=folder)
+    return dict(truth, files=files, mask_file=str(mask_path), given_mask=given_mask, folder=folder)
 
 
 def _run(interface, folder, name):
@@ -115,7 +93,7 @@ def test_total_field_and_mask(head, chain):
     print(f"\ntotal field NRMSE {error:.2f} % (both flip angles averaged)")
     assert error < 1
     metadata = chain["total"].metadata
-    assert "all flip angles" in metadata["QSMSteps"]["FlipAngles"] and metadata["FlipAngle"] == FLIP_ANGLES
+    assert "all flip angles" in metadata["QSMSteps"]["FlipAngles"] and metadata["FlipAngle"] == list(FLIP_ANGLES)
     qsm_mask = _data(chain["mask"].out_mask) > 0
     shell = head["given_mask"] & ~brain
     print(f"QSM mask: {qsm_mask.sum()} voxels of {head['given_mask'].sum()}, "

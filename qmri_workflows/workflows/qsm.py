@@ -136,29 +136,46 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
     return workflow
 
 
-def estimate_qsm_mem_gb(reference_file, n_volumes, n_flip_angles=1):
+BASE_GB = 0.25
+"""Memory of a node's Python process before it loads data (interpreter, numpy, scipy, Nipype)."""
+
+# Peak bytes per voxel of the image grid, measured on 191 x 227 x 201 voxels
+# (benchmarks/bench_qsm_interfaces.py, VmHWM minus BASE_GB); the FFT steps work on the padded box
+# around the brain, which is smaller than the grid for a head-sized field of view.
+_BYTES_PER_VOXEL = {
+    "mask": 16,
+    "reference": 8,
+    "background": {"vsharp": 20, "pdf": 60, "lbv": 60},
+    "inversion": {"tv": 60, "tkd": 30, "l2": 30, "ilsqr": 120},
+}
+
+
+def estimate_qsm_mem_gb(reference_file, n_echoes, n_flip_angles=1, *, background="vsharp", inversion="tv"):
     """Peak memory (GB) of each QSM node on the grid of ``reference_file``.
 
-    ``n_volumes`` is the number of echoes of one flip angle. Per voxel (bytes): the total field
-    holds two or three complex64 echo stacks while combining flip angles, then float32/float64
-    phase stacks and the unwrapping graph (about 150 bytes per voxel, from scipy's sparse
-    matrices); the FFT steps work on the padded bounding box in float32/complex64 (ADMM: about
-    20 volumes). Measured peaks are in ``tests/workflows/test_qsm_workflow.py`` and the closing
-    note of issue 10; these figures stay above them.
+    The total field holds complex64 echo stacks (three while flip angles are averaged), float32
+    phase and magnitude stacks and the unwrapping graph; the other steps a few volumes each.
+    Per-voxel figures come from measured peaks (``benchmarks/bench_qsm_interfaces.py``), with 30 %
+    margin.
+
+    Returns
+    -------
+    dict
+        ``{step: GB}`` for ``total_field``, ``mask``, ``background``, ``inversion``, ``reference``.
     """
     import nibabel as nib
     import numpy as np
 
     n_voxels = int(np.prod(nib.load(reference_file).shape[:3]))
-    stacks = (3 if n_flip_angles > 1 else 1) * 8 * n_volumes + 3 * 8 * n_volumes
-    estimates = {
-        "total_field": (stacks + 160) * n_voxels,
-        "mask": 40 * n_voxels,
-        "background": 120 * n_voxels,
-        "inversion": 160 * n_voxels,
-        "reference": 40 * n_voxels,
+    per_echo = 24 + (40 if n_flip_angles > 1 else 0)
+    per_voxel = {
+        "total_field": per_echo * n_echoes + 40,
+        "mask": _BYTES_PER_VOXEL["mask"],
+        "background": _BYTES_PER_VOXEL["background"][background],
+        "inversion": _BYTES_PER_VOXEL["inversion"][inversion],
+        "reference": _BYTES_PER_VOXEL["reference"],
     }
-    return {step: round(max(0.5, 1.2 * size / 1e9 + 0.3), 2) for step, size in estimates.items()}
+    return {step: round(BASE_GB + 1.3 * size * n_voxels / 1e9, 2) for step, size in per_voxel.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +227,8 @@ def _build_qsm(context):
         inversion=options["qsm_inversion"],
         reference=options["qsm_reference"],
         dseg_tsv=dseg.tsv if dseg is not None else None,
-        mem_gb=estimate_qsm_mem_gb(magnitude[0], max(len(s.magnitude) for s in inputs.gre), len(inputs.gre)),
+        mem_gb=estimate_qsm_mem_gb(magnitude[0], max(len(s.magnitude) for s in inputs.gre), len(inputs.gre),
+                                   background=options["qsm_background"], inversion=options["qsm_inversion"]),
         omp_nthreads=context.omp_nthreads,
     )
     for field, value in (("magnitude_files", magnitude), ("phase_files", phase), ("phase_scales", scales),

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from qmri_workflows.interfaces.qsm import (
+    BACKGROUND_ALGORITHMS,
+    INVERSION_ALGORITHMS,
     InvertDipole,
     QSMMask,
     ReferenceSusceptibility,
@@ -102,8 +104,9 @@ def test_total_field_and_mask(head, chain):
     assert (qsm_mask & brain).sum() > 0.97 * brain.sum()
 
 
-@pytest.mark.parametrize("background", ["vsharp", "pdf", "lbv"])
-def test_background_and_inversion_recover_chi(head, chain, background):
+@pytest.mark.parametrize("background, inversion", [("vsharp", "tv"), ("pdf", "tv"), ("lbv", "tv"),
+                                                   ("vsharp", "tkd"), ("vsharp", "l2"), ("vsharp", "ilsqr")])
+def test_background_and_inversion_recover_chi(head, chain, background, inversion):
     folder = head["folder"]
     removed = _run(RemoveBackground(field_file=chain["total"].field_file, mask_file=chain["mask"].out_mask,
                                     magnitude_file=chain["total"].magnitude_file, method=background),
@@ -113,28 +116,30 @@ def test_background_and_inversion_recover_chi(head, chain, background):
     local_error = nrmse(_data(removed.local_field_file), head["local_hz"], evaluation)
     inverted = _run(InvertDipole(local_field_file=removed.local_field_file, mask_file=removed.local_mask_file,
                                  magnitude_file=chain["total"].magnitude_file, field_strength=B0_TESLA,
-                                 mean_echo_time=chain["total"].mean_echo_time), folder, f"tv_{background}")
+                                 mean_echo_time=chain["total"].mean_echo_time, method=inversion),
+                    folder, f"{inversion}_{background}")
     referenced = _run(ReferenceSusceptibility(chi_file=inverted.chi_file, mask_file=removed.local_mask_file,
                                               step_metadata=[chain["total"].metadata, removed.metadata,
                                                              inverted.metadata]),
-                      folder, f"ref_{background}")
+                      folder, f"ref_{background}_{inversion}")
     chi = _data(referenced.chi_file)
     error = nrmse(chi, head["chi"], evaluation)
     trivial = nrmse(3 * _data(removed.local_field_file) / HZ_PER_PPM, head["chi"], evaluation)
     means = [chi[ball(SHAPE, p["centre"], p["radius"] - 1)].mean() - chi[evaluation].mean()
              + head["chi"][evaluation].mean() for _, p in INTERIOR]
     worst = max(abs(m - p["chi"]) for m, (_, p) in zip(means, INTERIOR))
-    print(f"\n{background} + tv: local field NRMSE {local_error:.1f} %, chi NRMSE {error:.1f} % "
+    print(f"\n{background} + {inversion}: local field NRMSE {local_error:.1f} %, chi NRMSE {error:.1f} % "
           f"(trivial {trivial:.0f} %), worst sphere mean error {worst:.3f} ppm")
     # Sources come within 3 mm of the edge of this small brain, where background removal is least
     # accurate: the bounds are looser than the phantom targets of issue 10 (15 % local field).
+    # TKD and L2 are the crude ones (L2 shrinks the sphere contrasts by about a quarter).
     assert local_error < 30
-    assert error < 40 and error < trivial / 2
-    assert worst < 0.03
+    assert error < (40 if inversion in ("tv", "ilsqr") else 50) and error < trivial / 2
+    assert worst < (0.08 if inversion == "l2" else 0.03)
     assert abs(chi[local_mask].mean()) < 1e-4        # referenced to the whole-brain mean
     sidecar = referenced.metadata
-    assert "V-SHARP" in sidecar["EstimationAlgorithm"] or background != "vsharp"
-    assert "total-variation" in sidecar["EstimationAlgorithm"]
+    assert INVERSION_ALGORITHMS[inversion] in sidecar["EstimationAlgorithm"]
+    assert BACKGROUND_ALGORITHMS[background] in sidecar["EstimationAlgorithm"]
     assert sidecar["ReferenceRegion"].startswith("whole brain")
 
 
@@ -149,3 +154,44 @@ def test_a_phase_echo_in_other_units_is_one_clear_error(head, tmp_path):
                            flip_angles=files["flips"], mask_file=head["mask_file"])
     with pytest.raises(BIDSInputError, match=r"echo3_phase_siemens\.nii is not in the units of the first echo"):
         interface.run(cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize("unwrap, fit", [("region_growing", "complex"), ("laplacian", "linear")])
+def test_total_field_alternatives(head, tmp_path, unwrap, fit):
+    files = head["files"]
+    total = _run(TotalField(magnitude_files=files["magnitude"], phase_files=files["phase"],
+                            phase_scales=files["scales"], echo_times=files["echo_times"],
+                            flip_angles=files["flips"], mask_file=head["mask_file"], unwrap=unwrap,
+                            fit=fit, flip_angles_used="best"), tmp_path, "total")
+    error = _data(total.field_file) - head["total_hz"]
+    brain = head["brain"]
+    wrong = np.abs(error[brain]) > 10          # off by multiples of 1 / (TE2 - TE1) = 250 Hz
+    median = np.median(np.abs(error[brain]))
+    print(f"\n{unwrap} + {fit}, best flip angle: median field error {median:.3f} Hz, "
+          f"{wrong.sum()} of {brain.sum()} voxels off by a wrap")
+    assert median < 0.2
+    # The congruent Laplacian solution of the first echo difference misses a wrap where its
+    # harmonic error exceeds pi (a few voxels in the strongest gradients); region growing never.
+    assert wrong.sum() <= (0 if unwrap == "region_growing" else 0.001 * brain.sum())
+    assert total.metadata["FlipAngle"] == FLIP_ANGLES[1]       # the brighter of the two
+    assert "most signal" in total.metadata["QSMSteps"]["FlipAngles"]
+
+
+def test_csf_reference_from_a_segmentation(head, chain, tmp_path):
+    dseg = np.where(ball(SHAPE, INTERIOR[0][1]["centre"], 3.0), 1, np.where(head["brain"], 2, 0))
+    dseg_file = tmp_path / "dseg.nii"
+    nib.save(nib.Nifti1Image(dseg.astype(np.int16), head["affine"]), dseg_file)
+    tsv = tmp_path / "dseg.tsv"
+    tsv.write_text("index\tname\n1\tLateral-Ventricle CSF\n2\tWM\n")
+    chi_file = tmp_path / "chi.nii"
+    nib.save(nib.Nifti1Image(head["chi"].astype(np.float32), head["affine"]), chi_file)
+    referenced = _run(ReferenceSusceptibility(chi_file=str(chi_file), mask_file=chain["mask"].out_mask,
+                                              reference="csf", dseg_file=str(dseg_file), dseg_tsv=str(tsv)),
+                      tmp_path, "ref")
+    chi = _data(referenced.chi_file)
+    assert np.allclose(chi[dseg == 1].mean(), 0, atol=1e-6)
+    assert referenced.metadata["ReferenceValue"] == pytest.approx(head["chi"][dseg == 1].mean(), abs=1e-5)
+    assert "CSF (dseg labels 1: Lateral-Ventricle CSF" in referenced.metadata["ReferenceRegion"]
+    without = ReferenceSusceptibility(chi_file=str(chi_file), mask_file=chain["mask"].out_mask, reference="csf")
+    with pytest.raises(ValueError, match="--qsm-reference csf needs a segmentation"):
+        without.run(cwd=str(tmp_path))

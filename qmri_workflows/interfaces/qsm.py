@@ -167,6 +167,11 @@ def csf_labels(tsv_path):
     return found
 
 
+def _load_optional(path, reference):
+    """The volume of an optional file input, or None when it is undefined."""
+    return load_volume(path, reference=reference) if isdefined(path) else None
+
+
 def _write(runtime, name, data, affine):
     return str(write_nifti(os.path.join(runtime.cwd, name), data, affine))
 
@@ -342,8 +347,7 @@ class QSMMask(SimpleInterface):
         reference = nib.load(self.inputs.magnitude_file)
         mask = load_volume(self.inputs.mask_file, reference=reference) > 0
         magnitude = load_volume(self.inputs.magnitude_file, reference=reference)
-        field_sd = (load_volume(self.inputs.field_sd_file, reference=reference)
-                    if isdefined(self.inputs.field_sd_file) else None)
+        field_sd = _load_optional(self.inputs.field_sd_file, reference)
         reliable = reliable_edge_mask(mask, magnitude, field_sd,
                                       magnitude_fraction=self.inputs.magnitude_fraction,
                                       sd_factor=self.inputs.sd_factor)
@@ -391,8 +395,7 @@ class RemoveBackground(SimpleInterface):
         if method == "vsharp":
             local, local_mask = remove_background_vsharp(field, mask, voxel_size, workers=workers)
         elif method == "pdf":
-            weights = (load_volume(self.inputs.magnitude_file, reference=reference)
-                       if isdefined(self.inputs.magnitude_file) else None)
+            weights = _load_optional(self.inputs.magnitude_file, reference)
             local, _ = remove_background_pdf(field, mask, voxel_size, weights=weights, workers=workers,
                                              b0_direction=b0_direction_from_affine(reference.affine))
             local_mask = mask
@@ -440,8 +443,7 @@ class InvertDipole(SimpleInterface):
         reference = nib.load(inputs.local_field_file)
         local_ppm = hz_to_ppm(load_volume(inputs.local_field_file), inputs.field_strength)
         mask = load_volume(inputs.mask_file, reference=reference) > 0
-        weights = (load_volume(inputs.magnitude_file, reference=reference)
-                   if isdefined(inputs.magnitude_file) else None)
+        weights = _load_optional(inputs.magnitude_file, reference)
         geometry = dict(voxel_size=voxel_size_from_affine(reference.affine),
                         b0_direction=b0_direction_from_affine(reference.affine),
                         workers=inputs.num_threads)

@@ -93,9 +93,11 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
     total_field = pe.Node(TotalField(unwrap=unwrap, fit=fit, flip_angles_used=flip_angles_used),
                           name="total_field", mem_gb=mem_gb["total_field"])
     qsm_mask = pe.Node(QSMMask(), name="qsm_mask", mem_gb=mem_gb["mask"])
-    remove_background = pe.Node(RemoveBackground(method=background, num_threads=omp_nthreads),
+    # LBV solves by conjugate gradients on a sparse matrix: one thread.
+    background_threads = 1 if background == "lbv" else omp_nthreads
+    remove_background = pe.Node(RemoveBackground(method=background, num_threads=background_threads),
                                 name="remove_background", mem_gb=mem_gb["background"],
-                                n_procs=omp_nthreads)
+                                n_procs=background_threads)
     invert = pe.Node(InvertDipole(method=inversion, field_strength=field_strength,
                                   num_threads=omp_nthreads),
                      name="invert_dipole", mem_gb=mem_gb["inversion"], n_procs=omp_nthreads)
@@ -145,8 +147,8 @@ BASE_GB = 0.25
 _BYTES_PER_VOXEL = {
     "mask": 16,
     "reference": 8,
-    "background": {"vsharp": 20, "pdf": 60, "lbv": 60},
-    "inversion": {"tv": 60, "tkd": 30, "l2": 30, "ilsqr": 120},
+    "background": {"vsharp": 20, "pdf": 45, "lbv": 60},
+    "inversion": {"tv": 60, "tkd": 30, "l2": 30, "ilsqr": 180},
 }
 
 
@@ -167,7 +169,8 @@ def estimate_qsm_mem_gb(reference_file, n_echoes, n_flip_angles=1, *, background
     import numpy as np
 
     n_voxels = int(np.prod(nib.load(reference_file).shape[:3]))
-    per_echo = 24 + (40 if n_flip_angles > 1 else 0)
+    # Averaging flip angles keeps three more complex stacks, whatever their number.
+    per_echo = 24 + (16 if n_flip_angles > 1 else 0)
     per_voxel = {
         "total_field": per_echo * n_echoes + 40,
         "mask": _BYTES_PER_VOXEL["mask"],

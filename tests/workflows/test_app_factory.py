@@ -11,6 +11,7 @@ from qmri_workflows.cli import run
 from qmri_workflows.io.query import collect_inputs, open_layout
 from qmri_workflows.io.staging import STAGING_FOLDER
 from qmri_workflows.workflows.base import init_qmri_wf
+from qmri_workflows.workflows.qsm import BASE_GB
 from tests.bids_factory import make_megre_dataset, make_vfa_dataset
 
 
@@ -40,7 +41,7 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     # The FFT-heavy QSM steps use the threads they are given; every step declares its memory.
     for node in ("total_field", "qsm_mask", "remove_background", "invert_dipole", "reference"):
         qsm_node = workflow.get_node(f"sub_01_wf.qsm_wf.{node}")
-        assert qsm_node.mem_gb >= 0.5
+        assert qsm_node.mem_gb >= BASE_GB
     assert workflow.get_node("sub_01_wf.qsm_wf.invert_dipole").n_procs == 2
 
 

@@ -147,3 +147,20 @@ def test_plan_says_why_qsm_does_not_run(tmp_path):
     plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(no_field), "01"))}
     assert not plans["qsm"].run and "QSM needs MagneticFieldStrength" in plans["qsm"].reason
     assert plans["r2star"].run
+
+
+def test_memory_estimate_follows_the_grid_and_the_methods(tmp_path):
+    from qmri_workflows.workflows.qsm import BASE_GB, estimate_qsm_mem_gb
+    from tests.bids_factory import write_image
+
+    small = write_image(tmp_path / "small.nii", shape=(8, 8, 6))
+    head = write_image(tmp_path / "head.nii", np.zeros((191, 227, 201), np.float32))
+    assert set(estimate_qsm_mem_gb(small, 6).values()) == {BASE_GB}
+    one = estimate_qsm_mem_gb(head, 6)
+    # Peaks measured on this grid (benchmarks/bench_qsm_interfaces.py, GB): total field 1.79,
+    # V-SHARP 0.36, TV 0.72; with two flip angles the total field 2.51; iLSQR 1.71, PDF 0.57.
+    assert 1.79 < one["total_field"] < 1.79 * 1.5
+    assert 0.36 < one["background"] < 1.0 and 0.72 < one["inversion"] < 1.2
+    two = estimate_qsm_mem_gb(head, 6, 2, background="pdf", inversion="ilsqr")
+    assert 2.51 < two["total_field"] < 2.51 * 1.5
+    assert 0.57 < two["background"] < 1.0 and 1.71 < two["inversion"] < 1.71 * 1.5

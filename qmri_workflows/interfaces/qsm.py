@@ -35,6 +35,7 @@ from nipype.interfaces.base import (
 from ..core.qsm import (
     fit_field_complex,
     fit_field_linear,
+    estimate_csf_mask,
     hz_to_ppm,
     invert_ilsqr,
     invert_l2_gradient,
@@ -109,6 +110,8 @@ UNWRAP_REFERENCE = "Dymerska B et al. Magn Reson Med 2021;85:2294-2308"
 _RADIAN_TOLERANCE = 1e-2
 _MIN_PHASE_SPAN = math.pi / 2
 _MIN_REFERENCE_VOXELS = 10
+CSF_DEPTH_MM = 8.0
+CSF_R2STAR_FRACTION = 0.3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,6 +480,7 @@ class _ReferenceSusceptibilityInputSpec(BaseInterfaceInputSpec):
     reference = traits.Enum("brain", "csf", usedefault=True, desc="reference region")
     dseg_file = File(exists=True, desc="segmentation on the map grid (for 'csf')")
     dseg_tsv = File(exists=True, desc="its label table (index, name)")
+    r2star_file = File(exists=True, desc="R2* (1/s), for 'csf' without a segmentation")
     step_metadata = InputMultiObject(traits.Dict, desc="metadata of the earlier steps, in order")
 
 
@@ -526,9 +530,19 @@ class ReferenceSusceptibility(SimpleInterface):
     def _csf(self, reference, mask):
         inputs = self.inputs
         if not isdefined(inputs.dseg_file) or not isdefined(inputs.dseg_tsv):
-            raise ValueError("--qsm-reference csf needs a segmentation (dseg with its dseg.tsv "
-                             "naming a CSF label) given with --derivatives; none was found for this "
-                             "subject: add one, or use --qsm-reference brain")
+            if not isdefined(inputs.r2star_file):
+                raise ValueError("--qsm-reference csf needs a segmentation (dseg with its dseg.tsv "
+                                 "naming a CSF label) given with --derivatives, or an R2* map to "
+                                 "estimate CSF from; add one, or use --qsm-reference brain")
+            r2star = load_volume(inputs.r2star_file, reference=reference)
+            try:
+                region = estimate_csf_mask(mask, r2star, voxel_size_from_affine(reference.affine),
+                                           depth_mm=CSF_DEPTH_MM, r2star_fraction=CSF_R2STAR_FRACTION)
+            except ValueError as error:
+                raise ValueError(f"{error}; give a segmentation with a CSF label (--derivatives) or "
+                                 "use --qsm-reference brain") from error
+            return region, (f"CSF estimated without a segmentation: voxels at least {CSF_DEPTH_MM:g} mm "
+                            f"inside the QSM mask with R2* below {CSF_R2STAR_FRACTION:g} x its median")
         labels = csf_labels(inputs.dseg_tsv)
         if not labels:
             raise ValueError(f"{inputs.dseg_tsv} names no CSF or ventricle label (a 'name' containing "

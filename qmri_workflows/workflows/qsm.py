@@ -42,7 +42,9 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
     inversion : {"tv", "tkd", "l2", "ilsqr"}
         Dipole inversion.
     reference : {"brain", "csf"}
-        Region whose mean susceptibility is 0 (CSF needs ``dseg_file`` and ``dseg_tsv``).
+        Region whose mean susceptibility is 0: CSF from ``dseg_file`` and ``dseg_tsv`` or, without
+        them, estimated from ``r2star_file``
+        (:func:`~qmri_workflows.core.qsm.estimate_csf_mask`).
     dseg_tsv : str, optional
         Label table of the segmentation given with ``--derivatives``.
     mem_gb : dict, optional
@@ -61,6 +63,8 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
         Brain mask.
     dseg_file
         Segmentation on the map grid (optional; for ``reference="csf"``).
+    r2star_file
+        R2* map (optional; for ``reference="csf"`` without ``dseg_file``).
 
     Outputs
     -------
@@ -85,7 +89,7 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(IdentityInterface(fields=[
         "magnitude_files", "phase_files", "phase_scales", "echo_times", "flip_angles", "mask_file",
-        "dseg_file"]), name="inputnode")
+        "dseg_file", "r2star_file"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=[
         "chi_file", "local_field_file", "total_field_file", "magnitude_file", "qsm_mask_file",
         "metadata"]),
@@ -123,7 +127,7 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
                                ("mean_echo_time", "mean_echo_time")]),
         (invert, reference_node, [("chi_file", "chi_file")]),
         (remove_background, reference_node, [("local_mask_file", "mask_file")]),
-        (inputnode, reference_node, [("dseg_file", "dseg_file")]),
+        (inputnode, reference_node, [("dseg_file", "dseg_file"), ("r2star_file", "r2star_file")]),
         (total_field, step_metadata, [("metadata", "in1")]),
         (qsm_mask, step_metadata, [("metadata", "in2")]),
         (remove_background, step_metadata, [("metadata", "in3")]),
@@ -274,8 +278,9 @@ def _registry_entries():
         key="qsm",
         name="QSM",
         needs=(GRE,),
-        depends=("brainmask",),
-        consumes={"mask_file": ("brainmask", "mask_file")},
+        # R2* serves the CSF reference estimated without a segmentation.
+        depends=("brainmask", "r2star"),
+        consumes={"mask_file": ("brainmask", "mask_file"), "r2star_file": ("r2star", "r2star_file")},
         derived_inputs={"dseg_file": (DSEG, "majority")},
         check=_check_qsm,
         describe=_describe_qsm,
@@ -303,8 +308,9 @@ def _registry_entries():
                             "L2 or iLSQR"}),
             Option(("--qsm-reference",), "qsm_reference",
                    {"choices": REFERENCE_CHOICES, "default": "brain",
-                    "help": "susceptibility reference: whole-brain mean (default) or CSF from a "
-                            "segmentation given with --derivatives"}),
+                    "help": "susceptibility reference: whole-brain mean (default) or CSF, from a "
+                            "segmentation given with --derivatives or else estimated (low R2* deep "
+                            "in the brain)"}),
         ),
     )
     return (qsm,)

@@ -193,5 +193,29 @@ def test_csf_reference_from_a_segmentation(head, chain, tmp_path):
     assert referenced.metadata["ReferenceValue"] == pytest.approx(head["chi"][dseg == 1].mean(), abs=1e-5)
     assert "CSF (dseg labels 1: Lateral-Ventricle CSF" in referenced.metadata["ReferenceRegion"]
     without = ReferenceSusceptibility(chi_file=str(chi_file), mask_file=chain["mask"].out_mask, reference="csf")
-    with pytest.raises(ValueError, match="--qsm-reference csf needs a segmentation"):
+    with pytest.raises(ValueError, match=r"--qsm-reference csf needs a segmentation .* or an R2\* map"):
         without.run(cwd=str(tmp_path))
+
+
+def test_csf_reference_estimated_from_r2star(head, chain, tmp_path):
+    """Without a segmentation: low R2* deep in the brain is CSF; low R2* near the edge is not."""
+    deep = ball(SHAPE, CENTRE + (0, 0, 2), 4.0)
+    shallow = ball(SHAPE, CENTRE + (13, 0, 0), 3.0)
+    r2star = np.where(deep | shallow, 2.0, 20.0) * head["brain"]
+    r2star_file = tmp_path / "r2star.nii"
+    nib.save(nib.Nifti1Image(r2star.astype(np.float32), head["affine"]), r2star_file)
+    chi_file = tmp_path / "chi.nii"
+    chi = head["chi"] + 0.05 * shallow          # the wrong region would shift the reference
+    nib.save(nib.Nifti1Image(chi.astype(np.float32), head["affine"]), chi_file)
+    referenced = _run(ReferenceSusceptibility(chi_file=str(chi_file), mask_file=chain["mask"].out_mask,
+                                              reference="csf", r2star_file=str(r2star_file)), tmp_path, "ref")
+    mask = _data(chain["mask"].out_mask) > 0
+    assert referenced.metadata["ReferenceRegionVoxels"] == (deep & mask).sum()
+    assert referenced.metadata["ReferenceValue"] == pytest.approx(chi[deep].mean(), abs=1e-5)
+    assert referenced.metadata["ReferenceRegion"].startswith("CSF estimated without a segmentation")
+    uniform_file = tmp_path / "uniform.nii"
+    nib.save(nib.Nifti1Image((20.0 * head["brain"]).astype(np.float32), head["affine"]), uniform_file)
+    no_csf = ReferenceSusceptibility(chi_file=str(chi_file), mask_file=chain["mask"].out_mask, reference="csf",
+                                     r2star_file=str(uniform_file))
+    with pytest.raises(ValueError, match="too little to serve as a CSF reference; give a segmentation"):
+        no_csf.run(cwd=str(tmp_path))

@@ -152,10 +152,11 @@ def check_phase_radians(phase, path, phase_scale):
                           and span <= 2 * math.pi + _RADIAN_TOLERANCE and span >= _MIN_PHASE_SPAN)
     if not looks_like_radians:
         raise BIDSInputError(
-            f"phase image {path} is not in the units of the first echo of its series: multiplied by "
-            f"{phase_scale:.6g} (the factor found for echo 1) its values span [{low:.4g}, {high:.4g}], "
-            "not one turn of radians; export every echo of the series with the same phase units "
-            "(all radians, or all scanner integers) and give every phase sidecar the same \"Units\"")
+            f"phase image {path} is not wrapped phase in the units of the first echo of its series: "
+            f"multiplied by {phase_scale:.6g} (the factor to radians found for echo 1) its values span "
+            f"[{low:.4g}, {high:.4g}], not one turn of radians; export every echo of the series as "
+            "wrapped phase in the same units (all radians, or all scanner integers) and give every "
+            "phase sidecar the same \"Units\"")
 
 
 def csf_labels(tsv_path):

@@ -151,7 +151,7 @@ BASE_GB = 0.25
 _BYTES_PER_VOXEL = {
     "mask": 16,
     "reference": 8,
-    "background": {"vsharp": 20, "pdf": 45, "lbv": 60},
+    "background": {"vsharp": 20, "pdf": 45, "lbv": 130},
     "inversion": {"tv": 60, "tkd": 30, "l2": 30, "ilsqr": 180},
 }
 

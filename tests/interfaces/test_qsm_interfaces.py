@@ -152,7 +152,7 @@ def test_a_phase_echo_in_other_units_is_one_clear_error(head, tmp_path):
     interface = TotalField(magnitude_files=files["magnitude"], phase_files=files["phase"],
                            phase_scales=files["scales"], echo_times=files["echo_times"],
                            flip_angles=files["flips"], mask_file=head["mask_file"])
-    with pytest.raises(BIDSInputError, match=r"echo3_phase_siemens\.nii is not in the units of the first echo"):
+    with pytest.raises(BIDSInputError, match=r"echo3_phase_siemens\.nii is not wrapped phase in the units of the first echo"):
         interface.run(cwd=str(tmp_path))
 
 

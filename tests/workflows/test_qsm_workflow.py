@@ -131,9 +131,9 @@ def test_a_wrong_unit_phase_echo_is_one_clear_error(tmp_path, caplog):
     nib.save(nib.Nifti1Image(np.round(radians / np.pi * 4096).astype(np.int16), nib.load(wrong).affine), wrong)
     code = _app(raw, tmp_path / "out", tmp_path / "work")
     assert code != 0
-    message = f"phase image {wrong} is not in the units of the first echo of its series"
+    message = f"phase image {wrong} is not wrapped phase in the units of the first echo of its series"
     assert caplog.text.count(message) >= 1
-    assert "export every echo of the series with the same phase units" in caplog.text
+    assert "export every echo of the series as wrapped phase in the same units" in caplog.text
     assert not (tmp_path / "out" / "sub-01").exists()
 
 
@@ -158,9 +158,12 @@ def test_memory_estimate_follows_the_grid_and_the_methods(tmp_path):
     assert set(estimate_qsm_mem_gb(small, 6).values()) == {BASE_GB}
     one = estimate_qsm_mem_gb(head, 6)
     # Peaks measured on this grid (benchmarks/bench_qsm_interfaces.py, GB): total field 1.79,
-    # V-SHARP 0.36, TV 0.72; with two flip angles the total field 2.51; iLSQR 1.71, PDF 0.57.
+    # V-SHARP 0.36, TV 0.72; with two flip angles the total field 2.51; iLSQR 1.71, PDF 0.57,
+    # LBV 1.25, TKD 0.36.
     assert 1.79 < one["total_field"] < 1.79 * 1.5
     assert 0.36 < one["background"] < 1.0 and 0.72 < one["inversion"] < 1.2
     two = estimate_qsm_mem_gb(head, 6, 2, background="pdf", inversion="ilsqr")
     assert 2.51 < two["total_field"] < 2.51 * 1.5
     assert 0.57 < two["background"] < 1.0 and 1.71 < two["inversion"] < 1.71 * 1.5
+    other = estimate_qsm_mem_gb(head, 6, background="lbv", inversion="tkd")
+    assert 1.25 < other["background"] < 1.25 * 1.5 and 0.36 < other["inversion"] < 0.8

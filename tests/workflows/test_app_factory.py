@@ -11,6 +11,7 @@ from qmri_workflows.cli import run
 from qmri_workflows.io.query import collect_inputs, open_layout
 from qmri_workflows.io.staging import STAGING_FOLDER
 from qmri_workflows.workflows.base import init_qmri_wf
+from qmri_workflows.workflows.qsm import BASE_GB
 from tests.bids_factory import make_megre_dataset, make_vfa_dataset
 
 
@@ -36,7 +37,12 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     assert sum(name.endswith(".commit") for name in names) == 2
     fit = workflow.get_node("sub_01_wf.r2star_wf.fit_r2star")
     assert fit.n_procs == 2 and fit.mem_gb >= 0.5
-    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["brain mask", "R2*"]
+    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["brain mask", "R2*", "QSM"]
+    # The FFT-heavy QSM steps use the threads they are given; every step declares its memory.
+    for node in ("total_field", "qsm_mask", "remove_background", "invert_dipole", "reference"):
+        qsm_node = workflow.get_node(f"sub_01_wf.qsm_wf.{node}")
+        assert qsm_node.mem_gb >= BASE_GB
+    assert workflow.get_node("sub_01_wf.qsm_wf.invert_dipole").n_procs == 2
 
 
 def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
@@ -54,6 +60,13 @@ def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
         "sub-01_ses-b_T2starmap.nii.gz", "sub-01_ses-b_T2starmap.json",
         "sub-01_ses-b_S0map.nii.gz", "sub-01_ses-b_S0map.json",
         "sub-01_ses-b_desc-brain_mask.nii.gz", "sub-01_ses-b_desc-brain_mask.json",
+        "sub-01_ses-b_Chimap.nii.gz", "sub-01_ses-b_Chimap.json",
+        "sub-01_ses-b_desc-qsm_mask.nii.gz", "sub-01_ses-b_desc-qsm_mask.json",
+    ])  # fmt: skip
+    assert sorted(p.name for p in (anat.parent / "fmap").iterdir()) == sorted([
+        "sub-01_ses-b_desc-local_fieldmap.nii.gz", "sub-01_ses-b_desc-local_fieldmap.json",
+        "sub-01_ses-b_desc-total_fieldmap.nii.gz", "sub-01_ses-b_desc-total_fieldmap.json",
+        "sub-01_ses-b_magnitude.nii.gz", "sub-01_ses-b_magnitude.json",
     ])  # fmt: skip
     assert not (out / "sub-01" / "ses-a").exists()
     assert not (out / STAGING_FOLDER).exists()

@@ -191,7 +191,10 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
     assert sinks == sorted(["ds_brainmask_mask_brain", "ds_r2star_R2starmap", "ds_r2star_R2starmap_stderr",
                             "ds_r2star_T2starmap",
                             "ds_r2star_S0map_flip1_0", "ds_r2star_S0map_flip2_1", "ds_r2star_S0map_flip3_2",
-                            "ds_echoratio_S0map_echoratio"])
+                            "ds_echoratio_S0map_echoratio",
+                            "ds_qsm_Chimap", "ds_qsm_fieldmap_local", "ds_qsm_fieldmap_total",
+                            "ds_qsm_magnitude",
+                            "ds_qsm_mask_qsm"])
     assert [name for name in names if name.endswith(".commit")] == ["sub_01_wf.ds_wf.commit"]
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import getpass
 import json
 import logging
@@ -608,10 +607,6 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
         plugin_args.setdefault("status_callback", reporter)
 
     runner = _plugin_instance(plugin, plugin_args)
-    # MultiProc calls gc.collect() at each pass that may submit a job; with nipype, pybids and
-    # SQLAlchemy loaded each full collection takes 0.1-0.2 s of the main process (34 calls, 5.9 s
-    # on the shipped example). Frozen objects (everything built so far) are skipped by collections.
-    gc.freeze()
     try:
         workflow.run(plugin=runner)
     except KeyboardInterrupt:
@@ -627,7 +622,6 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
         if not reporter.failed:
             reporter.failed["run"] = ["(see the crash files)"]
     finally:
-        gc.unfreeze()
         _stop_workers(runner)
     if plugin in GRAPH_PLUGINS:
         LOGGER.info("the whole graph was submitted to the scheduler as dependent jobs; each "

@@ -278,8 +278,6 @@ def _positive_float(text):
 
 def _plugin_settings(args):
     """Plugin name and arguments from --plugin-config or --plugin; ValueError if unusable."""
-    from nipype.pipeline import plugins
-
     if args.plugin_config:
         try:
             plugin, plugin_args = load_plugin_config(args.plugin_config)
@@ -288,6 +286,10 @@ def _plugin_settings(args):
     else:
         plugin = args.plugin or ("Linear" if args.nprocs == 1 else "MultiProc")
         plugin_args = {}
+    if plugin in ("Linear", "MultiProc"):  # known without importing Nipype (half a second)
+        return plugin, plugin_args
+    from nipype.pipeline import plugins
+
     if not hasattr(plugins, f"{plugin}Plugin"):
         known = sorted(name[: -len("Plugin")] for name in dir(plugins) if name.endswith("Plugin"))
         raise ValueError(f"unknown Nipype plugin {plugin!r}; choose from {', '.join(known)}")
@@ -392,9 +394,6 @@ def _check_call(args):
 
 
 def _run(args, argv):
-    from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
-    from ..workflows.registry import has_maps_to_compute, plan_families, registered_families
-
     # Everything that can be checked without touching a file comes first, so a mistake in the
     # call costs nothing and leaves nothing behind.
     code, settings = _check_call(args)
@@ -403,6 +402,8 @@ def _run(args, argv):
     plugin, plugin_args, bids_dir, output_dir, work_dir = settings
     # The validator and the indexing take seconds: say at once that the App is at work.
     LOGGER.info("qmri-workflows %s: checking %s", __version__, bids_dir)
+    from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
+    from ..workflows.registry import has_maps_to_compute, plan_families, registered_families
 
     if not args.skip_bids_validation:
         report = run_validator(bids_dir)
@@ -552,8 +553,9 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
 
     from ..io.query import AFI, BSSFP, GRE, RECEIVE
     from ..workflows.base import default_options, init_qmri_wf
-    from .logs import StepReporter
+    from .logs import StepReporter, configure_nipype
 
+    configure_nipype()
     nipype_config.update_config({
         "execution": {
             "crashdump_dir": str(work_dir / "crash"),

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 from .registry import BuildContext, MapPlan, has_maps_to_compute, plan_families, registered_families
 
 __all__ = [
@@ -41,6 +38,9 @@ def estimate_fit_mem_gb(reference_file, n_volumes):
     The stacked float32 data, the float64 working copies of one chunk and the outputs; measured
     peaks (benchmarks/bench_pipeline.py) stay below this.
     """
+    import nibabel as nib
+    import numpy as np
+
     n_voxels = int(np.prod(nib.load(reference_file).shape[:3]))
     stack = n_voxels * n_volumes * 4
     outputs = n_voxels * (n_volumes + 4) * 8

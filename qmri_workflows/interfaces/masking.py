@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
 )
 
 from ..core.masking import brain_mask
-from ..io.images import load_volume
+from ..io.images import load_volumes
 from ..io.derivatives import write_nifti
 
 
@@ -40,9 +40,8 @@ class BrainMask(SimpleInterface):
 
     def _run_interface(self, runtime):
         reference = nib.load(self.inputs.in_files[0])
-        sum_of_squares = np.zeros(reference.shape[:3], dtype=np.float64)
-        for path in self.inputs.in_files:
-            sum_of_squares += np.square(load_volume(path, reference=reference), dtype=np.float64)
+        volumes = load_volumes(self.inputs.in_files, reference=reference)
+        sum_of_squares = np.square(volumes, dtype=np.float64).sum(axis=-1)
         mask = brain_mask(np.sqrt(sum_of_squares), voxel_size=reference.header.get_zooms()[:3])
         self._results["out_mask"] = str(
             write_nifti(os.path.join(runtime.cwd, "brain_mask.nii"), mask, reference.affine)

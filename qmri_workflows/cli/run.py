@@ -187,7 +187,16 @@ def run_validator(bids_dir, *, files_per_group=3):
         many files it concerns and at most ``files_per_group`` of them; empty when the dataset is
         valid; None when no validator is installed.
     """
+    return _finish_validator(_start_validator(bids_dir), files_per_group=files_per_group)
+
+
+def _start_validator(bids_dir):
+    """Start the validator (a process of its own) on ``bids_dir``; None when none is installed.
+
+    Its report goes to a temporary file, not a pipe, so it never waits for this process to read.
+    """
     import subprocess
+    import tempfile
 
     executable = shutil.which("bids-validator-deno")
     if executable is None:
@@ -195,13 +204,26 @@ def run_validator(bids_dir, *, files_per_group=3):
         executable = str(candidate) if candidate.exists() else None
     if executable is None:
         return None
-    result = subprocess.run(
-        [executable, str(bids_dir), "--json"], capture_output=True, text=True, check=False
-    )
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([executable, str(bids_dir), "--json"], stdout=stdout, stderr=stderr, text=True)
+    process.report_files = (stdout, stderr)
+    return process
+
+
+def _finish_validator(process, *, files_per_group=3):
+    """Wait for a validator from :func:`_start_validator` and group its errors (see :func:`run_validator`)."""
+    if process is None:
+        return None
+    stdout, stderr = process.report_files
+    with stdout, stderr:
+        process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
     try:
-        report = json.loads(result.stdout)
+        report = json.loads(output)
     except json.JSONDecodeError:
-        return [f"the BIDS validator failed to run: {result.stderr.strip() or result.stdout[:500]}"]
+        return [f"the BIDS validator failed to run: {errors.strip() or output[:500]}"]
     return group_validator_errors(report, files_per_group=files_per_group)
 
 
@@ -405,8 +427,19 @@ def _run(args, argv):
     from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
     from ..workflows.registry import has_maps_to_compute, plan_families, registered_families
 
+    # The validator runs in a process of its own (about a second): pybids indexes meanwhile, and
+    # the validator's verdict still comes first.
+    validator = None if args.skip_bids_validation else _start_validator(bids_dir)
+    try:
+        layout, layout_error = open_layout(bids_dir), None
+    except BIDSInputError as error:
+        layout, layout_error = None, error
+    except BaseException:  # Ctrl-C or a pybids crash: leave no validator behind
+        if validator is not None:
+            validator.kill()
+        raise
     if not args.skip_bids_validation:
-        report = run_validator(bids_dir)
+        report = _finish_validator(validator)
         if report is None:
             LOGGER.warning("BIDS validator not installed (pip install 'qmri-workflows[validator]'); "
                            "continuing without validation")
@@ -416,10 +449,8 @@ def _run(args, argv):
                          "\n  ".join(report))
             return EXIT_INVALID_BIDS
 
-    try:
-        layout = open_layout(bids_dir)
-    except BIDSInputError as error:
-        LOGGER.error("%s", error)
+    if layout_error is not None:
+        LOGGER.error("%s", layout_error)
         return EXIT_INVALID_BIDS
     try:
         selection = select_participants(layout, args.participant_label, args.session_label)

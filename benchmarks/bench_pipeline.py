@@ -65,7 +65,7 @@ def step_phantom(root, resolution, snr):
     return None
 
 
-def step_load(root):
+def step_load(root, workdir):
     import numpy as np
 
     from qmri_workflows.interfaces.r2star import group_echoes_by_flip_angle, stack_contrasts
@@ -75,8 +75,8 @@ def step_load(root):
     inputs = collect_inputs(open_layout(root), "01")
     files, tes, flips = flatten_echoes(inputs.gre)
     signal, echo_times, _ = stack_contrasts(group_echoes_by_flip_angle(files, tes, flips))
-    np.save(Path(root).parent / "signal.npy", signal)
-    np.save(Path(root).parent / "echo_times.npy", echo_times)
+    np.save(Path(workdir) / "signal.npy", signal)
+    np.save(Path(workdir) / "echo_times.npy", echo_times)
     return f"{signal.shape}"
 
 
@@ -230,7 +230,7 @@ def main(argv=None):
     if not args.app_only:
         if args.dataset is None:
             record("phantom (1 subject)", measure(step_phantom, root, args.resolution, args.snr))
-        record("query + load echoes", measure(step_load, root))
+        record("query + load echoes", measure(step_load, root, args.workdir))
         record("brain mask", measure(step_mask, args.workdir))
         record("R2* ESTATICS wls", measure(step_fit, args.workdir, "wls"))
         record("R2* ESTATICS nls", measure(step_fit, args.workdir, "nls"))

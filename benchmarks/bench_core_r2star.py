@@ -2,7 +2,8 @@
 
 1.5 million voxels x 2 contrasts x 8 echoes, float32, Rician noise; tissue-like R2* (10-60 1/s) and
 first-echo SNR 30-100. Reports wall time, peak extra memory (tracemalloc, numpy allocations) and the
-R2* error against the truth for each estimator. Run with::
+R2* error against the truth for each estimator, with and without the standard error of R2* (what the
+App computes). Run with::
 
     PYTHONPATH=. python benchmarks/bench_core_r2star.py [n_voxels]
 """
@@ -67,9 +68,19 @@ def main():
                     signals, echo_times, method="nls", sigma=1.0, n_jobs=n
                 ),
             ),
+            (
+                f"WLS + standard error, {n_jobs} thread(s)",
+                lambda n=n_jobs: fit_estatics(signals, echo_times, n_jobs=n, return_stderr=True),
+            ),
+            (
+                f"NLS floor + std. error, {n_jobs} thread(s)",
+                lambda n=n_jobs: fit_estatics(
+                    signals, echo_times, method="nls", sigma=1.0, n_jobs=n, return_stderr=True
+                ),
+            ),
         ]
     for label, function in cases:
-        label, elapsed, peak_gib, (_, estimate) = run(label, function)
+        label, elapsed, peak_gib, (_, estimate, *_) = run(label, function)
         z = (estimate - r2star) / bound
         print(
             f"{label:30s} {elapsed:6.2f} s  peak extra {peak_gib:5.2f} GiB  "

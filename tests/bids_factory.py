@@ -41,12 +41,26 @@ class FakeDataset:
         self.files.setdefault(key, []).append(Path(path))
 
 
+def head_image(shape=DEFAULT_SHAPE, *, seed=0, echo_time=0.0, r2star=25.0, sigma=8.0):
+    """Magnitude of an ellipsoidal 'head' in air: tissue of random brightness (the same in every
+    image of a dataset) decaying with ``echo_time`` at ``r2star``, and Rician noise of ``sigma``.
+
+    Random data filling the whole field of view would not pass the brain mask's sanity checks.
+    """
+    grid = np.indices(shape, dtype=float)
+    radius = np.sqrt(sum(((grid[axis] - (shape[axis] - 1) / 2) / (0.36 * shape[axis])) ** 2
+                         for axis in range(3)))
+    tissue = np.where(radius < 1, np.random.default_rng(12345).uniform(600, 1000, size=shape), 0.0)
+    noise = np.random.default_rng(seed).normal(0.0, sigma, size=(2, *shape))
+    return np.abs(tissue * np.exp(-echo_time * r2star) + noise[0] + 1j * noise[1])
+
+
 def write_image(path, data=None, *, shape=DEFAULT_SHAPE, affine=DEFAULT_AFFINE, dtype=np.float32, seed=0):
-    """Write a NIfTI (random positive data unless ``data`` is given); return the path."""
+    """Write a NIfTI (a :func:`head_image` unless ``data`` is given); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if data is None:
-        data = np.random.default_rng(seed).uniform(100, 1000, size=shape)
+        data = head_image(shape, seed=seed)
     data = np.asarray(data).astype(dtype)
     image = nib.Nifti1Image(data, np.asarray(affine, float))
     image.set_data_dtype(dtype)
@@ -225,7 +239,8 @@ def make_dataset(
                                 path = image(anat / name, data, dtype)
                                 dataset.add("gre_phase", path)
                             else:
-                                path = image(anat / name)
+                                path = image(anat / name, head_image(shape, seed=counter[0] + 1,
+                                                                     echo_time=metadata["EchoTime"]))
                                 dataset.add("gre", path)
                             write_sidecar(path, metadata)
             for increment in bssfp_increments:

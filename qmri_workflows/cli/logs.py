@@ -62,15 +62,15 @@ def configure_nipype():
     nipype_logging.update_logging(nipype_config)
 
 
-def attach_log_file(output_dir):
-    """Also write the App's and Nipype's messages to ``OUTPUT_DIR/logs/qmri-workflows_<time>_<pid>.log``.
+def attach_log_file(folder):
+    """Also write the App's and Nipype's messages to ``<folder>/logs/qmri-workflows_<time>_<pid>.log``.
 
     Returns
     -------
     Path
         The log file.
     """
-    folder = Path(output_dir) / "logs"
+    folder = Path(folder) / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"qmri-workflows_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}.log"
     handler = logging.FileHandler(path, encoding="utf-8")

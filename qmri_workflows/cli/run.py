@@ -497,12 +497,18 @@ def _run(args, argv):
         LOGGER.error("no selected subject has data for any map this version computes")
         return EXIT_DATA if unusable else EXIT_NO_INPUT
 
+    from ..io.derivatives import check_output_root
+
+    # The output gets files only when a subject is published: a run that publishes nothing leaves
+    # a new output folder as it found it (absent), and its log in the work directory.
+    output_is_new = not output_dir.exists()
     try:
+        check_output_root(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         work_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        folder = output_dir if not output_dir.is_dir() else work_dir
-        LOGGER.error("cannot create %s: %s%s", folder, error.strerror or error,
+    except (OSError, ValueError) as error:
+        folder = work_dir if output_dir.is_dir() else output_dir
+        LOGGER.error("cannot create %s: %s%s", folder, getattr(error, "strerror", None) or error,
                      "; choose another work directory with -w" if folder == work_dir else "")
         return EXIT_CANNOT_CREATE
     try:
@@ -514,25 +520,33 @@ def _run(args, argv):
         return EXIT_CANNOT_CREATE
     from .logs import attach_log_file, detach_log_file
 
-    log_file = attach_log_file(output_dir)
+    log_file = attach_log_file(work_dir)
+    published = False
     try:
-        LOGGER.info("processing %d subject(s) of %s into %s (work directory %s; log %s)", len(subjects),
-                    bids_dir, output_dir, work_dir, log_file)
-        try:
+        LOGGER.info("processing %d subject(s) of %s into %s (work directory %s)", len(subjects), bids_dir,
+                    output_dir, work_dir)
+        if plugin in GRAPH_PLUGINS:
+            # The jobs publish after this process has returned.
             write_description(output_dir, bids_dir, argv)
-        except (OSError, ValueError) as error:
-            LOGGER.error("cannot write into the output %s: %s", output_dir, error)
-            return EXIT_CANNOT_CREATE
         failed = _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args)
         if failed is None:
             return 0  # submitted to a batch scheduler as a graph: the outcome is not known here
-        return _summarise(subjects, plans, failed, unusable, without_data, log_file)
+        return _summarise(subjects, plans, failed, unusable, without_data)
     finally:
+        published = any(output_dir.glob("sub-*"))
+        if published and plugin not in GRAPH_PLUGINS:
+            write_description(output_dir, bids_dir, argv)
         detach_log_file(log_file)
         lock.__exit__(None, None, None)
+        if published or plugin in GRAPH_PLUGINS:
+            (output_dir / "logs").mkdir(exist_ok=True)
+            log_file = Path(shutil.copy2(log_file, output_dir / "logs" / log_file.name))
+        elif output_is_new:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        LOGGER.info("log file: %s", log_file)
 
 
-def _summarise(subjects, plans, failed, unusable, without_data, log_file):
+def _summarise(subjects, plans, failed, unusable, without_data):
     """Log what each subject got and return the exit code of the run."""
     LOGGER.info("summary:")
     for inputs in subjects:
@@ -547,7 +561,6 @@ def _summarise(subjects, plans, failed, unusable, without_data, log_file):
                         f"; skipped: {skipped}" if skipped else "")
     for label, reason in {**unusable, **without_data}.items():
         LOGGER.error("  %s: not processed: %s", label, reason)
-    LOGGER.info("log file: %s", log_file)
     if failed:
         return EXIT_FAILURE
     if unusable:

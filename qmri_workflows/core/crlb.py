@@ -29,7 +29,7 @@ References
 
 import numpy as np
 
-__all__ = ["r2star_crlb", "estatics_crlb", "estatics_fisher_information"]
+__all__ = ["r2star_crlb", "estatics_crlb", "estatics_fisher_information", "estatics_r2star_information"]
 
 
 def _prepare(s0, r2star, echo_times, sigma):
@@ -37,19 +37,26 @@ def _prepare(s0, r2star, echo_times, sigma):
     if s0.ndim < 1:
         raise ValueError(f"s0 must have shape (..., n_contrast), got shape {s0.shape}")
     n_contrast = s0.shape[-1]
-    echo_times = np.asarray(echo_times, dtype=float)
-    if echo_times.ndim == 1:
-        echo_times = np.broadcast_to(echo_times, (n_contrast, echo_times.size))
-    if echo_times.ndim != 2 or echo_times.shape[0] != n_contrast:
-        raise ValueError(
-            f"echo_times must have shape (n_echo,) or ({n_contrast}, n_echo) for s0 of shape "
-            f"{s0.shape}, got {echo_times.shape}"
-        )
+    echo_times = _contrast_echo_times(echo_times, n_contrast, s0.shape)
     sigma = np.asarray(sigma, dtype=float)
     if np.any(~(sigma > 0)):
         raise ValueError(f"sigma must be positive and finite, got minimum {np.nanmin(sigma)!r}")
     r2star = np.asarray(r2star, dtype=float)
     return s0, r2star, echo_times, sigma
+
+
+def _contrast_echo_times(echo_times, n_contrast, s0_shape, *, per_voxel=False):
+    """Echo times as (n_contrast, n_echo), or (..., n_contrast, n_echo) when ``per_voxel``."""
+    echo_times = np.asarray(echo_times, dtype=float)
+    if echo_times.ndim == 1:
+        echo_times = np.broadcast_to(echo_times, (n_contrast, echo_times.size))
+    if echo_times.ndim < 2 or (echo_times.ndim > 2 and not per_voxel) or echo_times.shape[-2] != n_contrast:
+        expected = "(..., " if per_voxel else "("
+        raise ValueError(
+            f"echo_times must have shape (n_echo,) or {expected}{n_contrast}, n_echo) for s0 of shape "
+            f"{s0_shape}, got {echo_times.shape}"
+        )
+    return echo_times
 
 
 def estatics_fisher_information(s0, r2star, echo_times, sigma):
@@ -105,17 +112,51 @@ def estatics_crlb(s0, r2star, echo_times, sigma):
     .. [2] Weiskopf N et al. Front Neurosci. 2014;8:278.
     """
     s0, r2star, echo_times, sigma = _prepare(s0, r2star, echo_times, sigma)
+    information = estatics_r2star_information(s0, r2star, echo_times) / sigma**2
+    with np.errstate(divide="ignore"):
+        return np.where(information > 0, 1.0 / np.sqrt(np.maximum(information, 1e-300)), np.inf)
+
+
+def estatics_r2star_information(s0, r2star, echo_times):
+    r"""Fisher information on R2* alone of the ESTATICS model, for unit noise SD.
+
+    The intercepts are eliminated (Schur complement, see the module notes), so this is
+    :math:`\sigma^2 / \mathrm{CRLB}^2`, the reciprocal of the R2* element of :math:`(J^T J)^{-1}`
+    at any point of the model: divided into a fit's residual noise SD it gives the asymptotic
+    standard error of R2* (:func:`qmri_workflows.core.r2star.fit_estatics` with
+    ``return_stderr=True``).
+
+    Parameters
+    ----------
+    s0, r2star
+        As in :func:`estatics_crlb`.
+    echo_times : array_like, shape (n_echo,), (n_contrast, n_echo) or (..., n_contrast, n_echo)
+        Echo times in seconds; NaN marks a missing sample. With leading dimensions (broadcast
+        against those of ``s0``), each voxel has its own missing samples (non-finite magnitudes).
+
+    Returns
+    -------
+    information : ndarray, shape (...)
+        In (signal units x s)^2; 0 where R2* is not identifiable (no contrast with two echoes).
+    """
+    s0 = np.asarray(s0, dtype=float)
+    if s0.ndim < 1:
+        raise ValueError(f"s0 must have shape (..., n_contrast), got shape {s0.shape}")
+    echo_times = _contrast_echo_times(echo_times, s0.shape[-1], s0.shape, per_voxel=True)
+    r2star = np.asarray(r2star, dtype=float)
     valid = np.isfinite(echo_times)
     te = np.where(valid, echo_times, 0.0)
     decay_sq = np.where(valid, np.exp(-2.0 * r2star[..., None, None] * te), 0.0)
+    te, decay_sq = np.broadcast_arrays(te, decay_sq)
+    # einsum: sums over the short echo axis without temporaries (numpy's sum is slow there).
     sum_e2 = decay_sq.sum(axis=-1)
-    sum_te_e2 = (te * decay_sq).sum(axis=-1)
-    sum_te2_e2 = (te**2 * decay_sq).sum(axis=-1)
+    te_e2 = te * decay_sq
+    sum_te_e2 = te_e2.sum(axis=-1)
+    sum_te2_e2 = np.einsum("...e,...e->...", te_e2, te)
     safe = np.where(sum_e2 > 0, sum_e2, 1.0)
-    per_contrast = s0**2 * (sum_te2_e2 - sum_te_e2**2 / safe)
-    information = per_contrast.sum(axis=-1) / sigma**2
-    with np.errstate(divide="ignore"):
-        return np.where(information > 0, 1.0 / np.sqrt(np.maximum(information, 1e-300)), np.inf)
+    # Weighted variance of each contrast's echo times; clipped at 0 against rounding.
+    spread = np.maximum(sum_te2_e2 - sum_te_e2**2 / safe, 0.0)
+    return (s0**2 * spread).sum(axis=-1)
 
 
 def r2star_crlb(s0, r2star, echo_times, sigma):

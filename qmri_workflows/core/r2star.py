@@ -21,10 +21,11 @@ Estimators
   magnitude's first moment: the second-moment form overstates :math:`E[M]` near the floor (by 13 %
   for pure noise with ``N = 1``) and would bias R2* high there.
 
-Conventions: voxels outside ``mask`` and voxels where the fit is undetermined (fewer than two echo
-times with positive, finite signal; or non-convergent values that are not finite) receive 0 for
-both S0 and R2*. NaN (in the signal or in the echo times) marks a missing sample for every
-estimator. The log-linear fits also give zero weight to zero and negative magnitudes (their
+Conventions: voxels outside ``mask`` receive 0 for S0 and R2*; voxels where the fit is
+undetermined (fewer than two usable echo times in every contrast; or non-convergent values that are
+not finite) receive NaN, as does the intercept of a contrast without a usable sample. NaN or
+infinite values (in the signal or in the echo times) mark a missing sample for every estimator,
+voxel by voxel. The log-linear fits also give zero weight to zero and negative magnitudes (their
 logarithm is undefined; this is the limit of clipping them at a tiny positive value with weight
 ~ S^2), whereas the NLS fits treat every finite magnitude as data.
 
@@ -47,14 +48,33 @@ References
 import numpy as np
 
 from ._chunks import apply_in_chunks, check_mask
+from .crlb import estatics_r2star_information
 from .noise import MagnitudeMeanTable, _check_n_coils
 
-__all__ = ["fit_r2star_loglinear", "fit_r2star_nonlinear", "fit_estatics"]
+__all__ = [
+    "MIN_RESIDUAL_DOF",
+    "T2STAR_MIN_SIGNIFICANCE",
+    "fit_estatics",
+    "fit_r2star_loglinear",
+    "fit_r2star_nonlinear",
+    "t2star_where_significant",
+]
 
 # Echo times are in seconds; anything above this is certainly a unit error (ms passed as s).
 _MAX_PLAUSIBLE_TE = 1.0
 # Exponents are clipped to keep exp() finite for diverging voxels.
 _MAX_EXPONENT = 600.0
+
+T2STAR_MIN_SIGNIFICANCE = 2.0
+"""T2* is written where R2* exceeds this many standard errors (about a one-sided 2.3 % test)."""
+
+MIN_RESIDUAL_DOF = 4
+"""Fewest residual degrees of freedom for the standard error to use the voxel's own noise estimate.
+
+With fewer, the residual SD is too erratic (with one, a 2-standard-error test passes 15 % of
+zero rates, some with a tiny standard error and an absurd T2*); a noise SD measured elsewhere (the
+air) is used instead when given.
+"""
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +151,11 @@ def _shared_slope_wls(log_signal, echo_times, weights):
     return log_s0, r2star, determined, has_data
 
 
-def _loglinear_chunk(signal, echo_times, *, weighted, n_iter):
-    """Log-linear fit of one chunk: signal (n, C, E) -> s0 (n, C), r2star (n)."""
+def _loglinear_chunk(signal, echo_times, *, weighted, n_iter, noise_sd=None, with_stderr=False):
+    """Log-linear fit of one chunk: signal (n, C, E) -> s0 (n, C), r2star (n)[, stderr (n)].
+
+    Undetermined voxels get NaN; so do the intercepts of contrasts without a usable sample.
+    """
     signal = signal.astype(np.float64, copy=False)
     te = np.where(np.isfinite(echo_times), echo_times, 0.0)
     valid = (signal > 0) & np.isfinite(signal) & np.isfinite(echo_times)
@@ -156,9 +179,41 @@ def _loglinear_chunk(signal, echo_times, *, weighted, n_iter):
             log_s0, r2star, determined, has_data = _shared_slope_wls(log_signal, te, weights)
     s0 = np.exp(np.clip(log_s0, -_MAX_EXPONENT, _MAX_EXPONENT))
     ok = determined & np.isfinite(r2star)
-    s0 = np.where(ok[:, None] & has_data & np.isfinite(s0), s0, 0.0)
-    r2star = np.where(ok, r2star, 0.0)
-    return s0, r2star
+    s0 = np.where(ok[:, None] & has_data & np.isfinite(s0), s0, np.nan)
+    r2star = np.where(ok, r2star, np.nan)
+    if not with_stderr:
+        return s0, r2star
+    decay = np.exp(np.clip(-np.nan_to_num(r2star)[:, None, None] * te, -_MAX_EXPONENT, _MAX_EXPONENT))
+    residual = np.where(valid, signal - np.nan_to_num(s0)[..., None] * decay, 0.0).reshape(signal.shape[0], -1)
+    residual_ss = np.einsum("ij,ij->i", residual, residual)
+    stderr = _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, noise_sd)
+    return s0, r2star, stderr
+
+
+def _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, noise_sd):
+    """Standard error of R2* per voxel: noise SD over the square root of the R2* information.
+
+    The noise SD is the RMS of the residuals over the degrees of freedom left by the fit (valid
+    samples minus one intercept per contrast with data, minus R2*) where there are at least
+    :data:`MIN_RESIDUAL_DOF`; ``noise_sd`` where there are fewer, if given (the residual RMS
+    otherwise, NaN without any residual). NaN where R2* is NaN or not identifiable.
+    """
+    n_voxels = valid.shape[0]
+    n_samples = np.count_nonzero(valid.reshape(n_voxels, -1), axis=-1)
+    n_intercepts = np.count_nonzero(valid.any(axis=-1), axis=-1)
+    dof = n_samples - n_intercepts - 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        residual_sd = np.sqrt(residual_ss / np.where(dof > 0, dof, np.nan))
+    if noise_sd is not None:
+        noise_sd = np.asarray(noise_sd, dtype=np.float64).reshape(-1) if np.ndim(noise_sd) else noise_sd
+        residual_sd = np.where(dof >= MIN_RESIDUAL_DOF, residual_sd, noise_sd)
+    # Each voxel's own missing samples (non-finite or, for log fits, non-positive magnitudes).
+    voxel_echo_times = np.where(valid, echo_times, np.nan)
+    information = estatics_r2star_information(np.nan_to_num(s0), np.nan_to_num(r2star), voxel_echo_times)
+    identifiable = (information > 0) & np.isfinite(r2star)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(identifiable, residual_sd / np.sqrt(np.where(identifiable, information, 1.0)),
+                        np.nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,13 +264,14 @@ def _lm_step(residual, jac_s0, jac_r2, damping):
 
 
 def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter, tol):
-    """Vectorised Levenberg-Marquardt from (s0, r2star); returns the refined parameters.
+    """Vectorised Levenberg-Marquardt from (s0, r2star); returns them refined, and the final cost.
 
     Converged voxels are removed from the working set; one model evaluation per iteration (the
     trial point's residuals and Jacobian are kept when its step is accepted).
     """
     s0 = s0.copy()
     r2star = r2star.copy()
+    final_cost = np.empty(s0.shape[0])
     active = np.arange(s0.shape[0])
     a_s0, a_r2, a_data, a_valid, a_sigma = s0, r2star, data, valid, sigma
     damping = np.full(active.size, 1e-3)
@@ -249,6 +305,7 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
             finished = active[done]
             s0[finished] = a_s0[done]
             r2star[finished] = a_r2[done]
+            final_cost[finished] = cost[done]
             keep = ~done
             active = active[keep]
             a_s0, a_r2, a_data, a_valid = a_s0[keep], a_r2[keep], a_data[keep], a_valid[keep]
@@ -259,11 +316,15 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
     # Voxels still active after max_iter keep their best point so far.
     s0[active] = a_s0
     r2star[active] = a_r2
-    return s0, r2star
+    final_cost[active] = cost
+    return s0, r2star, final_cost
 
 
-def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol):
-    """NLS fit of one chunk: signal (n, C, E) -> s0 (n, C), r2star (n)."""
+def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol, with_stderr=False):
+    """NLS fit of one chunk: signal (n, C, E) -> s0 (n, C), r2star (n)[, stderr (n)].
+
+    Undetermined voxels get NaN; so do the intercepts of contrasts without a finite sample.
+    """
     signal = signal.astype(np.float64, copy=False)
     n_voxels = signal.shape[0]
     valid = np.isfinite(signal) & np.isfinite(echo_times)
@@ -280,16 +341,21 @@ def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol):
         start_signal = np.sqrt(np.maximum(data**2 - floor2, 0.0))
     start_signal = np.where(valid, start_signal, np.nan)
     s0, r2star = _loglinear_chunk(start_signal, echo_times, weighted=True, n_iter=2)
-    unstarted = np.flatnonzero(~(s0 > 0).any(axis=-1))
+    unstarted = np.flatnonzero(~np.isfinite(r2star))
     if unstarted.size:
         s0[unstarted], r2star[unstarted] = _loglinear_chunk(
             np.where(valid[unstarted], data[unstarted], np.nan), echo_times, weighted=True, n_iter=2
         )
-    fitted = (s0 > 0).any(axis=-1)
+    fitted = np.isfinite(r2star)
+    # The intercept of a contrast without data gets no gradient: 0 keeps it (and its step) at 0.
+    s0 = np.nan_to_num(s0)
+    r2star = np.nan_to_num(r2star)
 
     active = np.flatnonzero(fitted)
+    # The residual sum of squares at the fitted values (the LM cost), for the standard error.
+    residual_ss = np.full(n_voxels, np.nan)
     if active.size:
-        s0[active], r2star[active] = _levenberg_marquardt(
+        s0[active], r2star[active], residual_ss[active] = _levenberg_marquardt(
             s0[active],
             r2star[active],
             data[active],
@@ -302,9 +368,12 @@ def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol):
         )
 
     ok = fitted & np.isfinite(r2star) & np.isfinite(s0).all(axis=-1)
-    s0 = np.where(ok[:, None], s0, 0.0)
-    r2star = np.where(ok, r2star, 0.0)
-    return s0, r2star
+    s0 = np.where(ok[:, None] & valid.any(axis=-1), s0, np.nan)
+    r2star = np.where(ok, r2star, np.nan)
+    if not with_stderr:
+        return s0, r2star
+    stderr = _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, sigma)
+    return s0, r2star, stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,19 +393,23 @@ def fit_estatics(
     tol=1e-6,
     chunk_size=None,
     n_jobs=1,
+    return_stderr=False,
 ):
-    """Joint R2* fit across contrasts (ESTATICS): one shared R2*, one intercept per contrast.
+    r"""Joint R2* fit across contrasts (ESTATICS): one shared R2*, one intercept per contrast.
 
     Parameters
     ----------
     signals : ndarray, shape (..., n_contrast, n_echo)
         Magnitudes (any float dtype; computed in float64 chunk by chunk). Contrasts with fewer
-        echoes are NaN-padded (NaN in ``signals`` or in ``echo_times``).
+        echoes are NaN-padded (NaN in ``signals`` or in ``echo_times``); any non-finite sample of
+        any voxel is left out of that voxel's fit.
     echo_times : array_like, shape (n_echo,) or (n_contrast, n_echo)
         Echo times in seconds, shared or per contrast; NaN marks a missing echo.
     sigma : float or ndarray, optional
         Per-channel noise SD (scalar or of the leading shape), used by ``method="nls"`` to fit the
-        expected magnitude including the noise floor. Ignored by ``"wls"``.
+        expected magnitude including the noise floor, and by every method for the standard error
+        (``return_stderr``) of voxels whose fit leaves fewer than :data:`MIN_RESIDUAL_DOF` residual
+        degrees of freedom. The log-linear fits themselves ignore it.
     n_coils : int, optional
         Number of RSS-combined channels for the noise-floor model (1 = Rician).
     method : {"wls", "ols", "nls"}, optional
@@ -358,18 +431,37 @@ def fit_estatics(
         roughly ``chunk_size * n_contrast * n_echo * 8 bytes * 15`` per thread.
     n_jobs : int, optional
         Threads working on chunks concurrently (about 1.9x faster with 2 on 2 cores).
+    return_stderr : bool, optional
+        Also return the standard error of R2*.
 
     Returns
     -------
     s0 : ndarray, shape (..., n_contrast)
-        Intercepts at TE = 0, in signal units (0 outside the mask and where undetermined).
+        Intercepts at TE = 0, in signal units (0 outside the mask; NaN where undetermined, and for
+        a contrast without a usable sample in the voxel).
     r2star : ndarray, shape (...)
-        Shared R2* in 1/s (0 outside the mask and where undetermined; negative values are kept).
+        Shared R2* in 1/s (0 outside the mask; NaN where undetermined, i.e. fewer than two usable
+        echo times in every contrast, or a fit that did not stay finite; negative values are kept).
+    stderr : ndarray, shape (...)
+        Only with ``return_stderr``: standard error of R2* in 1/s (0 outside the mask, NaN where
+        R2* is NaN or no noise level is available), see Notes.
 
     Notes
     -----
     The WLS solution eliminates the intercepts analytically (within-contrast regression), so the
     cost is a handful of array passes independent of the number of contrasts.
+
+    The standard error is the asymptotic one of a least-squares fit,
+    :math:`\hat\sigma / \sqrt{I_{R_2^*}}`, with :math:`I_{R_2^*}` the R2* information of the
+    model at the fitted parameters over the voxel's usable samples
+    (:func:`qmri_workflows.core.crlb.estatics_r2star_information`) and :math:`\hat\sigma` the
+    noise SD: the RMS of the residuals (signal minus fitted magnitude, or minus its expected value
+    with the noise floor of ``"nls"``) over the degrees of freedom left (usable samples minus the
+    C + 1 parameters) where they are at least :data:`MIN_RESIDUAL_DOF`, else ``sigma`` when given
+    (two flip angles of two or three echoes, one of up to five echoes). Residuals
+    carry physiological noise and departures from a mono-exponential decay as well as thermal noise,
+    and do not depend on how the receive channels were combined. At high SNR the standard error
+    matches the spread of the estimates (the WLS and NLS fits reach the Cramér-Rao bound).
 
     References
     ----------
@@ -384,35 +476,62 @@ def fit_estatics(
     n_coils = _check_n_coils(n_coils)
     if method not in ("wls", "ols", "nls"):
         raise ValueError(f"method must be 'wls', 'ols' or 'nls', got {method!r}")
+    sigma = _check_sigma_map(sigma, leading_shape)
     if method in ("wls", "ols"):
         use_weights = bool(weighted) and method == "wls"
 
-        def chunk_function(signal_chunk):
-            return _loglinear_chunk(signal_chunk, echo_times, weighted=use_weights, n_iter=n_iter)
+        def chunk_function(signal_chunk, sigma_chunk):
+            return _loglinear_chunk(signal_chunk, echo_times, weighted=use_weights, n_iter=n_iter,
+                                    noise_sd=sigma_chunk, with_stderr=return_stderr)
 
-        inputs = [signals]
         default_chunk = 200_000
     else:
-        sigma = _check_sigma_map(sigma, leading_shape)
         model = _MagnitudeModel(n_coils, with_floor=sigma is not None)
 
         def chunk_function(signal_chunk, sigma_chunk):
-            return _nonlinear_chunk(
-                signal_chunk, echo_times, sigma_chunk, model=model, max_iter=max_iter, tol=tol
-            )
+            return _nonlinear_chunk(signal_chunk, echo_times, sigma_chunk, model=model,
+                                    max_iter=max_iter, tol=tol, with_stderr=return_stderr)
 
-        inputs = [signals, sigma]
         default_chunk = 50_000
-    s0, r2star = apply_in_chunks(
+    return tuple(apply_in_chunks(
         chunk_function,
-        inputs,
+        [signals, sigma],
         leading_shape=leading_shape,
-        output_shapes=[(n_contrast,), ()],
+        output_shapes=[(n_contrast,), ()] + ([()] if return_stderr else []),
         mask=mask,
         chunk_size=default_chunk if chunk_size is None else chunk_size,
         n_jobs=n_jobs,
-    )
-    return s0, r2star
+    ))
+
+
+def t2star_where_significant(r2star, stderr, *, min_significance=T2STAR_MIN_SIGNIFICANCE):
+    """T2* = 1 / R2* where R2* is significantly above zero, NaN elsewhere.
+
+    A decay rate indistinguishable from zero (noise in CSF, a two-echo fit at low SNR) has an
+    inverse anywhere between a fraction of a second and infinity; such values (T2* of hundreds of
+    seconds, or 1e15 s) are not estimates of anything and are left NaN.
+
+    Parameters
+    ----------
+    r2star : ndarray
+        R2* in 1/s.
+    stderr : ndarray
+        Its standard error in 1/s, of the same shape (NaN where unknown).
+    min_significance : float, optional
+        R2* must exceed ``min_significance * stderr`` (and 0).
+
+    Returns
+    -------
+    t2star : ndarray
+        T2* in s; NaN where R2* is not positive, not above ``min_significance`` standard errors,
+        or either input is NaN.
+    """
+    r2star = np.asarray(r2star, dtype=float)
+    stderr = np.asarray(stderr, dtype=float)
+    with np.errstate(invalid="ignore"):
+        significant = (r2star > 0) & (r2star > min_significance * stderr)
+    with np.errstate(divide="ignore"):
+        return np.where(significant, 1.0 / np.where(significant, r2star, 1.0), np.nan)
 
 
 def fit_r2star_loglinear(
@@ -442,9 +561,9 @@ def fit_r2star_loglinear(
     Returns
     -------
     s0 : ndarray, shape (...)
-        Signal at TE = 0 (0 outside the mask and where fewer than two echoes are usable).
+        Signal at TE = 0 (0 outside the mask, NaN where fewer than two echoes are usable).
     r2star : ndarray, shape (...)
-        R2* in 1/s (0 outside the mask and where undetermined).
+        R2* in 1/s (0 outside the mask, NaN where undetermined).
 
     References
     ----------

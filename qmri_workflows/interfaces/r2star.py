@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import nibabel as nib
@@ -19,9 +20,14 @@ from nipype.interfaces.base import (
 
 from ..core.masking import air_mask
 from ..core.noise import estimate_sigma_background
-from ..core.r2star import fit_estatics
-from ..io.images import load_volume, load_volumes
+from ..core.r2star import (
+    MIN_RESIDUAL_DOF,
+    T2STAR_MIN_SIGNIFICANCE,
+    fit_estatics,
+    t2star_where_significant,
+)
 from ..io.derivatives import write_nifti
+from ..io.images import load_volume, load_volumes
 
 ESTATICS_REFERENCE = (
     "Weiskopf N, Callaghan MF, Josephs O, Lutti A, Mohammadi S. Estimating the apparent transverse "
@@ -36,6 +42,8 @@ ESTIMATION_ALGORITHMS = {
     "non-linear least squares of the expected magnitude including the noise floor "
     "(Rician/non-central chi), initialised by the weighted log-linear fit",
 }
+
+LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
 
 def group_echoes_by_flip_angle(files, echo_times, flip_angles):
@@ -66,6 +74,11 @@ def stack_contrasts(groups):
     """Load grouped echoes into ``signal[x, y, z, n_contrast, n_echo]`` and ``echo_times``.
 
     Contrasts with fewer echoes are padded with NaN, which the ESTATICS fit ignores.
+
+    Raises
+    ------
+    BIDSInputError
+        For an image that holds no signal (all zeros, constant, all NaN/Inf), naming the file.
     """
     n_echo = max(len(echoes) for _, echoes in groups)
     reference = nib.load(groups[0][1][0][1])
@@ -73,7 +86,8 @@ def stack_contrasts(groups):
     echo_times = np.full((len(groups), n_echo), np.nan)
     for c, (_, echoes) in enumerate(groups):
         echo_times[c, : len(echoes)] = [te for te, _ in echoes]
-    volumes = load_volumes([path for _, echoes in groups for _, path in echoes], reference=reference)
+    volumes = load_volumes([path for _, echoes in groups for _, path in echoes], reference=reference,
+                           require_variation=True)
     if all(len(echoes) == n_echo for _, echoes in groups):
         return volumes.reshape(shape + (len(groups), n_echo)), echo_times, reference
     signal = np.full(shape + (len(groups), n_echo), np.nan, dtype=np.float32)
@@ -103,21 +117,31 @@ class _FitR2starInputSpec(BaseInterfaceInputSpec):
 
 
 class _FitR2starOutputSpec(TraitedSpec):
-    r2star_file = File(exists=True, desc="R2* (1/s)")
+    r2star_file = File(exists=True, desc="R2* (1/s); NaN where undetermined, 0 outside the mask")
+    r2star_stderr_file = File(
+        exists=True, desc="standard error of R2* (1/s); NaN where unknown, 0 outside the mask"
+    )
     t2star_file = File(
-        exists=True, desc="T2* (s); NaN where the fitted R2* <= 0, 0 outside the mask"
+        exists=True,
+        desc="T2* (s); NaN where R2* is not above zero by more than two standard errors, "
+        "0 outside the mask",
     )
     s0_files = OutputMultiObject(File(exists=True), desc="TE = 0 intercept, one per flip angle")
     flip_angles = traits.List(traits.Float, desc="flip angle (deg) of each S0 file")
     noise_sigma = traits.Float(desc="noise SD used by the fit (nan when unused)")
-    metadata = traits.Dict(desc="EstimationAlgorithm, EstimationReference and protocol for sidecars")
+    metadata = traits.Dict(
+        desc="EstimationAlgorithm, EstimationReference, protocol and voxel counts for sidecars"
+    )
 
 
 class FitR2star(SimpleInterface):
     """Fit R2* (and one TE = 0 intercept per flip angle) with the ESTATICS model.
 
     Loads the echoes, calls :func:`qmri_workflows.core.r2star.fit_estatics` inside the mask and
-    writes float32 maps on the input grid.
+    writes float32 maps on the input grid: R2*, its standard error, T2* where R2* is significantly
+    positive (:func:`qmri_workflows.core.r2star.t2star_where_significant`) and the intercepts. NaN or
+    infinite samples are left out of their voxel's fit; how many voxels had one, and how many R2*
+    values are negative or not significant, goes to the log and into ``metadata``.
     """
 
     input_spec = _FitR2starInputSpec
@@ -132,18 +156,8 @@ class FitR2star(SimpleInterface):
         if isdefined(self.inputs.mask_file):
             mask = load_volume(self.inputs.mask_file, reference=reference) > 0
 
-        sigma = None
-        if self.inputs.method == "nls":
-            if isdefined(self.inputs.noise_sigma):
-                sigma = self.inputs.noise_sigma
-            else:
-                sigma = estimate_noise_from_air(
-                    signal[..., 0, 0],
-                    voxel_size=reference.header.get_zooms()[:3],
-                    n_coils=self.inputs.n_coils,
-                )
-
-        s0, r2star = fit_estatics(
+        sigma = self._noise_sigma(signal, echo_times, reference, len(groups))
+        s0, r2star, stderr = fit_estatics(
             signal,
             echo_times,
             sigma=sigma,
@@ -152,17 +166,18 @@ class FitR2star(SimpleInterface):
             mask=mask,
             chunk_size=self.inputs.chunk_size,
             n_jobs=self.inputs.num_threads,
+            return_stderr=True,
         )
-        r2star = np.nan_to_num(r2star, nan=0.0, posinf=0.0, neginf=0.0)
         fitted = mask if mask is not None else np.ones(r2star.shape, dtype=bool)
-        with np.errstate(divide="ignore"):
-            # T2* is undefined where the fitted R2* is not positive (noise in CSF): NaN, not a
-            # misleading 0 s; voxels that were not fitted stay 0 like R2*.
-            t2star = np.where(r2star > 0, 1.0 / r2star, np.where(fitted, np.nan, 0.0))
-
+        t2star = np.where(fitted, t2star_where_significant(r2star, stderr), 0.0)
+        counts = _quality_counts(signal, echo_times, r2star, t2star, fitted)
+        _log_quality(counts, groups, signal, echo_times)
         cwd = runtime.cwd
         self._results["r2star_file"] = str(
             write_nifti(os.path.join(cwd, "R2starmap.nii"), r2star, reference.affine)
+        )
+        self._results["r2star_stderr_file"] = str(
+            write_nifti(os.path.join(cwd, "R2starmap_stderr.nii"), stderr, reference.affine)
         )
         self._results["t2star_file"] = str(
             write_nifti(os.path.join(cwd, "T2starmap.nii"), t2star, reference.affine)
@@ -171,7 +186,7 @@ class FitR2star(SimpleInterface):
             str(
                 write_nifti(
                     os.path.join(cwd, f"S0map_flip{c + 1}.nii"),
-                    np.nan_to_num(s0[..., c]),
+                    s0[..., c],
                     reference.affine,
                 )
             )
@@ -189,7 +204,81 @@ class FitR2star(SimpleInterface):
         if sigma is not None:
             self._results["metadata"]["NoiseStandardDeviationPerChannel"] = float(sigma)
             self._results["metadata"]["NumberOfReceiveChannels"] = self.inputs.n_coils
+        self._results["metadata"].update(counts)
         return runtime
+
+
+    def _noise_sigma(self, signal, echo_times, reference, n_contrasts):
+        """The given noise SD, or the one measured in the air when the fit needs it.
+
+        The non-linear fit models the noise floor; the standard error needs a noise level from
+        elsewhere only where the fit leaves few residuals (see ``core.r2star.MIN_RESIDUAL_DOF``).
+        """
+        if isdefined(self.inputs.noise_sigma):
+            return self.inputs.noise_sigma
+        residual_dof = int(np.isfinite(echo_times).sum()) - n_contrasts - 1
+        if self.inputs.method != "nls" and residual_dof >= MIN_RESIDUAL_DOF:
+            return None
+        try:
+            sigma = estimate_noise_from_air(
+                signal[..., 0, 0],
+                voxel_size=reference.header.get_zooms()[:3],
+                n_coils=self.inputs.n_coils,
+            )
+        except ValueError as error:
+            if self.inputs.method == "nls":
+                raise
+            problem = str(error)
+        else:
+            if sigma > 0 and np.isfinite(sigma):
+                return sigma
+            problem = "the air holds no noise (simulated data?)"
+        consequence = ("the non-linear fit models no noise floor" if self.inputs.method == "nls" else "")
+        if residual_dof < MIN_RESIDUAL_DOF:
+            consequence += (" and " if consequence else "") + (
+                "the R2* standard error rests on few residuals" if residual_dof > 0 else
+                "the R2* standard error and T2* are NaN (the fit leaves no residual)")
+        # Only a loss is worth a warning: with a few residuals the standard error is still made.
+        level = logging.WARNING if self.inputs.method == "nls" or residual_dof < 1 else logging.INFO
+        LOGGER.log(level, "R2*: %s; %s", problem, consequence)
+        return None
+
+
+def _quality_counts(signal, echo_times, r2star, t2star, fitted):
+    """Sidecar fields counting the voxels a reader of the maps should know about."""
+    present = np.isfinite(echo_times)  # NaN echo times pad contrasts with fewer echoes
+    non_finite = (~np.isfinite(signal) & present).any(axis=(-2, -1))
+    return {
+        "NonFiniteInputVoxels": int(non_finite.sum()),
+        "FittedVoxels": int(fitted.sum()),
+        "UndeterminedR2starVoxels": int((fitted & ~np.isfinite(r2star)).sum()),
+        "NegativeR2starVoxels": int((fitted & (r2star < 0)).sum()),
+        "NonSignificantR2starVoxels": int((fitted & np.isfinite(r2star) & np.isnan(t2star)).sum()),
+    }
+
+
+def _log_quality(counts, groups, signal, echo_times):
+    if counts["NonFiniteInputVoxels"]:
+        files = [
+            f"{os.path.basename(path)} ({count})"
+            for c, (_, echoes) in enumerate(groups)
+            for e, (_, path) in enumerate(echoes)
+            if (count := int((~np.isfinite(signal[..., c, e])).sum()))
+        ]
+        LOGGER.warning(
+            "R2*: %d voxel(s) hold NaN/Inf in at least one echo; those samples are left out of "
+            "their voxel's fit. Non-finite voxels per file: %s",
+            counts["NonFiniteInputVoxels"], ", ".join(files))
+    fitted = max(counts["FittedVoxels"], 1)
+    for key, what in (
+        ("UndeterminedR2starVoxels", "have fewer than two usable echoes: R2* and T2* are NaN"),
+        ("NegativeR2starVoxels", "have a negative R2* (kept in the R2* map; T2* is NaN)"),
+        ("NonSignificantR2starVoxels",
+         f"have an R2* not above {T2STAR_MIN_SIGNIFICANCE:g} standard errors: T2* is NaN"),
+    ):
+        if counts[key]:
+            LOGGER.info("R2*: %d of %d fitted voxels (%.1f %%) %s", counts[key],
+                        counts["FittedVoxels"], 100.0 * counts[key] / fitted, what)
 
 
 def estimate_noise_from_air(image, *, voxel_size, n_coils=1):

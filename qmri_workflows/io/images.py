@@ -28,7 +28,7 @@ def same_grid(shape_a, affine_a, shape_b, affine_b, *, atol=GRID_TOLERANCE_MM):
             and np.allclose(np.asarray(affine_a), np.asarray(affine_b), atol=atol, rtol=0))
 
 
-def load_volume(path, *, dtype=np.float32, reference=None):
+def load_volume(path, *, dtype=np.float32, reference=None, require_variation=False):
     """Load one 3D volume as an array of ``dtype`` (scaling applied).
 
     Parameters
@@ -40,6 +40,9 @@ def load_volume(path, *, dtype=np.float32, reference=None):
     reference : nibabel image, optional
         When given, the file must lie on the same grid (shape and affine within
         :data:`GRID_TOLERANCE_MM`).
+    require_variation : bool, optional
+        For images that must hold signal (magnitudes): one holding the same value in every
+        finite voxel (all zeros, say) is an input error too.
 
     Returns
     -------
@@ -48,7 +51,8 @@ def load_volume(path, *, dtype=np.float32, reference=None):
     Raises
     ------
     BIDSInputError
-        If the file cannot be read, is not 3D, holds no finite value, or is off the reference grid.
+        If the file cannot be read, is not 3D, holds no finite value, is off the reference grid, or
+        (``require_variation``) is constant.
     """
     image = read_image(path)
     if reference is not None and not same_grid(image.shape, image.affine, reference.shape, reference.affine):
@@ -56,10 +60,26 @@ def load_volume(path, *, dtype=np.float32, reference=None):
             f"image {path} (shape {image.shape[:3]}) is not on the grid of "
             f"{getattr(reference, 'get_filename', lambda: 'the reference')()} (shape {reference.shape[:3]}); "
             "resample it onto the same grid or re-export the series together")
-    return volume_data(image, path, dtype=dtype)
+    data = volume_data(image, path, dtype=dtype)
+    if require_variation:
+        _check_variation(data, path)
+    return data
 
 
-def load_volumes(paths, *, dtype=np.float32, reference=None, max_threads=None):
+def _check_variation(data, name):
+    values = data[np.isfinite(data)] if data.dtype.kind == "f" else data.reshape(-1)
+    low, high = values.min(), values.max()
+    if low == high:
+        content = "only zeros" if low == 0 else f"the same value ({low:g}) in every voxel"
+        if values.size < data.size:
+            content += f" and {data.size - values.size} NaN/Inf"
+        raise BIDSInputError(
+            f"image {name} holds {content}: there is no signal in it (a failed reconstruction or "
+            "export?); export the series again from the scanner data, or remove this file and its "
+            "sidecar from the dataset")
+
+
+def load_volumes(paths, *, dtype=np.float32, reference=None, require_variation=False, max_threads=None):
     """Load several 3D volumes on one grid into one array, files read in parallel threads.
 
     Decompressing a ``.nii.gz`` is most of the time it takes to load it, and zlib releases the GIL
@@ -74,6 +94,8 @@ def load_volumes(paths, *, dtype=np.float32, reference=None, max_threads=None):
     reference : nibabel image, optional
         Grid every file must lie on (shape and affine within :data:`GRID_TOLERANCE_MM`); the first
         file's when None.
+    require_variation : bool, optional
+        As :func:`load_volume`: a file holding one value in every finite voxel is an input error.
     max_threads : int, optional
         Files read at once; the number of CPUs (at most the number of files) when None.
 
@@ -97,7 +119,8 @@ def load_volumes(paths, *, dtype=np.float32, reference=None, max_threads=None):
     volumes = np.empty(tuple(reference.shape[:3]) + (len(paths),), dtype=dtype)
 
     def load(index):
-        volumes[..., index] = load_volume(paths[index], dtype=dtype, reference=reference)
+        volumes[..., index] = load_volume(paths[index], dtype=dtype, reference=reference,
+                                          require_variation=require_variation)
 
     threads = min(len(paths), max_threads or os.cpu_count() or 1)
     if threads == 1:
@@ -155,7 +178,9 @@ def volume_data(image, name, *, dtype=np.float32):
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.any():
-            raise BIDSInputError(f"image {name} holds no finite value (all NaN/Inf)")
+            raise BIDSInputError(
+                f"image {name} holds no finite value (all NaN/Inf): there is no signal in it; export "
+                "it again, or remove this file and its sidecar from the dataset")
     return data
 
 

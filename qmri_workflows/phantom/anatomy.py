@@ -34,7 +34,8 @@ from scipy import ndimage
 from .tissues import (CHRONIC_ACTIVE_RIM_MM, CORTICAL_LESIONS, DEEP_GREY_NUCLEI, WM_LESIONS)
 
 __all__ = ["TEMPLATE_FILES", "template_directory", "load_template", "Lesion", "place_lesions",
-           "Anatomy", "build_anatomy", "SKULL_THICKNESS_MM", "SCALP_THICKNESS_MM", "AIR_MARGIN_MM"]
+           "LocalFraction", "dense", "Anatomy", "build_anatomy", "SKULL_THICKNESS_MM",
+           "SCALP_THICKNESS_MM", "AIR_MARGIN_MM"]
 
 TEMPLATE_FILES = {
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -220,6 +221,39 @@ def place_lesions(seed=0):
     return tuple(wm_lesions + cortical)
 
 
+class LocalFraction:
+    """Volume fraction of a compartment that is non-zero only inside a few boxes of the grid.
+
+    Nuclei and lesions occupy a small part of the grid; storing only their boxes keeps the memory of
+    a fine (oversampled) phantom close to that of its few space-filling compartments.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+        Shape of the whole grid.
+    """
+
+    def __init__(self, shape):
+        self.shape = tuple(int(n) for n in shape)
+        self.pieces = []
+
+    def add(self, box, values):
+        """Add ``values`` (float32, the shape of the box) to the fraction inside ``box`` (slices)."""
+        self.pieces.append((tuple(box), np.asarray(values, dtype=np.float32)))
+
+    def toarray(self):
+        """The fraction on the whole grid (float32)."""
+        full = np.zeros(self.shape, dtype=np.float32)
+        for box, values in self.pieces:
+            full[box] += values
+        return full
+
+
+def dense(fraction):
+    """Whole-grid array of a fraction given as an array or a :class:`LocalFraction`."""
+    return fraction.toarray() if isinstance(fraction, LocalFraction) else fraction
+
+
 @dataclass
 class Anatomy:
     """Volume fractions of every compartment on the output grid.
@@ -228,9 +262,9 @@ class Anatomy:
     ----------
     affine : ndarray (4, 4)
         Voxel -> RAS (MNI) mm.
-    fractions : dict of str -> ndarray of float32
+    fractions : dict of str -> ndarray of float32 or LocalFraction
         Compartment fractions (keys of :data:`~.tissues.COMPARTMENT_LABELS`), summing to at most 1
-        (the remainder is air).
+        (the remainder is air); nuclei and lesions are :class:`LocalFraction` (see :func:`dense`).
     brain_mask, head_mask : ndarray of bool
     lesions : tuple of Lesion
     """
@@ -298,8 +332,8 @@ def _box(axes, centre, half_extent):
     return tuple(slices), np.meshgrid(*local, indexing="ij", sparse=True)
 
 
-def _ellipsoid_fraction(axes, shape, centre, semi_axes, width):
-    fraction = np.zeros(shape, dtype=np.float32)
+def _ellipsoid_fraction(axes, centre, semi_axes, width):
+    """Box (slices) around an ellipsoid and the partial-volume fraction inside it."""
     region, (x, y, z) = _box(axes, centre, max(semi_axes) + width)
     a, b, c = semi_axes
     radius = np.sqrt(x * x + y * y + z * z)
@@ -308,8 +342,7 @@ def _ellipsoid_fraction(axes, shape, centre, semi_axes, width):
     # mildly eccentric nuclei; enough for a smooth partial-volume edge.
     with np.errstate(invalid="ignore", divide="ignore"):
         distance = np.where(rho > 0, radius * (1 - 1 / rho), -min(semi_axes))
-    fraction[region] = _plane_fraction(distance, width)
-    return fraction
+    return region, _plane_fraction(distance, width)
 
 
 def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
@@ -363,9 +396,10 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
     free = np.ones(shape, dtype=np.float32)
     parenchyma = gm + wm
     for name, centre, semi_axes in DEEP_GREY_NUCLEI:
-        weight = _ellipsoid_fraction(axes, shape, centre, semi_axes, width) * free
-        free -= weight
-        fractions[name] = fractions.get(name, 0) + weight * parenchyma
+        region, ellipsoid = _ellipsoid_fraction(axes, centre, semi_axes, width)
+        weight = ellipsoid * free[region]
+        free[region] -= weight
+        fractions.setdefault(name, LocalFraction(shape)).add(region, weight * parenchyma[region])
     gm *= free
     wm *= free
     del free, parenchyma
@@ -383,12 +417,11 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
         else:
             parts = {lesion.compartment: sphere}
         for name, weight in parts.items():
-            if name not in fractions:
-                fractions[name] = np.zeros(shape, dtype=np.float32)
-            fractions[name][region] += weight * host
+            fractions.setdefault(name, LocalFraction(shape)).add(region, weight * host)
         host *= 1 - sphere
 
     fractions.update(cortical_gm=gm, wm=wm, skull=skull, scalp=scalp)
-    fractions = {name: np.asarray(value, dtype=np.float32) for name, value in fractions.items()}
+    fractions = {name: value if isinstance(value, LocalFraction) else np.asarray(value, dtype=np.float32)
+                 for name, value in fractions.items()}
     return Anatomy(affine=affine, fractions=fractions, brain_mask=brain_mask,
                    head_mask=head_mask, lesions=lesions)

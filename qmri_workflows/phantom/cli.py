@@ -2,7 +2,7 @@
 
 Example::
 
-    qmri-phantom bids_example --resolution 4 --snr 60 --subjects 2 --seed 42 --dtype int16
+    qmri-phantom bids_example --resolution 4 --snr 60 --subjects 2 --seed 42 --dtype int16 --oversample 2
 
 The output is deterministic for a seed (image data; gzip headers carry a time stamp).
 """
@@ -80,9 +80,16 @@ def build_parser():
     parser.add_argument("--n-coils", type=_positive_int, default=1, metavar="N",
                         help="receive channels; 1 gives Rician magnitude, more root-sum-of-squares "
                              "(default: 1)")
-    parser.add_argument("--oversample", type=_positive_int, default=1, metavar="K",
-                        help="simulate on a K times finer grid and reduce by k-space cropping (memory grows "
-                             "as K^3; default: 1)")
+    parser.add_argument("--oversample", type=_positive_int, default=2, metavar="K",
+                        help="simulate on a K times finer grid and reduce it to the target grid, so the images "
+                             "have partial volume and intravoxel dephasing; 1 makes the truth the exact "
+                             "inverse of the signal model (fast tests). Memory grows as K^3 "
+                             "(default: %(default)s)")
+    parser.add_argument("--kspace-filter", choices=("box", "tukey", "none"), default="box",
+                        help="how a voxel forms from the K^3 finer ones when K > 1: 'box' averages the "
+                             "signal over its footprint (partial volume and intravoxel dephasing, no "
+                             "ringing); 'tukey' and 'none' crop k-space with and without a "
+                             "reconstruction filter (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "int16"), default="float32",
                         help="storage of the raw images; int16 uses a scale slope (default: float32)")
     parser.add_argument("--overwrite", action="store_true",
@@ -96,6 +103,9 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     arguments = sys.argv[1:] if argv is None else list(argv)
+    if not any(argument.startswith("--oversample") for argument in arguments):
+        # the recorded command must reproduce the data even if the default changes again
+        arguments += ["--oversample", str(args.oversample)]
     command = shlex.join(["qmri-phantom", *arguments])
     from qmri_workflows.phantom.dataset import write_phantom_dataset
 
@@ -104,8 +114,13 @@ def main(argv=None):
         path = write_phantom_dataset(
             args.output_dir, resolution=args.resolution, snr=args.snr, subjects=args.subjects, seed=args.seed,
             field_strength=args.field_strength, n_coils=args.n_coils, oversample=args.oversample,
-            dtype=args.dtype, overwrite=args.overwrite, command=command)
-    except (ValueError, FileExistsError, OSError) as error:
+            dtype=args.dtype, overwrite=args.overwrite, command=command, kspace_filter=args.kspace_filter)
+    except FileExistsError:
+        # the library's message names its keyword argument; here the user needs the flag
+        print(f"qmri-phantom: error: {args.output_dir} exists and is not empty; choose another folder "
+              "or pass --overwrite", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
         print(f"qmri-phantom: error: {error}", file=sys.stderr)
         return 1
     print(f"qmri-phantom: wrote {path} in {time.perf_counter() - start:.1f} s")

@@ -14,7 +14,9 @@ Layout (``docs/architecture.rst``, "Raw BIDS layout")::
         sub-01/anat/sub-01_<R1map|T1map|R2map|T2map|R2starmap|T2starmap|PDmap|Chimap|M0map>.nii.gz
         sub-01/anat/sub-01_desc-flip<f>_S0map.nii.gz                 noiseless TE = 0 SPGR intercepts
         sub-01/anat/sub-01_dseg.nii.gz + sub-01_dseg.tsv, sub-01_desc-<brain|head>_mask.nii.gz
-        sub-01/fmap/sub-01_TB1map.nii.gz (percent), sub-01_RB1map.nii.gz (ratio)
+        sub-01/anat/sub-01_label-<abbreviation>_desc-interior_mask.nii.gz  per brain label (see below)
+        sub-01/fmap/sub-01_TB1map.nii.gz (percent), sub-01_RB1map.nii.gz (ratio),
+                    sub-01_desc-bodycoil_RB1map.nii.gz (receive field of the RB1COR body coil)
         sub-01/fmap/sub-01_desc-<total|background|local>_fieldmap.nii.gz   field offsets in ppm
 
 Truth conventions: rates in 1/s, times in s (``T1map = 1 / R1map``, 0 where the rate is 0, i.e. in
@@ -26,6 +28,20 @@ the phase sees), background (sources outside the brain mask, incl. air-tissue in
 residual) and local (from the susceptibility inside the brain mask); suffix ``fieldmap`` with
 ``Units`` "ppm" (raw BIDS field maps are in Hz). TB1map, RB1map and the field maps are 0 outside
 the head mask (no image carries information there).
+
+Interior masks: one ``label-<abbreviation>_desc-interior_mask`` (abbreviations of ``dseg.tsv``: WM,
+CGM, CAU, PUT, GP, THA, LEA, LLA, LCAC, LCAR, LCI, CL, CSF) per brain label of the subject: the
+voxels whose whole footprint on the simulation grid (``oversample**3`` fine voxels) has that label
+with at least 95 % of each fine voxel's volume in it (no partial volume), eroded by one more voxel
+(3 x 3 x 3) when at least 20 voxels remain; the sidecar records the rule, whether the mask was
+eroded and its voxel count (0 when the region has no interior at this resolution). Accuracy tests
+evaluate estimates there; the rest of a region (its edge) shows what partial volume and intravoxel
+dephasing do.
+
+Oversampling (default 2): the images are simulated on a grid twice as fine and reduced by k-space
+cropping, so they carry partial volume, Gibbs ringing and intravoxel dephasing, which the
+block-averaged truth does not model: the truth is then not the exact inverse of any fit.
+``oversample=1`` gives images that are the exact signal model of the truth (plumbing tests).
 
 The bSSFP increments follow :func:`qmri_workflows.core.signal.bssfp_signal`: increment 0 is
 conventional bSSFP (RF phase alternating by 180 degrees).
@@ -63,6 +79,7 @@ from qmri_workflows.io.derivatives import (
 )
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import (
+    KSPACE_FILTERS,
     SIGNAL_SCALE,
     PhantomScanner,
     list_volumes,
@@ -118,7 +135,8 @@ def subject_table(n_subjects, seed=0):
     return rows
 
 
-def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype):
+def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype,
+            kspace_filter):
     snr_text = "noiseless (snr = inf)" if math.isinf(snr) else f"{snr:g}"
     lines = [
         "qmri-workflows digital MS-brain phantom",
@@ -133,6 +151,14 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         f"Command: {command}" if command else "Generated with qmri_workflows.phantom.write_phantom_dataset.",
         f"Resolution {resolution:g} mm isotropic, {field_strength:g} T, {n_subjects} subject(s), seed {seed},",
         f"SNR {snr_text}, {n_coils} receive channel(s), oversampling {oversample}, storage {dtype}.",
+        "",
+        "Oversampling: with oversampling K > 1 every image is simulated on a grid K times finer and",
+        {"box": "reduced by averaging the complex signal over each voxel's footprint (no ringing).",
+         "tukey": "reduced by cropping its k-space with a Tukey reconstruction filter (inner half of "
+                  "k-space flat, cosine taper outside).",
+         "none": "reduced by cropping its k-space without a filter (Gibbs ringing kept)."}[kspace_filter],
+        "The images then carry partial volume and intravoxel dephasing that the block-averaged truth",
+        "does not model. With K = 1 each image is the exact signal model of its truth.",
         "",
         "SNR: the noise standard deviation per channel (real and imaginary parts) is the median",
         "noiseless white-matter magnitude of the first echo of the lowest-flip-angle VFA image of",
@@ -151,8 +177,14 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "TE = 0 SPGR intercept per flip angle, incl. B1+ and receive), dseg (+ dseg.tsv), brain and",
         "head masks; fmap: TB1map (percent of nominal flip angle), RB1map (receive sensitivity) and",
         "desc-total|background|local_fieldmap (field offsets in ppm of B0); the smooth fields are 0",
-        "outside the head mask. With oversampling the truth is the block average of a finer truth",
-        "(approximate).",
+        "outside the head mask; desc-bodycoil_RB1map is the receive field of the body coil (within 3 %",
+        "of 1 over the brain, so the RB1COR head/body ratio is RB1map / desc-bodycoil_RB1map).",
+        "With oversampling the truth is the block average of a finer truth, and the images carry",
+        "partial volume, ringing and intravoxel dephasing that it does not model.",
+        "label-<region>_desc-interior_mask: per brain region (dseg.tsv abbreviations), the voxels",
+        "without partial volume: their whole footprint on the simulation grid has the region's label,",
+        "each fine voxel at least 95 % of it; eroded by one voxel when at least 20 voxels remain (the",
+        "sidecar says so). Evaluate accuracy there; the region minus its interior is its edge.",
         "",
         "Acquisitions",
         "------------",
@@ -164,7 +196,7 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "  conventional bSSFP (RF phase alternating by 180 degrees, pass band centred on resonance).",
         "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007).",
         "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
-        "  coil; body coil with uniform sensitivity, single channel).",
+        "  coil; body coil, single channel, smooth sensitivity within 3 % of uniform).",
         "",
         "Anatomy source and licence",
         "--------------------------",
@@ -305,6 +337,12 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
             write_map(derivatives_root, data, affine, subject=label, suffix="RB1map",
                       metadata=_truth_metadata("True relative receive sensitivity (ratio).", Units="arbitrary",
                                                **meta))
+        elif name == "RB1map-body":
+            write_map(derivatives_root, data, affine, subject=label, suffix="RB1map", desc="bodycoil",
+                      metadata=_truth_metadata(
+                          "True receive sensitivity of the body coil of the RB1COR pair (smooth, within "
+                          "a few percent of 1 over the brain); the head/body RB1COR ratio is "
+                          "RB1map / this map.", Units="arbitrary", **meta))
         elif name == "dseg":
             path = write_map(derivatives_root, data.astype(np.int16), affine, subject=label, suffix="dseg",
                              metadata=_truth_metadata("Tissue labels of the phantom (majority label).", **meta))
@@ -323,10 +361,33 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
                           f"True {kind} field offset in ppm of the main field.", Units="ppm", **meta))
         else:  # pragma: no cover - every name of truth_maps is handled above
             raise RuntimeError(f"unhandled truth map {name}")
+    _write_interior_masks(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
+
+
+def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, oversample):
+    """One ``label-<abbreviation>_desc-interior_mask`` per brain label of the subject."""
+    from qmri_workflows.phantom.simulate import MIN_ERODED_VOXELS, PURE_FRACTION
+    from qmri_workflows.phantom.tissues import BRAIN_LABELS, LABEL_ABBREVIATIONS, LABELS
+
+    present = set(np.unique(scanner.truth.dseg).tolist())
+    labels = [value for value in BRAIN_LABELS if value in present]
+    rule = (f"Voxels of the label whose whole footprint on the simulation grid ({oversample}^3 voxels "
+            f"{oversample} times finer) has this label, each footprint voxel at least "
+            f"{PURE_FRACTION:.0%} of this label (no partial volume); then eroded by one voxel "
+            f"(3x3x3) if at least {MIN_ERODED_VOXELS} voxels remain.")
+    for value, (mask, eroded) in scanner.interior_masks(labels).items():
+        write_map(derivatives_root, mask.astype(np.uint8), scanner.affine, subject=label, suffix="mask",
+                  label=LABEL_ABBREVIATIONS[value], desc="interior",
+                  metadata=_truth_metadata(
+                      f"Interior of {LABELS[value]} (dseg label {value}), free of partial volume.",
+                      field_strength=field_strength, oversample=1, Type="ROI", LabelIndex=value,
+                      LabelName=LABELS[value], InteriorRule=rule, PureFraction=PURE_FRACTION,
+                      Eroded=bool(eroded), VoxelCount=int(mask.sum()), Oversample=oversample))
 
 
 def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=1, seed=0, field_strength=3.0,
-                          n_coils=1, oversample=1, dtype="float32", protocol=None, overwrite=False, command=None):
+                          n_coils=1, oversample=2, dtype="float32", protocol=None, overwrite=False, command=None,
+                          kspace_filter="box"):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
     Parameters
@@ -350,7 +411,10 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         Receive channels (1: Rician magnitude; more: root-sum-of-squares).
     oversample : int, optional
         Simulate on a grid this many times finer and reduce by k-space cropping (see
-        :mod:`qmri_workflows.phantom.simulate`); memory grows with ``oversample**3``.
+        :mod:`qmri_workflows.phantom.simulate`), so that the images carry partial volume and
+        intravoxel dephasing that the block-averaged truth does not model; 1 makes the truth the
+        exact inverse of the signal model (fast plumbing tests). The fine truth takes about
+        60 bytes per fine voxel (4 GB for 1 mm at ``oversample=2``).
     dtype : {"float32", "int16"}, optional
         Storage of the raw images.
     protocol : Protocol, optional
@@ -359,6 +423,9 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         Replace an existing ``output_dir`` (only after the new dataset is complete).
     command : str, optional
         Command line recorded in the README.
+    kspace_filter : {"box", "tukey", "none"}, optional
+        How a voxel forms from the finer ones when ``oversample > 1``
+        (:func:`qmri_workflows.phantom.simulate.kspace_downsample`).
 
     Returns
     -------
@@ -380,6 +447,8 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
         raise ValueError(f"oversample must be a positive integer, got {oversample!r}")
     if isinstance(n_coils, bool) or not isinstance(n_coils, (int, np.integer)) or n_coils < 1:
         raise ValueError(f"n_coils must be a positive integer, got {n_coils!r}")
+    if kspace_filter not in KSPACE_FILTERS:
+        raise ValueError(f"kspace_filter must be one of {KSPACE_FILTERS}, got {kspace_filter!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if not (math.isfinite(float(field_strength)) and field_strength > 0):
@@ -396,7 +465,8 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
     try:
         _write_dataset(staging, participants=participants, resolution=resolution, snr=snr, seed=int(seed),
                        field_strength=float(field_strength), n_coils=int(n_coils), oversample=int(oversample),
-                       dtype=dtype, protocol=protocol, make_phantom=make_phantom, command=command)
+                       dtype=dtype, protocol=protocol, make_phantom=make_phantom, command=command,
+                       kspace_filter=kspace_filter)
         os.chmod(staging, 0o777 & ~_umask())
         if output_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
@@ -419,7 +489,7 @@ def _umask():
 
 
 def _write_dataset(root, *, participants, resolution, snr, seed, field_strength, n_coils, oversample, dtype,
-                   protocol, make_phantom, command):
+                   protocol, make_phantom, command, kspace_filter):
     generated_by = [{"Name": "qmri-phantom", "Version": __version__,
                      "Description": "Digital MS-brain phantom and qMRI protocol simulator of qmri-workflows"}]
     write_dataset_description(root, name=_DATASET_NAME, dataset_type="raw", extra={
@@ -438,7 +508,8 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
         ],
     })
     readme = _readme(command=command, resolution=resolution, snr=snr, n_subjects=len(participants), seed=seed,
-                     field_strength=field_strength, n_coils=n_coils, oversample=oversample, dtype=dtype)
+                     field_strength=field_strength, n_coils=n_coils, oversample=oversample, dtype=dtype,
+                     kspace_filter=kspace_filter)
     (root / "README").write_text(readme, encoding="utf-8")
     (root / "CHANGES").write_text(
         f"{__version__}\n  - Simulated by qmri-phantom (qmri-workflows {__version__}).\n", encoding="utf-8")
@@ -465,7 +536,8 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
         truth = make_phantom(resolution=resolution / oversample, field_strength=field_strength,
                              subject=participant["group"], seed=seed + index)
         rb1cor_factor = 1 if protocol.rb1cor is None else protocol.rb1cor.coarsening_factor(resolution)
-        scanner = PhantomScanner(truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor)
+        scanner = PhantomScanner(truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor,
+                                 kspace_filter=kspace_filter)
         if sigma is None:
             # one receiver for the whole dataset: the noise level is set on the first subject
             sigma = reference_sigma(scanner, protocol, snr)
@@ -495,6 +567,7 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
             "MagneticFieldStrength": field_strength,
             "Resolution": resolution,
             "Oversample": oversample,
+            "KSpaceFilter": kspace_filter if oversample > 1 else "none (no k-space crop at oversample 1)",
             "SNR": None if math.isinf(snr) else snr,
             "SNRDefinition": ("median noiseless white-matter magnitude of echo 1 of the lowest-flip-angle VFA "
                               "image of sub-01 divided by the noise sigma per channel"),

@@ -18,13 +18,18 @@ import numpy as np
 from ..core.dipole import forward_field
 from .tissues import CHI_AIR_PPM, CHI_WATER_PPM
 
-__all__ = ["transmit_field", "receive_sensitivity", "phase_offset", "b0_fields",
-           "TRANSMIT_RANGE", "RECEIVE_VARIATION"]
+__all__ = ["transmit_field", "receive_sensitivity", "body_receive_sensitivity", "phase_offset",
+           "b0_fields", "shim_residual", "TRANSMIT_RANGE", "RECEIVE_VARIATION",
+           "BODY_RECEIVE_VARIATION", "FIELD_GRID_MM"]
 
 #: Target B1+ ratio at the brain centre and at ~80 mm from it (3 T head coil: centre-bright).
 TRANSMIT_RANGE = (0.86, 1.22)
 #: Largest relative deviation of the receive sensitivity from its brain mean.
 RECEIVE_VARIATION = 0.30
+#: Largest relative deviation of the body coil's receive sensitivity from its brain mean.
+BODY_RECEIVE_VARIATION = 0.03
+#: Finest grid (mm) on which the dipole model of B0 is computed (see ``truth.make_phantom``).
+FIELD_GRID_MM = 1.0
 #: Length (mm) that normalises positions in the polynomial/Gaussian patterns.
 _HEAD_RADIUS_MM = 80.0
 
@@ -108,11 +113,50 @@ def receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
         np.reciprocal(falloff, out=falloff)
         weight = np.float32(rng.uniform(0.8, 1.2))
         power += weight**2 * falloff * falloff * falloff
-    pattern = np.sqrt(power)
-    mean = pattern[brain_mask].mean()
-    deviation = np.abs(pattern[brain_mask] - mean).max()
-    receive = 1 + RECEIVE_VARIATION * (pattern - mean) / deviation
+    receive = _scaled_on_brain(np.sqrt(power), brain_mask, RECEIVE_VARIATION)
     return np.clip(receive, 0.2, None).astype(np.float32)
+
+
+def _scaled_on_brain(pattern, brain_mask, variation):
+    """``1 + variation * (pattern - mean) / largest deviation``, mean and deviation over the brain."""
+    inside = pattern[brain_mask]
+    mean = inside.mean()
+    deviation = np.abs(inside - mean).max()
+    del inside
+    return 1 + variation * (pattern - mean) / deviation
+
+
+def body_receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
+    """Receive sensitivity of the body coil: nearly, but not exactly, uniform over the head.
+
+    The body coil is the reference of the RB1COR pair (head-coil image / body-coil image = relative
+    head-coil sensitivity) because it is large and far from the head; at 3 T it is still not flat:
+    the RF wavelength in tissue (~12 cm) makes it slightly centre-bright, and the loaded coil is not
+    symmetric. Modelled as a broad centre-bright quadratic bowl (weaker along z) plus a linear
+    gradient of half its size in a seeded direction, scaled to mean 1 over ``brain_mask`` and a
+    largest deviation of :data:`BODY_RECEIVE_VARIATION` (3 %) there. An estimate of the head-coil
+    sensitivity from the RB1COR ratio is therefore biased by up to about 3 %, as on a scanner.
+
+    Parameters and returns as :func:`receive_sensitivity`.
+    """
+    rng = _rng(seed, 5)
+    x, y, z = _normalised_axes(shape, affine, centre_mm)
+    gradient = 0.5 * _unit(rng.normal(size=3))
+    pattern = (-(x * x + y * y) - np.float32(0.5) * z * z
+               + np.float32(gradient[0]) * x + np.float32(gradient[1]) * y + np.float32(gradient[2]) * z)
+    pattern = np.broadcast_to(pattern, shape)
+    return _scaled_on_brain(pattern, brain_mask, BODY_RECEIVE_VARIATION).astype(np.float32)
+
+
+def shim_residual(shape, affine, centre_mm, *, seed=0):
+    """Linear residual (ppm) of a first-order shim: about 0.05 ppm per 80 mm, seeded direction.
+
+    Zero at ``centre_mm``; broadcastable to ``shape`` (float32).
+    """
+    rng = _rng(seed, 4)
+    slope = 0.05 * _unit(rng.normal(size=3))
+    x, y, z = _normalised_axes(shape, affine, centre_mm)
+    return (slope[0] * x + slope[1] * y + slope[2] * z).astype(np.float32)
 
 
 def phase_offset(shape, affine, centre_mm, *, seed=0):
@@ -170,12 +214,7 @@ def b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *
     total, local = fields[..., 0], np.ascontiguousarray(fields[..., 1])
     background = total - local
     del fields, total
-    rng = _rng(seed, 4)
-    # Linear residual of a first-order shim: about 0.05 ppm per 80 mm in a seeded direction.
-    slope = 0.05 * _unit(rng.normal(size=3))
-    x, y, z = _normalised_axes(chi.shape, affine, centre_mm)
-    shim = (slope[0] * x + slope[1] * y + slope[2] * z).astype(np.float32)
-    shim = np.broadcast_to(shim, chi.shape)
+    shim = np.broadcast_to(shim_residual(chi.shape, affine, centre_mm, seed=seed), chi.shape)
     background -= np.float32((local + background + shim)[brain_mask].mean())
     total = local + background + shim
     return total.astype(np.float32), background.astype(np.float32), local.astype(np.float32)

@@ -39,13 +39,22 @@ NAWM (label WM)                        1.008  12.9   19.95  71    -0.030 (as con
 normal-appearing cortex (cortical GM)  0.631  10.0   16.32  83    +0.010 (R1 -3 %, R2* -4 %)
 caudate / putamen / globus pallidus    same   same   +10 %  same  +0.020 (iron concentration up)
 thalamus                               -4 %   same   -8 %   same  -0.010 (iron and myelin loss)
-early active lesion                    0.80   9.1    18.0   78    -0.0295 (+0.5 ppb, Chen 2014)
+early active lesion                    0.80   9.1    16.0   78    -0.0295 (+0.5 ppb, Chen 2014)
 late active lesion                     0.74   8.0    14.5   81    +0.008 (+38 ppb)
 chronic active lesion core             0.65   6.7    12.5   84    -0.020 (+10 ppb)
 chronic active lesion rim (1.5 mm)     0.80   11.0   28.0   78    +0.040 (+70 ppb, iron rim)
 chronic inactive lesion                0.62   6.25   11.0   86    -0.015 (+15 ppb, still raised)
-cortical lesion                        0.58   9.0    13.5   86    +0.030 or -0.010 (mixed, by lesion)
+cortical lesion (assumed values)       0.58   9.0    13.5   86    +0.030 or -0.010 (mixed, by lesion)
 =====================================  =====  =====  =====  ====  =====================================
+
+The early active lesion's R2' = R2* - R2 (6.9 s^-1) is below NAWM's (7.05 s^-1): its chi is NAWM's,
+so nothing adds reversible dephasing, and edema dilutes the iron and myelin that cause it.
+
+Cortical lesions: the review reports only that R2* is lower than in normal-appearing cortex and that
+chi is heterogeneous (no R1 study exists). Every cortical-lesion value above is therefore an
+assumption of this phantom, flagged in code by ``TissueParameters.assumed`` (the parameter names) and
+``TissueParameters.assumption_note``: R1, R2 and PD follow the demyelination pattern of white-matter
+lesions at a smaller size, and the sizes of the R2* and chi changes are chosen, not measured.
 
 Field strength
 --------------
@@ -84,7 +93,7 @@ from dataclasses import dataclass, replace
 __all__ = [
     "LABELS", "LABEL_ABBREVIATIONS", "LESION_LABELS", "dseg_tsv_rows", "TissueParameters",
     "CONTROL_TISSUES_3T", "PATIENT_TISSUES_3T", "COMPARTMENT_LABELS", "tissue_parameters",
-    "scale_to_field", "DEEP_GREY_NUCLEI", "WM_LESIONS", "CORTICAL_LESIONS",
+    "scale_to_field", "DEEP_GREY_NUCLEI", "WM_LESIONS", "CORTICAL_LESIONS", "BRAIN_LABELS",
     "CHRONIC_ACTIVE_RIM_MM", "CHI_WATER_PPM", "CHI_AIR_PPM",
 ]
 
@@ -119,6 +128,8 @@ LABEL_ABBREVIATIONS: dict[int, str] = {
 
 #: Labels present only in patients.
 LESION_LABELS = (8, 9, 10, 11, 12, 13)
+#: Labels inside the intracranial (brain) mask: everything but background, skull and scalp.
+BRAIN_LABELS = tuple(range(1, 14))
 
 
 def dseg_tsv_rows():
@@ -143,6 +154,11 @@ class TissueParameters:
     chi: float
     #: exponent beta of R1 ~ B0^(-beta) (Rooney 2007); 0 for free water.
     r1_field_exponent: float = 0.38
+    #: Names of the parameters (``"r1"``, ``"r2"``, ``"r2star"``, ``"pd"``, ``"chi"``) whose value
+    #: neither the review nor ``tissue-values.md`` reports: assumptions of this phantom.
+    assumed: tuple = ()
+    #: Why the assumed values were chosen.
+    assumption_note: str = ""
 
 
 #: Compartment -> label. Two cortical-lesion compartments carry the heterogeneous chi of Table 2.
@@ -168,6 +184,12 @@ CONTROL_TISSUES_3T: dict[str, TissueParameters] = {
 }
 
 _control = CONTROL_TISSUES_3T
+_CORTICAL_LESION_ASSUMED = ("r1", "r2", "r2star", "pd", "chi")
+_CORTICAL_LESION_NOTE = (
+    "The review (Table 2) gives only directions for cortical lesions: R2* lower than normal-appearing "
+    "cortex, chi decreased or increased. R1 (-8 %), R2 (-10 %) and PD (+3 points) follow the "
+    "demyelination pattern of white-matter lesions at a smaller size; the R2* (-17 %) and chi "
+    "(+20 / -20 ppb) sizes are assumed.")
 PATIENT_TISSUES_3T: dict[str, TissueParameters] = {
     **CONTROL_TISSUES_3T,
     # NAWM: R1, R2 a few % lower, PD higher, R2* lower, chi as in controls (Table 1, NAWM row).
@@ -180,15 +202,21 @@ PATIENT_TISSUES_3T: dict[str, TissueParameters] = {
     "globus_pallidus": replace(_control["globus_pallidus"], r2star=44.0, chi=0.220),
     # Thalamus: iron and myelin loss -> R1, R2* and chi down (Table 2).
     "thalamus": replace(_control["thalamus"], r1=0.864, r2star=19.32, chi=0.005),
-    # White-matter lesion stages (Table 1).
-    "early_active": _T(0.80, 9.1, 18.0, 78.0, -0.0295),
+    # White-matter lesion stages (Table 1). Early active: R2* down by more than R2, so that its
+    # reversible part R2' = R2* - R2 (6.9 s^-1) stays below NAWM's (7.05 s^-1): edema dilutes the
+    # iron and myelin that cause R2', and its chi equals NAWM's (+0.5 ppb, Chen 2014).
+    "early_active": _T(0.80, 9.1, 16.0, 78.0, -0.0295),
     "late_active": _T(0.74, 8.0, 14.5, 81.0, 0.008),
     "chronic_active_core": _T(0.65, 6.7, 12.5, 84.0, -0.020),
     "chronic_active_rim": _T(0.80, 11.0, 28.0, 78.0, 0.040),
     "chronic_inactive": _T(0.62, 6.25, 11.0, 86.0, -0.015),
     # Cortical lesions: R2* down; chi heterogeneous (Table 2): paramagnetic and diamagnetic kinds.
-    "cortical_lesion_para": _T(0.58, 9.0, 13.5, 86.0, 0.030),
-    "cortical_lesion_dia": _T(0.58, 9.0, 13.5, 86.0, -0.010),
+    # The review reports only these directions ("no studies have investigated R1 changes in CL");
+    # R1, R2, PD and the sizes of the R2* and chi changes are assumptions (flagged below).
+    "cortical_lesion_para": _T(0.58, 9.0, 13.5, 86.0, 0.030, assumed=_CORTICAL_LESION_ASSUMED,
+                               assumption_note=_CORTICAL_LESION_NOTE),
+    "cortical_lesion_dia": _T(0.58, 9.0, 13.5, 86.0, -0.010, assumed=_CORTICAL_LESION_ASSUMED,
+                              assumption_note=_CORTICAL_LESION_NOTE),
 }
 del _control, _T
 

@@ -11,7 +11,13 @@ Each voxel holds volume fractions ``f_t`` of compartments ``t`` (the rest is air
 * ``chi = sum_t f_t chi_t`` (susceptibility adds up by volume; ppm relative to CSF).
 
 The protocol simulator computes each voxel's signal from that voxel's parameters only, so these maps
-are the exact truth of the simulated data. Air has PD = 0 and all parameters 0; the outermost scalp
+are the exact truth of data simulated on this grid (``oversample=1``). An oversampled dataset builds
+this truth on the fine grid; its written truth is the block average, which its images (k-space
+reduced, with partial volume and intravoxel dephasing) match only away from edges: see
+``label_fraction`` and the interior masks.
+
+Below 1 mm (:data:`~.fields.FIELD_GRID_MM`) the B0 field is computed by the dipole model on a grid of
+about 1 mm and interpolated (memory; see ``_b0_fields``). Air has PD = 0 and all parameters 0; the outermost scalp
 voxels (tissue fraction < 0.5, outside ``head_mask``) keep their partial-volume values.
 """
 
@@ -20,14 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
-from .anatomy import build_anatomy
-from .fields import b0_fields, phase_offset, receive_sensitivity, transmit_field
-from .tissues import COMPARTMENT_LABELS, LABELS, tissue_parameters
+from .anatomy import LocalFraction, build_anatomy
+from .fields import (FIELD_GRID_MM, b0_fields, body_receive_sensitivity, phase_offset,
+                     receive_sensitivity, shim_residual, transmit_field)
+from .simulate import block_average, coarsen_affine
+from .tissues import BRAIN_LABELS, COMPARTMENT_LABELS, LABELS, tissue_parameters
 
 __all__ = ["PhantomTruth", "make_phantom", "LABELS"]
 
-_BRAIN_LABELS = tuple(range(1, 14))
 _EXTRACRANIAL_LABELS = (14, 15)
 
 
@@ -69,6 +77,12 @@ class PhantomTruth:
         Lesion compartments, centres (mm) and radii (mm); empty for controls.
     b0_direction : tuple of float
         Unit main-field direction in voxel axes.
+    body_receive : ndarray of float32 or None
+        Receive sensitivity of the body coil (RB1COR reference image): smooth, within a few percent
+        of 1 over the brain; ``None`` means exactly uniform.
+    label_fraction : ndarray of float32 or None
+        Volume fraction of each voxel that belongs to its ``dseg`` label (1 without partial volume);
+        defines the interior masks of an oversampled dataset.
     """
 
     affine: np.ndarray
@@ -91,6 +105,8 @@ class PhantomTruth:
     subject: str = "patient"
     lesions: tuple = ()
     b0_direction: tuple = (0.0, 0.0, 1.0)
+    body_receive: np.ndarray | None = None
+    label_fraction: np.ndarray | None = None
 
     @property
     def voxel_size(self):
@@ -115,29 +131,46 @@ def _nonzero_box(array):
     return tuple(box)
 
 
+def _pieces(fraction):
+    """``(box, values)`` pieces of a fraction (an array or a :class:`~.anatomy.LocalFraction`)."""
+    if isinstance(fraction, LocalFraction):
+        return fraction.pieces
+    box = _nonzero_box(fraction)
+    return [] if box is None else [(box, fraction[box])]
+
+
+def _union_box(boxes):
+    return tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
+                 for axis in range(3))
+
+
+def _shape(fractions):
+    first = next(iter(fractions.values()))
+    return tuple(first.shape)
+
+
 def _mix(fractions, parameters):
     """Partial-volume mixing (module notes) of compartment parameters."""
-    shape = next(iter(fractions.values())).shape
+    shape = _shape(fractions)
     pd = np.zeros(shape, dtype=np.float32)
     weighted = {key: np.zeros(shape, dtype=np.float32) for key in ("r1", "r2", "r2star")}
     chi = np.zeros(shape, dtype=np.float32)
     for name, fraction in fractions.items():
-        box = _nonzero_box(fraction)
-        if box is None:
-            continue
         values = parameters[name]
-        local_fraction = fraction[box]
-        water = local_fraction * np.float32(values.pd)
-        pd[box] += water
-        weighted["r1"][box] += water * np.float32(values.r1)
-        weighted["r2"][box] += water * np.float32(values.r2)
-        weighted["r2star"][box] += water * np.float32(values.r2star)
-        chi[box] += local_fraction * np.float32(values.chi)
+        for box, local_fraction in _pieces(fraction):
+            water = local_fraction * np.float32(values.pd)
+            pd[box] += water
+            weighted["r1"][box] += water * np.float32(values.r1)
+            weighted["r2"][box] += water * np.float32(values.r2)
+            weighted["r2star"][box] += water * np.float32(values.r2star)
+            chi[box] += local_fraction * np.float32(values.chi)
     has_water = pd > 0
     rates = {}
-    for key, total in weighted.items():
+    for key in ("r1", "r2", "r2star"):
+        total = weighted.pop(key)
         rate = np.zeros(shape, dtype=np.float32)
         np.divide(total, pd, out=rate, where=has_water)
+        del total
         rates[key] = rate
     # float32 rounding can put R2* a hair below R2 where they are equal in a compartment.
     np.maximum(rates["r2star"], rates["r2"], out=rates["r2star"])
@@ -145,29 +178,42 @@ def _mix(fractions, parameters):
 
 
 def _segment(fractions, brain_mask, head_mask):
-    """Label of the largest fraction: brain labels inside the brain mask, skull/scalp outside."""
+    """Label of the largest fraction (brain labels inside the brain mask, skull/scalp outside).
+
+    Returns
+    -------
+    dseg : ndarray of int16
+    label_fraction : ndarray of float32
+        Volume fraction of each voxel that belongs to its label (1 in a voxel without partial volume).
+    """
     shape = brain_mask.shape
     by_label = {}
     for name, fraction in fractions.items():
-        label = COMPARTMENT_LABELS[name]
-        by_label[label] = by_label[label] + fraction if label in by_label else fraction
+        by_label.setdefault(COMPARTMENT_LABELS[name], []).extend(_pieces(fraction))
     dseg = np.zeros(shape, dtype=np.int16)
-    for group, region in ((_BRAIN_LABELS, brain_mask),
+    label_fraction = np.zeros(shape, dtype=np.float32)
+    for group, region in ((BRAIN_LABELS, brain_mask),
                           (_EXTRACRANIAL_LABELS, head_mask & ~brain_mask)):
         best = np.zeros(shape, dtype=np.float32)
         winner = np.zeros(shape, dtype=np.int16)
         for label in group:
-            if label not in by_label:
+            pieces = by_label.get(label)
+            if not pieces:
                 continue
-            box = _nonzero_box(by_label[label])
-            if box is None:
-                continue
-            candidate = by_label[label][box]
+            # Sum the label's pieces in their common box: one temporary, never a whole-grid copy
+            # per compartment.
+            box = _union_box([piece_box for piece_box, _ in pieces])
+            candidate = np.zeros(tuple(s.stop - s.start for s in box), dtype=np.float32)
+            for piece_box, values in pieces:
+                local = tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(piece_box, box))
+                candidate[local] += values
             larger = candidate > best[box]
             best[box] = np.where(larger, candidate, best[box])
             winner[box][larger] = label
+            del candidate, larger
         dseg[region] = winner[region]
-    return dseg
+        label_fraction[region] = best[region]
+    return dseg, label_fraction
 
 
 def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=0,
@@ -208,10 +254,11 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
     parameters = tissue_parameters(subject, field_strength)
     fractions = anatomy.fractions
     r1, r2, r2star, pd, chi = _mix(fractions, parameters)
-    dseg = _segment(fractions, anatomy.brain_mask, anatomy.head_mask)
+    dseg, label_fraction = _segment(fractions, anatomy.brain_mask, anatomy.head_mask)
     tissue_fraction = np.zeros(r1.shape, dtype=np.float32)
     for fraction in fractions.values():
-        tissue_fraction += fraction
+        for box, values in _pieces(fraction):
+            tissue_fraction[box] += values
     np.clip(tissue_fraction, 0, 1, out=tissue_fraction)
     del fractions
     anatomy.fractions = {}
@@ -219,16 +266,57 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
     affine = anatomy.affine
     shape = r1.shape
     voxel_size = float(resolution)
-    brain_index = np.argwhere(anatomy.brain_mask)
-    centre_mm = brain_index.mean(0) * voxel_size + affine[:3, 3]
+    centre_mm = np.argwhere(anatomy.brain_mask).mean(0) * voxel_size + affine[:3, 3]
     b1 = transmit_field(shape, affine, centre_mm, seed=seed)
     receive = receive_sensitivity(shape, affine, centre_mm, anatomy.brain_mask, seed=seed)
+    body_receive = body_receive_sensitivity(shape, affine, centre_mm, anatomy.brain_mask, seed=seed)
     phase = phase_offset(shape, affine, centre_mm, seed=seed)
-    total, background, local = b0_fields(chi, tissue_fraction, anatomy.brain_mask, voxel_size,
-                                         centre_mm, affine, b0_direction=direction, seed=seed)
+    total, background, local = _b0_fields(chi, tissue_fraction, anatomy.brain_mask, voxel_size,
+                                          centre_mm, affine, direction=direction, seed=seed)
     return PhantomTruth(
         affine=affine, field_strength=float(field_strength), r1=r1, r2=r2, r2star=r2star, pd=pd,
         chi=chi, dseg=dseg, labels=dict(LABELS), brain_mask=anatomy.brain_mask,
         head_mask=anatomy.head_mask, b1=b1, receive=receive, b0_ppm=total,
         background_field_ppm=background, local_field_ppm=local, phase_offset=phase,
-        subject=subject, lesions=anatomy.lesions, b0_direction=direction)
+        subject=subject, lesions=anatomy.lesions, b0_direction=direction,
+        body_receive=body_receive, label_fraction=label_fraction)
+
+
+def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, direction, seed):
+    """B0 fields on the phantom grid, computed on a grid no finer than :data:`FIELD_GRID_MM`.
+
+    On a finer grid (an oversampled phantom) the susceptibility and tissue fraction are block-averaged
+    by the integer factor ``round(FIELD_GRID_MM / voxel_size)``, the fields are computed there and
+    interpolated back (trilinear). The dipole FFT of a 0.5 mm head with its zero padding would need
+    about 6 GB; the interpolated field keeps the macroscopic gradients that dephase the spins inside a
+    voxel, and loses only field structure finer than the field grid next to sharp susceptibility
+    boundaries. The linear shim and the centre frequency (mean total field over the brain = 0) are
+    exact on the phantom grid.
+    """
+    factor = max(1, int(round(FIELD_GRID_MM / voxel_size)))
+    if factor == 1:
+        return b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine,
+                         b0_direction=direction, seed=seed)
+    coarse_affine = coarsen_affine(affine, factor)
+    _, background, local = b0_fields(
+        block_average(chi, factor).astype(np.float32),
+        block_average(tissue_fraction, factor).astype(np.float32),
+        block_average(brain_mask, factor) >= 0.5, voxel_size * factor, centre_mm, coarse_affine,
+        b0_direction=direction, seed=seed)
+    shape = chi.shape
+
+    def upsample(coarse):
+        # fine voxel i lies at coarse coordinate (i - (factor - 1) / 2) / factor
+        return ndimage.affine_transform(coarse, np.full(3, 1.0 / factor),
+                                        offset=-(factor - 1) / (2.0 * factor), output_shape=shape,
+                                        order=1, mode="nearest", output=np.float32)
+
+    background = upsample(background)
+    local = upsample(local)
+    total = local + background
+    total += shim_residual(shape, affine, centre_mm, seed=seed)
+    # centre frequency on the brain of this grid
+    offset = np.float32(total[brain_mask].mean())
+    total -= offset
+    background -= offset
+    return total, background, local

@@ -72,7 +72,9 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
     Outputs
     -------
     r2star_file, t2star_file
-        R2* (1/s) and T2* (s) maps.
+        R2* (1/s) and T2* (s) maps; T2* is NaN where R2* is not significantly above zero.
+    r2star_stderr_file
+        Standard error of R2* (1/s).
     s0_files
         TE = 0 intercepts, one per flip angle in ascending flip-angle order.
     flip_angles
@@ -92,7 +94,8 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
     )
     outputnode = pe.Node(
         IdentityInterface(
-            fields=["r2star_file", "t2star_file", "s0_files", "flip_angles", "metadata"]
+            fields=["r2star_file", "r2star_stderr_file", "t2star_file", "s0_files", "flip_angles",
+                    "metadata"]
         ),
         name="outputnode",
     )
@@ -111,6 +114,7 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
         ]),
         (fit_r2star, outputnode, [
             ("r2star_file", "r2star_file"),
+            ("r2star_stderr_file", "r2star_stderr_file"),
             ("t2star_file", "t2star_file"),
             ("s0_files", "s0_files"),
             ("flip_angles", "flip_angles"),
@@ -124,6 +128,20 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
 # registry entries
 # --------------------------------------------------------------------------------------------------
 MIN_ECHOES_R2STAR = 2
+R2STAR_STDERR_DESC = "stderr"
+R2STAR_STDERR_DESCRIPTION = (
+    "Standard error of R2* (1/s): noise SD from the fit's residuals (measured in the air when the "
+    "protocol leaves fewer than 4 residual degrees of freedom) over the square root of the Fisher "
+    "information on R2* at the fitted values; NaN where R2* is undetermined"
+)
+
+
+def _t2star_description():
+    from ..core.r2star import T2STAR_MIN_SIGNIFICANCE
+
+    return (f"1/R2* where R2* > 0 and R2* > {T2STAR_MIN_SIGNIFICANCE:g} times its standard error "
+            "(desc-stderr_R2starmap); NaN elsewhere in the brain mask (R2* undetermined, negative or "
+            "not significantly above zero, where 1/R2* would be arbitrarily large)")
 
 
 def _first_echoes(inputs):
@@ -186,7 +204,10 @@ def _r2star_outputs(inputs):
     masked = {"SkullStripped": True}
     outputs = [
         Output(field="r2star_file", suffix="R2starmap", source_files=magnitude_files, metadata=masked),
-        Output(field="t2star_file", suffix="T2starmap", source_files=magnitude_files, metadata=masked),
+        Output(field="r2star_stderr_file", suffix="R2starmap", desc=R2STAR_STDERR_DESC,
+               source_files=magnitude_files, metadata={**masked, "Description": R2STAR_STDERR_DESCRIPTION}),
+        Output(field="t2star_file", suffix="T2starmap", source_files=magnitude_files,
+               metadata={**masked, "Description": _t2star_description()}),
     ]
     several = inputs.gre_suffix == "VFA" and len(inputs.gre) > 1
     # The query layer sorts the series by flip angle, as the fit orders its S0 maps; each S0 map
@@ -234,7 +255,8 @@ def _registry_entries():
                             "non-linear with the magnitude noise floor (nls)"}),
             Option(("--n-coils",), "n_coils",
                    {"type": positive_int, "default": 1, "metavar": "N",
-                    "help": "receive channels combined by root-sum-of-squares (noise law for nls)"}),
+                    "help": "receive channels combined by root-sum-of-squares (noise law for nls, and "
+                            "for the noise measured in the air with few echoes)"}),
         ),
     )
     return brain_mask, r2star

@@ -77,3 +77,19 @@ def test_invalid_shapes_raise():
         crlb.estatics_crlb(np.ones((4, 2)), 20.0, np.ones((3, 8)) * 1e-3, 1.0)
     with pytest.raises(ValueError, match="sigma"):
         crlb.r2star_crlb(100.0, 20.0, ECHO_TIMES, 0.0)
+
+
+def test_per_voxel_missing_echoes():
+    # Echo times with a voxel axis: each voxel drops its own samples, as separate calls would.
+    s0 = np.array([[100.0, 70.0], [80.0, 50.0], [60.0, 90.0]])
+    r2star = np.array([20.0, 35.0, 10.0])
+    te = np.broadcast_to(ECHO_TIMES, (3, 2, 8)).copy()
+    te[0, 1, 5:] = np.nan
+    te[1, 0, ::2] = np.nan
+    te[2, 0, 1:] = np.nan  # one echo left in the first contrast: it adds nothing on R2*
+    information = crlb.estatics_r2star_information(s0, r2star, te)
+    for voxel in range(3):
+        single = crlb.estatics_crlb(s0[voxel], r2star[voxel], te[voxel], 1.0)
+        assert information[voxel] == pytest.approx(single**-2, rel=1e-12)
+    second_only = crlb.estatics_crlb(s0[2, 1:], r2star[2], ECHO_TIMES, 1.0)
+    assert information[2] == pytest.approx(second_only**-2, rel=1e-9)

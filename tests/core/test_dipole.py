@@ -15,8 +15,7 @@ def _partial_volume_sphere(n, radius, *, supersampling=4):
     for ox in offsets:
         for oy in offsets:
             for oz in offsets:
-                x, y, z = np.meshgrid(coords + ox, coords + oy, coords + oz,
-                                      indexing="ij", sparse=True)
+                x, y, z = np.meshgrid(coords + ox, coords + oy, coords + oz, indexing="ij", sparse=True)
                 fraction += (x * x + y * y + z * z) <= radius**2
     return fraction / supersampling**3
 
@@ -24,8 +23,8 @@ def _partial_volume_sphere(n, radius, *, supersampling=4):
 def test_kernel_values_on_axes():
     kernel = dipole_kernel((8, 8, 8), 1.0)
     assert kernel[0, 0, 0] == 0.0
-    assert kernel[0, 0, 1] == pytest.approx(1 / 3 - 1)     # k parallel to B0
-    assert kernel[1, 0, 0] == pytest.approx(1 / 3)         # k perpendicular to B0
+    assert kernel[0, 0, 1] == pytest.approx(1 / 3 - 1)  # k parallel to B0
+    assert kernel[1, 0, 0] == pytest.approx(1 / 3)  # k perpendicular to B0
     # Magic angle: k along (1, 0, 1)/sqrt(2) at 45 deg, but with anisotropic voxels the angle moves.
     assert kernel[1, 0, 1] == pytest.approx(1 / 3 - 0.5)
     anisotropic = dipole_kernel((8, 8, 8), (1.0, 1.0, 2.0))
@@ -51,7 +50,7 @@ def test_sphere_field_matches_closed_form(b0_direction):
     r = np.sqrt(x * x + y * y + z * z)
     cos_theta = (x * direction[0] + y * direction[1] + z * direction[2]) / np.maximum(r, 1e-9)
     closed_form = chi_value * radius**3 / 3 * (3 * cos_theta**2 - 1) / np.maximum(r, 1e-9) ** 3
-    peak = 2 * chi_value / 3                 # field at the sphere's poles
+    peak = 2 * chi_value / 3  # field at the sphere's poles
 
     # Inside, the Lorentz-corrected field of a uniform sphere is 0; the staircase boundary leaves
     # ripples of a few % of chi near the surface, so stay 2 voxels inside.
@@ -87,8 +86,7 @@ def test_padding_removes_wraparound():
     assert np.abs(unpadded - padded).max() > 3 * np.abs(default - padded).max()
 
 
-@pytest.mark.parametrize("bad", [dict(b0_direction=(0, 0, 0)), dict(b0_direction=(1, 0)),
-                                 dict(pad=-1)])
+@pytest.mark.parametrize("bad", [dict(b0_direction=(0, 0, 0)), dict(b0_direction=(1, 0)), dict(pad=-1)])
 def test_invalid_arguments(bad):
     with pytest.raises(ValueError):
         forward_field(np.zeros((4, 4, 4)), 1.0, **bad)

@@ -62,9 +62,7 @@ def synthetic_head(voxel_mm, *, sigma=0.03, bias_amplitude=0.3, seed=0):
             return volume.reshape(n[0], factor, n[1], factor, n[2], factor).mean(axis=(1, 3, 5))
 
         signal = downsample(signal)
-        brain, scalp, lesions = (
-            downsample(m.astype(float)) >= 0.5 for m in (brain, scalp, lesions)
-        )
+        brain, scalp, lesions = (downsample(m.astype(float)) >= 0.5 for m in (brain, scalp, lesions))
     rng = np.random.default_rng(seed)
     noise = rng.normal(scale=sigma, size=(2,) + signal.shape)
     image = np.hypot(signal + noise[0], noise[1])
@@ -147,8 +145,7 @@ def test_speckled_head_without_skull_is_masked_whole():
     shape, voxel_size = (32, 32, 20), (1.5, 1.5, 2.0)
     grid = np.indices(shape, dtype=float)
     semi_axes = (18.0, 18.0, 14.0)
-    radius = np.sqrt(sum(((grid[a] - (shape[a] - 1) / 2) * voxel_size[a] / semi_axes[a]) ** 2
-                         for a in range(3)))
+    radius = np.sqrt(sum(((grid[a] - (shape[a] - 1) / 2) * voxel_size[a] / semi_axes[a]) ** 2 for a in range(3)))
     head = radius <= 1.0
     rng = np.random.default_rng(7)
     image = np.where(head, rng.uniform(500.0, 2000.0, shape), rng.uniform(5.0, 20.0, shape))

@@ -32,9 +32,7 @@ def test_rician_mean_limits():
     # Zero signal: Rayleigh mean sigma sqrt(pi/2); high SNR: A + sigma^2 / (2A) (Gudbjartsson 1995).
     assert noise.magnitude_mean(0.0, 2.0) == pytest.approx(2.0 * np.sqrt(np.pi / 2), rel=1e-12)
     amplitude = np.array([50.0, 200.0, 1e4])
-    np.testing.assert_allclose(
-        noise.magnitude_mean(amplitude, 1.0), amplitude + 1.0 / (2 * amplitude), rtol=1e-7
-    )
+    np.testing.assert_allclose(noise.magnitude_mean(amplitude, 1.0), amplitude + 1.0 / (2 * amplitude), rtol=1e-7)
 
 
 @pytest.mark.parametrize("n_coils", [1, 4])
@@ -84,9 +82,7 @@ def test_lookup_table_matches_exact(n_coils):
 def test_correct_noise_floor_inverts_second_moment():
     amplitude = np.array([0.0, 0.5, 2.0, 30.0])
     second = noise.magnitude_second_moment(amplitude, 0.7, n_coils=4)
-    np.testing.assert_allclose(
-        noise.correct_noise_floor(np.sqrt(second), 0.7, n_coils=4), amplitude, atol=1e-12
-    )
+    np.testing.assert_allclose(noise.correct_noise_floor(np.sqrt(second), 0.7, n_coils=4), amplitude, atol=1e-12)
     # Below the floor the corrected value is clipped at zero, never NaN.
     assert noise.correct_noise_floor(0.1, 1.0) == 0.0
 

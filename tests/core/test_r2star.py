@@ -5,7 +5,12 @@ import pytest
 
 from qmri_workflows.core.crlb import estatics_crlb, r2star_crlb
 from qmri_workflows.core.noise import magnitude_mean
-from qmri_workflows.core.r2star import fit_estatics, fit_r2star_loglinear, fit_r2star_nonlinear
+from qmri_workflows.core.r2star import (
+    fit_estatics,
+    fit_r2star_loglinear,
+    fit_r2star_nonlinear,
+    t2star_where_significant,
+)
 
 ECHO_TIMES = np.linspace(2e-3, 20e-3, 8)
 TE = ECHO_TIMES
@@ -103,13 +108,15 @@ def test_zero_negative_and_empty_samples():
     signal[2, :7] = 0.0  # a single usable echo: undetermined
     s0, r2star = fit_r2star_loglinear(signal, ECHO_TIMES)
     np.testing.assert_allclose(r2star[:2], 30.0, rtol=1e-6)
-    assert r2star[2] == 0 and r2star[3] == 0 and s0[2] == 0 and s0[3] == 0
-    # NLS treats finite samples (zeros included) as data and only NaN as missing.
+    # Undetermined is NaN, not a plausible-looking 0 s^-1.
+    assert np.isnan(r2star[2:]).all() and np.isnan(s0[2:]).all()
+    # NLS treats finite samples (zeros included) as data and only non-finite ones as missing.
     signal[0, -1] = np.nan
     s0, r2star = fit_r2star_nonlinear(signal, ECHO_TIMES)
-    assert np.all(np.isfinite(r2star)) and np.all(np.isfinite(s0))
+    assert np.all(np.isfinite(r2star[:2])) and np.all(np.isfinite(s0[:2]))
     np.testing.assert_allclose(r2star[0], 30.0, rtol=1e-6)
-    assert r2star[3] == 0 and s0[3] == 0
+    # No log-linear start from a single positive echo (voxel 2), nor from zeros (voxel 3).
+    assert np.isnan(r2star[2:]).all() and np.isnan(s0[2:]).all()
 
 
 def test_invalid_inputs_raise():
@@ -218,3 +225,110 @@ def test_threaded_chunks_match_serial(method):
     threaded = fit_estatics(signals, ECHO_TIMES, method=method, mask=mask, chunk_size=37, n_jobs=2)
     for a, b in zip(serial, threaded):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard error of R2*, missing samples per voxel, significance of R2* for T2*
+# ---------------------------------------------------------------------------------------------
+def _two_contrast_mc(rng, snr, n_voxels=N_VOXELS):
+    s0_true = np.array([snr, 0.6 * snr]) * np.exp(WM_R2STAR * MC_ECHO_TIMES[0])
+    amplitude = np.broadcast_to(_decay(s0_true, WM_R2STAR, MC_ECHO_TIMES), (n_voxels, 2, 8))
+    return s0_true, _rician(amplitude, 1.0, rng)
+
+
+@pytest.mark.parametrize("method", ["wls", "nls"])
+def test_standard_error_matches_monte_carlo_sd(method):
+    """Residual-based standard error (no noise level given) vs the spread of 2e4 noisy fits."""
+    rng = np.random.default_rng(21 + (method == "nls"))
+    s0_true, signals = _two_contrast_mc(rng, snr=50.0)
+    _, r2star, stderr = fit_estatics(signals, MC_ECHO_TIMES, method=method, return_stderr=True)
+    assert np.isfinite(stderr).all() and (stderr > 0).all()
+    typical = np.sqrt(np.mean(stderr**2))
+    assert typical == pytest.approx(r2star.std(), rel=0.10)
+    assert typical == pytest.approx(estatics_crlb(s0_true, WM_R2STAR, MC_ECHO_TIMES, 1.0), rel=0.10)
+    # Voxel by voxel it is an estimate from 13 residual degrees of freedom: about 20 % spread.
+    assert 0.1 < stderr.std() / stderr.mean() < 0.3
+
+
+@pytest.mark.parametrize("method", ["wls", "nls"])
+def test_missing_samples_per_voxel(method):
+    """NaN/Inf in any echo of any voxel: left out of that voxel's fit and standard error."""
+    rng = np.random.default_rng(31 + (method == "nls"))
+    s0_true, signals = _two_contrast_mc(rng, snr=80.0)
+    signals = signals.copy()
+    half = N_VOXELS // 2
+    signals[half:, 1, 4:] = np.nan  # second half: late echoes of the second contrast lost
+    signals[half:, 0, 2] = np.inf
+    _, r2star, stderr = fit_estatics(signals, MC_ECHO_TIMES, method=method, return_stderr=True)
+    incomplete_te = np.array([MC_ECHO_TIMES, MC_ECHO_TIMES])
+    incomplete_te[1, 4:] = np.nan
+    incomplete_te[0, 2] = np.nan
+    for group, te in ((slice(None, half), MC_ECHO_TIMES), (slice(half, None), incomplete_te)):
+        bound = estatics_crlb(s0_true, WM_R2STAR, te, 1.0)
+        assert abs(r2star[group].mean() / WM_R2STAR - 1) < 0.01
+        assert r2star[group].std() == pytest.approx(bound, rel=0.10)
+        assert np.sqrt(np.mean(stderr[group] ** 2)) == pytest.approx(bound, rel=0.10)
+
+    # Noiseless: exact wherever two echo times of one contrast remain; NaN otherwise, including
+    # one echo in each contrast (each intercept absorbs its echo: nothing is left for R2*).
+    exact = _decay(np.array([[300.0, 200.0]] * 5), np.full((5, 1), 25.0), MC_ECHO_TIMES)
+    exact[0, 0, ::2] = np.nan
+    exact[1, 1, :] = np.nan
+    exact[1, 0, 1:7] = np.inf
+    exact[2, :, 1:] = np.nan
+    exact[3, 0, 1:] = np.nan
+    exact[3, 1, :7] = -np.inf
+    exact[4] = np.nan
+    s0, r2star, stderr = fit_estatics(exact, MC_ECHO_TIMES, method=method, return_stderr=True)
+    np.testing.assert_allclose(r2star[:2], 25.0, rtol=1e-6)
+    np.testing.assert_allclose(s0[0], [300.0, 200.0], rtol=1e-6)
+    np.testing.assert_allclose(s0[1, 0], 300.0, rtol=1e-6)
+    assert np.isnan(s0[1, 1])  # no sample of the second contrast
+    assert np.isnan(r2star[2:]).all() and np.isnan(s0[2:]).all() and np.isnan(stderr[2:]).all()
+
+
+@pytest.mark.parametrize("n_echo", [2, 4])
+def test_few_residuals_use_the_given_noise_level(n_echo):
+    """One contrast of two (no residual) or four echoes (two residual degrees of freedom)."""
+    rng = np.random.default_rng(41 + n_echo)
+    echo_times = np.linspace(4.9e-3, 9.8e-3, n_echo)
+    s0_true, sigma = 100.0, 1.0
+    amplitude = np.broadcast_to(s0_true * np.exp(-WM_R2STAR * echo_times), (N_VOXELS, 1, n_echo))
+    signals = _rician(amplitude, sigma, rng)
+    s0, r2star, stderr = fit_estatics(signals, echo_times, sigma=sigma, return_stderr=True)
+    assert np.sqrt(np.mean(stderr**2)) == pytest.approx(r2star.std(), rel=0.10)
+    # Exactly the bound at the fitted values with the given noise SD, voxel by voxel.
+    np.testing.assert_allclose(stderr, estatics_crlb(s0, r2star, echo_times, sigma), rtol=1e-9)
+    _, _, unknown = fit_estatics(signals, echo_times, return_stderr=True)
+    assert np.isnan(unknown).all() if n_echo == 2 else np.isfinite(unknown).all()
+
+
+@pytest.mark.parametrize("first_echo", [(100.0,), (100.0, 60.0)], ids=["one-flip", "two-flips"])
+def test_significance_rule_removes_absurd_t2star_with_two_echoes(first_echo):
+    """Two echoes 4.9 ms apart, first-echo SNR 100: tissue (R2* 20 1/s) and fluid (R2* 0.5 1/s).
+
+    1/R2* of the fluid voxels reaches hundreds of seconds or more (and R2* is often negative); the
+    significance rule leaves them NaN and keeps the tissue. Two flip angles leave one residual: its
+    noise estimate alone would let through zero rates with a tiny standard error.
+    """
+    rng = np.random.default_rng(42 + len(first_echo))
+    echo_times = np.array([4.9e-3, 9.8e-3])
+    true_r2star = np.repeat([WM_R2STAR, 0.5], N_VOXELS // 2)
+    amplitude = _decay(np.array(first_echo) * np.exp(4.9e-3 * true_r2star[:, None]), true_r2star[:, None],
+                       echo_times)
+    signals = _rician(amplitude, 1.0, rng)
+    _, r2star, stderr = fit_estatics(signals, echo_times, sigma=1.0, return_stderr=True)
+    with np.errstate(divide="ignore"):
+        naive = np.where(r2star > 0, 1.0 / r2star, np.nan)
+    assert np.nanmax(naive) > 100.0 and (r2star < 0).sum() > N_VOXELS // 8
+    t2star = t2star_where_significant(r2star, stderr)
+    assert np.nanmax(t2star) < 0.5
+    tissue, fluid = slice(None, N_VOXELS // 2), slice(N_VOXELS // 2, None)
+    assert np.isfinite(t2star[tissue]).mean() > 0.99
+    assert np.nanmedian(t2star[tissue]) == pytest.approx(1 / WM_R2STAR, rel=0.05)
+    assert np.isfinite(t2star[fluid]).mean() < 0.05  # about the one-sided 2.3 % (+ R2* > 0)
+    # The rule itself: strictly positive and above min_significance standard errors; NaN unknown.
+    rule = t2star_where_significant(np.array([10.0, 10.0, -10.0, 10.0, np.nan, 0.0]),
+                                    np.array([4.9, 5.0, 1.0, np.nan, 1.0, 0.0]))
+    np.testing.assert_array_equal(np.isnan(rule), [False, True, True, True, True, True])
+    assert rule[0] == pytest.approx(0.1)

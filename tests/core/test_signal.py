@@ -50,9 +50,7 @@ def test_spgr_matches_ernst_and_decay():
     expected = m0 * np.sin(alpha) * (1 - e1) / (1 - e1 * np.cos(alpha)) * np.exp(-te * r2star)
     np.testing.assert_allclose(spgr_signal(m0, r1, r2star, alpha, tr, te), expected, rtol=1e-14)
     # b1 scales the flip angle, the Ernst angle maximises the TE = 0 signal
-    np.testing.assert_allclose(
-        spgr_signal(m0, r1, r2star, alpha / 2, tr, te, b1=2.0), expected, rtol=1e-14
-    )
+    np.testing.assert_allclose(spgr_signal(m0, r1, r2star, alpha / 2, tr, te, b1=2.0), expected, rtol=1e-14)
     grid = np.linspace(0.01, 0.6, 2001)
     best = grid[np.argmax(spgr_signal(1.0, r1, 0.0, grid, tr, 0.0))]
     assert abs(best - np.arccos(e1)) < 1e-3

@@ -51,3 +51,52 @@ def test_fit_node_recovers_r2star_and_one_s0_per_flip_angle(tmp_path):
         np.testing.assert_allclose(np.asarray(nib.load(path).dataobj)[inside], expected, rtol=1e-4)
     assert result.metadata["FlipAngle"] == [6.0, 21.0]
     assert result.metadata["EchoTime"] == pytest.approx(list(ECHO_TIMES))
+
+
+def test_non_finite_samples_are_left_out_counted_and_logged(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bare interface writes its maps into the current directory
+    shape = (6, 5, 4)
+    r2star = np.random.default_rng(2).uniform(5.0, 80.0, shape)
+    r2star[0, 0, 0] = -10.0
+    files, tes, flips = _echoes(tmp_path, r2star, {6.0: np.full(shape, 500.0), 21.0: np.full(shape, 800.0)})
+    damaged = {1: np.s_[2:4, 1:3, :], 5: np.s_[2:4, 1:3, :2]}  # same voxels in two files: 16 voxels
+    for index, block in damaged.items():
+        data = np.asarray(nib.load(files[index]).dataobj)
+        data[block] = np.nan if index == 1 else np.inf
+        write_image(files[index], data, shape=shape)
+    lost = np.zeros(shape, bool)
+    lost[5, 4, 3] = True  # all echoes but one lost: R2* undetermined
+    for path in files[1:]:
+        data = np.asarray(nib.load(path).dataobj)
+        data[lost] = np.nan
+        write_image(path, data, shape=shape)
+
+    caplog.set_level("INFO", logger="qmri_workflows.interfaces")
+    result = FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips).run().outputs
+    fitted = np.asarray(nib.load(result.r2star_file).dataobj)
+    stderr = np.asarray(nib.load(result.r2star_stderr_file).dataobj)
+    t2star = np.asarray(nib.load(result.t2star_file).dataobj)
+    np.testing.assert_allclose(fitted[~lost], r2star[~lost], rtol=1e-4, atol=1e-3)
+    assert np.isnan(fitted[lost]).all() and np.isnan(stderr[lost]).all() and np.isnan(t2star[lost]).all()
+    assert np.isfinite(stderr[~lost]).all() and (stderr[~lost] < 1e-2).all()  # noiseless echoes
+    assert result.metadata["NonFiniteInputVoxels"] == 2 * 2 * 4 + 1
+    assert result.metadata["UndeterminedR2starVoxels"] == 1
+    assert result.metadata["NegativeR2starVoxels"] == 1
+    assert result.metadata["NonSignificantR2starVoxels"] == 1  # the negative one
+    assert result.metadata["FittedVoxels"] == np.prod(shape)
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "17 voxel(s) hold NaN/Inf" in warning[0]
+    assert "flip6.0_echo1.nii.gz (17)" in warning[0] and "flip21.0_echo1.nii.gz (9)" in warning[0]
+
+
+@pytest.mark.parametrize("content", [0.0, 250.0])  # all-NaN: tests/io/test_images.py
+def test_echo_without_signal_is_an_input_error_naming_it(tmp_path, content, monkeypatch):
+    from qmri_workflows.io.errors import BIDSInputError
+
+    monkeypatch.chdir(tmp_path)
+
+    shape = (6, 5, 4)
+    files, tes, flips = _echoes(tmp_path, np.full(shape, 20.0) + np.arange(4), {6.0: np.full(shape, 500.0)})
+    write_image(files[2], np.full(shape, content), shape=shape)
+    with pytest.raises(BIDSInputError, match=f"{files[2]} holds"):
+        FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips).run()

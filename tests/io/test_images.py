@@ -1,50 +1,44 @@
-"""io.images.load_volumes: several files on one grid read by threads into one array."""
+"""Loading images for the interfaces: unusable images are input errors naming the file."""
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from qmri_workflows.io.errors import BIDSInputError
-from qmri_workflows.io.images import load_volume, load_volumes
+from qmri_workflows.io.images import load_volume
+from tests.bids_factory import write_image
 
 
-def _write(path, data, affine=None):
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
-    return str(path)
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (0.0, "holds only zeros"),
+        (412.0, "the same value \\(412\\) in every voxel"),
+        (np.nan, "holds no finite value"),
+        (np.inf, "holds no finite value"),
+    ],
+    ids=["zeros", "constant", "nan", "inf"],
+)
+def test_image_without_signal_is_an_input_error_naming_the_file(tmp_path, content, message):
+    path = write_image(tmp_path / "sub-01_echo-2_MEGRE.nii.gz", np.full((6, 5, 4), content))
+    with pytest.raises(BIDSInputError, match=message) as raised:
+        load_volume(path, require_variation=True)
+    assert str(path) in str(raised.value)
+    assert "export" in str(raised.value)  # and how to fix it
 
 
-@pytest.fixture
-def echoes(tmp_path):
-    rng = np.random.default_rng(3)
-    return [_write(tmp_path / f"echo{i}.nii.gz", rng.random((7, 6, 5), dtype=np.float32) * (i + 1))
-            for i in range(5)]
+def test_zeros_with_nan_blocks_are_still_no_signal(tmp_path):
+    data = np.zeros((6, 5, 4))
+    data[:2] = np.nan
+    path = write_image(tmp_path / "zeros.nii.gz", data)
+    with pytest.raises(BIDSInputError, match="only zeros and 40 NaN/Inf"):
+        load_volume(path, require_variation=True)
 
 
-@pytest.mark.parametrize("max_threads", [1, 3, None])
-def test_volumes_stack_in_file_order(echoes, max_threads):
-    volumes = load_volumes(echoes, max_threads=max_threads)
-    assert volumes.shape == (7, 6, 5, 5) and volumes.dtype == np.float32
-    for index, path in enumerate(echoes):
-        np.testing.assert_array_equal(volumes[..., index], load_volume(path))
-
-
-def test_dtype_and_single_volume_4d_file(tmp_path):
-    data = np.arange(7 * 6 * 5, dtype=np.int16).reshape(7, 6, 5)
-    paths = [_write(tmp_path / "a.nii", data), _write(tmp_path / "b.nii.gz", data[..., None] * 2)]
-    volumes = load_volumes(paths, dtype=np.float64)
-    assert volumes.dtype == np.float64
-    np.testing.assert_array_equal(volumes[..., 1], 2 * data)
-
-
-def test_first_file_off_the_grid_is_named(echoes, tmp_path):
-    shifted = np.eye(4)
-    shifted[0, 3] = 2.0
-    off_grid = _write(tmp_path / "shifted.nii.gz", np.ones((7, 6, 5), np.float32), shifted)
-    other = _write(tmp_path / "other.nii.gz", np.ones((7, 6, 4), np.float32))
-    with pytest.raises(BIDSInputError, match="shifted.nii.gz"):
-        load_volumes([echoes[0], off_grid, echoes[1], other], reference=nib.load(echoes[0]))
-
-
-def test_no_file_is_an_error():
-    with pytest.raises(ValueError, match="at least one file"):
-        load_volumes([])
+def test_constant_images_that_need_no_signal_and_partial_nan_load(tmp_path):
+    # A mask (or a flat field map) may be constant; NaN blocks in a magnitude are left to the fit.
+    constant = write_image(tmp_path / "mask.nii.gz", np.ones((6, 5, 4)), dtype=np.uint8)
+    assert (load_volume(constant) == 1).all()
+    data = np.random.default_rng(0).uniform(100, 200, (6, 5, 4))
+    data[:3, :3] = np.nan
+    loaded = load_volume(write_image(tmp_path / "blocks.nii.gz", data), require_variation=True)
+    assert np.isnan(loaded).sum() == 3 * 3 * 4

@@ -26,14 +26,15 @@ def _load(path):
 @pytest.fixture(scope="module")
 def noisy_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom") / "noisy"
-    write_phantom_dataset(root, resolution=RESOLUTION, snr=40.0, subjects=2, seed=3)
+    write_phantom_dataset(root, resolution=RESOLUTION, snr=40.0, subjects=2, seed=3, oversample=1)
     return root
 
 
 @pytest.fixture(scope="module")
 def noiseless_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom") / "noiseless"
-    status = main([str(root), "--resolution", str(RESOLUTION), "--snr", "inf", "--n-coils", "4", "--seed", "5"])
+    status = main([str(root), "--resolution", str(RESOLUTION), "--snr", "inf", "--n-coils", "4", "--seed", "5",
+                   "--oversample", "1"])
     assert status == 0
     return root
 
@@ -128,7 +129,7 @@ def test_noise_sigma_in_air_and_snr(noisy_dataset):
 def test_seed_determinism_and_int16_storage(noisy_dataset, tmp_path):
     # same seed, one subject, int16: sub-01 is the same simulation (noise streams are per subject and volume)
     root = write_phantom_dataset(tmp_path / "again", resolution=RESOLUTION, snr=40.0, subjects=1, seed=3,
-                                 dtype="int16")
+                                 dtype="int16", oversample=1)
     record = json.loads((root / "derivatives/phantom/sub-01/sub-01_desc-simulation.json").read_text())
     sigma = record["NoiseSigma"]
     for name, step in (("echo-2_flip-1_part-mag", sigma / 4), ("echo-2_flip-1_part-phase", math.pi / 1024),
@@ -183,7 +184,7 @@ def test_existing_output_and_failures_leave_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dataset_module, "_write_truth", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        write_phantom_dataset(tmp_path / "new", resolution=RESOLUTION)
+        write_phantom_dataset(tmp_path / "new", resolution=RESOLUTION, oversample=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
     with pytest.raises(ValueError, match="dtype"):
         write_phantom_dataset(tmp_path / "x", dtype="float64")
@@ -203,6 +204,15 @@ def test_cli_help_and_version(capsys):
     assert exit_info.value.code == 2
 
 
+def test_cli_refuses_a_non_empty_folder_naming_its_flag(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    assert main([str(tmp_path / "taken"), "--resolution", "8"]) == 1
+    error = capsys.readouterr().err
+    assert "pass --overwrite" in error and "overwrite=True" not in error
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.slow
 def test_oversampled_dataset_is_close_to_truth(tmp_path):
     root = write_phantom_dataset(tmp_path / "over", resolution=RESOLUTION, snr=math.inf, subjects=1, seed=1,
@@ -218,3 +228,31 @@ def test_oversampled_dataset_is_close_to_truth(tmp_path):
     r2star = _load(truth / "sub-01_R2starmap.nii.gz")
     expected = s0 * np.exp(-0.0023 * r2star)
     assert np.median(np.abs(echo[deep_wm] / expected[deep_wm] - 1)) < 0.03
+
+
+def test_default_is_oversampled_with_interior_masks(tmp_path):
+    """Default oversample 2: recorded in the command; interior masks and the body-coil field written."""
+    root = tmp_path / "default"
+    assert main([str(root), "--resolution", str(RESOLUTION), "--snr", "inf", "--seed", "2"]) == 0
+    assert "--oversample 2" in (root / "README").read_text()
+    truth = root / "derivatives/phantom/sub-01"
+    assert json.loads((truth / "sub-01_desc-simulation.json").read_text())["Oversample"] == 2
+    dseg = _load(truth / "anat/sub-01_dseg.nii.gz").astype(int)
+    rows = [line.split("\t") for line in (truth / "anat/sub-01_dseg.tsv").read_text().splitlines()[1:]]
+    written = sorted(path.name for path in (truth / "anat").glob("*_desc-interior_mask.nii.gz"))
+    assert "sub-01_label-WM_desc-interior_mask.nii.gz" in written
+    assert "sub-01_label-SKL_desc-interior_mask.nii.gz" not in written
+    for index, name, abbreviation in rows:
+        path = truth / f"anat/sub-01_label-{abbreviation}_desc-interior_mask.nii.gz"
+        if not path.is_file():
+            continue
+        mask = _load(path) > 0
+        sidecar = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["LabelName"] == name and sidecar["LabelIndex"] == int(index)
+        assert sidecar["VoxelCount"] == int(mask.sum()) and "footprint" in sidecar["InteriorRule"]
+        assert np.all(dseg[mask] == int(index)), name  # interior voxels lie inside their region
+    white_matter = _load(truth / "anat/sub-01_label-WM_desc-interior_mask.nii.gz") > 0
+    assert 0 < white_matter.sum() < (dseg == 3).sum()
+    body = _load(truth / "fmap/sub-01_desc-bodycoil_RB1map.nii.gz")
+    brain = _load(truth / "anat/sub-01_desc-brain_mask.nii.gz") > 0
+    assert 0.005 < np.abs(body[brain] - 1).max() < 0.035

@@ -15,7 +15,9 @@ import functools
 import numpy as np
 import pytest
 
-from qmri_workflows.core.masking import brain_mask
+from scipy import ndimage
+
+from qmri_workflows.core.masking import brain_mask, check_brain_mask
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import PhantomScanner, list_volumes, reference_sigma
 from qmri_workflows.phantom.tissues import LABELS, LESION_LABELS
@@ -49,7 +51,7 @@ def dice(a, b):
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def check_goals(mask, truth):
+def check_goals(mask, truth, image):
     resolution = max(truth.voxel_size)
     assert mask.dtype == bool and mask.shape == truth.shape
     scalp_inside = np.count_nonzero(mask & (truth.dseg == SCALP))
@@ -58,6 +60,8 @@ def check_goals(mask, truth):
     assert np.all(mask[lesions]), f"{np.count_nonzero(lesions & ~mask)} lesion voxels missed"
     minimum = 0.95 if resolution <= 3 else 0.92
     assert dice(mask, truth.brain_mask) >= minimum
+    # A good mask raises no alarm (the App would stop on one).
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
 
 
 RESOLUTIONS = [pytest.param(1.0, marks=pytest.mark.slow), 2.0, 3.0, 4.0, 5.0]
@@ -69,22 +73,22 @@ def test_brain_mask_on_patient_phantom(resolution, snr):
     truth = phantom(resolution)
     if truth.subject == "patient":
         assert np.isin(truth.dseg, LESION_LABELS).any()  # the lesion check is not vacuous
-    mask = brain_mask(masked_image(resolution, snr), voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    image = masked_image(resolution, snr)
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 @pytest.mark.parametrize("snr", [20.0, np.inf])
 def test_brain_mask_on_control_phantom(snr):
     truth = phantom(4.0, "control")
-    mask = brain_mask(masked_image(4.0, snr, "control"), voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    image = masked_image(4.0, snr, "control")
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 def test_brain_mask_with_eight_receive_coils():
     # The RSS of 8 channels has a non-central chi noise floor about 2.8x the single-channel one.
     truth = phantom(2.0)
-    mask = brain_mask(masked_image(2.0, 20.0, n_coils=8), voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    image = masked_image(2.0, 20.0, n_coils=8)
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 @pytest.mark.parametrize("direction", [0, 2])
@@ -96,8 +100,7 @@ def test_brain_mask_with_extra_receive_bias(direction):
     shape = [1, 1, 1]
     shape[direction] = -1
     biased = image * (1.0 + 0.3 * position.reshape(shape))
-    mask = brain_mask(biased, voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    check_goals(brain_mask(biased, voxel_size=truth.voxel_size), truth, biased)
 
 
 def test_brain_mask_keeps_t1_hypointense_lesions():
@@ -107,8 +110,7 @@ def test_brain_mask_keeps_t1_hypointense_lesions():
     image = masked_image(2.0, 20.0).copy()
     lesions = np.isin(truth.dseg, LESION_LABELS)
     image[lesions] *= 0.35
-    mask = brain_mask(image, voxel_size=truth.voxel_size)
-    check_goals(mask, truth)
+    check_goals(brain_mask(image, voxel_size=truth.voxel_size), truth, image)
 
 
 def test_partial_volume_voxels_follow_the_half_intracranial_rule():
@@ -120,3 +122,75 @@ def test_partial_volume_voxels_follow_the_half_intracranial_rule():
     missed = np.count_nonzero(truth.brain_mask & ~mask)
     total = np.count_nonzero(truth.brain_mask)
     assert extra <= 0.03 * total and missed <= 0.01 * total
+
+
+# --- the phantom with its skull thinned, or its skull and scalp removed --------------------------
+
+SKULL = next(label for label, name in LABELS.items() if name == "skull")
+
+
+def _with_noise(image, truth, snr, seed):
+    """Rician noise of SD ``median(brain) / snr`` on a noiseless magnitude image."""
+    sigma = float(np.median(image[truth.brain_mask])) / snr
+    noise = np.random.default_rng(seed).normal(scale=sigma, size=(2,) + image.shape)
+    return np.hypot(image + noise[0], noise[1])
+
+
+def thinned_skull_image(resolution, skull_mm, snr, seed=0):
+    """RSS image whose skull keeps only its inner ``skull_mm``; the rest becomes scalp.
+
+    Each former skull voxel takes the noiseless intensity of the nearest scalp voxel, so the
+    receive field and the scalp's brightness carry over; noise is added afterwards.
+    """
+    truth = phantom(resolution)
+    image = masked_image(resolution, np.inf).copy()
+    distance = ndimage.distance_transform_edt(~truth.brain_mask, sampling=truth.voxel_size)
+    scalp = truth.dseg == SCALP
+    _, nearest = ndimage.distance_transform_edt(~scalp, return_indices=True)
+    # Distance to the brain surface, which lies half a voxel beyond the outermost brain voxels.
+    outer_skull = (truth.dseg == SKULL) & (distance - resolution / 2 > skull_mm)
+    image[outer_skull] = image[tuple(index[outer_skull] for index in nearest)]
+    return _with_noise(image, truth, snr, seed)
+
+
+@pytest.mark.parametrize(
+    "resolution, skull_mm",
+    [pytest.param(1.0, 2.0, marks=pytest.mark.slow), (2.0, 2.0), (2.0, 4.0), (3.0, 4.0)],
+)
+def test_brain_mask_on_phantom_with_thinned_skull(resolution, skull_mm):
+    truth = phantom(resolution)
+    image = thinned_skull_image(resolution, skull_mm, snr=20.0)
+    mask = brain_mask(image, voxel_size=truth.voxel_size)
+    assert dice(mask, truth.brain_mask) >= 0.95
+    assert np.all(mask[np.isin(truth.dseg, LESION_LABELS)])
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
+
+
+@pytest.mark.parametrize("removed", ["scalp", "skull and scalp"])
+@pytest.mark.parametrize("resolution", [2.0, 4.0])
+def test_brain_mask_on_phantom_without_scalp_or_skull(resolution, removed):
+    truth = phantom(resolution)
+    image = masked_image(resolution, np.inf).copy()
+    if removed == "scalp":
+        image[truth.dseg == SCALP] = 0.0
+    else:  # skull-stripped: the brain alone, exact zeros elsewhere
+        image[~truth.brain_mask] = 0.0
+    image = _with_noise(image, truth, 20.0, seed=1)
+    if removed != "scalp":
+        image[~truth.brain_mask] = 0.0
+    mask = brain_mask(image, voxel_size=truth.voxel_size)
+    minimum = 0.95 if resolution <= 3 else 0.92
+    assert dice(mask, truth.brain_mask) >= minimum
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
+
+
+def test_sanity_checks_pass_on_phantom_masks():
+    truth = phantom(3.0)
+    image = masked_image(3.0, 20.0)
+    mask = brain_mask(image, voxel_size=truth.voxel_size)
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
+    assert check_brain_mask(truth.brain_mask, truth.head_mask) == []
+    # The scalp and skull as a mask: a dark layer inside, the head filled.
+    head = truth.head_mask
+    problems = check_brain_mask(head, image, voxel_size=truth.voxel_size)
+    assert any("skull" in p for p in problems), problems

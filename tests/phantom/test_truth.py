@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("nilearn")
 
 from qmri_workflows.phantom import anatomy, tissues  # noqa: E402
-from qmri_workflows.phantom.anatomy import build_anatomy  # noqa: E402
+from qmri_workflows.phantom.anatomy import LocalFraction, build_anatomy, dense  # noqa: E402
 from qmri_workflows.phantom.tissues import (  # noqa: E402
     COMPARTMENT_LABELS, LABELS, LESION_LABELS, dseg_tsv_rows, scale_to_field, tissue_parameters)
 from qmri_workflows.phantom.truth import PhantomTruth, _mix, make_phantom  # noqa: E402
@@ -121,6 +121,8 @@ def test_table_directions_follow_review():
     for lesion in (early, late, core, inactive):
         assert lesion.r1 < nawm.r1 and lesion.r2 < nawm.r2 and lesion.pd > nawm.pd
     assert early.r2star < nawm.r2star and abs(early.chi - nawm.chi) < 0.002
+    # same chi as NAWM: nothing adds reversible dephasing R2' = R2* - R2 (edema dilutes it)
+    assert early.r2star - early.r2 <= nawm.r2star - nawm.r2
     assert late.r2star < early.r2star and late.chi > nawm.chi + 0.02
     assert core.r1 < late.r1 and core.r2 < late.r2 and core.pd > late.pd
     assert core.r2star < nawm.r2star < rim.r2star
@@ -138,6 +140,21 @@ def test_table_directions_follow_review():
     for kind in ("cortical_lesion_para", "cortical_lesion_dia"):
         assert patient[kind].r2star < cortex[0].r2star
     assert patient["cortical_lesion_dia"].chi < cortex[0].chi < patient["cortical_lesion_para"].chi
+
+
+def test_assumed_values_are_flagged():
+    """Values the review does not report carry a machine-readable flag and a reason."""
+    patient = tissues.PATIENT_TISSUES_3T
+    fields = {"r1", "r2", "r2star", "pd", "chi"}
+    for kind in ("cortical_lesion_para", "cortical_lesion_dia"):
+        # no R1 study of cortical lesions exists (review); R2*/chi sizes are chosen
+        assert {"r1", "r2", "pd"} <= set(patient[kind].assumed) <= fields
+        assert "review" in patient[kind].assumption_note
+        assert scale_to_field(patient[kind], 7.0).assumed == patient[kind].assumed
+    for name, values in {**tissues.CONTROL_TISSUES_3T, **patient}.items():
+        assert set(values.assumed) <= fields, name
+        assert bool(values.assumed) == bool(values.assumption_note), name
+    assert "assumed" in tissues.__doc__
 
 
 # --- mixing ------------------------------------------------------------------------------------
@@ -159,6 +176,10 @@ def test_pure_compartments_give_table_values():
 def test_mixing_rule_everywhere(patient4):
     """The maps are the PD-weighted / volume-weighted mixes of the anatomy's fractions."""
     fractions = build_anatomy(resolution=4.0, subject="patient", seed=0).fractions
+    # nuclei and lesions are stored in their boxes only
+    assert isinstance(fractions["putamen"], LocalFraction) and isinstance(fractions["early_active"],
+                                                                          LocalFraction)
+    fractions = {name: dense(fraction) for name, fraction in fractions.items()}
     parameters = tissue_parameters("patient", 3.0)
     pd = sum(f * parameters[n].pd for n, f in fractions.items())
     chi = sum(f * parameters[n].chi for n, f in fractions.items())
@@ -241,7 +262,7 @@ def test_pure_voxels_at_1mm_equal_table(patient1):
     parameters = tissue_parameters("patient", 3.0)
     checked = 0
     for name, fraction in fractions.items():
-        pure = fraction >= 0.9999
+        pure = dense(fraction) >= 0.9999
         if not pure.any():
             continue
         p = parameters[name]
@@ -327,6 +348,55 @@ def test_transmit_and_receive_fields(patient4):
     # Centre-bright transmit field (3 T head coil).
     centre = tuple(np.round(np.argwhere(brain).mean(0)).astype(int))
     assert patient4.b1[centre] > np.median(b1)
+
+
+def test_body_coil_receive_is_nearly_uniform(patient4):
+    brain = patient4.brain_mask
+    body = patient4.body_receive[brain]
+    assert body.mean() == pytest.approx(1.0, abs=1e-3)
+    # a few percent, not exactly uniform, and much flatter than the head array
+    assert 0.02 < np.abs(body - 1).max() <= 0.03 + 1e-6
+    assert np.ptp(body) < 0.2 * np.ptp(patient4.receive[brain])
+
+
+def test_label_fraction_marks_partial_volume(patient4):
+    p = patient4
+    assert p.label_fraction.dtype == np.float32 and p.label_fraction.shape == p.shape
+    inside = p.head_mask
+    assert np.all(p.label_fraction[inside] > 0) and np.all(p.label_fraction <= 1 + 1e-5)
+    assert np.all(p.label_fraction[~inside] == 0)
+    # deep white matter is (nearly) pure; the thin cortical ribbon is mostly partial volume
+    wm, cortex = p.label_fraction[p.dseg == WM], p.label_fraction[p.dseg == CGM]
+    assert np.percentile(wm, 90) > 0.9 and np.median(cortex) < np.median(wm)
+    # it is the dseg label's own fraction: 1 - label_fraction is what other labels fill
+    centre = tuple(np.round(np.argwhere(p.dseg == WM).mean(0)).astype(int))
+    assert 0 < p.label_fraction[centre] <= 1
+
+
+def test_field_below_the_field_grid_is_interpolated(control4, monkeypatch):
+    """Below FIELD_GRID_MM (1 mm) the dipole field is computed on a coarser grid and interpolated.
+
+    Exercised cheaply at 4 mm with the field grid moved to 8 mm (the 0.5 mm phantom takes minutes).
+    """
+    from scipy import ndimage
+
+    from qmri_workflows.phantom import truth as truth_module
+
+    monkeypatch.setattr(truth_module, "FIELD_GRID_MM", 8.0)
+    interpolated = make_phantom(resolution=4.0, subject="control", seed=0)
+    reference = control4
+    brain = reference.brain_mask
+    # total = local + background + the linear shim, centre frequency on the brain of this grid
+    shim = interpolated.b0_ppm - interpolated.local_field_ppm - interpolated.background_field_ppm
+    expected_shim = reference.b0_ppm - reference.local_field_ppm - reference.background_field_ppm
+    np.testing.assert_allclose(shim - shim[brain].mean(), expected_shim - expected_shim[brain].mean(),
+                               atol=1e-5)
+    assert abs(interpolated.b0_ppm[brain].mean()) < 1e-5
+    # the smooth background field is close to the one computed on the grid itself
+    deep = ndimage.binary_erosion(brain, iterations=3)
+    difference = interpolated.background_field_ppm[deep] - reference.background_field_ppm[deep]
+    assert np.median(np.abs(difference - np.median(difference))) < 0.05
+    assert not np.array_equal(interpolated.local_field_ppm, reference.local_field_ppm)
 
 
 def test_b0_is_sum_of_parts(patient4):

@@ -50,6 +50,7 @@ def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
     names = sorted(p.name for p in anat.iterdir())
     assert names == sorted([
         "sub-01_ses-b_R2starmap.nii.gz", "sub-01_ses-b_R2starmap.json",
+        "sub-01_ses-b_desc-stderr_R2starmap.nii.gz", "sub-01_ses-b_desc-stderr_R2starmap.json",
         "sub-01_ses-b_T2starmap.nii.gz", "sub-01_ses-b_T2starmap.json",
         "sub-01_ses-b_S0map.nii.gz", "sub-01_ses-b_S0map.json",
         "sub-01_ses-b_desc-brain_mask.nii.gz", "sub-01_ses-b_desc-brain_mask.json",
@@ -85,9 +86,9 @@ def test_a_failing_step_publishes_nothing(tmp_path, caplog):
     code = run.main([str(raw), str(out), "participant", "--nprocs", "2",
                      "-w", str(tmp_path / "work"), "--skip-bids-validation"])
     assert code == run.EXIT_FAILURE
-    assert (out / "dataset_description.json").is_file()
-    assert not (out / "sub-01").exists()
+    assert not out.exists(), "a run that published nothing left files in a new output folder"
     assert "crash" in caplog.text.lower()
+    assert list((tmp_path / "work" / "logs").glob("qmri-workflows_*.log")), "the log was not kept"
 
 
 def test_invalid_bids_is_refused_before_processing(tmp_path, caplog):

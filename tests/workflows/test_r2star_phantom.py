@@ -15,6 +15,7 @@ from scipy import ndimage
 from qmri_workflows.cli import run
 from qmri_workflows.core.crlb import estatics_crlb
 from qmri_workflows.phantom.dataset import write_phantom_dataset
+from qmri_workflows.phantom.evaluate import format_region_errors, region_errors
 from qmri_workflows.phantom.protocol import Protocol
 
 # Regions the issue names: white matter, cortical grey matter, each deep grey nucleus, the lesions.
@@ -80,7 +81,7 @@ def _check_noiseless(raw, out, subject, expected_regions):
 
 def test_noiseless_phantom_3mm_end_to_end(tmp_path):
     raw = write_phantom_dataset(tmp_path / "raw", resolution=3.0, snr=float("inf"), subjects=2,
-                                seed=5, protocol=_vfa_only())
+                                seed=5, protocol=_vfa_only(), oversample=1)
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     _check_noiseless(raw, out, "01", ("WM", "cortical GM", "caudate", "putamen", "thalamus"))
     _check_noiseless(raw, out, "02", ("WM", "cortical GM", "caudate", "putamen", "thalamus"))
@@ -90,17 +91,73 @@ def test_noiseless_phantom_3mm_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_noiseless_phantom_1mm_every_region_within_half_a_percent(tmp_path):
     raw = write_phantom_dataset(tmp_path / "raw", resolution=1.0, snr=float("inf"), subjects=1,
-                                seed=11, protocol=_vfa_only())
+                                seed=11, protocol=_vfa_only(), oversample=1)
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     # Every region of the issue, each lesion stage included, is present at 1 mm.
     _check_noiseless(raw, out, "01", REGIONS)
+
+
+# Regions whose interior R2* is checked (median |relative error|) on the oversampled phantom:
+# white matter, each deep grey nucleus and each lesion stage that has an interior.
+INTERIOR_REGIONS = ("WM", "CAU", "PUT", "GP", "THA", "LEA", "LLA", "LCAC", "LCAR", "LCI", "CL")
+# Below this many interior voxels a region has no interior to speak of at the resolution.
+MIN_INTERIOR_VOXELS = 10
+
+
+def check_oversampled_r2star(raw, out, subject="01", *, bound=0.01, large_regions=INTERIOR_REGIONS,
+                             small_region_bound=0.01, cortex_bound=0.05):
+    """Interior R2* errors within ``bound`` (``small_region_bound`` outside ``large_regions``).
+
+    Returns the rows of :func:`region_errors` (interior and edge errors of every region).
+    """
+    mask = _load(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-brain_mask.nii.gz") > 0
+    rows = region_errors(raw / "derivatives" / "phantom",
+                         out / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz",
+                         subject=subject, mask=mask)
+    print("\n" + format_region_errors(rows))
+    by_name = {row.abbreviation: row for row in rows}
+    assert {"WM", "CAU", "PUT", "GP", "THA", "LEA", "LLA", "LCAC", "LCI"} <= set(by_name)
+    checked = [name for name in INTERIOR_REGIONS
+               if name in by_name and by_name[name].interior_voxels >= MIN_INTERIOR_VOXELS]
+    assert {"WM", "CAU", "PUT", "THA", "LEA", "LLA", "LCI"} <= set(checked)
+    for name in checked:
+        row = by_name[name]
+        limit = bound if name in large_regions else small_region_bound
+        assert row.interior_median_abs < limit, (
+            f"{row.name}: median |relative R2* error| {row.interior_median_abs:.2%} in "
+            f"{row.interior_voxels} interior voxels")
+    # Cortex: a ribbon two or three voxels thick next to the strongest background-field gradients of
+    # the head (air-tissue interface), where intravoxel dephasing is largest: only a loose bound.
+    cortex = by_name["CGM"]
+    if cortex.interior_voxels:
+        assert cortex.interior_median_abs < cortex_bound
+    # The edges are where partial volume and intravoxel dephasing act: they move the estimate.
+    assert by_name["WM"].edge_median_abs > by_name["WM"].interior_median_abs
+    return rows
+
+
+@pytest.mark.slow
+def test_r2star_on_the_oversampled_phantom_interior_within_one_percent(tmp_path):
+    """Noiseless 2 mm phantom simulated at 1 mm (oversample 2): the truth is not the fit's inverse.
+
+    The 1 mm phantom simulated at 0.5 mm is run by ``benchmarks/bench_phantom_r2star.py`` (minutes).
+    """
+    raw = write_phantom_dataset(tmp_path / "raw", resolution=2.0, snr=float("inf"), subjects=1,
+                                seed=11, protocol=_vfa_only(), oversample=2)
+    out = _run_app(raw, tmp_path, "--skip-bids-validation")
+    # Each voxel integrates its footprint (the phantom's "box" voxels): interior voxels hold one
+    # tissue, but still dephase in the background-field gradients across them. Measured here: WM
+    # 0.25 %, nuclei 0.3-0.6 %, lesions 0.2-0.4 %; at 1 mm (benchmarks/bench_phantom_r2star.py, by
+    # hand) 0.05-0.8 % in every interior. Cortical grey matter (a ribbon 2-3 voxels thick) is reported
+    # with a loose bound (2.1 % here, 1.15 % at 1 mm).
+    check_oversampled_r2star(raw, out)
 
 
 @pytest.mark.slow
 def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     """SD of R2* in homogeneous white matter within 20 % of the CRLB; bias under 2 %."""
     raw = write_phantom_dataset(tmp_path / "raw", resolution=2.0, snr=50.0, subjects=2, seed=7,
-                                protocol=_vfa_only())
+                                protocol=_vfa_only(), oversample=1)
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     subject = "02"  # the control: its white matter is one homogeneous tissue
     truth = raw / "derivatives" / "phantom" / f"sub-{subject}"
@@ -131,13 +188,17 @@ def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     assert 0.8 < ratio < 1.2, f"SD(R2*) / RMS CRLB = {ratio:.3f}"
     bias = np.mean(error) / typical
     assert abs(bias) < 0.02, f"relative bias {bias:.2%}"
+    # The published standard error tells the same precision voxel by voxel.
+    stderr = _load(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-stderr_R2starmap.nii.gz")
+    stderr_ratio = np.sqrt(np.mean(stderr[homogeneous] ** 2)) / np.std(r2star)
+    assert 0.85 < stderr_ratio < 1.15, f"RMS standard error / SD(R2*) = {stderr_ratio:.3f}"
 
 
 @pytest.mark.parametrize("n_coils", [1, 4])
 def test_nonlinear_fit_measures_the_noise_in_air_and_stays_unbiased(tmp_path, n_coils):
     """Rician (1 channel) and non-central chi (root-sum-of-squares of 4) magnitudes."""
     raw = write_phantom_dataset(tmp_path / "raw", resolution=3.0, snr=20.0, subjects=1, seed=9,
-                                n_coils=n_coils, protocol=_vfa_only())
+                                n_coils=n_coils, protocol=_vfa_only(), oversample=1)
     out = _run_app(raw, tmp_path, "--skip-bids-validation", "--r2star-method", "nls",
                    "--n-coils", str(n_coils))
     truth = raw / "derivatives" / "phantom" / "sub-01"

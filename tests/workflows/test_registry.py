@@ -188,7 +188,8 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
     workflow, _ = init_qmri_wf(subjects=[inputs], output_dir=str(tmp_path / "out"))
     names = workflow.list_node_names()
     sinks = sorted(name.rsplit(".", 1)[1] for name in names if ".ds_wf.ds_" in name)
-    assert sinks == sorted(["ds_brainmask_mask_brain", "ds_r2star_R2starmap", "ds_r2star_T2starmap",
+    assert sinks == sorted(["ds_brainmask_mask_brain", "ds_r2star_R2starmap", "ds_r2star_R2starmap_stderr",
+                            "ds_r2star_T2starmap",
                             "ds_r2star_S0map_flip1_0", "ds_r2star_S0map_flip2_1", "ds_r2star_S0map_flip3_2",
                             "ds_echoratio_S0map_echoratio"])
     assert [name for name in names if name.endswith(".commit")] == ["sub_01_wf.ds_wf.commit"]

@@ -71,8 +71,7 @@ def sample(shape, voxel_size, sources, b0_direction, *, supersampling=3):
     """
     voxel_size = np.broadcast_to(np.asarray(voxel_size, float), (3,))
     offsets = (np.arange(supersampling) + 0.5) / supersampling - 0.5
-    grid = np.stack(np.meshgrid(*[np.arange(n) * h for n, h in zip(shape, voxel_size)],
-                                indexing="ij"))
+    grid = np.stack(np.meshgrid(*[np.arange(n) * h for n, h in zip(shape, voxel_size)], indexing="ij"))
     chi = np.zeros(shape)
     field = np.zeros(shape)
     functions = {"sphere": sphere, "cylinder": cylinder}

@@ -24,9 +24,13 @@ def test_cylinder_closed_form_matches_fourier_model(angle_deg, b0):
     angle = np.radians(angle_deg)
     axis = np.cos(angle) * b + np.sin(angle) * perpendicular
     chi_value, radius = 0.4, 3.0
-    chi, closed_form = sample((N,) * 3, 1.0, [("cylinder", dict(point_on_axis=CENTRE, axis=axis,
-                                                               radius=radius, chi=chi_value))],
-                              b0, supersampling=2)
+    chi, closed_form = sample(
+        (N,) * 3,
+        1.0,
+        [("cylinder", dict(point_on_axis=CENTRE, axis=axis, radius=radius, chi=chi_value))],
+        b0,
+        supersampling=2,
+    )
     # The Fourier model sees a finite cylinder (cut at the array's faces) in a padded box; near the
     # centre its ends are far away. Compare there, 2 voxels away from the surface, after removing
     # the constant the D(0) = 0 convention leaves undetermined.
@@ -37,6 +41,5 @@ def test_cylinder_closed_form_matches_fourier_model(angle_deg, b0):
     difference = (fourier - closed_form)[region]
     difference -= difference.mean()
     inside_field = chi_value / 6 * (3 * np.cos(angle) ** 2 - 1)
-    print(f"angle {angle_deg:.1f}: inside {inside_field:+.4f} ppm, max deviation "
-          f"{np.abs(difference).max():.4f} ppm")
+    print(f"angle {angle_deg:.1f}: inside {inside_field:+.4f} ppm, max deviation {np.abs(difference).max():.4f} ppm")
     assert np.abs(difference).max() < 0.05 * chi_value

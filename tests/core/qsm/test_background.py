@@ -17,10 +17,17 @@ from tests.core.qsm._analytic import ball, nrmse, sample
 SHAPE = (72, 72, 72)
 CENTRE = np.array([30.0, 36.0, 30.0])
 RADIUS = 24.0
-INTERIOR = [("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
-            for offset, radius, chi in [((-8, 0, -6), 5, 0.2), ((8, 6, 4), 4, -0.15),
-                                        ((0, -10, 8), 3, 0.3), ((3, 6, -8), 6, 0.1),
-                                        ((-6, -8, -4), 3, -0.2), ((-4, 10, 8), 4, 0.25)]]
+INTERIOR = [
+    ("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
+    for offset, radius, chi in [
+        ((-8, 0, -6), 5, 0.2),
+        ((8, 6, 4), 4, -0.15),
+        ((0, -10, 8), 3, 0.3),
+        ((3, 6, -8), 6, 0.1),
+        ((-6, -8, -4), 3, -0.2),
+        ((-4, 10, 8), 4, 0.25),
+    ]
+]
 # Every interior source is at least 5 mm from the mask's edge (like deep grey matter).
 # Air (-9.4 ppm relative to tissue) 2 mm outside the mask, along B0: the strongest case.
 AIR = [("sphere", dict(centre=CENTRE + (0, 0, 33), radius=7.0, chi=-9.4))]
@@ -32,12 +39,13 @@ def fields(request):
     _, local = sample(SHAPE, 1.0, INTERIOR, b0_direction, supersampling=2)
     _, background = sample(SHAPE, 1.0, AIR, b0_direction, supersampling=2)
     x = np.arange(SHAPE[0])[:, None, None] - CENTRE[0]
-    background = background + 0.01 * x           # linear shim residual, harmonic
+    background = background + 0.01 * x  # linear shim residual, harmonic
     mask = ball(SHAPE, CENTRE, RADIUS)
     rng = np.random.default_rng(7)
     noise = 0.001 * rng.standard_normal(SHAPE)
-    return dict(local=local, total=local + background + noise, mask=mask,
-                b0_direction=b0_direction, background=background)
+    return dict(
+        local=local, total=local + background + noise, mask=mask, b0_direction=b0_direction, background=background
+    )
 
 
 def test_erode_ball_is_exact():
@@ -55,8 +63,10 @@ def test_vsharp(fields):
     elapsed = time.perf_counter() - start
     error = nrmse(local, fields["local"], eroded)
     before = nrmse(fields["total"], fields["local"], eroded)
-    print(f"V-SHARP {fields['b0_direction']}: NRMSE {error:.1f} % (total field {before:.0f} %), "
-          f"{eroded.sum()} of {fields['mask'].sum()} voxels kept, {elapsed:.1f} s")
+    print(
+        f"V-SHARP {fields['b0_direction']}: NRMSE {error:.1f} % (total field {before:.0f} %), "
+        f"{eroded.sum()} of {fields['mask'].sum()} voxels kept, {elapsed:.1f} s"
+    )
     assert before > 500
     assert error < 15
     # Only the outermost voxel shell may be lost (smallest radius 1 mm).
@@ -65,13 +75,14 @@ def test_vsharp(fields):
 
 def test_pdf(fields):
     evaluation = erode_ball(fields["mask"], 3.0)
-    local, _ = remove_background_pdf(fields["total"], fields["mask"], 1.0,
-                                               b0_direction=fields["b0_direction"])
+    local, _ = remove_background_pdf(fields["total"], fields["mask"], 1.0, b0_direction=fields["b0_direction"])
     error = nrmse(local, fields["local"], evaluation)
     deep = erode_ball(fields["mask"], 8.0)
     error_deep = nrmse(local, fields["local"], deep)
-    print(f"PDF {fields['b0_direction']}: NRMSE {error:.1f} % in the mask eroded by 3 mm, "
-          f"{error_deep:.1f} % in the mask eroded by 8 mm")
+    print(
+        f"PDF {fields['b0_direction']}: NRMSE {error:.1f} % in the mask eroded by 3 mm, "
+        f"{error_deep:.1f} % in the mask eroded by 8 mm"
+    )
     # Outside dipoles close to the edge also explain part of the local field there (the
     # non-orthogonality of Liu 2011): PDF meets 15 % only away from the edge.
     assert error < 25

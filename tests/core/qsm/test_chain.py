@@ -42,15 +42,21 @@ def total_field():
     mask = ball(SHAPE, CENTRE, RADIUS)
     rng = np.random.default_rng(11)
     magnitude = np.exp(-25 * ECHO_TIMES) * np.ones(SHAPE + (1,))
-    signal = magnitude * np.exp(1j * (offset[..., None] + 2 * np.pi * total_hz[..., None]
-                                      * ECHO_TIMES))
+    signal = magnitude * np.exp(1j * (offset[..., None] + 2 * np.pi * total_hz[..., None] * ECHO_TIMES))
     signal += 0.01 * (rng.standard_normal(signal.shape) + 1j * rng.standard_normal(signal.shape))
     phase, magnitude = np.angle(signal), np.abs(signal)
 
     unwrapped = unwrap_echoes(phase, ECHO_TIMES, magnitude=magnitude, mask=mask)
     field_hz, _, field_sd = fit_field_linear(unwrapped, ECHO_TIMES, magnitude=magnitude, mask=mask)
-    return dict(field_hz=field_hz, field_sd=field_sd, total_hz=total_hz, mask=mask, chi=chi,
-                local=local, weights=np.sqrt((magnitude**2).sum(-1)))
+    return dict(
+        field_hz=field_hz,
+        field_sd=field_sd,
+        total_hz=total_hz,
+        mask=mask,
+        chi=chi,
+        local=local,
+        weights=np.sqrt((magnitude**2).sum(-1)),
+    )
 
 
 def _background(method, field_ppm, mask):
@@ -69,17 +75,21 @@ def _inversion(method, local_ppm, mask, weights):
     if method == "tkd":
         return invert_tkd(local_ppm, mask, 1.0, b0_direction=B0_DIRECTION)
     if method == "l2_gradient":
-        return invert_l2_gradient(local_ppm, mask, 1.0, b0_direction=B0_DIRECTION,
-                                  regularization=0.005)
+        return invert_l2_gradient(local_ppm, mask, 1.0, b0_direction=B0_DIRECTION, regularization=0.005)
     if method == "ilsqr":
         return invert_ilsqr(local_ppm, mask, 1.0, b0_direction=B0_DIRECTION, weights=weights)
-    return invert_tv_admm(local_ppm, mask, 1.0, b0_direction=B0_DIRECTION, weights=weights,
-                          phase_scale=2 * np.pi * HZ_PER_PPM * ECHO_TIMES.mean())
+    return invert_tv_admm(
+        local_ppm,
+        mask,
+        1.0,
+        b0_direction=B0_DIRECTION,
+        weights=weights,
+        phase_scale=2 * np.pi * HZ_PER_PPM * ECHO_TIMES.mean(),
+    )
 
 
 def _chain_figures(total_field, background, inversion):
-    local_ppm, eroded = _background(background, hz_to_ppm(total_field["field_hz"], B0_TESLA),
-                                    total_field["mask"])
+    local_ppm, eroded = _background(background, hz_to_ppm(total_field["field_hz"], B0_TESLA), total_field["mask"])
     estimate = _inversion(inversion, local_ppm, eroded, total_field["weights"])
     estimate, _ = reference_to_region(estimate, eroded, mask=eroded)
     chi, local = total_field["chi"], total_field["local"]
@@ -94,23 +104,23 @@ def _chain_figures(total_field, background, inversion):
         estimated_means.append(estimate[core].mean() - estimate[eroded].mean() + chi[eroded].mean())
     slope = np.polyfit(true_means, estimated_means, 1)[0]
     worst_mean = np.max(np.abs(np.subtract(estimated_means, true_means)))
-    print(f"\n{background} + {inversion}: local field NRMSE {local_error:.1f} %; chi NRMSE "
-          f"{error:.1f} % (trivial chi = 3 x local field {trivial:.0f} %), slope of sphere means "
-          f"{slope:.3f}, worst sphere mean error {worst_mean:.3f} ppm")
+    print(
+        f"\n{background} + {inversion}: local field NRMSE {local_error:.1f} %; chi NRMSE "
+        f"{error:.1f} % (trivial chi = 3 x local field {trivial:.0f} %), slope of sphere means "
+        f"{slope:.3f}, worst sphere mean error {worst_mean:.3f} ppm"
+    )
     return local_error, error, trivial, slope, worst_mean
 
 
 def test_total_field(total_field):
     mask = total_field["mask"]
     field_error = nrmse(total_field["field_hz"], total_field["total_hz"], mask)
-    print(f"\ntotal field NRMSE {field_error:.2f} %, median field SD "
-          f"{np.median(total_field['field_sd'][mask]):.3f} Hz")
+    print(f"\ntotal field NRMSE {field_error:.2f} %, median field SD {np.median(total_field['field_sd'][mask]):.3f} Hz")
     assert field_error < 1
 
 
 def test_default_chain(total_field):
-    local_error, error, trivial, slope, worst_mean = _chain_figures(total_field, "vsharp",
-                                                                    "tv_admm")
+    local_error, error, trivial, slope, worst_mean = _chain_figures(total_field, "vsharp", "tv_admm")
     assert local_error < 15
     assert error < 60 and error < trivial / 2
     assert 0.85 <= slope <= 1.1

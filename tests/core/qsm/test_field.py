@@ -11,7 +11,7 @@ ECHO_TIMES = np.array([3e-3, 7e-3, 11e-3, 15e-3, 19e-3])
 
 def _signal(n_voxels, noise_sd, seed=0):
     rng = np.random.default_rng(seed)
-    field = rng.uniform(-40, 40, n_voxels)                      # Hz, wraps at every echo
+    field = rng.uniform(-40, 40, n_voxels)  # Hz, wraps at every echo
     offset = rng.uniform(-np.pi, np.pi, n_voxels)
     amplitude = rng.uniform(0.5, 1.0, n_voxels)[:, None] * np.exp(-ECHO_TIMES * 25)
     phase = offset[:, None] + 2 * np.pi * field[:, None] * ECHO_TIMES
@@ -33,8 +33,9 @@ def test_linear_fit_noise_sd_matches_scatter(known_noise):
     signal, field, _, phase = _signal(20000, noise_sd, seed=1)
     # Unwrap with the truth: only the noise is left to fit.
     measured = phase + np.angle(signal * np.exp(-1j * phase))
-    fitted, _, sd = fit_field_linear(measured, ECHO_TIMES, magnitude=np.abs(signal),
-                                     noise_sd=noise_sd if known_noise else None)
+    fitted, _, sd = fit_field_linear(
+        measured, ECHO_TIMES, magnitude=np.abs(signal), noise_sd=noise_sd if known_noise else None
+    )
     error = fitted - field
     assert abs(np.mean(error / sd)) < 0.05
     # A per-voxel SD from 3 residual degrees of freedom is itself noisy (z would be t-distributed):

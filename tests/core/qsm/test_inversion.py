@@ -18,22 +18,26 @@ from tests.core.qsm._analytic import ball, nrmse, sample
 
 N = 64
 CENTRE = np.array([31.5, 31.5, 31.5])
-PHASE_SCALE = 2 * np.pi * 42.577478518 * 3.0 * 0.02      # rad/ppm at 3 T, TE 20 ms
-MIX = [("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
-       for offset, radius, chi in [((-10, 0, -8), 6, 0.15), ((10, 8, 6), 5, -0.1),
-                                   ((0, -12, 10), 4, 0.2), ((4, 10, -12), 3, 0.3),
-                                   ((-8, -10, 0), 5, 0.08), ((12, -6, -6), 4, 0.12)]]
-MIX += [("cylinder", dict(point_on_axis=CENTRE + (0, 3, 0), axis=(1, 0.3, 0.5), radius=1.5,
-                          chi=0.4))]
+PHASE_SCALE = 2 * np.pi * 42.577478518 * 3.0 * 0.02  # rad/ppm at 3 T, TE 20 ms
+MIX = [
+    ("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
+    for offset, radius, chi in [
+        ((-10, 0, -8), 6, 0.15),
+        ((10, 8, 6), 5, -0.1),
+        ((0, -12, 10), 4, 0.2),
+        ((4, 10, -12), 3, 0.3),
+        ((-8, -10, 0), 5, 0.08),
+        ((12, -6, -6), 4, 0.12),
+    ]
+]
+MIX += [("cylinder", dict(point_on_axis=CENTRE + (0, 3, 0), axis=(1, 0.3, 0.5), radius=1.5, chi=0.4))]
 OBLIQUE = (0.3, 0.2, 1.0)
 
 METHODS = {
     "tkd": lambda field, mask, b0: invert_tkd(field, mask, b0_direction=b0),
-    "l2_gradient": lambda field, mask, b0: invert_l2_gradient(field, mask, b0_direction=b0,
-                                                              regularization=0.005),
+    "l2_gradient": lambda field, mask, b0: invert_l2_gradient(field, mask, b0_direction=b0, regularization=0.005),
     "ilsqr": lambda field, mask, b0: invert_ilsqr(field, mask, b0_direction=b0),
-    "tv_admm": lambda field, mask, b0: invert_tv_admm(field, mask, b0_direction=b0,
-                                                      phase_scale=PHASE_SCALE),
+    "tv_admm": lambda field, mask, b0: invert_tv_admm(field, mask, b0_direction=b0, phase_scale=PHASE_SCALE),
 }
 # Upper bounds of the NRMSE (%) on the mixed phantom; measured values are about 2/3 of these.
 BOUNDS = {"tkd": 60, "l2_gradient": 50, "ilsqr": 45, "tv_admm": 15}
@@ -83,8 +87,7 @@ def _region_slope(estimate, chi, mask):
 
 def test_tkd_correction_removes_underestimation(mix):
     corrected = invert_tkd(mix["field"], mix["mask"], b0_direction=mix["b0"])
-    plain = invert_tkd(mix["field"], mix["mask"], b0_direction=mix["b0"],
-                       correct_underestimation=False)
+    plain = invert_tkd(mix["field"], mix["mask"], b0_direction=mix["b0"], correct_underestimation=False)
     slope_corrected = _region_slope(corrected, mix["chi"], mix["mask"])
     slope_plain = _region_slope(plain, mix["chi"], mix["mask"])
     print(f"\nTKD slope of region means: plain {slope_plain:.3f}, corrected {slope_corrected:.3f}")
@@ -119,10 +122,14 @@ def _cylinder_shell(point, axis, radius):
 
 
 STRONG = {
-    "calcification": ([("sphere", dict(centre=CENTRE, radius=4.0, chi=-1.0))],
-                      lambda b0: _sphere_cone_shell(CENTRE, 4.0, b0)),
-    "vein": ([("cylinder", dict(point_on_axis=CENTRE, axis=(1, 0, 0.6), radius=2.0, chi=0.45))],
-             lambda b0: _cylinder_shell(CENTRE, (1, 0, 0.6), 2.0)),
+    "calcification": (
+        [("sphere", dict(centre=CENTRE, radius=4.0, chi=-1.0))],
+        lambda b0: _sphere_cone_shell(CENTRE, 4.0, b0),
+    ),
+    "vein": (
+        [("cylinder", dict(point_on_axis=CENTRE, axis=(1, 0, 0.6), radius=2.0, chi=0.45))],
+        lambda b0: _cylinder_shell(CENTRE, (1, 0, 0.6), 2.0),
+    ),
 }
 
 
@@ -135,10 +142,14 @@ def test_streaking_bound(source, b0):
     mask = ball((N,) * 3, CENTRE, 27)
     shell = shell_of(b0)
     amplitude = abs(sources[0][1]["chi"])
-    streaks = {method: _streaking(METHODS[method](field, mask, b0), chi, mask, shell) / amplitude
-               for method in ("tkd", "ilsqr", "tv_admm")}
-    print(f"\n{source} B0 {b0}: streaking (RMS error in the shell / chi) "
-          + ", ".join(f"{m} {100 * v:.2f} %" for m, v in streaks.items()))
+    streaks = {
+        method: _streaking(METHODS[method](field, mask, b0), chi, mask, shell) / amplitude
+        for method in ("tkd", "ilsqr", "tv_admm")
+    }
+    print(
+        f"\n{source} B0 {b0}: streaking (RMS error in the shell / chi) "
+        + ", ".join(f"{m} {100 * v:.2f} %" for m, v in streaks.items())
+    )
     # The bound: at most 3 % of the source's susceptibility, and at most 0.6 of TKD's streaking.
     for method in ("ilsqr", "tv_admm"):
         assert streaks[method] < 0.03

@@ -15,7 +15,7 @@ from tests.core.qsm._analytic import ball, nrmse, sample
 N = 56
 CENTRE = (N - 1) / 2
 HZ_PER_PPM = 42.577478518 * 3.0
-ECHO_TIMES = 4e-3 * np.arange(1, 7)          # 4 .. 24 ms
+ECHO_TIMES = 4e-3 * np.arange(1, 7)  # 4 .. 24 ms
 
 
 def _offset_by_constant_cycles(estimate, truth, mask):
@@ -37,9 +37,13 @@ def multi_echo():
     """Six echoes with wraps at every echo and a strong sphere (>pi steps at late echoes)."""
     rng = np.random.default_rng(3)
     mask = ball((N,) * 3, (CENTRE,) * 3, 25)
-    _, source_ppm = sample((N,) * 3, 1.0, [("sphere", dict(centre=(CENTRE, CENTRE, CENTRE + 6),
-                                                           radius=4.0, chi=1.2))],
-                           (0, 0, 1), supersampling=1)
+    _, source_ppm = sample(
+        (N,) * 3,
+        1.0,
+        [("sphere", dict(centre=(CENTRE, CENTRE, CENTRE + 6), radius=4.0, chi=1.2))],
+        (0, 0, 1),
+        supersampling=1,
+    )
     background_hz, offset = _smooth_background()
     field_hz = background_hz + HZ_PER_PPM * source_ppm
     true_phase = offset[..., None] + 2 * np.pi * field_hz[..., None] * ECHO_TIMES
@@ -53,15 +57,14 @@ def test_wrap_phase_range():
     values = np.linspace(-20, 20, 1001)
     wrapped = wrap_phase(values)
     assert wrapped.min() >= -np.pi and wrapped.max() < np.pi
-    np.testing.assert_allclose(np.rint((values - wrapped) / (2 * np.pi)), (values - wrapped) / (2 * np.pi),
-                               atol=1e-9)
+    np.testing.assert_allclose(np.rint((values - wrapped) / (2 * np.pi)), (values - wrapped) / (2 * np.pi), atol=1e-9)
 
 
 def test_region_growing_keeps_true_values(multi_echo):
     mask = multi_echo["mask"]
     truth = multi_echo["true_phase"][..., 0]
     noisy = np.angle(multi_echo["signal"][..., 0])
-    assert np.ptp(truth[mask]) > 2 * np.pi                      # really wrapped
+    assert np.ptp(truth[mask]) > 2 * np.pi  # really wrapped
     unwrapped = unwrap_region_growing(noisy, magnitude=np.abs(multi_echo["signal"][..., 0]), mask=mask)
     exact, share = _offset_by_constant_cycles(unwrapped, truth + wrap_phase(noisy - truth), mask)
     assert exact and share == 1.0
@@ -102,20 +105,23 @@ def test_echo_referenced_beats_per_echo_spatial(multi_echo, spatial_method):
     for echo, expected in ((0, False), (-1, True)):
         steps = np.abs(np.diff(truth[..., echo], axis=2))[mask[:, :, 1:] & mask[:, :, :-1]]
         assert (steps.max() > np.pi) == expected
-    unwrapped = unwrap_echoes(phase, ECHO_TIMES, magnitude=magnitude, mask=mask,
-                              spatial_method=spatial_method)
+    unwrapped = unwrap_echoes(phase, ECHO_TIMES, magnitude=magnitude, mask=mask, spatial_method=spatial_method)
     noise_free = truth + wrap_phase(phase - truth)
     # One common multiple of 2 pi for every echo and voxel (true phase up to a constant).
     cycles = np.rint((unwrapped - noise_free)[mask] / (2 * np.pi))
     share_temporal = np.mean(cycles == np.median(cycles))
-    per_echo = np.stack([unwrap_region_growing(phase[..., e], magnitude=magnitude[..., e], mask=mask)
-                         for e in range(len(ECHO_TIMES))], axis=-1)
+    per_echo = np.stack(
+        [unwrap_region_growing(phase[..., e], magnitude=magnitude[..., e], mask=mask) for e in range(len(ECHO_TIMES))],
+        axis=-1,
+    )
     field_temporal, _, _ = fit_field_linear(unwrapped, ECHO_TIMES, magnitude=magnitude, mask=mask)
     field_per_echo, _, _ = fit_field_linear(per_echo, ECHO_TIMES, magnitude=magnitude, mask=mask)
     error_temporal = nrmse(field_temporal, multi_echo["field"], mask)
     error_per_echo = nrmse(field_per_echo, multi_echo["field"], mask)
-    print(f"{spatial_method}: exact share {share_temporal:.5f}; field NRMSE echo-referenced "
-          f"{error_temporal:.2f} %, per-echo spatial {error_per_echo:.2f} %")
+    print(
+        f"{spatial_method}: exact share {share_temporal:.5f}; field NRMSE echo-referenced "
+        f"{error_temporal:.2f} %, per-echo spatial {error_per_echo:.2f} %"
+    )
     assert share_temporal > 0.999
     assert error_temporal < 1.0
     assert error_per_echo > 5 * error_temporal

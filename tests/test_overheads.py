@@ -58,3 +58,38 @@ def test_workflow_runs_with_the_existing_objects_frozen(tmp_path):
     # MultiProc's gc.collect() at each scheduler pass skips what existed before the run.
     assert probe.result.outputs.count > 0
     assert gc.get_freeze_count() == 0  # unfrozen afterwards
+
+
+def test_multiproc_scheduler_sleeps_while_only_workers_can_progress(tmp_path):
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    from qmri_workflows.cli.run import _plugin_instance, _stop_workers
+    from qmri_workflows.workflows.engine import QMRIWorkflow
+
+    def pause(seconds):
+        import time
+
+        time.sleep(seconds)
+        return seconds
+
+    def identity(value):
+        return value
+
+    workflow = QMRIWorkflow(name="slow", base_dir=str(tmp_path))
+    workflow.config["execution"]["poll_sleep_duration"] = 0.01  # as the App sets it
+    slow = pe.Node(Function(function=pause, output_names=["out"]), name="slow")
+    slow.inputs.seconds = 1.5
+    quick = pe.Node(Function(function=identity, output_names=["out"]), name="quick", run_without_submitting=True)
+    workflow.connect(slow, "out", quick, "value")
+    runner = _plugin_instance("MultiProc", {"n_procs": 2})
+    passes = []
+    send = runner._send_procs_to_workers
+    runner._send_procs_to_workers = lambda *args, **kwargs: (passes.append(1), send(*args, **kwargs))
+    try:
+        result = workflow.run(plugin=runner)
+    finally:
+        _stop_workers(runner)
+    assert {node.name for node in result.nodes()} == {"slow", "quick"}
+    # Polling every 10 ms made ~150 passes over the 1.5 s of the worker's node.
+    assert len(passes) < 20, len(passes)

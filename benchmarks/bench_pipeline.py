@@ -4,18 +4,31 @@ Each step runs in a fresh process so that its peak resident memory (ru_maxrss) i
 
     python benchmarks/bench_pipeline.py --resolution 1 --snr 50 --workdir /tmp/qmri-bench
 
+``--dataset`` reuses a phantom written before (``qmri-phantom OUT --resolution 1 --snr 50``), which
+saves minutes per run. The App's run ends with the share of its wall time spent outside the numerical
+core (``qmri_workflows.core`` functions called by the interfaces): loading, saving, publishing,
+indexing, imports and scheduling.
+
 Not a test: it prints a table to paste into release notes / issue reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import inspect
+import json
 import multiprocessing as mp
 import os
+import pkgutil
 import resource
 import sys
 import time
 from pathlib import Path
+from queue import Empty
+
+TIMINGS_ENV = "QMRI_BENCH_TIMINGS"
 
 
 def _measure(queue, function, args):
@@ -34,7 +47,13 @@ def measure(function, *args):
     queue = context.Queue()
     process = context.Process(target=_measure, args=(queue, function, args))
     process.start()
-    outcome = queue.get()
+    while True:
+        try:
+            outcome = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():  # it crashed (its traceback is above)
+                raise RuntimeError(f"{function.__name__} failed (exit code {process.exitcode})") from None
     process.join()
     return outcome
 
@@ -47,7 +66,7 @@ def step_phantom(root, resolution, snr, oversample=2, protocol=None):
     return None
 
 
-def step_load(root):
+def step_load(root, workdir):
     import numpy as np
 
     from qmri_workflows.interfaces.r2star import group_echoes_by_flip_angle, stack_contrasts
@@ -57,8 +76,8 @@ def step_load(root):
     inputs = collect_inputs(open_layout(root), "01")
     files, tes, flips = flatten_echoes(inputs.gre)
     signal, echo_times, _ = stack_contrasts(group_echoes_by_flip_angle(files, tes, flips))
-    np.save(Path(root).parent / "signal.npy", signal)
-    np.save(Path(root).parent / "echo_times.npy", echo_times)
+    np.save(Path(workdir) / "signal.npy", signal)
+    np.save(Path(workdir) / "echo_times.npy", echo_times)
     return f"{signal.shape}"
 
 
@@ -94,6 +113,10 @@ def step_fit(workdir, method):
 def step_app(root, output, nprocs):
     from nipype import config, logging
 
+    # This process was spawned, which made spawn its children's start method too; the App run from
+    # a shell forks its MultiProc workers (Linux default), so measure that.
+    mp.set_start_method("fork", force=True)
+
     from qmri_workflows.cli.run import main
 
     config.update_config({"logging": {"workflow_level": "WARNING"}})
@@ -101,6 +124,72 @@ def step_app(root, output, nprocs):
 
     return main([str(root), str(output), "participant", "--nprocs", str(nprocs),
                  "--skip-bids-validation", "-w", str(Path(output).parent / "work")])
+
+
+def _record_timing(kind, name, seconds, cpu_seconds):
+    # Nodes may run in MultiProc's worker processes (forked, so patched too): append to a file.
+    with open(os.environ[TIMINGS_ENV], "a") as handle:
+        handle.write(json.dumps({"kind": kind, "name": name, "seconds": seconds, "cpu": cpu_seconds}) + "\n")
+
+
+def _timed(function, kind, name):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            # process_time counts every thread of the process; a node runs alone in its process.
+            _record_timing(kind, name, time.perf_counter() - start, time.process_time() - start_cpu)
+
+    return wrapper
+
+
+def _cpu_seconds():
+    mp.active_children()  # reap finished MultiProc workers so that RUSAGE_CHILDREN counts them
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def instrument_interfaces():
+    """Time every interface run and every core function the interfaces call.
+
+    The core functions are patched where the interface modules imported them, so only the calls
+    from an interface count (the core's own inner calls are inside those).
+    """
+    import qmri_workflows.interfaces as interfaces
+    from nipype.interfaces.base import BaseInterface
+
+    for info in pkgutil.iter_modules(interfaces.__path__):
+        module = importlib.import_module(f"{interfaces.__name__}.{info.name}")
+        for attribute, value in list(vars(module).items()):
+            if inspect.isfunction(value) and value.__module__.startswith("qmri_workflows.core"):
+                setattr(module, attribute, _timed(value, "core", f"{value.__module__}.{value.__name__}"))
+            elif (inspect.isclass(value) and issubclass(value, BaseInterface)
+                  and value.__module__ == module.__name__ and "_run_interface" in vars(value)):
+                value._run_interface = _timed(value._run_interface, "interface", value.__name__)
+
+
+def step_app_core_share(root, output, nprocs, timings):
+    """The App on ``root`` with the interfaces and the core calls timed; returns a summary line."""
+    os.environ[TIMINGS_ENV] = str(timings)
+    Path(timings).unlink(missing_ok=True)
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    instrument_interfaces()
+    code = step_app(root, output, nprocs)
+    total, total_cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
+    records = [json.loads(line) for line in Path(timings).read_text().splitlines()]
+    core = sum(r["seconds"] for r in records if r["kind"] == "core")
+    core_cpu = sum(r["cpu"] for r in records if r["kind"] == "core")
+    nodes = sum(r["seconds"] for r in records if r["kind"] == "interface")
+    by_name = {}
+    for record in records:
+        by_name[record["name"]] = by_name.get(record["name"], 0.0) + record["seconds"]
+    details = ", ".join(f"{name.rsplit('.', 1)[-1]} {seconds:.1f} s" for name, seconds in by_name.items())
+    # One subject: its nodes run one after the other, so their times add up within the wall time.
+    return (f"rc {code}; core {core:.1f} s, interfaces {nodes:.1f} s (load + save {nodes - core:.1f} s), "
+            f"App {total:.1f} s: {1 - core / total:.0%} of the wall time outside the core; CPU: core "
+            f"{core_cpu:.1f} s of {total_cpu:.1f} s ({1 - core_cpu / total_cpu:.0%} outside) [{details}]")
 
 
 RESOLUTION = 1.0
@@ -115,15 +204,21 @@ def main(argv=None):
     parser.add_argument("--oversample", type=int, default=2,
                         help="phantom simulated on a grid this many times finer (default: 2)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qmri-bench"))
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="existing phantom dataset to reuse (its --resolution must be given too)")
+    parser.add_argument("--app-only", action="store_true",
+                        help="run only the App with its core-time share (needs --dataset)")
     args = parser.parse_args(argv)
     RESOLUTION = args.resolution
     os.environ["NIPYPE_NO_ET"] = "1"
     args.workdir.mkdir(parents=True, exist_ok=True)
-    root = args.workdir / "phantom"
-    output = args.workdir / "derivatives"
-    if root.exists():
-        import shutil
+    import shutil
 
+    root = args.dataset.resolve() if args.dataset else args.workdir / "phantom"
+    output = args.workdir / "derivatives"
+    for previous in (output, args.workdir / "work"):
+        shutil.rmtree(previous, ignore_errors=True)
+    if args.dataset is None and root.exists():
         shutil.rmtree(root)
 
     rows = []
@@ -133,15 +228,17 @@ def main(argv=None):
         rows.append((name, seconds, peak_mb, result))
         print(f"{name:28s} {seconds:8.1f} s {peak_mb:9.0f} MB   {result}", flush=True)
 
-    print(f"phantom {args.resolution} mm (oversample {args.oversample}), SNR {args.snr}, {os.cpu_count()} cores",
-          flush=True)
-    record("phantom (1 subject)", measure(step_phantom, root, args.resolution, args.snr, args.oversample))
-    record("query + load echoes", measure(step_load, root))
-    record("brain mask", measure(step_mask, args.workdir))
-    record("R2* ESTATICS wls", measure(step_fit, args.workdir, "wls"))
-    record("R2* ESTATICS nls", measure(step_fit, args.workdir, "nls"))
+    print(f"phantom {args.resolution} mm (oversample {args.oversample}), SNR {args.snr}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    if not args.app_only:
+        if args.dataset is None:
+            record("phantom (1 subject)", measure(step_phantom, root, args.resolution, args.snr, args.oversample))
+        record("query + load echoes", measure(step_load, root, args.workdir))
+        record("brain mask", measure(step_mask, args.workdir))
+        record("R2* ESTATICS wls", measure(step_fit, args.workdir, "wls"))
+        record("R2* ESTATICS nls", measure(step_fit, args.workdir, "nls"))
     record(f"BIDS App end to end (nprocs={args.nprocs})",
-           measure(step_app, root, output, args.nprocs))
+           measure(step_app_core_share, root, output, args.nprocs, args.workdir / "timings.jsonl"))
     report_accuracy(root, output)
     return 0
 

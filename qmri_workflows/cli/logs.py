@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -16,16 +17,17 @@ LOGGER = logging.getLogger("qmri_workflows")
 _FORMAT = "%(asctime)s [qmri-workflows] %(levelname)s: %(message)s"
 _NIPYPE_LOGGERS = ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip")
 
-__all__ = ["StepReporter", "attach_log_file", "configure_console", "subject_of_node"]
+__all__ = ["StepReporter", "attach_log_file", "configure_console", "configure_nipype", "subject_of_node"]
 
 
 def configure_console(verbosity=0, quiet=0):
     """Console messages: INFO by default, DEBUG with ``-v``, WARNING with ``-q``, ERROR with ``-qq``.
 
-    Nipype's node messages are raised to WARNING unless ``verbosity`` is 1 or more.
+    Nipype's node messages are raised to WARNING unless ``verbosity`` is 1 or more. Nipype takes half
+    a second to import, so when it is not imported yet its levels are set by
+    :func:`configure_nipype`, which the App calls before it builds the workflow.
     """
-    from nipype import config as nipype_config
-    from nipype import logging as nipype_logging
+    global _nipype_level
 
     level = logging.INFO
     if verbosity:
@@ -39,12 +41,24 @@ def configure_console(verbosity=0, quiet=0):
         # Our own handler only: Nipype logs its nodes through its own handlers.
         LOGGER.propagate = False
     LOGGER.setLevel(level)
-    nipype_level = "INFO" if verbosity == 1 else "DEBUG" if verbosity > 1 else "WARNING"
+    _nipype_level = "INFO" if verbosity == 1 else "DEBUG" if verbosity > 1 else "WARNING"
     if quiet:
-        nipype_level = "ERROR"
-    nipype_config.update_config({"logging": {"workflow_level": nipype_level,
-                                             "interface_level": nipype_level,
-                                             "utils_level": nipype_level}})
+        _nipype_level = "ERROR"
+    if "nipype" in sys.modules:
+        configure_nipype()
+
+
+_nipype_level = "WARNING"
+
+
+def configure_nipype():
+    """Give Nipype's loggers the level :func:`configure_console` chose (imports Nipype)."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    nipype_config.update_config({"logging": {"workflow_level": _nipype_level,
+                                             "interface_level": _nipype_level,
+                                             "utils_level": _nipype_level}})
     nipype_logging.update_logging(nipype_config)
 
 

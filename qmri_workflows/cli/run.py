@@ -187,7 +187,16 @@ def run_validator(bids_dir, *, files_per_group=3):
         many files it concerns and at most ``files_per_group`` of them; empty when the dataset is
         valid; None when no validator is installed.
     """
+    return _finish_validator(_start_validator(bids_dir), files_per_group=files_per_group)
+
+
+def _start_validator(bids_dir):
+    """Start the validator (a process of its own) on ``bids_dir``; None when none is installed.
+
+    Its report goes to a temporary file, not a pipe, so it never waits for this process to read.
+    """
     import subprocess
+    import tempfile
 
     executable = shutil.which("bids-validator-deno")
     if executable is None:
@@ -195,13 +204,26 @@ def run_validator(bids_dir, *, files_per_group=3):
         executable = str(candidate) if candidate.exists() else None
     if executable is None:
         return None
-    result = subprocess.run(
-        [executable, str(bids_dir), "--json"], capture_output=True, text=True, check=False
-    )
+    stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([executable, str(bids_dir), "--json"], stdout=stdout, stderr=stderr, text=True)
+    process.report_files = (stdout, stderr)
+    return process
+
+
+def _finish_validator(process, *, files_per_group=3):
+    """Wait for a validator from :func:`_start_validator` and group its errors (see :func:`run_validator`)."""
+    if process is None:
+        return None
+    stdout, stderr = process.report_files
+    with stdout, stderr:
+        process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
     try:
-        report = json.loads(result.stdout)
+        report = json.loads(output)
     except json.JSONDecodeError:
-        return [f"the BIDS validator failed to run: {result.stderr.strip() or result.stdout[:500]}"]
+        return [f"the BIDS validator failed to run: {errors.strip() or output[:500]}"]
     return group_validator_errors(report, files_per_group=files_per_group)
 
 
@@ -278,8 +300,6 @@ def _positive_float(text):
 
 def _plugin_settings(args):
     """Plugin name and arguments from --plugin-config or --plugin; ValueError if unusable."""
-    from nipype.pipeline import plugins
-
     if args.plugin_config:
         try:
             plugin, plugin_args = load_plugin_config(args.plugin_config)
@@ -288,6 +308,10 @@ def _plugin_settings(args):
     else:
         plugin = args.plugin or ("Linear" if args.nprocs == 1 else "MultiProc")
         plugin_args = {}
+    if plugin in ("Linear", "MultiProc"):  # known without importing Nipype (half a second)
+        return plugin, plugin_args
+    from nipype.pipeline import plugins
+
     if not hasattr(plugins, f"{plugin}Plugin"):
         known = sorted(name[: -len("Plugin")] for name in dir(plugins) if name.endswith("Plugin"))
         raise ValueError(f"unknown Nipype plugin {plugin!r}; choose from {', '.join(known)}")
@@ -392,9 +416,6 @@ def _check_call(args):
 
 
 def _run(args, argv):
-    from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
-    from ..workflows.registry import has_maps_to_compute, plan_families, registered_families
-
     # Everything that can be checked without touching a file comes first, so a mistake in the
     # call costs nothing and leaves nothing behind.
     code, settings = _check_call(args)
@@ -403,9 +424,22 @@ def _run(args, argv):
     plugin, plugin_args, bids_dir, output_dir, work_dir = settings
     # The validator and the indexing take seconds: say at once that the App is at work.
     LOGGER.info("qmri-workflows %s: checking %s", __version__, bids_dir)
+    from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
+    from ..workflows.registry import has_maps_to_compute, plan_families, registered_families
 
+    # The validator runs in a process of its own (about a second): pybids indexes meanwhile, and
+    # the validator's verdict still comes first.
+    validator = None if args.skip_bids_validation else _start_validator(bids_dir)
+    try:
+        layout, layout_error = open_layout(bids_dir), None
+    except BIDSInputError as error:
+        layout, layout_error = None, error
+    except BaseException:  # Ctrl-C or a pybids crash: leave no validator behind
+        if validator is not None:
+            validator.kill()
+        raise
     if not args.skip_bids_validation:
-        report = run_validator(bids_dir)
+        report = _finish_validator(validator)
         if report is None:
             LOGGER.warning("BIDS validator not installed (pip install 'qmri-workflows[validator]'); "
                            "continuing without validation")
@@ -415,10 +449,8 @@ def _run(args, argv):
                          "\n  ".join(report))
             return EXIT_INVALID_BIDS
 
-    try:
-        layout = open_layout(bids_dir)
-    except BIDSInputError as error:
-        LOGGER.error("%s", error)
+    if layout_error is not None:
+        LOGGER.error("%s", layout_error)
         return EXIT_INVALID_BIDS
     try:
         selection = select_participants(layout, args.participant_label, args.session_label)
@@ -565,8 +597,9 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
 
     from ..io.query import AFI, BSSFP, GRE, RECEIVE
     from ..workflows.base import default_options, init_qmri_wf
-    from .logs import StepReporter
+    from .logs import StepReporter, configure_nipype
 
+    configure_nipype()
     nipype_config.update_config({
         "execution": {
             "crashdump_dir": str(work_dir / "crash"),
@@ -667,18 +700,33 @@ def _ignore_interrupt(cwd):
 
 
 def _quiet_multiproc_class():
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    import numpy as np
     from nipype.pipeline.plugins import MultiProcPlugin
 
     class QuietMultiProcPlugin(MultiProcPlugin):
-        """Nipype's MultiProc whose worker processes ignore SIGINT."""
+        """Nipype's MultiProc whose worker processes ignore SIGINT and whose scheduler sleeps while
+        only the workers can make progress."""
 
         def __init__(self, plugin_args=None):
             super().__init__(plugin_args=plugin_args)
             self.pool.shutdown(wait=True)
             self.pool = ProcessPoolExecutor(max_workers=self.processors, initializer=_ignore_interrupt,
                                             initargs=(self._cwd,))
+
+        def _send_procs_to_workers(self, updatehash=False, graph=None):
+            super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
+            # Nipype's scheduler passes over the graph every poll_sleep_duration (10 ms here, so that
+            # chains of quick local nodes go fast); each pass costs about a millisecond of CPU, which
+            # over a minute-long fit took 5 s from the workers. When nothing ready can start (no job
+            # ready, or no free processor), only a worker finishing changes that: wait for it.
+            if not self._task_obj:
+                return
+            ready = np.flatnonzero(~self.proc_done & (self.depidx.sum(axis=0) == 0).__array__())
+            _, free_processors, _ = self._check_resources(self.pending_tasks)
+            if len(ready) == 0 or free_processors == 0:
+                wait(list(self._task_obj.values()), timeout=1.0, return_when=FIRST_COMPLETED)
 
     return QuietMultiProcPlugin
 

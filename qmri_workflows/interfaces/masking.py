@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 
 from ..core.masking import brain_mask, check_brain_mask
 from ..io.derivatives import write_nifti
-from ..io.images import load_volume
+from ..io.images import load_volumes
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -63,11 +63,8 @@ class BrainMask(SimpleInterface):
 
     def _run_interface(self, runtime):
         reference = nib.load(self.inputs.in_files[0])
-        sum_of_squares = np.zeros(reference.shape[:3], dtype=np.float64)
-        for path in self.inputs.in_files:
-            magnitude = load_volume(path, reference=reference, require_variation=True)
-            sum_of_squares += np.square(magnitude, dtype=np.float64)
-        image = np.sqrt(sum_of_squares)
+        magnitudes = load_volumes(self.inputs.in_files, reference=reference, require_variation=True)
+        image = np.sqrt(np.square(magnitudes, dtype=np.float64).sum(axis=-1))
         voxel_size = reference.header.get_zooms()[:3]
         mask = brain_mask(image, voxel_size=voxel_size)
         problems = check_brain_mask(mask, image, voxel_size=voxel_size)

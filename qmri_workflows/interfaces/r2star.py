@@ -27,7 +27,7 @@ from ..core.r2star import (
     t2star_where_significant,
 )
 from ..io.derivatives import write_nifti
-from ..io.images import load_volume
+from ..io.images import load_volume, load_volumes
 
 ESTATICS_REFERENCE = (
     "Weiskopf N, Callaghan MF, Josephs O, Lutti A, Mohammadi S. Estimating the apparent transverse "
@@ -83,12 +83,18 @@ def stack_contrasts(groups):
     n_echo = max(len(echoes) for _, echoes in groups)
     reference = nib.load(groups[0][1][0][1])
     shape = reference.shape[:3]
-    signal = np.full(shape + (len(groups), n_echo), np.nan, dtype=np.float32)
     echo_times = np.full((len(groups), n_echo), np.nan)
     for c, (_, echoes) in enumerate(groups):
-        for e, (te, path) in enumerate(echoes):
-            signal[..., c, e] = load_volume(path, reference=reference, require_variation=True)
-            echo_times[c, e] = te
+        echo_times[c, : len(echoes)] = [te for te, _ in echoes]
+    volumes = load_volumes([path for _, echoes in groups for _, path in echoes], reference=reference,
+                           require_variation=True)
+    if all(len(echoes) == n_echo for _, echoes in groups):
+        return volumes.reshape(shape + (len(groups), n_echo)), echo_times, reference
+    signal = np.full(shape + (len(groups), n_echo), np.nan, dtype=np.float32)
+    first = 0
+    for c, (_, echoes) in enumerate(groups):
+        signal[..., c, : len(echoes)] = volumes[..., first : first + len(echoes)]
+        first += len(echoes)
     return signal, echo_times, reference
 
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .errors import BIDSInputError
 
-__all__ = ["GRID_TOLERANCE_MM", "load_phase", "load_volume", "read_image", "same_grid", "volume_data"]
+__all__ = [
+    "GRID_TOLERANCE_MM",
+    "load_phase",
+    "load_volume",
+    "load_volumes",
+    "read_image",
+    "same_grid",
+    "volume_data",
+]
 
 GRID_TOLERANCE_MM = 1e-3
 """Largest difference between affine entries (mm) for two images to count as on the same grid."""
@@ -67,6 +77,61 @@ def _check_variation(data, name):
             f"image {name} holds {content}: there is no signal in it (a failed reconstruction or "
             "export?); export the series again from the scanner data, or remove this file and its "
             "sidecar from the dataset")
+
+
+def load_volumes(paths, *, dtype=np.float32, reference=None, require_variation=False, max_threads=None):
+    """Load several 3D volumes on one grid into one array, files read in parallel threads.
+
+    Decompressing a ``.nii.gz`` is most of the time it takes to load it, and zlib releases the GIL
+    while it inflates, so threads read several files at once.
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        NIfTI files, each one 3D volume (or a 4D image holding one).
+    dtype : numpy dtype, optional
+        dtype of the returned array.
+    reference : nibabel image, optional
+        Grid every file must lie on (shape and affine within :data:`GRID_TOLERANCE_MM`); the first
+        file's when None.
+    require_variation : bool, optional
+        As :func:`load_volume`: a file holding one value in every finite voxel is an input error.
+    max_threads : int, optional
+        Files read at once; the number of CPUs (at most the number of files) when None.
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z, len(paths))
+        Volume ``i`` in ``[..., i]``.
+
+    Raises
+    ------
+    BIDSInputError
+        As :func:`load_volume`, for the first file (in the order of ``paths``) that fails.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    if not paths:
+        raise ValueError("load_volumes needs at least one file")
+    if reference is None:
+        reference = read_image(paths[0])
+    volumes = np.empty(tuple(reference.shape[:3]) + (len(paths),), dtype=dtype)
+
+    def load(index):
+        volumes[..., index] = load_volume(paths[index], dtype=dtype, reference=reference,
+                                          require_variation=require_variation)
+
+    threads = min(len(paths), max_threads or os.cpu_count() or 1)
+    if threads == 1:
+        for index in range(len(paths)):
+            load(index)
+        return volumes
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(load, index) for index in range(len(paths))]
+        for future in futures:
+            future.result()  # re-raises the first failure in file order
+    return volumes
 
 
 def read_image(path):

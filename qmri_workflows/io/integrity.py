@@ -54,6 +54,11 @@ def check_image_file(path):
     path : str or Path
         ``.nii`` or ``.nii.gz`` file.
 
+    Returns
+    -------
+    nibabel image
+        The image as opened for the check (data not read), so callers need not read the header again.
+
     Raises
     ------
     BIDSInputError
@@ -87,12 +92,12 @@ def check_image_file(path):
         if size < expected:
             raise BIDSInputError(f"image {path} is truncated: {size} bytes where its header promises "
                                  f"{expected}; {fix}")
-        return
+        return image
     with open(path, "rb") as handle:
         handle.seek(-4, os.SEEK_END)
         (stored_size,) = struct.unpack("<I", handle.read(4))
     if stored_size == expected % 2**32:
-        return
+        return image
     try:
         actual = _decompressed_size(path)
     except (OSError, EOFError, zlib.error) as error:
@@ -100,3 +105,4 @@ def check_image_file(path):
     if actual < expected:
         raise BIDSInputError(f"image {path} is truncated: {actual} bytes uncompressed where its header "
                              f"promises {expected}; {fix}")
+    return image

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
 from .registry import BuildContext, MapPlan, has_maps_to_compute, plan_families, registered_families
 
 __all__ = [
@@ -41,6 +38,9 @@ def estimate_fit_mem_gb(reference_file, n_volumes):
     The stacked float32 data, the float64 working copies of one chunk and the outputs; measured
     peaks (benchmarks/bench_pipeline.py) stay below this.
     """
+    import nibabel as nib
+    import numpy as np
+
     n_voxels = int(np.prod(nib.load(reference_file).shape[:3]))
     stack = n_voxels * n_volumes * 4
     outputs = n_voxels * (n_volumes + 4) * 8
@@ -95,9 +95,8 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     workflow : nipype Workflow, or None when no map can be computed
     plans : list of MapPlan
     """
-    from nipype.pipeline import engine as pe
-
     from ..io.staging import staging_directory
+    from .engine import QMRIWorkflow
     from .outputs import init_ds_subject_wf, output_field
 
     families = registered_families() if families is None else list(families)
@@ -111,7 +110,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
                            omp_nthreads=omp_nthreads)
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
-    workflow = pe.Workflow(name=name or f"{label}_wf")
+    workflow = QMRIWorkflow(name=name or f"{label}_wf")
     _quick_polling(workflow)
     built = {}
     for family in running:
@@ -208,10 +207,10 @@ def init_qmri_wf(*, subjects, output_dir, work_dir=None, options=None, omp_nthre
     plans : dict
         ``{(subject, session): [MapPlan, ...]}`` for every subject, including those skipped.
     """
-    from nipype.pipeline import engine as pe
+    from .engine import QMRIWorkflow
 
     families = registered_families()
-    workflow = pe.Workflow(name=name, base_dir=work_dir)
+    workflow = QMRIWorkflow(name=name, base_dir=work_dir)
     _quick_polling(workflow)
     plans = {}
     for inputs in subjects:

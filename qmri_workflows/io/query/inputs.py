@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import BIDSInputError
 from .bssfp import bssfp_series, says_bssfp, sequence_kind
 from .derivatives import find_derivatives
 from .fieldmaps import AFIPair, ReceivePair, afi_pair, receive_pair
 from .gre import gre_series
-from .layout import QueryContext, image_files, strip_prefix
+from .layout import QueryContext, select_images, strip_prefix, subject_images, subject_sessions
 from .metadata import FIELD_TOLERANCE, check_same, sidecar_number
 from .problems import (
     AFI,
@@ -147,8 +148,9 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     """
     subject = strip_prefix(subject, "sub-")
     session = strip_prefix(session, "ses-") if session is not None else None
-    ctx = QueryContext(layout)
-    _check_subject(ctx, subject, session)
+    _check_subject(layout, subject, session)
+    images = subject_images(layout, subject, session)
+    ctx = QueryContext(layout, images)
     problems = {}
 
     def attempt(collection, build, *args):
@@ -160,11 +162,11 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
             return None
 
     spoiled, bssfp_files = [], []
-    for bids_file in image_files(layout, subject, session, suffix="VFA", datatype="anat"):
+    for bids_file in select_images(images, suffix="VFA", datatype="anat"):
         kind = attempt(BSSFP if says_bssfp(ctx, bids_file) else GRE, sequence_kind, ctx, bids_file)
         if kind is not None:
             (bssfp_files if kind == "bssfp" else spoiled).append(bids_file)
-    megre_files = image_files(layout, subject, session, suffix="MEGRE", datatype="anat")
+    megre_files = select_images(images, suffix="MEGRE", datatype="anat")
 
     collected = dict.fromkeys((GRE, BSSFP, AFI, RECEIVE))
     gre_suffix = None
@@ -183,14 +185,13 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         collected[GRE] = attempt(GRE, gre_series, ctx, megre_files, "MEGRE")
     if bssfp_files and BSSFP not in problems:
         collected[BSSFP] = attempt(BSSFP, bssfp_series, ctx, bssfp_files)
-    collected[AFI] = attempt(AFI, afi_pair, ctx, image_files(layout, subject, session, suffix="TB1AFI",
-                                                             datatype="fmap"))
-    collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, image_files(layout, subject, session,
-                                                                         suffix="RB1COR", datatype="fmap"))
+    collected[AFI] = attempt(AFI, afi_pair, ctx, select_images(images, suffix="TB1AFI", datatype="fmap"))
+    collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, select_images(images, suffix="RB1COR",
+                                                                           datatype="fmap"))
     field_strength = _field_strength(ctx, collected, problems)
 
     if not collected[GRE] and not collected[BSSFP] and GRE not in problems and BSSFP not in problems:
-        listing = ", ".join(sorted({f.filename for f in image_files(layout, subject, session)}))[:500] or "no images"
+        listing = ", ".join(sorted({f.filename for f in images}))[:500] or "no images"
         problems[GRE] = CollectionProblem(GRE, (
             f"no qMRI inputs for sub-{subject}" + (f" ses-{session}" if session else "") + f" in {ctx.root}: "
             "expected anat/*_VFA or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
@@ -217,21 +218,22 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     )
 
 
-def _check_subject(ctx, subject, session):
+def _check_subject(layout, subject, session):
     """Raise BIDSInputError if the subject or session is absent or the session ambiguous."""
-    layout = ctx.layout
-    if subject not in layout.get_subjects():
+    root = Path(layout.root)
+    sessions_of = subject_sessions(layout)
+    if subject not in sessions_of:
         raise BIDSInputError(
-            f"participant sub-{subject} not found in {ctx.root}; available: "
-            + ", ".join("sub-" + s for s in sorted(layout.get_subjects())))
-    sessions = sorted(layout.get_sessions(subject=subject))
+            f"participant sub-{subject} not found in {root}; available: "
+            + ", ".join("sub-" + s for s in sorted(sessions_of)))
+    sessions = sessions_of[subject]
     if session is None and sessions:
         raise BIDSInputError(
-            f"sub-{subject} in {ctx.root} has sessions ({', '.join('ses-' + s for s in sessions)}); "
+            f"sub-{subject} in {root} has sessions ({', '.join('ses-' + s for s in sessions)}); "
             "choose one (--session-label)")
     if session is not None and session not in sessions:
         raise BIDSInputError(
-            f"session ses-{session} not found for sub-{subject} in {ctx.root}; available: "
+            f"session ses-{session} not found for sub-{subject} in {root}; available: "
             + (", ".join("ses-" + s for s in sessions) or "none"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BIDSInputError
@@ -11,17 +12,20 @@ from ..errors import BIDSInputError
 __all__ = [
     "IGNORED_FOLDERS",
     "IMAGE_EXTENSIONS",
+    "IndexedFile",
     "QueryContext",
     "by_echo",
     "dataset_indexer",
     "dataset_root",
     "entity",
-    "image_files",
     "open_layout",
+    "select_images",
     "select_participants",
     "single_collection",
     "split_parts",
     "strip_prefix",
+    "subject_images",
+    "subject_sessions",
 ]
 
 IMAGE_EXTENSIONS = [".nii", ".nii.gz"]
@@ -151,7 +155,8 @@ def select_participants(layout, participant_labels=None, session_labels=None):
         dataset has no subjects.
     """
     root = layout.root
-    available = sorted(layout.get_subjects())
+    sessions_of = subject_sessions(layout)
+    available = sorted(sessions_of)
     if not available:
         raise BIDSInputError(f"no sub-* folders with data found in {root}")
     if participant_labels:
@@ -169,7 +174,7 @@ def select_participants(layout, participant_labels=None, session_labels=None):
     pairs = []
     seen_sessions = set()
     for subject in wanted:
-        sessions = sorted(layout.get_sessions(subject=subject))
+        sessions = sessions_of[subject]
         seen_sessions.update(sessions)
         if not sessions:
             if wanted_sessions is None:
@@ -188,14 +193,94 @@ def select_participants(layout, participant_labels=None, session_labels=None):
     return pairs
 
 
-class QueryContext:
-    """What a query needs besides the layout: short file names, cached sidecars, collected notes."""
+def subject_sessions(layout):
+    """{subject label: sorted session labels} of every subject of ``layout``.
 
-    def __init__(self, layout):
+    One query of pybids' index, where ``layout.get_subjects()`` and ``layout.get_sessions()`` each
+    build every file object of the dataset.
+    """
+    from bids.layout.models import Tag
+
+    rows = (layout.session.query(Tag.file_path, Tag.entity_name, Tag._value)
+            .filter(Tag.entity_name.in_(("subject", "session")), Tag.is_metadata.is_(False)).all())
+    labels = {}
+    for path, name, value in rows:
+        labels.setdefault(path, {})[name] = value
+    sessions = {}
+    for found in labels.values():
+        if "subject" in found:
+            sessions.setdefault(found["subject"], set()).update([found["session"]] if "session" in found else [])
+    return {subject: sorted(labels_) for subject, labels_ in sessions.items()}
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    """One image as pybids indexed it, read from the index once.
+
+    Attributes
+    ----------
+    path : str
+        Absolute path.
+    entities : dict
+        Entities of the file name ({"subject": "01", "echo": 2, "suffix": "VFA", ...}).
+    metadata : dict
+        Merged JSON sidecar (BIDS inheritance applied by pybids).
+    """
+
+    path: str
+    entities: dict = field(compare=False, hash=False)
+    metadata: dict = field(compare=False, hash=False)
+
+    @property
+    def filename(self):
+        return os.path.basename(self.path)
+
+
+def subject_images(layout, subject, session):
+    """Every image of one subject/session with its entities and sidecar, sorted by path.
+
+    Two queries of pybids' index in all (the files, then all their tags), so that the checks that
+    follow group and filter in Python instead of asking pybids once per file and entity.
+
+    Returns
+    -------
+    list of IndexedFile
+    """
+    from bids.layout import Query
+    from bids.layout.models import Tag
+
+    paths = sorted(layout.get(subject=subject, session=session if session is not None else Query.NONE,
+                              extension=IMAGE_EXTENSIONS, return_type="filename"))
+    entities = {path: {} for path in paths}
+    metadata = {path: {} for path in paths}
+    for tag in layout.session.query(Tag).filter(Tag.file_path.in_(paths)).all():
+        (metadata if tag.is_metadata else entities)[tag.file_path][tag.entity_name] = tag.value
+    return [IndexedFile(path, entities[path], metadata[path]) for path in paths]
+
+
+def select_images(files, **filters):
+    """The ``files`` (IndexedFile) whose entities match every filter (a value or a list of values)."""
+    def matches(indexed):
+        for key, wanted in filters.items():
+            value = indexed.entities.get(key)
+            if value not in (wanted if isinstance(wanted, (list, tuple, set)) else [wanted]):
+                return False
+        return True
+
+    return [indexed for indexed in files if matches(indexed)]
+
+
+class QueryContext:
+    """What a query needs besides the layout: short file names, cached sidecars, collected notes.
+
+    ``files`` (IndexedFile) seed the sidecar cache, so their metadata needs no further query.
+    """
+
+    def __init__(self, layout, files=()):
         self.layout = layout
         self.root = Path(layout.root)
         self.notes = []
-        self._metadata = {}
+        self._metadata = {indexed.path: indexed.metadata for indexed in files}
 
     def name(self, path):
         """``path`` relative to the dataset root (as users see it in messages)."""
@@ -211,18 +296,9 @@ class QueryContext:
         return self._metadata[path]
 
 
-def image_files(layout, subject, session, **filters):
-    """Image files (BIDSFile objects) of one subject/session matching ``filters``, sorted by path."""
-    from bids.layout import Query
-
-    files = layout.get(subject=subject, session=session if session is not None else Query.NONE,
-                       extension=IMAGE_EXTENSIONS, **filters)
-    return sorted(files, key=lambda f: f.path)
-
-
-def entity(bids_file, key):
-    """Value of entity ``key`` of a BIDSFile, or None."""
-    return bids_file.get_entities().get(key)
+def entity(indexed, key):
+    """Value of entity ``key`` of an IndexedFile, or None."""
+    return indexed.entities.get(key)
 
 
 def single_collection(ctx, files, suffix):

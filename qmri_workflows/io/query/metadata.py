@@ -161,14 +161,8 @@ def load_header(path, shown=None):
 
     ``shown`` is how messages name the file (e.g. relative to the dataset root); ``path`` if None.
     """
-    import nibabel as nib
-
-    check_image_file(path)
+    image = check_image_file(path)
     shown = path if shown is None else shown
-    try:
-        image = nib.load(path)
-    except Exception as error:  # nibabel raises several types for corrupt or foreign files
-        raise BIDSInputError(f"cannot read image {shown}: {error}") from error
     shape = image.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise BIDSInputError(

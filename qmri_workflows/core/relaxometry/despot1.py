@@ -238,13 +238,16 @@ def despot1_nonlinear(signals, flip_angles, repetition_time, *, b1=1.0, n_iterat
     signals, flip_angles, repetition_time, b1, sigma
         As in :func:`despot1_linear`.
     n_iterations : int, optional
-        Levenberg-Marquardt iterations (started from the weighted linear fit).
+        Maximum Levenberg-Marquardt iterations (started from the weighted linear fit; stops when every
+        step is below 1e-10 relative). With two angles the exact solution is returned directly.
 
     Returns
     -------
     R1Fit
     """
     signals, actual = _prepare(signals, flip_angles, repetition_time, b1)
+    if signals.shape[-1] == 2:  # two data, two parameters: the least-squares fit is the exact solution
+        return despot1_two_angle(signals, flip_angles, repetition_time, b1=b1, sigma=sigma)
     start = despot1_linear(signals, flip_angles, repetition_time, b1=b1)
     m0 = np.nan_to_num(start.m0, nan=float(np.nanmax(signals, initial=1.0)))
     r1 = np.clip(np.nan_to_num(start.r1, nan=1.0), 1e-3, 1e3)
@@ -279,6 +282,8 @@ def despot1_nonlinear(signals, flip_angles, repetition_time, *, b1=1.0, n_iterat
         d_m0 = np.where(better[..., None], trial_d_m0, d_m0)
         d_r1 = np.where(better[..., None], trial_d_r1, d_r1)
         damping = np.where(better, damping / 3.0, damping * 4.0)
+        if np.all(np.abs(step_r1) <= 1e-10 * r1) and np.all(np.abs(step_m0) <= 1e-10 * np.abs(m0)):
+            break
     invalid = ~np.isfinite(start.r1) & ~np.isfinite(start.m0)
     r1 = np.where(invalid, np.nan, r1)
     m0 = np.where(invalid, np.nan, m0)

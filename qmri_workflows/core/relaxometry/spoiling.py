@@ -55,7 +55,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.interpolate import RegularGridInterpolator
+from scipy import ndimage
 
 __all__ = [
     "DEFAULT_DIFFUSION",
@@ -300,18 +300,23 @@ _B1_GRID = tuple(np.linspace(0.3, 1.7, 15))
 
 
 @functools.lru_cache(maxsize=32)
-def _ratio_interpolators(protocol):
+def _ratio_splines(protocol):
+    """Cubic B-spline coefficients of the EPG/Ernst ratio on the uniform (log T1, log T2, B1) grid."""
     t1, t2, b1 = np.meshgrid(np.array(_T1_GRID), np.array(_T2_GRID), np.array(_B1_GRID), indexing="ij")
-    interpolators = []
+    coefficients = []
     for flip in protocol.flip_angles:
         signal = epg_spoiled_signal(t1, t2, flip, protocol.repetition_time, protocol.phase_increment,
                                     gradient_dephasing=protocol.gradient_dephasing,
                                     diffusion=protocol.diffusion, b1=b1)
         ratio = signal / _ernst(t1, flip * b1, protocol.repetition_time)
-        interpolators.append(RegularGridInterpolator(
-            (np.log(_T1_GRID), np.log(_T2_GRID), np.array(_B1_GRID)), ratio, method="cubic",
-            bounds_error=False, fill_value=None))
-    return tuple(interpolators)
+        coefficients.append(ndimage.spline_filter(ratio, order=3, mode="nearest"))
+    return tuple(coefficients)
+
+
+def _grid_index(values, grid, log):
+    axis = np.log(np.asarray(grid)) if log else np.asarray(grid)
+    position = np.log(values) if log else values
+    return np.clip((position - axis[0]) / (axis[1] - axis[0]), 0.0, axis.size - 1.0)
 
 
 def spoiling_ratio(protocol, t1, t2=DEFAULT_TISSUE_T2, b1=1.0):
@@ -320,7 +325,7 @@ def spoiling_ratio(protocol, t1, t2=DEFAULT_TISSUE_T2, b1=1.0):
     Parameters
     ----------
     protocol : SpoilingProtocol
-        The acquisition (the EPG table is built on first use and cached).
+        The acquisition (the EPG table is built on first use and cached; ~2 s).
     t1 : array_like
         T1 (s), e.g. the current estimate of the fit; clipped to the table (0.2-6 s).
     t2 : array_like, optional
@@ -333,11 +338,12 @@ def spoiling_ratio(protocol, t1, t2=DEFAULT_TISSUE_T2, b1=1.0):
     numpy.ndarray, shape (..., n_flip)
         Divide the measured signals by it to get Ernst-equation signals.
     """
-    interpolators = _ratio_interpolators(protocol)
+    coefficients = _ratio_splines(protocol)
     t1, t2, b1 = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in (t1, t2, b1)])
-    points = np.stack([np.log(np.clip(t1, _T1_GRID[0], _T1_GRID[-1])),
-                       np.log(np.clip(t2, _T2_GRID[0], _T2_GRID[-1])),
-                       np.clip(b1, _B1_GRID[0], _B1_GRID[-1])], axis=-1)
-    flat = points.reshape(-1, 3)
-    ratio = np.stack([interpolator(flat) for interpolator in interpolators], axis=-1)
-    return ratio.reshape(t1.shape + (len(interpolators),))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coordinates = np.stack([_grid_index(t1.ravel(), _T1_GRID, True), _grid_index(t2.ravel(), _T2_GRID, True),
+                                _grid_index(b1.ravel(), _B1_GRID, False)])
+    coordinates = np.nan_to_num(coordinates)
+    ratio = np.stack([ndimage.map_coordinates(c, coordinates, order=3, mode="nearest", prefilter=False)
+                      for c in coefficients], axis=-1)
+    return ratio.reshape(t1.shape + (len(coefficients),))

@@ -224,8 +224,11 @@ def despot1_linear(signals, flip_angles, repetition_time, *, b1=1.0, weighted=Tr
     Returns
     -------
     R1Fit
+        With two angles the line passes through both points: the exact two-angle solution.
     """
     signals, actual = _prepare(signals, flip_angles, repetition_time, b1)
+    if signals.shape[-1] == 2:  # any line, weighted or not, passes through both points
+        return despot1_two_angle(signals, flip_angles, repetition_time, b1=b1, sigma=sigma, errors=errors)
     x = signals / np.tan(actual)
     y = signals / np.sin(actual)
     slope, intercept = _weighted_line(x, y, np.ones_like(x))

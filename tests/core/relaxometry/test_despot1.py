@@ -96,6 +96,7 @@ def _noisy_fit_statistics(fit_function, flips, r1, m0, sigma, n_voxels, seed):
     (despot1_linear, FLIPS_DEG),
     (despot1_nonlinear, FLIPS_DEG),
     (despot1_nonlinear, (4.0, 12.0, 25.0)),
+    (despot1_linear, (4.0, 12.0, 25.0)),
 ])
 def test_noisy_fits_reach_the_cramer_rao_bound(fit_function, flips_deg):
     flips = np.deg2rad(flips_deg)

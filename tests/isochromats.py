@@ -3,7 +3,7 @@
 Many isochromats spread over one cycle of spoiler dephasing, hard pulses with the quadratic RF phase
 schedule (phase of pulse n = increment * n (n + 1) / 2), exact rotations (Rodrigues), relaxation and
 recovery between pulses, no diffusion. The signal is the average transverse magnetisation just after
-each pulse, demodulated by the pulse's phase, taken once it no longer changes.
+each pulse, demodulated by the pulse's phase, averaged over the last 25 periods of a long train.
 """
 
 import math
@@ -50,13 +50,16 @@ def simulate(t1, t2, alpha, intervals, phase_increment, *, n_isochromats=720, n_
     precession = [(np.cos(cycles * position)[:, None], np.sin(cycles * position)[:, None]) for _, cycles in intervals]
     decay = [(np.exp(-tau / t1), np.exp(-tau / t2)) for tau, _ in intervals]
     signals = np.zeros((t1.size, len(intervals)))
+    # average the last 25 periods: with two intervals (AFI) the quadratic schedule keeps fluctuating
+    averaged_from = n_pulses - 25 * len(intervals)
     pulse = 0
     while pulse < n_pulses:
         for index in range(len(intervals)):
             phase = math.remainder(phase_increment * pulse * (pulse + 1) / 2.0, 2 * math.pi)
             mx, my, mz = _rotate(mx, my, mz, alpha, phase)
             transverse = (mx + 1j * my).mean(axis=0) * np.exp(-1j * phase)
-            signals[:, index] = np.abs(transverse)
+            if pulse >= averaged_from:
+                signals[:, index] += np.abs(transverse) / 25
             e1, e2 = decay[index]
             cos_p, sin_p = precession[index]
             mx, my = e2 * (mx * cos_p - my * sin_p), e2 * (mx * sin_p + my * cos_p)

@@ -1,6 +1,5 @@
 """DESPOT1 against ground truth: Ernst data, the phantom's imperfectly spoiled EPG data, and noise."""
 
-import math
 import time
 
 import numpy as np

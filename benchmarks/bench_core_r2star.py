@@ -64,9 +64,7 @@ def main():
             ),
             (
                 f"NLS Rician floor, {n_jobs} thread(s)",
-                lambda n=n_jobs: fit_estatics(
-                    signals, echo_times, method="nls", sigma=1.0, n_jobs=n
-                ),
+                lambda n=n_jobs: fit_estatics(signals, echo_times, method="nls", sigma=1.0, n_jobs=n),
             ),
             (
                 f"WLS + standard error, {n_jobs} thread(s)",

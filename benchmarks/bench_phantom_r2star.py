@@ -37,15 +37,22 @@ def main(argv=None):
         shutil.rmtree(folder, ignore_errors=True)
     vfa_only = Protocol(bssfp=None, afi=None, rb1cor=None)
     seconds, peak_mb, _ = measure(step_phantom, root, args.resolution, float("inf"), args.oversample, vfa_only)
-    print(f"phantom {args.resolution:g} mm, oversample {args.oversample}, VFA only: {seconds:.0f} s, "
-          f"peak {peak_mb:.0f} MB", flush=True)
+    print(
+        f"phantom {args.resolution:g} mm, oversample {args.oversample}, VFA only: {seconds:.0f} s, "
+        f"peak {peak_mb:.0f} MB",
+        flush=True,
+    )
     seconds, peak_mb, status = measure(step_app, root, output, args.nprocs)
     print(f"BIDS App (nprocs={args.nprocs}): {seconds:.0f} s, peak {peak_mb:.0f} MB, exit {status}", flush=True)
     import nibabel as nib
 
     mask = nib.load(output / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").get_fdata() > 0
-    rows = region_errors(root / "derivatives" / "phantom", output / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz",
-                         subject="01", mask=mask)
+    rows = region_errors(
+        root / "derivatives" / "phantom",
+        output / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz",
+        subject="01",
+        mask=mask,
+    )
     print(format_region_errors(rows))
     return 0
 

@@ -36,8 +36,7 @@ def _measure(queue, function, args):
     result = function(*args)
     elapsed = time.perf_counter() - start
     # Nipype's MultiProc runs nodes in child processes: count the largest of them too.
-    peak_mb = max(resource.getrusage(who).ru_maxrss
-                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    peak_mb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     queue.put((elapsed, peak_mb, result))
 
 
@@ -61,8 +60,9 @@ def measure(function, *args):
 def step_phantom(root, resolution, snr, oversample=2, protocol=None):
     from qmri_workflows.phantom.dataset import write_phantom_dataset
 
-    write_phantom_dataset(root, resolution=resolution, snr=snr, subjects=1, seed=1, oversample=oversample,
-                          protocol=protocol)
+    write_phantom_dataset(
+        root, resolution=resolution, snr=snr, subjects=1, seed=1, oversample=oversample, protocol=protocol
+    )
     return None
 
 
@@ -122,8 +122,18 @@ def step_app(root, output, nprocs):
     config.update_config({"logging": {"workflow_level": "WARNING"}})
     logging.update_logging(config)
 
-    return main([str(root), str(output), "participant", "--nprocs", str(nprocs),
-                 "--skip-bids-validation", "-w", str(Path(output).parent / "work")])
+    return main(
+        [
+            str(root),
+            str(output),
+            "participant",
+            "--nprocs",
+            str(nprocs),
+            "--skip-bids-validation",
+            "-w",
+            str(Path(output).parent / "work"),
+        ]
+    )
 
 
 def _record_timing(kind, name, seconds, cpu_seconds):
@@ -147,8 +157,10 @@ def _timed(function, kind, name):
 
 def _cpu_seconds():
     mp.active_children()  # reap finished MultiProc workers so that RUSAGE_CHILDREN counts them
-    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return sum(
+        resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
 
 
 def instrument_interfaces():
@@ -157,16 +169,21 @@ def instrument_interfaces():
     The core functions are patched where the interface modules imported them, so only the calls
     from an interface count (the core's own inner calls are inside those).
     """
-    import qmri_workflows.interfaces as interfaces
     from nipype.interfaces.base import BaseInterface
+
+    import qmri_workflows.interfaces as interfaces
 
     for info in pkgutil.iter_modules(interfaces.__path__):
         module = importlib.import_module(f"{interfaces.__name__}.{info.name}")
         for attribute, value in list(vars(module).items()):
             if inspect.isfunction(value) and value.__module__.startswith("qmri_workflows.core"):
                 setattr(module, attribute, _timed(value, "core", f"{value.__module__}.{value.__name__}"))
-            elif (inspect.isclass(value) and issubclass(value, BaseInterface)
-                  and value.__module__ == module.__name__ and "_run_interface" in vars(value)):
+            elif (
+                inspect.isclass(value)
+                and issubclass(value, BaseInterface)
+                and value.__module__ == module.__name__
+                and "_run_interface" in vars(value)
+            ):
                 value._run_interface = _timed(value._run_interface, "interface", value.__name__)
 
 
@@ -187,9 +204,11 @@ def step_app_core_share(root, output, nprocs, timings):
         by_name[record["name"]] = by_name.get(record["name"], 0.0) + record["seconds"]
     details = ", ".join(f"{name.rsplit('.', 1)[-1]} {seconds:.1f} s" for name, seconds in by_name.items())
     # One subject: its nodes run one after the other, so their times add up within the wall time.
-    return (f"rc {code}; core {core:.1f} s, interfaces {nodes:.1f} s (load + save {nodes - core:.1f} s), "
-            f"App {total:.1f} s: {1 - core / total:.0%} of the wall time outside the core; CPU: core "
-            f"{core_cpu:.1f} s of {total_cpu:.1f} s ({1 - core_cpu / total_cpu:.0%} outside) [{details}]")
+    return (
+        f"rc {code}; core {core:.1f} s, interfaces {nodes:.1f} s (load + save {nodes - core:.1f} s), "
+        f"App {total:.1f} s: {1 - core / total:.0%} of the wall time outside the core; CPU: core "
+        f"{core_cpu:.1f} s of {total_cpu:.1f} s ({1 - core_cpu / total_cpu:.0%} outside) [{details}]"
+    )
 
 
 RESOLUTION = 1.0
@@ -201,13 +220,19 @@ def main(argv=None):
     parser.add_argument("--resolution", type=float, default=1.0)
     parser.add_argument("--snr", type=float, default=50.0)
     parser.add_argument("--nprocs", type=int, default=2)
-    parser.add_argument("--oversample", type=int, default=2,
-                        help="phantom simulated on a grid this many times finer (default: 2)")
+    parser.add_argument(
+        "--oversample", type=int, default=2, help="phantom simulated on a grid this many times finer (default: 2)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qmri-bench"))
-    parser.add_argument("--dataset", type=Path, default=None,
-                        help="existing phantom dataset to reuse (its --resolution must be given too)")
-    parser.add_argument("--app-only", action="store_true",
-                        help="run only the App with its core-time share (needs --dataset)")
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        help="existing phantom dataset to reuse (its --resolution must be given too)",
+    )
+    parser.add_argument(
+        "--app-only", action="store_true", help="run only the App with its core-time share (needs --dataset)"
+    )
     args = parser.parse_args(argv)
     RESOLUTION = args.resolution
     os.environ["NIPYPE_NO_ET"] = "1"
@@ -228,8 +253,11 @@ def main(argv=None):
         rows.append((name, seconds, peak_mb, result))
         print(f"{name:28s} {seconds:8.1f} s {peak_mb:9.0f} MB   {result}", flush=True)
 
-    print(f"phantom {args.resolution} mm (oversample {args.oversample}), SNR {args.snr}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"phantom {args.resolution} mm (oversample {args.oversample}), SNR {args.snr}, {os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     if not args.app_only:
         if args.dataset is None:
             record("phantom (1 subject)", measure(step_phantom, root, args.resolution, args.snr, args.oversample))
@@ -237,8 +265,10 @@ def main(argv=None):
         record("brain mask", measure(step_mask, args.workdir))
         record("R2* ESTATICS wls", measure(step_fit, args.workdir, "wls"))
         record("R2* ESTATICS nls", measure(step_fit, args.workdir, "nls"))
-    record(f"BIDS App end to end (nprocs={args.nprocs})",
-           measure(step_app_core_share, root, output, args.nprocs, args.workdir / "timings.jsonl"))
+    record(
+        f"BIDS App end to end (nprocs={args.nprocs})",
+        measure(step_app_core_share, root, output, args.nprocs, args.workdir / "timings.jsonl"),
+    )
     report_accuracy(root, output)
     return 0
 
@@ -268,8 +298,10 @@ def report_accuracy(root, output):
             if row["name"] in ("background", "skull", "scalp") or not region.any():
                 continue
             relative = r2star[region] / r2star_true[region] - 1
-            print(f"  R2* {row['name']:28s} n={region.sum():7d} median error {np.median(relative):+.2%}"
-                  f"  IQR {np.subtract(*np.percentile(relative, [75, 25])):.2%}")
+            print(
+                f"  R2* {row['name']:28s} n={region.sum():7d} median error {np.median(relative):+.2%}"
+                f"  IQR {np.subtract(*np.percentile(relative, [75, 25])):.2%}"
+            )
     inputs = collect_inputs(open_layout(root), "01")
     files = [f for series in inputs.gre for f in series.magnitude]
     print(f"declared mem_gb of the R2* fit node: {estimate_fit_mem_gb(files[0], len(files))}")

@@ -3,7 +3,8 @@
 The data of ``bench_core_qsm.py`` (191 x 227 x 201 voxels, 6 echoes per flip angle) are written as
 NIfTI files; each interface then runs in its own process, so the high-water mark of that process is the
 peak memory the node needs (``VmHWM``: ``ru_maxrss`` would include
-the parent's data, as Linux keeps it across fork and exec) (what ``mem_gb`` must cover; ``workflows.qsm.estimate_qsm_mem_gb``
+the parent's data, as Linux keeps it across fork and exec) (what ``mem_gb`` must cover;
+``workflows.qsm.estimate_qsm_mem_gb``
 prints its figure next to it). Run on 2 cores with::
 
     PYTHONPATH=. python benchmarks/bench_qsm_interfaces.py [n_flip_angles] [threads] [background] [inversion]
@@ -38,8 +39,7 @@ def run_step(name, interface, inputs, folder):
     spec = json.dumps({"interface": interface, "inputs": inputs, "cwd": str(cwd)})
     result = subprocess.run([sys.executable, "-c", STEP, spec], capture_output=True, text=True, check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"{name:18s} {report['wall']:6.1f} s wall {report['cpu']:6.1f} s CPU, peak RSS "
-          f"{report['peak_gb']:.2f} GiB")
+    print(f"{name:18s} {report['wall']:6.1f} s wall {report['cpu']:6.1f} s CPU, peak RSS {report['peak_gb']:.2f} GiB")
     return report["outputs"], report["peak_gb"]
 
 
@@ -70,27 +70,60 @@ def main():
         mask_file = folder / "mask.nii"
         nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), mask_file)
         del phase, magnitude
-        print(f"{SHAPE} voxels, {n_flips} flip angle(s) x 6 echoes, {threads} threads, {background}, "
-              f"{inversion}")
+        print(f"{SHAPE} voxels, {n_flips} flip angle(s) x 6 echoes, {threads} threads, {background}, {inversion}")
         peaks = {}
-        total, peaks["total_field"] = run_step("total_field", "TotalField", {**files, "mask_file": str(mask_file)},
-                                               folder)
-        mask, peaks["mask"] = run_step("mask", "QSMMask", {
-            "mask_file": str(mask_file), "magnitude_file": total["magnitude_file"],
-            "field_sd_file": total["field_sd_file"]}, folder)
-        local, peaks["background"] = run_step("background", "RemoveBackground", {
-            "field_file": total["field_file"], "mask_file": mask["out_mask"], "num_threads": threads,
-            "magnitude_file": total["magnitude_file"], "method": background}, folder)
-        chi, peaks["inversion"] = run_step("inversion", "InvertDipole", {
-            "local_field_file": local["local_field_file"], "mask_file": local["local_mask_file"],
-            "magnitude_file": total["magnitude_file"], "field_strength": 3.0,
-            "mean_echo_time": total["mean_echo_time"], "num_threads": threads, "method": inversion}, folder)
-        _, peaks["reference"] = run_step("reference", "ReferenceSusceptibility", {
-            "chi_file": chi["chi_file"], "mask_file": local["local_mask_file"]}, folder)
-        estimate = estimate_qsm_mem_gb(files["magnitude_files"][0], 6, n_flips, background=background,
-                                       inversion=inversion)
-        print("mem_gb of the workflow: " + ", ".join(
-            f"{step} {estimate[step]:.2f} GB (measured {peaks[step] * 1.074:.2f} GB)" for step in peaks))
+        total, peaks["total_field"] = run_step(
+            "total_field", "TotalField", {**files, "mask_file": str(mask_file)}, folder
+        )
+        mask, peaks["mask"] = run_step(
+            "mask",
+            "QSMMask",
+            {
+                "mask_file": str(mask_file),
+                "magnitude_file": total["magnitude_file"],
+                "field_sd_file": total["field_sd_file"],
+            },
+            folder,
+        )
+        local, peaks["background"] = run_step(
+            "background",
+            "RemoveBackground",
+            {
+                "field_file": total["field_file"],
+                "mask_file": mask["out_mask"],
+                "num_threads": threads,
+                "magnitude_file": total["magnitude_file"],
+                "method": background,
+            },
+            folder,
+        )
+        chi, peaks["inversion"] = run_step(
+            "inversion",
+            "InvertDipole",
+            {
+                "local_field_file": local["local_field_file"],
+                "mask_file": local["local_mask_file"],
+                "magnitude_file": total["magnitude_file"],
+                "field_strength": 3.0,
+                "mean_echo_time": total["mean_echo_time"],
+                "num_threads": threads,
+                "method": inversion,
+            },
+            folder,
+        )
+        _, peaks["reference"] = run_step(
+            "reference",
+            "ReferenceSusceptibility",
+            {"chi_file": chi["chi_file"], "mask_file": local["local_mask_file"]},
+            folder,
+        )
+        estimate = estimate_qsm_mem_gb(
+            files["magnitude_files"][0], 6, n_flips, background=background, inversion=inversion
+        )
+        print(
+            "mem_gb of the workflow: "
+            + ", ".join(f"{step} {estimate[step]:.2f} GB (measured {peaks[step] * 1.074:.2f} GB)" for step in peaks)
+        )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-DEFAULT_AFFINE = np.array([
-    [1.5, 0.0, 0.0, -6.0],
-    [0.0, 1.5, 0.0, -6.0],
-    [0.0, 0.0, 2.0, -5.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+DEFAULT_AFFINE = np.array(
+    [
+        [1.5, 0.0, 0.0, -6.0],
+        [0.0, 1.5, 0.0, -6.0],
+        [0.0, 0.0, 2.0, -5.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 DEFAULT_SHAPE = (8, 8, 6)
 
 
@@ -48,8 +50,7 @@ def head_image(shape=DEFAULT_SHAPE, *, seed=0, echo_time=0.0, r2star=25.0, sigma
     Random data filling the whole field of view would not pass the brain mask's sanity checks.
     """
     grid = np.indices(shape, dtype=float)
-    radius = np.sqrt(sum(((grid[axis] - (shape[axis] - 1) / 2) / (0.36 * shape[axis])) ** 2
-                         for axis in range(3)))
+    radius = np.sqrt(sum(((grid[axis] - (shape[axis] - 1) / 2) / (0.36 * shape[axis])) ** 2 for axis in range(3)))
     tissue = np.where(radius < 1, np.random.default_rng(12345).uniform(600, 1000, size=shape), 0.0)
     noise = np.random.default_rng(seed).normal(0.0, sigma, size=(2, *shape))
     return np.abs(tissue * np.exp(-echo_time * r2star) + noise[0] + 1j * noise[1])
@@ -183,10 +184,10 @@ def make_dataset(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(json.dumps(
-        {"Name": "synthetic", "BIDSVersion": "1.10.0", "DatasetType": "raw"}))
-    (root / "participants.tsv").write_text(
-        "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "synthetic", "BIDSVersion": "1.10.0", "DatasetType": "raw"})
+    )
+    (root / "participants.tsv").write_text("participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
     dataset = FakeDataset(root)
     counter = [seed]
 
@@ -196,11 +197,18 @@ def make_dataset(
 
     common = {"MagneticFieldStrength": field_strength, "Manufacturer": "Siemens"}
     if sidecar_style == "dcm2niix":
-        common.update({"ManufacturersModelName": "Prisma", "ScanningSequence": "GR", "SequenceVariant": "SP",
-                       "ConversionSoftware": "dcm2niix", "Modality": "MR"})
+        common.update(
+            {
+                "ManufacturersModelName": "Prisma",
+                "ScanningSequence": "GR",
+                "SequenceVariant": "SP",
+                "ConversionSoftware": "dcm2niix",
+                "Modality": "MR",
+            }
+        )
     inherited = {}
     for subject in subjects:
-        for session in (sessions or (None,)):
+        for session in sessions or (None,):
             prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
             folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
             anat, fmap = folder / "anat", folder / "fmap"
@@ -208,7 +216,7 @@ def make_dataset(
                 flips = tuple(flip_angles) if gre == "VFA" else (flip_angles[0],)
                 for flip_index, flip_angle in enumerate(flips, start=1):
                     for echo in range(1, n_echoes + 1):
-                        for part in (("mag", "phase") if phase else (None,)):
+                        for part in ("mag", "phase") if phase else (None,):
                             entities = []
                             if n_echoes > 1 or gre == "MEGRE":
                                 entities.append(f"echo-{echo}")
@@ -217,8 +225,10 @@ def make_dataset(
                             if part:
                                 entities.append(f"part-{part}")
                             name = "_".join([prefix, *entities, gre]) + extension
-                            metadata = {"EchoTime": round(first_echo + (echo - 1) * echo_spacing, 6),
-                                        "FlipAngle": flip_angle}
+                            metadata = {
+                                "EchoTime": round(first_echo + (echo - 1) * echo_spacing, 6),
+                                "FlipAngle": flip_angle,
+                            }
                             shared = dict(common)
                             if sidecar_style == "dcm2niix":
                                 shared["RepetitionTime"] = repetition_time
@@ -239,21 +249,26 @@ def make_dataset(
                                 path = image(anat / name, data, dtype)
                                 dataset.add("gre_phase", path)
                             else:
-                                path = image(anat / name, head_image(shape, seed=counter[0] + 1,
-                                                                     echo_time=metadata["EchoTime"]))
+                                path = image(
+                                    anat / name, head_image(shape, seed=counter[0] + 1, echo_time=metadata["EchoTime"])
+                                )
                                 dataset.add("gre", path)
                             write_sidecar(path, metadata)
             for increment in bssfp_increments:
                 for flip_index, flip_angle in enumerate(bssfp_flip_angles, start=1):
-                    for part in (("mag", "phase") if phase else (None,)):
+                    for part in ("mag", "phase") if phase else (None,):
                         entities = [f"acq-bssfp{int(increment):03d}", f"flip-{flip_index}"]
                         if part:
                             entities.append(f"part-{part}")
                         name = "_".join([prefix, *entities, "VFA"]) + extension
                         metadata = {
-                            **common, "FlipAngle": flip_angle, "RepetitionTimeExcitation": bssfp_repetition_time,
-                            "EchoTime": bssfp_repetition_time / 2, "PulseSequenceType": "bSSFP",
-                            "PhaseCyclingIncrement": float(increment)}
+                            **common,
+                            "FlipAngle": flip_angle,
+                            "RepetitionTimeExcitation": bssfp_repetition_time,
+                            "EchoTime": bssfp_repetition_time / 2,
+                            "PulseSequenceType": "bSSFP",
+                            "PhaseCyclingIncrement": float(increment),
+                        }
                         if part == "phase":
                             data, dtype = phase_data("rad", shape=shape, seed=counter[0])
                             metadata["Units"] = "rad"
@@ -265,14 +280,16 @@ def make_dataset(
             if afi:
                 for label, tr in (("tr1", 0.02), ("tr2", 0.1)):
                     path = image(fmap / f"{prefix}_acq-{label}_TB1AFI{extension}")
-                    write_sidecar(path, {**common, "FlipAngle": 60.0, "RepetitionTimeExcitation": tr,
-                                         "EchoTime": 0.002})
+                    write_sidecar(
+                        path, {**common, "FlipAngle": 60.0, "RepetitionTimeExcitation": tr, "EchoTime": 0.002}
+                    )
                     dataset.add("afi", path)
             if receive:
                 for label in ("headPDw", "bodyPDw"):
                     path = image(fmap / f"{prefix}_acq-{label}_RB1COR{extension}")
-                    write_sidecar(path, {**common, "FlipAngle": 6.0, "RepetitionTimeExcitation": 0.006,
-                                         "EchoTime": 0.002})
+                    write_sidecar(
+                        path, {**common, "FlipAngle": 6.0, "RepetitionTimeExcitation": 0.006, "EchoTime": 0.002}
+                    )
                     dataset.add("receive", path)
     for suffix, shared in inherited.items():
         (root / f"{suffix}.json").write_text(json.dumps(shared, indent=2))
@@ -291,12 +308,14 @@ def make_megre_dataset(root, **kwargs):
     return make_dataset(root, **kwargs).root
 
 
-DERIVATIVE_AFFINE = np.array([
-    [1.0, 0.0, 0.0, -5.0],
-    [0.0, 1.0, 0.0, -5.0],
-    [0.0, 0.0, 1.0, -4.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+DERIVATIVE_AFFINE = np.array(
+    [
+        [1.0, 0.0, 0.0, -5.0],
+        [0.0, 1.0, 0.0, -5.0],
+        [0.0, 0.0, 1.0, -4.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 DERIVATIVE_SHAPE = (10, 10, 8)
 DSEG_LABELS = {1: "CSF", 2: "GM", 3: "WM"}
 
@@ -332,29 +351,37 @@ def make_derivatives(
     grid = np.indices(shape).sum(axis=0)
     labels = (grid % 4).astype(np.int16)  # 0..3: background and every tissue label
     for subject in subjects:
-        for session in (sessions or (None,)):
+        for session in sessions or (None,):
             prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
             folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
             if tb1map:
-                path = write_image(folder / "fmap" / f"{prefix}_TB1map.nii.gz", np.full(shape, 95.0),
-                                   affine=affine)
+                path = write_image(folder / "fmap" / f"{prefix}_TB1map.nii.gz", np.full(shape, 95.0), affine=affine)
                 write_sidecar(path, {"Units": tb1map_units})
                 dataset.add("tb1map", path)
             if dseg:
-                path = write_image(folder / "anat" / f"{prefix}_desc-tissue_dseg.nii.gz", labels,
-                                   affine=affine, dtype=np.int16)
+                path = write_image(
+                    folder / "anat" / f"{prefix}_desc-tissue_dseg.nii.gz", labels, affine=affine, dtype=np.int16
+                )
                 dataset.add("dseg", path)
                 if dseg_tsv:
                     tsv = path.with_name(path.name.replace(".nii.gz", ".tsv"))
                     tsv.write_text("index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in DSEG_LABELS.items()))
                     dataset.add("dseg_tsv", tsv)
             if lesion_mask:
-                path = write_image(folder / "anat" / f"{prefix}_label-lesion_mask.nii.gz",
-                                   (grid == 9).astype(np.uint8), affine=affine, dtype=np.uint8)
+                path = write_image(
+                    folder / "anat" / f"{prefix}_label-lesion_mask.nii.gz",
+                    (grid == 9).astype(np.uint8),
+                    affine=affine,
+                    dtype=np.uint8,
+                )
                 dataset.add("lesion_mask", path)
             if brain_mask:
-                path = write_image(folder / "anat" / f"{prefix}_desc-brain_mask.nii.gz",
-                                   (labels > 0).astype(np.uint8), affine=affine, dtype=np.uint8)
+                path = write_image(
+                    folder / "anat" / f"{prefix}_desc-brain_mask.nii.gz",
+                    (labels > 0).astype(np.uint8),
+                    affine=affine,
+                    dtype=np.uint8,
+                )
                 dataset.add("brain_mask", path)
     return dataset
 
@@ -390,7 +417,7 @@ def damage_image(path, kind):
         header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw))
         shape = header.get_data_shape()
         header.set_data_shape((*shape[:2], 2 * shape[2], *shape[3:]))
-        lying = header.binaryblock + raw[len(header.binaryblock):]
+        lying = header.binaryblock + raw[len(header.binaryblock) :]
         path.write_bytes(gzip.compress(lying) if compressed else lying)
     else:
         raise ValueError(f"unknown damage {kind!r}; choose from {', '.join(DAMAGE_KINDS)}")

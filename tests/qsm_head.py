@@ -20,10 +20,16 @@ B0_TESLA = 3.0
 HZ_PER_PPM = 42.577478518 * B0_TESLA
 ECHO_TIMES = (0.004, 0.008, 0.012, 0.016, 0.020)
 FLIP_ANGLES = (6.0, 20.0)
-LEVELS = (0.6, 1.0)          # magnitude of each flip angle
-INTERIOR = [("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
-            for offset, radius, chi in [((-6, 0, -4), 4.0, 0.2), ((6, 4, 3), 3.5, -0.15),
-                                        ((0, -7, 5), 3.0, 0.3), ((2, 5, -6), 4.0, 0.1)]]
+LEVELS = (0.6, 1.0)  # magnitude of each flip angle
+INTERIOR = [
+    ("sphere", dict(centre=CENTRE + offset, radius=radius, chi=chi))
+    for offset, radius, chi in [
+        ((-6, 0, -4), 4.0, 0.2),
+        ((6, 4, 3), 3.5, -0.15),
+        ((0, -7, 5), 3.0, 0.3),
+        ((2, 5, -6), 4.0, 0.1),
+    ]
+]
 
 
 def oblique_affine():
@@ -60,7 +66,5 @@ def synthetic_head(*, seed=3):
             magnitude = level * brain * np.exp(-20 * te)
             signal = magnitude * np.exp(1j * (offset + 2 * np.pi * total_hz * te))
             signal += 0.01 * (rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE))
-            images[flip_index, echo_index] = (np.abs(signal).astype(np.float32),
-                                              np.angle(signal).astype(np.float32))
-    return dict(affine=affine, chi=chi, local_hz=HZ_PER_PPM * local_ppm, total_hz=total_hz,
-                brain=brain, images=images)
+            images[flip_index, echo_index] = (np.abs(signal).astype(np.float32), np.angle(signal).astype(np.float32))
+    return dict(affine=affine, chi=chi, local_hz=HZ_PER_PPM * local_ppm, total_hz=total_hz, brain=brain, images=images)

@@ -51,15 +51,25 @@ def _modules_after_import(module):
 
 def test_discovery_finds_every_layer_and_known_module():
     assert {_layer(module) for module in MODULES} == set(FORBIDDEN_IMPORTS)
-    for module in ("io.images", "io.staging", "io.resample", "interfaces.utility", "phantom.cli",
-                   "phantom.truth", "core.r2star", "workflows.base", "cli.run"):
+    for module in (
+        "io.images",
+        "io.staging",
+        "io.resample",
+        "interfaces.utility",
+        "phantom.cli",
+        "phantom.truth",
+        "core.r2star",
+        "workflows.base",
+        "cli.run",
+    ):
         assert f"{PACKAGE}.{module}" in MODULES
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_source_imports_respect_the_layers(module):
     assert _layer(module) in FORBIDDEN_IMPORTS, (
-        f"{module} is in a subpackage with no layer rule: add it to FORBIDDEN_IMPORTS and docs/architecture.rst")
+        f"{module} is in a subpackage with no layer rule: add it to FORBIDDEN_IMPORTS and docs/architecture.rst"
+    )
     forbidden = FORBIDDEN_IMPORTS[_layer(module)]
     offending = sorted(name for name in imports_in_source(module) if _is_forbidden(name, forbidden))
     assert not offending, f"{module} imports {offending}, which its layer must not"

@@ -32,8 +32,11 @@ def _normalise(distribution):
 
 def _requirement_names(requirements):
     """Normalised distribution names of setup.cfg requirement lines (``%(extra)s`` references skipped)."""
-    return {_normalise(re.match(r"[A-Za-z0-9._-]+", line).group())
-            for line in _listed(requirements) if not line.startswith("%(")}
+    return {
+        _normalise(re.match(r"[A-Za-z0-9._-]+", line).group())
+        for line in _listed(requirements)
+        if not line.startswith("%(")
+    }
 
 
 def _imported_top_level_modules():

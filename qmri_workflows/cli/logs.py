@@ -56,9 +56,9 @@ def configure_nipype():
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    nipype_config.update_config({"logging": {"workflow_level": _nipype_level,
-                                             "interface_level": _nipype_level,
-                                             "utils_level": _nipype_level}})
+    nipype_config.update_config(
+        {"logging": {"workflow_level": _nipype_level, "interface_level": _nipype_level, "utils_level": _nipype_level}}
+    )
     nipype_logging.update_logging(nipype_config)
 
 
@@ -96,7 +96,7 @@ def subject_of_node(fullname):
     for part in fullname.split("."):
         if part.startswith("sub_") and part.endswith("_wf"):
             label = part[: -len("_wf")]
-            subject, _, session = label[len("sub_"):].partition("_ses_")
+            subject, _, session = label[len("sub_") :].partition("_ses_")
             return f"sub-{subject}" + (f" ses-{session}" if session else "")
     return ""
 

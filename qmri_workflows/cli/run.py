@@ -59,7 +59,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _strip_prefix(prefix):
     def strip(label):
-        return label[len(prefix):] if label.startswith(prefix) else label
+        return label[len(prefix) :] if label.startswith(prefix) else label
 
     return strip
 
@@ -73,9 +73,7 @@ def build_parser():
     )
     parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")
     parser.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")
-    parser.add_argument(
-        "analysis_level", help="processing stage: 'participant' (each subject separately)"
-    )
+    parser.add_argument("analysis_level", help="processing stage: 'participant' (each subject separately)")
     parser.add_argument("--version", action="version", version=f"qmri-workflows {__version__}")
 
     bids = parser.add_argument_group("BIDS filtering")
@@ -98,17 +96,34 @@ def build_parser():
     )  # fmt: skip
 
     perf = parser.add_argument_group("Performance")
-    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
-                      help="processes to run in parallel (default: all cores)")
-    perf.add_argument("--omp-nthreads", type=_positive_int, default=None,
-                      help="threads one fitting step may use (default: --nprocs, at most 8)")
-    perf.add_argument("--mem-gb", "--mem_gb", type=_positive_float, default=None,
-                      help="memory limit (GB) for the MultiProc scheduler")
-    perf.add_argument("--plugin", default=None,
-                      help="Nipype execution plugin (Linear, MultiProc, SLURM, SGE, PBS, ...); "
-                      "default MultiProc, or Linear with --nprocs 1")
-    perf.add_argument("--plugin-config", type=Path, default=None,
-                      help="YAML or JSON file with 'plugin' and 'plugin_args' (overrides --plugin)")
+    perf.add_argument(
+        "--nprocs",
+        "--n-cpus",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="processes to run in parallel (default: all cores)",
+    )
+    perf.add_argument(
+        "--omp-nthreads",
+        type=_positive_int,
+        default=None,
+        help="threads one fitting step may use (default: --nprocs, at most 8)",
+    )
+    perf.add_argument(
+        "--mem-gb", "--mem_gb", type=_positive_float, default=None, help="memory limit (GB) for the MultiProc scheduler"
+    )
+    perf.add_argument(
+        "--plugin",
+        default=None,
+        help="Nipype execution plugin (Linear, MultiProc, SLURM, SGE, PBS, ...); "
+        "default MultiProc, or Linear with --nprocs 1",
+    )
+    perf.add_argument(
+        "--plugin-config",
+        type=Path,
+        default=None,
+        help="YAML or JSON file with 'plugin' and 'plugin_args' (overrides --plugin)",
+    )
 
     config = parser.add_argument_group("Workflow configuration")
     from ..workflows.registry import registered_families
@@ -119,15 +134,21 @@ def build_parser():
             config.add_argument(*option.flags, dest=option.dest, **option.kwargs)
 
     other = parser.add_argument_group("Other options")
-    other.add_argument("-w", "--work-dir", type=Path, default=None,
-                       help="Nipype working directory (default: OUTPUT_DIR/../qmri_work)")
-    other.add_argument("--stop-on-first-crash", action="store_true",
-                       help="stop at the first failing step")
+    other.add_argument(
+        "-w", "--work-dir", type=Path, default=None, help="Nipype working directory (default: OUTPUT_DIR/../qmri_work)"
+    )
+    other.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing step")
     verbosity = other.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="count", default=0,
-                           help="more messages: -v adds each Nipype node's, -vv debugging output")
-    verbosity.add_argument("-q", "--quiet", action="count", default=0,
-                           help="fewer messages: -q warnings and errors only, -qq errors only")
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more messages: -v adds each Nipype node's, -vv debugging output",
+    )
+    verbosity.add_argument(
+        "-q", "--quiet", action="count", default=0, help="fewer messages: -q warnings and errors only, -qq errors only"
+    )
     return parser
 
 
@@ -144,8 +165,9 @@ def load_plugin_config(path):
     try:
         config = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"{path} is not valid {'JSON' if Path(path).suffix == '.json' else 'YAML'}: "
-                         f"{str(error).splitlines()[0]}") from error
+        raise ValueError(
+            f"{path} is not valid {'JSON' if Path(path).suffix == '.json' else 'YAML'}: {str(error).splitlines()[0]}"
+        ) from error
     if not isinstance(config, dict) or "plugin" not in config:
         raise ValueError(f"{path}: expected a mapping with a 'plugin' key (and 'plugin_args')")
     plugin_args = config.get("plugin_args") or {}
@@ -258,12 +280,14 @@ def write_description(output_dir, bids_dir, argv):
         output_dir,
         name="qmri-workflows quantitative maps",
         dataset_type="derivative",
-        generated_by=[{
-            "Name": "qmri-workflows",
-            "Version": __version__,
-            "CodeURL": "https://github.com/qmri-workflows/qmri-workflows",
-            "CommandLine": command,
-        }],  # fmt: skip
+        generated_by=[
+            {
+                "Name": "qmri-workflows",
+                "Version": __version__,
+                "CodeURL": "https://github.com/qmri-workflows/qmri-workflows",
+                "CommandLine": command,
+            }
+        ],  # fmt: skip
         extra={"DatasetLinks": {"raw": Path(bids_dir).resolve().as_uri()}},
     )
 
@@ -279,8 +303,9 @@ def main(argv=None):
     try:
         return _run(args, argv)
     except KeyboardInterrupt:
-        LOGGER.error("interrupted: subjects that had not finished published nothing; run the same "
-                     "command again to resume")
+        LOGGER.error(
+            "interrupted: subjects that had not finished published nothing; run the same command again to resume"
+        )
         return EXIT_INTERRUPTED
 
 
@@ -331,8 +356,10 @@ def _foreign_dataset(folder):
     if content.get("DatasetType") == "derivative" and generated_by[0].get("Name") == "qmri-workflows":
         return None
     return f"the dataset {content.get('Name', '(unnamed)')!r} made by " + (
-        generated_by[0].get("Name", "another tool") if content.get("DatasetType") == "derivative"
-        else "a scanner (raw data)")
+        generated_by[0].get("Name", "another tool")
+        if content.get("DatasetType") == "derivative"
+        else "a scanner (raw data)"
+    )
 
 
 def _default_work_dir(output_dir, bids_dir):
@@ -380,8 +407,7 @@ def _label(subject, session):
 def _check_call(args):
     """Checks that need no file written; returns (exit code or None, settings)."""
     if args.analysis_level not in ANALYSIS_LEVELS:
-        LOGGER.error("unknown analysis level %r; choose from %s", args.analysis_level,
-                     ", ".join(ANALYSIS_LEVELS))
+        LOGGER.error("unknown analysis level %r; choose from %s", args.analysis_level, ", ".join(ANALYSIS_LEVELS))
         return EXIT_UNKNOWN_LEVEL, None
     try:
         plugin, plugin_args = _plugin_settings(args)
@@ -390,27 +416,37 @@ def _check_call(args):
         return EXIT_USAGE, None
     bids_dir = args.bids_dir.resolve()
     if not (bids_dir / "dataset_description.json").is_file():
-        LOGGER.error("%s is not a BIDS dataset (no dataset_description.json); give the dataset root",
-                     bids_dir)
+        LOGGER.error("%s is not a BIDS dataset (no dataset_description.json); give the dataset root", bids_dir)
         return EXIT_NO_INPUT, None
     output_dir = args.output_dir.resolve()
     if _inside(output_dir, bids_dir) or _inside(bids_dir, output_dir):
-        LOGGER.error("output directory %s overlaps the input dataset %s; the input is never "
-                     "written to: choose a folder outside it", output_dir, bids_dir)
+        LOGGER.error(
+            "output directory %s overlaps the input dataset %s; the input is never "
+            "written to: choose a folder outside it",
+            output_dir,
+            bids_dir,
+        )
         return EXIT_CANNOT_CREATE, None
     foreign = _foreign_dataset(output_dir)
     if foreign:
-        LOGGER.error("output directory %s already holds %s; choose an empty folder or an earlier "
-                     "qmri-workflows output", output_dir, foreign)
+        LOGGER.error(
+            "output directory %s already holds %s; choose an empty folder or an earlier qmri-workflows output",
+            output_dir,
+            foreign,
+        )
         return EXIT_CANNOT_CREATE, None
     work_dir = args.work_dir.resolve() if args.work_dir else _default_work_dir(output_dir, bids_dir)
     if work_dir is None or _inside(work_dir, bids_dir):
-        LOGGER.error("the work directory would lie inside the input dataset %s; choose one "
-                     "outside it with -w", bids_dir)
+        LOGGER.error(
+            "the work directory would lie inside the input dataset %s; choose one outside it with -w", bids_dir
+        )
         return EXIT_CANNOT_CREATE, None
     if _inside(work_dir, output_dir):
-        LOGGER.error("the work directory %s lies inside the output %s, which must hold derivatives "
-                     "only; choose another with -w", work_dir, output_dir)
+        LOGGER.error(
+            "the work directory %s lies inside the output %s, which must hold derivatives only; choose another with -w",
+            work_dir,
+            output_dir,
+        )
         return EXIT_CANNOT_CREATE, None
     return None, (plugin, plugin_args, bids_dir, output_dir, work_dir)
 
@@ -441,12 +477,16 @@ def _run(args, argv):
     if not args.skip_bids_validation:
         report = _finish_validator(validator)
         if report is None:
-            LOGGER.warning("BIDS validator not installed (pip install 'qmri-workflows[validator]'); "
-                           "continuing without validation")
+            LOGGER.warning(
+                "BIDS validator not installed (pip install 'qmri-workflows[validator]'); continuing without validation"
+            )
         elif report:
-            LOGGER.error("the BIDS validator found errors in %s:\n  %s\nFix them, or pass "
-                         "--skip-bids-validation to proceed at your own risk.", bids_dir,
-                         "\n  ".join(report))
+            LOGGER.error(
+                "the BIDS validator found errors in %s:\n  %s\nFix them, or pass "
+                "--skip-bids-validation to proceed at your own risk.",
+                bids_dir,
+                "\n  ".join(report),
+            )
             return EXIT_INVALID_BIDS
 
     if layout_error is not None:
@@ -508,23 +548,32 @@ def _run(args, argv):
         work_dir.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as error:
         folder = work_dir if output_dir.is_dir() else output_dir
-        LOGGER.error("cannot create %s: %s%s", folder, getattr(error, "strerror", None) or error,
-                     "; choose another work directory with -w" if folder == work_dir else "")
+        LOGGER.error(
+            "cannot create %s: %s%s",
+            folder,
+            getattr(error, "strerror", None) or error,
+            "; choose another work directory with -w" if folder == work_dir else "",
+        )
         return EXIT_CANNOT_CREATE
     try:
         lock = _work_dir_lock(work_dir)
         lock.__enter__()
     except BlockingIOError as error:
-        LOGGER.error("the work directory %s is in use by %s; wait for that run to end, or give this "
-                     "run its own work directory with -w", work_dir, error)
+        LOGGER.error(
+            "the work directory %s is in use by %s; wait for that run to end, or give this "
+            "run its own work directory with -w",
+            work_dir,
+            error,
+        )
         return EXIT_CANNOT_CREATE
     from .logs import attach_log_file, detach_log_file
 
     log_file = attach_log_file(work_dir)
     published = False
     try:
-        LOGGER.info("processing %d subject(s) of %s into %s (work directory %s)", len(subjects), bids_dir,
-                    output_dir, work_dir)
+        LOGGER.info(
+            "processing %d subject(s) of %s into %s (work directory %s)", len(subjects), bids_dir, output_dir, work_dir
+        )
         if plugin in GRAPH_PLUGINS:
             # The jobs publish after this process has returned.
             write_description(output_dir, bids_dir, argv)
@@ -556,9 +605,12 @@ def _summarise(subjects, plans, failed, unusable, without_data):
         if label in failed:
             LOGGER.error("  %s: FAILED in %s; nothing published", label, ", ".join(failed[label]))
         else:
-            LOGGER.info("  %s: %s written%s", label,
-                        ", ".join(plan.name for plan in subject_plans if plan.run),
-                        f"; skipped: {skipped}" if skipped else "")
+            LOGGER.info(
+                "  %s: %s written%s",
+                label,
+                ", ".join(plan.name for plan in subject_plans if plan.run),
+                f"; skipped: {skipped}" if skipped else "",
+            )
     for label, reason in {**unusable, **without_data}.items():
         LOGGER.error("  %s: not processed: %s", label, reason)
     if failed:
@@ -625,16 +677,20 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
     used = _used_collections()
     for inputs in subjects:
         label = _label(inputs.subject, inputs.session)
-        LOGGER.info("%s plan:\n  %s", label,
-                    "\n  ".join(str(plan) for plan in plans[(inputs.subject, inputs.session)]))
-        unused = [collection for collection in (GRE, BSSFP, AFI, RECEIVE)
-                  if inputs.has(collection) and collection not in used]
+        LOGGER.info("%s plan:\n  %s", label, "\n  ".join(str(plan) for plan in plans[(inputs.subject, inputs.session)]))
+        unused = [
+            collection for collection in (GRE, BSSFP, AFI, RECEIVE) if inputs.has(collection) and collection not in used
+        ]
         if unused:
             LOGGER.info("%s: %s data present; no map of this version uses them yet", label, ", ".join(unused))
         existing = _existing_outputs(output_dir, inputs)
         if existing:
-            LOGGER.warning("%s: %d file(s) from an earlier run will be replaced when this run publishes "
-                           "(%s ...)", label, len(existing), existing[0].name)
+            LOGGER.warning(
+                "%s: %d file(s) from an earlier run will be replaced when this run publishes (%s ...)",
+                label,
+                len(existing),
+                existing[0].name,
+            )
 
     if plugin in ("MultiProc", "LegacyMultiProc"):
         plugin_args.setdefault("n_procs", args.nprocs)
@@ -663,20 +719,27 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
         _clean_staging(output_dir, subjects)
         raise
     except Exception as error:  # nipype raises RuntimeError listing the crashed nodes
-        LOGGER.error("processing failed: %s\nCrash files are in %s", str(error).splitlines()[0],
-                     work_dir / "crash")
+        LOGGER.error("processing failed: %s\nCrash files are in %s", str(error).splitlines()[0], work_dir / "crash")
         if not reporter.failed:
             reporter.failed["run"] = ["(see the crash files)"]
     finally:
         _stop_workers(runner)
     if plugin in GRAPH_PLUGINS:
-        LOGGER.info("the whole graph was submitted to the scheduler as dependent jobs; each "
-                    "subject's derivatives appear in %s when its last job finishes", output_dir)
+        LOGGER.info(
+            "the whole graph was submitted to the scheduler as dependent jobs; each "
+            "subject's derivatives appear in %s when its last job finishes",
+            output_dir,
+        )
         return None
     if reporter.failed:
-        _clean_staging(output_dir, [inputs for inputs in subjects
-                                    if _label(inputs.subject, inputs.session) in reporter.failed
-                                    or "run" in reporter.failed])
+        _clean_staging(
+            output_dir,
+            [
+                inputs
+                for inputs in subjects
+                if _label(inputs.subject, inputs.session) in reporter.failed or "run" in reporter.failed
+            ],
+        )
     return reporter.failed
 
 
@@ -712,8 +775,9 @@ def _quiet_multiproc_class():
         def __init__(self, plugin_args=None):
             super().__init__(plugin_args=plugin_args)
             self.pool.shutdown(wait=True)
-            self.pool = ProcessPoolExecutor(max_workers=self.processors, initializer=_ignore_interrupt,
-                                            initargs=(self._cwd,))
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.processors, initializer=_ignore_interrupt, initargs=(self._cwd,)
+            )
 
         def _send_procs_to_workers(self, updatehash=False, graph=None):
             super()._send_procs_to_workers(updatehash=updatehash, graph=graph)

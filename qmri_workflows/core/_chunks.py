@@ -12,9 +12,7 @@ def check_mask(mask, leading_shape, *, name="mask"):
         return None
     mask = np.asarray(mask)
     if mask.shape != leading_shape:
-        raise ValueError(
-            f"{name} must have the leading shape of the data {leading_shape}, got {mask.shape}"
-        )
+        raise ValueError(f"{name} must have the leading shape of the data {leading_shape}, got {mask.shape}")
     return mask.astype(bool, copy=False)
 
 
@@ -28,8 +26,7 @@ def _flatten_voxelwise(array, leading_shape, n_voxels):
     n_lead = len(leading_shape)
     if array.shape[:n_lead] != tuple(leading_shape):
         raise ValueError(
-            f"voxel-wise input must start with the leading shape {tuple(leading_shape)}, "
-            f"got {array.shape}"
+            f"voxel-wise input must start with the leading shape {tuple(leading_shape)}, got {array.shape}"
         )
     return array.reshape((n_voxels,) + array.shape[n_lead:]), True
 
@@ -83,9 +80,7 @@ def apply_in_chunks(
     chunk_size = int(chunk_size)
     n_voxels = int(np.prod(leading_shape, dtype=np.int64))
     flat_inputs = [_flatten_voxelwise(a, leading_shape, n_voxels) for a in voxelwise_inputs]
-    outputs = [
-        np.full((n_voxels,) + tuple(shape), fill_value, dtype=dtype) for shape in output_shapes
-    ]
+    outputs = [np.full((n_voxels,) + tuple(shape), fill_value, dtype=dtype) for shape in output_shapes]
     if mask is None:
         n_selected = n_voxels
         indices = None

@@ -56,8 +56,7 @@ def _check_grid(shape, voxel_size):
 
 
 def _kernel_from_frequencies(frequencies, direction, dtype):
-    kx, ky, kz = np.meshgrid(*[np.asarray(f, dtype=dtype) for f in frequencies],
-                             indexing="ij", sparse=True)
+    kx, ky, kz = np.meshgrid(*[np.asarray(f, dtype=dtype) for f in frequencies], indexing="ij", sparse=True)
     k_squared = kx * kx + ky * ky + kz * kz
     k_squared[0, 0, 0] = 1.0
     kernel = kx * dtype(direction[0]) + ky * dtype(direction[1]) + kz * dtype(direction[2])
@@ -101,9 +100,11 @@ def dipole_kernel(shape, voxel_size, b0_direction=(0, 0, 1), *, dtype=np.float64
 
 
 def _rfft_kernel(shape, voxel_size, direction, dtype):
-    frequencies = [np.fft.fftfreq(shape[0], d=voxel_size[0]),
-                   np.fft.fftfreq(shape[1], d=voxel_size[1]),
-                   np.fft.rfftfreq(shape[2], d=voxel_size[2])]
+    frequencies = [
+        np.fft.fftfreq(shape[0], d=voxel_size[0]),
+        np.fft.fftfreq(shape[1], d=voxel_size[1]),
+        np.fft.rfftfreq(shape[2], d=voxel_size[2]),
+    ]
     return _kernel_from_frequencies(frequencies, direction, dtype)
 
 
@@ -153,8 +154,7 @@ def forward_field(chi, voxel_size, *, b0_direction=(0, 0, 1), pad=None, workers=
     pad = np.broadcast_to(np.asarray(pad, dtype=int), (3,))
     if np.any(pad < 0):
         raise ValueError(f"pad must be non-negative, got {tuple(pad)}")
-    padded_shape = tuple(scipy.fft.next_fast_len(int(n + 2 * p), real=True)
-                         for n, p in zip(grid_shape, pad))
+    padded_shape = tuple(scipy.fft.next_fast_len(int(n + 2 * p), real=True) for n, p in zip(grid_shape, pad))
     kernel = _rfft_kernel(padded_shape, voxel_size, direction, dtype)
     # The object sits at offset ``pad``; the extra voxels from rounding go to the far side.
     region = tuple(slice(int(p), int(p) + n) for p, n in zip(pad, grid_shape))
@@ -166,7 +166,6 @@ def forward_field(chi, voxel_size, *, b0_direction=(0, 0, 1), pad=None, workers=
         spectrum = scipy.fft.rfftn(padded, workers=workers, overwrite_x=True)
         del padded
         spectrum *= kernel
-        field[..., index] = scipy.fft.irfftn(spectrum, s=padded_shape, workers=workers,
-                                             overwrite_x=True)[region]
+        field[..., index] = scipy.fft.irfftn(spectrum, s=padded_shape, workers=workers, overwrite_x=True)[region]
         del spectrum
     return field[..., 0] if chi.ndim == 3 else field

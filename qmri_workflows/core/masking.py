@@ -160,10 +160,7 @@ def otsu_threshold(values, *, n_bins=512):
 
 def _exponents(degree):
     return [
-        (i, j, total - i - j)
-        for total in range(degree + 1)
-        for i in range(total + 1)
-        for j in range(total - i + 1)
+        (i, j, total - i - j) for total in range(degree + 1) for i in range(total + 1) for j in range(total - i + 1)
     ]
 
 
@@ -219,9 +216,7 @@ def _fit_log_bias(image, mask, voxel_size, *, degree, n_iter=6, max_samples=50_0
     weights = np.ones(target.size)
     for _ in range(int(n_iter)):
         root_w = np.sqrt(weights)
-        model.coefficients = np.linalg.lstsq(
-            design * root_w[:, None], target * root_w, rcond=None
-        )[0]
+        model.coefficients = np.linalg.lstsq(design * root_w[:, None], target * root_w, rcond=None)[0]
         residual = target - design @ model.coefficients
         residual -= np.median(residual)
         spread = 1.4826 * np.median(np.abs(residual))
@@ -276,9 +271,7 @@ def _block_average(image, factors):
     """Average non-overlapping blocks (trailing partial blocks are dropped)."""
     shape = [n // f for n, f in zip(image.shape, factors)]
     cropped = image[: shape[0] * factors[0], : shape[1] * factors[1], : shape[2] * factors[2]]
-    return cropped.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).mean(
-        axis=(1, 3, 5)
-    )
+    return cropped.reshape(shape[0], factors[0], shape[1], factors[1], shape[2], factors[2]).mean(axis=(1, 3, 5))
 
 
 def _threshold_log_otsu(image, *, n_bins=512):
@@ -400,9 +393,7 @@ def _local_level(image, tissue, voxel_size, sigma_mm, default):
     """Normalised convolution: Gaussian-weighted mean of ``image`` over ``tissue`` voxels."""
     sigma = np.maximum(float(sigma_mm) / np.asarray(voxel_size), 1.0)
     weight = ndimage.gaussian_filter(tissue.astype(np.float32), sigma, truncate=3.0)
-    total = ndimage.gaussian_filter(
-        np.where(tissue, image, 0.0).astype(np.float32), sigma, truncate=3.0
-    )
+    total = ndimage.gaussian_filter(np.where(tissue, image, 0.0).astype(np.float32), sigma, truncate=3.0)
     level = np.full(image.shape, default, dtype=np.float32)
     np.divide(total, weight, out=level, where=weight > 1e-3)
     return level
@@ -467,8 +458,7 @@ def _crop_box(region, margin, shape):
     box = []
     for axis in range(3):
         hits = np.flatnonzero(np.any(region, axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(int(hits[0]) - margin[axis], 0),
-                         min(int(hits[-1]) + 1 + margin[axis], shape[axis])))
+        box.append(slice(max(int(hits[0]) - margin[axis], 0), min(int(hits[-1]) + 1 + margin[axis], shape[axis])))
     return tuple(box)
 
 
@@ -647,8 +637,7 @@ def _fill_holes_in_slices(binary):
 
 def _faces_touched(mask, min_fraction):
     """Number of the 6 faces of the array on which the mask covers at least ``min_fraction``."""
-    return sum(np.count_nonzero(face) >= max(1.0, min_fraction * face.size)
-               for face in _faces(mask))
+    return sum(np.count_nonzero(face) >= max(1.0, min_fraction * face.size) for face in _faces(mask))
 
 
 def check_brain_mask(
@@ -713,9 +702,7 @@ def check_brain_mask(
     mask = np.asarray(mask, dtype=bool)
     reference = np.asarray(reference)
     if mask.ndim != 3 or mask.shape != reference.shape:
-        raise ValueError(
-            f"mask and reference must be 3-D arrays of one shape, got {mask.shape} and "
-            f"{reference.shape}")
+        raise ValueError(f"mask and reference must be 3-D arrays of one shape, got {mask.shape} and {reference.shape}")
     voxel_ml = float(np.prod(np.asarray(voxel_size, dtype=float))) / 1000.0
     image = None
     if reference.dtype == bool:
@@ -737,21 +724,24 @@ def check_brain_mask(
         problems.append(
             f"the mask holds {100.0 * inside_head / n_head:.1f} % of the head "
             f"({inside_head * voxel_ml:.0f} of {n_head * voxel_ml:.0f} mL; expected at least "
-            f"{100.0 * min_head_fraction:.0f} %)")
+            f"{100.0 * min_head_fraction:.0f} %)"
+        )
     if n_mask - inside_head > 0.5 * n_mask:
         problems.append(
-            f"{100.0 * (n_mask - inside_head) / n_mask:.0f} % of the mask lies outside the head, "
-            "in the background")
+            f"{100.0 * (n_mask - inside_head) / n_mask:.0f} % of the mask lies outside the head, in the background"
+        )
     hollow_ratio = np.count_nonzero(_fill_holes_in_slices(mask)) / n_mask
     if hollow_ratio > max_hollow_ratio:
         problems.append(
             f"the mask is a hollow shell: filling its holes makes it {hollow_ratio:.1f} times "
-            f"larger (expected at most {max_hollow_ratio:g})")
+            f"larger (expected at most {max_hollow_ratio:g})"
+        )
     n_faces = _faces_touched(mask, 0.05)
     if n_faces > max_faces:
         problems.append(
             f"the mask touches the edge of the field of view all round ({n_faces} of 6 faces; "
-            f"expected at most {max_faces})")
+            f"expected at most {max_faces})"
+        )
     if image is not None:
         # Relative to the head's tissue, not to the mask: a mask of a brainless head is mostly
         # noise, and its own median is noise too.
@@ -760,7 +750,8 @@ def check_brain_mask(
         if dark_fraction > max_dark_fraction:
             problems.append(
                 f"{100.0 * dark_fraction:.0f} % of the mask is darker than a quarter of the "
-                "head's tissue, like bone or air: it may hold the skull and scalp, or background")
+                "head's tissue, like bone or air: it may hold the skull and scalp, or background"
+            )
         elif dark.any():
             # A thin skull is too small a fraction of the mask, but it is one dark layer spanning
             # the mask, where dark lesions are compact and a few cm across at most.
@@ -772,5 +763,6 @@ def check_brain_mask(
             if span > 0.5:
                 problems.append(
                     "a dark layer, like a skull, spans the mask (at least "
-                    f"{100.0 * span:.0f} % of its extent along every axis): it may hold the scalp")
+                    f"{100.0 * span:.0f} % of its extent along every axis): it may hold the scalp"
+                )
     return problems

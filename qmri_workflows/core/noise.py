@@ -106,9 +106,7 @@ def _mean_derivative_exact(snr, n_coils):
         half = 0.5 * z
         out[small] = np.sqrt(np.pi / 8.0) * s * (special.i0e(half) + special.i1e(half))
     else:
-        out[small] = (
-            _mean_prefactor(n_coils) * s / (2.0 * n_coils) * special.hyp1f1(0.5, n_coils + 1, -z)
-        )
+        out[small] = _mean_prefactor(n_coils) * s / (2.0 * n_coils) * special.hyp1f1(0.5, n_coils + 1, -z)
     out[large] = _asymptotic_series(snr[large], n_coils, derivative=True)
     return out
 

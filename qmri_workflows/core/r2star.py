@@ -84,9 +84,7 @@ def _check_joint_inputs(signals, echo_times):
     """Validate ``signals[..., n_contrast, n_echo]`` and echo times; return TE as (C, E)."""
     signals = np.asarray(signals)
     if signals.ndim < 2:
-        raise ValueError(
-            f"signals must have shape (..., n_contrast, n_echo), got shape {signals.shape}"
-        )
+        raise ValueError(f"signals must have shape (..., n_contrast, n_echo), got shape {signals.shape}")
     n_contrast, n_echo = signals.shape[-2:]
     echo_times = np.asarray(echo_times, dtype=float)
     if echo_times.ndim == 1:
@@ -99,8 +97,7 @@ def _check_joint_inputs(signals, echo_times):
     finite_te = echo_times[np.isfinite(echo_times)]
     if finite_te.size and (finite_te.max() > _MAX_PLAUSIBLE_TE or finite_te.min() < 0):
         raise ValueError(
-            "echo_times must be non-negative and in seconds, got range "
-            f"[{finite_te.min()}, {finite_te.max()}]"
+            f"echo_times must be non-negative and in seconds, got range [{finite_te.min()}, {finite_te.max()}]"
         )
     if np.unique(finite_te).size < 2:
         raise ValueError(f"at least two distinct finite echo times are needed, got {echo_times}")
@@ -120,8 +117,7 @@ def _check_sigma_map(sigma, leading_shape):
         return np.broadcast_to(sigma, leading_shape)
     except ValueError:
         raise ValueError(
-            f"sigma must be a scalar or broadcastable to the leading shape {leading_shape}, "
-            f"got shape {sigma.shape}"
+            f"sigma must be a scalar or broadcastable to the leading shape {leading_shape}, got shape {sigma.shape}"
         ) from None
 
 
@@ -212,8 +208,7 @@ def _r2star_standard_error(s0, r2star, residual_ss, echo_times, valid, noise_sd)
     information = estatics_r2star_information(np.nan_to_num(s0), np.nan_to_num(r2star), voxel_echo_times)
     identifiable = (information > 0) & np.isfinite(r2star)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(identifiable, residual_sd / np.sqrt(np.where(identifiable, information, 1.0)),
-                        np.nan)
+        return np.where(identifiable, residual_sd / np.sqrt(np.where(identifiable, information, 1.0)), np.nan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,9 +270,7 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
     active = np.arange(s0.shape[0])
     a_s0, a_r2, a_data, a_valid, a_sigma = s0, r2star, data, valid, sigma
     damping = np.full(active.size, 1e-3)
-    residual, jac_s0, jac_r2, cost = _residuals_and_jacobian(
-        a_s0, a_r2, a_data, te, a_valid, a_sigma, model
-    )
+    residual, jac_s0, jac_r2, cost = _residuals_and_jacobian(a_s0, a_r2, a_data, te, a_valid, a_sigma, model)
     for _ in range(int(max_iter)):
         if active.size == 0:
             break
@@ -481,27 +474,42 @@ def fit_estatics(
         use_weights = bool(weighted) and method == "wls"
 
         def chunk_function(signal_chunk, sigma_chunk):
-            return _loglinear_chunk(signal_chunk, echo_times, weighted=use_weights, n_iter=n_iter,
-                                    noise_sd=sigma_chunk, with_stderr=return_stderr)
+            return _loglinear_chunk(
+                signal_chunk,
+                echo_times,
+                weighted=use_weights,
+                n_iter=n_iter,
+                noise_sd=sigma_chunk,
+                with_stderr=return_stderr,
+            )
 
         default_chunk = 200_000
     else:
         model = _MagnitudeModel(n_coils, with_floor=sigma is not None)
 
         def chunk_function(signal_chunk, sigma_chunk):
-            return _nonlinear_chunk(signal_chunk, echo_times, sigma_chunk, model=model,
-                                    max_iter=max_iter, tol=tol, with_stderr=return_stderr)
+            return _nonlinear_chunk(
+                signal_chunk,
+                echo_times,
+                sigma_chunk,
+                model=model,
+                max_iter=max_iter,
+                tol=tol,
+                with_stderr=return_stderr,
+            )
 
         default_chunk = 50_000
-    return tuple(apply_in_chunks(
-        chunk_function,
-        [signals, sigma],
-        leading_shape=leading_shape,
-        output_shapes=[(n_contrast,), ()] + ([()] if return_stderr else []),
-        mask=mask,
-        chunk_size=default_chunk if chunk_size is None else chunk_size,
-        n_jobs=n_jobs,
-    ))
+    return tuple(
+        apply_in_chunks(
+            chunk_function,
+            [signals, sigma],
+            leading_shape=leading_shape,
+            output_shapes=[(n_contrast,), ()] + ([()] if return_stderr else []),
+            mask=mask,
+            chunk_size=default_chunk if chunk_size is None else chunk_size,
+            n_jobs=n_jobs,
+        )
+    )
 
 
 def t2star_where_significant(r2star, stderr, *, min_significance=T2STAR_MIN_SIGNIFICANCE):
@@ -534,9 +542,7 @@ def t2star_where_significant(r2star, stderr, *, min_significance=T2STAR_MIN_SIGN
         return np.where(significant, 1.0 / np.where(significant, r2star, 1.0), np.nan)
 
 
-def fit_r2star_loglinear(
-    signal, echo_times, *, mask=None, weighted=True, n_iter=2, chunk_size=200_000, n_jobs=1
-):
+def fit_r2star_loglinear(signal, echo_times, *, mask=None, weighted=True, n_iter=2, chunk_size=200_000, n_jobs=1):
     """Log-linear (weighted) least-squares fit of ``S(TE) = S0 exp(-R2* TE)``.
 
     Parameters

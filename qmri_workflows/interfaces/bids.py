@@ -60,8 +60,8 @@ def _source_uris(source_files, raw_root):
         root = raw_root if raw_root is not None else find_dataset_root(source)
         if root is None:
             raise ValueError(
-                f"cannot turn {source} into a BIDS URI: no raw_root given and no dataset_description.json "
-                "above it")
+                f"cannot turn {source} into a BIDS URI: no raw_root given and no dataset_description.json above it"
+            )
         uris.append(bids_uri(source, root))
     return uris
 
@@ -69,20 +69,31 @@ def _source_uris(source_files, raw_root):
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="NIfTI image to publish")
     base_directory = Str(mandatory=True, desc="root of the derivatives dataset (never a raw dataset)")
-    subject = Str("", usedefault=True,
-                  desc="subject label (sub- prefix optional); empty: from the first source file's name")
-    session = Str("", usedefault=True,
-                  desc="session label; empty: from the first source file's name (none if it has none)")
+    subject = Str(
+        "", usedefault=True, desc="subject label (sub- prefix optional); empty: from the first source file's name"
+    )
+    session = Str(
+        "", usedefault=True, desc="session label; empty: from the first source file's name (none if it has none)"
+    )
     suffix = Str(mandatory=True, desc="BIDS suffix: R1map, R2starmap, mask, dseg, TB1map ...")
-    datatype = traits.Enum("auto", "anat", "fmap", usedefault=True,
-                           desc="data-type folder; 'auto': fmap for TB1map/RB1map, anat otherwise")
+    datatype = traits.Enum(
+        "auto", "anat", "fmap", usedefault=True, desc="data-type folder; 'auto': fmap for TB1map/RB1map, anat otherwise"
+    )
     metadata = traits.Dict(usedefault=True, desc="sidecar fields (Units filled in for maps when absent)")
     source_files = InputMultiObject(Str, usedefault=True, desc="raw files the result derives from")
-    raw_root = Str("", usedefault=True,
-                   desc="root of the raw dataset, for Sources as bids:raw:<path>; found from the "
-                        "source files when empty")
-    dtype = traits.Enum("auto", "float32", "uint8", "int16", usedefault=True,
-                        desc="on-disk dtype; 'auto': mask uint8, dseg int16, anything else float32")
+    raw_root = Str(
+        "",
+        usedefault=True,
+        desc="root of the raw dataset, for Sources as bids:raw:<path>; found from the source files when empty",
+    )
+    dtype = traits.Enum(
+        "auto",
+        "float32",
+        "uint8",
+        "int16",
+        usedefault=True,
+        desc="on-disk dtype; 'auto': mask uint8, dseg int16, anything else float32",
+    )
 
 
 # the file-name entities (acq, echo, flip, desc ...) as optional inputs, empty meaning absent

@@ -74,7 +74,8 @@ class BrainMask(SimpleInterface):
                 f"the automatic brain mask of {names} failed its sanity checks: "
                 + "; ".join(problems)
                 + ". The images should show a head (bright brain, darker skull or background); "
-                "check them, e.g. for a wrong echo or an empty volume.")
+                "check them, e.g. for a wrong echo or an empty volume."
+            )
             if self.inputs.on_failed_check == "error":
                 raise BrainMaskCheckError(message)
             LOGGER.warning("WARNING: %s", message)

@@ -33,9 +33,9 @@ from nipype.interfaces.base import (
 )
 
 from ..core.qsm import (
+    estimate_csf_mask,
     fit_field_complex,
     fit_field_linear,
-    estimate_csf_mask,
     hz_to_ppm,
     invert_ilsqr,
     invert_l2_gradient,
@@ -68,17 +68,15 @@ __all__ = [
 
 UNWRAP_ALGORITHMS = {
     "region_growing": "echo-referenced (temporal) unwrapping: first echo difference and phase offset "
-                      "unwrapped in space by quality-guided region growing (ROMEO-like maximum "
-                      "spanning tree), later echoes against the prediction of the earlier ones",
+    "unwrapped in space by quality-guided region growing (ROMEO-like maximum "
+    "spanning tree), later echoes against the prediction of the earlier ones",
     "laplacian": "echo-referenced (temporal) unwrapping: first echo difference and phase offset "
-                 "unwrapped in space by Laplacian unwrapping (values kept congruent), later echoes "
-                 "against the prediction of the earlier ones",
+    "unwrapped in space by Laplacian unwrapping (values kept congruent), later echoes "
+    "against the prediction of the earlier ones",
 }
 FIT_ALGORITHMS = {
-    "linear": "weighted linear fit of unwrapped phase vs echo time with phase offset "
-              "(weights magnitude^2)",
-    "complex": "non-linear fit of the complex signal (Gauss-Newton) started from the weighted "
-               "linear fit",
+    "linear": "weighted linear fit of unwrapped phase vs echo time with phase offset (weights magnitude^2)",
+    "complex": "non-linear fit of the complex signal (Gauss-Newton) started from the weighted linear fit",
 }
 BACKGROUND_ALGORITHMS = {
     "vsharp": "V-SHARP (radii 6 mm to one voxel, TSVD 0.05)",
@@ -148,15 +146,20 @@ def check_phase_radians(phase, path, phase_scale):
     values = phase[np.isfinite(phase)]
     low, high = float(values.min()), float(values.max())
     span = high - low
-    looks_like_radians = (low >= -math.pi - _RADIAN_TOLERANCE and high <= 2 * math.pi + _RADIAN_TOLERANCE
-                          and span <= 2 * math.pi + _RADIAN_TOLERANCE and span >= _MIN_PHASE_SPAN)
+    looks_like_radians = (
+        low >= -math.pi - _RADIAN_TOLERANCE
+        and high <= 2 * math.pi + _RADIAN_TOLERANCE
+        and span <= 2 * math.pi + _RADIAN_TOLERANCE
+        and span >= _MIN_PHASE_SPAN
+    )
     if not looks_like_radians:
         raise BIDSInputError(
             f"phase image {path} is not wrapped phase in the units of the first echo of its series: "
             f"multiplied by {phase_scale:.6g} (the factor to radians found for echo 1) its values span "
             f"[{low:.4g}, {high:.4g}], not one turn of radians; export every echo of the series as "
             "wrapped phase in the same units (all radians, or all scanner integers) and give every "
-            "phase sidecar the same \"Units\"")
+            'phase sidecar the same "Units"'
+        )
 
 
 def csf_labels(tsv_path):
@@ -184,21 +187,27 @@ def _write(runtime, name, data, affine):
 # total field
 # --------------------------------------------------------------------------------------------------
 class _TotalFieldInputSpec(BaseInterfaceInputSpec):
-    magnitude_files = InputMultiObject(File(exists=True), mandatory=True,
-                                       desc="magnitude image of every echo of every flip angle")
-    phase_files = InputMultiObject(File(exists=True), mandatory=True,
-                                   desc="coil-combined phase image matching each magnitude file")
-    phase_scales = traits.List(traits.Float, mandatory=True,
-                               desc="factor to radians of each phase file (io.query phase_scale)")
+    magnitude_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="magnitude image of every echo of every flip angle"
+    )
+    phase_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="coil-combined phase image matching each magnitude file"
+    )
+    phase_scales = traits.List(
+        traits.Float, mandatory=True, desc="factor to radians of each phase file (io.query phase_scale)"
+    )
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo time (s) of each file")
-    flip_angles = traits.List(traits.Float, mandatory=True,
-                              desc="flip angle (deg) of each file; groups the series (0 = unknown)")
+    flip_angles = traits.List(
+        traits.Float, mandatory=True, desc="flip angle (deg) of each file; groups the series (0 = unknown)"
+    )
     mask_file = File(exists=True, mandatory=True, desc="brain mask: voxels to unwrap and fit")
-    unwrap = traits.Enum("region_growing", "laplacian", usedefault=True,
-                         desc="spatial unwrapper of the echo-referenced unwrapping")
+    unwrap = traits.Enum(
+        "region_growing", "laplacian", usedefault=True, desc="spatial unwrapper of the echo-referenced unwrapping"
+    )
     fit = traits.Enum("linear", "complex", usedefault=True, desc="total-field fit")
-    flip_angles_used = traits.Enum("all", "best", usedefault=True,
-                                   desc="combine every flip angle, or use the one of most signal")
+    flip_angles_used = traits.Enum(
+        "all", "best", usedefault=True, desc="combine every flip angle, or use the one of most signal"
+    )
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -245,21 +254,26 @@ def _combine_flip_angles(groups, reference, mask, choice):
         del reference_signal
         with np.errstate(invalid="ignore", divide="ignore"):
             combined = np.where(power > 0, total / np.sqrt(power), 0).astype(np.complex64)
-        return (combined, echo_times[0], [flip for flip, _ in groups],
-                "all flip angles: complex average per echo weighted by magnitude, after removing "
-                "each flip angle's phase offset relative to the lowest")
+        return (
+            combined,
+            echo_times[0],
+            [flip for flip, _ in groups],
+            "all flip angles: complex average per echo weighted by magnitude, after removing "
+            "each flip angle's phase offset relative to the lowest",
+        )
     # The phase SNR is proportional to the magnitude: take the series with the most signal.
     scores = []
     for _, echoes in groups:
         score = 0.0
         for _, (magnitude_path, _, _) in echoes:
-            score += float(np.nansum(np.square(load_volume(magnitude_path, reference=reference)[mask],
-                                               dtype=np.float64)))
+            score += float(
+                np.nansum(np.square(load_volume(magnitude_path, reference=reference)[mask], dtype=np.float64))
+            )
         scores.append(score / len(echoes))
     best = int(np.argmax(scores))
-    why = ("the flip angle of most signal (mean squared magnitude over echoes in the brain mask)"
-           + ("" if choice == "best" else "; the flip angles have different echo times, so they "
-              "were not averaged"))
+    why = "the flip angle of most signal (mean squared magnitude over echoes in the brain mask)" + (
+        "" if choice == "best" else "; the flip angles have different echo times, so they were not averaged"
+    )
     return _load_series(groups[best][1], reference), echo_times[best], [groups[best][0]], why
 
 
@@ -278,26 +292,30 @@ class TotalField(SimpleInterface):
     def _run_interface(self, runtime):
         inputs = self.inputs
         n_files = len(inputs.magnitude_files)
-        lengths = {len(inputs.phase_files), len(inputs.phase_scales), len(inputs.echo_times),
-                   len(inputs.flip_angles)}
+        lengths = {len(inputs.phase_files), len(inputs.phase_scales), len(inputs.echo_times), len(inputs.flip_angles)}
         if lengths != {n_files}:
-            raise ValueError("magnitude_files, phase_files, phase_scales, echo_times and flip_angles "
-                             "need one entry per echo image")
+            raise ValueError(
+                "magnitude_files, phase_files, phase_scales, echo_times and flip_angles need one entry per echo image"
+            )
         items = list(zip(inputs.magnitude_files, inputs.phase_files, inputs.phase_scales))
         groups = group_echoes_by_flip_angle(items, inputs.echo_times, inputs.flip_angles)
         reference = nib.load(inputs.magnitude_files[0])
         mask = load_volume(inputs.mask_file, reference=reference) > 0
         if not mask.any():
             raise ValueError(f"the brain mask {inputs.mask_file} is empty: nothing to map")
-        signal, echo_times, flips, why = _combine_flip_angles(groups, reference, mask,
-                                                              inputs.flip_angles_used)
+        signal, echo_times, flips, why = _combine_flip_angles(groups, reference, mask, inputs.flip_angles_used)
         if len(echo_times) < 2:
-            raise ValueError(f"a total-field fit needs at least 2 echoes; {inputs.magnitude_files[0]} "
-                             "has 1")
+            raise ValueError(f"a total-field fit needs at least 2 echoes; {inputs.magnitude_files[0]} has 1")
         voxel_size = voxel_size_from_affine(reference.affine)
         magnitude = np.abs(signal)
-        unwrapped = unwrap_echoes(np.angle(signal), echo_times, magnitude=magnitude, mask=mask,
-                                  voxel_size=voxel_size, spatial_method=inputs.unwrap)
+        unwrapped = unwrap_echoes(
+            np.angle(signal),
+            echo_times,
+            magnitude=magnitude,
+            mask=mask,
+            voxel_size=voxel_size,
+            spatial_method=inputs.unwrap,
+        )
         field, _, field_sd = fit_field_linear(unwrapped, echo_times, magnitude=magnitude, mask=mask)
         del unwrapped
         if inputs.fit == "complex":
@@ -306,8 +324,7 @@ class TotalField(SimpleInterface):
         rss = np.sqrt(np.square(magnitude, dtype=np.float32).sum(-1))
         affine = reference.affine
         self._results["field_file"] = _write(runtime, "total_field_hz.nii", field * mask, affine)
-        self._results["field_sd_file"] = _write(runtime, "total_field_sd_hz.nii",
-                                                np.where(mask, field_sd, 0.0), affine)
+        self._results["field_sd_file"] = _write(runtime, "total_field_sd_hz.nii", np.where(mask, field_sd, 0.0), affine)
         self._results["magnitude_file"] = _write(runtime, "magnitude_rss.nii", rss, affine)
         self._results["mean_echo_time"] = float(np.mean(echo_times))
         self._results["metadata"] = {
@@ -330,10 +347,10 @@ class _QSMMaskInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="anatomical brain mask")
     magnitude_file = File(exists=True, mandatory=True, desc="magnitude (RSS over echoes)")
     field_sd_file = File(exists=True, desc="noise SD of the total field")
-    magnitude_fraction = traits.Float(0.15, usedefault=True,
-                                      desc="unreliable below this fraction of the median magnitude")
-    sd_factor = traits.Float(5.0, usedefault=True,
-                             desc="unreliable above this multiple of the median field SD")
+    magnitude_fraction = traits.Float(
+        0.15, usedefault=True, desc="unreliable below this fraction of the median magnitude"
+    )
+    sd_factor = traits.Float(5.0, usedefault=True, desc="unreliable above this multiple of the median field SD")
 
 
 class _QSMMaskOutputSpec(TraitedSpec):
@@ -352,17 +369,28 @@ class QSMMask(SimpleInterface):
         mask = load_volume(self.inputs.mask_file, reference=reference) > 0
         magnitude = load_volume(self.inputs.magnitude_file, reference=reference)
         field_sd = _load_optional(self.inputs.field_sd_file, reference)
-        reliable = reliable_edge_mask(mask, magnitude, field_sd,
-                                      magnitude_fraction=self.inputs.magnitude_fraction,
-                                      sd_factor=self.inputs.sd_factor)
+        reliable = reliable_edge_mask(
+            mask,
+            magnitude,
+            field_sd,
+            magnitude_fraction=self.inputs.magnitude_fraction,
+            sd_factor=self.inputs.sd_factor,
+        )
         if not reliable.any():
-            raise ValueError(f"no reliable voxel left in the brain mask {self.inputs.mask_file}: the "
-                             "magnitude or the phase of the whole brain is unusable for QSM")
+            raise ValueError(
+                f"no reliable voxel left in the brain mask {self.inputs.mask_file}: the "
+                "magnitude or the phase of the whole brain is unusable for QSM"
+            )
         self._results["out_mask"] = _write(runtime, "qsm_mask.nii", reliable, reference.affine)
-        self._results["metadata"] = {"QSMSteps": {"Mask": (
-            f"brain mask minus edge voxels with magnitude below {self.inputs.magnitude_fraction:g} x "
-            f"its median or field noise SD above {self.inputs.sd_factor:g} x its median "
-            f"({int(mask.sum() - reliable.sum())} of {int(mask.sum())} voxels removed)")}}
+        self._results["metadata"] = {
+            "QSMSteps": {
+                "Mask": (
+                    f"brain mask minus edge voxels with magnitude below {self.inputs.magnitude_fraction:g} x "
+                    f"its median or field noise SD above {self.inputs.sd_factor:g} x its median "
+                    f"({int(mask.sum() - reliable.sum())} of {int(mask.sum())} voxels removed)"
+                )
+            }
+        }
         return runtime
 
 
@@ -400,17 +428,23 @@ class RemoveBackground(SimpleInterface):
             local, local_mask = remove_background_vsharp(field, mask, voxel_size, workers=workers)
         elif method == "pdf":
             weights = _load_optional(self.inputs.magnitude_file, reference)
-            local, _ = remove_background_pdf(field, mask, voxel_size, weights=weights, workers=workers,
-                                             b0_direction=b0_direction_from_affine(reference.affine))
+            local, _ = remove_background_pdf(
+                field,
+                mask,
+                voxel_size,
+                weights=weights,
+                workers=workers,
+                b0_direction=b0_direction_from_affine(reference.affine),
+            )
             local_mask = mask
         else:
             local, local_mask = remove_background_lbv(field, mask, voxel_size)
-        self._results["local_field_file"] = _write(runtime, "local_field_hz.nii", local * local_mask,
-                                                   reference.affine)
-        self._results["local_mask_file"] = _write(runtime, "local_mask.nii", local_mask,
-                                                  reference.affine)
-        self._results["metadata"] = {"QSMSteps": {"BackgroundRemoval": BACKGROUND_ALGORITHMS[method]},
-                                     "QSMReferences": [BACKGROUND_REFERENCES[method]]}
+        self._results["local_field_file"] = _write(runtime, "local_field_hz.nii", local * local_mask, reference.affine)
+        self._results["local_mask_file"] = _write(runtime, "local_mask.nii", local_mask, reference.affine)
+        self._results["metadata"] = {
+            "QSMSteps": {"BackgroundRemoval": BACKGROUND_ALGORITHMS[method]},
+            "QSMReferences": [BACKGROUND_REFERENCES[method]],
+        }
         return runtime
 
 
@@ -448,13 +482,14 @@ class InvertDipole(SimpleInterface):
         local_ppm = hz_to_ppm(load_volume(inputs.local_field_file), inputs.field_strength)
         mask = load_volume(inputs.mask_file, reference=reference) > 0
         weights = _load_optional(inputs.magnitude_file, reference)
-        geometry = dict(voxel_size=voxel_size_from_affine(reference.affine),
-                        b0_direction=b0_direction_from_affine(reference.affine),
-                        workers=inputs.num_threads)
+        geometry = dict(
+            voxel_size=voxel_size_from_affine(reference.affine),
+            b0_direction=b0_direction_from_affine(reference.affine),
+            workers=inputs.num_threads,
+        )
         if inputs.method == "tv":
             if not isdefined(inputs.mean_echo_time):
-                raise ValueError("the TV inversion needs mean_echo_time (its data term is non-linear "
-                                 "in the phase)")
+                raise ValueError("the TV inversion needs mean_echo_time (its data term is non-linear in the phase)")
             phase_scale = 2 * np.pi * float(ppm_to_hz(1.0, inputs.field_strength)) * inputs.mean_echo_time
             chi = invert_tv_admm(local_ppm, mask, weights=weights, phase_scale=phase_scale, **geometry)
         elif inputs.method == "tkd":
@@ -512,7 +547,7 @@ class ReferenceSusceptibility(SimpleInterface):
         referenced, value = reference_to_region(chi, region, mask=mask)
         self._results["chi_file"] = _write(runtime, "Chimap.nii", referenced, reference.affine)
         steps, papers, extra = {}, [UNWRAP_REFERENCE], {}
-        for piece in (inputs.step_metadata if isdefined(inputs.step_metadata) else []):
+        for piece in inputs.step_metadata if isdefined(inputs.step_metadata) else []:
             steps.update(piece.get("QSMSteps", {}))
             papers += [paper for paper in piece.get("QSMReferences", []) if paper not in papers]
             extra.update({k: v for k, v in piece.items() if k not in ("QSMSteps", "QSMReferences")})
@@ -532,27 +567,41 @@ class ReferenceSusceptibility(SimpleInterface):
         inputs = self.inputs
         if not isdefined(inputs.dseg_file) or not isdefined(inputs.dseg_tsv):
             if not isdefined(inputs.r2star_file):
-                raise ValueError("--qsm-reference csf needs a segmentation (dseg with its dseg.tsv "
-                                 "naming a CSF label) given with --derivatives, or an R2* map to "
-                                 "estimate CSF from; add one, or use --qsm-reference brain")
+                raise ValueError(
+                    "--qsm-reference csf needs a segmentation (dseg with its dseg.tsv "
+                    "naming a CSF label) given with --derivatives, or an R2* map to "
+                    "estimate CSF from; add one, or use --qsm-reference brain"
+                )
             r2star = load_volume(inputs.r2star_file, reference=reference)
             try:
-                region = estimate_csf_mask(mask, r2star, voxel_size_from_affine(reference.affine),
-                                           depth_mm=CSF_DEPTH_MM, r2star_fraction=CSF_R2STAR_FRACTION)
+                region = estimate_csf_mask(
+                    mask,
+                    r2star,
+                    voxel_size_from_affine(reference.affine),
+                    depth_mm=CSF_DEPTH_MM,
+                    r2star_fraction=CSF_R2STAR_FRACTION,
+                )
             except ValueError as error:
-                raise ValueError(f"{error}; give a segmentation with a CSF label (--derivatives) or "
-                                 "use --qsm-reference brain") from error
-            return region, (f"CSF estimated without a segmentation: voxels at least {CSF_DEPTH_MM:g} mm "
-                            f"inside the QSM mask with R2* below {CSF_R2STAR_FRACTION:g} x its median")
+                raise ValueError(
+                    f"{error}; give a segmentation with a CSF label (--derivatives) or use --qsm-reference brain"
+                ) from error
+            return region, (
+                f"CSF estimated without a segmentation: voxels at least {CSF_DEPTH_MM:g} mm "
+                f"inside the QSM mask with R2* below {CSF_R2STAR_FRACTION:g} x its median"
+            )
         labels = csf_labels(inputs.dseg_tsv)
         if not labels:
-            raise ValueError(f"{inputs.dseg_tsv} names no CSF or ventricle label (a 'name' containing "
-                             "'CSF' or 'ventricle'); rename the label or use --qsm-reference brain")
+            raise ValueError(
+                f"{inputs.dseg_tsv} names no CSF or ventricle label (a 'name' containing "
+                "'CSF' or 'ventricle'); rename the label or use --qsm-reference brain"
+            )
         dseg = np.rint(load_volume(inputs.dseg_file, reference=reference)).astype(np.int64)
         region = np.isin(dseg, list(labels)) & mask
         if region.sum() < _MIN_REFERENCE_VOXELS:
-            raise ValueError(f"only {int(region.sum())} voxels of the CSF labels {sorted(labels)} of "
-                             f"{inputs.dseg_file} lie in the QSM mask; check that the segmentation "
-                             "belongs to this subject, or use --qsm-reference brain")
+            raise ValueError(
+                f"only {int(region.sum())} voxels of the CSF labels {sorted(labels)} of "
+                f"{inputs.dseg_file} lie in the QSM mask; check that the segmentation "
+                "belongs to this subject, or use --qsm-reference brain"
+            )
         names = ", ".join(f"{index}: {name}" for index, name in sorted(labels.items()))
         return region, f"CSF (dseg labels {names}, inside the QSM mask)"

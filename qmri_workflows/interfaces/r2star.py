@@ -86,8 +86,9 @@ def stack_contrasts(groups):
     echo_times = np.full((len(groups), n_echo), np.nan)
     for c, (_, echoes) in enumerate(groups):
         echo_times[c, : len(echoes)] = [te for te, _ in echoes]
-    volumes = load_volumes([path for _, echoes in groups for _, path in echoes], reference=reference,
-                           require_variation=True)
+    volumes = load_volumes(
+        [path for _, echoes in groups for _, path in echoes], reference=reference, require_variation=True
+    )
     if all(len(echoes) == n_echo for _, echoes in groups):
         return volumes.reshape(shape + (len(groups), n_echo)), echo_times, reference
     signal = np.full(shape + (len(groups), n_echo), np.nan, dtype=np.float32)
@@ -118,20 +119,15 @@ class _FitR2starInputSpec(BaseInterfaceInputSpec):
 
 class _FitR2starOutputSpec(TraitedSpec):
     r2star_file = File(exists=True, desc="R2* (1/s); NaN where undetermined, 0 outside the mask")
-    r2star_stderr_file = File(
-        exists=True, desc="standard error of R2* (1/s); NaN where unknown, 0 outside the mask"
-    )
+    r2star_stderr_file = File(exists=True, desc="standard error of R2* (1/s); NaN where unknown, 0 outside the mask")
     t2star_file = File(
         exists=True,
-        desc="T2* (s); NaN where R2* is not above zero by more than two standard errors, "
-        "0 outside the mask",
+        desc="T2* (s); NaN where R2* is not above zero by more than two standard errors, 0 outside the mask",
     )
     s0_files = OutputMultiObject(File(exists=True), desc="TE = 0 intercept, one per flip angle")
     flip_angles = traits.List(traits.Float, desc="flip angle (deg) of each S0 file")
     noise_sigma = traits.Float(desc="noise SD used by the fit (nan when unused)")
-    metadata = traits.Dict(
-        desc="EstimationAlgorithm, EstimationReference, protocol and voxel counts for sidecars"
-    )
+    metadata = traits.Dict(desc="EstimationAlgorithm, EstimationReference, protocol and voxel counts for sidecars")
 
 
 class FitR2star(SimpleInterface):
@@ -173,15 +169,11 @@ class FitR2star(SimpleInterface):
         counts = _quality_counts(signal, echo_times, r2star, t2star, fitted)
         _log_quality(counts, groups, signal, echo_times)
         cwd = runtime.cwd
-        self._results["r2star_file"] = str(
-            write_nifti(os.path.join(cwd, "R2starmap.nii"), r2star, reference.affine)
-        )
+        self._results["r2star_file"] = str(write_nifti(os.path.join(cwd, "R2starmap.nii"), r2star, reference.affine))
         self._results["r2star_stderr_file"] = str(
             write_nifti(os.path.join(cwd, "R2starmap_stderr.nii"), stderr, reference.affine)
         )
-        self._results["t2star_file"] = str(
-            write_nifti(os.path.join(cwd, "T2starmap.nii"), t2star, reference.affine)
-        )
+        self._results["t2star_file"] = str(write_nifti(os.path.join(cwd, "T2starmap.nii"), t2star, reference.affine))
         self._results["s0_files"] = [
             str(
                 write_nifti(
@@ -206,7 +198,6 @@ class FitR2star(SimpleInterface):
             self._results["metadata"]["NumberOfReceiveChannels"] = self.inputs.n_coils
         self._results["metadata"].update(counts)
         return runtime
-
 
     def _noise_sigma(self, signal, echo_times, reference, n_contrasts):
         """The given noise SD, or the one measured in the air when the fit needs it.
@@ -233,11 +224,13 @@ class FitR2star(SimpleInterface):
             if sigma > 0 and np.isfinite(sigma):
                 return sigma
             problem = "the air holds no noise (simulated data?)"
-        consequence = ("the non-linear fit models no noise floor" if self.inputs.method == "nls" else "")
+        consequence = "the non-linear fit models no noise floor" if self.inputs.method == "nls" else ""
         if residual_dof < MIN_RESIDUAL_DOF:
             consequence += (" and " if consequence else "") + (
-                "the R2* standard error rests on few residuals" if residual_dof > 0 else
-                "the R2* standard error and T2* are NaN (the fit leaves no residual)")
+                "the R2* standard error rests on few residuals"
+                if residual_dof > 0
+                else "the R2* standard error and T2* are NaN (the fit leaves no residual)"
+            )
         # Only a loss is worth a warning: with a few residuals the standard error is still made.
         level = logging.WARNING if self.inputs.method == "nls" or residual_dof < 1 else logging.INFO
         LOGGER.log(level, "R2*: %s; %s", problem, consequence)
@@ -268,17 +261,26 @@ def _log_quality(counts, groups, signal, echo_times):
         LOGGER.warning(
             "R2*: %d voxel(s) hold NaN/Inf in at least one echo; those samples are left out of "
             "their voxel's fit. Non-finite voxels per file: %s",
-            counts["NonFiniteInputVoxels"], ", ".join(files))
+            counts["NonFiniteInputVoxels"],
+            ", ".join(files),
+        )
     fitted = max(counts["FittedVoxels"], 1)
     for key, what in (
         ("UndeterminedR2starVoxels", "have fewer than two usable echoes: R2* and T2* are NaN"),
         ("NegativeR2starVoxels", "have a negative R2* (kept in the R2* map; T2* is NaN)"),
-        ("NonSignificantR2starVoxels",
-         f"have an R2* not above {T2STAR_MIN_SIGNIFICANCE:g} standard errors: T2* is NaN"),
+        (
+            "NonSignificantR2starVoxels",
+            f"have an R2* not above {T2STAR_MIN_SIGNIFICANCE:g} standard errors: T2* is NaN",
+        ),
     ):
         if counts[key]:
-            LOGGER.info("R2*: %d of %d fitted voxels (%.1f %%) %s", counts[key],
-                        counts["FittedVoxels"], 100.0 * counts[key] / fitted, what)
+            LOGGER.info(
+                "R2*: %d of %d fitted voxels (%.1f %%) %s",
+                counts[key],
+                counts["FittedVoxels"],
+                100.0 * counts[key] / fitted,
+                what,
+            )
 
 
 def estimate_noise_from_air(image, *, voxel_size, n_coils=1):

@@ -5,11 +5,11 @@ from __future__ import annotations
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     Directory,
+    File,
     InputMultiObject,
     OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
-    File,
     traits,
 )
 

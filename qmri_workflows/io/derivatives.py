@@ -32,7 +32,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +58,22 @@ BIDS_VERSION = "1.10.0"
 """BIDS version written into ``dataset_description.json``."""
 
 ENTITY_ORDER = (
-    "task", "acq", "ce", "rec", "dir", "run", "echo", "flip", "inv", "mt", "part",
-    "space", "res", "den", "label", "desc",
+    "task",
+    "acq",
+    "ce",
+    "rec",
+    "dir",
+    "run",
+    "echo",
+    "flip",
+    "inv",
+    "mt",
+    "part",
+    "space",
+    "res",
+    "den",
+    "label",
+    "desc",
 )
 """Entities accepted by :func:`bids_path` (after ``sub`` and ``ses``), in BIDS file-name order."""
 
@@ -103,11 +117,12 @@ def _clean_label(entity, value):
     if not isinstance(value, str):
         raise ValueError(f"BIDS entity {entity!r} needs a string label, got {type(value).__name__} {value!r}")
     if value.startswith(f"{entity}-"):
-        value = value[len(entity) + 1:]
+        value = value[len(entity) + 1 :]
     if not _LABEL_RE.match(value):
         raise ValueError(
             f"BIDS entity {entity!r} label {value!r} is invalid: labels must be non-empty and "
-            "alphanumeric (no '-', '_', '.', spaces)")
+            "alphanumeric (no '-', '_', '.', spaces)"
+        )
     return value
 
 
@@ -153,7 +168,8 @@ def bids_path(*, subject, suffix, session=None, datatype="anat", extension=".nii
     if unknown:
         raise ValueError(
             f"unknown BIDS entities {unknown}; accepted entities are {list(ENTITY_ORDER)} "
-            "(use the short keys, e.g. 'acq' not 'acquisition')")
+            "(use the short keys, e.g. 'acq' not 'acquisition')"
+        )
     if not isinstance(suffix, str) or not _LABEL_RE.match(suffix):
         raise ValueError(f"BIDS suffix must be a non-empty alphanumeric string, got {suffix!r}")
     if datatype not in _DATATYPES:
@@ -264,7 +280,8 @@ def _output_dtype(data, dtype):
         return np.dtype(np.float32)
     raise ValueError(
         f"cannot write NIfTI data of dtype {data.dtype} (shape {data.shape}); "
-        "write real and imaginary parts (or magnitude and phase) separately")
+        "write real and imaginary parts (or magnitude and phase) separately"
+    )
 
 
 def _cast(data, dtype):
@@ -282,8 +299,7 @@ def _cast(data, dtype):
         info = np.iinfo(dtype)
         low, high = values.min(), values.max()
         if low < info.min or high > info.max:
-            raise ValueError(
-                f"values span [{low}, {high}], outside the range of {dtype} [{info.min}, {info.max}]")
+            raise ValueError(f"values span [{low}, {high}], outside the range of {dtype} [{info.min}, {info.max}]")
     return values.astype(dtype)
 
 
@@ -449,7 +465,8 @@ def check_output_root(out_root):
             f"refusing to write derivatives to {root}: it is "
             + ("the root of" if not relative.parts else "inside")
             + f" the raw BIDS dataset {candidate} (see {description}). Choose an output folder "
-            f"outside it, or under {candidate / 'derivatives'}/<pipeline-name>.")
+            f"outside it, or under {candidate / 'derivatives'}/<pipeline-name>."
+        )
     return root
 
 
@@ -463,8 +480,9 @@ def _map_target(out_root, *, subject, suffix, session, datatype, **entities):
         datatype = "fmap" if suffix in FMAP_SUFFIXES else "anat"
     elif suffix in FMAP_SUFFIXES and datatype != "fmap":
         raise ValueError(f"{suffix} belongs in the 'fmap' folder (BIDS), got datatype={datatype!r}")
-    relative = bids_path(subject=subject, session=session, suffix=suffix, datatype=datatype,
-                         extension=".nii.gz", **entities)
+    relative = bids_path(
+        subject=subject, session=session, suffix=suffix, datatype=datatype, extension=".nii.gz", **entities
+    )
     return root / relative
 
 
@@ -482,8 +500,7 @@ def _map_sidecar(metadata, suffix, entities):
 def _check_mask_values(data):
     values = np.unique(data)
     if not np.isin(values, (0, 1)).all():
-        raise ValueError(
-            f"a mask must hold only 0 and 1, got values {values[:10].tolist()} (shape {np.shape(data)})")
+        raise ValueError(f"a mask must hold only 0 and 1, got values {values[:10].tolist()} (shape {np.shape(data)})")
 
 
 def _default_dtype(suffix):
@@ -494,8 +511,20 @@ def _default_dtype(suffix):
     return np.dtype(np.float32)
 
 
-def write_map(out_root, data, affine, *, subject, suffix, metadata, session=None, datatype=None,
-              dtype=None, header=None, **entities):
+def write_map(
+    out_root,
+    data,
+    affine,
+    *,
+    subject,
+    suffix,
+    metadata,
+    session=None,
+    datatype=None,
+    dtype=None,
+    header=None,
+    **entities,
+):
     """Write a derivative image and its JSON sidecar into the BIDS-derivatives dataset ``out_root``.
 
     Parameters
@@ -532,8 +561,7 @@ def write_map(out_root, data, affine, *, subject, suffix, metadata, session=None
         If ``out_root`` is in a raw dataset, a B1 map is put outside ``fmap``, a mask has values other
         than 0/1, or a file-name entity is invalid.
     """
-    target = _map_target(out_root, subject=subject, session=session, suffix=suffix, datatype=datatype,
-                         **entities)
+    target = _map_target(out_root, subject=subject, session=session, suffix=suffix, datatype=datatype, **entities)
     data = np.asanyarray(data)
     if dtype is None:
         if suffix in _MASK_SUFFIXES:
@@ -560,14 +588,12 @@ def has_clean_header(image, dtype):
     if int(sform_code) != 1:
         return False
     qform, qform_code = image.get_qform(coded=True)
-    if int(qform_code) not in (0, 1) or (int(qform_code) == 1 and not np.allclose(qform, sform, atol=1e-4,
-                                                                                  rtol=0)):
+    if int(qform_code) not in (0, 1) or (int(qform_code) == 1 and not np.allclose(qform, sform, atol=1e-4, rtol=0)):
         return False
     return header.get_xyzt_units()[0] == "mm" and header["cal_min"] == 0 and header["cal_max"] == 0
 
 
-def publish_map(out_root, in_file, *, subject, suffix, metadata, session=None, datatype=None, dtype=None,
-                **entities):
+def publish_map(out_root, in_file, *, subject, suffix, metadata, session=None, datatype=None, dtype=None, **entities):
     """Put the image file ``in_file`` into the derivatives dataset, as :func:`write_map` would.
 
     A file whose header already follows :func:`write_nifti`'s conventions for the target dtype
@@ -596,12 +622,22 @@ def publish_map(out_root, in_file, *, subject, suffix, metadata, session=None, d
     target_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(suffix)
     if not has_clean_header(image, target_dtype) or not isinstance(image, nib.Nifti1Image):
         data = np.asanyarray(image.dataobj)
-        return write_map(out_root, data, image.affine, subject=subject, suffix=suffix, metadata=metadata,
-                         session=session, datatype=datatype, dtype=dtype, header=image.header, **entities)
+        return write_map(
+            out_root,
+            data,
+            image.affine,
+            subject=subject,
+            suffix=suffix,
+            metadata=metadata,
+            session=session,
+            datatype=datatype,
+            dtype=dtype,
+            header=image.header,
+            **entities,
+        )
     if suffix in _MASK_SUFFIXES:
         _check_mask_values(np.asanyarray(image.dataobj))
-    target = _map_target(out_root, subject=subject, session=session, suffix=suffix, datatype=datatype,
-                         **entities)
+    target = _map_target(out_root, subject=subject, session=session, suffix=suffix, datatype=datatype, **entities)
     with _atomic_target(target) as temporary:
         if str(in_file).endswith(".gz"):
             shutil.copyfile(in_file, temporary)
@@ -613,8 +649,9 @@ def publish_map(out_root, in_file, *, subject, suffix, metadata, session=None, d
     return target
 
 
-def write_dataset_description(root, *, name, dataset_type="derivative", generated_by=None,
-                              source_datasets=None, dataset_links=None, extra=None):
+def write_dataset_description(
+    root, *, name, dataset_type="derivative", generated_by=None, source_datasets=None, dataset_links=None, extra=None
+):
     """Write ``dataset_description.json`` of a derivatives dataset.
 
     Parameters
@@ -646,11 +683,13 @@ def write_dataset_description(root, *, name, dataset_type="derivative", generate
     if generated_by is None:
         from qmri_workflows import __version__
 
-        generated_by = [{
-            "Name": "qmri-workflows",
-            "Version": __version__,
-            "Description": "Quantitative MRI maps (R1, R2, R2*, PD, QSM) from raw BIDS data",
-        }]
+        generated_by = [
+            {
+                "Name": "qmri-workflows",
+                "Version": __version__,
+                "Description": "Quantitative MRI maps (R1, R2, R2*, PD, QSM) from raw BIDS data",
+            }
+        ]
     elif isinstance(generated_by, Mapping):
         generated_by = [dict(generated_by)]
     else:
@@ -663,8 +702,8 @@ def write_dataset_description(root, *, name, dataset_type="derivative", generate
         description["GeneratedBy"] = generated_by
     if source_datasets:
         description["SourceDatasets"] = [
-            {"URL": str(item)} if isinstance(item, (str, os.PathLike)) else dict(item)
-            for item in source_datasets]
+            {"URL": str(item)} if isinstance(item, (str, os.PathLike)) else dict(item) for item in source_datasets
+        ]
     if dataset_links:
         description["DatasetLinks"] = {str(k): str(v) for k, v in dataset_links.items()}
     if extra:

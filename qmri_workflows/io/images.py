@@ -24,8 +24,9 @@ GRID_TOLERANCE_MM = 1e-3
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, *, atol=GRID_TOLERANCE_MM):
     """Whether two images share their 3D voxel grid (shape and affine within ``atol`` mm)."""
-    return (tuple(shape_a[:3]) == tuple(shape_b[:3])
-            and np.allclose(np.asarray(affine_a), np.asarray(affine_b), atol=atol, rtol=0))
+    return tuple(shape_a[:3]) == tuple(shape_b[:3]) and np.allclose(
+        np.asarray(affine_a), np.asarray(affine_b), atol=atol, rtol=0
+    )
 
 
 def load_volume(path, *, dtype=np.float32, reference=None, require_variation=False):
@@ -59,7 +60,8 @@ def load_volume(path, *, dtype=np.float32, reference=None, require_variation=Fal
         raise BIDSInputError(
             f"image {path} (shape {image.shape[:3]}) is not on the grid of "
             f"{getattr(reference, 'get_filename', lambda: 'the reference')()} (shape {reference.shape[:3]}); "
-            "resample it onto the same grid or re-export the series together")
+            "resample it onto the same grid or re-export the series together"
+        )
     data = volume_data(image, path, dtype=dtype)
     if require_variation:
         _check_variation(data, path)
@@ -76,7 +78,8 @@ def _check_variation(data, name):
         raise BIDSInputError(
             f"image {name} holds {content}: there is no signal in it (a failed reconstruction or "
             "export?); export the series again from the scanner data, or remove this file and its "
-            "sidecar from the dataset")
+            "sidecar from the dataset"
+        )
 
 
 def load_volumes(paths, *, dtype=np.float32, reference=None, require_variation=False, max_threads=None):
@@ -119,8 +122,9 @@ def load_volumes(paths, *, dtype=np.float32, reference=None, require_variation=F
     volumes = np.empty(tuple(reference.shape[:3]) + (len(paths),), dtype=dtype)
 
     def load(index):
-        volumes[..., index] = load_volume(paths[index], dtype=dtype, reference=reference,
-                                          require_variation=require_variation)
+        volumes[..., index] = load_volume(
+            paths[index], dtype=dtype, reference=reference, require_variation=require_variation
+        )
 
     threads = min(len(paths), max_threads or os.cpu_count() or 1)
     if threads == 1:
@@ -173,14 +177,16 @@ def volume_data(image, name, *, dtype=np.float32):
     if len(shape) != 3:
         raise BIDSInputError(
             f"image {name} has shape {image.shape}; a single 3D volume is expected (split 4D files "
-            "into one file per echo/flip angle as BIDS describes)")
+            "into one file per echo/flip angle as BIDS describes)"
+        )
     data = np.asarray(image.dataobj, dtype=dtype).reshape(shape)
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
         if not finite.any():
             raise BIDSInputError(
                 f"image {name} holds no finite value (all NaN/Inf): there is no signal in it; export "
-                "it again, or remove this file and its sidecar from the dataset")
+                "it again, or remove this file and its sidecar from the dataset"
+            )
     return data
 
 

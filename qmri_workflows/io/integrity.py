@@ -81,8 +81,10 @@ def check_image_file(path):
     compressed = path.endswith(".gz")
     if compressed != (magic == _GZIP_MAGIC):
         actual = "gzip-compressed" if magic == _GZIP_MAGIC else "not gzip-compressed"
-        raise BIDSInputError(f"image {path} is {actual}, which its name does not say; rename it "
-                             f"({'.nii.gz' if magic == _GZIP_MAGIC else '.nii'}) or {fix}")
+        raise BIDSInputError(
+            f"image {path} is {actual}, which its name does not say; rename it "
+            f"({'.nii.gz' if magic == _GZIP_MAGIC else '.nii'}) or {fix}"
+        )
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises several types for damaged files
@@ -90,8 +92,7 @@ def check_image_file(path):
     expected = _expected_bytes(image)
     if not compressed:
         if size < expected:
-            raise BIDSInputError(f"image {path} is truncated: {size} bytes where its header promises "
-                                 f"{expected}; {fix}")
+            raise BIDSInputError(f"image {path} is truncated: {size} bytes where its header promises {expected}; {fix}")
         return image
     with open(path, "rb") as handle:
         handle.seek(-4, os.SEEK_END)
@@ -103,6 +104,7 @@ def check_image_file(path):
     except (OSError, EOFError, zlib.error) as error:
         raise BIDSInputError(f"image {path} is damaged or truncated ({error}); {fix}") from error
     if actual < expected:
-        raise BIDSInputError(f"image {path} is truncated: {actual} bytes uncompressed where its header "
-                             f"promises {expected}; {fix}")
+        raise BIDSInputError(
+            f"image {path} is truncated: {actual} bytes uncompressed where its header promises {expected}; {fix}"
+        )
     return image

@@ -113,9 +113,15 @@ def resample_to_reference(source, reference, *, kind="linear", name=None, min_co
     data = volume_data(source_image, source_name, dtype=np.float32 if kind == "linear" else None)
     target_shape = tuple(reference_image.shape[:3])
     if not same_grid(data.shape, source_image.affine, target_shape, reference_image.affine):
-        data = _resample_array(data, source_image.affine, target_shape, reference_image.affine,
-                               kind=kind, min_coverage=min_coverage,
-                               names=(source_name, reference_name))
+        data = _resample_array(
+            data,
+            source_image.affine,
+            target_shape,
+            reference_image.affine,
+            kind=kind,
+            min_coverage=min_coverage,
+            names=(source_name, reference_name),
+        )
     if data.dtype == bool:  # NIfTI has no boolean type
         data = data.astype(np.uint8)
     return nib.Nifti1Image(data, reference_image.affine, dtype=data.dtype)
@@ -159,8 +165,9 @@ def load_on_grid(path, reference, *, kind="linear", dtype=np.float32, min_covera
     reference_image, _ = _as_image(reference, None)
     if same_grid(source_image.shape, source_image.affine, reference_image.shape, reference_image.affine):
         return volume_data(source_image, path, dtype=dtype)
-    resampled = resample_to_reference(source_image, reference_image, kind=kind, name=str(path),
-                                      min_coverage=min_coverage)
+    resampled = resample_to_reference(
+        source_image, reference_image, kind=kind, name=str(path), min_coverage=min_coverage
+    )
     return np.asarray(resampled.dataobj).astype(dtype, copy=False)
 
 
@@ -173,8 +180,9 @@ def _as_image(image_or_path, name):
 def _resample_array(data, source_affine, target_shape, target_affine, *, kind, min_coverage, names):
     """Sample ``data`` at the reference voxel centres (see the module docstring for the rules)."""
     # reference voxel index -> world mm -> source voxel index
-    voxel_map = np.linalg.solve(np.asarray(source_affine, dtype=np.float64),
-                                np.asarray(target_affine, dtype=np.float64))
+    voxel_map = np.linalg.solve(
+        np.asarray(source_affine, dtype=np.float64), np.asarray(target_affine, dtype=np.float64)
+    )
     matrix, offset = voxel_map[:3, :3], voxel_map[:3, 3]
     inside = _inside_source(matrix, offset, target_shape, data.shape)
     coverage = inside.mean()
@@ -183,12 +191,15 @@ def _resample_array(data, source_affine, target_shape, target_affine, *, kind, m
             f"image {names[0]} does not overlap the grid of {names[1]}: it spans "
             f"{_world_box(data.shape, source_affine)} mm in world coordinates, the reference "
             f"{_world_box(target_shape, target_affine)} mm. Check that both come from the same session "
-            "and that their headers (qform/sform) are intact; re-convert the DICOMs (dcm2niix) if not")
+            "and that their headers (qform/sform) are intact; re-convert the DICOMs (dcm2niix) if not"
+        )
     if coverage < min_coverage:
         warnings.warn(
             f"image {names[0]} covers only {100 * coverage:.0f}% of the voxels of {names[1]}; the rest "
             f"is {'NaN' if kind == 'linear' else '0'}. Check that its field of view contains the brain",
-            PartialCoverageWarning, stacklevel=3)
+            PartialCoverageWarning,
+            stacklevel=3,
+        )
     if kind == "linear":
         resampled = _linear(data, matrix, offset, target_shape)
         resampled[~inside] = np.nan
@@ -210,8 +221,12 @@ def _inside_source(matrix, offset, target_shape, source_shape):
     inside = np.ones(target_shape, dtype=bool)
     indices = np.ix_(*(np.arange(n, dtype=np.float32) for n in target_shape))
     for axis in range(3):
-        coordinate = (np.float32(offset[axis]) + np.float32(matrix[axis, 0]) * indices[0]
-                      + np.float32(matrix[axis, 1]) * indices[1] + np.float32(matrix[axis, 2]) * indices[2])
+        coordinate = (
+            np.float32(offset[axis])
+            + np.float32(matrix[axis, 0]) * indices[0]
+            + np.float32(matrix[axis, 1]) * indices[1]
+            + np.float32(matrix[axis, 2]) * indices[2]
+        )
         inside &= coordinate >= -0.5 - _EDGE_TOLERANCE
         inside &= coordinate <= source_shape[axis] - 0.5 + _EDGE_TOLERANCE
     return inside
@@ -219,16 +234,18 @@ def _inside_source(matrix, offset, target_shape, source_shape):
 
 def _sample(data, matrix, offset, target_shape, *, order, output):
     # mode "nearest" repeats the edge voxel in the outermost half voxel; beyond it the caller masks
-    return ndimage.affine_transform(data, matrix, offset, output_shape=target_shape, output=output,
-                                    order=order, mode="nearest", prefilter=False)
+    return ndimage.affine_transform(
+        data, matrix, offset, output_shape=target_shape, output=output, order=order, mode="nearest", prefilter=False
+    )
 
 
 def _linear(data, matrix, offset, target_shape):
     finite = np.isfinite(data)
     if finite.all():
         return _sample(data, matrix, offset, target_shape, order=1, output=np.float32)
-    values = _sample(np.where(finite, data, 0).astype(np.float32), matrix, offset, target_shape,
-                     order=1, output=np.float32)
+    values = _sample(
+        np.where(finite, data, 0).astype(np.float32), matrix, offset, target_shape, order=1, output=np.float32
+    )
     weights = _sample(finite.astype(np.float32), matrix, offset, target_shape, order=1, output=np.float32)
     enough = weights >= _MIN_FINITE_WEIGHT
     resampled = np.full(target_shape, np.nan, dtype=np.float32)

@@ -31,11 +31,22 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .tissues import (CHRONIC_ACTIVE_RIM_MM, CORTICAL_LESIONS, DEEP_GREY_NUCLEI, WM_LESIONS)
+from .tissues import CHRONIC_ACTIVE_RIM_MM, CORTICAL_LESIONS, DEEP_GREY_NUCLEI, WM_LESIONS
 
-__all__ = ["TEMPLATE_FILES", "template_directory", "load_template", "Lesion", "place_lesions",
-           "LocalFraction", "dense", "Anatomy", "build_anatomy", "SKULL_THICKNESS_MM",
-           "SCALP_THICKNESS_MM", "AIR_MARGIN_MM"]
+__all__ = [
+    "TEMPLATE_FILES",
+    "template_directory",
+    "load_template",
+    "Lesion",
+    "place_lesions",
+    "LocalFraction",
+    "dense",
+    "Anatomy",
+    "build_anatomy",
+    "SKULL_THICKNESS_MM",
+    "SCALP_THICKNESS_MM",
+    "AIR_MARGIN_MM",
+]
 
 TEMPLATE_FILES = {
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -77,12 +88,15 @@ def template_directory():
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "The digital phantom needs nilearn for its MNI152 template maps; install it with "
-            "`pip install qmri-workflows[phantom]`.")
+            "`pip install qmri-workflows[phantom]`."
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     missing = [name for name in TEMPLATE_FILES.values() if not (folder / name).is_file()]
     if missing:
-        raise ImportError(f"nilearn at {folder.parent.parent} lacks the template maps {missing}; "
-                          "reinstall it with `pip install qmri-workflows[phantom]`.")
+        raise ImportError(
+            f"nilearn at {folder.parent.parent} lacks the template maps {missing}; "
+            "reinstall it with `pip install qmri-workflows[phantom]`."
+        )
     return folder
 
 
@@ -160,7 +174,7 @@ def _choose(rng, candidates, radius, placed, *, gap=_LESION_GAP_MM):
 
 def _block_mean(volume, size):
     shape = [n // size for n in volume.shape]
-    trimmed = volume[:shape[0] * size, :shape[1] * size, :shape[2] * size]
+    trimmed = volume[: shape[0] * size, : shape[1] * size, : shape[2] * size]
     return trimmed.reshape(shape[0], size, shape[1], size, shape[2], size).mean(axis=(1, 3, 5))
 
 
@@ -170,7 +184,8 @@ def place_lesions(seed=0):
 
     White-matter lesions go where the template's white matter is pure (fraction >= 0.9, on 2 mm
     blocks) for at least the lesion radius + 2 mm around the centre, away from the deep grey nuclei;
-    cortical lesions are centred in cortex (GM fraction >= 0.85). All lesions are supratentorial and at least 3 mm apart.
+    cortical lesions are centred in cortex (GM fraction >= 0.85). All lesions are supratentorial and at
+    least 3 mm apart.
     Positions do not depend on the output resolution.
 
     Parameters
@@ -214,8 +229,7 @@ def place_lesions(seed=0):
     wm_lesions = [by_index[i] for i in range(len(WM_LESIONS))]
     cortical = []
     for compartment, diameter in CORTICAL_LESIONS:
-        lesion = Lesion(compartment, _choose(rng, cortex_points, diameter / 2, placed),
-                        diameter / 2)
+        lesion = Lesion(compartment, _choose(rng, cortex_points, diameter / 2, placed), diameter / 2)
         placed.append(lesion)
         cortical.append(lesion)
     return tuple(wm_lesions + cortical)
@@ -301,13 +315,13 @@ def _resample(volume, template_affine, shape, affine, resolution):
         # Integer shift: a plain copy, exact and fast.
         start = np.round(offset).astype(int)
         out = np.zeros(shape, dtype=np.float32)
-        source = tuple(slice(max(s, 0), min(s + n, m))
-                       for s, n, m in zip(start, shape, volume.shape))
+        source = tuple(slice(max(s, 0), min(s + n, m)) for s, n, m in zip(start, shape, volume.shape))
         target = tuple(slice(src.start - s, src.stop - s) for src, s in zip(source, start))
         out[target] = volume[source]
         return out
-    out = ndimage.affine_transform(volume, scale, offset=offset, output_shape=shape, order=1,
-                                   mode="constant", cval=0.0, output=np.float32)
+    out = ndimage.affine_transform(
+        volume, scale, offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0, output=np.float32
+    )
     return np.clip(out, 0, 1, out=out)
 
 
@@ -378,11 +392,14 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
     # a voxel beyond the centres of the outermost brain voxels).
     outside_distance = ndimage.distance_transform_edt(~brain_mask, sampling=resolution)
     surface_distance = (outside_distance - resolution / 2).astype(np.float32)
-    within_skull = np.where(brain_mask, np.float32(1),
-                            _plane_fraction(surface_distance - SKULL_THICKNESS_MM, resolution))
-    within_scalp = np.where(brain_mask, np.float32(1),
-                            _plane_fraction(surface_distance - SKULL_THICKNESS_MM
-                                            - SCALP_THICKNESS_MM, resolution))
+    within_skull = np.where(
+        brain_mask, np.float32(1), _plane_fraction(surface_distance - SKULL_THICKNESS_MM, resolution)
+    )
+    within_scalp = np.where(
+        brain_mask,
+        np.float32(1),
+        _plane_fraction(surface_distance - SKULL_THICKNESS_MM - SCALP_THICKNESS_MM, resolution),
+    )
     del outside_distance, surface_distance
     skull = np.clip(within_skull - support, 0, 1)
     scalp = within_scalp - within_skull
@@ -421,7 +438,8 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
         host *= 1 - sphere
 
     fractions.update(cortical_gm=gm, wm=wm, skull=skull, scalp=scalp)
-    fractions = {name: value if isinstance(value, LocalFraction) else np.asarray(value, dtype=np.float32)
-                 for name, value in fractions.items()}
-    return Anatomy(affine=affine, fractions=fractions, brain_mask=brain_mask,
-                   head_mask=head_mask, lesions=lesions)
+    fractions = {
+        name: value if isinstance(value, LocalFraction) else np.asarray(value, dtype=np.float32)
+        for name, value in fractions.items()
+    }
+    return Anatomy(affine=affine, fractions=fractions, brain_mask=brain_mask, head_mask=head_mask, lesions=lesions)

@@ -62,38 +62,81 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="qmri-phantom",
         description="Simulate the qmri-workflows digital MS-brain phantom (multi-echo VFA, phase-cycled "
-                    "bSSFP, AFI, receive-field pair) and write it as a raw BIDS dataset with its ground "
-                    "truth in derivatives/phantom.",
-        epilog="The dataset is written to a temporary folder next to OUTPUT_DIR and renamed at the end.")
+        "bSSFP, AFI, receive-field pair) and write it as a raw BIDS dataset with its ground "
+        "truth in derivatives/phantom.",
+        epilog="The dataset is written to a temporary folder next to OUTPUT_DIR and renamed at the end.",
+    )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="dataset folder to create")
-    parser.add_argument("--resolution", type=_finite_positive_float, default=1.0, metavar="MM",
-                        help="isotropic voxel size in mm (default: %(default)s)")
-    parser.add_argument("--snr", type=_positive_float, default=math.inf, metavar="SNR",
-                        help="white-matter SNR of echo 1 of the lowest-flip-angle VFA image; 'inf' for "
-                             "noiseless data (default: inf)")
-    parser.add_argument("--subjects", type=_positive_int, default=1, metavar="N",
-                        help="number of subjects: sub-01 patient, sub-02 control, alternating (default: 1)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
-                        help="random seed of anatomy, fields and noise (default: 0)")
-    parser.add_argument("--field-strength", type=_finite_positive_float, default=3.0, metavar="T",
-                        help="main field in tesla (default: %(default)s)")
-    parser.add_argument("--n-coils", type=_positive_int, default=1, metavar="N",
-                        help="receive channels; 1 gives Rician magnitude, more root-sum-of-squares "
-                             "(default: 1)")
-    parser.add_argument("--oversample", type=_positive_int, default=2, metavar="K",
-                        help="simulate on a K times finer grid and reduce it to the target grid, so the images "
-                             "have partial volume and intravoxel dephasing; 1 makes the truth the exact "
-                             "inverse of the signal model (fast tests). Memory grows as K^3 "
-                             "(default: %(default)s)")
-    parser.add_argument("--kspace-filter", choices=("box", "tukey", "none"), default="box",
-                        help="how a voxel forms from the K^3 finer ones when K > 1: 'box' averages the "
-                             "signal over its footprint (partial volume and intravoxel dephasing, no "
-                             "ringing); 'tukey' and 'none' crop k-space with and without a "
-                             "reconstruction filter (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "int16"), default="float32",
-                        help="storage of the raw images; int16 uses a scale slope (default: float32)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUTPUT_DIR if it exists (after the new dataset is complete)")
+    parser.add_argument(
+        "--resolution",
+        type=_finite_positive_float,
+        default=1.0,
+        metavar="MM",
+        help="isotropic voxel size in mm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--snr",
+        type=_positive_float,
+        default=math.inf,
+        metavar="SNR",
+        help="white-matter SNR of echo 1 of the lowest-flip-angle VFA image; 'inf' for noiseless data (default: inf)",
+    )
+    parser.add_argument(
+        "--subjects",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="number of subjects: sub-01 patient, sub-02 control, alternating (default: 1)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        metavar="S",
+        help="random seed of anatomy, fields and noise (default: 0)",
+    )
+    parser.add_argument(
+        "--field-strength",
+        type=_finite_positive_float,
+        default=3.0,
+        metavar="T",
+        help="main field in tesla (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--n-coils",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="receive channels; 1 gives Rician magnitude, more root-sum-of-squares (default: 1)",
+    )
+    parser.add_argument(
+        "--oversample",
+        type=_positive_int,
+        default=2,
+        metavar="K",
+        help="simulate on a K times finer grid and reduce it to the target grid, so the images "
+        "have partial volume and intravoxel dephasing; 1 makes the truth the exact "
+        "inverse of the signal model (fast tests). Memory grows as K^3 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kspace-filter",
+        choices=("box", "tukey", "none"),
+        default="box",
+        help="how a voxel forms from the K^3 finer ones when K > 1: 'box' averages the "
+        "signal over its footprint (partial volume and intravoxel dephasing, no "
+        "ringing); 'tukey' and 'none' crop k-space with and without a "
+        "reconstruction filter (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "int16"),
+        default="float32",
+        help="storage of the raw images; int16 uses a scale slope (default: float32)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (after the new dataset is complete)"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s (qmri-workflows) {__version__}")
     return parser
 
@@ -112,13 +155,26 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         path = write_phantom_dataset(
-            args.output_dir, resolution=args.resolution, snr=args.snr, subjects=args.subjects, seed=args.seed,
-            field_strength=args.field_strength, n_coils=args.n_coils, oversample=args.oversample,
-            dtype=args.dtype, overwrite=args.overwrite, command=command, kspace_filter=args.kspace_filter)
+            args.output_dir,
+            resolution=args.resolution,
+            snr=args.snr,
+            subjects=args.subjects,
+            seed=args.seed,
+            field_strength=args.field_strength,
+            n_coils=args.n_coils,
+            oversample=args.oversample,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            command=command,
+            kspace_filter=args.kspace_filter,
+        )
     except FileExistsError:
         # the library's message names its keyword argument; here the user needs the flag
-        print(f"qmri-phantom: error: {args.output_dir} exists and is not empty; choose another folder "
-              "or pass --overwrite", file=sys.stderr)
+        print(
+            f"qmri-phantom: error: {args.output_dir} exists and is not empty; choose another folder "
+            "or pass --overwrite",
+            file=sys.stderr,
+        )
         return 1
     except (ValueError, OSError) as error:
         print(f"qmri-phantom: error: {error}", file=sys.stderr)

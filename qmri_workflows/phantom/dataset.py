@@ -96,14 +96,16 @@ ICBM_NOTICE = (
     "Institute, McGill University. Permission to use, copy, modify, and distribute this software and "
     "its documentation for any purpose and without fee is hereby granted, provided that the above "
     "copyright notice appear in all copies. The authors and McGill University make no representations "
-    "about the suitability of this software for any purpose. It is provided \"as is\" without express "
+    'about the suitability of this software for any purpose. It is provided "as is" without express '
     "or implied warranty. The authors are not responsible for any data loss, equipment damage, property "
     "loss, or injury to subjects or patients resulting from the use or misuse of this software package."
 )
 """Copyright notice of the MNI ICBM152 2009a template, which every copy of derived data must carry."""
 
-_ICBM_SOURCE = {"URL": "https://nist.mni.mcgill.ca/icbm-152-nonlinear-atlases-2009/",
-                "Version": "ICBM 2009a nonlinear symmetric (as shipped with nilearn)"}
+_ICBM_SOURCE = {
+    "URL": "https://nist.mni.mcgill.ca/icbm-152-nonlinear-atlases-2009/",
+    "Version": "ICBM 2009a nonlinear symmetric (as shipped with nilearn)",
+}
 _DATASET_NAME = "qmri-workflows digital MS-brain phantom"
 _DTYPES = ("float32", "int16")
 
@@ -130,13 +132,19 @@ def subject_table(n_subjects, seed=0):
         group = "patient" if index % 2 == 0 else "control"
         age = int(rng.integers(25, 56))
         female = rng.random() < (0.7 if group == "patient" else 0.5)
-        rows.append({"index": index, "label": f"{index + 1:0{width}d}", "group": group, "age": age,
-                     "sex": "F" if female else "M"})
+        rows.append(
+            {
+                "index": index,
+                "label": f"{index + 1:0{width}d}",
+                "group": group,
+                "age": age,
+                "sex": "F" if female else "M",
+            }
+        )
     return rows
 
 
-def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype,
-            kspace_filter):
+def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype, kspace_filter):
     snr_text = "noiseless (snr = inf)" if math.isinf(snr) else f"{snr:g}"
     lines = [
         "qmri-workflows digital MS-brain phantom",
@@ -153,10 +161,12 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         f"SNR {snr_text}, {n_coils} receive channel(s), oversampling {oversample}, storage {dtype}.",
         "",
         "Oversampling: with oversampling K > 1 every image is simulated on a grid K times finer and",
-        {"box": "reduced by averaging the complex signal over each voxel's footprint (no ringing).",
-         "tukey": "reduced by cropping its k-space with a Tukey reconstruction filter (inner half of "
-                  "k-space flat, cosine taper outside).",
-         "none": "reduced by cropping its k-space without a filter (Gibbs ringing kept)."}[kspace_filter],
+        {
+            "box": "reduced by averaging the complex signal over each voxel's footprint (no ringing).",
+            "tukey": "reduced by cropping its k-space with a Tukey reconstruction filter (inner half of "
+            "k-space flat, cosine taper outside).",
+            "none": "reduced by cropping its k-space without a filter (Gibbs ringing kept).",
+        }[kspace_filter],
         "The images then carry partial volume and intravoxel dephasing that the block-averaged truth",
         "does not model. With K = 1 each image is the exact signal model of its truth.",
         "",
@@ -166,9 +176,13 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "Each subject's derivatives/phantom/sub-XX/sub-XX_desc-simulation.json records the protocol,",
         "the noise sigma, the number of channels and the seeds.",
         "",
-        "Storage: " + ("float32 magnitude and phase (rad)." if dtype == "float32" else
-                       "int16 with a NIfTI scale slope: magnitude step sigma/4 (0.5 % of the noise variance),"
-                       " phase step pi/1024 (pi/16384 when noiseless); readers apply the slope."),
+        "Storage: "
+        + (
+            "float32 magnitude and phase (rad)."
+            if dtype == "float32"
+            else "int16 with a NIfTI scale slope: magnitude step sigma/4 (0.5 % of the noise variance),"
+            " phase step pi/1024 (pi/16384 when noiseless); readers apply the slope."
+        ),
         "",
         "Ground truth (derivatives/phantom)",
         "----------------------------------",
@@ -265,17 +279,18 @@ def _raw_sidecar(volume, *, field_strength, part, n_coils):
     if body_coil or n_coils == 1:
         metadata["CoilCombinationMethod"] = "single channel"
     else:
-        metadata["CoilCombinationMethod"] = ("rSOS magnitude; phase of the sensitivity-weighted (Roemer) sum"
-                                             " with the known sensitivities")
+        metadata["CoilCombinationMethod"] = (
+            "rSOS magnitude; phase of the sensitivity-weighted (Roemer) sum with the known sensitivities"
+        )
     metadata["ReceiveCoilActiveElements"] = "body" if body_coil else f"all {n_coils}"
     metadata["MatrixCoilMode"] = "none"
     metadata["NonlinearGradientCorrection"] = False
     metadata["ScanningSequence"] = "GR"
     metadata["SequenceVariant"] = ["SS"] if volume.kind == "bssfp" else ["SS", "SP"]
     metadata["SequenceName"] = f"qmri_{volume.kind}"
-    metadata["PulseSequenceDetails"] = (
-        "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); "
-        + ("balanced, TE = TR/2" if volume.kind == "bssfp" else "ideal RF and gradient spoiling"))
+    metadata["PulseSequenceDetails"] = "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); " + (
+        "balanced, TE = TR/2" if volume.kind == "bssfp" else "ideal RF and gradient spoiling"
+    )
     if volume.kind in ("afi", "rb1cor"):
         metadata.setdefault("SpoilingType", "COMBINED")
     metadata["SoftwareVersions"] = f"qmri-workflows {__version__}"
@@ -291,74 +306,163 @@ def _raw_sidecar(volume, *, field_strength, part, n_coils):
 def _truth_metadata(description, *, field_strength, oversample, **extra):
     text = description
     if oversample > 1:
-        text += (f" Block average of the truth on a grid {oversample} times finer (approximate truth"
-                 " of the k-space-reduced images).")
-    return {"Description": text, "EstimationAlgorithm": "ground truth of the digital phantom",
-            "MagneticFieldStrength": float(field_strength), **extra}
+        text += (
+            f" Block average of the truth on a grid {oversample} times finer (approximate truth"
+            " of the k-space-reduced images)."
+        )
+    return {
+        "Description": text,
+        "EstimationAlgorithm": "ground truth of the digital phantom",
+        "MagneticFieldStrength": float(field_strength),
+        **extra,
+    }
 
 
 def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, oversample):
     affine = scanner.affine
     meta = {"field_strength": field_strength, "oversample": oversample}
-    rates = {"R1map": ("T1map", "longitudinal relaxation"), "R2map": ("T2map", "transverse relaxation"),
-             "R2starmap": ("T2starmap", "effective transverse relaxation")}
+    rates = {
+        "R1map": ("T1map", "longitudinal relaxation"),
+        "R2map": ("T2map", "transverse relaxation"),
+        "R2starmap": ("T2starmap", "effective transverse relaxation"),
+    }
     for name, data in scanner.truth_maps(protocol):
         if name in rates:
             time_name, what = rates[name]
-            write_map(derivatives_root, data, affine, subject=label, suffix=name,
-                      metadata=_truth_metadata(f"True {what} rate.", **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix=name,
+                metadata=_truth_metadata(f"True {what} rate.", **meta),
+            )
             with np.errstate(divide="ignore"):
                 times = np.where(data > 0, 1.0 / np.where(data > 0, data, 1.0), 0.0)
-            write_map(derivatives_root, times, affine, subject=label, suffix=time_name,
-                      metadata=_truth_metadata(f"True {what} time, 1 / rate (0 where the rate is 0).", **meta))
+            write_map(
+                derivatives_root,
+                times,
+                affine,
+                subject=label,
+                suffix=time_name,
+                metadata=_truth_metadata(f"True {what} time, 1 / rate (0 where the rate is 0).", **meta),
+            )
         elif name == "PDmap":
-            write_map(derivatives_root, data, affine, subject=label, suffix="PDmap",
-                      metadata=_truth_metadata("True proton density, percent water.", **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="PDmap",
+                metadata=_truth_metadata("True proton density, percent water.", **meta),
+            )
         elif name == "Chimap":
-            write_map(derivatives_root, data, affine, subject=label, suffix="Chimap",
-                      metadata=_truth_metadata("True magnetic susceptibility relative to CSF.", **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="Chimap",
+                metadata=_truth_metadata("True magnetic susceptibility relative to CSF.", **meta),
+            )
         elif name == "M0map":
-            write_map(derivatives_root, data, affine, subject=label, suffix="M0map",
-                      metadata=_truth_metadata(
-                          f"Apparent equilibrium magnetisation PD / 100 x receive x {SIGNAL_SCALE:g}.", **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="M0map",
+                metadata=_truth_metadata(
+                    f"Apparent equilibrium magnetisation PD / 100 x receive x {SIGNAL_SCALE:g}.", **meta
+                ),
+            )
         elif name.startswith("S0map-"):
             flip_index = int(name.split("-")[1])
             flip_angle = protocol.vfa.flip_angles[flip_index - 1]
-            write_map(derivatives_root, data, affine, subject=label, suffix="S0map", desc=f"flip{flip_index}",
-                      metadata=_truth_metadata(
-                          "Noiseless TE = 0 intercept of the SPGR signal at this flip angle (includes B1+ "
-                          "and receive).", FlipAngle=float(flip_angle),
-                          RepetitionTimeExcitation=float(protocol.vfa.repetition_time), **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="S0map",
+                desc=f"flip{flip_index}",
+                metadata=_truth_metadata(
+                    "Noiseless TE = 0 intercept of the SPGR signal at this flip angle (includes B1+ and receive).",
+                    FlipAngle=float(flip_angle),
+                    RepetitionTimeExcitation=float(protocol.vfa.repetition_time),
+                    **meta,
+                ),
+            )
         elif name == "TB1map":
-            write_map(derivatives_root, data, affine, subject=label, suffix="TB1map",
-                      metadata=_truth_metadata("True transmit field, percent of the nominal flip angle.",
-                                               **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="TB1map",
+                metadata=_truth_metadata("True transmit field, percent of the nominal flip angle.", **meta),
+            )
         elif name == "RB1map":
-            write_map(derivatives_root, data, affine, subject=label, suffix="RB1map",
-                      metadata=_truth_metadata("True relative receive sensitivity (ratio).", Units="arbitrary",
-                                               **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="RB1map",
+                metadata=_truth_metadata("True relative receive sensitivity (ratio).", Units="arbitrary", **meta),
+            )
         elif name == "RB1map-body":
-            write_map(derivatives_root, data, affine, subject=label, suffix="RB1map", desc="bodycoil",
-                      metadata=_truth_metadata(
-                          "True receive sensitivity of the body coil of the RB1COR pair (smooth, within "
-                          "a few percent of 1 over the brain); the head/body RB1COR ratio is "
-                          "RB1map / this map.", Units="arbitrary", **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="RB1map",
+                desc="bodycoil",
+                metadata=_truth_metadata(
+                    "True receive sensitivity of the body coil of the RB1COR pair (smooth, within "
+                    "a few percent of 1 over the brain); the head/body RB1COR ratio is "
+                    "RB1map / this map.",
+                    Units="arbitrary",
+                    **meta,
+                ),
+            )
         elif name == "dseg":
-            path = write_map(derivatives_root, data.astype(np.int16), affine, subject=label, suffix="dseg",
-                             metadata=_truth_metadata("Tissue labels of the phantom (majority label).", **meta))
+            path = write_map(
+                derivatives_root,
+                data.astype(np.int16),
+                affine,
+                subject=label,
+                suffix="dseg",
+                metadata=_truth_metadata("Tissue labels of the phantom (majority label).", **meta),
+            )
             from qmri_workflows.phantom.tissues import dseg_tsv_rows
 
             write_dseg_tsv(Path(path).with_name(f"sub-{label}_dseg.tsv"), dseg_tsv_rows())
         elif name in ("brainmask", "headmask"):
             region = name[:-4]
             what = "Intracranial mask (brain and CSF)." if region == "brain" else "Head mask (brain, skull, scalp)."
-            write_map(derivatives_root, data.astype(np.uint8), affine, subject=label, suffix="mask", desc=region,
-                      metadata=_truth_metadata(what, Type="Brain" if region == "brain" else "Head", **meta))
+            write_map(
+                derivatives_root,
+                data.astype(np.uint8),
+                affine,
+                subject=label,
+                suffix="mask",
+                desc=region,
+                metadata=_truth_metadata(what, Type="Brain" if region == "brain" else "Head", **meta),
+            )
         elif name.endswith("field"):
             kind = name[:-5]
-            write_map(derivatives_root, data, affine, subject=label, suffix="fieldmap", datatype="fmap",
-                      desc=kind, metadata=_truth_metadata(
-                          f"True {kind} field offset in ppm of the main field.", Units="ppm", **meta))
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="fieldmap",
+                datatype="fmap",
+                desc=kind,
+                metadata=_truth_metadata(f"True {kind} field offset in ppm of the main field.", Units="ppm", **meta),
+            )
         else:  # pragma: no cover - every name of truth_maps is handled above
             raise RuntimeError(f"unhandled truth map {name}")
     _write_interior_masks(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
@@ -371,23 +475,53 @@ def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, o
 
     present = set(np.unique(scanner.truth.dseg).tolist())
     labels = [value for value in BRAIN_LABELS if value in present]
-    rule = (f"Voxels of the label whose whole footprint on the simulation grid ({oversample}^3 voxels "
-            f"{oversample} times finer) has this label, each footprint voxel at least "
-            f"{PURE_FRACTION:.0%} of this label (no partial volume); then eroded by one voxel "
-            f"(3x3x3) if at least {MIN_ERODED_VOXELS} voxels remain.")
+    rule = (
+        f"Voxels of the label whose whole footprint on the simulation grid ({oversample}^3 voxels "
+        f"{oversample} times finer) has this label, each footprint voxel at least "
+        f"{PURE_FRACTION:.0%} of this label (no partial volume); then eroded by one voxel "
+        f"(3x3x3) if at least {MIN_ERODED_VOXELS} voxels remain."
+    )
     for value, (mask, eroded) in scanner.interior_masks(labels).items():
-        write_map(derivatives_root, mask.astype(np.uint8), scanner.affine, subject=label, suffix="mask",
-                  label=LABEL_ABBREVIATIONS[value], desc="interior",
-                  metadata=_truth_metadata(
-                      f"Interior of {LABELS[value]} (dseg label {value}), free of partial volume.",
-                      field_strength=field_strength, oversample=1, Type="ROI", LabelIndex=value,
-                      LabelName=LABELS[value], InteriorRule=rule, PureFraction=PURE_FRACTION,
-                      Eroded=bool(eroded), VoxelCount=int(mask.sum()), Oversample=oversample))
+        write_map(
+            derivatives_root,
+            mask.astype(np.uint8),
+            scanner.affine,
+            subject=label,
+            suffix="mask",
+            label=LABEL_ABBREVIATIONS[value],
+            desc="interior",
+            metadata=_truth_metadata(
+                f"Interior of {LABELS[value]} (dseg label {value}), free of partial volume.",
+                field_strength=field_strength,
+                oversample=1,
+                Type="ROI",
+                LabelIndex=value,
+                LabelName=LABELS[value],
+                InteriorRule=rule,
+                PureFraction=PURE_FRACTION,
+                Eroded=bool(eroded),
+                VoxelCount=int(mask.sum()),
+                Oversample=oversample,
+            ),
+        )
 
 
-def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=1, seed=0, field_strength=3.0,
-                          n_coils=1, oversample=2, dtype="float32", protocol=None, overwrite=False, command=None,
-                          kspace_filter="box"):
+def write_phantom_dataset(
+    output_dir,
+    *,
+    resolution=1.0,
+    snr=math.inf,
+    subjects=1,
+    seed=0,
+    field_strength=3.0,
+    n_coils=1,
+    oversample=2,
+    dtype="float32",
+    protocol=None,
+    overwrite=False,
+    command=None,
+    kspace_filter="box",
+):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
     Parameters
@@ -463,10 +597,21 @@ def write_phantom_dataset(output_dir, *, resolution=1.0, snr=math.inf, subjects=
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        _write_dataset(staging, participants=participants, resolution=resolution, snr=snr, seed=int(seed),
-                       field_strength=float(field_strength), n_coils=int(n_coils), oversample=int(oversample),
-                       dtype=dtype, protocol=protocol, make_phantom=make_phantom, command=command,
-                       kspace_filter=kspace_filter)
+        _write_dataset(
+            staging,
+            participants=participants,
+            resolution=resolution,
+            snr=snr,
+            seed=int(seed),
+            field_strength=float(field_strength),
+            n_coils=int(n_coils),
+            oversample=int(oversample),
+            dtype=dtype,
+            protocol=protocol,
+            make_phantom=make_phantom,
+            command=command,
+            kspace_filter=kspace_filter,
+        )
         os.chmod(staging, 0o777 & ~_umask())
         if output_dir.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
@@ -488,56 +633,108 @@ def _umask():
     return mask
 
 
-def _write_dataset(root, *, participants, resolution, snr, seed, field_strength, n_coils, oversample, dtype,
-                   protocol, make_phantom, command, kspace_filter):
-    generated_by = [{"Name": "qmri-phantom", "Version": __version__,
-                     "Description": "Digital MS-brain phantom and qMRI protocol simulator of qmri-workflows"}]
-    write_dataset_description(root, name=_DATASET_NAME, dataset_type="raw", extra={
-        "BIDSVersion": BIDS_VERSION,
-        "License": "Simulated data; the anatomy derives from the MNI ICBM152 2009a template, whose "
-                   "copyright notice (README) must accompany every copy.",
-        "Authors": ["qmri-workflows developers"],
-        "GeneratedBy": generated_by,
-        "SourceDatasets": [_ICBM_SOURCE],
-        "HowToAcknowledge": "Cite qmri-workflows and the MNI ICBM152 2009a template (Fonov et al. 2009, 2011).",
-        "ReferencesAndLinks": [
-            "Fonov VS et al. Unbiased nonlinear average age-appropriate brain templates from birth to "
-            "adulthood. NeuroImage 2009;47:S102.",
-            "Fonov V et al. Unbiased average age-appropriate atlases for pediatric studies. "
-            "NeuroImage 2011;54:313-327.",
-        ],
-    })
-    readme = _readme(command=command, resolution=resolution, snr=snr, n_subjects=len(participants), seed=seed,
-                     field_strength=field_strength, n_coils=n_coils, oversample=oversample, dtype=dtype,
-                     kspace_filter=kspace_filter)
+def _write_dataset(
+    root,
+    *,
+    participants,
+    resolution,
+    snr,
+    seed,
+    field_strength,
+    n_coils,
+    oversample,
+    dtype,
+    protocol,
+    make_phantom,
+    command,
+    kspace_filter,
+):
+    generated_by = [
+        {
+            "Name": "qmri-phantom",
+            "Version": __version__,
+            "Description": "Digital MS-brain phantom and qMRI protocol simulator of qmri-workflows",
+        }
+    ]
+    write_dataset_description(
+        root,
+        name=_DATASET_NAME,
+        dataset_type="raw",
+        extra={
+            "BIDSVersion": BIDS_VERSION,
+            "License": "Simulated data; the anatomy derives from the MNI ICBM152 2009a template, whose "
+            "copyright notice (README) must accompany every copy.",
+            "Authors": ["qmri-workflows developers"],
+            "GeneratedBy": generated_by,
+            "SourceDatasets": [_ICBM_SOURCE],
+            "HowToAcknowledge": "Cite qmri-workflows and the MNI ICBM152 2009a template (Fonov et al. 2009, 2011).",
+            "ReferencesAndLinks": [
+                "Fonov VS et al. Unbiased nonlinear average age-appropriate brain templates from birth to "
+                "adulthood. NeuroImage 2009;47:S102.",
+                "Fonov V et al. Unbiased average age-appropriate atlases for pediatric studies. "
+                "NeuroImage 2011;54:313-327.",
+            ],
+        },
+    )
+    readme = _readme(
+        command=command,
+        resolution=resolution,
+        snr=snr,
+        n_subjects=len(participants),
+        seed=seed,
+        field_strength=field_strength,
+        n_coils=n_coils,
+        oversample=oversample,
+        dtype=dtype,
+        kspace_filter=kspace_filter,
+    )
     (root / "README").write_text(readme, encoding="utf-8")
     (root / "CHANGES").write_text(
-        f"{__version__}\n  - Simulated by qmri-phantom (qmri-workflows {__version__}).\n", encoding="utf-8")
+        f"{__version__}\n  - Simulated by qmri-phantom (qmri-workflows {__version__}).\n", encoding="utf-8"
+    )
     rows = ["participant_id\tgroup\tage\tsex"] + [
-        f"sub-{p['label']}\t{p['group']}\t{p['age']}\t{p['sex']}" for p in participants]
+        f"sub-{p['label']}\t{p['group']}\t{p['age']}\t{p['sex']}" for p in participants
+    ]
     (root / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    write_json(root / "participants.json", {
-        "participant_id": {"Description": "Subject label"},
-        "group": {"Description": "Simulated group",
-                  "Levels": {"patient": "MS patient phantom (lesions, NAWM and deep grey-matter changes)",
-                             "control": "Healthy control phantom"}},
-        "age": {"Description": "Nominal age of the simulated subject", "Units": "year"},
-        "sex": {"Description": "Nominal sex of the simulated subject", "Levels": {"F": "female", "M": "male"}},
-    })
+    write_json(
+        root / "participants.json",
+        {
+            "participant_id": {"Description": "Subject label"},
+            "group": {
+                "Description": "Simulated group",
+                "Levels": {
+                    "patient": "MS patient phantom (lesions, NAWM and deep grey-matter changes)",
+                    "control": "Healthy control phantom",
+                },
+            },
+            "age": {"Description": "Nominal age of the simulated subject", "Units": "year"},
+            "sex": {"Description": "Nominal sex of the simulated subject", "Levels": {"F": "female", "M": "male"}},
+        },
+    )
 
     derivatives_root = root / "derivatives" / "phantom"
-    write_dataset_description(derivatives_root, name=f"{_DATASET_NAME}: ground truth", dataset_type="derivative",
-                              generated_by=generated_by, source_datasets=[_ICBM_SOURCE],
-                              extra={"License": "Same as the raw dataset (see ../../README)."})
+    write_dataset_description(
+        derivatives_root,
+        name=f"{_DATASET_NAME}: ground truth",
+        dataset_type="derivative",
+        generated_by=generated_by,
+        source_datasets=[_ICBM_SOURCE],
+        extra={"License": "Same as the raw dataset (see ../../README)."},
+    )
     volumes = list_volumes(protocol)
     sigma = None
     for participant in participants:
         label, index = participant["label"], participant["index"]
-        truth = make_phantom(resolution=resolution / oversample, field_strength=field_strength,
-                             subject=participant["group"], seed=seed + index)
+        truth = make_phantom(
+            resolution=resolution / oversample,
+            field_strength=field_strength,
+            subject=participant["group"],
+            seed=seed + index,
+        )
         rb1cor_factor = 1 if protocol.rb1cor is None else protocol.rb1cor.coarsening_factor(resolution)
-        scanner = PhantomScanner(truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor,
-                                 kspace_filter=kspace_filter)
+        scanner = PhantomScanner(
+            truth, oversample=oversample, n_coils=n_coils, rb1cor_factor=rb1cor_factor, kspace_filter=kspace_filter
+        )
         if sigma is None:
             # one receiver for the whole dataset: the noise level is set on the first subject
             sigma = reference_sigma(scanner, protocol, snr)
@@ -548,37 +745,44 @@ def _write_dataset(root, *, participants, resolution, snr, seed, field_strength,
             affine, _ = scanner.grid(volume)
             parts = (("mag", magnitude), ("phase", phase)) if volume.with_phase else ((None, magnitude),)
             for part, data in parts:
-                relative = bids_path(subject=label, suffix=volume.suffix, datatype=volume.datatype,
-                                     part=part, **volume.entities)
+                relative = bids_path(
+                    subject=label, suffix=volume.suffix, datatype=volume.datatype, part=part, **volume.entities
+                )
                 _write_raw_image(root / relative, data, affine, dtype, part=part, sigma=sigma)
-                write_json(sidecar_path(root / relative),
-                           _raw_sidecar(volume, field_strength=field_strength, part=part, n_coils=n_coils))
+                write_json(
+                    sidecar_path(root / relative),
+                    _raw_sidecar(volume, field_strength=field_strength, part=part, n_coils=n_coils),
+                )
             del magnitude, phase
-        _write_truth(derivatives_root, scanner, protocol, label, field_strength=field_strength,
-                     oversample=oversample)
-        write_json(derivatives_root / f"sub-{label}" / f"sub-{label}_desc-simulation.json", {
-            "Description": "Parameters of the simulation of this subject's raw data.",
-            "Generator": f"qmri-workflows {__version__}",
-            "Group": participant["group"],
-            "PhantomSeed": seed + index,
-            "NoiseSeed": [seed, index],
-            "NoiseSeedNote": "noise of volume v comes from numpy SeedSequence([seed, subject index, v])",
-            "DatasetSeed": seed,
-            "MagneticFieldStrength": field_strength,
-            "Resolution": resolution,
-            "Oversample": oversample,
-            "KSpaceFilter": kspace_filter if oversample > 1 else "none (no k-space crop at oversample 1)",
-            "SNR": None if math.isinf(snr) else snr,
-            "SNRDefinition": ("median noiseless white-matter magnitude of echo 1 of the lowest-flip-angle VFA "
-                              "image of sub-01 divided by the noise sigma per channel"),
-            "NoiseSigma": sigma,
-            "NumberOfReceiveChannels": n_coils,
-            "MagnitudeCombination": "Rician (1 channel)" if n_coils == 1 else "root-sum-of-squares",
-            "PhaseCombination": "sensitivity-weighted (Roemer) with the known channel sensitivities",
-            "SignalScale": SIGNAL_SCALE,
-            "StorageDataType": dtype,
-            "Protocol": protocol.to_dict(),
-            "MainGridShape": list(scanner.shape),
-            "RB1CORGridShape": list(scanner.rb1cor_shape),
-        })
+        _write_truth(derivatives_root, scanner, protocol, label, field_strength=field_strength, oversample=oversample)
+        write_json(
+            derivatives_root / f"sub-{label}" / f"sub-{label}_desc-simulation.json",
+            {
+                "Description": "Parameters of the simulation of this subject's raw data.",
+                "Generator": f"qmri-workflows {__version__}",
+                "Group": participant["group"],
+                "PhantomSeed": seed + index,
+                "NoiseSeed": [seed, index],
+                "NoiseSeedNote": "noise of volume v comes from numpy SeedSequence([seed, subject index, v])",
+                "DatasetSeed": seed,
+                "MagneticFieldStrength": field_strength,
+                "Resolution": resolution,
+                "Oversample": oversample,
+                "KSpaceFilter": kspace_filter if oversample > 1 else "none (no k-space crop at oversample 1)",
+                "SNR": None if math.isinf(snr) else snr,
+                "SNRDefinition": (
+                    "median noiseless white-matter magnitude of echo 1 of the lowest-flip-angle VFA "
+                    "image of sub-01 divided by the noise sigma per channel"
+                ),
+                "NoiseSigma": sigma,
+                "NumberOfReceiveChannels": n_coils,
+                "MagnitudeCombination": "Rician (1 channel)" if n_coils == 1 else "root-sum-of-squares",
+                "PhaseCombination": "sensitivity-weighted (Roemer) with the known channel sensitivities",
+                "SignalScale": SIGNAL_SCALE,
+                "StorageDataType": dtype,
+                "Protocol": protocol.to_dict(),
+                "MainGridShape": list(scanner.shape),
+                "RB1CORGridShape": list(scanner.rb1cor_shape),
+            },
+        )
         del truth, scanner

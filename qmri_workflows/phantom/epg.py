@@ -120,8 +120,7 @@ def _damping(n_states, tau, shift, gradient_moment, diffusion):
     return fp, fm, z
 
 
-def _simulate(alpha, r1, r2, intervals, phase_increment, gradient_moment, diffusion, z_start,
-              tolerance, max_pulses):
+def _simulate(alpha, r1, r2, intervals, phase_increment, gradient_moment, diffusion, z_start, tolerance, max_pulses):
     """Pulse-by-pulse EPG of a periodic pulse train; returns the demodulated signal after each pulse
     of the last period, shape (n_columns, len(intervals)).
 
@@ -174,8 +173,19 @@ def _check_inputs(t1, t2, tr):
         raise ValueError(f"tr must be a positive time in seconds, got {tr!r}")
 
 
-def spgr_steady_state(t1, t2, flip_deg, tr, *, phase_increment_deg=50.0, gradient_moment=1.0,
-                      diffusion=0.8e-3, b1=1.0, tolerance=1e-7, max_pulses=20000):
+def spgr_steady_state(
+    t1,
+    t2,
+    flip_deg,
+    tr,
+    *,
+    phase_increment_deg=50.0,
+    gradient_moment=1.0,
+    diffusion=0.8e-3,
+    b1=1.0,
+    tolerance=1e-7,
+    max_pulses=20000,
+):
     """Steady-state RF-spoiled SPGR signal (M0 = 1, TE = 0) by a pulse-by-pulse EPG.
 
     Parameters
@@ -220,13 +230,36 @@ def spgr_steady_state(t1, t2, flip_deg, tr, *, phase_increment_deg=50.0, gradien
     out = np.empty(t1.size)
     for start in range(0, t1.size, _CHUNK_COLUMNS):
         part = slice(start, start + _CHUNK_COLUMNS)
-        out[part] = _simulate(alpha[part], r1[part], r2[part], [(tr, 1)], math.radians(phase_increment_deg),
-                              gradient_moment, diffusion, z_start[part], tolerance, max_pulses)[:, 0]
+        out[part] = _simulate(
+            alpha[part],
+            r1[part],
+            r2[part],
+            [(tr, 1)],
+            math.radians(phase_increment_deg),
+            gradient_moment,
+            diffusion,
+            z_start[part],
+            tolerance,
+            max_pulses,
+        )[:, 0]
     return out.reshape(shape)
 
 
-def afi_steady_state(t1, t2, flip_deg, tr1, tr2, *, phase_increment_deg=50.0, gradient_moment=1.0,
-                     gradient_ratio=None, diffusion=0.8e-3, b1=1.0, tolerance=1e-6, max_pulses=4000):
+def afi_steady_state(
+    t1,
+    t2,
+    flip_deg,
+    tr1,
+    tr2,
+    *,
+    phase_increment_deg=50.0,
+    gradient_moment=1.0,
+    gradient_ratio=None,
+    diffusion=0.8e-3,
+    b1=1.0,
+    tolerance=1e-6,
+    max_pulses=4000,
+):
     """Steady-state AFI signals (M0 = 1, TE = 0) by a pulse-by-pulse EPG.
 
     Parameters
@@ -264,9 +297,18 @@ def afi_steady_state(t1, t2, flip_deg, tr1, tr2, *, phase_increment_deg=50.0, gr
     out = np.empty((t1.size, 2))
     for start in range(0, t1.size, _CHUNK_COLUMNS):
         part = slice(start, start + _CHUNK_COLUMNS)
-        out[part] = _simulate(alpha[part], r1[part], r2[part], [(tr1, 1), (tr2, ratio)],
-                              math.radians(phase_increment_deg), gradient_moment, diffusion, z_start[part],
-                              tolerance, max_pulses)
+        out[part] = _simulate(
+            alpha[part],
+            r1[part],
+            r2[part],
+            [(tr1, 1), (tr2, ratio)],
+            math.radians(phase_increment_deg),
+            gradient_moment,
+            diffusion,
+            z_start[part],
+            tolerance,
+            max_pulses,
+        )
     return out[:, 0].reshape(shape), out[:, 1].reshape(shape)
 
 
@@ -278,20 +320,45 @@ def _ernst(t1, alpha, tr):
 @functools.lru_cache(maxsize=16)
 def _spgr_ratio_table(flip_deg, tr, phase_increment_deg, gradient_moment, diffusion, t1_grid, t2_grid, b1_grid):
     t1, t2, b1 = np.meshgrid(np.array(t1_grid), np.array(t2_grid), np.array(b1_grid), indexing="ij")
-    signal = spgr_steady_state(t1, t2, flip_deg, tr, phase_increment_deg=phase_increment_deg,
-                               gradient_moment=gradient_moment, diffusion=diffusion, b1=b1)
+    signal = spgr_steady_state(
+        t1,
+        t2,
+        flip_deg,
+        tr,
+        phase_increment_deg=phase_increment_deg,
+        gradient_moment=gradient_moment,
+        diffusion=diffusion,
+        b1=b1,
+    )
     ratio = signal / _ernst(t1, np.deg2rad(flip_deg * b1), tr)
-    return RegularGridInterpolator((np.log(t1_grid), np.log(t2_grid), np.array(b1_grid)), ratio,
-                                   method="cubic", bounds_error=False, fill_value=None)
+    return RegularGridInterpolator(
+        (np.log(t1_grid), np.log(t2_grid), np.array(b1_grid)),
+        ratio,
+        method="cubic",
+        bounds_error=False,
+        fill_value=None,
+    )
 
 
 def _log_grid(low, high, n):
     return tuple(float(v) for v in np.geomspace(low, high, n))
 
 
-def spgr_steady_state_table(t1, t2, flip_deg, tr, *, phase_increment_deg=50.0, gradient_moment=1.0,
-                            diffusion=0.8e-3, b1=1.0, t1_range=(0.2, 6.0), t2_range=(0.01, 3.0),
-                            b1_range=(0.4, 1.6), grid_size=(14, 16, 13)):
+def spgr_steady_state_table(
+    t1,
+    t2,
+    flip_deg,
+    tr,
+    *,
+    phase_increment_deg=50.0,
+    gradient_moment=1.0,
+    diffusion=0.8e-3,
+    b1=1.0,
+    t1_range=(0.2, 6.0),
+    t2_range=(0.01, 3.0),
+    b1_range=(0.4, 1.6),
+    grid_size=(14, 16, 13),
+):
     """Fast RF-spoiled SPGR signal of many voxels: the EPG tabulated over (T1, T2, B1) and interpolated.
 
     The table holds the ratio of the EPG signal to the Ernst signal (smooth, close to 1), interpolated
@@ -315,9 +382,15 @@ def spgr_steady_state_table(t1, t2, flip_deg, tr, *, phase_increment_deg=50.0, g
     """
     _check_inputs(t1, t2, tr)
     interpolator = _spgr_ratio_table(
-        float(flip_deg), float(tr), float(phase_increment_deg), float(gradient_moment), float(diffusion),
-        _log_grid(*t1_range, grid_size[0]), _log_grid(*t2_range, grid_size[1]),
-        tuple(float(v) for v in np.linspace(*b1_range, grid_size[2])))
+        float(flip_deg),
+        float(tr),
+        float(phase_increment_deg),
+        float(gradient_moment),
+        float(diffusion),
+        _log_grid(*t1_range, grid_size[0]),
+        _log_grid(*t2_range, grid_size[1]),
+        tuple(float(v) for v in np.linspace(*b1_range, grid_size[2])),
+    )
     t1, t2, b1 = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in (t1, t2, b1)])
     out = np.empty(t1.shape)
     flat_out = out.reshape(-1)
@@ -327,4 +400,3 @@ def spgr_steady_state_table(t1, t2, flip_deg, tr, *, phase_increment_deg=50.0, g
         points = np.stack([np.log(flat[0][part]), np.log(flat[1][part]), flat[2][part]], axis=-1)
         flat_out[part] = interpolator(points) * _ernst(flat[0][part], np.deg2rad(flip_deg * flat[2][part]), tr)
     return out
-

@@ -80,8 +80,9 @@ def region_errors(truth_root, estimate, *, subject, suffix="R2starmap", mask=Non
     truth = _load(anat / f"sub-{subject}_{suffix}.nii.gz")
     estimate = _load(estimate) if isinstance(estimate, (str, Path)) else np.asarray(estimate, float)
     if estimate.shape != truth.shape:
-        raise ValueError(f"the estimate has shape {estimate.shape}, the truth {suffix} {truth.shape}: "
-                         "compare maps on the same grid")
+        raise ValueError(
+            f"the estimate has shape {estimate.shape}, the truth {suffix} {truth.shape}: compare maps on the same grid"
+        )
     dseg = _load(anat / f"sub-{subject}_dseg.nii.gz").astype(int)
     valid = truth > 0
     if mask is not None:
@@ -98,18 +99,23 @@ def region_errors(truth_root, estimate, *, subject, suffix="R2starmap", mask=Non
         region = (dseg == int(row["index"])) & valid
         interior = (_load(interior_file) > 0) & region
         edge = region & ~interior
-        rows.append(RegionError(row["name"], row["abbreviation"], *_medians(relative[interior]),
-                                *_medians(relative[edge])))
+        rows.append(
+            RegionError(row["name"], row["abbreviation"], *_medians(relative[interior]), *_medians(relative[edge]))
+        )
     return rows
 
 
 def format_region_errors(rows):
     """Plain-text table of :func:`region_errors` (percent)."""
-    header = (f"{'region':28s} {'interior n':>10s} {'|err| med':>9s} {'err med':>8s}   "
-              f"{'edge n':>7s} {'|err| med':>9s} {'err med':>8s}")
+    header = (
+        f"{'region':28s} {'interior n':>10s} {'|err| med':>9s} {'err med':>8s}   "
+        f"{'edge n':>7s} {'|err| med':>9s} {'err med':>8s}"
+    )
     lines = [header]
     for row in rows:
-        lines.append(f"{row.name:28s} {row.interior_voxels:10d} {row.interior_median_abs:9.2%} "
-                     f"{row.interior_median:+8.2%}   {row.edge_voxels:7d} {row.edge_median_abs:9.2%} "
-                     f"{row.edge_median:+8.2%}")
+        lines.append(
+            f"{row.name:28s} {row.interior_voxels:10d} {row.interior_median_abs:9.2%} "
+            f"{row.interior_median:+8.2%}   {row.edge_voxels:7d} {row.edge_median_abs:9.2%} "
+            f"{row.edge_median:+8.2%}"
+        )
     return "\n".join(lines)

@@ -18,9 +18,18 @@ import numpy as np
 from ..core.dipole import forward_field
 from .tissues import CHI_AIR_PPM, CHI_WATER_PPM
 
-__all__ = ["transmit_field", "receive_sensitivity", "body_receive_sensitivity", "phase_offset",
-           "b0_fields", "shim_residual", "TRANSMIT_RANGE", "RECEIVE_VARIATION",
-           "BODY_RECEIVE_VARIATION", "FIELD_GRID_MM"]
+__all__ = [
+    "transmit_field",
+    "receive_sensitivity",
+    "body_receive_sensitivity",
+    "phase_offset",
+    "b0_fields",
+    "shim_residual",
+    "TRANSMIT_RANGE",
+    "RECEIVE_VARIATION",
+    "BODY_RECEIVE_VARIATION",
+    "FIELD_GRID_MM",
+]
 
 #: Target B1+ ratio at the brain centre and at ~80 mm from it (3 T head coil: centre-bright).
 TRANSMIT_RANGE = (0.86, 1.22)
@@ -43,8 +52,7 @@ def _unit(vector):
 
 
 def _normalised_axes(shape, affine, centre_mm):
-    axes = [(affine[i, i] * np.arange(shape[i]) + affine[i, 3] - centre_mm[i]) / _HEAD_RADIUS_MM
-            for i in range(3)]
+    axes = [(affine[i, i] * np.arange(shape[i]) + affine[i, 3] - centre_mm[i]) / _HEAD_RADIUS_MM for i in range(3)]
     return np.meshgrid(*[a.astype(np.float32) for a in axes], indexing="ij", sparse=True)
 
 
@@ -74,7 +82,7 @@ def transmit_field(shape, affine, centre_mm, *, seed=0):
     width = np.array([0.62, 0.66, 0.85]) * (1 + rng.uniform(-0.05, 0.05))
     bump = np.exp(-0.5 * ((x / width[0]) ** 2 + (y / width[1]) ** 2 + (z / width[2]) ** 2))
     low, high = TRANSMIT_RANGE
-    edge = np.exp(-0.5 / width[0] ** 2)        # bump value 80 mm off-centre along x
+    edge = np.exp(-0.5 / width[0] ** 2)  # bump value 80 mm off-centre along x
     amplitude = (high - low) / (1 - edge)
     gradient = 0.04 * _unit(rng.normal(size=3))
     b1 = high - amplitude * (1 - bump) + gradient[0] * x + gradient[1] * y + gradient[2] * z
@@ -142,8 +150,13 @@ def body_receive_sensitivity(shape, affine, centre_mm, brain_mask, *, seed=0):
     rng = _rng(seed, 5)
     x, y, z = _normalised_axes(shape, affine, centre_mm)
     gradient = 0.5 * _unit(rng.normal(size=3))
-    pattern = (-(x * x + y * y) - np.float32(0.5) * z * z
-               + np.float32(gradient[0]) * x + np.float32(gradient[1]) * y + np.float32(gradient[2]) * z)
+    pattern = (
+        -(x * x + y * y)
+        - np.float32(0.5) * z * z
+        + np.float32(gradient[0]) * x
+        + np.float32(gradient[1]) * y
+        + np.float32(gradient[2]) * z
+    )
     pattern = np.broadcast_to(pattern, shape)
     return _scaled_on_brain(pattern, brain_mask, BODY_RECEIVE_VARIATION).astype(np.float32)
 
@@ -174,13 +187,20 @@ def phase_offset(shape, affine, centre_mm, *, seed=0):
     linear = rng.normal(0, 0.8, 3)
     quadratic = rng.normal(0, 0.5, 3)
     cross = rng.normal(0, 0.3)
-    phase = (constant + linear[0] * x + linear[1] * y + linear[2] * z
-             + quadratic[0] * x * x + quadratic[1] * y * y + quadratic[2] * z * z + cross * x * y)
+    phase = (
+        constant
+        + linear[0] * x
+        + linear[1] * y
+        + linear[2] * z
+        + quadratic[0] * x * x
+        + quadratic[1] * y * y
+        + quadratic[2] * z * z
+        + cross * x * y
+    )
     return np.broadcast_to(phase, shape).astype(np.float32)
 
 
-def b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *,
-              b0_direction=(0, 0, 1), seed=0):
+def b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, b0_direction=(0, 0, 1), seed=0):
     """Total, background and local field (ppm of B0) of the head in air.
 
     Parameters

@@ -75,7 +75,8 @@ class VFAProtocol:
             raise ValueError(f"VFA echo_times must increase, got {self.echo_times!r}")
         if max(self.echo_times) >= self.repetition_time:
             raise ValueError(
-                f"VFA echo_times must be shorter than the TR {self.repetition_time} s, got {self.echo_times!r}")
+                f"VFA echo_times must be shorter than the TR {self.repetition_time} s, got {self.echo_times!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,13 @@ class BSSFPProtocol:
         _check_times("bSSFP repetition_time", [self.repetition_time])
         _check_angles("bSSFP phase_increments", self.phase_increments, minimum_count=4)
         if any(not 0 <= p < 360 for p in self.phase_increments) or len(set(self.phase_increments)) != len(
-                self.phase_increments):
+            self.phase_increments
+        ):
             raise ValueError(f"bSSFP phase_increments must be distinct, in [0, 360) deg, got {self.phase_increments!r}")
         if any(p != round(p) for p in self.phase_increments):
             raise ValueError(
-                f"bSSFP phase_increments must be whole degrees (they name the files), got {self.phase_increments!r}")
+                f"bSSFP phase_increments must be whole degrees (they name the files), got {self.phase_increments!r}"
+            )
 
     @property
     def echo_time(self):
@@ -140,7 +143,8 @@ class AFIProtocol:
         if self.repetition_time_2 <= self.repetition_time_1:
             raise ValueError(
                 f"AFI needs repetition_time_2 > repetition_time_1, got {self.repetition_time_2} <= "
-                f"{self.repetition_time_1}")
+                f"{self.repetition_time_1}"
+            )
 
 
 @dataclass(frozen=True)
@@ -196,5 +200,7 @@ class Protocol:
 
     def to_dict(self):
         """Plain-dict description (for the simulation record); absent sequences are ``None``."""
-        return {name: (None if value is None else asdict(value)) for name, value in
-                (("vfa", self.vfa), ("bssfp", self.bssfp), ("afi", self.afi), ("rb1cor", self.rb1cor))}
+        return {
+            name: (None if value is None else asdict(value))
+            for name, value in (("vfa", self.vfa), ("bssfp", self.bssfp), ("afi", self.afi), ("rb1cor", self.rb1cor))
+        }

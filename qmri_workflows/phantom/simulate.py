@@ -34,7 +34,8 @@ With ``oversample = K > 1`` the phantom is built on a grid ``K`` times finer; ev
 complex image is reduced to the target grid by averaging it over each voxel's footprint by default
 (``kspace_filter="box"``: partial volume and intravoxel dephasing of the complex signal, no ringing),
 or by cropping the centred k-space with or without a Tukey filter (the scanner's finite sampling,
-with its ringing; see :func:`kspace_downsample`), and the noise is added on the target grid. The target grid is the fine grid coarsened by ``K`` (voxel centres at
+with its ringing; see :func:`kspace_downsample`), and the noise is added on the target grid.
+The target grid is the fine grid coarsened by ``K`` (voxel centres at
 the centres of the ``K^3`` blocks; the fine grid is edge-padded to a multiple of ``K``), so it may be
 one voxel larger than the grid of ``make_phantom(resolution=K * fine)``. The truth maps written for
 it are block averages of the fine truth (segmentation: majority label; masks: at least half the
@@ -47,7 +48,8 @@ a fit should find; the rest of each region shows the effect of partial volume an
 
 Memory and time: volumes are simulated one at a time, each in slabs along the third axis of the fine
 grid (:data:`SLAB_VOXELS` fine voxels, complex128), reduced in-plane slab by slab and along the third
-axis at the end (exact: the box average and the k-space crop are separable). The fine truth dominates: about 60 bytes per
+axis at the end (exact: the box average and the k-space crop are separable). The fine truth
+dominates: about 60 bytes per
 fine voxel, i.e. 0.5 GB at 1 mm and 4 GB for 1 mm at ``oversample=2`` (69 million fine voxels).
 """
 
@@ -227,13 +229,12 @@ def _crop_kspace(image, factor, axes, workers, kspace_filter="box"):
         n_coarse = n_fine // factor
         spectrum = scipy.fft.fft(result, axis=axis, workers=workers)
         del result
-        keep = np.r_[0:(n_coarse + 1) // 2, n_fine - n_coarse // 2:n_fine]
+        keep = np.r_[0 : (n_coarse + 1) // 2, n_fine - n_coarse // 2 : n_fine]
         frequencies = np.fft.fftfreq(n_fine, d=1.0 / n_fine)[keep]
         spectrum = np.take(spectrum, keep, axis=axis)
         ramp_shape = [1] * spectrum.ndim
         ramp_shape[axis] = keep.size
-        ramp = np.exp(2j * np.pi * frequencies * shift / n_fine) * _kspace_window(frequencies, n_coarse,
-                                                                                 kspace_filter)
+        ramp = np.exp(2j * np.pi * frequencies * shift / n_fine) * _kspace_window(frequencies, n_coarse, kspace_filter)
         spectrum *= ramp.reshape(ramp_shape)
         result = scipy.fft.ifft(spectrum, axis=axis, workers=workers, overwrite_x=True)
         del spectrum
@@ -300,9 +301,8 @@ def kspace_downsample(image, factor, *, workers=-1, kspace_filter="box"):
 # receive coils
 # --------------------------------------------------------------------------------------------------
 def _world_coordinates(affine, shape):
-    i, j, k = np.ogrid[:shape[0], :shape[1], :shape[2]]
-    return [affine[axis, 0] * i + affine[axis, 1] * j + affine[axis, 2] * k + affine[axis, 3]
-            for axis in range(3)]
+    i, j, k = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return [affine[axis, 0] * i + affine[axis, 1] * j + affine[axis, 2] * k + affine[axis, 3] for axis in range(3)]
 
 
 class ReceiveCoils:
@@ -387,7 +387,8 @@ class ReceiveCoils:
         coordinates = _world_coordinates(affine, shape)
         magnitude = self._profile(coil, coordinates) / self._norm(affine, shape)
         phase = self.phase_offsets[coil] + 2.0 * np.pi / (4.0 * self.radius) * sum(
-            d * (c - o) for d, c, o in zip(self.directions[coil], coordinates, self.centre))
+            d * (c - o) for d, c, o in zip(self.directions[coil], coordinates, self.centre)
+        )
         weight = magnitude * np.exp(1j * phase)
         cached = sum(w.nbytes for w in self._weight_cache.values())
         if cache and cached + weight.nbytes <= self.cache_bytes:
@@ -445,62 +446,108 @@ def list_volumes(protocol):
     vfa = protocol.vfa
     for flip_index, flip_angle in enumerate(vfa.flip_angles, start=1):
         for echo_index, echo_time in enumerate(vfa.echo_times, start=1):
-            volumes.append(VolumeSpec(
-                kind="spgr", datatype="anat", suffix="VFA",
-                entities={"echo": echo_index, "flip": flip_index},
-                metadata={
-                    "FlipAngle": float(flip_angle), "EchoTime": float(echo_time),
-                    "RepetitionTimeExcitation": float(vfa.repetition_time), "PulseSequenceType": "SPGR",
-                    "SpoilingState": True, "SpoilingType": "COMBINED",
-                    "SpoilingRFPhaseIncrement": float(vfa.spoiling_rf_phase_increment),
-                },
-                with_phase=True,
-                parameters={"flip_angle": math.radians(flip_angle), "tr": float(vfa.repetition_time),
-                            "te": float(echo_time)}))
+            volumes.append(
+                VolumeSpec(
+                    kind="spgr",
+                    datatype="anat",
+                    suffix="VFA",
+                    entities={"echo": echo_index, "flip": flip_index},
+                    metadata={
+                        "FlipAngle": float(flip_angle),
+                        "EchoTime": float(echo_time),
+                        "RepetitionTimeExcitation": float(vfa.repetition_time),
+                        "PulseSequenceType": "SPGR",
+                        "SpoilingState": True,
+                        "SpoilingType": "COMBINED",
+                        "SpoilingRFPhaseIncrement": float(vfa.spoiling_rf_phase_increment),
+                    },
+                    with_phase=True,
+                    parameters={
+                        "flip_angle": math.radians(flip_angle),
+                        "tr": float(vfa.repetition_time),
+                        "te": float(echo_time),
+                    },
+                )
+            )
     if protocol.bssfp is not None:
         bssfp = protocol.bssfp
         for increment in bssfp.phase_increments:
             for flip_index, flip_angle in enumerate(bssfp.flip_angles, start=1):
-                volumes.append(VolumeSpec(
-                    kind="bssfp", datatype="anat", suffix="VFA",
-                    entities={"acq": f"bssfp{int(round(increment)):03d}", "flip": flip_index},
-                    metadata={
-                        "FlipAngle": float(flip_angle), "EchoTime": float(bssfp.echo_time),
-                        "RepetitionTimeExcitation": float(bssfp.repetition_time),
-                        "PulseSequenceType": "bSSFP", "PhaseCyclingIncrement": float(increment),
-                        "SpoilingState": False,
-                    },
-                    with_phase=True,
-                    parameters={"flip_angle": math.radians(flip_angle), "tr": float(bssfp.repetition_time),
-                                "phase_increment": math.radians(increment)}))
+                volumes.append(
+                    VolumeSpec(
+                        kind="bssfp",
+                        datatype="anat",
+                        suffix="VFA",
+                        entities={"acq": f"bssfp{int(round(increment)):03d}", "flip": flip_index},
+                        metadata={
+                            "FlipAngle": float(flip_angle),
+                            "EchoTime": float(bssfp.echo_time),
+                            "RepetitionTimeExcitation": float(bssfp.repetition_time),
+                            "PulseSequenceType": "bSSFP",
+                            "PhaseCyclingIncrement": float(increment),
+                            "SpoilingState": False,
+                        },
+                        with_phase=True,
+                        parameters={
+                            "flip_angle": math.radians(flip_angle),
+                            "tr": float(bssfp.repetition_time),
+                            "phase_increment": math.radians(increment),
+                        },
+                    )
+                )
     if protocol.afi is not None:
         afi = protocol.afi
         for label, repetition_time in (("tr1", afi.repetition_time_1), ("tr2", afi.repetition_time_2)):
-            volumes.append(VolumeSpec(
-                kind="afi", datatype="fmap", suffix="TB1AFI", entities={"acq": label},
-                metadata={
-                    "FlipAngle": float(afi.flip_angle), "EchoTime": float(afi.echo_time),
-                    "RepetitionTimeExcitation": float(repetition_time), "PulseSequenceType": "AFI",
-                    "SpoilingState": True,
-                },
-                with_phase=False,
-                parameters={"flip_angle": math.radians(afi.flip_angle), "tr1": float(afi.repetition_time_1),
-                            "tr2": float(afi.repetition_time_2), "te": float(afi.echo_time),
-                            "interval": 1 if label == "tr1" else 2}))
+            volumes.append(
+                VolumeSpec(
+                    kind="afi",
+                    datatype="fmap",
+                    suffix="TB1AFI",
+                    entities={"acq": label},
+                    metadata={
+                        "FlipAngle": float(afi.flip_angle),
+                        "EchoTime": float(afi.echo_time),
+                        "RepetitionTimeExcitation": float(repetition_time),
+                        "PulseSequenceType": "AFI",
+                        "SpoilingState": True,
+                    },
+                    with_phase=False,
+                    parameters={
+                        "flip_angle": math.radians(afi.flip_angle),
+                        "tr1": float(afi.repetition_time_1),
+                        "tr2": float(afi.repetition_time_2),
+                        "te": float(afi.echo_time),
+                        "interval": 1 if label == "tr1" else 2,
+                    },
+                )
+            )
     if protocol.rb1cor is not None:
         rb1cor = protocol.rb1cor
         for label, coil in (("headPDw", "head"), ("bodyPDw", "body")):
-            volumes.append(VolumeSpec(
-                kind="rb1cor", datatype="fmap", suffix="RB1COR", entities={"acq": label},
-                metadata={
-                    "FlipAngle": float(rb1cor.flip_angle), "EchoTime": float(rb1cor.echo_time),
-                    "RepetitionTimeExcitation": float(rb1cor.repetition_time), "PulseSequenceType": "SPGR",
-                    "SpoilingState": True, "ReceiveCoilName": f"{coil} coil",
-                },
-                with_phase=False,
-                parameters={"flip_angle": math.radians(rb1cor.flip_angle), "tr": float(rb1cor.repetition_time),
-                            "te": float(rb1cor.echo_time), "coil": coil},
-                grid="rb1cor"))
+            volumes.append(
+                VolumeSpec(
+                    kind="rb1cor",
+                    datatype="fmap",
+                    suffix="RB1COR",
+                    entities={"acq": label},
+                    metadata={
+                        "FlipAngle": float(rb1cor.flip_angle),
+                        "EchoTime": float(rb1cor.echo_time),
+                        "RepetitionTimeExcitation": float(rb1cor.repetition_time),
+                        "PulseSequenceType": "SPGR",
+                        "SpoilingState": True,
+                        "ReceiveCoilName": f"{coil} coil",
+                    },
+                    with_phase=False,
+                    parameters={
+                        "flip_angle": math.radians(rb1cor.flip_angle),
+                        "tr": float(rb1cor.repetition_time),
+                        "te": float(rb1cor.echo_time),
+                        "coil": coil,
+                    },
+                    grid="rb1cor",
+                )
+            )
     return volumes
 
 
@@ -539,18 +586,28 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE):
     b1 = np.asarray(truth.b1, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         if volume.kind == "spgr":
-            magnitude = spgr_signal(_m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr"],
-                                    p["te"], b1=b1)
+            magnitude = spgr_signal(
+                _m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1
+            )
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = magnitude * np.exp(1j * phase)
         elif volume.kind == "bssfp":
             theta = 2.0 * np.pi * field_hz * p["tr"]
-            signal = bssfp_signal(_m0(truth, scale=scale), truth.r1, truth.r2, p["flip_angle"], p["tr"],
-                                  off_resonance=theta, phase_increment=p["phase_increment"], b1=b1)
+            signal = bssfp_signal(
+                _m0(truth, scale=scale),
+                truth.r1,
+                truth.r2,
+                p["flip_angle"],
+                p["tr"],
+                off_resonance=theta,
+                phase_increment=p["phase_increment"],
+                b1=b1,
+            )
             signal = signal * np.exp(1j * np.asarray(truth.phase_offset, dtype=float))
         elif volume.kind == "afi":
-            pair = afi_signals(_m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr1"],
-                               p["tr2"], p["te"], b1=b1)
+            pair = afi_signals(
+                _m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr1"], p["tr2"], p["te"], b1=b1
+            )
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = pair[p["interval"] - 1] * np.exp(1j * phase)
         elif volume.kind == "rb1cor":
@@ -635,8 +692,18 @@ class PhantomScanner:
         How a voxel forms from the finer ones (:func:`kspace_downsample`).
     """
 
-    def __init__(self, truth, *, oversample=1, n_coils=1, sigma=0.0, rb1cor_factor=1, scale=SIGNAL_SCALE,
-                 slab_voxels=SLAB_VOXELS, kspace_filter="box"):
+    def __init__(
+        self,
+        truth,
+        *,
+        oversample=1,
+        n_coils=1,
+        sigma=0.0,
+        rb1cor_factor=1,
+        scale=SIGNAL_SCALE,
+        slab_voxels=SLAB_VOXELS,
+        kspace_filter="box",
+    ):
         self.truth = truth
         self.kspace_filter = _check_filter(kspace_filter)
         self.oversample = _check_factor(oversample)
@@ -687,8 +754,10 @@ class PhantomScanner:
                 channel[:, :, z0:z1] = image
             del signal, image
         if factor > 1:
-            channels = [_crop_kspace(_pad_axes(channel, factor, (2,)), factor, (2,), -1, self.kspace_filter)
-                        for channel in channels]
+            channels = [
+                _crop_kspace(_pad_axes(channel, factor, (2,)), factor, (2,), -1, self.kspace_filter)
+                for channel in channels
+            ]
         return channels
 
     def acquire(self, volume, *, rng=None, sigma=None):
@@ -755,15 +824,25 @@ class PhantomScanner:
         data : numpy.ndarray
         """
         truth, factor = self.truth, self.oversample
-        for name, attribute in (("R1map", "r1"), ("R2map", "r2"), ("R2starmap", "r2star"), ("PDmap", "pd"),
-                                ("Chimap", "chi")):
+        for name, attribute in (
+            ("R1map", "r1"),
+            ("R2map", "r2"),
+            ("R2starmap", "r2star"),
+            ("PDmap", "pd"),
+            ("Chimap", "chi"),
+        ):
             yield name, block_average(getattr(truth, attribute), factor)
         yield "M0map", block_average(_m0(truth, scale=self.scale), factor)
         for flip_index, flip_angle in enumerate(protocol.vfa.flip_angles, start=1):
-            intercept = VolumeSpec(kind="spgr", datatype="anat", suffix="VFA", entities={}, metadata={},
-                                   with_phase=True,
-                                   parameters={"flip_angle": math.radians(flip_angle),
-                                               "tr": protocol.vfa.repetition_time, "te": 0.0})
+            intercept = VolumeSpec(
+                kind="spgr",
+                datatype="anat",
+                suffix="VFA",
+                entities={},
+                metadata={},
+                with_phase=True,
+                parameters={"flip_angle": math.radians(flip_angle), "tr": protocol.vfa.repetition_time, "te": 0.0},
+            )
             # the TE = 0 intercept of the (k-space reduced) complex signal is what R2* fits estimate
             yield f"S0map-{flip_index}", np.abs(self._reduced_channels(intercept, factor, 1)[0])
         head = block_average(truth.head_mask, factor) >= 0.5
@@ -843,8 +922,9 @@ def reference_sigma(scanner, protocol, snr):
     if math.isinf(snr):
         return 0.0
     flip_index = int(np.argmin(protocol.vfa.flip_angles))
-    reference = next(v for v in list_volumes(protocol)
-                     if v.kind == "spgr" and v.entities == {"echo": 1, "flip": flip_index + 1})
+    reference = next(
+        v for v in list_volumes(protocol) if v.kind == "spgr" and v.entities == {"echo": 1, "flip": flip_index + 1}
+    )
     magnitude, _ = scanner.acquire(reference, sigma=0.0)
     dseg = block_majority(scanner.truth.dseg, scanner.oversample)
     wm_values = white_matter_labels(scanner.truth.labels)

@@ -91,10 +91,23 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 __all__ = [
-    "LABELS", "LABEL_ABBREVIATIONS", "LESION_LABELS", "dseg_tsv_rows", "TissueParameters",
-    "CONTROL_TISSUES_3T", "PATIENT_TISSUES_3T", "COMPARTMENT_LABELS", "tissue_parameters",
-    "scale_to_field", "DEEP_GREY_NUCLEI", "WM_LESIONS", "CORTICAL_LESIONS", "BRAIN_LABELS",
-    "CHRONIC_ACTIVE_RIM_MM", "CHI_WATER_PPM", "CHI_AIR_PPM",
+    "LABELS",
+    "LABEL_ABBREVIATIONS",
+    "LESION_LABELS",
+    "dseg_tsv_rows",
+    "TissueParameters",
+    "CONTROL_TISSUES_3T",
+    "PATIENT_TISSUES_3T",
+    "COMPARTMENT_LABELS",
+    "tissue_parameters",
+    "scale_to_field",
+    "DEEP_GREY_NUCLEI",
+    "WM_LESIONS",
+    "CORTICAL_LESIONS",
+    "BRAIN_LABELS",
+    "CHRONIC_ACTIVE_RIM_MM",
+    "CHI_WATER_PPM",
+    "CHI_AIR_PPM",
 ]
 
 #: Volume susceptibilities (SI, ppm) of water (CSF) and air, for the head-in-air background field.
@@ -122,8 +135,22 @@ LABELS: dict[int, str] = {
 }
 
 LABEL_ABBREVIATIONS: dict[int, str] = {
-    0: "BG", 1: "CSF", 2: "CGM", 3: "WM", 4: "CAU", 5: "PUT", 6: "GP", 7: "THA",
-    8: "LEA", 9: "LLA", 10: "LCAC", 11: "LCAR", 12: "LCI", 13: "CL", 14: "SKL", 15: "SCP",
+    0: "BG",
+    1: "CSF",
+    2: "CGM",
+    3: "WM",
+    4: "CAU",
+    5: "PUT",
+    6: "GP",
+    7: "THA",
+    8: "LEA",
+    9: "LLA",
+    10: "LCAC",
+    11: "LCAR",
+    12: "LCI",
+    13: "CL",
+    14: "SKL",
+    15: "SCP",
 }
 
 #: Labels present only in patients.
@@ -163,10 +190,22 @@ class TissueParameters:
 
 #: Compartment -> label. Two cortical-lesion compartments carry the heterogeneous chi of Table 2.
 COMPARTMENT_LABELS: dict[str, int] = {
-    "csf": 1, "cortical_gm": 2, "wm": 3, "caudate": 4, "putamen": 5, "globus_pallidus": 6,
-    "thalamus": 7, "early_active": 8, "late_active": 9, "chronic_active_core": 10,
-    "chronic_active_rim": 11, "chronic_inactive": 12, "cortical_lesion_para": 13,
-    "cortical_lesion_dia": 13, "skull": 14, "scalp": 15,
+    "csf": 1,
+    "cortical_gm": 2,
+    "wm": 3,
+    "caudate": 4,
+    "putamen": 5,
+    "globus_pallidus": 6,
+    "thalamus": 7,
+    "early_active": 8,
+    "late_active": 9,
+    "chronic_active_core": 10,
+    "chronic_active_rim": 11,
+    "chronic_inactive": 12,
+    "cortical_lesion_para": 13,
+    "cortical_lesion_dia": 13,
+    "skull": 14,
+    "scalp": 15,
 }
 
 _T = TissueParameters
@@ -189,7 +228,8 @@ _CORTICAL_LESION_NOTE = (
     "The review (Table 2) gives only directions for cortical lesions: R2* lower than normal-appearing "
     "cortex, chi decreased or increased. R1 (-8 %), R2 (-10 %) and PD (+3 points) follow the "
     "demyelination pattern of white-matter lesions at a smaller size; the R2* (-17 %) and chi "
-    "(+20 / -20 ppb) sizes are assumed.")
+    "(+20 / -20 ppb) sizes are assumed."
+)
 PATIENT_TISSUES_3T: dict[str, TissueParameters] = {
     **CONTROL_TISSUES_3T,
     # NAWM: R1, R2 a few % lower, PD higher, R2* lower, chi as in controls (Table 1, NAWM row).
@@ -213,10 +253,12 @@ PATIENT_TISSUES_3T: dict[str, TissueParameters] = {
     # Cortical lesions: R2* down; chi heterogeneous (Table 2): paramagnetic and diamagnetic kinds.
     # The review reports only these directions ("no studies have investigated R1 changes in CL");
     # R1, R2, PD and the sizes of the R2* and chi changes are assumptions (flagged below).
-    "cortical_lesion_para": _T(0.58, 9.0, 13.5, 86.0, 0.030, assumed=_CORTICAL_LESION_ASSUMED,
-                               assumption_note=_CORTICAL_LESION_NOTE),
-    "cortical_lesion_dia": _T(0.58, 9.0, 13.5, 86.0, -0.010, assumed=_CORTICAL_LESION_ASSUMED,
-                              assumption_note=_CORTICAL_LESION_NOTE),
+    "cortical_lesion_para": _T(
+        0.58, 9.0, 13.5, 86.0, 0.030, assumed=_CORTICAL_LESION_ASSUMED, assumption_note=_CORTICAL_LESION_NOTE
+    ),
+    "cortical_lesion_dia": _T(
+        0.58, 9.0, 13.5, 86.0, -0.010, assumed=_CORTICAL_LESION_ASSUMED, assumption_note=_CORTICAL_LESION_NOTE
+    ),
 }
 del _control, _T
 
@@ -240,9 +282,9 @@ def scale_to_field(parameters, field_strength):
         raise ValueError(f"field_strength must be positive (tesla), got {field_strength!r}")
     ratio = field_strength / 3.0
     r2_prime = parameters.r2star - parameters.r2
-    return replace(parameters,
-                   r1=parameters.r1 * ratio ** (-parameters.r1_field_exponent),
-                   r2star=parameters.r2 + r2_prime * ratio)
+    return replace(
+        parameters, r1=parameters.r1 * ratio ** (-parameters.r1_field_exponent), r2star=parameters.r2 + r2_prime * ratio
+    )
 
 
 def tissue_parameters(subject="patient", field_strength=3.0):
@@ -289,17 +331,26 @@ DEEP_GREY_NUCLEI = (
 #: stage keeps at least one voxel of its label at 4 mm resolution (a 5 mm radius covers the nearest
 #: 4 mm voxel centre, at most 3.5 mm away, with more than half its volume).
 WM_LESIONS = (
-    ("early_active", 10.0), ("early_active", 6.0), ("early_active", 4.0),
-    ("late_active", 10.0), ("late_active", 7.0), ("late_active", 4.0),
-    ("chronic_active", 10.0), ("chronic_active", 8.0),
-    ("chronic_inactive", 10.0), ("chronic_inactive", 7.0), ("chronic_inactive", 5.0),
+    ("early_active", 10.0),
+    ("early_active", 6.0),
+    ("early_active", 4.0),
+    ("late_active", 10.0),
+    ("late_active", 7.0),
+    ("late_active", 4.0),
+    ("chronic_active", 10.0),
+    ("chronic_active", 8.0),
+    ("chronic_inactive", 10.0),
+    ("chronic_inactive", 7.0),
+    ("chronic_inactive", 5.0),
     ("chronic_inactive", 3.0),
 )
 
 #: Cortical lesions, intracortical (they replace cortical GM inside the sphere):
 #: (compartment, diameter in mm).
 CORTICAL_LESIONS = (
-    ("cortical_lesion_para", 6.0), ("cortical_lesion_dia", 5.0), ("cortical_lesion_para", 4.0),
+    ("cortical_lesion_para", 6.0),
+    ("cortical_lesion_dia", 5.0),
+    ("cortical_lesion_para", 4.0),
 )
 
 #: Thickness of the paramagnetic rim of chronic active lesions (mm).

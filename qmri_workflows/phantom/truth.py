@@ -29,8 +29,15 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import LocalFraction, build_anatomy
-from .fields import (FIELD_GRID_MM, b0_fields, body_receive_sensitivity, phase_offset,
-                     receive_sensitivity, shim_residual, transmit_field)
+from .fields import (
+    FIELD_GRID_MM,
+    b0_fields,
+    body_receive_sensitivity,
+    phase_offset,
+    receive_sensitivity,
+    shim_residual,
+    transmit_field,
+)
 from .simulate import block_average, coarsen_affine
 from .tissues import BRAIN_LABELS, COMPARTMENT_LABELS, LABELS, tissue_parameters
 
@@ -140,8 +147,7 @@ def _pieces(fraction):
 
 
 def _union_box(boxes):
-    return tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
-                 for axis in range(3))
+    return tuple(slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
 
 
 def _shape(fractions):
@@ -192,8 +198,7 @@ def _segment(fractions, brain_mask, head_mask):
         by_label.setdefault(COMPARTMENT_LABELS[name], []).extend(_pieces(fraction))
     dseg = np.zeros(shape, dtype=np.int16)
     label_fraction = np.zeros(shape, dtype=np.float32)
-    for group, region in ((BRAIN_LABELS, brain_mask),
-                          (_EXTRACRANIAL_LABELS, head_mask & ~brain_mask)):
+    for group, region in ((BRAIN_LABELS, brain_mask), (_EXTRACRANIAL_LABELS, head_mask & ~brain_mask)):
         best = np.zeros(shape, dtype=np.float32)
         winner = np.zeros(shape, dtype=np.int16)
         for label in group:
@@ -216,8 +221,7 @@ def _segment(fractions, brain_mask, head_mask):
     return dseg, label_fraction
 
 
-def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=0,
-                 b0_direction=(0, 0, 1)):
+def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=0, b0_direction=(0, 0, 1)):
     """Build the ground truth of the MS-brain phantom.
 
     Parameters
@@ -244,8 +248,7 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
     field-strength laws are documented in :mod:`qmri_workflows.phantom.tissues` and in this module.
     """
     if not (np.isfinite(field_strength) and field_strength > 0):
-        raise ValueError(
-            f"field_strength must be a positive number of tesla, got {field_strength!r}")
+        raise ValueError(f"field_strength must be a positive number of tesla, got {field_strength!r}")
     direction = np.asarray(b0_direction, dtype=float)
     if direction.shape != (3,) or not np.linalg.norm(direction) > 0:
         raise ValueError(f"b0_direction must be a non-zero 3-vector, got {b0_direction!r}")
@@ -271,15 +274,33 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
     receive = receive_sensitivity(shape, affine, centre_mm, anatomy.brain_mask, seed=seed)
     body_receive = body_receive_sensitivity(shape, affine, centre_mm, anatomy.brain_mask, seed=seed)
     phase = phase_offset(shape, affine, centre_mm, seed=seed)
-    total, background, local = _b0_fields(chi, tissue_fraction, anatomy.brain_mask, voxel_size,
-                                          centre_mm, affine, direction=direction, seed=seed)
+    total, background, local = _b0_fields(
+        chi, tissue_fraction, anatomy.brain_mask, voxel_size, centre_mm, affine, direction=direction, seed=seed
+    )
     return PhantomTruth(
-        affine=affine, field_strength=float(field_strength), r1=r1, r2=r2, r2star=r2star, pd=pd,
-        chi=chi, dseg=dseg, labels=dict(LABELS), brain_mask=anatomy.brain_mask,
-        head_mask=anatomy.head_mask, b1=b1, receive=receive, b0_ppm=total,
-        background_field_ppm=background, local_field_ppm=local, phase_offset=phase,
-        subject=subject, lesions=anatomy.lesions, b0_direction=direction,
-        body_receive=body_receive, label_fraction=label_fraction)
+        affine=affine,
+        field_strength=float(field_strength),
+        r1=r1,
+        r2=r2,
+        r2star=r2star,
+        pd=pd,
+        chi=chi,
+        dseg=dseg,
+        labels=dict(LABELS),
+        brain_mask=anatomy.brain_mask,
+        head_mask=anatomy.head_mask,
+        b1=b1,
+        receive=receive,
+        b0_ppm=total,
+        background_field_ppm=background,
+        local_field_ppm=local,
+        phase_offset=phase,
+        subject=subject,
+        lesions=anatomy.lesions,
+        b0_direction=direction,
+        body_receive=body_receive,
+        label_fraction=label_fraction,
+    )
 
 
 def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, direction, seed):
@@ -295,21 +316,33 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
     """
     factor = max(1, int(round(FIELD_GRID_MM / voxel_size)))
     if factor == 1:
-        return b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine,
-                         b0_direction=direction, seed=seed)
+        return b0_fields(
+            chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, b0_direction=direction, seed=seed
+        )
     coarse_affine = coarsen_affine(affine, factor)
     _, background, local = b0_fields(
         block_average(chi, factor).astype(np.float32),
         block_average(tissue_fraction, factor).astype(np.float32),
-        block_average(brain_mask, factor) >= 0.5, voxel_size * factor, centre_mm, coarse_affine,
-        b0_direction=direction, seed=seed)
+        block_average(brain_mask, factor) >= 0.5,
+        voxel_size * factor,
+        centre_mm,
+        coarse_affine,
+        b0_direction=direction,
+        seed=seed,
+    )
     shape = chi.shape
 
     def upsample(coarse):
         # fine voxel i lies at coarse coordinate (i - (factor - 1) / 2) / factor
-        return ndimage.affine_transform(coarse, np.full(3, 1.0 / factor),
-                                        offset=-(factor - 1) / (2.0 * factor), output_shape=shape,
-                                        order=1, mode="nearest", output=np.float32)
+        return ndimage.affine_transform(
+            coarse,
+            np.full(3, 1.0 / factor),
+            offset=-(factor - 1) / (2.0 * factor),
+            output_shape=shape,
+            order=1,
+            mode="nearest",
+            output=np.float32,
+        )
 
     background = upsample(background)
     local = upsample(local)

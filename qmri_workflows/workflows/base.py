@@ -106,8 +106,9 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
         return None, plans
     # Nodes run in their own folders: a relative path would point somewhere else there.
     output_dir = Path(output_dir).absolute()
-    context = BuildContext(inputs=inputs, options={**default_options(families), **(options or {})},
-                           omp_nthreads=omp_nthreads)
+    context = BuildContext(
+        inputs=inputs, options={**default_options(families), **(options or {})}, omp_nthreads=omp_nthreads
+    )
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
     workflow = QMRIWorkflow(name=name or f"{label}_wf")
@@ -116,8 +117,10 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     for family in running:
         family_wf = family.build(context)
         if family_wf.name in {other.name for other in built.values()} or family_wf.name == "ds_wf":
-            raise ValueError(f"map family {family.key!r} builds a workflow named {family_wf.name!r}, "
-                             "which another family (or the derivatives writer) already uses")
+            raise ValueError(
+                f"map family {family.key!r} builds a workflow named {family_wf.name!r}, "
+                "which another family (or the derivatives writer) already uses"
+            )
         workflow.add_nodes([family_wf])
         for field, (dependency, dependency_field) in family.consumes.items():
             workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
@@ -125,16 +128,20 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
             derived = inputs.derivatives.get(collection)
             if derived is None:
                 continue
-            workflow.connect(_resample_node(derived.path, map_grid_file(inputs), interpolation,
-                                            name=f"resample_{family.key}_{field}"),
-                             "out_file", family_wf, f"inputnode.{field}")
+            workflow.connect(
+                _resample_node(
+                    derived.path, map_grid_file(inputs), interpolation, name=f"resample_{family.key}_{field}"
+                ),
+                "out_file",
+                family_wf,
+                f"inputnode.{field}",
+            )
         built[family.key] = family_wf
 
     static_metadata = {}
     if inputs.field_strength:
         static_metadata["MagneticFieldStrength"] = inputs.field_strength
-    family_outputs = [(family, _with_options(family.outputs(inputs), family, context.options))
-                      for family in running]
+    family_outputs = [(family, _with_options(family.outputs(inputs), family, context.options)) for family in running]
     ds_wf = init_ds_subject_wf(
         family_outputs=family_outputs,
         output_dir=str(output_dir),
@@ -173,8 +180,10 @@ def _with_options(outputs, family, options):
     if not family.options:
         return outputs
     parameters = {option.dest: options[option.dest] for option in family.options}
-    return [dataclasses.replace(output, metadata={"EstimationParameters": parameters, **output.metadata})
-            for output in outputs]
+    return [
+        dataclasses.replace(output, metadata={"EstimationParameters": parameters, **output.metadata})
+        for output in outputs
+    ]
 
 
 def _resample_node(in_file, reference_file, interpolation, *, name):
@@ -182,8 +191,9 @@ def _resample_node(in_file, reference_file, interpolation, *, name):
 
     from ..interfaces.resample import ResampleToReference
 
-    return pe.Node(ResampleToReference(in_file=str(in_file), reference_file=str(reference_file),
-                                       kind=interpolation), name=name)
+    return pe.Node(
+        ResampleToReference(in_file=str(in_file), reference_file=str(reference_file), kind=interpolation), name=name
+    )
 
 
 def init_qmri_wf(*, subjects, output_dir, work_dir=None, options=None, omp_nthreads=1, name="qmri_wf"):
@@ -215,7 +225,10 @@ def init_qmri_wf(*, subjects, output_dir, work_dir=None, options=None, omp_nthre
     plans = {}
     for inputs in subjects:
         subject_wf, subject_plans = init_single_subject_wf(
-            inputs=inputs, output_dir=output_dir, options=options, omp_nthreads=omp_nthreads,
+            inputs=inputs,
+            output_dir=output_dir,
+            options=options,
+            omp_nthreads=omp_nthreads,
             families=families,
         )
         plans[(inputs.subject, inputs.session)] = subject_plans

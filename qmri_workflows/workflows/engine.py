@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 
-__all__ = ["QMRIWorkflow"]
+__all__ = ["QMRIWorkflow"]  # noqa: F822 - provided by the module __getattr__ below
 
 
 def _workflow_class():

@@ -82,8 +82,7 @@ def init_ds_subject_wf(*, family_outputs, output_dir, staging_dir, static_metada
                 sink.inputs.datatype = output.datatype
             static = {**(static_metadata or {}), **output.metadata}
             if family.runtime_metadata:
-                merge = pe.Node(MergeMetadata(update=static), name=f"metadata_{label}",
-                                run_without_submitting=True)
+                merge = pe.Node(MergeMetadata(update=static), name=f"metadata_{label}", run_without_submitting=True)
                 workflow.connect(inputnode, output_field(family.key, "metadata"), merge, "base")
                 workflow.connect(merge, "out_dict", sink, "metadata")
             else:
@@ -92,16 +91,14 @@ def init_ds_subject_wf(*, family_outputs, output_dir, staging_dir, static_metada
             if output.index is None:
                 workflow.connect(inputnode, source, sink, "in_file")
             else:
-                pick = pe.Node(PickItem(index=output.index), name=f"pick_{label}",
-                               run_without_submitting=True)
+                pick = pe.Node(PickItem(index=output.index), name=f"pick_{label}", run_without_submitting=True)
                 workflow.connect([
                     (inputnode, pick, [(source, "inlist")]),
                     (pick, sink, [("out", "in_file")]),
                 ])  # fmt: skip
             sinks.append(sink)
 
-    gather = pe.Node(niu.Merge(2 * len(sinks), ravel_inputs=True), name="gather",
-                     run_without_submitting=True)
+    gather = pe.Node(niu.Merge(2 * len(sinks), ravel_inputs=True), name="gather", run_without_submitting=True)
     for position, sink in enumerate(sinks):
         workflow.connect([
             (sink, gather, [("out_file", f"in{2 * position + 1}"), ("out_meta", f"in{2 * position + 2}")]),

@@ -18,9 +18,20 @@ FLIP_CHOICES = ("all", "best")
 MIN_ECHOES_QSM = 2
 
 
-def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_angles_used="all",
-                background="vsharp", inversion="tv", reference="brain", dseg_tsv=None,
-                mem_gb=None, omp_nthreads=1, name="qsm_wf"):
+def init_qsm_wf(
+    *,
+    field_strength,
+    unwrap="region_growing",
+    fit="linear",
+    flip_angles_used="all",
+    background="vsharp",
+    inversion="tv",
+    reference="brain",
+    dseg_tsv=None,
+    mem_gb=None,
+    omp_nthreads=1,
+    name="qsm_wf",
+):
     """Build a workflow that maps magnetic susceptibility from multi-echo GRE magnitude and phase.
 
     Steps, each a node that can be swapped by its option: total field (every echo's phase units
@@ -84,29 +95,50 @@ def init_qsm_wf(*, field_strength, unwrap="region_growing", fit="linear", flip_a
 
     from ..interfaces.qsm import InvertDipole, QSMMask, ReferenceSusceptibility, RemoveBackground, TotalField
 
-    mem_gb = {**dict.fromkeys(("total_field", "mask", "background", "inversion", "reference"), 1.0),
-              **(mem_gb or {})}
+    mem_gb = {**dict.fromkeys(("total_field", "mask", "background", "inversion", "reference"), 1.0), **(mem_gb or {})}
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=[
-        "magnitude_files", "phase_files", "phase_scales", "echo_times", "flip_angles", "mask_file",
-        "dseg_file", "r2star_file"]), name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=[
-        "chi_file", "local_field_file", "total_field_file", "magnitude_file", "qsm_mask_file",
-        "metadata"]),
-        name="outputnode")
-    total_field = pe.Node(TotalField(unwrap=unwrap, fit=fit, flip_angles_used=flip_angles_used),
-                          name="total_field", mem_gb=mem_gb["total_field"])
+    inputnode = pe.Node(
+        IdentityInterface(
+            fields=[
+                "magnitude_files",
+                "phase_files",
+                "phase_scales",
+                "echo_times",
+                "flip_angles",
+                "mask_file",
+                "dseg_file",
+                "r2star_file",
+            ]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        IdentityInterface(
+            fields=["chi_file", "local_field_file", "total_field_file", "magnitude_file", "qsm_mask_file", "metadata"]
+        ),
+        name="outputnode",
+    )
+    total_field = pe.Node(
+        TotalField(unwrap=unwrap, fit=fit, flip_angles_used=flip_angles_used),
+        name="total_field",
+        mem_gb=mem_gb["total_field"],
+    )
     qsm_mask = pe.Node(QSMMask(), name="qsm_mask", mem_gb=mem_gb["mask"])
     # LBV solves by conjugate gradients on a sparse matrix: one thread.
     background_threads = 1 if background == "lbv" else omp_nthreads
-    remove_background = pe.Node(RemoveBackground(method=background, num_threads=background_threads),
-                                name="remove_background", mem_gb=mem_gb["background"],
-                                n_procs=background_threads)
-    invert = pe.Node(InvertDipole(method=inversion, field_strength=field_strength,
-                                  num_threads=omp_nthreads),
-                     name="invert_dipole", mem_gb=mem_gb["inversion"], n_procs=omp_nthreads)
-    reference_node = pe.Node(ReferenceSusceptibility(reference=reference), name="reference",
-                             mem_gb=mem_gb["reference"])
+    remove_background = pe.Node(
+        RemoveBackground(method=background, num_threads=background_threads),
+        name="remove_background",
+        mem_gb=mem_gb["background"],
+        n_procs=background_threads,
+    )
+    invert = pe.Node(
+        InvertDipole(method=inversion, field_strength=field_strength, num_threads=omp_nthreads),
+        name="invert_dipole",
+        mem_gb=mem_gb["inversion"],
+        n_procs=omp_nthreads,
+    )
+    reference_node = pe.Node(ReferenceSusceptibility(reference=reference), name="reference", mem_gb=mem_gb["reference"])
     if dseg_tsv:
         reference_node.inputs.dseg_tsv = str(dseg_tsv)
     step_metadata = pe.Node(Merge(4), name="step_metadata", run_without_submitting=True)
@@ -202,21 +234,26 @@ def _flatten_with_phase(gre_series):
 def _check_qsm(inputs):
     missing = [series.magnitude[0] for series in inputs.gre if not series.phase]
     if missing:
-        return (f"QSM needs the phase of every echo (part-phase images); {missing[0]} has none"
-                + (f" (nor {len(missing) - 1} other series)" if len(missing) > 1 else ""))
+        return f"QSM needs the phase of every echo (part-phase images); {missing[0]} has none" + (
+            f" (nor {len(missing) - 1} other series)" if len(missing) > 1 else ""
+        )
     n_echoes = min(len(series.echo_times) for series in inputs.gre)
     if n_echoes < MIN_ECHOES_QSM:
         return f"{n_echoes} echo(es); QSM needs at least {MIN_ECHOES_QSM}"
     if not inputs.field_strength:
-        return ("QSM needs MagneticFieldStrength (T) in the GRE sidecars to convert the field to "
-                "ppm; add it to the sidecars")
+        return (
+            "QSM needs MagneticFieldStrength (T) in the GRE sidecars to convert the field to "
+            "ppm; add it to the sidecars"
+        )
     return None
 
 
 def _describe_qsm(inputs):
     n_echoes = max(len(series.echo_times) for series in inputs.gre)
-    return (f"phase of {inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {n_echoes} echoes "
-            f"at {inputs.field_strength:g} T")
+    return (
+        f"phase of {inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {n_echoes} echoes "
+        f"at {inputs.field_strength:g} T"
+    )
 
 
 def _build_qsm(context):
@@ -234,12 +271,22 @@ def _build_qsm(context):
         inversion=options["qsm_inversion"],
         reference=options["qsm_reference"],
         dseg_tsv=dseg.tsv if dseg is not None else None,
-        mem_gb=estimate_qsm_mem_gb(magnitude[0], max(len(s.magnitude) for s in inputs.gre), len(inputs.gre),
-                                   background=options["qsm_background"], inversion=options["qsm_inversion"]),
+        mem_gb=estimate_qsm_mem_gb(
+            magnitude[0],
+            max(len(s.magnitude) for s in inputs.gre),
+            len(inputs.gre),
+            background=options["qsm_background"],
+            inversion=options["qsm_inversion"],
+        ),
         omp_nthreads=context.omp_nthreads,
     )
-    for field, value in (("magnitude_files", magnitude), ("phase_files", phase), ("phase_scales", scales),
-                         ("echo_times", echo_times), ("flip_angles", flips)):
+    for field, value in (
+        ("magnitude_files", magnitude),
+        ("phase_files", phase),
+        ("phase_scales", scales),
+        ("echo_times", echo_times),
+        ("flip_angles", flips),
+    ):
         setattr(workflow.inputs.inputnode, field, value)
     return workflow
 
@@ -252,21 +299,55 @@ def _qsm_outputs(inputs):
     masked = {"SkullStripped": True}
     return [
         Output(field="chi_file", suffix="Chimap", source_files=sources, metadata={**masked, "Units": "ppm"}),
-        Output(field="local_field_file", suffix="fieldmap", desc="local", datatype="fmap",
-               source_files=sources, metadata={**masked, "Units": "Hz", "Description": (
-                   "local (background-removed) field in Hz, 0 outside the QSM mask eroded by the "
-                   "background removal; steps: QSMSteps up to BackgroundRemoval")}),
-        Output(field="total_field_file", suffix="fieldmap", desc="total", datatype="fmap",
-               source_files=sources, metadata={**masked, "Units": "Hz", "Description": (
-                   "total field offset in Hz inside the brain mask; steps: QSMSteps up to "
-                   "TotalField")}),
+        Output(
+            field="local_field_file",
+            suffix="fieldmap",
+            desc="local",
+            datatype="fmap",
+            source_files=sources,
+            metadata={
+                **masked,
+                "Units": "Hz",
+                "Description": (
+                    "local (background-removed) field in Hz, 0 outside the QSM mask eroded by the "
+                    "background removal; steps: QSMSteps up to BackgroundRemoval"
+                ),
+            },
+        ),
+        Output(
+            field="total_field_file",
+            suffix="fieldmap",
+            desc="total",
+            datatype="fmap",
+            source_files=sources,
+            metadata={
+                **masked,
+                "Units": "Hz",
+                "Description": ("total field offset in Hz inside the brain mask; steps: QSMSteps up to TotalField"),
+            },
+        ),
         # BIDS wants a magnitude image next to a fieldmap; one without desc serves both fields.
-        Output(field="magnitude_file", suffix="magnitude", datatype="fmap", source_files=sources,
-               metadata={"SkullStripped": False, "Units": "arbitrary", "Description": (
-                   "root-sum-of-squares over echoes of the GRE magnitude used for QSM (the data "
-                   "weights of background removal and inversion)")}),
-        Output(field="qsm_mask_file", suffix="mask", desc="qsm", source_files=sources,
-               metadata={"Description": "brain mask minus unreliable edge voxels (QSMSteps.Mask)"}),
+        Output(
+            field="magnitude_file",
+            suffix="magnitude",
+            datatype="fmap",
+            source_files=sources,
+            metadata={
+                "SkullStripped": False,
+                "Units": "arbitrary",
+                "Description": (
+                    "root-sum-of-squares over echoes of the GRE magnitude used for QSM (the data "
+                    "weights of background removal and inversion)"
+                ),
+            },
+        ),
+        Output(
+            field="qsm_mask_file",
+            suffix="mask",
+            desc="qsm",
+            source_files=sources,
+            metadata={"Description": "brain mask minus unreliable edge voxels (QSMSteps.Mask)"},
+        ),
     ]
 
 
@@ -287,30 +368,64 @@ def _registry_entries():
         build=_build_qsm,
         outputs=_qsm_outputs,
         options=(
-            Option(("--qsm-unwrap",), "qsm_unwrap",
-                   {"choices": UNWRAP_CHOICES, "default": "region_growing",
+            Option(
+                ("--qsm-unwrap",),
+                "qsm_unwrap",
+                {
+                    "choices": UNWRAP_CHOICES,
+                    "default": "region_growing",
                     "help": "spatial unwrapper inside the echo-referenced unwrapping: quality-guided "
-                            "region growing (default) or Laplacian"}),
-            Option(("--qsm-field-fit",), "qsm_fit",
-                   {"choices": FIT_CHOICES, "default": "linear",
+                    "region growing (default) or Laplacian",
+                },
+            ),
+            Option(
+                ("--qsm-field-fit",),
+                "qsm_fit",
+                {
+                    "choices": FIT_CHOICES,
+                    "default": "linear",
                     "help": "total-field fit: weighted linear fit of unwrapped phase (default) or "
-                            "non-linear complex fit"}),
-            Option(("--qsm-flip-angles",), "qsm_flip_angles",
-                   {"choices": FLIP_CHOICES, "default": "all",
-                    "help": "with several flip angles: average them all (default) or use the one of "
-                            "most signal"}),
-            Option(("--qsm-background",), "qsm_background",
-                   {"choices": BACKGROUND_CHOICES, "default": "vsharp",
-                    "help": "background field removal: V-SHARP (default), PDF or LBV"}),
-            Option(("--qsm-inversion",), "qsm_inversion",
-                   {"choices": INVERSION_CHOICES, "default": "tv",
-                    "help": "dipole inversion: total variation by ADMM (tv, default), TKD, closed-form "
-                            "L2 or iLSQR"}),
-            Option(("--qsm-reference",), "qsm_reference",
-                   {"choices": REFERENCE_CHOICES, "default": "brain",
+                    "non-linear complex fit",
+                },
+            ),
+            Option(
+                ("--qsm-flip-angles",),
+                "qsm_flip_angles",
+                {
+                    "choices": FLIP_CHOICES,
+                    "default": "all",
+                    "help": "with several flip angles: average them all (default) or use the one of most signal",
+                },
+            ),
+            Option(
+                ("--qsm-background",),
+                "qsm_background",
+                {
+                    "choices": BACKGROUND_CHOICES,
+                    "default": "vsharp",
+                    "help": "background field removal: V-SHARP (default), PDF or LBV",
+                },
+            ),
+            Option(
+                ("--qsm-inversion",),
+                "qsm_inversion",
+                {
+                    "choices": INVERSION_CHOICES,
+                    "default": "tv",
+                    "help": "dipole inversion: total variation by ADMM (tv, default), TKD, closed-form L2 or iLSQR",
+                },
+            ),
+            Option(
+                ("--qsm-reference",),
+                "qsm_reference",
+                {
+                    "choices": REFERENCE_CHOICES,
+                    "default": "brain",
                     "help": "susceptibility reference: whole-brain mean (default) or CSF, from a "
-                            "segmentation given with --derivatives or else estimated (low R2* deep "
-                            "in the brain)"}),
+                    "segmentation given with --derivatives or else estimated (low R2* deep "
+                    "in the brain)",
+                },
+            ),
         ),
     )
     return (qsm,)

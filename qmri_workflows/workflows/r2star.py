@@ -94,8 +94,7 @@ def init_r2star_wf(*, method="wls", n_coils=1, mem_gb=1.0, omp_nthreads=1, name=
     )
     outputnode = pe.Node(
         IdentityInterface(
-            fields=["r2star_file", "r2star_stderr_file", "t2star_file", "s0_files", "flip_angles",
-                    "metadata"]
+            fields=["r2star_file", "r2star_stderr_file", "t2star_file", "s0_files", "flip_angles", "metadata"]
         ),
         name="outputnode",
     )
@@ -139,9 +138,11 @@ R2STAR_STDERR_DESCRIPTION = (
 def _t2star_description():
     from ..core.r2star import T2STAR_MIN_SIGNIFICANCE
 
-    return (f"1/R2* where R2* > 0 and R2* > {T2STAR_MIN_SIGNIFICANCE:g} times its standard error "
-            "(desc-stderr_R2starmap); NaN elsewhere in the brain mask (R2* undetermined, negative or "
-            "not significantly above zero, where 1/R2* would be arbitrarily large)")
+    return (
+        f"1/R2* where R2* > 0 and R2* > {T2STAR_MIN_SIGNIFICANCE:g} times its standard error "
+        "(desc-stderr_R2starmap); NaN elsewhere in the brain mask (R2* undetermined, negative or "
+        "not significantly above zero, where 1/R2* would be arbitrarily large)"
+    )
 
 
 def _first_echoes(inputs):
@@ -204,10 +205,19 @@ def _r2star_outputs(inputs):
     masked = {"SkullStripped": True}
     outputs = [
         Output(field="r2star_file", suffix="R2starmap", source_files=magnitude_files, metadata=masked),
-        Output(field="r2star_stderr_file", suffix="R2starmap", desc=R2STAR_STDERR_DESC,
-               source_files=magnitude_files, metadata={**masked, "Description": R2STAR_STDERR_DESCRIPTION}),
-        Output(field="t2star_file", suffix="T2starmap", source_files=magnitude_files,
-               metadata={**masked, "Description": _t2star_description()}),
+        Output(
+            field="r2star_stderr_file",
+            suffix="R2starmap",
+            desc=R2STAR_STDERR_DESC,
+            source_files=magnitude_files,
+            metadata={**masked, "Description": R2STAR_STDERR_DESCRIPTION},
+        ),
+        Output(
+            field="t2star_file",
+            suffix="T2starmap",
+            source_files=magnitude_files,
+            metadata={**masked, "Description": _t2star_description()},
+        ),
     ]
     several = inputs.gre_suffix == "VFA" and len(inputs.gre) > 1
     # The query layer sorts the series by flip angle, as the fit orders its S0 maps; each S0 map
@@ -218,9 +228,16 @@ def _r2star_outputs(inputs):
             acquisition["FlipAngle"] = series.flip_angle
         if series.repetition_time:
             acquisition["RepetitionTimeExcitation"] = series.repetition_time
-        outputs.append(Output(field="s0_files", suffix="S0map", index=index,
-                              desc=f"flip{index + 1}" if several else None,
-                              source_files=tuple(series.magnitude), metadata=acquisition))
+        outputs.append(
+            Output(
+                field="s0_files",
+                suffix="S0map",
+                index=index,
+                desc=f"flip{index + 1}" if several else None,
+                source_files=tuple(series.magnitude),
+                metadata=acquisition,
+            )
+        )
     return outputs
 
 
@@ -249,14 +266,27 @@ def _registry_entries():
         build=_build_r2star,
         outputs=_r2star_outputs,
         options=(
-            Option(("--r2star-method",), "r2star_method",
-                   {"choices": ("wls", "nls"), "default": "wls",
+            Option(
+                ("--r2star-method",),
+                "r2star_method",
+                {
+                    "choices": ("wls", "nls"),
+                    "default": "wls",
                     "help": "R2* estimator: ESTATICS weighted log-linear (wls, default) or "
-                            "non-linear with the magnitude noise floor (nls)"}),
-            Option(("--n-coils",), "n_coils",
-                   {"type": positive_int, "default": 1, "metavar": "N",
+                    "non-linear with the magnitude noise floor (nls)",
+                },
+            ),
+            Option(
+                ("--n-coils",),
+                "n_coils",
+                {
+                    "type": positive_int,
+                    "default": 1,
+                    "metavar": "N",
                     "help": "receive channels combined by root-sum-of-squares (noise law for nls, and "
-                            "for the noise measured in the air with few echoes)"}),
+                    "for the noise measured in the air with few echoes)",
+                },
+            ),
         ),
     )
     return brain_mask, r2star

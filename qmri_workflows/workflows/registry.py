@@ -270,8 +270,7 @@ def plan_families(inputs, families=None):
         for collection in family.needs:
             if not inputs.has(collection):
                 problem = inputs.problem(collection)
-                reason = (f"{collection} unusable: {problem.message}" if problem
-                          else f"no {collection} data")
+                reason = f"{collection} unusable: {problem.message}" if problem else f"no {collection} data"
                 break
         if reason is None:
             for dependency in family.depends:
@@ -282,8 +281,9 @@ def plan_families(inputs, families=None):
             reason = family.check(inputs)
         run = reason is None
         running[family.key] = run
-        plans.append(MapPlan(family.name, run, family.describe(inputs) if run else reason, family.key,
-                             family.auxiliary))
+        plans.append(
+            MapPlan(family.name, run, family.describe(inputs) if run else reason, family.key, family.auxiliary)
+        )
     return plans
 
 

@@ -18,17 +18,25 @@ from tests.bids_factory import make_dataset, make_vfa_dataset
 
 def _app(*args, cwd=None):
     # Its own process group, as a shell gives a job: Ctrl-C goes to every process of the group.
-    return subprocess.Popen([sys.executable, "-m", "qmri_workflows.cli.run", *map(str, args)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    return subprocess.Popen(
+        [sys.executable, "-m", "qmri_workflows.cli.run", *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
 
 
 def test_two_apps_at_once_with_default_work_directories(tmp_path):
     first = make_vfa_dataset(tmp_path / "A", shape=(24, 24, 16), seed=1)
     second = make_vfa_dataset(tmp_path / "B", shape=(20, 22, 14), seed=2, flip_angles=(5.0, 25.0))
     outputs = tmp_path / "p"
-    apps = [_app(raw, outputs / name, "participant", "--skip-bids-validation", "--nprocs", "1")
-            for raw, name in ((first, "outA"), (second, "outB"))]
+    apps = [
+        _app(raw, outputs / name, "participant", "--skip-bids-validation", "--nprocs", "1")
+        for raw, name in ((first, "outA"), (second, "outB"))
+    ]
     for app in apps:
         _, stderr = app.communicate(timeout=300)
         assert app.returncode == 0, stderr[-3000:]
@@ -50,17 +58,14 @@ def test_a_second_run_in_a_busy_work_directory_is_refused(tmp_path, caplog):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         handle.write("process 1 on elsewhere")
         handle.flush()
-        code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                         "-w", str(work)])
+        code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation", "-w", str(work)])
     assert code == run.EXIT_CANNOT_CREATE
     assert "is in use by process 1 on elsewhere" in caplog.text and "-w" in caplog.text
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
-    raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03", "04"), shape=(40, 40, 30),
-                           n_echoes=6)
-    app = _app(raw, tmp_path / "out", "participant", "--skip-bids-validation", "--nprocs", "2",
-               "-w", tmp_path / "work")
+    raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03", "04"), shape=(40, 40, 30), n_echoes=6)
+    app = _app(raw, tmp_path / "out", "participant", "--skip-bids-validation", "--nprocs", "2", "-w", tmp_path / "work")
     deadline = time.monotonic() + 120
     # Interrupt once processing has started (the plan is printed just before).
     while time.monotonic() < deadline and not list((tmp_path / "work").rglob("brain_mask")):
@@ -76,16 +81,19 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
 def test_invalid_json_is_an_invalid_dataset_even_without_the_validator(tmp_path, caplog):
     raw = make_vfa_dataset(tmp_path / "raw")
     next((raw / "sub-01" / "anat").glob("*.json")).write_text("{not json")
-    code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "-w", str(tmp_path / "work")])
+    code = run.main(
+        [str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation", "-w", str(tmp_path / "work")]
+    )
     assert code in (run.EXIT_INVALID_BIDS, run.EXIT_DATA)
     assert code != run.EXIT_NO_SELECTION
     assert ".json" in caplog.text
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content, suffix", [("plugin: [MultiProc\n", ".yml"), ("{\"plugin\": ", ".json"),
-                                             ("plugin: MultiProc\nplugin_args: 4\n", ".yml")])
+@pytest.mark.parametrize(
+    "content, suffix",
+    [("plugin: [MultiProc\n", ".yml"), ('{"plugin": ', ".json"), ("plugin: MultiProc\nplugin_args: 4\n", ".yml")],
+)
 def test_malformed_plugin_config_is_a_usage_error(tmp_path, caplog, content, suffix):
     raw = make_vfa_dataset(tmp_path / "raw")
     config = tmp_path / f"plugin{suffix}"
@@ -99,8 +107,9 @@ def test_work_directory_that_cannot_be_created_names_w(tmp_path, caplog):
     raw = make_vfa_dataset(tmp_path / "raw")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "-w", str(blocker / "work")])
+    code = run.main(
+        [str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation", "-w", str(blocker / "work")]
+    )
     assert code == run.EXIT_CANNOT_CREATE
     assert "work directory" in caplog.text and "-w" in caplog.text
 
@@ -108,8 +117,16 @@ def test_work_directory_that_cannot_be_created_names_w(tmp_path, caplog):
 def test_rerun_says_what_it_replaces_and_sidecars_tell_runs_apart(tmp_path, caplog):
     raw = make_vfa_dataset(tmp_path / "raw")
     out = tmp_path / "out"
-    common = [str(raw), str(out), "participant", "--skip-bids-validation", "-w", str(tmp_path / "work"),
-              "--nprocs", "1"]
+    common = [
+        str(raw),
+        str(out),
+        "participant",
+        "--skip-bids-validation",
+        "-w",
+        str(tmp_path / "work"),
+        "--nprocs",
+        "1",
+    ]
     assert run.main(common) == 0
     first = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     caplog.clear()
@@ -124,8 +141,17 @@ def test_messages_one_line_per_step_plan_summary_and_log_file(tmp_path):
     raw = make_vfa_dataset(tmp_path / "raw")
 
     def messages(*options, name):
-        app = _app(raw, tmp_path / name, "participant", "--skip-bids-validation", "--nprocs", "1",
-                   "-w", tmp_path / f"work_{name}", *options)
+        app = _app(
+            raw,
+            tmp_path / name,
+            "participant",
+            "--skip-bids-validation",
+            "--nprocs",
+            "1",
+            "-w",
+            tmp_path / f"work_{name}",
+            *options,
+        )
         stdout, stderr = app.communicate(timeout=300)
         assert app.returncode == 0, stderr[-2000:]
         return stdout + stderr
@@ -155,13 +181,26 @@ def test_validator_findings_are_grouped_by_key(tmp_path, caplog):
 
 
 def test_group_validator_errors_names_codes_keys_and_counts():
-    report = {"issues": {
-        "issues": [{"code": "SIDECAR_KEY_REQUIRED", "subCode": "EchoTime", "severity": "error",
-                    "location": f"/sub-01/anat/sub-01_echo-{i}_MEGRE.nii.gz"} for i in range(1, 6)]
-        + [{"code": "README_FILE_MISSING", "severity": "warning", "location": "/README"},
-           {"code": "JSON_INVALID", "severity": "error", "location": "/sub-01/anat/x.json"}],
-        "codeMessages": {"SIDECAR_KEY_REQUIRED": "A data file's JSON sidecar is missing a key listed as required.\n"},
-    }}
+    report = {
+        "issues": {
+            "issues": [
+                {
+                    "code": "SIDECAR_KEY_REQUIRED",
+                    "subCode": "EchoTime",
+                    "severity": "error",
+                    "location": f"/sub-01/anat/sub-01_echo-{i}_MEGRE.nii.gz",
+                }
+                for i in range(1, 6)
+            ]
+            + [
+                {"code": "README_FILE_MISSING", "severity": "warning", "location": "/README"},
+                {"code": "JSON_INVALID", "severity": "error", "location": "/sub-01/anat/x.json"},
+            ],
+            "codeMessages": {
+                "SIDECAR_KEY_REQUIRED": "A data file's JSON sidecar is missing a key listed as required.\n"
+            },
+        }
+    }
     lines = run.group_validator_errors(report, files_per_group=2)
     assert lines == [
         "SIDECAR_KEY_REQUIRED 'EchoTime' (A data file's JSON sidecar is missing a key listed as required): "

@@ -19,17 +19,22 @@ def _raw_dataset(root):
 
 
 def test_version_and_help():
-    out = subprocess.run(
-        [sys.executable, "-m", "qmri_workflows.cli.run", "--version"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "qmri_workflows.cli.run", "--version"], capture_output=True, text=True)
     assert out.returncode == 0
     assert __version__ in out.stdout
-    out = subprocess.run(
-        [sys.executable, "-m", "qmri_workflows.cli.run", "--help"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "qmri_workflows.cli.run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for option in ("--participant-label", "--work-dir", "--nprocs", "--mem-gb", "--plugin",
-                   "--plugin-config", "--skip-bids-validation", "--session-label", "--derivatives"):
+    for option in (
+        "--participant-label",
+        "--work-dir",
+        "--nprocs",
+        "--mem-gb",
+        "--plugin",
+        "--plugin-config",
+        "--skip-bids-validation",
+        "--session-label",
+        "--derivatives",
+    ):
         assert option in out.stdout
 
 
@@ -62,8 +67,9 @@ def test_absent_participant_exits_18_and_names_it(tmp_path, caplog):
     from tests.bids_factory import make_vfa_dataset
 
     bids = make_vfa_dataset(tmp_path / "raw")
-    code = run.main([str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "--participant-label", "sub-99"])
+    code = run.main(
+        [str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation", "--participant-label", "sub-99"]
+    )
     assert code == run.EXIT_NO_SELECTION
     assert "99" in caplog.text
 
@@ -86,8 +92,9 @@ def test_every_bad_subject_is_reported_and_the_others_are_processed(tmp_path, ca
     for subject in ("01", "03"):
         sidecar = next((bids / f"sub-{subject}" / "anat").glob("*echo-2_flip-1_part-mag_VFA.json"))
         edit_sidecar(sidecar, EchoTime=None)
-    code = run.main([str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "-w", str(tmp_path / "work")])
+    code = run.main(
+        [str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation", "-w", str(tmp_path / "work")]
+    )
     assert code == run.EXIT_DATA
     for subject in ("01", "03"):
         assert f"sub-{subject}: gre unusable: sub-{subject}/anat/sub-{subject}_echo-2_flip-1" in caplog.text
@@ -106,8 +113,7 @@ def test_output_under_the_inputs_derivatives_is_refused_and_nothing_is_created(t
 
     bids = make_vfa_dataset(tmp_path / "raw")
     before = _tree(bids)
-    code = run.main([str(bids), str(bids / "derivatives" / "qmri"), "participant",
-                     "--skip-bids-validation"])
+    code = run.main([str(bids), str(bids / "derivatives" / "qmri"), "participant", "--skip-bids-validation"])
     assert code == run.EXIT_CANNOT_CREATE
     assert _tree(bids) == before
 
@@ -117,26 +123,43 @@ def test_another_tools_dataset_is_never_overwritten(tmp_path, caplog):
 
     bids = make_vfa_dataset(tmp_path / "raw")
     other = _raw_dataset(tmp_path / "other")
-    (other / "dataset_description.json").write_text(json.dumps(
-        {"Name": "fmriprep out", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-         "GeneratedBy": [{"Name": "fMRIPrep"}]}))
+    (other / "dataset_description.json").write_text(
+        json.dumps(
+            {
+                "Name": "fmriprep out",
+                "BIDSVersion": "1.10.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "fMRIPrep"}],
+            }
+        )
+    )
     before = (other / "dataset_description.json").read_text()
-    code = run.main([str(bids), str(other), "participant", "--skip-bids-validation",
-                     "-w", str(tmp_path / "w")])
+    code = run.main([str(bids), str(other), "participant", "--skip-bids-validation", "-w", str(tmp_path / "w")])
     assert code == run.EXIT_CANNOT_CREATE
     assert "fMRIPrep" in caplog.text
     assert (other / "dataset_description.json").read_text() == before
 
 
-@pytest.mark.parametrize("options", [["--plugin", "NoSuchPlugin"], ["--nprocs", "0"],
-                                     ["--n-coils", "0"], ["--plugin-config", "/no/such.yml"]])
+@pytest.mark.parametrize(
+    "options",
+    [["--plugin", "NoSuchPlugin"], ["--nprocs", "0"], ["--n-coils", "0"], ["--plugin-config", "/no/such.yml"]],
+)
 def test_bad_options_are_usage_errors_that_create_nothing(tmp_path, options):
     from tests.bids_factory import make_vfa_dataset
 
     bids = make_vfa_dataset(tmp_path / "raw")
     try:
-        code = run.main([str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                         "-w", str(tmp_path / "w"), *options])
+        code = run.main(
+            [
+                str(bids),
+                str(tmp_path / "out"),
+                "participant",
+                "--skip-bids-validation",
+                "-w",
+                str(tmp_path / "w"),
+                *options,
+            ]
+        )
     except SystemExit as exit_:  # argparse rejects it before main returns
         code = exit_.code
     assert code == run.EXIT_USAGE
@@ -148,10 +171,24 @@ def test_failed_selection_keeps_the_previous_provenance(tmp_path):
 
     bids = make_vfa_dataset(tmp_path / "raw")
     out = tmp_path / "out"
-    assert run.main([str(bids), str(out), "participant", "--skip-bids-validation", "--nprocs", "1",
-                     "-w", str(tmp_path / "w")]) == 0
+    assert (
+        run.main(
+            [str(bids), str(out), "participant", "--skip-bids-validation", "--nprocs", "1", "-w", str(tmp_path / "w")]
+        )
+        == 0
+    )
     description = (out / "dataset_description.json").read_text()
-    code = run.main([str(bids), str(out), "participant", "--skip-bids-validation",
-                     "--participant-label", "07", "-w", str(tmp_path / "w")])
+    code = run.main(
+        [
+            str(bids),
+            str(out),
+            "participant",
+            "--skip-bids-validation",
+            "--participant-label",
+            "07",
+            "-w",
+            str(tmp_path / "w"),
+        ]
+    )
     assert code == run.EXIT_NO_SELECTION
     assert (out / "dataset_description.json").read_text() == description

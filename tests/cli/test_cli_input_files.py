@@ -12,16 +12,28 @@ from tests.bids_factory import DAMAGE_KINDS, DAMAGE_MESSAGES, damage_image, make
 
 def _tree(folder):
     """{relative path: sha256 (files) or None (folders)} of everything below ``folder``."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-            for path in folder.rglob("*")}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        for path in folder.rglob("*")
+    }
 
 
 def test_dataset_below_folders_named_like_bids_ones(tmp_path, caplog):
     # As after `git clone ... /somewhere/perf/m`: every parent name pybids could read as an entity.
     raw = make_dataset(tmp_path / "perf" / "anat" / "sub-x" / "ses-y" / "m" / "raw", phase=False, afi=True)
     out = tmp_path / "out"
-    code = run.main([str(raw.root), str(out), "participant", "--skip-bids-validation", "--nprocs", "1",
-                     "-w", str(tmp_path / "work")])
+    code = run.main(
+        [
+            str(raw.root),
+            str(out),
+            "participant",
+            "--skip-bids-validation",
+            "--nprocs",
+            "1",
+            "-w",
+            str(tmp_path / "work"),
+        ]
+    )
     assert code == 0, caplog.text
     assert (out / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz").is_file()
     assert not (out / "sub-x").exists()
@@ -40,5 +52,6 @@ def test_damaged_gre_echo_stops_before_anything_is_written(tmp_path, caplog, kin
     naming = [m for m in messages if str(damaged) in m]
     assert naming and all("gre" in m and re.search(DAMAGE_MESSAGES[kind], m) for m in naming), messages
     assert all("\n" not in m and "Traceback" not in m for m in messages), messages
-    assert any(r.levelno >= logging.ERROR and r.getMessage().startswith("sub-01 cannot be processed")
-               for r in caplog.records), messages
+    assert any(
+        r.levelno >= logging.ERROR and r.getMessage().startswith("sub-01 cannot be processed") for r in caplog.records
+    ), messages

@@ -18,8 +18,18 @@ def test_a_one_echo_subject_is_reported_and_the_others_processed(tmp_path, caplo
     raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03"))
     for path in (raw / "sub-02" / "anat").glob("*echo-[23]_*"):
         path.unlink()
-    code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "-w", str(tmp_path / "work"), "--nprocs", "1"])
+    code = run.main(
+        [
+            str(raw),
+            str(tmp_path / "out"),
+            "participant",
+            "--skip-bids-validation",
+            "-w",
+            str(tmp_path / "work"),
+            "--nprocs",
+            "1",
+        ]
+    )
     assert code == run.EXIT_DATA
     assert "sub-02: not processed: 1 echo(es); R2* needs at least 2" in caplog.text
     assert not (tmp_path / "out" / "sub-02").exists()
@@ -30,11 +40,18 @@ def test_a_one_echo_subject_is_reported_and_the_others_processed(tmp_path, caplo
 def test_a_subject_without_qmri_data_exits_66_when_alone(tmp_path, caplog):
     raw = make_vfa_dataset(tmp_path / "raw")
     for path in (raw / "sub-01" / "anat").glob("*"):
-        path.rename(path.with_name(path.name.replace("_VFA", "_T1w").replace("_echo-", "_run-")
-                                   .replace("_flip-", "_acq-f").replace("_part-mag", "")
-                                   .replace("_part-phase", "_rec-phase")))
-    code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "-w", str(tmp_path / "work")])
+        path.rename(
+            path.with_name(
+                path.name.replace("_VFA", "_T1w")
+                .replace("_echo-", "_run-")
+                .replace("_flip-", "_acq-f")
+                .replace("_part-mag", "")
+                .replace("_part-phase", "_rec-phase")
+            )
+        )
+    code = run.main(
+        [str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation", "-w", str(tmp_path / "work")]
+    )
     assert code == run.EXIT_NO_INPUT
     assert "no qMRI inputs for sub-01" in caplog.text
     assert not (tmp_path / "out").exists()
@@ -58,8 +75,9 @@ class FailForSubject02(SimpleInterface):
         if "sub-02" in os.path.basename(self.inputs.in_file):
             raise RuntimeError("this step fails for sub-02")
         image = nib.load(self.inputs.in_file)
-        self._results["out_file"] = str(write_nifti(os.path.join(runtime.cwd, "copy.nii"),
-                                                    image.get_fdata(), image.affine))
+        self._results["out_file"] = str(
+            write_nifti(os.path.join(runtime.cwd, "copy.nii"), image.get_fdata(), image.affine)
+        )
         return runtime
 
 
@@ -76,22 +94,34 @@ def _build_failing(context):
 
 @pytest.fixture
 def sometimes_failing_family():
-    family = registry.register(registry.MapFamily(
-        key="sometimesfails", name="sometimes fails", needs=(GRE,), describe=lambda inputs: "a copy",
-        build=_build_failing, runtime_metadata=False,
-        outputs=lambda inputs: [registry.Output(field="out_file", suffix="S0map", desc="copy",
-                                                source_files=(inputs.gre[0].magnitude[0],))]))
+    family = registry.register(
+        registry.MapFamily(
+            key="sometimesfails",
+            name="sometimes fails",
+            needs=(GRE,),
+            describe=lambda inputs: "a copy",
+            build=_build_failing,
+            runtime_metadata=False,
+            outputs=lambda inputs: [
+                registry.Output(
+                    field="out_file", suffix="S0map", desc="copy", source_files=(inputs.gre[0].magnitude[0],)
+                )
+            ],
+        )
+    )
     yield family
     registry.unregister(family.key)
 
 
 @pytest.mark.parametrize("nprocs", ["1", "2"])
-def test_a_failing_subject_publishes_nothing_and_the_others_everything(tmp_path, caplog, nprocs,
-                                                                        sometimes_failing_family):
+def test_a_failing_subject_publishes_nothing_and_the_others_everything(
+    tmp_path, caplog, nprocs, sometimes_failing_family
+):
     raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03"))
     out = tmp_path / "out"
-    code = run.main([str(raw), str(out), "participant", "--skip-bids-validation",
-                     "-w", str(tmp_path / "work"), "--nprocs", nprocs])
+    code = run.main(
+        [str(raw), str(out), "participant", "--skip-bids-validation", "-w", str(tmp_path / "work"), "--nprocs", nprocs]
+    )
     assert code == run.EXIT_FAILURE
     assert not (out / "sub-02").exists()
     assert not (out / STAGING_FOLDER).exists(), "the failed subject's staged files were left behind"

@@ -72,8 +72,7 @@ def ellipsoidal_head(
     gradient = [c / s**2 for c, s in zip((x, y, z), semi)]
     gradient_norm = np.maximum(np.sqrt(sum(g**2 for g in gradient)), 1e-9)
     distance = (level - 1.0) * level / gradient_norm
-    normal_extent = np.maximum(
-        np.sqrt(sum((g * v) ** 2 for g, v in zip(gradient, voxel))) / gradient_norm, voxel.min())
+    normal_extent = np.maximum(np.sqrt(sum((g * v) ** 2 for g, v in zip(gradient, voxel))) / gradient_norm, voxel.min())
 
     def within(offset_mm):
         return _inside_fraction(distance - offset_mm, normal_extent)
@@ -154,7 +153,8 @@ def test_thin_skull_under_thick_fat_scalp_and_small_brain():
     # The old mask kept the largest component after its opening: here the 20 mm scalp, twice as
     # bright as white matter, outweighed the brain (Dice 0.51).
     image, truth, lesions = ellipsoidal_head(
-        2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0, semi_axes_mm=(50.0, 60.0, 45.0), seed=2)
+        2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0, semi_axes_mm=(50.0, 60.0, 45.0), seed=2
+    )
     check_mask(image, truth, lesions, 2.0)
 
 
@@ -162,28 +162,44 @@ def test_slab_through_thin_skull_and_thick_scalp():
     # An 80 mm slab through the same head: the old mask kept the scalp ring (open at the slab's
     # faces, so no hole filling recovered the brain) and none of the brain, Dice 0.
     image, truth, lesions = ellipsoidal_head(
-        2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0, semi_axes_mm=(50.0, 60.0, 45.0), seed=2)
+        2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0, semi_axes_mm=(50.0, 60.0, 45.0), seed=2
+    )
     slab = slice(image.shape[2] // 2 - 20, image.shape[2] // 2 + 20)
     check_mask(image[:, :, slab], truth[:, :, slab], lesions[:, :, slab], 2.0)
 
 
 @pytest.mark.parametrize(
     "skull_mm, scalp",
-    [(2.0, "bright"), pytest.param(10.0, "dark", marks=pytest.mark.slow),
-     pytest.param(2.0, "fat", marks=pytest.mark.slow)],
+    [
+        (2.0, "bright"),
+        pytest.param(10.0, "dark", marks=pytest.mark.slow),
+        pytest.param(2.0, "fat", marks=pytest.mark.slow),
+    ],
 )
 def test_1mm_heads(skull_mm, scalp):
     fat = scalp == "fat"
     image, truth, lesions = ellipsoidal_head(
-        1.0, skull_mm=skull_mm, scalp=scalp, scalp_mm=20.0 if fat else 6.0,
-        semi_axes_mm=(50.0, 60.0, 45.0) if fat else (66.0, 80.0, 56.0), seed=3)
+        1.0,
+        skull_mm=skull_mm,
+        scalp=scalp,
+        scalp_mm=20.0 if fat else 6.0,
+        semi_axes_mm=(50.0, 60.0, 45.0) if fat else (66.0, 80.0, 56.0),
+        seed=3,
+    )
     check_mask(image, truth, lesions, 1.0)
 
 
 @pytest.mark.parametrize(
     "voxel_mm, skull_mm, scalp",
-    [(3.0, 2.0, "bright"), (3.0, 7.0, "dark"), (4.0, 4.0, "bright"), (4.0, 10.0, "none"),
-     (5.0, 4.0, "bright"), (5.0, 7.0, "dark"), (5.0, 2.0, "none")],
+    [
+        (3.0, 2.0, "bright"),
+        (3.0, 7.0, "dark"),
+        (4.0, 4.0, "bright"),
+        (4.0, 10.0, "none"),
+        (5.0, 4.0, "bright"),
+        (5.0, 7.0, "dark"),
+        (5.0, 2.0, "none"),
+    ],
 )
 def test_coarse_voxels(voxel_mm, skull_mm, scalp):
     image, truth, lesions = ellipsoidal_head(voxel_mm, skull_mm=skull_mm, scalp=scalp, seed=4)
@@ -294,8 +310,9 @@ def test_sanity_check_takes_a_head_mask(head_and_mask):
 def test_sanity_check_flags_a_mask_holding_a_thin_skull_and_the_scalp():
     # A 2 mm skull is ~2 % of the head: too few dark voxels for the fraction check, but one dark
     # layer spanning the mask (the old mask's failure on the fatty scalp, Dice 0.51).
-    image, truth, _ = ellipsoidal_head(2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0,
-                                       semi_axes_mm=(50.0, 60.0, 45.0), seed=2)
+    image, truth, _ = ellipsoidal_head(
+        2.0, skull_mm=2.0, scalp="fat", scalp_mm=20.0, semi_axes_mm=(50.0, 60.0, 45.0), seed=2
+    )
     head = ndimage.binary_fill_holes(image > 0.5)
     problems = check_brain_mask(head, image, voxel_size=(2.0,) * 3)
     assert any("dark layer" in p for p in problems), problems

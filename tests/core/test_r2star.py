@@ -314,8 +314,7 @@ def test_significance_rule_removes_absurd_t2star_with_two_echoes(first_echo):
     rng = np.random.default_rng(42 + len(first_echo))
     echo_times = np.array([4.9e-3, 9.8e-3])
     true_r2star = np.repeat([WM_R2STAR, 0.5], N_VOXELS // 2)
-    amplitude = _decay(np.array(first_echo) * np.exp(4.9e-3 * true_r2star[:, None]), true_r2star[:, None],
-                       echo_times)
+    amplitude = _decay(np.array(first_echo) * np.exp(4.9e-3 * true_r2star[:, None]), true_r2star[:, None], echo_times)
     signals = _rician(amplitude, 1.0, rng)
     _, r2star, stderr = fit_estatics(signals, echo_times, sigma=1.0, return_stderr=True)
     with np.errstate(divide="ignore"):
@@ -328,7 +327,8 @@ def test_significance_rule_removes_absurd_t2star_with_two_echoes(first_echo):
     assert np.nanmedian(t2star[tissue]) == pytest.approx(1 / WM_R2STAR, rel=0.05)
     assert np.isfinite(t2star[fluid]).mean() < 0.05  # about the one-sided 2.3 % (+ R2* > 0)
     # The rule itself: strictly positive and above min_significance standard errors; NaN unknown.
-    rule = t2star_where_significant(np.array([10.0, 10.0, -10.0, 10.0, np.nan, 0.0]),
-                                    np.array([4.9, 5.0, 1.0, np.nan, 1.0, 0.0]))
+    rule = t2star_where_significant(
+        np.array([10.0, 10.0, -10.0, 10.0, np.nan, 0.0]), np.array([4.9, 5.0, 1.0, np.nan, 1.0, 0.0])
+    )
     np.testing.assert_array_equal(np.isnan(rule), [False, True, True, True, True, True])
     assert rule[0] == pytest.approx(0.1)

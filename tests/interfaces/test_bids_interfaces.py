@@ -12,12 +12,14 @@ from tests.bids_factory import make_dataset
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
-OBLIQUE = np.array([
-    [0.98, -0.17, 0.02, -40.5],
-    [0.17, 0.97, -0.12, 12.25],
-    [0.0, 0.12, 1.49, -7.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+OBLIQUE = np.array(
+    [
+        [0.98, -0.17, 0.02, -40.5],
+        [0.17, 0.97, -0.12, 12.25],
+        [0.0, 0.12, 1.49, -7.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 
 
 def _image(path, data, affine=OBLIQUE, dtype=np.float64):
@@ -44,10 +46,22 @@ def test_sink_writes_map_with_sidecar(tmp_path, raw):
     r1 = rng.uniform(0.3, 2.0, size=(8, 8, 6))
     in_file = _image(tmp_path / "r1.nii.gz", r1)
     sources = [str(p) for p in raw.files["gre"]]
-    out = _run(tmp_path, "ds_r1", in_file=in_file, base_directory=str(tmp_path / "out"), subject="sub-01",
-               suffix="R1map", desc="fit", raw_root=str(raw.root), source_files=sources,
-               metadata={"EstimationAlgorithm": "DESPOT1", "MagneticFieldStrength": 3.0,
-                         "Sources": [f"bids:raw:{os.path.relpath(sources[0], raw.root)}"]})
+    out = _run(
+        tmp_path,
+        "ds_r1",
+        in_file=in_file,
+        base_directory=str(tmp_path / "out"),
+        subject="sub-01",
+        suffix="R1map",
+        desc="fit",
+        raw_root=str(raw.root),
+        source_files=sources,
+        metadata={
+            "EstimationAlgorithm": "DESPOT1",
+            "MagneticFieldStrength": 3.0,
+            "Sources": [f"bids:raw:{os.path.relpath(sources[0], raw.root)}"],
+        },
+    )
     assert out.out_file == str(tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-fit_R1map.nii.gz")
     written = nib.load(out.out_file)
     assert written.header.get_data_dtype() == np.float32
@@ -63,17 +77,28 @@ def test_sink_writes_map_with_sidecar(tmp_path, raw):
     assert all(uri.startswith("bids:raw:sub-01/anat/sub-01_echo-") for uri in sidecar["Sources"])
 
 
-@pytest.mark.parametrize("suffix, extra, values, dtype, folder", [
-    ("mask", {"desc": "brain"}, np.array([0.0, 1.0]), np.uint8, "anat"),
-    ("dseg", {}, np.array([0.0, 1.0, 2.0, 7.0]), np.int16, "anat"),
-    ("TB1map", {}, np.array([80.5, 101.25]), np.float32, "fmap"),
-    ("S0map", {"flip": 2}, np.array([1000.5, 2e4]), np.float32, "anat"),
-])
+@pytest.mark.parametrize(
+    "suffix, extra, values, dtype, folder",
+    [
+        ("mask", {"desc": "brain"}, np.array([0.0, 1.0]), np.uint8, "anat"),
+        ("dseg", {}, np.array([0.0, 1.0, 2.0, 7.0]), np.int16, "anat"),
+        ("TB1map", {}, np.array([80.5, 101.25]), np.float32, "fmap"),
+        ("S0map", {"flip": 2}, np.array([1000.5, 2e4]), np.float32, "anat"),
+    ],
+)
 def test_sink_dtype_and_folder_per_kind(tmp_path, suffix, extra, values, dtype, folder):
     data = np.resize(values, (4, 4, 3))
     in_file = _image(tmp_path / "in.nii.gz", data)
-    out = _run(tmp_path, f"ds_{suffix}", in_file=in_file, base_directory=str(tmp_path / "out"),
-               subject="01", session="ses-1", suffix=suffix, **extra)
+    out = _run(
+        tmp_path,
+        f"ds_{suffix}",
+        in_file=in_file,
+        base_directory=str(tmp_path / "out"),
+        subject="01",
+        session="ses-1",
+        suffix=suffix,
+        **extra,
+    )
     assert os.path.basename(os.path.dirname(out.out_file)) == folder
     assert "ses-1" in out.out_file
     written = nib.load(out.out_file)
@@ -87,8 +112,15 @@ def test_sink_finds_raw_root_from_sources(tmp_path, raw):
     source = raw.files["gre"][0]
     assert find_dataset_root(source) == raw.root.resolve()
     in_file = _image(tmp_path / "in.nii.gz", np.ones((4, 4, 3)))
-    out = _run(tmp_path, "ds_auto", in_file=in_file, base_directory=str(tmp_path / "out"), subject="01",
-               suffix="R2starmap", source_files=[str(source)])
+    out = _run(
+        tmp_path,
+        "ds_auto",
+        in_file=in_file,
+        base_directory=str(tmp_path / "out"),
+        subject="01",
+        suffix="R2starmap",
+        source_files=[str(source)],
+    )
     sidecar = json.loads(open(out.out_meta).read())
     assert sidecar["Sources"] == [f"bids:raw:sub-01/anat/{source.name}"]
     assert sidecar["Units"] == "1/s"
@@ -105,8 +137,15 @@ def test_sink_refuses_raw_dataset(tmp_path, raw):
 def test_sink_rejects_bad_entity_label(tmp_path):
     in_file = _image(tmp_path / "in.nii.gz", np.ones((4, 4, 3)))
     with pytest.raises(Exception, match="alphanumeric"):
-        _run(tmp_path, "ds_label", in_file=in_file, base_directory=str(tmp_path / "out"), subject="01",
-             suffix="R1map", desc="my_fit")
+        _run(
+            tmp_path,
+            "ds_label",
+            in_file=in_file,
+            base_directory=str(tmp_path / "out"),
+            subject="01",
+            suffix="R1map",
+            desc="my_fit",
+        )
 
 
 def test_sink_as_mapnode_over_flip_labels(tmp_path):
@@ -115,14 +154,23 @@ def test_sink_as_mapnode_over_flip_labels(tmp_path):
 
     in_files = [_image(tmp_path / f"s0_{i}.nii.gz", np.full((4, 4, 3), 100.0 * i)) for i in (1, 2)]
     sink = pe.MapNode(
-        DerivativesDataSink(base_directory=str(tmp_path / "out"), subject="01", suffix="S0map",
-                            metadata={"EstimationAlgorithm": "ESTATICS"}),
-        name="ds_s0", iterfield=["in_file", "flip"], base_dir=str(tmp_path / "work"))
+        DerivativesDataSink(
+            base_directory=str(tmp_path / "out"),
+            subject="01",
+            suffix="S0map",
+            metadata={"EstimationAlgorithm": "ESTATICS"},
+        ),
+        name="ds_s0",
+        iterfield=["in_file", "flip"],
+        base_dir=str(tmp_path / "work"),
+    )
     sink.inputs.in_file = in_files
     sink.inputs.flip = ["1", "2"]
     outputs = sink.run().outputs
-    assert [os.path.basename(f) for f in outputs.out_file] == ["sub-01_flip-1_S0map.nii.gz",
-                                                               "sub-01_flip-2_S0map.nii.gz"]
+    assert [os.path.basename(f) for f in outputs.out_file] == [
+        "sub-01_flip-1_S0map.nii.gz",
+        "sub-01_flip-2_S0map.nii.gz",
+    ]
     assert [float(nib.load(f).dataobj[0, 0, 0]) for f in outputs.out_file] == [100.0, 200.0]
     assert all(json.loads(open(m).read())["Units"] == "arbitrary" for m in outputs.out_meta)
 

@@ -15,8 +15,13 @@ def _echoes(tmp_path, r2star, s0_by_flip):
     files, tes, flips = [], [], []
     for flip, s0 in s0_by_flip.items():
         for index, te in enumerate(ECHO_TIMES):
-            files.append(str(write_image(tmp_path / f"flip{flip}_echo{index}.nii.gz",
-                                         s0 * np.exp(-r2star * te), shape=r2star.shape)))
+            files.append(
+                str(
+                    write_image(
+                        tmp_path / f"flip{flip}_echo{index}.nii.gz", s0 * np.exp(-r2star * te), shape=r2star.shape
+                    )
+                )
+            )
             tes.append(te)
             flips.append(flip)
     return files, tes, flips
@@ -32,8 +37,11 @@ def test_fit_node_recovers_r2star_and_one_s0_per_flip_angle(tmp_path):
     mask[-1] = 0
     mask_file = str(write_image(tmp_path / "mask.nii.gz", mask, shape=shape, dtype=np.uint8))
 
-    node = pe.Node(FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips,
-                             mask_file=mask_file), name="fit", base_dir=str(tmp_path / "work"))
+    node = pe.Node(
+        FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips, mask_file=mask_file),
+        name="fit",
+        base_dir=str(tmp_path / "work"),
+    )
     result = node.run().outputs
     fitted = np.asarray(nib.load(result.r2star_file).dataobj)
     inside = mask > 0

@@ -23,8 +23,11 @@ def test_node_writes_the_source_on_the_map_grid(tmp_path, kind, dtype):
     in_file = write_image(tmp_path / "sub-01_TB1map.nii.gz", values, affine=FIELD_AFFINE, dtype=dtype)
     reference_file = write_image(tmp_path / "map.nii.gz", shape=MAP_SHAPE, affine=MAP_AFFINE)
 
-    node = pe.Node(ResampleToReference(in_file=str(in_file), reference_file=str(reference_file), kind=kind),
-                   name=f"resample_{kind}", base_dir=str(tmp_path / "work"))
+    node = pe.Node(
+        ResampleToReference(in_file=str(in_file), reference_file=str(reference_file), kind=kind),
+        name=f"resample_{kind}",
+        base_dir=str(tmp_path / "work"),
+    )
     out_file = node.run().outputs.out_file
 
     assert out_file.endswith("sub-01_TB1map_resampled.nii.gz")

@@ -22,12 +22,14 @@ from qmri_workflows.io.derivatives import (
     write_nifti,
 )
 
-OBLIQUE_AFFINE = np.array([
-    [0.98, -0.17, 0.02, -40.5],
-    [0.17, 0.97, -0.12, 12.25],
-    [0.0, 0.12, 1.49, -7.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+OBLIQUE_AFFINE = np.array(
+    [
+        [0.98, -0.17, 0.02, -40.5],
+        [0.17, 0.97, -0.12, 12.25],
+        [0.0, 0.12, 1.49, -7.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 
 
 def _rigid_affine(zooms=(1.1, 1.2, 1.5), angle=0.3):
@@ -42,16 +44,27 @@ def _rigid_affine(zooms=(1.1, 1.2, 1.5), angle=0.3):
 def _raw_dataset(root):
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "raw", "BIDSVersion": "1.10.0", "DatasetType": "raw"}))
+        json.dumps({"Name": "raw", "BIDSVersion": "1.10.0", "DatasetType": "raw"})
+    )
     return root
 
 
 # ---------------------------------------------------------------------------------------------- names
 def test_bids_path_entity_order_and_prefixes():
-    path = bids_path(subject="sub-01", session="ses-base", suffix="VFA", part="mag", flip=2, echo=3,
-                     acq="bssfp090", desc="fit", run=1)
-    assert path == ("sub-01/ses-base/anat/"
-                    "sub-01_ses-base_acq-bssfp090_run-1_echo-3_flip-2_part-mag_desc-fit_VFA.nii.gz")
+    path = bids_path(
+        subject="sub-01",
+        session="ses-base",
+        suffix="VFA",
+        part="mag",
+        flip=2,
+        echo=3,
+        acq="bssfp090",
+        desc="fit",
+        run=1,
+    )
+    assert path == (
+        "sub-01/ses-base/anat/sub-01_ses-base_acq-bssfp090_run-1_echo-3_flip-2_part-mag_desc-fit_VFA.nii.gz"
+    )
 
 
 def test_bids_path_all_entities_in_bids_order():
@@ -62,19 +75,23 @@ def test_bids_path_all_entities_in_bids_order():
 
 
 def test_bids_path_fmap_and_extension():
-    assert bids_path(subject="01", suffix="TB1map", datatype="fmap", extension=".json") == \
-        "sub-01/fmap/sub-01_TB1map.json"
+    assert (
+        bids_path(subject="01", suffix="TB1map", datatype="fmap", extension=".json") == "sub-01/fmap/sub-01_TB1map.json"
+    )
     assert bids_path(subject="01", suffix="mask", desc="brain") == "sub-01/anat/sub-01_desc-brain_mask.nii.gz"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"acquisition": "x"}, "unknown BIDS entities"),
-    ({"acq": "a_b"}, "alphanumeric"),
-    ({"acq": "a-b"}, "alphanumeric"),
-    ({"desc": ""}, "alphanumeric"),
-    ({"echo": -1}, "non-negative"),
-    ({"flip": 1.5}, "string label"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"acquisition": "x"}, "unknown BIDS entities"),
+        ({"acq": "a_b"}, "alphanumeric"),
+        ({"acq": "a-b"}, "alphanumeric"),
+        ({"desc": ""}, "alphanumeric"),
+        ({"echo": -1}, "non-negative"),
+        ({"flip": 1.5}, "string label"),
+    ],
+)
 def test_bids_path_rejects_bad_entities(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bids_path(subject="01", suffix="R1map", **kwargs)
@@ -127,11 +144,14 @@ def test_write_nifti_round_trip_header_hygiene(tmp_path, affine):
         assert header["qform_code"] == 0
 
 
-@pytest.mark.parametrize("data, expected", [
-    (np.array([[[True, False]]]), np.uint8),
-    (np.array([[[0, 1, 7]]], dtype=np.int64), np.int16),
-    (np.array([[[0.5, 1.5]]], dtype=np.float64), np.float32),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (np.array([[[True, False]]]), np.uint8),
+        (np.array([[[0, 1, 7]]], dtype=np.int64), np.int16),
+        (np.array([[[0.5, 1.5]]], dtype=np.float64), np.float32),
+    ],
+)
 def test_write_nifti_dtype_by_kind(tmp_path, data, expected):
     path = write_nifti(tmp_path / "x.nii", data, np.eye(4))
     image = nib.load(path)
@@ -208,15 +228,13 @@ def test_written_file_permissions_follow_umask(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- JSON
 def test_write_json_converts_numpy_and_sorts(tmp_path):
-    obj = {"b": np.float32(0.5), "a": np.arange(3), "c": (np.int64(2), np.bool_(True)),
-           "d": {"z": None, "y": tmp_path}}
+    obj = {"b": np.float32(0.5), "a": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": {"z": None, "y": tmp_path}}
     path = write_json(tmp_path / "x.json", obj)
     text = path.read_text()
     assert text.endswith("\n")
     assert text.index('"a"') < text.index('"b"') < text.index('"c"')
-    assert json.loads(text) == {"a": [0, 1, 2], "b": 0.5, "c": [2, True],
-                                "d": {"y": str(tmp_path), "z": None}}
-    assert "  \"a\"" in text  # indent 2
+    assert json.loads(text) == {"a": [0, 1, 2], "b": 0.5, "c": [2, True], "d": {"y": str(tmp_path), "z": None}}
+    assert '  "a"' in text  # indent 2
 
 
 def test_write_json_refuses_nan_and_names_key(tmp_path):
@@ -237,22 +255,28 @@ def test_write_map_round_trip_with_pybids(tmp_path):
     rng = np.random.default_rng(1)
     r1 = rng.uniform(0.5, 2.0, size=(8, 8, 6))
     paths = {
-        "R1map": write_map(out, r1, affine, subject="sub-01", session="1", suffix="R1map",
-                           metadata={"EstimationAlgorithm": "VFA", "Sources": ["bids:raw:x"]}),
-        "S0map": write_map(out, r1 * 1000, affine, subject="01", session="1", suffix="S0map",
-                           metadata=None, flip=2),
-        "TB1map": write_map(out, r1 * 100, affine, subject="01", session="1", suffix="TB1map",
-                            metadata={}),
-        "mask": write_map(out, r1 > 1, affine, subject="01", session="1", suffix="mask",
-                          metadata={"Type": "Brain"}, desc="brain"),
-        "dseg": write_map(out, (r1 * 2).astype(int), affine, subject="01", session="1",
-                          suffix="dseg", metadata={}),
+        "R1map": write_map(
+            out,
+            r1,
+            affine,
+            subject="sub-01",
+            session="1",
+            suffix="R1map",
+            metadata={"EstimationAlgorithm": "VFA", "Sources": ["bids:raw:x"]},
+        ),
+        "S0map": write_map(out, r1 * 1000, affine, subject="01", session="1", suffix="S0map", metadata=None, flip=2),
+        "TB1map": write_map(out, r1 * 100, affine, subject="01", session="1", suffix="TB1map", metadata={}),
+        "mask": write_map(
+            out, r1 > 1, affine, subject="01", session="1", suffix="mask", metadata={"Type": "Brain"}, desc="brain"
+        ),
+        "dseg": write_map(out, (r1 * 2).astype(int), affine, subject="01", session="1", suffix="dseg", metadata={}),
     }
     assert paths["TB1map"].parent.name == "fmap"
     layout = BIDSLayout(out, validate=False)
     found = layout.get(subject="01", session="1", suffix="R1map", extension=".nii.gz")
     assert [f.path for f in found] == [str(paths["R1map"])]
-    assert layout.get(subject="01", flip=2, suffix="S0map", extension=".nii.gz", return_type="file") == [str(paths["S0map"])]
+    found = layout.get(subject="01", flip=2, suffix="S0map", extension=".nii.gz", return_type="file")
+    assert found == [str(paths["S0map"])]
     metadata = layout.get_metadata(str(paths["R1map"]))
     assert metadata["Units"] == "1/s"
     assert metadata["EstimationAlgorithm"] == "VFA"
@@ -260,8 +284,13 @@ def test_write_map_round_trip_with_pybids(tmp_path):
     assert layout.get_metadata(str(paths["S0map"]))["Units"] == DEFAULT_UNITS["S0map"]
     assert "Units" not in layout.get_metadata(str(paths["mask"]))
 
-    expected_dtypes = {"R1map": np.float32, "S0map": np.float32, "TB1map": np.float32,
-                       "mask": np.uint8, "dseg": np.int16}
+    expected_dtypes = {
+        "R1map": np.float32,
+        "S0map": np.float32,
+        "TB1map": np.float32,
+        "mask": np.uint8,
+        "dseg": np.int16,
+    }
     for suffix, path in paths.items():
         image = nib.load(path)
         assert image.header.get_data_dtype() == expected_dtypes[suffix], suffix
@@ -270,18 +299,17 @@ def test_write_map_round_trip_with_pybids(tmp_path):
 
 
 def test_write_map_keeps_explicit_units(tmp_path):
-    path = write_map(tmp_path, np.ones((2, 2, 2)), np.eye(4), subject="01", suffix="R2starmap",
-                     metadata={"Units": "Hz"})
+    path = write_map(
+        tmp_path, np.ones((2, 2, 2)), np.eye(4), subject="01", suffix="R2starmap", metadata={"Units": "Hz"}
+    )
     assert json.loads(sidecar_path(path).read_text())["Units"] == "Hz"
 
 
 def test_write_map_rejects_bad_mask_and_b1_in_anat(tmp_path):
     with pytest.raises(ValueError, match="0 and 1"):
-        write_map(tmp_path, np.array([[[0, 2]]]), np.eye(4), subject="01", suffix="mask",
-                  metadata={}, desc="brain")
+        write_map(tmp_path, np.array([[[0, 2]]]), np.eye(4), subject="01", suffix="mask", metadata={}, desc="brain")
     with pytest.raises(ValueError, match="fmap"):
-        write_map(tmp_path, np.ones((2, 2, 2)), np.eye(4), subject="01", suffix="TB1map",
-                  metadata={}, datatype="anat")
+        write_map(tmp_path, np.ones((2, 2, 2)), np.eye(4), subject="01", suffix="TB1map", metadata={}, datatype="anat")
 
 
 def test_write_map_refuses_raw_dataset(tmp_path):
@@ -307,7 +335,8 @@ def test_check_output_root_description_without_dataset_type(tmp_path):
     old_derivative = tmp_path / "olderiv"
     old_derivative.mkdir()
     (old_derivative / "dataset_description.json").write_text(
-        '{"Name": "x", "BIDSVersion": "1.4.0", "PipelineDescription": {"Name": "p"}}')
+        '{"Name": "x", "BIDSVersion": "1.4.0", "PipelineDescription": {"Name": "p"}}'
+    )
     assert check_output_root(old_derivative) == old_derivative
 
 
@@ -322,8 +351,12 @@ def test_check_output_root_follows_symlinks(tmp_path):
 # ---------------------------------------------------------------------------------------------- dataset
 def test_write_dataset_description(tmp_path):
     path = write_dataset_description(
-        tmp_path / "out", name="qMRI maps", source_datasets=["file:///data/raw"],
-        dataset_links={"raw": "/data/raw"}, extra={"License": "CC0"})
+        tmp_path / "out",
+        name="qMRI maps",
+        source_datasets=["file:///data/raw"],
+        dataset_links={"raw": "/data/raw"},
+        extra={"License": "CC0"},
+    )
     description = json.loads(path.read_text())
     assert description["DatasetType"] == "derivative"
     assert description["BIDSVersion"] == deriv.BIDS_VERSION
@@ -333,15 +366,17 @@ def test_write_dataset_description(tmp_path):
     assert description["DatasetLinks"] == {"raw": "/data/raw"}
     assert description["License"] == "CC0"
     custom = write_dataset_description(
-        tmp_path / "other", name="x", generated_by={"Name": "tool", "Version": "1", "CodeURL": "u"})
+        tmp_path / "other", name="x", generated_by={"Name": "tool", "Version": "1", "CodeURL": "u"}
+    )
     assert json.loads(custom.read_text())["GeneratedBy"] == [{"CodeURL": "u", "Name": "tool", "Version": "1"}]
     with pytest.raises(ValueError, match="Name"):
         write_dataset_description(tmp_path / "bad", name="x", generated_by=[{"Version": "1"}])
 
 
 def test_write_dseg_tsv(tmp_path):
-    path = write_dseg_tsv(tmp_path / "sub-01_dseg.tsv",
-                          [(1, "white matter", "WM"), {"index": 2, "name": "lesion", "abbreviation": "L"}])
+    path = write_dseg_tsv(
+        tmp_path / "sub-01_dseg.tsv", [(1, "white matter", "WM"), {"index": 2, "name": "lesion", "abbreviation": "L"}]
+    )
     assert path.read_text() == "index\tname\tabbreviation\n1\twhite matter\tWM\n2\tlesion\tL\n"
     with pytest.raises(ValueError, match="duplicate"):
         write_dseg_tsv(tmp_path / "b.tsv", [(1, "a", "A"), (1, "b", "B")])
@@ -356,7 +391,8 @@ def test_derivatives_pass_bids_validator(tmp_path):
     import subprocess
 
     validator = shutil.which("bids-validator-deno") or os.path.join(
-        os.path.dirname(sys.executable), "bids-validator-deno")
+        os.path.dirname(sys.executable), "bids-validator-deno"
+    )
     if not os.path.exists(validator):
         pytest.skip("bids-validator-deno not installed")
     out = tmp_path / "qmri"
@@ -364,8 +400,14 @@ def test_derivatives_pass_bids_validator(tmp_path):
     affine = _rigid_affine()
     data = np.random.default_rng(2).uniform(0.5, 2.0, size=(8, 8, 6))
     for suffix in ("R1map", "R2starmap", "PDmap", "Chimap"):
-        write_map(out, data, affine, subject="01", suffix=suffix,
-                  metadata={"Sources": ["bids:raw:sub-01/anat/sub-01_flip-1_VFA.nii.gz"]})
+        write_map(
+            out,
+            data,
+            affine,
+            subject="01",
+            suffix=suffix,
+            metadata={"Sources": ["bids:raw:sub-01/anat/sub-01_flip-1_VFA.nii.gz"]},
+        )
     # BIDS allows no `flip` entity on derivative maps: one S0 map per flip angle uses desc.
     write_map(out, data, affine, subject="01", suffix="S0map", metadata={}, desc="flip1")
     write_map(out, data, affine, subject="01", suffix="TB1map", metadata={})
@@ -389,8 +431,9 @@ def test_publish_map_copies_a_clean_file_without_reencoding(tmp_path):
     data = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
     affine = np.diag([1.5, 1.5, 2.0, 1.0])
     written = write_nifti(tmp_path / "work" / "R2starmap.nii", data, affine)
-    target = publish_map(tmp_path / "out", written, subject="01", suffix="R2starmap",
-                         metadata={"EstimationAlgorithm": "x"})
+    target = publish_map(
+        tmp_path / "out", written, subject="01", suffix="R2starmap", metadata={"EstimationAlgorithm": "x"}
+    )
     assert target.name == "sub-01_R2starmap.nii.gz"
     with gzip.open(target, "rb") as published:
         assert published.read() == written.read_bytes(), "the voxels were re-encoded"

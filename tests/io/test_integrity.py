@@ -27,7 +27,7 @@ def test_a_file_written_in_several_gzip_members_passes(tmp_path):
     target = tmp_path / "members.nii.gz"
     with open(target, "wb") as handle:  # as pigz or bgzip write: independent members, one after another
         for start in range(0, len(plain), 7000):
-            handle.write(gzip.compress(plain[start:start + 7000]))
+            handle.write(gzip.compress(plain[start : start + 7000]))
     assert nib.load(target).get_fdata().shape == (20, 21, 22)
     check_image_file(target)
 
@@ -68,7 +68,7 @@ def test_header_that_promises_more_voxels_than_the_file_holds(tmp_path, name):
     header = image.header.copy()
     header.set_data_shape((20, 21, 40))
     raw = path.read_bytes() if name.endswith(".nii") else gzip.decompress(path.read_bytes())
-    lying = header.binaryblock + raw[len(header.binaryblock):]
+    lying = header.binaryblock + raw[len(header.binaryblock) :]
     path.write_bytes(lying if name.endswith(".nii") else gzip.compress(lying))
     with pytest.raises(BIDSInputError, match=rf"{name} is truncated"):
         check_image_file(path)

@@ -16,8 +16,7 @@ def _write(path, data, affine=None):
 @pytest.fixture
 def echoes(tmp_path):
     rng = np.random.default_rng(3)
-    return [_write(tmp_path / f"echo{i}.nii.gz", rng.random((7, 6, 5), dtype=np.float32) * (i + 1))
-            for i in range(5)]
+    return [_write(tmp_path / f"echo{i}.nii.gz", rng.random((7, 6, 5), dtype=np.float32) * (i + 1)) for i in range(5)]
 
 
 @pytest.mark.parametrize("max_threads", [1, 3, None])

@@ -70,8 +70,7 @@ def test_vfa_with_phase(tmp_path):
         assert series.echo_times == pytest.approx((0.003, 0.007, 0.011, 0.015))
         assert series.repetition_time == 0.025
         assert series.phase_scale == 1.0
-        assert [os.path.basename(p).split("_")[1] for p in series.magnitude] == \
-            ["echo-1", "echo-2", "echo-3", "echo-4"]
+        assert [os.path.basename(p).split("_")[1] for p in series.magnitude] == ["echo-1", "echo-2", "echo-3", "echo-4"]
         assert all("part-mag" in p for p in series.magnitude)
         assert all("part-phase" in p for p in series.phase)
         assert [p.replace("part-phase", "part-mag") for p in series.phase] == list(series.magnitude)
@@ -100,8 +99,7 @@ def test_megre_without_flip_angle_or_tr_is_accepted(tmp_path):
 
 
 def test_single_echo_vfa_without_echo_entity_and_plain_nii(tmp_path):
-    dataset = make_dataset(tmp_path / "raw", n_echoes=1, phase=False, extension=".nii",
-                           flip_angles=(3.0, 10.0, 25.0))
+    dataset = make_dataset(tmp_path / "raw", n_echoes=1, phase=False, extension=".nii", flip_angles=(3.0, 10.0, 25.0))
     assert all(p.name.endswith("_VFA.nii") and "echo-" not in p.name for p in dataset.files["gre"])
     inputs = _collect(dataset)
     assert [s.flip_angle for s in inputs.gre] == [3.0, 10.0, 25.0]
@@ -155,14 +153,19 @@ def test_sidecar_inheritance(tmp_path):
 
 
 def test_bssfp_afi_and_receive(tmp_path):
-    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(270, 0, 90, 180), bssfp_flip_angles=(50.0, 15.0),
-                           afi=True, receive=True)
+    dataset = make_dataset(
+        tmp_path / "raw", bssfp_increments=(270, 0, 90, 180), bssfp_flip_angles=(50.0, 15.0), afi=True, receive=True
+    )
     inputs = _collect(dataset)
     assert [s.flip_angle for s in inputs.bssfp] == [15.0, 50.0]
     for series in inputs.bssfp:
         assert series.phase_increments == (0.0, 90.0, 180.0, 270.0)
-        assert [os.path.basename(p).split("_")[1] for p in series.magnitude] == \
-            ["acq-bssfp000", "acq-bssfp090", "acq-bssfp180", "acq-bssfp270"]
+        assert [os.path.basename(p).split("_")[1] for p in series.magnitude] == [
+            "acq-bssfp000",
+            "acq-bssfp090",
+            "acq-bssfp180",
+            "acq-bssfp270",
+        ]
         assert [p.replace("part-phase", "part-mag") for p in series.phase] == list(series.magnitude)
         assert series.repetition_time == 0.005 and series.phase_scale == 1.0
     # bSSFP files are VFA files but must not leak into the spoiled GRE collection
@@ -236,11 +239,14 @@ def test_no_qmri_inputs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("key, match", [
-    ("EchoTime", "no 'EchoTime'"),
-    ("FlipAngle", "no 'FlipAngle'.*required for VFA"),
-    ("RepetitionTimeExcitation", r"no 'RepetitionTimeExcitation' \(or 'RepetitionTime'\)"),
-])
+@pytest.mark.parametrize(
+    "key, match",
+    [
+        ("EchoTime", "no 'EchoTime'"),
+        ("FlipAngle", "no 'FlipAngle'.*required for VFA"),
+        ("RepetitionTimeExcitation", r"no 'RepetitionTimeExcitation' \(or 'RepetitionTime'\)"),
+    ],
+)
 def test_missing_metadata(tmp_path, key, match):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-2", "flip-2")
@@ -250,10 +256,13 @@ def test_missing_metadata(tmp_path, key, match):
     assert target.name.replace(".nii.gz", ".json") in message  # says which sidecar to fix
 
 
-@pytest.mark.parametrize("key, value, match", [
-    ("RepetitionTimeExcitation", 0.03, "inconsistent TR"),
-    ("FlipAngle", 5.0, "inconsistent FlipAngle"),
-])
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("RepetitionTimeExcitation", 0.03, "inconsistent TR"),
+        ("FlipAngle", 5.0, "inconsistent FlipAngle"),
+    ],
+)
 def test_inconsistent_within_series(tmp_path, key, value, match):
     dataset = make_dataset(tmp_path / "raw")
     target = _file(dataset, "gre", "echo-3", "flip-1")
@@ -336,8 +345,12 @@ def test_4d_image_refused(tmp_path):
 
 def test_unknown_phase_units(tmp_path):
     dataset = make_dataset(tmp_path / "raw", phase_units="weird")
-    _problem(dataset, GRE, r"cannot tell the units of phase image .*echo-1_flip-1_part-phase"
-                           r".*values span \[.*\].*\"Units\": \"rad\"")
+    _problem(
+        dataset,
+        GRE,
+        r"cannot tell the units of phase image .*echo-1_flip-1_part-phase"
+        r".*values span \[.*\].*\"Units\": \"rad\"",
+    )
 
 
 def test_unsupported_phase_units_label(tmp_path):
@@ -431,20 +444,22 @@ def test_receive_pair_incomplete(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- phase units
-@pytest.mark.parametrize("units, scale", [
-    ("rad", 1.0),
-    ("rad2pi", 1.0),
-    ("siemens", math.pi / 4096),
-    ("siemens12", 2 * math.pi / 4096),
-    ("ge", 1e-3),
-    ("int16", math.pi / 32768),
-])
+@pytest.mark.parametrize(
+    "units, scale",
+    [
+        ("rad", 1.0),
+        ("rad2pi", 1.0),
+        ("siemens", math.pi / 4096),
+        ("siemens12", 2 * math.pi / 4096),
+        ("ge", 1e-3),
+        ("int16", math.pi / 32768),
+    ],
+)
 def test_phase_scale_from_values_recovers_radians(units, scale):
     data, dtype = phase_data(units, shape=(16, 16, 8), seed=3)
     stored = data.astype(dtype)
     integer = bool(np.all(stored == np.round(stored)))
-    found, description = phase_scale_from_values(float(stored.min()), float(stored.max()),
-                                                  integer_valued=integer)
+    found, description = phase_scale_from_values(float(stored.min()), float(stored.max()), integer_valued=integer)
     assert found == pytest.approx(scale)
     truth, _ = phase_data("rad", shape=(16, 16, 8), seed=3)
     # same phase modulo 2 pi, to within the quantisation step of the encoding
@@ -453,11 +468,14 @@ def test_phase_scale_from_values_recovers_radians(units, scale):
     assert np.abs(difference).max() <= step + 1e-6, description
 
 
-@pytest.mark.parametrize("minimum, maximum, integer", [
-    (0.0, 1000.0, False),   # floats beyond 2 pi
-    (-100.0, 100.0, True),  # integers filling no known encoding
-    (0.0, 4095.0 * 4, True),
-])
+@pytest.mark.parametrize(
+    "minimum, maximum, integer",
+    [
+        (0.0, 1000.0, False),  # floats beyond 2 pi
+        (-100.0, 100.0, True),  # integers filling no known encoding
+        (0.0, 4095.0 * 4, True),
+    ],
+)
 def test_phase_scale_from_values_refuses_unknown(minimum, maximum, integer):
     with pytest.raises(BIDSInputError, match="cannot tell the units"):
         phase_scale_from_values(minimum, maximum, integer_valued=integer)
@@ -495,26 +513,33 @@ def test_load_volume_errors(tmp_path):
 def test_load_phase(tmp_path):
     stored = np.array([[[-4096, 0, 2048, 4094]]], dtype=np.int16)
     path = write_image(tmp_path / "p.nii.gz", stored, dtype=np.int16)
-    np.testing.assert_allclose(load_phase(path, math.pi / 4096)[0, 0],
-                               [-math.pi, 0, math.pi / 2, math.pi * 4094 / 4096], rtol=1e-6)
+    np.testing.assert_allclose(
+        load_phase(path, math.pi / 4096)[0, 0], [-math.pi, 0, math.pi / 2, math.pi * 4094 / 4096], rtol=1e-6
+    )
     with pytest.raises(BIDSInputError, match="invalid phase scale"):
         load_phase(path, None)
 
 
 def test_factory_layout_passes_bids_validator(tmp_path):
     """The raw layout of docs/architecture.rst (incl. the bSSFP convention) is valid BIDS."""
-    validator = shutil.which("bids-validator-deno") or os.path.join(os.path.dirname(sys.executable),
-                                                                    "bids-validator-deno")
+    validator = shutil.which("bids-validator-deno") or os.path.join(
+        os.path.dirname(sys.executable), "bids-validator-deno"
+    )
     if not os.path.exists(validator):
         pytest.skip("bids-validator-deno not installed")
     # (dcm2niix-style VFA sidecars lack PulseSequenceType, which BIDS requires for VFA; the query
     # tolerates that, the validator does not)
-    make_dataset(tmp_path / "raw", sessions=("1",), bssfp_increments=(0, 90, 180, 270), afi=True,
-                 receive=True, phase_units="siemens")
+    make_dataset(
+        tmp_path / "raw",
+        sessions=("1",),
+        bssfp_increments=(0, 90, 180, 270),
+        afi=True,
+        receive=True,
+        phase_units="siemens",
+    )
     make_dataset(tmp_path / "raw", subjects=("02",), gre="MEGRE", sidecar_style="dcm2niix")
     (tmp_path / "raw" / "participants.tsv").write_text("participant_id\nsub-01\nsub-02\n")
-    result = subprocess.run([validator, "--json", str(tmp_path / "raw")], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([validator, "--json", str(tmp_path / "raw")], capture_output=True, text=True, timeout=300)
     report = json.loads(result.stdout)
     errors = [issue for issue in report["issues"]["issues"] if issue.get("severity") == "error"]
     assert errors == [], errors
@@ -529,8 +554,9 @@ def test_bssfp_duplicate_increment(tmp_path, part):
     duplicate = source.with_name(source.name.replace("_acq-bssfp090", ""))
     duplicate.write_bytes(source.read_bytes())
     sidecar_of(duplicate).write_text(sidecar_of(source).read_text())
-    message = _problem(dataset, BSSFP, f"two bSSFP {'magnitude' if part == 'mag' else 'phase'} images with "
-                                       "increment 90 deg")
+    message = _problem(
+        dataset, BSSFP, f"two bSSFP {'magnitude' if part == 'mag' else 'phase'} images with increment 90 deg"
+    )
     assert source.name in message and duplicate.name in message
     assert len(_collect(dataset).gre) == 2
 

@@ -67,6 +67,6 @@ def test_whole_multi_member_gzip_echo_passes(tmp_path):
     raw = make_dataset(tmp_path / "raw", phase=False)
     echo = raw.files["gre"][0]
     plain = gzip.decompress(echo.read_bytes())
-    echo.write_bytes(b"".join(gzip.compress(plain[i:i + 500]) for i in range(0, len(plain), 500)))
+    echo.write_bytes(b"".join(gzip.compress(plain[i : i + 500]) for i in range(0, len(plain), 500)))
     inputs = collect_inputs(open_layout(raw.root), "01")
     assert inputs.problems == () and len(inputs.gre) == 2

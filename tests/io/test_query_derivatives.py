@@ -28,8 +28,9 @@ from tests.bids_factory import (
 
 
 def _collect(raw, derivatives, subject="01", session=None):
-    return collect_inputs(open_layout(raw.root), subject, session,
-                          derivatives=open_derivatives([d.root for d in derivatives]))
+    return collect_inputs(
+        open_layout(raw.root), subject, session, derivatives=open_derivatives([d.root for d in derivatives])
+    )
 
 
 def _snapshot(root):
@@ -71,11 +72,12 @@ def test_session_must_match(tmp_path):
 
 def test_tb1map_without_units_is_noted(tmp_path):
     raw = make_dataset(tmp_path / "raw")
-    derivatives = make_derivatives(tmp_path / "deriv", tb1map_units=None, dseg=False, lesion_mask=False,
-                                   brain_mask=False)
+    derivatives = make_derivatives(
+        tmp_path / "deriv", tb1map_units=None, dseg=False, lesion_mask=False, brain_mask=False
+    )
     inputs = _collect(raw, [derivatives])
     assert "Units" not in inputs.derivatives[TB1MAP].metadata
-    assert any("TB1map" in note and "no \"Units\"" in note for note in inputs.notes)
+    assert any("TB1map" in note and 'no "Units"' in note for note in inputs.notes)
 
 
 def test_dseg_without_tsv(tmp_path):
@@ -140,13 +142,16 @@ def test_candidates_in_two_datasets_and_template_space_ignored(tmp_path):
     assert str(first.root) in message and str(third.root) in message
 
 
-@pytest.mark.parametrize("collection, data, match", [
-    (LESION_MASK, np.full((10, 10, 8), 0.4), "non-integer values .* threshold or round it"),
-    (BRAIN_MASK, np.zeros((10, 10, 8)), "brain mask .* is empty"),
-    (TB1MAP, np.full((10, 10, 8, 2), 100.0), r"shape \(10, 10, 8, 2\); one 3D volume per file"),
-    (TB1MAP, np.full((10, 10, 8), np.inf), "infinite values"),
-    (DSEG, np.full((10, 10, 8), -1.0), "negative labels"),
-])
+@pytest.mark.parametrize(
+    "collection, data, match",
+    [
+        (LESION_MASK, np.full((10, 10, 8), 0.4), "non-integer values .* threshold or round it"),
+        (BRAIN_MASK, np.zeros((10, 10, 8)), "brain mask .* is empty"),
+        (TB1MAP, np.full((10, 10, 8, 2), 100.0), r"shape \(10, 10, 8, 2\); one 3D volume per file"),
+        (TB1MAP, np.full((10, 10, 8), np.inf), "infinite values"),
+        (DSEG, np.full((10, 10, 8), -1.0), "negative labels"),
+    ],
+)
 def test_broken_derivative_is_a_problem_of_its_collection_only(tmp_path, collection, data, match):
     raw = make_dataset(tmp_path / "raw")
     derivatives = make_derivatives(tmp_path / "deriv")
@@ -163,8 +168,11 @@ def test_broken_derivative_is_a_problem_of_its_collection_only(tmp_path, collect
 
 def test_open_derivatives_refuses_raw_dataset_and_non_dataset(tmp_path):
     raw = make_dataset(tmp_path / "raw")
-    with pytest.raises(BIDSInputError, match=r"raw.* is not a BIDS derivatives dataset .*DatasetType 'raw'.*"
-                                             r"\"DatasetType\": \"derivative\""):
+    with pytest.raises(
+        BIDSInputError,
+        match=r"raw.* is not a BIDS derivatives dataset .*DatasetType 'raw'.*"
+        r"\"DatasetType\": \"derivative\"",
+    ):
         open_derivatives([raw.root])
     (tmp_path / "plain").mkdir()
     with pytest.raises(BIDSInputError, match=r"plain is not a BIDS dataset root.*dataset_description.json"):

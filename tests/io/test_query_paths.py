@@ -35,8 +35,15 @@ PARENTS = [
 def test_raw_dataset_below_entity_named_folders(tmp_path, parents):
     # Two subjects with sessions and inherited sidecars: a parent named sub-x / ses-y would merge
     # them, and sidecar inheritance (keyed on entities) would mix their metadata.
-    raw = make_dataset(tmp_path / parents / "raw", subjects=("01", "02"), sessions=("1",), afi=True,
-                       receive=True, inherit=True, repetition_time=0.03)
+    raw = make_dataset(
+        tmp_path / parents / "raw",
+        subjects=("01", "02"),
+        sessions=("1",),
+        afi=True,
+        receive=True,
+        inherit=True,
+        repetition_time=0.03,
+    )
     layout = open_layout(raw.root)
     assert sorted(layout.get_subjects()) == ["01", "02"]
     assert select_participants(layout) == [("01", "1"), ("02", "1")]
@@ -46,8 +53,7 @@ def test_raw_dataset_below_entity_named_folders(tmp_path, parents):
         assert inputs.has(GRE) and inputs.has(AFI) and inputs.has(RECEIVE)
         assert inputs.gre_suffix == "VFA" and [s.flip_angle for s in inputs.gre] == [4.0, 20.0]
         assert all(s.repetition_time == 0.03 and len(s.echo_times) == 3 for s in inputs.gre)
-        every_file = [*inputs.gre[0].magnitude, *inputs.gre[1].phase, inputs.afi.tr1_file,
-                      inputs.receive.body_file]
+        every_file = [*inputs.gre[0].magnitude, *inputs.gre[1].phase, inputs.afi.tr1_file, inputs.receive.body_file]
         assert all(f"/sub-{subject}/ses-1/" in path for path in every_file)
         images = layout.get(subject=subject, extension=".nii.gz")
         datatypes = sorted(f.entities.get("datatype") for f in images)

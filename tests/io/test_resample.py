@@ -16,10 +16,10 @@ FIELD_VOXEL_MM = 4.0
 FIELD_SHAPE = (16, 17, 13)
 
 
-def _affine(voxel_mm, centre_mm, shape, rotation=np.eye(3)):
+def _affine(voxel_mm, centre_mm, shape, rotation=None):
     """Affine whose grid is centred on ``centre_mm`` (world), axes rotated by ``rotation``."""
     affine = np.eye(4)
-    affine[:3, :3] = rotation * voxel_mm
+    affine[:3, :3] = (np.eye(3) if rotation is None else rotation) * voxel_mm
     affine[:3, 3] = np.asarray(centre_mm) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
     return affine
 

@@ -15,7 +15,8 @@ from qmri_workflows.phantom.cli import main
 from qmri_workflows.phantom.dataset import ICBM_NOTICE, write_phantom_dataset
 
 VALIDATOR = shutil.which("bids-validator-deno") or (
-    "/work/venv/bin/bids-validator-deno" if Path("/work/venv/bin/bids-validator-deno").exists() else None)
+    "/work/venv/bin/bids-validator-deno" if Path("/work/venv/bin/bids-validator-deno").exists() else None
+)
 RESOLUTION = 8.0  # mm: small grid, full protocol, a few seconds per subject
 
 
@@ -33,8 +34,21 @@ def noisy_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def noiseless_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom") / "noiseless"
-    status = main([str(root), "--resolution", str(RESOLUTION), "--snr", "inf", "--n-coils", "4", "--seed", "5",
-                   "--oversample", "1"])
+    status = main(
+        [
+            str(root),
+            "--resolution",
+            str(RESOLUTION),
+            "--snr",
+            "inf",
+            "--n-coils",
+            "4",
+            "--seed",
+            "5",
+            "--oversample",
+            "1",
+        ]
+    )
     assert status == 0
     return root
 
@@ -42,8 +56,7 @@ def noiseless_dataset(tmp_path_factory):
 def test_bids_validator_reports_no_errors(noisy_dataset):
     if VALIDATOR is None:
         pytest.skip("bids-validator-deno executable not found (pip install bids-validator-deno)")
-    result = subprocess.run([VALIDATOR, str(noisy_dataset), "--json"], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([VALIDATOR, str(noisy_dataset), "--json"], capture_output=True, text=True, timeout=300)
     report = json.loads(result.stdout)
     errors = [issue for issue in report["issues"]["issues"] if issue["severity"] == "error"]
     assert errors == [], json.dumps(errors[:5], indent=1)
@@ -64,8 +77,9 @@ def test_layout_files_and_metadata(noisy_dataset):
     phase = layout.get(subject="01", suffix="VFA", part="phase", echo=3, flip=2, extension=".nii.gz")[0]
     assert phase.get_metadata()["Units"] == "rad"
     assert len(layout.get(subject="02", suffix="VFA", part="mag", extension=".nii.gz")) == 16 + 8
-    bssfp = layout.get(subject="01", suffix="VFA", acquisition="bssfp090", flip=2, part="mag",
-                       extension=".nii.gz")[0].get_metadata()
+    bssfp = layout.get(subject="01", suffix="VFA", acquisition="bssfp090", flip=2, part="mag", extension=".nii.gz")[
+        0
+    ].get_metadata()
     assert bssfp["PulseSequenceType"] == "bSSFP" and bssfp["PhaseCyclingIncrement"] == 90.0
     assert bssfp["EchoTime"] == pytest.approx(bssfp["RepetitionTimeExcitation"] / 2)
     afi = layout.get(subject="01", suffix="TB1AFI", acquisition="tr2", extension=".nii.gz")[0].get_metadata()
@@ -73,8 +87,9 @@ def test_layout_files_and_metadata(noisy_dataset):
     assert len(layout.get(subject="01", suffix="RB1COR", extension=".nii.gz")) == 2
     with_truth = bids.BIDSLayout(noisy_dataset, derivatives=True)
     assert len(with_truth.get(scope="derivatives", suffix="R2starmap", extension=".nii.gz")) == 2
-    assert len(with_truth.get(scope="derivatives", subject="01", suffix="S0map", desc="flip2",
-                              extension=".nii.gz")) == 1
+    assert (
+        len(with_truth.get(scope="derivatives", subject="01", suffix="S0map", desc="flip2", extension=".nii.gz")) == 1
+    )
 
     participants = (noisy_dataset / "participants.tsv").read_text().splitlines()
     assert participants[0].split("\t") == ["participant_id", "group", "age", "sex"]
@@ -90,11 +105,26 @@ def test_truth_derivatives(noisy_dataset):
     description = json.loads((truth_root / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "qmri-phantom"
     anat, fmap = truth_root / "sub-01" / "anat", truth_root / "sub-01" / "fmap"
-    for name in ("R1map", "T1map", "R2map", "T2map", "R2starmap", "T2starmap", "PDmap", "Chimap", "M0map",
-                 "desc-flip1_S0map", "desc-flip2_S0map", "dseg", "desc-brain_mask", "desc-head_mask"):
+    for name in (
+        "R1map",
+        "T1map",
+        "R2map",
+        "T2map",
+        "R2starmap",
+        "T2starmap",
+        "PDmap",
+        "Chimap",
+        "M0map",
+        "desc-flip1_S0map",
+        "desc-flip2_S0map",
+        "dseg",
+        "desc-brain_mask",
+        "desc-head_mask",
+    ):
         assert (anat / f"sub-01_{name}.nii.gz").is_file(), name
-        assert "Units" in json.loads((anat / f"sub-01_{name}.json").read_text()) or name.endswith(
-            ("mask", "dseg")), name
+        assert "Units" in json.loads((anat / f"sub-01_{name}.json").read_text()) or name.endswith(("mask", "dseg")), (
+            name
+        )
     assert (anat / "sub-01_dseg.tsv").read_text().startswith("index\tname\tabbreviation\n")
     r1, t1 = _load(anat / "sub-01_R1map.nii.gz"), _load(anat / "sub-01_T1map.nii.gz")
     brain = _load(anat / "sub-01_desc-brain_mask.nii.gz") > 0
@@ -115,6 +145,7 @@ def test_noise_sigma_in_air_and_snr(noisy_dataset):
     magnitude = _load(noisy_dataset / "sub-02/anat/sub-02_echo-5_flip-2_part-mag_VFA.nii.gz")
     # air far from the head: Rayleigh noise, E[M^2] = 2 sigma^2 (same receiver for both subjects)
     from scipy import ndimage
+
     air = ~ndimage.binary_dilation(head, iterations=2)
     estimate = math.sqrt(np.mean(magnitude[air] ** 2) / 2)
     assert estimate == pytest.approx(sigma, rel=5 / math.sqrt(air.sum()))
@@ -128,18 +159,24 @@ def test_noise_sigma_in_air_and_snr(noisy_dataset):
 
 def test_seed_determinism_and_int16_storage(noisy_dataset, tmp_path):
     # same seed, one subject, int16: sub-01 is the same simulation (noise streams are per subject and volume)
-    root = write_phantom_dataset(tmp_path / "again", resolution=RESOLUTION, snr=40.0, subjects=1, seed=3,
-                                 dtype="int16", oversample=1)
+    root = write_phantom_dataset(
+        tmp_path / "again", resolution=RESOLUTION, snr=40.0, subjects=1, seed=3, dtype="int16", oversample=1
+    )
     record = json.loads((root / "derivatives/phantom/sub-01/sub-01_desc-simulation.json").read_text())
     sigma = record["NoiseSigma"]
-    for name, step in (("echo-2_flip-1_part-mag", sigma / 4), ("echo-2_flip-1_part-phase", math.pi / 1024),
-                       ("acq-bssfp180_flip-2_part-mag", sigma / 4)):
+    for name, step in (
+        ("echo-2_flip-1_part-mag", sigma / 4),
+        ("echo-2_flip-1_part-phase", math.pi / 1024),
+        ("acq-bssfp180_flip-2_part-mag", sigma / 4),
+    ):
         stored = nib.load(root / f"sub-01/anat/sub-01_{name}_VFA.nii.gz")
         assert stored.get_data_dtype() == np.int16
         reference = _load(noisy_dataset / f"sub-01/anat/sub-01_{name}_VFA.nii.gz")
         np.testing.assert_allclose(stored.get_fdata(), reference, atol=step / 2 * 1.001 + 1e-5)
-    np.testing.assert_array_equal(_load(root / "derivatives/phantom/sub-01/anat/sub-01_R2starmap.nii.gz"),
-                                  _load(noisy_dataset / "derivatives/phantom/sub-01/anat/sub-01_R2starmap.nii.gz"))
+    np.testing.assert_array_equal(
+        _load(root / "derivatives/phantom/sub-01/anat/sub-01_R2starmap.nii.gz"),
+        _load(noisy_dataset / "derivatives/phantom/sub-01/anat/sub-01_R2starmap.nii.gz"),
+    )
     assert not list(tmp_path.glob(".again.partial-*"))
 
 
@@ -215,14 +252,16 @@ def test_cli_refuses_a_non_empty_folder_naming_its_flag(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_oversampled_dataset_is_close_to_truth(tmp_path):
-    root = write_phantom_dataset(tmp_path / "over", resolution=RESOLUTION, snr=math.inf, subjects=1, seed=1,
-                                 oversample=2, n_coils=2)
+    root = write_phantom_dataset(
+        tmp_path / "over", resolution=RESOLUTION, snr=math.inf, subjects=1, seed=1, oversample=2, n_coils=2
+    )
     truth = root / "derivatives/phantom/sub-01/anat"
     dseg = _load(truth / "sub-01_dseg.nii.gz")
     echo = _load(root / "sub-01/anat/sub-01_echo-1_flip-1_part-mag_VFA.nii.gz")
     assert echo.shape == dseg.shape
     # deep white matter (not at a tissue edge): the k-space-reduced image is close to the block truth
     from scipy import ndimage
+
     deep_wm = ndimage.binary_erosion(dseg == 3)
     s0 = _load(truth / "sub-01_desc-flip1_S0map.nii.gz")
     r2star = _load(truth / "sub-01_R2starmap.nii.gz")

@@ -32,10 +32,12 @@ def test_spgr_matches_isochromats(increment):
 
 
 def test_afi_matches_isochromats():
-    reference = simulate([1.0, 0.85], [0.1, 0.07], np.deg2rad([60.0, 66.0]), [(0.02, 1), (0.1, 5)],
-                         math.radians(39.0), n_pulses=800)
-    s1, s2 = afi_steady_state([1.0, 0.85], [0.1, 0.07], 60.0, 0.02, 0.1, phase_increment_deg=39.0,
-                              diffusion=0.0, b1=[1.0, 1.1])
+    reference = simulate(
+        [1.0, 0.85], [0.1, 0.07], np.deg2rad([60.0, 66.0]), [(0.02, 1), (0.1, 5)], math.radians(39.0), n_pulses=800
+    )
+    s1, s2 = afi_steady_state(
+        [1.0, 0.85], [0.1, 0.07], 60.0, 0.02, 0.1, phase_increment_deg=39.0, diffusion=0.0, b1=[1.0, 1.1]
+    )
     np.testing.assert_allclose(np.stack([s1, s2], -1), reference, rtol=2e-4)
 
 
@@ -43,8 +45,7 @@ def test_strong_diffusion_damping_gives_the_ernst_and_ideal_afi_signals():
     t1 = np.array([0.85, 1.4, 4.0])
     t2 = np.array([0.07, 0.08, 2.0])
     spgr = spgr_steady_state(t1, t2, 21.0, 0.025, gradient_moment=100.0, diffusion=3e-3, b1=1.1)
-    np.testing.assert_allclose(spgr, spgr_signal(1.0, 1 / t1, 0.0, math.radians(21), 0.025, 0.0, b1=1.1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(spgr, spgr_signal(1.0, 1 / t1, 0.0, math.radians(21), 0.025, 0.0, b1=1.1), rtol=1e-6)
     s1, s2 = afi_steady_state(t1, t2, 60.0, 0.02, 0.1, gradient_moment=100.0, diffusion=3e-3, b1=0.9)
     ideal = afi_signals(1.0, 1 / t1, 0.0, math.radians(60), 0.02, 0.1, 0.0, b1=0.9)
     np.testing.assert_allclose(s1, ideal[0], rtol=1e-6)
@@ -76,4 +77,3 @@ def test_invalid_inputs_are_refused():
         afi_steady_state(1.0, 0.1, 60.0, 0.1, 0.1)
     with pytest.raises(ValueError, match="positive"):
         spgr_steady_state(-1.0, 0.1, 20.0, 0.025)
-

@@ -20,14 +20,15 @@ def test_interior_and_edge_errors(tmp_path):
     truth = np.where(dseg == 3, 20.0, 16.0)
     _save(anat / "sub-01_R2starmap.nii.gz", truth)
     _save(anat / "sub-01_dseg.nii.gz", dseg)
-    (anat / "sub-01_dseg.tsv").write_text("index\tname\tabbreviation\n0\tbackground\tBG\n2\tcortical GM\tCGM\n"
-                                          "3\tWM\tWM\n")
+    (anat / "sub-01_dseg.tsv").write_text(
+        "index\tname\tabbreviation\n0\tbackground\tBG\n2\tcortical GM\tCGM\n3\tWM\tWM\n"
+    )
     interior = np.zeros(dseg.shape)
     interior[1:4] = 1
     _save(anat / "sub-01_label-WM_desc-interior_mask.nii.gz", interior)
     estimate = truth.copy()
-    estimate[1:4] *= 1.002   # interior: +0.2 %
-    estimate[4:6] *= 0.95    # WM edge: -5 %
+    estimate[1:4] *= 1.002  # interior: +0.2 %
+    estimate[4:6] *= 0.95  # WM edge: -5 %
     rows = region_errors(tmp_path, estimate, subject="01")
     assert [row.abbreviation for row in rows] == ["WM"]  # only regions with an interior mask
     wm = rows[0]

@@ -14,7 +14,6 @@ import functools
 
 import numpy as np
 import pytest
-
 from scipy import ndimage
 
 from qmri_workflows.core.masking import brain_mask, check_brain_mask

@@ -1,12 +1,12 @@
 """The protocol simulator reproduces the truth exactly without noise and adds the intended noise."""
 
 import math
+
 import numpy as np
 import pytest
 
 from qmri_workflows.core.signal import spgr_signal
 from qmri_workflows.phantom.protocol import Protocol
-from qmri_workflows.phantom.truth import PhantomTruth
 from qmri_workflows.phantom.simulate import (
     GYROMAGNETIC_RATIO,
     SIGNAL_SCALE,
@@ -19,6 +19,7 @@ from qmri_workflows.phantom.simulate import (
     list_volumes,
     reference_sigma,
 )
+from qmri_workflows.phantom.truth import PhantomTruth
 
 
 def sphere_truth(shape=(28, 28, 24), voxel=3.0):
@@ -29,8 +30,10 @@ def sphere_truth(shape=(28, 28, 24), voxel=3.0):
     radius = np.sqrt(x**2 + y**2 + z**2)
     dseg = np.select([radius < 18, radius < 26, radius < 30], [3, 2, 1], 0).astype(np.int16)
     table = {  # label: (R1, R2, R2*, PD, chi)
-        0: (0.0, 0.0, 0.0, 0.0, 0.0), 1: (0.24, 0.57, 1.0, 100.0, 0.0),
-        2: (0.65, 10.0, 17.0, 82.0, 0.01), 3: (1.05, 13.3, 21.0, 69.0, -0.03),
+        0: (0.0, 0.0, 0.0, 0.0, 0.0),
+        1: (0.24, 0.57, 1.0, 100.0, 0.0),
+        2: (0.65, 10.0, 17.0, 82.0, 0.01),
+        3: (1.05, 13.3, 21.0, 69.0, -0.03),
     }
     maps = {name: np.zeros(shape) for name in ("r1", "r2", "r2star", "pd", "chi")}
     for label, values in table.items():
@@ -40,19 +43,31 @@ def sphere_truth(shape=(28, 28, 24), voxel=3.0):
     background = 0.4 * (z / 40.0) ** 2 + 0.1 * x / 40.0
     local = 0.02 * np.sin(x / 7.0) * head
     return PhantomTruth(
-        affine=affine, field_strength=3.0, dseg=dseg,
+        affine=affine,
+        field_strength=3.0,
+        dseg=dseg,
         labels={0: "background", 1: "CSF", 2: "cortical GM", 3: "WM"},
-        brain_mask=dseg >= 2, head_mask=head,
+        brain_mask=dseg >= 2,
+        head_mask=head,
         b1=1.0 + 0.15 * np.cos(x / 30.0) - 0.1 * z / 40.0,
         receive=1.2 - 0.3 * (y + 40.0) / 80.0 + 0.1 * np.sin(z / 20.0),
-        b0_ppm=background + local, background_field_ppm=background, local_field_ppm=local,
-        phase_offset=0.5 + 0.02 * x, **maps)
+        b0_ppm=background + local,
+        background_field_ppm=background,
+        local_field_ppm=local,
+        phase_offset=0.5 + 0.02 * x,
+        **maps,
+    )
 
 
 def _volume(volumes, **conditions):
-    return next(v for v in volumes if all(
-        (v.entities.get(key) if key in v.entities else getattr(v, key, None)) == value
-        for key, value in conditions.items()))
+    return next(
+        v
+        for v in volumes
+        if all(
+            (v.entities.get(key) if key in v.entities else getattr(v, key, None)) == value
+            for key, value in conditions.items()
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +103,15 @@ def test_noiseless_gre_gives_exact_r2star_and_phase(truth, volumes, n_coils):
     r2star = np.log(magnitude1[brain] / magnitude4[brain]) / delta_te
     np.testing.assert_allclose(r2star, truth.r2star[brain], rtol=1e-9)
     # magnitude = Ernst equation x receive (coils combine to exactly the truth's receive field)
-    expected = spgr_signal(truth.pd / 100 * truth.receive * SIGNAL_SCALE, truth.r1, truth.r2star,
-                           np.deg2rad(21.0), 0.025, echo1.parameters["te"], b1=truth.b1)
+    expected = spgr_signal(
+        truth.pd / 100 * truth.receive * SIGNAL_SCALE,
+        truth.r1,
+        truth.r2star,
+        np.deg2rad(21.0),
+        0.025,
+        echo1.parameters["te"],
+        b1=truth.b1,
+    )
     np.testing.assert_allclose(magnitude1[brain], expected[brain], rtol=1e-9)
     # phase difference gives the field in Hz
     field_hz = truth.b0_ppm * 1e-6 * GYROMAGNETIC_RATIO * 3.0
@@ -123,8 +145,9 @@ def test_rb1cor_pair_ratio_is_receive(truth, volumes):
 
 def test_bssfp_phase_cycles_follow_off_resonance(truth, volumes):
     scanner = PhantomScanner(truth)
-    cycles = [scanner.acquire(_volume(volumes, kind="bssfp", acq=f"bssfp{inc:03d}", flip=1))
-              for inc in (0, 90, 180, 270)]
+    cycles = [
+        scanner.acquire(_volume(volumes, kind="bssfp", acq=f"bssfp{inc:03d}", flip=1)) for inc in (0, 90, 180, 270)
+    ]
     complex_cycles = np.stack([m * np.exp(1j * p) for m, p in cycles])
     brain = truth.brain_mask
     # the complex sum of four equally spaced cycles is band-free: close to the on-resonance magnitude
@@ -174,8 +197,15 @@ def test_reference_sigma_definition(truth):
     scanner = PhantomScanner(truth)
     sigma = reference_sigma(scanner, protocol, 50.0)
     wm = truth.dseg == 3
-    expected = spgr_signal(truth.pd / 100 * truth.receive * SIGNAL_SCALE, truth.r1, truth.r2star,
-                           np.deg2rad(6.0), 0.025, 0.0023, b1=truth.b1)
+    expected = spgr_signal(
+        truth.pd / 100 * truth.receive * SIGNAL_SCALE,
+        truth.r1,
+        truth.r2star,
+        np.deg2rad(6.0),
+        0.025,
+        0.0023,
+        b1=truth.b1,
+    )
     assert sigma == pytest.approx(np.median(expected[wm]) / 50.0, rel=1e-12)
     assert reference_sigma(scanner, protocol, math.inf) == 0.0
     with pytest.raises(ValueError, match="snr"):

@@ -10,7 +10,13 @@ pytest.importorskip("nilearn")
 from qmri_workflows.phantom import anatomy, tissues  # noqa: E402
 from qmri_workflows.phantom.anatomy import LocalFraction, build_anatomy, dense  # noqa: E402
 from qmri_workflows.phantom.tissues import (  # noqa: E402
-    COMPARTMENT_LABELS, LABELS, LESION_LABELS, dseg_tsv_rows, scale_to_field, tissue_parameters)
+    COMPARTMENT_LABELS,
+    LABELS,
+    LESION_LABELS,
+    dseg_tsv_rows,
+    scale_to_field,
+    tissue_parameters,
+)
 from qmri_workflows.phantom.truth import PhantomTruth, _mix, make_phantom  # noqa: E402
 
 WM, CGM, CAUDATE, PUTAMEN, PALLIDUM, THALAMUS = 3, 2, 4, 5, 6, 7
@@ -38,11 +44,26 @@ def _region_mean(phantom, name, label):
 
 # --- tables -----------------------------------------------------------------------------------
 
+
 def test_labels_table():
-    expected = ["background", "CSF", "cortical GM", "WM", "caudate", "putamen", "globus pallidus",
-                "thalamus", "early active lesion", "late active lesion",
-                "chronic active lesion core", "chronic active lesion rim",
-                "chronic inactive lesion", "cortical lesion", "skull", "scalp"]
+    expected = [
+        "background",
+        "CSF",
+        "cortical GM",
+        "WM",
+        "caudate",
+        "putamen",
+        "globus pallidus",
+        "thalamus",
+        "early active lesion",
+        "late active lesion",
+        "chronic active lesion core",
+        "chronic active lesion rim",
+        "chronic inactive lesion",
+        "cortical lesion",
+        "skull",
+        "scalp",
+    ]
     assert [LABELS[i] for i in range(len(expected))] == expected
     rows = dseg_tsv_rows()
     assert [row[0] for row in rows] == list(range(16))
@@ -56,8 +77,11 @@ def _documented_rows(doc):
     rows = {}
     number = r"[-+]?\d+(?:\.\d+)?"
     for line in doc.splitlines():
-        match = re.match(rf"^([a-zA-Z][a-zA-Z ]+?)(?:\s*\([^)]*\))?\s+({number})\s+({number})"
-                         rf"\s+({number})\s+({number})\s+({number})", line)
+        match = re.match(
+            rf"^([a-zA-Z][a-zA-Z ]+?)(?:\s*\([^)]*\))?\s+({number})\s+({number})"
+            rf"\s+({number})\s+({number})\s+({number})",
+            line,
+        )
         if match:
             rows[match.group(1).strip()] = [float(match.group(i)) for i in range(2, 7)]
     return rows
@@ -68,11 +92,17 @@ def test_code_matches_documented_table():
     control = tissues.CONTROL_TISSUES_3T
     patient = tissues.PATIENT_TISSUES_3T
     checks = {
-        "CSF": control["csf"], "cortical GM": control["cortical_gm"], "WM": control["wm"],
-        "caudate": control["caudate"], "putamen": control["putamen"],
-        "globus pallidus": control["globus_pallidus"], "thalamus": control["thalamus"],
-        "skull": control["skull"], "scalp": control["scalp"],
-        "NAWM": patient["wm"], "early active lesion": patient["early_active"],
+        "CSF": control["csf"],
+        "cortical GM": control["cortical_gm"],
+        "WM": control["wm"],
+        "caudate": control["caudate"],
+        "putamen": control["putamen"],
+        "globus pallidus": control["globus_pallidus"],
+        "thalamus": control["thalamus"],
+        "skull": control["skull"],
+        "scalp": control["scalp"],
+        "NAWM": patient["wm"],
+        "early active lesion": patient["early_active"],
         "late active lesion": patient["late_active"],
         "chronic active lesion core": patient["chronic_active_core"],
         "chronic inactive lesion": patient["chronic_inactive"],
@@ -116,8 +146,7 @@ def test_table_directions_follow_review():
     assert nawm.pd > control["wm"].pd and nawm.r2star < control["wm"].r2star
     assert abs(nawm.chi - control["wm"].chi) < 0.002
     early, late = patient["early_active"], patient["late_active"]
-    core, rim, inactive = (patient["chronic_active_core"], patient["chronic_active_rim"],
-                           patient["chronic_inactive"])
+    core, rim, inactive = (patient["chronic_active_core"], patient["chronic_active_rim"], patient["chronic_inactive"])
     for lesion in (early, late, core, inactive):
         assert lesion.r1 < nawm.r1 and lesion.r2 < nawm.r2 and lesion.pd > nawm.pd
     assert early.r2star < nawm.r2star and abs(early.chi - nawm.chi) < 0.002
@@ -159,6 +188,7 @@ def test_assumed_values_are_flagged():
 
 # --- mixing ------------------------------------------------------------------------------------
 
+
 def test_pure_compartments_give_table_values():
     parameters = tissue_parameters("patient", 3.0)
     names = list(parameters)
@@ -168,17 +198,20 @@ def test_pure_compartments_give_table_values():
     r1, r2, r2star, pd, chi = _mix(fractions, parameters)
     for i, name in enumerate(names):
         p = parameters[name]
-        np.testing.assert_allclose([r1[i, 0, 0], r2[i, 0, 0], r2star[i, 0, 0], pd[i, 0, 0],
-                                    chi[i, 0, 0]], [p.r1, p.r2, p.r2star, p.pd, p.chi],
-                                   rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(
+            [r1[i, 0, 0], r2[i, 0, 0], r2star[i, 0, 0], pd[i, 0, 0], chi[i, 0, 0]],
+            [p.r1, p.r2, p.r2star, p.pd, p.chi],
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=name,
+        )
 
 
 def test_mixing_rule_everywhere(patient4):
     """The maps are the PD-weighted / volume-weighted mixes of the anatomy's fractions."""
     fractions = build_anatomy(resolution=4.0, subject="patient", seed=0).fractions
     # nuclei and lesions are stored in their boxes only
-    assert isinstance(fractions["putamen"], LocalFraction) and isinstance(fractions["early_active"],
-                                                                          LocalFraction)
+    assert isinstance(fractions["putamen"], LocalFraction) and isinstance(fractions["early_active"], LocalFraction)
     fractions = {name: dense(fraction) for name, fraction in fractions.items()}
     parameters = tissue_parameters("patient", 3.0)
     pd = sum(f * parameters[n].pd for n, f in fractions.items())
@@ -195,13 +228,25 @@ def test_mixing_rule_everywhere(patient4):
 
 # --- grid, masks, labels --------------------------------------------------------------------
 
+
 def test_contract_types_and_grid(patient4):
     p = patient4
     assert isinstance(p, PhantomTruth)
     assert p.voxel_size == (4.0, 4.0, 4.0)
     np.testing.assert_allclose(p.affine[:3, :3], 4 * np.eye(3))
-    for name in ("r1", "r2", "r2star", "pd", "chi", "b1", "receive", "b0_ppm",
-                 "background_field_ppm", "local_field_ppm", "phase_offset"):
+    for name in (
+        "r1",
+        "r2",
+        "r2star",
+        "pd",
+        "chi",
+        "b1",
+        "receive",
+        "b0_ppm",
+        "background_field_ppm",
+        "local_field_ppm",
+        "phase_offset",
+    ):
         array = getattr(p, name)
         assert array.dtype == np.float32 and array.shape == p.shape, name
         assert np.all(np.isfinite(array)), name
@@ -225,7 +270,7 @@ def test_volumes_plausible(patient4):
     voxel_ml = 4.0**3 / 1000
     brain = patient4.brain_mask.sum() * voxel_ml
     head = patient4.head_mask.sum() * voxel_ml
-    assert 1500 < brain < 2100        # MNI152 intracranial volume ~1.9 L
+    assert 1500 < brain < 2100  # MNI152 intracranial volume ~1.9 L
     assert 2.5 * 1000 < head < 5000
 
 
@@ -252,7 +297,7 @@ def test_every_label_at_1mm(patient1):
     assert len(lesions) == len(tissues.WM_LESIONS) + len(tissues.CORTICAL_LESIONS)
     for i, a in enumerate(lesions):
         assert 1.5 <= a.radius <= 5
-        for b in lesions[i + 1:]:
+        for b in lesions[i + 1 :]:
             assert np.linalg.norm(np.subtract(a.centre, b.centre)) >= a.radius + b.radius
 
 
@@ -267,8 +312,9 @@ def test_pure_voxels_at_1mm_equal_table(patient1):
             continue
         p = parameters[name]
         for key in ("r1", "r2", "r2star", "pd", "chi"):
-            np.testing.assert_allclose(getattr(patient1, key)[pure], getattr(p, key),
-                                       rtol=2e-4, atol=2e-4, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(
+                getattr(patient1, key)[pure], getattr(p, key), rtol=2e-4, atol=2e-4, err_msg=f"{name} {key}"
+            )
         checked += 1
     assert checked >= 12
 
@@ -277,8 +323,11 @@ def test_pure_voxels_at_1mm_equal_table(patient1):
 def test_cortical_lesions_mixed_chi_and_low_r2star(patient1):
     p = patient1
     cortex_chi = tissue_parameters("patient")["cortical_gm"].chi
-    centre_index = [np.round((np.asarray(lesion.centre) - p.affine[:3, 3]) / 1.0).astype(int)
-                    for lesion in p.lesions if lesion.compartment.startswith("cortical")]
+    centre_index = [
+        np.round((np.asarray(lesion.centre) - p.affine[:3, 3]) / 1.0).astype(int)
+        for lesion in p.lesions
+        if lesion.compartment.startswith("cortical")
+    ]
     signs = set()
     for index in centre_index:
         box = tuple(slice(i - 3, i + 4) for i in index)
@@ -290,6 +339,7 @@ def test_cortical_lesions_mixed_chi_and_low_r2star(patient1):
 
 
 # --- patient vs control (Tables 1-2) on the maps ---------------------------------------------
+
 
 def test_patient_control_differences_on_maps(patient4, control4):
     def mean(phantom, name, label):
@@ -331,20 +381,24 @@ def test_chronic_active_rim_at_1mm(patient1):
 
 # --- fields -------------------------------------------------------------------------------------
 
+
 def test_transmit_and_receive_fields(patient4):
     brain = patient4.brain_mask
     b1 = patient4.b1[brain]
     assert 0.7 <= b1.min() and b1.max() <= 1.3
-    assert b1.max() - b1.min() > 0.3                 # about +-25 % variation is present
+    assert b1.max() - b1.min() > 0.3  # about +-25 % variation is present
     receive = patient4.receive[brain]
     assert receive.mean() == pytest.approx(1.0, abs=1e-3)
     assert 0.69 <= receive.min() and receive.max() <= 1.31
     # Smooth: neighbouring 4 mm voxels differ by a few % at most.
     for field in (patient4.b1, patient4.receive):
         for axis in range(3):
-            assert np.abs(np.diff(field, axis=axis))[brain[:-1] if axis == 0 else
-                                                     (brain[:, :-1] if axis == 1
-                                                      else brain[:, :, :-1])].max() < 0.06
+            assert (
+                np.abs(np.diff(field, axis=axis))[
+                    brain[:-1] if axis == 0 else (brain[:, :-1] if axis == 1 else brain[:, :, :-1])
+                ].max()
+                < 0.06
+            )
     # Centre-bright transmit field (3 T head coil).
     centre = tuple(np.round(np.argwhere(brain).mean(0)).astype(int))
     assert patient4.b1[centre] > np.median(b1)
@@ -389,8 +443,7 @@ def test_field_below_the_field_grid_is_interpolated(control4, monkeypatch):
     # total = local + background + the linear shim, centre frequency on the brain of this grid
     shim = interpolated.b0_ppm - interpolated.local_field_ppm - interpolated.background_field_ppm
     expected_shim = reference.b0_ppm - reference.local_field_ppm - reference.background_field_ppm
-    np.testing.assert_allclose(shim - shim[brain].mean(), expected_shim - expected_shim[brain].mean(),
-                               atol=1e-5)
+    np.testing.assert_allclose(shim - shim[brain].mean(), expected_shim - expected_shim[brain].mean(), atol=1e-5)
     assert abs(interpolated.b0_ppm[brain].mean()) < 1e-5
     # the smooth background field is close to the one computed on the grid itself
     deep = ndimage.binary_erosion(brain, iterations=3)
@@ -405,10 +458,10 @@ def test_b0_is_sum_of_parts(patient4):
     index = np.argwhere(np.ones(p.shape, bool))
     design = np.column_stack([np.ones(len(index)), index])
     coef, *_ = np.linalg.lstsq(design, shim.ravel(), rcond=None)
-    assert np.abs(design @ coef - shim.ravel()).max() < 1e-4       # linear shim residual
-    slope_per_80mm = np.linalg.norm(coef[1:]) / 4.0 * 80       # coef is per 4 mm voxel
-    assert 0 < slope_per_80mm <= 0.05 + 1e-4                     # small first-order residual
-    assert abs(p.b0_ppm[p.brain_mask].mean()) < 1e-4               # centre frequency on brain
+    assert np.abs(design @ coef - shim.ravel()).max() < 1e-4  # linear shim residual
+    slope_per_80mm = np.linalg.norm(coef[1:]) / 4.0 * 80  # coef is per 4 mm voxel
+    assert 0 < slope_per_80mm <= 0.05 + 1e-4  # small first-order residual
+    assert abs(p.b0_ppm[p.brain_mask].mean()) < 1e-4  # centre frequency on brain
 
 
 def _air_probe(phantom, axis, side):
@@ -457,6 +510,7 @@ def test_background_field_is_harmonic_in_brain(control4):
 
 # --- determinism and parameters ----------------------------------------------------------------
 
+
 def test_deterministic_for_seed(patient4):
     again = make_phantom(resolution=4.0, subject="patient", seed=0)
     for name in ("r1", "chi", "dseg", "b1", "receive", "b0_ppm", "phase_offset"):
@@ -478,8 +532,9 @@ def test_field_strength_changes_relaxation_only(patient4):
     assert at7.field_strength == 7.0
 
 
-@pytest.mark.parametrize("kwargs", [dict(subject="healthy"), dict(resolution=0.0),
-                                    dict(field_strength=0), dict(b0_direction=(0, 0, 0))])
+@pytest.mark.parametrize(
+    "kwargs", [dict(subject="healthy"), dict(resolution=0.0), dict(field_strength=0), dict(b0_direction=(0, 0, 0))]
+)
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):
         make_phantom(**kwargs)

@@ -18,7 +18,8 @@ from tests.bids_factory import make_megre_dataset, make_vfa_dataset
 def _digest(root):
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -29,9 +30,15 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     workflow, plans = init_qmri_wf(subjects=subjects, output_dir=str(tmp_path / "out"), omp_nthreads=2)
     names = set(workflow.list_node_names())
     for subject in ("01", "02"):
-        for node in ("brain_mask_wf.brain_mask", "r2star_wf.fit_r2star", "ds_wf.ds_r2star_R2starmap",
-                     "ds_wf.ds_r2star_S0map_flip1_0", "ds_wf.ds_r2star_S0map_flip2_1",
-                     "ds_wf.ds_brainmask_mask_brain", "ds_wf.commit"):
+        for node in (
+            "brain_mask_wf.brain_mask",
+            "r2star_wf.fit_r2star",
+            "ds_wf.ds_r2star_R2starmap",
+            "ds_wf.ds_r2star_S0map_flip1_0",
+            "ds_wf.ds_r2star_S0map_flip2_1",
+            "ds_wf.ds_brainmask_mask_brain",
+            "ds_wf.commit",
+        ):
             assert f"sub_{subject}_wf.{node}" in names
     # One commit per subject, whatever maps it has.
     assert sum(name.endswith(".commit") for name in names) == 2
@@ -49,8 +56,20 @@ def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
     raw = make_megre_dataset(tmp_path / "raw", sessions=("a", "b"), n_echoes=4)
     before = _digest(raw)
     out = tmp_path / "out"
-    code = run.main([str(raw), str(out), "participant", "--nprocs", "1", "--session-label", "ses-b",
-                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    code = run.main(
+        [
+            str(raw),
+            str(out),
+            "participant",
+            "--nprocs",
+            "1",
+            "--session-label",
+            "ses-b",
+            "-w",
+            str(tmp_path / "work"),
+            "--skip-bids-validation",
+        ]
+    )
     assert code == 0
     anat = out / "sub-01" / "ses-b" / "anat"
     names = sorted(p.name for p in anat.iterdir())
@@ -96,8 +115,9 @@ def test_a_failing_step_publishes_nothing(tmp_path, caplog):
     image = nib.load(broken)
     nib.save(nib.Nifti1Image(np.full(image.shape, np.nan, np.float32), image.affine), broken)
     out = tmp_path / "out"
-    code = run.main([str(raw), str(out), "participant", "--nprocs", "2",
-                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    code = run.main(
+        [str(raw), str(out), "participant", "--nprocs", "2", "-w", str(tmp_path / "work"), "--skip-bids-validation"]
+    )
     assert code == run.EXIT_FAILURE
     assert not out.exists(), "a run that published nothing left files in a new output folder"
     assert "crash" in caplog.text.lower()
@@ -135,8 +155,9 @@ def test_megre_without_flip_angle_records_none(tmp_path):
         if metadata.pop("FlipAngle", None) is not None:
             sidecar.write_text(json.dumps(metadata))
     out = tmp_path / "out"
-    code = run.main([str(raw), str(out), "participant", "--nprocs", "1",
-                     "-w", str(tmp_path / "work"), "--skip-bids-validation"])
+    code = run.main(
+        [str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "work"), "--skip-bids-validation"]
+    )
     assert code == 0
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     assert "FlipAngle" not in sidecar and len(sidecar["EchoTime"]) == 3
@@ -145,8 +166,12 @@ def test_megre_without_flip_angle_records_none(tmp_path):
 def test_each_s0_sidecar_describes_its_own_flip_angle(tmp_path):
     raw = make_vfa_dataset(tmp_path / "raw", flip_angles=(4.0, 20.0), repetition_time=0.025)
     out = tmp_path / "out"
-    assert run.main([str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "w"),
-                     "--skip-bids-validation"]) == 0
+    assert (
+        run.main(
+            [str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "w"), "--skip-bids-validation"]
+        )
+        == 0
+    )
     anat = out / "sub-01" / "anat"
     for index, flip in ((1, 4.0), (2, 20.0)):
         sidecar = json.loads((anat / f"sub-01_desc-flip{index}_S0map.json").read_text())

@@ -10,8 +10,9 @@ from qmri_workflows.phantom.protocol import Protocol
 
 
 def test_app_stops_when_the_mask_fails_its_checks(tmp_path, caplog):
-    raw = write_phantom_dataset(tmp_path / "raw", resolution=4.0, snr=40.0, seed=2,
-                                protocol=Protocol(bssfp=None, afi=None, rb1cor=None))
+    raw = write_phantom_dataset(
+        tmp_path / "raw", resolution=4.0, snr=40.0, seed=2, protocol=Protocol(bssfp=None, afi=None, rb1cor=None)
+    )
     truth = raw / "derivatives" / "phantom" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
     brain = ndimage.binary_dilation(np.asarray(nib.load(truth).dataobj) > 0)
     # A head without a brain (the images the mask is made from hold only noise inside the
@@ -25,8 +26,9 @@ def test_app_stops_when_the_mask_fails_its_checks(tmp_path, caplog):
         nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
 
     out = tmp_path / "out"
-    code = run.main([str(raw), str(out), "participant", "--nprocs", "1", "-w",
-                     str(tmp_path / "work"), "--skip-bids-validation"])
+    code = run.main(
+        [str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "work"), "--skip-bids-validation"]
+    )
     assert code != 0
     assert "failed its sanity checks" in caplog.text
     assert first_echoes[0].name in caplog.text

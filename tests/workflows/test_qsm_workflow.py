@@ -16,7 +16,7 @@ from qmri_workflows.interfaces.qsm import (
 )
 from qmri_workflows.io.query import collect_inputs, open_layout
 from qmri_workflows.workflows import registry
-from tests.bids_factory import edit_sidecar, make_derivatives, make_vfa_dataset
+from tests.bids_factory import make_derivatives, make_vfa_dataset
 from tests.core.qsm._analytic import ball, nrmse
 from tests.qsm_head import (
     BRAIN_RADIUS,
@@ -30,8 +30,9 @@ from tests.qsm_head import (
 
 
 def _app(raw, out, work, *options):
-    return run.main([str(raw), str(out), "participant", "--nprocs", "2", "-w", str(work),
-                     "--skip-bids-validation", *options])
+    return run.main(
+        [str(raw), str(out), "participant", "--nprocs", "2", "-w", str(work), "--skip-bids-validation", *options]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,15 @@ def head_dataset(tmp_path_factory):
     """A VFA dataset (2 flip angles x 5 echoes, magnitude and phase) holding the synthetic head."""
     root = tmp_path_factory.mktemp("qsm_app") / "raw"
     truth = synthetic_head()
-    make_vfa_dataset(root, flip_angles=FLIP_ANGLES, n_echoes=len(ECHO_TIMES), first_echo=ECHO_TIMES[0],
-                     echo_spacing=ECHO_TIMES[1] - ECHO_TIMES[0], shape=SHAPE, affine=truth["affine"])
+    make_vfa_dataset(
+        root,
+        flip_angles=FLIP_ANGLES,
+        n_echoes=len(ECHO_TIMES),
+        first_echo=ECHO_TIMES[0],
+        echo_spacing=ECHO_TIMES[1] - ECHO_TIMES[0],
+        shape=SHAPE,
+        affine=truth["affine"],
+    )
     anat = root / "sub-01" / "anat"
     for (flip_index, echo_index), (magnitude, phase) in truth["images"].items():
         for part, data in (("mag", magnitude), ("phase", phase)):
@@ -66,14 +74,21 @@ def test_app_publishes_chimap_and_fields_with_the_r2star_maps(head_dataset, tmp_
     local_error = nrmse(local_hz, truth["local_hz"], evaluation)
     chi_error = nrmse(chi, truth["chi"], evaluation)
     trivial = nrmse(3 * local_hz / HZ_PER_PPM, truth["chi"], evaluation)
-    print(f"\nApp default chain: total field NRMSE {total_error:.2f} %, local field {local_error:.1f} %, "
-          f"chi {chi_error:.1f} % (trivial 3 x local field {trivial:.0f} %)")
+    print(
+        f"\nApp default chain: total field NRMSE {total_error:.2f} %, local field {local_error:.1f} %, "
+        f"chi {chi_error:.1f} % (trivial 3 x local field {trivial:.0f} %)"
+    )
     assert total_error < 2 and local_error < 30 and chi_error < 40 and chi_error < trivial / 2
 
     sidecar = json.loads((anat / "sub-01_Chimap.json").read_text())
     assert sidecar["Units"] == "ppm" and sidecar["MagneticFieldStrength"] == 3.0
-    for text in (UNWRAP_ALGORITHMS["region_growing"], FIT_ALGORITHMS["linear"],
-                 BACKGROUND_ALGORITHMS["vsharp"], INVERSION_ALGORITHMS["tv"], "all flip angles"):
+    for text in (
+        UNWRAP_ALGORITHMS["region_growing"],
+        FIT_ALGORITHMS["linear"],
+        BACKGROUND_ALGORITHMS["vsharp"],
+        INVERSION_ALGORITHMS["tv"],
+        "all flip angles",
+    ):
         assert text in sidecar["EstimationAlgorithm"]
     assert sidecar["ReferenceRegion"].startswith("whole brain")
     assert sidecar["FlipAngle"] == list(FLIP_ANGLES) and len(sidecar["EchoTime"]) == len(ECHO_TIMES)
@@ -88,17 +103,44 @@ def test_app_publishes_chimap_and_fields_with_the_r2star_maps(head_dataset, tmp_
     commits = list(work.rglob("commit/result_commit.pklz"))
     assert len(commits) == 1
     published = {os.path.basename(path) for path in loadpkl(commits[0]).outputs.out_files}
-    assert {"sub-01_Chimap.nii.gz", "sub-01_desc-local_fieldmap.nii.gz", "sub-01_desc-total_fieldmap.nii.gz",
-            "sub-01_R2starmap.nii.gz", "sub-01_desc-brain_mask.nii.gz"} <= published
+    assert {
+        "sub-01_Chimap.nii.gz",
+        "sub-01_desc-local_fieldmap.nii.gz",
+        "sub-01_desc-total_fieldmap.nii.gz",
+        "sub-01_R2starmap.nii.gz",
+        "sub-01_desc-brain_mask.nii.gz",
+    } <= published
 
 
 ALTERNATIVES = [
-    (["--qsm-unwrap", "laplacian", "--qsm-field-fit", "complex", "--qsm-flip-angles", "best",
-      "--qsm-background", "pdf", "--qsm-inversion", "ilsqr", "--qsm-reference", "csf"],
-     [UNWRAP_ALGORITHMS["laplacian"], FIT_ALGORITHMS["complex"], "the flip angle of most signal",
-      BACKGROUND_ALGORITHMS["pdf"], INVERSION_ALGORITHMS["ilsqr"], "CSF (dseg labels 1: CSF"]),
-    (["--qsm-background", "lbv", "--qsm-inversion", "tkd"],
-     [BACKGROUND_ALGORITHMS["lbv"], INVERSION_ALGORITHMS["tkd"], "whole brain"]),
+    (
+        [
+            "--qsm-unwrap",
+            "laplacian",
+            "--qsm-field-fit",
+            "complex",
+            "--qsm-flip-angles",
+            "best",
+            "--qsm-background",
+            "pdf",
+            "--qsm-inversion",
+            "ilsqr",
+            "--qsm-reference",
+            "csf",
+        ],
+        [
+            UNWRAP_ALGORITHMS["laplacian"],
+            FIT_ALGORITHMS["complex"],
+            "the flip angle of most signal",
+            BACKGROUND_ALGORITHMS["pdf"],
+            INVERSION_ALGORITHMS["ilsqr"],
+            "CSF (dseg labels 1: CSF",
+        ],
+    ),
+    (
+        ["--qsm-background", "lbv", "--qsm-inversion", "tkd"],
+        [BACKGROUND_ALGORITHMS["lbv"], INVERSION_ALGORITHMS["tkd"], "whole brain"],
+    ),
     (["--qsm-inversion", "l2"], [INVERSION_ALGORITHMS["l2"], BACKGROUND_ALGORITHMS["vsharp"]]),
 ]
 
@@ -106,16 +148,20 @@ ALTERNATIVES = [
 @pytest.mark.parametrize("options, expected", ALTERNATIVES, ids=["first", "second", "l2"])
 def test_every_option_changes_the_estimation_algorithm(tmp_path, options, expected):
     raw = make_vfa_dataset(tmp_path / "raw", n_echoes=4)
-    derivatives = make_derivatives(tmp_path / "derivatives", tb1map=False, lesion_mask=False,
-                                   brain_mask=False).root
+    derivatives = make_derivatives(tmp_path / "derivatives", tb1map=False, lesion_mask=False, brain_mask=False).root
     assert _app(raw, tmp_path / "out", tmp_path / "work", "--derivatives", str(derivatives), *options) == 0
     sidecar = json.loads((tmp_path / "out" / "sub-01" / "anat" / "sub-01_Chimap.json").read_text())
     for text in expected:
         assert text in sidecar["EstimationAlgorithm"]
     chosen = dict(zip(options[::2], options[1::2]))
-    defaults = {"--qsm-unwrap": UNWRAP_ALGORITHMS["region_growing"], "--qsm-field-fit": FIT_ALGORITHMS["linear"],
-                "--qsm-flip-angles": "all flip angles", "--qsm-background": BACKGROUND_ALGORITHMS["vsharp"],
-                "--qsm-inversion": INVERSION_ALGORITHMS["tv"], "--qsm-reference": "whole brain"}
+    defaults = {
+        "--qsm-unwrap": UNWRAP_ALGORITHMS["region_growing"],
+        "--qsm-field-fit": FIT_ALGORITHMS["linear"],
+        "--qsm-flip-angles": "all flip angles",
+        "--qsm-background": BACKGROUND_ALGORITHMS["vsharp"],
+        "--qsm-inversion": INVERSION_ALGORITHMS["tv"],
+        "--qsm-reference": "whole brain",
+    }
     for flag in chosen:
         assert defaults[flag] not in sidecar["EstimationAlgorithm"]
     parameters = sidecar["EstimationParameters"]

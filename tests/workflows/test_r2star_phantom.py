@@ -19,9 +19,20 @@ from qmri_workflows.phantom.evaluate import format_region_errors, region_errors
 from qmri_workflows.phantom.protocol import Protocol
 
 # Regions the issue names: white matter, cortical grey matter, each deep grey nucleus, the lesions.
-REGIONS = ("WM", "cortical GM", "caudate", "putamen", "globus pallidus", "thalamus",
-           "early active lesion", "late active lesion", "chronic active lesion core",
-           "chronic active lesion rim", "chronic inactive lesion", "cortical lesion")
+REGIONS = (
+    "WM",
+    "cortical GM",
+    "caudate",
+    "putamen",
+    "globus pallidus",
+    "thalamus",
+    "early active lesion",
+    "late active lesion",
+    "chronic active lesion core",
+    "chronic active lesion rim",
+    "chronic inactive lesion",
+    "cortical lesion",
+)
 
 
 def _vfa_only():
@@ -39,8 +50,7 @@ def _labels(tsv):
 
 def _run_app(raw, tmp_path, *extra):
     out = tmp_path / "derivatives"
-    code = run.main([str(raw), str(out), "participant", "--nprocs", "2", "-w",
-                     str(tmp_path / "work"), *extra])
+    code = run.main([str(raw), str(out), "participant", "--nprocs", "2", "-w", str(tmp_path / "work"), *extra])
     assert code == 0
     return out
 
@@ -68,7 +78,8 @@ def _check_noiseless(raw, out, subject, expected_regions):
     truth = raw / "derivatives" / "phantom" / f"sub-{subject}" / "anat"
     estimate = out / f"sub-{subject}" / "anat"
     brain = (_load(truth / f"sub-{subject}_desc-brain_mask.nii.gz") > 0) & (
-        _load(estimate / f"sub-{subject}_desc-brain_mask.nii.gz") > 0)
+        _load(estimate / f"sub-{subject}_desc-brain_mask.nii.gz") > 0
+    )
     for flip in (1, 2):
         name = f"sub-{subject}_desc-flip{flip}_S0map.nii.gz"
         s0_error = np.abs(_load(estimate / name)[brain] / _load(truth / name)[brain] - 1)
@@ -80,8 +91,9 @@ def _check_noiseless(raw, out, subject, expected_regions):
 
 
 def test_noiseless_phantom_3mm_end_to_end(tmp_path):
-    raw = write_phantom_dataset(tmp_path / "raw", resolution=3.0, snr=float("inf"), subjects=2,
-                                seed=5, protocol=_vfa_only(), oversample=1)
+    raw = write_phantom_dataset(
+        tmp_path / "raw", resolution=3.0, snr=float("inf"), subjects=2, seed=5, protocol=_vfa_only(), oversample=1
+    )
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     _check_noiseless(raw, out, "01", ("WM", "cortical GM", "caudate", "putamen", "thalamus"))
     _check_noiseless(raw, out, "02", ("WM", "cortical GM", "caudate", "putamen", "thalamus"))
@@ -90,8 +102,9 @@ def test_noiseless_phantom_3mm_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_noiseless_phantom_1mm_every_region_within_half_a_percent(tmp_path):
-    raw = write_phantom_dataset(tmp_path / "raw", resolution=1.0, snr=float("inf"), subjects=1,
-                                seed=11, protocol=_vfa_only(), oversample=1)
+    raw = write_phantom_dataset(
+        tmp_path / "raw", resolution=1.0, snr=float("inf"), subjects=1, seed=11, protocol=_vfa_only(), oversample=1
+    )
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     # Every region of the issue, each lesion stage included, is present at 1 mm.
     _check_noiseless(raw, out, "01", REGIONS)
@@ -104,28 +117,34 @@ INTERIOR_REGIONS = ("WM", "CAU", "PUT", "GP", "THA", "LEA", "LLA", "LCAC", "LCAR
 MIN_INTERIOR_VOXELS = 10
 
 
-def check_oversampled_r2star(raw, out, subject="01", *, bound=0.01, large_regions=INTERIOR_REGIONS,
-                             small_region_bound=0.01, cortex_bound=0.05):
+def check_oversampled_r2star(
+    raw, out, subject="01", *, bound=0.01, large_regions=INTERIOR_REGIONS, small_region_bound=0.01, cortex_bound=0.05
+):
     """Interior R2* errors within ``bound`` (``small_region_bound`` outside ``large_regions``).
 
     Returns the rows of :func:`region_errors` (interior and edge errors of every region).
     """
     mask = _load(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-brain_mask.nii.gz") > 0
-    rows = region_errors(raw / "derivatives" / "phantom",
-                         out / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz",
-                         subject=subject, mask=mask)
+    rows = region_errors(
+        raw / "derivatives" / "phantom",
+        out / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz",
+        subject=subject,
+        mask=mask,
+    )
     print("\n" + format_region_errors(rows))
     by_name = {row.abbreviation: row for row in rows}
     assert {"WM", "CAU", "PUT", "GP", "THA", "LEA", "LLA", "LCAC", "LCI"} <= set(by_name)
-    checked = [name for name in INTERIOR_REGIONS
-               if name in by_name and by_name[name].interior_voxels >= MIN_INTERIOR_VOXELS]
+    checked = [
+        name for name in INTERIOR_REGIONS if name in by_name and by_name[name].interior_voxels >= MIN_INTERIOR_VOXELS
+    ]
     assert {"WM", "CAU", "PUT", "THA", "LEA", "LLA", "LCI"} <= set(checked)
     for name in checked:
         row = by_name[name]
         limit = bound if name in large_regions else small_region_bound
         assert row.interior_median_abs < limit, (
             f"{row.name}: median |relative R2* error| {row.interior_median_abs:.2%} in "
-            f"{row.interior_voxels} interior voxels")
+            f"{row.interior_voxels} interior voxels"
+        )
     # Cortex: a ribbon two or three voxels thick next to the strongest background-field gradients of
     # the head (air-tissue interface), where intravoxel dephasing is largest: only a loose bound.
     cortex = by_name["CGM"]
@@ -142,8 +161,9 @@ def test_r2star_on_the_oversampled_phantom_interior_within_one_percent(tmp_path)
 
     The 1 mm phantom simulated at 0.5 mm is run by ``benchmarks/bench_phantom_r2star.py`` (minutes).
     """
-    raw = write_phantom_dataset(tmp_path / "raw", resolution=2.0, snr=float("inf"), subjects=1,
-                                seed=11, protocol=_vfa_only(), oversample=2)
+    raw = write_phantom_dataset(
+        tmp_path / "raw", resolution=2.0, snr=float("inf"), subjects=1, seed=11, protocol=_vfa_only(), oversample=2
+    )
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     # Each voxel integrates its footprint (the phantom's "box" voxels): interior voxels hold one
     # tissue, but still dephase in the background-field gradients across them. Measured here: WM
@@ -156,8 +176,9 @@ def test_r2star_on_the_oversampled_phantom_interior_within_one_percent(tmp_path)
 @pytest.mark.slow
 def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     """SD of R2* in homogeneous white matter within 20 % of the CRLB; bias under 2 %."""
-    raw = write_phantom_dataset(tmp_path / "raw", resolution=2.0, snr=50.0, subjects=2, seed=7,
-                                protocol=_vfa_only(), oversample=1)
+    raw = write_phantom_dataset(
+        tmp_path / "raw", resolution=2.0, snr=50.0, subjects=2, seed=7, protocol=_vfa_only(), oversample=1
+    )
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     subject = "02"  # the control: its white matter is one homogeneous tissue
     truth = raw / "derivatives" / "phantom" / f"sub-{subject}"
@@ -174,8 +195,9 @@ def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
     homogeneous = ndimage.binary_erosion(white_matter) & (np.abs(r2star_true / typical - 1) < 0.005)
     assert homogeneous.sum() > 2000
 
-    s0_true = np.stack([_load(truth / "anat" / f"sub-{subject}_desc-flip{flip}_S0map.nii.gz")
-                        for flip in (1, 2)], axis=-1)[homogeneous]
+    s0_true = np.stack(
+        [_load(truth / "anat" / f"sub-{subject}_desc-flip{flip}_S0map.nii.gz") for flip in (1, 2)], axis=-1
+    )[homogeneous]
     bound = estatics_crlb(s0_true, r2star_true[homogeneous], echo_times, sigma)
     r2star = _load(out / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz")[homogeneous]
     error = r2star - r2star_true[homogeneous]
@@ -197,17 +219,23 @@ def test_noisy_r2star_precision_meets_the_cramer_rao_bound(tmp_path):
 @pytest.mark.parametrize("n_coils", [1, 4])
 def test_nonlinear_fit_measures_the_noise_in_air_and_stays_unbiased(tmp_path, n_coils):
     """Rician (1 channel) and non-central chi (root-sum-of-squares of 4) magnitudes."""
-    raw = write_phantom_dataset(tmp_path / "raw", resolution=3.0, snr=20.0, subjects=1, seed=9,
-                                n_coils=n_coils, protocol=_vfa_only(), oversample=1)
-    out = _run_app(raw, tmp_path, "--skip-bids-validation", "--r2star-method", "nls",
-                   "--n-coils", str(n_coils))
+    raw = write_phantom_dataset(
+        tmp_path / "raw",
+        resolution=3.0,
+        snr=20.0,
+        subjects=1,
+        seed=9,
+        n_coils=n_coils,
+        protocol=_vfa_only(),
+        oversample=1,
+    )
+    out = _run_app(raw, tmp_path, "--skip-bids-validation", "--r2star-method", "nls", "--n-coils", str(n_coils))
     truth = raw / "derivatives" / "phantom" / "sub-01"
     simulation = json.loads((truth / "sub-01_desc-simulation.json").read_text())
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     assert "non-linear" in sidecar["EstimationAlgorithm"]
     assert sidecar["NumberOfReceiveChannels"] == n_coils
-    assert sidecar["NoiseStandardDeviationPerChannel"] == pytest.approx(
-        simulation["NoiseSigma"], rel=0.05)
+    assert sidecar["NoiseStandardDeviationPerChannel"] == pytest.approx(simulation["NoiseSigma"], rel=0.05)
 
     r2star_true = _load(truth / "anat" / "sub-01_R2starmap.nii.gz")
     r2star = _load(out / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz")

@@ -69,9 +69,7 @@ def slurm_env(monkeypatch):
 
         monkeypatch.setenv("LOGNAME", getpass.getuser())
     package_root = str(Path(qmri_workflows.__file__).resolve().parents[1])
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
 
 
 def _write_echoes(folder):
@@ -108,8 +106,9 @@ def _build_workflow(tmp_path, name):
     fit_wf = init_r2star_wf(method="wls", mem_gb=MEM_GB["fit_r2star"])
     workflow = pe.Workflow(name=name, base_dir=str(tmp_path / "work"))  # same machine as slurmd
     workflow.connect(mask_wf, "outputnode.mask_file", fit_wf, "inputnode.mask_file")
-    workflow.config["execution"].update({"poll_sleep_duration": 1, "crashfile_format": "txt",
-                                         "crashdump_dir": str(tmp_path / "crash")})
+    workflow.config["execution"].update(
+        {"poll_sleep_duration": 1, "crashfile_format": "txt", "crashdump_dir": str(tmp_path / "crash")}
+    )
     first_echoes = [f for f, te in zip(files, echo_times) if te == ECHO_TIMES[0]]
     mask_wf.inputs.inputnode.in_files = first_echoes
     fit_wf.inputs.inputnode.magnitude_files = files
@@ -139,16 +138,14 @@ def _requested(workflow):
 
 def _show_job(job_id):
     """``scontrol show job`` as a dict (finished jobs stay listed for MinJobAge seconds)."""
-    result = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"job {job_id} unknown to SLURM: {result.stderr.strip()}"
     return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
 
 
 def _jobs_with_output_under(folder):
     """All jobs SLURM still lists whose stdout file lies under ``folder``."""
-    result = subprocess.run(["scontrol", "-o", "show", "job"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(["scontrol", "-o", "show", "job"], capture_output=True, text=True, check=True)
     jobs = []
     for line in result.stdout.splitlines():
         job = dict(field.split("=", 1) for field in line.split() if "=" in field)
@@ -173,7 +170,8 @@ def _check_jobs(jobs, requests):
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
     by_node = {_node_name(job["JobName"]): job for job in jobs}
     assert sorted(by_node) == sorted(requests) and len(jobs) == len(requests), (
-        f"jobs {[job['JobName'] for job in jobs]} do not match the nodes {sorted(requests)}")
+        f"jobs {[job['JobName'] for job in jobs]} do not match the nodes {sorted(requests)}"
+    )
     for node_name, (_, mem_mb, cpus) in requests.items():
         job = by_node[node_name]
         what = f"job {job['JobId']} ({job['JobName']})"
@@ -181,7 +179,8 @@ def _check_jobs(jobs, requests):
         assert job["ExitCode"] == "0:0", f"{what}: exit code {job['ExitCode']}"
         assert job["NodeList"] == host, f"{what} ran on {job['NodeList']}"
         assert _memory_mb(job["MinMemoryNode"]) == mem_mb, (
-            f"{what} asked for --mem={mem_mb}M, SLURM recorded MinMemoryNode={job['MinMemoryNode']}")
+            f"{what} asked for --mem={mem_mb}M, SLURM recorded MinMemoryNode={job['MinMemoryNode']}"
+        )
         assert f"mem={job['MinMemoryNode']}" in job["TRES"], f"{what}: allocated TRES {job['TRES']}"
         assert int(job["NumCPUs"]) == cpus, f"{what}: {job['NumCPUs']} CPUs, asked for {cpus}"
 
@@ -205,12 +204,12 @@ def test_r2star_workflow_on_slurm(tmp_path, slurm_env):
     requests = _requested(workflow)
 
     # A user's own scheduler arguments (here a time limit) must reach every job as well.
-    workflow.run(plugin="SLURM",
-                 plugin_args={"retry_timeout": 2, "max_tries": 2, "sbatch_args": "--time=10"})
+    workflow.run(plugin="SLURM", plugin_args={"retry_timeout": 2, "max_tries": 2, "sbatch_args": "--time=10"})
 
     batch_dir = Path(workflow.base_dir) / workflow.name / "batch"
-    job_ids = sorted(int(m.group(1)) for out in batch_dir.glob("slurm-*.out")
-                     if (m := re.fullmatch(r"slurm-(\d+)\.out", out.name)))
+    job_ids = sorted(
+        int(m.group(1)) for out in batch_dir.glob("slurm-*.out") if (m := re.fullmatch(r"slurm-(\d+)\.out", out.name))
+    )
     jobs = [_show_job(job_id) for job_id in job_ids]
     _check_jobs(jobs, requests)
     assert all(job["TimeLimit"] == "00:10:00" for job in jobs), [job["TimeLimit"] for job in jobs]
@@ -249,8 +248,18 @@ def test_the_app_on_slurm_reports_steps_and_publishes_each_subject(tmp_path, slu
     from tests.bids_factory import make_vfa_dataset
 
     raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02"))
-    code = run.main([str(raw), str(tmp_path / "out"), "participant", "--skip-bids-validation",
-                     "--plugin", "SLURM", "-w", str(tmp_path / "work")])
+    code = run.main(
+        [
+            str(raw),
+            str(tmp_path / "out"),
+            "participant",
+            "--skip-bids-validation",
+            "--plugin",
+            "SLURM",
+            "-w",
+            str(tmp_path / "work"),
+        ]
+    )
     assert code == 0
     for subject in ("01", "02"):
         assert (tmp_path / "out" / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz").is_file()

@@ -58,8 +58,7 @@ class PaddedGrid:
         high = np.array([w.max() + 1 for w in where])
         self.box = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
         box_shape = high - low
-        self.shape = tuple(scipy.fft.next_fast_len(int(n + 2 * p), real=True)
-                           for n, p in zip(box_shape, pad))
+        self.shape = tuple(scipy.fft.next_fast_len(int(n + 2 * p), real=True) for n, p in zip(box_shape, pad))
         self.inner = tuple(slice(int(p), int(p) + int(n)) for p, n in zip(pad, box_shape))
         self.workers = workers
 
@@ -87,8 +86,7 @@ class PaddedGrid:
 
     def frequency_axes(self):
         """Per-axis frequencies (cycles per voxel) broadcastable over the rfft grid."""
-        axes = [np.fft.fftfreq(self.shape[0]), np.fft.fftfreq(self.shape[1]),
-                np.fft.rfftfreq(self.shape[2])]
+        axes = [np.fft.fftfreq(self.shape[0]), np.fft.fftfreq(self.shape[1]), np.fft.rfftfreq(self.shape[2])]
         return np.meshgrid(*[a.astype(np.float32) for a in axes], indexing="ij", sparse=True)
 
     def gradient_power(self):
@@ -102,8 +100,7 @@ class PaddedGrid:
         """Spectrum of the normalised ball of ``radius_mm`` centred at voxel 0 (real, float32)."""
         reach = np.floor(radius_mm / self.voxel_size).astype(int)
         offsets = [np.arange(-r, r + 1) for r in reach]
-        dx, dy, dz = np.meshgrid(*[o * h for o, h in zip(offsets, self.voxel_size)],
-                                 indexing="ij", sparse=True)
+        dx, dy, dz = np.meshgrid(*[o * h for o, h in zip(offsets, self.voxel_size)], indexing="ij", sparse=True)
         inside = dx * dx + dy * dy + dz * dz <= radius_mm * radius_mm * (1 + 1e-9)
         kernel = np.zeros(self.shape, dtype=np.float32)
         index = np.nonzero(inside)
@@ -152,6 +149,5 @@ def forward_difference_adjoint(components, voxel_size):
 
 def solve_lsqr(matvec, rmatvec, n_unknowns, data, tol, max_iter):
     """LSQR on a matrix-free operator (float64 vectors), stopped at ``tol`` or ``max_iter``."""
-    operator = LinearOperator((data.size, n_unknowns), matvec=matvec, rmatvec=rmatvec,
-                              dtype=np.float64)
+    operator = LinearOperator((data.size, n_unknowns), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
     return lsqr(operator, data, atol=tol, btol=tol, iter_lim=max_iter)[0]

@@ -28,8 +28,7 @@ from scipy.sparse.linalg import cg
 
 from ._grid import PaddedGrid, check_mask_volume, check_volume, solve_lsqr
 
-__all__ = ["erode_ball", "remove_background_vsharp", "remove_background_pdf",
-           "remove_background_lbv"]
+__all__ = ["erode_ball", "remove_background_vsharp", "remove_background_pdf", "remove_background_lbv"]
 
 # Convolution of a 0/1 mask with a normalised ball is 1 exactly where the whole ball is inside;
 # float32 FFT round-off stays far below this margin.
@@ -40,8 +39,7 @@ def _prepare(field, mask):
     field = check_volume(field, "field")
     mask = check_mask_volume(mask, field.shape)
     if not np.all(np.isfinite(field[mask])):
-        raise ValueError("field is not finite everywhere in the mask; "
-                         "exclude unreliable voxels from the mask")
+        raise ValueError("field is not finite everywhere in the mask; exclude unreliable voxels from the mask")
     return field, mask
 
 
@@ -73,8 +71,7 @@ def _default_radii(voxel_size):
     return np.arange(6.0, step - 1e-9, -step)
 
 
-def remove_background_vsharp(field, mask, voxel_size=(1.0, 1.0, 1.0), *, radii_mm=None,
-                             threshold=0.05, workers=-1):
+def remove_background_vsharp(field, mask, voxel_size=(1.0, 1.0, 1.0), *, radii_mm=None, threshold=0.05, workers=-1):
     """V-SHARP: spherical-mean-value filtering with radii shrinking towards the brain edge.
 
     For each radius (largest first) the field minus its spherical mean, ``(delta - S_r) * f``, is
@@ -110,8 +107,7 @@ def remove_background_vsharp(field, mask, voxel_size=(1.0, 1.0, 1.0), *, radii_m
     """
     field, mask = _prepare(field, mask)
     voxel_size = np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,))
-    radii = np.sort(np.asarray(_default_radii(voxel_size) if radii_mm is None else radii_mm,
-                               dtype=float))[::-1]
+    radii = np.sort(np.asarray(_default_radii(voxel_size) if radii_mm is None else radii_mm, dtype=float))[::-1]
     if radii.size == 0 or radii[-1] <= 0:
         raise ValueError(f"radii_mm must be positive, got {radii.tolist()}")
     grid = PaddedGrid(mask, int(np.ceil(radii[0] / voxel_size.min())) + 1, voxel_size, workers)
@@ -131,16 +127,26 @@ def remove_background_vsharp(field, mask, voxel_size=(1.0, 1.0, 1.0), *, radii_m
             high_passed[new] = grid.irfft(field_spectrum * (1.0 - ball))[new]
             assigned |= new
     if not assigned.any():
-        raise ValueError(f"the mask has no voxel {radii[-1]} mm from its edge; "
-                         "pass smaller radii_mm or a larger mask")
-    inverse = np.where(np.abs(largest_kernel) >= threshold,
-                       1.0 / np.where(largest_kernel == 0, 1.0, largest_kernel), 0.0)
+        raise ValueError(f"the mask has no voxel {radii[-1]} mm from its edge; pass smaller radii_mm or a larger mask")
+    inverse = np.where(
+        np.abs(largest_kernel) >= threshold, 1.0 / np.where(largest_kernel == 0, 1.0, largest_kernel), 0.0
+    )
     local = grid.irfft(grid.rfft(high_passed) * inverse.astype(np.float32)) * assigned
     return grid.extract(local.astype(np.float32)), grid.extract(assigned, fill=False)
 
 
-def remove_background_pdf(field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=(0, 0, 1),
-                          weights=None, pad=16, tol=1e-3, max_iter=60, workers=-1):
+def remove_background_pdf(
+    field,
+    mask,
+    voxel_size=(1.0, 1.0, 1.0),
+    *,
+    b0_direction=(0, 0, 1),
+    weights=None,
+    pad=16,
+    tol=1e-3,
+    max_iter=60,
+    workers=-1,
+):
     """Projection onto dipole fields: fit the field inside the mask with dipoles outside it.
 
     Solves ``min_x || W M (D * (1 - M) x - f) ||^2`` for a susceptibility ``x`` restricted to the
@@ -261,8 +267,12 @@ def remove_background_lbv(field, mask, voxel_size=(1.0, 1.0, 1.0), *, tol=1e-6, 
             values.append(np.full(int(linked.sum()), -coupling))
             # Neighbours on the boundary layer are known values: move them to the right side.
             rhs[own[~linked]] += coupling * neighbour_field[interior][~linked]
-    laplacian = (coo_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
-                            shape=(n_interior, n_interior)) + diags(diagonal)).tocsr()
+    laplacian = (
+        coo_matrix(
+            (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n_interior, n_interior)
+        )
+        + diags(diagonal)
+    ).tocsr()
     preconditioner = diags(1.0 / diagonal)
     background, _ = cg(laplacian, rhs, rtol=tol, maxiter=max_iter, M=preconditioner)
     local = np.zeros(field.shape, dtype=np.float32)

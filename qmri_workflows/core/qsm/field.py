@@ -28,13 +28,13 @@ def _check_echoes(data, echo_times, name):
         raise ValueError(f"{name} must have echoes on the last axis, got shape {data.shape}")
     echo_times = np.asarray(echo_times, dtype=np.float64)
     if echo_times.shape != (data.shape[-1],):
-        raise ValueError(f"echo_times must have {data.shape[-1]} values (one per echo of {name}), "
-                         f"got shape {echo_times.shape}")
+        raise ValueError(
+            f"echo_times must have {data.shape[-1]} values (one per echo of {name}), got shape {echo_times.shape}"
+        )
     if data.shape[-1] < 2:
         raise ValueError(f"a field fit needs at least 2 echoes, {name} has {data.shape[-1]}")
     if np.any(np.diff(echo_times) <= 0) or echo_times[0] < 0:
-        raise ValueError(f"echo_times must be non-negative and increase strictly (seconds), "
-                         f"got {echo_times.tolist()}")
+        raise ValueError(f"echo_times must be non-negative and increase strictly (seconds), got {echo_times.tolist()}")
     return data, echo_times
 
 
@@ -55,8 +55,7 @@ def _scatter(values, mask, shape):
     return full
 
 
-def fit_field_linear(unwrapped_phase, echo_times, *, magnitude=None, mask=None, noise_sd=None,
-                     fit_offset=True):
+def fit_field_linear(unwrapped_phase, echo_times, *, magnitude=None, mask=None, noise_sd=None, fit_offset=True):
     """Weighted linear fit of unwrapped phase against echo time.
 
     With ``fit_offset`` (default) the line ``phi_n = phi_0 + 2 pi f TE_n`` is fitted with weights
@@ -100,8 +99,7 @@ def fit_field_linear(unwrapped_phase, echo_times, *, magnitude=None, mask=None, 
     else:
         magnitude = np.asarray(magnitude)
         if magnitude.shape != phase.shape:
-            raise ValueError(f"magnitude must have the shape of the phase {phase.shape}, "
-                             f"got {magnitude.shape}")
+            raise ValueError(f"magnitude must have the shape of the phase {phase.shape}, got {magnitude.shape}")
         weights = _select(magnitude, mask)[0].astype(np.float64) ** 2
     t = echo_times
     s0 = weights.sum(-1)
@@ -133,12 +131,14 @@ def fit_field_linear(unwrapped_phase, echo_times, *, magnitude=None, mask=None, 
         scale = float(noise_sd) ** 2
     field_sd = np.sqrt(scale * slope_variance_factor) / (2 * np.pi)
     shape = phase.shape[:-1]
-    return (_scatter(slope / (2 * np.pi), mask, shape), _scatter(offset, mask, shape),
-            _scatter(np.broadcast_to(field_sd, slope.shape), mask, shape))
+    return (
+        _scatter(slope / (2 * np.pi), mask, shape),
+        _scatter(offset, mask, shape),
+        _scatter(np.broadcast_to(field_sd, slope.shape), mask, shape),
+    )
 
 
-def fit_field_complex(signal, echo_times, *, mask=None, initial_field=None, noise_sd=None,
-                      n_iter=10):
+def fit_field_complex(signal, echo_times, *, mask=None, initial_field=None, noise_sd=None, n_iter=10):
     """Non-linear fit of the complex multi-echo signal for field and phase offset.
 
     Minimises ``sum_n |S_n - |S_n| exp(i (phi_0 + 2 pi f TE_n))|^2`` per voxel by Gauss-Newton; the
@@ -175,8 +175,9 @@ def fit_field_complex(signal, echo_times, *, mask=None, initial_field=None, nois
     """
     signal, echo_times = _check_echoes(signal, echo_times, "signal")
     if not np.iscomplexobj(signal):
-        raise ValueError("signal must be complex (magnitude * exp(1j * phase)); "
-                         "for unwrapped phase use fit_field_linear")
+        raise ValueError(
+            "signal must be complex (magnitude * exp(1j * phase)); for unwrapped phase use fit_field_linear"
+        )
     voxels, mask = _select(signal, mask)
     voxels = voxels.astype(np.complex128, copy=False)
     weights = np.abs(voxels) ** 2
@@ -185,8 +186,7 @@ def fit_field_complex(signal, echo_times, *, mask=None, initial_field=None, nois
     if initial_field is None:
         spacing = t[1] - t[0]
         uniform = np.allclose(np.diff(t), spacing, rtol=1e-3)
-        pairs = voxels[:, 1:] * np.conj(voxels[:, :-1]) if uniform else voxels[:, 1:2] * np.conj(
-            voxels[:, :1])
+        pairs = voxels[:, 1:] * np.conj(voxels[:, :-1]) if uniform else voxels[:, 1:2] * np.conj(voxels[:, :1])
         omega = np.angle(pairs.sum(-1)) / spacing
     else:
         initial_field = np.asarray(initial_field, dtype=np.float64)
@@ -207,11 +207,13 @@ def fit_field_complex(signal, echo_times, *, mask=None, initial_field=None, nois
     residual = wrap_phase(measured - offset[:, None] - np.outer(omega, t))
     if noise_sd is None:
         dof = len(t) - 2
-        scale = ((2 * weights * (1 - np.cos(residual))).sum(-1) / dof if dof > 0
-                 else np.full_like(omega, np.nan))
+        scale = (2 * weights * (1 - np.cos(residual))).sum(-1) / dof if dof > 0 else np.full_like(omega, np.nan)
     else:
         scale = float(noise_sd) ** 2
     field_sd = np.sqrt(scale * s0 / safe) / (2 * np.pi)
     shape = signal.shape[:-1]
-    return (_scatter(omega / (2 * np.pi), mask, shape), _scatter(wrap_phase(offset), mask, shape),
-            _scatter(np.broadcast_to(field_sd, omega.shape), mask, shape))
+    return (
+        _scatter(omega / (2 * np.pi), mask, shape),
+        _scatter(wrap_phase(offset), mask, shape),
+        _scatter(np.broadcast_to(field_sd, omega.shape), mask, shape),
+    )

@@ -57,8 +57,7 @@ class _Problem:
         field = check_volume(field, "local_field")
         mask = check_mask_volume(mask, field.shape)
         if not np.all(np.isfinite(field[mask])):
-            raise ValueError("local_field is not finite everywhere in the mask; "
-                             "exclude those voxels from the mask")
+            raise ValueError("local_field is not finite everywhere in the mask; exclude those voxels from the mask")
         self.mask = mask
         self.grid = PaddedGrid(mask, pad, voxel_size, workers)
         self.inside = self.grid.embed(mask) > 0
@@ -89,8 +88,17 @@ def _tkd_inverse(kernel, threshold):
     return (np.sign(kernel) / magnitude).astype(np.float32)
 
 
-def invert_tkd(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=(0, 0, 1),
-               threshold=0.19, correct_underestimation=True, pad=_DEFAULT_PAD, workers=-1):
+def invert_tkd(
+    local_field,
+    mask,
+    voxel_size=(1.0, 1.0, 1.0),
+    *,
+    b0_direction=(0, 0, 1),
+    threshold=0.19,
+    correct_underestimation=True,
+    pad=_DEFAULT_PAD,
+    workers=-1,
+):
     """Truncated k-space division.
 
     ``chi = F^-1[F[f] / D_t]`` with ``1 / D_t = sign(D) / max(|D|, t)`` (Shmueli 2009). Truncation
@@ -132,8 +140,16 @@ def invert_tkd(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=(0
     return problem.result(chi)
 
 
-def invert_l2_gradient(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=(0, 0, 1),
-                       regularization=0.005, pad=_DEFAULT_PAD, workers=-1):
+def invert_l2_gradient(
+    local_field,
+    mask,
+    voxel_size=(1.0, 1.0, 1.0),
+    *,
+    b0_direction=(0, 0, 1),
+    regularization=0.005,
+    pad=_DEFAULT_PAD,
+    workers=-1,
+):
     """Closed-form L2 inversion with a gradient regulariser (Bilgic 2014).
 
     ``chi = F^-1[ D F[f] / (D^2 + lambda sum_i |E_i|^2) ]`` minimises
@@ -175,9 +191,21 @@ def _ramp(values, low, high):
     return np.clip((high - values) / span, 0.0, 1.0).astype(np.float32)
 
 
-def invert_ilsqr(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=(0, 0, 1),
-                 weights=None, tol=0.01, max_iter=50, cone_threshold=0.1, edge_percentiles=(70, 90),
-                 prior_threshold=0.19, pad=_DEFAULT_PAD, workers=-1):
+def invert_ilsqr(
+    local_field,
+    mask,
+    voxel_size=(1.0, 1.0, 1.0),
+    *,
+    b0_direction=(0, 0, 1),
+    weights=None,
+    tol=0.01,
+    max_iter=50,
+    cone_threshold=0.1,
+    edge_percentiles=(70, 90),
+    prior_threshold=0.19,
+    pad=_DEFAULT_PAD,
+    workers=-1,
+):
     """iLSQR: LSQR inversion with estimation and removal of streaking artefacts (Li 2015).
 
     1. ``chi_LSQR``: LSQR on the weighted problem ``min ||W (D * chi - f)||`` (early stopping at
@@ -239,8 +267,7 @@ def invert_ilsqr(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=
 
     prior = grid.irfft(grid.rfft(problem.field) * _tkd_inverse(kernel, prior_threshold))
     low, high = edge_percentiles
-    laplacian = -forward_difference_adjoint(forward_difference(problem.field, grid.voxel_size),
-                                            grid.voxel_size)
+    laplacian = -forward_difference_adjoint(forward_difference(problem.field, grid.voxel_size), grid.voxel_size)
     magnitude = np.abs(laplacian)
     laplacian_weight = _ramp(magnitude, *np.percentile(magnitude[problem.inside], [low, high]))
     edge_weights = []
@@ -255,8 +282,9 @@ def invert_ilsqr(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=
         return grid.irfft(grid.rfft(x) * cone)
 
     def streak_forward(x):
-        return (edge_weights * forward_difference(project(x.reshape(shape).astype(np.float32)),
-                                                  grid.voxel_size)).ravel()
+        return (
+            edge_weights * forward_difference(project(x.reshape(shape).astype(np.float32)), grid.voxel_size)
+        ).ravel()
 
     def streak_adjoint(y):
         y = y.reshape((3,) + shape).astype(np.float32)
@@ -281,10 +309,23 @@ def _shrink(components, threshold, out):
     return out
 
 
-def invert_tv_admm(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_direction=(0, 0, 1),
-                   weights=None, regularization=3e-4, data_term="nonlinear", phase_scale=None,
-                   gradient_penalty=None, data_penalty=1.0, max_iter=30, tol=1e-3,
-                   pad=_DEFAULT_PAD, workers=-1):
+def invert_tv_admm(
+    local_field,
+    mask,
+    voxel_size=(1.0, 1.0, 1.0),
+    *,
+    b0_direction=(0, 0, 1),
+    weights=None,
+    regularization=3e-4,
+    data_term="nonlinear",
+    phase_scale=None,
+    gradient_penalty=None,
+    data_penalty=1.0,
+    max_iter=30,
+    tol=1e-3,
+    pad=_DEFAULT_PAD,
+    workers=-1,
+):
     """Total-variation inversion by ADMM (FANSI-like), weighted by magnitude or noise.
 
     Minimises ``alpha ||grad chi||_1 + data(D * chi)`` with the data term
@@ -341,8 +382,10 @@ def invert_tv_admm(local_field, mask, voxel_size=(1.0, 1.0, 1.0), *, b0_directio
         raise ValueError(f"data_term must be 'nonlinear' or 'linear', got {data_term!r}")
     if data_term == "nonlinear":
         if phase_scale is None or not np.isfinite(phase_scale) or phase_scale <= 0:
-            raise ValueError("the nonlinear data term needs phase_scale = 2 pi gamma_bar B0 TE in "
-                             "rad/ppm (e.g. 16 at 3 T, TE 20 ms), or pass data_term='linear'")
+            raise ValueError(
+                "the nonlinear data term needs phase_scale = 2 pi gamma_bar B0 TE in "
+                "rad/ppm (e.g. 16 at 3 T, TE 20 ms), or pass data_term='linear'"
+            )
     problem = _Problem(local_field, mask, voxel_size, b0_direction, pad, workers, weights)
     grid, kernel = problem.grid, problem.kernel
     voxel_size = grid.voxel_size

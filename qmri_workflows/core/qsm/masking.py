@@ -71,8 +71,9 @@ def reliable_edge_mask(mask, magnitude, field_sd=None, *, magnitude_fraction=0.1
     return reliable
 
 
-def estimate_csf_mask(mask, r2star, voxel_size=(1.0, 1.0, 1.0), *, depth_mm=8.0, r2star_fraction=0.3,
-                      min_volume_mm3=100.0):
+def estimate_csf_mask(
+    mask, r2star, voxel_size=(1.0, 1.0, 1.0), *, depth_mm=8.0, r2star_fraction=0.3, min_volume_mm3=100.0
+):
     """A robust CSF reference region without a segmentation: slow-decaying voxels deep in the brain.
 
     CSF has an R2* several times below brain tissue's (about 1-5 s^-1 against 15-25 s^-1 at 3 T)
@@ -119,5 +120,6 @@ def estimate_csf_mask(mask, r2star, voxel_size=(1.0, 1.0, 1.0), *, depth_mm=8.0,
     if volume < min_volume_mm3:
         raise ValueError(
             f"only {volume:.0f} mm^3 deep inside the brain have an R2* below {threshold:.3g} 1/s "
-            f"({r2star_fraction:g} x the median): too little to serve as a CSF reference")
+            f"({r2star_fraction:g} x the median): too little to serve as a CSF reference"
+        )
     return csf

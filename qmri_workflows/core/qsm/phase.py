@@ -82,8 +82,7 @@ def unwrap_laplacian(phase, voxel_size=(1.0, 1.0, 1.0), *, mask=None, congruent=
     phase = check_volume(phase, "phase").astype(np.float64)
     voxel_size = np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,))
     sine, cosine = np.sin(phase), np.cos(phase)
-    laplacian = (cosine * _laplacian_reflect(sine, voxel_size)
-                 - sine * _laplacian_reflect(cosine, voxel_size))
+    laplacian = cosine * _laplacian_reflect(sine, voxel_size) - sine * _laplacian_reflect(cosine, voxel_size)
     spectrum = scipy.fft.dctn(laplacian, type=2, workers=workers)
     eigenvalues = np.zeros((1, 1, 1))
     for axis, (n, h) in enumerate(zip(phase.shape, voxel_size)):
@@ -146,7 +145,7 @@ def unwrap_region_growing(phase, *, magnitude=None, mask=None):
     """
     phase = check_volume(phase, "phase").astype(np.float64)
     shape = phase.shape
-    mask = (np.ones(shape, bool) if mask is None else check_mask_volume(mask, shape))
+    mask = np.ones(shape, bool) if mask is None else check_mask_volume(mask, shape)
     if magnitude is not None:
         magnitude = check_volume(magnitude, "magnitude", shape)
     parent = _spanning_forest(phase, magnitude, mask)
@@ -185,8 +184,7 @@ def _spanning_forest(phase, magnitude, mask):
 
     # One seed per connected region, joined to a virtual root so a single traversal orders all.
     _, labels = connected_components(tree, directed=False)
-    order = np.lexsort((-(flat_magnitude if flat_magnitude is not None else np.zeros(n_voxels)),
-                        labels))
+    order = np.lexsort((-(flat_magnitude if flat_magnitude is not None else np.zeros(n_voxels)), labels))
     seeds = order[np.r_[True, labels[order][1:] != labels[order][:-1]]]
     tree = tree.tocoo()
     root = n_voxels
@@ -219,17 +217,15 @@ def _spatial_unwrapper(method):
     if callable(method):
         return method
     if method == "region_growing":
-        return lambda phase, magnitude, mask, voxel_size: unwrap_region_growing(
-            phase, magnitude=magnitude, mask=mask)
+        return lambda phase, magnitude, mask, voxel_size: unwrap_region_growing(phase, magnitude=magnitude, mask=mask)
     if method == "laplacian":
-        return lambda phase, magnitude, mask, voxel_size: unwrap_laplacian(
-            phase, voxel_size, mask=mask, congruent=True)
-    raise ValueError(f"spatial_method must be 'region_growing', 'laplacian' or a callable, "
-                     f"got {method!r}")
+        return lambda phase, magnitude, mask, voxel_size: unwrap_laplacian(phase, voxel_size, mask=mask, congruent=True)
+    raise ValueError(f"spatial_method must be 'region_growing', 'laplacian' or a callable, got {method!r}")
 
 
-def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1.0, 1.0, 1.0),
-                  spatial_method="region_growing"):
+def unwrap_echoes(
+    phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1.0, 1.0, 1.0), spatial_method="region_growing"
+):
     """Echo-referenced (temporal) unwrapping of multi-echo phase.
 
     1. The phase difference of the first two echoes, ``wrap(phi_2 - phi_1)``, spans the shortest
@@ -275,8 +271,7 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
     echo_times = np.asarray(echo_times, dtype=np.float64)
     n_echoes = phase.shape[-1]
     if echo_times.shape != (n_echoes,):
-        raise ValueError(f"echo_times must have {n_echoes} values (one per echo), "
-                         f"got {echo_times.shape}")
+        raise ValueError(f"echo_times must have {n_echoes} values (one per echo), got {echo_times.shape}")
     if n_echoes > 1 and np.any(np.diff(echo_times) <= 0):
         raise ValueError(f"echo_times must increase strictly, got {echo_times.tolist()}")
     shape = phase.shape[:3]
@@ -284,8 +279,7 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
     if magnitude is not None:
         magnitude = np.asarray(magnitude)
         if magnitude.shape != phase.shape:
-            raise ValueError(f"magnitude must have the shape of phase {phase.shape}, "
-                             f"got {magnitude.shape}")
+            raise ValueError(f"magnitude must have the shape of phase {phase.shape}, got {magnitude.shape}")
     spatial = _spatial_unwrapper(spatial_method)
     first_magnitude = None if magnitude is None else magnitude[..., 0]
     if n_echoes == 1:
@@ -293,8 +287,7 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
 
     spacing = echo_times[1] - echo_times[0]
     difference = wrap_phase(phase[..., 1] - phase[..., 0])
-    pair_magnitude = (None if magnitude is None
-                      else np.sqrt(magnitude[..., 0].astype(np.float64) * magnitude[..., 1]))
+    pair_magnitude = None if magnitude is None else np.sqrt(magnitude[..., 0].astype(np.float64) * magnitude[..., 1])
     if spatial_method == "region_growing":
         # The offset is smooth: the difference's spanning forest serves it too (one tree, not two).
         parent = _spanning_forest(difference, pair_magnitude, mask)
@@ -307,10 +300,9 @@ def unwrap_echoes(phase, echo_times, *, magnitude=None, mask=None, voxel_size=(1
         offset = spatial(offset_wrapped, first_magnitude, mask, voxel_size)[mask]
 
     measured = phase[mask].astype(np.float64)
-    weights = (np.ones_like(measured) if magnitude is None
-               else magnitude[mask].astype(np.float64) ** 2)
+    weights = np.ones_like(measured) if magnitude is None else magnitude[mask].astype(np.float64) ** 2
     unwrapped_voxels = np.empty_like(measured)
-    sums = np.zeros((5, measured.shape[0]))     # S0, S1, S2, Sy, Sty of the weighted line fit
+    sums = np.zeros((5, measured.shape[0]))  # S0, S1, S2, Sy, Sty of the weighted line fit
     for echo, echo_time in enumerate(echo_times):
         predicted = offset + omega * echo_time
         unwrapped_voxels[:, echo] = predicted + wrap_phase(measured[:, echo] - predicted)

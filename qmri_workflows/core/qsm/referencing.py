@@ -70,8 +70,9 @@ def reference_to_region(chi, reference_mask, *, mask=None):
     reference_mask = check_mask_volume(reference_mask, chi.shape, "reference_mask")
     values = chi[reference_mask]
     if not np.all(np.isfinite(values)):
-        raise ValueError("chi is not finite everywhere in reference_mask; "
-                         "restrict the reference region to the brain mask")
+        raise ValueError(
+            "chi is not finite everywhere in reference_mask; restrict the reference region to the brain mask"
+        )
     reference_value = float(values.mean())
     referenced = chi - reference_value
     if mask is not None:

@@ -46,7 +46,8 @@ def _check_protocol(repetition_time_1, repetition_time_2, flip_angle):
     if not (repetition_time_1 > 0 and repetition_time_2 > 0) or repetition_time_2 <= repetition_time_1:
         raise ValueError(
             f"AFI needs two different repetition times TR2 > TR1 > 0 s, got TR1={repetition_time_1!r}, "
-            f"TR2={repetition_time_2!r}; check RepetitionTime of the acq-tr1/acq-tr2 TB1AFI sidecars")
+            f"TR2={repetition_time_2!r}; check RepetitionTime of the acq-tr1/acq-tr2 TB1AFI sidecars"
+        )
     if not 0 < flip_angle < np.pi:
         raise ValueError(f"AFI flip_angle must be in (0, pi) rad, got {flip_angle!r}")
 
@@ -96,8 +97,18 @@ def afi_b1_standard_error(signal_1, signal_2, repetition_time_1, repetition_time
     return d_alpha_d_r * r_sd / flip_angle
 
 
-def afi_flip_angle_ratio(signal_1, signal_2, repetition_time_1, repetition_time_2, flip_angle, *,
-                         mask=None, voxel_size=(1.0, 1.0, 1.0), smoothing_fwhm=8.0, min_signal_fraction=0.05):
+def afi_flip_angle_ratio(
+    signal_1,
+    signal_2,
+    repetition_time_1,
+    repetition_time_2,
+    flip_angle,
+    *,
+    mask=None,
+    voxel_size=(1.0, 1.0, 1.0),
+    smoothing_fwhm=8.0,
+    min_signal_fraction=0.05,
+):
     """Robust B1 ratio map from an AFI pair: masked, smoothed by normalised convolution, holes filled.
 
     Parameters
@@ -135,14 +146,16 @@ def afi_flip_angle_ratio(signal_1, signal_2, repetition_time_1, repetition_time_
     if mask is not None:
         valid &= np.asarray(mask, dtype=bool)
     if not np.any(valid):
-        raise ValueError("no voxel of the AFI pair has a usable signal ratio (S2/S1 in (0, 1) above the "
-                         "noise): check that acq-tr1 and acq-tr2 are not swapped")
+        raise ValueError(
+            "no voxel of the AFI pair has a usable signal ratio (S2/S1 in (0, 1) above the "
+            "noise): check that acq-tr1 and acq-tr2 are not swapped"
+        )
     raw = np.where(valid, raw, np.nan)
     # inverse variance of the ratio ~ S1^2 (noise-free derivative factors are smooth)
     weights = np.where(valid, signal_1**2, 0.0)
     values = np.where(valid, raw, 0.0)
     if smoothing_fwhm > 0:
-        sigma_voxels = [smoothing_fwhm * _FWHM_TO_SIGMA / float(v) for v in voxel_size[:signal_1.ndim]]
+        sigma_voxels = [smoothing_fwhm * _FWHM_TO_SIGMA / float(v) for v in voxel_size[: signal_1.ndim]]
         weight_sum = ndimage.gaussian_filter(weights, sigma_voxels, mode="nearest")
         smoothed = ndimage.gaussian_filter(weights * values, sigma_voxels, mode="nearest")
         reached = weight_sum > 1e-6 * np.max(weight_sum)
@@ -152,7 +165,8 @@ def afi_flip_angle_ratio(signal_1, signal_2, repetition_time_1, repetition_time_
         b1 = raw.copy()
     missing = ~np.isfinite(b1)
     if np.any(missing):
-        nearest = ndimage.distance_transform_edt(missing, sampling=voxel_size[:signal_1.ndim],
-                                                 return_distances=False, return_indices=True)
+        nearest = ndimage.distance_transform_edt(
+            missing, sampling=voxel_size[: signal_1.ndim], return_distances=False, return_indices=True
+        )
         b1 = b1[tuple(nearest)]
     return AFIMap(b1, raw, valid)

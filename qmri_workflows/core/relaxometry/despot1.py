@@ -67,13 +67,13 @@ def _prepare(signals, flip_angles, repetition_time, b1):
     signals = np.asarray(signals, dtype=float)
     flip_angles = np.asarray(flip_angles, dtype=float)
     if flip_angles.ndim != 1 or signals.ndim < 1 or signals.shape[-1] != flip_angles.size:
-        raise ValueError(f"signals must have shape (..., {flip_angles.size}) for flip angles "
-                         f"{flip_angles!r}, got {signals.shape}")
+        raise ValueError(
+            f"signals must have shape (..., {flip_angles.size}) for flip angles {flip_angles!r}, got {signals.shape}"
+        )
     if flip_angles.size < 2 or np.unique(flip_angles).size < 2:
         raise ValueError(f"DESPOT1 needs at least two different flip angles, got {flip_angles!r} (rad)")
     if np.any(~(flip_angles > 0)) or np.any(flip_angles >= np.pi):
-        raise ValueError(f"flip angles must be in (0, pi) rad, got {flip_angles!r}; convert degrees "
-                         "with numpy.deg2rad")
+        raise ValueError(f"flip angles must be in (0, pi) rad, got {flip_angles!r}; convert degrees with numpy.deg2rad")
     if not repetition_time > 0:
         raise ValueError(f"repetition_time must be a positive time in seconds, got {repetition_time!r}")
     actual = np.asarray(b1, dtype=float)[..., None] * flip_angles
@@ -197,8 +197,9 @@ def _weighted_line(x, y, weights):
     return slope, intercept
 
 
-def despot1_linear(signals, flip_angles, repetition_time, *, b1=1.0, weighted=True, n_iterations=4, sigma=None,
-                   errors=True):
+def despot1_linear(
+    signals, flip_angles, repetition_time, *, b1=1.0, weighted=True, n_iterations=4, sigma=None, errors=True
+):
     """Linearised DESPOT1, ordinary or weighted (Chang 2008) least squares.
 
     Parameters
@@ -241,8 +242,7 @@ def despot1_linear(signals, flip_angles, repetition_time, *, b1=1.0, weighted=Tr
     return _from_e1(slope, m0, actual, repetition_time, signals, sigma, errors)
 
 
-def despot1_nonlinear(signals, flip_angles, repetition_time, *, b1=1.0, n_iterations=30, sigma=None,
-                      errors=True):
+def despot1_nonlinear(signals, flip_angles, repetition_time, *, b1=1.0, n_iterations=30, sigma=None, errors=True):
     """Non-linear least-squares DESPOT1 (Levenberg-Marquardt on M0 and R1, vectorised).
 
     Parameters
@@ -305,8 +305,21 @@ def despot1_nonlinear(signals, flip_angles, repetition_time, *, b1=1.0, n_iterat
     return R1Fit(r1, m0, r1_se, m0_se)
 
 
-def fit_r1(signals, flip_angles, repetition_time, *, b1=None, method="linear", spoiling=None,
-           t2=DEFAULT_TISSUE_T2, n_spoiling_iterations=2, sigma=None, mask=None, chunk_size=200_000, n_jobs=1):
+def fit_r1(
+    signals,
+    flip_angles,
+    repetition_time,
+    *,
+    b1=None,
+    method="linear",
+    spoiling=None,
+    t2=DEFAULT_TISSUE_T2,
+    n_spoiling_iterations=2,
+    sigma=None,
+    mask=None,
+    chunk_size=200_000,
+    n_jobs=1,
+):
     """DESPOT1 over a volume: B1-corrected and, optionally, corrected for imperfect RF spoiling.
 
     Parameters
@@ -346,11 +359,9 @@ def fit_r1(signals, flip_angles, repetition_time, *, b1=None, method="linear", s
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    estimator = {"two_angle": despot1_two_angle, "linear": despot1_linear,
-                 "nonlinear": despot1_nonlinear}[method]
+    estimator = {"two_angle": despot1_two_angle, "linear": despot1_linear, "nonlinear": despot1_nonlinear}[method]
     signals = np.asarray(signals, dtype=float)
-    _prepare(signals.reshape(-1, signals.shape[-1])[:1] if signals.ndim else signals, flip_angles,
-             repetition_time, 1.0)
+    _prepare(signals.reshape(-1, signals.shape[-1])[:1] if signals.ndim else signals, flip_angles, repetition_time, 1.0)
     leading = signals.shape[:-1]
     b1_map = np.ones(leading) if b1 is None else np.broadcast_to(np.asarray(b1, dtype=float), leading)
     t2_map = np.broadcast_to(np.asarray(t2, dtype=float), leading)
@@ -359,17 +370,31 @@ def fit_r1(signals, flip_angles, repetition_time, *, b1=None, method="linear", s
     n_corrections = n_spoiling_iterations if spoiling is not None else 0
 
     def fit_chunk(chunk_signals, chunk_b1, chunk_t2, chunk_sigma):
-        result = estimator(chunk_signals, flip_angles, repetition_time, b1=chunk_b1, sigma=chunk_sigma,
-                           errors=n_corrections == 0)
+        result = estimator(
+            chunk_signals, flip_angles, repetition_time, b1=chunk_b1, sigma=chunk_sigma, errors=n_corrections == 0
+        )
         for iteration in range(n_corrections):
             t1 = np.where(np.isfinite(result.r1) & (result.r1 > 0), 1.0 / result.r1, 1.0)
             ratio = spoiling_ratio(spoiling, t1, chunk_t2, chunk_b1)
             # the ratio is 0.9-1.05: the noise of the corrected signals stays ~sigma
-            result = estimator(chunk_signals / ratio, flip_angles, repetition_time, b1=chunk_b1,
-                               sigma=chunk_sigma, errors=iteration == n_corrections - 1)
+            result = estimator(
+                chunk_signals / ratio,
+                flip_angles,
+                repetition_time,
+                b1=chunk_b1,
+                sigma=chunk_sigma,
+                errors=iteration == n_corrections - 1,
+            )
         return tuple(result)
 
-    outputs = apply_in_chunks(fit_chunk, [signals, b1_map, t2_map, sigma_map], leading_shape=leading,
-                              output_shapes=[(), (), (), ()], mask=mask, chunk_size=chunk_size,
-                              fill_value=np.nan, n_jobs=n_jobs)
+    outputs = apply_in_chunks(
+        fit_chunk,
+        [signals, b1_map, t2_map, sigma_map],
+        leading_shape=leading,
+        output_shapes=[(), (), (), ()],
+        mask=mask,
+        chunk_size=chunk_size,
+        fill_value=np.nan,
+        n_jobs=n_jobs,
+    )
     return R1Fit(*outputs)

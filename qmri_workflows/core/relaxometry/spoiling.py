@@ -108,8 +108,15 @@ class SpoilingProtocol:
     source: str = "given"
 
 
-def spoiling_protocol(flip_angles, repetition_time, *, phase_increment_deg=None, manufacturer=None,
-                      gradient_moment=None, diffusion=DEFAULT_DIFFUSION):
+def spoiling_protocol(
+    flip_angles,
+    repetition_time,
+    *,
+    phase_increment_deg=None,
+    manufacturer=None,
+    gradient_moment=None,
+    diffusion=DEFAULT_DIFFUSION,
+):
     """Build a :class:`SpoilingProtocol` from sidecar-like values, with vendor defaults.
 
     Parameters
@@ -141,17 +148,23 @@ def spoiling_protocol(flip_angles, repetition_time, *, phase_increment_deg=None,
             raise ValueError(
                 "imperfect-spoiling correction needs SpoilingRFPhaseIncrement in the sidecar or a known "
                 f"Manufacturer (Siemens, GE, Philips), got Manufacturer={manufacturer!r}; add "
-                "\"SpoilingRFPhaseIncrement\" (deg) to the sidecar or turn the spoiling correction off")
+                '"SpoilingRFPhaseIncrement" (deg) to the sidecar or turn the spoiling correction off'
+            )
         increment = VENDOR_PHASE_INCREMENT_DEG[vendor]
         source = f"{vendor} default {increment:g} deg"
-    dephasing = (DEFAULT_GRADIENT_DEPHASING if gradient_moment is None
-                 else _GAMMA_BAR_CYCLES_PER_MM_PER_MT_S_PER_M * float(gradient_moment))
+    dephasing = (
+        DEFAULT_GRADIENT_DEPHASING
+        if gradient_moment is None
+        else _GAMMA_BAR_CYCLES_PER_MM_PER_MT_S_PER_M * float(gradient_moment)
+    )
     flips = tuple(float(a) for a in np.atleast_1d(np.asarray(flip_angles, dtype=float)))
     if not repetition_time > 0 or any(not (0 < a < math.pi) for a in flips):
-        raise ValueError(f"need TR > 0 s and flip angles in (0, pi) rad, got TR={repetition_time!r}, "
-                         f"flip angles={flips!r}")
-    return SpoilingProtocol(flips, float(repetition_time), math.radians(increment), float(dephasing),
-                            float(diffusion), source)
+        raise ValueError(
+            f"need TR > 0 s and flip angles in (0, pi) rad, got TR={repetition_time!r}, flip angles={flips!r}"
+        )
+    return SpoilingProtocol(
+        flips, float(repetition_time), math.radians(increment), float(dephasing), float(diffusion), source
+    )
 
 
 def _rotation(alpha):
@@ -183,17 +196,23 @@ def _steady_state(alpha, t1, t2, tr, increment, dephasing, diffusion):
     e2 = np.exp(-tr / t2)
     if dephasing > 0 and diffusion > 0:
         scale = diffusion * tr * (2.0 * math.pi * dephasing) ** 2
-        damp = np.stack([np.exp(-scale * ((order + 0.5) ** 2 + 1.0 / 12.0)),
-                         np.exp(-scale * ((order - 0.5) ** 2 + 1.0 / 12.0)),
-                         np.exp(-scale * order**2)], axis=-1)
+        damp = np.stack(
+            [
+                np.exp(-scale * ((order + 0.5) ** 2 + 1.0 / 12.0)),
+                np.exp(-scale * ((order - 0.5) ** 2 + 1.0 / 12.0)),
+                np.exp(-scale * order**2),
+            ],
+            axis=-1,
+        )
     else:
         damp = np.ones((n_orders, 3))
     rotation = _rotation(alpha)  # (n, 3, 3)
     relax = np.stack([e2, e2, e1], axis=-1)  # (n, 3)
     # one TR of order k, before the shift: damp * relax * rotate * translate
     translate = np.exp(1j * increment * order)  # (K,)
-    g = (relax[:, None, :, None] * damp[None, :, :, None] * rotation[:, None, :, :]
-         * translate[None, :, None, None])  # (n, K, 3, 3)
+    g = (
+        relax[:, None, :, None] * damp[None, :, :, None] * rotation[:, None, :, :] * translate[None, :, None, None]
+    )  # (n, K, 3, 3)
     gc = np.conj(g)
     n = alpha.size
     zeros = np.zeros((n, 6, 6), dtype=complex)
@@ -248,9 +267,18 @@ def _steady_state(alpha, t1, t2, tr, increment, dephasing, diffusion):
     return np.abs(signal)
 
 
-def epg_spoiled_signal(t1, t2, flip_angle, repetition_time, phase_increment, *,
-                       gradient_dephasing=DEFAULT_GRADIENT_DEPHASING, diffusion=DEFAULT_DIFFUSION, b1=1.0,
-                       chunk_size=2048):
+def epg_spoiled_signal(
+    t1,
+    t2,
+    flip_angle,
+    repetition_time,
+    phase_increment,
+    *,
+    gradient_dephasing=DEFAULT_GRADIENT_DEPHASING,
+    diffusion=DEFAULT_DIFFUSION,
+    b1=1.0,
+    chunk_size=2048,
+):
     """Exact steady-state magnitude of an RF-spoiled gradient echo (M0 = 1, TE = 0).
 
     Parameters
@@ -284,8 +312,15 @@ def epg_spoiled_signal(t1, t2, flip_angle, repetition_time, phase_increment, *,
     out = np.empty(alpha.size)
     for start in range(0, alpha.size, chunk_size):
         part = slice(start, start + chunk_size)
-        out[part] = _steady_state(alpha[part], t1.ravel()[part], t2.ravel()[part], float(repetition_time),
-                                  float(phase_increment), float(gradient_dephasing), float(diffusion))
+        out[part] = _steady_state(
+            alpha[part],
+            t1.ravel()[part],
+            t2.ravel()[part],
+            float(repetition_time),
+            float(phase_increment),
+            float(gradient_dephasing),
+            float(diffusion),
+        )
     return out.reshape(t1.shape)
 
 
@@ -305,9 +340,16 @@ def _ratio_splines(protocol):
     t1, t2, b1 = np.meshgrid(np.array(_T1_GRID), np.array(_T2_GRID), np.array(_B1_GRID), indexing="ij")
     coefficients = []
     for flip in protocol.flip_angles:
-        signal = epg_spoiled_signal(t1, t2, flip, protocol.repetition_time, protocol.phase_increment,
-                                    gradient_dephasing=protocol.gradient_dephasing,
-                                    diffusion=protocol.diffusion, b1=b1)
+        signal = epg_spoiled_signal(
+            t1,
+            t2,
+            flip,
+            protocol.repetition_time,
+            protocol.phase_increment,
+            gradient_dephasing=protocol.gradient_dephasing,
+            diffusion=protocol.diffusion,
+            b1=b1,
+        )
         ratio = signal / _ernst(t1, flip * b1, protocol.repetition_time)
         coefficients.append(ndimage.spline_filter(ratio, order=3, mode="nearest"))
     return tuple(coefficients)
@@ -341,9 +383,16 @@ def spoiling_ratio(protocol, t1, t2=DEFAULT_TISSUE_T2, b1=1.0):
     coefficients = _ratio_splines(protocol)
     t1, t2, b1 = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in (t1, t2, b1)])
     with np.errstate(invalid="ignore", divide="ignore"):
-        coordinates = np.stack([_grid_index(t1.ravel(), _T1_GRID, True), _grid_index(t2.ravel(), _T2_GRID, True),
-                                _grid_index(b1.ravel(), _B1_GRID, False)])
+        coordinates = np.stack(
+            [
+                _grid_index(t1.ravel(), _T1_GRID, True),
+                _grid_index(t2.ravel(), _T2_GRID, True),
+                _grid_index(b1.ravel(), _B1_GRID, False),
+            ]
+        )
     coordinates = np.nan_to_num(coordinates)
-    ratio = np.stack([ndimage.map_coordinates(c, coordinates, order=3, mode="nearest", prefilter=False)
-                      for c in coefficients], axis=-1)
+    ratio = np.stack(
+        [ndimage.map_coordinates(c, coordinates, order=3, mode="nearest", prefilter=False) for c in coefficients],
+        axis=-1,
+    )
     return ratio.reshape(t1.shape + (len(coefficients),))

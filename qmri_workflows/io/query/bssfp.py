@@ -24,10 +24,12 @@ from .metadata import (
 
 __all__ = ["BSSFPSeries", "bssfp_series", "says_bssfp", "sequence_kind"]
 
-_SPOILED_SEQUENCE_TYPES = frozenset({"spgr", "flash", "gre", "spoiled gre", "spoiled gradient echo", "t1ffe",
-                                     "spoiled grass", "fast low angle shot"})
-_BSSFP_SEQUENCE_TYPES = frozenset({"bssfp", "ssfp", "truefisp", "fiesta", "balanced ssfp", "balanced ffe",
-                                   "b-ffe", "bffe"})
+_SPOILED_SEQUENCE_TYPES = frozenset(
+    {"spgr", "flash", "gre", "spoiled gre", "spoiled gradient echo", "t1ffe", "spoiled grass", "fast low angle shot"}
+)
+_BSSFP_SEQUENCE_TYPES = frozenset(
+    {"bssfp", "ssfp", "truefisp", "fiesta", "balanced ssfp", "balanced ffe", "b-ffe", "bffe"}
+)
 _BSSFP_ACQ = re.compile(r"^bssfp(\d{3})$", re.IGNORECASE)
 
 
@@ -52,8 +54,9 @@ def _sequence_key(ctx, bids_file):
 def says_bssfp(ctx, bids_file):
     """Whether the acq- label or PulseSequenceType of a VFA file claims a bSSFP (even if they disagree)."""
     acquisition = entity(bids_file, "acquisition")
-    return bool(acquisition and _BSSFP_ACQ.match(acquisition)) or \
-        _sequence_key(ctx, bids_file)[1] in _BSSFP_SEQUENCE_TYPES
+    return (
+        bool(acquisition and _BSSFP_ACQ.match(acquisition)) or _sequence_key(ctx, bids_file)[1] in _BSSFP_SEQUENCE_TYPES
+    )
 
 
 def sequence_kind(ctx, bids_file):
@@ -72,13 +75,15 @@ def sequence_kind(ctx, bids_file):
         if sequence_key is not None:
             raise BIDSInputError(
                 f"{ctx.name(bids_file.path)}: acq-{acquisition} marks a phase-cycled bSSFP image but "
-                f"PulseSequenceType is {sequence!r}; set \"PulseSequenceType\": \"bSSFP\" in its sidecar")
+                f'PulseSequenceType is {sequence!r}; set "PulseSequenceType": "bSSFP" in its sidecar'
+            )
         return "bssfp"
     if sequence_key is None or sequence_key in _SPOILED_SEQUENCE_TYPES:
         return "spoiled"
     raise BIDSInputError(
         f"{ctx.name(bids_file.path)}: PulseSequenceType {sequence!r} is neither a spoiled gradient echo "
-        "(\"SPGR\") nor a balanced SSFP (\"bSSFP\"); fix the sidecar or move the file out of the dataset")
+        '("SPGR") nor a balanced SSFP ("bSSFP"); fix the sidecar or move the file out of the dataset'
+    )
 
 
 def _increment(ctx, bids_file):
@@ -88,18 +93,21 @@ def _increment(ctx, bids_file):
     if match is None and from_sidecar is None:
         raise BIDSInputError(
             f"{ctx.name(bids_file.path)}: bSSFP image without its RF phase-cycling increment; name it "
-            "acq-bssfp<increment, 3 digits> (e.g. acq-bssfp090) and add \"PhaseCyclingIncrement\" (deg)")
+            'acq-bssfp<increment, 3 digits> (e.g. acq-bssfp090) and add "PhaseCyclingIncrement" (deg)'
+        )
     if from_sidecar is None:
         return float(match.group(1))
     try:
         value = float(from_sidecar)
     except (TypeError, ValueError):
         raise BIDSInputError(
-            f"{ctx.name(bids_file.path)}: PhaseCyclingIncrement must be a number, got {from_sidecar!r}") from None
+            f"{ctx.name(bids_file.path)}: PhaseCyclingIncrement must be a number, got {from_sidecar!r}"
+        ) from None
     if match is not None and abs(value - float(match.group(1))) > ANGLE_TOLERANCE:
         raise BIDSInputError(
             f"{ctx.name(bids_file.path)}: acq-{acquisition} says {int(match.group(1))} deg but the sidecar "
-            f"PhaseCyclingIncrement is {value:g} deg; make them agree")
+            f"PhaseCyclingIncrement is {value:g} deg; make them agree"
+        )
     return value
 
 
@@ -112,7 +120,8 @@ def _by_increment(ctx, files, part):
             raise BIDSInputError(
                 f"two bSSFP {part} images with increment {increment:g} deg at one flip angle: "
                 f"{ctx.name(found[increment])} and {ctx.name(bids_file.path)}; keep one (move the other "
-                "out of the dataset or fix its acq- label and PhaseCyclingIncrement)")
+                "out of the dataset or fix its acq- label and PhaseCyclingIncrement)"
+            )
         found[increment] = bids_file.path
     return dict(sorted(found.items()))
 
@@ -141,7 +150,8 @@ def bssfp_series(ctx, files):
         if len(labels) > 1:
             raise BIDSInputError(
                 f"bSSFP images differ in {name}- ({', '.join(sorted(ctx.name(f.path) for f in files)[:4])} ...); "
-                "keep one bSSFP collection per subject/session with one image per increment, flip angle and part")
+                "keep one bSSFP collection per subject/session with one image per increment, flip angle and part"
+            )
     groups = {}
     for bids_file in files:
         groups.setdefault(entity(bids_file, "flip"), []).append(bids_file)
@@ -151,31 +161,44 @@ def bssfp_series(ctx, files):
         magnitude = _by_increment(ctx, magnitude_files, "magnitude")
         if not magnitude:
             raise BIDSInputError(
-                f"bSSFP phase images without magnitude: {', '.join(ctx.name(f.path) for f in phase_files)}")
+                f"bSSFP phase images without magnitude: {', '.join(ctx.name(f.path) for f in phase_files)}"
+            )
         phase = _by_increment(ctx, phase_files, "phase")
         if phase and set(phase) != set(magnitude):
             raise BIDSInputError(
                 f"bSSFP phase increments {sorted(phase)} do not match magnitude increments {sorted(magnitude)} "
-                f"(e.g. {ctx.name(next(iter(magnitude.values())))}); provide phase for every increment or none")
+                f"(e.g. {ctx.name(next(iter(magnitude.values())))}); provide phase for every increment or none"
+            )
         paths = list(magnitude.values())
         flips = {p: sidecar_number(ctx, p, "FlipAngle", what=" (required for bSSFP)") for p in paths}
-        trs = {p: sidecar_number(ctx, p, "RepetitionTimeExcitation", fallback="RepetitionTime",
-                                 what=" (required for bSSFP)") for p in paths}
-        flip_angle = check_same(ctx, flips, "FlipAngle",
-                                "the phase cycles of one bSSFP flip angle must share it; fix the sidecars",
-                                tolerance=ANGLE_TOLERANCE)
-        repetition_time = check_same(ctx, trs, "TR", "the phase cycles of one bSSFP series must share it",
-                                     tolerance=TIME_TOLERANCE)
+        trs = {
+            p: sidecar_number(
+                ctx, p, "RepetitionTimeExcitation", fallback="RepetitionTime", what=" (required for bSSFP)"
+            )
+            for p in paths
+        }
+        flip_angle = check_same(
+            ctx,
+            flips,
+            "FlipAngle",
+            "the phase cycles of one bSSFP flip angle must share it; fix the sidecars",
+            tolerance=ANGLE_TOLERANCE,
+        )
+        repetition_time = check_same(
+            ctx, trs, "TR", "the phase cycles of one bSSFP series must share it", tolerance=TIME_TOLERANCE
+        )
         phase_tuple = tuple(phase[inc] for inc in magnitude) if phase else None
-        series.append(BSSFPSeries(
-            flip_angle=flip_angle,
-            repetition_time=repetition_time,
-            phase_increments=tuple(magnitude),
-            magnitude=tuple(paths),
-            phase=phase_tuple,
-            phase_scale=phase_scale(ctx, phase_tuple[0]) if phase_tuple else None,
-            metadata=dict(ctx.metadata(paths[0])),
-        ))
+        series.append(
+            BSSFPSeries(
+                flip_angle=flip_angle,
+                repetition_time=repetition_time,
+                phase_increments=tuple(magnitude),
+                magnitude=tuple(paths),
+                phase=phase_tuple,
+                phase_scale=phase_scale(ctx, phase_tuple[0]) if phase_tuple else None,
+                metadata=dict(ctx.metadata(paths[0])),
+            )
+        )
     series = sorted_by_flip_angle(ctx, series, "bSSFP")
     check_grids(ctx, [p for s in series for p in (*s.magnitude, *(s.phase or ()))], "bSSFP")
     return tuple(series)

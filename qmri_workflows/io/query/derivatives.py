@@ -36,8 +36,9 @@ LOGGER = logging.getLogger("qmri_workflows.io")
 
 # Standard template identifiers of the BIDS specification (appendix "Coordinate systems"): images in
 # these spaces are not in the subject's scanner space.
-_TEMPLATE_SPACE = re.compile(r"^(MNI|ICBM|Talairach|fsaverage|fsLR|OASIS|NKI|UNCInfant|WHS|SUIT|Fischer344)",
-                             re.IGNORECASE)
+_TEMPLATE_SPACE = re.compile(
+    r"^(MNI|ICBM|Talairach|fsaverage|fsLR|OASIS|NKI|UNCInfant|WHS|SUIT|Fischer344)", re.IGNORECASE
+)
 
 # collection: (pybids filters, description for messages, integer-valued)
 _QUERIES = {
@@ -105,17 +106,17 @@ def open_derivatives(paths):
             raise BIDSInputError(f"{description_file} must hold a JSON object (Name, BIDSVersion, DatasetType)")
         dataset_type = description.get("DatasetType")
         if dataset_type != "derivative":
-            if dataset_type is not None or not (description.get("GeneratedBy") or description.get("PipelineDescription")):
+            generated = description.get("GeneratedBy") or description.get("PipelineDescription")
+            if dataset_type is not None or not generated:
                 raise BIDSInputError(
                     f"{root} is not a BIDS derivatives dataset ({description_file} has DatasetType "
                     f"{dataset_type!r}); give --derivatives the output folder of the tool that made the maps "
-                    "or masks, and set \"DatasetType\": \"derivative\" in its dataset_description.json")
-            LOGGER.warning("%s has no \"DatasetType\" in dataset_description.json; read as a derivatives dataset",
-                           root)
+                    'or masks, and set "DatasetType": "derivative" in its dataset_description.json'
+                )
+            LOGGER.warning('%s has no "DatasetType" in dataset_description.json; read as a derivatives dataset', root)
         indexer = dataset_indexer(root, validate=False, ignore=[re.compile(r"/\.")])
         try:
-            layouts.append(BIDSLayout(str(root), config=["bids", "derivatives"], validate=False,
-                                      indexer=indexer))
+            layouts.append(BIDSLayout(str(root), config=["bids", "derivatives"], validate=False, indexer=indexer))
         except Exception as error:  # pybids raises its own types
             raise BIDSInputError(f"pybids cannot index the derivatives dataset {root}: {error}") from error
     return layouts
@@ -150,8 +151,12 @@ def find_derivatives(layouts, subject, session):
         for layout in layouts:
             if subject not in layout.get_subjects():
                 continue
-            files = layout.get(subject=subject, session=session if session is not None else Query.NONE,
-                               extension=IMAGE_EXTENSIONS, **filters)
+            files = layout.get(
+                subject=subject,
+                session=session if session is not None else Query.NONE,
+                extension=IMAGE_EXTENSIONS,
+                **filters,
+            )
             candidates.extend(f for f in files if not _TEMPLATE_SPACE.match(f.get_entities().get("space") or ""))
         if collection == DSEG:
             # a lesion map stored as a dseg is not the tissue segmentation
@@ -160,10 +165,17 @@ def find_derivatives(layouts, subject, session):
             continue
         if len(candidates) > 1:
             names = ", ".join(sorted(f.path for f in candidates))
-            problems.append(CollectionProblem(collection, (
-                f"several {pattern} candidates for sub-{subject}" + (f" ses-{session}" if session else "")
-                + f": {names}; keep one (move the others out of the derivatives dataset, or pass "
-                "--derivatives only the dataset that holds the one to use)")))
+            problems.append(
+                CollectionProblem(
+                    collection,
+                    (
+                        f"several {pattern} candidates for sub-{subject}"
+                        + (f" ses-{session}" if session else "")
+                        + f": {names}; keep one (move the others out of the derivatives dataset, or pass "
+                        "--derivatives only the dataset that holds the one to use)"
+                    ),
+                )
+            )
             continue
         bids_file = candidates[0]
         try:
@@ -174,8 +186,10 @@ def find_derivatives(layouts, subject, session):
             problems.append(CollectionProblem(collection, str(error)))
             continue
         if collection == TB1MAP and "Units" not in metadata:
-            notes.append(f"{bids_file.path} has no \"Units\" in its sidecar; TB1map values are read as percent "
-                         "of the nominal flip angle (100 = nominal)")
+            notes.append(
+                f'{bids_file.path} has no "Units" in its sidecar; TB1map values are read as percent '
+                "of the nominal flip angle (100 = nominal)"
+            )
             LOGGER.info(notes[-1])
     return found, problems, notes
 
@@ -193,7 +207,8 @@ def _check_volume(path, collection, integer_valued):
         if integer_valued and not np.array_equal(data, np.round(data)):
             raise BIDSInputError(
                 f"{path} holds non-integer values (range {np.nanmin(data):g}..{np.nanmax(data):g}); a {collection} "
-                "must hold integer labels: threshold or round it and save it with an integer data type")
+                "must hold integer labels: threshold or round it and save it with an integer data type"
+            )
     if integer_valued and data.min() < 0:
         raise BIDSInputError(f"{path} holds negative labels (minimum {data.min():g}); labels are 0 (outside) or more")
     if collection == BRAIN_MASK and not data.any():
@@ -232,7 +247,8 @@ def _check_label_table(path, labels):
     if table is None:
         raise BIDSInputError(
             f"the segmentation {path} has no label table: write {tried[0]} (tab-separated, columns "
-            "'index' and 'name', one row per label)")
+            "'index' and 'name', one row per label)"
+        )
     try:
         with open(table, newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t")
@@ -243,7 +259,8 @@ def _check_label_table(path, labels):
     if "index" not in columns or "name" not in columns:
         raise BIDSInputError(
             f"the label table {table} needs columns 'index' and 'name' (tab-separated, one row per label); "
-            f"found {columns or 'an empty file'}")
+            f"found {columns or 'an empty file'}"
+        )
     indices = set()
     for number, row in enumerate(rows, start=2):
         row = {str(key).strip(): value for key, value in row.items()}
@@ -259,5 +276,6 @@ def _check_label_table(path, labels):
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise BIDSInputError(
             f"the segmentation {path} holds labels missing from its table {table}: {shown}; add a row "
-            "(index, name) for each")
+            "(index, name) for each"
+        )
     return str(table)

@@ -40,7 +40,8 @@ def _one_per_label(ctx, files, labels, suffix):
         if acquisition in found:
             raise BIDSInputError(
                 f"two {suffix} images with acq-{acquisition}: {ctx.name(found[acquisition])} and "
-                f"{ctx.name(bids_file.path)}; keep one")
+                f"{ctx.name(bids_file.path)}; keep one"
+            )
         found[acquisition] = bids_file.path
     return found
 
@@ -59,21 +60,23 @@ def afi_pair(ctx, files):
     found = _one_per_label(ctx, files, ("tr1", "tr2"), "TB1AFI")
     if set(found) != {"tr1", "tr2"}:
         names = ", ".join(ctx.name(f.path) for f in files)
-        raise BIDSInputError(
-            f"incomplete AFI pair ({names}): need fmap/*_acq-tr1_TB1AFI and fmap/*_acq-tr2_TB1AFI")
+        raise BIDSInputError(f"incomplete AFI pair ({names}): need fmap/*_acq-tr1_TB1AFI and fmap/*_acq-tr2_TB1AFI")
     tr1_file, tr2_file = found["tr1"], found["tr2"]
-    tr1, tr2 = (sidecar_number(ctx, path, "RepetitionTimeExcitation", fallback="RepetitionTime",
-                               what=" (required for AFI)") for path in (tr1_file, tr2_file))
-    flip1, flip2 = (sidecar_number(ctx, path, "FlipAngle", what=" (required for AFI)")
-                    for path in (tr1_file, tr2_file))
+    tr1, tr2 = (
+        sidecar_number(ctx, path, "RepetitionTimeExcitation", fallback="RepetitionTime", what=" (required for AFI)")
+        for path in (tr1_file, tr2_file)
+    )
+    flip1, flip2 = (sidecar_number(ctx, path, "FlipAngle", what=" (required for AFI)") for path in (tr1_file, tr2_file))
     if abs(flip1 - flip2) > ANGLE_TOLERANCE:
         raise BIDSInputError(
             f"AFI pair with different flip angles: {ctx.name(tr1_file)} has {flip1:g} deg, {ctx.name(tr2_file)} "
-            f"has {flip2:g} deg; both images of an AFI acquisition share one flip angle: fix the sidecars")
+            f"has {flip2:g} deg; both images of an AFI acquisition share one flip angle: fix the sidecars"
+        )
     if tr2 <= tr1:
         raise BIDSInputError(
             f"AFI pair with TR2 <= TR1: {ctx.name(tr1_file)} has {tr1:g} s, {ctx.name(tr2_file)} has {tr2:g} s; "
-            "acq-tr1 must be the image acquired after the shorter TR (swap the acq- labels if they are reversed)")
+            "acq-tr1 must be the image acquired after the shorter TR (swap the acq- labels if they are reversed)"
+        )
     check_grids(ctx, [tr1_file, tr2_file], "AFI")
     return AFIPair(tr1_file=tr1_file, tr2_file=tr2_file, tr1=tr1, tr2=tr2, flip_angle=flip1)
 
@@ -93,22 +96,23 @@ def receive_pair(ctx, files):
         acquisition = entity(bids_file, "acquisition") or ""
         for prefix, target in (("head", heads), ("body", bodies)):
             if acquisition.lower().startswith(prefix):
-                contrast = acquisition[len(prefix):]
+                contrast = acquisition[len(prefix) :]
                 if contrast in target:
                     raise BIDSInputError(
                         f"two RB1COR images with acq-{acquisition}: {ctx.name(target[contrast])} and "
-                        f"{ctx.name(bids_file.path)}; keep one")
+                        f"{ctx.name(bids_file.path)}; keep one"
+                    )
                 target[contrast] = bids_file.path
     contrasts = sorted(set(heads) & set(bodies))
     names = ", ".join(ctx.name(f.path) for f in files)
     if not contrasts:
         raise BIDSInputError(
             f"incomplete receive-field pair ({names}): need fmap/*_acq-head<contrast>_RB1COR and "
-            "fmap/*_acq-body<contrast>_RB1COR with the same <contrast>")
+            "fmap/*_acq-body<contrast>_RB1COR with the same <contrast>"
+        )
     if len(contrasts) > 1:
         if "PDw" not in contrasts:
-            raise BIDSInputError(
-                f"several receive-field pairs ({names}) and none for PDw; keep one head/body pair")
+            raise BIDSInputError(f"several receive-field pairs ({names}) and none for PDw; keep one head/body pair")
         contrasts = ["PDw"]
     contrast = contrasts[0]
     check_grids(ctx, [heads[contrast], bodies[contrast]], "RB1COR")

@@ -77,15 +77,22 @@ def gre_series(ctx, files, suffix):
     if suffix == "MEGRE" and len(groups) > 1:
         raise BIDSInputError(
             f"MEGRE files carry several flip- labels ({sorted(map(str, groups))}); a multi-echo GRE at "
-            "several flip angles is a VFA collection: rename them *_VFA")
+            "several flip angles is a VFA collection: rename them *_VFA"
+        )
     require = suffix == "VFA"
-    series = [_echo_series(ctx, group, suffix=suffix, require_flip=require, require_tr=require)
-              for _, group in sorted(groups.items(), key=lambda item: str(item[0]))]
+    series = [
+        _echo_series(ctx, group, suffix=suffix, require_flip=require, require_tr=require)
+        for _, group in sorted(groups.items(), key=lambda item: str(item[0]))
+    ]
     if suffix == "VFA":
         series = sorted_by_flip_angle(ctx, series, "VFA")
-        check_same(ctx, {s.magnitude[0]: s.repetition_time for s in series}, "TR",
-                   "the flip angles of a VFA collection must share one TR; fix the sidecars",
-                   tolerance=TIME_TOLERANCE)
+        check_same(
+            ctx,
+            {s.magnitude[0]: s.repetition_time for s in series},
+            "TR",
+            "the flip angles of a VFA collection must share one TR; fix the sidecars",
+            tolerance=TIME_TOLERANCE,
+        )
     check_grids(ctx, [p for s in series for p in (*s.magnitude, *(s.phase or ()))], suffix)
     return tuple(series)
 
@@ -104,21 +111,39 @@ def _echo_series(ctx, files, *, suffix, require_flip, require_tr):
         if abs(te_a - te_b) <= TIME_TOLERANCE:
             raise BIDSInputError(
                 f"duplicate echo time {te_a:g} s: {ctx.name(path_a)} and {ctx.name(path_b)}; "
-                "each echo needs its own EchoTime (fix the sidecars or remove the duplicate)")
+                "each echo needs its own EchoTime (fix the sidecars or remove the duplicate)"
+            )
         if te_b < te_a:
             raise BIDSInputError(
                 f"echo times decrease with the echo index: {ctx.name(path_a)} (echo {index_a}) has "
-                f"{te_a:g} s, {ctx.name(path_b)} (echo {index_b}) has {te_b:g} s; renumber the echo- entities")
+                f"{te_a:g} s, {ctx.name(path_b)} (echo {index_b}) has {te_b:g} s; renumber the echo- entities"
+            )
 
-    flips = {path: sidecar_number(ctx, path, "FlipAngle", required=require_flip, what=f" (required for {suffix})")
-             for path in magnitude.values()}
-    flip_angle = check_same(ctx, flips, "FlipAngle", "all echoes of one flip angle must share it; fix the sidecars",
-                            tolerance=ANGLE_TOLERANCE)
-    trs = {path: sidecar_number(ctx, path, "RepetitionTimeExcitation", fallback="RepetitionTime",
-                                required=require_tr, what=f" (required for {suffix})")
-           for path in magnitude.values()}
-    repetition_time = check_same(ctx, trs, "TR", "all echoes of one series must share it; fix the sidecars",
-                                 tolerance=TIME_TOLERANCE)
+    flips = {
+        path: sidecar_number(ctx, path, "FlipAngle", required=require_flip, what=f" (required for {suffix})")
+        for path in magnitude.values()
+    }
+    flip_angle = check_same(
+        ctx,
+        flips,
+        "FlipAngle",
+        "all echoes of one flip angle must share it; fix the sidecars",
+        tolerance=ANGLE_TOLERANCE,
+    )
+    trs = {
+        path: sidecar_number(
+            ctx,
+            path,
+            "RepetitionTimeExcitation",
+            fallback="RepetitionTime",
+            required=require_tr,
+            what=f" (required for {suffix})",
+        )
+        for path in magnitude.values()
+    }
+    repetition_time = check_same(
+        ctx, trs, "TR", "all echoes of one series must share it; fix the sidecars", tolerance=TIME_TOLERANCE
+    )
 
     phase = None
     scale = None
@@ -129,14 +154,16 @@ def _echo_series(ctx, files, *, suffix, require_flip, require_tr):
                 f"phase echoes {sorted(phase_by_echo)} do not match magnitude echoes {sorted(magnitude)} "
                 f"(magnitude: {ctx.name(next(iter(magnitude.values())))}, phase: "
                 f"{ctx.name(next(iter(phase_by_echo.values())))}); provide a phase image for every "
-                "magnitude echo or none")
+                "magnitude echo or none"
+            )
         for index, phase_path in phase_by_echo.items():
             magnitude_path = magnitude[index]
             te = sidecar_number(ctx, phase_path, "EchoTime", required=False)
             if te is not None and abs(te - echo_times[magnitude_path]) > TIME_TOLERANCE:
                 raise BIDSInputError(
                     f"phase echo {ctx.name(phase_path)} has EchoTime {te:g} s but its magnitude "
-                    f"{ctx.name(magnitude_path)} has {echo_times[magnitude_path]:g} s; fix the sidecars")
+                    f"{ctx.name(magnitude_path)} has {echo_times[magnitude_path]:g} s; fix the sidecars"
+                )
         phase = tuple(phase_by_echo[index] for index in magnitude)
         scale = phase_scale(ctx, phase[0])
 

@@ -89,17 +89,19 @@ class SubjectInputs:
                 tr = "n/a" if series.repetition_time is None else f"{series.repetition_time * 1e3:g} ms"
                 tes = ", ".join(f"{te * 1e3:g}" for te in series.echo_times)
                 phase = "with phase" if series.phase else "magnitude only"
-                lines.append(f"    flip {flip}, TR {tr}, {len(series.echo_times)} echo(es) "
-                             f"TE [{tes}] ms, {phase}")
+                lines.append(f"    flip {flip}, TR {tr}, {len(series.echo_times)} echo(es) TE [{tes}] ms, {phase}")
         else:
             lines.append("  no multi-echo GRE (VFA/MEGRE)")
         for series in self.bssfp:
             increments = ", ".join(f"{inc:g}" for inc in series.phase_increments)
-            lines.append(f"  bSSFP: flip {series.flip_angle:g} deg, TR {series.repetition_time * 1e3:g} ms, "
-                         f"phase increments [{increments}] deg" + (", with phase" if series.phase else ""))
+            lines.append(
+                f"  bSSFP: flip {series.flip_angle:g} deg, TR {series.repetition_time * 1e3:g} ms, "
+                f"phase increments [{increments}] deg" + (", with phase" if series.phase else "")
+            )
         if self.afi:
-            lines.append(f"  AFI: flip {self.afi.flip_angle:g} deg, TR1 {self.afi.tr1 * 1e3:g} ms, "
-                         f"TR2 {self.afi.tr2 * 1e3:g} ms")
+            lines.append(
+                f"  AFI: flip {self.afi.flip_angle:g} deg, TR1 {self.afi.tr1 * 1e3:g} ms, TR2 {self.afi.tr2 * 1e3:g} ms"
+            )
         if self.receive:
             lines.append("  receive field: head/body coil pair")
         for collection, found in self.derivatives.items():
@@ -177,8 +179,12 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         if megre_files:
             ctx.notes.append(
                 f"MEGRE images ignored ({ctx.name(megre_files[0].path)} ...): the VFA collection is used"
-                + (" (it is unusable: fix it, or move it out of the dataset to use the MEGRE)"
-                   if GRE in problems else ""))
+                + (
+                    " (it is unusable: fix it, or move it out of the dataset to use the MEGRE)"
+                    if GRE in problems
+                    else ""
+                )
+            )
             LOGGER.warning(ctx.notes[-1])
     elif megre_files:
         gre_suffix = "MEGRE"
@@ -186,16 +192,20 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     if bssfp_files and BSSFP not in problems:
         collected[BSSFP] = attempt(BSSFP, bssfp_series, ctx, bssfp_files)
     collected[AFI] = attempt(AFI, afi_pair, ctx, select_images(images, suffix="TB1AFI", datatype="fmap"))
-    collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, select_images(images, suffix="RB1COR",
-                                                                           datatype="fmap"))
+    collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, select_images(images, suffix="RB1COR", datatype="fmap"))
     field_strength = _field_strength(ctx, collected, problems)
 
     if not collected[GRE] and not collected[BSSFP] and GRE not in problems and BSSFP not in problems:
         listing = ", ".join(sorted({f.filename for f in images}))[:500] or "no images"
-        problems[GRE] = CollectionProblem(GRE, (
-            f"no qMRI inputs for sub-{subject}" + (f" ses-{session}" if session else "") + f" in {ctx.root}: "
-            "expected anat/*_VFA or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
-            f"found: {listing}"), missing=True)
+        problems[GRE] = CollectionProblem(
+            GRE,
+            (
+                f"no qMRI inputs for sub-{subject}" + (f" ses-{session}" if session else "") + f" in {ctx.root}: "
+                "expected anat/*_VFA or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
+                f"found: {listing}"
+            ),
+            missing=True,
+        )
 
     found = {}
     if derivatives:
@@ -225,16 +235,19 @@ def _check_subject(layout, subject, session):
     if subject not in sessions_of:
         raise BIDSInputError(
             f"participant sub-{subject} not found in {root}; available: "
-            + ", ".join("sub-" + s for s in sorted(sessions_of)))
+            + ", ".join("sub-" + s for s in sorted(sessions_of))
+        )
     sessions = sessions_of[subject]
     if session is None and sessions:
         raise BIDSInputError(
             f"sub-{subject} in {root} has sessions ({', '.join('ses-' + s for s in sessions)}); "
-            "choose one (--session-label)")
+            "choose one (--session-label)"
+        )
     if session is not None and session not in sessions:
         raise BIDSInputError(
             f"session ses-{session} not found for sub-{subject} in {root}; available: "
-            + (", ".join("ses-" + s for s in sessions) or "none"))
+            + (", ".join("ses-" + s for s in sessions) or "none")
+        )
 
 
 def _collection_files(collection, value):
@@ -260,9 +273,13 @@ def _field_strength(ctx, collected, problems):
         paths = _collection_files(collection, value)
         try:
             values = {path: sidecar_number(ctx, path, "MagneticFieldStrength", required=False) for path in paths}
-            tesla = check_same(ctx, values, "MagneticFieldStrength",
-                               "all images of a subject must come from one scanner; fix the sidecars",
-                               tolerance=FIELD_TOLERANCE)
+            tesla = check_same(
+                ctx,
+                values,
+                "MagneticFieldStrength",
+                "all images of a subject must come from one scanner; fix the sidecars",
+                tolerance=FIELD_TOLERANCE,
+            )
             if tesla is None:
                 continue
             path = next(p for p, v in values.items() if v is not None)
@@ -270,7 +287,8 @@ def _field_strength(ctx, collected, problems):
                 raise BIDSInputError(
                     f"{ctx.name(path)} states MagneticFieldStrength {tesla:g} T but {ctx.name(reference[0])} "
                     f"states {reference[1]:g} T; all images of a subject must come from one scanner: fix the "
-                    f"sidecars, or move the {collection} images of the other scanner out of the dataset")
+                    f"sidecars, or move the {collection} images of the other scanner out of the dataset"
+                )
         except BIDSInputError as error:
             problems[collection] = CollectionProblem(collection, str(error))
             collected[collection] = None

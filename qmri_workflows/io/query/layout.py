@@ -63,7 +63,8 @@ def open_layout(bids_dir, *, database_path=None, validate=False):
         if database == root or root in database.parents:
             raise BIDSInputError(
                 f"the pybids database {database} would be written inside the input dataset {root}; "
-                "put it in the work directory")
+                "put it in the work directory"
+            )
         database_path = str(database)
     indexer = dataset_indexer(root, validate=validate, ignore=[*IGNORED_FOLDERS, re.compile(r"/\.")])
     try:
@@ -80,7 +81,8 @@ def dataset_root(folder, *, what):
     if not (root / "dataset_description.json").is_file():
         raise BIDSInputError(
             f"{root} is not a BIDS dataset root: {root / 'dataset_description.json'} is missing "
-            "(give the folder that holds dataset_description.json and the sub-* folders)")
+            "(give the folder that holds dataset_description.json and the sub-* folders)"
+        )
     return root
 
 
@@ -120,8 +122,9 @@ def dataset_indexer(root, **options):
             values = parse_file_entities("/" + Path(inside).as_posix(), entities=entities.values())
             # Every entity found inside the dataset was also found (perhaps elsewhere) in the absolute
             # path, so pybids' tags carry its type: keep those, with the value read inside.
-            return bids_file, [{**tag, "_value": str(values[tag["entity_name"]])}
-                               for tag in tags if tag["entity_name"] in values]
+            return bids_file, [
+                {**tag, "_value": str(values[tag["entity_name"]])} for tag in tags if tag["entity_name"] in values
+            ]
 
     return DatasetRelativeIndexer(**options)
 
@@ -129,7 +132,7 @@ def dataset_indexer(root, **options):
 def strip_prefix(label, prefix):
     """``label`` without ``prefix`` (e.g. "sub-") and surrounding blanks."""
     label = str(label).strip()
-    return label[len(prefix):] if label.startswith(prefix) else label
+    return label[len(prefix) :] if label.startswith(prefix) else label
 
 
 def select_participants(layout, participant_labels=None, session_labels=None):
@@ -165,11 +168,11 @@ def select_participants(layout, participant_labels=None, session_labels=None):
         if missing:
             raise BIDSInputError(
                 f"participant(s) {', '.join('sub-' + m for m in missing)} not found in {root}; "
-                f"available: {', '.join('sub-' + a for a in available)}")
+                f"available: {', '.join('sub-' + a for a in available)}"
+            )
     else:
         wanted = available
-    wanted_sessions = (sorted({strip_prefix(label, "ses-") for label in session_labels})
-                       if session_labels else None)
+    wanted_sessions = sorted({strip_prefix(label, "ses-") for label in session_labels}) if session_labels else None
 
     pairs = []
     seen_sessions = set()
@@ -189,7 +192,8 @@ def select_participants(layout, participant_labels=None, session_labels=None):
             listing = ", ".join("ses-" + s for s in sorted(seen_sessions)) or "none (no ses-* folders)"
             raise BIDSInputError(
                 f"session(s) {', '.join('ses-' + m for m in missing)} not found for the selected "
-                f"participants in {root}; available: {listing}")
+                f"participants in {root}; available: {listing}"
+            )
     return pairs
 
 
@@ -201,8 +205,11 @@ def subject_sessions(layout):
     """
     from bids.layout.models import Tag
 
-    rows = (layout.session.query(Tag.file_path, Tag.entity_name, Tag._value)
-            .filter(Tag.entity_name.in_(("subject", "session")), Tag.is_metadata.is_(False)).all())
+    rows = (
+        layout.session.query(Tag.file_path, Tag.entity_name, Tag._value)
+        .filter(Tag.entity_name.in_(("subject", "session")), Tag.is_metadata.is_(False))
+        .all()
+    )
     labels = {}
     for path, name, value in rows:
         labels.setdefault(path, {})[name] = value
@@ -249,8 +256,14 @@ def subject_images(layout, subject, session):
     from bids.layout import Query
     from bids.layout.models import Tag
 
-    paths = sorted(layout.get(subject=subject, session=session if session is not None else Query.NONE,
-                              extension=IMAGE_EXTENSIONS, return_type="filename"))
+    paths = sorted(
+        layout.get(
+            subject=subject,
+            session=session if session is not None else Query.NONE,
+            extension=IMAGE_EXTENSIONS,
+            return_type="filename",
+        )
+    )
     entities = {path: {} for path in paths}
     metadata = {path: {} for path in paths}
     for tag in layout.session.query(Tag).filter(Tag.file_path.in_(paths)).all():
@@ -260,6 +273,7 @@ def subject_images(layout, subject, session):
 
 def select_images(files, **filters):
     """The ``files`` (IndexedFile) whose entities match every filter (a value or a list of values)."""
+
     def matches(indexed):
         for key, wanted in filters.items():
             value = indexed.entities.get(key)
@@ -313,7 +327,8 @@ def single_collection(ctx, files, suffix):
             listing = ", ".join(ctx.name(path) for path in example.values())
             raise BIDSInputError(
                 f"several {suffix} collections differ in {name}- ({listing}); keep one per subject/session "
-                "(move the others to sourcedata/ or another dataset)")
+                "(move the others to sourcedata/ or another dataset)"
+            )
 
 
 def split_parts(ctx, files):
@@ -328,7 +343,8 @@ def split_parts(ctx, files):
         else:
             raise BIDSInputError(
                 f"{ctx.name(bids_file.path)}: part-{part} images are not supported; convert real/imaginary "
-                "pairs to part-mag and part-phase")
+                "pairs to part-mag and part-phase"
+            )
     return magnitude, phase
 
 
@@ -341,6 +357,7 @@ def by_echo(ctx, files, what):
         if index in echoes:
             raise BIDSInputError(
                 f"two {what} files for echo {index}: {ctx.name(echoes[index])} and {ctx.name(bids_file.path)}; "
-                "keep one (or give them different acq-/run- labels and remove the other from the dataset)")
+                "keep one (or give them different acq-/run- labels and remove the other from the dataset)"
+            )
         echoes[index] = bids_file.path
     return dict(sorted(echoes.items()))

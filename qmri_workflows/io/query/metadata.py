@@ -104,7 +104,8 @@ def sidecar_number(ctx, path, key, *, fallback=None, required=True, what=""):
         keys = f"'{key}'" + (f" (or '{fallback}')" if fallback else "")
         raise BIDSInputError(
             f"{ctx.name(path)}: the sidecar has no {keys}{what}; add it to "
-            f"{sidecar_name(ctx, path)} ({_UNITS_HINT.get(key, '')})")
+            f"{sidecar_name(ctx, path)} ({_UNITS_HINT.get(key, '')})"
+        )
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     try:
@@ -147,7 +148,8 @@ def check_same(ctx, values, label, fix, *, tolerance):
         if abs(value - reference) > tolerance:
             raise BIDSInputError(
                 f"inconsistent {label} within one series: {ctx.name(reference_path)} has {reference:g}, "
-                f"{ctx.name(path)} has {value:g}; {fix}")
+                f"{ctx.name(path)} has {value:g}; {fix}"
+            )
     return reference
 
 
@@ -167,7 +169,8 @@ def load_header(path, shown=None):
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise BIDSInputError(
             f"{shown} has shape {shape}; one 3D volume per file is expected "
-            "(split 4D series into one file per echo / flip angle / part)")
+            "(split 4D series into one file per echo / flip angle / part)"
+        )
     return image
 
 
@@ -178,7 +181,8 @@ def sorted_by_flip_angle(ctx, series, what):
         if abs(a.flip_angle - b.flip_angle) <= ANGLE_TOLERANCE:
             raise BIDSInputError(
                 f"two {what} flip- groups have the same FlipAngle {a.flip_angle:g} deg: {ctx.name(a.magnitude[0])} "
-                f"and {ctx.name(b.magnitude[0])}; fix the FlipAngle in the sidecars or the flip- labels")
+                f"and {ctx.name(b.magnitude[0])}; fix the FlipAngle in the sidecars or the flip- labels"
+            )
     return series
 
 
@@ -197,7 +201,8 @@ def check_grids(ctx, paths, what):
                 f"the {what} images are not on one voxel grid: {ctx.name(path)} (shape {shape[:3]}) "
                 f"differs from {ctx.name(reference[0])} (shape {reference[1][:3]}; largest affine "
                 f"difference {difference:.3g} mm, tolerance {GRID_TOLERANCE_MM} mm); re-export the "
-                "series from the scanner together or resample them onto one grid")
+                "series from the scanner together or resample them onto one grid"
+            )
 
 
 def phase_scale_from_values(minimum, maximum, *, integer_valued, name="phase image"):
@@ -242,7 +247,8 @@ def phase_scale_from_values(minimum, maximum, *, integer_valued, name="phase ima
             return scale, description
     raise BIDSInputError(
         f"cannot tell the units of {name}: values span [{minimum:g}, {maximum:g}]; convert it to "
-        "radians or add \"Units\": \"rad\" to its sidecar")
+        'radians or add "Units": "rad" to its sidecar'
+    )
 
 
 def phase_scale(ctx, path):
@@ -255,19 +261,21 @@ def phase_scale(ctx, path):
         return math.pi / 180
     if unit not in (None, "arbitrary", "a.u.", "au", ""):
         raise BIDSInputError(
-            f"{ctx.name(path)}: unsupported phase \"Units\": {units!r} in {sidecar_name(ctx, path)}; "
-            "phase must be in \"rad\" (or \"deg\"), or unlabelled scanner integers")
+            f'{ctx.name(path)}: unsupported phase "Units": {units!r} in {sidecar_name(ctx, path)}; '
+            'phase must be in "rad" (or "deg"), or unlabelled scanner integers'
+        )
     data = np.asanyarray(load_header(path, ctx.name(path)).dataobj)
     values = data[np.isfinite(data)] if data.dtype.kind == "f" else data.ravel()
     if values.size == 0:
         raise BIDSInputError(f"phase image {ctx.name(path)} holds no finite value")
     integer_valued = data.dtype.kind in "iu" or bool(np.all(values == np.round(values)))
     scale, description = phase_scale_from_values(
-        float(values.min()), float(values.max()), integer_valued=integer_valued,
-        name=f"phase image {ctx.name(path)}")
+        float(values.min()), float(values.max()), integer_valued=integer_valued, name=f"phase image {ctx.name(path)}"
+    )
     if scale != 1.0:
         ctx.notes.append(
             f"phase of {ctx.name(path)} (sidecar Units: {units if units is not None else 'absent'}) read as "
-            f"{description}; multiplied by {scale:.6g} to get radians")
+            f"{description}; multiplied by {scale:.6g} to get radians"
+        )
         LOGGER.info(ctx.notes[-1])
     return scale

@@ -11,10 +11,10 @@ CENTRE = (20.0, 20.0, 20.0)
 
 def test_edge_voxels_go_enclosed_ones_stay():
     brain = ball(SHAPE, CENTRE, 12.0)
-    given = ball(SHAPE, CENTRE, 14.0)                 # two voxels of skull in the anatomical mask
-    vein = ball(SHAPE, (20.0, 20.0, 16.0), 2.0)       # dark, but enclosed by tissue
+    given = ball(SHAPE, CENTRE, 14.0)  # two voxels of skull in the anatomical mask
+    vein = ball(SHAPE, (20.0, 20.0, 16.0), 2.0)  # dark, but enclosed by tissue
     magnitude = np.where(brain & ~vein, 1.0, 0.02)
-    noisy_patch = ball(SHAPE, (20.0, 31.0, 20.0), 2.5) & brain   # bright, but phase unusable
+    noisy_patch = ball(SHAPE, (20.0, 31.0, 20.0), 2.5) & brain  # bright, but phase unusable
     field_sd = np.where(noisy_patch, 5.0, 0.1)
     reliable = reliable_edge_mask(given, magnitude, field_sd)
     assert not (reliable & ~brain).any()

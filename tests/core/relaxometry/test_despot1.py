@@ -66,8 +66,10 @@ def test_recovery_from_phantom_epg_with_spoiling_correction(tissue, protocol):
     own_t2 = fit_r1(signals, FLIPS, TR, b1=B1, spoiling=protocol, t2=t2)
     tissue_t2 = fit_r1(signals, FLIPS, TR, b1=B1, spoiling=protocol, t2=DEFAULT_TISSUE_T2)
     no_b1 = fit_r1(signals, FLIPS, TR, spoiling=protocol, t2=t2)
-    error = {name: 100 * (fit.r1 * t1 - 1) for name, fit in
-             [("uncorrected", uncorrected), ("own T2", own_t2), ("tissue T2", tissue_t2), ("no B1", no_b1)]}
+    error = {
+        name: 100 * (fit.r1 * t1 - 1)
+        for name, fit in [("uncorrected", uncorrected), ("own T2", own_t2), ("tissue T2", tissue_t2), ("no B1", no_b1)]
+    }
     print(f"\n{tissue} (T1 {t1} s, T2 {t2} s), R1 error % at B1 {B1.tolist()}:")
     for name, values in error.items():
         print(f"  {name:12s} " + " ".join(f"{v:+7.3f}" for v in values))
@@ -90,20 +92,25 @@ def _noisy_fit_statistics(fit_function, flips, r1, m0, sigma, n_voxels, seed):
     return estimates.mean() / r1 - 1, estimates.std() / crlb, np.nanmedian(fit.r1_se) / crlb
 
 
-@pytest.mark.parametrize("fit_function,flips_deg", [
-    (despot1_two_angle, FLIPS_DEG),
-    (despot1_linear, FLIPS_DEG),
-    (despot1_nonlinear, FLIPS_DEG),
-    (despot1_nonlinear, (4.0, 12.0, 25.0)),
-    (despot1_linear, (4.0, 12.0, 25.0)),
-])
+@pytest.mark.parametrize(
+    "fit_function,flips_deg",
+    [
+        (despot1_two_angle, FLIPS_DEG),
+        (despot1_linear, FLIPS_DEG),
+        (despot1_nonlinear, FLIPS_DEG),
+        (despot1_nonlinear, (4.0, 12.0, 25.0)),
+        (despot1_linear, (4.0, 12.0, 25.0)),
+    ],
+)
 def test_noisy_fits_reach_the_cramer_rao_bound(fit_function, flips_deg):
     flips = np.deg2rad(flips_deg)
     r1, m0 = 1 / 0.85, 1000.0
     sigma = float(spgr_signal(m0, r1, 0.0, flips, TR, 0.0).max()) / 50.0  # SNR 50
     bias, sd_ratio, se_ratio = _noisy_fit_statistics(fit_function, flips, r1, m0, sigma, 20000, seed=7)
-    print(f"\n{fit_function.__name__} {flips_deg}: bias {100 * bias:+.2f} %, SD/CRLB {sd_ratio:.3f}, "
-          f"median SE/CRLB {se_ratio:.3f}")
+    print(
+        f"\n{fit_function.__name__} {flips_deg}: bias {100 * bias:+.2f} %, SD/CRLB {sd_ratio:.3f}, "
+        f"median SE/CRLB {se_ratio:.3f}"
+    )
     assert abs(bias) < 0.02
     assert 0.8 < sd_ratio < 1.2
     assert 0.8 < se_ratio < 1.2
@@ -148,8 +155,10 @@ def test_speed_on_a_1mm_brain(protocol):
         fit = fit_r1(signals, FLIPS, TR, b1=b1, method=method, spoiling=protocol, sigma=20.0)
         timings[method] = time.perf_counter() - start
         assert np.all(np.isfinite(fit.r1))
-    print("\nDESPOT1 on 2 M voxels with B1 + spoiling correction: "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    print(
+        "\nDESPOT1 on 2 M voxels with B1 + spoiling correction: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    )
     assert timings["linear"] < 30.0
 
 

@@ -30,20 +30,22 @@ def test_steady_state_matches_isochromats(increment_deg):
 def test_ideal_spoiling_limit_is_the_ernst_equation():
     t1 = np.array([0.85, 1.4, 4.0])
     t2 = np.array([0.07, 0.08, 2.0])
-    epg = epg_spoiled_signal(t1, t2, math.radians(21), 0.025, math.radians(50), gradient_dephasing=100.0,
-                             diffusion=3e-3, b1=1.1)
-    np.testing.assert_allclose(epg, spgr_signal(1.0, 1 / t1, 0.0, math.radians(21), 0.025, 0.0, b1=1.1),
-                               rtol=1e-6)
+    epg = epg_spoiled_signal(
+        t1, t2, math.radians(21), 0.025, math.radians(50), gradient_dephasing=100.0, diffusion=3e-3, b1=1.1
+    )
+    np.testing.assert_allclose(epg, spgr_signal(1.0, 1 / t1, 0.0, math.radians(21), 0.025, 0.0, b1=1.1), rtol=1e-6)
 
 
 def test_agrees_with_the_phantom_epg_with_diffusion():
     t1 = np.array([0.85, 1.5, 3.0])
     t2 = np.array([0.07, 0.2, 1.0])
     b1 = np.array([0.8, 1.2, 1.0])
-    core = epg_spoiled_signal(t1, t2, math.radians(21), 0.025, math.radians(117), gradient_dephasing=4.0,
-                              diffusion=0.8e-3, b1=b1)
-    phantom = spgr_steady_state(t1, t2, 21.0, 0.025, phase_increment_deg=117.0, gradient_moment=4.0,
-                                diffusion=0.8e-3, b1=b1)
+    core = epg_spoiled_signal(
+        t1, t2, math.radians(21), 0.025, math.radians(117), gradient_dephasing=4.0, diffusion=0.8e-3, b1=b1
+    )
+    phantom = spgr_steady_state(
+        t1, t2, 21.0, 0.025, phase_increment_deg=117.0, gradient_moment=4.0, diffusion=0.8e-3, b1=b1
+    )
     np.testing.assert_allclose(core, phantom, rtol=1e-5)
 
 
@@ -58,7 +60,8 @@ def test_protocol_uses_sidecar_increment_then_vendor_default():
         assert f"{increment:g} deg" in protocol.source
     assert spoiling_protocol(flips, 0.025, manufacturer="Siemens").gradient_dephasing == DEFAULT_GRADIENT_DEPHASING
     assert spoiling_protocol(flips, 0.025, manufacturer="Siemens", gradient_moment=0.078).gradient_dephasing == (
-        pytest.approx(3.3210, rel=1e-4))
+        pytest.approx(3.3210, rel=1e-4)
+    )
     with pytest.raises(ValueError, match="SpoilingRFPhaseIncrement.*Manufacturer"):
         spoiling_protocol(flips, 0.025)
     with pytest.raises(ValueError, match="flip angles"):
@@ -74,7 +77,8 @@ def test_ratio_table_matches_the_direct_epg():
     ratio = spoiling_ratio(protocol, t1, t2, b1)
     assert ratio.shape == (50, 2)
     for index, flip in enumerate(protocol.flip_angles):
-        direct = epg_spoiled_signal(t1, t2, flip, 0.025, protocol.phase_increment, gradient_dephasing=4.0,
-                                    diffusion=0.8e-3, b1=b1)
+        direct = epg_spoiled_signal(
+            t1, t2, flip, 0.025, protocol.phase_increment, gradient_dephasing=4.0, diffusion=0.8e-3, b1=b1
+        )
         expected = direct / spgr_signal(1.0, 1 / t1, 0.0, flip, 0.025, 0.0, b1=b1)
         np.testing.assert_allclose(ratio[:, index], expected, rtol=3e-4)

@@ -79,6 +79,7 @@ def test_multiproc_scheduler_sleeps_while_only_workers_can_progress(tmp_path):
         return value
 
     workflow = QMRIWorkflow(name="slow", base_dir=str(tmp_path))
+    workflow.config["execution"]["crashdump_dir"] = str(tmp_path)  # never beside the sources
     workflow.config["execution"]["poll_sleep_duration"] = 0.01  # as the App sets it
     slow = pe.Node(Function(function=pause, output_names=["out"]), name="slow")
     slow.inputs.seconds = 1.5

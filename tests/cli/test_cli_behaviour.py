@@ -64,7 +64,10 @@ def test_a_second_run_in_a_busy_work_directory_is_refused(tmp_path, caplog):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
-    raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02", "03", "04"), shape=(40, 40, 30), n_echoes=6)
+    # Large enough that the run is still going when the interrupt comes (seconds per subject).
+    raw = make_vfa_dataset(
+        tmp_path / "raw", subjects=("01", "02", "03", "04", "05", "06"), shape=(96, 96, 64), n_echoes=8
+    )
     app = _app(raw, tmp_path / "out", "participant", "--skip-bids-validation", "--nprocs", "2", "-w", tmp_path / "work")
     deadline = time.monotonic() + 120
     # Interrupt once processing has started (the plan is printed just before).

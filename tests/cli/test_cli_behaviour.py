@@ -16,6 +16,10 @@ from qmri_workflows.cli import run
 from tests.bids_factory import make_dataset, make_vfa_dataset
 
 
+def _default_interrupt():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _app(*args, cwd=None):
     # Its own process group, as a shell gives a job: Ctrl-C goes to every process of the group.
     return subprocess.Popen(
@@ -25,6 +29,9 @@ def _app(*args, cwd=None):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A terminal's job: Ctrl-C works even when this test itself runs in the background, where
+        # the shell made SIGINT ignored (and a child inherits that).
+        preexec_fn=_default_interrupt,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
 

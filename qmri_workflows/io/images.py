@@ -70,6 +70,9 @@ def load_volume(path, *, dtype=np.float32, reference=None, require_variation=Fal
 
 
 def _check_variation(data, name):
+    low, high = data.min(), data.max()
+    if low != high and np.isfinite(low) and np.isfinite(high):
+        return  # the usual case, decided without copying the finite values out
     values = data[np.isfinite(data)] if data.dtype.kind == "f" else data.reshape(-1)
     low, high = values.min(), values.max()
     if low == high:

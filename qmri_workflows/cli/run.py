@@ -623,7 +623,7 @@ def _summarise(subjects, plans, failed, unusable, without_data):
 def _used_collections():
     from ..workflows.registry import registered_families
 
-    return {collection for family in registered_families() for collection in family.needs}
+    return {collection for family in registered_families() for collection in (*family.needs, *family.reads)}
 
 
 def _existing_outputs(output_dir, inputs):

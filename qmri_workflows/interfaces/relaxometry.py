@@ -27,7 +27,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.relaxometry import DEFAULT_TISSUE_T2, afi_flip_angle_ratio, fit_r1, spoiling_protocol
+from ..core.relaxometry import DEFAULT_TISSUE_T2, afi_flip_angle_ratio, afi_t1_bias, fit_r1, spoiling_protocol
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import load_volume, load_volumes
@@ -195,6 +195,13 @@ class _FitR1InputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, desc="voxels to fit (0 elsewhere)")
     b1_file = File(exists=True, desc="B1+ in percent of nominal on the grid of the signals (TB1map)")
     b1_note = Str(desc="why there is no b1_file (recorded in the sidecar)")
+    afi_repetition_times = traits.List(
+        traits.Float, minlen=2, maxlen=2, desc="TR1, TR2 (s) of the AFI pair b1_file comes from"
+    )
+    afi_flip_angle = traits.Float(
+        desc="nominal AFI flip angle (deg); with afi_repetition_times, the AFI "
+        "formula's finite-T1 bias is removed with the fitted T1"
+    )
     method = traits.Enum("linear", "exact", "nonlinear", usedefault=True, desc="DESPOT1 estimator")
     spoiling_correction = traits.Bool(True, usedefault=True, desc="correct for imperfect RF spoiling")
     phase_increment = traits.Float(desc="SpoilingRFPhaseIncrement (deg) of the sidecar")
@@ -320,6 +327,11 @@ class FitR1(SimpleInterface):
         finite = np.isfinite(signals).all(axis=-1) & np.isfinite(b1)
         fitted = mask & finite
         sigma = self.inputs.noise_sigma if isdefined(self.inputs.noise_sigma) else None
+        if isdefined(self.inputs.b1_file) and isdefined(self.inputs.afi_repetition_times):
+            b1 = self._unbias_afi(signals, flips, b1, fitted)
+            metadata["B1Correction"] += (
+                "; the AFI formula's finite-TR/T1 bias removed at each voxel's T1 (ideal-spoiling AFI signal)"
+            )
         result = fit_r1(
             np.where(fitted[..., None], signals, 0.0),
             np.deg2rad(flips),
@@ -371,6 +383,27 @@ class FitR1(SimpleInterface):
                 "NaN: two flip angles leave no residual and no noise level was given"
             )
         return runtime
+
+    def _unbias_afi(self, signals, flips, b1, fitted):
+        """B1+ map without the first-order AFI formula's T1 bias, at the T1 of a quick first fit.
+
+        The bias changes by ~0.1 % of itself when T1 changes by a few percent, so one uncorrected
+        (no spoiling correction) preliminary fit is enough.
+        """
+        preliminary = fit_r1(
+            np.where(fitted[..., None], signals, 0.0),
+            np.deg2rad(flips),
+            self.inputs.repetition_time,
+            b1=np.where(fitted, b1, 1.0),
+            mask=fitted,
+            chunk_size=self.inputs.chunk_size,
+            n_jobs=self.inputs.num_threads,
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1 = np.where(preliminary.r1 > 0, 1.0 / preliminary.r1, np.nan)
+        tr1, tr2 = self.inputs.afi_repetition_times
+        factor = afi_t1_bias(np.where(fitted, b1, 1.0), t1, tr1, tr2, math.radians(self.inputs.afi_flip_angle))
+        return np.where(fitted, b1 / factor, b1)
 
 
 def _log_counts(counts):

@@ -83,6 +83,7 @@ def init_r1_wf(
     tissue_t2=None,
     signal_kind="TE = 0 intercepts of the ESTATICS fit",
     b1_note=None,
+    afi_protocol=None,
     mem_gb=1.0,
     omp_nthreads=1,
     name="r1_wf",
@@ -109,6 +110,9 @@ def init_r1_wf(
         What ``signal_files`` are (for the sidecar).
     b1_note : str, optional
         Why no B1+ map reaches the workflow (recorded when ``b1_file`` is undefined).
+    afi_protocol : tuple of float, optional
+        ``(TR1, TR2, flip angle in deg)`` of the AFI pair the B1+ map comes from: its finite-T1
+        bias is then removed with the fitted T1 (:func:`~qmri_workflows.core.relaxometry.afi_t1_bias`).
     mem_gb : float
         Memory of the fitting node (GB).
     omp_nthreads : int
@@ -170,6 +174,9 @@ def init_r1_wf(
     ):
         if value is not None:
             setattr(fit.inputs, trait, value)
+    if afi_protocol is not None:
+        fit.inputs.afi_repetition_times = [float(afi_protocol[0]), float(afi_protocol[1])]
+        fit.inputs.afi_flip_angle = float(afi_protocol[2])
     workflow.connect([
         (inputnode, fit, [("signal_files", "signal_files"), ("flip_angles", "flip_angles"),
                           ("mask_file", "mask_file")]),
@@ -359,6 +366,11 @@ def _build_r1(context):
         tissue_t2=options["r1_tissue_t2"],
         signal_kind="TE = 0 intercepts of the ESTATICS fit" if multi_echo else "single-echo images",
         b1_note=b1_note,
+        afi_protocol=(
+            (inputs.afi.tr1, inputs.afi.tr2, inputs.afi.flip_angle)
+            if b1_corrected and _b1_source(inputs) == "afi"
+            else None
+        ),
         mem_gb=estimate_fit_mem_gb(inputs.gre[0].magnitude[0], len(inputs.gre) + 6),
         omp_nthreads=context.omp_nthreads,
     )

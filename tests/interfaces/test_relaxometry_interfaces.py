@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qmri_workflows.core.relaxometry import afi_raw_ratio
 from qmri_workflows.interfaces.relaxometry import (
     AFIFlipAngleMap,
     FitR1,
@@ -236,3 +237,32 @@ def test_fit_r1_records_the_spoiling_correction(tmp_path):
     # on ideally spoiled signals the correction moves R1 (what it would remove from real data)
     r1 = nib.load(corrected.outputs.r1_file).get_fdata()[head]
     assert 0.005 < abs(np.median(r1) - 1) < 0.1
+
+
+def test_fit_r1_removes_the_afi_formula_bias_at_the_fitted_t1(tmp_path):
+    head = _ellipsoid()
+    r1 = np.where(head, np.linspace(0.3, 1.6, head.size).reshape(SHAPE), 0.5)
+    b1 = _smooth_b1()
+    files = _vfa(tmp_path, r1, b1)
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    # what the first-order AFI formula reads from an exact AFI pair at each voxel's T1
+    s1, s2 = _afi_signals(b1, 1.0 / r1)
+    read = afi_raw_ratio(s1, s2, 0.02, 0.1, np.deg2rad(60.0))
+    b1_file = _write(tmp_path / "b1.nii", 100 * read)
+    plain = _fit(tmp_path, files, (6.0, 21.0), mask_file=mask, b1_file=b1_file, spoiling_correction=False)
+    # read before the next run writes its maps in the same folder
+    error_plain = nib.load(plain.outputs.r1_file).get_fdata()[head] / r1[head] - 1
+    unbiased = _fit(
+        tmp_path,
+        files,
+        (6.0, 21.0),
+        mask_file=mask,
+        b1_file=b1_file,
+        spoiling_correction=False,
+        afi_repetition_times=[0.02, 0.1],
+        afi_flip_angle=60.0,
+    )
+    error = nib.load(unbiased.outputs.r1_file).get_fdata()[head] / r1[head] - 1
+    assert np.median(np.abs(error_plain)) > 2e-3
+    assert np.max(np.abs(error)) < 2e-4
+    assert "finite-TR/T1 bias removed" in unbiased.outputs.metadata["B1Correction"]

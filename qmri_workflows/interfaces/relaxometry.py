@@ -296,7 +296,8 @@ class FitR1(SimpleInterface):
             b1 = np.ones(shape)
             note = self.inputs.b1_note if isdefined(self.inputs.b1_note) else "no B1+ map"
             metadata["B1Correction"] = f"none: {note}; nominal flip angles assumed"
-            LOGGER.warning("R1: not corrected for B1+ (%s)", note)
+            # the plan said so already, with its reason; the sidecar records it
+            LOGGER.info("R1: not corrected for B1+ (%s)", note)
 
         increment, source = spoiling_choice(
             self.inputs.spoiling_correction,

@@ -1,7 +1,6 @@
 """B1+ and R1 in the BIDS App: bad inputs get one clear message and the other maps go on."""
 
 import json
-import logging
 
 import nibabel as nib
 import numpy as np
@@ -10,14 +9,8 @@ import pytest
 from qmri_workflows.cli import run
 from tests.bids_factory import edit_sidecar, make_dataset, make_derivatives, write_image, write_sidecar
 
-
-@pytest.fixture(autouse=True)
-def cli_log(caplog, monkeypatch):
-    """The CLI logs through its own handler without propagating: listen on its logger directly."""
-    logger = logging.getLogger("qmri_workflows")
-    monkeypatch.setattr(logger, "handlers", [caplog.handler])
-    monkeypatch.setattr(logger, "propagate", False)
-    return caplog
+# the CLI logs through its own handler: listen on it (tests/cli/conftest.py)
+pytestmark = pytest.mark.usefixtures("cli_log")
 
 
 def _run(raw_root, tmp_path, *extra):

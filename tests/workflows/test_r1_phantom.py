@@ -36,6 +36,19 @@ def _protocol(spoiling):
     pytest.skip("this phantom cannot simulate imperfect spoiling (no Protocol.spoiling)")
 
 
+def _phantom(tmp_path, spoiling):
+    """Noiseless 2 mm phantom simulated at 1 mm (oversample 2): the truth is not the fit's inverse."""
+    return write_phantom_dataset(
+        tmp_path / "raw",
+        resolution=2.0,
+        snr=float("inf"),
+        subjects=1,
+        seed=11,
+        protocol=_protocol(spoiling),
+        oversample=2,
+    )
+
+
 def _run_app(raw, tmp_path, name, *extra):
     out = tmp_path / name
     code = run.main(
@@ -75,15 +88,7 @@ def test_r1_on_the_ideally_spoiled_phantom(tmp_path):
     Measured (this phantom, 2 mm): interior median |error| 0.2-0.6 % in WM, cortex and nuclei and
     0.3-0.6 % in the lesions; without B1+ correction 11-32 %.
     """
-    raw = write_phantom_dataset(
-        tmp_path / "raw",
-        resolution=2.0,
-        snr=float("inf"),
-        subjects=1,
-        seed=11,
-        protocol=_protocol("ideal"),
-        oversample=2,
-    )
+    raw = _phantom(tmp_path, "ideal")
     # the data are spoiled ideally: correcting them for imperfect spoiling would bias them
     corrected = _r1_errors(raw, _run_app(raw, tmp_path, "out", "--no-spoiling-correction"), "B1+ from AFI")
     _check_corrected(corrected)
@@ -99,15 +104,7 @@ def test_r1_on_the_ideally_spoiled_phantom(tmp_path):
 @pytest.mark.slow
 def test_r1_on_the_epg_spoiled_phantom(tmp_path):
     """The same with the scanner's imperfect spoiling: the App's default corrects for it."""
-    raw = write_phantom_dataset(
-        tmp_path / "raw",
-        resolution=2.0,
-        snr=float("inf"),
-        subjects=1,
-        seed=11,
-        protocol=_protocol("epg"),
-        oversample=2,
-    )
+    raw = _phantom(tmp_path, "epg")
     _check_corrected(_r1_errors(raw, _run_app(raw, tmp_path, "out"), "B1+ from AFI, spoiling corrected"))
     without = _r1_errors(raw, _run_app(raw, tmp_path, "nospoil", "--no-spoiling-correction"), "no spoiling correction")
     assert without["WM"].interior_median_abs > 0.01

@@ -327,9 +327,9 @@ def tb1map_scale(values, units, name):
     median = float(np.median(positive)) if positive.size else math.nan
     low, high = _RATIO_RANGE
     if low <= median <= high:
-        return 1.0, f"no Units in the sidecar; median value {median:.3g} read as a ratio (1 = nominal)"
+        return 1.0, f'no "Units" in the sidecar; median value {median:.3g} read as a ratio (1 = nominal)'
     if 100 * low <= median <= 100 * high:
-        return 0.01, f"no Units in the sidecar; median value {median:.3g} read as percent (100 = nominal)"
+        return 0.01, f'no "Units" in the sidecar; median value {median:.3g} read as percent (100 = nominal)'
     raise BIDSInputError(
         f'{name}: TB1map without "Units" in its sidecar and a median value of {median:.3g}, which is neither a '
         f"ratio ({low:g}-{high:g}) nor a percentage ({100 * low:g}-{100 * high:g}) of the nominal flip angle; "

@@ -441,6 +441,8 @@ def _registry_entries():
         build=_build_b1,
         outputs=_b1_outputs,
         derived_inputs={"tb1map_file": (TB1MAP, "linear")},
+        # it serves R1 (and PD): a subject with only a B1+ map to make has no map to compute
+        auxiliary=True,
     )
     r1 = MapFamily(
         key="r1",

@@ -30,7 +30,7 @@ from nipype.interfaces.base import (
 from ..core.relaxometry import DEFAULT_TISSUE_T2, afi_flip_angle_ratio, afi_t1_bias, fit_r1, spoiling_protocol
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
-from ..io.images import load_volume, load_volumes
+from ..io.images import load_volume, load_volumes, same_grid
 from ..io.query.derivatives import tb1map_scale
 from ..io.resample import resample_to_reference
 
@@ -125,7 +125,7 @@ class AFIFlipAngleMap(SimpleInterface):
             raise BIDSInputError(f"AFI pair {self.inputs.tr1_file}, {self.inputs.tr2_file}: {error}") from error
         percent = (100.0 * afi.b1).astype(np.float32)
         affine = tr1_image.affine
-        if isdefined(self.inputs.reference_file):
+        if isdefined(self.inputs.reference_file) and not _on_grid(tr1_image, self.inputs.reference_file):
             resampled = resample_to_reference(
                 nib.Nifti1Image(percent, affine), self.inputs.reference_file, kind="linear", name=self.inputs.tr1_file
             )
@@ -151,6 +151,11 @@ class AFIFlipAngleMap(SimpleInterface):
             "NonFiniteInputVoxels": int(non_finite.sum()),
         }
         return runtime
+
+
+def _on_grid(image, reference_file):
+    reference = nib.load(reference_file)
+    return same_grid(image.shape[:3], image.affine, reference.shape[:3], reference.affine)
 
 
 class _ReadTB1mapInputSpec(BaseInterfaceInputSpec):

@@ -528,7 +528,10 @@ def _run(args, argv):
         if broken:  # each problem was just logged with its file and fix: name it only
             unusable[label] = "unusable " + ", ".join(problem.collection for problem in broken) + " (see above)"
         elif not inputs.problems:  # too little data (one echo, say)
-            unusable[label] = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
+            # the maps' reasons; a helper's (no B1+ data) only when no map says why
+            idle = [plan for plan in subject_plans if not plan.run]
+            idle = [plan for plan in idle if not plan.auxiliary] or idle
+            unusable[label] = "; ".join(dict.fromkeys(plan.reason for plan in idle))
         else:
             without_data[label] = "; ".join(problem.message for problem in inputs.problems)
     for label, reason in {**unusable, **without_data}.items():
@@ -623,7 +626,7 @@ def _summarise(subjects, plans, failed, unusable, without_data):
 def _used_collections():
     from ..workflows.registry import registered_families
 
-    return {collection for family in registered_families() for collection in family.needs}
+    return {collection for family in registered_families() for collection in (*family.needs, *family.reads)}
 
 
 def _existing_outputs(output_dir, inputs):

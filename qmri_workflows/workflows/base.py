@@ -107,7 +107,10 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     # Nodes run in their own folders: a relative path would point somewhere else there.
     output_dir = Path(output_dir).absolute()
     context = BuildContext(
-        inputs=inputs, options={**default_options(families), **(options or {})}, omp_nthreads=omp_nthreads
+        inputs=inputs,
+        options={**default_options(families), **(options or {})},
+        omp_nthreads=omp_nthreads,
+        running=frozenset(family.key for family in running),
     )
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
@@ -123,6 +126,8 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
             )
         workflow.add_nodes([family_wf])
         for field, (dependency, dependency_field) in family.consumes.items():
+            if dependency not in built and dependency in family.uses:
+                continue  # an optional provider that does not run for this subject
             workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
         for field, (collection, interpolation) in family.derived_inputs.items():
             derived = inputs.derivatives.get(collection)

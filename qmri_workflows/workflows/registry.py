@@ -111,11 +111,15 @@ class BuildContext:
         Values of every registered family's options (by ``dest``), defaults filled in.
     omp_nthreads : int
         Threads one voxel-wise node may use (its ``n_procs``).
+    running : frozenset of str
+        Keys of the families that run for this subject, so a factory can tell whether an optional
+        provider (:attr:`MapFamily.uses`) feeds it.
     """
 
     inputs: object
     options: dict
     omp_nthreads: int = 1
+    running: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,15 @@ class MapFamily:
         Name printed in the plan (``R2*``, ``R1``, ``brain mask``).
     needs : tuple of str
         Input collections that must all be usable (names from :mod:`qmri_workflows.io.query`).
+    reads : tuple of str
+        Input collections the family uses when present without requiring them (B1+ takes an AFI
+        pair or a TB1map; its ``check`` decides), so the App does not call them unused.
     depends : tuple of str
         Keys of families whose outputs this one consumes; it runs only when they run.
+    uses : tuple of str
+        Keys of families whose outputs this one consumes when they run (R1 takes the B1+ map when
+        there is one); it runs without them, and the ``consumes`` fields they would feed are then
+        left undefined (the factory sees which run in :attr:`BuildContext.running`).
     check : callable, optional
         ``check(inputs) -> str or None``: a reason the data cannot support the family even though
         the collections exist (too few echoes, say), or None.
@@ -164,7 +175,9 @@ class MapFamily:
     outputs: Callable
     describe: Callable
     needs: tuple = ()
+    reads: tuple = ()
     depends: tuple = ()
+    uses: tuple = ()
     check: Callable | None = None
     consumes: dict = field(default_factory=dict)
     derived_inputs: dict = field(default_factory=dict)
@@ -238,7 +251,7 @@ def registered_families():
         if key not in families:
             raise ValueError(f"map family {chain[-1]!r} depends on unknown family {key!r}")
         state[key] = "visiting"
-        for dependency in families[key].depends:
+        for dependency in (*families[key].depends, *families[key].uses):
             visit(dependency, chain + [key])
         state[key] = "done"
         ordered.append(families[key])

@@ -44,7 +44,7 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     assert sum(name.endswith(".commit") for name in names) == 2
     fit = workflow.get_node("sub_01_wf.r2star_wf.fit_r2star")
     assert fit.n_procs == 2 and fit.mem_gb >= 0.5
-    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["brain mask", "R2*", "QSM"]
+    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["brain mask", "R2*", "QSM", "R1"]
     # The FFT-heavy QSM steps use the threads they are given; every step declares its memory.
     for node in ("total_field", "qsm_mask", "remove_background", "invert_dipole", "reference"):
         qsm_node = workflow.get_node(f"sub_01_wf.qsm_wf.{node}")

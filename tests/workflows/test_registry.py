@@ -243,6 +243,10 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
             "ds_qsm_fieldmap_total",
             "ds_qsm_magnitude",
             "ds_qsm_mask_qsm",
+            "ds_r1_R1map",
+            "ds_r1_R1map_stderr",
+            "ds_r1_T1map",
+            "ds_r1_M0map",
         ]
     )
     assert [name for name in names if name.endswith(".commit")] == ["sub_01_wf.ds_wf.commit"]

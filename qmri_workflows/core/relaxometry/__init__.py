@@ -5,7 +5,7 @@
 * :mod:`.spoiling` -- the protocol's own EPG steady state and the correction it gives.
 """
 
-from .b1 import AFIMap, afi_b1_standard_error, afi_flip_angle_ratio, afi_raw_ratio
+from .b1 import AFIMap, afi_b1_standard_error, afi_flip_angle_ratio, afi_raw_ratio, afi_t1_bias
 from .despot1 import R1Fit, despot1_crlb, despot1_linear, despot1_nonlinear, despot1_two_angle, fit_r1
 from .spoiling import (
     DEFAULT_TISSUE_T2,
@@ -25,6 +25,7 @@ __all__ = [
     "afi_b1_standard_error",
     "afi_flip_angle_ratio",
     "afi_raw_ratio",
+    "afi_t1_bias",
     "despot1_crlb",
     "despot1_linear",
     "despot1_nonlinear",

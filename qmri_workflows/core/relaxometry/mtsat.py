@@ -103,9 +103,7 @@ def mtsat(
     if not min(tr_mt, tr_pd, tr_t1) > 0:
         raise ValueError(f"repetition times must be positive seconds, got {repetition_times!r}")
     if alpha_t1 <= alpha_pd:
-        raise ValueError(
-            "the T1-weighted flip angle must be larger than the PD-weighted one: check acq-T1w / acq-PDw"
-        )
+        raise ValueError("the T1-weighted flip angle must be larger than the PD-weighted one: check acq-T1w / acq-PDw")
     s_mt = np.asarray(mt_signal, dtype=float)
     s_pd = np.asarray(pd_signal, dtype=float)
     s_t1 = np.asarray(t1_signal, dtype=float)

@@ -40,9 +40,10 @@ times a global gain :math:`G`. Two steps remove :math:`f` and :math:`G`:
    and lesions fall outside); CSF is the lowest-R1 class, and its purest 2 % (lowest R1, since
    partial volume with tissue raises R1). With noisy data the lowest-R1 CSF voxels are partly
    those whose noise lowered R1 and raised M0 (the two estimates are anti-correlated), which biases
-   the CSF calibration low by up to the noise of a CSF voxel's M0. In MS the normal-appearing white matter holds more water
-   than 69 % (the phantom's patient: 71 %), which biases a white-matter calibration by the same
-   ratio; CSF is the unbiased choice when the ventricles are large enough to hold pure voxels.
+   the CSF calibration low by up to the noise of a CSF voxel's M0. In MS the normal-appearing
+   white matter holds more water than 69 % (the phantom's patient: 71 %), which biases a
+   white-matter calibration by the same ratio; CSF is the unbiased choice when the ventricles are
+   large enough to hold pure voxels.
 
 References
 ----------

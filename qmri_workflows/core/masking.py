@@ -173,6 +173,13 @@ class _LogPolynomial:
         self.scale_mm = np.asarray(scale_mm, dtype=float)
         self.coefficients = np.zeros(len(_exponents(self.degree)))
 
+    @classmethod
+    def around(cls, positions_mm, degree):
+        """A zero polynomial centred on, and scaled to, the points ``positions_mm`` (shape (3, n))."""
+        centre = positions_mm.mean(axis=1)
+        scale = np.maximum(np.abs(positions_mm - centre[:, None]).max(axis=1), 1e-3)
+        return cls(degree, centre, scale)
+
     def design(self, positions_mm):
         u = (positions_mm - self.centre_mm[:, None]) / self.scale_mm[:, None]
         columns = [u[0] ** i * u[1] ** j * u[2] ** k for i, j, k in _exponents(self.degree)]
@@ -198,19 +205,30 @@ def _group_xy(exponents, coefficients):
     return groups
 
 
+def sample_voxels(indices, shape, voxel_size, *, max_samples, seed=0):
+    """At most ``max_samples`` of the flat voxel ``indices`` (random, sorted) and their positions (mm).
+
+    Returns
+    -------
+    indices : ndarray of int
+    positions : ndarray, shape (3, n)
+        Voxel centres in mm (voxel (0, 0, 0) at the origin, as ``_LogPolynomial.evaluate_grid``).
+    """
+    if indices.size > max_samples:
+        indices = np.sort(np.random.default_rng(seed).choice(indices, max_samples, replace=False))
+    positions = np.array(np.unravel_index(indices, shape), dtype=float)
+    positions *= np.asarray(voxel_size, dtype=float)[:, None]
+    return indices, positions
+
+
 def _fit_log_bias(image, mask, voxel_size, *, degree, n_iter=6, max_samples=50_000, seed=0):
     """Robust (Tukey biweight IRLS) polynomial fit to log(image) inside mask; None if too few."""
     mask = mask & (image > 0) & np.isfinite(image)
     indices = np.flatnonzero(mask)
     if indices.size < 20 * len(_exponents(degree)):
         return None
-    if indices.size > max_samples:
-        indices = np.sort(np.random.default_rng(seed).choice(indices, max_samples, replace=False))
-    positions = np.array(np.unravel_index(indices, image.shape), dtype=float)
-    positions *= np.asarray(voxel_size, dtype=float)[:, None]
-    centre = positions.mean(axis=1)
-    scale = np.maximum(np.abs(positions - centre[:, None]).max(axis=1), 1e-3)
-    model = _LogPolynomial(degree, centre, scale)
+    indices, positions = sample_voxels(indices, image.shape, voxel_size, max_samples=max_samples, seed=seed)
+    model = _LogPolynomial.around(positions, degree)
     design = model.design(positions)
     target = np.log(image.ravel()[indices])
     model.coefficients, _, _ = robust_linear_fit(design, target, n_iter=n_iter)

@@ -8,13 +8,7 @@ import pytest
 
 from qmri_workflows.interfaces.pd import CalibratePD, EstimateB1FromVFA, ReceiveSensitivity
 from qmri_workflows.io.errors import BIDSInputError
-from qmri_workflows.phantom.simulate import list_volumes
-from tests.core.relaxometry.phantom_2mm import Subject2mm, format_errors
-
-
-def _save(path, data, affine):
-    nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine).to_filename(str(path))
-    return str(path)
+from tests.core.relaxometry.phantom_2mm import Subject2mm, format_errors, save_map, write_subject_files
 
 
 @pytest.fixture(scope="module")
@@ -22,25 +16,23 @@ def files(tmp_path_factory):
     """Maps on the 2 mm grid and the RB1COR pair on its own 4 mm grid."""
     root = tmp_path_factory.mktemp("pd")
     subject = Subject2mm("patient", rb1cor_factor=2)
-    truth = subject.truth
-    affine = subject.scanner.affine
-    pair = {v.parameters["coil"]: v for v in list_volumes(subject.protocol) if v.kind == "rb1cor"}
-    rb1cor_affine, _ = subject.scanner.grid(pair["head"])
+    written = write_subject_files(subject, root)
+    rb1cor_affine = written["rb1cor_affine"]
     paths = {
-        "m0": _save(root / "M0map.nii", truth.pd / 100 * truth.receive * 1000.0, affine),
-        "r1": _save(root / "R1map.nii", truth.r1, affine),
-        "mask": _save(root / "brainmask.nii", subject.brain_mask, affine),
-        "head": _save(root / "acq-headPDw_RB1COR.nii", subject.head, rb1cor_affine),
-        "body": _save(root / "acq-bodyPDw_RB1COR.nii", subject.body, rb1cor_affine),
-        "flip1": _save(root / "S0map_flip1.nii", subject.intercepts[..., 0], affine),
-        "flip2": _save(root / "S0map_flip2.nii", subject.intercepts[..., 1], affine),
+        "m0": written["m0_file"],
+        "r1": written["r1_file"],
+        "mask": written["mask_file"],
+        "head": written["head_file"],
+        "body": written["body_file"],
+        "flip1": written["flip_files"][0],
+        "flip2": written["flip_files"][1],
     }
     shifted = rb1cor_affine.copy()
     shifted[:3, 3] += 500.0  # a body-coil image from elsewhere (another session, a broken header)
-    paths["body_elsewhere"] = _save(root / "body_elsewhere.nii", subject.body, shifted)
+    paths["body_elsewhere"] = save_map(root / "body_elsewhere.nii", subject.body, shifted)
     finer = rb1cor_affine.copy()
     finer[:3, :3] /= 2.0  # the same body-coil image at twice the resolution, same field of view
-    paths["body_finer"] = _save(
+    paths["body_finer"] = save_map(
         root / "body_finer.nii", np.kron(subject.body, np.ones((2, 2, 2))), finer @ _half_voxel_shift()
     )
     return subject, paths

@@ -4,31 +4,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qmri_workflows.phantom.simulate import list_volumes
 from qmri_workflows.workflows import registry
 from qmri_workflows.workflows.pd import PD_FAMILY, init_pd_wf
-from tests.core.relaxometry.phantom_2mm import Subject2mm, format_errors
-
-
-def _save(path, data, affine):
-    nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine).to_filename(str(path))
-    return str(path)
+from tests.core.relaxometry.phantom_2mm import Subject2mm, format_errors, write_subject_files
 
 
 @pytest.fixture(scope="module")
 def subject_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pdwf")
     subject = Subject2mm("patient", rb1cor_factor=2)
-    truth, affine = subject.truth, subject.scanner.affine
-    pair = {v.parameters["coil"]: v for v in list_volumes(subject.protocol) if v.kind == "rb1cor"}
-    rb1cor_affine, _ = subject.scanner.grid(pair["head"])
-    return subject, {
-        "m0_file": _save(root / "M0map.nii", truth.pd / 100 * truth.receive * 1000.0, affine),
-        "r1_file": _save(root / "R1map.nii", truth.r1, affine),
-        "mask_file": _save(root / "brainmask.nii", subject.brain_mask, affine),
-        "head_file": _save(root / "head_RB1COR.nii", subject.head, rb1cor_affine),
-        "body_file": _save(root / "body_RB1COR.nii", subject.body, rb1cor_affine),
-    }
+    return subject, write_subject_files(subject, tmp_path_factory.mktemp("pdwf"))
 
 
 def _run(workflow, files, tmp_path, *, pair):

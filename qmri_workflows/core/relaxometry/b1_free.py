@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from ..masking import _LogPolynomial, weighted_least_squares
+from ..masking import _LogPolynomial, sample_voxels, weighted_least_squares
 from .despot1 import fit_r1
 
 __all__ = ["B1Estimate", "estimate_b1_from_vfa"]
@@ -178,24 +178,19 @@ def estimate_b1_from_vfa(
     method = "two_angle" if signals.shape[-1] == 2 else "linear"
     b1 = np.full(shape, float(mean_b1))
     indices = np.flatnonzero(_homogeneous_voxels(signals, flip_angles, repetition_time, mask, method))
-    if indices.size > max_samples:
-        indices = np.sort(np.random.default_rng(seed).choice(indices, max_samples, replace=False))
     if indices.size < 20 * (degree + 1) ** 3:
         raise ValueError(
             f"only {indices.size} brain voxels for the map-free B1 estimate: check the brain mask "
             "(the estimate needs most of the brain)"
         )
-    positions = np.array(np.unravel_index(indices, shape), dtype=float)
-    positions *= np.asarray(voxel_size, dtype=float)[:, None]
-    centre = positions.mean(axis=1)
-    scale = np.maximum(np.abs(positions - centre[:, None]).max(axis=1), 1e-3)
+    indices, positions = sample_voxels(indices, shape, voxel_size, max_samples=max_samples, seed=seed)
     log_b1 = np.zeros(shape)
     class_r1 = np.full(_N_CLASSES, np.nan)
     flat_signals = signals.reshape(-1, signals.shape[-1])
     # coarse to fine: a low-degree field first, while tissue classes and field are still confounded
     schedule = list(range(1, int(degree) + 1)) + [int(degree)] * max(int(n_outer) - int(degree), 0)
     for current_degree in schedule:
-        model = _LogPolynomial(current_degree, centre, scale)
+        model = _LogPolynomial.around(positions, current_degree)
         sample_r1 = fit_r1(
             flat_signals[indices], flip_angles, repetition_time, b1=b1.ravel()[indices], method=method
         ).r1

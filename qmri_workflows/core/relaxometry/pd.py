@@ -67,7 +67,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import optimize
 
-from ..masking import _LogPolynomial, robust_linear_fit
+from ..masking import _LogPolynomial, robust_linear_fit, sample_voxels
 from ._smooth import normalised_convolution
 
 __all__ = [
@@ -286,13 +286,8 @@ def receive_bias_from_r1(
             f"only {indices.size} grey/white-matter voxels for the receive-field fit: give an RB1COR "
             "pair or turn the receive correction off (--no-receive-correction)"
         )
-    if indices.size > max_samples:
-        indices = np.sort(np.random.default_rng(seed).choice(indices, max_samples, replace=False))
-    positions = np.array(np.unravel_index(indices, m0.shape), dtype=float)
-    positions *= np.asarray(voxel_size, dtype=float)[:, None]
-    centre = positions.mean(axis=1)
-    scale = np.maximum(np.abs(positions - centre[:, None]).max(axis=1), 1e-3)
-    model = _LogPolynomial(degree, centre, scale)
+    indices, positions = sample_voxels(indices, m0.shape, voxel_size, max_samples=max_samples, seed=seed)
+    model = _LogPolynomial.around(positions, degree)
     design = model.design(positions)
     log_m0 = np.log(m0.ravel()[indices])
     sample_r1 = r1.ravel()[indices]

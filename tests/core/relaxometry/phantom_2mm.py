@@ -42,3 +42,38 @@ class Subject2mm:
 
 def format_errors(errors):
     return ", ".join(f"{name} {value:+.1f}" for name, value in errors.items())
+
+
+def save_map(path, data, affine):
+    """Write ``data`` as float32 NIfTI; return the path as a string."""
+    import nibabel as nib
+
+    nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine).to_filename(str(path))
+    return str(path)
+
+
+def write_subject_files(subject, root):
+    """The subject's M0 (PD x receive), R1, brain mask and VFA intercepts on the map grid, and the
+    RB1COR pair on its own grid, as files in ``root``.
+
+    Returns
+    -------
+    dict
+        ``m0_file``, ``r1_file``, ``mask_file``, ``head_file``, ``body_file``, ``flip_files`` and
+        ``rb1cor_affine``.
+    """
+    truth, affine = subject.truth, subject.scanner.affine
+    pair = {v.parameters["coil"]: v for v in list_volumes(subject.protocol) if v.kind == "rb1cor"}
+    rb1cor_affine, _ = subject.scanner.grid(pair["head"])
+    return {
+        "m0_file": save_map(root / "M0map.nii", truth.pd / 100 * truth.receive * 1000.0, affine),
+        "r1_file": save_map(root / "R1map.nii", truth.r1, affine),
+        "mask_file": save_map(root / "brainmask.nii", subject.brain_mask, affine),
+        "head_file": save_map(root / "acq-headPDw_RB1COR.nii", subject.head, rb1cor_affine),
+        "body_file": save_map(root / "acq-bodyPDw_RB1COR.nii", subject.body, rb1cor_affine),
+        "flip_files": [
+            save_map(root / f"S0map_flip{k + 1}.nii", subject.intercepts[..., k], affine)
+            for k in range(subject.intercepts.shape[-1])
+        ],
+        "rb1cor_affine": rb1cor_affine,
+    }

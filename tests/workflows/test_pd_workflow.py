@@ -50,9 +50,10 @@ def test_unknown_reference_is_refused():
         init_pd_wf(reference="gm")
 
 
-def test_the_pd_entry_consumes_the_r1_outputs_and_plans_after_a_stand_in_r1(tmp_path):
-    from qmri_workflows.io.query import GRE, collect_inputs, open_layout
-    from tests.bids_factory import make_vfa_dataset
+@pytest.fixture
+def pd_beside_a_stand_in_r1():
+    """The pd entry registered beside a stand-in for the r1 family (written in parallel)."""
+    from qmri_workflows.io.query import GRE
 
     stand_in = registry.MapFamily(
         key="r1",
@@ -65,29 +66,45 @@ def test_the_pd_entry_consumes_the_r1_outputs_and_plans_after_a_stand_in_r1(tmp_
     )
     registry.register(stand_in)
     registry.register(PD_FAMILY)
-    try:
-        families = {family.key: family for family in registry.registered_families()}
-        keys = [family.key for family in registry.registered_families()]
-        assert keys.index("r1") < keys.index("pd") and keys.index("brainmask") < keys.index("pd")
-        assert families["pd"].consumes == {
-            "m0_file": ("r1", "m0_file"),
-            "r1_file": ("r1", "r1_file"),
-            "mask_file": ("brainmask", "mask_file"),
-        }
-        raw = make_vfa_dataset(tmp_path / "raw", receive=True)
-        inputs = collect_inputs(open_layout(raw), "01")
-        plans = {plan.key: plan for plan in registry.plan_families(inputs)}
-        assert plans["pd"].run and "RB1COR head/body pair" in plans["pd"].reason
-        options = {"pd_calibration": "wm", "pd_no_receive_correction": False}
-        workflow = PD_FAMILY.build(registry.BuildContext(inputs=inputs, options=options))
-        assert workflow.get_node("receive_sensitivity") is not None
-        assert workflow.inputs.inputnode.head_file == inputs.receive.head_file
-        assert [output.suffix for output in PD_FAMILY.outputs(inputs)] == ["PDmap"]
-        options["pd_no_receive_correction"] = True
-        assert (
-            PD_FAMILY.build(registry.BuildContext(inputs=inputs, options=options)).get_node("receive_sensitivity")
-            is None
-        )
-    finally:
-        registry.unregister("pd")
-        registry.unregister("r1")
+    yield PD_FAMILY
+    registry.unregister("pd")
+    registry.unregister("r1")
+
+
+def test_the_pd_entry_consumes_the_r1_outputs_and_plans_after_a_stand_in_r1(tmp_path, pd_beside_a_stand_in_r1):
+    from qmri_workflows.io.query import collect_inputs, open_layout
+    from tests.bids_factory import make_vfa_dataset
+
+    families = {family.key: family for family in registry.registered_families()}
+    keys = [family.key for family in registry.registered_families()]
+    assert keys.index("r1") < keys.index("pd") and keys.index("brainmask") < keys.index("pd")
+    assert families["pd"].consumes == {
+        "m0_file": ("r1", "m0_file"),
+        "r1_file": ("r1", "r1_file"),
+        "mask_file": ("brainmask", "mask_file"),
+    }
+    raw = make_vfa_dataset(tmp_path / "raw", receive=True)
+    inputs = collect_inputs(open_layout(raw), "01")
+    plans = {plan.key: plan for plan in registry.plan_families(inputs)}
+    assert plans["pd"].run and "RB1COR head/body pair" in plans["pd"].reason
+    options = {"pd_calibration": "wm", "pd_no_receive_correction": False}
+    workflow = PD_FAMILY.build(registry.BuildContext(inputs=inputs, options=options))
+    assert workflow.get_node("receive_sensitivity") is not None
+    assert workflow.inputs.inputnode.head_file == inputs.receive.head_file
+    assert [output.suffix for output in PD_FAMILY.outputs(inputs)] == ["PDmap"]
+    options["pd_no_receive_correction"] = True
+    assert (
+        PD_FAMILY.build(registry.BuildContext(inputs=inputs, options=options)).get_node("receive_sensitivity") is None
+    )
+
+
+def test_the_pd_options_reach_the_command_line(pd_beside_a_stand_in_r1):
+    from qmri_workflows.cli.run import build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    assert "--pd-calibration" in help_text and "--no-receive-correction" in help_text
+    args = parser.parse_args(["in", "out", "participant", "--pd-calibration", "wm", "--no-receive-correction"])
+    assert args.pd_calibration == "wm" and args.pd_no_receive_correction is True
+    defaults = parser.parse_args(["in", "out", "participant"])
+    assert defaults.pd_calibration == "csf" and defaults.pd_no_receive_correction is False

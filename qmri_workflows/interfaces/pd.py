@@ -234,6 +234,7 @@ class EstimateB1FromVFA(SimpleInterface):
             mask,
             voxel_size=reference.header.get_zooms()[:3],
             degree=self.inputs.degree,
+            fit_map=False,
         )
         self._results["b1_file"] = str(
             write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), 100.0 * estimate.b1, reference.affine)

@@ -62,7 +62,7 @@ _HOMOGENEOUS_FRACTION = 0.4
 
 class B1Estimate(NamedTuple):
     """Map-free transmit field (ratio, 1 = nominal; finite everywhere), the R1 map (1/s) fitted with it
-    (NaN outside the mask) and the class means (R1, 1/s) of the last iteration."""
+    (NaN outside the mask; None unless asked for) and the class means (R1, 1/s) of the last iteration."""
 
     b1: np.ndarray
     r1: np.ndarray
@@ -133,6 +133,7 @@ def estimate_b1_from_vfa(
     n_em=25,
     max_samples=40_000,
     seed=0,
+    fit_map=True,
 ):
     """Smooth B1+ ratio map from VFA signals alone (see the module docstring for the assumptions).
 
@@ -161,6 +162,8 @@ def estimate_b1_from_vfa(
         Voxels (random subset) used by the EM.
     seed : int, optional
         Seed of the subset.
+    fit_map : bool, optional
+        Also refit the R1 map with the estimate (``B1Estimate.r1``; None when False).
 
     Returns
     -------
@@ -176,7 +179,6 @@ def estimate_b1_from_vfa(
         raise ValueError(f"mean_b1 must be positive, got {mean_b1!r}")
     shape = mask.shape
     method = "two_angle" if signals.shape[-1] == 2 else "linear"
-    b1 = np.full(shape, float(mean_b1))
     indices = np.flatnonzero(_homogeneous_voxels(signals, flip_angles, repetition_time, mask, method))
     if indices.size < 20 * (degree + 1) ** 3:
         raise ValueError(
@@ -184,24 +186,26 @@ def estimate_b1_from_vfa(
             "(the estimate needs most of the brain)"
         )
     indices, positions = sample_voxels(indices, shape, voxel_size, max_samples=max_samples, seed=seed)
-    log_b1 = np.zeros(shape)
     class_r1 = np.full(_N_CLASSES, np.nan)
-    flat_signals = signals.reshape(-1, signals.shape[-1])
+    sample_signals = signals.reshape(-1, signals.shape[-1])[indices]
+    # the loop works on the sampled voxels only; the whole grid is evaluated once at the end
+    sample_log_b1 = np.zeros(indices.size)
+    models = []
     # coarse to fine: a low-degree field first, while tissue classes and field are still confounded
     schedule = list(range(1, int(degree) + 1)) + [int(degree)] * max(int(n_outer) - int(degree), 0)
     for current_degree in schedule:
         model = _LogPolynomial.around(positions, current_degree)
-        sample_r1 = fit_r1(
-            flat_signals[indices], flip_angles, repetition_time, b1=b1.ravel()[indices], method=method
-        ).r1
+        design = model.design(positions)
+        sample_b1 = mean_b1 * np.exp(sample_log_b1 - np.log(np.mean(np.exp(sample_log_b1))))
+        sample_r1 = fit_r1(sample_signals, flip_angles, repetition_time, b1=sample_b1, method=method).r1
         usable = np.isfinite(sample_r1) & (sample_r1 > 0)
-        coefficients, class_r1 = _mixture_field(
-            np.log(sample_r1[usable]), model.design(positions[:, usable]), n_iter=n_em
-        )
+        coefficients, class_r1 = _mixture_field(np.log(sample_r1[usable]), design[usable], n_iter=n_em)
         # R1 fitted with flip angles too small by B1/estimate is too low by (B1/estimate)^2
         model.coefficients = -coefficients / 2.0
-        log_b1 = log_b1 + model.evaluate_grid(shape, voxel_size)
-        log_b1 -= np.log(np.mean(np.exp(log_b1[mask])) / mean_b1)
-        b1 = np.exp(log_b1)
-    r1 = fit_r1(signals, flip_angles, repetition_time, b1=b1, method=method, mask=mask).r1
+        sample_log_b1 = sample_log_b1 + design @ model.coefficients
+        models.append(model)
+    log_b1 = sum(model.evaluate_grid(shape, voxel_size) for model in models)
+    log_b1 -= np.log(np.mean(np.exp(log_b1[mask])) / mean_b1)
+    b1 = np.exp(log_b1)
+    r1 = fit_r1(signals, flip_angles, repetition_time, b1=b1, method=method, mask=mask).r1 if fit_map else None
     return B1Estimate(b1, r1, class_r1)

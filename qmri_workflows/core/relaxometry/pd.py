@@ -35,12 +35,14 @@ times a global gain :math:`G`. Two steps remove :math:`f` and :math:`G`:
 2. **Calibration in percent water** (:func:`calibrate_pd`): the corrected M0 is scaled so that a
    reference region has its nominal water content: cerebrospinal fluid 100 % or white matter 69 %
    (Tofts 2003; the hMRI default). The region is found from R1 alone (:func:`classify_by_r1`,
-   three-class k-means on log R1 inside the brain mask): white matter is the highest-R1 class, and
-   its voxels within 3 % of the mode of the class's R1 histogram (partial volume with grey matter
-   and lesions fall outside); CSF is the lowest-R1 class, and its purest 2 % (lowest R1, since
-   partial volume with tissue raises R1). With noisy data the lowest-R1 CSF voxels are partly
-   those whose noise lowered R1 and raised M0 (the two estimates are anti-correlated), which biases
-   the CSF calibration low by up to the noise of a CSF voxel's M0. In MS the normal-appearing
+   three-class k-means on log R1 inside the brain mask), then refined on the mean R1 of each voxel's
+   3x3x3 neighbourhood (voxels whose neighbourhood lies wholly in the mask): white matter is the
+   highest-R1 class, and its voxels within 3 % of the mode of that local R1 (partial volume with
+   grey matter and lesions fall outside); CSF is the lowest-R1 class, and its purest 2 % (lowest
+   local R1, since partial volume with tissue raises R1: deep in the ventricles). Selecting on the
+   voxel's own R1 would, with noise, pick the voxels whose noise lowered R1 and so raised M0 (the
+   two estimates are anti-correlated); the neighbourhood mean is 5 times less noisy and nearly
+   independent of the voxel's own M0. In MS the normal-appearing
    white matter holds more water than 69 % (the phantom's patient: 71 %), which biases a
    white-matter calibration by the same ratio; CSF is the unbiased choice when the ventricles are
    large enough to hold pure voxels.
@@ -65,7 +67,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import optimize
+from scipy import ndimage, optimize
 
 from ..masking import _LogPolynomial, robust_linear_fit, sample_voxels
 from ._smooth import normalised_convolution
@@ -224,13 +226,19 @@ def pd_reference_region(r1, mask, reference):
         raise ValueError(f"the PD calibration reference must be one of {sorted(PD_REFERENCES)}, got {reference!r}")
     r1 = np.asarray(r1, dtype=float)
     labels, _ = classify_by_r1(r1, mask)
+    # select on the 3x3x3 mean R1: its noise is ~5 x lower and barely correlated with the voxel's own
+    # M0 (a voxel's R1 and M0 errors are anti-correlated, so selecting on its own low R1 picks high M0)
+    usable = labels > 0
+    counts = ndimage.uniform_filter(usable.astype(float), 3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        local_r1 = ndimage.uniform_filter(np.where(usable, r1, 0.0), 3) / counts
     if reference == "wm":
-        white = labels == WHITE
-        mode = _histogram_mode(r1[white])
-        region = white & (np.abs(r1 / mode - 1.0) <= _WM_WINDOW)
+        white = (labels == WHITE) & (counts > 0.99)
+        mode = _histogram_mode(local_r1[white])
+        region = white & (np.abs(local_r1 / mode - 1.0) <= _WM_WINDOW)
     else:
-        csf = labels == CSF
-        region = csf & (r1 <= np.percentile(r1[csf], _CSF_PERCENTILE))
+        csf = (labels == CSF) & (counts > 0.99)
+        region = csf & (local_r1 <= np.percentile(local_r1[csf], _CSF_PERCENTILE)) if np.any(csf) else csf
     if np.count_nonzero(region) < _MIN_REFERENCE_VOXELS:
         raise ValueError(
             f"the {reference.upper()} reference region holds only {np.count_nonzero(region)} voxels: "

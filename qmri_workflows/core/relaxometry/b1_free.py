@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from ..masking import _LogPolynomial, sample_voxels, weighted_least_squares
+from ..masking import _exponents, _LogPolynomial, sample_voxels, weighted_least_squares
 from .despot1 import fit_r1
 
 __all__ = ["B1Estimate", "estimate_b1_from_vfa"]
@@ -131,7 +131,7 @@ def estimate_b1_from_vfa(
     mean_b1=1.0,
     n_outer=6,
     n_em=25,
-    max_samples=40_000,
+    max_samples=20_000,
     seed=0,
     fit_map=True,
 ):
@@ -204,7 +204,13 @@ def estimate_b1_from_vfa(
         model.coefficients = -coefficients / 2.0
         sample_log_b1 = sample_log_b1 + design @ model.coefficients
         models.append(model)
-    log_b1 = sum(model.evaluate_grid(shape, voxel_size) for model in models)
+    # every model shares centre and scale: their sum is one polynomial of the highest degree
+    combined = _LogPolynomial.around(positions, max(schedule))
+    position_of = {exponent: k for k, exponent in enumerate(_exponents(combined.degree))}
+    for model in models:
+        for exponent, coefficient in zip(_exponents(model.degree), model.coefficients):
+            combined.coefficients[position_of[exponent]] += coefficient
+    log_b1 = combined.evaluate_grid(shape, voxel_size)
     log_b1 -= np.log(np.mean(np.exp(log_b1[mask])) / mean_b1)
     b1 = np.exp(log_b1)
     r1 = fit_r1(signals, flip_angles, repetition_time, b1=b1, method=method, mask=mask).r1 if fit_map else None

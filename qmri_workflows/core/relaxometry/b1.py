@@ -27,11 +27,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
+
+from ._smooth import normalised_convolution
 
 __all__ = ["AFIMap", "afi_b1_standard_error", "afi_flip_angle_ratio", "afi_raw_ratio", "afi_t1_bias"]
-
-_FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
 class AFIMap(NamedTuple):
@@ -152,23 +151,7 @@ def afi_flip_angle_ratio(
         )
     raw = np.where(valid, raw, np.nan)
     # inverse variance of the ratio ~ S1^2 (noise-free derivative factors are smooth)
-    weights = np.where(valid, signal_1**2, 0.0)
-    values = np.where(valid, raw, 0.0)
-    if smoothing_fwhm > 0:
-        sigma_voxels = [smoothing_fwhm * _FWHM_TO_SIGMA / float(v) for v in voxel_size[: signal_1.ndim]]
-        weight_sum = ndimage.gaussian_filter(weights, sigma_voxels, mode="nearest")
-        smoothed = ndimage.gaussian_filter(weights * values, sigma_voxels, mode="nearest")
-        reached = weight_sum > 1e-6 * np.max(weight_sum)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            b1 = np.where(reached, smoothed / weight_sum, np.nan)
-    else:
-        b1 = raw.copy()
-    missing = ~np.isfinite(b1)
-    if np.any(missing):
-        nearest = ndimage.distance_transform_edt(
-            missing, sampling=voxel_size[: signal_1.ndim], return_distances=False, return_indices=True
-        )
-        b1 = b1[tuple(nearest)]
+    b1 = normalised_convolution(raw, np.where(valid, signal_1**2, 0.0), voxel_size, smoothing_fwhm)
     return AFIMap(b1, raw, valid)
 
 

@@ -29,6 +29,14 @@ Everything else (cerebellum, brainstem, hippocampus, ...) is left out of these r
 as unmapped. ``deep_grey`` (the four nuclei together) and ``nawm`` (white matter minus lesions minus
 a perilesional margin, :func:`normal_appearing_white_matter`) are derived regions.
 
+Without a segmentation
+----------------------
+:func:`tissue_classes_from_maps` splits the brain mask into three classes by one map (R1 when
+present: CSF < grey < white matter; else R2*): ``csf``, ``grey_matter`` (cortex and deep grey
+together) and ``white_matter`` (:data:`FALLBACK_REGIONS`). Deep grey nuclei would need a template
+registered to the subject (e.g. with antspyx); that is not done yet, so without a segmentation there
+are no nucleus rows.
+
 Partial volume
 --------------
 Edge voxels mix a region with its neighbours; :func:`erode_mask` removes a margin (mm) before the
@@ -54,6 +62,8 @@ __all__ = [
     "region_statistics",
     "regional_statistics",
     "STATISTICS",
+    "tissue_classes_from_maps",
+    "FALLBACK_REGIONS",
 ]
 
 #: The package's regions, in table order.
@@ -282,3 +292,58 @@ def regional_statistics(maps, masks, voxel_size, *, erosion_mm=0.0):
             row.update(region_statistics(values, analysed, voxel_volume))
             rows.append(row)
     return rows
+
+
+#: Regions of the segmentation-free fallback (:func:`tissue_classes_from_maps`).
+FALLBACK_REGIONS = ("csf", "grey_matter", "white_matter")
+# Map used by the fallback, in order of preference: its contrast orders CSF < GM < WM.
+_FALLBACK_MAPS = ("R1map", "R2starmap")
+
+
+def tissue_classes_from_maps(maps, brain_mask, *, n_iter=50):
+    """Three tissue classes from one map inside the brain mask (1-D k-means, 3 clusters).
+
+    Parameters
+    ----------
+    maps : dict of str -> ndarray
+        BIDS suffix -> map; ``R1map`` is used when present, else ``R2starmap``.
+    brain_mask : ndarray of bool
+    n_iter : int, optional
+        k-means iterations (converges in a few).
+
+    Returns
+    -------
+    masks : dict of str -> ndarray of bool
+        ``csf``, ``grey_matter``, ``white_matter`` (:data:`FALLBACK_REGIONS`).
+    used : str
+        The map the classes come from.
+
+    Raises
+    ------
+    ValueError
+        Without R1 or R2* maps, or with fewer than three distinct values in the brain.
+    """
+    used = next((name for name in _FALLBACK_MAPS if name in maps), None)
+    if used is None:
+        raise ValueError(f"tissue classes without a segmentation need one of {_FALLBACK_MAPS}; got {sorted(maps)}")
+    values = np.asarray(maps[used], dtype=float)
+    brain = np.asarray(brain_mask, dtype=bool) & np.isfinite(values)
+    inside = values[brain]
+    if np.unique(inside).size < 3:
+        raise ValueError(f"{used} has fewer than three distinct values in the brain mask: no tissue classes")
+    centres = np.quantile(inside, [0.1, 0.5, 0.9])
+    for _ in range(n_iter):
+        assignment = np.argmin(np.abs(inside[:, None] - centres), axis=1)
+        updated = np.array(
+            [inside[assignment == k].mean() if np.any(assignment == k) else centres[k] for k in range(3)]
+        )
+        if np.allclose(updated, centres):
+            break
+        centres = np.sort(updated)
+    assignment = np.argmin(np.abs(inside[:, None] - centres), axis=1)
+    masks = {}
+    for k, region in enumerate(FALLBACK_REGIONS):
+        mask = np.zeros(values.shape, dtype=bool)
+        mask[brain] = assignment == k
+        masks[region] = mask
+    return masks, used

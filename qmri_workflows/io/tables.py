@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .derivatives import _atomic_target, write_json
+from .derivatives import _atomic_target, bids_path, check_output_root, write_json
 
-__all__ = ["write_table", "read_table", "format_cell"]
+__all__ = ["write_table", "read_table", "format_cell", "publish_table"]
 
 
 def format_cell(value):
@@ -102,3 +102,45 @@ def read_table(path):
                 )
             rows.append({key: (None if value == "n/a" else value) for key, value in zip(header, cells)})
     return rows
+
+
+def publish_table(out_root, in_file, *, subject, suffix, metadata, session=None, datatype=None, **entities):
+    """Put a ``.tsv`` (and its data dictionary, the ``.json`` beside it) into a derivatives dataset.
+
+    Parameters
+    ----------
+    out_root : str or Path
+        Root of the derivatives dataset.
+    in_file : str or Path
+        The table; a ``.json`` of the same stem, when present, is its data dictionary.
+    subject, session, suffix, **entities
+        File-name entities (:func:`~qmri_workflows.io.derivatives.bids_path`).
+    metadata : dict
+        Fields added to the dictionary (``Sources``, ``Description`` ...); column descriptions win.
+    datatype : str, optional
+        ``anat`` by default.
+
+    Returns
+    -------
+    Path
+        The published table; its sidecar is the same path with ``.json``.
+    """
+    import shutil
+
+    in_file = Path(in_file)
+    if in_file.suffix != ".tsv":
+        raise ValueError(f"publish_table takes a .tsv file, got {in_file}")
+    root = check_output_root(out_root)
+    target = root / bids_path(
+        subject=subject, session=session, suffix=suffix, datatype=datatype or "anat", extension=".tsv", **entities
+    )
+    with _atomic_target(target) as temporary:
+        shutil.copyfile(in_file, temporary)
+    dictionary = {}
+    beside = in_file.with_suffix(".json")
+    if beside.is_file():
+        import json
+
+        dictionary = json.loads(beside.read_text(encoding="utf-8"))
+    write_json(target.with_suffix(".json"), {**dict(metadata or {}), **dictionary})
+    return target

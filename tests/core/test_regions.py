@@ -11,6 +11,7 @@ from qmri_workflows.core.regions import (
     region_statistics,
     regional_statistics,
     regions_from_label_names,
+    tissue_classes_from_maps,
 )
 
 FREESURFER = {
@@ -122,3 +123,17 @@ def test_region_masks_move_lesions_out_of_other_regions():
     assert masks["white_matter"].sum() == 31 and masks["lesion"].sum() == 1 and masks["deep_grey"].sum() == 32
     with pytest.raises(ValueError, match="lesion mask shape"):
         region_masks(labels, regions, lesion_mask=lesion[:2])
+
+
+def test_tissue_classes_without_a_segmentation():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, size=(20, 20, 20))
+    r1 = np.choose(truth, [0.25, 0.65, 1.05]) * (1 + 0.03 * rng.standard_normal(truth.shape))
+    brain = np.ones(truth.shape, dtype=bool)
+    brain[0] = False
+    masks, used = tissue_classes_from_maps({"R2starmap": r1 * 0, "R1map": r1}, brain)
+    assert used == "R1map"
+    for k, region in enumerate(("csf", "grey_matter", "white_matter")):
+        assert np.array_equal(masks[region], brain & (truth == k))
+    with pytest.raises(ValueError, match="need one of"):
+        tissue_classes_from_maps({"Chimap": r1}, brain)

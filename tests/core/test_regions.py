@@ -137,3 +137,35 @@ def test_tissue_classes_without_a_segmentation():
         assert np.array_equal(masks[region], brain & (truth == k))
     with pytest.raises(ValueError, match="need one of"):
         tissue_classes_from_maps({"Chimap": r1}, brain)
+
+
+def test_patient_concentration_rises_while_content_falls():
+    """Atrophy of the phantom: the caudate's R2* (iron concentration) rises, its R2* mass falls."""
+    pytest.importorskip("nilearn")
+    from qmri_workflows.phantom.tissues import (
+        CONTROL_TISSUES_3T,
+        LABELS,
+        PATIENT_ATROPHY,
+        PATIENT_TISSUES_3T,
+    )
+    from qmri_workflows.phantom.truth import make_phantom
+
+    rise = PATIENT_TISSUES_3T["caudate"].r2star / CONTROL_TISSUES_3T["caudate"].r2star
+    # the truth: concentration up, but volume down by more, so content down
+    assert rise > 1 and rise * (1 + PATIENT_ATROPHY["caudate"]) < 1
+    regions, _ = regions_from_label_names(LABELS)
+    tables = {}
+    for subject in ("control", "patient"):
+        truth = make_phantom(resolution=3.0, subject=subject)
+        rows = regional_statistics({"R2starmap": truth.r2star}, region_masks(truth.dseg, regions), truth.voxel_size)
+        tables[subject] = {row["region"]: row for row in rows}
+        for row in rows:
+            if row["voxels"]:
+                assert row["content"] == pytest.approx(row["mean"] * row["volume_mm3"])
+    control, patient = tables["control"]["caudate"], tables["patient"]["caudate"]
+    assert patient["mean"] > control["mean"] and patient["content"] < control["content"]
+    assert patient["volume_mm3"] < control["volume_mm3"]
+    # the thalamus loses both (iron loss and atrophy), as Table 2 and Fig 3 of the review say
+    assert tables["patient"]["thalamus"]["mean"] < tables["control"]["thalamus"]["mean"]
+    assert tables["patient"]["thalamus"]["content"] < tables["control"]["thalamus"]["content"]
+    assert tables["patient"]["csf"]["volume_mm3"] > tables["control"]["csf"]["volume_mm3"]

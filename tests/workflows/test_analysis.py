@@ -1,0 +1,150 @@
+"""The analysis family on a phantom: regional tables match the truth, lesion tables, maps flow in."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qmri_workflows.core.lesions import LESION_STAGES, UNDETERMINED
+from qmri_workflows.core.regions import (
+    normal_appearing_white_matter,
+    region_masks,
+    region_statistics,
+    regions_from_label_names,
+)
+from qmri_workflows.interfaces.analysis import SubjectAnalysis, read_label_table
+from qmri_workflows.io.query import collect_inputs, open_layout
+from qmri_workflows.io.tables import read_table
+from qmri_workflows.workflows import registry
+from qmri_workflows.workflows.base import init_qmri_wf
+from tests.bids_factory import make_vfa_dataset
+
+pytest.importorskip("nilearn")
+
+from tests.analysis_dataset import RESOLUTION, participant_outputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    return participant_outputs(tmp_path_factory.mktemp("analysis"))
+
+
+def _load(path):
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def _truth_regions(truth, subject):
+    anat = truth / f"sub-{subject}" / "anat"
+    labels = _load(anat / f"sub-{subject}_dseg.nii.gz")
+    lesion_file = anat / f"sub-{subject}_label-lesion_mask.nii.gz"
+    lesion = _load(lesion_file) > 0 if lesion_file.exists() else np.zeros(labels.shape, dtype=bool)
+    regions, _ = regions_from_label_names(read_label_table(anat / f"sub-{subject}_dseg.tsv"))
+    masks = region_masks(labels, regions, lesion_mask=lesion)
+    voxel = (RESOLUTION,) * 3
+    masks["nawm"] = normal_appearing_white_matter(masks["white_matter"], lesion, 2.0, voxel)
+    return masks, lesion
+
+
+@pytest.mark.parametrize("subject", ["01", "02"])
+def test_regional_r2star_matches_truth(outputs, subject):
+    """Noiseless, unoversampled images are the exact model: the R2* table equals the truth's."""
+    _, out, truth = outputs
+    masks, _ = _truth_regions(truth, subject)
+    truth_r2star = _load(truth / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz")
+    table = read_table(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-regions_stats.tsv")
+    rows = {(row["region"], row["map"]): row for row in table}
+    assert {name for _, name in rows} == {"R2starmap", "Chimap"}
+    assert set(masks) == {region for region, _ in rows}
+    for region, mask in masks.items():
+        expected = region_statistics(truth_r2star, mask, RESOLUTION**3)
+        row = rows[(region, "R2starmap")]
+        assert int(row["voxels"]) == expected["voxels"], region
+        assert float(row["volume_mm3"]) == pytest.approx(expected["volume_mm3"], rel=1e-5)
+        if expected["voxels"]:
+            # the R2* accuracy target of noiseless exact-model data (tests/workflows/test_r2star_phantom.py)
+            assert float(row["mean"]) == pytest.approx(expected["mean"], rel=1e-3), region
+            assert float(row["content"]) == pytest.approx(float(row["mean"]) * float(row["volume_mm3"]), rel=1e-5)
+    sidecar = json.loads((out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-regions_stats.json").read_text())
+    assert sidecar["content"]["Units"] == "unit of the map x mm^3" and sidecar["Maps"] == ["R2starmap", "Chimap"]
+    assert "labels of" in sidecar["Segmentation"] and sidecar["Sources"]
+
+
+def test_lesion_table(outputs):
+    _, out, truth = outputs
+    _, lesion = _truth_regions(truth, "01")
+    from scipy import ndimage
+
+    anat = out / "sub-01" / "anat"
+    table = read_table(anat / "sub-01_desc-lesions_stats.tsv")
+    assert len(table) == ndimage.label(lesion)[1] > 0
+    assert sum(int(row["voxels"]) for row in table) == int(lesion.sum())
+    for row in table:
+        assert row["stage"] in LESION_STAGES + (UNDETERMINED,) and row["evidence"]
+    # lesion means add up to the truth's R2* over the lesion mask (exact-model data)
+    truth_r2star = _load(truth / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz")
+    total = sum(float(row["R2starmap_mean"]) * int(row["voxels"]) for row in table)
+    assert total == pytest.approx(float(truth_r2star[lesion].sum()), rel=1e-3)
+    dictionary = json.loads((anat / "sub-01_desc-lesions_stats.json").read_text())
+    assert set(table[0]) <= set(dictionary) and dictionary["LesionMask"] == "from the lesion mask"
+    # the control has no lesion: a table with its header only
+    control = (out / "sub-02" / "anat" / "sub-02_desc-lesions_stats.tsv").read_text().splitlines()
+    assert len(control) == 1 and control[0].startswith("lesion\tvoxels")
+
+
+def test_without_segmentation_tissue_classes_of_the_maps(outputs, tmp_path):
+    raw, out, truth = outputs
+    anat = out / "sub-02" / "anat"
+    result = SubjectAnalysis(
+        map_files=[str(anat / "sub-02_R2starmap.nii.gz")],
+        map_names=["R2starmap"],
+        brain_mask_file=str(anat / "sub-02_desc-brain_mask.nii.gz"),
+    )
+    cwd = tmp_path / "node"
+    cwd.mkdir()
+    import os
+
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        results = result.run().outputs
+    finally:
+        os.chdir(previous)
+    rows = {row["region"]: row for row in read_table(results.regions_file)}
+    assert set(rows) == {"csf", "grey_matter", "white_matter", "nawm"}
+    assert float(rows["csf"]["mean"]) < float(rows["grey_matter"]["mean"]) < float(rows["white_matter"]["mean"])
+    assert "no deep grey nuclei" in results.metadata["Segmentation"]
+
+
+def test_maps_flagged_quantitative_flow_into_the_analysis(tmp_path):
+    """A family from outside the package flags its map: the analysis reads it without new code."""
+    from tests.workflows.test_registry import TOY
+
+    flagged = registry.MapFamily(
+        **{
+            **{f: getattr(TOY, f) for f in TOY.__dataclass_fields__},
+            "outputs": lambda inputs: [
+                registry.Output(
+                    field="ratio_file",
+                    suffix="R1map",
+                    source_files=tuple(inputs.gre[0].magnitude[:2]),
+                    quantitative=True,
+                )
+            ],
+        }
+    )
+    registry.register(flagged)
+    try:
+        raw = make_vfa_dataset(tmp_path / "raw")
+        inputs = collect_inputs(open_layout(raw), "01")
+        plans = {plan.key: plan for plan in registry.plan_families(inputs)}
+        assert plans["analysis"].run
+        workflow, _ = init_qmri_wf(subjects=[inputs], output_dir=str(tmp_path / "out"))
+        node = workflow.get_node("sub_01_wf.analysis_wf.inputnode")
+        assert sorted(node.inputs.map_names) == ["Chimap", "R1map", "R2starmap"]
+    finally:
+        registry.unregister(flagged.key)
+    # without any quantitative map the analysis does not run
+    raw = make_vfa_dataset(tmp_path / "raw1", n_echoes=1)
+    plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(raw), "01"))}
+    assert not plans["analysis"].run and plans["analysis"].reason == "no quantitative map is computed"

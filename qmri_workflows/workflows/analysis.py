@@ -103,21 +103,13 @@ def _outputs(inputs):
     from .registry import Output
 
     sources = _sources(inputs)
+    descriptions = {
+        "regions": "Regional statistics of every quantitative map (concentration and content)",
+        "lesions": "Lesion-wise features and stages",
+    }
     return [
-        Output(
-            field="regions_file",
-            suffix="stats",
-            desc="regions",
-            source_files=sources,
-            metadata={"Description": "Regional statistics of every quantitative map (concentration and content)"},
-        ),
-        Output(
-            field="lesions_file",
-            suffix="stats",
-            desc="lesions",
-            source_files=sources,
-            metadata={"Description": "Lesion-wise features and stages"},
-        ),
+        Output(field=f"{desc}_file", suffix="stats", desc=desc, source_files=sources, metadata={"Description": text})
+        for desc, text in descriptions.items()
     ]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import xml.etree.ElementTree as ElementTree
+from pathlib import Path
 
 import pytest
 
@@ -12,10 +13,18 @@ pytest.importorskip("nilearn")
 
 from tests.analysis_dataset import participant_outputs  # noqa: E402
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "bids_example"
 
-@pytest.fixture(scope="module")
-def group_outputs(tmp_path_factory):
-    raw, out, truth = participant_outputs(tmp_path_factory.mktemp("group"))
+
+@pytest.fixture(scope="module", params=["phantom", "shipped example"])
+def group_outputs(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("group")
+    if request.param == "phantom":
+        raw, out, _ = participant_outputs(root)
+    else:
+        raw, out = EXAMPLE, root / "out"
+        arguments = ["--derivatives", str(EXAMPLE / "derivatives" / "phantom"), "-w", str(root / "work")]
+        assert run.main([str(raw), str(out), "participant", "--skip-bids-validation", *arguments]) == 0
     assert run.main([str(raw), str(out), "group"]) == 0
     return raw, out
 

@@ -25,7 +25,7 @@ import math
 import re
 from pathlib import Path
 
-from ..io.tables import read_table, write_table
+from ..io.tables import ensure_bidsignore, read_table, write_table
 
 __all__ = ["run_group", "GROUP_FOLDER"]
 
@@ -211,6 +211,7 @@ def run_group(bids_dir, output_dir, *, participant_labels=None):
     group_column = "group" if "group" in participant_columns else "participant_id"
     folder = output_dir / GROUP_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
+    ensure_bidsignore(output_dir)
     written = []
 
     rows, columns, dictionary = _joined(region_tables, participant_columns, participants)

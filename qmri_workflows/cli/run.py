@@ -278,8 +278,10 @@ def group_validator_errors(report, *, files_per_group=3):
 def write_description(output_dir, bids_dir, argv):
     """Write the derivatives' ``dataset_description.json`` (always, even if processing fails)."""
     from ..io.derivatives import write_dataset_description
+    from ..io.tables import ensure_bidsignore
 
     command = "qmri-workflows " + " ".join(shlex.quote(a) for a in argv)
+    ensure_bidsignore(output_dir)
     return write_dataset_description(
         output_dir,
         name="qmri-workflows quantitative maps",

@@ -15,7 +15,10 @@ import numpy as np
 
 from .derivatives import _atomic_target, bids_path, check_output_root, write_json
 
-__all__ = ["write_table", "read_table", "format_cell", "publish_table"]
+__all__ = ["write_table", "read_table", "format_cell", "publish_table", "ensure_bidsignore", "TABLE_PATTERNS"]
+
+#: Files of the derivatives that BIDS does not name yet: the analysis tables and the group level.
+TABLE_PATTERNS = ("*_stats.tsv", "*_stats.json", "group")
 
 
 def format_cell(value):
@@ -144,3 +147,18 @@ def publish_table(out_root, in_file, *, subject, suffix, metadata, session=None,
         dictionary = json.loads(beside.read_text(encoding="utf-8"))
     write_json(target.with_suffix(".json"), {**dict(metadata or {}), **dictionary})
     return target
+
+
+def ensure_bidsignore(root, patterns=TABLE_PATTERNS):
+    """Add ``patterns`` to ``root/.bidsignore`` (kept lines stay; nothing is duplicated).
+
+    The BIDS validator reports files outside the specification as errors; statistics tables and the
+    group folder are not in it yet.
+    """
+    path = Path(root) / ".bidsignore"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    missing = [pattern for pattern in patterns if pattern not in lines]
+    if missing:
+        with _atomic_target(path) as temporary:
+            temporary.write_text("\n".join(lines + missing) + "\n", encoding="utf-8")
+    return path

@@ -54,6 +54,10 @@ def test_group_tables_match_the_participant_tables(group_outputs):
     assert dictionary["group"]["Levels"]["patient"] and dictionary["content"]["Units"]
     lesions = read_table(out / "group" / "group_desc-lesions_stats.tsv")
     assert lesions and {row["group"] for row in lesions} == {"patient"}
+    # tables and the group folder are not in the BIDS specification yet: .bidsignore lists them
+    errors = run.run_validator(out)
+    if errors is not None:
+        assert errors == []
 
 
 def test_group_plots_per_map(group_outputs):

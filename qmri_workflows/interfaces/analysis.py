@@ -252,6 +252,7 @@ class SubjectAnalysis(SimpleInterface):
         lesions_file = os.path.join(runtime.cwd, "lesions.tsv")
         write_table(lesions_file, lesion_rows, columns, lesion_dictionary(columns))
         metadata["LesionCount"] = len(lesion_rows)
+        metadata["EnhancementMask"] = isdefined(inputs.enhancing_mask_file)
         metadata["LesionMask"] = (
             "none"
             if lesion is None

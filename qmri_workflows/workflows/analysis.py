@@ -3,10 +3,11 @@
 The family names no other family: it reads every registry output flagged ``quantitative``
 (:attr:`~qmri_workflows.workflows.registry.MapFamily.consumes_maps`), so R2* and chi today, and R1,
 PD or R2 when their families flag their maps, flow in without a change here. The segmentation
-(``anat/*_dseg`` + ``_dseg.tsv``) and the lesion mask (``anat/*_label-lesion_mask``) come from
-``--derivatives``, resampled onto the map grid (majority of labels); without a segmentation, three
-tissue classes of the maps stand in (:func:`qmri_workflows.core.regions.tissue_classes_from_maps`)
-and the tables say so.
+(``anat/*_dseg`` + ``_dseg.tsv``), the lesion mask (``anat/*_label-lesion_mask``) and a
+gadolinium-enhancement mask (``anat/*_label-enhancing_mask``) come from ``--derivatives``,
+resampled onto the map grid (majority of labels); without a segmentation, three tissue classes of
+the maps stand in (:func:`qmri_workflows.core.regions.tissue_classes_from_maps`) and the tables say
+so.
 
 Outputs (per subject, ``anat``): ``desc-regions_stats.tsv`` and ``desc-lesions_stats.tsv``, each with
 its ``.json`` data dictionary.
@@ -34,8 +35,8 @@ def init_analysis_wf(*, erosion_mm=0.0, nawm_margin_mm=2.0, rim_mm=1.0, dseg_tsv
         Quantitative maps and their names (set by the subject workflow).
     mask_file
         Brain mask.
-    dseg_file, lesion_mask_file
-        Segmentation and lesion mask on the map grid (optional).
+    dseg_file, lesion_mask_file, enhancing_mask_file
+        Segmentation, lesion mask and gadolinium-enhancement mask on the map grid (optional).
 
     Outputs
     -------
@@ -47,7 +48,7 @@ def init_analysis_wf(*, erosion_mm=0.0, nawm_margin_mm=2.0, rim_mm=1.0, dseg_tsv
     from ..interfaces.analysis import SubjectAnalysis
 
     workflow = pe.Workflow(name=name)
-    fields = ["map_files", "map_names", "mask_file", "dseg_file", "lesion_mask_file"]
+    fields = ["map_files", "map_names", "mask_file", "dseg_file", "lesion_mask_file", "enhancing_mask_file"]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["regions_file", "lesions_file", "metadata"]), name="outputnode")
     analysis = pe.Node(
@@ -62,6 +63,7 @@ def init_analysis_wf(*, erosion_mm=0.0, nawm_margin_mm=2.0, rim_mm=1.0, dseg_tsv
             ("mask_file", "brain_mask_file"),
             ("dseg_file", "dseg_file"),
             ("lesion_mask_file", "lesion_mask_file"),
+            ("enhancing_mask_file", "enhancing_mask_file"),
         ]),
         (analysis, outputnode, [
             ("regions_file", "regions_file"),
@@ -86,10 +88,11 @@ def _build(context):
 
 
 def _describe(inputs):
-    from ..io.query import DSEG, LESION_MASK
+    from ..io.query import DSEG, ENHANCING_MASK, LESION_MASK
 
     segmentation = "segmentation from --derivatives" if inputs.derivatives.get(DSEG) else "tissue classes of the maps"
     lesions = ", lesion mask" if inputs.derivatives.get(LESION_MASK) else ""
+    lesions += ", gadolinium-enhancement mask" if inputs.derivatives.get(ENHANCING_MASK) else ""
     return f"regional statistics of every map ({segmentation}{lesions})"
 
 
@@ -123,7 +126,7 @@ def _millimetres(text):
 
 
 def _registry_entries():
-    from ..io.query import DSEG, LESION_MASK
+    from ..io.query import DSEG, ENHANCING_MASK, LESION_MASK
     from .registry import MapFamily, Option
 
     analysis = MapFamily(
@@ -132,7 +135,11 @@ def _registry_entries():
         depends=("brainmask",),
         consumes={"mask_file": ("brainmask", "mask_file")},
         consumes_maps=True,
-        derived_inputs={"dseg_file": (DSEG, "majority"), "lesion_mask_file": (LESION_MASK, "majority")},
+        derived_inputs={
+            "dseg_file": (DSEG, "majority"),
+            "lesion_mask_file": (LESION_MASK, "majority"),
+            "enhancing_mask_file": (ENHANCING_MASK, "majority"),
+        },
         describe=_describe,
         build=_build,
         outputs=_outputs,

@@ -148,3 +148,33 @@ def test_maps_flagged_quantitative_flow_into_the_analysis(tmp_path):
     raw = make_vfa_dataset(tmp_path / "raw1", n_echoes=1)
     plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(raw), "01"))}
     assert not plans["analysis"].run and plans["analysis"].reason == "no quantitative map is computed"
+
+
+def test_gadolinium_mask_from_derivatives_reaches_the_lesion_stages(outputs, tmp_path):
+    """An enhancement mask given with --derivatives: enhancing lesions active, the others chronic."""
+    import shutil
+
+    from qmri_workflows.cli import run
+
+    raw, _, truth = outputs
+    derivatives = tmp_path / "gd"
+    shutil.copytree(truth, derivatives)
+    anat = derivatives / "sub-01" / "anat"
+    lesions = nib.load(anat / "sub-01_label-lesion_dseg.nii.gz")
+    numbers = np.asanyarray(lesions.dataobj)
+    stages = {int(row["index"]): row["stage"] for row in read_table(anat / "sub-01_label-lesion_dseg.tsv")}
+    active = [n for n, stage in stages.items() if stage in ("early active", "late active")]
+    enhancing = np.isin(numbers, active).astype(np.uint8)
+    nib.save(nib.Nifti1Image(enhancing, lesions.affine), anat / "sub-01_label-enhancing_mask.nii.gz")
+    out = tmp_path / "out"
+    arguments = ["--participant-label", "01", "--skip-bids-validation", "-w", str(tmp_path / "work")]
+    assert run.main([str(raw), str(out), "participant", "--derivatives", str(derivatives), *arguments]) == 0
+    table = read_table(out / "sub-01" / "anat" / "sub-01_desc-lesions_stats.tsv")
+    assert {row["enhancing"] for row in table} == {"true", "false"}
+    for row in table:
+        if row["enhancing"] == "false" and row["stage"] != "cortical":
+            assert row["stage"] in ("chronic active", "chronic inactive"), row["evidence"]
+        if row["enhancing"] == "true":
+            assert row["stage"] != "chronic inactive", row["evidence"]
+    sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_desc-lesions_stats.json").read_text())
+    assert sidecar["EnhancementMask"] is True

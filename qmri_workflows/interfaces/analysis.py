@@ -202,6 +202,12 @@ class SubjectAnalysis(SimpleInterface):
                 raise ValueError(f"the segmentation {inputs.dseg_file} needs its label table (_dseg.tsv)")
             labels = np.rint(load_volume(inputs.dseg_file, reference=reference)).astype(np.int32)
             regions, unmapped = regions_from_label_names(read_label_table(inputs.dseg_tsv))
+            if not regions:
+                raise ValueError(
+                    f"none of the label names of {inputs.dseg_tsv} is a region the analysis knows "
+                    f"(found {sorted(unmapped.values())[:5]}...); name them as FreeSurfer does "
+                    "(Left-Thalamus, Left-Cerebral-White-Matter ...; docs: qmri_workflows.core.regions)"
+                )
             masks = region_masks(labels, regions, lesion_mask=lesion)
             metadata["Segmentation"] = f"labels of {os.path.basename(inputs.dseg_file)} (resampled onto the map grid)"
             metadata["LabelsNotInRegions"] = {str(k): v for k, v in unmapped.items()}

@@ -92,24 +92,19 @@ def test_lesion_table(outputs):
     assert len(control) == 1 and control[0].startswith("lesion\tvoxels")
 
 
-def test_without_segmentation_tissue_classes_of_the_maps(outputs, tmp_path):
-    raw, out, truth = outputs
+def test_without_segmentation_tissue_classes_of_the_maps(outputs, tmp_path, monkeypatch):
+    _, out, _ = outputs
     anat = out / "sub-02" / "anat"
-    result = SubjectAnalysis(
-        map_files=[str(anat / "sub-02_R2starmap.nii.gz")],
-        map_names=["R2starmap"],
-        brain_mask_file=str(anat / "sub-02_desc-brain_mask.nii.gz"),
+    monkeypatch.chdir(tmp_path)
+    results = (
+        SubjectAnalysis(
+            map_files=[str(anat / "sub-02_R2starmap.nii.gz")],
+            map_names=["R2starmap"],
+            brain_mask_file=str(anat / "sub-02_desc-brain_mask.nii.gz"),
+        )
+        .run()
+        .outputs
     )
-    cwd = tmp_path / "node"
-    cwd.mkdir()
-    import os
-
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        results = result.run().outputs
-    finally:
-        os.chdir(previous)
     rows = {row["region"]: row for row in read_table(results.regions_file)}
     assert set(rows) == {"csf", "grey_matter", "white_matter", "nawm"}
     assert float(rows["csf"]["mean"]) < float(rows["grey_matter"]["mean"]) < float(rows["white_matter"]["mean"])
@@ -178,3 +173,20 @@ def test_gadolinium_mask_from_derivatives_reaches_the_lesion_stages(outputs, tmp
             assert row["stage"] != "chronic inactive", row["evidence"]
     sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_desc-lesions_stats.json").read_text())
     assert sidecar["EnhancementMask"] is True
+
+
+def test_a_label_table_without_known_names_is_one_clear_error(tmp_path, monkeypatch):
+    affine = np.eye(4)
+    map_file, dseg_file = tmp_path / "R2starmap.nii.gz", tmp_path / "dseg.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 20.0, np.float32), affine), map_file)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.int16), affine), dseg_file)
+    (tmp_path / "dseg.tsv").write_text("index\tname\n1\tblob\n")
+    monkeypatch.chdir(tmp_path)
+    interface = SubjectAnalysis(
+        map_files=[str(map_file)],
+        map_names=["R2starmap"],
+        dseg_file=str(dseg_file),
+        dseg_tsv=str(tmp_path / "dseg.tsv"),
+    )
+    with pytest.raises(ValueError, match=r"none of the label names of .*dseg.tsv .*name them as FreeSurfer does"):
+        interface.run()

@@ -43,7 +43,7 @@ EXIT_NO_INPUT = 66
 EXIT_CANNOT_CREATE = 73
 EXIT_INTERRUPTED = 130
 
-ANALYSIS_LEVELS = ("participant",)
+ANALYSIS_LEVELS = ("participant", "group")
 # Plugins that submit the whole graph as dependent jobs and return before they run.
 GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "CondorDAGMan")
 LOGGER = logging.getLogger("qmri_workflows")
@@ -73,7 +73,11 @@ def build_parser():
     )
     parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")
     parser.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")
-    parser.add_argument("analysis_level", help="processing stage: 'participant' (each subject separately)")
+    parser.add_argument(
+        "analysis_level",
+        help="processing stage: 'participant' (each subject separately) or 'group' (the subjects' tables "
+        "joined with participants.tsv, summaries and plots, in OUTPUT_DIR/group; run after participant)",
+    )
     parser.add_argument("--version", action="version", version=f"qmri-workflows {__version__}")
 
     bids = parser.add_argument_group("BIDS filtering")
@@ -274,8 +278,10 @@ def group_validator_errors(report, *, files_per_group=3):
 def write_description(output_dir, bids_dir, argv):
     """Write the derivatives' ``dataset_description.json`` (always, even if processing fails)."""
     from ..io.derivatives import write_dataset_description
+    from ..io.tables import ensure_bidsignore
 
     command = "qmri-workflows " + " ".join(shlex.quote(a) for a in argv)
+    ensure_bidsignore(output_dir)
     return write_dataset_description(
         output_dir,
         name="qmri-workflows quantitative maps",
@@ -451,6 +457,20 @@ def _check_call(args):
     return None, (plugin, plugin_args, bids_dir, output_dir, work_dir)
 
 
+def _run_group(args, bids_dir, output_dir):
+    from .group import run_group
+
+    try:
+        run_group(bids_dir, output_dir, participant_labels=args.participant_label)
+    except FileNotFoundError as error:
+        LOGGER.error("%s", error)
+        return EXIT_NO_INPUT
+    except ValueError as error:
+        LOGGER.error("%s", error)
+        return EXIT_DATA
+    return 0
+
+
 def _run(args, argv):
     # Everything that can be checked without touching a file comes first, so a mistake in the
     # call costs nothing and leaves nothing behind.
@@ -458,6 +478,8 @@ def _run(args, argv):
     if code is not None:
         return code
     plugin, plugin_args, bids_dir, output_dir, work_dir = settings
+    if args.analysis_level == "group":
+        return _run_group(args, bids_dir, output_dir)
     # The validator and the indexing take seconds: say at once that the App is at work.
     LOGGER.info("qmri-workflows %s: checking %s", __version__, bids_dir)
     from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants

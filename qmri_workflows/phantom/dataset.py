@@ -466,6 +466,83 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
         else:  # pragma: no cover - every name of truth_maps is handled above
             raise RuntimeError(f"unhandled truth map {name}")
     _write_interior_masks(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
+    _write_lesion_truth(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
+
+
+_LESION_COLUMNS = {
+    "index": "lesion number, the value of its voxels in the image",
+    "name": "lesion name",
+    "stage": "stage (Table 1 of the review; cortical lesions apart)",
+    "compartment": "phantom compartment (qmri_workflows.phantom.tissues)",
+    "diameter_mm": "diameter of the simulated sphere (mm)",
+    "centre_x_mm": "centre, x (RAS, MNI152 mm)",
+    "centre_y_mm": "centre, y (RAS, MNI152 mm)",
+    "centre_z_mm": "centre, z (RAS, MNI152 mm)",
+    "voxels": "voxels of the lesion on this grid (0: too small to hold a voxel)",
+    "volume_mm3": "volume of those voxels (mm^3)",
+}
+
+
+def _write_lesion_truth(derivatives_root, scanner, label, *, field_strength, oversample):
+    """Lesion numbers (``label-lesion_dseg`` + ``.tsv`` with each lesion's stage) and the lesion mask."""
+    from qmri_workflows.io.tables import write_table
+    from qmri_workflows.phantom.simulate import _blocks, block_majority
+    from qmri_workflows.phantom.tissues import LESION_LABELS, LESION_STAGES, lesion_stage
+
+    truth = scanner.truth
+    if truth.lesion_index is None or not truth.lesions:
+        return
+    dseg = block_majority(truth.dseg, oversample)
+    index = block_majority(truth.lesion_index, oversample)
+    lesion = np.isin(dseg, LESION_LABELS)
+    if oversample > 1:
+        # a lesion voxel whose block is mostly non-lesion tissue still belongs to the lesion in it
+        largest = _blocks(truth.lesion_index, oversample).max(axis=(1, 3, 5))
+        index = np.where(lesion & (index == 0), largest, index)
+    index = np.where(lesion, index, 0).astype(np.int16)
+    meta = {"field_strength": field_strength, "oversample": oversample}
+    path = write_map(
+        derivatives_root,
+        index,
+        scanner.affine,
+        subject=label,
+        suffix="dseg",
+        label="lesion",
+        metadata=_truth_metadata(
+            "Lesion numbers of the phantom (0 = no lesion); the .tsv gives each lesion's stage.",
+            LesionColumns=_LESION_COLUMNS,
+            StageLevels={stage: f"{stage} lesion" for stage in LESION_STAGES},
+            **meta,
+        ),
+    )
+    voxel_volume = float(abs(np.linalg.det(scanner.affine[:3, :3])))
+    counts = np.bincount(index.ravel(), minlength=len(truth.lesions) + 1)
+    rows = [
+        {
+            "index": number,
+            "name": f"lesion {number}",
+            "stage": lesion_stage(item.compartment),
+            "compartment": item.compartment,
+            "diameter_mm": 2 * item.radius,
+            "centre_x_mm": item.centre[0],
+            "centre_y_mm": item.centre[1],
+            "centre_z_mm": item.centre[2],
+            "voxels": int(counts[number]),
+            "volume_mm3": counts[number] * voxel_volume,
+        }
+        for number, item in enumerate(truth.lesions, start=1)
+    ]
+    # the image's sidecar shares the table's stem, so the columns are described there (LesionColumns)
+    write_table(Path(path).with_name(f"sub-{label}_label-lesion_dseg.tsv"), rows, list(rows[0]))
+    write_map(
+        derivatives_root,
+        (index > 0).astype(np.uint8),
+        scanner.affine,
+        subject=label,
+        suffix="mask",
+        label="lesion",
+        metadata=_truth_metadata("Lesion mask of the phantom (all stages).", Type="ROI", **meta),
+    )
 
 
 def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, oversample):

@@ -105,6 +105,7 @@ def _pd_outputs(inputs):
             suffix="PDmap",
             source_files=sources,
             metadata={"Units": "percent", "SkullStripped": True},
+            quantitative=True,
         )
     ]
 

@@ -299,7 +299,13 @@ def _qsm_outputs(inputs):
     sources = tuple(phase + magnitude)
     masked = {"SkullStripped": True}
     return [
-        Output(field="chi_file", suffix="Chimap", source_files=sources, metadata={**masked, "Units": "ppm"}),
+        Output(
+            field="chi_file",
+            suffix="Chimap",
+            source_files=sources,
+            metadata={**masked, "Units": "ppm"},
+            quantitative=True,
+        ),
         Output(
             field="local_field_file",
             suffix="fieldmap",

@@ -19,6 +19,12 @@ The contract of a family's workflow (returned by :attr:`MapFamily.build`):
 * an ``outputnode`` with the fields named by the family's :class:`Output` entries, and a
   ``metadata`` field (dict of sidecar fields computed at run time) when
   :attr:`MapFamily.runtime_metadata` is true.
+
+Families that analyse maps (regional and lesion statistics) do not name the families they read: an
+:class:`Output` flagged ``quantitative`` is a calibrated map, and a family with
+:attr:`MapFamily.consumes_maps` receives every such output of the families that run for the subject
+(``inputnode.map_files`` and, set when the graph is built, ``inputnode.map_names``: the outputs'
+suffixes, with ``desc`` when there is one). A new map family flags its maps and they flow in.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "has_maps_to_compute",
     "plan_families",
     "positive_int",
+    "quantitative_outputs",
     "register",
     "registered_families",
     "unregister",
@@ -88,6 +95,9 @@ class Output:
         Sidecar fields known when the graph is built; they win over the run-time ``metadata``.
     datatype : str, optional
         ``anat`` or ``fmap``; by default ``fmap`` for TB1map/RB1map and ``anat`` otherwise.
+    quantitative : bool
+        A calibrated map (R1, R2*, chi ...) that analysis families read (module notes); not for
+        uncertainties, intercepts or masks.
     """
 
     field: str
@@ -97,6 +107,12 @@ class Output:
     index: int | None = None
     metadata: dict = field(default_factory=dict)
     datatype: str | None = None
+    quantitative: bool = False
+
+    @property
+    def map_name(self):
+        """Name of the map in analysis tables: the suffix, with ``desc`` when there is one."""
+        return self.suffix if not self.desc else f"{self.suffix}_desc-{self.desc}"
 
 
 @dataclass(frozen=True)
@@ -167,6 +183,9 @@ class MapFamily:
     auxiliary : bool
         The family serves others (the brain mask): a subject for which only auxiliary families can
         run has no map to compute.
+    consumes_maps : bool
+        The family reads every ``quantitative`` output of the families that run (module notes); it
+        runs after them, and only when there is at least one.
     """
 
     key: str
@@ -184,6 +203,7 @@ class MapFamily:
     options: tuple = ()
     runtime_metadata: bool = True
     auxiliary: bool = False
+    consumes_maps: bool = False
 
 
 @dataclass(frozen=True)
@@ -258,7 +278,13 @@ def registered_families():
 
     for key in sorted(families):
         visit(key, [])
-    return ordered
+    # families that read every quantitative map run after all the others
+    return [f for f in ordered if not f.consumes_maps] + [f for f in ordered if f.consumes_maps]
+
+
+def quantitative_outputs(family, inputs):
+    """The ``quantitative`` outputs of ``family`` for a subject (single files only)."""
+    return [output for output in family.outputs(inputs) if output.quantitative and output.index is None]
 
 
 def plan_families(inputs, families=None):
@@ -290,6 +316,10 @@ def plan_families(inputs, families=None):
                 if not running.get(dependency, False):
                     reason = f"needs {names.get(dependency, dependency)}, which is not computed"
                     break
+        if reason is None and family.consumes_maps:
+            producers = [other for other in families if running.get(other.key) and quantitative_outputs(other, inputs)]
+            if not producers:
+                reason = "no quantitative map is computed"
         if reason is None and family.check is not None:
             reason = family.check(inputs)
         run = reason is None

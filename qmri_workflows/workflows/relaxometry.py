@@ -388,7 +388,13 @@ def _r1_outputs(inputs):
         sources += (inputs.afi.tr1_file, inputs.afi.tr2_file)
     masked = {"SkullStripped": True}
     return [
-        Output(field="r1_file", suffix="R1map", source_files=sources, metadata={**masked, "Units": "1/s"}),
+        Output(
+            field="r1_file",
+            suffix="R1map",
+            source_files=sources,
+            metadata={**masked, "Units": "1/s"},
+            quantitative=True,
+        ),
         Output(field="t1_file", suffix="T1map", source_files=sources, metadata={**masked, "Units": "s"}),
         Output(
             field="m0_file",

@@ -141,7 +141,8 @@ def test_rerun_says_what_it_replaces_and_sidecars_tell_runs_apart(tmp_path, capl
     first = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     caplog.clear()
     assert run.main(common + ["--n-coils", "4"]) == 0
-    assert "sub-01: 30 file(s) from an earlier run will be replaced" in caplog.text
+    # 22 map files and sidecars, and the two analysis tables with their data dictionaries
+    assert "sub-01: 26 file(s) from an earlier run will be replaced" in caplog.text
     second = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     assert first["EstimationParameters"] == {"r2star_method": "wls", "n_coils": 1}
     assert second["EstimationParameters"] == {"r2star_method": "wls", "n_coils": 4}

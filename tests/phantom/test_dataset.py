@@ -132,6 +132,21 @@ def test_truth_derivatives(noisy_dataset):
     tb1 = _load(fmap / "sub-01_TB1map.nii.gz")
     assert 80 < np.median(tb1[brain]) < 120  # percent of nominal
     assert json.loads((fmap / "sub-01_desc-total_fieldmap.json").read_text())["Units"] == "ppm"
+    # lesion truth: numbered lesions with their stage, and the lesion mask the analysis reads
+    lesions = _load(anat / "sub-01_label-lesion_dseg.nii.gz")
+    mask = _load(anat / "sub-01_label-lesion_mask.nii.gz")
+    assert np.array_equal(lesions > 0, mask > 0) and mask.any()
+    rows = [line.split("\t") for line in (anat / "sub-01_label-lesion_dseg.tsv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    assert header[:3] == ["index", "name", "stage"]
+    stages = {int(row[0]): row[2] for row in rows}
+    assert set(stages.values()) == {"early active", "late active", "chronic active", "chronic inactive", "cortical"}
+    voxels = {int(row[0]): int(row[header.index("voxels")]) for row in rows}
+    for number, count in voxels.items():
+        assert count == np.count_nonzero(lesions == number)
+    sidecar = json.loads((anat / "sub-01_label-lesion_dseg.json").read_text())
+    assert set(sidecar["LesionColumns"]) == set(header) and "chronic active" in sidecar["StageLevels"]
+    assert not (truth_root / "sub-02" / "anat" / "sub-02_label-lesion_mask.nii.gz").exists()  # control
     record = json.loads((truth_root / "sub-02" / "sub-02_desc-simulation.json").read_text())
     assert record["Group"] == "control" and record["PhantomSeed"] == 4 and record["SNR"] == 40.0
     assert record["NumberOfReceiveChannels"] == 1 and record["Protocol"]["vfa"]["flip_angles"] == [6.0, 21.0]

@@ -6,6 +6,7 @@ Per subject (and session, matched exactly) the pipeline looks for:
 * a segmentation ``anat/*_dseg.nii[.gz]`` with its label table ``*_dseg.tsv`` (columns ``index``
   and ``name``; next to the image or, by BIDS inheritance, at the dataset root);
 * a lesion mask ``anat/*_label-lesion_mask.nii[.gz]``;
+* a gadolinium-enhancement mask ``anat/*_label-enhancing_mask.nii[.gz]`` (lesion staging);
 * a brain mask ``anat/*_desc-brain_mask.nii[.gz]``.
 
 Files in a standard template space (``space-MNI152NLin2009cAsym`` ...) are not the subject's space
@@ -29,7 +30,7 @@ import numpy as np
 from ..errors import BIDSInputError
 from .layout import IMAGE_EXTENSIONS, dataset_indexer, dataset_root
 from .metadata import load_header
-from .problems import BRAIN_MASK, DSEG, LESION_MASK, TB1MAP, CollectionProblem
+from .problems import BRAIN_MASK, DSEG, ENHANCING_MASK, LESION_MASK, TB1MAP, CollectionProblem
 
 __all__ = ["DerivativeFile", "find_derivatives", "open_derivatives", "tb1map_scale"]
 
@@ -47,6 +48,11 @@ _QUERIES = {
     DSEG: ({"suffix": "dseg", "datatype": "anat"}, "anat/*_dseg", True),
     LESION_MASK: ({"suffix": "mask", "label": "lesion", "datatype": "anat"}, "anat/*_label-lesion_mask", True),
     BRAIN_MASK: ({"suffix": "mask", "desc": "brain", "datatype": "anat"}, "anat/*_desc-brain_mask", True),
+    ENHANCING_MASK: (
+        {"suffix": "mask", "label": "enhancing", "datatype": "anat"},
+        "anat/*_label-enhancing_mask",
+        True,
+    ),
 }
 
 

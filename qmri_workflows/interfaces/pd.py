@@ -175,39 +175,44 @@ class CalibratePD(SimpleInterface):
                 # still worth having, uncorrected and said so, rather than losing the subject.
                 fallback = f"receive field not corrected: {error}"
                 LOGGER.warning("PD: %s", fallback)
-        calibration = self.inputs.reference
-        try:
-            result = calibrate_pd(m0, r1, mask, receive=receive, reference=calibration)
-        except ValueError as error:
-            # The other tissue still calibrates (a field of view without ventricles, say): say so.
-            calibration = "wm" if calibration == "csf" else "csf"
-            try:
-                result = calibrate_pd(m0, r1, mask, receive=receive, reference=calibration)
-            except ValueError:
-                raise error from None
-            note = f"{error}; calibrated on {calibration.upper()} instead"
+        calibration, result, note = _calibrate_with_fallback(m0, r1, mask, receive, self.inputs.reference)
+        if note:
             LOGGER.warning("PD: %s", note)
             fallback = f"{fallback}; {note}" if fallback else note
-        pd = np.where(mask, result.pd, 0.0)
+        if result is None:
+            pd = np.where(mask, m0 / receive if receive is not None else m0, 0.0)
+        else:
+            pd = np.where(mask, result.pd, 0.0)
         self._results["pd_file"] = str(write_nifti(os.path.join(runtime.cwd, "PDmap.nii"), pd, reference.affine))
         if receive is not None:
             self._results["receive_file"] = str(
                 write_nifti(os.path.join(runtime.cwd, "RB1map_used.nii"), receive, reference.affine)
             )
-        target = PD_REFERENCES[calibration]
-        name = {"csf": "cerebrospinal fluid", "wm": "white matter"}[calibration]
-        self._results["metadata"] = {
-            "Units": "percent",
-            "EstimationAlgorithm": (
-                "M0 (T2*-decay corrected ESTATICS intercepts, B1 corrected) divided by the "
-                f"{RECEIVE_CORRECTIONS[correction]}; "
-                f"calibrated so that {name} (found from R1) holds {target:g} % water"
-            ),
-            "ReceiveCorrection": correction,
-            "CalibrationReference": calibration.upper(),
-            "CalibrationReferencePD": target,
-            "CalibrationReferenceVoxels": int(np.count_nonzero(result.reference_region)),
-        }
+        if result is None:
+            self._results["metadata"] = {
+                "Units": "arbitrary",
+                "EstimationAlgorithm": (
+                    "M0 (T2*-decay corrected ESTATICS intercepts, B1 corrected) divided by the "
+                    f"{RECEIVE_CORRECTIONS[correction]}; NOT calibrated (no reference tissue found)"
+                ),
+                "ReceiveCorrection": correction,
+                "CalibrationReference": "none",
+            }
+        else:
+            target = PD_REFERENCES[calibration]
+            name = {"csf": "cerebrospinal fluid", "wm": "white matter"}[calibration]
+            self._results["metadata"] = {
+                "Units": "percent",
+                "EstimationAlgorithm": (
+                    "M0 (T2*-decay corrected ESTATICS intercepts, B1 corrected) divided by the "
+                    f"{RECEIVE_CORRECTIONS[correction]}; "
+                    f"calibrated so that {name} (found from R1) holds {target:g} % water"
+                ),
+                "ReceiveCorrection": correction,
+                "CalibrationReference": calibration.upper(),
+                "CalibrationReferencePD": target,
+                "CalibrationReferenceVoxels": int(np.count_nonzero(result.reference_region)),
+            }
         if fallback:
             self._results["metadata"]["CalibrationNote"] = fallback
         if correction == "r1_relation":
@@ -215,6 +220,27 @@ class CalibratePD(SimpleInterface):
         elif correction == "rb1cor":
             self._results["metadata"]["EstimationReference"] = RB1COR_REFERENCE
         return runtime
+
+
+def _calibrate_with_fallback(m0, r1, mask, receive, reference):
+    """Calibrate on ``reference``, else on the other tissue, else not at all.
+
+    Returns ``(tissue, calibration or None, note)``. A field of view without ventricles, or data
+    whose R1 shows no tissue classes, still give a PD map; the note says what was done instead.
+    """
+    try:
+        return reference, calibrate_pd(m0, r1, mask, receive=receive, reference=reference), None
+    except ValueError as error:
+        first_error = error
+    other = "wm" if reference == "csf" else "csf"
+    try:
+        result = calibrate_pd(m0, r1, mask, receive=receive, reference=other)
+    except ValueError as error:
+        return None, None, (
+            f"neither a CSF nor a white-matter reference region found from R1 ({first_error}; {error}): "
+            "PD is written uncalibrated (arbitrary units)"
+        )
+    return other, result, f"{first_error}; calibrated on {other.upper()} instead"
 
 
 class _EstimateB1FromVFAInputSpec(BaseInterfaceInputSpec):

@@ -104,7 +104,7 @@ def _pd_outputs(inputs):
             field="pd_file",
             suffix="PDmap",
             source_files=sources,
-            metadata={"Units": "percent", "SkullStripped": True},
+            metadata={"SkullStripped": True},  # Units come with the run: percent, or arbitrary if uncalibrated
             quantitative=True,
         )
     ]

@@ -101,7 +101,7 @@ def test_every_bad_subject_is_reported_and_the_others_are_processed(tmp_path, ca
         assert f"sub-{subject}: not processed: unusable gre (see above)" in caplog.text
         assert not (tmp_path / "out" / f"sub-{subject}").exists()
     assert (tmp_path / "out" / "sub-02" / "anat" / "sub-02_R2starmap.nii.gz").is_file()
-    assert "sub-02: brain mask, R2*, QSM, regional and lesion statistics written" in caplog.text
+    assert "sub-02: brain mask, R2*, R1, PD, QSM, regional and lesion statistics written" in caplog.text
 
 
 def _tree(root):

@@ -54,7 +54,7 @@ def test_regional_r2star_matches_truth(outputs, subject):
     truth_r2star = _load(truth / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz")
     table = read_table(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-regions_stats.tsv")
     rows = {(row["region"], row["map"]): row for row in table}
-    assert {name for _, name in rows} == {"R2starmap", "Chimap"}
+    assert {name for _, name in rows} == {"R2starmap", "Chimap", "R1map", "PDmap"}
     assert set(masks) == {region for region, _ in rows}
     for region, mask in masks.items():
         expected = region_statistics(truth_r2star, mask, RESOLUTION**3)
@@ -66,7 +66,7 @@ def test_regional_r2star_matches_truth(outputs, subject):
             assert float(row["mean"]) == pytest.approx(expected["mean"], rel=1e-3), region
             assert float(row["content"]) == pytest.approx(float(row["mean"]) * float(row["volume_mm3"]), rel=1e-5)
     sidecar = json.loads((out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-regions_stats.json").read_text())
-    assert sidecar["content"]["Units"] == "unit of the map x mm^3" and sidecar["Maps"] == ["R2starmap", "Chimap"]
+    assert sidecar["content"]["Units"] == "unit of the map x mm^3" and set(sidecar["Maps"]) == {"R2starmap", "Chimap", "R1map", "PDmap"}
     assert "labels of" in sidecar["Segmentation"] and sidecar["Sources"]
 
 
@@ -121,7 +121,7 @@ def test_maps_flagged_quantitative_flow_into_the_analysis(tmp_path):
             "outputs": lambda inputs: [
                 registry.Output(
                     field="ratio_file",
-                    suffix="R1map",
+                    suffix="MTsat",
                     source_files=tuple(inputs.gre[0].magnitude[:2]),
                     quantitative=True,
                 )
@@ -136,11 +136,11 @@ def test_maps_flagged_quantitative_flow_into_the_analysis(tmp_path):
         assert plans["analysis"].run
         workflow, _ = init_qmri_wf(subjects=[inputs], output_dir=str(tmp_path / "out"))
         node = workflow.get_node("sub_01_wf.analysis_wf.inputnode")
-        assert sorted(node.inputs.map_names) == ["Chimap", "R1map", "R2starmap"]
+        assert sorted(node.inputs.map_names) == ["Chimap", "MTsat", "PDmap", "R1map", "R2starmap"]
     finally:
         registry.unregister(flagged.key)
     # without any quantitative map the analysis does not run
-    raw = make_vfa_dataset(tmp_path / "raw1", n_echoes=1)
+    raw = make_vfa_dataset(tmp_path / "raw1", n_echoes=1, flip_angles=(20.0,))
     plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(raw), "01"))}
     assert not plans["analysis"].run and plans["analysis"].reason == "no quantitative map is computed"
 

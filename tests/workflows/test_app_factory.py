@@ -47,6 +47,8 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     assert [plan.name for plan in plans[("01", None)] if plan.run] == [
         "brain mask",
         "R2*",
+        "R1",
+        "PD",
         "QSM",
         "regional and lesion statistics",
     ]

@@ -250,6 +250,7 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
             "ds_r1_R1map_stderr",
             "ds_r1_T1map",
             "ds_r1_M0map",
+            "ds_pd_PDmap",
         ]
     )
     assert [name for name in names if name.endswith(".commit")] == ["sub_01_wf.ds_wf.commit"]

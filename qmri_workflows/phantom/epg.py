@@ -23,6 +23,10 @@ the TR (:math:`b = TR\,\Delta k^2 ((k \pm 1/2)^2 + 1/12)` for transverse, :math:
 for longitudinal states), then the shift. The magnetisation starts at the ideal-spoiling steady state
 (dummy scans), which only shortens the transient.
 
+Whole images: :func:`spgr_ratio_table` and :func:`afi_ratio_table` run the EPG once per protocol on
+a (T1, T2, B1+) grid and return a :class:`RatioTable` of the EPG to ideal-spoiling signal ratio that
+the simulator interpolates per voxel.
+
 References
 ----------
 .. [1] Weigel M. Extended phase graphs: dephasing, RF pulses, and echoes - pure and simple. J Magn
@@ -41,6 +45,8 @@ import math
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
+
+from qmri_workflows.core.signal import afi_signals
 
 __all__ = [
     "GYROMAGNETIC_RATIO_HZ_PER_T",
@@ -400,16 +406,6 @@ def _grid_axes(t1_range, t2_range, b1_range, grid_size):
     )
 
 
-def _ideal_afi(t1, alpha, tr1, tr2):
-    e1, e2 = np.exp(-tr1 / t1), np.exp(-tr2 / t1)
-    cos_a = np.cos(alpha)
-    denominator = 1.0 - e1 * e2 * cos_a**2
-    return (
-        np.sin(alpha) * (1.0 - e2 + (1.0 - e1) * e2 * cos_a) / denominator,
-        np.sin(alpha) * (1.0 - e1 + (1.0 - e2) * e1 * cos_a) / denominator,
-    )
-
-
 @functools.lru_cache(maxsize=32)
 def spgr_ratio_table(
     flip_deg,
@@ -500,7 +496,7 @@ def afi_ratio_table(
         diffusion=diffusion,
         b1=b1,
     )
-    ideal_1, ideal_2 = _ideal_afi(t1, np.deg2rad(flip_deg * b1), tr1, tr2)
+    ideal_1, ideal_2 = afi_signals(1.0, 1.0 / t1, 0.0, np.deg2rad(flip_deg), tr1, tr2, 0.0, b1=b1)
     return RatioTable.from_coarse(*axes, np.stack([s1 / ideal_1, s2 / ideal_2], axis=-1))
 
 

@@ -129,6 +129,14 @@ def build_parser():
         "reconstruction filter (default: %(default)s)",
     )
     parser.add_argument(
+        "--spoiling",
+        choices=("epg", "ideal"),
+        default="epg",
+        help="how the spoiled sequences (VFA, AFI, RB1COR) spoil: 'epg' simulates the RF phase "
+        "schedule, spoiler and diffusion by extended phase graphs, as a scanner spoils; 'ideal' uses "
+        "the ideal-spoiling (Ernst) equations (default: %(default)s)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "int16"),
         default="float32",
@@ -149,8 +157,11 @@ def main(argv=None):
     if not any(argument.startswith("--oversample") for argument in arguments):
         # the recorded command must reproduce the data even if the default changes again
         arguments += ["--oversample", str(args.oversample)]
+    if not any(argument.startswith("--spoiling") for argument in arguments):
+        arguments += ["--spoiling", args.spoiling]
     command = shlex.join(["qmri-phantom", *arguments])
     from qmri_workflows.phantom.dataset import write_phantom_dataset
+    from qmri_workflows.phantom.protocol import Protocol
 
     start = time.perf_counter()
     try:
@@ -167,6 +178,7 @@ def main(argv=None):
             overwrite=args.overwrite,
             command=command,
             kspace_filter=args.kspace_filter,
+            protocol=Protocol(spoiling=args.spoiling),
         )
     except FileExistsError:
         # the library's message names its keyword argument; here the user needs the flag

@@ -79,8 +79,11 @@ from qmri_workflows.io.derivatives import (
 )
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import (
+    DIFFUSION_T2_RANGE,
+    FREE_WATER_DIFFUSION,
     KSPACE_FILTERS,
     SIGNAL_SCALE,
+    TISSUE_DIFFUSION,
     PhantomScanner,
     list_volumes,
     reference_sigma,
@@ -144,7 +147,9 @@ def subject_table(n_subjects, seed=0):
     return rows
 
 
-def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype, kspace_filter):
+def _readme(
+    *, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype, kspace_filter, spoiling
+):
     snr_text = "noiseless (snr = inf)" if math.isinf(snr) else f"{snr:g}"
     lines = [
         "qmri-workflows digital MS-brain phantom",
@@ -203,12 +208,27 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "Acquisitions",
         "------------",
         "- anat/*_echo-<e>_flip-<f>_part-<mag|phase>_VFA: multi-echo spoiled gradient echo (SPGR) at",
-        "  several flip angles, ideal RF spoiling in the simulation.",
+        "  several flip angles, "
+        + (
+            "ideal RF spoiling in the simulation (Ernst equation)."
+            if spoiling == "ideal"
+            else "spoiled as a scanner does: extended phase graphs of the RF phase schedule,"
+        ),
         "- anat/*_acq-bssfp<ddd>_flip-<f>_part-<mag|phase>_VFA: phase-cycled balanced SSFP, TE = TR/2.",
         "  Project convention (BIDS has no phase-cycling entity): one acq- label per RF phase-cycling",
         "  increment in degrees, repeated in the sidecar as PhaseCyclingIncrement. Increment 0 is",
         "  conventional bSSFP (RF phase alternating by 180 degrees, pass band centred on resonance).",
-        "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007).",
+        *(
+            []
+            if spoiling == "ideal"
+            else [
+                "  spoiler moment and diffusion (SpoilingRFPhaseIncrement, SpoilingGradientMoment in the",
+                "  sidecars) at each voxel's T1, T2 and B1+: the signal departs from the Ernst equation by",
+                "  up to a few percent (more at the larger flip angle, long T2 and high B1+), as on a scanner.",
+            ]
+        ),
+        "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007)"
+        + (", ideal spoiling." if spoiling == "ideal" else ", spoiled as in the sidecars (EPG)."),
         "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
         "  coil; body coil, single channel, smooth sensitivity within 3 % of uniform).",
         "",
@@ -288,11 +308,15 @@ def _raw_sidecar(volume, *, field_strength, part, n_coils):
     metadata["ScanningSequence"] = "GR"
     metadata["SequenceVariant"] = ["SS"] if volume.kind == "bssfp" else ["SS", "SP"]
     metadata["SequenceName"] = f"qmri_{volume.kind}"
-    metadata["PulseSequenceDetails"] = "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); " + (
-        "balanced, TE = TR/2" if volume.kind == "bssfp" else "ideal RF and gradient spoiling"
+    if volume.kind == "bssfp":
+        details = "balanced, TE = TR/2"
+    elif volume.parameters.get("spoiling") is None:
+        details = "ideal RF and gradient spoiling"
+    else:
+        details = "RF and gradient spoiling simulated by extended phase graphs (quadratic RF phase schedule)"
+    metadata["PulseSequenceDetails"] = (
+        "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); " + details
     )
-    if volume.kind in ("afi", "rb1cor"):
-        metadata.setdefault("SpoilingType", "COMBINED")
     metadata["SoftwareVersions"] = f"qmri-workflows {__version__}"
     metadata["DeviceSerialNumber"] = "0000"
     metadata["StationName"] = "qmri-phantom"
@@ -764,6 +788,7 @@ def _write_dataset(
         oversample=oversample,
         dtype=dtype,
         kspace_filter=kspace_filter,
+        spoiling=protocol.spoiling,
     )
     (root / "README").write_text(readme, encoding="utf-8")
     (root / "CHANGES").write_text(
@@ -858,6 +883,20 @@ def _write_dataset(
                 "SignalScale": SIGNAL_SCALE,
                 "StorageDataType": dtype,
                 "Protocol": protocol.to_dict(),
+                "SpoilingSimulation": (
+                    "ideal spoiling (Ernst equation; Yarnykh 2007 for AFI)"
+                    if protocol.spoiling == "ideal"
+                    else {
+                        "Model": "extended phase graphs of the quadratic RF phase schedule, spoiler and "
+                        "diffusion (qmri_workflows.phantom.epg), tabulated over T1, T2 and B1+",
+                        "TissueDiffusion": TISSUE_DIFFUSION,
+                        "FreeWaterDiffusion": FREE_WATER_DIFFUSION,
+                        "DiffusionUnits": "mm^2/s",
+                        "DiffusionT2Range": list(DIFFUSION_T2_RANGE),
+                        "DiffusionNote": "tissue diffusion below the T2 range, free water above, "
+                        "log-linear in T2 between",
+                    }
+                ),
                 "MainGridShape": list(scanner.shape),
                 "RB1CORGridShape": list(scanner.rb1cor_shape),
             },

@@ -579,3 +579,25 @@ def test_has_and_problem_refuse_unknown_collections(tmp_path):
         inputs.has("B1")
     with pytest.raises(ValueError, match="unknown input collection"):
         inputs.problem("B1")
+
+
+def test_bssfp_cycle_missing_at_one_flip_angle(tmp_path):
+    """Every flip angle needs the same phase cycles; the spoiled GRE is not affected."""
+    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90, 180, 270), bssfp_flip_angles=(15.0, 50.0))
+    for path in dataset.files["bssfp"]:
+        if "bssfp270" in path.name and "flip-2" in path.name:
+            path.unlink()
+            sidecar_of(path).unlink()
+    message = _problem(dataset, BSSFP, "different phase cycles")
+    assert "270" in message and "flip-" in message and "add the missing" in message
+    assert len(_collect(dataset).gre) == 2
+
+
+def test_bssfp_phase_at_one_flip_angle_only(tmp_path):
+    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90, 180, 270), bssfp_flip_angles=(15.0, 50.0))
+    for path in dataset.files["bssfp"]:
+        if "part-phase" in path.name and "flip-2" in path.name:
+            path.unlink()
+            sidecar_of(path).unlink()
+    message = _problem(dataset, BSSFP, "phase images at some flip angles only")
+    assert "flip-2" in message and "50 deg" in message

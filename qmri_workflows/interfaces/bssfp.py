@@ -292,7 +292,8 @@ class FitDESPOT2(SimpleInterface):
     """R2 and T2 by DESPOT2 on band-free bSSFP signals (:func:`qmri_workflows.core.bssfp.fit_despot2`).
 
     R1 and B1+ come from the R1 family (DESPOT1 on the spoiled GRE); errors in them propagate to R2
-    (a 10 % B1+ error moves R2 by about 20 %: ``tests/core/test_bssfp.py``). The standard error
+    (DESPOT2 at 15 and 50 deg, TR 5 ms: B1+ 10 % high moves R2 by about -19 %, 10 % low by +26 %;
+    R1 10 % high by +10 %: ``tests/core/test_bssfp.py``). The standard error
     uses the residuals with more than two flip angles; with two it uses the noise SD of one phase
     cycle measured in the air, an approximation of the band-free signal's noise (the geometric
     solution of four cycles has about the noise of one cycle, more where the chords are nearly

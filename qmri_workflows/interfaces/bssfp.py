@@ -241,7 +241,11 @@ class BandFreeBSSFP(SimpleInterface):
             metadata["ComplexSumVoxels"] = ill_conditioned
         files = []
         for index, values in enumerate(band_free):
-            files.append(self._on_map_grid(values, source, reference, on_map_grid, "linear", f"bandfree_{index}.nii", runtime.cwd))
+            files.append(
+                self._on_map_grid(
+                    values, source, reference, on_map_grid, "linear", f"bandfree_{index}.nii", runtime.cwd
+                )
+            )
         self._results["band_free_files"] = files
         if weight_sum.any():
             with np.errstate(invalid="ignore", divide="ignore"):

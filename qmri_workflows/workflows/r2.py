@@ -82,7 +82,15 @@ def init_r2_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         IdentityInterface(
-            fields=["magnitude_files", "phase_files", "phase_scale", "reference_file", "mask_file", "r1_file", "b1_file"]
+            fields=[
+                "magnitude_files",
+                "phase_files",
+                "phase_scale",
+                "reference_file",
+                "mask_file",
+                "r1_file",
+                "b1_file",
+            ]
         ),
         name="inputnode",
     )

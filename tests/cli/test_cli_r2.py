@@ -27,9 +27,7 @@ def _plan_line(caplog, name):
 
 
 def _bssfp_dataset(tmp_path, **kwargs):
-    return make_dataset(
-        tmp_path / "raw", afi=True, bssfp_increments=CYCLES, bssfp_flip_angles=(15.0, 50.0), **kwargs
-    )
+    return make_dataset(tmp_path / "raw", afi=True, bssfp_increments=CYCLES, bssfp_flip_angles=(15.0, 50.0), **kwargs)
 
 
 def test_complex_bssfp_gives_r2_t2_stderr_and_offresonance(tmp_path, caplog):

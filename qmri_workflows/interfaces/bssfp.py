@@ -127,7 +127,8 @@ class BandFreeBSSFP(SimpleInterface):
     :func:`~qmri_workflows.core.bssfp.geometric_off_resonance`) or ``ellipse``
     (:func:`~qmri_workflows.core.bssfp.fit_ellipse`). Magnitude-only data: ``rms`` or ``max``
     (:func:`~qmri_workflows.core.bssfp.magnitude_combination`), the best combinations without phase,
-    which are band-reduced, not band-free, and give no off-resonance.
+    which are band-reduced, not band-free, and give no off-resonance (complex data combined by
+    ``rms``/``max`` still get it from the cycles).
 
     The off-resonance of the flip angles is averaged as phasors :math:`e^{2\\pi i f TR}` weighted by
     the squared band-free signal, so it stays defined modulo 1/TR, in [-1/(2TR), 1/(2TR)). When the
@@ -209,14 +210,13 @@ class BandFreeBSSFP(SimpleInterface):
                 value, off_resonance = np.abs(fit.amplitude), fit.off_resonance
             else:
                 value = magnitude_combination(np.abs(signals) if has_phase else magnitudes, method=combination)
-                if has_phase and n_cycle >= 4:
-                    # complex data combined by magnitude: the off-resonance still comes from the geometry
+                if has_phase:
+                    # complex data combined by magnitude: the off-resonance still comes from the cycles
+                    clean = np.where(fitted[..., None], signals, 0.0)
                     try:
-                        off_resonance, _ = geometric_off_resonance(
-                            np.where(fitted[..., None], signals, 0.0), increments, tr, mask=fitted
-                        )
+                        off_resonance, _ = geometric_off_resonance(clean, increments, tr, mask=fitted)
                     except ValueError:  # cycles not in opposite pairs: no closed form
-                        off_resonance = None
+                        off_resonance = fit_ellipse(clean, increments, tr, mask=fitted).off_resonance
             band_free.append(np.where(fitted, value, np.nan))
             if off_resonance is not None:
                 weight = np.where(fitted, value, 0.0) ** 2

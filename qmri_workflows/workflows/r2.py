@@ -284,7 +284,7 @@ def _r2_outputs(inputs):
             },
         ),
     ]
-    if _has_phase(inputs) and _in_opposite_pairs(inputs.bssfp[0].phase_increments):
+    if _has_phase(inputs):
         tr = inputs.bssfp[0].repetition_time
         outputs.append(
             Output(

@@ -30,7 +30,7 @@ from nipype.interfaces.base import (
 from ..core.bssfp import fit_despot2, fit_ellipse, geometric_off_resonance, geometric_solution, magnitude_combination
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
-from ..io.images import load_phase, load_volume, load_volumes, same_grid
+from ..io.images import load_volume, load_volumes, same_grid
 from ..io.resample import resample_to_reference
 from .r2star import estimate_noise_from_air
 
@@ -153,6 +153,11 @@ class BandFreeBSSFP(SimpleInterface):
                 f"--bssfp-combination {combination} needs the phase of every phase cycle (part-phase images), "
                 f"and {magnitude_files[0]} has none; add them or use --bssfp-combination rms"
             )
+        scale = self.inputs.phase_scale if isdefined(self.inputs.phase_scale) else None
+        if has_phase and (scale is None or not np.isfinite(scale) or scale <= 0):
+            raise BIDSInputError(
+                f"phase image {self.inputs.phase_files[0]}: invalid phase scale {scale!r} (need a positive number)"
+            )
         tr = self.inputs.repetition_time
         source = nib.load(magnitude_files[0])
         reference = nib.load(self.inputs.reference_file)
@@ -164,72 +169,39 @@ class BandFreeBSSFP(SimpleInterface):
 
         band_free, phasor, weight_sum = [], np.zeros(shape, complex), np.zeros(shape)
         ill_conditioned = 0
+        chunking = {"chunk_size": self.inputs.chunk_size, "n_jobs": self.inputs.num_threads}
         for index in range(n_flip):
             files = magnitude_files[index * n_cycle : (index + 1) * n_cycle]
-            magnitudes = load_volumes(files, reference=source, require_variation=True).astype(np.float64)
+            magnitudes = load_volumes(files, reference=source, require_variation=True)
+            if index == 0:
+                sigma = self._noise_sigma(magnitudes[..., 0], source)
+            phases = None
             if has_phase:
                 phase_files = list(self.inputs.phase_files)[index * n_cycle : (index + 1) * n_cycle]
-                phases = np.stack(
-                    [load_phase(path, self.inputs.phase_scale, reference=source) for path in phase_files], axis=-1
-                )
-                signals = magnitudes * np.exp(1j * phases)
+                phases = load_volumes(phase_files, reference=source)
             # NaN/Inf samples are missing data: the voxel gets NaN
-            finite = np.isfinite(signals if has_phase else magnitudes).all(axis=-1)
+            finite = np.isfinite(magnitudes).all(axis=-1)
+            if phases is not None:
+                finite &= np.isfinite(phases).all(axis=-1)
             fitted = finite if mask is None else (finite & mask)
-            off_resonance = None
+            # only the fitted voxels, as (n_voxel, n_cycle): a third of the volume in a head
+            voxel_magnitudes = magnitudes[fitted].astype(np.float64)
+            del magnitudes
+            signals = None
+            if phases is not None:
+                signals = voxel_magnitudes * np.exp(1j * (scale * phases[fitted].astype(np.float64)))
+                del phases
+            value, off_resonance = self._combine(signals, voxel_magnitudes, combination, increments, tr, chunking)
             if combination == "geometric":
-                clean = np.where(fitted[..., None], signals, 0.0)
-                value, gs_weight = geometric_solution(
-                    clean,
-                    increments,
-                    mask=fitted,
-                    return_weight=True,
-                    chunk_size=self.inputs.chunk_size,
-                    n_jobs=self.inputs.num_threads,
-                )
-                ill_conditioned += int((fitted & (gs_weight < 1)).sum())
-                off_resonance, _ = geometric_off_resonance(
-                    clean,
-                    increments,
-                    tr,
-                    band_free=value,
-                    mask=fitted,
-                    chunk_size=self.inputs.chunk_size,
-                    n_jobs=self.inputs.num_threads,
-                )
-                value = np.abs(value)
-            elif combination == "ellipse":
-                fit = fit_ellipse(
-                    np.where(fitted[..., None], signals, 0.0),
-                    increments,
-                    tr,
-                    mask=fitted,
-                    chunk_size=self.inputs.chunk_size,
-                    n_jobs=self.inputs.num_threads,
-                )
-                value, off_resonance = np.abs(fit.amplitude), fit.off_resonance
-            else:
-                value = magnitude_combination(np.abs(signals) if has_phase else magnitudes, method=combination)
-                if has_phase:
-                    # complex data combined by magnitude: the off-resonance still comes from the cycles
-                    clean = np.where(fitted[..., None], signals, 0.0)
-                    try:
-                        off_resonance, _ = geometric_off_resonance(clean, increments, tr, mask=fitted)
-                    except ValueError:  # cycles not in opposite pairs: no closed form
-                        off_resonance = fit_ellipse(clean, increments, tr, mask=fitted).off_resonance
-            band_free.append(np.where(fitted, value, np.nan))
+                value, gs_weight = value
+                ill_conditioned += int((gs_weight < 1).sum())
+            full = np.full(shape, np.nan)
+            full[fitted] = value
+            band_free.append(full)
             if off_resonance is not None:
-                weight = np.where(fitted, value, 0.0) ** 2
-                phasor += weight * np.exp(2j * np.pi * off_resonance * tr)
-                weight_sum += weight
-            if index == 0:
-                try:
-                    sigma = estimate_noise_from_air(
-                        magnitudes[..., 0], voxel_size=tuple(float(v) for v in source.header.get_zooms()[:3])
-                    )
-                except ValueError as error:
-                    LOGGER.info("R2: no noise level for the standard error (%s)", error)
-                    sigma = math.nan
+                weight = value**2
+                phasor[fitted] += weight * np.exp(2j * np.pi * off_resonance * tr)
+                weight_sum[fitted] += weight
 
         metadata = {
             "BandFreeCombination": COMBINATION_ALGORITHMS[combination],
@@ -256,6 +228,37 @@ class BandFreeBSSFP(SimpleInterface):
         self._results["noise_sigma"] = float(sigma)
         self._results["metadata"] = metadata
         return runtime
+
+    @staticmethod
+    def _noise_sigma(image, source):
+        try:
+            return estimate_noise_from_air(image, voxel_size=tuple(float(v) for v in source.header.get_zooms()[:3]))
+        except ValueError as error:
+            LOGGER.info("R2: no noise level for the standard error (%s)", error)
+            return math.nan
+
+    @staticmethod
+    def _combine(signals, magnitudes, combination, increments, tr, chunking):
+        """(band-free magnitude, off-resonance Hz or None) of voxels ``(n, n_cycle)``.
+
+        For ``geometric`` the first item is ``(magnitude, weight of the geometric solution)``.
+        """
+        if combination == "geometric":
+            value, weight = geometric_solution(signals, increments, return_weight=True, **chunking)
+            off_resonance, _ = geometric_off_resonance(signals, increments, tr, band_free=value, **chunking)
+            return (np.abs(value), weight), off_resonance
+        if combination == "ellipse":
+            fit = fit_ellipse(signals, increments, tr, **chunking)
+            return np.abs(fit.amplitude), fit.off_resonance
+        value = magnitude_combination(magnitudes, method=combination)
+        if signals is None:
+            return value, None
+        # complex data combined by magnitude: the off-resonance still comes from the cycles
+        try:
+            off_resonance, _ = geometric_off_resonance(signals, increments, tr, **chunking)
+        except ValueError:  # cycles not in opposite pairs: no closed form
+            off_resonance = fit_ellipse(signals, increments, tr, **chunking).off_resonance
+        return value, off_resonance
 
     def _on_map_grid(self, values, source, reference, on_map_grid, kind, name, cwd):
         image = nib.Nifti1Image(np.asarray(values, dtype=np.float32), source.affine)

@@ -581,23 +581,25 @@ def test_has_and_problem_refuse_unknown_collections(tmp_path):
         inputs.problem("B1")
 
 
-def test_bssfp_cycle_missing_at_one_flip_angle(tmp_path):
-    """Every flip angle needs the same phase cycles; the spoiled GRE is not affected."""
+def _bssfp_without(tmp_path, *parts):
+    """Four cycles at two flip angles, minus the images whose names contain every one of ``parts``."""
     dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90, 180, 270), bssfp_flip_angles=(15.0, 50.0))
     for path in dataset.files["bssfp"]:
-        if "bssfp270" in path.name and "flip-2" in path.name:
+        if all(part in path.name for part in parts):
             path.unlink()
             sidecar_of(path).unlink()
+    return dataset
+
+
+def test_bssfp_cycle_missing_at_one_flip_angle(tmp_path):
+    """Every flip angle needs the same phase cycles; the spoiled GRE is not affected."""
+    dataset = _bssfp_without(tmp_path, "bssfp270", "flip-2")
     message = _problem(dataset, BSSFP, "different phase cycles")
     assert "270" in message and "flip-" in message and "add the missing" in message
     assert len(_collect(dataset).gre) == 2
 
 
 def test_bssfp_phase_at_one_flip_angle_only(tmp_path):
-    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90, 180, 270), bssfp_flip_angles=(15.0, 50.0))
-    for path in dataset.files["bssfp"]:
-        if "part-phase" in path.name and "flip-2" in path.name:
-            path.unlink()
-            sidecar_of(path).unlink()
+    dataset = _bssfp_without(tmp_path, "part-phase", "flip-2")
     message = _problem(dataset, BSSFP, "phase images at some flip angles only")
     assert "flip-2" in message and "50 deg" in message

@@ -541,7 +541,9 @@ def _run(args, argv):
             continue
         for problem in inputs.problems:
             LOGGER.warning("%s: %s unusable: %s", label, problem.collection, problem.message)
-        subject_plans = plan_families(inputs, families)
+        subject_plans = plan_families(
+            inputs, families, {option.dest: getattr(args, option.dest) for f in families for option in f.options}
+        )
         plans[(subject, session)] = subject_plans
         if has_maps_to_compute(subject_plans):
             subjects.append(inputs)

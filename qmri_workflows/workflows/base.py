@@ -107,7 +107,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     from .outputs import init_ds_subject_wf, output_field
 
     families = registered_families() if families is None else list(families)
-    plans = plan_families(inputs, families)
+    plans = plan_families(inputs, families, options)
     running = [family for family, plan in zip(families, plans) if plan.run]
     if not has_maps_to_compute(plans):
         return None, plans

@@ -161,7 +161,9 @@ class MapFamily:
         left undefined (the factory sees which run in :attr:`BuildContext.running`).
     check : callable, optional
         ``check(inputs) -> str or None``: a reason the data cannot support the family even though
-        the collections exist (too few echoes, say), or None.
+        the collections exist (too few echoes, say), or None. With ``check_options`` true it is
+        ``check(inputs, options)`` (the option values by ``dest``, defaults filled in), for a
+        family whose needs depend on a chosen method (R2 from bSSFP: complex data or not).
     describe : callable
         ``describe(inputs) -> str``: what the family will be computed from (for the plan).
     build : callable
@@ -180,6 +182,8 @@ class MapFamily:
         Command-line options of the family.
     runtime_metadata : bool
         Whether the family's ``outputnode`` has a ``metadata`` field.
+    check_options : bool
+        Whether ``check`` takes the option values as its second argument.
     auxiliary : bool
         The family serves others (the brain mask): a subject for which only auxiliary families can
         run has no map to compute.
@@ -204,6 +208,7 @@ class MapFamily:
     runtime_metadata: bool = True
     auxiliary: bool = False
     consumes_maps: bool = False
+    check_options: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,7 +292,7 @@ def quantitative_outputs(family, inputs):
     return [output for output in family.outputs(inputs) if output.quantitative and output.index is None]
 
 
-def plan_families(inputs, families=None):
+def plan_families(inputs, families=None, options=None):
     """Decide, family by family, what the subject's data support.
 
     Parameters
@@ -295,6 +300,9 @@ def plan_families(inputs, families=None):
     inputs : qmri_workflows.io.query.SubjectInputs
     families : list of MapFamily, optional
         In dependency order; :func:`registered_families` by default.
+    options : dict, optional
+        Option values by ``dest`` (for the checks with ``check_options``); missing ones take
+        their defaults.
 
     Returns
     -------
@@ -302,6 +310,10 @@ def plan_families(inputs, families=None):
         One per family, in dependency order.
     """
     families = registered_families() if families is None else families
+    options = {
+        **{option.dest: option.kwargs.get("default") for family in families for option in family.options},
+        **(options or {}),
+    }
     plans, running = [], {}
     names = {family.key: family.name for family in families}
     for family in families:
@@ -321,7 +333,7 @@ def plan_families(inputs, families=None):
             if not producers:
                 reason = "no quantitative map is computed"
         if reason is None and family.check is not None:
-            reason = family.check(inputs)
+            reason = family.check(inputs, options) if family.check_options else family.check(inputs)
         run = reason is None
         running[family.key] = run
         plans.append(

@@ -236,9 +236,13 @@ def _calibrate_with_fallback(m0, r1, mask, receive, reference):
     try:
         result = calibrate_pd(m0, r1, mask, receive=receive, reference=other)
     except ValueError as error:
-        return None, None, (
-            f"neither a CSF nor a white-matter reference region found from R1 ({first_error}; {error}): "
-            "PD is written uncalibrated (arbitrary units)"
+        return (
+            None,
+            None,
+            (
+                f"neither a CSF nor a white-matter reference region found from R1 ({first_error}; {error}): "
+                "PD is written uncalibrated (arbitrary units)"
+            ),
         )
     return other, result, f"{first_error}; calibrated on {other.upper()} instead"
 

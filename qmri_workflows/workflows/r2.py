@@ -264,7 +264,13 @@ def _r2_outputs(inputs):
     sources = tuple(path for s in inputs.bssfp for path in (*s.magnitude, *(s.phase or ())))
     masked = {"SkullStripped": True}
     outputs = [
-        Output(field="r2_file", suffix="R2map", source_files=sources, metadata={**masked, "Units": "1/s"}),
+        Output(
+            field="r2_file",
+            suffix="R2map",
+            source_files=sources,
+            metadata={**masked, "Units": "1/s"},
+            quantitative=True,
+        ),
         Output(
             field="t2_file",
             suffix="T2map",

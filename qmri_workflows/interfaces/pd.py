@@ -255,10 +255,12 @@ class _EstimateB1FromVFAInputSpec(BaseInterfaceInputSpec):
     repetition_time = traits.Float(mandatory=True, desc="TR (s)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
     degree = traits.Int(4, usedefault=True, desc="polynomial degree of the log field")
+    no_map_reason = traits.Str(desc="why there is no measured B1+ map (recorded in the description)")
 
 
 class _EstimateB1FromVFAOutputSpec(TraitedSpec):
     b1_file = File(exists=True, desc="TB1map: actual / nominal flip angle in percent")
+    description = traits.Str(desc="how b1_file was made, for the sidecar of the maps corrected with it")
     metadata = traits.Dict(desc="Units, EstimationAlgorithm and EstimationReference for the sidecar")
 
 
@@ -282,14 +284,30 @@ class EstimateB1FromVFA(SimpleInterface):
         reference = read_image(files[0])
         signals = load_volumes(files, reference=reference, require_variation=True).astype(np.float64)
         mask = load_on_grid(self.inputs.mask_file, reference, kind="nearest", dtype=np.float32) > 0
-        estimate = estimate_b1_from_vfa(
-            signals,
-            np.radians(flips),
-            self.inputs.repetition_time,
-            mask,
-            voxel_size=reference.header.get_zooms()[:3],
-            degree=self.inputs.degree,
-            fit_map=False,
+        why = f"{self.inputs.no_map_reason}; " if isdefined(self.inputs.no_map_reason) else ""
+        try:
+            estimate = estimate_b1_from_vfa(
+                signals,
+                np.radians(flips),
+                self.inputs.repetition_time,
+                mask,
+                voxel_size=reference.header.get_zooms()[:3],
+                degree=self.inputs.degree,
+                fit_map=False,
+            )
+        except ValueError as error:
+            # Too little brain for the estimate: the fit goes on at the nominal angles, and says so.
+            note = f"none: {why}the map-free B1+ estimate failed ({error}); nominal flip angles assumed"
+            LOGGER.warning("B1+: %s", note)
+            self._results["b1_file"] = str(
+                write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), np.full(mask.shape, 100.0), reference.affine)
+            )
+            self._results["description"] = note
+            self._results["metadata"] = {"Units": "percent", "EstimationAlgorithm": note, "FlipAngle": flips}
+            return runtime
+        self._results["description"] = (
+            f"estimated from the VFA data ({why}no measured map): smooth field, R1 constant within three "
+            "tissue classes, mean B1+ 1 over the brain (UNICORT-like)"
         )
         self._results["b1_file"] = str(
             write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), 100.0 * estimate.b1, reference.affine)

@@ -200,6 +200,7 @@ class _FitR1InputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, desc="voxels to fit (0 elsewhere)")
     b1_file = File(exists=True, desc="B1+ in percent of nominal on the grid of the signals (TB1map)")
     b1_note = Str(desc="why there is no b1_file (recorded in the sidecar)")
+    b1_description = Str(desc="where b1_file comes from, when not a measured map (recorded in the sidecar)")
     afi_repetition_times = traits.List(
         traits.Float, minlen=2, maxlen=2, desc="TR1, TR2 (s) of the AFI pair b1_file comes from"
     )
@@ -296,7 +297,11 @@ class FitR1(SimpleInterface):
         if isdefined(self.inputs.b1_file):
             b1 = load_volume(self.inputs.b1_file, reference=reference).astype(np.float64) / 100.0
             b1 = np.where(b1 > 0, b1, np.nan)
-            metadata["B1Correction"] = "TB1map (actual / nominal flip angle)"
+            metadata["B1Correction"] = (
+                self.inputs.b1_description
+                if isdefined(self.inputs.b1_description)
+                else "TB1map (actual / nominal flip angle)"
+            )
         else:
             b1 = np.ones(shape)
             note = self.inputs.b1_note if isdefined(self.inputs.b1_note) else "no B1+ map"

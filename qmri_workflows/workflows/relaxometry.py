@@ -83,6 +83,7 @@ def init_r1_wf(
     tissue_t2=None,
     signal_kind="TE = 0 intercepts of the ESTATICS fit",
     b1_note=None,
+    estimate_b1=False,
     afi_protocol=None,
     mem_gb=1.0,
     omp_nthreads=1,
@@ -110,6 +111,10 @@ def init_r1_wf(
         What ``signal_files`` are (for the sidecar).
     b1_note : str, optional
         Why no B1+ map reaches the workflow (recorded when ``b1_file`` is undefined).
+    estimate_b1 : bool, optional
+        Without a B1+ map (``b1_note`` given), estimate a smooth B1+ field from the VFA signals
+        themselves (:func:`qmri_workflows.core.relaxometry.estimate_b1_from_vfa`: B1+ smooth, R1
+        constant within each of three tissue classes, mean B1+ 1 over the brain) and correct with it.
     afi_protocol : tuple of float, optional
         ``(TR1, TR2, flip angle in deg)`` of the AFI pair the B1+ map comes from: its finite-T1
         bias is then removed with the fitted T1 (:func:`~qmri_workflows.core.relaxometry.afi_t1_bias`).
@@ -187,6 +192,18 @@ def init_r1_wf(
         # B1+ data feed the fit: the map it used is the PD family's transmit field
         workflow.connect([
             (inputnode, fit, [("b1_file", "b1_file")]),
+            (fit, outputnode, [("b1_file", "b1_file")]),
+        ])  # fmt: skip
+    elif estimate_b1:
+        from ..interfaces.pd import EstimateB1FromVFA
+
+        estimate = pe.Node(
+            EstimateB1FromVFA(repetition_time=repetition_time, no_map_reason=b1_note), name="estimate_b1", mem_gb=mem_gb
+        )
+        workflow.connect([
+            (inputnode, estimate, [("signal_files", "signal_files"), ("flip_angles", "flip_angles"),
+                                   ("mask_file", "mask_file")]),
+            (estimate, fit, [("b1_file", "b1_file"), ("description", "b1_description")]),
             (fit, outputnode, [("b1_file", "b1_file")]),
         ])  # fmt: skip
     return workflow
@@ -330,7 +347,7 @@ def _describe_r1(inputs):
     b1 = (
         f"B1+ from {'the --derivatives TB1map' if _b1_source(inputs) == 'tb1map' else 'AFI'}"
         if _b1_source(inputs)
-        else f"WARNING: not corrected for B1+ ({_no_b1_reason(inputs)})"
+        else f"B1+ estimated from the VFA data, no B1+ map ({_no_b1_reason(inputs)}) unless --no-b1-estimate"
     )
     increment, source = spoiling_choice(True, *_spoiling_sidecar(inputs)[:2])
     spoiling = (
@@ -366,6 +383,9 @@ def _build_r1(context):
         tissue_t2=options["r1_tissue_t2"],
         signal_kind="TE = 0 intercepts of the ESTATICS fit" if multi_echo else "single-echo images",
         b1_note=b1_note,
+        estimate_b1=not b1_corrected
+        and not options["r1_no_b1_correction"]
+        and not options.get("r1_no_b1_estimate", False),
         afi_protocol=(
             (inputs.afi.tr1, inputs.afi.tr2, inputs.afi.flip_angle)
             if b1_corrected and _b1_source(inputs) == "afi"
@@ -481,6 +501,15 @@ def _registry_entries():
                 ("--no-b1-correction",),
                 "r1_no_b1_correction",
                 {"action": "store_true", "help": "fit R1 at the nominal flip angles even when a B1+ map exists"},
+            ),
+            Option(
+                ("--no-b1-estimate",),
+                "r1_no_b1_estimate",
+                {
+                    "action": "store_true",
+                    "help": "without B1+ data, fit R1 at the nominal flip angles instead of estimating a smooth "
+                    "B1+ field from the VFA data (default: estimate it)",
+                },
             ),
             Option(
                 ("--no-spoiling-correction",),

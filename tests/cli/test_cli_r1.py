@@ -73,9 +73,9 @@ def test_afi_with_equal_trs_disables_b1_only_and_r1_runs_uncorrected(tmp_path, c
     b1_line = _plan_line(caplog, "B1+")
     assert b1_line.startswith("B1+: no, afi unusable: AFI pair with TR2 <= TR1") and tr2.name in b1_line
     r1_line = _plan_line(caplog, "R1")
-    assert r1_line.startswith("R1: yes") and "WARNING: not corrected for B1+" in r1_line
+    assert r1_line.startswith("R1: yes") and "B1+ estimated from the VFA data" in r1_line
     r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
-    assert r1["B1Correction"].startswith("none: afi unusable: AFI pair with TR2 <= TR1")
+    assert "afi unusable: AFI pair with TR2 <= TR1" in r1["B1Correction"]
     assert not (out / "fmap").exists()
 
 
@@ -126,7 +126,7 @@ def test_unsupported_b1_collection_is_named_and_r1_runs_uncorrected(tmp_path, ca
     b1_line = _plan_line(caplog, "B1+")
     assert b1_line.startswith("B1+: no, transmit-field data of a kind this version cannot process")
     assert "sub-01_acq-anglemap_TB1DAM.nii.gz" in b1_line
-    assert "not corrected for B1+" in _plan_line(caplog, "R1")
+    assert "B1+ estimated from the VFA data" in _plan_line(caplog, "R1")
     assert "cannot process" in _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"]
 
 

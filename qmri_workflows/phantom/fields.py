@@ -321,9 +321,10 @@ def band_limited_field(maps, voxel_size, factor=1, *, b0_direction=(0, 0, 1), pa
         np.fft.fftfreq(padded[1], d=coarse_voxel),
         np.fft.rfftfreq(padded[2], d=coarse_voxel),
     ]
-    # Nyquist planes have no symmetric partner after the sub-voxel shifts: crop them.
+    # Nyquist planes have no symmetric partner after the sub-voxel shifts: crop them (factor > 1
+    # only; at factor 1 they are kept, dropping them would leave a checkerboard in the field).
     for axis, n in enumerate(padded):
-        if n % 2 == 0:
+        if factor > 1 and n % 2 == 0:
             index = [slice(None)] * 3
             index[axis] = n // 2
             kernel[tuple(index)] = 0

@@ -46,7 +46,9 @@ def main(argv=None):
     start = time.perf_counter()
     data = phantom_gre(resolution=args.resolution, oversample=args.oversample, b0_tilt_degrees=args.tilt)
     shape = data["chi"].shape
-    print(f"phantom {shape} at {args.resolution} mm (oversample {args.oversample}): {time.perf_counter() - start:.0f} s")
+    print(
+        f"phantom {shape} at {args.resolution} mm (oversample {args.oversample}): {time.perf_counter() - start:.0f} s"
+    )
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
         files, mask_file = write_gre(data, folder)
@@ -62,7 +64,11 @@ def main(argv=None):
         mask = step(
             "mask",
             "QSMMask",
-            {"mask_file": mask_file, "magnitude_file": total["magnitude_file"], "field_sd_file": total["field_sd_file"]},
+            {
+                "mask_file": mask_file,
+                "magnitude_file": total["magnitude_file"],
+                "field_sd_file": total["field_sd_file"],
+            },
         )
         local = step(
             "background",
@@ -93,7 +99,10 @@ def main(argv=None):
         )
         wall = sum(w for w, _ in walls.values())
         peak = max(p for _, p in walls.values())
-        print(f"{args.background} + {args.inversion} chain: {wall:.1f} s wall (sum of nodes, incl. process start), peak node memory {peak:.2f} GiB")
+        print(
+            f"{args.background} + {args.inversion} chain: {wall:.1f} s wall (sum of nodes, incl. process "
+            f"start), peak node memory {peak:.2f} GiB"
+        )
         estimate = np.asarray(nib.load(referenced["chi_file"]).dataobj, dtype=float)
         region = (np.asarray(nib.load(local["local_mask_file"]).dataobj) > 0) & data["brain_mask"]
         local_ppm = np.asarray(nib.load(local["local_field_file"]).dataobj, dtype=float) / (42.577478518 * 3.0)

@@ -545,9 +545,7 @@ def _add_air_neck_and_veins(fractions, axes, brain_mask, head_mask, resolution, 
         middle = (side * (inner_x + outer_x) / 2, y0, z0)
         box, (bx, by, bz) = _box(axes, middle, (outer_x - inner_x) / 2 + radius)
         start = (side * inner_x, y0, z0)
-        canal = _tube_fraction(
-            bx + middle[0], by + y0, bz + z0, start, (side, 0, 0), radius, outer_x - inner_x, width
-        )
+        canal = _tube_fraction(bx + middle[0], by + y0, bz + z0, start, (side, 0, 0), radius, outer_x - inner_x, width)
         _scale_in_box({k: fractions[k] for k in ("skull", "scalp")}, box, 1 - canal * wall[box])
 
     extracranial = fractions["skull"] + fractions["scalp"]

@@ -19,7 +19,9 @@ kernel exactly. :func:`band_limited_field` therefore computes the field of the *
 map (``factor`` times finer than the grid the field is wanted on, e.g. the oversampled phantom) and
 keeps only the frequencies of the coarse grid (a k-space crop, centred on the coarse voxels), with
 padding sizes unrelated to the data grid: the field is the band-limited field of the fine object,
-not the discrete forward model of the coarse truth.
+not the discrete forward model of the coarse truth. The crop rings next to the air-tissue jumps of the
+field (a few % of chi within about 2 mm, see ``tests/phantom/test_fair_field.py``), as a scanner's
+finite k-space does; at ``factor`` 1 nothing is cropped.
 """
 
 from __future__ import annotations
@@ -245,8 +247,9 @@ def b0_fields(
     Returns
     -------
     total, background, local : ndarray of float32
-        On the coarse grid when ``factor > 1``. ``total = local + background + shim residual``; the constant (centre frequency) is part of
-        ``background`` and chosen so that the mean of ``total`` over the brain is 0.
+        On the coarse grid when ``factor > 1``. ``total = local + background + shim residual``;
+        the constant (centre frequency) is part of ``background`` and chosen so that the mean of
+        ``total`` over the brain is 0.
     """
     sources = np.empty(chi.shape + (2,), dtype=np.float32)
     sources[..., 0] = chi + np.float32(CHI_WATER_PPM - CHI_AIR_PPM) * tissue_fraction
@@ -268,7 +271,9 @@ def b0_fields(
     return total.astype(np.float32), background.astype(np.float32), local.astype(np.float32)
 
 
-def band_limited_field(maps, voxel_size, factor=1, *, b0_direction=(0, 0, 1), pad=None, extend_low=(0, 0, 0), workers=-1):
+def band_limited_field(
+    maps, voxel_size, factor=1, *, b0_direction=(0, 0, 1), pad=None, extend_low=(0, 0, 0), workers=-1
+):
     """Field (ppm) of fine susceptibility maps, brought to a ``factor`` times coarser grid in k-space.
 
     The fine grid is split into its ``factor**3`` polyphase components (fine voxels ``factor * m + s``);

@@ -309,9 +309,10 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
     ``factor = round(FIELD_GRID_MM / voxel_size)`` times coarser by a k-space crop
     (:func:`~.fields.band_limited_field`: the fine spectrum at the coarse frequencies, never the
     coarse grid's own discrete model) and interpolated back (trilinear). The dipole FFT of a 0.5 mm
-    head with its zero padding would need about 6 GB; the interpolated field keeps the macroscopic gradients that dephase the spins inside a
-    voxel, and loses only field structure finer than the field grid next to sharp susceptibility
-    boundaries. The linear shim and the centre frequency (mean total field over the brain = 0) are
+    head with its zero padding would need about 6 GB; the interpolated field keeps the macroscopic
+    gradients that dephase the spins inside a voxel, and loses only field structure finer than the
+    field grid next to sharp susceptibility boundaries. The linear shim and the centre frequency
+    (mean total field over the brain = 0) are
     exact on the phantom grid.
     """
     factor = max(1, int(round(FIELD_GRID_MM / voxel_size)))
@@ -320,7 +321,15 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
             chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, b0_direction=direction, seed=seed
         )
     _, background, local = b0_fields(
-        chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, b0_direction=direction, seed=seed, factor=factor
+        chi,
+        tissue_fraction,
+        brain_mask,
+        voxel_size,
+        centre_mm,
+        affine,
+        b0_direction=direction,
+        seed=seed,
+        factor=factor,
     )
     shape = chi.shape
 

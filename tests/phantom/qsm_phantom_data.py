@@ -131,9 +131,9 @@ def run_total_field(files, mask_file, folder):
     from qmri_workflows.interfaces import qsm
 
     total = qsm.TotalField(**files, mask_file=mask_file).run(cwd=str(_folder(folder, "total"))).outputs
-    mask = qsm.QSMMask(
-        mask_file=mask_file, magnitude_file=total.magnitude_file, field_sd_file=total.field_sd_file
-    ).run(cwd=str(_folder(folder, "mask")))
+    mask = qsm.QSMMask(mask_file=mask_file, magnitude_file=total.magnitude_file, field_sd_file=total.field_sd_file).run(
+        cwd=str(_folder(folder, "mask"))
+    )
     return total, mask.outputs.out_mask
 
 

@@ -12,6 +12,7 @@ default 1 computes the field on the 1 mm grid itself (enough for timing). Run on
 """
 
 import argparse
+import pickle
 import sys
 import tempfile
 import time
@@ -42,9 +43,15 @@ def main(argv=None):
     parser.add_argument("--tilt", type=float, default=25.0)
     parser.add_argument("--background", default="vsharp", choices=("vsharp", "pdf", "lbv"))
     parser.add_argument("--inversion", default="tv", choices=("tv", "tkd", "l2", "ilsqr"))
+    parser.add_argument("--cache", type=Path, help="pickle of the simulated data (written if missing)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    data = phantom_gre(resolution=args.resolution, oversample=args.oversample, b0_tilt_degrees=args.tilt)
+    if args.cache is not None and args.cache.exists():
+        data = pickle.loads(args.cache.read_bytes())
+    else:
+        data = phantom_gre(resolution=args.resolution, oversample=args.oversample, b0_tilt_degrees=args.tilt)
+        if args.cache is not None:
+            args.cache.write_bytes(pickle.dumps(data))
     shape = data["chi"].shape
     print(
         f"phantom {shape} at {args.resolution} mm (oversample {args.oversample}): {time.perf_counter() - start:.0f} s"

@@ -536,7 +536,9 @@ def _add_air_neck_and_veins(fractions, axes, brain_mask, head_mask, resolution, 
     del filled, column, radius
 
     # air cavities, kept off the brain
-    wall = ndimage.distance_transform_edt(~brain_mask, sampling=resolution) > _CAVITY_WALL_MM + resolution / 2
+    # at least one voxel of bone: a cavity never opens the intracranial space to the outside air
+    wall_mm = max(_CAVITY_WALL_MM, resolution) + resolution / 2
+    wall = ndimage.distance_transform_edt(~brain_mask, sampling=resolution) > wall_mm
     for _, centre, semi_axes in AIR_CAVITIES:
         box, cavity = _ellipsoid_fraction(axes, centre, semi_axes, width)
         _scale_in_box({k: fractions[k] for k in ("skull", "scalp")}, box, 1 - cavity * wall[box])

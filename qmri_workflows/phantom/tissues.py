@@ -380,7 +380,7 @@ AIR_CAVITIES = (
 )
 #: External ear canals: tubes along x from ``|x| = inner`` out of the head: ((inner, outer) |x| in
 #: mm, y, z, radius), both sides.
-EAR_CANALS = ((52.0, 100.0), -22.0, -42.0, 4.0)
+EAR_CANALS = ((58.0, 100.0), -22.0, -42.0, 4.0)
 #: Neck below the skull base: ((centre x, centre y), (semi-axis x, semi-axis y), top z), MNI mm;
 #: soft tissue that continues below the grid.
 NECK = ((0.0, -20.0), (48.0, 52.0), -45.0)

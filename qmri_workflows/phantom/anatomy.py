@@ -33,7 +33,19 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .tissues import CHRONIC_ACTIVE_RIM_MM, CORTICAL_LESIONS, DEEP_GREY_NUCLEI, PATIENT_ATROPHY, WM_LESIONS
+from .tissues import (
+    AIR_CAVITIES,
+    CENTRAL_VEIN_LESION_MIN_DIAMETER_MM,
+    CENTRAL_VEIN_RADIUS_MM,
+    CHRONIC_ACTIVE_RIM_MM,
+    CORTICAL_LESIONS,
+    DEEP_GREY_NUCLEI,
+    EAR_CANALS,
+    NECK,
+    PATIENT_ATROPHY,
+    SAGITTAL_SINUS,
+    WM_LESIONS,
+)
 
 __all__ = [
     "TEMPLATE_FILES",
@@ -501,8 +513,136 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
         csf += lost
         del lost
     fractions.update(cortical_gm=gm, wm=wm, skull=skull, scalp=scalp)
+    head_mask = _add_air_neck_and_veins(fractions, axes, brain_mask, head_mask, resolution, lesions)
     fractions = {
         name: value if isinstance(value, LocalFraction) else np.asarray(value, dtype=np.float32)
         for name, value in fractions.items()
     }
     return Anatomy(affine=affine, fractions=fractions, brain_mask=brain_mask, head_mask=head_mask, lesions=lesions)
+
+
+# --------------------------------------------------------------------------------------------------
+# air cavities, neck and veins (the sources of a realistic B0 field)
+# --------------------------------------------------------------------------------------------------
+#: Bone left between an air cavity and the brain (mm): cavities never reach the intracranial space.
+_CAVITY_WALL_MM = 1.5
+#: The brain's centre (MNI mm) from which the medullary veins of lesions run outwards.
+_VENOUS_CENTRE_MM = (0.0, -18.0, 12.0)
+
+
+def _scale_in_box(fractions, box, keep):
+    """Multiply every compartment by ``keep`` inside ``box``; return the occupied fraction there before."""
+    occupied = np.zeros(keep.shape, dtype=np.float32)
+    for fraction in fractions.values():
+        if isinstance(fraction, LocalFraction):
+            for piece_box, values in fraction.pieces:
+                overlap = tuple(slice(max(p.start, b.start), min(p.stop, b.stop)) for p, b in zip(piece_box, box))
+                if any(o.stop <= o.start for o in overlap):
+                    continue
+                local = tuple(slice(o.start - p.start, o.stop - p.start) for o, p in zip(overlap, piece_box))
+                target = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, box))
+                occupied[target] += values[local]
+                values[local] *= keep[target]
+        else:
+            occupied += fraction[box]
+            fraction[box] *= keep
+    return occupied
+
+
+def _replace_with_vein(fractions, box, vein):
+    """Vein of partial volume ``vein`` (box-shaped) replaces whatever fills its voxels."""
+    occupied = _scale_in_box(fractions, box, 1 - vein)
+    fractions.setdefault("vein", LocalFraction(fractions["csf"].shape)).add(box, vein * occupied)
+
+
+def _tube_fraction(x, y, z, start, direction, radius, length, width):
+    """Partial volume of a tube of ``radius`` from ``start`` along ``direction`` over ``length`` (mm)."""
+    d = np.asarray(direction, float) / np.linalg.norm(direction)
+    px, py, pz = x - start[0], y - start[1], z - start[2]
+    along = px * d[0] + py * d[1] + pz * d[2]
+    rho = np.sqrt(np.maximum(px * px + py * py + pz * pz - along * along, 0))
+    ends = np.minimum(_plane_fraction(-along, width), _plane_fraction(along - length, width))
+    # The ramp of the partial-volume profile widens a tube thinner than a voxel: scale it so the
+    # cross-section keeps its area pi r^2 (the profile's area is pi (r^2 + w^2 / 12) for r >= w / 2,
+    # pi R^3 / (3 w) with R = r + w / 2 below).
+    if radius >= width / 2:
+        area = radius**2 + width**2 / 12
+    else:
+        area = (radius + width / 2) ** 3 / (3 * width)
+    return np.minimum(_plane_fraction(rho - radius, width), ends) * np.float32(min(1.0, radius**2 / area))
+
+
+def _add_air_neck_and_veins(fractions, axes, brain_mask, head_mask, resolution, lesions):
+    """Air cavities, the neck and veins, in place; returns the head mask with the neck, without the air.
+
+    * Air cavities (:data:`~.tissues.AIR_CAVITIES`, :data:`~.tissues.EAR_CANALS`) replace skull,
+      scalp and neck, never closer than 1.5 mm to the brain.
+    * The neck (:data:`~.tissues.NECK`, soft tissue of the scalp compartment) fills the air below
+      the skull down to the grid's bottom; the field model continues it below the grid.
+    * The superior sagittal sinus runs along the midline just inside the intracranial surface;
+      the larger chronic white-matter lesions get a central (medullary) vein through their centre,
+      pointing away from the brain's centre.
+    """
+    width = resolution
+    shape = brain_mask.shape
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+
+    # neck: an elliptic column below the skull base, filling only what is air
+    (centre_x, centre_y), (semi_x, semi_y), top = NECK
+    radius = np.sqrt(((x - centre_x) / semi_x) ** 2 + ((y - centre_y) / semi_y) ** 2)
+    column = np.minimum(_plane_fraction((radius - 1) * min(semi_x, semi_y), width), _plane_fraction(z - top, width))
+    filled = np.zeros(shape, dtype=np.float32)
+    for fraction in fractions.values():
+        filled += dense(fraction)
+    neck = np.clip(column - filled, 0, 1).astype(np.float32)
+    fractions["scalp"] += neck
+    neck_mask = (neck + filled >= 0.5) & (neck > 0)
+    del filled, column, radius
+
+    # air cavities, kept off the brain
+    # at least one voxel of bone: a cavity never opens the intracranial space to the outside air
+    wall_mm = max(_CAVITY_WALL_MM, resolution) + resolution / 2
+    wall = ndimage.distance_transform_edt(~brain_mask, sampling=resolution) > wall_mm
+    for _, centre, semi_axes in AIR_CAVITIES:
+        box, cavity = _ellipsoid_fraction(axes, centre, semi_axes, width)
+        _scale_in_box({k: fractions[k] for k in ("skull", "scalp")}, box, 1 - cavity * wall[box])
+    for side in (-1, 1):
+        (inner_x, outer_x), y0, z0, radius = EAR_CANALS
+        middle = (side * (inner_x + outer_x) / 2, y0, z0)
+        box, (bx, by, bz) = _box(axes, middle, (outer_x - inner_x) / 2 + radius)
+        start = (side * inner_x, y0, z0)
+        canal = _tube_fraction(bx + middle[0], by + y0, bz + z0, start, (side, 0, 0), radius, outer_x - inner_x, width)
+        _scale_in_box({k: fractions[k] for k in ("skull", "scalp")}, box, 1 - canal * wall[box])
+
+    extracranial = fractions["skull"] + fractions["scalp"]
+    head_mask = brain_mask | ((head_mask | neck_mask) & (extracranial >= 0.5))
+    del extracranial
+
+    # superior sagittal sinus: a tube along the midline, its centre a fixed depth inside the surface
+    depth_mm, radius, (y_front, y_back), z_low = SAGITTAL_SINUS
+    half = radius + depth_mm + width
+    columns = np.flatnonzero(np.abs(axes[0]) <= half)
+    box = (slice(columns[0], columns[-1] + 1), slice(0, shape[1]), slice(0, shape[2]))
+    depth = ndimage.distance_transform_edt(brain_mask[box], sampling=resolution) - resolution / 2
+    bx = axes[0][box[0]][:, None, None]
+    rho = np.sqrt(bx * bx + (depth - depth_mm) ** 2)
+    extent = np.minimum(_plane_fraction(y - y_front, width), _plane_fraction(y_back - y, width))
+    sinus = np.minimum(_plane_fraction(rho - radius, width), extent)
+    sinus = np.minimum(sinus, _plane_fraction(z_low - z, width)) * brain_mask[box]
+    _replace_with_vein(fractions, box, sinus.astype(np.float32))
+    del depth, rho, sinus
+
+    # central veins of the larger chronic lesions (the central vein sign)
+    for lesion in lesions:
+        if not lesion.compartment.startswith("chronic") or 2 * lesion.radius < CENTRAL_VEIN_LESION_MIN_DIAMETER_MM:
+            continue
+        direction = np.asarray(lesion.centre) - np.asarray(_VENOUS_CENTRE_MM)
+        direction /= np.linalg.norm(direction)
+        start = np.asarray(lesion.centre) - direction * (lesion.radius + 1)
+        box, (bx, by, bz) = _box(axes, lesion.centre, lesion.radius + 1 + resolution)
+        c = lesion.centre
+        vein = _tube_fraction(
+            bx + c[0], by + c[1], bz + c[2], start, direction, CENTRAL_VEIN_RADIUS_MM, 2 * lesion.radius + 2, width
+        )
+        _replace_with_vein(fractions, box, vein.astype(np.float32))
+    return head_mask

@@ -5,17 +5,32 @@ same at every resolution; ``seed`` perturbs them slightly (centre shift, gradien
 so that two subjects do not share identical fields.
 
 B0 is computed physically: the head (tissue about -9.05 ppm) in air (+0.36 ppm) produces a background
-field by the dipole forward model (:func:`qmri_workflows.core.dipole.forward_field`) with enough zero
-padding (padding = air) that the FFT does not wrap; the brain's own susceptibility variations give the
-local field; a small linear term stands for the residual of a first-order shim. The scanner's centre
-frequency is set on the brain: the mean total field over the brain is 0.
+field by the continuous dipole kernel ``1/3 - (k.b)^2/k^2`` (:func:`band_limited_field`) with enough zero
+padding (padding = air) that the FFT does not wrap; the neck continues below the grid (the bottom
+slices are extended by :data:`NECK_EXTENSION_MM`, as a neck continues out of a head scan's field of
+view); the brain's own susceptibility variations give the local field; a small linear term stands
+for the residual of a first-order shim. The scanner's centre frequency is set on the brain: the mean
+total field over the brain is 0.
+
+Fair field (no inverse crime)
+-----------------------------
+An inversion that uses the kernel of the data's own grid would invert a field made with that same
+kernel exactly. :func:`band_limited_field` therefore computes the field of the *fine* susceptibility
+map (``factor`` times finer than the grid the field is wanted on, e.g. the oversampled phantom) and
+keeps only the frequencies of the coarse grid (a k-space crop, centred on the coarse voxels), with
+padding sizes unrelated to the data grid: the field is the band-limited field of the fine object,
+not the discrete forward model of the coarse truth. The crop rings next to the air-tissue jumps of the
+field (a few % of chi within about 2 mm, see ``tests/phantom/test_fair_field.py``), as a scanner's
+finite k-space does; at ``factor`` 1 nothing is cropped.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
-from ..core.dipole import forward_field
+from ..core.dipole import _rfft_kernel, _unit_vector
+from .simulate import block_average, coarsen_affine
 from .tissues import CHI_AIR_PPM, CHI_WATER_PPM
 
 __all__ = [
@@ -29,6 +44,8 @@ __all__ = [
     "RECEIVE_VARIATION",
     "BODY_RECEIVE_VARIATION",
     "FIELD_GRID_MM",
+    "band_limited_field",
+    "NECK_EXTENSION_MM",
 ]
 
 #: Target B1+ ratio at the brain centre and at ~80 mm from it (3 T head coil: centre-bright).
@@ -39,6 +56,8 @@ RECEIVE_VARIATION = 0.30
 BODY_RECEIVE_VARIATION = 0.03
 #: Finest grid (mm) on which the dipole model of B0 is computed (see ``truth.make_phantom``).
 FIELD_GRID_MM = 1.0
+#: How far (mm) the sources of the field continue below the grid: the neck leaves the field of view.
+NECK_EXTENSION_MM = 80.0
 #: Length (mm) that normalises positions in the polynomial/Gaussian patterns.
 _HEAD_RADIUS_MM = 80.0
 
@@ -200,7 +219,9 @@ def phase_offset(shape, affine, centre_mm, *, seed=0):
     return np.broadcast_to(phase, shape).astype(np.float32)
 
 
-def b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, b0_direction=(0, 0, 1), seed=0):
+def b0_fields(
+    chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, b0_direction=(0, 0, 1), seed=0, factor=1
+):
     """Total, background and local field (ppm of B0) of the head in air.
 
     Parameters
@@ -219,22 +240,128 @@ def b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *
     b0_direction : sequence of 3 float
         Main-field direction in voxel axes.
     seed : int
+    factor : int, optional
+        The fields are wanted on the grid ``factor`` times coarser (block centres): computed from
+        the fine maps and cropped in k-space (:func:`band_limited_field`).
 
     Returns
     -------
     total, background, local : ndarray of float32
-        ``total = local + background + shim residual``; the constant (centre frequency) is part of
-        ``background`` and chosen so that the mean of ``total`` over the brain is 0.
+        On the coarse grid when ``factor > 1``. ``total = local + background + shim residual``;
+        the constant (centre frequency) is part of ``background`` and chosen so that the mean of
+        ``total`` over the brain is 0.
     """
     sources = np.empty(chi.shape + (2,), dtype=np.float32)
     sources[..., 0] = chi + np.float32(CHI_WATER_PPM - CHI_AIR_PPM) * tissue_fraction
     sources[..., 1] = np.where(brain_mask, chi, 0)
-    fields = forward_field(sources, voxel_size, b0_direction=b0_direction)
+    factor = int(factor)
+    neck = int(round(NECK_EXTENSION_MM / (voxel_size * factor)))
+    fields = band_limited_field(sources, voxel_size, factor, b0_direction=b0_direction, extend_low=(0, 0, neck))
     del sources
+    if factor > 1:
+        # the results live on the coarse grid: mask, shim and centre frequency there
+        brain_mask = block_average(brain_mask, factor) >= 0.5
+        affine = coarsen_affine(affine, factor)
     total, local = fields[..., 0], np.ascontiguousarray(fields[..., 1])
     background = total - local
     del fields, total
-    shim = np.broadcast_to(shim_residual(chi.shape, affine, centre_mm, seed=seed), chi.shape)
+    shim = np.broadcast_to(shim_residual(local.shape, affine, centre_mm, seed=seed), local.shape)
     background -= np.float32((local + background + shim)[brain_mask].mean())
     total = local + background + shim
     return total.astype(np.float32), background.astype(np.float32), local.astype(np.float32)
+
+
+def band_limited_field(
+    maps, voxel_size, factor=1, *, b0_direction=(0, 0, 1), pad=None, extend_low=(0, 0, 0), workers=-1
+):
+    """Field (ppm) of fine susceptibility maps, brought to a ``factor`` times coarser grid in k-space.
+
+    The fine grid is split into its ``factor**3`` polyphase components (fine voxels ``factor * m + s``);
+    the sum of their coarse spectra, each shifted by its sub-voxel offset, is exactly the fine grid's
+    spectrum at the coarse grid's frequencies, so the result is the field of the fine map, computed
+    with the continuous kernel ``1/3 - (k.b)^2/|k|^2`` and cropped to the coarse band (Nyquist planes
+    dropped), sampled at the centres of the ``factor**3`` blocks (the grid of
+    :func:`~.simulate.coarsen_affine`). Memory is that of the padded coarse grid.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (X, Y, Z) or (X, Y, Z, N)
+        Susceptibility (ppm) relative to the medium outside the grid, on the fine grid; edge-padded
+        to a multiple of ``factor``.
+    voxel_size : float
+        Fine voxel size (mm), isotropic.
+    factor : int, optional
+        Coarsening factor (1: the field on the grid of ``maps``).
+    b0_direction : sequence of 3 float, optional
+        Main-field direction in voxel axes.
+    pad : None or sequence of 3 int, optional
+        Zero (medium) voxels of the coarse grid added on each side; ``None``: half the coarse length
+        (after the extension) on each side.
+    extend_low : sequence of 3 int, optional
+        Coarse voxels by which the maps continue before index 0 of each axis (the first slice
+        repeated): sources that leave the field of view, e.g. the neck.
+    workers : int, optional
+        Threads of :mod:`scipy.fft`.
+
+    Returns
+    -------
+    ndarray of float32, shape ``ceil(shape / factor)`` (with N last if given)
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    stacked = maps if maps.ndim == 4 else maps[..., np.newaxis]
+    factor = int(factor)
+    if factor < 1:
+        raise ValueError(f"factor must be a positive integer, got {factor!r}")
+    direction = _unit_vector(b0_direction)
+    fine = stacked.shape[:3]
+    coarse = tuple(-(-n // factor) for n in fine)
+    extend = tuple(int(e) for e in extend_low)
+    extended = tuple(n + e for n, e in zip(coarse, extend))
+    pad = [n // 2 for n in extended] if pad is None else [int(p) for p in pad]
+    padded = tuple(scipy.fft.next_fast_len(n + 2 * p, real=True) for n, p in zip(extended, pad))
+    coarse_voxel = float(voxel_size) * factor
+    kernel = _rfft_kernel(padded, np.full(3, coarse_voxel), direction, np.float32)
+    frequencies = [
+        np.fft.fftfreq(padded[0], d=coarse_voxel),
+        np.fft.fftfreq(padded[1], d=coarse_voxel),
+        np.fft.rfftfreq(padded[2], d=coarse_voxel),
+    ]
+    # Nyquist planes have no symmetric partner after the sub-voxel shifts: crop them (factor > 1
+    # only; at factor 1 they are kept, dropping them would leave a checkerboard in the field).
+    for axis, n in enumerate(padded):
+        if factor > 1 and n % 2 == 0:
+            index = [slice(None)] * 3
+            index[axis] = n // 2
+            kernel[tuple(index)] = 0
+    region = tuple(slice(p + e, p + e + n) for p, e, n in zip(pad, extend, coarse))
+    source_region = tuple(slice(p, p + n) for p, n in zip(pad, extended))
+    centre = (factor - 1) / 2.0
+    out = np.empty(coarse + (stacked.shape[3],), dtype=np.float32)
+    for index in range(stacked.shape[3]):
+        spectrum = None
+        for offsets in np.ndindex(factor, factor, factor):
+            component = stacked[offsets[0] :: factor, offsets[1] :: factor, offsets[2] :: factor, index]
+            missing = [(0, n - m) for n, m in zip(coarse, component.shape)]
+            if any(m for _, m in missing) or any(extend):
+                component = np.pad(component, [(e, m) for e, (_, m) in zip(extend, missing)], mode="edge")
+            grid = np.zeros(padded, dtype=np.float32)
+            grid[source_region] = component
+            part = scipy.fft.rfftn(grid, workers=workers, overwrite_x=True)
+            del grid
+            if factor > 1:
+                shifts = [
+                    np.exp(-2j * np.pi * f * (s - centre) * float(voxel_size)).astype(np.complex64)
+                    for f, s in zip(frequencies, offsets)
+                ]
+                part *= shifts[0][:, None, None]
+                part *= shifts[1][None, :, None]
+                part *= shifts[2][None, None, :]
+            if spectrum is None:
+                spectrum = part
+            else:
+                spectrum += part
+            del part
+        spectrum *= kernel / np.float32(factor**3)
+        out[..., index] = scipy.fft.irfftn(spectrum, s=padded, workers=workers, overwrite_x=True)[region]
+        del spectrum
+    return out if maps.ndim == 4 else out[..., 0]

@@ -149,6 +149,12 @@ __all__ = [
     "PATIENT_ATROPHY_ASSUMED",
     "LESION_STAGES",
     "lesion_stage",
+    "AIR_CAVITIES",
+    "EAR_CANALS",
+    "NECK",
+    "SAGITTAL_SINUS",
+    "CENTRAL_VEIN_RADIUS_MM",
+    "CENTRAL_VEIN_LESION_MIN_DIAMETER_MM",
 ]
 
 #: Volume susceptibilities (SI, ppm) of water (CSF) and air, for the head-in-air background field.
@@ -173,6 +179,7 @@ LABELS: dict[int, str] = {
     13: "cortical lesion",
     14: "skull",
     15: "scalp",
+    16: "vein",
 }
 
 LABEL_ABBREVIATIONS: dict[int, str] = {
@@ -192,12 +199,13 @@ LABEL_ABBREVIATIONS: dict[int, str] = {
     13: "CL",
     14: "SKL",
     15: "SCP",
+    16: "VEIN",
 }
 
 #: Labels present only in patients.
 LESION_LABELS = (8, 9, 10, 11, 12, 13)
 #: Labels inside the intracranial (brain) mask: everything but background, skull and scalp.
-BRAIN_LABELS = tuple(range(1, 14))
+BRAIN_LABELS = tuple(range(1, 14)) + (16,)
 
 
 def dseg_tsv_rows():
@@ -247,6 +255,7 @@ COMPARTMENT_LABELS: dict[str, int] = {
     "cortical_lesion_dia": 13,
     "skull": 14,
     "scalp": 15,
+    "vein": 16,
 }
 
 _T = TissueParameters
@@ -261,6 +270,9 @@ CONTROL_TISSUES_3T: dict[str, TissueParameters] = {
     "thalamus": _T(0.90, 13.9, 21.0, 78.0, 0.015),
     "skull": _T(3.00, 60.0, 500.0, 8.0, -2.000),
     "scalp": _T(1.10, 20.0, 35.0, 70.0, 0.150),
+    # Venous blood (Hct 0.42, Y 0.6): chi = Hct (1 - Y) 4 pi 0.27 ppm (deoxyhaemoglobin) - ~0.17 ppm
+    # (oxygenated blood below water) ~ +0.40 ppm vs water; T1 1.6 s, T2 ~50 ms, T2* ~20 ms at 3 T.
+    "vein": _T(0.62, 20.0, 50.0, 85.0, 0.400),
 }
 
 _control = CONTROL_TISSUES_3T
@@ -424,3 +436,27 @@ def lesion_stage(compartment):
     if stage not in LESION_STAGES:
         raise ValueError(f"unknown lesion compartment {compartment!r}")
     return stage
+
+
+#: Air cavities of the skull as ellipsoids in MNI152 mm: (name, centre, semi-axes). Placed where a
+#: head has them on the symmetric 2009a template; the anatomy keeps a 1.5 mm bone wall between any
+#: cavity and the brain. Air is +9.4 ppm relative to tissue: the strongest background sources.
+AIR_CAVITIES = (
+    ("frontal sinus", (0.0, 74.0, 8.0), (13.0, 4.5, 10.0)),
+    ("sphenoid sinus", (0.0, 8.0, -34.0), (12.0, 11.0, 9.0)),
+    ("mastoid air cells", (48.0, -38.0, -38.0), (8.0, 10.0, 9.0)),
+    ("mastoid air cells", (-48.0, -38.0, -38.0), (8.0, 10.0, 9.0)),
+)
+#: External ear canals: tubes along x from ``|x| = inner`` out of the head: ((inner, outer) |x| in
+#: mm, y, z, radius), both sides.
+EAR_CANALS = ((58.0, 100.0), -22.0, -42.0, 4.0)
+#: Neck below the skull base: ((centre x, centre y), (semi-axis x, semi-axis y), top z), MNI mm;
+#: soft tissue that continues below the grid.
+NECK = ((0.0, -20.0), (48.0, 52.0), -45.0)
+#: Superior sagittal sinus: (depth of its axis inside the intracranial surface, radius, (front y,
+#: back y), lowest z), mm; it follows the midline surface from the frontal lobe to the occiput.
+SAGITTAL_SINUS = (4.5, 3.5, (55.0, -105.0), -5.0)
+#: Radius (mm) of the central (medullary) vein of a chronic white-matter lesion, and the smallest
+#: lesion diameter (mm) that gets one (the central vein sign).
+CENTRAL_VEIN_RADIUS_MM = 0.5
+CENTRAL_VEIN_LESION_MIN_DIAMETER_MM = 8.0

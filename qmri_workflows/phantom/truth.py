@@ -38,7 +38,6 @@ from .fields import (
     shim_residual,
     transmit_field,
 )
-from .simulate import block_average, coarsen_affine
 from .tissues import BRAIN_LABELS, COMPARTMENT_LABELS, LABELS, LESION_LABELS, tissue_parameters
 
 __all__ = ["PhantomTruth", "make_phantom", "LABELS", "lesion_instances"]
@@ -347,12 +346,14 @@ def lesion_instances(dseg, affine, lesions):
 def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, direction, seed):
     """B0 fields on the phantom grid, computed on a grid no finer than :data:`FIELD_GRID_MM`.
 
-    On a finer grid (an oversampled phantom) the susceptibility and tissue fraction are block-averaged
-    by the integer factor ``round(FIELD_GRID_MM / voxel_size)``, the fields are computed there and
-    interpolated back (trilinear). The dipole FFT of a 0.5 mm head with its zero padding would need
-    about 6 GB; the interpolated field keeps the macroscopic gradients that dephase the spins inside a
-    voxel, and loses only field structure finer than the field grid next to sharp susceptibility
-    boundaries. The linear shim and the centre frequency (mean total field over the brain = 0) are
+    On a finer grid (an oversampled phantom) the fields of the fine maps are brought to the grid
+    ``factor = round(FIELD_GRID_MM / voxel_size)`` times coarser by a k-space crop
+    (:func:`~.fields.band_limited_field`: the fine spectrum at the coarse frequencies, never the
+    coarse grid's own discrete model) and interpolated back (trilinear). The dipole FFT of a 0.5 mm
+    head with its zero padding would need about 6 GB; the interpolated field keeps the macroscopic
+    gradients that dephase the spins inside a voxel, and loses only field structure finer than the
+    field grid next to sharp susceptibility boundaries. The linear shim and the centre frequency
+    (mean total field over the brain = 0) are
     exact on the phantom grid.
     """
     factor = max(1, int(round(FIELD_GRID_MM / voxel_size)))
@@ -360,16 +361,16 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
         return b0_fields(
             chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, b0_direction=direction, seed=seed
         )
-    coarse_affine = coarsen_affine(affine, factor)
     _, background, local = b0_fields(
-        block_average(chi, factor).astype(np.float32),
-        block_average(tissue_fraction, factor).astype(np.float32),
-        block_average(brain_mask, factor) >= 0.5,
-        voxel_size * factor,
+        chi,
+        tissue_fraction,
+        brain_mask,
+        voxel_size,
         centre_mm,
-        coarse_affine,
+        affine,
         b0_direction=direction,
         seed=seed,
+        factor=factor,
     )
     shape = chi.shape
 

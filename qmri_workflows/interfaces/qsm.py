@@ -407,7 +407,7 @@ class _RemoveBackgroundInputSpec(BaseInterfaceInputSpec):
     field_file = File(exists=True, mandatory=True, desc="total field (Hz)")
     mask_file = File(exists=True, mandatory=True, desc="QSM mask")
     magnitude_file = File(exists=True, desc="data weights of PDF (magnitude)")
-    method = traits.Enum("vsharp", "pdf", "lbv", usedefault=True, desc="background removal")
+    method = traits.Enum("lbv", "vsharp", "pdf", usedefault=True, desc="background removal")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="FFT threads")
 
 
@@ -444,7 +444,12 @@ class RemoveBackground(SimpleInterface):
             )
             local_mask = mask
         else:
-            local, local_mask = remove_background_lbv(field, mask, voxel_size)
+            # Conjugate gradients on a sparse system: BLAS threads only fight over the cores there
+            # (10.4 s with OpenBLAS's threads, 1.8 s with one, 2 mm phantom on a busy machine).
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                local, local_mask = remove_background_lbv(field, mask, voxel_size)
         self._results["local_field_file"] = _write(runtime, "local_field_hz.nii", local * local_mask, reference.affine)
         self._results["local_mask_file"] = _write(runtime, "local_mask.nii", local_mask, reference.affine)
         self._results["metadata"] = {

@@ -24,7 +24,7 @@ def init_qsm_wf(
     unwrap="region_growing",
     fit="linear",
     flip_angles_used="all",
-    background="vsharp",
+    background="lbv",
     inversion="tv",
     reference="brain",
     dseg_tsv=None,
@@ -189,7 +189,7 @@ _BYTES_PER_VOXEL = {
 }
 
 
-def estimate_qsm_mem_gb(reference_file, n_echoes, n_flip_angles=1, *, background="vsharp", inversion="tv"):
+def estimate_qsm_mem_gb(reference_file, n_echoes, n_flip_angles=1, *, background="lbv", inversion="tv"):
     """Peak memory (GB) of each QSM node on the grid of ``reference_file``.
 
     The total field holds complex64 echo stacks (three while flip angles are averaged), float32
@@ -409,8 +409,9 @@ def _registry_entries():
                 "qsm_background",
                 {
                     "choices": BACKGROUND_CHOICES,
-                    "default": "vsharp",
-                    "help": "background field removal: V-SHARP (default), PDF or LBV",
+                    "default": "lbv",
+                    "help": "background field removal: LBV (default; on the fair phantom it keeps the long "
+                    "wavelengths of the local field that V-SHARP's deconvolution loses), V-SHARP or PDF",
                 },
             ),
             Option(

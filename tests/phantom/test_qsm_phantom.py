@@ -142,9 +142,9 @@ def test_unwrapped_phase_equals_the_truth_up_to_2pi_k_per_region(data, chain):
 @pytest.mark.parametrize(
     "background, inversion",
     [
-        # V-SHARP (the default until the fair phantom showed this) misses the targets (chi NRMSE 72.4 %, GP -0.027 ppm, slope
-        # 0.90): V-SHARP's deconvolution drops the long wavelengths of the local field (V-SHARP on the
-        # exact local field alone: ~58 % NRMSE; TV on the exact local field: ~20 %).
+        # V-SHARP (the default until the fair phantom showed this) misses the targets (chi NRMSE
+        # 72.4 %, GP -0.027 ppm, slope 0.90): its deconvolution drops the long wavelengths of the
+        # local field (V-SHARP on the exact local field alone: ~58 % NRMSE; TV on the exact local field: ~20 %).
         pytest.param("vsharp", "tv", marks=pytest.mark.xfail(strict=True, reason="V-SHARP loses the long wavelengths")),
         ("lbv", "tv"),
     ],

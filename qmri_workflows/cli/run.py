@@ -271,11 +271,26 @@ def group_validator_errors(report, *, files_per_group=3):
     return lines
 
 
+#: Derivative files BIDS has no suffix for, listed in the output's ``.bidsignore``.
+BIDSIGNORE_PATTERNS = ("*_desc-noise_sigmamap.*",)
+
+
+def _ignore_files_bids_has_no_name_for(output_dir):
+    """Add :data:`BIDSIGNORE_PATTERNS` to ``OUTPUT_DIR/.bidsignore`` (keeping lines already there)."""
+    path = Path(output_dir) / ".bidsignore"
+    present = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    missing = [pattern for pattern in BIDSIGNORE_PATTERNS if pattern not in present]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(present + missing) + "\n", encoding="utf-8")
+
+
 def write_description(output_dir, bids_dir, argv):
     """Write the derivatives' ``dataset_description.json`` (always, even if processing fails)."""
     from ..io.derivatives import write_dataset_description
 
     command = "qmri-workflows " + " ".join(shlex.quote(a) for a in argv)
+    _ignore_files_bids_has_no_name_for(output_dir)
     return write_dataset_description(
         output_dir,
         name="qmri-workflows quantitative maps",

@@ -42,8 +42,9 @@ from scipy import ndimage
 
 __all__ = ["correct_second_moment", "nlmeans_volumes", "multispectral_nlmeans"]
 
-#: Voxels per slab of :func:`multispectral_nlmeans` (bounds memory: about 4 (2 C + 6) bytes each).
-SLAB_VOXELS = 2_000_000
+#: Values (voxels x (images + 4)) per slab of :func:`multispectral_nlmeans`: the slab's float32
+#: accumulators and temporaries take about 4 x this many bytes, on top of two padded copies of the images.
+SLAB_VOXELS = 20_000_000
 
 
 def _sigma_array(sigma, shape):
@@ -189,7 +190,7 @@ def multispectral_nlmeans(
         (larger: smoother, and small structures lose contrast; 1 keeps the lesions of the phantom,
         see tests/workflows/test_denoise_phantom.py).
     slab_voxels : int, optional
-        Voxels per slab.
+        Values (voxels x (images + 4)) per slab (see :data:`SLAB_VOXELS`).
 
     Returns
     -------
@@ -206,56 +207,59 @@ def multispectral_nlmeans(
     box, mask = _mask_box(mask, shape, halo)
     region = np.nan_to_num(images[box], nan=0.0, posinf=0.0, neginf=0.0)
     region_sigma = sigma[box] if sigma.ndim else sigma
-    # reflect-pad once, so that every offset reads a full slab
-    padded = np.pad(region, [(halo, halo)] * 3 + [(0, 0)], mode="reflect")
+    # channels first (each image contiguous), reflect-padded once so that every offset reads a full slab
+    padded = np.ascontiguousarray(np.moveaxis(np.pad(region, [(halo, halo)] * 3 + [(0, 0)], mode="reflect"), -1, 0))
     squared = np.square(padded)
     nx, ny, nz = region.shape[:3]
     n_images = region.shape[-1]
-    thickness = max(1, int(slab_voxels) // max(1, (nx + 2 * halo) * (ny + 2 * halo)))
+    thickness = max(1, int(slab_voxels) // max(1, (n_images + 4) * (nx + 2 * halo) * (ny + 2 * halo)))
     out = images.copy()
     region_out = np.empty_like(region)
     patch = 2 * patch_radius + 1
-    offsets = range(-search_radius, search_radius + 1)
+    offsets = [(dx, dy, dz) for dx in range(-search_radius, search_radius + 1)
+               for dy in range(-search_radius, search_radius + 1)
+               for dz in range(-search_radius, search_radius + 1)]  # fmt: skip
     # SD of the distance between two noise-only patches: each of the C P terms is 2 chi^2_1 (var 8)
     distance_sd = np.sqrt(8.0 / (n_images * patch**3))
     width = smoothing * distance_sd
     scale = np.float32(1.0 / (n_images * width))
+    p, s = patch_radius, search_radius
     for z0 in range(0, nz, thickness):
         z1 = min(nz, z0 + thickness)
+        slab = (nx, ny, z1 - z0)
+        with_halo = (nx + 2 * p, ny + 2 * p, z1 - z0 + 2 * p)
         # centre voxels with the patch halo, in padded coordinates
-        centre = padded[search_radius : search_radius + nx + 2 * patch_radius,
-                        search_radius : search_radius + ny + 2 * patch_radius,
-                        search_radius + z0 : search_radius + z1 + 2 * patch_radius]  # fmt: skip
+        centre = padded[:, s : s + with_halo[0], s : s + with_halo[1], s + z0 : s + z0 + with_halo[2]]
         inverse_noise = _slab_inverse_noise(region_sigma, z0, z1, patch_radius, scale)
-        weight_sum = np.zeros((nx, ny, z1 - z0), dtype=np.float32)
-        moment_sum = np.zeros((nx, ny, z1 - z0, n_images), dtype=np.float32)
-        distance = np.empty(centre.shape[:3], dtype=np.float32)
-        for dx in offsets:
-            for dy in offsets:
-                for dz in offsets:
-                    x0, y0, zz = search_radius + dx, search_radius + dy, search_radius + z0 + dz
-                    shifted = padded[x0 : x0 + centre.shape[0], y0 : y0 + centre.shape[1], zz : zz + centre.shape[2]]
-                    distance[...] = 0.0
-                    for c in range(n_images):
-                        difference = centre[..., c] - shifted[..., c]
-                        distance += difference * difference
-                    patch_distance = ndimage.uniform_filter(distance, patch, mode="nearest")
-                    inner = patch_distance[patch_radius : patch_radius + nx,
-                                           patch_radius : patch_radius + ny,
-                                           patch_radius : patch_radius + z1 - z0]  # fmt: skip
-                    # (d / (C sigma^2) - 2) / width, clipped at 0, then exp(-.)
-                    weight = inner * inverse_noise
-                    weight -= 2.0 / width
-                    np.maximum(weight, 0.0, out=weight)
-                    np.exp(-weight, out=weight)
-                    weight_sum += weight
-                    neighbour = squared[x0 + patch_radius : x0 + patch_radius + nx,
-                                        y0 + patch_radius : y0 + patch_radius + ny,
-                                        zz + patch_radius : zz + patch_radius + z1 - z0]  # fmt: skip
-                    moment_sum += weight[..., None] * neighbour
-        moment_sum /= weight_sum[..., None]
-        slab_sigma = region_sigma[..., z0:z1, None] if np.ndim(region_sigma) else region_sigma
-        region_out[:, :, z0:z1] = correct_second_moment(moment_sum, slab_sigma, n_coils=n_coils)
+        weight_sum = np.zeros(slab, dtype=np.float32)
+        moment_sum = np.zeros((n_images,) + slab, dtype=np.float32)
+        distance = np.empty(with_halo, dtype=np.float32)
+        difference = np.empty(with_halo, dtype=np.float32)
+        patch_distance = np.empty(with_halo, dtype=np.float32)
+        weight = np.empty(slab, dtype=np.float32)
+        product = np.empty(slab, dtype=np.float32)
+        for dx, dy, dz in offsets:
+            x0, y0, zz = s + dx, s + dy, s + z0 + dz
+            shifted = padded[:, x0 : x0 + with_halo[0], y0 : y0 + with_halo[1], zz : zz + with_halo[2]]
+            distance[...] = 0.0
+            for c in range(n_images):
+                np.subtract(centre[c], shifted[c], out=difference)
+                np.multiply(difference, difference, out=difference)
+                distance += difference
+            ndimage.uniform_filter(distance, patch, output=patch_distance, mode="nearest")
+            # (d / (C sigma^2) - 2) / width, clipped at 0, then exp(-.)
+            np.multiply(patch_distance[p : p + nx, p : p + ny, p : p + slab[2]], inverse_noise, out=weight)
+            weight -= 2.0 / width
+            np.maximum(weight, 0.0, out=weight)
+            np.exp(-weight, out=weight)
+            weight_sum += weight
+            neighbour = squared[:, x0 + p : x0 + p + nx, y0 + p : y0 + p + ny, zz + p : zz + p + slab[2]]
+            for c in range(n_images):
+                np.multiply(weight, neighbour[c], out=product)
+                moment_sum[c] += product
+        moment_sum /= weight_sum
+        slab_sigma = region_sigma[:, :, z0:z1] if np.ndim(region_sigma) else region_sigma
+        region_out[:, :, z0:z1] = np.moveaxis(correct_second_moment(moment_sum, slab_sigma, n_coils=n_coils), 0, -1)
     target = out[box]
     inside = mask[box]
     target[inside] = region_out[inside]

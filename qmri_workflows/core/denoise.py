@@ -165,8 +165,8 @@ def multispectral_nlmeans(
     ``exp(-max(d - 2, 0) / (smoothing x SD))`` (Coupe et al. 2008's ``max(d - 2 sigma^2, 0)``): a
     neighbour whose patch differs by one noise SD of the distance weighs ``1/e``, whatever the
     number of images. Joining images makes that SD small, so real differences (a small lesion)
-    are told from noise much better than by one image's patches. Every image then gets ``sum_j w_ij M_c(j)^2 / sum_j w_ij``
-    and the bias correction of the module notes.
+    are told from noise much better than by one image's patches. Every image then gets
+    ``sum_j w_ij M_c(j)^2 / sum_j w_ij`` and the bias correction of the module notes.
 
     Vectorised over voxels: a loop over the ``(2 s + 1)^3`` search offsets computes, once per
     offset, the image of channel-summed squared differences, box-filters it over the patch

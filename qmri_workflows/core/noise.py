@@ -367,8 +367,8 @@ def estimate_sigma_map(
       ``r = M_1 - 2 M_2 + M_3`` (SD ``sigma sqrt(6)``), in which the anatomy cancels (the decay's
       curvature over two echo spacings is ``(R2* dTE)^2`` of the signal, about 1 % at 50 1/s and
       2.3 ms); without them, ``r = M - mu`` (SD ``sigma sqrt(1 - 1/k^3)``) where the local mean
-      is flat (gradient below ``sigma / 2`` per voxel), since at edges the residual holds anatomy. ``E[log |r|] = log(SD) - (gamma + log 2) / 2`` (``gamma`` Euler's
-      constant);
+      is flat (gradient below ``sigma / 2`` per voxel), since at edges the residual holds anatomy.
+      ``E[log |r|] = log(SD) - (gamma + log 2) / 2`` (``gamma`` Euler's constant);
     * background (``mu < background_snr x sigma``): ``M / sigma`` is central chi with ``2 N``
       degrees of freedom and ``E[log M] = log(sigma) + (log 2 + psi(N)) / 2``.
 
@@ -430,9 +430,7 @@ def estimate_sigma_map(
 
     finite = np.isfinite(magnitude)
     magnitude = np.where(finite, magnitude, 0.0).astype(np.float32)
-    triplets = [
-        tuple(train[i : i + 3]) for train in (echo_trains or ()) for i in range(len(train) - 2)
-    ]
+    triplets = [tuple(train[i : i + 3]) for train in (echo_trains or ()) for i in range(len(train) - 2)]
     for index in range(magnitude.shape[-1]):
         image = magnitude[..., index]
         local_mean = ndimage.uniform_filter(image, neighbourhood, mode="nearest")

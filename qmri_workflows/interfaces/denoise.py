@@ -30,8 +30,7 @@ LOGGER = logging.getLogger("qmri_workflows.interfaces")
 DENOISE_METHODS = ("none", "nlm", "multispectral")
 
 DENOISING_DESCRIPTIONS = {
-    "nlm": "non-local means of each magnitude image on its own (dipy nlmeans, classic), weights from "
-    "its own patches",
+    "nlm": "non-local means of each magnitude image on its own (dipy nlmeans, classic), weights from its own patches",
     "multispectral": "multispectral non-local means: one set of weights for all magnitude images of the "
     "collection (patch distances summed over every echo and flip angle)",
 }
@@ -124,7 +123,11 @@ class DenoiseCollection(SimpleInterface):
         for index, path in enumerate(files):
             name = os.path.basename(path).split(".")[0]
             outputs.append(
-                str(write_nifti(os.path.join(runtime.cwd, f"{name}_desc-denoised.nii"), denoised[..., index], reference.affine))
+                str(
+                    write_nifti(
+                        os.path.join(runtime.cwd, f"{name}_desc-denoised.nii"), denoised[..., index], reference.affine
+                    )
+                )
             )
         self._results["denoised_files"] = outputs
         self._write_noise_map(runtime, sigma_map, reference)

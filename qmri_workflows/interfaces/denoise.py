@@ -96,10 +96,18 @@ class DenoiseCollection(SimpleInterface):
             if not (sigma > 0 and np.isfinite(sigma)):
                 raise ValueError("the air holds no noise (simulated data?)")
         except ValueError as error:
-            LOGGER.warning("Denoising skipped: %s; the fits use the raw magnitude images", error)
+            problem = str(error).split(": give noise_sigma")[0]  # FitR2star's remedy does not apply here
+            if self.inputs.method == "none":
+                LOGGER.info("Noise map not estimated: %s", problem)
+            else:
+                LOGGER.warning(
+                    "Denoising skipped: %s; the fits use the raw magnitude images (--denoise none says so "
+                    "without this warning)",
+                    problem,
+                )
             self._results["denoised_files"] = files
             self._write_noise_map(runtime, np.zeros(images.shape[:3], dtype=np.float32), reference)
-            metadata["Denoising"] = f"none: {error}"
+            metadata["Denoising"] = f"none: {problem}"
             self._results["metadata"] = metadata
             return runtime
         if self.inputs.method == "none":

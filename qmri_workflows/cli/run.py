@@ -43,7 +43,7 @@ EXIT_NO_INPUT = 66
 EXIT_CANNOT_CREATE = 73
 EXIT_INTERRUPTED = 130
 
-ANALYSIS_LEVELS = ("participant",)
+ANALYSIS_LEVELS = ("participant", "group")
 # Plugins that submit the whole graph as dependent jobs and return before they run.
 GRAPH_PLUGINS = ("SLURMGraph", "SGEGraph", "PBSGraph", "CondorDAGMan")
 LOGGER = logging.getLogger("qmri_workflows")
@@ -73,7 +73,11 @@ def build_parser():
     )
     parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")
     parser.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")
-    parser.add_argument("analysis_level", help="processing stage: 'participant' (each subject separately)")
+    parser.add_argument(
+        "analysis_level",
+        help="processing stage: 'participant' (each subject separately) or 'group' (the subjects' tables "
+        "joined with participants.tsv, summaries and plots, in OUTPUT_DIR/group; run after participant)",
+    )
     parser.add_argument("--version", action="version", version=f"qmri-workflows {__version__}")
 
     bids = parser.add_argument_group("BIDS filtering")
@@ -275,22 +279,14 @@ def group_validator_errors(report, *, files_per_group=3):
 BIDSIGNORE_PATTERNS = ("*_desc-noise_sigmamap.*",)
 
 
-def _ignore_files_bids_has_no_name_for(output_dir):
-    """Add :data:`BIDSIGNORE_PATTERNS` to ``OUTPUT_DIR/.bidsignore`` (keeping lines already there)."""
-    path = Path(output_dir) / ".bidsignore"
-    present = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    missing = [pattern for pattern in BIDSIGNORE_PATTERNS if pattern not in present]
-    if missing:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(present + missing) + "\n", encoding="utf-8")
-
-
 def write_description(output_dir, bids_dir, argv):
     """Write the derivatives' ``dataset_description.json`` (always, even if processing fails)."""
     from ..io.derivatives import write_dataset_description
+    from ..io.tables import ensure_bidsignore
 
     command = "qmri-workflows " + " ".join(shlex.quote(a) for a in argv)
-    _ignore_files_bids_has_no_name_for(output_dir)
+    ensure_bidsignore(output_dir)
+    ensure_bidsignore(output_dir, BIDSIGNORE_PATTERNS)
     return write_dataset_description(
         output_dir,
         name="qmri-workflows quantitative maps",
@@ -466,6 +462,20 @@ def _check_call(args):
     return None, (plugin, plugin_args, bids_dir, output_dir, work_dir)
 
 
+def _run_group(args, bids_dir, output_dir):
+    from .group import run_group
+
+    try:
+        run_group(bids_dir, output_dir, participant_labels=args.participant_label)
+    except FileNotFoundError as error:
+        LOGGER.error("%s", error)
+        return EXIT_NO_INPUT
+    except ValueError as error:
+        LOGGER.error("%s", error)
+        return EXIT_DATA
+    return 0
+
+
 def _run(args, argv):
     # Everything that can be checked without touching a file comes first, so a mistake in the
     # call costs nothing and leaves nothing behind.
@@ -473,6 +483,8 @@ def _run(args, argv):
     if code is not None:
         return code
     plugin, plugin_args, bids_dir, output_dir, work_dir = settings
+    if args.analysis_level == "group":
+        return _run_group(args, bids_dir, output_dir)
     # The validator and the indexing take seconds: say at once that the App is at work.
     LOGGER.info("qmri-workflows %s: checking %s", __version__, bids_dir)
     from ..io.query import BIDSInputError, collect_inputs, open_derivatives, open_layout, select_participants
@@ -534,7 +546,9 @@ def _run(args, argv):
             continue
         for problem in inputs.problems:
             LOGGER.warning("%s: %s unusable: %s", label, problem.collection, problem.message)
-        subject_plans = plan_families(inputs, families)
+        subject_plans = plan_families(
+            inputs, families, {option.dest: getattr(args, option.dest) for f in families for option in f.options}
+        )
         plans[(subject, session)] = subject_plans
         if has_maps_to_compute(subject_plans):
             subjects.append(inputs)
@@ -543,7 +557,10 @@ def _run(args, argv):
         if broken:  # each problem was just logged with its file and fix: name it only
             unusable[label] = "unusable " + ", ".join(problem.collection for problem in broken) + " (see above)"
         elif not inputs.problems:  # too little data (one echo, say)
-            unusable[label] = "; ".join(dict.fromkeys(plan.reason for plan in subject_plans if not plan.run))
+            # the maps' reasons; a helper's (no B1+ data) only when no map says why
+            idle = [plan for plan in subject_plans if not plan.run]
+            idle = [plan for plan in idle if not plan.auxiliary] or idle
+            unusable[label] = "; ".join(dict.fromkeys(plan.reason for plan in idle))
         else:
             without_data[label] = "; ".join(problem.message for problem in inputs.problems)
     for label, reason in {**unusable, **without_data}.items():
@@ -638,7 +655,7 @@ def _summarise(subjects, plans, failed, unusable, without_data):
 def _used_collections():
     from ..workflows.registry import registered_families
 
-    return {collection for family in registered_families() for collection in family.needs}
+    return {collection for family in registered_families() for collection in (*family.needs, *family.reads)}
 
 
 def _existing_outputs(output_dir, inputs):

@@ -17,6 +17,7 @@ from nipype.interfaces.base import (
 )
 
 from ..io.derivatives import ENTITY_ORDER, bids_uri, publish_map, sidecar_path
+from ..io.tables import publish_table
 
 __all__ = ["DerivativesDataSink", "find_dataset_root", "subject_session_of"]
 
@@ -67,7 +68,7 @@ def _source_uris(source_files, raw_root):
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="NIfTI image to publish")
+    in_file = File(exists=True, mandatory=True, desc="NIfTI image (or .tsv table with its .json dictionary) to publish")
     base_directory = Str(mandatory=True, desc="root of the derivatives dataset (never a raw dataset)")
     subject = Str(
         "", usedefault=True, desc="subject label (sub- prefix optional); empty: from the first source file's name"
@@ -153,17 +154,19 @@ class DerivativesDataSink(SimpleInterface):
             if not source_files:
                 raise ValueError("DerivativesDataSink needs a subject or source files to name the output")
             subject, session = subject_session_of(source_files[0])
-        out_file = publish_map(
-            inputs.base_directory,
-            inputs.in_file,
-            subject=subject,
-            session=session or None,
-            suffix=inputs.suffix,
-            datatype=None if inputs.datatype == "auto" else inputs.datatype,
-            dtype=_DTYPES[inputs.dtype],
-            metadata=metadata,
+        common = {
+            "subject": subject,
+            "session": session or None,
+            "suffix": inputs.suffix,
+            "datatype": None if inputs.datatype == "auto" else inputs.datatype,
+            "metadata": metadata,
             **entities,
-        )
+        }
+        if str(inputs.in_file).endswith(".tsv"):
+            # a table and its data dictionary (the .json beside it)
+            out_file = publish_table(inputs.base_directory, inputs.in_file, **common)
+        else:
+            out_file = publish_map(inputs.base_directory, inputs.in_file, dtype=_DTYPES[inputs.dtype], **common)
         self._results["out_file"] = str(out_file)
         self._results["out_meta"] = str(sidecar_path(out_file))
         return runtime

@@ -33,6 +33,7 @@ from nipype.interfaces.base import (
 )
 
 from ..core.qsm import (
+    combine_series,
     estimate_csf_mask,
     fit_field_complex,
     fit_field_linear,
@@ -51,7 +52,7 @@ from ..core.qsm import (
 )
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
-from ..io.images import load_phase, load_volume
+from ..io.images import load_phases, load_volume, load_volumes
 from .r2star import group_echoes_by_flip_angle
 
 __all__ = [
@@ -143,8 +144,10 @@ def check_phase_radians(phase, path, phase_scale):
     BIDSInputError
         Naming ``path``, its range and the fix.
     """
-    values = phase[np.isfinite(phase)]
-    low, high = float(values.min()), float(values.max())
+    low, high = float(np.min(phase)), float(np.max(phase))
+    if not (np.isfinite(low) and np.isfinite(high)):  # rare: only then pay for the finite subset
+        values = phase[np.isfinite(phase)]
+        low, high = float(values.min()), float(values.max())
     span = high - low
     looks_like_radians = (
         low >= -math.pi - _RADIAN_TOLERANCE
@@ -208,6 +211,7 @@ class _TotalFieldInputSpec(BaseInterfaceInputSpec):
     flip_angles_used = traits.Enum(
         "all", "best", usedefault=True, desc="combine every flip angle, or use the one of most signal"
     )
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads reading files and combining series")
 
 
 class _TotalFieldOutputSpec(TraitedSpec):
@@ -218,44 +222,44 @@ class _TotalFieldOutputSpec(TraitedSpec):
     metadata = traits.Dict(desc="sidecar fields of this step")
 
 
-def _load_series(echoes, reference):
-    """Complex signal ``(X, Y, Z, N)`` of one flip angle; echoes are (te, (mag, phase, scale))."""
-    shape = reference.shape[:3]
-    signal = np.empty(shape + (len(echoes),), dtype=np.complex64)
-    for index, (_, (magnitude_path, phase_path, scale)) in enumerate(echoes):
-        phase = load_phase(phase_path, scale, reference=reference)
-        check_phase_radians(phase, phase_path, scale)
-        magnitude = load_volume(magnitude_path, reference=reference)
-        signal[..., index] = np.nan_to_num(magnitude) * np.exp(1j * np.nan_to_num(phase))
-    return signal
+def _load_series(echoes, reference, threads=None):
+    """Magnitude and phase (radians) ``(X, Y, Z, N)`` of one series; echoes are (te, (mag, phase, scale)).
+
+    Every echo's phase is checked against the units of the first (:func:`check_phase_radians`);
+    NaN samples become 0 (no signal), which gives them no weight in the fits.
+    """
+    magnitude_paths = [magnitude_path for _, (magnitude_path, _, _) in echoes]
+    phase_paths = [phase_path for _, (_, phase_path, _) in echoes]
+    scales = [scale for _, (_, _, scale) in echoes]
+    magnitude = load_volumes(magnitude_paths, reference=reference, max_threads=threads)
+    phase = load_phases(phase_paths, scales, reference=reference, max_threads=threads)
+    for index, (path, scale) in enumerate(zip(phase_paths, scales)):
+        check_phase_radians(phase[..., index], path, scale)
+    for volumes in (magnitude, phase):
+        np.copyto(volumes, 0, where=~np.isfinite(volumes))
+    return magnitude, phase
 
 
-def _combine_flip_angles(groups, reference, mask, choice):
-    """Complex signal of the chosen flip angle(s) and a description of the choice.
+def _combine_flip_angles(groups, reference, mask, choice, threads=1):
+    """Magnitude and phase of the chosen flip angle(s) and a description of the choice.
 
-    With ``all``, each flip angle's phase offset relative to the first (per voxel, from all echoes)
-    is removed and the echoes are averaged with weights ``|S|``, normalised so the noise SD stays
-    that of one acquisition (the magnitude is then proportional to the phase SNR).
+    With ``all`` and the same echo times, the series are combined by
+    :func:`~qmri_workflows.core.qsm.combine_series`; otherwise the series with most signal is used.
     """
     echo_times = [[te for te, _ in echoes] for _, echoes in groups]
     same_echoes = all(np.allclose(times, echo_times[0], rtol=0, atol=1e-6) for times in echo_times)
     if len(groups) == 1:
         flip = groups[0][0]
-        return _load_series(groups[0][1], reference), echo_times[0], [flip], "the only flip angle"
+        return (*_load_series(groups[0][1], reference, threads), echo_times[0], [flip], "the only flip angle")
     if choice == "all" and same_echoes:
-        reference_signal = _load_series(groups[0][1], reference)
-        total = np.abs(reference_signal) * reference_signal
-        power = np.abs(reference_signal) ** 2
-        for _, echoes in groups[1:]:
-            signal = _load_series(echoes, reference)
-            offset = np.angle((signal * np.conj(reference_signal)).sum(-1, keepdims=True))
-            total += np.abs(signal) * signal * np.exp(-1j * offset).astype(np.complex64)
-            power += np.abs(signal) ** 2
-        del reference_signal
-        with np.errstate(invalid="ignore", divide="ignore"):
-            combined = np.where(power > 0, total / np.sqrt(power), 0).astype(np.complex64)
+        series = [_load_series(echoes, reference, threads) for _, echoes in groups]
+        magnitudes = [magnitude for magnitude, _ in series]
+        phases = [phase for _, phase in series]
+        del series
+        magnitude, phase = combine_series(magnitudes, phases, n_jobs=threads)
         return (
-            combined,
+            magnitude,
+            phase,
             echo_times[0],
             [flip for flip, _ in groups],
             "all flip angles: complex average per echo weighted by magnitude, after removing "
@@ -264,17 +268,16 @@ def _combine_flip_angles(groups, reference, mask, choice):
     # The phase SNR is proportional to the magnitude: take the series with the most signal.
     scores = []
     for _, echoes in groups:
-        score = 0.0
-        for _, (magnitude_path, _, _) in echoes:
-            score += float(
-                np.nansum(np.square(load_volume(magnitude_path, reference=reference)[mask], dtype=np.float64))
-            )
-        scores.append(score / len(echoes))
+        magnitude = load_volumes(
+            [magnitude_path for _, (magnitude_path, _, _) in echoes], reference=reference, max_threads=threads
+        )
+        scores.append(float(np.nansum(np.square(magnitude[mask], dtype=np.float64))) / len(echoes))
+    del magnitude
     best = int(np.argmax(scores))
     why = "the flip angle of most signal (mean squared magnitude over echoes in the brain mask)" + (
         "" if choice == "best" else "; the flip angles have different echo times, so they were not averaged"
     )
-    return _load_series(groups[best][1], reference), echo_times[best], [groups[best][0]], why
+    return (*_load_series(groups[best][1], reference, threads), echo_times[best], [groups[best][0]], why)
 
 
 class TotalField(SimpleInterface):
@@ -303,13 +306,14 @@ class TotalField(SimpleInterface):
         mask = load_volume(inputs.mask_file, reference=reference) > 0
         if not mask.any():
             raise ValueError(f"the brain mask {inputs.mask_file} is empty: nothing to map")
-        signal, echo_times, flips, why = _combine_flip_angles(groups, reference, mask, inputs.flip_angles_used)
+        magnitude, phase, echo_times, flips, why = _combine_flip_angles(
+            groups, reference, mask, inputs.flip_angles_used, inputs.num_threads
+        )
         if len(echo_times) < 2:
             raise ValueError(f"a total-field fit needs at least 2 echoes; {inputs.magnitude_files[0]} has 1")
         voxel_size = voxel_size_from_affine(reference.affine)
-        magnitude = np.abs(signal)
         unwrapped = unwrap_echoes(
-            np.angle(signal),
+            phase,
             echo_times,
             magnitude=magnitude,
             mask=mask,
@@ -319,8 +323,10 @@ class TotalField(SimpleInterface):
         field, _, field_sd = fit_field_linear(unwrapped, echo_times, magnitude=magnitude, mask=mask)
         del unwrapped
         if inputs.fit == "complex":
+            signal = magnitude * np.exp(1j * phase).astype(np.complex64)
             field, _, field_sd = fit_field_complex(signal, echo_times, mask=mask, initial_field=field)
-        del signal
+            del signal
+        del phase
         rss = np.sqrt(np.square(magnitude, dtype=np.float32).sum(-1))
         affine = reference.affine
         self._results["field_file"] = _write(runtime, "total_field_hz.nii", field * mask, affine)

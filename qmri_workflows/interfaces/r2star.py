@@ -256,7 +256,10 @@ class FitR2star(SimpleInterface):
 def _quality_counts(signal, echo_times, r2star, t2star, fitted):
     """Sidecar fields counting the voxels a reader of the maps should know about."""
     present = np.isfinite(echo_times)  # NaN echo times pad contrasts with fewer echoes
-    non_finite = (~np.isfinite(signal) & present).any(axis=(-2, -1))
+    if present.all():  # a sum is non-finite exactly where a sample is: one pass, no 5-D mask
+        non_finite = ~np.isfinite(signal.sum(axis=(-2, -1), dtype=np.float64))
+    else:
+        non_finite = (~np.isfinite(signal) & present).any(axis=(-2, -1))
     return {
         "NonFiniteInputVoxels": int(non_finite.sum()),
         "FittedVoxels": int(fitted.sum()),

@@ -5,7 +5,9 @@ its package (no download): grey- and white-matter probability maps and the skull
 No CSF map is shipped, so CSF = intracranial support - GM - WM, where the support is the T1 template's
 non-zero region (largest connected component, holes filled). Deep grey-matter nuclei are smooth
 ellipsoids, lesions are spheres placed from a seed, and skull and scalp are shells grown outwards from
-the brain by a distance in mm.
+the brain by a distance in mm. The patient's atrophy (``tissues.PATIENT_ATROPHY``) shrinks the nuclei'
+ellipsoids, turns part of each voxel's cortex into CSF and grows the ventricles by a shell of the
+thickness that gives their volume change (:func:`_grow_ventricles`).
 
 Partial volume
 --------------
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .tissues import CHRONIC_ACTIVE_RIM_MM, CORTICAL_LESIONS, DEEP_GREY_NUCLEI, WM_LESIONS
+from .tissues import CHRONIC_ACTIVE_RIM_MM, CORTICAL_LESIONS, DEEP_GREY_NUCLEI, PATIENT_ATROPHY, WM_LESIONS
 
 __all__ = [
     "TEMPLATE_FILES",
@@ -69,6 +71,58 @@ _CORTEX_FRACTION = 0.85
 _MIN_LESION_Z_MM = -10.0
 # Width (mm) of the smooth edge of the deep grey-matter ellipsoids (at least one voxel).
 _NUCLEUS_EDGE_MM = 2.0
+# Ventricles: CSF (fraction >= 0.5) at least this deep inside the intracranial support (sulcal CSF
+# lies within about a centimetre of the surface).
+_VENTRICLE_DEPTH_MM = 15.0
+
+
+def _nuclei(subject):
+    """:data:`~.tissues.DEEP_GREY_NUCLEI`, with the patient's ellipsoids scaled to their atrophy."""
+    if subject != "patient":
+        return DEEP_GREY_NUCLEI
+    return tuple(
+        (name, centre, tuple(a * (1 + PATIENT_ATROPHY[name]) ** (1 / 3) for a in semi_axes))
+        for name, centre, semi_axes in DEEP_GREY_NUCLEI
+    )
+
+
+def _grow_ventricles(csf, gm, wm, support, resolution, change):
+    """Turn the parenchyma of a shell around the ventricles into CSF (in place).
+
+    The ventricles are the CSF (fraction >= 0.5) deeper than ``_VENTRICLE_DEPTH_MM`` in the support;
+    the shell's thickness is found by bisection so that the CSF added equals ``change`` times their
+    CSF volume. Returns the ventricle volume before and the volume added (mm^3).
+    """
+    depth = ndimage.distance_transform_edt(support >= 0.5, sampling=resolution)
+    ventricles = (csf >= 0.5) & (depth >= _VENTRICLE_DEPTH_MM)
+    voxel_volume = resolution**3
+    before = float(csf[ventricles].sum()) * voxel_volume
+    if not ventricles.any() or change <= 0:
+        return before, 0.0
+    # work in the ventricles' box plus the largest shell considered (20 mm)
+    margin = int(np.ceil(20.0 / resolution)) + 1
+    index = np.argwhere(ventricles)
+    box = tuple(slice(max(lo - margin, 0), hi + margin + 1) for lo, hi in zip(index.min(0), index.max(0)))
+    csf, gm, wm, ventricles = csf[box], gm[box], wm[box], ventricles[box]
+    # distance from the ventricle surface (half a voxel beyond the outermost ventricle centres)
+    outside = (ndimage.distance_transform_edt(~ventricles, sampling=resolution) - resolution / 2).astype(np.float32)
+    parenchyma = gm + wm
+
+    def added(thickness):
+        return _plane_fraction(outside - thickness, resolution) * (~ventricles)
+
+    low, high = 0.0, 20.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        if float((added(middle) * parenchyma).sum()) * voxel_volume < change * before:
+            low = middle
+        else:
+            high = middle
+    shell = added((low + high) / 2)
+    csf += shell * parenchyma
+    gm *= 1 - shell
+    wm *= 1 - shell
+    return before, float((shell * parenchyma).sum()) * voxel_volume
 
 
 def template_directory():
@@ -412,7 +466,7 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
     width = max(_NUCLEUS_EDGE_MM, resolution)
     free = np.ones(shape, dtype=np.float32)
     parenchyma = gm + wm
-    for name, centre, semi_axes in DEEP_GREY_NUCLEI:
+    for name, centre, semi_axes in _nuclei(subject):
         region, ellipsoid = _ellipsoid_fraction(axes, centre, semi_axes, width)
         weight = ellipsoid * free[region]
         free[region] -= weight
@@ -420,6 +474,9 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
     gm *= free
     wm *= free
     del free, parenchyma
+    if subject == "patient":
+        # nuclei keep their (atrophied) size: the ventricles grow into the remaining GM and WM only
+        _grow_ventricles(csf, gm, wm, support, resolution, PATIENT_ATROPHY["ventricles"])
 
     lesions = place_lesions(seed) if subject == "patient" else ()
     for lesion in lesions:
@@ -437,6 +494,12 @@ def build_anatomy(*, resolution=1.0, subject="patient", seed=0):
             fractions.setdefault(name, LocalFraction(shape)).add(region, weight * host)
         host *= 1 - sphere
 
+    if subject == "patient":
+        # thinner cortex, below the voxel size: each voxel's normal-appearing cortex loses a share to CSF
+        lost = gm * np.float32(-PATIENT_ATROPHY["cortex"])
+        gm -= lost
+        csf += lost
+        del lost
     fractions.update(cortical_gm=gm, wm=wm, skull=skull, scalp=scalp)
     fractions = {
         name: value if isinstance(value, LocalFraction) else np.asarray(value, dtype=np.float32)

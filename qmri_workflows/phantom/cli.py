@@ -138,6 +138,14 @@ def build_parser():
         "(default: %(default)s, uniform noise)",
     )
     parser.add_argument(
+        "--spoiling",
+        choices=("epg", "ideal"),
+        default="epg",
+        help="how the spoiled sequences (VFA, AFI, RB1COR) spoil: 'epg' simulates the RF phase "
+        "schedule, spoiler and diffusion by extended phase graphs, as a scanner spoils; 'ideal' uses "
+        "the ideal-spoiling (Ernst) equations (default: %(default)s)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "int16"),
         default="float32",
@@ -158,8 +166,11 @@ def main(argv=None):
     if not any(argument.startswith("--oversample") for argument in arguments):
         # the recorded command must reproduce the data even if the default changes again
         arguments += ["--oversample", str(args.oversample)]
+    if not any(argument.startswith("--spoiling") for argument in arguments):
+        arguments += ["--spoiling", args.spoiling]
     command = shlex.join(["qmri-phantom", *arguments])
     from qmri_workflows.phantom.dataset import write_phantom_dataset
+    from qmri_workflows.phantom.protocol import Protocol
 
     start = time.perf_counter()
     try:
@@ -177,6 +188,7 @@ def main(argv=None):
             command=command,
             kspace_filter=args.kspace_filter,
             noise_gfactor=args.noise_gfactor,
+            protocol=Protocol(spoiling=args.spoiling),
         )
     except FileExistsError:
         # the library's message names its keyword argument; here the user needs the flag

@@ -79,8 +79,11 @@ from qmri_workflows.io.derivatives import (
 )
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import (
+    DIFFUSION_T2_RANGE,
+    FREE_WATER_DIFFUSION,
     KSPACE_FILTERS,
     SIGNAL_SCALE,
+    TISSUE_DIFFUSION,
     PhantomScanner,
     gfactor_map,
     list_volumes,
@@ -145,7 +148,9 @@ def subject_table(n_subjects, seed=0):
     return rows
 
 
-def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype, kspace_filter):
+def _readme(
+    *, command, resolution, snr, n_subjects, seed, field_strength, n_coils, oversample, dtype, kspace_filter, spoiling
+):
     snr_text = "noiseless (snr = inf)" if math.isinf(snr) else f"{snr:g}"
     lines = [
         "qmri-workflows digital MS-brain phantom",
@@ -204,12 +209,27 @@ def _readme(*, command, resolution, snr, n_subjects, seed, field_strength, n_coi
         "Acquisitions",
         "------------",
         "- anat/*_echo-<e>_flip-<f>_part-<mag|phase>_VFA: multi-echo spoiled gradient echo (SPGR) at",
-        "  several flip angles, ideal RF spoiling in the simulation.",
+        "  several flip angles, "
+        + (
+            "ideal RF spoiling in the simulation (Ernst equation)."
+            if spoiling == "ideal"
+            else "spoiled as a scanner does: extended phase graphs of the RF phase schedule,"
+        ),
         "- anat/*_acq-bssfp<ddd>_flip-<f>_part-<mag|phase>_VFA: phase-cycled balanced SSFP, TE = TR/2.",
         "  Project convention (BIDS has no phase-cycling entity): one acq- label per RF phase-cycling",
         "  increment in degrees, repeated in the sidecar as PhaseCyclingIncrement. Increment 0 is",
         "  conventional bSSFP (RF phase alternating by 180 degrees, pass band centred on resonance).",
-        "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007).",
+        *(
+            []
+            if spoiling == "ideal"
+            else [
+                "  spoiler moment and diffusion (SpoilingRFPhaseIncrement, SpoilingGradientMoment in the",
+                "  sidecars) at each voxel's T1, T2 and B1+: the signal departs from the Ernst equation by",
+                "  up to a few percent (more at the larger flip angle, long T2 and high B1+), as on a scanner.",
+            ]
+        ),
+        "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007)"
+        + (", ideal spoiling." if spoiling == "ideal" else ", spoiled as in the sidecars (EPG)."),
         "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
         "  coil; body coil, single channel, smooth sensitivity within 3 % of uniform).",
         "",
@@ -289,11 +309,15 @@ def _raw_sidecar(volume, *, field_strength, part, n_coils):
     metadata["ScanningSequence"] = "GR"
     metadata["SequenceVariant"] = ["SS"] if volume.kind == "bssfp" else ["SS", "SP"]
     metadata["SequenceName"] = f"qmri_{volume.kind}"
-    metadata["PulseSequenceDetails"] = "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); " + (
-        "balanced, TE = TR/2" if volume.kind == "bssfp" else "ideal RF and gradient spoiling"
+    if volume.kind == "bssfp":
+        details = "balanced, TE = TR/2"
+    elif volume.parameters.get("spoiling") is None:
+        details = "ideal RF and gradient spoiling"
+    else:
+        details = "RF and gradient spoiling simulated by extended phase graphs (quadratic RF phase schedule)"
+    metadata["PulseSequenceDetails"] = (
+        "Steady-state signal equations per voxel (qmri_workflows.phantom.simulate); " + details
     )
-    if volume.kind in ("afi", "rb1cor"):
-        metadata.setdefault("SpoilingType", "COMBINED")
     metadata["SoftwareVersions"] = f"qmri-workflows {__version__}"
     metadata["DeviceSerialNumber"] = "0000"
     metadata["StationName"] = "qmri-phantom"
@@ -488,6 +512,83 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
         else:  # pragma: no cover - every name of truth_maps is handled above
             raise RuntimeError(f"unhandled truth map {name}")
     _write_interior_masks(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
+    _write_lesion_truth(derivatives_root, scanner, label, field_strength=field_strength, oversample=oversample)
+
+
+_LESION_COLUMNS = {
+    "index": "lesion number, the value of its voxels in the image",
+    "name": "lesion name",
+    "stage": "stage (Table 1 of the review; cortical lesions apart)",
+    "compartment": "phantom compartment (qmri_workflows.phantom.tissues)",
+    "diameter_mm": "diameter of the simulated sphere (mm)",
+    "centre_x_mm": "centre, x (RAS, MNI152 mm)",
+    "centre_y_mm": "centre, y (RAS, MNI152 mm)",
+    "centre_z_mm": "centre, z (RAS, MNI152 mm)",
+    "voxels": "voxels of the lesion on this grid (0: too small to hold a voxel)",
+    "volume_mm3": "volume of those voxels (mm^3)",
+}
+
+
+def _write_lesion_truth(derivatives_root, scanner, label, *, field_strength, oversample):
+    """Lesion numbers (``label-lesion_dseg`` + ``.tsv`` with each lesion's stage) and the lesion mask."""
+    from qmri_workflows.io.tables import write_table
+    from qmri_workflows.phantom.simulate import _blocks, block_majority
+    from qmri_workflows.phantom.tissues import LESION_LABELS, LESION_STAGES, lesion_stage
+
+    truth = scanner.truth
+    if truth.lesion_index is None or not truth.lesions:
+        return
+    dseg = block_majority(truth.dseg, oversample)
+    index = block_majority(truth.lesion_index, oversample)
+    lesion = np.isin(dseg, LESION_LABELS)
+    if oversample > 1:
+        # a lesion voxel whose block is mostly non-lesion tissue still belongs to the lesion in it
+        largest = _blocks(truth.lesion_index, oversample).max(axis=(1, 3, 5))
+        index = np.where(lesion & (index == 0), largest, index)
+    index = np.where(lesion, index, 0).astype(np.int16)
+    meta = {"field_strength": field_strength, "oversample": oversample}
+    path = write_map(
+        derivatives_root,
+        index,
+        scanner.affine,
+        subject=label,
+        suffix="dseg",
+        label="lesion",
+        metadata=_truth_metadata(
+            "Lesion numbers of the phantom (0 = no lesion); the .tsv gives each lesion's stage.",
+            LesionColumns=_LESION_COLUMNS,
+            StageLevels={stage: f"{stage} lesion" for stage in LESION_STAGES},
+            **meta,
+        ),
+    )
+    voxel_volume = float(abs(np.linalg.det(scanner.affine[:3, :3])))
+    counts = np.bincount(index.ravel(), minlength=len(truth.lesions) + 1)
+    rows = [
+        {
+            "index": number,
+            "name": f"lesion {number}",
+            "stage": lesion_stage(item.compartment),
+            "compartment": item.compartment,
+            "diameter_mm": 2 * item.radius,
+            "centre_x_mm": item.centre[0],
+            "centre_y_mm": item.centre[1],
+            "centre_z_mm": item.centre[2],
+            "voxels": int(counts[number]),
+            "volume_mm3": counts[number] * voxel_volume,
+        }
+        for number, item in enumerate(truth.lesions, start=1)
+    ]
+    # the image's sidecar shares the table's stem, so the columns are described there (LesionColumns)
+    write_table(Path(path).with_name(f"sub-{label}_label-lesion_dseg.tsv"), rows, list(rows[0]))
+    write_map(
+        derivatives_root,
+        (index > 0).astype(np.uint8),
+        scanner.affine,
+        subject=label,
+        suffix="mask",
+        label="lesion",
+        metadata=_truth_metadata("Lesion mask of the phantom (all stages).", Type="ROI", **meta),
+    )
 
 
 def _write_interior_masks(derivatives_root, scanner, label, *, field_strength, oversample):
@@ -719,6 +820,7 @@ def _write_dataset(
         oversample=oversample,
         dtype=dtype,
         kspace_filter=kspace_filter,
+        spoiling=protocol.spoiling,
     )
     (root / "README").write_text(readme, encoding="utf-8")
     (root / "CHANGES").write_text(
@@ -817,6 +919,20 @@ def _write_dataset(
                 "SignalScale": SIGNAL_SCALE,
                 "StorageDataType": dtype,
                 "Protocol": protocol.to_dict(),
+                "SpoilingSimulation": (
+                    "ideal spoiling (Ernst equation; Yarnykh 2007 for AFI)"
+                    if protocol.spoiling == "ideal"
+                    else {
+                        "Model": "extended phase graphs of the quadratic RF phase schedule, spoiler and "
+                        "diffusion (qmri_workflows.phantom.epg), tabulated over T1, T2 and B1+",
+                        "TissueDiffusion": TISSUE_DIFFUSION,
+                        "FreeWaterDiffusion": FREE_WATER_DIFFUSION,
+                        "DiffusionUnits": "mm^2/s",
+                        "DiffusionT2Range": list(DIFFUSION_T2_RANGE),
+                        "DiffusionNote": "tissue diffusion below the T2 range, free water above, "
+                        "log-linear in T2 between",
+                    }
+                ),
                 "MainGridShape": list(scanner.shape),
                 "RB1CORGridShape": list(scanner.rb1cor_shape),
             },

@@ -23,6 +23,10 @@ the TR (:math:`b = TR\,\Delta k^2 ((k \pm 1/2)^2 + 1/12)` for transverse, :math:
 for longitudinal states), then the shift. The magnetisation starts at the ideal-spoiling steady state
 (dummy scans), which only shortens the transient.
 
+Whole images: :func:`spgr_ratio_table` and :func:`afi_ratio_table` run the EPG once per protocol on
+a (T1, T2, B1+) grid and return a :class:`RatioTable` of the EPG to ideal-spoiling signal ratio that
+the simulator interpolates per voxel.
+
 References
 ----------
 .. [1] Weigel M. Extended phase graphs: dephasing, RF pulses, and echoes - pure and simple. J Magn
@@ -39,12 +43,18 @@ import functools
 import math
 
 import numpy as np
+from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
+
+from qmri_workflows.core.signal import afi_signals
 
 __all__ = [
     "GYROMAGNETIC_RATIO_HZ_PER_T",
+    "RatioTable",
+    "afi_ratio_table",
     "afi_steady_state",
     "dephasing_from_gradient_moment",
+    "spgr_ratio_table",
     "spgr_steady_state",
     "spgr_steady_state_table",
 ]
@@ -317,9 +327,117 @@ def _ernst(t1, alpha, tr):
     return np.sin(alpha) * (1.0 - e1) / (1.0 - e1 * np.cos(alpha))
 
 
-@functools.lru_cache(maxsize=16)
-def _spgr_ratio_table(flip_deg, tr, phase_increment_deg, gradient_moment, diffusion, t1_grid, t2_grid, b1_grid):
-    t1, t2, b1 = np.meshgrid(np.array(t1_grid), np.array(t2_grid), np.array(b1_grid), indexing="ij")
+#: Default table ranges (s, s, ratio) and points along (T1, T2, B1) of the EPG tables.
+TABLE_T1_RANGE = (0.2, 6.0)
+TABLE_T2_RANGE = (0.01, 3.0)
+TABLE_B1_RANGE = (0.4, 1.6)
+TABLE_GRID_SIZE = (14, 16, 13)
+#: Refinement of the cubic-spline resampled table that voxels are interpolated from (trilinearly).
+TABLE_UPSAMPLING = 6
+_TABLE_CHUNK = 1_000_000
+
+
+class RatioTable:
+    """Ratios of EPG to ideal-spoiling signals on a (log T1, log T2, B1) grid, for many voxels.
+
+    The EPG is run on a coarse grid (a few thousand columns); the ratio, smooth and close to 1, is
+    resampled by cubic splines onto a grid ``upsampling`` times finer, from which each voxel is
+    interpolated trilinearly (about 0.1 us per voxel and signal, 20 times faster than evaluating the
+    cubic spline per voxel). Parameters outside the ranges are clamped to the grid's edge.
+
+    Parameters
+    ----------
+    log_t1, log_t2, b1 : numpy.ndarray
+        Evenly spaced axes of ``values`` (log s, log s, ratio).
+    values : numpy.ndarray, shape (len(log_t1), len(log_t2), len(b1), n_signals)
+        Ratio of each signal (one for SPGR, two for AFI) to its ideal-spoiling value.
+    """
+
+    def __init__(self, log_t1, log_t2, b1, values):
+        self.axes = tuple(np.asarray(axis, dtype=float) for axis in (log_t1, log_t2, b1))
+        self.values = np.asarray(values, dtype=float)
+        if self.values.shape[:3] != tuple(axis.size for axis in self.axes) or self.values.ndim != 4:
+            raise ValueError("values must have the shape (n_t1, n_t2, n_b1, n_signals) of the axes")
+
+    @classmethod
+    def from_coarse(cls, log_t1, log_t2, b1, ratios, upsampling=TABLE_UPSAMPLING):
+        """Resample coarse ratios (n_t1, n_t2, n_b1, n_signals) by cubic splines onto a finer grid."""
+        coarse_axes = [np.asarray(axis, dtype=float) for axis in (log_t1, log_t2, b1)]
+        fine_axes = [np.linspace(axis[0], axis[-1], (axis.size - 1) * upsampling + 1) for axis in coarse_axes]
+        points = np.stack(np.meshgrid(*fine_axes, indexing="ij"), axis=-1)
+        values = np.stack(
+            [
+                RegularGridInterpolator(coarse_axes, ratios[..., index], method="cubic")(points)
+                for index in range(ratios.shape[-1])
+            ],
+            axis=-1,
+        )
+        return cls(*fine_axes, values)
+
+    @property
+    def n_signals(self):
+        """Number of signals tabulated (1 for SPGR, 2 for AFI)."""
+        return self.values.shape[-1]
+
+    def __call__(self, t1, t2, b1):
+        """Ratios at the given voxels, shape ``broadcast(t1, t2, b1).shape + (n_signals,)``."""
+        t1, t2, b1 = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in (t1, t2, b1)])
+        flat = [a.reshape(-1) for a in (t1, t2, b1)]
+        out = np.empty((flat[0].size, self.n_signals))
+        for start in range(0, out.shape[0], _TABLE_CHUNK):
+            part = slice(start, start + _TABLE_CHUNK)
+            coordinates = np.empty((3, flat[0][part].size))
+            for row, (values, axis, log) in enumerate(zip(flat, self.axes, (True, True, False))):
+                values = np.log(values[part]) if log else values[part]
+                step = (axis[-1] - axis[0]) / (axis.size - 1)
+                np.clip((values - axis[0]) / step, 0.0, axis.size - 1.0, out=coordinates[row])
+            for index in range(self.n_signals):
+                out[part, index] = ndimage.map_coordinates(
+                    self.values[..., index], coordinates, order=1, mode="nearest", prefilter=False
+                )
+        return out.reshape(t1.shape + (self.n_signals,))
+
+
+def _grid_axes(t1_range, t2_range, b1_range, grid_size):
+    return (
+        np.linspace(np.log(t1_range[0]), np.log(t1_range[1]), grid_size[0]),
+        np.linspace(np.log(t2_range[0]), np.log(t2_range[1]), grid_size[1]),
+        np.linspace(b1_range[0], b1_range[1], grid_size[2]),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def spgr_ratio_table(
+    flip_deg,
+    tr,
+    *,
+    phase_increment_deg=50.0,
+    gradient_moment=1.0,
+    diffusion=0.8e-3,
+    t1_range=TABLE_T1_RANGE,
+    t2_range=TABLE_T2_RANGE,
+    b1_range=TABLE_B1_RANGE,
+    grid_size=TABLE_GRID_SIZE,
+):
+    """EPG / Ernst signal ratio of an RF-spoiled SPGR protocol, tabulated (cached per protocol).
+
+    Parameters
+    ----------
+    flip_deg, tr, phase_increment_deg, gradient_moment, diffusion
+        As in :func:`spgr_steady_state` (scalars).
+    t1_range, t2_range, b1_range : tuple of float
+        Table ranges (s, s, ratio); T1 and T2 are log-spaced.
+    grid_size : tuple of int
+        EPG columns along T1, T2 and B1.
+
+    Returns
+    -------
+    RatioTable
+        One signal: the ratio of the TE = 0 EPG signal to the Ernst signal at the actual flip angle.
+    """
+    _check_inputs(t1_range[0], t2_range[0], tr)
+    axes = _grid_axes(t1_range, t2_range, b1_range, grid_size)
+    t1, t2, b1 = np.meshgrid(np.exp(axes[0]), np.exp(axes[1]), axes[2], indexing="ij")
     signal = spgr_steady_state(
         t1,
         t2,
@@ -331,17 +449,55 @@ def _spgr_ratio_table(flip_deg, tr, phase_increment_deg, gradient_moment, diffus
         b1=b1,
     )
     ratio = signal / _ernst(t1, np.deg2rad(flip_deg * b1), tr)
-    return RegularGridInterpolator(
-        (np.log(t1_grid), np.log(t2_grid), np.array(b1_grid)),
-        ratio,
-        method="cubic",
-        bounds_error=False,
-        fill_value=None,
+    return RatioTable.from_coarse(*axes, ratio[..., None])
+
+
+@functools.lru_cache(maxsize=16)
+def afi_ratio_table(
+    flip_deg,
+    tr1,
+    tr2,
+    *,
+    phase_increment_deg=50.0,
+    gradient_moment=1.0,
+    gradient_ratio=None,
+    diffusion=0.8e-3,
+    t1_range=TABLE_T1_RANGE,
+    t2_range=TABLE_T2_RANGE,
+    b1_range=TABLE_B1_RANGE,
+    grid_size=TABLE_GRID_SIZE,
+):
+    """EPG / ideal AFI signal ratios (TR1 and TR2 signals), tabulated (cached per protocol).
+
+    Parameters
+    ----------
+    flip_deg, tr1, tr2, phase_increment_deg, gradient_moment, gradient_ratio, diffusion
+        As in :func:`afi_steady_state` (scalars).
+    t1_range, t2_range, b1_range, grid_size
+        As in :func:`spgr_ratio_table`.
+
+    Returns
+    -------
+    RatioTable
+        Two signals: the ratios of the TR1 and TR2 signals to the ideal-spoiling ones (Yarnykh 2007).
+    """
+    _check_inputs(t1_range[0], t2_range[0], tr1)
+    axes = _grid_axes(t1_range, t2_range, b1_range, grid_size)
+    t1, t2, b1 = np.meshgrid(np.exp(axes[0]), np.exp(axes[1]), axes[2], indexing="ij")
+    s1, s2 = afi_steady_state(
+        t1,
+        t2,
+        flip_deg,
+        tr1,
+        tr2,
+        phase_increment_deg=phase_increment_deg,
+        gradient_moment=gradient_moment,
+        gradient_ratio=gradient_ratio,
+        diffusion=diffusion,
+        b1=b1,
     )
-
-
-def _log_grid(low, high, n):
-    return tuple(float(v) for v in np.geomspace(low, high, n))
+    ideal_1, ideal_2 = afi_signals(1.0, 1.0 / t1, 0.0, np.deg2rad(flip_deg), tr1, tr2, 0.0, b1=b1)
+    return RatioTable.from_coarse(*axes, np.stack([s1 / ideal_1, s2 / ideal_2], axis=-1))
 
 
 def spgr_steady_state_table(
@@ -354,17 +510,17 @@ def spgr_steady_state_table(
     gradient_moment=1.0,
     diffusion=0.8e-3,
     b1=1.0,
-    t1_range=(0.2, 6.0),
-    t2_range=(0.01, 3.0),
-    b1_range=(0.4, 1.6),
-    grid_size=(14, 16, 13),
+    t1_range=TABLE_T1_RANGE,
+    t2_range=TABLE_T2_RANGE,
+    b1_range=TABLE_B1_RANGE,
+    grid_size=TABLE_GRID_SIZE,
 ):
     """Fast RF-spoiled SPGR signal of many voxels: the EPG tabulated over (T1, T2, B1) and interpolated.
 
-    The table holds the ratio of the EPG signal to the Ernst signal (smooth, close to 1), interpolated
-    cubically in (log T1, log T2, B1) and multiplied by the exact Ernst signal of each voxel. It is built
-    once per protocol and grid (cached) with :func:`spgr_steady_state`; values outside the grid ranges
-    are extrapolated (keep the ranges wide).
+    The ratio of the EPG signal to the Ernst signal (smooth, close to 1) comes from
+    :func:`spgr_ratio_table` (built once per protocol and grid, cached) and is multiplied by the exact
+    Ernst signal of each voxel. Parameters outside the grid ranges take the ratio at the grid's edge
+    (keep the ranges wide).
 
     Parameters
     ----------
@@ -381,22 +537,16 @@ def spgr_steady_state_table(
         Signal magnitude (M0 = 1, TE = 0), broadcast shape of ``t1``, ``t2`` and ``b1``.
     """
     _check_inputs(t1, t2, tr)
-    interpolator = _spgr_ratio_table(
+    table = spgr_ratio_table(
         float(flip_deg),
         float(tr),
-        float(phase_increment_deg),
-        float(gradient_moment),
-        float(diffusion),
-        _log_grid(*t1_range, grid_size[0]),
-        _log_grid(*t2_range, grid_size[1]),
-        tuple(float(v) for v in np.linspace(*b1_range, grid_size[2])),
+        phase_increment_deg=float(phase_increment_deg),
+        gradient_moment=float(gradient_moment),
+        diffusion=float(diffusion),
+        t1_range=tuple(float(v) for v in t1_range),
+        t2_range=tuple(float(v) for v in t2_range),
+        b1_range=tuple(float(v) for v in b1_range),
+        grid_size=tuple(int(v) for v in grid_size),
     )
     t1, t2, b1 = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in (t1, t2, b1)])
-    out = np.empty(t1.shape)
-    flat_out = out.reshape(-1)
-    flat = [a.reshape(-1) for a in (t1, t2, b1)]
-    for start in range(0, flat_out.size, 500_000):
-        part = slice(start, start + 500_000)
-        points = np.stack([np.log(flat[0][part]), np.log(flat[1][part]), flat[2][part]], axis=-1)
-        flat_out[part] = interpolator(points) * _ernst(flat[0][part], np.deg2rad(flip_deg * flat[2][part]), tr)
-    return out
+    return table(t1, t2, b1)[..., 0] * _ernst(t1, np.deg2rad(flip_deg * b1), tr)

@@ -11,7 +11,17 @@ Every voxel is simulated from its own truth with the signal equations of
 * frequency offset ``f = b0_ppm * 1e-6 * GYROMAGNETIC_RATIO * field_strength`` (Hz); gradient-echo
   phase ``phase_offset + 2 pi f TE``, wrapped to (-pi, pi]; bSSFP off-resonance ``2 pi f TR`` per TR
   (plus the same transceive phase);
-* ideal RF spoiling for the spoiled sequences (SPGR, AFI, RB1COR).
+* the spoiled sequences (SPGR, AFI, RB1COR) spoil as a scanner does (``Protocol.spoiling = "epg"``,
+  the default): the TE = 0 signal is the ideal-spoiling one (Ernst; Yarnykh 2007 for AFI) times the
+  ratio of the extended-phase-graph steady state of the actual protocol (quadratic RF phase
+  schedule, spoiler moment, diffusion; :mod:`qmri_workflows.phantom.epg`) to it, at the voxel's own
+  T1, T2 and actual flip angle. The ratio is tabulated once per protocol over (T1, T2, B1+) and
+  interpolated per voxel (:func:`spoiling_ratio_map`). The receiver follows the RF phase of the
+  current pulse, so the echo is demodulated; its magnitude then decays with R2* to the echo time and
+  its phase is the transceive and off-resonance phase, as with ideal spoiling. Diffusion: tissue
+  :data:`TISSUE_DIFFUSION`, free water (CSF) :data:`FREE_WATER_DIFFUSION`, log-linear in T2 between
+  :data:`DIFFUSION_T2_RANGE` (the phantom has no diffusion map; long T2 means free water).
+  ``Protocol.spoiling = "ideal"`` keeps the ideal-spoiling equations.
 
 Noise and coils
 ---------------
@@ -57,17 +67,22 @@ fine voxel, i.e. 0.5 GB at 1 mm and 4 GB for 1 mm at ``oversample=2`` (69 millio
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.fft
 
 from qmri_workflows.core.signal import afi_signals, bssfp_signal, spgr_signal
+from qmri_workflows.phantom.epg import RatioTable, afi_ratio_table, dephasing_from_gradient_moment, spgr_ratio_table
 
 __all__ = [
+    "DIFFUSION_T2_RANGE",
+    "FREE_WATER_DIFFUSION",
     "GYROMAGNETIC_RATIO",
     "SIGNAL_SCALE",
+    "TISSUE_DIFFUSION",
     "PhantomScanner",
     "ReceiveCoils",
     "VolumeSpec",
@@ -79,6 +94,7 @@ __all__ = [
     "noiseless_signal",
     "reference_sigma",
     "gfactor_map",
+    "spoiling_ratio_map",
     "white_matter_labels",
     "PURE_FRACTION",
     "MIN_ERODED_VOXELS",
@@ -92,6 +108,15 @@ GYROMAGNETIC_RATIO = 42.577478e6
 
 SIGNAL_SCALE = 1000.0
 """Signal of pure water (PD 100 %) at unit receive sensitivity, full relaxation and 90 degrees."""
+
+TISSUE_DIFFUSION = 1.0e-3
+"""Apparent diffusion coefficient of brain tissue (mm^2/s; 1e-9 m^2/s) in the spoiling simulation."""
+
+FREE_WATER_DIFFUSION = 3.0e-3
+"""Diffusion coefficient of CSF (free water at 37 degC, mm^2/s) in the spoiling simulation."""
+
+DIFFUSION_T2_RANGE = (0.3, 1.2)
+"""T2 (s) up to which a voxel diffuses as tissue and from which as free water (log-linear between)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,6 +472,7 @@ def list_volumes(protocol):
     """
     volumes = []
     vfa = protocol.vfa
+    vfa_spoiling = _spoiling_metadata(protocol.spoiling, vfa)
     for flip_index, flip_angle in enumerate(vfa.flip_angles, start=1):
         for echo_index, echo_time in enumerate(vfa.echo_times, start=1):
             volumes.append(
@@ -460,15 +486,14 @@ def list_volumes(protocol):
                         "EchoTime": float(echo_time),
                         "RepetitionTimeExcitation": float(vfa.repetition_time),
                         "PulseSequenceType": "SPGR",
-                        "SpoilingState": True,
-                        "SpoilingType": "COMBINED",
-                        "SpoilingRFPhaseIncrement": float(vfa.spoiling_rf_phase_increment),
+                        **vfa_spoiling,
                     },
                     with_phase=True,
                     parameters={
                         "flip_angle": math.radians(flip_angle),
                         "tr": float(vfa.repetition_time),
                         "te": float(echo_time),
+                        "spoiling": _spoiling_parameters(vfa_spoiling),
                     },
                 )
             )
@@ -500,6 +525,7 @@ def list_volumes(protocol):
                 )
     if protocol.afi is not None:
         afi = protocol.afi
+        afi_spoiling = _spoiling_metadata(protocol.spoiling, afi)
         for label, repetition_time in (("tr1", afi.repetition_time_1), ("tr2", afi.repetition_time_2)):
             volumes.append(
                 VolumeSpec(
@@ -512,7 +538,7 @@ def list_volumes(protocol):
                         "EchoTime": float(afi.echo_time),
                         "RepetitionTimeExcitation": float(repetition_time),
                         "PulseSequenceType": "AFI",
-                        "SpoilingState": True,
+                        **afi_spoiling,
                     },
                     with_phase=False,
                     parameters={
@@ -521,6 +547,7 @@ def list_volumes(protocol):
                         "tr2": float(afi.repetition_time_2),
                         "te": float(afi.echo_time),
                         "interval": 1 if label == "tr1" else 2,
+                        "spoiling": _spoiling_parameters(afi_spoiling),
                     },
                 )
             )
@@ -538,7 +565,7 @@ def list_volumes(protocol):
                         "EchoTime": float(rb1cor.echo_time),
                         "RepetitionTimeExcitation": float(rb1cor.repetition_time),
                         "PulseSequenceType": "SPGR",
-                        "SpoilingState": True,
+                        **vfa_spoiling,
                         "ReceiveCoilName": f"{coil} coil",
                     },
                     with_phase=False,
@@ -547,11 +574,98 @@ def list_volumes(protocol):
                         "tr": float(rb1cor.repetition_time),
                         "te": float(rb1cor.echo_time),
                         "coil": coil,
+                        "spoiling": _spoiling_parameters(vfa_spoiling),
                     },
                     grid="rb1cor",
                 )
             )
     return volumes
+
+
+def _spoiling_metadata(model, sequence):
+    """Sidecar keys of a spoiled sequence; ideal spoiling has no increment or spoiler to report."""
+    if model == "ideal":
+        return {"SpoilingState": True}
+    return {
+        "SpoilingState": True,
+        "SpoilingType": "COMBINED",
+        "SpoilingRFPhaseIncrement": float(sequence.spoiling_rf_phase_increment),
+        "SpoilingGradientMoment": float(sequence.spoiling_gradient_moment),
+        "SpoilingGradientDuration": float(sequence.spoiling_gradient_duration),
+    }
+
+
+def _spoiling_parameters(metadata):
+    """Simulation parameters of the EPG (hashable), or ``None`` for ideal spoiling."""
+    if "SpoilingRFPhaseIncrement" not in metadata:
+        return None
+    return (
+        ("phase_increment_deg", metadata["SpoilingRFPhaseIncrement"]),
+        ("gradient_moment", dephasing_from_gradient_moment(metadata["SpoilingGradientMoment"])),
+    )
+
+
+def _blend_diffusion(tissue, free_water):
+    """One table from the tissue and free-water ones, weighted along T2 (see DIFFUSION_T2_RANGE)."""
+    low, high = np.log(DIFFUSION_T2_RANGE)
+    weight = np.clip((tissue.axes[1] - low) / (high - low), 0.0, 1.0)[None, :, None, None]
+    return RatioTable(*tissue.axes, (1.0 - weight) * tissue.values + weight * free_water.values)
+
+
+@functools.lru_cache(maxsize=16)
+def _ratio_table(kind, flip_deg, repetition_times, spoiling):
+    """The EPG / ideal ratio table of one protocol (both diffusion coefficients), cached."""
+    options = dict(spoiling)
+    if kind == "afi":
+        tr1, tr2 = repetition_times
+        tables = [afi_ratio_table(flip_deg, tr1, tr2, diffusion=d, **options) for d in _DIFFUSIONS]
+    else:
+        tables = [spgr_ratio_table(flip_deg, repetition_times[0], diffusion=d, **options) for d in _DIFFUSIONS]
+    return _blend_diffusion(*tables)
+
+
+_DIFFUSIONS = (TISSUE_DIFFUSION, FREE_WATER_DIFFUSION)
+
+
+def _spoiling_key(volume):
+    """What the spoiling ratio of ``volume`` depends on (hashable), or ``None`` (ideal spoiling)."""
+    p = volume.parameters
+    if volume.kind not in ("spgr", "afi", "rb1cor") or p.get("spoiling") is None:
+        return None
+    flip_deg = round(math.degrees(p["flip_angle"]), 9)
+    if volume.kind == "afi":
+        return ("afi", flip_deg, (p["tr1"], p["tr2"]), p["spoiling"], p["interval"] - 1)
+    return ("spgr", flip_deg, (p["tr"],), p["spoiling"], 0)
+
+
+def spoiling_ratio_map(truth, volume):
+    """Ratio of the EPG steady state of ``volume``'s protocol to its ideal-spoiling signal, per voxel.
+
+    Parameters
+    ----------
+    truth : PhantomTruth
+        Ground truth (``r1``, ``r2``, ``b1``, ``pd`` maps).
+    volume : VolumeSpec
+        A spoiled volume (``spgr``, ``afi``, ``rb1cor``).
+
+    Returns
+    -------
+    numpy.ndarray of float32 or None
+        The ratio (1 where there is no tissue), the shape of the truth maps; ``None`` when the volume
+        is simulated with ideal spoiling or is not spoiled.
+    """
+    key = _spoiling_key(volume)
+    if key is None:
+        return None
+    kind, flip_deg, repetition_times, spoiling, signal_index = key
+    table = _ratio_table(kind, flip_deg, repetition_times, spoiling)
+    r1, r2 = np.asarray(truth.r1, dtype=float), np.asarray(truth.r2, dtype=float)
+    tissue = (np.asarray(truth.pd) > 0) & (r1 > 0) & (r2 > 0)
+    ratio = np.ones(r1.shape, dtype=np.float32)
+    ratio[tissue] = table(1.0 / r1[tissue], 1.0 / r2[tissue], np.asarray(truth.b1, dtype=float)[tissue])[
+        :, signal_index
+    ]
+    return ratio
 
 
 def _field_hz(truth):
@@ -565,7 +679,7 @@ def _m0(truth, *, receive=True, scale=SIGNAL_SCALE):
     return m0
 
 
-def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE):
+def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
     """Noiseless complex image of one volume on the grid of ``truth``.
 
     The magnitude includes the receive field (for the body coil of the RB1COR pair that of the body
@@ -579,17 +693,24 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE):
     volume : VolumeSpec
     scale : float, optional
         Signal of pure water at unit receive, see :data:`SIGNAL_SCALE`.
+    spoiling_ratio : numpy.ndarray, optional
+        :func:`spoiling_ratio_map` of ``truth`` and ``volume`` if already computed (it is computed
+        here otherwise).
 
     Returns
     -------
     numpy.ndarray of complex128, the shape of the truth maps
     """
     p = volume.parameters
+    if spoiling_ratio is None:
+        spoiling_ratio = spoiling_ratio_map(truth, volume)
+    # imperfect spoiling changes the TE = 0 amplitude only (the receiver follows the RF phase)
+    spoiling = 1.0 if spoiling_ratio is None else spoiling_ratio
     field_hz = _field_hz(truth)
     b1 = np.asarray(truth.b1, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         if volume.kind == "spgr":
-            magnitude = spgr_signal(
+            magnitude = spoiling * spgr_signal(
                 _m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1
             )
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
@@ -612,7 +733,7 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE):
                 _m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr1"], p["tr2"], p["te"], b1=b1
             )
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
-            signal = pair[p["interval"] - 1] * np.exp(1j * phase)
+            signal = spoiling * pair[p["interval"] - 1] * np.exp(1j * phase)
         elif volume.kind == "rb1cor":
             if p["coil"] == "head":
                 m0 = _m0(truth, scale=scale)
@@ -621,7 +742,7 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE):
                 body_receive = getattr(truth, "body_receive", None)
                 if body_receive is not None:
                     m0 = m0 * np.asarray(body_receive, dtype=float)
-            magnitude = spgr_signal(m0, truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1)
+            magnitude = spoiling * spgr_signal(m0, truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1)
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = magnitude * np.exp(1j * phase)
         else:
@@ -726,6 +847,24 @@ class PhantomScanner:
         #: Optional noise amplification map on the main grid (see :func:`gfactor_map`); None: uniform.
         self.noise_gfactor = None
 
+        # the spoiling ratio of the last protocol: the echoes of a flip angle follow each other
+        self._spoiling_cache = (None, None)
+
+    def _spoiling_ratio(self, volume):
+        """:func:`spoiling_ratio_map` on the fine grid (float32), kept for the next volume."""
+        key = _spoiling_key(volume)
+        if key is None:
+            return None
+        if self._spoiling_cache[0] != key:
+            self._spoiling_cache = (None, None)
+            nz = self.fine_shape[2]
+            ratio = np.empty(self.fine_shape, dtype=np.float32)
+            for z0 in range(0, nz, self.slab_thickness):
+                z1 = min(nz, z0 + self.slab_thickness)
+                ratio[:, :, z0:z1] = spoiling_ratio_map(_TruthSlab(self.truth, z0, z1), volume)
+            self._spoiling_cache = (key, ratio)
+        return self._spoiling_cache[1]
+
     @property
     def n_coils(self):
         """Number of receive channels."""
@@ -742,9 +881,15 @@ class PhantomScanner:
         nx, ny, nz = self.fine_shape
         in_plane = coarse_shape((nx, ny, 1), factor)[:2]
         channels = [np.empty(in_plane + (nz,), dtype=np.complex128) for _ in range(n_channels)]
+        ratio = self._spoiling_ratio(volume)
         for z0 in range(0, nz, self.slab_thickness):
             z1 = min(nz, z0 + self.slab_thickness)
-            signal = noiseless_signal(_TruthSlab(self.truth, z0, z1), volume, scale=self.scale)
+            signal = noiseless_signal(
+                _TruthSlab(self.truth, z0, z1),
+                volume,
+                scale=self.scale,
+                spoiling_ratio=None if ratio is None else ratio[:, :, z0:z1],
+            )
             slab_affine = self.fine_affine.copy()
             slab_affine[:3, 3] += self.fine_affine[:3, 2] * z0
             # a single slab is the whole grid: cache its weights (also the target grid's when
@@ -842,16 +987,10 @@ class PhantomScanner:
         ):
             yield name, block_average(getattr(truth, attribute), factor)
         yield "M0map", block_average(_m0(truth, scale=self.scale), factor)
-        for flip_index, flip_angle in enumerate(protocol.vfa.flip_angles, start=1):
-            intercept = VolumeSpec(
-                kind="spgr",
-                datatype="anat",
-                suffix="VFA",
-                entities={},
-                metadata={},
-                with_phase=True,
-                parameters={"flip_angle": math.radians(flip_angle), "tr": protocol.vfa.repetition_time, "te": 0.0},
-            )
+        first_echoes = [v for v in list_volumes(protocol) if v.kind == "spgr" and v.entities["echo"] == 1]
+        for flip_index, first_echo in enumerate(first_echoes, start=1):
+            # same protocol (flip, TR, spoiling) as the VFA images
+            intercept = replace(first_echo, entities={}, metadata={}, parameters={**first_echo.parameters, "te": 0.0})
             # the TE = 0 intercept of the (k-space reduced) complex signal is what R2* fits estimate
             yield f"S0map-{flip_index}", np.abs(self._reduced_channels(intercept, factor, 1)[0])
         head = block_average(truth.head_mask, factor) >= 0.5

@@ -56,6 +56,34 @@ assumption of this phantom, flagged in code by ``TissueParameters.assumed`` (the
 ``TissueParameters.assumption_note``: R1, R2 and PD follow the demyelination pattern of white-matter
 lesions at a smaller size, and the sizes of the R2* and chi changes are chosen, not measured.
 
+Atrophy of the patient
+----------------------
+The patient's brain is smaller where MS shrinks it, so that iron *concentration* (mean R2* or chi of a
+region) and iron *content* (the region's sum, the "R2* mass" of the review) move apart as in Fig 3:
+
+==========================  =========  ===================================================================
+structure                   change     source / reasoning
+==========================  =========  ===================================================================
+thalamus                    -10 %      Houtchens 2007: normalised thalamic volume 16.9 % lower in MS (a
+                                       mixed-duration cohort); a milder, mid-course value is chosen
+caudate                     -12 %      deep grey matter loses volume fastest in MS, caudate among the
+putamen                     -10 %      most affected (Eshaghi 2018: deep grey matter atrophy rates of
+globus pallidus             -8 %       about 1-1.5 %/year); sizes chosen so that basal-ganglia content
+                                       falls while concentration rises (R2* +10 %) in caudate and
+                                       putamen, as the review reports (basal ganglia: content declines,
+                                       concentration increased or stable)
+cortex                      -4 %       thinner cortex: about 0.1 mm of a 2.5 mm cortex (Sailer 2003 report
+                                       focal thinning of up to 1 mm); modelled below the voxel size: each
+                                       voxel's cortical fraction loses 4 % to CSF
+lateral ventricles          +30 %      ventricular enlargement is a robust MS finding; +30 % is a
+                                       moderate value chosen for the phantom (not a cited mean)
+==========================  =========  ===================================================================
+
+Nuclei shrink by scaling their ellipsoids' semi-axes by ``(1 + change) ** (1 / 3)``; the ventricles
+grow by a uniform outward shell whose thickness gives the volume change (``anatomy.py``). These sizes
+are choices of the phantom inside (or, for the ventricles, of the order of) the published ranges:
+they are flagged in :data:`PATIENT_ATROPHY_ASSUMED`.
+
 Field strength
 --------------
 Values are tabulated at 3 T and scaled to ``field_strength`` B (tesla) with
@@ -81,6 +109,15 @@ lesions at various ages. Radiology 2014;271:183-192.
 
 Hopkins JA, Wehrli FW. Magnetic susceptibility measurement of insoluble solids by NMR: magnetic
 susceptibility of bone. Magn Reson Med 1997;37:494-500.
+
+Houtchens MK, Benedict RHB, Killiany R, et al. Thalamic atrophy and cognition in multiple
+sclerosis. Neurology 2007;69:1213-1223.
+
+Eshaghi A, Prados F, Brownlee WJ, et al. Deep gray matter volume loss drives disability worsening in
+multiple sclerosis. Ann Neurol 2018;83:210-222.
+
+Sailer M, Fischl B, Salat D, et al. Focal thinning of the cerebral cortex in multiple sclerosis.
+Brain 2003;126:1734-1744.
 
 Lommers E, Simon J, Reuter G, et al. Multiparameter MRI quantification of microstructural tissue
 alterations in multiple sclerosis. NeuroImage Clin 2019;23:101879.
@@ -108,6 +145,10 @@ __all__ = [
     "CHRONIC_ACTIVE_RIM_MM",
     "CHI_WATER_PPM",
     "CHI_AIR_PPM",
+    "PATIENT_ATROPHY",
+    "PATIENT_ATROPHY_ASSUMED",
+    "LESION_STAGES",
+    "lesion_stage",
 ]
 
 #: Volume susceptibilities (SI, ppm) of water (CSF) and air, for the head-in-air background field.
@@ -355,3 +396,31 @@ CORTICAL_LESIONS = (
 
 #: Thickness of the paramagnetic rim of chronic active lesions (mm).
 CHRONIC_ACTIVE_RIM_MM = 1.5
+
+
+#: Relative volume change of the patient's structures (module notes, "Atrophy of the patient"):
+#: deep grey nuclei (compartment names), ``"cortex"`` and ``"ventricles"``.
+PATIENT_ATROPHY = {
+    "thalamus": -0.10,
+    "caudate": -0.12,
+    "putamen": -0.10,
+    "globus_pallidus": -0.08,
+    "cortex": -0.04,
+    "ventricles": +0.30,
+}
+#: Sizes of :data:`PATIENT_ATROPHY` that are choices of the phantom rather than measured means.
+PATIENT_ATROPHY_ASSUMED = ("caudate", "putamen", "globus_pallidus", "ventricles")
+
+#: Stage names of Table 1-2 of the review, as written in the lesion truth and the lesion tables.
+LESION_STAGES = ("early active", "late active", "chronic active", "chronic inactive", "cortical")
+
+
+def lesion_stage(compartment):
+    """Stage name (:data:`LESION_STAGES`) of a lesion compartment of :data:`WM_LESIONS` or
+    :data:`CORTICAL_LESIONS` (``"chronic_active"`` covers its core and rim)."""
+    if compartment.startswith("cortical"):
+        return "cortical"
+    stage = compartment.replace("_core", "").replace("_rim", "").replace("_", " ")
+    if stage not in LESION_STAGES:
+        raise ValueError(f"unknown lesion compartment {compartment!r}")
+    return stage

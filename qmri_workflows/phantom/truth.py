@@ -39,9 +39,9 @@ from .fields import (
     transmit_field,
 )
 from .simulate import block_average, coarsen_affine
-from .tissues import BRAIN_LABELS, COMPARTMENT_LABELS, LABELS, tissue_parameters
+from .tissues import BRAIN_LABELS, COMPARTMENT_LABELS, LABELS, LESION_LABELS, tissue_parameters
 
-__all__ = ["PhantomTruth", "make_phantom", "LABELS"]
+__all__ = ["PhantomTruth", "make_phantom", "LABELS", "lesion_instances"]
 
 _EXTRACRANIAL_LABELS = (14, 15)
 
@@ -90,6 +90,9 @@ class PhantomTruth:
     label_fraction : ndarray of float32 or None
         Volume fraction of each voxel that belongs to its ``dseg`` label (1 without partial volume);
         defines the interior masks of an oversampled dataset.
+    lesion_index : ndarray of int16 or None
+        Which lesion each voxel belongs to: ``i + 1`` for ``lesions[i]`` where ``dseg`` is a lesion
+        label, 0 elsewhere (see :func:`lesion_instances`).
     """
 
     affine: np.ndarray
@@ -114,6 +117,7 @@ class PhantomTruth:
     b0_direction: tuple = (0.0, 0.0, 1.0)
     body_receive: np.ndarray | None = None
     label_fraction: np.ndarray | None = None
+    lesion_index: np.ndarray | None = None
 
     @property
     def voxel_size(self):
@@ -300,7 +304,44 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
         b0_direction=direction,
         body_receive=body_receive,
         label_fraction=label_fraction,
+        lesion_index=lesion_instances(dseg, affine, anatomy.lesions),
     )
+
+
+def lesion_instances(dseg, affine, lesions):
+    """Lesion number of every voxel whose label is a lesion label.
+
+    Parameters
+    ----------
+    dseg : ndarray of int
+        Labels of :data:`~.tissues.LABELS`.
+    affine : ndarray (4, 4)
+        Axis-aligned voxel -> mm.
+    lesions : sequence of Lesion
+
+    Returns
+    -------
+    ndarray of int16
+        ``i + 1`` where ``dseg`` is a lesion label and the voxel centre is closest (relative to the
+        radius) to ``lesions[i]``, within its radius plus one voxel; 0 elsewhere. Lesions are at least
+        3 mm apart, so the nearest sphere is the one the voxel's label came from.
+    """
+    index = np.zeros(np.shape(dseg), dtype=np.int16)
+    if not lesions:
+        return index
+    voxels = np.argwhere(np.isin(dseg, LESION_LABELS))
+    points = voxels @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    voxel_size = float(np.max(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    scaled = np.stack(
+        [
+            np.linalg.norm(points - np.asarray(lesion.centre), axis=1) / (lesion.radius + voxel_size)
+            for lesion in lesions
+        ]
+    )
+    nearest = np.argmin(scaled, axis=0)
+    inside = scaled[nearest, np.arange(len(points))] <= 1
+    index[tuple(voxels[inside].T)] = nearest[inside] + 1
+    return index
 
 
 def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, direction, seed):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .registry import BuildContext, MapPlan, has_maps_to_compute, plan_families, registered_families
+from .registry import (
+    BuildContext,
+    MapPlan,
+    has_maps_to_compute,
+    plan_families,
+    quantitative_outputs,
+    registered_families,
+)
 
 __all__ = [
     "MapPlan",
@@ -100,14 +107,17 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     from .outputs import init_ds_subject_wf, output_field
 
     families = registered_families() if families is None else list(families)
-    plans = plan_families(inputs, families)
+    plans = plan_families(inputs, families, options)
     running = [family for family, plan in zip(families, plans) if plan.run]
     if not has_maps_to_compute(plans):
         return None, plans
     # Nodes run in their own folders: a relative path would point somewhere else there.
     output_dir = Path(output_dir).absolute()
     context = BuildContext(
-        inputs=inputs, options={**default_options(families), **(options or {})}, omp_nthreads=omp_nthreads
+        inputs=inputs,
+        options={**default_options(families), **(options or {})},
+        omp_nthreads=omp_nthreads,
+        running=frozenset(family.key for family in running),
     )
 
     label = f"sub_{inputs.subject}" + (f"_ses_{inputs.session}" if inputs.session else "")
@@ -123,7 +133,13 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
             )
         workflow.add_nodes([family_wf])
         for field, (dependency, dependency_field) in family.consumes.items():
+            if dependency not in built and dependency in family.uses:
+                continue  # an optional provider that does not run for this subject
             workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
+        if family.consumes_maps:
+            _connect_maps(
+                workflow, family_wf, [(built[other.key], other) for other in running if other.key in built], inputs
+            )
         for field, (collection, interpolation) in family.derived_inputs.items():
             derived = inputs.derivatives.get(collection)
             if derived is None:
@@ -157,6 +173,21 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
              [(f"outputnode.{field}", f"inputnode.{output_field(family.key, field)}") for field in fields]),
         ])  # fmt: skip
     return workflow, plans
+
+
+def _connect_maps(workflow, family_wf, producers, inputs):
+    """Feed every quantitative output of ``producers`` to ``family_wf``'s ``map_files`` / ``map_names``."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    sources = [
+        (producer_wf, output) for producer_wf, family in producers for output in quantitative_outputs(family, inputs)
+    ]
+    merge = pe.Node(niu.Merge(len(sources)), name=f"maps_for_{family_wf.name}", run_without_submitting=True)
+    for position, (producer_wf, output) in enumerate(sources, start=1):
+        workflow.connect(producer_wf, f"outputnode.{output.field}", merge, f"in{position}")
+    workflow.connect(merge, "out", family_wf, "inputnode.map_files")
+    family_wf.inputs.inputnode.map_names = [output.map_name for _, output in sources]
 
 
 POLL_SECONDS = 0.1

@@ -119,9 +119,10 @@ def init_qsm_wf(
         name="outputnode",
     )
     total_field = pe.Node(
-        TotalField(unwrap=unwrap, fit=fit, flip_angles_used=flip_angles_used),
+        TotalField(unwrap=unwrap, fit=fit, flip_angles_used=flip_angles_used, num_threads=omp_nthreads),
         name="total_field",
         mem_gb=mem_gb["total_field"],
+        n_procs=omp_nthreads,
     )
     qsm_mask = pe.Node(QSMMask(), name="qsm_mask", mem_gb=mem_gb["mask"])
     # LBV solves by conjugate gradients on a sparse matrix: one thread.
@@ -298,7 +299,13 @@ def _qsm_outputs(inputs):
     sources = tuple(phase + magnitude)
     masked = {"SkullStripped": True}
     return [
-        Output(field="chi_file", suffix="Chimap", source_files=sources, metadata={**masked, "Units": "ppm"}),
+        Output(
+            field="chi_file",
+            suffix="Chimap",
+            source_files=sources,
+            metadata={**masked, "Units": "ppm"},
+            quantitative=True,
+        ),
         Output(
             field="local_field_file",
             suffix="fieldmap",

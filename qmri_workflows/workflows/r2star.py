@@ -274,7 +274,9 @@ def _r2star_outputs(inputs):
     # The maps are fitted inside the brain mask only.
     masked = {"SkullStripped": True}
     outputs = [
-        Output(field="r2star_file", suffix="R2starmap", source_files=magnitude_files, metadata=masked),
+        Output(
+            field="r2star_file", suffix="R2starmap", source_files=magnitude_files, metadata=masked, quantitative=True
+        ),
         Output(
             field="r2star_stderr_file",
             suffix="R2starmap",

@@ -19,6 +19,12 @@ The contract of a family's workflow (returned by :attr:`MapFamily.build`):
 * an ``outputnode`` with the fields named by the family's :class:`Output` entries, and a
   ``metadata`` field (dict of sidecar fields computed at run time) when
   :attr:`MapFamily.runtime_metadata` is true.
+
+Families that analyse maps (regional and lesion statistics) do not name the families they read: an
+:class:`Output` flagged ``quantitative`` is a calibrated map, and a family with
+:attr:`MapFamily.consumes_maps` receives every such output of the families that run for the subject
+(``inputnode.map_files`` and, set when the graph is built, ``inputnode.map_names``: the outputs'
+suffixes, with ``desc`` when there is one). A new map family flags its maps and they flow in.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "has_maps_to_compute",
     "plan_families",
     "positive_int",
+    "quantitative_outputs",
     "register",
     "registered_families",
     "unregister",
@@ -88,6 +95,9 @@ class Output:
         Sidecar fields known when the graph is built; they win over the run-time ``metadata``.
     datatype : str, optional
         ``anat`` or ``fmap``; by default ``fmap`` for TB1map/RB1map and ``anat`` otherwise.
+    quantitative : bool
+        A calibrated map (R1, R2*, chi ...) that analysis families read (module notes); not for
+        uncertainties, intercepts or masks.
     """
 
     field: str
@@ -97,6 +107,12 @@ class Output:
     index: int | None = None
     metadata: dict = field(default_factory=dict)
     datatype: str | None = None
+    quantitative: bool = False
+
+    @property
+    def map_name(self):
+        """Name of the map in analysis tables: the suffix, with ``desc`` when there is one."""
+        return self.suffix if not self.desc else f"{self.suffix}_desc-{self.desc}"
 
 
 @dataclass(frozen=True)
@@ -111,11 +127,15 @@ class BuildContext:
         Values of every registered family's options (by ``dest``), defaults filled in.
     omp_nthreads : int
         Threads one voxel-wise node may use (its ``n_procs``).
+    running : frozenset of str
+        Keys of the families that run for this subject, so a factory can tell whether an optional
+        provider (:attr:`MapFamily.uses`) feeds it.
     """
 
     inputs: object
     options: dict
     omp_nthreads: int = 1
+    running: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -130,11 +150,20 @@ class MapFamily:
         Name printed in the plan (``R2*``, ``R1``, ``brain mask``).
     needs : tuple of str
         Input collections that must all be usable (names from :mod:`qmri_workflows.io.query`).
+    reads : tuple of str
+        Input collections the family uses when present without requiring them (B1+ takes an AFI
+        pair or a TB1map; its ``check`` decides), so the App does not call them unused.
     depends : tuple of str
         Keys of families whose outputs this one consumes; it runs only when they run.
+    uses : tuple of str
+        Keys of families whose outputs this one consumes when they run (R1 takes the B1+ map when
+        there is one); it runs without them, and the ``consumes`` fields they would feed are then
+        left undefined (the factory sees which run in :attr:`BuildContext.running`).
     check : callable, optional
         ``check(inputs) -> str or None``: a reason the data cannot support the family even though
-        the collections exist (too few echoes, say), or None.
+        the collections exist (too few echoes, say), or None. With ``check_options`` true it is
+        ``check(inputs, options)`` (the option values by ``dest``, defaults filled in), for a
+        family whose needs depend on a chosen method (R2 from bSSFP: complex data or not).
     describe : callable
         ``describe(inputs) -> str``: what the family will be computed from (for the plan).
     build : callable
@@ -153,9 +182,14 @@ class MapFamily:
         Command-line options of the family.
     runtime_metadata : bool
         Whether the family's ``outputnode`` has a ``metadata`` field.
+    check_options : bool
+        Whether ``check`` takes the option values as its second argument.
     auxiliary : bool
         The family serves others (the brain mask): a subject for which only auxiliary families can
         run has no map to compute.
+    consumes_maps : bool
+        The family reads every ``quantitative`` output of the families that run (module notes); it
+        runs after them, and only when there is at least one.
     """
 
     key: str
@@ -164,13 +198,17 @@ class MapFamily:
     outputs: Callable
     describe: Callable
     needs: tuple = ()
+    reads: tuple = ()
     depends: tuple = ()
+    uses: tuple = ()
     check: Callable | None = None
     consumes: dict = field(default_factory=dict)
     derived_inputs: dict = field(default_factory=dict)
     options: tuple = ()
     runtime_metadata: bool = True
     auxiliary: bool = False
+    consumes_maps: bool = False
+    check_options: bool = False
 
 
 @dataclass(frozen=True)
@@ -238,17 +276,23 @@ def registered_families():
         if key not in families:
             raise ValueError(f"map family {chain[-1]!r} depends on unknown family {key!r}")
         state[key] = "visiting"
-        for dependency in families[key].depends:
+        for dependency in (*families[key].depends, *families[key].uses):
             visit(dependency, chain + [key])
         state[key] = "done"
         ordered.append(families[key])
 
     for key in sorted(families):
         visit(key, [])
-    return ordered
+    # families that read every quantitative map run after all the others
+    return [f for f in ordered if not f.consumes_maps] + [f for f in ordered if f.consumes_maps]
 
 
-def plan_families(inputs, families=None):
+def quantitative_outputs(family, inputs):
+    """The ``quantitative`` outputs of ``family`` for a subject (single files only)."""
+    return [output for output in family.outputs(inputs) if output.quantitative and output.index is None]
+
+
+def plan_families(inputs, families=None, options=None):
     """Decide, family by family, what the subject's data support.
 
     Parameters
@@ -256,6 +300,9 @@ def plan_families(inputs, families=None):
     inputs : qmri_workflows.io.query.SubjectInputs
     families : list of MapFamily, optional
         In dependency order; :func:`registered_families` by default.
+    options : dict, optional
+        Option values by ``dest`` (for the checks with ``check_options``); missing ones take
+        their defaults.
 
     Returns
     -------
@@ -263,6 +310,10 @@ def plan_families(inputs, families=None):
         One per family, in dependency order.
     """
     families = registered_families() if families is None else families
+    options = {
+        **{option.dest: option.kwargs.get("default") for family in families for option in family.options},
+        **(options or {}),
+    }
     plans, running = [], {}
     names = {family.key: family.name for family in families}
     for family in families:
@@ -277,8 +328,12 @@ def plan_families(inputs, families=None):
                 if not running.get(dependency, False):
                     reason = f"needs {names.get(dependency, dependency)}, which is not computed"
                     break
+        if reason is None and family.consumes_maps:
+            producers = [other for other in families if running.get(other.key) and quantitative_outputs(other, inputs)]
+            if not producers:
+                reason = "no quantitative map is computed"
         if reason is None and family.check is not None:
-            reason = family.check(inputs)
+            reason = family.check(inputs, options) if family.check_options else family.check(inputs)
         run = reason is None
         running[family.key] = run
         plans.append(

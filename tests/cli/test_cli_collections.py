@@ -1,21 +1,14 @@
 """A broken collection is left out with a warning; the maps the rest supports are still made."""
 
 import json
-import logging
 
 import pytest
 
 from qmri_workflows.cli import run
 from tests.bids_factory import edit_sidecar, make_dataset, make_derivatives
 
-
-@pytest.fixture(autouse=True)
-def cli_log(caplog, monkeypatch):
-    """The CLI logs through its own handler without propagating: listen on its logger directly."""
-    logger = logging.getLogger("qmri_workflows")
-    monkeypatch.setattr(logger, "handlers", [caplog.handler])
-    monkeypatch.setattr(logger, "propagate", False)
-    return caplog
+# the CLI logs through its own handler: listen on it (tests/cli/conftest.py)
+pytestmark = pytest.mark.usefixtures("cli_log")
 
 
 def test_broken_afi_pair_does_not_stop_r2star(tmp_path, caplog):

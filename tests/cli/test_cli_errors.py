@@ -46,7 +46,7 @@ def test_usage_error_exits_64(capsys):
 
 def test_unknown_analysis_level_exits_17(tmp_path):
     bids = _raw_dataset(tmp_path / "raw")
-    assert run.main([str(bids), str(tmp_path / "out"), "group"]) == run.EXIT_UNKNOWN_LEVEL
+    assert run.main([str(bids), str(tmp_path / "out"), "session"]) == run.EXIT_UNKNOWN_LEVEL
 
 
 def test_missing_dataset_exits_66(tmp_path, caplog):
@@ -101,7 +101,7 @@ def test_every_bad_subject_is_reported_and_the_others_are_processed(tmp_path, ca
         assert f"sub-{subject}: not processed: unusable gre (see above)" in caplog.text
         assert not (tmp_path / "out" / f"sub-{subject}").exists()
     assert (tmp_path / "out" / "sub-02" / "anat" / "sub-02_R2starmap.nii.gz").is_file()
-    assert "sub-02: brain mask, R2*, QSM written" in caplog.text
+    assert "sub-02: brain mask, R2*, R1, PD, QSM, regional and lesion statistics written" in caplog.text
 
 
 def _tree(root):

@@ -42,3 +42,26 @@ def test_constant_images_that_need_no_signal_and_partial_nan_load(tmp_path):
     data[:3, :3] = np.nan
     loaded = load_volume(write_image(tmp_path / "blocks.nii.gz", data), require_variation=True)
     assert np.isnan(loaded).sum() == 3 * 3 * 4
+
+
+def test_gzipped_images_load_the_same_through_isal_and_nibabel(tmp_path):
+    """The fast inflate path returns exactly what nibabel reads, scaling and NIfTI-2 included."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(-2000, 2000, (12, 10, 8)).astype(np.int16)
+    for image_class in (nib.Nifti1Image, nib.Nifti2Image):
+        image = image_class(data, np.diag([1.5, 1.5, 2.0, 1.0]))
+        image.header.set_slope_inter(0.25, 10.0)
+        path = tmp_path / f"{image_class.__name__}.nii.gz"
+        nib.save(image, path)
+        expected = nib.load(path).get_fdata(dtype=np.float32)
+        np.testing.assert_array_equal(load_volume(path), expected)
+
+
+def test_damaged_gzip_data_are_an_input_error_naming_the_file(tmp_path):
+    path = write_image(tmp_path / "echo.nii.gz", np.random.default_rng(1).random((20, 20, 20)))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(BIDSInputError, match="echo.nii.gz"):
+        load_volume(path)

@@ -579,3 +579,27 @@ def test_has_and_problem_refuse_unknown_collections(tmp_path):
         inputs.has("B1")
     with pytest.raises(ValueError, match="unknown input collection"):
         inputs.problem("B1")
+
+
+def _bssfp_without(tmp_path, *parts):
+    """Four cycles at two flip angles, minus the images whose names contain every one of ``parts``."""
+    dataset = make_dataset(tmp_path / "raw", bssfp_increments=(0, 90, 180, 270), bssfp_flip_angles=(15.0, 50.0))
+    for path in dataset.files["bssfp"]:
+        if all(part in path.name for part in parts):
+            path.unlink()
+            sidecar_of(path).unlink()
+    return dataset
+
+
+def test_bssfp_cycle_missing_at_one_flip_angle(tmp_path):
+    """Every flip angle needs the same phase cycles; the spoiled GRE is not affected."""
+    dataset = _bssfp_without(tmp_path, "bssfp270", "flip-2")
+    message = _problem(dataset, BSSFP, "different phase cycles")
+    assert "270" in message and "flip-" in message and "add the missing" in message
+    assert len(_collect(dataset).gre) == 2
+
+
+def test_bssfp_phase_at_one_flip_angle_only(tmp_path):
+    dataset = _bssfp_without(tmp_path, "part-phase", "flip-2")
+    message = _problem(dataset, BSSFP, "phase images at some flip angles only")
+    assert "flip-2" in message and "50 deg" in message

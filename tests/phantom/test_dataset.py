@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qmri_workflows.core.signal import spgr_signal
 from qmri_workflows.phantom import dataset as dataset_module
 from qmri_workflows.phantom.cli import main
 from qmri_workflows.phantom.dataset import ICBM_NOTICE, write_phantom_dataset
@@ -73,6 +74,8 @@ def test_layout_files_and_metadata(noisy_dataset):
     assert metadata["FlipAngle"] == 6.0 and metadata["EchoTime"] == pytest.approx(0.0023)
     assert metadata["RepetitionTimeExcitation"] == 0.025 and metadata["PulseSequenceType"] == "SPGR"
     assert metadata["SpoilingRFPhaseIncrement"] == 50.0 and metadata["SpoilingState"] is True
+    assert metadata["SpoilingType"] == "COMBINED" and metadata["SpoilingGradientMoment"] == 0.09
+    assert metadata["SpoilingGradientDuration"] == 0.003 and "extended phase graphs" in metadata["PulseSequenceDetails"]
     assert metadata["MagneticFieldStrength"] == 3.0 and metadata["Manufacturer"] == "qmri-workflows phantom"
     phase = layout.get(subject="01", suffix="VFA", part="phase", echo=3, flip=2, extension=".nii.gz")[0]
     assert phase.get_metadata()["Units"] == "rad"
@@ -84,6 +87,7 @@ def test_layout_files_and_metadata(noisy_dataset):
     assert bssfp["EchoTime"] == pytest.approx(bssfp["RepetitionTimeExcitation"] / 2)
     afi = layout.get(subject="01", suffix="TB1AFI", acquisition="tr2", extension=".nii.gz")[0].get_metadata()
     assert afi["RepetitionTimeExcitation"] == 0.1 and afi["FlipAngle"] == 60.0
+    assert afi["SpoilingRFPhaseIncrement"] == 39.0 and afi["SpoilingGradientMoment"] == 0.45
     assert len(layout.get(subject="01", suffix="RB1COR", extension=".nii.gz")) == 2
     with_truth = bids.BIDSLayout(noisy_dataset, derivatives=True)
     assert len(with_truth.get(scope="derivatives", suffix="R2starmap", extension=".nii.gz")) == 2
@@ -132,6 +136,21 @@ def test_truth_derivatives(noisy_dataset):
     tb1 = _load(fmap / "sub-01_TB1map.nii.gz")
     assert 80 < np.median(tb1[brain]) < 120  # percent of nominal
     assert json.loads((fmap / "sub-01_desc-total_fieldmap.json").read_text())["Units"] == "ppm"
+    # lesion truth: numbered lesions with their stage, and the lesion mask the analysis reads
+    lesions = _load(anat / "sub-01_label-lesion_dseg.nii.gz")
+    mask = _load(anat / "sub-01_label-lesion_mask.nii.gz")
+    assert np.array_equal(lesions > 0, mask > 0) and mask.any()
+    rows = [line.split("\t") for line in (anat / "sub-01_label-lesion_dseg.tsv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    assert header[:3] == ["index", "name", "stage"]
+    stages = {int(row[0]): row[2] for row in rows}
+    assert set(stages.values()) == {"early active", "late active", "chronic active", "chronic inactive", "cortical"}
+    voxels = {int(row[0]): int(row[header.index("voxels")]) for row in rows}
+    for number, count in voxels.items():
+        assert count == np.count_nonzero(lesions == number)
+    sidecar = json.loads((anat / "sub-01_label-lesion_dseg.json").read_text())
+    assert set(sidecar["LesionColumns"]) == set(header) and "chronic active" in sidecar["StageLevels"]
+    assert not (truth_root / "sub-02" / "anat" / "sub-02_label-lesion_mask.nii.gz").exists()  # control
     record = json.loads((truth_root / "sub-02" / "sub-02_desc-simulation.json").read_text())
     assert record["Group"] == "control" and record["PhantomSeed"] == 4 and record["SNR"] == 40.0
     assert record["NumberOfReceiveChannels"] == 1 and record["Protocol"]["vfa"]["flip_angles"] == [6.0, 21.0]
@@ -206,6 +225,30 @@ def test_noiseless_images_give_truth_exactly(noiseless_dataset):
     record = json.loads((truth / "sub-01_desc-simulation.json").read_text())
     assert record["NoiseSigma"] == 0.0 and record["SNR"] is None and record["NumberOfReceiveChannels"] == 4
     assert "qmri-phantom" in (noiseless_dataset / "README").read_text()
+
+
+def test_cli_ideal_spoiling_gives_the_ernst_equation(tmp_path):
+    root = tmp_path / "ideal"
+    arguments = ["--resolution", str(RESOLUTION), "--snr", "inf", "--oversample", "1", "--spoiling", "ideal"]
+    assert main([str(root), *arguments]) == 0
+    assert "--spoiling ideal" in (root / "README").read_text()
+    truth = root / "derivatives/phantom/sub-01"
+    record = json.loads((truth / "sub-01_desc-simulation.json").read_text())
+    assert record["Protocol"]["spoiling"] == "ideal" and record["SpoilingSimulation"].startswith("ideal")
+    for sidecar in [*root.glob("sub-01/anat/*echo-1_flip-*_part-mag_VFA.json"), *root.glob("sub-01/fmap/*.json")]:
+        metadata = json.loads(sidecar.read_text())
+        assert metadata["SpoilingState"] is True, sidecar.name
+        assert "SpoilingRFPhaseIncrement" not in metadata and "SpoilingGradientMoment" not in metadata
+        assert metadata["PulseSequenceDetails"].endswith("ideal RF and gradient spoiling")
+    head = _load(truth / "anat/sub-01_desc-head_mask.nii.gz") > 0
+    tissue = head & (_load(truth / "anat/sub-01_PDmap.nii.gz") > 0)
+    image = _load(root / "sub-01/anat/sub-01_echo-2_flip-2_part-mag_VFA.nii.gz")[tissue]
+    m0 = _load(truth / "anat/sub-01_M0map.nii.gz")[tissue]
+    r1 = _load(truth / "anat/sub-01_R1map.nii.gz")[tissue]
+    r2star = _load(truth / "anat/sub-01_R2starmap.nii.gz")[tissue]
+    b1 = _load(truth / "fmap/sub-01_TB1map.nii.gz")[tissue] / 100
+    ernst = spgr_signal(m0, r1, r2star, np.deg2rad(21.0), 0.025, 2 * 0.0023, b1=b1)
+    np.testing.assert_allclose(image, ernst, rtol=1e-5)
 
 
 def test_existing_output_and_failures_leave_nothing(tmp_path, monkeypatch):

@@ -75,9 +75,14 @@ def truth():
     return sphere_truth()
 
 
+#: Ideal spoiling: the images are the exact signal equations of the truth (the default EPG spoiling
+#: is tested in test_spoiling_simulation.py).
+IDEAL = Protocol(spoiling="ideal")
+
+
 @pytest.fixture(scope="module")
 def volumes():
-    return list_volumes(Protocol())
+    return list_volumes(IDEAL)
 
 
 def test_protocol_volume_list_matches_layout(volumes):
@@ -193,7 +198,7 @@ def test_noise_is_deterministic_for_a_seed(truth, volumes):
 
 
 def test_reference_sigma_definition(truth):
-    protocol = Protocol()
+    protocol = IDEAL
     scanner = PhantomScanner(truth)
     sigma = reference_sigma(scanner, protocol, 50.0)
     wm = truth.dseg == 3
@@ -285,9 +290,9 @@ def test_body_coil_image_carries_the_body_coil_sensitivity(truth, volumes):
     brain = truth.brain_mask
     # the head/body ratio is the head-coil sensitivity over the body coil's: biased by a few percent
     np.testing.assert_allclose(head[brain] / reference[brain], truth.receive[brain] / body[brain], rtol=1e-12)
-    truths = dict(scanner.truth_maps(Protocol()))
+    truths = dict(scanner.truth_maps(IDEAL))
     np.testing.assert_allclose(truths["RB1map-body"][brain], body[brain])
-    assert "RB1map-body" not in dict(PhantomScanner(truth).truth_maps(Protocol()))
+    assert "RB1map-body" not in dict(PhantomScanner(truth).truth_maps(IDEAL))
 
 
 def test_interior_masks_exclude_partial_volume():
@@ -346,7 +351,7 @@ def test_oversampled_scanner_keeps_truth_approximately(volumes):
     assert scanner.shape == (28, 28, 24)
     np.testing.assert_allclose(scanner.affine, sphere_truth().affine)
     magnitude, _ = scanner.acquire(_volume(volumes, kind="spgr", echo=1, flip=1))
-    truths = dict(scanner.truth_maps(Protocol()))
+    truths = dict(scanner.truth_maps(IDEAL))
     interior = block_majority(fine.dseg, 2) == 3
     # deep in the WM sphere (smooth fields) the oversampled image matches the TE = 0 intercept decayed
     s0 = truths["S0map-1"]

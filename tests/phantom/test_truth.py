@@ -546,3 +546,66 @@ def test_missing_nilearn_message(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match=r"pip install qmri-workflows\[phantom\]"):
         anatomy.template_directory()
+
+
+def test_patient_atrophy_follows_the_documented_changes(patient4, control4):
+    voxel = 4.0**3
+    volumes = {}
+    for name, phantom in (("patient", patient4), ("control", control4)):
+        labels = np.asarray(phantom.dseg)
+        volumes[name] = {
+            label: np.count_nonzero(labels == label) * voxel for label in (CGM, CAUDATE, PUTAMEN, THALAMUS)
+        }
+    for label, compartment in ((CAUDATE, "caudate"), (PUTAMEN, "putamen"), (THALAMUS, "thalamus")):
+        change = volumes["patient"][label] / volumes["control"][label] - 1
+        # 4 mm voxels quantise a few-mL nucleus coarsely: the sign and rough size must hold
+        assert change < 0, (compartment, change)
+        assert abs(change - tissues.PATIENT_ATROPHY[compartment]) < 0.15, (compartment, change)
+
+
+def test_patient_atrophy_in_fractions():
+    control = build_anatomy(resolution=2.0, subject="control")
+    patient = build_anatomy(resolution=2.0, subject="patient")
+    for compartment in ("thalamus", "caudate", "putamen", "globus_pallidus"):
+        change = float(dense(patient.fractions[compartment]).sum() / dense(control.fractions[compartment]).sum()) - 1
+        # the ellipsoids shrink by the table's change; their smooth 2 mm edge shrinks less
+        assert tissues.PATIENT_ATROPHY[compartment] - 0.01 < change < tissues.PATIENT_ATROPHY[compartment] / 2
+    cortex = float(patient.fractions["cortical_gm"].sum() / control.fractions["cortical_gm"].sum()) - 1
+    assert -0.07 < cortex < tissues.PATIENT_ATROPHY["cortex"] + 0.005  # lesions take a little more
+    assert float(patient.fractions["csf"].sum()) > float(control.fractions["csf"].sum()) * 1.05
+    # total tissue is conserved inside the support: atrophy turns tissue into CSF
+    total = {
+        name: sum(float(dense(f).sum()) for key, f in anatomy_.fractions.items() if key not in ("skull", "scalp"))
+        for name, anatomy_ in (("control", control), ("patient", patient))
+    }
+    assert total["patient"] == pytest.approx(total["control"], rel=1e-4)
+
+
+def test_ventricles_grow_by_the_requested_volume():
+    gm, wm, support, _ = anatomy.load_template()
+    csf = np.clip(support - gm - wm, 0, 1)
+    before, added = anatomy._grow_ventricles(csf, gm.copy(), wm.copy(), support, 1.0, 0.3)
+    assert added == pytest.approx(0.3 * before, rel=0.01)
+    assert 10_000 < before < 80_000  # mm^3: adult lateral + third ventricles
+
+
+def test_lesion_index_numbers_each_lesion(patient4, control4):
+    index = patient4.lesion_index
+    assert index.dtype == np.int16 and index.shape == patient4.shape
+    lesion_voxels = np.isin(patient4.dseg, LESION_LABELS)
+    assert np.array_equal(index > 0, lesion_voxels)
+    for number in np.unique(index[index > 0]):
+        lesion = patient4.lesions[number - 1]
+        points = np.argwhere(index == number) @ patient4.affine[:3, :3].T + patient4.affine[:3, 3]
+        assert np.linalg.norm(points - lesion.centre, axis=1).max() <= lesion.radius + 4.0
+        labels = set(np.unique(patient4.dseg[index == number]).tolist())
+        expected = {
+            "early_active": {EARLY},
+            "late_active": {LATE},
+            "chronic_active": {CA_CORE, CA_RIM},
+            "chronic_inactive": {INACTIVE},
+        }.get(lesion.compartment, {CORTICAL})
+        assert labels <= expected, (lesion, labels)
+    assert not control4.lesion_index.any()
+    assert tissues.lesion_stage("chronic_active_rim") == "chronic active"
+    assert tissues.lesion_stage("cortical_lesion_dia") == "cortical"

@@ -44,7 +44,14 @@ def test_graph_has_named_nodes_and_honest_resources(tmp_path):
     assert sum(name.endswith(".commit") for name in names) == 2
     fit = workflow.get_node("sub_01_wf.r2star_wf.fit_r2star")
     assert fit.n_procs == 2 and fit.mem_gb >= 0.5
-    assert [plan.name for plan in plans[("01", None)] if plan.run] == ["brain mask", "R2*", "QSM"]
+    assert [plan.name for plan in plans[("01", None)] if plan.run] == [
+        "brain mask",
+        "R2*",
+        "R1",
+        "PD",
+        "QSM",
+        "regional and lesion statistics",
+    ]
     # The FFT-heavy QSM steps use the threads they are given; every step declares its memory.
     for node in ("total_field", "qsm_mask", "remove_background", "invert_dipole", "reference"):
         qsm_node = workflow.get_node(f"sub_01_wf.qsm_wf.{node}")
@@ -82,6 +89,8 @@ def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
         "sub-01_ses-b_desc-noise_sigmamap.nii.gz", "sub-01_ses-b_desc-noise_sigmamap.json",
         "sub-01_ses-b_Chimap.nii.gz", "sub-01_ses-b_Chimap.json",
         "sub-01_ses-b_desc-qsm_mask.nii.gz", "sub-01_ses-b_desc-qsm_mask.json",
+        "sub-01_ses-b_desc-regions_stats.tsv", "sub-01_ses-b_desc-regions_stats.json",
+        "sub-01_ses-b_desc-lesions_stats.tsv", "sub-01_ses-b_desc-lesions_stats.json",
     ])  # fmt: skip
     assert sorted(p.name for p in (anat.parent / "fmap").iterdir()) == sorted([
         "sub-01_ses-b_desc-local_fieldmap.nii.gz", "sub-01_ses-b_desc-local_fieldmap.json",

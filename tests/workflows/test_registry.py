@@ -239,11 +239,19 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
             "ds_r2star_S0map_flip2_1",
             "ds_r2star_S0map_flip3_2",
             "ds_echoratio_S0map_echoratio",
+            # the analysis family reads every quantitative map (R2* here)
+            "ds_analysis_stats_regions",
+            "ds_analysis_stats_lesions",
             "ds_qsm_Chimap",
             "ds_qsm_fieldmap_local",
             "ds_qsm_fieldmap_total",
             "ds_qsm_magnitude",
             "ds_qsm_mask_qsm",
+            "ds_r1_R1map",
+            "ds_r1_R1map_stderr",
+            "ds_r1_T1map",
+            "ds_r1_M0map",
+            "ds_pd_PDmap",
         ]
     )
     assert [name for name in names if name.endswith(".commit")] == ["sub_01_wf.ds_wf.commit"]

@@ -21,13 +21,14 @@ from .background import (
 from .field import fit_field_complex, fit_field_linear
 from .inversion import invert_ilsqr, invert_l2_gradient, invert_tkd, invert_tv_admm
 from .masking import estimate_csf_mask, reliable_edge_mask
-from .phase import unwrap_echoes, unwrap_laplacian, unwrap_region_growing, wrap_phase
+from .phase import combine_series, unwrap_echoes, unwrap_laplacian, unwrap_region_growing, wrap_phase
 from .referencing import GAMMA_BAR_MHZ_PER_T, hz_to_ppm, ppm_to_hz, reference_to_region
 
 __all__ = [
     "reliable_edge_mask",
     "estimate_csf_mask",
     "wrap_phase",
+    "combine_series",
     "unwrap_echoes",
     "unwrap_laplacian",
     "unwrap_region_growing",

@@ -18,7 +18,9 @@ AFI pair does not stop the R2* map. Only an absent subject or session raises
 above it. Every image is checked whole first (:func:`~qmri_workflows.io.integrity.check_image_file`),
 so a damaged file is a problem of its collection. Only image headers are read, except for the first
 phase echo of a series whose sidecar does not state the phase units (its value range tells them, see
-:func:`phase_scale_from_values`) and derivative masks and segmentations (their labels are checked).
+:func:`phase_scale_from_values`), derivative masks and segmentations (their labels are checked) and
+a derivative TB1map (its unit, :func:`tb1map_scale`). Raw transmit-field images of other kinds than
+AFI (``TB1DAM``, ``TB1EPI`` ...) are listed in ``SubjectInputs.unsupported_transmit``.
 
 Sidecars written by dcm2niix are accepted: ``RepetitionTime`` stands in for
 ``RepetitionTimeExcitation``, a missing ``PulseSequenceType`` means spoiled GRE, and metadata
@@ -31,10 +33,10 @@ tolerances, phase units, grid checks), ``gre``, ``bssfp``, ``fieldmaps`` (AFI, r
 
 from ..errors import BIDSInputError
 from .bssfp import BSSFPSeries
-from .derivatives import DerivativeFile, open_derivatives
+from .derivatives import DerivativeFile, open_derivatives, tb1map_scale
 from .fieldmaps import AFIPair, ReceivePair
 from .gre import EchoSeries
-from .inputs import SubjectInputs, collect_inputs
+from .inputs import UNSUPPORTED_TRANSMIT_SUFFIXES, SubjectInputs, collect_inputs
 from .layout import open_layout, select_participants
 from .metadata import phase_scale_from_values
 from .problems import (
@@ -43,6 +45,7 @@ from .problems import (
     BSSFP,
     COLLECTIONS,
     DSEG,
+    ENHANCING_MASK,
     GRE,
     LESION_MASK,
     RECEIVE,
@@ -56,10 +59,12 @@ __all__ = [
     "BSSFP",
     "COLLECTIONS",
     "DSEG",
+    "ENHANCING_MASK",
     "GRE",
     "LESION_MASK",
     "RECEIVE",
     "TB1MAP",
+    "UNSUPPORTED_TRANSMIT_SUFFIXES",
     "AFIPair",
     "BIDSInputError",
     "BSSFPSeries",
@@ -73,4 +78,5 @@ __all__ = [
     "open_layout",
     "phase_scale_from_values",
     "select_participants",
+    "tb1map_scale",
 ]

@@ -126,6 +126,34 @@ def _by_increment(ctx, files, part):
     return dict(sorted(found.items()))
 
 
+def _check_same_cycles(ctx, series):
+    """Refuse flip angles with different phase cycles, or phase at some flip angles only.
+
+    Band removal combines the cycles of each flip angle, and DESPOT2 then compares the flip
+    angles: a cycle missing at one flip angle changes that flip angle's residual banding, so the
+    flip angles would not be comparable.
+    """
+    reference = series[0]
+    for other in series[1:]:
+        if other.phase_increments != reference.phase_increments:
+            missing = sorted(set(reference.phase_increments) ^ set(other.phase_increments))
+            short = other if len(other.phase_increments) < len(reference.phase_increments) else reference
+            raise BIDSInputError(
+                f"bSSFP flip angles {reference.flip_angle:g} and {other.flip_angle:g} deg have different phase "
+                f"cycles ({', '.join(f'{inc:g}' for inc in reference.phase_increments)} vs "
+                f"{', '.join(f'{inc:g}' for inc in other.phase_increments)} deg; increment(s) "
+                f"{', '.join(f'{inc:g}' for inc in missing)} missing at one of them, e.g. next to "
+                f"{ctx.name(short.magnitude[0])}); every flip angle needs the same set: add the missing "
+                "acq-bssfp<increment> images or remove the extra ones"
+            )
+        if (other.phase is None) != (reference.phase is None):
+            without = other if other.phase is None else reference
+            raise BIDSInputError(
+                f"bSSFP phase images at some flip angles only: none for flip {without.flip_angle:g} deg "
+                f"({ctx.name(without.magnitude[0])}); provide part-phase images for every flip angle or for none"
+            )
+
+
 def bssfp_series(ctx, files):
     """Check the bSSFP files of one subject/session and group them by flip angle.
 
@@ -200,5 +228,6 @@ def bssfp_series(ctx, files):
             )
         )
     series = sorted_by_flip_angle(ctx, series, "bSSFP")
+    _check_same_cycles(ctx, series)
     check_grids(ctx, [p for s in series for p in (*s.magnitude, *(s.phase or ()))], "bSSFP")
     return tuple(series)

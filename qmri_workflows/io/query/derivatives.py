@@ -6,6 +6,7 @@ Per subject (and session, matched exactly) the pipeline looks for:
 * a segmentation ``anat/*_dseg.nii[.gz]`` with its label table ``*_dseg.tsv`` (columns ``index``
   and ``name``; next to the image or, by BIDS inheritance, at the dataset root);
 * a lesion mask ``anat/*_label-lesion_mask.nii[.gz]``;
+* a gadolinium-enhancement mask ``anat/*_label-enhancing_mask.nii[.gz]`` (lesion staging);
 * a brain mask ``anat/*_desc-brain_mask.nii[.gz]``.
 
 Files in a standard template space (``space-MNI152NLin2009cAsym`` ...) are not the subject's space
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +30,9 @@ import numpy as np
 from ..errors import BIDSInputError
 from .layout import IMAGE_EXTENSIONS, dataset_indexer, dataset_root
 from .metadata import load_header
-from .problems import BRAIN_MASK, DSEG, LESION_MASK, TB1MAP, CollectionProblem
+from .problems import BRAIN_MASK, DSEG, ENHANCING_MASK, LESION_MASK, TB1MAP, CollectionProblem
 
-__all__ = ["DerivativeFile", "find_derivatives", "open_derivatives"]
+__all__ = ["DerivativeFile", "find_derivatives", "open_derivatives", "tb1map_scale"]
 
 LOGGER = logging.getLogger("qmri_workflows.io")
 
@@ -46,6 +48,11 @@ _QUERIES = {
     DSEG: ({"suffix": "dseg", "datatype": "anat"}, "anat/*_dseg", True),
     LESION_MASK: ({"suffix": "mask", "label": "lesion", "datatype": "anat"}, "anat/*_label-lesion_mask", True),
     BRAIN_MASK: ({"suffix": "mask", "desc": "brain", "datatype": "anat"}, "anat/*_desc-brain_mask", True),
+    ENHANCING_MASK: (
+        {"suffix": "mask", "label": "enhancing", "datatype": "anat"},
+        "anat/*_label-enhancing_mask",
+        True,
+    ),
 }
 
 
@@ -181,15 +188,15 @@ def find_derivatives(layouts, subject, session):
         try:
             metadata = dict(bids_file.get_metadata())
             tsv = _check_volume(bids_file.path, collection, integer_valued)
+            if collection == TB1MAP:
+                values = np.asanyarray(load_header(bids_file.path).dataobj)
+                _, how = tb1map_scale(values, metadata.get("Units"), bids_file.path)
             found[collection] = DerivativeFile(path=bids_file.path, metadata=metadata, tsv=tsv)
         except BIDSInputError as error:
             problems.append(CollectionProblem(collection, str(error)))
             continue
         if collection == TB1MAP and "Units" not in metadata:
-            notes.append(
-                f'{bids_file.path} has no "Units" in its sidecar; TB1map values are read as percent '
-                "of the nominal flip angle (100 = nominal)"
-            )
+            notes.append(f'{bids_file.path}: {how}; add "Units" to its sidecar to be sure')
             LOGGER.info(notes[-1])
     return found, problems, notes
 
@@ -279,3 +286,58 @@ def _check_label_table(path, labels):
             "(index, name) for each"
         )
     return str(table)
+
+
+# Units words of TB1map sidecars: hMRI writes "p.u." (percent units); a ratio is unitless.
+_PERCENT_UNITS = {"percent", "%", "p.u.", "pu", "percent of nominal", "percentage"}
+_RATIO_UNITS = {"ratio", "1", "fraction", "unitless", "a.u.", "arbitrary", "dimensionless"}
+# Plausible transmit fields span 0.2-3 x nominal; the two unit ranges cannot overlap.
+_RATIO_RANGE = (0.2, 3.0)
+
+
+def tb1map_scale(values, units, name):
+    """Factor turning the stored values of a TB1map into the ratio actual / nominal flip angle.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        The map's values (any shape; non-finite and non-positive values are ignored).
+    units : str or None
+        The sidecar's ``Units``; None when it has none.
+    name : str
+        The file, for messages.
+
+    Returns
+    -------
+    scale : float
+        0.01 for percent, 1 for a ratio.
+    how : str
+        How the unit was decided (for the sidecar).
+
+    Raises
+    ------
+    BIDSInputError
+        For an unknown unit, or values whose median fits neither a ratio nor a percentage.
+    """
+    if units is not None:
+        unit = str(units).strip().lower()
+        if unit in _PERCENT_UNITS:
+            return 0.01, f'Units "{units}" (percent of the nominal flip angle)'
+        if unit in _RATIO_UNITS:
+            return 1.0, f'Units "{units}" (ratio actual / nominal)'
+        raise BIDSInputError(
+            f'{name}: TB1map "Units" is {units!r}, which is neither percent ("percent", "p.u.") nor a ratio '
+            '("ratio"); set "Units" in its sidecar to "percent" (100 = nominal) or "ratio" (1 = nominal)'
+        )
+    positive = values[np.isfinite(values) & (values > 0)]
+    median = float(np.median(positive)) if positive.size else math.nan
+    low, high = _RATIO_RANGE
+    if low <= median <= high:
+        return 1.0, f'no "Units" in the sidecar; median value {median:.3g} read as a ratio (1 = nominal)'
+    if 100 * low <= median <= 100 * high:
+        return 0.01, f'no "Units" in the sidecar; median value {median:.3g} read as percent (100 = nominal)'
+    raise BIDSInputError(
+        f'{name}: TB1map without "Units" in its sidecar and a median value of {median:.3g}, which is neither a '
+        f"ratio ({low:g}-{high:g}) nor a percentage ({100 * low:g}-{100 * high:g}) of the nominal flip angle; "
+        'add "Units": "percent" or "Units": "ratio" to its sidecar (and check that it is a transmit-field map)'
+    )

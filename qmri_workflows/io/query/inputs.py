@@ -23,7 +23,11 @@ from .problems import (
     CollectionProblem,
 )
 
-__all__ = ["SubjectInputs", "collect_inputs"]
+__all__ = ["UNSUPPORTED_TRANSMIT_SUFFIXES", "SubjectInputs", "collect_inputs"]
+
+UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1DAM", "TB1EPI", "TB1TFL", "TB1RFM", "TB1SRGE", "TB1map")
+"""Raw ``fmap`` transmit-field collections the package cannot process yet (only ``TB1AFI``); they
+are listed in :attr:`SubjectInputs.unsupported_transmit` so R1 can say why it runs without B1+."""
 
 LOGGER = logging.getLogger("qmri_workflows.io")
 
@@ -51,6 +55,9 @@ class SubjectInputs:
     derivatives : dict
         {collection: DerivativeFile} for :data:`TB1MAP`, :data:`DSEG`, :data:`LESION_MASK`,
         :data:`BRAIN_MASK` found in the ``--derivatives`` datasets.
+    unsupported_transmit : tuple of str
+        Dataset-relative names of raw transmit-field images of a kind the package cannot process
+        (:data:`UNSUPPORTED_TRANSMIT_SUFFIXES`: double angle, EPI, TFL ...); a note says so.
     """
 
     subject: str
@@ -64,6 +71,7 @@ class SubjectInputs:
     notes: tuple = ()
     problems: tuple = ()
     derivatives: dict = field(default_factory=dict, hash=False)
+    unsupported_transmit: tuple = ()
 
     def has(self, collection):
         """Whether ``collection`` (e.g. :data:`GRE`, :data:`TB1MAP`) is present and usable."""
@@ -194,6 +202,18 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     collected[AFI] = attempt(AFI, afi_pair, ctx, select_images(images, suffix="TB1AFI", datatype="fmap"))
     collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, select_images(images, suffix="RB1COR", datatype="fmap"))
     field_strength = _field_strength(ctx, collected, problems)
+    unsupported_transmit = tuple(
+        ctx.name(bids_file.path)
+        for bids_file in select_images(images, suffix=list(UNSUPPORTED_TRANSMIT_SUFFIXES), datatype="fmap")
+    )
+    if unsupported_transmit:
+        ctx.notes.append(
+            f"transmit-field images of a kind this version cannot process ({', '.join(unsupported_transmit[:3])}"
+            + (" ..." if len(unsupported_transmit) > 3 else "")
+            + "): only an AFI pair (fmap/*_acq-tr1_TB1AFI, *_acq-tr2_TB1AFI) or a TB1map given with "
+            "--derivatives corrects R1 for B1+"
+        )
+        LOGGER.warning(ctx.notes[-1])
 
     if not collected[GRE] and not collected[BSSFP] and GRE not in problems and BSSFP not in problems:
         listing = ", ".join(sorted({f.filename for f in images}))[:500] or "no images"
@@ -225,6 +245,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         notes=tuple(ctx.notes),
         problems=tuple(problems[c] for c in COLLECTIONS if c in problems),
         derivatives=found,
+        unsupported_transmit=unsupported_transmit,
     )
 
 

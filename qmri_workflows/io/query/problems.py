@@ -11,6 +11,7 @@ __all__ = [
     "COLLECTIONS",
     "DERIVATIVE_COLLECTIONS",
     "DSEG",
+    "ENHANCING_MASK",
     "GRE",
     "LESION_MASK",
     "RAW_COLLECTIONS",
@@ -35,9 +36,11 @@ LESION_MASK = "lesion_mask"
 """Lesion mask (``*_label-lesion_mask``) from a derivatives dataset."""
 BRAIN_MASK = "brain_mask"
 """User brain mask (``*_desc-brain_mask``) from a derivatives dataset."""
+ENHANCING_MASK = "enhancing_mask"
+"""Gadolinium-enhancement mask (``*_label-enhancing_mask``) from a derivatives dataset."""
 
 RAW_COLLECTIONS = (GRE, BSSFP, AFI, RECEIVE)
-DERIVATIVE_COLLECTIONS = (TB1MAP, DSEG, LESION_MASK, BRAIN_MASK)
+DERIVATIVE_COLLECTIONS = (TB1MAP, DSEG, LESION_MASK, BRAIN_MASK, ENHANCING_MASK)
 COLLECTIONS = RAW_COLLECTIONS + DERIVATIVE_COLLECTIONS
 
 

@@ -135,3 +135,30 @@ def test_unwrap_echoes_rejects_bad_echo_times(multi_echo):
         unwrap_echoes(phase, [1e-3, 3e-3, 2e-3])
     with pytest.raises(ValueError, match="spatial_method"):
         unwrap_echoes(phase, [1e-3, 2e-3, 3e-3], spatial_method="quality")
+
+
+def test_combine_series_equals_the_complex_weighted_average():
+    """The real-arithmetic combination equals the defining complex formula, offsets removed."""
+    from qmri_workflows.core.qsm import combine_series
+
+    rng = np.random.default_rng(3)
+    shape = (9, 7, 5, 4)
+    true_phase = rng.uniform(-np.pi, np.pi, shape)
+    magnitudes = [rng.uniform(0.1, 2.0, shape) for _ in range(3)]
+    offsets = [0.0, 1.3, -2.5]  # each series its own per-acquisition phase offset
+    phases = [np.angle(np.exp(1j * (true_phase + offset))) for offset in offsets]
+    magnitudes[1][0, 0, 0] = 0.0  # a voxel without signal in one series
+
+    magnitude, phase = combine_series(magnitudes, phases, n_jobs=2)
+
+    signals = [m * np.exp(1j * p) for m, p in zip(magnitudes, phases)]
+    total = np.zeros(shape, complex)
+    for signal in signals:
+        offset = np.angle((signal * np.conj(signals[0])).sum(-1, keepdims=True))
+        total += np.abs(signal) * signal * np.exp(-1j * offset)
+    expected = total / np.sqrt(sum(np.abs(s) ** 2 for s in signals))
+    assert magnitude.dtype == np.float32
+    np.testing.assert_allclose(magnitude, np.abs(expected), rtol=1e-5)
+    np.testing.assert_allclose(np.angle(np.exp(1j * (phase - np.angle(expected)))), 0, atol=1e-5)
+    # the offsets are removed: the combined phase is the first series' phase
+    np.testing.assert_allclose(np.angle(np.exp(1j * (phase - phases[0]))), 0, atol=1e-5)

@@ -1,0 +1,403 @@
+"""Nipype interfaces for R2 from phase-cycled balanced SSFP.
+
+* :class:`BandFreeBSSFP` -- one band-free signal per flip angle from its phase cycles (geometric
+  solution, ellipse fit, or a magnitude-only combination), and the off-resonance map when the
+  data are complex; on the map grid.
+* :class:`FitDESPOT2` -- R2, T2 and the standard error of R2 by DESPOT2 on those signals, with R1
+  and B1+ from the R1 family.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..core.bssfp import fit_despot2, fit_ellipse, geometric_off_resonance, geometric_solution, magnitude_combination
+from ..io.derivatives import write_nifti
+from ..io.errors import BIDSInputError
+from ..io.images import load_volume, load_volumes, same_grid
+from ..io.resample import resample_to_reference
+from .r2star import estimate_noise_from_air
+
+LOGGER = logging.getLogger("qmri_workflows.interfaces")
+
+COMPLEX_COMBINATIONS = ("geometric", "ellipse")
+"""Band-free combinations that need magnitude and phase."""
+MAGNITUDE_COMBINATIONS = ("rms", "max")
+"""Band-reduced combinations of magnitude-only data (not band-free: DESPOT2 on them is biased)."""
+
+XIANG_HOFF_REFERENCE = (
+    "Xiang QS, Hoff MN. Banding artifact removal for bSSFP imaging with an elliptical signal model. "
+    "Magn Reson Med 2014;71:927-933. doi:10.1002/mrm.25098"
+)
+BJORK_REFERENCE = (
+    "Björk M, Ingle RR, Gudmundson E, Stoica P, Nishimura DG, Barral JK. Parameter estimation approach to "
+    "banding artifact reduction in balanced steady-state free precession. Magn Reson Med 2014;72:880-892. "
+    "doi:10.1002/mrm.24986"
+)
+PLANET_REFERENCE = (
+    "Shcherbakova Y, van den Berg CAT, Moonen CTW, Bartels LW. PLANET: an ellipse fitting approach for "
+    "simultaneous T1 and T2 mapping using phase-cycled balanced steady-state free precession. Magn Reson Med "
+    "2018;79:711-722. doi:10.1002/mrm.26717"
+)
+DESPOT2_REFERENCES = (
+    "Deoni SCL, Rutt BK, Peters TM. Rapid combined T1 and T2 mapping using gradient recalled acquisition in "
+    "the steady state. Magn Reson Med 2003;49:515-526. doi:10.1002/mrm.10407",
+    "Deoni SCL. Transverse relaxation time (T2) mapping in the brain with off-resonance correction using "
+    "phase-cycled steady-state free precession imaging. J Magn Reson Imaging 2009;30:411-417. "
+    "doi:10.1002/jmri.21849",
+)
+COMBINATION_REFERENCES = {
+    "geometric": (XIANG_HOFF_REFERENCE,),
+    "ellipse": (BJORK_REFERENCE, PLANET_REFERENCE),
+    "rms": (),
+    "max": (),
+}
+COMBINATION_ALGORITHMS = {
+    "geometric": "geometric solution (least-squares intersection of the chords joining opposite phase cycles), "
+    "replaced by the complex sum where the chords are within 5 deg of parallel or the intersection lies "
+    "outside the ellipse; off-resonance from where it cuts each chord",
+    "ellipse": "elliptical signal model fitted to the complex phase cycles (algebraic fit, then "
+    "Levenberg-Marquardt of K, a, b and the off-resonance angle); band-free signal |K|",
+    "rms": "magnitude-only data: root mean square over the phase cycles (band-reduced, NOT band-free: a residual "
+    "modulation with off-resonance remains and its level differs from the band-free signal, so DESPOT2 on it "
+    "is biased; acquire phase images for the geometric solution)",
+    "max": "magnitude-only data: maximum over the phase cycles (band-reduced, NOT band-free: a residual "
+    "modulation with off-resonance remains and its level differs from the band-free signal, so DESPOT2 on it "
+    "is biased; acquire phase images for the geometric solution)",
+}
+R2_ALGORITHMS = {
+    "linear": "DESPOT2 on the band-free signal: regression S/sin(a) = m S/tan(a) + c, E2^2 = (E1 - m)/(1 - m E1)",
+    "nonlinear": "DESPOT2 on the band-free signal: least squares of the band-free magnitudes over amplitude and R2 "
+    "(Gauss-Newton, amplitude projected out), started from the DESPOT2 regression",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# band-free signal
+# --------------------------------------------------------------------------------------------------
+class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
+    magnitude_files = InputMultiObject(
+        File(exists=True),
+        mandatory=True,
+        desc="magnitude of every phase cycle of every flip angle, flip angle by flip angle, the cycles of each "
+        "in the order of phase_increments",
+    )
+    phase_files = InputMultiObject(File(exists=True), desc="phase images in the same order (complex combinations)")
+    phase_scale = traits.Float(desc="radians per stored phase unit (from the query)")
+    flip_angles = traits.List(traits.Float, mandatory=True, desc="nominal flip angle (deg) of each flip angle")
+    phase_increments = traits.List(traits.Float, mandatory=True, desc="RF phase-cycling increments (deg)")
+    repetition_time = traits.Float(mandatory=True, desc="TR (s)")
+    combination = traits.Enum(
+        "geometric", "ellipse", "rms", "max", usedefault=True, desc="how the phase cycles are combined"
+    )
+    reference_file = File(exists=True, mandatory=True, desc="an image on the map grid")
+    mask_file = File(exists=True, desc="brain mask on the map grid (used when the bSSFP shares that grid)")
+    chunk_size = traits.Int(100_000, usedefault=True, nohash=True, desc="voxels per chunk")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads working on chunks at once")
+
+
+class _BandFreeBSSFPOutputSpec(TraitedSpec):
+    band_free_files = OutputMultiObject(File(exists=True), desc="band-free magnitude per flip angle, map grid")
+    offresonance_file = File(exists=True, desc="off-resonance (Hz, modulo 1/TR) on the map grid; complex data only")
+    noise_sigma = traits.Float(desc="noise SD of one phase-cycle magnitude image, from the air (NaN if unknown)")
+    metadata = traits.Dict(desc="sidecar fields")
+
+
+class BandFreeBSSFP(SimpleInterface):
+    """Band-free bSSFP signal per flip angle, and the off-resonance frequency.
+
+    Complex data (magnitude and phase): ``geometric`` (:func:`~qmri_workflows.core.bssfp.geometric_solution`,
+    regularised by the complex sum; off-resonance from
+    :func:`~qmri_workflows.core.bssfp.geometric_off_resonance`) or ``ellipse``
+    (:func:`~qmri_workflows.core.bssfp.fit_ellipse`). Magnitude-only data: ``rms`` or ``max``
+    (:func:`~qmri_workflows.core.bssfp.magnitude_combination`), the best combinations without phase,
+    which are band-reduced, not band-free, and give no off-resonance (complex data combined by
+    ``rms``/``max`` still get it from the cycles).
+
+    The off-resonance of the flip angles is averaged as phasors :math:`e^{2\\pi i f TR}` weighted by
+    the squared band-free signal, so it stays defined modulo 1/TR, in [-1/(2TR), 1/(2TR)). When the
+    bSSFP lies on another grid than the maps, the band-free signals are resampled linearly and the
+    off-resonance by nearest neighbour (a wrapped frequency must not be interpolated).
+    """
+
+    input_spec = _BandFreeBSSFPInputSpec
+    output_spec = _BandFreeBSSFPOutputSpec
+
+    def _run_interface(self, runtime):
+        combination = self.inputs.combination
+        flips = list(self.inputs.flip_angles)
+        increments = np.deg2rad(np.asarray(self.inputs.phase_increments, dtype=float))
+        n_flip, n_cycle = len(flips), increments.size
+        magnitude_files = list(self.inputs.magnitude_files)
+        if len(magnitude_files) != n_flip * n_cycle:
+            raise ValueError(f"{len(magnitude_files)} magnitude files for {n_flip} flip angles x {n_cycle} cycles")
+        has_phase = isdefined(self.inputs.phase_files) and len(self.inputs.phase_files) > 0
+        if combination in COMPLEX_COMBINATIONS and not has_phase:
+            raise BIDSInputError(
+                f"--bssfp-combination {combination} needs the phase of every phase cycle (part-phase images), "
+                f"and {magnitude_files[0]} has none; add them or use --bssfp-combination rms"
+            )
+        scale = self.inputs.phase_scale if isdefined(self.inputs.phase_scale) else None
+        if has_phase and (scale is None or not np.isfinite(scale) or scale <= 0):
+            raise BIDSInputError(
+                f"phase image {self.inputs.phase_files[0]}: invalid phase scale {scale!r} (need a positive number)"
+            )
+        tr = self.inputs.repetition_time
+        source = nib.load(magnitude_files[0])
+        reference = nib.load(self.inputs.reference_file)
+        on_map_grid = same_grid(source.shape, source.affine, reference.shape, reference.affine)
+        shape = source.shape[:3]
+        mask = None
+        if on_map_grid and isdefined(self.inputs.mask_file):
+            mask = load_volume(self.inputs.mask_file, reference=source) > 0
+
+        band_free, phasor, weight_sum = [], np.zeros(shape, complex), np.zeros(shape)
+        ill_conditioned = 0
+        chunking = {"chunk_size": self.inputs.chunk_size, "n_jobs": self.inputs.num_threads}
+        for index in range(n_flip):
+            files = magnitude_files[index * n_cycle : (index + 1) * n_cycle]
+            magnitudes = load_volumes(files, reference=source, require_variation=True)
+            if index == 0:
+                sigma = self._noise_sigma(magnitudes[..., 0], source)
+            phases = None
+            if has_phase:
+                phase_files = list(self.inputs.phase_files)[index * n_cycle : (index + 1) * n_cycle]
+                phases = load_volumes(phase_files, reference=source)
+            # NaN/Inf samples are missing data: the voxel gets NaN
+            finite = np.isfinite(magnitudes).all(axis=-1)
+            if phases is not None:
+                finite &= np.isfinite(phases).all(axis=-1)
+            fitted = finite if mask is None else (finite & mask)
+            # only the fitted voxels, as (n_voxel, n_cycle): a third of the volume in a head
+            voxel_magnitudes = magnitudes[fitted].astype(np.float64)
+            del magnitudes
+            signals = None
+            if phases is not None:
+                signals = voxel_magnitudes * np.exp(1j * (scale * phases[fitted].astype(np.float64)))
+                del phases
+            value, off_resonance = self._combine(signals, voxel_magnitudes, combination, increments, tr, chunking)
+            if combination == "geometric":
+                value, gs_weight = value
+                ill_conditioned += int((gs_weight < 1).sum())
+            full = np.full(shape, np.nan)
+            full[fitted] = value
+            band_free.append(full)
+            if off_resonance is not None:
+                weight = value**2
+                phasor[fitted] += weight * np.exp(2j * np.pi * off_resonance * tr)
+                weight_sum[fitted] += weight
+
+        metadata = {
+            "BandFreeCombination": COMBINATION_ALGORITHMS[combination],
+            "PhaseCyclingIncrement": [float(v) for v in self.inputs.phase_increments],
+            "FlipAngle": flips,
+            "RepetitionTimeExcitation": tr,
+        }
+        if combination == "geometric":
+            metadata["ComplexSumVoxels"] = ill_conditioned
+        files = []
+        for index, values in enumerate(band_free):
+            files.append(
+                self._on_map_grid(
+                    values, source, reference, on_map_grid, "linear", f"bandfree_{index}.nii", runtime.cwd
+                )
+            )
+        self._results["band_free_files"] = files
+        if weight_sum.any():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frequency = np.where(weight_sum > 0, np.angle(phasor) / (2 * np.pi * tr), np.nan)
+            self._results["offresonance_file"] = self._on_map_grid(
+                frequency, source, reference, on_map_grid, "nearest", "offresonance.nii", runtime.cwd
+            )
+        self._results["noise_sigma"] = float(sigma)
+        self._results["metadata"] = metadata
+        return runtime
+
+    @staticmethod
+    def _noise_sigma(image, source):
+        try:
+            return estimate_noise_from_air(image, voxel_size=tuple(float(v) for v in source.header.get_zooms()[:3]))
+        except ValueError as error:
+            LOGGER.info("R2: no noise level for the standard error (%s)", error)
+            return math.nan
+
+    @staticmethod
+    def _combine(signals, magnitudes, combination, increments, tr, chunking):
+        """(band-free magnitude, off-resonance Hz or None) of voxels ``(n, n_cycle)``.
+
+        For ``geometric`` the first item is ``(magnitude, weight of the geometric solution)``.
+        """
+        if combination == "geometric":
+            value, weight = geometric_solution(signals, increments, return_weight=True, **chunking)
+            off_resonance, _ = geometric_off_resonance(signals, increments, tr, band_free=value, **chunking)
+            return (np.abs(value), weight), off_resonance
+        if combination == "ellipse":
+            fit = fit_ellipse(signals, increments, tr, **chunking)
+            return np.abs(fit.amplitude), fit.off_resonance
+        value = magnitude_combination(magnitudes, method=combination)
+        if signals is None:
+            return value, None
+        # complex data combined by magnitude: the off-resonance still comes from the cycles
+        try:
+            off_resonance, _ = geometric_off_resonance(signals, increments, tr, **chunking)
+        except ValueError:  # cycles not in opposite pairs: no closed form
+            off_resonance = fit_ellipse(signals, increments, tr, **chunking).off_resonance
+        return value, off_resonance
+
+    def _on_map_grid(self, values, source, reference, on_map_grid, kind, name, cwd):
+        image = nib.Nifti1Image(np.asarray(values, dtype=np.float32), source.affine)
+        if not on_map_grid:
+            image = resample_to_reference(image, reference, kind=kind, name=self.inputs.magnitude_files[0])
+        path = os.path.join(cwd, name)
+        return str(write_nifti(path, np.asarray(image.dataobj, dtype=np.float32), image.affine))
+
+
+# --------------------------------------------------------------------------------------------------
+# DESPOT2
+# --------------------------------------------------------------------------------------------------
+class _FitDESPOT2InputSpec(BaseInterfaceInputSpec):
+    band_free_files = InputMultiObject(File(exists=True), mandatory=True, desc="band-free signal per flip angle")
+    flip_angles = traits.List(traits.Float, mandatory=True, desc="nominal flip angle (deg) of each file")
+    repetition_time = traits.Float(mandatory=True, desc="TR (s)")
+    r1_file = File(exists=True, mandatory=True, desc="R1 (1/s) on the map grid")
+    b1_file = File(exists=True, desc="B1+ ratio (1 = nominal) on the map grid")
+    b1_note = Str(desc="why there is no b1_file (recorded in the sidecar)")
+    mask_file = File(exists=True, desc="voxels to fit (0 elsewhere)")
+    method = traits.Enum("nonlinear", "linear", usedefault=True, desc="DESPOT2 estimator")
+    combination = traits.Enum(
+        "geometric", "ellipse", "rms", "max", usedefault=True, desc="how the band-free signals were made"
+    )
+    noise_sigma = traits.Float(desc="noise SD of one phase-cycle image (NaN: unknown)")
+    chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
+
+
+class _FitDESPOT2OutputSpec(TraitedSpec):
+    r2_file = File(exists=True, desc="R2 (1/s); NaN where undetermined, 0 outside the mask")
+    t2_file = File(exists=True, desc="T2 (s) = 1/R2; NaN where R2 is undetermined or not positive")
+    r2_stderr_file = File(exists=True, desc="standard error of R2 (1/s); NaN where unknown")
+    metadata = traits.Dict(desc="sidecar fields")
+
+
+class FitDESPOT2(SimpleInterface):
+    """R2 and T2 by DESPOT2 on band-free bSSFP signals (:func:`qmri_workflows.core.bssfp.fit_despot2`).
+
+    R1 and B1+ come from the R1 family (DESPOT1 on the spoiled GRE); errors in them propagate to R2
+    (DESPOT2 at 15 and 50 deg, TR 5 ms: B1+ 10 % high moves R2 by about -19 %, 10 % low by +26 %;
+    R1 10 % high by +10 %: ``tests/core/test_bssfp.py``). The standard error
+    uses the residuals with more than two flip angles; with two it uses the noise SD of one phase
+    cycle measured in the air, an approximation of the band-free signal's noise (the geometric
+    solution of four cycles has about the noise of one cycle, more where the chords are nearly
+    parallel).
+    """
+
+    input_spec = _FitDESPOT2InputSpec
+    output_spec = _FitDESPOT2OutputSpec
+
+    def _run_interface(self, runtime):
+        flips = np.asarray(self.inputs.flip_angles, dtype=float)
+        if len(self.inputs.band_free_files) != flips.size:
+            raise ValueError(f"{len(self.inputs.band_free_files)} band-free files for {flips.size} flip angles")
+        if np.unique(flips).size < 2:
+            raise BIDSInputError(
+                f"DESPOT2 needs at least two different bSSFP flip angles, got {flips.tolist()} deg "
+                f"({', '.join(self.inputs.band_free_files)})"
+            )
+        reference = nib.load(self.inputs.band_free_files[0])
+        signals = load_volumes(self.inputs.band_free_files, reference=reference).astype(np.float64)
+        shape = signals.shape[:3]
+        mask = np.ones(shape, dtype=bool)
+        if isdefined(self.inputs.mask_file):
+            mask = load_volume(self.inputs.mask_file, reference=reference) > 0
+        r1 = load_volume(self.inputs.r1_file, reference=reference).astype(np.float64)
+        metadata = {}
+        if isdefined(self.inputs.b1_file):
+            b1 = load_volume(self.inputs.b1_file, reference=reference).astype(np.float64)
+            b1 = np.where(b1 > 0, b1, np.nan)
+            metadata["B1Correction"] = "B1+ map of the R1 family (actual / nominal flip angle)"
+        else:
+            b1 = np.ones(shape)
+            note = self.inputs.b1_note if isdefined(self.inputs.b1_note) else "no B1+ map"
+            metadata["B1Correction"] = f"none: {note}; nominal flip angles assumed (R2 and R1 both biased)"
+            LOGGER.info("R2: not corrected for B1+ (%s)", note)
+
+        finite_signal = np.isfinite(signals).all(axis=-1)
+        usable_r1 = np.isfinite(r1) & (r1 > 0)
+        fitted = mask & finite_signal & usable_r1 & np.isfinite(b1)
+        sigma = None
+        if flips.size == 2 and isdefined(self.inputs.noise_sigma) and np.isfinite(self.inputs.noise_sigma):
+            sigma = float(self.inputs.noise_sigma)
+        result = fit_despot2(
+            np.where(fitted[..., None], signals, 0.0),
+            np.deg2rad(flips),
+            self.inputs.repetition_time,
+            np.where(fitted, r1, 1.0),
+            b1=np.where(fitted, b1, 1.0),
+            sigma=sigma,
+            method=self.inputs.method,
+            mask=fitted,
+            chunk_size=self.inputs.chunk_size,
+            n_jobs=self.inputs.num_threads,
+        )
+
+        def inside(values):
+            return np.where(mask, np.where(fitted, values, np.nan), 0.0).astype(np.float32)
+
+        r2 = inside(result.r2)
+        stderr = inside(np.where(np.isfinite(result.r2_se), result.r2_se, np.nan))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t2 = np.where(mask, np.where(r2 > 0, 1.0 / r2, np.nan), 0.0).astype(np.float32)
+        affine = reference.affine
+        for key, name, data in (("r2_file", "R2map.nii", r2), ("t2_file", "T2map.nii", t2),
+                                ("r2_stderr_file", "R2map_stderr.nii", stderr)):  # fmt: skip
+            self._results[key] = str(write_nifti(os.path.join(runtime.cwd, name), data, affine))
+
+        counts = {
+            "FittedVoxels": int(fitted.sum()),
+            "NonFiniteInputVoxels": int((mask & ~finite_signal).sum()),
+            "UndefinedR1Voxels": int((mask & ~usable_r1).sum()),
+            "UndefinedB1Voxels": int((mask & ~np.isfinite(b1)).sum()),
+            "NonPositiveR2Voxels": int((mask & fitted & ~(r2 > 0)).sum()),
+        }
+        fitted_count = max(counts["FittedVoxels"], 1)
+        for key, what in (
+            ("NonFiniteInputVoxels", "have no band-free signal (NaN/Inf in a phase cycle)"),
+            ("UndefinedR1Voxels", "have no R1"),
+            ("UndefinedB1Voxels", "lie outside the B1+ map"),
+            ("NonPositiveR2Voxels", "have R2 <= 0 (kept in the R2 map; T2 is NaN)"),
+        ):
+            if counts[key]:
+                LOGGER.warning(
+                    "R2: %d voxel(s) (%.1f %% of the fitted) %s", counts[key], 100.0 * counts[key] / fitted_count, what
+                )
+        combination = self.inputs.combination
+        self._results["metadata"] = {
+            "EstimationAlgorithm": f"{R2_ALGORITHMS[self.inputs.method]}; band-free signal per flip angle: "
+            f"{COMBINATION_ALGORITHMS[combination]}; R1 (and B1+) from DESPOT1 on the spoiled GRE",
+            "EstimationReference": list(DESPOT2_REFERENCES + COMBINATION_REFERENCES[combination]),
+            "R2StandardErrorNote": (
+                "from the residuals of the fit (more than two flip angles)"
+                if flips.size > 2
+                else "from the noise SD of one phase cycle in the air, taken as that of the band-free signal "
+                "(approximate); NaN when unknown"
+            ),
+            **metadata,
+            **counts,
+        }
+        return runtime

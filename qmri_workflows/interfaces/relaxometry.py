@@ -1,0 +1,425 @@
+"""Nipype interfaces for B1+ (transmit field) and R1 mapping.
+
+* :class:`AFIFlipAngleMap` -- the AFI pair to a ``TB1map`` (percent of the nominal flip angle) on the
+  map grid.
+* :class:`ReadTB1map` -- a ``TB1map`` given with ``--derivatives`` (already on the map grid), read by
+  its ``Units`` and written in percent.
+* :class:`FitR1` -- DESPOT1 from one TE = 0 intercept (or single-echo image) per flip angle,
+  B1-corrected and corrected for imperfect RF spoiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    Str,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..core.relaxometry import DEFAULT_TISSUE_T2, afi_flip_angle_ratio, afi_t1_bias, fit_r1, spoiling_protocol
+from ..io.derivatives import write_nifti
+from ..io.errors import BIDSInputError
+from ..io.images import load_volume, load_volumes, same_grid
+from ..io.query.derivatives import tb1map_scale
+from ..io.resample import resample_to_reference
+
+LOGGER = logging.getLogger("qmri_workflows.interfaces")
+
+AFI_REFERENCE = (
+    "Yarnykh VL. Actual flip-angle imaging in the pulsed steady state: a method for rapid "
+    "three-dimensional mapping of the transmitted radiofrequency field. Magn Reson Med 2007;57:192-200"
+)
+DESPOT1_REFERENCES = (
+    "Deoni SCL, Rutt BK, Peters TM. Rapid combined T1 and T2 mapping using gradient recalled acquisition "
+    "in the steady state. Magn Reson Med 2003;49:515-526",
+    "Helms G, Dathe H, Dechent P. Quantitative FLASH MRI at 3T using a rational approximation of the "
+    "Ernst equation. Magn Reson Med 2008;59:667-672",
+    "Chang L-C, Koay CG, Basser PJ, Pierpaoli C. Linear least-squares method for unbiased estimation of "
+    "T1 from SPGR signals. Magn Reson Med 2008;60:496-501",
+)
+SPOILING_REFERENCES = (
+    "Preibisch C, Deichmann R. Influence of RF spoiling on the stability and accuracy of T1 mapping based "
+    "on spoiled FLASH with varying flip angles. Magn Reson Med 2009;61:125-135",
+    "Baudrexel S, Noeth U, Schuere JR, Deichmann R. T1 mapping with the variable flip angle technique: a "
+    "simple correction for insufficient spoiling of transverse magnetization. Magn Reson Med "
+    "2018;79:3082-3092",
+)
+
+R1_METHODS = {
+    "exact": "two_angle",
+    "linear": "linear",
+    "nonlinear": "nonlinear",
+}
+R1_ALGORITHMS = {
+    "exact": "DESPOT1, exact two-angle solution of the Ernst equation at the actual flip angles",
+    "linear": "DESPOT1, linearised Ernst equation (S/sin a vs S/tan a) fitted by weighted least squares "
+    "(Chang 2008 weights, iterated) at the actual flip angles",
+    "nonlinear": "DESPOT1, non-linear least squares of the Ernst equation at the actual flip angles "
+    "(Levenberg-Marquardt from the weighted linear fit)",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# AFI
+# --------------------------------------------------------------------------------------------------
+class _AFIFlipAngleMapInputSpec(BaseInterfaceInputSpec):
+    tr1_file = File(exists=True, mandatory=True, desc="AFI image after the shorter TR (acq-tr1)")
+    tr2_file = File(exists=True, mandatory=True, desc="AFI image after the longer TR (acq-tr2)")
+    repetition_time_1 = traits.Float(mandatory=True, desc="TR1 (s)")
+    repetition_time_2 = traits.Float(mandatory=True, desc="TR2 (s), > TR1")
+    flip_angle = traits.Float(mandatory=True, desc="nominal flip angle (deg) of the AFI pulses")
+    reference_file = File(exists=True, desc="image on the map grid; without it the map stays on the AFI grid")
+    smoothing_fwhm = traits.Float(8.0, usedefault=True, desc="FWHM (mm) of the normalised-convolution smoothing")
+    min_signal_fraction = traits.Float(
+        0.05, usedefault=True, desc="TR1 voxels below this fraction of its 99th percentile are not trusted"
+    )
+
+
+class _AFIFlipAngleMapOutputSpec(TraitedSpec):
+    tb1map_file = File(exists=True, desc="B1+ in percent of the nominal flip angle, on the map grid")
+    metadata = traits.Dict(desc="sidecar fields")
+
+
+class AFIFlipAngleMap(SimpleInterface):
+    """B1+ map (percent of nominal) from an AFI pair, robust where the signal is low.
+
+    Calls :func:`qmri_workflows.core.relaxometry.afi_flip_angle_ratio` on the AFI grid (voxels with
+    little signal, non-finite samples or an impossible signal ratio are discarded; the rest are
+    smoothed by normalised convolution, which also fills the holes), then brings the smooth map
+    onto the map grid by linear interpolation (NaN outside the AFI field of view).
+    """
+
+    input_spec = _AFIFlipAngleMapInputSpec
+    output_spec = _AFIFlipAngleMapOutputSpec
+
+    def _run_interface(self, runtime):
+        tr1_image = nib.load(self.inputs.tr1_file)
+        signal_1, signal_2 = load_volumes(
+            [self.inputs.tr1_file, self.inputs.tr2_file], reference=tr1_image, require_variation=True
+        ).transpose(3, 0, 1, 2)
+        non_finite = ~(np.isfinite(signal_1) & np.isfinite(signal_2))
+        voxel_size = tuple(float(v) for v in tr1_image.header.get_zooms()[:3])
+        try:
+            afi = afi_flip_angle_ratio(
+                np.where(non_finite, np.nan, signal_1),
+                np.where(non_finite, np.nan, signal_2),
+                self.inputs.repetition_time_1,
+                self.inputs.repetition_time_2,
+                math.radians(self.inputs.flip_angle),
+                voxel_size=voxel_size,
+                smoothing_fwhm=self.inputs.smoothing_fwhm,
+                min_signal_fraction=self.inputs.min_signal_fraction,
+            )
+        except ValueError as error:
+            raise BIDSInputError(f"AFI pair {self.inputs.tr1_file}, {self.inputs.tr2_file}: {error}") from error
+        percent = (100.0 * afi.b1).astype(np.float32)
+        affine = tr1_image.affine
+        if isdefined(self.inputs.reference_file) and not _on_grid(tr1_image, self.inputs.reference_file):
+            resampled = resample_to_reference(
+                nib.Nifti1Image(percent, affine), self.inputs.reference_file, kind="linear", name=self.inputs.tr1_file
+            )
+            percent, affine = np.asarray(resampled.dataobj, dtype=np.float32), resampled.affine
+        self._results["tb1map_file"] = str(write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), percent, affine))
+        n_valid = int(afi.valid.sum())
+        if non_finite.any():
+            LOGGER.warning("B1+: %d AFI voxel(s) hold NaN/Inf; they are filled from their neighbours", non_finite.sum())
+        self._results["metadata"] = {
+            "Units": "percent",
+            "EstimationAlgorithm": (
+                "AFI: actual flip angle arccos((r n - 1)/(n - r)), r = S(TR2)/S(TR1), n = TR2/TR1, over the "
+                f"nominal; voxels below {self.inputs.min_signal_fraction:g} x the 99th percentile of S(TR1) or "
+                f"with r outside (0, 1) discarded; normalised convolution (Gaussian FWHM "
+                f"{self.inputs.smoothing_fwhm:g} mm, weights S(TR1)^2) smooths and fills them; resampled "
+                "linearly onto the map grid"
+            ),
+            "EstimationReference": AFI_REFERENCE,
+            "FlipAngle": self.inputs.flip_angle,
+            "RepetitionTimeExcitation": [self.inputs.repetition_time_1, self.inputs.repetition_time_2],
+            "ValidAFIVoxels": n_valid,
+            "FilledAFIVoxels": int(afi.valid.size - n_valid),
+            "NonFiniteInputVoxels": int(non_finite.sum()),
+        }
+        return runtime
+
+
+def _on_grid(image, reference_file):
+    reference = nib.load(reference_file)
+    return same_grid(image.shape[:3], image.affine, reference.shape[:3], reference.affine)
+
+
+class _ReadTB1mapInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the TB1map on the map grid")
+    units = Str(desc="its sidecar's Units; undefined when the sidecar has none")
+    source_name = Str(desc="the original file (for messages and provenance)")
+
+
+class _ReadTB1mapOutputSpec(TraitedSpec):
+    tb1map_file = File(exists=True, desc="B1+ in percent of the nominal flip angle")
+    metadata = traits.Dict(desc="how the unit was read")
+
+
+class ReadTB1map(SimpleInterface):
+    """A user TB1map in percent of nominal, whatever its unit (see :func:`tb1map_scale`)."""
+
+    input_spec = _ReadTB1mapInputSpec
+    output_spec = _ReadTB1mapOutputSpec
+
+    def _run_interface(self, runtime):
+        name = self.inputs.source_name if isdefined(self.inputs.source_name) else self.inputs.in_file
+        image = nib.load(self.inputs.in_file)
+        values = load_volume(self.inputs.in_file)
+        scale, how = tb1map_scale(values, self.inputs.units if isdefined(self.inputs.units) else None, name)
+        percent = np.where(values > 0, 100.0 * scale * values, np.nan).astype(np.float32)
+        self._results["tb1map_file"] = str(write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), percent, image.affine))
+        self._results["metadata"] = {"Units": "percent", "B1Source": str(name), "B1UnitsRead": how}
+        return runtime
+
+
+# --------------------------------------------------------------------------------------------------
+# R1
+# --------------------------------------------------------------------------------------------------
+class _FitR1InputSpec(BaseInterfaceInputSpec):
+    signal_files = InputMultiObject(
+        File(exists=True),
+        mandatory=True,
+        desc="one image per flip angle: TE = 0 intercepts (ESTATICS S0) or single-echo images",
+    )
+    flip_angles = traits.List(traits.Float, mandatory=True, desc="nominal flip angle (deg) of each file")
+    repetition_time = traits.Float(mandatory=True, desc="TR (s), shared by the flip angles")
+    mask_file = File(exists=True, desc="voxels to fit (0 elsewhere)")
+    b1_file = File(exists=True, desc="B1+ in percent of nominal on the grid of the signals (TB1map)")
+    b1_note = Str(desc="why there is no b1_file (recorded in the sidecar)")
+    afi_repetition_times = traits.List(
+        traits.Float, minlen=2, maxlen=2, desc="TR1, TR2 (s) of the AFI pair b1_file comes from"
+    )
+    afi_flip_angle = traits.Float(
+        desc="nominal AFI flip angle (deg); with afi_repetition_times, the AFI "
+        "formula's finite-T1 bias is removed with the fitted T1"
+    )
+    method = traits.Enum("linear", "exact", "nonlinear", usedefault=True, desc="DESPOT1 estimator")
+    spoiling_correction = traits.Bool(True, usedefault=True, desc="correct for imperfect RF spoiling")
+    phase_increment = traits.Float(desc="SpoilingRFPhaseIncrement (deg) of the sidecar")
+    manufacturer = Str(desc="Manufacturer of the sidecar (vendor default increment)")
+    gradient_moment = traits.Float(desc="SpoilingGradientMoment (mT s/m) of the sidecar")
+    tissue_t2 = traits.Float(DEFAULT_TISSUE_T2, usedefault=True, desc="T2 (s) the spoiling correction assumes")
+    signal_kind = Str("TE = 0 intercepts", usedefault=True, desc="what the signal files are (provenance)")
+    noise_sigma = traits.Float(desc="noise SD of the signals, for the standard error")
+    chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
+
+
+class _FitR1OutputSpec(TraitedSpec):
+    r1_file = File(exists=True, desc="R1 (1/s); NaN where undetermined, 0 outside the mask")
+    t1_file = File(exists=True, desc="T1 (s) = 1/R1; NaN where R1 is undetermined")
+    m0_file = File(exists=True, desc="M0 (arbitrary units, receive field included)")
+    r1_stderr_file = File(exists=True, desc="standard error of R1 (1/s); NaN where unknown")
+    b1_file = File(exists=True, desc="B1+ ratio (1 = nominal) the fit used, on the map grid")
+    metadata = traits.Dict(desc="sidecar fields")
+
+
+def spoiling_choice(enabled, phase_increment, manufacturer):
+    """``(increment_deg or None, source)``: which spoiling increment a correction uses, or why none.
+
+    Parameters
+    ----------
+    enabled : bool
+        Whether the correction is asked for.
+    phase_increment : float or None
+        ``SpoilingRFPhaseIncrement`` (deg) of the sidecar.
+    manufacturer : str or None
+        ``Manufacturer`` of the sidecar.
+    """
+    from ..core.relaxometry import VENDOR_PHASE_INCREMENT_DEG
+
+    if not enabled:
+        return None, "none: turned off (--no-spoiling-correction)"
+    if phase_increment is not None:
+        return float(phase_increment), f"SpoilingRFPhaseIncrement {float(phase_increment):g} deg (sidecar)"
+    key = (manufacturer or "").strip().lower()
+    vendor = next((name for name in VENDOR_PHASE_INCREMENT_DEG if key.startswith(name)), None)
+    if vendor is not None:
+        increment = VENDOR_PHASE_INCREMENT_DEG[vendor]
+        return increment, f"{increment:g} deg, default of Manufacturer {manufacturer!r} (no SpoilingRFPhaseIncrement)"
+    return None, (
+        "none: the GRE sidecars give no SpoilingRFPhaseIncrement and no known Manufacturer (Siemens, GE, "
+        f"Philips; got {manufacturer!r}); R1 is not corrected for imperfect spoiling (biased low by a few "
+        'percent): add "SpoilingRFPhaseIncrement" (deg) to the sidecars, or pass --no-spoiling-correction '
+        "to silence this"
+    )
+
+
+class FitR1(SimpleInterface):
+    """R1, T1 and M0 by DESPOT1 (:func:`qmri_workflows.core.relaxometry.fit_r1`).
+
+    The flip angles are scaled by the B1+ map when one is given, and the signals corrected for
+    imperfect RF spoiling by the EPG of the protocol (:mod:`qmri_workflows.core.relaxometry.spoiling`)
+    with the sidecar's increment (or the vendor default), at the tissue T2 ``tissue_t2``. Voxels with
+    a non-finite signal or B1+ get NaN; their counts go to the log and into ``metadata``.
+    """
+
+    input_spec = _FitR1InputSpec
+    output_spec = _FitR1OutputSpec
+
+    def _run_interface(self, runtime):
+        flips = np.asarray(self.inputs.flip_angles, dtype=float)
+        if len(self.inputs.signal_files) != flips.size:
+            raise ValueError(f"{len(self.inputs.signal_files)} signal files for {flips.size} flip angles")
+        if np.unique(flips).size < 2:
+            raise BIDSInputError(
+                f"R1 needs at least two different flip angles, got {flips.tolist()} deg "
+                f"({', '.join(self.inputs.signal_files)})"
+            )
+        method = self.inputs.method
+        if method == "exact" and flips.size != 2:
+            raise ValueError(
+                f"--r1-method exact solves two flip angles, the data have {flips.size}; use linear or nonlinear"
+            )
+        reference = nib.load(self.inputs.signal_files[0])
+        signals = load_volumes(self.inputs.signal_files, reference=reference).astype(np.float64)
+        shape = signals.shape[:3]
+        mask = np.ones(shape, dtype=bool)
+        if isdefined(self.inputs.mask_file):
+            mask = load_volume(self.inputs.mask_file, reference=reference) > 0
+
+        metadata = {}
+        if isdefined(self.inputs.b1_file):
+            b1 = load_volume(self.inputs.b1_file, reference=reference).astype(np.float64) / 100.0
+            b1 = np.where(b1 > 0, b1, np.nan)
+            metadata["B1Correction"] = "TB1map (actual / nominal flip angle)"
+        else:
+            b1 = np.ones(shape)
+            note = self.inputs.b1_note if isdefined(self.inputs.b1_note) else "no B1+ map"
+            metadata["B1Correction"] = f"none: {note}; nominal flip angles assumed"
+            # the plan said so already, with its reason; the sidecar records it
+            LOGGER.info("R1: not corrected for B1+ (%s)", note)
+
+        increment, source = spoiling_choice(
+            self.inputs.spoiling_correction,
+            self.inputs.phase_increment if isdefined(self.inputs.phase_increment) else None,
+            self.inputs.manufacturer if isdefined(self.inputs.manufacturer) else None,
+        )
+        protocol = None
+        if increment is not None:
+            protocol = spoiling_protocol(
+                np.deg2rad(flips),
+                self.inputs.repetition_time,
+                phase_increment_deg=increment,
+                gradient_moment=self.inputs.gradient_moment if isdefined(self.inputs.gradient_moment) else None,
+            )
+            metadata["SpoilingCorrection"] = (
+                f"signals divided by EPG / Ernst ratio of the protocol (quadratic RF spoiling, spoiler "
+                f"{protocol.gradient_dephasing:g} cycles/mm per TR, diffusion {protocol.diffusion:g} mm^2/s) at "
+                f"tissue T2 {self.inputs.tissue_t2:g} s, iterated with the T1 estimate"
+            )
+            metadata["SpoilingTissueT2"] = self.inputs.tissue_t2
+        else:
+            metadata["SpoilingCorrection"] = "none"
+            if self.inputs.spoiling_correction:
+                LOGGER.warning("R1: %s", source)
+        metadata["SpoilingRFPhaseIncrementUsed"] = increment
+        metadata["SpoilingRFPhaseIncrementSource"] = source
+
+        finite = np.isfinite(signals).all(axis=-1) & np.isfinite(b1)
+        fitted = mask & finite
+        sigma = self.inputs.noise_sigma if isdefined(self.inputs.noise_sigma) else None
+        if isdefined(self.inputs.b1_file) and isdefined(self.inputs.afi_repetition_times):
+            b1 = self._unbias_afi(signals, flips, b1, fitted)
+            metadata["B1Correction"] += (
+                "; the AFI formula's finite-TR/T1 bias removed at each voxel's T1 (ideal-spoiling AFI signal)"
+            )
+        result = fit_r1(
+            np.where(fitted[..., None], signals, 0.0),
+            np.deg2rad(flips),
+            self.inputs.repetition_time,
+            b1=np.where(fitted, b1, 1.0),
+            method=R1_METHODS[method],
+            spoiling=protocol,
+            t2=self.inputs.tissue_t2,
+            sigma=sigma,
+            mask=fitted,
+            chunk_size=self.inputs.chunk_size,
+            n_jobs=self.inputs.num_threads,
+        )
+
+        def inside(values):
+            # 0 outside the brain mask; NaN inside where undetermined (non-finite input included)
+            return np.where(mask, np.where(fitted, values, np.nan), 0.0).astype(np.float32)
+
+        r1 = inside(result.r1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1 = np.where(mask, np.where(r1 > 0, 1.0 / r1, np.nan), 0.0).astype(np.float32)
+        cwd, affine = runtime.cwd, reference.affine
+        for key, name, data in (
+            ("r1_file", "R1map.nii", r1),
+            ("t1_file", "T1map.nii", t1),
+            ("m0_file", "M0map.nii", inside(result.m0)),
+            ("r1_stderr_file", "R1map_stderr.nii", inside(result.r1_se)),
+            ("b1_file", "B1ratio.nii", np.where(np.isfinite(b1), b1, np.nan).astype(np.float32)),
+        ):
+            self._results[key] = str(write_nifti(os.path.join(cwd, name), data, affine))
+
+        counts = {
+            "FittedVoxels": int(fitted.sum()),
+            "NonFiniteInputVoxels": int((mask & ~np.isfinite(signals).all(axis=-1)).sum()),
+            "UndefinedB1Voxels": int((mask & ~np.isfinite(b1)).sum()),
+            "UndeterminedR1Voxels": int((mask & ~np.isfinite(r1)).sum()),
+        }
+        _log_counts(counts)
+        self._results["metadata"] = {
+            "EstimationAlgorithm": f"{R1_ALGORITHMS[method]}, from the {self.inputs.signal_kind} of each flip angle",
+            "EstimationReference": list(DESPOT1_REFERENCES + (SPOILING_REFERENCES if protocol else ())),
+            "FlipAngle": flips.tolist(),
+            "RepetitionTimeExcitation": self.inputs.repetition_time,
+            **metadata,
+            **counts,
+        }
+        if sigma is None and flips.size == 2:
+            self._results["metadata"]["R1StandardErrorNote"] = (
+                "NaN: two flip angles leave no residual and no noise level was given"
+            )
+        return runtime
+
+    def _unbias_afi(self, signals, flips, b1, fitted):
+        """B1+ map without the first-order AFI formula's T1 bias, at the T1 of a quick first fit.
+
+        The bias changes by ~0.1 % of itself when T1 changes by a few percent, so one uncorrected
+        (no spoiling correction) preliminary fit is enough.
+        """
+        preliminary = fit_r1(
+            np.where(fitted[..., None], signals, 0.0),
+            np.deg2rad(flips),
+            self.inputs.repetition_time,
+            b1=np.where(fitted, b1, 1.0),
+            mask=fitted,
+            chunk_size=self.inputs.chunk_size,
+            n_jobs=self.inputs.num_threads,
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1 = np.where(preliminary.r1 > 0, 1.0 / preliminary.r1, np.nan)
+        tr1, tr2 = self.inputs.afi_repetition_times
+        factor = afi_t1_bias(np.where(fitted, b1, 1.0), t1, tr1, tr2, math.radians(self.inputs.afi_flip_angle))
+        return np.where(fitted, b1 / factor, b1)
+
+
+def _log_counts(counts):
+    fitted = max(counts["FittedVoxels"], 1)
+    for key, what in (
+        ("NonFiniteInputVoxels", "hold NaN/Inf in a signal image: R1 is NaN there"),
+        ("UndefinedB1Voxels", "lie outside the B1+ map (or it is not positive there): R1 is NaN there"),
+        ("UndeterminedR1Voxels", "have no R1 (non-finite input, or signals the Ernst equation cannot fit)"),
+    ):
+        if counts[key]:
+            LOGGER.warning(
+                "R1: %d voxel(s) (%.1f %% of the fitted) %s", counts[key], 100.0 * counts[key] / fitted, what
+            )

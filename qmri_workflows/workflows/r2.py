@@ -1,0 +1,362 @@
+"""R2 from phase-cycled balanced SSFP (DESPOT2 on band-free signals), and its registry entry.
+
+Outputs (``docs/architecture.rst``, "R2 from bSSFP"): ``anat/..._R2map`` (1/s), ``_T2map`` (s),
+``_desc-stderr_R2map`` (1/s) and, for complex data, ``fmap/..._desc-offresonance_fieldmap`` (Hz,
+modulo 1/TR). R1 and B1+ come from the R1 family, which must run (a spoiled-GRE VFA collection).
+"""
+
+from __future__ import annotations
+
+R2_METHOD_CHOICES = ("nonlinear", "linear")
+BSSFP_COMBINATION_CHOICES = ("auto", "geometric", "ellipse", "rms", "max")
+MIN_FLIP_ANGLES_R2 = 2
+MIN_PHASE_CYCLES = 4
+OFFRESONANCE_DESC = "offresonance"
+
+
+def init_r2_wf(
+    *,
+    flip_angles,
+    phase_increments,
+    repetition_time,
+    combination="geometric",
+    method="nonlinear",
+    with_phase=True,
+    b1_note=None,
+    mem_gb=1.0,
+    omp_nthreads=1,
+    name="r2_wf",
+):
+    """Build a workflow that maps R2 and T2 from phase-cycled bSSFP by DESPOT2.
+
+    Parameters
+    ----------
+    flip_angles : list of float
+        Nominal flip angles (deg), ascending, one per bSSFP series.
+    phase_increments : list of float
+        RF phase-cycling increments (deg), the same at every flip angle.
+    repetition_time : float
+        TR (s).
+    combination : {"geometric", "ellipse", "rms", "max"}
+        Band-free signal per flip angle (complex data) or the band-reduced magnitude combination.
+    method : {"nonlinear", "linear"}
+        DESPOT2 estimator.
+    with_phase : bool
+        Whether phase images are given (``phase_files``, ``phase_scale``).
+    b1_note : str, optional
+        Why no B1+ map reaches the fit (then ``b1_file`` is not used).
+    mem_gb : float
+        Memory of each node (GB).
+    omp_nthreads : int
+        Threads of each node.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    magnitude_files, phase_files, phase_scale
+        Every phase cycle of every flip angle (flip angle by flip angle, cycles in the order of
+        ``phase_increments``); phase optional.
+    reference_file
+        An image on the map grid.
+    mask_file, r1_file, b1_file
+        Brain mask, R1 (1/s) and the B1+ ratio map (1 = nominal) on the map grid.
+
+    Outputs
+    -------
+    r2_file, t2_file, r2_stderr_file
+        R2 (1/s), T2 (s), standard error of R2 (1/s).
+    offresonance_file
+        Off-resonance (Hz, modulo 1/TR), complex data only.
+    band_free_files
+        Band-free signal per flip angle (map grid).
+    metadata
+        Sidecar fields.
+    """
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.bssfp import BandFreeBSSFP, FitDESPOT2
+    from ..interfaces.utility import MergeMetadata
+
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(
+            fields=[
+                "magnitude_files",
+                "phase_files",
+                "phase_scale",
+                "reference_file",
+                "mask_file",
+                "r1_file",
+                "b1_file",
+            ]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        IdentityInterface(
+            fields=["r2_file", "t2_file", "r2_stderr_file", "offresonance_file", "band_free_files", "metadata"]
+        ),
+        name="outputnode",
+    )
+    band_free = pe.Node(
+        BandFreeBSSFP(
+            flip_angles=[float(v) for v in flip_angles],
+            phase_increments=[float(v) for v in phase_increments],
+            repetition_time=repetition_time,
+            combination=combination,
+            num_threads=omp_nthreads,
+        ),
+        name="band_free",
+        mem_gb=mem_gb,
+        n_procs=omp_nthreads,
+    )
+    fit = pe.Node(
+        FitDESPOT2(
+            flip_angles=[float(v) for v in flip_angles],
+            repetition_time=repetition_time,
+            method=method,
+            combination=combination,
+            num_threads=omp_nthreads,
+        ),
+        name="fit_despot2",
+        mem_gb=mem_gb,
+        n_procs=omp_nthreads,
+    )
+    if b1_note is not None:
+        fit.inputs.b1_note = b1_note
+    merge = pe.Node(MergeMetadata(), name="merge_metadata")
+    workflow.connect([
+        (inputnode, band_free, [("magnitude_files", "magnitude_files"), ("reference_file", "reference_file"),
+                                ("mask_file", "mask_file")]),
+        (inputnode, fit, [("mask_file", "mask_file"), ("r1_file", "r1_file")]),
+        (band_free, fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]),
+        (band_free, merge, [("metadata", "base")]),
+        (fit, merge, [("metadata", "update")]),
+        (fit, outputnode, [("r2_file", "r2_file"), ("t2_file", "t2_file"), ("r2_stderr_file", "r2_stderr_file")]),
+        (band_free, outputnode, [("offresonance_file", "offresonance_file"), ("band_free_files", "band_free_files")]),
+        (merge, outputnode, [("out_dict", "metadata")]),
+    ])  # fmt: skip
+    if with_phase:
+        workflow.connect([(inputnode, band_free, [("phase_files", "phase_files"), ("phase_scale", "phase_scale")])])
+    if b1_note is None:
+        workflow.connect([(inputnode, fit, [("b1_file", "b1_file")])])
+    return workflow
+
+
+# --------------------------------------------------------------------------------------------------
+# registry entry
+# --------------------------------------------------------------------------------------------------
+def _in_opposite_pairs(increments):
+    """Whether the increments (deg) pair up as Delta and Delta + 180 (the geometric solution's need)."""
+    remaining = [round(float(v)) % 360 for v in increments]
+    while remaining:
+        first = remaining.pop(0)
+        opposite = (first + 180) % 360
+        if opposite not in remaining:
+            return False
+        remaining.remove(opposite)
+    return True
+
+
+def _has_phase(inputs):
+    return all(series.phase is not None for series in inputs.bssfp)
+
+
+def resolve_combination(inputs, requested):
+    """The band-free combination ``--bssfp-combination`` means for these data.
+
+    ``auto``: the geometric solution for complex data with cycles in opposite pairs, the ellipse fit
+    for other complex data, the root mean square of the magnitudes without phase.
+    """
+    if requested != "auto":
+        return requested
+    if not _has_phase(inputs):
+        return "rms"
+    return "geometric" if _in_opposite_pairs(inputs.bssfp[0].phase_increments) else "ellipse"
+
+
+def _check_r2(inputs, options):
+    series = inputs.bssfp
+    flips = sorted({s.flip_angle for s in series})
+    if len(flips) < MIN_FLIP_ANGLES_R2:
+        return f"{len(flips)} bSSFP flip angle(s); DESPOT2 needs at least {MIN_FLIP_ANGLES_R2} different ones"
+    increments = series[0].phase_increments
+    if len(increments) < MIN_PHASE_CYCLES:
+        return (
+            f"{len(increments)} bSSFP phase cycle(s) ({', '.join(f'{v:g}' for v in increments)} deg, e.g. "
+            f"{series[0].magnitude[0]}); removing the bands needs at least {MIN_PHASE_CYCLES} per flip angle "
+            "(0, 90, 180, 270 deg)"
+        )
+    trs = {round(s.repetition_time, 6) for s in series}
+    if len(trs) > 1:
+        return (
+            f"the bSSFP flip angles have different TRs ({', '.join(f'{tr * 1e3:g}' for tr in sorted(trs))} ms); "
+            "DESPOT2 needs one TR"
+        )
+    combination = resolve_combination(inputs, options["bssfp_combination"])
+    if combination in ("geometric", "ellipse") and not _has_phase(inputs):
+        return (
+            f"--bssfp-combination {combination} needs the phase of every phase cycle, and the bSSFP has magnitude "
+            f"only (e.g. {series[0].magnitude[0]}); add the part-phase images, or use --bssfp-combination rms "
+            "(band-reduced, biased) or auto"
+        )
+    if combination == "geometric" and not _in_opposite_pairs(increments):
+        return (
+            f"--bssfp-combination geometric needs the phase cycles in opposite pairs (Delta, Delta + 180 deg), got "
+            f"{', '.join(f'{v:g}' for v in increments)} deg; use --bssfp-combination ellipse"
+        )
+    return None
+
+
+def _describe_r2(inputs):
+    series = inputs.bssfp
+    flips = ", ".join(f"{s.flip_angle:g}" for s in series)
+    data = "complex" if _has_phase(inputs) else "WARNING: magnitude only, band-reduced not band-free (R2 biased)"
+    return (
+        f"DESPOT2 from {len(series[0].phase_increments)} bSSFP phase cycles ({data}) at flip {flips} deg, "
+        f"TR {series[0].repetition_time * 1e3:g} ms; R1 and B1+ from the R1 family"
+    )
+
+
+def _b1_note(context):
+    """None when the R1 family's B1+ map reaches R2, else why not."""
+    if context.options.get("r1_no_b1_correction"):
+        return "turned off (--no-b1-correction)"
+    if "b1" not in context.running:
+        from .relaxometry import _no_b1_reason
+
+        return _no_b1_reason(context.inputs)
+    return None
+
+
+def _build_r2(context):
+    from .base import estimate_fit_mem_gb, map_grid_file
+
+    inputs, options = context.inputs, context.options
+    series = inputs.bssfp
+    combination = resolve_combination(inputs, options["bssfp_combination"])
+    n_cycle = len(series[0].phase_increments)
+    workflow = init_r2_wf(
+        flip_angles=[s.flip_angle for s in series],
+        phase_increments=list(series[0].phase_increments),
+        repetition_time=series[0].repetition_time,
+        combination=combination,
+        method=options["r2_method"],
+        with_phase=_has_phase(inputs),
+        b1_note=_b1_note(context),
+        # complex float64 copies of one flip angle's cycles dominate
+        mem_gb=estimate_fit_mem_gb(series[0].magnitude[0], 4 * n_cycle + 2 * len(series) + 4),
+        omp_nthreads=context.omp_nthreads,
+    )
+    workflow.inputs.inputnode.magnitude_files = [path for s in series for path in s.magnitude]
+    if _has_phase(inputs):
+        workflow.inputs.inputnode.phase_files = [path for s in series for path in s.phase]
+        workflow.inputs.inputnode.phase_scale = float(series[0].phase_scale)
+    workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
+    return workflow
+
+
+def _r2_outputs(inputs):
+    from .registry import Output
+
+    sources = tuple(path for s in inputs.bssfp for path in (*s.magnitude, *(s.phase or ())))
+    masked = {"SkullStripped": True}
+    outputs = [
+        Output(
+            field="r2_file",
+            suffix="R2map",
+            source_files=sources,
+            metadata={**masked, "Units": "1/s"},
+            quantitative=True,
+        ),
+        Output(
+            field="t2_file",
+            suffix="T2map",
+            source_files=sources,
+            metadata={**masked, "Units": "s", "Description": "1/R2; NaN where R2 is undetermined or not positive"},
+        ),
+        Output(
+            field="r2_stderr_file",
+            suffix="R2map",
+            desc="stderr",
+            source_files=sources,
+            metadata={
+                **masked,
+                "Units": "1/s",
+                "Description": "Standard error of R2 (1/s) from the Jacobian of the DESPOT2 fit at the estimate, "
+                "with R1 and B1+ taken as exact; NaN where unknown",
+            },
+        ),
+    ]
+    if _has_phase(inputs):
+        tr = inputs.bssfp[0].repetition_time
+        outputs.append(
+            Output(
+                field="offresonance_file",
+                suffix="fieldmap",
+                desc=OFFRESONANCE_DESC,
+                datatype="fmap",
+                source_files=sources,
+                metadata={
+                    "Units": "Hz",
+                    "Description": "Off-resonance frequency (B0 inhomogeneity plus chemical shift) from the "
+                    "phase-cycled bSSFP, known modulo 1/TR: values in [-1/(2 TR), 1/(2 TR)) = "
+                    f"[{-0.5 / tr:g}, {0.5 / tr:g}) Hz; a positive frequency advances the transverse phase; "
+                    "averaged over the flip angles, weighted by the squared band-free signal",
+                    "RepetitionTimeExcitation": tr,
+                },
+            )
+        )
+    return outputs
+
+
+def _registry_entries():
+    from ..io.query import BSSFP
+    from .registry import MapFamily, Option
+
+    r2 = MapFamily(
+        key="r2",
+        name="R2",
+        needs=(BSSFP,),
+        depends=("brainmask", "r1"),
+        consumes={
+            "mask_file": ("brainmask", "mask_file"),
+            "r1_file": ("r1", "r1_file"),
+            "b1_file": ("r1", "b1_file"),
+        },
+        check=_check_r2,
+        check_options=True,
+        describe=_describe_r2,
+        build=_build_r2,
+        outputs=_r2_outputs,
+        options=(
+            Option(
+                ("--r2-method",),
+                "r2_method",
+                {
+                    "choices": R2_METHOD_CHOICES,
+                    "default": "nonlinear",
+                    "help": "DESPOT2 estimator on the band-free bSSFP signals: non-linear least squares (default) "
+                    "or the linearised regression",
+                },
+            ),
+            Option(
+                ("--bssfp-combination",),
+                "bssfp_combination",
+                {
+                    "choices": BSSFP_COMBINATION_CHOICES,
+                    "default": "auto",
+                    "help": "band-free signal per flip angle from its phase cycles: geometric solution "
+                    "(complex data, cycles in opposite pairs), ellipse fit (complex data), or for magnitude-only "
+                    "data the root mean square (rms) or maximum (max) over cycles, which are band-reduced, not "
+                    "band-free; auto (default): geometric, else ellipse, else rms",
+                },
+            ),
+        ),
+    )
+    return (r2,)
+
+
+MAP_FAMILIES = _registry_entries()

@@ -1,0 +1,509 @@
+"""B1+ (transmit field) and R1 mapping workflows, and their registry entries.
+
+Outputs (``docs/architecture.rst``, "R1 and B1+"): ``fmap/..._TB1map`` (percent of the nominal flip
+angle, from the AFI pair, on the map grid), ``anat/..._R1map`` (1/s), ``_T1map`` (s), ``_M0map``
+(arbitrary units) and ``_desc-stderr_R1map`` (1/s).
+
+The R1 family takes the TE = 0 intercepts of the R2* (ESTATICS) fit when the VFA data are
+multi-echo, otherwise the single-echo images; the B1+ map when the B1 family runs (AFI pair, or a
+``TB1map`` given with ``--derivatives``); without one it runs uncorrected for B1+ and says so in the
+plan and in its sidecars.
+"""
+
+from __future__ import annotations
+
+R1_METHOD_CHOICES = ("exact", "linear", "nonlinear")
+MIN_FLIP_ANGLES_R1 = 2
+
+
+def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, mem_gb=1.0, name="b1_wf"):
+    """Build a workflow that makes the B1+ map (percent of nominal) on the map grid.
+
+    Parameters
+    ----------
+    source : {"afi", "tb1map"}
+        From an AFI pair, or from a TB1map given with ``--derivatives`` (already on the map grid).
+    smoothing_fwhm : float
+        AFI smoothing (mm).
+    mem_gb : float
+        Memory of the node (GB).
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    tr1_file, tr2_file, repetition_time_1, repetition_time_2, flip_angle, reference_file
+        The AFI pair, its protocol and an image on the map grid (``source="afi"``).
+    tb1map_file, units, source_name
+        The resampled user map, its sidecar ``Units`` and its original path (``source="tb1map"``).
+
+    Outputs
+    -------
+    tb1map_file
+        B1+ in percent of the nominal flip angle, on the map grid.
+    metadata
+        Sidecar fields.
+    """
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.relaxometry import AFIFlipAngleMap, ReadTB1map
+
+    workflow = pe.Workflow(name=name)
+    fields = (
+        ["tr1_file", "tr2_file", "repetition_time_1", "repetition_time_2", "flip_angle", "reference_file"]
+        if source == "afi"
+        else ["tb1map_file", "units", "source_name"]
+    )
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["tb1map_file", "metadata"]), name="outputnode")
+    if source == "afi":
+        node = pe.Node(AFIFlipAngleMap(smoothing_fwhm=smoothing_fwhm), name="afi_b1", mem_gb=mem_gb)
+        connections = [(field, field) for field in fields]
+    elif source == "tb1map":
+        node = pe.Node(ReadTB1map(), name="read_tb1map", mem_gb=mem_gb)
+        connections = [("tb1map_file", "in_file"), ("units", "units"), ("source_name", "source_name")]
+    else:
+        raise ValueError(f"B1+ source must be 'afi' or 'tb1map', got {source!r}")
+    workflow.connect([
+        (inputnode, node, connections),
+        (node, outputnode, [("tb1map_file", "tb1map_file"), ("metadata", "metadata")]),
+    ])  # fmt: skip
+    return workflow
+
+
+def init_r1_wf(
+    *,
+    repetition_time,
+    method="linear",
+    spoiling_correction=True,
+    phase_increment=None,
+    manufacturer=None,
+    gradient_moment=None,
+    tissue_t2=None,
+    signal_kind="TE = 0 intercepts of the ESTATICS fit",
+    b1_note=None,
+    afi_protocol=None,
+    mem_gb=1.0,
+    omp_nthreads=1,
+    name="r1_wf",
+):
+    """Build a workflow that maps R1, T1 and M0 by DESPOT1 (B1+ and spoiling corrected).
+
+    Parameters
+    ----------
+    repetition_time : float
+        TR (s) of the VFA series.
+    method : {"exact", "linear", "nonlinear"}
+        DESPOT1 estimator (exact needs exactly two flip angles).
+    spoiling_correction : bool
+        Correct for imperfect RF spoiling.
+    phase_increment : float, optional
+        ``SpoilingRFPhaseIncrement`` (deg).
+    manufacturer : str, optional
+        ``Manufacturer`` (vendor default increment when ``phase_increment`` is missing).
+    gradient_moment : float, optional
+        ``SpoilingGradientMoment`` (mT s/m).
+    tissue_t2 : float, optional
+        T2 (s) the spoiling correction assumes (default ``core.relaxometry.DEFAULT_TISSUE_T2``).
+    signal_kind : str
+        What ``signal_files`` are (for the sidecar).
+    b1_note : str, optional
+        Why no B1+ map reaches the workflow (recorded when ``b1_file`` is undefined).
+    afi_protocol : tuple of float, optional
+        ``(TR1, TR2, flip angle in deg)`` of the AFI pair the B1+ map comes from: its finite-T1
+        bias is then removed with the fitted T1 (:func:`~qmri_workflows.core.relaxometry.afi_t1_bias`).
+    mem_gb : float
+        Memory of the fitting node (GB).
+    omp_nthreads : int
+        Threads of the fitting node.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    signal_files
+        One image per flip angle (ESTATICS S0 or single-echo).
+    flip_angles
+        Their nominal flip angles (deg).
+    mask_file
+        Brain mask.
+    b1_file
+        B1+ in percent of nominal on the map grid (optional).
+
+    Outputs
+    -------
+    r1_file, t1_file, m0_file, r1_stderr_file
+        R1 (1/s), T1 (s), M0 (arbitrary), standard error of R1 (1/s).
+    b1_file
+        The B1+ ratio map (1 = nominal) the fit used, on the map grid (ones without B1+ data).
+    metadata
+        Sidecar fields.
+    """
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.relaxometry import FitR1
+
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(fields=["signal_files", "flip_angles", "mask_file", "b1_file"]), name="inputnode"
+    )
+    outputnode = pe.Node(
+        IdentityInterface(fields=["r1_file", "t1_file", "m0_file", "r1_stderr_file", "b1_file", "metadata"]),
+        name="outputnode",
+    )
+    fit = pe.Node(
+        FitR1(
+            repetition_time=repetition_time,
+            method=method,
+            spoiling_correction=spoiling_correction,
+            signal_kind=signal_kind,
+            num_threads=omp_nthreads,
+        ),
+        name="fit_r1",
+        mem_gb=mem_gb,
+        n_procs=omp_nthreads,
+    )
+    for trait, value in (
+        ("phase_increment", phase_increment),
+        ("manufacturer", manufacturer),
+        ("gradient_moment", gradient_moment),
+        ("tissue_t2", tissue_t2),
+        ("b1_note", b1_note),
+    ):
+        if value is not None:
+            setattr(fit.inputs, trait, value)
+    if afi_protocol is not None:
+        fit.inputs.afi_repetition_times = [float(afi_protocol[0]), float(afi_protocol[1])]
+        fit.inputs.afi_flip_angle = float(afi_protocol[2])
+    workflow.connect([
+        (inputnode, fit, [("signal_files", "signal_files"), ("flip_angles", "flip_angles"),
+                          ("mask_file", "mask_file")]),
+        (fit, outputnode, [("r1_file", "r1_file"), ("t1_file", "t1_file"), ("m0_file", "m0_file"),
+                           ("r1_stderr_file", "r1_stderr_file"), ("metadata", "metadata")]),
+    ])  # fmt: skip
+    if b1_note is None:
+        # B1+ data feed the fit: the map it used is the PD family's transmit field
+        workflow.connect([
+            (inputnode, fit, [("b1_file", "b1_file")]),
+            (fit, outputnode, [("b1_file", "b1_file")]),
+        ])  # fmt: skip
+    return workflow
+
+
+# --------------------------------------------------------------------------------------------------
+# registry entries
+# --------------------------------------------------------------------------------------------------
+def _b1_source(inputs):
+    """``"tb1map"`` (a user map wins), ``"afi"``, or None."""
+    from ..io.query import AFI, TB1MAP
+
+    if inputs.has(TB1MAP):
+        return "tb1map"
+    if inputs.has(AFI):
+        return "afi"
+    return None
+
+
+def _no_b1_reason(inputs):
+    """Why the subject has no usable B1+ data (for the plans of B1+ and R1)."""
+    from ..io.query import AFI, TB1MAP
+
+    reasons = []
+    for collection in (AFI, TB1MAP):
+        problem = inputs.problem(collection)
+        if problem is not None:
+            reasons.append(f"{collection} unusable: {problem.message}")
+    if inputs.unsupported_transmit:
+        reasons.append(
+            f"transmit-field data of a kind this version cannot process ({', '.join(inputs.unsupported_transmit)}); "
+            "only an AFI pair (fmap/*_acq-tr1_TB1AFI + *_acq-tr2_TB1AFI) or a TB1map given with --derivatives is used"
+        )
+    if not reasons:
+        reasons.append("no B1+ data (no TB1AFI pair, no TB1map given with --derivatives)")
+    return "; ".join(reasons)
+
+
+def _check_b1(inputs):
+    return None if _b1_source(inputs) else _no_b1_reason(inputs)
+
+
+def _describe_b1(inputs):
+    if _b1_source(inputs) == "tb1map":
+        derived = inputs.derivatives["TB1map"]
+        units = derived.metadata.get("Units")
+        return f"TB1map given with --derivatives ({derived.path}; Units {units!r})" + (
+            ", used instead of the AFI pair" if inputs.afi else ""
+        )
+    afi = inputs.afi
+    return f"AFI pair, flip {afi.flip_angle:g} deg, TR1/TR2 {afi.tr1 * 1e3:g}/{afi.tr2 * 1e3:g} ms"
+
+
+def _build_b1(context):
+    from ..io.query import TB1MAP
+    from .base import estimate_fit_mem_gb, map_grid_file
+
+    inputs = context.inputs
+    source = _b1_source(inputs)
+    workflow = init_b1_wf(source=source, mem_gb=estimate_fit_mem_gb(map_grid_file(inputs), 4))
+    if source == "afi":
+        afi = inputs.afi
+        workflow.inputs.inputnode.tr1_file = afi.tr1_file
+        workflow.inputs.inputnode.tr2_file = afi.tr2_file
+        workflow.inputs.inputnode.repetition_time_1 = afi.tr1
+        workflow.inputs.inputnode.repetition_time_2 = afi.tr2
+        workflow.inputs.inputnode.flip_angle = afi.flip_angle
+        workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
+    else:
+        derived = inputs.derivatives[TB1MAP]
+        workflow.inputs.inputnode.source_name = derived.path
+        units = derived.metadata.get("Units")
+        if units is not None:
+            workflow.inputs.inputnode.units = str(units)
+    return workflow
+
+
+def _b1_outputs(inputs):
+    from .registry import Output
+
+    if _b1_source(inputs) != "afi":
+        return []  # the user's own map is used as it is: nothing new to publish
+    return [
+        Output(
+            field="tb1map_file",
+            suffix="TB1map",
+            source_files=(inputs.afi.tr1_file, inputs.afi.tr2_file),
+            metadata={
+                "Units": "percent",
+                "Description": "B1+ as percent of the nominal flip angle (100 = nominal), on the grid of the maps",
+            },
+        )
+    ]
+
+
+def _flip_angles(inputs):
+    return [series.flip_angle for series in inputs.gre if series.flip_angle]
+
+
+def _check_r1(inputs):
+    if inputs.gre_suffix != "VFA":
+        return f"{inputs.gre_suffix} data have one flip angle; R1 needs a VFA collection with at least two"
+    flips = sorted(set(_flip_angles(inputs)))
+    if len(flips) < MIN_FLIP_ANGLES_R1:
+        return f"{len(flips)} flip angle(s); R1 needs at least {MIN_FLIP_ANGLES_R1} different ones"
+    return None
+
+
+def _multi_echo(inputs):
+    from .r2star import _check_r2star
+
+    return _check_r2star(inputs) is None
+
+
+def _spoiling_sidecar(inputs):
+    """(phase increment deg or None, Manufacturer or None, gradient moment or None) of the GRE sidecars."""
+    metadata = inputs.gre[0].metadata
+
+    def number(key):
+        value = metadata.get(key)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        try:
+            return float(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    manufacturer = metadata.get("Manufacturer")
+    return (
+        number("SpoilingRFPhaseIncrement"),
+        (str(manufacturer) if manufacturer else None),
+        number("SpoilingGradientMoment"),
+    )
+
+
+def _describe_r1(inputs):
+    from ..interfaces.relaxometry import spoiling_choice
+
+    flips = ", ".join(f"{flip:g}" for flip in _flip_angles(inputs))
+    signals = "S0 of the R2* fit" if _multi_echo(inputs) else "single-echo images"
+    b1 = (
+        f"B1+ from {'the --derivatives TB1map' if _b1_source(inputs) == 'tb1map' else 'AFI'}"
+        if _b1_source(inputs)
+        else f"WARNING: not corrected for B1+ ({_no_b1_reason(inputs)})"
+    )
+    increment, source = spoiling_choice(True, *_spoiling_sidecar(inputs)[:2])
+    spoiling = (
+        f"spoiling increment {source}"
+        if increment is not None
+        else "WARNING: no spoiling correction (no SpoilingRFPhaseIncrement, unknown Manufacturer)"
+    )
+    return (
+        f"DESPOT1 from {signals} at flip {flips} deg, TR {inputs.gre[0].repetition_time * 1e3:g} ms; {b1}; {spoiling}"
+    )
+
+
+def _build_r1(context):
+    from .base import estimate_fit_mem_gb
+
+    inputs, options = context.inputs, context.options
+    phase_increment, manufacturer, gradient_moment = _spoiling_sidecar(inputs)
+    b1_corrected = "b1" in context.running and not options["r1_no_b1_correction"]
+    if b1_corrected:
+        b1_note = None
+    elif options["r1_no_b1_correction"]:
+        b1_note = "turned off (--no-b1-correction)"
+    else:
+        b1_note = _no_b1_reason(inputs)
+    multi_echo = "r2star" in context.running
+    workflow = init_r1_wf(
+        repetition_time=inputs.gre[0].repetition_time,
+        method=options["r1_method"],
+        spoiling_correction=not options["r1_no_spoiling_correction"],
+        phase_increment=phase_increment,
+        manufacturer=manufacturer,
+        gradient_moment=gradient_moment,
+        tissue_t2=options["r1_tissue_t2"],
+        signal_kind="TE = 0 intercepts of the ESTATICS fit" if multi_echo else "single-echo images",
+        b1_note=b1_note,
+        afi_protocol=(
+            (inputs.afi.tr1, inputs.afi.tr2, inputs.afi.flip_angle)
+            if b1_corrected and _b1_source(inputs) == "afi"
+            else None
+        ),
+        mem_gb=estimate_fit_mem_gb(inputs.gre[0].magnitude[0], len(inputs.gre) + 6),
+        omp_nthreads=context.omp_nthreads,
+    )
+    if not multi_echo:
+        workflow.inputs.inputnode.signal_files = [series.magnitude[0] for series in inputs.gre]
+        workflow.inputs.inputnode.flip_angles = [float(series.flip_angle) for series in inputs.gre]
+    return workflow
+
+
+def _r1_outputs(inputs):
+    from .registry import Output
+
+    sources = tuple(path for series in inputs.gre for path in series.magnitude)
+    if inputs.afi:
+        sources += (inputs.afi.tr1_file, inputs.afi.tr2_file)
+    masked = {"SkullStripped": True}
+    return [
+        Output(
+            field="r1_file",
+            suffix="R1map",
+            source_files=sources,
+            metadata={**masked, "Units": "1/s"},
+            quantitative=True,
+        ),
+        Output(field="t1_file", suffix="T1map", source_files=sources, metadata={**masked, "Units": "s"}),
+        Output(
+            field="m0_file",
+            suffix="M0map",
+            source_files=sources,
+            metadata={
+                **masked,
+                "Units": "arbitrary",
+                "Description": "equilibrium magnetisation of the Ernst equation at TE = 0, times the receive "
+                "sensitivity (not yet calibrated proton density)",
+            },
+        ),
+        Output(
+            field="r1_stderr_file",
+            suffix="R1map",
+            desc="stderr",
+            source_files=sources,
+            metadata={
+                **masked,
+                "Units": "1/s",
+                "Description": "Standard error of R1 (1/s) from the Fisher information of the DESPOT1 fit at "
+                "the estimate, noise from the residuals (more flip angles than 2) or given; NaN where unknown",
+            },
+        ),
+    ]
+
+
+def _positive_seconds(text):
+    import argparse
+
+    value = float(text)
+    if not 0.005 <= value <= 3.0:
+        raise argparse.ArgumentTypeError(f"a tissue T2 in seconds (0.005-3), got {text}")
+    return value
+
+
+def _registry_entries():
+    from ..core.relaxometry import DEFAULT_TISSUE_T2
+    from ..io.query import AFI, GRE, TB1MAP
+    from .registry import MapFamily, Option
+
+    b1 = MapFamily(
+        key="b1",
+        name="B1+",
+        # the GRE sets the grid of the maps the B1+ map is brought onto
+        needs=(GRE,),
+        reads=(AFI, TB1MAP),
+        check=_check_b1,
+        describe=_describe_b1,
+        build=_build_b1,
+        outputs=_b1_outputs,
+        derived_inputs={"tb1map_file": (TB1MAP, "linear")},
+        # it serves R1 (and PD): a subject with only a B1+ map to make has no map to compute
+        auxiliary=True,
+    )
+    r1 = MapFamily(
+        key="r1",
+        name="R1",
+        needs=(GRE,),
+        depends=("brainmask",),
+        uses=("r2star", "b1"),
+        consumes={
+            "mask_file": ("brainmask", "mask_file"),
+            "signal_files": ("r2star", "s0_files"),
+            "flip_angles": ("r2star", "flip_angles"),
+            "b1_file": ("b1", "tb1map_file"),
+        },
+        check=_check_r1,
+        describe=_describe_r1,
+        build=_build_r1,
+        outputs=_r1_outputs,
+        options=(
+            Option(
+                ("--r1-method",),
+                "r1_method",
+                {
+                    "choices": R1_METHOD_CHOICES,
+                    "default": "linear",
+                    "help": "DESPOT1 estimator: weighted linearised fit (linear, default; exact with two flip "
+                    "angles), exact two-angle solution (exact) or non-linear least squares (nonlinear)",
+                },
+            ),
+            Option(
+                ("--no-b1-correction",),
+                "r1_no_b1_correction",
+                {"action": "store_true", "help": "fit R1 at the nominal flip angles even when a B1+ map exists"},
+            ),
+            Option(
+                ("--no-spoiling-correction",),
+                "r1_no_spoiling_correction",
+                {
+                    "action": "store_true",
+                    "help": "do not correct R1 for imperfect RF spoiling (for ideally spoiled, e.g. simulated, data)",
+                },
+            ),
+            Option(
+                ("--r1-tissue-t2",),
+                "r1_tissue_t2",
+                {
+                    "type": _positive_seconds,
+                    "default": DEFAULT_TISSUE_T2,
+                    "metavar": "SECONDS",
+                    "help": f"tissue T2 the spoiling correction assumes (default {DEFAULT_TISSUE_T2:g} s, "
+                    "between white matter and cortex at 3 T; long-T2 lesions keep a residual bias)",
+                },
+            ),
+        ),
+    )
+    return b1, r1
+
+
+MAP_FAMILIES = _registry_entries()

@@ -1,0 +1,188 @@
+"""B1+ and R1 in the BIDS App: bad inputs get one clear message and the other maps go on."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qmri_workflows.cli import run
+from tests.bids_factory import edit_sidecar, make_dataset, make_derivatives, write_image, write_sidecar
+
+# the CLI logs through its own handler: listen on it (tests/cli/conftest.py)
+pytestmark = pytest.mark.usefixtures("cli_log")
+
+
+def _run(raw_root, tmp_path, *extra):
+    out = tmp_path / "out"
+    code = run.main(
+        [
+            str(raw_root),
+            str(out),
+            "participant",
+            "--skip-bids-validation",
+            "--nprocs",
+            "1",
+            "-w",
+            str(tmp_path / "work"),
+            *extra,
+        ]
+    )
+    return code, out / "sub-01"
+
+
+def _plan_line(caplog, name):
+    plan = next(r.getMessage() for r in caplog.records if "plan:" in r.getMessage())
+    return next(line.strip() for line in plan.splitlines() if line.strip().startswith(f"{name}:"))
+
+
+def _sidecar(path):
+    return json.loads(path.read_text())
+
+
+def test_afi_pair_gives_a_tb1map_and_corrected_r1(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", afi=True, phase=False)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    assert _plan_line(caplog, "B1+").startswith("B1+: yes, AFI pair")
+    tb1map = _sidecar(out / "fmap" / "sub-01_TB1map.json")
+    assert tb1map["Units"] == "percent" and any("TB1AFI" in source for source in tb1map["Sources"])
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["Units"] == "1/s" and r1["B1Correction"].startswith("TB1map")
+    assert r1["SpoilingRFPhaseIncrementSource"] == "SpoilingRFPhaseIncrement 50 deg (sidecar)"
+    for name in ("T1map", "M0map", "desc-stderr_R1map"):
+        assert (out / "anat" / f"sub-01_{name}.nii.gz").is_file()
+    assert "no map of this version uses them" not in caplog.text
+
+
+def test_one_flip_angle_disables_r1_only(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", flip_angles=(20.0,), phase=False)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    assert _plan_line(caplog, "R1") == "R1: no, 1 flip angle(s); R1 needs at least 2 different ones"
+    assert (out / "anat" / "sub-01_R2starmap.nii.gz").is_file()
+    assert not (out / "anat" / "sub-01_R1map.nii.gz").exists()
+
+
+def test_afi_with_equal_trs_disables_b1_only_and_r1_runs_uncorrected(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", afi=True, phase=False)
+    _, tr2 = raw.files["afi"]
+    edit_sidecar(tr2, RepetitionTimeExcitation=0.02)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: no, afi unusable: AFI pair with TR2 <= TR1") and tr2.name in b1_line
+    r1_line = _plan_line(caplog, "R1")
+    assert r1_line.startswith("R1: yes") and "WARNING: not corrected for B1+" in r1_line
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["B1Correction"].startswith("none: afi unusable: AFI pair with TR2 <= TR1")
+    assert not (out / "fmap").exists()
+
+
+def test_no_spoiling_increment_and_no_manufacturer_runs_uncorrected_with_a_warning(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    for path in raw.files["gre"]:
+        edit_sidecar(path, SpoilingRFPhaseIncrement=None, Manufacturer=None)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    assert "WARNING: no spoiling correction" in _plan_line(caplog, "R1")
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["SpoilingCorrection"] == "none" and r1["SpoilingRFPhaseIncrementUsed"] is None
+    assert 'add "SpoilingRFPhaseIncrement"' in r1["SpoilingRFPhaseIncrementSource"]
+    assert "--no-spoiling-correction" in r1["SpoilingRFPhaseIncrementSource"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "R1:" in r.getMessage()]
+    assert any("SpoilingRFPhaseIncrement" in message for message in warnings)
+
+
+def test_manufacturer_default_increment_is_used_and_named(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    for path in raw.files["gre"]:
+        edit_sidecar(path, SpoilingRFPhaseIncrement=None, Manufacturer="Philips")
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["SpoilingRFPhaseIncrementUsed"] == 150.0
+    assert "default of Manufacturer 'Philips'" in r1["SpoilingRFPhaseIncrementSource"]
+
+
+def test_flip_angles_and_increment_written_as_strings(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", flip_angles=(4.0, 20.0), phase=False)
+    for path in raw.files["gre"]:
+        flip = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())["FlipAngle"]
+        edit_sidecar(path, FlipAngle=f"{flip:g}", SpoilingRFPhaseIncrement="117")
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["FlipAngle"] == [4.0, 20.0] and r1["SpoilingRFPhaseIncrementUsed"] == 117.0
+
+
+def test_unsupported_b1_collection_is_named_and_r1_runs_uncorrected(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    for label in ("anglemap", "famp"):
+        path = write_image(raw.root / "sub-01" / "fmap" / f"sub-01_acq-{label}_TB1DAM.nii.gz")
+        write_sidecar(path, {"FlipAngle": 60.0, "RepetitionTime": 5.0})
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: no, transmit-field data of a kind this version cannot process")
+    assert "sub-01_acq-anglemap_TB1DAM.nii.gz" in b1_line
+    assert "not corrected for B1+" in _plan_line(caplog, "R1")
+    assert "cannot process" in _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"]
+
+
+def test_body_coil_image_on_another_grid_leaves_r1_alone(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", receive=True, phase=False)
+    _, body = raw.files["receive"]
+    shifted = np.diag([3.0, 3.0, 3.0, 1.0])
+    write_image(body, shape=(4, 4, 3), affine=shifted)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    receive = [m for m in warnings if m.startswith("sub-01: receive unusable:")]
+    assert len(receive) == 1 and body.name in receive[0]
+    assert (out / "anat" / "sub-01_R1map.nii.gz").is_file()
+
+
+@pytest.mark.parametrize(
+    ("units", "stored", "expected"), [("p.u.", 95.0, 95.0), ("ratio", 0.9, 90.0), (None, 0.9, 90.0)]
+)
+def test_derivative_tb1map_is_read_by_its_units(tmp_path, caplog, units, stored, expected):
+    raw = make_dataset(tmp_path / "raw", phase=False, afi=True)
+    derivatives = make_derivatives(
+        tmp_path / "deriv", tb1map_units=units, dseg=False, lesion_mask=False, brain_mask=False
+    )
+    path = derivatives.files["tb1map"][0]
+    write_image(path, np.full(nib.load(path).shape, stored), affine=nib.load(path).affine)
+    code, out = _run(raw.root, tmp_path, "--derivatives", str(derivatives.root))
+    assert code == 0, caplog.text
+    assert "used instead of the AFI pair" in _plan_line(caplog, "B1+")
+    # the user's map is used, not republished
+    assert not (out / "fmap").exists()
+    b1_used = list((tmp_path / "work").rglob("B1ratio.nii"))
+    assert len(b1_used) == 1
+    values = nib.load(b1_used[0]).get_fdata()
+    assert np.allclose(values[np.isfinite(values)], expected / 100, rtol=1e-5)
+
+
+def test_derivative_tb1map_with_ambiguous_values_is_refused_and_r1_goes_on(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    derivatives = make_derivatives(
+        tmp_path / "deriv", tb1map_units=None, dseg=False, lesion_mask=False, brain_mask=False
+    )
+    path = derivatives.files["tb1map"][0]
+    write_image(path, np.full(nib.load(path).shape, 9.0), affine=nib.load(path).affine)
+    code, out = _run(raw.root, tmp_path, "--derivatives", str(derivatives.root))
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: no, TB1map unusable:") and "neither a ratio" in b1_line
+    assert path.name in b1_line and '"Units"' in b1_line
+    assert _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"].startswith("none: TB1map unusable")
+
+
+def test_no_b1_correction_option(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", afi=True, phase=False)
+    code, out = _run(raw.root, tmp_path, "--no-b1-correction", "--r1-method", "nonlinear")
+    assert code == 0, caplog.text
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["B1Correction"] == "none: turned off (--no-b1-correction); nominal flip angles assumed"
+    assert r1["EstimationParameters"]["r1_method"] == "nonlinear" and "non-linear" in r1["EstimationAlgorithm"]

@@ -1,0 +1,83 @@
+"""R2 from phase-cycled bSSFP in the BIDS App: outputs, and bad inputs that disable R2 only."""
+
+import json
+
+import pytest
+
+from qmri_workflows.cli import run
+from tests.bids_factory import make_dataset, sidecar_of
+
+pytestmark = pytest.mark.usefixtures("cli_log")
+
+CYCLES = (0, 90, 180, 270)
+
+
+def _run(raw_root, tmp_path, *extra):
+    out = tmp_path / "out"
+    code = run.main(
+        [str(raw_root), str(out), "participant", "--skip-bids-validation", "--nprocs", "1",
+         "-w", str(tmp_path / "work"), *extra]
+    )  # fmt: skip
+    return code, out / "sub-01"
+
+
+def _plan_line(caplog, name):
+    plan = next(r.getMessage() for r in caplog.records if "plan:" in r.getMessage())
+    return next(line.strip() for line in plan.splitlines() if line.strip().startswith(f"{name}:"))
+
+
+def _bssfp_dataset(tmp_path, **kwargs):
+    return make_dataset(tmp_path / "raw", afi=True, bssfp_increments=CYCLES, bssfp_flip_angles=(15.0, 50.0), **kwargs)
+
+
+def test_complex_bssfp_gives_r2_t2_stderr_and_offresonance(tmp_path, caplog):
+    raw = _bssfp_dataset(tmp_path)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    assert _plan_line(caplog, "R2").startswith("R2: yes, DESPOT2 from 4 bSSFP phase cycles (complex)")
+    r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
+    assert r2["Units"] == "1/s" and r2["B1Correction"].startswith("B1+ map")
+    assert r2["BandFreeCombination"].startswith("geometric solution")
+    assert any("Xiang" in reference for reference in r2["EstimationReference"])
+    assert any("Deoni" in reference for reference in r2["EstimationReference"])
+    assert any("acq-bssfp270_flip-2_part-phase" in source for source in r2["Sources"])
+    assert json.loads((out / "anat" / "sub-01_T2map.json").read_text())["Units"] == "s"
+    assert (out / "anat" / "sub-01_desc-stderr_R2map.nii.gz").is_file()
+    field = json.loads((out / "fmap" / "sub-01_desc-offresonance_fieldmap.json").read_text())
+    assert field["Units"] == "Hz" and "modulo 1/TR" in field["Description"]
+
+
+def test_missing_phase_cycle_at_one_flip_angle_disables_r2_only(tmp_path, caplog):
+    raw = _bssfp_dataset(tmp_path, phase=False)
+    removed = next(p for p in raw.files["bssfp"] if "bssfp270" in p.name and "flip-2" in p.name)
+    removed.unlink()
+    sidecar_of(removed).unlink()
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    line = _plan_line(caplog, "R2")
+    assert line.startswith("R2: no, bssfp unusable: bSSFP flip angles 15 and 50 deg have different phase cycles")
+    assert "acq-bssfp000_flip-2" in line and "add the missing" in line
+    for name in ("R1map", "R2starmap"):
+        assert (out / "anat" / f"sub-01_{name}.nii.gz").is_file()
+    assert not (out / "anat" / "sub-01_R2map.nii.gz").exists()
+
+
+def test_geometric_solution_without_phase_disables_r2_only(tmp_path, caplog):
+    raw = _bssfp_dataset(tmp_path, phase=False)
+    code, out = _run(raw.root, tmp_path, "--bssfp-combination", "geometric")
+    assert code == 0, caplog.text
+    line = _plan_line(caplog, "R2")
+    assert line.startswith("R2: no, --bssfp-combination geometric needs the phase of every phase cycle")
+    assert "acq-bssfp000_flip-1_VFA" in line and "--bssfp-combination rms" in line
+    assert (out / "anat" / "sub-01_R1map.nii.gz").is_file()
+    assert not (out / "anat" / "sub-01_R2map.nii.gz").exists()
+
+
+def test_magnitude_only_bssfp_gets_the_rms_combination_with_a_warning(tmp_path, caplog):
+    raw = _bssfp_dataset(tmp_path, phase=False)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    assert "WARNING: magnitude only, band-reduced not band-free" in _plan_line(caplog, "R2")
+    r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
+    assert r2["BandFreeCombination"].startswith("magnitude-only data: root mean square")
+    assert not (out / "fmap" / "sub-01_desc-offresonance_fieldmap.nii.gz").exists()

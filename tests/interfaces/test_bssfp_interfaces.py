@@ -1,0 +1,156 @@
+"""bSSFP interfaces (band-free signal, DESPOT2) against known relaxation rates and frequencies."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qmri_workflows.core.bssfp import band_free_signal
+from qmri_workflows.core.signal import bssfp_signal
+from qmri_workflows.interfaces.bssfp import BandFreeBSSFP, FitDESPOT2
+from qmri_workflows.io.derivatives import write_nifti
+from qmri_workflows.io.errors import BIDSInputError
+
+SHAPE = (16, 12, 6)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+TR = 0.005
+FLIPS = (15.0, 50.0)
+CYCLES = (0.0, 90.0, 180.0, 270.0)
+
+
+def _truth():
+    """R1, R2, B1+, M0 and a frequency sweeping a full 1/TR (in-brain values)."""
+    x = np.linspace(0, 1, SHAPE[0])[:, None, None]
+    y = np.linspace(0, 1, SHAPE[1])[None, :, None]
+    z = np.linspace(0, 1, SHAPE[2])[None, None, :]
+    ones = np.ones(SHAPE)
+    r1 = (0.6 + 0.8 * y) * ones
+    r2 = (5.0 + 10.0 * z + 2.0 * y) * ones
+    b1 = (0.85 + 0.3 * z) * ones
+    frequency = (-1 / (2 * TR) + x * (1 - 1 / SHAPE[0]) / TR) * ones
+    return r1, r2, b1, 1000.0 * ones, frequency
+
+
+def _write_series(tmp_path, with_phase=True, cycles=CYCLES):
+    r1, r2, b1, m0, frequency = _truth()
+    magnitudes, phases = [], []
+    for flip_index, flip in enumerate(FLIPS, start=1):
+        for increment in cycles:
+            signal = bssfp_signal(
+                m0, r1, r2, np.deg2rad(flip), TR, off_resonance=2 * np.pi * frequency * TR,
+                phase_increment=np.deg2rad(increment), b1=b1,
+            ) * np.exp(0.4j)  # fmt: skip
+            stem = tmp_path / f"acq-bssfp{int(increment):03d}_flip-{flip_index}"
+            magnitudes.append(str(write_nifti(f"{stem}_mag.nii", np.abs(signal).astype(np.float32), AFFINE)))
+            phases.append(str(write_nifti(f"{stem}_phase.nii", np.angle(signal).astype(np.float32), AFFINE)))
+    return magnitudes, (phases if with_phase else None)
+
+
+def _band_free(tmp_path, combination, *, reference=None, with_phase=True, cycles=CYCLES):
+    magnitudes, phases = _write_series(tmp_path, with_phase, cycles)
+    node = BandFreeBSSFP(
+        magnitude_files=magnitudes,
+        flip_angles=list(FLIPS),
+        phase_increments=list(cycles),
+        repetition_time=TR,
+        combination=combination,
+        reference_file=reference or magnitudes[0],
+    )
+    if phases:
+        node.inputs.phase_files = phases
+        node.inputs.phase_scale = 1.0
+    work = tmp_path / f"work_{combination}"
+    work.mkdir()
+    return node.run(cwd=str(work)).outputs
+
+
+@pytest.mark.parametrize("combination", ["geometric", "ellipse"])
+def test_band_free_signal_and_offresonance_are_exact(tmp_path, combination):
+    r1, r2, b1, m0, frequency = _truth()
+    outputs = _band_free(tmp_path, combination)
+    inexact = 0
+    for index, flip in enumerate(FLIPS):
+        measured = np.asarray(nib.load(outputs.band_free_files[index]).dataobj)
+        error = np.abs(measured / band_free_signal(m0, r1, r2, np.deg2rad(flip), TR, b1=b1) - 1)
+        # the geometric solution gives way to the complex sum where its chords are nearly parallel
+        assert error.max() < (0.02 if combination == "geometric" else 2e-4)
+        inexact += int((error > 2e-4).sum())
+    assert inexact <= outputs.metadata.get("ComplexSumVoxels", 0)
+    field = np.asarray(nib.load(outputs.offresonance_file).dataobj, dtype=float)
+    error = np.angle(np.exp(2j * np.pi * (field - frequency) * TR)) / (2 * np.pi * TR)
+    assert np.abs(error).max() < 0.05  # Hz, of a 200 Hz period
+
+
+@pytest.mark.parametrize("combination", ["geometric", "ellipse"])
+def test_despot2_interface_recovers_r2_with_r1_and_b1(tmp_path, combination):
+    r1, r2, b1, _, _ = _truth()
+    outputs = _band_free(tmp_path, combination)
+    mask = np.ones(SHAPE, dtype=np.uint8)
+    mask[0] = 0
+    files = {
+        name: str(write_nifti(str(tmp_path / f"{name}.nii"), data.astype(np.float32), AFFINE))
+        for name, data in (("r1", r1), ("b1", b1), ("mask", mask))
+    }
+    work = tmp_path / "fit"
+    work.mkdir()
+    fit = FitDESPOT2(
+        band_free_files=outputs.band_free_files,
+        flip_angles=list(FLIPS),
+        repetition_time=TR,
+        r1_file=files["r1"],
+        b1_file=files["b1"],
+        mask_file=files["mask"],
+        noise_sigma=float("nan"),
+    ).run(cwd=str(work))
+    estimate = np.asarray(nib.load(fit.outputs.r2_file).dataobj, dtype=float)
+    assert np.all(estimate[0] == 0)  # outside the mask
+    error = np.abs(estimate[1:] / r2[1:] - 1)
+    # exact but where the geometric solution gave way to the complex sum (long T2, some frequencies)
+    assert np.median(error) < 1e-4 and error.max() < 0.03
+    assert int((error > 1e-3).sum()) <= 2 * outputs.metadata.get("ComplexSumVoxels", 0)
+    t2 = np.asarray(nib.load(fit.outputs.t2_file).dataobj, dtype=float)
+    np.testing.assert_allclose(t2[1:], 1 / estimate[1:], rtol=1e-5)
+    assert fit.outputs.metadata["FittedVoxels"] == int(mask.sum())
+    assert fit.outputs.metadata["B1Correction"].startswith("B1+ map")
+
+    # without B1+, the nominal flip angles bias R2 (by far more than the 2 % target)
+    work = tmp_path / "fit_nob1"
+    work.mkdir()
+    uncorrected = FitDESPOT2(
+        band_free_files=outputs.band_free_files,
+        flip_angles=list(FLIPS),
+        repetition_time=TR,
+        r1_file=files["r1"],
+        b1_note="no B1+ data",
+    ).run(cwd=str(work))
+    biased = np.asarray(nib.load(uncorrected.outputs.r2_file).dataobj, dtype=float)
+    assert np.median(np.abs(biased / r2 - 1)) > 0.05
+    assert uncorrected.outputs.metadata["B1Correction"].startswith("none: no B1+ data")
+
+
+def test_band_free_on_another_grid_is_resampled(tmp_path):
+    reference = str(write_nifti(str(tmp_path / "ref.nii"), np.ones((8, 6, 3), np.float32), np.diag([4, 4, 4, 1.0])))
+    outputs = _band_free(tmp_path, "geometric", reference=reference)
+    for path in (*outputs.band_free_files, outputs.offresonance_file):
+        image = nib.load(path)
+        assert image.shape == (8, 6, 3) and np.allclose(image.affine, np.diag([4, 4, 4, 1.0]))
+
+
+def test_magnitude_only_gives_rms_and_no_offresonance(tmp_path):
+    outputs = _band_free(tmp_path, "rms", with_phase=False)
+    assert len(outputs.band_free_files) == 2
+    assert not outputs.offresonance_file
+    assert outputs.metadata["BandFreeCombination"].startswith("magnitude-only")
+
+
+def test_geometric_without_phase_is_refused_with_the_file(tmp_path):
+    with pytest.raises(BIDSInputError, match="needs the phase of every phase cycle.*acq-bssfp000_flip-1_mag"):
+        _band_free(tmp_path, "geometric", with_phase=False)
+
+
+def test_complex_data_combined_by_magnitude_still_give_the_offresonance(tmp_path):
+    """Cycles not in opposite pairs (no closed form): the off-resonance comes from the ellipse fit."""
+    frequency = _truth()[4]
+    outputs = _band_free(tmp_path, "rms", cycles=(0.0, 60.0, 150.0, 250.0))
+    field = np.asarray(nib.load(outputs.offresonance_file).dataobj, dtype=float)
+    error = np.angle(np.exp(2j * np.pi * (field - frequency) * TR)) / (2 * np.pi * TR)
+    assert np.abs(error).max() < 0.05

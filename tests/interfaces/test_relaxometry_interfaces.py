@@ -1,0 +1,268 @@
+"""B1+ and R1 interfaces against known fields and relaxation rates."""
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qmri_workflows.core.relaxometry import afi_raw_ratio
+from qmri_workflows.interfaces.relaxometry import (
+    AFIFlipAngleMap,
+    FitR1,
+    ReadTB1map,
+    spoiling_choice,
+)
+from qmri_workflows.io.derivatives import write_nifti
+from qmri_workflows.io.errors import BIDSInputError
+from qmri_workflows.io.query.derivatives import tb1map_scale
+
+SHAPE = (20, 22, 18)
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _ellipsoid(shape=SHAPE):
+    grid = np.indices(shape, dtype=float)
+    radius = np.sqrt(sum(((grid[a] - (shape[a] - 1) / 2) / (0.42 * shape[a])) ** 2 for a in range(3)))
+    return radius < 1
+
+
+def _smooth_b1(shape=SHAPE):
+    """A smooth transmit field, 0.8 at one side to 1.2 at the other."""
+    x = np.linspace(-1, 1, shape[0])[:, None, None]
+    y = np.linspace(-1, 1, shape[1])[None, :, None]
+    return np.broadcast_to(1.0 + 0.15 * x + 0.05 * y**2, shape).copy()
+
+
+def _afi_signals(b1, t1, *, tr1=0.02, tr2=0.1, flip_deg=60.0):
+    """Exact ideal-spoiling AFI steady state (Yarnykh 2007, eq. 2-3 without T2 terms)."""
+    alpha = np.deg2rad(flip_deg) * b1
+    e1, e2 = np.exp(-tr1 / t1), np.exp(-tr2 / t1)
+    denominator = 1 - e1 * e2 * np.cos(alpha) ** 2
+    s1 = np.sin(alpha) * (1 - e2 + (1 - e1) * e2 * np.cos(alpha)) / denominator
+    s2 = np.sin(alpha) * (1 - e1 + (1 - e2) * e1 * np.cos(alpha)) / denominator
+    return 1000 * s1, 1000 * s2
+
+
+def _write(path, data, affine=AFFINE):
+    return str(write_nifti(path, np.asarray(data, dtype=np.float32), affine))
+
+
+# --- TB1map units -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("units", "values", "scale"),
+    [("percent", 95.0, 0.01), ("p.u.", 95.0, 0.01), ("ratio", 0.95, 1.0), (None, 0.95, 1.0), (None, 95.0, 0.01)],
+)
+def test_tb1map_units_read_from_sidecar_or_values(units, values, scale):
+    assert tb1map_scale(np.full(10, values), units, "b1.nii.gz")[0] == scale
+
+
+@pytest.mark.parametrize(
+    ("units", "value", "message"), [(None, 9.0, "neither a ratio"), ("Hz", 95.0, "neither percent")]
+)
+def test_tb1map_without_clear_units_is_one_clear_error(units, value, message):
+    with pytest.raises(BIDSInputError, match=message) as error:
+        tb1map_scale(np.full(10, value), units, "sub-01_TB1map.nii.gz")
+    assert "sub-01_TB1map.nii.gz" in str(error.value) and '"Units"' in str(error.value)
+
+
+def test_read_tb1map_writes_percent(tmp_path):
+    ratio = _smooth_b1()
+    in_file = _write(tmp_path / "b1.nii", ratio)
+    result = ReadTB1map(in_file=in_file, units="ratio").run(cwd=str(tmp_path))
+    percent = nib.load(result.outputs.tb1map_file).get_fdata()
+    assert np.allclose(percent, 100 * ratio, rtol=1e-6)
+    assert result.outputs.metadata["Units"] == "percent"
+
+
+# --- AFI --------------------------------------------------------------------------------------------
+def test_afi_map_recovers_a_smooth_field_on_another_grid(tmp_path):
+    head = _ellipsoid()
+    b1 = _smooth_b1()
+    s1, s2 = _afi_signals(b1, t1=np.where(head, 1.2, 4.0))
+    s1, s2 = np.where(head, s1, 0.5), np.where(head, s2, 0.4)  # air: a ratio the map must not trust
+    s1[3, 3, 3] = np.nan  # a non-finite sample is discarded and filled
+    tr1_file, tr2_file = _write(tmp_path / "tr1.nii", s1), _write(tmp_path / "tr2.nii", s2)
+    # the map grid: half the voxel size, shifted by half an AFI voxel
+    fine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine[:3, 3] = 1.0
+    reference = _write(tmp_path / "grid.nii", np.zeros((36, 40, 32)), affine=fine)
+    result = AFIFlipAngleMap(
+        tr1_file=tr1_file,
+        tr2_file=tr2_file,
+        repetition_time_1=0.02,
+        repetition_time_2=0.1,
+        flip_angle=60.0,
+        reference_file=reference,
+        smoothing_fwhm=4.0,
+    ).run(cwd=str(tmp_path))
+    image = nib.load(result.outputs.tb1map_file)
+    assert image.shape == (36, 40, 32) and np.allclose(image.affine, fine)
+    # truth on the fine grid: world = voxel + 1 mm, AFI voxel = world / 2
+    grid = (np.indices((36, 40, 32), dtype=float) + 1.0) / 2.0
+    inside = np.all([(grid[a] > 4) & (grid[a] < SHAPE[a] - 5) for a in range(3)], axis=0)
+    from scipy import ndimage
+
+    truth = ndimage.map_coordinates(b1, grid.reshape(3, -1), order=1).reshape(grid.shape[1:])
+    in_head = inside & (
+        ndimage.map_coordinates(head.astype(float), grid.reshape(3, -1), order=0).reshape(truth.shape) > 0
+    )
+    error = image.get_fdata()[in_head] / (100 * truth[in_head]) - 1
+    # the first-order AFI formula is biased by ~0.2 % at T1 1.2 s; smoothing a linear field is exact
+    assert np.median(np.abs(error)) < 0.006, np.median(np.abs(error))
+    metadata = result.outputs.metadata
+    assert metadata["Units"] == "percent" and metadata["NonFiniteInputVoxels"] == 1
+    assert "Yarnykh" in metadata["EstimationReference"]
+
+
+def test_afi_pair_without_usable_ratio_names_the_files(tmp_path):
+    ones = np.ones(SHAPE) + np.random.default_rng(0).uniform(0, 0.01, SHAPE)
+    tr1_file, tr2_file = _write(tmp_path / "tr1.nii", ones), _write(tmp_path / "tr2.nii", 2 * ones)
+    with pytest.raises(Exception, match="swapped") as error:
+        AFIFlipAngleMap(
+            tr1_file=tr1_file, tr2_file=tr2_file, repetition_time_1=0.02, repetition_time_2=0.1, flip_angle=60.0
+        ).run(cwd=str(tmp_path))
+    assert "tr1.nii" in str(error.value)
+
+
+# --- R1 ---------------------------------------------------------------------------------------------
+def _vfa(tmp_path, r1, b1, flips=(6.0, 21.0), tr=0.025, m0=1000.0):
+    files = []
+    for index, flip in enumerate(flips):
+        actual, e1 = math.radians(flip) * b1, np.exp(-tr * r1)
+        signal = m0 * np.sin(actual) * (1 - e1) / (1 - e1 * np.cos(actual))  # Ernst
+        files.append(_write(tmp_path / f"s0_{index}.nii", signal))
+    return files
+
+
+def _fit(tmp_path, files, flips, **inputs):
+    return FitR1(signal_files=files, flip_angles=list(flips), repetition_time=0.025, **inputs).run(cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["exact", "linear", "nonlinear"])
+def test_fit_r1_is_exact_on_ernst_signals_with_b1(tmp_path, method):
+    head = _ellipsoid()
+    r1 = np.where(head, np.linspace(0.3, 1.6, head.size).reshape(SHAPE), 0.5)
+    b1 = _smooth_b1()
+    files = _vfa(tmp_path, r1, b1)
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    b1_file = _write(tmp_path / "b1.nii", 100 * b1)
+    result = _fit(
+        tmp_path, files, (6.0, 21.0), mask_file=mask, b1_file=b1_file, method=method, spoiling_correction=False
+    )
+    estimate = nib.load(result.outputs.r1_file).get_fdata()
+    assert np.allclose(estimate[head], r1[head], rtol=1e-4)
+    assert np.all(estimate[~head] == 0)
+    t1 = nib.load(result.outputs.t1_file).get_fdata()
+    assert np.allclose(t1[head] * estimate[head], 1, rtol=1e-5)
+    assert np.allclose(nib.load(result.outputs.m0_file).get_fdata()[head], 1000, rtol=1e-4)
+    assert np.allclose(nib.load(result.outputs.b1_file).get_fdata(), b1, rtol=1e-6)
+    metadata = result.outputs.metadata
+    assert metadata["B1Correction"].startswith("TB1map") and metadata["SpoilingCorrection"] == "none"
+    assert metadata["FittedVoxels"] == head.sum() and metadata["UndeterminedR1Voxels"] == 0
+
+
+def test_fit_r1_without_b1_is_biased_and_says_so(tmp_path):
+    head = _ellipsoid()
+    r1 = np.full(SHAPE, 1.0)
+    b1 = _smooth_b1()
+    files = _vfa(tmp_path, r1, b1)
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    result = _fit(tmp_path, files, (6.0, 21.0), mask_file=mask, spoiling_correction=False, b1_note="no B1+ data")
+    estimate = nib.load(result.outputs.r1_file).get_fdata()[head]
+    # R1 scales about as B1^2 at these angles: 0.8-1.2 -> errors of tens of percent
+    assert np.max(np.abs(estimate - 1)) > 0.2
+    assert "no B1+ data" in result.outputs.metadata["B1Correction"]
+
+
+def test_fit_r1_counts_non_finite_voxels(tmp_path):
+    head = _ellipsoid()
+    files = _vfa(tmp_path, np.full(SHAPE, 1.0), np.ones(SHAPE))
+    data = nib.load(files[1]).get_fdata()
+    data[10, 11, 9] = np.nan
+    files[1] = _write(tmp_path / "s0_nan.nii", data)
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    result = _fit(tmp_path, files, (6.0, 21.0), mask_file=mask, spoiling_correction=False)
+    r1 = nib.load(result.outputs.r1_file).get_fdata()
+    assert np.isnan(r1[10, 11, 9]) and np.isfinite(r1[head]).sum() == head.sum() - 1
+    assert result.outputs.metadata["NonFiniteInputVoxels"] == 1
+
+
+def test_exact_method_refuses_three_flip_angles(tmp_path):
+    files = _vfa(tmp_path, np.full(SHAPE, 1.0), np.ones(SHAPE), flips=(4.0, 10.0, 21.0))
+    with pytest.raises(Exception, match="exact solves two flip angles"):
+        _fit(tmp_path, files, (4.0, 10.0, 21.0), method="exact", spoiling_correction=False)
+
+
+def test_three_flip_angles_give_a_standard_error(tmp_path):
+    rng = np.random.default_rng(3)
+    head = _ellipsoid()
+    files = _vfa(tmp_path, np.full(SHAPE, 1.0), np.ones(SHAPE), flips=(4.0, 10.0, 21.0))
+    noisy = [
+        _write(tmp_path / f"n{i}.nii", nib.load(f).get_fdata() + rng.normal(0, 1.0, SHAPE)) for i, f in enumerate(files)
+    ]
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    result = _fit(tmp_path, noisy, (4.0, 10.0, 21.0), mask_file=mask, spoiling_correction=False, noise_sigma=1.0)
+    r1 = nib.load(result.outputs.r1_file).get_fdata()[head]
+    stderr = nib.load(result.outputs.r1_stderr_file).get_fdata()[head]
+    # the published standard error matches the scatter of the estimates
+    assert 0.8 < np.sqrt(np.mean(stderr**2)) / np.std(r1) < 1.25
+
+
+@pytest.mark.parametrize(
+    ("increment", "manufacturer", "used", "source"),
+    [
+        (117.0, "Siemens", 117.0, "SpoilingRFPhaseIncrement 117 deg (sidecar)"),
+        (None, "SIEMENS Healthineers", 50.0, "default of Manufacturer"),
+        (None, "Philips Medical Systems", 150.0, "default of Manufacturer"),
+        (None, None, None, 'add "SpoilingRFPhaseIncrement"'),
+    ],
+)
+def test_spoiling_increment_and_its_provenance(increment, manufacturer, used, source):
+    value, text = spoiling_choice(True, increment, manufacturer)
+    assert value == used and source in text
+
+
+def test_fit_r1_records_the_spoiling_correction(tmp_path):
+    head = _ellipsoid()
+    files = _vfa(tmp_path, np.full(SHAPE, 1.0), np.ones(SHAPE))
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    corrected = _fit(tmp_path, files, (6.0, 21.0), mask_file=mask, manufacturer="GE MEDICAL SYSTEMS")
+    metadata = corrected.outputs.metadata
+    assert metadata["SpoilingRFPhaseIncrementUsed"] == 117.0
+    assert "default of Manufacturer" in metadata["SpoilingRFPhaseIncrementSource"]
+    assert any("Baudrexel" in reference for reference in metadata["EstimationReference"])
+    json.dumps(metadata)  # sidecar-ready
+    # on ideally spoiled signals the correction moves R1 (what it would remove from real data)
+    r1 = nib.load(corrected.outputs.r1_file).get_fdata()[head]
+    assert 0.005 < abs(np.median(r1) - 1) < 0.1
+
+
+def test_fit_r1_removes_the_afi_formula_bias_at_the_fitted_t1(tmp_path):
+    head = _ellipsoid()
+    r1 = np.where(head, np.linspace(0.3, 1.6, head.size).reshape(SHAPE), 0.5)
+    b1 = _smooth_b1()
+    files = _vfa(tmp_path, r1, b1)
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    # what the first-order AFI formula reads from an exact AFI pair at each voxel's T1
+    s1, s2 = _afi_signals(b1, 1.0 / r1)
+    read = afi_raw_ratio(s1, s2, 0.02, 0.1, np.deg2rad(60.0))
+    b1_file = _write(tmp_path / "b1.nii", 100 * read)
+    plain = _fit(tmp_path, files, (6.0, 21.0), mask_file=mask, b1_file=b1_file, spoiling_correction=False)
+    # read before the next run writes its maps in the same folder
+    error_plain = nib.load(plain.outputs.r1_file).get_fdata()[head] / r1[head] - 1
+    unbiased = _fit(
+        tmp_path,
+        files,
+        (6.0, 21.0),
+        mask_file=mask,
+        b1_file=b1_file,
+        spoiling_correction=False,
+        afi_repetition_times=[0.02, 0.1],
+        afi_flip_angle=60.0,
+    )
+    error = nib.load(unbiased.outputs.r1_file).get_fdata()[head] / r1[head] - 1
+    assert np.median(np.abs(error_plain)) > 2e-3
+    assert np.max(np.abs(error)) < 2e-4
+    assert "finite-TR/T1 bias removed" in unbiased.outputs.metadata["B1Correction"]

@@ -10,9 +10,7 @@ from tests.package_source import PACKAGE, imports_in_source, package_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
-UNUSED_DEPENDENCY_ALLOW_LIST = {
-    "dipy": "non-local means denoising (issue 11); a project dependency on the design card",
-}
+UNUSED_DEPENDENCY_ALLOW_LIST: dict = {}
 """install_requires entries not imported yet, each with the reason it is kept."""
 
 

@@ -275,6 +275,10 @@ def group_validator_errors(report, *, files_per_group=3):
     return lines
 
 
+#: Derivative files BIDS has no suffix for, listed in the output's ``.bidsignore``.
+BIDSIGNORE_PATTERNS = ("*_desc-noise_sigmamap.*",)
+
+
 def write_description(output_dir, bids_dir, argv):
     """Write the derivatives' ``dataset_description.json`` (always, even if processing fails)."""
     from ..io.derivatives import write_dataset_description
@@ -282,6 +286,7 @@ def write_description(output_dir, bids_dir, argv):
 
     command = "qmri-workflows " + " ".join(shlex.quote(a) for a in argv)
     ensure_bidsignore(output_dir)
+    ensure_bidsignore(output_dir, BIDSIGNORE_PATTERNS)
     return write_dataset_description(
         output_dir,
         name="qmri-workflows quantitative maps",

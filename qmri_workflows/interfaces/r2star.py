@@ -113,6 +113,12 @@ class _FitR2starInputSpec(BaseInterfaceInputSpec):
     method = traits.Enum("wls", "nls", usedefault=True, desc="estimator (see EstimationAlgorithm)")
     n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
     noise_sigma = traits.Float(desc="noise SD per channel; estimated from air when 'nls' needs it")
+    denoised = traits.Bool(
+        False,
+        usedefault=True,
+        desc="the magnitudes are NLM-denoised and bias-corrected: no noise floor is modelled, and the "
+        "noise of the air (that of the raw data) is not used",
+    )
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per fitting chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
 
@@ -186,8 +192,14 @@ class FitR2star(SimpleInterface):
         ]
         self._results["flip_angles"] = [flip for flip, _ in groups]
         self._results["noise_sigma"] = float(sigma) if sigma is not None else float("nan")
+        algorithm = ESTIMATION_ALGORITHMS[self.inputs.method]
+        if self.inputs.denoised and self.inputs.method == "nls":
+            algorithm = algorithm.replace(
+                "including the noise floor (Rician/non-central chi)",
+                "without a noise floor (the denoised magnitudes are bias-corrected)",
+            )
         self._results["metadata"] = {
-            "EstimationAlgorithm": ESTIMATION_ALGORITHMS[self.inputs.method],
+            "EstimationAlgorithm": algorithm,
             "EstimationReference": ESTATICS_REFERENCE,
             "EchoTime": [te for te, _ in groups[int(np.argmax([len(e) for _, e in groups]))][1]],
         }
@@ -207,6 +219,10 @@ class FitR2star(SimpleInterface):
         """
         if isdefined(self.inputs.noise_sigma):
             return self.inputs.noise_sigma
+        if self.inputs.denoised:
+            # The second-moment correction removed the floor: the data are about the amplitude with
+            # small Gaussian errors, and the raw noise in the air overstates them.
+            return None
         residual_dof = int(np.isfinite(echo_times).sum()) - n_contrasts - 1
         if self.inputs.method != "nls" and residual_dof >= MIN_RESIDUAL_DOF:
             return None

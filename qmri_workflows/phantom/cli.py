@@ -129,6 +129,15 @@ def build_parser():
         "reconstruction filter (default: %(default)s)",
     )
     parser.add_argument(
+        "--noise-gfactor",
+        type=float,
+        default=0.0,
+        metavar="PEAK",
+        help="spatially varying noise: a smooth g-factor map rising to 1 + PEAK near the centre of "
+        "the field of view (0.5: 50 %% more noise); the true noise SD map goes to the truth folder "
+        "(default: %(default)s, uniform noise)",
+    )
+    parser.add_argument(
         "--spoiling",
         choices=("epg", "ideal"),
         default="epg",
@@ -178,6 +187,7 @@ def main(argv=None):
             overwrite=args.overwrite,
             command=command,
             kspace_filter=args.kspace_filter,
+            noise_gfactor=args.noise_gfactor,
             protocol=Protocol(spoiling=args.spoiling),
         )
     except FileExistsError:

@@ -85,6 +85,7 @@ from qmri_workflows.phantom.simulate import (
     SIGNAL_SCALE,
     TISSUE_DIFFUSION,
     PhantomScanner,
+    gfactor_map,
     list_volumes,
     reference_sigma,
 )
@@ -340,6 +341,27 @@ def _truth_metadata(description, *, field_strength, oversample, **extra):
         "MagneticFieldStrength": float(field_strength),
         **extra,
     }
+
+
+def _write_noise_truth(derivatives_root, scanner, label):
+    """True per-channel noise SD of each main-grid voxel (uniform unless a g-factor map is set)."""
+    sigma_map = np.full(scanner.shape, scanner.sigma, dtype=np.float32)
+    if scanner.noise_gfactor is not None:
+        sigma_map *= scanner.noise_gfactor.astype(np.float32)
+    write_map(
+        derivatives_root,
+        sigma_map,
+        scanner.affine,
+        subject=label,
+        suffix="sigmamap",
+        desc="noise",
+        metadata={
+            "Description": "True noise standard deviation per receive channel and per real/imaginary "
+            "part of the main-grid images (magnitude units); sigma x g-factor map when the noise "
+            "varies in space.",
+            "Units": "arbitrary (magnitude units)",
+        },
+    )
 
 
 def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, oversample):
@@ -622,6 +644,7 @@ def write_phantom_dataset(
     overwrite=False,
     command=None,
     kspace_filter="box",
+    noise_gfactor=0.0,
 ):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
@@ -661,6 +684,11 @@ def write_phantom_dataset(
     kspace_filter : {"box", "tukey", "none"}, optional
         How a voxel forms from the finer ones when ``oversample > 1``
         (:func:`qmri_workflows.phantom.simulate.kspace_downsample`).
+    noise_gfactor : float, optional
+        Spatially varying noise: peak excess of a smooth g-factor map
+        (:func:`qmri_workflows.phantom.simulate.gfactor_map`; 0.5 = 50 % more noise at its centre);
+        0 (default) gives uniform noise. The true per-channel noise SD of each voxel is written to
+        the truth folder (``sub-XX_desc-noise_sigmamap.nii.gz``).
 
     Returns
     -------
@@ -682,6 +710,8 @@ def write_phantom_dataset(
         raise ValueError(f"oversample must be a positive integer, got {oversample!r}")
     if isinstance(n_coils, bool) or not isinstance(n_coils, (int, np.integer)) or n_coils < 1:
         raise ValueError(f"n_coils must be a positive integer, got {n_coils!r}")
+    if not (math.isfinite(float(noise_gfactor)) and noise_gfactor >= 0):
+        raise ValueError(f"noise_gfactor must be a finite number >= 0, got {noise_gfactor!r}")
     if kspace_filter not in KSPACE_FILTERS:
         raise ValueError(f"kspace_filter must be one of {KSPACE_FILTERS}, got {kspace_filter!r}")
     if dtype not in _DTYPES:
@@ -712,6 +742,7 @@ def write_phantom_dataset(
             make_phantom=make_phantom,
             command=command,
             kspace_filter=kspace_filter,
+            noise_gfactor=float(noise_gfactor),
         )
         os.chmod(staging, 0o777 & ~_umask())
         if output_dir.exists():
@@ -749,6 +780,7 @@ def _write_dataset(
     make_phantom,
     command,
     kspace_filter,
+    noise_gfactor=0.0,
 ):
     generated_by = [
         {
@@ -841,6 +873,8 @@ def _write_dataset(
             # one receiver for the whole dataset: the noise level is set on the first subject
             sigma = reference_sigma(scanner, protocol, snr)
         scanner.sigma = sigma
+        if noise_gfactor > 0:
+            scanner.noise_gfactor = gfactor_map(scanner.shape, noise_gfactor)
         for volume_index, volume in enumerate(volumes):
             rng = np.random.default_rng(np.random.SeedSequence([seed, index, volume_index]))
             magnitude, phase = scanner.acquire(volume, rng=rng)
@@ -857,6 +891,7 @@ def _write_dataset(
                 )
             del magnitude, phase
         _write_truth(derivatives_root, scanner, protocol, label, field_strength=field_strength, oversample=oversample)
+        _write_noise_truth(derivatives_root, scanner, label)
         write_json(
             derivatives_root / f"sub-{label}" / f"sub-{label}_desc-simulation.json",
             {
@@ -877,6 +912,7 @@ def _write_dataset(
                     "image of sub-01 divided by the noise sigma per channel"
                 ),
                 "NoiseSigma": sigma,
+                "NoiseGFactorPeak": noise_gfactor,
                 "NumberOfReceiveChannels": n_coils,
                 "MagnitudeCombination": "Rician (1 channel)" if n_coils == 1 else "root-sum-of-squares",
                 "PhaseCombination": "sensitivity-weighted (Roemer) with the known channel sensitivities",

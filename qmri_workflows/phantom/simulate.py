@@ -29,7 +29,9 @@ Complex Gaussian noise of standard deviation ``sigma`` is added to the real and 
 of every receive channel, independently per voxel. ``sigma`` is fixed for the whole dataset, like a
 receiver with fixed gain: it is the median noiseless white-matter magnitude of the first echo of the
 lowest-flip-angle VFA image of the first subject, divided by ``snr`` (:func:`reference_sigma`).
-``snr=inf`` gives noiseless data.
+``snr=inf`` gives noiseless data. With ``PhantomScanner.noise_gfactor`` (a map on the main grid,
+:func:`gfactor_map`) the noise SD of the main-grid images is ``sigma x g`` voxel by voxel, as with
+parallel imaging; RB1COR images keep the uniform ``sigma``.
 
 With one channel the magnitude is Rician. With ``n_coils > 1`` the channels are
 :class:`ReceiveCoils` whose root-sum-of-squares equals ``truth.receive`` exactly; the magnitude is
@@ -91,6 +93,7 @@ __all__ = [
     "list_volumes",
     "noiseless_signal",
     "reference_sigma",
+    "gfactor_map",
     "spoiling_ratio_map",
     "white_matter_labels",
     "PURE_FRACTION",
@@ -841,6 +844,9 @@ class PhantomScanner:
         self.rb1cor_shape = coarse_shape(self.shape, self.rb1cor_factor)
         self.coils = ReceiveCoils.around(n_coils, self.affine, self.shape)
         self.slab_thickness = max(1, int(slab_voxels) // (self.fine_shape[0] * self.fine_shape[1]))
+        #: Optional noise amplification map on the main grid (see :func:`gfactor_map`); None: uniform.
+        self.noise_gfactor = None
+
         # the spoiling ratio of the last protocol: the echoes of a flip angle follow each other
         self._spoiling_cache = (None, None)
 
@@ -929,10 +935,14 @@ class PhantomScanner:
         single_channel = self.n_coils == 1 or (volume.kind == "rb1cor" and volume.parameters["coil"] == "body")
         channels = self._reduced_channels(volume, factor, 1 if single_channel else self.n_coils)
 
+        local_sigma = sigma
+        if sigma > 0 and self.noise_gfactor is not None and volume.grid != "rb1cor":
+            local_sigma = sigma * self.noise_gfactor
+
         def noisy(image):
             if sigma > 0:
                 noise = rng.standard_normal(image.shape + (2,))
-                image = image + sigma * (noise[..., 0] + 1j * noise[..., 1])
+                image = image + local_sigma * (noise[..., 0] + 1j * noise[..., 1])
             return image
 
         if single_channel:
@@ -1033,6 +1043,31 @@ class PhantomScanner:
             use_eroded = int(eroded.sum()) >= MIN_ERODED_VOXELS
             masks[int(label)] = (eroded if use_eroded else mask, use_eroded)
         return masks
+
+
+def gfactor_map(shape, peak):
+    """A smooth noise-amplification (g-factor) map: 1 at the edges of the field of view, ``1 + peak`` near its centre.
+
+    Parallel imaging amplifies the noise most where the aliased coil sensitivities overlap, towards
+    the centre of the head; a Gaussian bump of width a quarter of the field of view, centred off the
+    grid's centre (so the map is not symmetric), stands for it.
+
+    Parameters
+    ----------
+    shape : tuple of 3 int
+        Main grid.
+    peak : float
+        Excess noise at the bump's centre (0.5: 50 % more noise), >= 0.
+
+    Returns
+    -------
+    ndarray of float64, >= 1
+    """
+    if not (peak >= 0 and math.isfinite(peak)):
+        raise ValueError(f"peak must be finite and >= 0, got {peak!r}")
+    axes = [(np.arange(n) - 0.5 * (n - 1) - 0.1 * n) / (0.25 * n) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    return 1.0 + peak * np.exp(-0.5 * (x**2 + y**2 + z**2))
 
 
 def reference_sigma(scanner, protocol, snr):

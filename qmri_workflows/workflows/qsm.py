@@ -281,8 +281,8 @@ def _build_qsm(context):
         ),
         omp_nthreads=context.omp_nthreads,
     )
+    # magnitude_files come from the r2star family (denoised, in the same order as the phase)
     for field, value in (
-        ("magnitude_files", magnitude),
         ("phase_files", phase),
         ("phase_scales", scales),
         ("echo_times", echo_times),
@@ -368,7 +368,12 @@ def _registry_entries():
         needs=(GRE,),
         # R2* serves the CSF reference estimated without a segmentation.
         depends=("brainmask", "r2star"),
-        consumes={"mask_file": ("brainmask", "mask_file"), "r2star_file": ("r2star", "r2star_file")},
+        # the magnitudes R2* was fitted to: denoised unless --denoise none (the phase never is)
+        consumes={
+            "mask_file": ("brainmask", "mask_file"),
+            "r2star_file": ("r2star", "r2star_file"),
+            "magnitude_files": ("r2star", "magnitude_files"),
+        },
         derived_inputs={"dseg_file": (DSEG, "majority")},
         check=_check_qsm,
         describe=_describe_qsm,

@@ -141,11 +141,12 @@ def test_rerun_says_what_it_replaces_and_sidecars_tell_runs_apart(tmp_path, capl
     first = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
     caplog.clear()
     assert run.main(common + ["--n-coils", "4"]) == 0
-    # the maps (R2*, QSM, R1, PD) and their sidecars, and the two analysis tables with their dictionaries
-    assert "sub-01: 36 file(s) from an earlier run will be replaced" in caplog.text
+    # the maps (R2*, QSM, R1, PD), the noise map and their sidecars, and the two analysis tables with their dictionaries
+    assert "sub-01: 38 file(s) from an earlier run will be replaced" in caplog.text
     second = json.loads((out / "sub-01" / "anat" / "sub-01_R2starmap.json").read_text())
-    assert first["EstimationParameters"] == {"r2star_method": "wls", "n_coils": 1}
-    assert second["EstimationParameters"] == {"r2star_method": "wls", "n_coils": 4}
+    denoising = {"denoise": "multispectral", "denoise_search_radius": 2}
+    assert first["EstimationParameters"] == {"r2star_method": "wls", "n_coils": 1, **denoising}
+    assert second["EstimationParameters"] == {"r2star_method": "wls", "n_coils": 4, **denoising}
 
 
 def test_messages_one_line_per_step_plan_summary_and_log_file(tmp_path):

@@ -86,6 +86,7 @@ def test_megre_sessions_linear_plugin_writes_valid_derivatives(tmp_path):
         "sub-01_ses-b_T2starmap.nii.gz", "sub-01_ses-b_T2starmap.json",
         "sub-01_ses-b_S0map.nii.gz", "sub-01_ses-b_S0map.json",
         "sub-01_ses-b_desc-brain_mask.nii.gz", "sub-01_ses-b_desc-brain_mask.json",
+        "sub-01_ses-b_desc-noise_sigmamap.nii.gz", "sub-01_ses-b_desc-noise_sigmamap.json",
         "sub-01_ses-b_Chimap.nii.gz", "sub-01_ses-b_Chimap.json",
         "sub-01_ses-b_desc-qsm_mask.nii.gz", "sub-01_ses-b_desc-qsm_mask.json",
         "sub-01_ses-b_desc-regions_stats.tsv", "sub-01_ses-b_desc-regions_stats.json",

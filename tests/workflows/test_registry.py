@@ -234,6 +234,7 @@ def test_graph_gets_one_sink_per_output_and_one_commit(tmp_path, toy_family):
             "ds_r2star_R2starmap",
             "ds_r2star_R2starmap_stderr",
             "ds_r2star_T2starmap",
+            "ds_r2star_sigmamap_noise",
             "ds_r2star_S0map_flip1_0",
             "ds_r2star_S0map_flip2_1",
             "ds_r2star_S0map_flip3_2",

@@ -1,0 +1,276 @@
+"""Non-local means denoising of magnitude images, per volume (dipy) and multispectral.
+
+Both filters replace each voxel by a weighted average over a search cube around it, with weights
+from the similarity of the patches around the two voxels (Buades et al. 2005). Magnitude data are
+Rician / non-central chi: averaging ``M`` keeps the noise floor (``E[M] > A``), so both filters
+average the **second moment** with the NLM weights and remove the noise power,
+
+    A^2 = sum_j w_ij M_j^2 / sum_j w_ij - 2 N sigma^2,
+
+which is unbiased whatever the SNR because ``E[M^2] = A^2 + 2 N sigma^2`` holds exactly
+(``core.noise.magnitude_second_moment``; Manjon et al. 2008, the "unbiased NLM"). The weights use the
+magnitude itself; only their sums of ``M^2`` are corrected. Where the weighted second moment falls
+below the noise power the result is 0 (no signal distinguishable from noise). The output is then
+approximately the noise-free amplitude with small, roughly Gaussian errors: fits downstream should
+not model the noise floor again.
+
+* :func:`nlmeans_volumes`: dipy's ``nlmeans`` (``rician=True``, which already subtracts
+  ``2 sigma^2`` from the weighted second moment) on each volume; for ``N > 1`` the remaining
+  ``2 (N - 1) sigma^2`` is subtracted afterwards (exact: dipy's clipped output is 0 only where the
+  second moment is below ``2 sigma^2``, hence below ``2 N sigma^2``).
+* :func:`multispectral_nlmeans`: one set of weights for all images of a collection (all echoes
+  and flip angles), from patch distances summed over the images (Manjon et al. 2009, Borrelli et
+  al. 2015). With ``C`` images the distance of two truly similar patches is ``C`` times less noisy,
+  so the weights separate structure from noise much better at the same cost per image.
+
+References
+----------
+.. [1] Buades A, Coll B, Morel JM. A non-local algorithm for image denoising. CVPR 2005;2:60-65.
+.. [2] Manjon JV, Carbonell-Caballero J, Lull JJ, et al. MRI denoising using non-local means.
+   Med Image Anal. 2008;12(4):514-523. doi:10.1016/j.media.2008.02.004
+.. [3] Manjon JV, Thacker NA, Lull JJ, et al. Multicomponent MR image denoising. Int J Biomed
+   Imaging. 2009;2009:756897. doi:10.1155/2009/756897
+.. [4] Borrelli P, Palma G, Tedeschi E, et al. Improving signal-to-noise ratio in susceptibility
+   weighted imaging: a novel multicomponent non-local approach. PLoS One. 2015;10(6):e0126835.
+   doi:10.1371/journal.pone.0126835
+.. [5] Coupe P, Yger P, Prima S, et al. An optimized blockwise nonlocal means denoising filter for
+   3-D magnetic resonance images. IEEE Trans Med Imaging. 2008;27(4):425-441.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["correct_second_moment", "nlmeans_volumes", "multispectral_nlmeans"]
+
+#: Values (voxels x (images + 4)) per slab of :func:`multispectral_nlmeans`: the slab's float32
+#: accumulators and temporaries take about 4 x this many bytes, on top of two padded copies of the images.
+SLAB_VOXELS = 20_000_000
+
+
+def _sigma_array(sigma, shape):
+    sigma = np.asarray(sigma, dtype=np.float32)
+    if sigma.ndim and sigma.shape != tuple(shape):
+        raise ValueError(f"sigma must be a scalar or a map of shape {tuple(shape)}, got {sigma.shape}")
+    if not np.all(sigma > 0):
+        raise ValueError("sigma must be positive and finite everywhere")
+    return sigma
+
+
+def correct_second_moment(second_moment, sigma, *, n_coils=1):
+    """Amplitude from a local second moment: ``sqrt(max(E[M^2] - 2 N sigma^2, 0))``.
+
+    Parameters
+    ----------
+    second_moment : ndarray
+        Weighted mean of ``M^2``.
+    sigma : float or ndarray
+        Per-channel noise SD (broadcastable).
+    n_coils : int, optional
+        RSS-combined channels (1 = Rician).
+
+    Returns
+    -------
+    ndarray (float32)
+    """
+    power = 2.0 * n_coils * np.square(np.asarray(sigma, dtype=np.float32))
+    return np.sqrt(np.maximum(second_moment - power, 0.0)).astype(np.float32)
+
+
+def nlmeans_volumes(images, sigma, *, mask=None, n_coils=1, patch_radius=1, search_radius=2, num_threads=1):
+    """dipy's non-local means on each volume, with the second-moment bias correction.
+
+    Parameters
+    ----------
+    images : ndarray, shape (X, Y, Z) or (X, Y, Z, n_images)
+        Magnitude images.
+    sigma : float or ndarray, shape (X, Y, Z)
+        Per-channel noise SD (scalar or map).
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels to denoise; the others keep their input value.
+    n_coils : int, optional
+        RSS-combined channels.
+    patch_radius, search_radius : int, optional
+        Patch ``(2 p + 1)^3`` and search cube ``(2 s + 1)^3`` (dipy's ``block_radius``).
+    num_threads : int, optional
+        OpenMP threads of dipy.
+
+    Returns
+    -------
+    ndarray of the input shape, float32
+    """
+    from dipy.denoise.nlmeans import nlmeans
+
+    images = np.asarray(images, dtype=np.float64)
+    single = images.ndim == 3
+    if single:
+        images = images[..., None]
+    sigma = _sigma_array(sigma, images.shape[:3]).astype(np.float64)
+    dipy_sigma = sigma if sigma.ndim else float(sigma)
+    box, mask = _mask_box(mask, images.shape[:3], patch_radius + search_radius)
+    out = images.astype(np.float32)
+    cropped_sigma = sigma[box] if sigma.ndim else sigma
+    for index in range(images.shape[-1]):
+        volume = np.nan_to_num(images[box + (index,)], nan=0.0, posinf=0.0, neginf=0.0)
+        denoised = nlmeans(
+            volume,
+            cropped_sigma if sigma.ndim else dipy_sigma,
+            patch_radius=patch_radius,
+            block_radius=search_radius,
+            rician=True,
+            num_threads=num_threads,
+            method="classic",
+        )
+        if n_coils > 1:
+            # dipy removed 2 sigma^2; remove the rest of 2 N sigma^2 (see the module notes)
+            second_moment = np.where(denoised > 0, denoised**2 + 2.0 * cropped_sigma**2, 0.0)
+            denoised = correct_second_moment(second_moment, cropped_sigma, n_coils=n_coils)
+        target = out[box + (index,)]
+        target[mask[box]] = denoised[mask[box]]
+    return out[..., 0] if single else out
+
+
+def _mask_box(mask, shape, halo):
+    """Bounding box of ``mask`` grown by ``halo`` voxels (whole grid without a mask)."""
+    if mask is None:
+        return tuple(slice(0, n) for n in shape), np.ones(shape, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"mask must have shape {tuple(shape)}, got {mask.shape}")
+    if not mask.any():
+        raise ValueError("mask is empty")
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, present[0] - halo), min(shape[axis], present[-1] + 1 + halo)))
+    return tuple(box), mask
+
+
+def multispectral_nlmeans(
+    images,
+    sigma,
+    *,
+    mask=None,
+    n_coils=1,
+    patch_radius=1,
+    search_radius=2,
+    smoothing=0.5,
+    slab_voxels=SLAB_VOXELS,
+):
+    """Non-local means with one set of weights for all images, and the second-moment correction.
+
+    For each voxel ``i`` and each neighbour ``j`` of its search cube, the distance is the mean over
+    the ``(2 p + 1)^3`` patch voxels and the ``C`` images of ``(M_c(i + q) - M_c(j + q))^2 /
+    sigma_i^2``. Between two patches of identical signal its expectation is 2 (two independent
+    noise draws, high SNR) and its SD ``sqrt(8 / (C (2 p + 1)^3))``, so the weight is
+    ``exp(-max(d - 2, 0) / (smoothing x SD))`` (Coupe et al. 2008's ``max(d - 2 sigma^2, 0)``): a
+    neighbour whose patch differs by one noise SD of the distance weighs ``1/e``, whatever the
+    number of images. Joining images makes that SD small, so real differences (a small lesion)
+    are told from noise much better than by one image's patches. Every image then gets
+    ``sum_j w_ij M_c(j)^2 / sum_j w_ij`` and the bias correction of the module notes.
+
+    Vectorised over voxels: a loop over the ``(2 s + 1)^3`` search offsets computes, once per
+    offset, the image of channel-summed squared differences, box-filters it over the patch
+    (``scipy.ndimage.uniform_filter``) and accumulates the weights and the weighted second moments,
+    in slabs along the third axis (float32) to bound memory.
+
+    Parameters
+    ----------
+    images : ndarray, shape (X, Y, Z, n_images)
+        Magnitude images of one collection on one grid, sharing one noise level.
+    sigma : float or ndarray, shape (X, Y, Z)
+        Per-channel noise SD (scalar or map).
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels to denoise; the others keep their input values. Neighbours outside the mask are used.
+    n_coils : int, optional
+        RSS-combined channels.
+    patch_radius, search_radius : int, optional
+        Patch ``(2 p + 1)^3`` and search cube ``(2 s + 1)^3``.
+    smoothing : float, optional
+        Width of the weight function in units of the SD of the distance between noise-only patches
+        (larger: smoother, and small structures lose contrast). On the 2 mm phantom at SNR 20,
+        0.25 / 0.5 / 1 give R2* RMSE 0.97 / 0.71 / 0.54 1/s (per-volume dipy NLM 0.98, none 3.55)
+        while a 43-voxel lesion's mean R2* moves by +3.6 / +5.5 / +8.1 points more than without
+        denoising (tests/workflows/test_denoise_phantom.py); 0.5 is the compromise.
+    slab_voxels : int, optional
+        Values (voxels x (images + 4)) per slab (see :data:`SLAB_VOXELS`).
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z, n_images), float32
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (X, Y, Z, n_images), got {images.shape}")
+    if not smoothing > 0:
+        raise ValueError(f"smoothing must be > 0, got {smoothing!r}")
+    shape = images.shape[:3]
+    sigma = _sigma_array(sigma, shape)
+    halo = patch_radius + search_radius
+    box, mask = _mask_box(mask, shape, halo)
+    region = np.nan_to_num(images[box], nan=0.0, posinf=0.0, neginf=0.0)
+    region_sigma = sigma[box] if sigma.ndim else sigma
+    # channels first (each image contiguous), reflect-padded once so that every offset reads a full slab
+    padded = np.ascontiguousarray(np.moveaxis(np.pad(region, [(halo, halo)] * 3 + [(0, 0)], mode="reflect"), -1, 0))
+    squared = np.square(padded)
+    nx, ny, nz = region.shape[:3]
+    n_images = region.shape[-1]
+    thickness = max(1, int(slab_voxels) // max(1, (n_images + 4) * (nx + 2 * halo) * (ny + 2 * halo)))
+    out = images.copy()
+    region_out = np.empty_like(region)
+    patch = 2 * patch_radius + 1
+    offsets = [(dx, dy, dz) for dx in range(-search_radius, search_radius + 1)
+               for dy in range(-search_radius, search_radius + 1)
+               for dz in range(-search_radius, search_radius + 1)]  # fmt: skip
+    # SD of the distance between two noise-only patches: each of the C P terms is 2 chi^2_1 (var 8)
+    distance_sd = np.sqrt(8.0 / (n_images * patch**3))
+    width = smoothing * distance_sd
+    scale = np.float32(1.0 / (n_images * width))
+    p, s = patch_radius, search_radius
+    for z0 in range(0, nz, thickness):
+        z1 = min(nz, z0 + thickness)
+        slab = (nx, ny, z1 - z0)
+        with_halo = (nx + 2 * p, ny + 2 * p, z1 - z0 + 2 * p)
+        # centre voxels with the patch halo, in padded coordinates
+        centre = padded[:, s : s + with_halo[0], s : s + with_halo[1], s + z0 : s + z0 + with_halo[2]]
+        inverse_noise = _slab_inverse_noise(region_sigma, z0, z1, patch_radius, scale)
+        weight_sum = np.zeros(slab, dtype=np.float32)
+        moment_sum = np.zeros((n_images,) + slab, dtype=np.float32)
+        distance = np.empty(with_halo, dtype=np.float32)
+        difference = np.empty(with_halo, dtype=np.float32)
+        patch_distance = np.empty(with_halo, dtype=np.float32)
+        weight = np.empty(slab, dtype=np.float32)
+        product = np.empty(slab, dtype=np.float32)
+        for dx, dy, dz in offsets:
+            x0, y0, zz = s + dx, s + dy, s + z0 + dz
+            shifted = padded[:, x0 : x0 + with_halo[0], y0 : y0 + with_halo[1], zz : zz + with_halo[2]]
+            distance[...] = 0.0
+            for c in range(n_images):
+                np.subtract(centre[c], shifted[c], out=difference)
+                np.multiply(difference, difference, out=difference)
+                distance += difference
+            ndimage.uniform_filter(distance, patch, output=patch_distance, mode="nearest")
+            # (d / (C sigma^2) - 2) / width, clipped at 0, then exp(-.)
+            np.multiply(patch_distance[p : p + nx, p : p + ny, p : p + slab[2]], inverse_noise, out=weight)
+            weight -= 2.0 / width
+            np.maximum(weight, 0.0, out=weight)
+            np.exp(-weight, out=weight)
+            weight_sum += weight
+            neighbour = squared[:, x0 + p : x0 + p + nx, y0 + p : y0 + p + ny, zz + p : zz + p + slab[2]]
+            for c in range(n_images):
+                np.multiply(weight, neighbour[c], out=product)
+                moment_sum[c] += product
+        moment_sum /= weight_sum
+        slab_sigma = region_sigma[:, :, z0:z1] if np.ndim(region_sigma) else region_sigma
+        region_out[:, :, z0:z1] = np.moveaxis(correct_second_moment(moment_sum, slab_sigma, n_coils=n_coils), 0, -1)
+    target = out[box]
+    inside = mask[box]
+    target[inside] = region_out[inside]
+    out[box] = target
+    return out
+
+
+def _slab_inverse_noise(region_sigma, z0, z1, patch_radius, scale):
+    """``1 / (C smoothing sigma^2)`` of the slab's centre voxels (scalar or map)."""
+    if np.ndim(region_sigma) == 0:
+        return np.float32(scale / float(region_sigma) ** 2)
+    return (scale / np.square(region_sigma[:, :, z0:z1])).astype(np.float32)

@@ -1,0 +1,189 @@
+"""Nipype interface denoising the magnitude images of one collection before any fit."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..core.denoise import multispectral_nlmeans, nlmeans_volumes
+from ..core.masking import air_mask
+from ..core.noise import estimate_effective_coils, estimate_sigma_map
+from ..io.derivatives import write_nifti
+from ..io.images import load_volume, load_volumes
+from .r2star import estimate_noise_from_air
+
+LOGGER = logging.getLogger("qmri_workflows.interfaces")
+
+DENOISE_METHODS = ("none", "nlm", "multispectral")
+
+DENOISING_DESCRIPTIONS = {
+    "nlm": "non-local means of each magnitude image on its own (dipy nlmeans, classic), weights from its own patches",
+    "multispectral": "multispectral non-local means: one set of weights for all magnitude images of the "
+    "collection (patch distances summed over every echo and flip angle)",
+}
+BIAS_CORRECTION = (
+    "second moment averaged with the NLM weights, minus the noise power 2 N sigma^2 (sigma from the "
+    "noise map), square root; 0 where it is below the noise power"
+)
+DENOISING_REFERENCES = (
+    "Manjon JV et al. MRI denoising using non-local means. Med Image Anal 2008;12:514-523. "
+    "doi:10.1016/j.media.2008.02.004; Manjon JV et al. Multicomponent MR image denoising. Int J Biomed "
+    "Imaging 2009:756897; Aja-Fernandez S, Pieciak T, Vegas-Sanchez-Ferrero G. Spatially variant noise "
+    "estimation in MRI: a homomorphic approach. Med Image Anal 2015;20:184-197"
+)
+
+
+class _DenoiseInputSpec(BaseInterfaceInputSpec):
+    magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude images of one collection")
+    mask_file = File(exists=True, desc="voxels to denoise (others keep their raw values)")
+    echo_times = traits.List(traits.Float, desc="echo time (s) of each file (structure-free noise residuals)")
+    flip_angles = traits.List(traits.Float, desc="flip angle (deg) of each file: one echo train per flip angle")
+    method = traits.Enum(
+        "multispectral", "nlm", "none", usedefault=True, desc="denoising method ('none': noise map only)"
+    )
+    n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
+    patch_radius = traits.Int(1, usedefault=True, desc="patch radius (voxels)")
+    search_radius = traits.Int(2, usedefault=True, desc="search radius (voxels)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads of dipy's nlmeans")
+
+
+class _DenoiseOutputSpec(TraitedSpec):
+    denoised_files = OutputMultiObject(File(exists=True), desc="denoised magnitude, in the order of the input")
+    noise_map_file = File(exists=True, desc="noise SD per channel, voxel by voxel (0 when unmeasurable)")
+    metadata = traits.Dict(desc="sidecar fields describing the denoising")
+
+
+class DenoiseCollection(SimpleInterface):
+    """Estimate the noise and denoise every magnitude image of a collection.
+
+    The global noise SD and the effective number of coils are measured in the air of the first
+    image (:func:`~qmri_workflows.interfaces.r2star.estimate_noise_from_air`,
+    :func:`qmri_workflows.core.noise.estimate_effective_coils`); the noise map by the homomorphic
+    approach on all images (:func:`qmri_workflows.core.noise.estimate_sigma_map`). Non-local means
+    (:mod:`qmri_workflows.core.denoise`) with that map then gives the bias-corrected amplitude.
+    Without measurable noise in the air (noiseless simulations), the images pass through unchanged
+    and the metadata say so.
+    """
+
+    input_spec = _DenoiseInputSpec
+    output_spec = _DenoiseOutputSpec
+
+    def _run_interface(self, runtime):
+        files = list(self.inputs.magnitude_files)
+        reference = nib.load(files[0])
+        images = load_volumes(files, reference=reference, require_variation=True)
+        voxel_size = reference.header.get_zooms()[:3]
+        mask = None
+        if isdefined(self.inputs.mask_file):
+            mask = load_volume(self.inputs.mask_file, reference=reference) > 0
+        n_coils = self.inputs.n_coils
+        metadata = {"DenoisingMethod": self.inputs.method}
+        try:
+            sigma = estimate_noise_from_air(images[..., 0], voxel_size=voxel_size, n_coils=n_coils)
+            if not (sigma > 0 and np.isfinite(sigma)):
+                raise ValueError("the air holds no noise (simulated data?)")
+        except ValueError as error:
+            problem = str(error).split(": give noise_sigma")[0]  # FitR2star's remedy does not apply here
+            if self.inputs.method == "none":
+                LOGGER.info("Noise map not estimated: %s", problem)
+            else:
+                LOGGER.warning(
+                    "Denoising skipped: %s; the fits use the raw magnitude images (--denoise none says so "
+                    "without this warning)",
+                    problem,
+                )
+            self._results["denoised_files"] = files
+            self._write_noise_map(runtime, np.zeros(images.shape[:3], dtype=np.float32), reference)
+            metadata["Denoising"] = f"none: {problem}"
+            self._results["metadata"] = metadata
+            return runtime
+        if self.inputs.method == "none":
+            sigma_map = self._noise_map(images, n_coils, sigma, voxel_size)
+            self._write_noise_map(runtime, sigma_map, reference)
+            self._results["denoised_files"] = files
+            metadata.update({"Denoising": "none", "NoiseStandardDeviationAir": float(sigma)})
+            self._results["metadata"] = metadata
+            return runtime
+        air = images[..., 0][air_mask(images[..., 0], voxel_size=voxel_size) & np.isfinite(images[..., 0])]
+        n_effective, sigma_effective = estimate_effective_coils(air)
+        sigma_map = self._noise_map(images, n_coils, sigma, voxel_size)
+        radii = {"patch_radius": self.inputs.patch_radius, "search_radius": self.inputs.search_radius}
+        if self.inputs.method == "nlm":
+            denoised = nlmeans_volumes(
+                images, sigma_map, mask=mask, n_coils=n_coils, num_threads=self.inputs.num_threads, **radii
+            )
+        else:
+            denoised = multispectral_nlmeans(images, sigma_map, mask=mask, n_coils=n_coils, **radii)
+        outputs = []
+        for index, path in enumerate(files):
+            name = os.path.basename(path).split(".")[0]
+            outputs.append(
+                str(
+                    write_nifti(
+                        os.path.join(runtime.cwd, f"{name}_desc-denoised.nii"), denoised[..., index], reference.affine
+                    )
+                )
+            )
+        self._results["denoised_files"] = outputs
+        self._write_noise_map(runtime, sigma_map, reference)
+        inside = sigma_map[mask] if mask is not None else sigma_map
+        metadata.update(
+            {
+                "Denoising": f"{DENOISING_DESCRIPTIONS[self.inputs.method]}; bias correction: {BIAS_CORRECTION}",
+                "DenoisingReference": DENOISING_REFERENCES,
+                "DenoisingPatchRadius": self.inputs.patch_radius,
+                "DenoisingSearchRadius": self.inputs.search_radius,
+                "NoiseStandardDeviationAir": float(sigma),
+                "NoiseStandardDeviationMedianInMask": float(np.median(inside)),
+                "NumberOfReceiveChannels": n_coils,
+                "EffectiveNumberOfCoilsAir": round(n_effective, 3),
+                "EffectiveNoiseStandardDeviationAir": sigma_effective,
+            }
+        )
+        LOGGER.info(
+            "Denoising (%s): noise SD %.4g in the air, median %.4g in the mask, effective coils %.2f",
+            self.inputs.method,
+            sigma,
+            float(np.median(inside)),
+            n_effective,
+        )
+        self._results["metadata"] = metadata
+        return runtime
+
+    def _write_noise_map(self, runtime, sigma_map, reference):
+        path = write_nifti(os.path.join(runtime.cwd, "noise_sigmamap.nii"), sigma_map, reference.affine)
+        self._results["noise_map_file"] = str(path)
+
+    def _noise_map(self, images, n_coils, sigma, voxel_size):
+        return estimate_sigma_map(
+            images, n_coils=n_coils, sigma_global=sigma, voxel_size=voxel_size, echo_trains=self._echo_trains()
+        )
+
+    def _echo_trains(self):
+        """Indices of the files of each flip angle in echo-time order (None without echo times)."""
+        if not isdefined(self.inputs.echo_times):
+            return None
+        echo_times = list(self.inputs.echo_times)
+        flips = list(self.inputs.flip_angles) if isdefined(self.inputs.flip_angles) else [0.0] * len(echo_times)
+        if not len(echo_times) == len(flips) == len(self.inputs.magnitude_files):
+            raise ValueError(
+                f"echo_times ({len(echo_times)}) and flip_angles ({len(flips)}) need one entry per "
+                f"magnitude file ({len(self.inputs.magnitude_files)})"
+            )
+        trains = {}
+        for index, (echo_time, flip) in enumerate(zip(echo_times, flips)):
+            trains.setdefault(flip, []).append((echo_time, index))
+        return [[index for _, index in sorted(train)] for train in trains.values()]

@@ -1,0 +1,147 @@
+"""Noise maps and non-local means (qmri_workflows.core.noise, core.denoise) against known truth."""
+
+import numpy as np
+import pytest
+
+from qmri_workflows.core import denoise, noise
+
+
+def _magnitude(amplitude, sigma, rng, n_coils=1):
+    """RSS magnitude of ``n_coils`` channels sharing ``amplitude`` equally; complex Gaussian noise."""
+    amplitude = np.asarray(amplitude, dtype=float)
+    channel = amplitude[..., None] / np.sqrt(n_coils)
+    sigma = np.asarray(sigma, dtype=float)[..., None] if np.ndim(sigma) else sigma
+    real = channel + sigma * rng.standard_normal(amplitude.shape + (n_coils,))
+    imag = sigma * rng.standard_normal(amplitude.shape + (n_coils,))
+    return np.sqrt((real**2 + imag**2).sum(axis=-1)).astype(np.float32)
+
+
+def _head(shape=(48, 48, 40)):
+    """An ellipsoid 'head' with a darker inner structure, a small bright 'lesion' and air around."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    radius2 = sum((g / a) ** 2 for g, a in zip(grid, (0.8, 0.85, 0.8)))
+    head = radius2 < 1
+    inner = radius2 < 0.35
+    lesion = sum((g - c) ** 2 for g, c in zip(grid, (0.35, 0.0, 0.0))) < 0.12**2
+    return head, inner, lesion
+
+
+def _multi_echo(shape=(48, 48, 40), n_echoes=6):
+    """Two flip angles x ``n_echoes`` echoes: ``amplitude[..., 2 * n_echoes]``, R2* map, TEs."""
+    head, inner, lesion = _head(shape)
+    r2star = np.where(inner, 25.0, 18.0)
+    r2star = np.where(lesion, 12.0, r2star)
+    s0 = np.stack([np.where(head, 100.0, 0.0) * np.where(inner, 0.8, 1.0) * f for f in (1.0, 0.6)], -1)
+    s0[..., 1] *= np.where(lesion, 0.7, 1.0)
+    echo_times = 0.003 * (1 + np.arange(n_echoes))
+    amplitude = np.concatenate(
+        [s0[..., c, None] * np.exp(-r2star[..., None] * echo_times) * head[..., None] for c in range(2)], -1
+    )
+    return amplitude, r2star, echo_times, head, inner, lesion
+
+
+def _smooth_sigma(shape, low=4.0, high=6.0):
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    return low + (high - low) * np.exp(-0.5 * ((grid[0] - 0.2) ** 2 + grid[1] ** 2 + grid[2] ** 2) / 0.5**2)
+
+
+@pytest.mark.parametrize("n_coils", [1, 4])
+def test_effective_coils_and_sigma_from_background_moments(n_coils):
+    rng = np.random.default_rng(1)
+    background = _magnitude(np.zeros(200_000), 3.0, rng, n_coils)
+    n_effective, sigma_effective = noise.estimate_effective_coils(background)
+    assert n_effective == pytest.approx(n_coils, rel=0.05)
+    assert sigma_effective == pytest.approx(3.0, rel=0.03)
+
+
+def test_piesno_finds_the_global_sigma_within_10_percent():
+    rng = np.random.default_rng(2)
+    amplitude, *_ = _multi_echo()
+    images = _magnitude(amplitude, 5.0, rng)
+    assert noise.estimate_sigma_piesno(images) == pytest.approx(5.0, rel=0.10)
+
+
+@pytest.mark.parametrize("with_echo_trains", [True, False])
+def test_noise_map_follows_a_spatially_varying_sigma_within_10_percent(with_echo_trains):
+    rng = np.random.default_rng(3)
+    amplitude, _, _, head, *_ = _multi_echo()
+    true_sigma = _smooth_sigma(head.shape)
+    images = _magnitude(amplitude, true_sigma[..., None], rng)
+    trains = [range(6), range(6, 12)] if with_echo_trains else None
+    estimate = noise.estimate_sigma_map(
+        images, sigma_global=5.0, voxel_size=(4.0, 4.0, 4.0), echo_trains=trains, filter_fwhm_mm=40.0
+    )
+    relative = estimate / true_sigma - 1
+    print(f"\nnoise map (echo trains {with_echo_trains}): relative error in the head median "
+          f"{np.median(relative[head]):+.3f}, max |.| {np.abs(relative[head]).max():.3f}")  # fmt: skip
+    assert np.abs(relative[head]).max() < 0.10
+    assert np.abs(np.median(relative)) < 0.05
+
+
+def test_second_moment_correction_is_unbiased_at_low_snr():
+    # A weighted mean of M is biased by the noise floor; the corrected second moment is not.
+    rng = np.random.default_rng(4)
+    for n_coils in (1, 4):
+        samples = _magnitude(np.full(400_000, 4.0), 2.0, rng, n_coils)
+        corrected = denoise.correct_second_moment(np.mean(samples.astype(float) ** 2), 2.0, n_coils=n_coils)
+        assert corrected == pytest.approx(4.0, rel=0.01)
+        assert np.mean(samples) > 4.4  # the floor the plain mean would keep
+
+
+@pytest.mark.parametrize("n_coils", [1, 4])
+def test_denoised_flat_region_is_unbiased_at_snr_2(n_coils):
+    rng = np.random.default_rng(5)
+    amplitude = np.full((24, 24, 24, 4), 10.0)
+    images = _magnitude(amplitude, 5.0, rng, n_coils)
+    inner = (slice(4, -4),) * 3
+    for result in (
+        denoise.multispectral_nlmeans(images, 5.0, n_coils=n_coils),
+        denoise.nlmeans_volumes(images, 5.0, n_coils=n_coils),
+    ):
+        assert result.dtype == np.float32
+        assert np.mean(result[inner]) == pytest.approx(10.0, rel=0.03)
+    assert np.mean(images[inner]) > 11.0
+
+
+def test_multispectral_beats_per_volume_nlm_and_keeps_the_lesion():
+    rng = np.random.default_rng(6)
+    amplitude, _, _, head, inner, lesion = _multi_echo()
+    images = _magnitude(amplitude, 5.0, rng)
+    per_volume = denoise.nlmeans_volumes(images, 5.0, mask=head)
+    joint = denoise.multispectral_nlmeans(images, 5.0, mask=head, slab_voxels=20_000)
+
+    def rmse(estimate):
+        return float(np.sqrt(np.mean((estimate - amplitude)[head] ** 2)))
+
+    errors = {name: rmse(estimate) for name, estimate in (("none", images), ("nlm", per_volume), ("ms", joint))}
+    print(f"\nRMSE of the magnitude: {errors}")
+    assert errors["ms"] < 0.7 * errors["none"]
+    assert errors["ms"] < 0.9 * errors["nlm"]
+    # outside the mask the input is kept
+    np.testing.assert_array_equal(joint[~head], images[~head])
+    # the small lesion keeps its contrast to its surroundings (last echo of the second flip angle)
+    ring = (np.abs(np.stack(np.gradient(lesion.astype(float)))).sum(0) == 0) & head & ~inner & ~lesion
+    true_contrast = amplitude[lesion, -1].mean() / amplitude[ring, -1].mean() - 1
+    joint_contrast = joint[lesion, -1].mean() / joint[ring, -1].mean() - 1
+    assert joint_contrast == pytest.approx(true_contrast, rel=0.10)
+
+
+def test_slabs_do_not_change_the_result():
+    rng = np.random.default_rng(7)
+    amplitude, *_ = _multi_echo(shape=(20, 22, 18), n_echoes=3)
+    images = _magnitude(amplitude, 5.0, rng)
+    whole = denoise.multispectral_nlmeans(images, 5.0)
+    slabs = denoise.multispectral_nlmeans(images, _smooth_sigma(images.shape[:3], 5.0, 5.0), slab_voxels=1)
+    np.testing.assert_allclose(slabs, whole, rtol=2e-5, atol=1e-4)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    images = np.ones((8, 8, 8, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="sigma must be a scalar or a map of shape"):
+        denoise.multispectral_nlmeans(images, np.ones((4, 4, 4)))
+    with pytest.raises(ValueError, match="positive"):
+        denoise.multispectral_nlmeans(images, 0.0)
+    with pytest.raises(ValueError, match="mask is empty"):
+        denoise.multispectral_nlmeans(images, 1.0, mask=np.zeros((8, 8, 8), bool))
+    with pytest.raises(ValueError, match="n_images"):
+        denoise.multispectral_nlmeans(images[..., 0], 1.0)

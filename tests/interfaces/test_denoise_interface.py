@@ -1,0 +1,76 @@
+"""DenoiseCollection, and FitR2star on denoised data, as real Nipype nodes."""
+
+import nibabel as nib
+import numpy as np
+
+from qmri_workflows.interfaces.denoise import DenoiseCollection
+from qmri_workflows.interfaces.r2star import FitR2star
+from tests.bids_factory import write_image
+
+SHAPE = (40, 40, 32)
+ECHO_TIMES = (0.003, 0.006, 0.009, 0.012)
+AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
+
+
+def _cwd(tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    return str(folder)
+
+
+def _collection(tmp_path, sigma, seed=0):
+    """Two flip angles x 4 echoes of an ellipsoid head in air; returns files, TEs, flips, amplitudes, head."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    head = sum((g / 0.7) ** 2 for g in grid) < 1
+    r2star = np.where(sum(g**2 for g in grid) < 0.15, 30.0, 18.0)
+    rng = np.random.default_rng(seed)
+    files, tes, flips, amplitudes = [], [], [], []
+    for flip, s0 in ((6.0, 100.0), (21.0, 60.0)):
+        for index, te in enumerate(ECHO_TIMES):
+            amplitude = np.where(head, s0 * np.exp(-r2star * te), 0.0)
+            noisy = np.abs(amplitude + sigma * (rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE)))
+            path = tmp_path / f"flip{int(flip)}_echo{index + 1}.nii.gz"
+            files.append(str(write_image(path, noisy, shape=SHAPE, affine=AFFINE)))
+            tes.append(te)
+            flips.append(flip)
+            amplitudes.append(amplitude)
+    return files, tes, flips, np.stack(amplitudes, -1), head
+
+
+def test_denoise_node_lowers_the_error_and_measures_the_noise(tmp_path):
+    files, tes, flips, amplitudes, head = _collection(tmp_path, sigma=5.0)
+    mask_file = str(write_image(tmp_path / "mask.nii.gz", head, shape=SHAPE, affine=AFFINE, dtype=np.uint8))
+    result = (
+        DenoiseCollection(magnitude_files=files, echo_times=tes, flip_angles=flips, mask_file=mask_file)
+        .run(cwd=_cwd(tmp_path, "work"))
+        .outputs
+    )
+    assert len(result.denoised_files) == len(files)
+    denoised = np.stack([np.asarray(nib.load(path).dataobj) for path in result.denoised_files], -1)
+    raw = np.stack([np.asarray(nib.load(path).dataobj) for path in files], -1)
+    error = {name: np.sqrt(np.mean((data - amplitudes)[head] ** 2)) for name, data in (("raw", raw), ("ms", denoised))}
+    assert error["ms"] < 0.6 * error["raw"], error
+    np.testing.assert_array_equal(denoised[~head], raw[~head])  # outside the mask: untouched
+    noise_map = np.asarray(nib.load(result.noise_map_file).dataobj)
+    assert np.abs(noise_map[head] / 5.0 - 1).max() < 0.10
+    assert result.metadata["DenoisingMethod"] == "multispectral"
+    assert abs(result.metadata["NoiseStandardDeviationAir"] / 5.0 - 1) < 0.10
+    assert abs(result.metadata["EffectiveNumberOfCoilsAir"] - 1) < 0.1
+
+
+def test_noiseless_images_pass_through_with_a_reason(tmp_path):
+    files, tes, flips, *_ = _collection(tmp_path, sigma=0.0)
+    result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
+    assert result.denoised_files == files
+    assert result.metadata["Denoising"].startswith("none: ")
+
+
+def test_nls_on_denoised_data_models_no_noise_floor(tmp_path):
+    files, tes, flips, *_ = _collection(tmp_path, sigma=2.0)
+    common = dict(magnitude_files=files, echo_times=tes, flip_angles=flips, method="nls")
+    raw = FitR2star(**common).run(cwd=_cwd(tmp_path, "raw")).outputs.metadata
+    denoised = FitR2star(**common, denoised=True).run(cwd=_cwd(tmp_path, "denoised")).outputs.metadata
+    assert "including the noise floor" in raw["EstimationAlgorithm"]
+    assert "NoiseStandardDeviationPerChannel" in raw
+    assert "without a noise floor" in denoised["EstimationAlgorithm"]
+    assert "NoiseStandardDeviationPerChannel" not in denoised

@@ -111,13 +111,14 @@ def _pd_outputs(inputs):
 
 
 def _registry_entries():
-    from ..io.query import GRE
+    from ..io.query import GRE, RECEIVE
     from .registry import MapFamily, Option
 
     pd = MapFamily(
         key="pd",
         name="PD",
         needs=(GRE,),
+        reads=(RECEIVE,),
         depends=("brainmask", "r1"),
         consumes={
             "m0_file": ("r1", "m0_file"),

@@ -306,6 +306,8 @@ def _r2_outputs(inputs):
                     f"[{-0.5 / tr:g}, {0.5 / tr:g}) Hz; a positive frequency advances the transverse phase; "
                     "averaged over the flip angles, weighted by the squared band-free signal",
                     "RepetitionTimeExcitation": tr,
+                    # computed inside the brain mask only when the bSSFP shares the map grid
+                    "SkullStripped": False,
                 },
             )
         )

@@ -54,7 +54,7 @@ def test_regional_r2star_matches_truth(outputs, subject):
     truth_r2star = _load(truth / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz")
     table = read_table(out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-regions_stats.tsv")
     rows = {(row["region"], row["map"]): row for row in table}
-    assert {name for _, name in rows} == {"R2starmap", "Chimap", "R1map", "PDmap"}
+    assert {name for _, name in rows} == {"R2starmap", "Chimap", "R1map", "PDmap", "R2map"}
     assert set(masks) == {region for region, _ in rows}
     for region, mask in masks.items():
         expected = region_statistics(truth_r2star, mask, RESOLUTION**3)
@@ -67,7 +67,7 @@ def test_regional_r2star_matches_truth(outputs, subject):
             assert float(row["content"]) == pytest.approx(float(row["mean"]) * float(row["volume_mm3"]), rel=1e-5)
     sidecar = json.loads((out / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-regions_stats.json").read_text())
     assert sidecar["content"]["Units"] == "unit of the map x mm^3"
-    assert set(sidecar["Maps"]) == {"R2starmap", "Chimap", "R1map", "PDmap"}
+    assert set(sidecar["Maps"]) == {"R2starmap", "Chimap", "R1map", "PDmap", "R2map"}
     assert "labels of" in sidecar["Segmentation"] and sidecar["Sources"]
 
 

@@ -66,7 +66,7 @@ def test_r2_on_the_phantom(tmp_path):
         snr=float("inf"),
         subjects=1,
         seed=11,
-        protocol=Protocol(rb1cor=None),
+        protocol=Protocol(rb1cor=None, spoiling="ideal"),
         oversample=2,
     )
     out = tmp_path / "out"

@@ -8,58 +8,53 @@
 * :mod:`.mtsat` -- MT saturation (Helms 2008) with its empirical B1 correction.
 """
 
-from .b1 import AFIMap, afi_b1_standard_error, afi_flip_angle_ratio, afi_raw_ratio, afi_t1_bias
-from .b1_free import B1Estimate, estimate_b1_from_vfa
-from .despot1 import R1Fit, despot1_crlb, despot1_linear, despot1_nonlinear, despot1_two_angle, fit_r1
-from .mtsat import HELMS_B1_COEFFICIENT, MTsatMap, mtsat
-from .pd import (
-    PD_REFERENCES,
-    PDCalibration,
-    ReceiveBias,
-    calibrate_pd,
-    classify_by_r1,
-    pd_reference_region,
-    receive_bias_from_r1,
-    receive_sensitivity,
-)
-from .spoiling import (
-    DEFAULT_TISSUE_T2,
-    VENDOR_PHASE_INCREMENT_DEG,
-    SpoilingProtocol,
-    epg_spoiled_signal,
-    spoiling_protocol,
-    spoiling_ratio,
-)
+import importlib
 
-__all__ = [
-    "AFIMap",
-    "B1Estimate",
-    "HELMS_B1_COEFFICIENT",
-    "MTsatMap",
-    "PDCalibration",
-    "PD_REFERENCES",
-    "ReceiveBias",
-    "calibrate_pd",
-    "classify_by_r1",
-    "estimate_b1_from_vfa",
-    "mtsat",
-    "pd_reference_region",
-    "receive_bias_from_r1",
-    "receive_sensitivity",
-    "DEFAULT_TISSUE_T2",
-    "R1Fit",
-    "SpoilingProtocol",
-    "VENDOR_PHASE_INCREMENT_DEG",
-    "afi_b1_standard_error",
-    "afi_flip_angle_ratio",
-    "afi_raw_ratio",
-    "afi_t1_bias",
-    "despot1_crlb",
-    "despot1_linear",
-    "despot1_nonlinear",
-    "despot1_two_angle",
-    "epg_spoiled_signal",
-    "fit_r1",
-    "spoiling_protocol",
-    "spoiling_ratio",
-]
+# Names are imported on first use (PEP 562): the command line reads DEFAULT_TISSUE_T2 for its --help
+# text, which must not pay for scipy and the fitting modules.
+_SUBMODULE_OF = {
+    "AFIMap": "b1",
+    "afi_b1_standard_error": "b1",
+    "afi_flip_angle_ratio": "b1",
+    "afi_raw_ratio": "b1",
+    "afi_t1_bias": "b1",
+    "B1Estimate": "b1_free",
+    "estimate_b1_from_vfa": "b1_free",
+    "R1Fit": "despot1",
+    "despot1_crlb": "despot1",
+    "despot1_linear": "despot1",
+    "despot1_nonlinear": "despot1",
+    "despot1_two_angle": "despot1",
+    "fit_r1": "despot1",
+    "HELMS_B1_COEFFICIENT": "mtsat",
+    "MTsatMap": "mtsat",
+    "mtsat": "mtsat",
+    "PD_REFERENCES": "pd",
+    "PDCalibration": "pd",
+    "ReceiveBias": "pd",
+    "calibrate_pd": "pd",
+    "classify_by_r1": "pd",
+    "pd_reference_region": "pd",
+    "receive_bias_from_r1": "pd",
+    "receive_sensitivity": "pd",
+    "DEFAULT_TISSUE_T2": "spoiling",
+    "VENDOR_PHASE_INCREMENT_DEG": "spoiling",
+    "SpoilingProtocol": "spoiling",
+    "epg_spoiled_signal": "spoiling",
+    "spoiling_protocol": "spoiling",
+    "spoiling_ratio": "spoiling",
+}
+
+__all__ = list(_SUBMODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _SUBMODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

@@ -55,7 +55,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "DEFAULT_DIFFUSION",
@@ -337,6 +336,8 @@ _B1_GRID = tuple(np.linspace(0.3, 1.7, 15))
 @functools.lru_cache(maxsize=32)
 def _ratio_splines(protocol):
     """Cubic B-spline coefficients of the EPG/Ernst ratio on the uniform (log T1, log T2, B1) grid."""
+    from scipy import ndimage  # here, not at the top: --help reads this module's constants
+
     t1, t2, b1 = np.meshgrid(np.array(_T1_GRID), np.array(_T2_GRID), np.array(_B1_GRID), indexing="ij")
     coefficients = []
     for flip in protocol.flip_angles:
@@ -380,6 +381,8 @@ def spoiling_ratio(protocol, t1, t2=DEFAULT_TISSUE_T2, b1=1.0):
     numpy.ndarray, shape (..., n_flip)
         Divide the measured signals by it to get Ernst-equation signals.
     """
+    from scipy import ndimage  # here, not at the top: --help reads this module's constants
+
     coefficients = _ratio_splines(protocol)
     t1, t2, b1 = np.broadcast_arrays(*[np.asarray(a, dtype=float) for a in (t1, t2, b1)])
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -14,7 +14,9 @@ class Subject2mm:
 
     def __init__(self, subject="patient", *, rb1cor_factor=1):
         self.truth = make_phantom(resolution=2.0, subject=subject, seed=0)
-        self.protocol = Protocol()
+        # Ideal spoiling: these tests are about B1+ and the receive field, which the core functions
+        # under test take from Ernst-equation signals (the R1 tests cover the spoiling correction).
+        self.protocol = Protocol(spoiling="ideal")
         self.scanner = PhantomScanner(self.truth, rb1cor_factor=rb1cor_factor)
         intercepts = {}
         for name, data in self.scanner.truth_maps(self.protocol):

@@ -61,7 +61,7 @@ def test_phantom_names_map_onto_regions():
     regions, unmapped = regions_from_label_names(LABELS)
     assert regions["pallidum"] == (6,) and regions["cortex"] == (2,) and regions["white_matter"] == (3,)
     assert regions["lesion"] == (8, 9, 10, 11, 12, 13)
-    assert set(regions) == set(REGIONS) and set(unmapped.values()) == {"skull", "scalp"}
+    assert set(regions) == set(REGIONS) and set(unmapped.values()) == {"skull", "scalp", "vein"}
 
 
 def test_statistics_of_a_known_region():

@@ -360,7 +360,8 @@ def test_patient_control_differences_on_maps(patient4, control4):
         assert mean(patient4, "r1", label) < nawm["r1"], LABELS[label]
         assert mean(patient4, "r2", label) < nawm["r2"], LABELS[label]
         assert mean(patient4, "pd", label) > nawm["pd"], LABELS[label]
-        assert mean(patient4, "r2star", label) < nawm["r2star"], LABELS[label]
+        if label != CA_CORE:  # the central vein (R2* 50/s) of the larger chronic lesions raises its mean
+            assert mean(patient4, "r2star", label) < nawm["r2star"], LABELS[label]
     assert mean(patient4, "r2star", LATE) < mean(patient4, "r2star", EARLY)
     assert mean(patient4, "chi", LATE) > nawm["chi"] + 0.01
     assert mean(patient4, "chi", INACTIVE) > nawm["chi"]

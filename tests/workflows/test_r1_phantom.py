@@ -109,8 +109,14 @@ def test_r1_on_the_epg_spoiled_phantom(tmp_path):
     # The correction assumes one tissue T2 (--r1-tissue-t2, 80 ms): the globus pallidus (T2 39 ms on
     # the phantom) keeps about +2 %, above issue 8's 1 % for the nuclei, until the voxel's own T2 (an R2
     # map) feeds the correction. The other regions meet the targets.
-    assert corrected["GP"].interior_median_abs < 0.03
-    _check_corrected({name: row for name, row in corrected.items() if name != "GP"})
+    # (the patient's atrophied pallidum may keep no interior voxel at 2 mm)
+    if "GP" in corrected:
+        assert corrected["GP"].interior_median_abs < 0.03
+    others = {name: row for name, row in corrected.items() if name != "GP"}
+    assert set(TISSUES) - {"GP"} <= set(others) and {"LEA", "LLA", "LCI"} <= set(others)
+    for name, row in others.items():
+        if name in TISSUES or name in LESIONS:
+            assert row.interior_median_abs < (0.01 if name in TISSUES else 0.02), row
     without = _r1_errors(raw, _run_app(raw, tmp_path, "nospoil", "--no-spoiling-correction"), "no spoiling correction")
     assert without["WM"].interior_median_abs > 0.01
 

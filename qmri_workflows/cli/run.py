@@ -184,10 +184,12 @@ def batch_resources(workflow, plugin):
     """Pass each node's ``mem_gb``/``n_procs`` to a batch scheduler.
 
     Nipype's batch plugins do not forward them, so a SLURM/SGE/PBS job would get the queue's
-    default memory. Nodes that run inside the submitting process are left alone.
+    default memory. Nodes that run inside the submitting process are left alone, except under
+    the graph plugins (SLURMGraph, SGEGraph), which submit every node as a job.
     """
+    submits_every_node = plugin.endswith("Graph")
     for node in workflow._get_all_nodes():
-        if node.run_without_submitting:
+        if node.run_without_submitting and not submits_every_node:
             continue
         mem_mb = int(node.mem_gb * 1024) + 256
         cpus = node.n_procs or 1

@@ -126,7 +126,7 @@ def init_r2_wf(
     )
     if b1_note is not None:
         fit.inputs.b1_note = b1_note
-    merge = pe.Node(MergeMetadata(), name="merge_metadata")
+    merge = pe.Node(MergeMetadata(), name="merge_metadata", run_without_submitting=True)
     workflow.connect([
         (inputnode, band_free, [("magnitude_files", "magnitude_files"), ("reference_file", "reference_file"),
                                 ("mask_file", "mask_file")]),

@@ -147,7 +147,7 @@ def init_r2star_wf(
         mem_gb=mem_gb,
         n_procs=omp_nthreads,
     )
-    merge_metadata = pe.Node(MergeMetadata(), name="merge_metadata")
+    merge_metadata = pe.Node(MergeMetadata(), name="merge_metadata", run_without_submitting=True)
     workflow.connect([
         (inputnode, denoise_node, [
             ("magnitude_files", "magnitude_files"),

@@ -4,7 +4,7 @@ Start a local cluster first with ``tools/slurm/start-local-slurm.sh`` (root, Deb
 ``sbatch`` these tests skip, unless ``QMRI_REQUIRE_SLURM=1`` (set in CI), which makes them fail.
 
 The echoes are closed-form mono-exponential decays, so the fitted R2* must equal the truth to
-float32 precision. Each test also checks that every node ran as a SLURM job that completed on
+float32 precision. Each test also checks that every computing node ran as a SLURM job that completed on
 this machine, and that the memory ``batch_resources`` derived from ``mem_gb`` was the memory the
 scheduler allocated to the fitting job.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from nipype.interfaces.utility import IdentityInterface
 
 import qmri_workflows
 from qmri_workflows.cli.run import batch_resources
@@ -35,7 +36,8 @@ HEAD_SEMI_AXES_MM = (18.0, 18.0, 14.0)
 FLIP_ANGLES = (4.0, 20.0)
 ECHO_TIMES = (0.003, 0.007, 0.011, 0.015, 0.019)
 # batch_resources asks for mem_gb * 1024 + 256 MB: 768M and 563M, which SLURM cannot round to G
-MEM_GB = {"fit_r2star": 0.5, "brain_mask": 0.3}
+# (denoise: 665M); every other node runs inside the submitting process
+MEM_GB = {"fit_r2star": 0.5, "brain_mask": 0.3, "denoise": 0.4}
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 JOB_TIMEOUT_S = 300
 
@@ -97,13 +99,16 @@ def _write_echoes(folder):
     return files, echo_times, flip_angles, r2star, head
 
 
-def _build_workflow(tmp_path, name):
-    """Brain mask, then the masked R2* fit: two batch jobs, the second depending on the first."""
+def _build_workflow(tmp_path, name, plugin="SLURM"):
+    """Brain mask, then the noise map and the masked R2* fit: three batch jobs in a chain.
+
+    No denoising, so the noise-free echoes reach the fit unchanged and it must be exact.
+    """
     from nipype.pipeline import engine as pe
 
     files, echo_times, flip_angles, truth, head = _write_echoes(tmp_path)
     mask_wf = init_brain_mask_wf(mem_gb=MEM_GB["brain_mask"])
-    fit_wf = init_r2star_wf(method="wls", mem_gb=MEM_GB["fit_r2star"])
+    fit_wf = init_r2star_wf(method="wls", denoise="none", mem_gb=MEM_GB["fit_r2star"], denoise_mem_gb=MEM_GB["denoise"])
     workflow = pe.Workflow(name=name, base_dir=str(tmp_path / "work"))  # same machine as slurmd
     workflow.connect(mask_wf, "outputnode.mask_file", fit_wf, "inputnode.mask_file")
     workflow.config["execution"].update(
@@ -114,15 +119,20 @@ def _build_workflow(tmp_path, name):
     fit_wf.inputs.inputnode.magnitude_files = files
     fit_wf.inputs.inputnode.echo_times = echo_times
     fit_wf.inputs.inputnode.flip_angles = flip_angles
-    batch_resources(workflow, "SLURM")
+    batch_resources(workflow, plugin)
     return workflow, truth, head
 
 
-def _requested(workflow):
-    """(sbatch_args, MB, CPUs) that batch_resources set on each submitted node, by node name."""
+def _requested(workflow, plugin="SLURM"):
+    """(sbatch_args, MB, CPUs) that batch_resources set on each submitted node, by node name.
+
+    SLURM runs light nodes (metadata merges) in the submitting process; SLURMGraph submits them.
+    """
     requests = {}
     for node in workflow._get_all_nodes():
-        if node.name not in MEM_GB:
+        if isinstance(node.interface, IdentityInterface):
+            continue
+        if node.run_without_submitting and plugin == "SLURM":
             continue
         args = node.plugin_args["sbatch_args"]
         mem = re.search(r"--mem=(\d+)M", args)
@@ -130,9 +140,9 @@ def _requested(workflow):
         assert mem and cpus, f"batch_resources gave {node.name} no --mem/--cpus-per-task: {args!r}"
         # appended to the user's own sbatch arguments, not replacing them
         assert node.plugin_args["overwrite"] is False
-        assert int(mem.group(1)) == int(MEM_GB[node.name] * 1024) + 256
+        assert int(mem.group(1)) == int(MEM_GB.get(node.name, node.mem_gb) * 1024) + 256
         requests[node.name] = (args, int(mem.group(1)), int(cpus.group(1)))
-    assert set(requests) == set(MEM_GB), f"nodes found: {sorted(requests)}"
+    assert set(MEM_GB) <= set(requests), f"nodes found: {sorted(requests)}"
     return requests
 
 
@@ -218,8 +228,8 @@ def test_r2star_workflow_on_slurm(tmp_path, slurm_env):
 
 def test_r2star_workflow_on_slurm_graph(tmp_path, slurm_env):
     """SLURMGraph submits the whole graph at once with afterok dependencies, then returns."""
-    workflow, truth, head = _build_workflow(tmp_path, "slurm_graph_r2star")
-    requests = _requested(workflow)
+    workflow, truth, head = _build_workflow(tmp_path, "slurm_graph_r2star", plugin="SLURMGraph")
+    requests = _requested(workflow, plugin="SLURMGraph")
 
     workflow.run(plugin="SLURMGraph", plugin_args={"dont_resubmit_completed_jobs": False})
 
@@ -247,7 +257,7 @@ def test_the_app_on_slurm_reports_steps_and_publishes_each_subject(tmp_path, slu
     from qmri_workflows.cli import run
     from tests.bids_factory import make_vfa_dataset
 
-    raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02"), phase=False)  # mask and R2* only
+    raw = make_vfa_dataset(tmp_path / "raw", subjects=("01", "02"), phase=False)  # no QSM
     code = run.main(
         [
             str(raw),
@@ -264,5 +274,13 @@ def test_the_app_on_slurm_reports_steps_and_publishes_each_subject(tmp_path, slu
     for subject in ("01", "02"):
         assert (tmp_path / "out" / f"sub-{subject}" / "anat" / f"sub-{subject}_R2starmap.nii.gz").is_file()
         assert f"sub-{subject}: r2star_wf.fit_r2star done in" in caplog.text
-    batch = list((tmp_path / "work").rglob("batch/slurm-*.out"))
-    assert len(batch) == 4, "one batch job per mask and fit of each subject"
+    # one job per computing step of each subject; metadata merges and sinks stay in this process
+    scripts = [p.name for p in (tmp_path / "work").rglob("batch/batchscript_*.sh")]
+    steps = (
+        "brain_mask_wf_brain_mask", "r2star_wf_denoise", "r2star_wf_fit_r2star", "r1_wf_estimate_b1",
+        "r1_wf_fit_r1", "pd_wf_calibrate_pd", "analysis_wf_analysis",
+    )  # fmt: skip
+    expected = sorted(f"sub_{subject}_wf.{step}" for subject in ("01", "02") for step in steps)
+    submitted = sorted(re.sub(r"^batchscript_pyscript_\d+_\d+_qmri_wf\.|\.sh$", "", name) for name in scripts)
+    assert submitted == expected
+    assert len(list((tmp_path / "work").rglob("batch/slurm-*.out"))) == len(expected)

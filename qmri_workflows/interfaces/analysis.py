@@ -20,7 +20,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.lesions import RELATIVE_CONTRAST_MAPS, analyse_lesions
+from ..core.lesions import LOCAL_REFERENCE_MM, RELATIVE_CONTRAST_MAPS, analyse_lesions
 from ..core.regions import (
     normal_appearing_white_matter,
     region_masks,
@@ -81,6 +81,10 @@ _LESION_FIXED = {
     "centre_k": {"Description": "Centre of the lesion, third voxel index"},
     "core_voxels": {"Description": "Voxels of the core (lesion minus rim; 0 when too small for core and rim)"},
     "rim_voxels": {"Description": "Voxels of the rim (lesion voxels within the rim width of its edge)"},
+    "reference_voxels": {
+        "Description": "Voxels of the lesion's reference: the NAWM within the reference reach of its edge "
+        "(LesionReferenceMillimetres), or the whole NAWM when that holds fewer than 20 voxels"
+    },
     "cortex_share": {"Description": "Share of cortex in the tissue around the lesion (CSF left out)"},
     "enhancing": {"Description": "Whether the lesion overlaps the gadolinium-enhancement mask (n/a: none given)"},
     "stage": {
@@ -88,7 +92,7 @@ _LESION_FIXED = {
         "Levels": {
             "early active": "no susceptibility rise yet",
             "late active": "strong susceptibility rise",
-            "chronic active": "paramagnetic rim",
+            "chronic active": "paramagnetic rim (chi and R2* both rise at the edge, one significantly)",
             "chronic inactive": "moderate susceptibility rise, no rim, or not enhancing",
             "cortical": "in the cortex",
             "white matter lesion (stage undetermined)": "needs chi (QSM) or a gadolinium mask",
@@ -100,10 +104,11 @@ _LESION_PER_MAP = {
     "mean": "Mean of {map} in the lesion",
     "core": "Mean of {map} in the core",
     "rim_mean": "Mean of {map} in the rim",
-    "nawm": "Median of {map} in normal-appearing white matter",
+    "nawm": "Median of {map} in the lesion's reference NAWM (see reference_voxels)",
     "contrast": "Lesion mean minus NAWM median of {map}",
+    "contrast_error": "Standard error of the contrast of {map} (robust SD of the reference NAWM, numbers of voxels)",
     "relative_contrast": "(lesion mean - NAWM median) / NAWM median of {map}",
-    "rim_score": "Rim mean minus the larger of core mean and NAWM median of {map} (> 0: paramagnetic rim)",
+    "rim_score": "Rim median minus the larger of core median and NAWM median of {map} (> 0: paramagnetic rim)",
     "rim": "Whether the rim score of {map} exceeds twice its standard error",
 }
 
@@ -155,6 +160,11 @@ class _SubjectAnalysisInputSpec(BaseInterfaceInputSpec):
     erosion_mm = traits.Float(0.0, usedefault=True, desc="margin removed from each region (mm)")
     nawm_margin_mm = traits.Float(2.0, usedefault=True, desc="perilesional margin left out of NAWM (mm)")
     rim_mm = traits.Float(1.0, usedefault=True, desc="lesion rim width (mm)")
+    lesion_reference_mm = traits.Float(
+        LOCAL_REFERENCE_MM,
+        usedefault=True,
+        desc="reach (mm from a lesion's edge) of the NAWM that is its reference; 0: the whole NAWM",
+    )
 
 
 class _SubjectAnalysisOutputSpec(TraitedSpec):
@@ -195,6 +205,7 @@ class SubjectAnalysis(SimpleInterface):
             "ErosionMillimetres": inputs.erosion_mm,
             "NAWMMarginMillimetres": inputs.nawm_margin_mm,
             "LesionRimMillimetres": inputs.rim_mm,
+            "LesionReferenceMillimetres": inputs.lesion_reference_mm,
             "Maps": list(inputs.map_names),
         }
         if isdefined(inputs.dseg_file):
@@ -246,10 +257,11 @@ class SubjectAnalysis(SimpleInterface):
                 white_matter=white_matter,
                 enhancing=enhancing,
                 rim_mm=inputs.rim_mm,
+                reference_mm=inputs.lesion_reference_mm,
             )
         columns = list(_LESION_FIXED)[:-2]
         for name in maps:
-            columns += [f"{name}_{key}" for key in ("mean", "core", "rim_mean", "nawm", "contrast")]
+            columns += [f"{name}_{key}" for key in ("mean", "core", "rim_mean", "nawm", "contrast", "contrast_error")]
             if name in RELATIVE_CONTRAST_MAPS:
                 columns.append(f"{name}_relative_contrast")
             if any(f"{name}_rim" in row for row in lesion_rows):

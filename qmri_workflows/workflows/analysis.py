@@ -18,13 +18,18 @@ from __future__ import annotations
 __all__ = ["init_analysis_wf", "MAP_FAMILIES"]
 
 
-def init_analysis_wf(*, erosion_mm=0.0, nawm_margin_mm=2.0, rim_mm=1.0, dseg_tsv=None, name="analysis_wf"):
+def init_analysis_wf(
+    *, erosion_mm=0.0, nawm_margin_mm=2.0, rim_mm=1.0, lesion_reference_mm=None, dseg_tsv=None, name="analysis_wf"
+):
     """Regional and lesion statistics of the subject's maps.
 
     Parameters
     ----------
     erosion_mm, nawm_margin_mm, rim_mm : float
         See :class:`~qmri_workflows.interfaces.analysis.SubjectAnalysis`.
+    lesion_reference_mm : float, optional
+        Reach of each lesion's local NAWM reference (default: the interface's,
+        :data:`~qmri_workflows.core.lesions.LOCAL_REFERENCE_MM`).
     dseg_tsv : str, optional
         Label table of the segmentation given with ``--derivatives``.
     name : str
@@ -54,6 +59,8 @@ def init_analysis_wf(*, erosion_mm=0.0, nawm_margin_mm=2.0, rim_mm=1.0, dseg_tsv
     analysis = pe.Node(
         SubjectAnalysis(erosion_mm=erosion_mm, nawm_margin_mm=nawm_margin_mm, rim_mm=rim_mm), name="analysis"
     )
+    if lesion_reference_mm is not None:
+        analysis.inputs.lesion_reference_mm = lesion_reference_mm
     if dseg_tsv:
         analysis.inputs.dseg_tsv = str(dseg_tsv)
     workflow.connect([
@@ -83,6 +90,7 @@ def _build(context):
         erosion_mm=options["analysis_erosion_mm"],
         nawm_margin_mm=options["nawm_margin_mm"],
         rim_mm=options["lesion_rim_mm"],
+        lesion_reference_mm=options["lesion_reference_mm"],
         dseg_tsv=dseg.tsv if dseg is not None else None,
     )
 
@@ -174,6 +182,17 @@ def _registry_entries():
                     "default": 1.0,
                     "metavar": "MM",
                     "help": "width of the lesion rim for the paramagnetic-rim score (default 1; at least one voxel)",
+                },
+            ),
+            Option(
+                ("--lesion-reference-mm",),
+                "lesion_reference_mm",
+                {
+                    "type": _millimetres,
+                    "default": 6.0,
+                    "metavar": "MM",
+                    "help": "each lesion is compared with the normal-appearing white matter within this distance "
+                    "of its edge (default 6; 0: the whole normal-appearing white matter)",
                 },
             ),
         ),

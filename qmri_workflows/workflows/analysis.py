@@ -189,6 +189,7 @@ def _registry_entries():
                 "lesion_reference_mm",
                 {
                     "type": _millimetres,
+                    # core.lesions.LOCAL_REFERENCE_MM, not imported: --help stays free of scipy
                     "default": 6.0,
                     "metavar": "MM",
                     "help": "each lesion is compared with the normal-appearing white matter within this distance "

@@ -58,3 +58,12 @@ def test_lesion_stages_from_the_apps_maps(snr, tmp_path):
         for row, truth in zip(table, truth_stages):
             if int(row["core_voxels"]) > 0:
                 assert row["stage"] == truth, (row["lesion"], truth, row["evidence"])
+
+
+def test_the_command_line_default_reach_is_the_analysis_one():
+    from qmri_workflows.core.lesions import LOCAL_REFERENCE_MM
+    from qmri_workflows.interfaces.analysis import SubjectAnalysis
+    from qmri_workflows.workflows.analysis import MAP_FAMILIES
+
+    (option,) = [option for family in MAP_FAMILIES for option in family.options if option.dest == "lesion_reference_mm"]
+    assert option.kwargs["default"] == LOCAL_REFERENCE_MM == SubjectAnalysis().inputs.lesion_reference_mm

@@ -60,7 +60,10 @@ removed: Dice >= 0.95 against the voxels at least half intracranial. Limit: a sk
 than about half a voxel (2 mm at 4-5 mm voxels) between the CSF and a bright scalp leaves no
 voxel darker than half the tissue level, and the mask then holds the scalp.
 :func:`check_brain_mask` flags the ways a mask fails (a hollow shell, the whole field of view,
-a speck, a dark skull-like layer inside); the pipeline's interface stops on them.
+a speck, a dark skull-like layer inside, and, given the image's affine, a mask low in the head:
+the brain is the top of the head, covered by the skull and scalp only, whereas the mask of a head
+without a visible brain is a solid chunk of neck or skull base with the cranium above it); the
+pipeline's interface stops on them.
 
 References
 ----------
@@ -698,6 +701,39 @@ def _faces_touched(mask, min_fraction):
     return sum(np.count_nonzero(face) >= max(1.0, min_fraction * face.size) for face in _faces(mask))
 
 
+def _highest_point_mm(region, affine):
+    """Height (mm, along the world superior axis of a voxel-to-RAS ``affine``) of the highest voxel
+    centre of ``region``, whatever the storage order or obliquity.
+
+    The height is linear in the voxel indices, so in every column along the last axis the highest
+    voxel is the column's first or last one: only those are evaluated (no full-size array).
+    """
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be a 4x4 matrix, got shape {affine.shape}")
+    row = affine[2]
+    n_last = region.shape[2]
+    if row[2] >= 0:
+        last = n_last - 1 - np.argmax(region[:, :, ::-1], axis=2)
+    else:
+        last = np.argmax(region, axis=2)
+    i, j = np.nonzero(region.any(axis=2))
+    return float(np.max(row[0] * i + row[1] * j + row[2] * last[i, j]) + row[3])
+
+
+def _head_above_mask_mm(mask, head, affine):
+    """How far (mm) the head component holding most of the mask rises above the mask's top.
+
+    Only the component holding the mask counts, so a marker, a ghost or a second object in the
+    field of view does not.
+    """
+    labels, _ = ndimage.label(head | mask)
+    overlap = np.bincount(labels[mask])
+    overlap[0] = 0
+    component = labels == int(np.argmax(overlap))
+    return _highest_point_mm(component, affine) - _highest_point_mm(mask, affine)
+
+
 def check_brain_mask(
     mask,
     reference,
@@ -707,6 +743,8 @@ def check_brain_mask(
     max_hollow_ratio=1.5,
     max_faces=3,
     max_dark_fraction=0.05,
+    affine=None,
+    max_cover_mm=50.0,
 ):
     """Sanity checks of a brain mask; returns the problems found (empty if none).
 
@@ -715,7 +753,10 @@ def check_brain_mask(
     catch the ways an automatic mask fails: picking the scalp ring (a hollow shell), spreading over
     the background (touching the field of view all round, lying outside the head), finding a
     speck (under 5 % of the head), or swallowing the skull and scalp (many dark voxels inside, or
-    one dark layer spanning the mask along every axis, as even a thin skull does).
+    one dark layer spanning the mask along every axis, as even a thin skull does). With the
+    image's ``affine``, a mask low in the head is caught too: the brain is the top of the head,
+    covered only by the skull and scalp, whereas a solid chunk of neck or skull base (what a head
+    without a visible brain yields) has the whole cranium above it.
 
     Parameters
     ----------
@@ -740,6 +781,16 @@ def check_brain_mask(
         Largest acceptable fraction of mask voxels darker than a quarter of the head's median
         tissue intensity (above the log-Otsu threshold): bone and air; lesions are brighter. Only
         checked when ``reference`` is an image.
+    affine : ndarray, shape (4, 4), optional
+        Voxel-to-world (RAS+ mm) matrix of the image, whose third row gives each voxel's height
+        along the superior axis, whatever the storage order or obliquity. Without it the
+        position check is skipped.
+    max_cover_mm : float, optional
+        Largest acceptable height (mm, along the superior axis) of the head above the mask's
+        top: the head component holding the mask (``reference``'s head, holes filled) may rise
+        above a brain by its skull and scalp only (each at most 10-20 mm, plus a voxel of partial
+        volume either side). A field of view cutting the brain at the top, or a skull-stripped
+        input, gives about 0.
 
     Returns
     -------
@@ -800,6 +851,15 @@ def check_brain_mask(
             f"the mask touches the edge of the field of view all round ({n_faces} of 6 faces; "
             f"expected at most {max_faces})"
         )
+    if affine is not None:
+        cover_mm = _head_above_mask_mm(mask, head, affine)
+        if cover_mm > max_cover_mm:
+            problems.append(
+                f"the mask lies low in the head: the head reaches {cover_mm:.0f} mm above its top "
+                "(along the superior axis of the image's affine), where only the skull and scalp "
+                f"lie over a brain (expected at most {max_cover_mm:g} mm): it may hold the neck or "
+                "the skull base, or the header's orientation may be wrong"
+            )
     if image is not None:
         # Relative to the head's tissue, not to the mask: a mask of a brainless head is mostly
         # noise, and its own median is noise too.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import nibabel as nib
 import numpy as np
@@ -13,12 +14,13 @@ from nipype.interfaces.base import (
     InputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
 from ..core.masking import brain_mask, check_brain_mask
-from ..io.derivatives import write_nifti
-from ..io.images import load_volumes
+from ..io.derivatives import bids_path, write_nifti
+from ..io.images import load_volume, load_volumes
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -27,12 +29,30 @@ class BrainMaskCheckError(RuntimeError):
     """The automatic brain mask failed its sanity checks."""
 
 
+def _user_mask_path(image_path):
+    """Where a user's brain mask for ``image_path``'s subject and session goes in a derivatives dataset."""
+    name = os.path.basename(image_path)
+    subject = re.match(r"sub-([a-zA-Z0-9]+)", name)
+    session = re.search(r"_ses-([a-zA-Z0-9]+)", name)
+    if subject is None:
+        return "sub-<label>/anat/sub-<label>_desc-brain_mask.nii.gz"
+    return bids_path(
+        subject=subject.group(1), session=session.group(1) if session else None, suffix="mask", desc="brain"
+    )
+
+
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     in_files = InputMultiObject(
         File(exists=True),
         mandatory=True,
         desc="magnitude images on one grid (e.g. the first echo of each flip angle); "
         "their root-sum-of-squares is masked",
+    )
+    user_mask_file = File(
+        exists=True,
+        desc="a brain mask of the user's (given with --derivatives), on the grid of the first of "
+        "in_files: used instead of the automatic mask; a failed sanity check only warns, as the "
+        "user chose it",
     )
     on_failed_check = traits.Enum(
         "error",
@@ -53,9 +73,11 @@ class BrainMask(SimpleInterface):
 
     The mask is checked with :func:`qmri_workflows.core.masking.check_brain_mask` (hollow shell,
     field of view touched all round, under 5 % of the head, mostly background, a dark skull-like
-    layer inside). A failed check raises :class:`BrainMaskCheckError` naming the images and the
-    problems, before any mask is written, unless ``on_failed_check='warn'``: maps fitted in a wrong
-    mask would look plausible and be wrong.
+    layer inside, low in the head along the affine's superior axis). A failed check raises
+    :class:`BrainMaskCheckError` naming the images, the problems and the fix (a user mask given
+    with ``--derivatives``), before any mask is written, unless ``on_failed_check='warn'``: maps
+    fitted in a wrong mask would look plausible and be wrong. With ``user_mask_file`` that mask
+    is used instead of the automatic one (it is checked too, but a failed check only warns).
     """
 
     input_spec = _BrainMaskInputSpec
@@ -66,19 +88,35 @@ class BrainMask(SimpleInterface):
         magnitudes = load_volumes(self.inputs.in_files, reference=reference, require_variation=True)
         image = np.sqrt(np.square(magnitudes, dtype=np.float64).sum(axis=-1))
         voxel_size = reference.header.get_zooms()[:3]
+        if isdefined(self.inputs.user_mask_file):
+            mask = load_volume(self.inputs.user_mask_file, reference=reference) > 0
+            problems = check_brain_mask(mask, image, voxel_size=voxel_size, affine=reference.affine)
+            if problems:
+                LOGGER.warning(
+                    "WARNING: the brain mask %s given with --derivatives fails sanity checks (%s); "
+                    "it is used as given: check it against the images",
+                    os.path.basename(self.inputs.user_mask_file),
+                    "; ".join(problems),
+                )
+            return self._write(runtime, mask, reference, problems)
         mask = brain_mask(image, voxel_size=voxel_size)
-        problems = check_brain_mask(mask, image, voxel_size=voxel_size)
+        problems = check_brain_mask(mask, image, voxel_size=voxel_size, affine=reference.affine)
         if problems:
             names = ", ".join(os.path.basename(path) for path in self.inputs.in_files)
             message = (
                 f"the automatic brain mask of {names} failed its sanity checks: "
                 + "; ".join(problems)
-                + ". The images should show a head (bright brain, darker skull or background); "
-                "check them, e.g. for a wrong echo or an empty volume."
+                + ". The images should show a head (bright brain, darker skull or background) with "
+                "a correct orientation in the header; check them, e.g. for a wrong echo or an empty "
+                "volume, or give a brain mask of your own with --derivatives (a BIDS derivatives "
+                f"dataset holding {_user_mask_path(self.inputs.in_files[0])})."
             )
             if self.inputs.on_failed_check == "error":
                 raise BrainMaskCheckError(message)
             LOGGER.warning("WARNING: %s", message)
+        return self._write(runtime, mask, reference, problems)
+
+    def _write(self, runtime, mask, reference, problems):
         self._results["problems"] = problems
         self._results["out_mask"] = str(
             write_nifti(os.path.join(runtime.cwd, "brain_mask.nii"), mask, reference.affine)

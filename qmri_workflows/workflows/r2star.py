@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def init_brain_mask_wf(*, mem_gb=1.0, name="brain_mask_wf"):
     """Build a workflow that masks the brain from magnitude images.
@@ -17,6 +19,9 @@ def init_brain_mask_wf(*, mem_gb=1.0, name="brain_mask_wf"):
     ------
     in_files
         Magnitude images on one grid (the first echo of each flip angle).
+    user_mask_file
+        Optional: a brain mask of the user's on that grid (``--derivatives``), used instead of the
+        automatic one (see :class:`qmri_workflows.interfaces.masking.BrainMask`).
 
     Outputs
     -------
@@ -29,11 +34,11 @@ def init_brain_mask_wf(*, mem_gb=1.0, name="brain_mask_wf"):
     from ..interfaces.masking import BrainMask
 
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(IdentityInterface(fields=["in_files"]), name="inputnode")
+    inputnode = pe.Node(IdentityInterface(fields=["in_files", "user_mask_file"]), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["mask_file"]), name="outputnode")
     brain_mask = pe.Node(BrainMask(), name="brain_mask", mem_gb=mem_gb)
     workflow.connect([
-        (inputnode, brain_mask, [("in_files", "in_files")]),
+        (inputnode, brain_mask, [("in_files", "in_files"), ("user_mask_file", "user_mask_file")]),
         (brain_mask, outputnode, [("out_mask", "mask_file")]),
     ])  # fmt: skip
     return workflow
@@ -211,11 +216,38 @@ def _build_brain_mask(context):
     return workflow
 
 
+def _user_brain_mask(inputs):
+    from ..io.query import BRAIN_MASK
+
+    return inputs.derivatives.get(BRAIN_MASK)
+
+
+def _describe_brain_mask(inputs):
+    user_mask = _user_brain_mask(inputs)
+    if user_mask is not None:
+        return f"{os.path.basename(user_mask.path)} given with --derivatives (checked, used as given)"
+    return f"first echo of {len(inputs.gre)} {inputs.gre_suffix} flip angle(s)"
+
+
 def _brain_mask_outputs(inputs):
     from .registry import Output
 
     # The maps are fitted inside it: it is as much a result as they are.
-    return [Output(field="mask_file", suffix="mask", desc="brain", source_files=tuple(_first_echoes(inputs)))]
+    user_mask = _user_brain_mask(inputs)
+    metadata = {}
+    if user_mask is not None:
+        metadata["Description"] = (
+            f"Brain mask given with --derivatives ({os.path.basename(user_mask.path)}), on the map grid"
+        )
+    return [
+        Output(
+            field="mask_file",
+            suffix="mask",
+            desc="brain",
+            source_files=tuple(_first_echoes(inputs)),
+            metadata=metadata,
+        )
+    ]
 
 
 def _n_echoes(inputs):
@@ -332,16 +364,17 @@ NOISE_MAP_DESCRIPTION = (
 
 
 def _registry_entries():
-    from ..io.query import GRE
+    from ..io.query import BRAIN_MASK, GRE
     from .registry import MapFamily, Option, positive_int
 
     brain_mask = MapFamily(
         key="brainmask",
         name="brain mask",
         needs=(GRE,),
-        describe=lambda inputs: f"first echo of {len(inputs.gre)} {inputs.gre_suffix} flip angle(s)",
+        describe=_describe_brain_mask,
         build=_build_brain_mask,
         outputs=_brain_mask_outputs,
+        derived_inputs={"user_mask_file": (BRAIN_MASK, "majority")},
         runtime_metadata=False,
         auxiliary=True,
     )

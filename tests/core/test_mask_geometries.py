@@ -38,6 +38,8 @@ def ellipsoidal_head(
     snr=20.0,
     crop_top_mm=None,
     skull_stripped=False,
+    neck_mm=0.0,
+    brainless=False,
     seed=0,
 ):
     """Magnitude image of an ellipsoidal head, its intracranial truth and its lesion voxels.
@@ -60,11 +62,20 @@ def ellipsoidal_head(
         Cut the field of view this far below the top of the brain (the brain touches the edge).
     skull_stripped : bool
         Keep the brain only, with exact zeros elsewhere.
+    neck_mm : float
+        Length of a neck below the head: an elliptic cylinder of muscle (0.7) in a 6 mm layer of
+        fat (twice white matter) joining the bottom of the scalp; the field of view is extended
+        down to its end, which it cuts.
+    brainless : bool
+        No brain: the intracranial space holds nothing but noise (the truth stays the brain's).
     """
     voxel = np.broadcast_to(np.asarray(voxel_mm, dtype=float), (3,))
     semi = np.asarray(semi_axes_mm, dtype=float)
     extent = semi + skull_mm + (scalp_mm if scalp != "none" else 0.0) + 10.0
     axes = [np.arange(-np.ceil(e / v), np.ceil(e / v) + 1) * v for e, v in zip(extent, voxel)]
+    if neck_mm:
+        bottom = semi[2] + neck_mm
+        axes[2] = np.arange(-np.ceil(bottom / voxel[2]), np.ceil(extent[2] / voxel[2]) + 1) * voxel[2]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
     # Signed distance to the brain surface, to first order (level set over its gradient), and
     # the voxel's extent along the surface normal, for the partial volume of every shell.
@@ -81,8 +92,21 @@ def ellipsoidal_head(
     within_skull = within(skull_mm)
     within_scalp = within(skull_mm + scalp_mm) if scalp != "none" else within_skull
     intensity = CSF * (brain - grey) + GM * (grey - white) + WM * white
+    if brainless:
+        intensity = 0.0 * intensity
     intensity = intensity + BONE * (within_skull - brain)
     intensity = intensity + SCALP[scalp] * (within_scalp - within_skull)
+    if neck_mm:
+        # Elliptic cylinder under the back half of the head, up to its centre, outside the head.
+        neck_semi = np.array([0.6 * semi[0], 0.5 * semi[1]])
+        radial = np.sqrt((x / neck_semi[0]) ** 2 + ((y + 0.2 * semi[1]) / neck_semi[1]) ** 2)
+        below_centre = _inside_fraction(z, voxel[2])
+
+        def in_neck(offset_mm):
+            return _inside_fraction((radial - 1.0) * neck_semi.min() - offset_mm, voxel[:2].min()) * below_centre
+
+        outside_head = 1.0 - within_scalp
+        intensity = intensity + outside_head * (0.7 * in_neck(0.0) + 2.0 * (in_neck(6.0) - in_neck(0.0)))
 
     def blob(centre, radii):
         r = np.sqrt(sum(((c - o) / s) ** 2 for c, o, s in zip((x, y, z), centre, radii)))
@@ -128,8 +152,14 @@ def dice(a, b):
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def check_mask(image, truth, lesions, voxel_mm):
+def grid_affine(voxel_mm):
+    """Voxel-to-world affine of the heads built here: axes x, y, z are right, anterior, superior."""
+    return np.diag([*np.broadcast_to(np.asarray(voxel_mm, dtype=float), (3,)), 1.0])
+
+
+def check_mask(image, truth, lesions, voxel_mm, affine=None):
     voxel_size = np.broadcast_to(np.asarray(voxel_mm, dtype=float), (3,))
+    affine = grid_affine(voxel_mm) if affine is None else affine
     mask = brain_mask(image, voxel_size=voxel_size)
     assert mask.dtype == bool and mask.shape == image.shape
     score = dice(mask, truth)
@@ -138,7 +168,8 @@ def check_mask(image, truth, lesions, voxel_mm):
     # that layer is indistinguishable from a dent of the surface).
     missed = np.count_nonzero(lesions & ndimage.binary_erosion(truth) & ~mask)
     assert missed == 0, f"{missed} lesion voxels missed"
-    assert check_brain_mask(mask, image, voxel_size=voxel_size) == []
+    # Every check, the mask's position along the affine's superior axis included, passes.
+    assert check_brain_mask(mask, image, voxel_size=voxel_size, affine=affine) == []
     return mask
 
 
@@ -317,3 +348,85 @@ def test_sanity_check_flags_a_mask_holding_a_thin_skull_and_the_scalp():
     problems = check_brain_mask(head, image, voxel_size=(2.0,) * 3)
     assert any("dark layer" in p for p in problems), problems
     assert check_brain_mask(truth, image, voxel_size=(2.0,) * 3) == []
+
+
+# --- sanity checks: the mask's position in the head -------------------------------------------
+
+
+def _stored_superior_first(volume, voxel_mm):
+    """The same head stored with the superior axis first and reversed (inferior at index -1),
+    and the affine that says so; world coordinates are unchanged."""
+    stored = np.ascontiguousarray(np.moveaxis(volume, 2, 0)[::-1])
+    affine = np.zeros((4, 4))
+    affine[0, 1] = affine[1, 2] = voxel_mm
+    affine[2, 0] = -voxel_mm
+    affine[2, 3] = (stored.shape[0] - 1) * voxel_mm
+    affine[3, 3] = 1.0
+    return stored, affine
+
+
+def _tilted(affine, pitch_deg, roll_deg):
+    """The affine of a head tilted in the scanner (rotations about the x and y axes)."""
+    pitch, roll = np.radians([pitch_deg, roll_deg])
+    about_x = np.array([[1, 0, 0], [0, np.cos(pitch), -np.sin(pitch)], [0, np.sin(pitch), np.cos(pitch)]])
+    about_y = np.array([[np.cos(roll), 0, np.sin(roll)], [0, 1, 0], [-np.sin(roll), 0, np.cos(roll)]])
+    tilted = affine.copy()
+    tilted[:3] = about_y @ about_x @ affine[:3]
+    return tilted
+
+
+@pytest.fixture(scope="module", params=[2.0, 4.0], ids=["2mm", "4mm"])
+def heads_with_a_neck(request):
+    """A head with a 100 mm neck, and the same head without a brain (noise inside the skull)."""
+    voxel_mm = request.param
+    with_brain = ellipsoidal_head(voxel_mm, neck_mm=100.0, seed=11)
+    brainless, _, _ = ellipsoidal_head(voxel_mm, neck_mm=100.0, brainless=True, seed=11)
+    return voxel_mm, with_brain, brainless
+
+
+def test_head_with_a_neck(heads_with_a_neck):
+    voxel_mm, (image, truth, lesions), _ = heads_with_a_neck
+    check_mask(image, truth, lesions, voxel_mm)
+
+
+def test_brainless_head_with_a_neck_is_flagged(heads_with_a_neck):
+    # The automatic mask of a head without a visible brain is the neck: a solid, compact block
+    # well inside the head, that passes every shape check. The whole cranium lies above it.
+    voxel_mm, (_, truth, _), brainless = heads_with_a_neck
+    mask = brain_mask(brainless, voxel_size=(voxel_mm,) * 3)
+    assert dice(mask, truth) < 0.1
+    problems = check_brain_mask(mask, brainless, voxel_size=(voxel_mm,) * 3, affine=grid_affine(voxel_mm))
+    assert any("lies low in the head" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("pitch_deg, roll_deg", [(0.0, 0.0), (30.0, 0.0), (-25.0, 15.0)])
+def test_position_check_follows_the_affine(heads_with_a_neck, pitch_deg, roll_deg):
+    # Superior along the first array axis, reversed, and the head tilted in the scanner: the
+    # brain's mask passes and the brainless head's is flagged all the same.
+    voxel_mm, (image, truth, lesions), brainless = heads_with_a_neck
+    stored, affine = _stored_superior_first(image, voxel_mm)
+    affine = _tilted(affine, pitch_deg, roll_deg)
+    check_mask(stored, *(_stored_superior_first(v, voxel_mm)[0] for v in (truth, lesions)), voxel_mm, affine)
+    stored_brainless, _ = _stored_superior_first(brainless, voxel_mm)
+    mask = brain_mask(stored_brainless, voxel_size=(voxel_mm,) * 3)
+    problems = check_brain_mask(mask, stored_brainless, voxel_size=(voxel_mm,) * 3, affine=affine)
+    assert any("lies low in the head" in p for p in problems), problems
+
+
+def test_position_check_names_a_wrong_orientation(heads_with_a_neck):
+    # An affine that turns the head upside down puts the neck on top: the brain's mask is then
+    # "low in the head", and the message names the header as a possible cause.
+    voxel_mm, (image, truth, _), _ = heads_with_a_neck
+    upside_down = grid_affine(voxel_mm) @ np.diag([1.0, -1.0, -1.0, 1.0])
+    problems = check_brain_mask(truth, image, voxel_size=(voxel_mm,) * 3, affine=upside_down)
+    assert any("orientation" in p for p in problems), problems
+
+
+def test_position_check_flags_the_lower_half_of_a_brain(head_and_mask):
+    image, truth = head_and_mask
+    lower = truth.copy()
+    lower[:, :, truth.shape[2] // 2 :] = False
+    problems = check_brain_mask(lower, image, voxel_size=(2.0,) * 3, affine=grid_affine(2.0))
+    assert any("lies low in the head" in p for p in problems), problems
+    upper = truth & ~lower  # the top half sits where a brain does: only the other checks apply
+    assert not any("low in the head" in p for p in check_brain_mask(upper, image, affine=grid_affine(2.0)))

@@ -152,3 +152,17 @@ def test_speckled_head_without_skull_is_masked_whole():
     mask = brain_mask(image, voxel_size=voxel_size)
     assert not (mask & ~head).any()
     assert (mask & head).sum() >= 0.97 * head.sum()
+
+
+def test_highest_point_is_the_highest_voxel_centre_for_any_affine():
+    # The position check's height: per-column extremes must give the maximum over every voxel.
+    from qmri_workflows.core.masking import _highest_point_mm
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        region = rng.random((7, 9, 5)) < rng.uniform(0.02, 0.5)
+        region[3, 4, 2] = True
+        affine = np.eye(4)
+        affine[:3] = rng.normal(size=(3, 4))
+        heights = affine[2, :3] @ np.array(np.nonzero(region)) + affine[2, 3]
+        assert np.isclose(_highest_point_mm(region, affine), heights.max())

@@ -46,6 +46,8 @@ def test_failed_sanity_check_stops_with_the_files_and_problems_named(tmp_path):
     message = str(raised.value)
     assert "sub-01_echo-1_flip-1_part-mag_VFA.nii.gz" in message
     assert "sanity checks" in message and "skull" in message
+    # ... and the fix: a mask of one's own, where it goes.
+    assert "--derivatives" in message and "sub-01/anat/sub-01_desc-brain_mask.nii.gz" in message
     assert not (tmp_path / "brain_mask.nii.gz").exists()
 
 
@@ -55,3 +57,18 @@ def test_failed_sanity_check_can_warn_instead(tmp_path, caplog):
         result = BrainMask(in_files=[path], on_failed_check="warn").run(cwd=str(tmp_path))
     assert result.outputs.problems
     assert any("hollow.nii.gz" in record.getMessage() for record in caplog.records)
+
+
+def test_users_mask_is_used_and_a_failed_check_only_warns(tmp_path, caplog):
+    # The user's mask replaces the automatic one, even where the automatic one would be refused.
+    path = _write(tmp_path, "hollow.nii.gz", _hollow_head())
+    user_mask = np.zeros(_hollow_head().shape, dtype=np.uint8)
+    user_mask[18:22, 20:24, 16:20] = 1  # a speck: under 5 % of the head
+    mask_path = str(
+        write_image(tmp_path / "mask.nii.gz", user_mask, shape=user_mask.shape, affine=AFFINE, dtype=np.uint8)
+    )
+    with caplog.at_level(logging.WARNING, logger="nipype.interface"):
+        result = BrainMask(in_files=[path], user_mask_file=mask_path).run(cwd=str(tmp_path))
+    assert np.array_equal(np.asarray(nib.load(result.outputs.out_mask).dataobj) > 0, user_mask > 0)
+    assert any("% of the head" in problem for problem in result.outputs.problems)
+    assert any("mask.nii.gz given with --derivatives" in record.getMessage() for record in caplog.records)

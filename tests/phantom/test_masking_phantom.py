@@ -60,7 +60,7 @@ def check_goals(mask, truth, image):
     minimum = 0.95 if resolution <= 3 else 0.92
     assert dice(mask, truth.brain_mask) >= minimum
     # A good mask raises no alarm (the App would stop on one).
-    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size, affine=truth.affine) == []
 
 
 RESOLUTIONS = [pytest.param(1.0, marks=pytest.mark.slow), 2.0, 3.0, 4.0, 5.0]
@@ -162,7 +162,7 @@ def test_brain_mask_on_phantom_with_thinned_skull(resolution, skull_mm):
     mask = brain_mask(image, voxel_size=truth.voxel_size)
     assert dice(mask, truth.brain_mask) >= 0.95
     assert np.all(mask[np.isin(truth.dseg, LESION_LABELS)])
-    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size, affine=truth.affine) == []
 
 
 @pytest.mark.parametrize("removed", ["scalp", "skull and scalp"])
@@ -180,15 +180,15 @@ def test_brain_mask_on_phantom_without_scalp_or_skull(resolution, removed):
     mask = brain_mask(image, voxel_size=truth.voxel_size)
     minimum = 0.95 if resolution <= 3 else 0.92
     assert dice(mask, truth.brain_mask) >= minimum
-    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size, affine=truth.affine) == []
 
 
 def test_sanity_checks_pass_on_phantom_masks():
     truth = phantom(3.0)
     image = masked_image(3.0, 20.0)
     mask = brain_mask(image, voxel_size=truth.voxel_size)
-    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size) == []
-    assert check_brain_mask(truth.brain_mask, truth.head_mask) == []
+    assert check_brain_mask(mask, image, voxel_size=truth.voxel_size, affine=truth.affine) == []
+    assert check_brain_mask(truth.brain_mask, truth.head_mask, affine=truth.affine) == []
     # The scalp and skull as a mask: a dark layer inside, the head filled.
     head = truth.head_mask
     problems = check_brain_mask(head, image, voxel_size=truth.voxel_size)

@@ -45,6 +45,11 @@ def test_complex_bssfp_gives_r2_t2_stderr_and_offresonance(tmp_path, caplog):
     assert (out / "anat" / "sub-01_desc-stderr_R2map.nii.gz").is_file()
     field = json.loads((out / "fmap" / "sub-01_desc-offresonance_fieldmap.json").read_text())
     assert field["Units"] == "Hz" and "modulo 1/TR" in field["Description"]
+    # R1's spoiling correction is refitted with this R2 map's T2, and that R1 is the one published
+    r1 = json.loads((out / "anat" / "sub-01_R1map.json").read_text())
+    assert r1["SpoilingCorrectionT2"] == "R2map" and r1["B1Correction"].startswith("TB1map")
+    assert "refitted with the R2 map where R2 runs" in _plan_line(caplog, "R1")
+    assert "R1 refitted with this R2's T2" in _plan_line(caplog, "R2")
 
 
 def test_missing_phase_cycle_at_one_flip_angle_disables_r2_only(tmp_path, caplog):

@@ -284,7 +284,11 @@ class FitR1(SimpleInterface):
 
     The flip angles are scaled by the B1+ map when one is given, and the signals corrected for
     imperfect RF spoiling by the EPG of the protocol (:mod:`qmri_workflows.core.relaxometry.spoiling`)
-    with the sidecar's increment (or the vendor default), at the tissue T2 ``tissue_t2``. Voxels with
+    with the sidecar's increment (or the vendor default), at each voxel's T2: 1/R2 of ``r2_file``,
+    else inferred from ``r2star_file`` (:func:`~qmri_workflows.core.relaxometry.t2_prior_from_r2star`),
+    else the tissue T2 ``tissue_t2``. The standard error of R1 propagates the covariance of the
+    ESTATICS intercepts (``r2star_file``, ``r2star_stderr_file``, ``echo_times``), else the given
+    ``noise_sigma``, the residuals (more than two flip angles) or the noise of the air. Voxels with
     a non-finite signal or B1+ get NaN; their counts go to the log and into ``metadata``.
     """
 

@@ -307,7 +307,7 @@ def _b1_note(context):
 
 def _build_r2(context):
     from .base import estimate_fit_mem_gb, map_grid_file
-    from .relaxometry import _r1_settings, _r1_signal_inputs, spoiling_corrected
+    from .relaxometry import r1_settings, r1_signal_inputs, spoiling_corrected
 
     inputs, options = context.inputs, context.options
     series = inputs.bssfp
@@ -321,7 +321,7 @@ def _build_r2(context):
         method=options["r2_method"],
         with_phase=_has_phase(inputs),
         b1_note=_b1_note(context),
-        refine_r1=_r1_settings(context) if spoiling_corrected(context) else None,
+        refine_r1=r1_settings(context) if spoiling_corrected(context) else None,
         # complex float64 copies of one flip angle's cycles dominate
         mem_gb=estimate_fit_mem_gb(series[0].magnitude[0], 4 * n_cycle + 2 * len(series) + 4),
         omp_nthreads=context.omp_nthreads,
@@ -331,7 +331,7 @@ def _build_r2(context):
         workflow.inputs.inputnode.phase_files = [path for s in series for path in s.phase]
         workflow.inputs.inputnode.phase_scale = float(series[0].phase_scale)
     workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
-    _r1_signal_inputs(workflow, context)
+    r1_signal_inputs(workflow, context, prefix="r1_")
     return workflow
 
 

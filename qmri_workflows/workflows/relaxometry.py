@@ -395,7 +395,7 @@ def _describe_r1(inputs, options=None):
     )
 
 
-def _r1_settings(context):
+def r1_settings(context):
     """The DESPOT1 settings of the subject (for the R1 family and for the R2 family's refit)."""
     inputs, options = context.inputs, context.options
     phase_increment, manufacturer, gradient_moment = _spoiling_sidecar(inputs)
@@ -440,22 +440,30 @@ def spoiling_corrected(context):
     return spoiling_choice(True, *_spoiling_sidecar(context.inputs)[:2])[0] is not None
 
 
-def _r1_signal_inputs(workflow, context):
-    """Single-echo data: the R1 fit reads the images themselves (multi-echo: the R2* family's S0)."""
+def r1_signal_inputs(workflow, context, prefix=""):
+    """Single-echo data: the R1 fit reads the images themselves (multi-echo: the R2* family's S0).
+
+    Sets ``inputnode.<prefix>signal_files`` and ``inputnode.<prefix>flip_angles`` of ``workflow``.
+    """
     if "r2star" not in context.running:
-        workflow.inputs.inputnode.signal_files = [series.magnitude[0] for series in context.inputs.gre]
-        workflow.inputs.inputnode.flip_angles = [float(series.flip_angle) for series in context.inputs.gre]
+        setattr(
+            workflow.inputs.inputnode,
+            f"{prefix}signal_files",
+            [series.magnitude[0] for series in context.inputs.gre],
+        )
+        flips = [float(series.flip_angle) for series in context.inputs.gre]
+        setattr(workflow.inputs.inputnode, f"{prefix}flip_angles", flips)
 
 
 def _build_r1(context):
     from .base import estimate_fit_mem_gb
 
     workflow = init_r1_wf(
-        **_r1_settings(context),
+        **r1_settings(context),
         mem_gb=estimate_fit_mem_gb(context.inputs.gre[0].magnitude[0], len(context.inputs.gre) + 10),
         omp_nthreads=context.omp_nthreads,
     )
-    _r1_signal_inputs(workflow, context)
+    r1_signal_inputs(workflow, context)
     return workflow
 
 
@@ -472,7 +480,7 @@ def init_r1_refit_wf(*, settings, mem_gb=1.0, omp_nthreads=1, name="r1_refit_wf"
     Parameters
     ----------
     settings : dict
-        The R1 family's settings (``_r1_settings``): TR, method, spoiling sidecar values, echo times ...
+        The R1 family's settings (:func:`r1_settings`): TR, method, spoiling sidecar values, echo times ...
     mem_gb : float
         Memory of the fitting node (GB).
     omp_nthreads : int

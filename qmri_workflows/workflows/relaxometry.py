@@ -698,8 +698,9 @@ def _registry_entries():
                     "type": _positive_seconds,
                     "default": DEFAULT_TISSUE_T2,
                     "metavar": "SECONDS",
-                    "help": f"tissue T2 the spoiling correction assumes (default {DEFAULT_TISSUE_T2:g} s, "
-                    "between white matter and cortex at 3 T; long-T2 lesions keep a residual bias)",
+                    "help": f"tissue T2 the spoiling correction assumes where no voxel T2 is known (default "
+                    f"{DEFAULT_TISSUE_T2:g} s, between white matter and cortex at 3 T): single-echo VFA without an "
+                    "R2 map; multi-echo data infer each voxel's T2 from R2*, and an R2 map gives it",
                 },
             ),
         ),

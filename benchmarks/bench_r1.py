@@ -78,7 +78,8 @@ def step_r2star(root, workdir, mask_file):
     result = FitR2star(
         magnitude_files=files, echo_times=echo_times, flip_angles=flips, mask_file=mask_file, num_threads=2
     ).run(cwd=str(workdir))
-    return list(result.outputs.s0_files), list(result.outputs.flip_angles)
+    outputs = result.outputs
+    return list(outputs.s0_files), list(outputs.flip_angles), outputs.r2star_file, outputs.r2star_stderr_file
 
 
 @with_cpu_time
@@ -99,7 +100,7 @@ def step_b1(root, workdir):
 
 
 @with_cpu_time
-def step_r1(root, workdir, s0_files, flips, mask_file, b1_file, spoiling):
+def step_r1(root, workdir, s0_files, flips, r2star_files, mask_file, b1_file, spoiling):
     from qmri_workflows.interfaces.relaxometry import FitR1
 
     inputs = _inputs(root)
@@ -114,6 +115,10 @@ def step_r1(root, workdir, s0_files, flips, mask_file, b1_file, spoiling):
         afi_flip_angle=afi.flip_angle,
         spoiling_correction=spoiling,
         phase_increment=inputs.gre[0].metadata.get("SpoilingRFPhaseIncrement", 50.0),
+        # as in the App: R2* gives the T2 prior and, with its standard error, the intercepts' noise
+        r2star_file=r2star_files[0],
+        r2star_stderr_file=r2star_files[1],
+        echo_times=[list(series.echo_times) for series in inputs.gre],
         num_threads=2,
     ).run(cwd=str(workdir))
     return result.outputs.metadata["FittedVoxels"]
@@ -136,13 +141,13 @@ def main(argv=None):
         rows.append(("phantom", seconds, float("nan"), peak))
     seconds, peak, (mask_file, cpu) = measure(step_mask, root, args.workdir)
     rows.append(("brain mask", seconds, cpu, peak))
-    seconds, peak, ((s0_files, flips), cpu) = measure(step_r2star, root, args.workdir, mask_file)
+    seconds, peak, ((s0_files, flips, *r2star_files), cpu) = measure(step_r2star, root, args.workdir, mask_file)
     rows.append(("R2* (ESTATICS, 2 threads)", seconds, cpu, peak))
     seconds, peak, (b1_file, cpu) = measure(step_b1, root, args.workdir)
     rows.append(("B1+ (AFI)", seconds, cpu, peak))
     for spoiling in (True, False):
         seconds, peak, (voxels, cpu) = measure(
-            step_r1, root, args.workdir, s0_files, flips, mask_file, b1_file, spoiling
+            step_r1, root, args.workdir, s0_files, flips, r2star_files, mask_file, b1_file, spoiling
         )
         label = "R1 (linear, spoiling corrected, 2 threads)" if spoiling else "R1 (linear, no spoiling correction)"
         rows.append((f"{label}, {voxels} voxels", seconds, cpu, peak))

@@ -29,7 +29,13 @@ References
 
 import numpy as np
 
-__all__ = ["r2star_crlb", "estatics_crlb", "estatics_fisher_information", "estatics_r2star_information"]
+__all__ = [
+    "r2star_crlb",
+    "estatics_crlb",
+    "estatics_fisher_information",
+    "estatics_intercept_covariance",
+    "estatics_r2star_information",
+]
 
 
 def _prepare(s0, r2star, echo_times, sigma):
@@ -157,6 +163,66 @@ def estatics_r2star_information(s0, r2star, echo_times):
     # Weighted variance of each contrast's echo times; clipped at 0 against rounding.
     spread = np.maximum(sum_te2_e2 - sum_te_e2**2 / safe, 0.0)
     return (s0**2 * spread).sum(axis=-1)
+
+
+def estatics_intercept_covariance(s0, r2star, echo_times, *, sigma=None, r2star_stderr=None):
+    r"""Asymptotic covariance of the TE = 0 intercepts of an ESTATICS fit (shared R2*).
+
+    The intercept block of the inverse Fisher information, in closed form (Sherman-Morrison on the
+    arrow-shaped matrix of the module notes): with, per contrast, :math:`a_c = \sum_e E_{c,e}^2`
+    and :math:`u_c = S_{0,c} \sum_e TE_{c,e} E_{c,e}^2 / a_c`,
+
+    .. math::
+
+        \mathrm{Cov}(\hat S_{0}) = \sigma^2 \left[\mathrm{diag}(1/a_c)
+            + u u^T / I_{R_2^*}\right],
+
+    :math:`I_{R_2^*}` the R2* information for unit noise (:func:`estatics_r2star_information`).
+    The noise SD is ``sigma``, or the one the fit used for its R2* standard error:
+    :math:`\sigma = \mathrm{SE}(R_2^*)\sqrt{I_{R_2^*}}` (the residuals, or the air), so that
+    the intercepts inherit the fit's own noise level, denoised data included.
+
+    Parameters
+    ----------
+    s0 : array_like, shape (..., n_contrast)
+        Fitted intercepts.
+    r2star : array_like, shape (...)
+        Fitted R2* (1/s).
+    echo_times : array_like, shape (n_echo,) or (n_contrast, n_echo)
+        Echo times (s); NaN marks a missing echo.
+    sigma : array_like, optional
+        Noise SD of each magnitude sample (scalar or of the leading shape).
+    r2star_stderr : array_like, optional
+        Standard error of R2* (1/s) of the fit, when ``sigma`` is not given.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., n_contrast, n_contrast)
+        NaN where the noise is unknown or R2* not identifiable.
+    """
+    if (sigma is None) == (r2star_stderr is None):
+        raise ValueError("give exactly one of sigma and r2star_stderr")
+    s0 = np.asarray(s0, dtype=float)
+    r2star = np.asarray(r2star, dtype=float)
+    n_contrast = s0.shape[-1] if s0.ndim else 0
+    echo_times = _contrast_echo_times(echo_times, n_contrast, s0.shape)
+    valid = np.isfinite(echo_times)
+    te = np.where(valid, echo_times, 0.0)
+    decay_sq = np.where(valid, np.exp(-2.0 * r2star[..., None, None] * te), 0.0)
+    sum_e2 = decay_sq.sum(axis=-1)
+    sum_te_e2 = (te * decay_sq).sum(axis=-1)
+    information = estatics_r2star_information(s0, r2star, echo_times)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if sigma is not None:
+            variance = np.asarray(sigma, dtype=float) ** 2
+        else:
+            variance = np.asarray(r2star_stderr, dtype=float) ** 2 * information
+        u = s0 * sum_te_e2 / sum_e2
+        covariance = u[..., :, None] * u[..., None, :] / information[..., None, None]
+        covariance = covariance + np.eye(n_contrast) / sum_e2[..., None, :]
+        covariance = np.asarray(variance)[..., None, None] * covariance
+    identifiable = (information > 0) & np.all(sum_e2 > 0, axis=-1)
+    return np.where(identifiable[..., None, None], covariance, np.nan)
 
 
 def r2star_crlb(s0, r2star, echo_times, sigma):

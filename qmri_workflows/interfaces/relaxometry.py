@@ -213,9 +213,28 @@ class _FitR1InputSpec(BaseInterfaceInputSpec):
     phase_increment = traits.Float(desc="SpoilingRFPhaseIncrement (deg) of the sidecar")
     manufacturer = Str(desc="Manufacturer of the sidecar (vendor default increment)")
     gradient_moment = traits.Float(desc="SpoilingGradientMoment (mT s/m) of the sidecar")
-    tissue_t2 = traits.Float(DEFAULT_TISSUE_T2, usedefault=True, desc="T2 (s) the spoiling correction assumes")
+    tissue_t2 = traits.Float(
+        DEFAULT_TISSUE_T2, usedefault=True, desc="T2 (s) the spoiling correction assumes without R2 or R2* maps"
+    )
+    r2_file = File(exists=True, desc="R2 (1/s) on the grid of the signals: each voxel's T2 for the spoiling correction")
+    r2star_file = File(
+        exists=True,
+        desc="R2* (1/s) of the ESTATICS fit: a per-voxel T2 prior for the spoiling correction where no R2 "
+        "is given, and (with r2star_stderr_file and echo_times) the noise of the intercepts",
+    )
+    r2star_stderr_file = File(exists=True, desc="standard error of R2* (1/s) of the ESTATICS fit")
+    echo_times = traits.List(
+        traits.List(traits.Float), desc="echo times (s) of each flip angle's intercept fit, in the order of the files"
+    )
+    field_strength = traits.Float(3.0, usedefault=True, desc="B0 (T), for the T2 prior from R2*")
+    b1_units = traits.Enum(
+        "percent", "ratio", usedefault=True, desc="unit of b1_file: percent of nominal (TB1map) or ratio"
+    )
     signal_kind = Str("TE = 0 intercepts", usedefault=True, desc="what the signal files are (provenance)")
     noise_sigma = traits.Float(desc="noise SD of the signals, for the standard error")
+    n_coils = traits.Int(
+        1, usedefault=True, desc="receive channels (root-sum-of-squares), for the noise measured in the air"
+    )
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
 
@@ -265,7 +284,11 @@ class FitR1(SimpleInterface):
 
     The flip angles are scaled by the B1+ map when one is given, and the signals corrected for
     imperfect RF spoiling by the EPG of the protocol (:mod:`qmri_workflows.core.relaxometry.spoiling`)
-    with the sidecar's increment (or the vendor default), at the tissue T2 ``tissue_t2``. Voxels with
+    with the sidecar's increment (or the vendor default), at each voxel's T2: 1/R2 of ``r2_file``,
+    else inferred from ``r2star_file`` (:func:`~qmri_workflows.core.relaxometry.t2_prior_from_r2star`),
+    else the tissue T2 ``tissue_t2``. The standard error of R1 propagates the covariance of the
+    ESTATICS intercepts (``r2star_file``, ``r2star_stderr_file``, ``echo_times``), else the given
+    ``noise_sigma``, the residuals (more than two flip angles) or the noise of the air. Voxels with
     a non-finite signal or B1+ get NaN; their counts go to the log and into ``metadata``.
     """
 
@@ -295,7 +318,8 @@ class FitR1(SimpleInterface):
 
         metadata = {}
         if isdefined(self.inputs.b1_file):
-            b1 = load_volume(self.inputs.b1_file, reference=reference).astype(np.float64) / 100.0
+            b1_scale = 100.0 if self.inputs.b1_units == "percent" else 1.0
+            b1 = load_volume(self.inputs.b1_file, reference=reference).astype(np.float64) / b1_scale
             b1 = np.where(b1 > 0, b1, np.nan)
             metadata["B1Correction"] = (
                 self.inputs.b1_description
@@ -322,13 +346,18 @@ class FitR1(SimpleInterface):
                 phase_increment_deg=increment,
                 gradient_moment=self.inputs.gradient_moment if isdefined(self.inputs.gradient_moment) else None,
             )
+            t2, t2_source = self._spoiling_t2(reference, shape)
             metadata["SpoilingCorrection"] = (
                 f"signals divided by EPG / Ernst ratio of the protocol (quadratic RF spoiling, spoiler "
                 f"{protocol.gradient_dephasing:g} cycles/mm per TR, diffusion {protocol.diffusion:g} mm^2/s) at "
-                f"tissue T2 {self.inputs.tissue_t2:g} s, iterated with the T1 estimate"
+                f"{t2_source['summary']}, iterated with the T1 estimate"
             )
-            metadata["SpoilingTissueT2"] = self.inputs.tissue_t2
+            metadata["SpoilingCorrectionT2"] = t2_source["kind"]
+            metadata["SpoilingCorrectionT2Description"] = t2_source["description"]
+            if t2_source["kind"] == "tissue":
+                metadata["SpoilingTissueT2"] = self.inputs.tissue_t2
         else:
+            t2 = self.inputs.tissue_t2
             metadata["SpoilingCorrection"] = "none"
             if self.inputs.spoiling_correction:
                 LOGGER.warning("R1: %s", source)
@@ -337,7 +366,7 @@ class FitR1(SimpleInterface):
 
         finite = np.isfinite(signals).all(axis=-1) & np.isfinite(b1)
         fitted = mask & finite
-        sigma = self.inputs.noise_sigma if isdefined(self.inputs.noise_sigma) else None
+        sigma, covariance, noise_source = self._signal_noise(signals, reference, flips.size, fitted)
         if isdefined(self.inputs.b1_file) and isdefined(self.inputs.afi_repetition_times):
             b1 = self._unbias_afi(signals, flips, b1, fitted)
             metadata["B1Correction"] += (
@@ -350,8 +379,9 @@ class FitR1(SimpleInterface):
             b1=np.where(fitted, b1, 1.0),
             method=R1_METHODS[method],
             spoiling=protocol,
-            t2=self.inputs.tissue_t2,
+            t2=np.where(fitted, t2, DEFAULT_TISSUE_T2) if np.ndim(t2) else t2,
             sigma=sigma,
+            signal_covariance=covariance,
             mask=fitted,
             chunk_size=self.inputs.chunk_size,
             n_jobs=self.inputs.num_threads,
@@ -389,11 +419,103 @@ class FitR1(SimpleInterface):
             **metadata,
             **counts,
         }
-        if sigma is None and flips.size == 2:
-            self._results["metadata"]["R1StandardErrorNote"] = (
-                "NaN: two flip angles leave no residual and no noise level was given"
-            )
+        self._results["metadata"]["R1StandardErrorSource"] = noise_source
         return runtime
+
+    def _spoiling_t2(self, reference, shape):
+        """T2 (s) the spoiling correction uses, a map or the tissue value, and where it comes from."""
+        from ..core.relaxometry import t2_prior_from_r2star
+
+        prior = None
+        if isdefined(self.inputs.r2star_file):
+            r2star = load_volume(self.inputs.r2star_file, reference=reference).astype(np.float64)
+            prior = t2_prior_from_r2star(r2star, self.inputs.field_strength)
+        if isdefined(self.inputs.r2_file):
+            r2 = load_volume(self.inputs.r2_file, reference=reference).astype(np.float64)
+            measured = np.isfinite(r2) & (r2 > 0)
+            fallback = prior if prior is not None else np.full(shape, self.inputs.tissue_t2)
+            with np.errstate(divide="ignore"):
+                t2 = np.where(measured, 1.0 / np.where(measured, r2, 1.0), fallback)
+            elsewhere = (
+                "T2 inferred from R2* (see SpoilingCorrectionT2 'r2star')"
+                if prior is not None
+                else f"tissue T2 {self.inputs.tissue_t2:g} s"
+            )
+            return t2, {
+                "kind": "R2map",
+                "summary": "each voxel's own T2 (1/R2 of the R2 map)",
+                "description": f"T2 = 1/R2 of the R2 map in every voxel with a positive R2; {elsewhere} elsewhere",
+            }
+        if prior is not None:
+            return prior, {
+                "kind": "r2star",
+                "summary": "a per-voxel T2 inferred from R2* (no R2 map)",
+                "description": (
+                    "T2 inferred from the voxel's R2* at "
+                    f"{self.inputs.field_strength:g} T: R2 = 12.5 1/s (T2 80 ms) at R2* 19 1/s (3 T), plus half of "
+                    "any R2* difference (R2 and R2' rise with iron with similar slopes, Gelman et al. Radiology "
+                    "1999;210:759), R2' scaled with the field; see core.relaxometry.spoiling.t2_prior_from_r2star"
+                ),
+            }
+        return self.inputs.tissue_t2, {
+            "kind": "tissue",
+            "summary": f"one tissue T2 of {self.inputs.tissue_t2:g} s (no R2 or R2* map)",
+            "description": (
+                f"one tissue T2 of {self.inputs.tissue_t2:g} s in every voxel (single-echo data give no R2* "
+                "and no R2 map was made): iron-rich nuclei keep about +2 %, long-T2 lesions up to -2 %"
+            ),
+        }
+
+    def _signal_noise(self, signals, reference, n_flip, fitted):
+        """``(sigma, covariance, description)`` of the signals' noise for the R1 standard error."""
+        from ..core.crlb import estatics_intercept_covariance
+
+        if isdefined(self.inputs.r2star_file) and isdefined(self.inputs.r2star_stderr_file):
+            if not isdefined(self.inputs.echo_times) or len(self.inputs.echo_times) != n_flip:
+                raise ValueError("r2star_stderr_file needs echo_times, one list per flip angle")
+            width = max(len(echoes) for echoes in self.inputs.echo_times)
+            echo_times = np.full((n_flip, width), np.nan)
+            for row, echoes in enumerate(self.inputs.echo_times):
+                echo_times[row, : len(echoes)] = echoes
+            r2star = load_volume(self.inputs.r2star_file, reference=reference).astype(np.float64)
+            stderr = load_volume(self.inputs.r2star_stderr_file, reference=reference).astype(np.float64)
+            # where R1 is fitted, in chunks: per-echo float64 temporaries of a 1 mm brain take ~0.25 GB each
+            covariance = np.full(signals.shape + (n_flip,), np.nan, dtype=np.float32)
+            where = np.flatnonzero(fitted)
+            flat_signals, flat_r2star = signals.reshape(-1, n_flip), r2star.reshape(-1)
+            flat_stderr, flat_covariance = stderr.reshape(-1), covariance.reshape(-1, n_flip, n_flip)
+            for start in range(0, where.size, self.inputs.chunk_size):
+                part = where[start : start + self.inputs.chunk_size]
+                flat_covariance[part] = estatics_intercept_covariance(
+                    flat_signals[part], flat_r2star[part], echo_times, r2star_stderr=flat_stderr[part]
+                )
+            return (
+                None,
+                covariance,
+                (
+                    "covariance of the TE = 0 intercepts propagated through the DESPOT1 fit (Fisher information); "
+                    "the intercepts' noise is that of the ESTATICS fit (its residuals, or the air), recovered from "
+                    "the R2* standard error"
+                ),
+            )
+        if isdefined(self.inputs.noise_sigma):
+            return self.inputs.noise_sigma, None, f"given noise SD {self.inputs.noise_sigma:g} of every signal"
+        if n_flip > 2:
+            return None, None, "residuals of the DESPOT1 fit (more flip angles than parameters)"
+        from .r2star import estimate_noise_from_air
+
+        try:
+            sigma = estimate_noise_from_air(
+                signals[..., -1], voxel_size=reference.header.get_zooms()[:3], n_coils=self.inputs.n_coils
+            )
+        except ValueError as error:
+            problem = str(error)
+        else:
+            if sigma > 0 and np.isfinite(sigma):
+                return sigma, None, f"noise SD {sigma:g} measured in the air of the images (same for every signal)"
+            problem = "the air holds no noise (simulated data?)"
+        LOGGER.info("R1: no standard error (%s)", problem)
+        return None, None, f"none, NaN: two flip angles leave no residual, and {problem}"
 
     def _unbias_afi(self, signals, flips, b1, fitted):
         """B1+ map without the first-order AFI formula's T1 bias, at the T1 of a quick first fit.

@@ -10,6 +10,7 @@ from nipype.interfaces.base import (
     OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -19,6 +20,7 @@ from ..io.staging import commit_staged_files
 class _MergeMetadataInputSpec(BaseInterfaceInputSpec):
     base = traits.Dict(mandatory=True, desc="fields computed by a node (e.g. EstimationAlgorithm)")
     update = traits.Dict(mandatory=True, desc="fields that win over base (e.g. one flip angle's)")
+    base_wins = traits.List(traits.Str, desc="keys whose base value is kept even when update has them")
 
 
 class _MergeMetadataOutputSpec(TraitedSpec):
@@ -32,7 +34,11 @@ class MergeMetadata(SimpleInterface):
     output_spec = _MergeMetadataOutputSpec
 
     def _run_interface(self, runtime):
-        self._results["out_dict"] = {**self.inputs.base, **self.inputs.update}
+        merged = {**self.inputs.base, **self.inputs.update}
+        for key in self.inputs.base_wins if isdefined(self.inputs.base_wins) else ():
+            if key in self.inputs.base:
+                merged[key] = self.inputs.base[key]
+        self._results["out_dict"] = merged
         return runtime
 
 

@@ -11,6 +11,7 @@ from .registry import (
     plan_families,
     quantitative_outputs,
     registered_families,
+    superseded_sources,
 )
 
 __all__ = [
@@ -124,6 +125,15 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     workflow = QMRIWorkflow(name=name or f"{label}_wf")
     _quick_polling(workflow)
     built = {}
+    replaced = superseded_sources(running)
+
+    def source(dependency, field, consumer):
+        """The workflow and field that give ``field`` of ``dependency`` (refined when superseded)."""
+        refiner, refined_field = replaced.get((dependency, field), (None, None))
+        if refiner is not None and refiner != consumer and refiner in built:
+            return built[refiner], refined_field
+        return built[dependency], field
+
     for family in running:
         family_wf = family.build(context)
         if family_wf.name in {other.name for other in built.values()} or family_wf.name == "ds_wf":
@@ -135,10 +145,15 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
         for field, (dependency, dependency_field) in family.consumes.items():
             if dependency not in built and dependency in family.uses:
                 continue  # an optional provider that does not run for this subject
-            workflow.connect(built[dependency], f"outputnode.{dependency_field}", family_wf, f"inputnode.{field}")
+            provider, provider_field = source(dependency, dependency_field, family.key)
+            workflow.connect(provider, f"outputnode.{provider_field}", family_wf, f"inputnode.{field}")
         if family.consumes_maps:
             _connect_maps(
-                workflow, family_wf, [(built[other.key], other) for other in running if other.key in built], inputs
+                workflow,
+                family_wf,
+                [other for other in running if other.key in built],
+                inputs,
+                lambda key, field, consumer=family.key: source(key, field, consumer),
             )
         for field, (collection, interpolation) in family.derived_inputs.items():
             derived = inputs.derivatives.get(collection)
@@ -168,24 +183,28 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
         fields = dict.fromkeys(output.field for output in outputs)
         if family.runtime_metadata:
             fields["metadata"] = None
-        workflow.connect([
-            (built[family.key], ds_wf,
-             [(f"outputnode.{field}", f"inputnode.{output_field(family.key, field)}") for field in fields]),
-        ])  # fmt: skip
+        for field in fields:
+            provider, provider_field = source(family.key, field, None)
+            workflow.connect(
+                provider, f"outputnode.{provider_field}", ds_wf, f"inputnode.{output_field(family.key, field)}"
+            )
     return workflow, plans
 
 
-def _connect_maps(workflow, family_wf, producers, inputs):
-    """Feed every quantitative output of ``producers`` to ``family_wf``'s ``map_files`` / ``map_names``."""
+def _connect_maps(workflow, family_wf, producers, inputs, source):
+    """Feed every quantitative output of ``producers`` to ``family_wf``'s ``map_files`` / ``map_names``.
+
+    ``source(family key, field) -> (workflow, field)`` gives where each output comes from (the
+    refining family's field when one supersedes it).
+    """
     from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
-    sources = [
-        (producer_wf, output) for producer_wf, family in producers for output in quantitative_outputs(family, inputs)
-    ]
+    sources = [(family, output) for family in producers for output in quantitative_outputs(family, inputs)]
     merge = pe.Node(niu.Merge(len(sources)), name=f"maps_for_{family_wf.name}", run_without_submitting=True)
-    for position, (producer_wf, output) in enumerate(sources, start=1):
-        workflow.connect(producer_wf, f"outputnode.{output.field}", merge, f"in{position}")
+    for position, (family, output) in enumerate(sources, start=1):
+        producer_wf, field = source(family.key, output.field)
+        workflow.connect(producer_wf, f"outputnode.{field}", merge, f"in{position}")
     workflow.connect(merge, "out", family_wf, "inputnode.map_files")
     family_wf.inputs.inputnode.map_names = [output.map_name for _, output in sources]
 

@@ -23,6 +23,7 @@ def init_r2_wf(
     method="nonlinear",
     with_phase=True,
     b1_note=None,
+    refine_r1=None,
     mem_gb=1.0,
     omp_nthreads=1,
     name="r2_wf",
@@ -45,6 +46,14 @@ def init_r2_wf(
         Whether phase images are given (``phase_files``, ``phase_scale``).
     b1_note : str, optional
         Why no B1+ map reaches the fit (then ``b1_file`` is not used).
+    refine_r1 : dict, optional
+        The R1 family's settings when its R1 is corrected for imperfect spoiling, which depends on
+        T2: R1 is then refitted with each voxel's T2 from this R2
+        (:func:`~qmri_workflows.workflows.relaxometry.init_r1_refit_wf`) and R2 refitted with the
+        refined R1: one round of the joint fixed point. A second would change R1 by about 0.03 times
+        the relative change of R2 (R1 moves ~2 % when T2 halves), and R2 follows R1 at most one to
+        one, so by < 0.03 % where the first round moved R1 by < 1 %.
+        Without it the ``refined_*`` outputs are the R1 family's own.
     mem_gb : float
         Memory of each node (GB).
     omp_nthreads : int
@@ -61,6 +70,10 @@ def init_r2_wf(
         An image on the map grid.
     mask_file, r1_file, b1_file
         Brain mask, R1 (1/s) and the B1+ ratio map (1 = nominal) on the map grid.
+    t1_file, m0_file, r1_stderr_file, r1_metadata
+        The rest of the R1 family's outputs (passed on, or replaced by the refit).
+    r1_signal_files, r1_flip_angles, r2star_file, r2star_stderr_file
+        What the R1 fit reads (for the refit; see :func:`~qmri_workflows.workflows.relaxometry.init_r1_wf`).
 
     Outputs
     -------
@@ -72,6 +85,8 @@ def init_r2_wf(
         Band-free signal per flip angle (map grid).
     metadata
         Sidecar fields.
+    refined_r1_file, refined_t1_file, refined_m0_file, refined_r1_stderr_file, refined_r1_metadata
+        R1 outputs with the spoiling correction at this R2's T2 (they supersede the R1 family's).
     """
     from nipype.interfaces.utility import IdentityInterface
     from nipype.pipeline import engine as pe
@@ -90,13 +105,26 @@ def init_r2_wf(
                 "mask_file",
                 "r1_file",
                 "b1_file",
+                *R1_PASSED_ON,
+                "r1_signal_files",
+                "r1_flip_angles",
+                "r2star_file",
+                "r2star_stderr_file",
             ]
         ),
         name="inputnode",
     )
     outputnode = pe.Node(
         IdentityInterface(
-            fields=["r2_file", "t2_file", "r2_stderr_file", "offresonance_file", "band_free_files", "metadata"]
+            fields=[
+                "r2_file",
+                "t2_file",
+                "r2_stderr_file",
+                "offresonance_file",
+                "band_free_files",
+                "metadata",
+                *(f"refined_{field}" for field in REFINED_R1_FIELDS),
+            ]
         ),
         name="outputnode",
     )
@@ -133,8 +161,6 @@ def init_r2_wf(
         (inputnode, fit, [("mask_file", "mask_file"), ("r1_file", "r1_file")]),
         (band_free, fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]),
         (band_free, merge, [("metadata", "base")]),
-        (fit, merge, [("metadata", "update")]),
-        (fit, outputnode, [("r2_file", "r2_file"), ("t2_file", "t2_file"), ("r2_stderr_file", "r2_stderr_file")]),
         (band_free, outputnode, [("offresonance_file", "offresonance_file"), ("band_free_files", "band_free_files")]),
         (merge, outputnode, [("out_dict", "metadata")]),
     ])  # fmt: skip
@@ -142,7 +168,49 @@ def init_r2_wf(
         workflow.connect([(inputnode, band_free, [("phase_files", "phase_files"), ("phase_scale", "phase_scale")])])
     if b1_note is None:
         workflow.connect([(inputnode, fit, [("b1_file", "b1_file")])])
+    if refine_r1 is None:
+        final_fit = fit
+        workflow.connect([
+            (inputnode, outputnode, [("r1_file", "refined_r1_file")]
+             + [(field, f"refined_{field}") for field in R1_PASSED_ON[:-1]]
+             + [("r1_metadata", "refined_metadata")]),
+        ])  # fmt: skip
+    else:
+        from .relaxometry import init_r1_refit_wf
+
+        refit = init_r1_refit_wf(settings=refine_r1, mem_gb=mem_gb, omp_nthreads=omp_nthreads)
+        final_fit = pe.Node(
+            fit.interface.__class__(**fit.inputs.get_traitsfree()),
+            name="refit_despot2",
+            mem_gb=mem_gb,
+            n_procs=omp_nthreads,
+        )
+        workflow.connect([
+            (inputnode, refit, [("r1_signal_files", "inputnode.signal_files"),
+                                ("r1_flip_angles", "inputnode.flip_angles"), ("mask_file", "inputnode.mask_file"),
+                                ("b1_file", "inputnode.b1_file"), ("r2star_file", "inputnode.r2star_file"),
+                                ("r2star_stderr_file", "inputnode.r2star_stderr_file"),
+                                ("r1_metadata", "inputnode.metadata")]),
+            (fit, refit, [("r2_file", "inputnode.r2_file")]),
+            (refit, final_fit, [("outputnode.r1_file", "r1_file")]),
+            (inputnode, final_fit, [("mask_file", "mask_file")]),
+            (band_free, final_fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]),
+            (refit, outputnode, [(f"outputnode.{field}", f"refined_{field}") for field in REFINED_R1_FIELDS]),
+        ])  # fmt: skip
+        if b1_note is None:
+            workflow.connect([(inputnode, final_fit, [("b1_file", "b1_file")])])
+    workflow.connect([
+        (final_fit, merge, [("metadata", "update")]),
+        (final_fit, outputnode, [("r2_file", "r2_file"), ("t2_file", "t2_file"),
+                                 ("r2_stderr_file", "r2_stderr_file")]),
+    ])  # fmt: skip
     return workflow
+
+
+#: R1 family outputs the R2 family takes in and passes on (or replaces by its refit).
+R1_PASSED_ON = ("t1_file", "m0_file", "r1_stderr_file", "r1_metadata")
+#: Fields of the R1 refit; the R2 family's ``refined_<field>`` supersede the R1 family's ``<field>``.
+REFINED_R1_FIELDS = ("r1_file", "t1_file", "m0_file", "r1_stderr_file", "metadata")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,13 +278,21 @@ def _check_r2(inputs, options):
     return None
 
 
-def _describe_r2(inputs):
+def _describe_r2(inputs, options):
+    from .registry import BuildContext
+    from .relaxometry import spoiling_corrected
+
     series = inputs.bssfp
     flips = ", ".join(f"{s.flip_angle:g}" for s in series)
     data = "complex" if _has_phase(inputs) else "WARNING: magnitude only, band-reduced not band-free (R2 biased)"
+    refit = (
+        "; R1 refitted with this R2's T2 (spoiling correction), then R2 with that R1"
+        if spoiling_corrected(BuildContext(inputs=inputs, options=options))
+        else ""
+    )
     return (
         f"DESPOT2 from {len(series[0].phase_increments)} bSSFP phase cycles ({data}) at flip {flips} deg, "
-        f"TR {series[0].repetition_time * 1e3:g} ms; R1 and B1+ from the R1 family"
+        f"TR {series[0].repetition_time * 1e3:g} ms; R1 and B1+ from the R1 family{refit}"
     )
 
 
@@ -233,6 +309,7 @@ def _b1_note(context):
 
 def _build_r2(context):
     from .base import estimate_fit_mem_gb, map_grid_file
+    from .relaxometry import r1_settings, r1_signal_inputs, spoiling_corrected
 
     inputs, options = context.inputs, context.options
     series = inputs.bssfp
@@ -246,6 +323,7 @@ def _build_r2(context):
         method=options["r2_method"],
         with_phase=_has_phase(inputs),
         b1_note=_b1_note(context),
+        refine_r1=r1_settings(context) if spoiling_corrected(context) else None,
         # complex float64 copies of one flip angle's cycles dominate
         mem_gb=estimate_fit_mem_gb(series[0].magnitude[0], 4 * n_cycle + 2 * len(series) + 4),
         omp_nthreads=context.omp_nthreads,
@@ -255,6 +333,7 @@ def _build_r2(context):
         workflow.inputs.inputnode.phase_files = [path for s in series for path in s.phase]
         workflow.inputs.inputnode.phase_scale = float(series[0].phase_scale)
     workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
+    r1_signal_inputs(workflow, context, prefix="r1_")
     return workflow
 
 
@@ -323,14 +402,27 @@ def _registry_entries():
         name="R2",
         needs=(BSSFP,),
         depends=("brainmask", "r1"),
+        uses=("r2star",),
         consumes={
             "mask_file": ("brainmask", "mask_file"),
             "r1_file": ("r1", "r1_file"),
             "b1_file": ("r1", "b1_file"),
+            "t1_file": ("r1", "t1_file"),
+            "m0_file": ("r1", "m0_file"),
+            "r1_stderr_file": ("r1", "r1_stderr_file"),
+            "r1_metadata": ("r1", "metadata"),
+            "r1_signal_files": ("r2star", "s0_files"),
+            "r1_flip_angles": ("r2star", "flip_angles"),
+            "r2star_file": ("r2star", "r2star_file"),
+            "r2star_stderr_file": ("r2star", "r2star_stderr_file"),
         },
+        # R1's spoiling correction depends on T2: the R1 this family refits with its own R2 is the one
+        # published and used (init_r2_wf's refine_r1)
+        supersedes={("r1", field): f"refined_{field}" for field in REFINED_R1_FIELDS},
         check=_check_r2,
         check_options=True,
         describe=_describe_r2,
+        describe_options=True,
         build=_build_r2,
         outputs=_r2_outputs,
         options=(

@@ -46,6 +46,7 @@ __all__ = [
     "positive_int",
     "quantitative_outputs",
     "register",
+    "superseded_sources",
     "registered_families",
     "unregister",
 ]
@@ -184,6 +185,15 @@ class MapFamily:
         Whether the family's ``outputnode`` has a ``metadata`` field.
     check_options : bool
         Whether ``check`` takes the option values as its second argument.
+    describe_options : bool
+        Whether ``describe`` takes the option values as its second argument (a plan line that says
+        which corrections the options turn off).
+    supersedes : dict
+        ``{(family key, outputnode field): own outputnode field}``: outputs of a family this one
+        depends on and refines (R2 refits R1 with each voxel's own T2). When this family runs, the
+        derivatives writer and every other family take this family's field instead, so the
+        refined map is the one published and used; families that consume a superseded output run
+        after this one (unless this one needs them).
     auxiliary : bool
         The family serves others (the brain mask): a subject for which only auxiliary families can
         run has no map to compute.
@@ -209,6 +219,8 @@ class MapFamily:
     auxiliary: bool = False
     consumes_maps: bool = False
     check_options: bool = False
+    describe_options: bool = False
+    supersedes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -267,6 +279,7 @@ def registered_families():
     """
     families = {**_builtin_families(), **_ADDED}
     ordered, state = [], {}
+    refiners = _refiners(families)
 
     def visit(key, chain):
         if state.get(key) == "done":
@@ -276,7 +289,7 @@ def registered_families():
         if key not in families:
             raise ValueError(f"map family {chain[-1]!r} depends on unknown family {key!r}")
         state[key] = "visiting"
-        for dependency in (*families[key].depends, *families[key].uses):
+        for dependency in (*families[key].depends, *families[key].uses, *refiners.get(key, ())):
             visit(dependency, chain + [key])
         state[key] = "done"
         ordered.append(families[key])
@@ -285,6 +298,40 @@ def registered_families():
         visit(key, [])
     # families that read every quantitative map run after all the others
     return [f for f in ordered if not f.consumes_maps] + [f for f in ordered if f.consumes_maps]
+
+
+def _ancestors(families, key):
+    """Keys of the families ``key`` needs, directly or not (``depends`` and ``uses``)."""
+    found, stack = set(), [key]
+    while stack:
+        family = families.get(stack.pop())
+        for dependency in (*family.depends, *family.uses) if family else ():
+            if dependency not in found:
+                found.add(dependency)
+                stack.append(dependency)
+    return found
+
+
+def _refiners(families):
+    """``{family key: keys of the families that supersede an output it consumes}`` (to run first)."""
+    refiners = {}
+    for refiner in families.values():
+        superseded = set(refiner.supersedes)
+        if not superseded:
+            continue
+        ancestors = _ancestors(families, refiner.key)
+        for family in families.values():
+            if family.key == refiner.key or family.key in ancestors:
+                continue
+            consumed = set(family.consumes.values())
+            if family.consumes_maps or consumed & superseded:
+                refiners.setdefault(family.key, []).append(refiner.key)
+    return refiners
+
+
+def superseded_sources(families):
+    """``{(family key, field): (refining family key, its field)}`` among ``families`` (those that run)."""
+    return {source: (family.key, own_field) for family in families for source, own_field in family.supersedes.items()}
 
 
 def quantitative_outputs(family, inputs):
@@ -336,9 +383,9 @@ def plan_families(inputs, families=None, options=None):
             reason = family.check(inputs, options) if family.check_options else family.check(inputs)
         run = reason is None
         running[family.key] = run
-        plans.append(
-            MapPlan(family.name, run, family.describe(inputs) if run else reason, family.key, family.auxiliary)
-        )
+        if run:
+            reason = family.describe(inputs, options) if family.describe_options else family.describe(inputs)
+        plans.append(MapPlan(family.name, run, reason, family.key, family.auxiliary))
     return plans
 
 

@@ -85,6 +85,9 @@ def init_r1_wf(
     b1_note=None,
     estimate_b1=False,
     afi_protocol=None,
+    echo_times=None,
+    field_strength=None,
+    n_coils=1,
     mem_gb=1.0,
     omp_nthreads=1,
     name="r1_wf",
@@ -118,6 +121,14 @@ def init_r1_wf(
     afi_protocol : tuple of float, optional
         ``(TR1, TR2, flip angle in deg)`` of the AFI pair the B1+ map comes from: its finite-T1
         bias is then removed with the fitted T1 (:func:`~qmri_workflows.core.relaxometry.afi_t1_bias`).
+    echo_times : list of list of float, optional
+        Echo times (s) of each flip angle when ``signal_files`` are ESTATICS intercepts: then
+        ``r2star_file`` and ``r2star_stderr_file`` are connected, for the T2 prior of the spoiling
+        correction and for the noise of the intercepts (R1 standard error).
+    field_strength : float, optional
+        B0 (T) for the T2 prior from R2* (3 T when unknown).
+    n_coils : int, optional
+        Receive channels, for the noise of single-echo images measured in the air.
     mem_gb : float
         Memory of the fitting node (GB).
     omp_nthreads : int
@@ -135,6 +146,8 @@ def init_r1_wf(
         Brain mask.
     b1_file
         B1+ in percent of nominal on the map grid (optional).
+    r2star_file, r2star_stderr_file
+        R2* and its standard error from the ESTATICS fit (with ``echo_times``).
 
     Outputs
     -------
@@ -152,7 +165,10 @@ def init_r1_wf(
 
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
-        IdentityInterface(fields=["signal_files", "flip_angles", "mask_file", "b1_file"]), name="inputnode"
+        IdentityInterface(
+            fields=["signal_files", "flip_angles", "mask_file", "b1_file", "r2star_file", "r2star_stderr_file"]
+        ),
+        name="inputnode",
     )
     outputnode = pe.Node(
         IdentityInterface(fields=["r1_file", "t1_file", "m0_file", "r1_stderr_file", "b1_file", "metadata"]),
@@ -164,6 +180,7 @@ def init_r1_wf(
             method=method,
             spoiling_correction=spoiling_correction,
             signal_kind=signal_kind,
+            n_coils=n_coils,
             num_threads=omp_nthreads,
         ),
         name="fit_r1",
@@ -176,9 +193,15 @@ def init_r1_wf(
         ("gradient_moment", gradient_moment),
         ("tissue_t2", tissue_t2),
         ("b1_note", b1_note),
+        ("field_strength", field_strength),
     ):
         if value is not None:
             setattr(fit.inputs, trait, value)
+    if echo_times is not None:
+        fit.inputs.echo_times = [[float(te) for te in echoes] for echoes in echo_times]
+        workflow.connect([
+            (inputnode, fit, [("r2star_file", "r2star_file"), ("r2star_stderr_file", "r2star_stderr_file")]),
+        ])  # fmt: skip
     if afi_protocol is not None:
         fit.inputs.afi_repetition_times = [float(afi_protocol[0]), float(afi_protocol[1])]
         fit.inputs.afi_flip_angle = float(afi_protocol[2])
@@ -339,7 +362,8 @@ def _spoiling_sidecar(inputs):
     )
 
 
-def _describe_r1(inputs):
+def _describe_r1(inputs, options=None):
+    from ..core.relaxometry import DEFAULT_TISSUE_T2
     from ..interfaces.relaxometry import spoiling_choice
 
     flips = ", ".join(f"{flip:g}" for flip in _flip_angles(inputs))
@@ -349,20 +373,30 @@ def _describe_r1(inputs):
         if _b1_source(inputs)
         else f"B1+ estimated from the VFA data, no B1+ map ({_no_b1_reason(inputs)}) unless --no-b1-estimate"
     )
-    increment, source = spoiling_choice(True, *_spoiling_sidecar(inputs)[:2])
-    spoiling = (
-        f"spoiling increment {source}"
-        if increment is not None
-        else "WARNING: no spoiling correction (no SpoilingRFPhaseIncrement, unknown Manufacturer)"
-    )
+    if options is not None and options.get("r1_no_spoiling_correction"):
+        spoiling = "no spoiling correction (--no-spoiling-correction)"
+    else:
+        increment, source = spoiling_choice(True, *_spoiling_sidecar(inputs)[:2])
+        from ..io.query import BSSFP
+
+        then = "; refitted with the R2 map where R2 runs" if inputs.has(BSSFP) else ""
+        t2 = (
+            f"per-voxel T2 inferred from R2*{then}"
+            if _multi_echo(inputs)
+            else f"tissue T2 {(options or {}).get('r1_tissue_t2') or DEFAULT_TISSUE_T2:g} s (single echo: no R2*){then}"
+        )
+        spoiling = (
+            f"spoiling corrected (increment {source}; {t2})"
+            if increment is not None
+            else "WARNING: no spoiling correction (no SpoilingRFPhaseIncrement, unknown Manufacturer)"
+        )
     return (
         f"DESPOT1 from {signals} at flip {flips} deg, TR {inputs.gre[0].repetition_time * 1e3:g} ms; {b1}; {spoiling}"
     )
 
 
-def _build_r1(context):
-    from .base import estimate_fit_mem_gb
-
+def r1_settings(context):
+    """The DESPOT1 settings of the subject (for the R1 family and for the R2 family's refit)."""
     inputs, options = context.inputs, context.options
     phase_increment, manufacturer, gradient_moment = _spoiling_sidecar(inputs)
     b1_corrected = "b1" in context.running and not options["r1_no_b1_correction"]
@@ -373,7 +407,7 @@ def _build_r1(context):
     else:
         b1_note = _no_b1_reason(inputs)
     multi_echo = "r2star" in context.running
-    workflow = init_r1_wf(
+    return dict(
         repetition_time=inputs.gre[0].repetition_time,
         method=options["r1_method"],
         spoiling_correction=not options["r1_no_spoiling_correction"],
@@ -391,12 +425,145 @@ def _build_r1(context):
             if b1_corrected and _b1_source(inputs) == "afi"
             else None
         ),
-        mem_gb=estimate_fit_mem_gb(inputs.gre[0].magnitude[0], len(inputs.gre) + 6),
+        echo_times=[list(series.echo_times) for series in inputs.gre] if multi_echo else None,
+        field_strength=inputs.field_strength,
+        n_coils=options.get("n_coils", 1),
+    )
+
+
+def spoiling_corrected(context):
+    """Whether the subject's R1 is corrected for imperfect spoiling (and so depends on T2)."""
+    from ..interfaces.relaxometry import spoiling_choice
+
+    if context.options.get("r1_no_spoiling_correction"):
+        return False
+    return spoiling_choice(True, *_spoiling_sidecar(context.inputs)[:2])[0] is not None
+
+
+def r1_signal_inputs(workflow, context, prefix=""):
+    """Single-echo data: the R1 fit reads the images themselves (multi-echo: the R2* family's S0).
+
+    Sets ``inputnode.<prefix>signal_files`` and ``inputnode.<prefix>flip_angles`` of ``workflow``.
+    """
+    if "r2star" not in context.running:
+        setattr(
+            workflow.inputs.inputnode,
+            f"{prefix}signal_files",
+            [series.magnitude[0] for series in context.inputs.gre],
+        )
+        flips = [float(series.flip_angle) for series in context.inputs.gre]
+        setattr(workflow.inputs.inputnode, f"{prefix}flip_angles", flips)
+
+
+def _build_r1(context):
+    from .base import estimate_fit_mem_gb
+
+    workflow = init_r1_wf(
+        **r1_settings(context),
+        mem_gb=estimate_fit_mem_gb(context.inputs.gre[0].magnitude[0], len(context.inputs.gre) + 10),
         omp_nthreads=context.omp_nthreads,
     )
-    if not multi_echo:
-        workflow.inputs.inputnode.signal_files = [series.magnitude[0] for series in inputs.gre]
-        workflow.inputs.inputnode.flip_angles = [float(series.flip_angle) for series in inputs.gre]
+    r1_signal_inputs(workflow, context)
+    return workflow
+
+
+R1_REFIT_FIELDS = ("r1_file", "t1_file", "m0_file", "r1_stderr_file", "metadata")
+
+
+def init_r1_refit_wf(*, settings, mem_gb=1.0, omp_nthreads=1, name="r1_refit_wf"):
+    """Build a workflow that refits R1 with each voxel's own T2 (from an R2 map) in the spoiling correction.
+
+    The R1 family fits first with a T2 inferred from R2* (or a tissue T2); R2 (DESPOT2) needs that
+    R1; this refit closes the loop with the R2 map. It uses the B1+ ratio map of the first fit (its
+    AFI bias already removed) and keeps the first fit's ``B1Correction``.
+
+    Parameters
+    ----------
+    settings : dict
+        The R1 family's settings (:func:`r1_settings`): TR, method, spoiling sidecar values, echo times ...
+    mem_gb : float
+        Memory of the fitting node (GB).
+    omp_nthreads : int
+        Threads of the fitting node.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    signal_files, flip_angles, mask_file, r2star_file, r2star_stderr_file
+        As for :func:`init_r1_wf`.
+    b1_file
+        The B1+ ratio map (1 = nominal) of the first fit (undefined when it used none).
+    r2_file
+        R2 (1/s) on the map grid.
+    metadata
+        Sidecar fields of the first fit.
+
+    Outputs
+    -------
+    r1_file, t1_file, m0_file, r1_stderr_file, metadata
+        As for :func:`init_r1_wf`.
+    """
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.relaxometry import FitR1
+    from ..interfaces.utility import MergeMetadata
+
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        IdentityInterface(
+            fields=[
+                "signal_files",
+                "flip_angles",
+                "mask_file",
+                "b1_file",
+                "r2star_file",
+                "r2star_stderr_file",
+                "r2_file",
+                "metadata",
+            ]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(IdentityInterface(fields=list(R1_REFIT_FIELDS)), name="outputnode")
+    fit = pe.Node(
+        FitR1(
+            repetition_time=settings["repetition_time"],
+            method=settings["method"],
+            spoiling_correction=True,
+            signal_kind=settings["signal_kind"],
+            n_coils=settings["n_coils"],
+            b1_units="ratio",
+            num_threads=omp_nthreads,
+        ),
+        name="refit_r1",
+        mem_gb=mem_gb,
+        n_procs=omp_nthreads,
+    )
+    for trait in ("phase_increment", "manufacturer", "gradient_moment", "tissue_t2", "field_strength"):
+        if settings.get(trait) is not None:
+            setattr(fit.inputs, trait, settings[trait])
+    uses_b1 = settings["b1_note"] is None or settings["estimate_b1"]
+    if not uses_b1:
+        fit.inputs.b1_note = settings["b1_note"]
+    merge = pe.Node(MergeMetadata(base_wins=["B1Correction"]), name="merge_metadata", run_without_submitting=True)
+    workflow.connect([
+        (inputnode, fit, [("signal_files", "signal_files"), ("flip_angles", "flip_angles"),
+                          ("mask_file", "mask_file"), ("r2_file", "r2_file")]),
+        (inputnode, merge, [("metadata", "base")]),
+        (fit, merge, [("metadata", "update")]),
+        (fit, outputnode, [("r1_file", "r1_file"), ("t1_file", "t1_file"), ("m0_file", "m0_file"),
+                           ("r1_stderr_file", "r1_stderr_file")]),
+        (merge, outputnode, [("out_dict", "metadata")]),
+    ])  # fmt: skip
+    if uses_b1:
+        workflow.connect([(inputnode, fit, [("b1_file", "b1_file")])])
+    if settings["echo_times"] is not None:
+        fit.inputs.echo_times = [[float(te) for te in echoes] for echoes in settings["echo_times"]]
+        workflow.connect([
+            (inputnode, fit, [("r2star_file", "r2star_file"), ("r2star_stderr_file", "r2star_stderr_file")]),
+        ])  # fmt: skip
     return workflow
 
 
@@ -436,7 +603,9 @@ def _r1_outputs(inputs):
                 **masked,
                 "Units": "1/s",
                 "Description": "Standard error of R1 (1/s) from the Fisher information of the DESPOT1 fit at "
-                "the estimate, noise from the residuals (more flip angles than 2) or given; NaN where unknown",
+                "the estimate; the noise of the signals is the covariance of the TE = 0 intercepts of the "
+                "ESTATICS fit (multi-echo data), else the noise measured in the air or the residuals (more "
+                "than two flip angles); R1StandardErrorSource in the R1map sidecar says which; NaN where unknown",
             },
         ),
     ]
@@ -480,10 +649,13 @@ def _registry_entries():
             "mask_file": ("brainmask", "mask_file"),
             "signal_files": ("r2star", "s0_files"),
             "flip_angles": ("r2star", "flip_angles"),
+            "r2star_file": ("r2star", "r2star_file"),
+            "r2star_stderr_file": ("r2star", "r2star_stderr_file"),
             "b1_file": ("b1", "tb1map_file"),
         },
         check=_check_r1,
         describe=_describe_r1,
+        describe_options=True,
         build=_build_r1,
         outputs=_r1_outputs,
         options=(
@@ -526,8 +698,9 @@ def _registry_entries():
                     "type": _positive_seconds,
                     "default": DEFAULT_TISSUE_T2,
                     "metavar": "SECONDS",
-                    "help": f"tissue T2 the spoiling correction assumes (default {DEFAULT_TISSUE_T2:g} s, "
-                    "between white matter and cortex at 3 T; long-T2 lesions keep a residual bias)",
+                    "help": f"tissue T2 the spoiling correction assumes where no voxel T2 is known (default "
+                    f"{DEFAULT_TISSUE_T2:g} s, between white matter and cortex at 3 T): single-echo VFA without an "
+                    "R2 map; multi-echo data infer each voxel's T2 from R2*, and an R2 map gives it",
                 },
             ),
         ),

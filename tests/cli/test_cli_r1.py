@@ -186,3 +186,33 @@ def test_no_b1_correction_option(tmp_path, caplog):
     r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
     assert r1["B1Correction"] == "none: turned off (--no-b1-correction); nominal flip angles assumed"
     assert r1["EstimationParameters"]["r1_method"] == "nonlinear" and "non-linear" in r1["EstimationAlgorithm"]
+
+
+def test_no_spoiling_correction_option_in_plan_and_sidecar(tmp_path, caplog):
+    """--no-spoiling-correction is said in the plan and recorded in the sidecar; by default the plan and
+    the sidecar say which T2 the correction uses, and the R1 standard error is finite with two angles."""
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    line = _plan_line(caplog, "R1")
+    assert "spoiling corrected (increment SpoilingRFPhaseIncrement 50 deg" in line and "inferred from R2*" in line
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["SpoilingCorrectionT2"] == "r2star" and "Gelman" in r1["SpoilingCorrectionT2Description"]
+    assert "intercepts" in r1["R1StandardErrorSource"]
+    anat = out / "anat"
+    stderr = np.asarray(nib.load(anat / "sub-01_desc-stderr_R1map.nii.gz").dataobj)
+    mask = np.asarray(nib.load(anat / "sub-01_desc-brain_mask.nii.gz").dataobj) > 0
+    r1_map = np.asarray(nib.load(anat / "sub-01_R1map.nii.gz").dataobj)
+    fitted = mask & np.isfinite(r1_map)
+    assert np.mean(np.isfinite(stderr[fitted])) > 0.99 and np.all(stderr[fitted & np.isfinite(stderr)] > 0)
+
+    caplog.clear()
+    code, out = _run(raw.root, tmp_path / "off", "--no-spoiling-correction")
+    assert code == 0, caplog.text
+    line = _plan_line(caplog, "R1")
+    assert "no spoiling correction (--no-spoiling-correction)" in line and "increment" not in line
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["SpoilingCorrection"] == "none" and r1["SpoilingRFPhaseIncrementUsed"] is None
+    assert r1["SpoilingRFPhaseIncrementSource"] == "none: turned off (--no-spoiling-correction)"
+    assert "SpoilingCorrectionT2" not in r1
+    assert r1["EstimationParameters"]["r1_no_spoiling_correction"] is True

@@ -45,6 +45,11 @@ def test_complex_bssfp_gives_r2_t2_stderr_and_offresonance(tmp_path, caplog):
     assert (out / "anat" / "sub-01_desc-stderr_R2map.nii.gz").is_file()
     field = json.loads((out / "fmap" / "sub-01_desc-offresonance_fieldmap.json").read_text())
     assert field["Units"] == "Hz" and "modulo 1/TR" in field["Description"]
+    # R1's spoiling correction is refitted with this R2 map's T2, and that R1 is the one published
+    r1 = json.loads((out / "anat" / "sub-01_R1map.json").read_text())
+    assert r1["SpoilingCorrectionT2"] == "R2map" and r1["B1Correction"].startswith("TB1map")
+    assert "refitted with the R2 map where R2 runs" in _plan_line(caplog, "R1")
+    assert "R1 refitted with this R2's T2" in _plan_line(caplog, "R2")
 
 
 def test_missing_phase_cycle_at_one_flip_angle_disables_r2_only(tmp_path, caplog):
@@ -81,3 +86,15 @@ def test_magnitude_only_bssfp_gets_the_rms_combination_with_a_warning(tmp_path, 
     r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
     assert r2["BandFreeCombination"].startswith("magnitude-only data: root mean square")
     assert not (out / "fmap" / "sub-01_desc-offresonance_fieldmap.nii.gz").exists()
+
+
+def test_single_echo_vfa_with_bssfp_refits_r1_with_the_r2_map(tmp_path, caplog):
+    """Single-echo VFA (no R2*): R1 starts from the tissue T2, the R2 family refits it with its T2."""
+    raw = _bssfp_dataset(tmp_path, n_echoes=1, phase=False)
+    code, out = _run(raw.root, tmp_path, "--bssfp-combination", "rms")
+    assert code == 0, caplog.text
+    assert "tissue T2 0.08 s (single echo: no R2*); refitted with the R2 map" in _plan_line(caplog, "R1")
+    r1 = json.loads((out / "anat" / "sub-01_R1map.json").read_text())
+    assert r1["SpoilingCorrectionT2"] == "R2map"
+    assert "tissue T2 0.08 s elsewhere" in r1["SpoilingCorrectionT2Description"]
+    assert (out / "anat" / "sub-01_R2map.nii.gz").is_file()

@@ -266,3 +266,46 @@ def test_fit_r1_removes_the_afi_formula_bias_at_the_fitted_t1(tmp_path):
     assert np.median(np.abs(error_plain)) > 2e-3
     assert np.max(np.abs(error)) < 2e-4
     assert "finite-TR/T1 bias removed" in unbiased.outputs.metadata["B1Correction"]
+
+
+def test_two_flip_angle_standard_error_from_the_r2star_fit_matches_the_scatter(tmp_path):
+    """Multi-echo VFA with noise (SNR 50), FitR2star then FitR1 as the App chains them: with two flip
+    angles the R1 standard error comes from the intercepts' covariance and matches the scatter; the
+    spoiling correction takes each voxel's T2 from its R2* and says so."""
+    from qmri_workflows.core.signal import spgr_signal
+    from qmri_workflows.interfaces.r2star import FitR2star
+
+    rng = np.random.default_rng(8)
+    head = _ellipsoid()
+    flips, tr, echo_times = (6.0, 21.0), 0.025, [0.0023 * (k + 1) for k in range(6)]
+    r1, r2star, m0 = 1.0, 20.0, 1000.0
+    sigma = float(spgr_signal(m0, r1, 0.0, np.deg2rad(21.0), tr, 0.0)) / 50.0
+    files, echoes, flip_of = [], [], []
+    for index, flip in enumerate(flips):
+        for echo, te in enumerate(echo_times):
+            clean = spgr_signal(m0, r1, r2star, np.deg2rad(flip), tr, te)
+            files.append(_write(tmp_path / f"f{index}e{echo}.nii", clean + rng.normal(0, sigma, SHAPE)))
+            echoes.append(te)
+            flip_of.append(flip)
+    mask = _write(tmp_path / "mask.nii", head.astype(np.uint8))
+    r2star_fit = FitR2star(magnitude_files=files, echo_times=echoes, flip_angles=flip_of, mask_file=mask).run(
+        cwd=str(tmp_path)
+    )
+    result = _fit(
+        tmp_path,
+        list(r2star_fit.outputs.s0_files),
+        flips,
+        mask_file=mask,
+        phase_increment=50.0,
+        r2star_file=r2star_fit.outputs.r2star_file,
+        r2star_stderr_file=r2star_fit.outputs.r2star_stderr_file,
+        echo_times=[echo_times, echo_times],
+    )
+    metadata = result.outputs.metadata
+    assert metadata["SpoilingCorrectionT2"] == "r2star" and "intercepts" in metadata["R1StandardErrorSource"]
+    estimates = nib.load(result.outputs.r1_file).get_fdata()[head]
+    stderr = nib.load(result.outputs.r1_stderr_file).get_fdata()[head]
+    assert np.all(np.isfinite(stderr))
+    ratio = np.sqrt(np.mean(stderr**2)) / np.std(estimates)
+    print(f"\nR1 SE / scatter {ratio:.3f} over {head.sum()} voxels")
+    assert 0.85 < ratio < 1.15

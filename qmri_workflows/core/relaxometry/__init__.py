@@ -43,6 +43,7 @@ _SUBMODULE_OF = {
     "epg_spoiled_signal": "spoiling",
     "spoiling_protocol": "spoiling",
     "spoiling_ratio": "spoiling",
+    "t2_prior_from_r2star": "spoiling",
 }
 
 __all__ = list(_SUBMODULE_OF)

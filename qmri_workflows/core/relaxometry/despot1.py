@@ -89,16 +89,38 @@ def _model(m0, e1, actual):
     return m0[..., None] * shape, shape, d_shape_d_e1
 
 
-def _standard_errors(m0, r1, actual, repetition_time, sigma, residual_sum=None):
-    """Standard errors of (R1, M0) from the Fisher information at (m0, r1)."""
+def _jacobian(m0, r1, actual, repetition_time):
+    """Derivatives of the Ernst signals with respect to (M0, R1), shape (..., n_flip, 2)."""
     e1 = np.exp(-repetition_time * r1)
     _, d_m0, d_shape_d_e1 = _model(m0, e1, actual)
     d_r1 = m0[..., None] * d_shape_d_e1 * (-repetition_time * e1[..., None])
-    f00 = np.sum(d_m0 * d_m0, axis=-1)
-    f01 = np.sum(d_m0 * d_r1, axis=-1)
-    f11 = np.sum(d_r1 * d_r1, axis=-1)
-    determinant = f00 * f11 - f01**2
-    with np.errstate(divide="ignore", invalid="ignore"):
+    return np.stack(np.broadcast_arrays(d_m0, d_r1), axis=-1)
+
+
+def _standard_errors(m0, r1, actual, repetition_time, sigma, residual_sum=None, covariance=None):
+    """Standard errors of (R1, M0) from the Fisher information at (m0, r1).
+
+    The noise is, in order of preference: ``covariance`` of the signals (..., n_flip, n_flip), the
+    same SD ``sigma`` on every signal, or the residuals (more than two flip angles).
+    """
+    jacobian = _jacobian(m0, r1, actual, repetition_time)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if covariance is not None:
+            covariance = np.broadcast_to(covariance, jacobian.shape[:-1] + (jacobian.shape[-2],))
+            usable = np.all(np.isfinite(covariance), axis=(-2, -1)) & np.all(np.isfinite(jacobian), axis=(-2, -1))
+            usable &= np.all(np.diagonal(covariance, axis1=-2, axis2=-1) > 0, axis=-1)
+            identity = np.eye(covariance.shape[-1])
+            safe_covariance = np.where(usable[..., None, None], covariance, identity)
+            safe_jacobian = np.where(usable[..., None, None], jacobian, 1.0)
+            fisher = np.einsum("...ki,...kj->...ij", safe_jacobian, np.linalg.solve(safe_covariance, safe_jacobian))
+            f00, f01, f11 = fisher[..., 0, 0], fisher[..., 0, 1], fisher[..., 1, 1]
+            determinant = np.where(usable, f00 * f11 - f01**2, np.nan)
+            return np.sqrt(f00 / determinant), np.sqrt(f11 / determinant)
+        d_m0, d_r1 = jacobian[..., 0], jacobian[..., 1]
+        f00 = np.sum(d_m0 * d_m0, axis=-1)
+        f01 = np.sum(d_m0 * d_r1, axis=-1)
+        f11 = np.sum(d_r1 * d_r1, axis=-1)
+        determinant = f00 * f11 - f01**2
         if sigma is not None:
             variance = np.asarray(sigma, dtype=float) ** 2
         elif residual_sum is not None and actual.shape[-1] > 2:
@@ -125,8 +147,13 @@ def _from_e1(e1, m0, actual, repetition_time, signals, sigma, errors=True):
     return R1Fit(r1, m0, r1_se, m0_se)
 
 
-def despot1_crlb(m0, r1, flip_angles, repetition_time, sigma, *, b1=1.0):
-    """Cramér-Rao bounds (standard deviations) of R1 and M0 for Gaussian noise ``sigma``.
+def despot1_crlb(m0, r1, flip_angles, repetition_time, sigma=None, *, b1=1.0, signal_covariance=None):
+    """Cramér-Rao bounds (standard deviations) of R1 and M0 for Gaussian noise.
+
+    With ``signal_covariance`` the signals are, e.g., the TE = 0 intercepts of a multi-echo fit
+    (:func:`qmri_workflows.core.crlb.estatics_intercept_covariance`): for two flip angles the
+    bound is then that of the whole multi-echo protocol (the intercepts and R2* are a one-to-one
+    reparametrisation of M0, R1 and R2*).
 
     Parameters
     ----------
@@ -136,18 +163,23 @@ def despot1_crlb(m0, r1, flip_angles, repetition_time, sigma, *, b1=1.0):
         Nominal flip angles (rad).
     repetition_time : float
         TR (s).
-    sigma : array_like
-        Noise standard deviation of each signal.
+    sigma : array_like, optional
+        Noise standard deviation of each signal (the same for all).
     b1 : array_like, optional
         Transmit field ratio.
+    signal_covariance : array_like, shape (..., n_flip, n_flip), optional
+        Covariance of the signals, instead of ``sigma``.
 
     Returns
     -------
     r1_sd, m0_sd : numpy.ndarray
     """
+    if sigma is None and signal_covariance is None:
+        raise ValueError("despot1_crlb needs the noise: sigma or signal_covariance")
     m0, r1 = np.broadcast_arrays(np.asarray(m0, dtype=float), np.asarray(r1, dtype=float))
     actual = np.asarray(b1, dtype=float)[..., None] * np.asarray(flip_angles, dtype=float)
-    return _standard_errors(m0, r1, actual, float(repetition_time), sigma)
+    covariance = None if signal_covariance is None else np.asarray(signal_covariance, dtype=float)
+    return _standard_errors(m0, r1, actual, float(repetition_time), sigma, covariance=covariance)
 
 
 def despot1_two_angle(signals, flip_angles, repetition_time, *, b1=1.0, sigma=None, errors=True):
@@ -316,6 +348,7 @@ def fit_r1(
     t2=DEFAULT_TISSUE_T2,
     n_spoiling_iterations=2,
     sigma=None,
+    signal_covariance=None,
     mask=None,
     chunk_size=200_000,
     n_jobs=1,
@@ -345,6 +378,11 @@ def fit_r1(
         up to 0.2 %, two < 0.005 % on the phantom's tissues at B1 0.8-1.2).
     sigma : array_like, optional
         Noise standard deviation of the signals, for the standard errors.
+    signal_covariance : array_like, shape (..., n_flip, n_flip), optional
+        Covariance of the signals (e.g. of the TE = 0 intercepts of a multi-echo fit), for the
+        standard errors; wins over ``sigma``. The spoiling correction's division is carried into
+        it. Without either, the standard error comes from the residuals (more than two flip
+        angles) or is NaN.
     mask : array_like of bool, optional
         Voxels to fit; others get NaN.
     chunk_size : int, optional
@@ -366,13 +404,24 @@ def fit_r1(
     b1_map = np.ones(leading) if b1 is None else np.broadcast_to(np.asarray(b1, dtype=float), leading)
     t2_map = np.broadcast_to(np.asarray(t2, dtype=float), leading)
     sigma_map = None if sigma is None else np.broadcast_to(np.asarray(sigma, dtype=float), leading)
+    n_flip = signals.shape[-1]
+    covariance_map = None
+    if signal_covariance is not None:
+        covariance_map = np.broadcast_to(np.asarray(signal_covariance, dtype=float), leading + (n_flip, n_flip))
 
     n_corrections = n_spoiling_iterations if spoiling is not None else 0
 
-    def fit_chunk(chunk_signals, chunk_b1, chunk_t2, chunk_sigma):
+    def fit_chunk(chunk_signals, chunk_b1, chunk_t2, chunk_sigma, chunk_covariance):
+        own_errors = chunk_covariance is None
         result = estimator(
-            chunk_signals, flip_angles, repetition_time, b1=chunk_b1, sigma=chunk_sigma, errors=n_corrections == 0
+            chunk_signals,
+            flip_angles,
+            repetition_time,
+            b1=chunk_b1,
+            sigma=chunk_sigma,
+            errors=own_errors and n_corrections == 0,
         )
+        ratio = np.ones_like(chunk_signals)
         for iteration in range(n_corrections):
             t1 = np.where(np.isfinite(result.r1) & (result.r1 > 0), 1.0 / result.r1, 1.0)
             ratio = spoiling_ratio(spoiling, t1, chunk_t2, chunk_b1)
@@ -383,13 +432,20 @@ def fit_r1(
                 repetition_time,
                 b1=chunk_b1,
                 sigma=chunk_sigma,
-                errors=iteration == n_corrections - 1,
+                errors=own_errors and iteration == n_corrections - 1,
             )
+        if not own_errors:
+            actual = np.asarray(chunk_b1, dtype=float)[..., None] * np.asarray(flip_angles, dtype=float)
+            corrected_covariance = chunk_covariance / (ratio[..., :, None] * ratio[..., None, :])
+            r1_se, m0_se = _standard_errors(
+                result.m0, result.r1, actual, repetition_time, None, covariance=corrected_covariance
+            )
+            result = R1Fit(result.r1, result.m0, r1_se, m0_se)
         return tuple(result)
 
     outputs = apply_in_chunks(
         fit_chunk,
-        [signals, b1_map, t2_map, sigma_map],
+        [signals, b1_map, t2_map, sigma_map, covariance_map],
         leading_shape=leading,
         output_shapes=[(), (), (), ()],
         mask=mask,

@@ -30,6 +30,8 @@ FORBIDDEN_IMPORTS = {
     "workflows": (f"{PACKAGE}.cli", f"{PACKAGE}.phantom"),
     "cli": (f"{PACKAGE}.phantom",),
     "phantom": (f"{PACKAGE}.cli", f"{PACKAGE}.workflows"),
+    # the visual report reads published files: the core and io only
+    "reports": ("nipype", "bids", f"{PACKAGE}.interfaces") + _LAYER_3,
 }
 
 MODULES = package_modules()

@@ -35,7 +35,7 @@ def test_help_imports_neither_nipype_nor_the_imaging_libraries():
     code = (
         "import sys\nfrom qmri_workflows.cli.run import main\ntry:\n    main(['--help'])\n"
         "except SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('nipype', 'bids', 'nibabel', 'scipy') if m in sys.modules))"
+        "print(sorted(m for m in ('nipype', 'bids', 'nibabel', 'scipy', 'matplotlib') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"

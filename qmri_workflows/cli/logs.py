@@ -111,6 +111,8 @@ class StepReporter:
     def __init__(self):
         self._started = {}
         self.failed = {}
+        # {subject: [(step, seconds)]} of the steps that ran (for the visual report)
+        self.finished = {}
 
     def __call__(self, node, status):
         name = node.fullname
@@ -125,4 +127,6 @@ class StepReporter:
             LOGGER.error("%s: step %s failed after %.1f s", subject or "run", step, elapsed)
             return
         level = logging.DEBUG if node.run_without_submitting else logging.INFO
+        if not node.run_without_submitting:
+            self.finished.setdefault(subject, []).append((step, elapsed))
         LOGGER.log(level, "%s: %s done in %.1f s", subject or "run", step, elapsed)

@@ -29,6 +29,7 @@ import shlex
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 from .. import __version__
@@ -538,7 +539,7 @@ def _run(args, argv):
     # Check every subject before processing any: one run reports every problem to fix, and the
     # subjects that can be processed are (BIDS-Apps practice), whatever the others have.
     families = registered_families()
-    subjects, plans, unusable, without_data = [], {}, {}, {}
+    subjects, plans, unusable, without_data, collected = [], {}, {}, {}, {}
     for subject, session in selection:
         label = _label(subject, session)
         try:
@@ -546,6 +547,7 @@ def _run(args, argv):
         except BIDSInputError as error:
             unusable[label] = str(error)
             continue
+        collected[(subject, session)] = inputs
         for problem in inputs.problems:
             LOGGER.warning("%s: %s unusable: %s", label, problem.collection, problem.message)
         subject_plans = plan_families(
@@ -600,10 +602,13 @@ def _run(args, argv):
             error,
         )
         return EXIT_CANNOT_CREATE
-    from .logs import attach_log_file, detach_log_file
+    from .logs import StepReporter, attach_log_file, detach_log_file
 
     log_file = attach_log_file(work_dir)
     published = False
+    failed = None
+    reporter = StepReporter()
+    started = time.time()
     try:
         LOGGER.info(
             "processing %d subject(s) of %s into %s (work directory %s)", len(subjects), bids_dir, output_dir, work_dir
@@ -611,7 +616,7 @@ def _run(args, argv):
         if plugin in GRAPH_PLUGINS:
             # The jobs publish after this process has returned.
             write_description(output_dir, bids_dir, argv)
-        failed = _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args)
+        failed = _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, reporter=reporter)
         if failed is None:
             return 0  # submitted to a batch scheduler as a graph: the outcome is not known here
         return _summarise(subjects, plans, failed, unusable, without_data)
@@ -619,6 +624,23 @@ def _run(args, argv):
         published = any(output_dir.glob("sub-*"))
         if published and plugin not in GRAPH_PLUGINS:
             write_description(output_dir, bids_dir, argv)
+        if failed is not None:  # the run ended (an interrupt or a crash of the App itself writes none)
+            # A run that published nothing leaves a new output as it found it: its pages go
+            # beside its log, in the work directory.
+            _write_reports(
+                output_dir if published else work_dir / "reports",
+                args,
+                argv,
+                work_dir=work_dir,
+                selection=selection,
+                collected=collected,
+                plans=plans,
+                failed=failed,
+                not_processed={**unusable, **without_data},
+                reporter=reporter,
+                crash_since=started,
+                log_file=(output_dir / "logs" / log_file.name) if published else log_file,
+            )
         detach_log_file(log_file)
         lock.__exit__(None, None, None)
         if published or plugin in GRAPH_PLUGINS:
@@ -654,6 +676,66 @@ def _summarise(subjects, plans, failed, unusable, without_data):
     return EXIT_NO_INPUT if without_data else 0
 
 
+def _write_reports(
+    root, args, argv, *, work_dir, selection, collected, plans, failed, not_processed, reporter, crash_since, log_file
+):
+    """The visual report: one page per selected subject (:mod:`qmri_workflows.reports.subject`)."""
+    from ..reports.subject import RunInfo, StepFailure, SubjectOutcome, crash_messages, write_reports
+    from ..workflows.base import map_grid_file
+    from ..workflows.registry import quantitative_outputs, registered_families
+
+    families = {family.key: family for family in registered_families()}
+    crashes = crash_messages(work_dir / "crash", since=crash_since)
+    outcomes = []
+    for subject, session in selection:
+        label = _label(subject, session)
+        inputs = collected.get((subject, session))
+        subject_plans = tuple(plans.get((subject, session), ()))
+        if label in not_processed:
+            status = "not processed"
+        elif label in failed or "run" in failed:
+            status = "failed"
+        else:
+            status = "published"
+        failures = tuple(
+            StepFailure(step, *crashes.get((label, step), ("", "")))
+            for step in failed.get(label, failed.get("run", ()))
+        )
+        quantitative = []
+        if inputs is not None and status == "published":
+            for plan in subject_plans:
+                if plan.run and plan.key in families:
+                    quantitative += [output.map_name for output in quantitative_outputs(families[plan.key], inputs)]
+        anatomy = None
+        if inputs is not None and (inputs.gre or inputs.bssfp):
+            anatomy = str(map_grid_file(inputs))
+        outcomes.append(
+            SubjectOutcome(
+                subject=subject,
+                session=session,
+                status=status,
+                plans=subject_plans,
+                reason=not_processed.get(label, ""),
+                failed_steps=failures,
+                finished_steps=tuple(reporter.finished.get(label, ())),
+                inputs=inputs,
+                quantitative=tuple(quantitative),
+                anatomy_file=anatomy,
+                nawm_margin_mm=getattr(args, "nawm_margin_mm", 2.0),
+            )
+        )
+    run = RunInfo(
+        command="qmri-workflows " + " ".join(shlex.quote(a) for a in argv),
+        bids_dir=str(args.bids_dir.resolve()),
+        output_dir=str(args.output_dir.resolve()),
+        options={key: value for key, value in sorted(vars(args).items()) if key not in ("bids_dir", "output_dir")},
+        derivatives=tuple(str(path) for path in args.derivatives),
+        log_file=str(log_file),
+        work_dir=str(work_dir),
+    )
+    write_reports(root, outcomes, run, workers=args.nprocs)
+
+
 def _used_collections():
     from ..workflows.registry import registered_families
 
@@ -677,8 +759,12 @@ def _clean_staging(output_dir, subjects):
         (output_dir / STAGING_FOLDER).rmdir()
 
 
-def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
-    """Build and run the graph; return ``{subject label: [failed steps]}`` (None for graph plugins)."""
+def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *, reporter=None):
+    """Build and run the graph; return ``{subject label: [failed steps]}`` (None for graph plugins).
+
+    ``reporter`` (a :class:`~qmri_workflows.cli.logs.StepReporter`, new by default) keeps the steps
+    that ran and failed.
+    """
     from nipype import config as nipype_config
 
     from ..io.query import AFI, BSSFP, GRE, RECEIVE
@@ -738,7 +824,7 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args):
         # Nipype 1.11 sets this attribute only when it is passed, and fails without it.
         plugin_args.setdefault("dont_resubmit_completed_jobs", False)
     batch_resources(workflow, plugin)
-    reporter = StepReporter()
+    reporter = StepReporter() if reporter is None else reporter
     if plugin not in GRAPH_PLUGINS:
         plugin_args.setdefault("status_callback", reporter)
 

@@ -64,6 +64,7 @@ __all__ = [
     "STATISTICS",
     "tissue_classes_from_maps",
     "FALLBACK_REGIONS",
+    "analysis_regions",
 ]
 
 #: The package's regions, in table order.
@@ -347,3 +348,59 @@ def tissue_classes_from_maps(maps, brain_mask, *, n_iter=50):
         mask[brain] = assignment == k
         masks[region] = mask
     return masks, used
+
+
+def analysis_regions(
+    maps, voxel_size, *, brain_mask=None, labels=None, regions=None, lesion_mask=None, nawm_margin_mm=2.0
+):
+    """The regions of a subject's analysis: from a segmentation, else from tissue classes of the maps.
+
+    The regional table and the visual report both use these masks, so the report's histograms show
+    the voxels the table's numbers come from.
+
+    Parameters
+    ----------
+    maps : dict of str -> ndarray
+        Map name -> map (for the tissue classes when there is no segmentation).
+    voxel_size : sequence of 3 float
+        mm.
+    brain_mask : ndarray of bool, optional
+        Needed without a segmentation.
+    labels : ndarray of int, optional
+        Segmentation on the maps' grid.
+    regions : dict of str -> tuple of int, optional
+        Its labels per region (:func:`regions_from_label_names`); needed with ``labels``.
+    lesion_mask : ndarray of bool, optional
+        Lesions from a separate mask (they leave every other region).
+    nawm_margin_mm : float, optional
+        Perilesional margin left out of ``nawm``.
+
+    Returns
+    -------
+    masks : dict of str -> ndarray of bool
+        Region masks, with ``nawm`` when there is white matter.
+    lesion_mask : ndarray of bool or None
+        The lesions: the mask given, else the segmentation's lesion labels, else None.
+    tissue_map : str or None
+        The map the tissue classes come from (:func:`tissue_classes_from_maps`); None with a
+        segmentation.
+    """
+    tissue_map = None
+    if labels is not None:
+        if regions is None:
+            raise ValueError("a segmentation needs its regions (regions_from_label_names)")
+        masks = region_masks(labels, regions, lesion_mask=lesion_mask)
+        if lesion_mask is None and "lesion" in masks:
+            lesion_mask = masks["lesion"]
+    else:
+        if brain_mask is None:
+            raise ValueError("without a segmentation the analysis needs the brain mask for its tissue classes")
+        masks, tissue_map = tissue_classes_from_maps(maps, brain_mask)
+        if lesion_mask is not None:
+            masks = {region: mask & ~lesion_mask for region, mask in masks.items()}
+            masks["lesion"] = lesion_mask
+    white_matter = masks.get("white_matter")
+    if white_matter is not None:
+        no_lesion = np.zeros(white_matter.shape, dtype=bool) if lesion_mask is None else lesion_mask
+        masks["nawm"] = normal_appearing_white_matter(white_matter, no_lesion, nawm_margin_mm, voxel_size)
+    return masks, lesion_mask, tissue_map

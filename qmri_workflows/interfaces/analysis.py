@@ -21,15 +21,9 @@ from nipype.interfaces.base import (
 )
 
 from ..core.lesions import LOCAL_REFERENCE_MM, RELATIVE_CONTRAST_MAPS, analyse_lesions
-from ..core.regions import (
-    normal_appearing_white_matter,
-    region_masks,
-    regional_statistics,
-    regions_from_label_names,
-    tissue_classes_from_maps,
-)
+from ..core.regions import analysis_regions, regional_statistics, regions_from_label_names
 from ..io.images import load_volume, read_image
-from ..io.tables import write_table
+from ..io.tables import read_label_table, write_table
 
 __all__ = ["SubjectAnalysis", "REGION_COLUMNS", "region_dictionary", "lesion_dictionary", "read_label_table"]
 
@@ -133,22 +127,6 @@ def lesion_dictionary(columns):
     return dictionary
 
 
-def read_label_table(path):
-    """``{index: name}`` of a BIDS ``_dseg.tsv``.
-
-    Raises
-    ------
-    ValueError
-        If the table lacks the ``index`` or ``name`` column; the message names the file.
-    """
-    from ..io.tables import read_table
-
-    rows = read_table(path)
-    if rows and not {"index", "name"} <= set(rows[0]):
-        raise ValueError(f"{path} needs the columns 'index' and 'name' (BIDS dseg look-up table)")
-    return {int(row["index"]): row["name"] for row in rows}
-
-
 class _SubjectAnalysisInputSpec(BaseInterfaceInputSpec):
     map_files = InputMultiObject(File(exists=True), mandatory=True, desc="quantitative maps, one grid")
     map_names = traits.List(Str, mandatory=True, desc="name of each map (BIDS suffix)")
@@ -208,6 +186,7 @@ class SubjectAnalysis(SimpleInterface):
             "LesionReferenceMillimetres": inputs.lesion_reference_mm,
             "Maps": list(inputs.map_names),
         }
+        labels = regions = None
         if isdefined(inputs.dseg_file):
             if not isdefined(inputs.dseg_tsv):
                 raise ValueError(f"the segmentation {inputs.dseg_file} needs its label table (_dseg.tsv)")
@@ -219,25 +198,22 @@ class SubjectAnalysis(SimpleInterface):
                     f"(found {sorted(unmapped.values())[:5]}...); name them as FreeSurfer does "
                     "(Left-Thalamus, Left-Cerebral-White-Matter ...; docs: qmri_workflows.core.regions)"
                 )
-            masks = region_masks(labels, regions, lesion_mask=lesion)
             metadata["Segmentation"] = f"labels of {os.path.basename(inputs.dseg_file)} (resampled onto the map grid)"
             metadata["LabelsNotInRegions"] = {str(k): v for k, v in unmapped.items()}
-            if lesion is None and "lesion" in masks:
-                lesion = masks["lesion"]
-        else:
-            if brain is None:
-                raise ValueError("without a segmentation the analysis needs the brain mask for its tissue classes")
-            masks, used = tissue_classes_from_maps(maps, brain)
-            if lesion is not None:
-                masks = {region: mask & ~lesion for region, mask in masks.items()}
-                masks["lesion"] = lesion
+        masks, lesion, tissue_map = analysis_regions(
+            maps,
+            voxel_size,
+            brain_mask=brain,
+            labels=labels,
+            regions=regions,
+            lesion_mask=lesion,
+            nawm_margin_mm=inputs.nawm_margin_mm,
+        )
+        if tissue_map is not None:
             metadata["Segmentation"] = (
-                f"none given: three tissue classes of {used} in the brain mask (k-means); no deep grey nuclei"
+                f"none given: three tissue classes of {tissue_map} in the brain mask (k-means); no deep grey nuclei"
             )
         white_matter = masks.get("white_matter")
-        if white_matter is not None:
-            no_lesion = np.zeros(white_matter.shape, dtype=bool) if lesion is None else lesion
-            masks["nawm"] = normal_appearing_white_matter(white_matter, no_lesion, inputs.nawm_margin_mm, voxel_size)
 
         rows = regional_statistics(maps, masks, voxel_size, erosion_mm=inputs.erosion_mm)
         regions_file = os.path.join(runtime.cwd, "regions.tsv")

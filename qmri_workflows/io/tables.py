@@ -15,7 +15,15 @@ import numpy as np
 
 from .derivatives import _atomic_target, bids_path, check_output_root, write_json
 
-__all__ = ["write_table", "read_table", "format_cell", "publish_table", "ensure_bidsignore", "TABLE_PATTERNS"]
+__all__ = [
+    "write_table",
+    "read_table",
+    "read_label_table",
+    "format_cell",
+    "publish_table",
+    "ensure_bidsignore",
+    "TABLE_PATTERNS",
+]
 
 #: Files of the derivatives that BIDS does not name yet: the analysis tables and the group level.
 TABLE_PATTERNS = ("*_stats.tsv", "*_stats.json", "group")
@@ -105,6 +113,20 @@ def read_table(path):
                 )
             rows.append({key: (None if value == "n/a" else value) for key, value in zip(header, cells)})
     return rows
+
+
+def read_label_table(path):
+    """``{index: name}`` of a BIDS ``_dseg.tsv``.
+
+    Raises
+    ------
+    ValueError
+        If the table lacks the ``index`` or ``name`` column; the message names the file.
+    """
+    rows = read_table(path)
+    if rows and not {"index", "name"} <= set(rows[0]):
+        raise ValueError(f"{path} needs the columns 'index' and 'name' (BIDS dseg look-up table)")
+    return {int(row["index"]): row["name"] for row in rows}
 
 
 def publish_table(out_root, in_file, *, subject, suffix, metadata, session=None, datatype=None, **entities):

@@ -43,40 +43,43 @@ class FailForSubject02(SimpleInterface):
         return runtime
 
 
-def _build(context):
+def failing_family(key=FAILING_KEY, name="report probe", *, desc="probe"):
+    """A map family (not registered) whose one step, ``<key>_wf.probe``, copies the first echo and
+    fails for sub-02 (:class:`FailForSubject02`); its copy is published as ``desc-<desc>_S0map``."""
     from nipype.interfaces.utility import IdentityInterface
     from nipype.pipeline import engine as pe
 
-    workflow = pe.Workflow(name=f"{FAILING_KEY}_wf")
-    outputnode = pe.Node(IdentityInterface(fields=["out_file"]), name="outputnode")
-    probe = pe.Node(FailForSubject02(in_file=context.inputs.gre[0].magnitude[0]), name="probe")
-    workflow.connect(probe, "out_file", outputnode, "out_file")
-    return workflow
+    from qmri_workflows.io.query import GRE
+    from qmri_workflows.workflows import registry
+
+    def build(context):
+        workflow = pe.Workflow(name=f"{key}_wf")
+        outputnode = pe.Node(IdentityInterface(fields=["out_file"]), name="outputnode")
+        probe = pe.Node(FailForSubject02(in_file=context.inputs.gre[0].magnitude[0]), name="probe")
+        workflow.connect(probe, "out_file", outputnode, "out_file")
+        return workflow
+
+    return registry.MapFamily(
+        key=key,
+        name=name,
+        needs=(GRE,),
+        describe=lambda inputs: "a copy of the first echo",
+        build=build,
+        runtime_metadata=False,
+        outputs=lambda inputs: [
+            registry.Output(field="out_file", suffix="S0map", desc=desc, source_files=(inputs.gre[0].magnitude[0],))
+        ],
+    )
 
 
 def run_example_with_a_failure(root):
     """Run the participant level on the shipped example into ``root/out``; return that folder."""
     from qmri_workflows.cli import run
-    from qmri_workflows.io.query import GRE
     from qmri_workflows.workflows import registry
 
     root = Path(root)
     out = root / "out"
-    family = registry.register(
-        registry.MapFamily(
-            key=FAILING_KEY,
-            name="report probe",
-            needs=(GRE,),
-            describe=lambda inputs: "a copy of the first echo",
-            build=_build,
-            runtime_metadata=False,
-            outputs=lambda inputs: [
-                registry.Output(
-                    field="out_file", suffix="S0map", desc="probe", source_files=(inputs.gre[0].magnitude[0],)
-                )
-            ],
-        )
-    )
+    family = registry.register(failing_family())
     try:
         code = run.main(
             [

@@ -627,20 +627,23 @@ def _run(args, argv):
         if failed is not None:  # the run ended (an interrupt or a crash of the App itself writes none)
             # A run that published nothing leaves a new output as it found it: its pages go
             # beside its log, in the work directory.
-            _write_reports(
-                output_dir if published else work_dir / "reports",
-                args,
-                argv,
-                work_dir=work_dir,
-                selection=selection,
-                collected=collected,
-                plans=plans,
-                failed=failed,
-                not_processed={**unusable, **without_data},
-                reporter=reporter,
-                crash_since=started,
-                log_file=(output_dir / "logs" / log_file.name) if published else log_file,
-            )
+            try:
+                _write_reports(
+                    output_dir if published else work_dir / "reports",
+                    args,
+                    argv,
+                    work_dir=work_dir,
+                    selection=selection,
+                    collected=collected,
+                    plans=plans,
+                    failed=failed,
+                    not_processed={**unusable, **without_data},
+                    reporter=reporter,
+                    crash_since=started,
+                    log_file=(output_dir / "logs" / log_file.name) if published else log_file,
+                )
+            except Exception as error:  # the maps are published: a report bug must not change the outcome
+                LOGGER.error("the visual report could not be written: %s", error, exc_info=True)
         detach_log_file(log_file)
         lock.__exit__(None, None, None)
         if published or plugin in GRAPH_PLUGINS:
@@ -746,7 +749,12 @@ def _existing_outputs(output_dir, inputs):
     folder = output_dir / f"sub-{inputs.subject}"
     if inputs.session:
         folder = folder / f"ses-{inputs.session}"
-    return sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    # the report's figures (sub-XX/figures) are redrawn by every run: they are not derivatives
+    return sorted(
+        path for path in folder.rglob("*") if path.is_file() and path.relative_to(folder).parts[0] != "figures"
+    )
 
 
 def _clean_staging(output_dir, subjects):

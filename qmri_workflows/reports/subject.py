@@ -208,7 +208,11 @@ def write_reports(root, outcomes, run, *, figures=True, workers=1):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # fork: the workers start at once with everything imported (spawn would import it again)
+        # fork: the workers start at once with everything imported (spawn would import it again);
+        # matplotlib is imported here once rather than in every worker
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             results = list(pool.map(_timed_report, jobs))
     else:

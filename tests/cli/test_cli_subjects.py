@@ -1,17 +1,14 @@
 """Per-subject outcomes of the App: each subject is processed or reported, never both silently."""
 
-import os
+import html
 
-import nibabel as nib
 import pytest
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec
 
 from qmri_workflows.cli import run
-from qmri_workflows.io.derivatives import write_nifti
-from qmri_workflows.io.query import GRE
 from qmri_workflows.io.staging import STAGING_FOLDER
 from qmri_workflows.workflows import registry
 from tests.bids_factory import make_vfa_dataset
+from tests.report_dataset import FAILING_MESSAGE, failing_family
 
 
 def test_a_one_echo_subject_is_reported_and_the_others_processed(tmp_path, caplog):
@@ -59,58 +56,9 @@ def test_a_subject_without_qmri_data_exits_66_when_alone(tmp_path, caplog):
     assert not (tmp_path / "out").exists()
 
 
-class _FailForSubjectInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True)
-
-
-class _FailForSubjectOutputSpec(TraitedSpec):
-    out_file = File(exists=True)
-
-
-class FailForSubject02(SimpleInterface):
-    """Copies its input, except for sub-02, where it fails as a broken step would."""
-
-    input_spec = _FailForSubjectInputSpec
-    output_spec = _FailForSubjectOutputSpec
-
-    def _run_interface(self, runtime):
-        if "sub-02" in os.path.basename(self.inputs.in_file):
-            raise RuntimeError("this step fails for sub-02")
-        image = nib.load(self.inputs.in_file)
-        self._results["out_file"] = str(
-            write_nifti(os.path.join(runtime.cwd, "copy.nii"), image.get_fdata(), image.affine)
-        )
-        return runtime
-
-
-def _build_failing(context):
-    from nipype.interfaces.utility import IdentityInterface
-    from nipype.pipeline import engine as pe
-
-    workflow = pe.Workflow(name="sometimes_fails_wf")
-    outputnode = pe.Node(IdentityInterface(fields=["out_file"]), name="outputnode")
-    step = pe.Node(FailForSubject02(in_file=context.inputs.gre[0].magnitude[0]), name="step")
-    workflow.connect(step, "out_file", outputnode, "out_file")
-    return workflow
-
-
 @pytest.fixture
 def sometimes_failing_family():
-    family = registry.register(
-        registry.MapFamily(
-            key="sometimesfails",
-            name="sometimes fails",
-            needs=(GRE,),
-            describe=lambda inputs: "a copy",
-            build=_build_failing,
-            runtime_metadata=False,
-            outputs=lambda inputs: [
-                registry.Output(
-                    field="out_file", suffix="S0map", desc="copy", source_files=(inputs.gre[0].magnitude[0],)
-                )
-            ],
-        )
-    )
+    family = registry.register(failing_family("sometimesfails", "sometimes fails", desc="copy"))
     yield family
     registry.unregister(family.key)
 
@@ -131,6 +79,10 @@ def test_a_failing_subject_publishes_nothing_and_the_others_everything(
         anat = out / f"sub-{subject}" / "anat"
         assert (anat / f"sub-{subject}_desc-copy_S0map.nii.gz").is_file()
         assert (anat / f"sub-{subject}_R2starmap.nii.gz").is_file()
-    assert "sub-02: FAILED in sometimes_fails_wf.step" in caplog.text
+    assert "sub-02: FAILED in sometimesfails_wf.probe" in caplog.text
+    # the failed subject's report says so (and has no figures: nothing of it is published)
+    report = (out / "sub-02.html").read_text()
+    assert "FAILED" in report and "sometimesfails_wf.probe" in report and html.escape(FAILING_MESSAGE) in report
+    assert "<img" not in report and "<img" in (out / "sub-01.html").read_text()
     logs = list((out / "logs").glob("qmri-workflows_*.log"))
     assert len(logs) == 1 and "sub-02: FAILED" in logs[0].read_text()

@@ -132,6 +132,9 @@ def test_a_failing_step_publishes_nothing(tmp_path, caplog):
     assert not out.exists(), "a run that published nothing left files in a new output folder"
     assert "crash" in caplog.text.lower()
     assert list((tmp_path / "work" / "logs").glob("qmri-workflows_*.log")), "the log was not kept"
+    # the report goes beside the log, and says what failed
+    report = (tmp_path / "work" / "reports" / "sub-01.html").read_text()
+    assert "FAILED" in report and "r2star_wf" in report
 
 
 def test_invalid_bids_is_refused_before_processing(tmp_path, caplog):

@@ -204,7 +204,10 @@ def write_reports(root, outcomes, run, *, figures=True, workers=1):
         by_subject.setdefault(outcome.subject, []).append(outcome)
     jobs = [(root, subject, subject_outcomes, run, figures) for subject, subject_outcomes in by_subject.items()]
     workers = min(workers, len(jobs))
-    if workers > 1:
+    import threading
+
+    # forking a process that runs other threads can copy a lock one of them holds: draw here then
+    if workers > 1 and threading.active_count() == 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 

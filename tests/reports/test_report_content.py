@@ -186,3 +186,23 @@ def test_crash_files_give_the_failed_step_and_its_error(tmp_path):
     (tmp_path / "notes.txt").write_text("Node: qmri_wf.sub_01_wf.x\n")
     assert crash_messages(tmp_path) == {("sub-07 ses-b", "r2star_wf.fit"): ("ValueError: the fit failed", str(crash))}
     assert crash_messages(tmp_path, since=crash.stat().st_mtime + 10) == {}
+
+
+def test_sessions_are_sections_of_one_page(tmp_path, caplog):
+    from tests.bids_factory import make_megre_dataset
+
+    raw = make_megre_dataset(tmp_path / "raw", sessions=("a", "b"), n_echoes=4)
+    out = tmp_path / "out"
+    command = [str(raw), str(out), "participant", "--nprocs", "1", "-w", str(tmp_path / "work")]
+    assert run.main([*command, "--skip-bids-validation"]) == 0
+    assert "could not be" not in caplog.text, "a figure or the page failed"
+    assert sorted(p.name for p in out.glob("sub-*.html")) == ["sub-01.html"]
+    page = _page(out / "sub-01.html")
+    assert {"sub-01 ses-a", "sub-01 ses-b"} <= set(page.headings)
+    sources = {image["src"] for image in page.images}
+    for session in ("a", "b"):
+        assert f"sub-01/figures/sub-01_ses-{session}_map-R2starmap_mosaic.png" in sources
+        assert f"sub-01/figures/sub-01_ses-{session}_desc-masks_overlay.png" in sources
+    assert all((out / source).is_file() for source in sources)
+    errors = run.run_validator(out)
+    assert errors in (None, [])

@@ -12,6 +12,8 @@ is defined, both demeaned there; the trivial estimate is chi = 3 x local field; 
 compared after the same demeaning.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -37,8 +39,9 @@ NUCLEI = {4: "caudate", 5: "putamen", 6: "globus pallidus", 7: "thalamus"}
 BACKGROUND_METHODS = ("vsharp", "pdf", "lbv")
 INVERSION_METHODS = ("tv", "tkd", "l2", "ilsqr")
 LOCAL_FIELD_TARGET = 15.0
-# What the methods reach today (see test_local_field_nrmse): a regression bound, not the target.
-LOCAL_FIELD_REGRESSION = {"vsharp": 75.0, "pdf": 70.0, "lbv": 65.0}
+# What the methods reach today against the sources in the QSM mask (70.7, 42.1 and 60.4 %; on the
+# true local field alone 54.9, 38.7 and 57.3 %, see test_local_field_nrmse): a regression bound.
+LOCAL_FIELD_REGRESSION = {"vsharp": 75.0, "pdf": 47.0, "lbv": 65.0}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,14 @@ def chain(data, tmp_path_factory):
             cache[method] = (field_file, mask_file_, load(field_file) / HZ_PER_PPM, load(mask_file_) > 0)
         return cache[method]
 
+    def local_of(field_ppm, method):
+        """The background node on a given field (ppm) in the QSM mask; not cached."""
+        field_file = folder / f"given-{method}.nii"
+        nib.save(nib.Nifti1Image((field_ppm * HZ_PER_PPM).astype(np.float32), data["affine"]), field_file)
+        given = SimpleNamespace(field_file=str(field_file), magnitude_file=total.magnitude_file)
+        field_file_, mask_file_ = run_local_field(given, qsm_mask, folder / "given", method)
+        return field_file_, mask_file_, load(field_file_) / HZ_PER_PPM, load(mask_file_) > 0
+
     def chi(background, inversion):
         key = (background, inversion)
         if key not in cache:
@@ -73,7 +84,7 @@ def chain(data, tmp_path_factory):
             cache[key] = load(chi_file)
         return cache[key]
 
-    return dict(local=local, chi=chi, qsm_mask=load(qsm_mask) > 0)
+    return dict(local=local, local_of=local_of, chi=chi, qsm_mask=load(qsm_mask) > 0)
 
 
 def _nrmse(estimate, truth, mask):
@@ -185,14 +196,35 @@ def test_every_method_is_reported_and_beats_the_trivial_estimate(data, chain):
 
 @pytest.mark.parametrize("method", BACKGROUND_METHODS)
 def test_local_field_nrmse(data, chain, method):
+    """Local field against the field of the sources inside the QSM mask (the method's input region).
+
+    The second figure is the same node run on that true local field alone (no background, no noise,
+    same mask): what the method loses of the local field itself. Its harmonic part inside the mask is
+    what a source-free background would look like there, so it is removed with the background by
+    LBV and V-SHARP (exactly the harmonic extension of the local field's values on the mask edge)
+    and partly by PDF (the part that dipoles outside the mask fit). On this phantom the superior
+    sagittal sinus (+0.4 ppm, inside the intracranial mask, within a few mm of its surface) carries
+    about 70 % of the true local field's norm in the eroded mask and most of that loss; without it
+    LBV still loses about 28 % (2 mm data). That floor, not the background, keeps the issue 10
+    target out of reach of these methods.
+    """
     _, _, local, local_mask = chain["local"](method)
     eroded = ndimage.binary_erosion(local_mask, iterations=2)
+    truth = local_field_of_region(data, chain["qsm_mask"])
+    against_region = _nrmse(local, truth, eroded)
+    _, _, on_truth, _ = chain["local_of"](truth, method)
+    floor = _nrmse(on_truth, truth, eroded)
     against_brain = _nrmse(local, data["local_field"], eroded)
-    against_region = _nrmse(local, local_field_of_region(data, local_mask), eroded)
     print(
-        f"\n{method}: local field NRMSE in the mask eroded by 4 mm: {against_brain:.1f} % (sources in the "
-        f"brain mask), {against_region:.1f} % (sources in the method's own mask)"
+        f"\n{method}: local field NRMSE in the mask eroded by 4 mm: {against_region:.1f} % (sources in the "
+        f"QSM mask); the method on the true local field alone: {floor:.1f} %; against the field of the whole "
+        f"brain mask's sources: {against_brain:.1f} %"
     )
-    assert min(against_brain, against_region) < LOCAL_FIELD_REGRESSION[method]
-    if min(against_brain, against_region) >= LOCAL_FIELD_TARGET:
-        pytest.xfail(f"issue 10 target of {LOCAL_FIELD_TARGET:g} % not met: {against_brain:.1f} %")
+    assert against_region < LOCAL_FIELD_REGRESSION[method]
+    # Background, field noise and unwrapping add to what the method loses of the local field itself.
+    assert against_region >= floor - 5.0
+    if against_region >= LOCAL_FIELD_TARGET:
+        pytest.xfail(
+            f"issue 10 target of {LOCAL_FIELD_TARGET:g} % not met: {against_region:.1f} % "
+            f"({floor:.1f} % on the true local field alone)"
+        )

@@ -4,6 +4,17 @@ The total field inside the brain is the sum of a local field (sources inside the
 background field from sources outside it (air, bone, shim residuals), which is harmonic inside the
 mask. Fields are in any unit (Hz or ppm); the output has the unit of the input.
 
+What none of them recovers: the local field has a harmonic part inside the mask too, the harmonic
+extension of its values on the mask's edge, which inside the mask looks exactly like background.
+LBV and V-SHARP remove all of it (their local field is 0 on the edge); PDF keeps what dipoles
+outside the mask cannot fit. It is large where strong sources lie just inside the edge: on the
+phantom of ``tests/phantom/test_qsm_phantom.py`` (2 mm) LBV applied to the exact local field alone
+(no background, no noise) loses 57 % of it (NRMSE in the mask eroded by 4 mm), mostly the field of
+the superior sagittal sinus that the QSM mask keeps, and 28 % without the sinus; V-SHARP loses 55 %
+and PDF 39 %.
+Eroding the mask further or converging harder does not help (LBV on the mask eroded by one more
+voxel: 78 %; a 1e-9 conjugate-gradient tolerance changes the result by 0.01 %).
+
 References
 ----------
 Schweser F, Deistung A, Lehr BW, Reichenbach JR. Quantitative imaging of intrinsic magnetic tissue

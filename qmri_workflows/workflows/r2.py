@@ -45,8 +45,9 @@ def init_r2_wf(
         Whether phase images are given (``phase_files``, ``phase_scale``).
     b1_note : str, optional
         Why no B1+ map reaches the fit (then ``b1_file`` is not used).
-    mem_gb : float
-        Memory of each node (GB).
+    mem_gb : float or dict
+        Memory (GB) of each node, or by node (``band_free``, ``fit``) as
+        :func:`estimate_r2_mem_gb` gives them.
     omp_nthreads : int
         Threads of each node.
     name : str
@@ -109,7 +110,7 @@ def init_r2_wf(
             num_threads=omp_nthreads,
         ),
         name="band_free",
-        mem_gb=mem_gb,
+        mem_gb=mem_gb["band_free"] if isinstance(mem_gb, dict) else mem_gb,
         n_procs=omp_nthreads,
     )
     fit = pe.Node(
@@ -121,7 +122,7 @@ def init_r2_wf(
             num_threads=omp_nthreads,
         ),
         name="fit_despot2",
-        mem_gb=mem_gb,
+        mem_gb=mem_gb["fit"] if isinstance(mem_gb, dict) else mem_gb,
         n_procs=omp_nthreads,
     )
     if b1_note is not None:
@@ -231,8 +232,39 @@ def _b1_note(context):
     return None
 
 
+# Peak memory of the R2 nodes, from benchmarks/bench_nodes.py on the 1 mm phantom (191 x 227 x 201
+# voxels, 2 flip angles x 4 cycles, 2 threads: band-free 1.07-1.14 GB, DESPOT2 0.83-0.96 GB):
+# what stays besides the interpreter and the chunks' temporaries, in bytes per voxel of the grid.
+_R2_BASE_GB = 0.25
+_R2_CHUNK_BYTES_PER_CYCLE = {"geometric": 200, "ellipse": 250, "rms": 200, "max": 200}
+
+
+def estimate_r2_mem_gb(bssfp_file, map_file, n_cycle, n_flip, *, combination="geometric", n_threads=1):
+    """Peak memory (GB) of the R2 nodes: ``{"band_free": GB, "fit": GB}``, with 30 % margin.
+
+    The band-free step holds one flip angle's magnitude and phase stacks (float32), the complex64
+    cycles of the voxels it combines (at most half the grid in a head), the band-free signal of
+    every flip angle and the off-resonance phasor sum; plus, per thread, a chunk of 100 000 voxels'
+    temporaries (about 200 bytes per voxel and cycle, 250 for the ellipse fit). DESPOT2 holds the
+    band-free stack, R1 and B1+ (float32 and float64), its float64 outputs and their float32 copies.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    n_bssfp = int(np.prod(nib.load(bssfp_file).shape[:3]))
+    n_map = int(np.prod(nib.load(map_file).shape[:3]))
+    band_free = n_bssfp * (8 * n_cycle + 4 * n_cycle + 8 * n_flip + 34) + max(n_map - n_bssfp, 0) * 8 * n_flip
+    band_free_chunks = 100_000 * n_cycle * _R2_CHUNK_BYTES_PER_CYCLE[combination] * max(n_threads, 1)
+    fit = n_map * (4 * n_flip + 76)
+    fit_chunks = 200_000 * (24 * n_flip + 100) * max(n_threads, 1)
+    return {
+        "band_free": round(_R2_BASE_GB + 1.3 * (band_free + band_free_chunks) / 1e9, 2),
+        "fit": round(_R2_BASE_GB + 1.3 * (fit + fit_chunks) / 1e9, 2),
+    }
+
+
 def _build_r2(context):
-    from .base import estimate_fit_mem_gb, map_grid_file
+    from .base import map_grid_file
 
     inputs, options = context.inputs, context.options
     series = inputs.bssfp
@@ -246,8 +278,14 @@ def _build_r2(context):
         method=options["r2_method"],
         with_phase=_has_phase(inputs),
         b1_note=_b1_note(context),
-        # complex float64 copies of one flip angle's cycles dominate
-        mem_gb=estimate_fit_mem_gb(series[0].magnitude[0], 4 * n_cycle + 2 * len(series) + 4),
+        mem_gb=estimate_r2_mem_gb(
+            series[0].magnitude[0],
+            map_grid_file(inputs),
+            n_cycle,
+            len(series),
+            combination=combination,
+            n_threads=context.omp_nthreads,
+        ),
         omp_nthreads=context.omp_nthreads,
     )
     workflow.inputs.inputnode.magnitude_files = [path for s in series for path in s.magnitude]

@@ -91,6 +91,22 @@ R2_ALGORITHMS = {
 # --------------------------------------------------------------------------------------------------
 # band-free signal
 # --------------------------------------------------------------------------------------------------
+def _complex_signals(magnitudes, phases, phase_scale):
+    """Complex64 phase cycles from float32 magnitudes and stored phases (radians = phases x scale).
+
+    The images are float32 on disk, so single precision loses nothing they hold; it halves the
+    memory of the largest array of the step and its cos/sin cost (the core casts each chunk to
+    complex128 for the combination itself).
+    """
+    radians = np.multiply(phases, np.float32(phase_scale), dtype=np.float32)
+    signals = np.empty(magnitudes.shape, dtype=np.complex64)
+    signals.real = np.cos(radians)
+    signals.imag = np.sin(radians, out=radians)
+    signals.real *= magnitudes
+    signals.imag *= magnitudes
+    return signals
+
+
 class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
     magnitude_files = InputMultiObject(
         File(exists=True),
@@ -185,11 +201,11 @@ class BandFreeBSSFP(SimpleInterface):
                 finite &= np.isfinite(phases).all(axis=-1)
             fitted = finite if mask is None else (finite & mask)
             # only the fitted voxels, as (n_voxel, n_cycle): a third of the volume in a head
-            voxel_magnitudes = magnitudes[fitted].astype(np.float64)
+            voxel_magnitudes = magnitudes[fitted]
             del magnitudes
             signals = None
             if phases is not None:
-                signals = voxel_magnitudes * np.exp(1j * (scale * phases[fitted].astype(np.float64)))
+                signals = _complex_signals(voxel_magnitudes, phases[fitted], scale)
                 del phases
             value, off_resonance = self._combine(signals, voxel_magnitudes, combination, increments, tr, chunking)
             if combination == "geometric":
@@ -250,7 +266,7 @@ class BandFreeBSSFP(SimpleInterface):
         if combination == "ellipse":
             fit = fit_ellipse(signals, increments, tr, **chunking)
             return np.abs(fit.amplitude), fit.off_resonance
-        value = magnitude_combination(magnitudes, method=combination)
+        value = magnitude_combination(magnitudes.astype(np.float64), method=combination)
         if signals is None:
             return value, None
         # complex data combined by magnitude: the off-resonance still comes from the cycles
@@ -320,19 +336,20 @@ class FitDESPOT2(SimpleInterface):
                 f"({', '.join(self.inputs.band_free_files)})"
             )
         reference = nib.load(self.inputs.band_free_files[0])
-        signals = load_volumes(self.inputs.band_free_files, reference=reference).astype(np.float64)
+        # float32 as stored: the fit converts each chunk of fitted voxels to float64 itself
+        signals = load_volumes(self.inputs.band_free_files, reference=reference)
         shape = signals.shape[:3]
         mask = np.ones(shape, dtype=bool)
         if isdefined(self.inputs.mask_file):
             mask = load_volume(self.inputs.mask_file, reference=reference) > 0
-        r1 = load_volume(self.inputs.r1_file, reference=reference).astype(np.float64)
+        r1 = load_volume(self.inputs.r1_file, reference=reference)
         metadata = {}
         if isdefined(self.inputs.b1_file):
-            b1 = load_volume(self.inputs.b1_file, reference=reference).astype(np.float64)
-            b1 = np.where(b1 > 0, b1, np.nan)
+            b1 = load_volume(self.inputs.b1_file, reference=reference)
+            b1[~(b1 > 0)] = np.nan
             metadata["B1Correction"] = "B1+ map of the R1 family (actual / nominal flip angle)"
         else:
-            b1 = np.ones(shape)
+            b1 = np.ones(shape, dtype=np.float32)
             note = self.inputs.b1_note if isdefined(self.inputs.b1_note) else "no B1+ map"
             metadata["B1Correction"] = f"none: {note}; nominal flip angles assumed (R2 and R1 both biased)"
             LOGGER.info("R2: not corrected for B1+ (%s)", note)
@@ -343,12 +360,13 @@ class FitDESPOT2(SimpleInterface):
         sigma = None
         if flips.size == 2 and isdefined(self.inputs.noise_sigma) and np.isfinite(self.inputs.noise_sigma):
             sigma = float(self.inputs.noise_sigma)
+        # only the voxels of ``fitted`` are read (mask), so the others need no placeholder values
         result = fit_despot2(
-            np.where(fitted[..., None], signals, 0.0),
+            signals,
             np.deg2rad(flips),
             self.inputs.repetition_time,
-            np.where(fitted, r1, 1.0),
-            b1=np.where(fitted, b1, 1.0),
+            r1,
+            b1=b1,
             sigma=sigma,
             method=self.inputs.method,
             mask=fitted,

@@ -54,8 +54,9 @@ def init_r2_wf(
         the relative change of R2 (R1 moves ~2 % when T2 halves), and R2 follows R1 at most one to
         one, so by < 0.03 % where the first round moved R1 by < 1 %.
         Without it the ``refined_*`` outputs are the R1 family's own.
-    mem_gb : float
-        Memory of each node (GB).
+    mem_gb : float or dict
+        Memory (GB) of each node, or by node (``band_free``, ``fit`` and, with ``refine_r1``,
+        ``refit_r1``) as :func:`_build_r2` gives them.
     omp_nthreads : int
         Threads of each node.
     name : str
@@ -137,7 +138,7 @@ def init_r2_wf(
             num_threads=omp_nthreads,
         ),
         name="band_free",
-        mem_gb=mem_gb,
+        mem_gb=_node_mem_gb(mem_gb, "band_free"),
         n_procs=omp_nthreads,
     )
     fit = pe.Node(
@@ -149,7 +150,7 @@ def init_r2_wf(
             num_threads=omp_nthreads,
         ),
         name="fit_despot2",
-        mem_gb=mem_gb,
+        mem_gb=_node_mem_gb(mem_gb, "fit"),
         n_procs=omp_nthreads,
     )
     if b1_note is not None:
@@ -178,11 +179,11 @@ def init_r2_wf(
     else:
         from .relaxometry import init_r1_refit_wf
 
-        refit = init_r1_refit_wf(settings=refine_r1, mem_gb=mem_gb, omp_nthreads=omp_nthreads)
+        refit = init_r1_refit_wf(settings=refine_r1, mem_gb=_node_mem_gb(mem_gb, "refit_r1"), omp_nthreads=omp_nthreads)
         final_fit = pe.Node(
             fit.interface.__class__(**fit.inputs.get_traitsfree()),
             name="refit_despot2",
-            mem_gb=mem_gb,
+            mem_gb=_node_mem_gb(mem_gb, "fit"),
             n_procs=omp_nthreads,
         )
         workflow.connect([
@@ -307,14 +308,61 @@ def _b1_note(context):
     return None
 
 
+# Peak memory of the R2 nodes, from benchmarks/bench_nodes.py on the 1 mm phantom (191 x 227 x 201
+# voxels, 2 flip angles x 4 cycles, 2 threads: band-free 1.07-1.14 GB, DESPOT2 0.83-0.96 GB):
+# what stays besides the interpreter and the chunks' temporaries, in bytes per voxel of the grid.
+_R2_BASE_GB = 0.25
+_R2_CHUNK_BYTES_PER_CYCLE = {"geometric": 200, "ellipse": 250, "rms": 200, "max": 200}
+
+
+def _node_mem_gb(mem_gb, node):
+    """A node's memory from ``mem_gb`` given for all nodes (float) or by node (dict)."""
+    return mem_gb[node] if isinstance(mem_gb, dict) else mem_gb
+
+
+def estimate_r2_mem_gb(bssfp_file, map_file, n_cycle, n_flip, *, combination="geometric", n_threads=1):
+    """Peak memory (GB) of the R2 nodes: ``{"band_free": GB, "fit": GB}``, with 30 % margin.
+
+    The band-free step holds one flip angle's magnitude and phase stacks (float32), the complex64
+    cycles of the voxels it combines (at most half the grid in a head), the band-free signal of
+    every flip angle and the off-resonance phasor sum; plus, per thread, a chunk of 100 000 voxels'
+    temporaries (about 200 bytes per voxel and cycle, 250 for the ellipse fit). DESPOT2 holds the
+    band-free stack, R1 and B1+ (float32 and float64), its float64 outputs and their float32 copies.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    n_bssfp = int(np.prod(nib.load(bssfp_file).shape[:3]))
+    n_map = int(np.prod(nib.load(map_file).shape[:3]))
+    band_free = n_bssfp * (8 * n_cycle + 4 * n_cycle + 8 * n_flip + 34) + max(n_map - n_bssfp, 0) * 8 * n_flip
+    band_free_chunks = 100_000 * n_cycle * _R2_CHUNK_BYTES_PER_CYCLE[combination] * max(n_threads, 1)
+    fit = n_map * (4 * n_flip + 76)
+    fit_chunks = 200_000 * (24 * n_flip + 100) * max(n_threads, 1)
+    return {
+        "band_free": round(_R2_BASE_GB + 1.3 * (band_free + band_free_chunks) / 1e9, 2),
+        "fit": round(_R2_BASE_GB + 1.3 * (fit + fit_chunks) / 1e9, 2),
+    }
+
+
 def _build_r2(context):
-    from .base import estimate_fit_mem_gb, map_grid_file
-    from .relaxometry import r1_settings, r1_signal_inputs, spoiling_corrected
+    from .base import map_grid_file
+    from .relaxometry import r1_fit_mem_gb, r1_settings, r1_signal_inputs, spoiling_corrected
 
     inputs, options = context.inputs, context.options
     series = inputs.bssfp
     combination = resolve_combination(inputs, options["bssfp_combination"])
     n_cycle = len(series[0].phase_increments)
+    refine_r1 = r1_settings(context) if spoiling_corrected(context) else None
+    mem_gb = estimate_r2_mem_gb(
+        series[0].magnitude[0],
+        map_grid_file(inputs),
+        n_cycle,
+        len(series),
+        combination=combination,
+        n_threads=context.omp_nthreads,
+    )
+    if refine_r1 is not None:
+        mem_gb["refit_r1"] = r1_fit_mem_gb(context)
     workflow = init_r2_wf(
         flip_angles=[s.flip_angle for s in series],
         phase_increments=list(series[0].phase_increments),
@@ -323,9 +371,8 @@ def _build_r2(context):
         method=options["r2_method"],
         with_phase=_has_phase(inputs),
         b1_note=_b1_note(context),
-        refine_r1=r1_settings(context) if spoiling_corrected(context) else None,
-        # complex float64 copies of one flip angle's cycles dominate
-        mem_gb=estimate_fit_mem_gb(series[0].magnitude[0], 4 * n_cycle + 2 * len(series) + 4),
+        refine_r1=refine_r1,
+        mem_gb=mem_gb,
         omp_nthreads=context.omp_nthreads,
     )
     workflow.inputs.inputnode.magnitude_files = [path for s in series for path in s.magnitude]

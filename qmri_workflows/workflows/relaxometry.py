@@ -455,12 +455,17 @@ def r1_signal_inputs(workflow, context, prefix=""):
         setattr(workflow.inputs.inputnode, f"{prefix}flip_angles", flips)
 
 
-def _build_r1(context):
+def r1_fit_mem_gb(context):
+    """Memory (GB) of an R1 fit of the subject (the R1 family's, and the R2 family's refit)."""
     from .base import estimate_fit_mem_gb
 
+    return estimate_fit_mem_gb(context.inputs.gre[0].magnitude[0], len(context.inputs.gre) + 10)
+
+
+def _build_r1(context):
     workflow = init_r1_wf(
         **r1_settings(context),
-        mem_gb=estimate_fit_mem_gb(context.inputs.gre[0].magnitude[0], len(context.inputs.gre) + 10),
+        mem_gb=r1_fit_mem_gb(context),
         omp_nthreads=context.omp_nthreads,
     )
     r1_signal_inputs(workflow, context)

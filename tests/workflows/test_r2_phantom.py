@@ -102,3 +102,18 @@ def test_r2_on_the_phantom(tmp_path):
     # One phase cycle: the bands move R2 by far more than the geometric solution's error
     one = _rows(raw, _one_cycle_r2(raw, out, mask), mask, "one phase cycle (0 deg), no band removal")
     assert one["WM"].interior_median_abs > 5 * by_name["WM"].interior_median_abs
+
+
+def test_r2_memory_estimate_covers_the_measured_peaks(tmp_path):
+    from qmri_workflows.workflows.r2 import estimate_r2_mem_gb
+    from tests.bids_factory import write_image
+
+    head = write_image(tmp_path / "head.nii", np.zeros((191, 227, 201), np.float32))
+    # Peaks measured on this grid, 2 flip angles x 4 cycles, 2 threads (benchmarks/bench_nodes.py on
+    # the 1 mm phantom, GB): band-free 1.14, DESPOT2 0.96; the ellipse fit 1.3 (bench_r2.py).
+    geometric = estimate_r2_mem_gb(head, head, 4, 2, n_threads=2)
+    assert 1.14 < geometric["band_free"] < 1.14 * 1.5 and 0.96 < geometric["fit"] < 0.96 * 1.5
+    ellipse = estimate_r2_mem_gb(head, head, 4, 2, combination="ellipse", n_threads=2)
+    assert 1.3 < ellipse["band_free"] < 1.3 * 1.5
+    # eight cycles hold twice the stacks of one flip angle
+    assert estimate_r2_mem_gb(head, head, 8, 2)["band_free"] > geometric["band_free"]

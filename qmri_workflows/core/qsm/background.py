@@ -35,7 +35,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix, diags
-from scipy.sparse.linalg import cg
 
 from ._grid import PaddedGrid, check_mask_volume, check_volume, solve_lsqr
 
@@ -225,6 +224,34 @@ def remove_background_pdf(
     return local, background_full
 
 
+def _conjugate_gradient(matrix, rhs, *, rtol, max_iter):
+    """Conjugate gradients for a symmetric positive-definite ``matrix``, from 0.
+
+    The iteration of ``scipy.sparse.linalg.cg`` without a preconditioner (stopped when the residual
+    norm falls below ``rtol`` times that of ``rhs``, or after ``max_iter`` steps), with the vector
+    updates done in place and the residual norm taken from the dot product it needs anyway: the
+    sparse product is then most of the cost.
+    """
+    solution = np.zeros_like(rhs)
+    residual = rhs.copy()
+    direction = residual.copy()
+    scratch = np.empty_like(rhs)
+    rho = float(np.dot(residual, residual))
+    threshold = (rtol * np.sqrt(rho)) ** 2
+    for _ in range(max_iter):
+        if rho < threshold or rho == 0.0:
+            break
+        product = matrix @ direction
+        step = rho / float(np.dot(direction, product))
+        solution += np.multiply(direction, step, out=scratch)
+        residual -= np.multiply(product, step, out=scratch)
+        rho_next = float(np.dot(residual, residual))
+        direction *= rho_next / rho
+        direction += residual
+        rho = rho_next
+    return solution
+
+
 def remove_background_lbv(field, mask, voxel_size=(1.0, 1.0, 1.0), *, tol=1e-6, max_iter=2000):
     """Laplacian boundary value method: the background is harmonic inside the mask.
 
@@ -260,32 +287,38 @@ def remove_background_lbv(field, mask, voxel_size=(1.0, 1.0, 1.0), *, tol=1e-6, 
     n_interior = int(interior.sum())
     index = np.full(field.shape, -1, dtype=np.int64)
     index[interior] = np.arange(n_interior)
-    known = np.where(mask, field, 0.0).astype(np.float64)
-    diagonal = np.zeros(n_interior)
+    known = np.where(mask, field, 0.0).astype(np.float64).ravel()
+    index = index.ravel()
+    # Interior voxels are off the array border (the erosion treats outside the array as outside
+    # the mask), so a neighbour is the voxel at a flat offset: look up only the interior's
+    # neighbours rather than shifting whole volumes.
+    own_flat = np.flatnonzero(interior)
+    own = index[own_flat]
+    strides = (field.shape[1] * field.shape[2], field.shape[2], 1)  # of the C-order flat index
+    diagonal = 0.0
     rhs = np.zeros(n_interior)
     rows, cols, values = [], [], []
     for axis, h in enumerate(voxel_size):
         coupling = 1.0 / (h * h)
         diagonal += 2 * coupling
         for shift in (1, -1):
-            neighbour = np.roll(index, shift, axis=axis)
-            neighbour_field = np.roll(known, shift, axis=axis)
-            own = index[interior]
-            other = neighbour[interior]
+            neighbour_flat = own_flat - shift * strides[axis]
+            other = index[neighbour_flat]
             linked = other >= 0
             rows.append(own[linked])
             cols.append(other[linked])
             values.append(np.full(int(linked.sum()), -coupling))
             # Neighbours on the boundary layer are known values: move them to the right side.
-            rhs[own[~linked]] += coupling * neighbour_field[interior][~linked]
+            rhs[own[~linked]] += coupling * known[neighbour_flat[~linked]]
     laplacian = (
         coo_matrix(
             (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n_interior, n_interior)
         )
-        + diags(diagonal)
+        + diags(np.full(n_interior, diagonal))
     ).tocsr()
-    preconditioner = diags(1.0 / diagonal)
-    background, _ = cg(laplacian, rhs, rtol=tol, maxiter=max_iter, M=preconditioner)
+    # The diagonal is the same at every voxel, so Jacobi preconditioning would only rescale: plain
+    # conjugate gradients take the same steps (and stop at the same residual).
+    background = _conjugate_gradient(laplacian, rhs, rtol=tol, max_iter=max_iter)
     local = np.zeros(field.shape, dtype=np.float32)
     local[interior] = field[interior] - background
     return local, interior

@@ -1,6 +1,7 @@
 """setup.cfg says only true things: its package data exist and every dependency is used."""
 
 import configparser
+import functools
 import importlib.metadata
 import re
 import sys
@@ -41,8 +42,14 @@ def _imported_top_level_modules():
     return {name.split(".")[0] for module in package_modules() for name in imports_in_source(module)}
 
 
+@functools.cache
+def _distributions_by_module():
+    # scans every installed distribution's file list: seconds per call in a full environment
+    return importlib.metadata.packages_distributions()
+
+
 def _distributions(top_level_module):
-    return {_normalise(dist) for dist in importlib.metadata.packages_distributions().get(top_level_module, ())}
+    return {_normalise(dist) for dist in _distributions_by_module().get(top_level_module, ())}
 
 
 def test_every_package_data_pattern_matches_a_file():

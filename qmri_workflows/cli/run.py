@@ -69,8 +69,8 @@ def build_parser():
     """Return the argument parser of ``qmri-workflows``."""
     parser = _ArgumentParser(
         prog="qmri-workflows",
-        description="Quantitative MRI maps (R2*, T2*; R1, PD, R2 and QSM in later releases) "
-        "from a raw BIDS dataset, written as BIDS derivatives.",
+        description="Quantitative MRI maps (R2*/T2*, B1+, R1/T1, PD, R2/T2, QSM), regional and lesion "
+        "statistics and a report per subject, from a raw BIDS dataset, written as BIDS derivatives.",
     )
     parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")
     parser.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")

@@ -187,21 +187,21 @@ def init_r1_wf(
         mem_gb=mem_gb,
         n_procs=omp_nthreads,
     )
-    for trait, value in (
-        ("phase_increment", phase_increment),
-        ("manufacturer", manufacturer),
-        ("gradient_moment", gradient_moment),
-        ("tissue_t2", tissue_t2),
-        ("b1_note", b1_note),
-        ("field_strength", field_strength),
-    ):
-        if value is not None:
-            setattr(fit.inputs, trait, value)
-    if echo_times is not None:
-        fit.inputs.echo_times = [[float(te) for te in echoes] for echoes in echo_times]
-        workflow.connect([
-            (inputnode, fit, [("r2star_file", "r2star_file"), ("r2star_stderr_file", "r2star_stderr_file")]),
-        ])  # fmt: skip
+    _set_t2_and_noise_inputs(
+        workflow,
+        inputnode,
+        fit,
+        dict(
+            phase_increment=phase_increment,
+            manufacturer=manufacturer,
+            gradient_moment=gradient_moment,
+            tissue_t2=tissue_t2,
+            field_strength=field_strength,
+            echo_times=echo_times,
+        ),
+    )
+    if b1_note is not None:
+        fit.inputs.b1_note = b1_note
     if afi_protocol is not None:
         fit.inputs.afi_repetition_times = [float(afi_protocol[0]), float(afi_protocol[1])]
         fit.inputs.afi_flip_angle = float(afi_protocol[2])
@@ -546,9 +546,7 @@ def init_r1_refit_wf(*, settings, mem_gb=1.0, omp_nthreads=1, name="r1_refit_wf"
         mem_gb=mem_gb,
         n_procs=omp_nthreads,
     )
-    for trait in ("phase_increment", "manufacturer", "gradient_moment", "tissue_t2", "field_strength"):
-        if settings.get(trait) is not None:
-            setattr(fit.inputs, trait, settings[trait])
+    _set_t2_and_noise_inputs(workflow, inputnode, fit, settings)
     uses_b1 = settings["b1_note"] is None or settings["estimate_b1"]
     if not uses_b1:
         fit.inputs.b1_note = settings["b1_note"]
@@ -564,12 +562,21 @@ def init_r1_refit_wf(*, settings, mem_gb=1.0, omp_nthreads=1, name="r1_refit_wf"
     ])  # fmt: skip
     if uses_b1:
         workflow.connect([(inputnode, fit, [("b1_file", "b1_file")])])
-    if settings["echo_times"] is not None:
+    return workflow
+
+
+def _set_t2_and_noise_inputs(workflow, inputnode, fit, settings):
+    """Give an R1 fit node (first fit or refit) the spoiling sidecar values and tissue T2 it
+    corrects with, and, for ESTATICS intercepts, the echo times and R2* maps that give the T2
+    prior and the intercepts' noise."""
+    for trait in ("phase_increment", "manufacturer", "gradient_moment", "tissue_t2", "field_strength"):
+        if settings.get(trait) is not None:
+            setattr(fit.inputs, trait, settings[trait])
+    if settings.get("echo_times") is not None:
         fit.inputs.echo_times = [[float(te) for te in echoes] for echoes in settings["echo_times"]]
         workflow.connect([
             (inputnode, fit, [("r2star_file", "r2star_file"), ("r2star_stderr_file", "r2star_stderr_file")]),
         ])  # fmt: skip
-    return workflow
 
 
 def _r1_outputs(inputs):

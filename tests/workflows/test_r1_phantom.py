@@ -1,25 +1,22 @@
 """R1 (and B1+ from AFI) from the BIDS App against the digital phantom's ground truth.
 
-The phantom writes a raw BIDS dataset with a VFA pair (6/21 degrees, TR 25 ms, 8 echoes) and an AFI
-pair; the App fits R2*/S0, maps B1+ from the AFI pair and R1 from the S0 maps; R1 is compared with
-the truth in the interior masks (``phantom.evaluate.region_errors``).
+The phantom writes a raw BIDS dataset with a VFA pair (6/21 degrees, TR 25 ms, 8 echoes), an AFI
+pair and phase-cycled bSSFP (``noiseless_phantom_2mm`` in ``conftest.py``, one per spoiling model
+and test session); each test runs the App on the scans it needs. The App fits R2*/S0, maps B1+
+from the AFI pair and R1 from the S0 maps; R1 is compared with the truth in the interior masks
+(``phantom.evaluate.region_errors``).
 
-Spoiling: the phantom simulates either ideal spoiling (the Ernst equation, what the phantom did
-until the EPG simulator became its default) or the scanner's imperfect RF spoiling by EPG. The
-tests say which they simulate when the phantom's ``Protocol`` has a ``spoiling`` field; a phantom
-without that field spoils ideally, and the EPG test is skipped there.
+Spoiling: the phantom simulates either ideal spoiling (the Ernst equation) or the scanner's
+imperfect RF spoiling by EPG (its default).
 """
-
-import dataclasses
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from qmri_workflows.cli import run
-from qmri_workflows.phantom.dataset import write_phantom_dataset
 from qmri_workflows.phantom.evaluate import format_region_errors, region_errors
-from qmri_workflows.phantom.protocol import Protocol
+from tests.phantom_datasets import dataset_without
 
 # White matter, cortex and each deep grey nucleus: under 1 %; each lesion stage: under 2 %.
 TISSUES = ("WM", "CGM", "CAU", "PUT", "GP", "THA")
@@ -27,26 +24,11 @@ LESIONS = ("LEA", "LLA", "LCAC", "LCAR", "LCI", "CL")
 MIN_INTERIOR_VOXELS = 10
 
 
-def _protocol(spoiling):
-    """VFA and AFI only, spoiled as asked (``"ideal"`` or ``"epg"``)."""
-    if "spoiling" in {field.name for field in dataclasses.fields(Protocol)}:
-        return Protocol(bssfp=None, rb1cor=None, spoiling=spoiling)
-    if spoiling == "ideal":
-        return Protocol(bssfp=None, rb1cor=None)  # this phantom spoils ideally
-    pytest.skip("this phantom cannot simulate imperfect spoiling (no Protocol.spoiling)")
-
-
-def _phantom(tmp_path, spoiling):
-    """Noiseless 2 mm phantom simulated at 1 mm (oversample 2): the truth is not the fit's inverse."""
-    return write_phantom_dataset(
-        tmp_path / "raw",
-        resolution=2.0,
-        snr=float("inf"),
-        subjects=1,
-        seed=11,
-        protocol=_protocol(spoiling),
-        oversample=2,
-    )
+def _phantom(noiseless_phantom_2mm, tmp_path, spoiling, *, drop=()):
+    """The noiseless 2 mm phantom simulated at 1 mm (oversample 2, so the truth is not the fit's
+    inverse), spoiled as asked, without the GRE phase (R1 does not need QSM) and the scans in
+    ``drop``."""
+    return dataset_without(noiseless_phantom_2mm(spoiling), tmp_path / "raw", ("phase", *drop))
 
 
 def _run_app(raw, tmp_path, name, *extra):
@@ -82,13 +64,13 @@ def _check_corrected(by_name):
 
 
 @pytest.mark.slow
-def test_r1_on_the_ideally_spoiled_phantom(tmp_path):
+def test_r1_on_the_ideally_spoiled_phantom(noiseless_phantom_2mm, tmp_path):
     """2 mm simulated at 1 mm (oversample 2), noiseless, ideal spoiling, B1+ from AFI.
 
     Measured (this phantom, 2 mm): interior median |error| 0.2-0.6 % in WM, cortex and nuclei and
     0.3-0.6 % in the lesions; without B1+ correction 11-32 %.
     """
-    raw = _phantom(tmp_path, "ideal")
+    raw = _phantom(noiseless_phantom_2mm, tmp_path, "ideal", drop=("bssfp",))
     # the data are spoiled ideally: correcting them for imperfect spoiling would bias them
     corrected = _r1_errors(raw, _run_app(raw, tmp_path, "out", "--no-spoiling-correction"), "B1+ from AFI")
     _check_corrected(corrected)
@@ -102,14 +84,14 @@ def test_r1_on_the_ideally_spoiled_phantom(tmp_path):
 
 
 @pytest.mark.slow
-def test_r1_on_the_epg_spoiled_phantom(tmp_path):
+def test_r1_on_the_epg_spoiled_phantom(noiseless_phantom_2mm, tmp_path):
     """The same with the scanner's imperfect spoiling: the App's default corrects for it.
 
     Measured (2 mm): with the T2 inferred from R2*, 0.15-0.65 % in WM, cortex and nuclei (pallidum
     +0.26 %, against +2 % with one tissue T2 of 80 ms) and 0.20-0.73 % in the lesion stages with an
     interior; without the spoiling correction 1.7-6.0 %.
     """
-    raw = _phantom(tmp_path, "epg")
+    raw = _phantom(noiseless_phantom_2mm, tmp_path, "epg", drop=("bssfp",))
     corrected = _r1_errors(raw, _run_app(raw, tmp_path, "out"), "B1+ from AFI, spoiling corrected")
     # Without an R2 map the correction takes each voxel's T2 from its R2* (Gelman 1999's equal iron slopes
     # of R2 and R2', core.relaxometry.spoiling.t2_prior_from_r2star): the globus pallidus, T2 39 ms on
@@ -122,18 +104,10 @@ def test_r1_on_the_epg_spoiled_phantom(tmp_path):
 
 
 @pytest.mark.slow
-def test_map_free_b1_estimate_halves_the_uncorrected_r1_error(tmp_path):
+def test_map_free_b1_estimate_halves_the_uncorrected_r1_error(noiseless_phantom_2mm, tmp_path):
     """Without any B1+ data the App estimates B1+ from the VFA data; it must remove at least half of
     the R1 error of the uncorrected fit (issue 8). Ideal spoiling isolates the B1+ effect."""
-    raw = write_phantom_dataset(
-        tmp_path / "raw",
-        resolution=2.0,
-        snr=float("inf"),
-        subjects=1,
-        seed=11,
-        protocol=Protocol(bssfp=None, rb1cor=None, afi=None, spoiling="ideal"),
-        oversample=2,
-    )
+    raw = _phantom(noiseless_phantom_2mm, tmp_path, "ideal", drop=("bssfp", "afi"))
     estimated = _r1_errors(
         raw, _run_app(raw, tmp_path, "out", "--no-spoiling-correction"), "B1+ estimated from the VFA data"
     )
@@ -149,22 +123,14 @@ def test_map_free_b1_estimate_halves_the_uncorrected_r1_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_r1_with_the_r2_map_on_the_epg_spoiled_phantom(tmp_path):
+def test_r1_with_the_r2_map_on_the_epg_spoiled_phantom(noiseless_phantom_2mm, tmp_path):
     """With bSSFP data the R2 family refits R1 with each voxel's own T2 (then R2 with that R1): under
     1 % in every tissue and lesion stage with an interior (issue 8), and R2 within 1 % as well.
 
     Measured (2 mm): R1 0.10-0.39 % in WM, cortex and nuclei (pallidum 0.22 %), 0.12-0.16 % in the
     lesion stages with an interior; R2 0.01-0.04 %.
     """
-    raw = write_phantom_dataset(
-        tmp_path / "raw",
-        resolution=2.0,
-        snr=float("inf"),
-        subjects=1,
-        seed=11,
-        protocol=Protocol(rb1cor=None, spoiling="epg"),
-        oversample=2,
-    )
+    raw = _phantom(noiseless_phantom_2mm, tmp_path, "epg")
     out = _run_app(raw, tmp_path, "out")
     anat = out / "sub-01" / "anat"
     sidecar = (anat / "sub-01_R1map.json").read_text()

@@ -18,3 +18,13 @@ def _app_messages_reach_caplog():
     logger.propagate = True
     yield
     logger.handlers[:], logger.propagate = saved
+
+
+@pytest.fixture(scope="session")
+def phantom_participant_outputs(tmp_path_factory):
+    """``(raw, out, truth)`` of the two-subject analysis phantom run through the participant level
+    once per session (``tests/analysis_dataset.py``); tests only read it, the group-level test adds
+    ``out/group``."""
+    from tests.analysis_dataset import participant_outputs
+
+    return participant_outputs(tmp_path_factory.mktemp("analysis"))

@@ -11,8 +11,6 @@ from qmri_workflows.io.tables import read_table
 
 pytest.importorskip("nilearn")
 
-from tests.analysis_dataset import participant_outputs  # noqa: E402
-
 EXAMPLE = Path(__file__).resolve().parents[2] / "bids_example"
 
 
@@ -20,7 +18,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "bids_example"
 def group_outputs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("group")
     if request.param == "phantom":
-        raw, out, _ = participant_outputs(root)
+        raw, out, _ = request.getfixturevalue("phantom_participant_outputs")
     else:
         raw, out = EXAMPLE, root / "out"
         arguments = ["--derivatives", str(EXAMPLE / "derivatives" / "phantom"), "-w", str(root / "work")]

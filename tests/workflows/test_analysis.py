@@ -22,12 +22,12 @@ from tests.bids_factory import make_vfa_dataset
 
 pytest.importorskip("nilearn")
 
-from tests.analysis_dataset import RESOLUTION, participant_outputs  # noqa: E402
+from tests.analysis_dataset import RESOLUTION  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    return participant_outputs(tmp_path_factory.mktemp("analysis"))
+def outputs(phantom_participant_outputs):
+    return phantom_participant_outputs
 
 
 def _load(path):

@@ -21,6 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from qmri_workflows.io.images import save_image
+
 DEFAULT_AFFINE = np.array(
     [
         [1.5, 0.0, 0.0, -6.0],
@@ -66,7 +68,7 @@ def write_image(path, data=None, *, shape=DEFAULT_SHAPE, affine=DEFAULT_AFFINE, 
     image = nib.Nifti1Image(data, np.asarray(affine, float))
     image.set_data_dtype(dtype)
     image.header.set_xyzt_units("mm", "sec")
-    nib.save(image, path)
+    save_image(image, path)
     return path
 
 

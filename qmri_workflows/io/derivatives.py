@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import gzip_module, save_image
+
 __all__ = [
     "BIDS_VERSION",
     "DEFAULT_UNITS",
@@ -365,7 +367,7 @@ def write_nifti(path, data, affine, *, dtype=None, header=None):
         image.set_qform(affine, code=0)
 
     with _atomic_target(path) as temporary:
-        nib.save(image, temporary)
+        save_image(image, temporary)
     return path
 
 
@@ -642,21 +644,10 @@ def publish_map(out_root, in_file, *, subject, suffix, metadata, session=None, d
             shutil.copyfile(in_file, temporary)
         else:
             # a fast level (nibabel's default is 1 too): the maps compress well at it
-            with open(in_file, "rb") as source, _gzip_module().open(temporary, "wb", compresslevel=1) as sink:
+            with open(in_file, "rb") as source, gzip_module().open(temporary, "wb", compresslevel=1) as sink:
                 shutil.copyfileobj(source, sink, length=1 << 22)
     write_json(sidecar_path(target), _map_sidecar(metadata, suffix, entities))
     return target
-
-
-def _gzip_module():
-    """ISA-L's gzip (``isal.igzip``, several times faster at low levels) when installed, else the standard one."""
-    try:
-        from isal import igzip
-    except ImportError:
-        import gzip
-
-        return gzip
-    return igzip
 
 
 def write_dataset_description(

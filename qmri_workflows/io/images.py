@@ -180,6 +180,30 @@ def _in_memory(image, path):
         ) from error
 
 
+def gzip_module():
+    """ISA-L's gzip (``isal.igzip``, several times faster than zlib at low levels) when installed,
+    else the standard library's."""
+    try:
+        from isal import igzip
+    except ImportError:
+        import gzip
+
+        return gzip
+    return igzip
+
+
+def save_image(image, path):
+    """Write a single-file nibabel image to ``path``; a ``.gz`` path is compressed by
+    :func:`gzip_module` at level 1 (nibabel's level; ISA-L deflates it about five times faster
+    than the zlib nibabel uses, and writing the maps is a visible share of a run)."""
+    path = os.fspath(path)
+    if not path.endswith(".gz"):
+        image.to_filename(path)
+        return
+    with gzip_module().open(path, "wb", compresslevel=1) as stream:
+        image.to_file_map(image.make_file_map({"image": stream}))
+
+
 def volume_data(image, name, *, dtype=np.float32):
     """The data of a single-volume image as a 3D array of ``dtype`` (scaling applied).
 

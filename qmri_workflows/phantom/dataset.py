@@ -77,6 +77,7 @@ from qmri_workflows.io.derivatives import (
     write_map,
     write_nifti,
 )
+from qmri_workflows.io.images import save_image
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import (
     DIFFUSION_T2_RANGE,
@@ -283,7 +284,7 @@ def _write_raw_image(path, data, affine, dtype, *, part=None, sigma=0.0):
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, os.fspath(path))
+    save_image(image, path)
 
 
 def _raw_sidecar(volume, *, field_strength, part, n_coils):

@@ -204,7 +204,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
             handle.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", failing_save)
+    monkeypatch.setattr(deriv, "save_image", failing_save)
     with pytest.raises(OSError, match="disk full"):
         write_nifti(target, np.zeros((4, 4, 4)), np.eye(4))
     assert target.read_bytes() == before  # previous version intact

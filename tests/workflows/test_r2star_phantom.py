@@ -103,9 +103,11 @@ def test_noiseless_phantom_3mm_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_noiseless_phantom_1mm_every_region_within_half_a_percent(tmp_path):
-    raw = write_phantom_dataset(
-        tmp_path / "raw", resolution=1.0, snr=float("inf"), subjects=1, seed=11, protocol=_vfa_only(), oversample=1
+    simulated = write_phantom_dataset(
+        tmp_path / "sim", resolution=1.0, snr=float("inf"), subjects=1, seed=11, protocol=_vfa_only(), oversample=1
     )
+    # without the GRE phase: R2* needs the magnitudes only, and QSM at 1 mm would double the run
+    raw = dataset_without(simulated, tmp_path / "raw", ("phase",))
     out = _run_app(raw, tmp_path, "--skip-bids-validation")
     # Every region of the issue, each lesion stage included, is present at 1 mm.
     _check_noiseless(raw, out, "01", REGIONS)

@@ -683,6 +683,7 @@ def _write_reports(
     root, args, argv, *, work_dir, selection, collected, plans, failed, not_processed, reporter, crash_since, log_file
 ):
     """The visual report: one page per selected subject (:mod:`qmri_workflows.reports.subject`)."""
+    from ..io.staging import unpublished_directory
     from ..reports.subject import RunInfo, StepFailure, SubjectOutcome, crash_messages, write_reports
     from ..workflows.base import map_grid_file
     from ..workflows.registry import quantitative_outputs, registered_families
@@ -705,7 +706,7 @@ def _write_reports(
             for step in failed.get(label, failed.get("run", ()))
         )
         quantitative = []
-        if inputs is not None and status == "published":
+        if inputs is not None and status in ("published", "failed"):
             for plan in subject_plans:
                 if plan.run and plan.key in families:
                     quantitative += [output.map_name for output in quantitative_outputs(families[plan.key], inputs)]
@@ -725,6 +726,7 @@ def _write_reports(
                 quantitative=tuple(quantitative),
                 anatomy_file=anatomy,
                 nawm_margin_mm=getattr(args, "nawm_margin_mm", 2.0),
+                unpublished_dir=str(unpublished_directory(work_dir, subject, session)) if status == "failed" else None,
             )
         )
     run = RunInfo(
@@ -765,6 +767,19 @@ def _clean_staging(output_dir, subjects):
         shutil.rmtree(staging_directory(output_dir, inputs.subject, inputs.session), ignore_errors=True)
     with contextlib.suppress(OSError):
         (output_dir / STAGING_FOLDER).rmdir()
+
+
+def _keep_unpublished(output_dir, work_dir, subjects, failed):
+    """Move what failed subjects left staged into the work directory (their reports show it, as not
+    published); the output holds whole subjects only. A subject that succeeded loses what an
+    earlier failed run kept for it."""
+    from ..io.staging import keep_unpublished, unpublished_directory
+
+    for inputs in subjects:
+        if _label(inputs.subject, inputs.session) in failed or "run" in failed:
+            keep_unpublished(output_dir, work_dir, inputs.subject, inputs.session)
+        else:
+            shutil.rmtree(unpublished_directory(work_dir, inputs.subject, inputs.session), ignore_errors=True)
 
 
 def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *, reporter=None):
@@ -859,15 +874,7 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *
             output_dir,
         )
         return None
-    if reporter.failed:
-        _clean_staging(
-            output_dir,
-            [
-                inputs
-                for inputs in subjects
-                if _label(inputs.subject, inputs.session) in reporter.failed or "run" in reporter.failed
-            ],
-        )
+    _keep_unpublished(output_dir, work_dir, subjects, reporter.failed)
     return reporter.failed
 
 

@@ -235,6 +235,12 @@ class _FitR1InputSpec(BaseInterfaceInputSpec):
     n_coils = traits.Int(
         1, usedefault=True, desc="receive channels (root-sum-of-squares), for the noise measured in the air"
     )
+    denoised = traits.Bool(
+        False,
+        usedefault=True,
+        desc="the signals are NLM-denoised single-echo images: the noise of the air (that of the raw images) "
+        "is not their noise, and is not used for the standard error",
+    )
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
 
@@ -288,8 +294,9 @@ class FitR1(SimpleInterface):
     else inferred from ``r2star_file`` (:func:`~qmri_workflows.core.relaxometry.t2_prior_from_r2star`),
     else the tissue T2 ``tissue_t2``. The standard error of R1 propagates the covariance of the
     ESTATICS intercepts (``r2star_file``, ``r2star_stderr_file``, ``echo_times``), else the given
-    ``noise_sigma``, the residuals (more than two flip angles) or the noise of the air. Voxels with
-    a non-finite signal or B1+ get NaN; their counts go to the log and into ``metadata``.
+    ``noise_sigma``, the residuals (more than two flip angles) or the noise of the air (not for
+    ``denoised`` images: NaN). Voxels with a non-finite signal or B1+ get NaN; their counts go to the
+    log and into ``metadata``.
     """
 
     input_spec = _FitR1InputSpec
@@ -502,6 +509,12 @@ class FitR1(SimpleInterface):
             return self.inputs.noise_sigma, None, f"given noise SD {self.inputs.noise_sigma:g} of every signal"
         if n_flip > 2:
             return None, None, "residuals of the DESPOT1 fit (more flip angles than parameters)"
+        if self.inputs.denoised:
+            # Non-local means lowered the noise by a factor that varies from voxel to voxel; the air
+            # keeps the raw noise, so a standard error from it would overstate the uncertainty.
+            problem = "the images are denoised, and the noise measured in the air is that of the raw images, not theirs"
+            LOGGER.info("R1: no standard error (%s)", problem)
+            return None, None, f"none, NaN: two flip angles leave no residual, and {problem}"
         from .r2star import estimate_noise_from_air
 
         try:

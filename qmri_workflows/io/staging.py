@@ -13,12 +13,51 @@ import os
 from pathlib import Path
 
 STAGING_FOLDER = ".qmri-staging"
+#: Folder of the work directory that keeps what a failed subject had staged (for its report).
+UNPUBLISHED_FOLDER = "unpublished"
+
+
+def _folder_label(subject, session):
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
 def staging_directory(output_dir, subject, session=None):
     """Return the staging folder for one subject (and session) inside ``output_dir``."""
-    label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    return Path(output_dir) / STAGING_FOLDER / label
+    return Path(output_dir) / STAGING_FOLDER / _folder_label(subject, session)
+
+
+def unpublished_directory(work_dir, subject, session=None):
+    """Return the folder of the work directory that keeps a failed subject's staged derivatives.
+
+    It has the layout of a derivatives dataset (``sub-<label>/[ses-<label>/]anat/...``) holding the
+    outputs whose steps finished before the failure; they are never published.
+    """
+    return Path(work_dir) / UNPUBLISHED_FOLDER / _folder_label(subject, session)
+
+
+def keep_unpublished(output_dir, work_dir, subject, session=None):
+    """Move a failed subject's staged derivatives out of ``output_dir`` into the work directory.
+
+    The output keeps whole subjects only; what had finished stays readable (the report shows it,
+    labelled as not published) in :func:`unpublished_directory`, which replaces any earlier one.
+
+    Returns
+    -------
+    Path or None
+        The unpublished folder, or None when nothing was staged.
+    """
+    import shutil
+
+    staged = staging_directory(output_dir, subject, session)
+    target = unpublished_directory(work_dir, subject, session)
+    shutil.rmtree(target, ignore_errors=True)
+    if not staged.is_dir():
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staged), str(target))
+    with contextlib.suppress(OSError):
+        staged.parent.rmdir()  # the hidden staging root, once nothing else is staged in it
+    return target
 
 
 def commit_staged_files(staging_dir, output_dir, files):

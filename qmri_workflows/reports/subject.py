@@ -15,9 +15,13 @@ A page holds, per session (or once without sessions):
 * the steps that ran and their durations, and the provenance: versions, command line, options,
   input files and each output's ``Sources``.
 
-A failed subject publishes nothing (the App's rule), so its page has no figures and no subject
-folder is created for it; the page says what failed. Every figure is drawn on its own: one that
-cannot be drawn is replaced by a note saying why, and the rest of the page is written.
+A failed subject publishes nothing (the App's rule) and no subject folder is created for it; the
+page says what failed, and shows the maps whose steps finished before the failure, read from the
+work directory (:func:`qmri_workflows.io.staging.unpublished_directory`) under a heading that says
+they are not published, with their figures embedded in the page (``data:`` addresses of the PNG
+files matplotlib writes), since the output holds no folder of that subject to put them in. Every
+figure is drawn on its own: one that cannot be drawn is replaced by a note saying why, and the rest
+of the page is written.
 
 Text from files and messages is escaped with :func:`html.escape`, and image addresses are quoted.
 """
@@ -90,6 +94,9 @@ class SubjectOutcome:
         Background of the overlays (the first-echo magnitude: the grid of the maps).
     nawm_margin_mm : float
         Option of the analysis, so the histograms use its regions.
+    unpublished_dir : str, optional
+        A failed subject's folder of derivatives that finished but were not published (the work
+        directory's, laid out as a derivatives dataset).
     """
 
     subject: str
@@ -103,6 +110,7 @@ class SubjectOutcome:
     quantitative: tuple = ()
     anatomy_file: str | None = None
     nawm_margin_mm: float = 2.0
+    unpublished_dir: str | None = None
 
 
 @dataclass
@@ -310,14 +318,41 @@ def _session_section(root, outcome, run, figure_dir):
         folder = root / f"sub-{outcome.subject}"
         earlier = " The files in its folder are from an earlier run." if folder.is_dir() else ""
         parts.append(
-            "<p>A subject whose step failed publishes none of its maps, so this page shows no figures. "
-            "The steps that finished kept their results in the work directory"
+            "<p>A subject whose step failed publishes none of its maps: its derivatives are written to "
+            "the output whole or not at all. The steps that finished kept their results in the work directory"
             + (f" ({_e(run.work_dir)})" if run.work_dir else "")
             + f"; run the same command again after fixing the cause to resume.{_e(earlier)}</p>"
         )
+        parts.append(_unpublished_content(outcome, figure_dir is not None))
     parts.append(_steps(outcome))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _unpublished_content(outcome, figures):
+    """The maps of a failed subject whose steps finished, from the work directory, labelled as such."""
+    import tempfile
+
+    unpublished = Path(outcome.unpublished_dir) if outcome.unpublished_dir else None
+    if unpublished is None or not any(unpublished.glob("sub-*/**/*.nii*")):
+        return (
+            '<h3 class="unpublished">Maps that finished before the failure</h3><p>None: no map of this subject '
+            "was finished and written before the failure (or the run stopped at the first crash).</p>"
+        )
+    heading = (
+        '<h3 class="unpublished">Maps that finished before the failure: NOT PUBLISHED</h3>'
+        '<p class="unpublished">These maps are <strong>not</strong> in the output dataset. They are the results '
+        "of the steps that finished before the failure, kept in the work directory "
+        f"(<code>{_e(unpublished)}</code>) so that they can be looked at: the maps that depend on the "
+        "failed step are missing, a map that a later step would have refined (R1 refitted with the R2 "
+        "map, say) may be its first estimate, and the folder is replaced when the subject is run again.</p>"
+    )
+    if not figures:
+        return heading + _published_content(unpublished, outcome, None)
+    with tempfile.TemporaryDirectory(prefix="qmri-report-") as scratch:
+        # drawn in a scratch folder and embedded: the output holds no folder of a failed subject
+        content = _published_content(unpublished, outcome, Path(scratch) / "figures", embed=True)
+    return heading + '<div class="unpublished">' + content + "</div>"
 
 
 def _failures(outcome):
@@ -388,11 +423,15 @@ def _sidecar(path):
 class _Figures:
     """Draws figures into the subject's folder; a figure that fails becomes a note on the page."""
 
-    def __init__(self, folder, prefix):
-        self.folder, self.prefix, self.notes = folder, prefix, []
+    def __init__(self, folder, prefix, *, embed=False):
+        self.folder, self.prefix, self.notes, self.embed = folder, prefix, [], embed
 
     def draw(self, what, name, function, *args, **kwargs):
-        """Call ``function(*args, path, **kwargs)``; return the ``<img>`` (or a note) as HTML."""
+        """Call ``function(*args, path, **kwargs)``; return the ``<img>`` (or a note) as HTML.
+
+        With ``embed`` the image is the PNG file's bytes in a ``data:`` address (the file is
+        matplotlib's; only its transport changes), else the file's path relative to the page.
+        """
         if self.folder is None:
             return ""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -402,11 +441,13 @@ class _Figures:
         except Exception as error:  # a figure must not cost the page: say what went wrong instead
             LOGGER.warning("report: the figure '%s' could not be drawn: %s", what, error)
             return f'<p class="note">The figure "{_e(what)}" could not be drawn: {_e(error)}</p>'
-        relative = path.relative_to(self.folder.parent.parent)
-        return (
-            f'<figure><img src="{_e(quote(relative.as_posix()))}" alt="{_e(what)}">'
-            f"<figcaption>{_e(what)}</figcaption></figure>"
-        )
+        if self.embed:
+            import base64
+
+            source = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        else:
+            source = quote(path.relative_to(self.folder.parent.parent).as_posix())
+        return f'<figure><img src="{_e(source)}" alt="{_e(what)}"><figcaption>{_e(what)}</figcaption></figure>'
 
 
 def _load(path):
@@ -419,7 +460,7 @@ def _load(path):
     return image, data
 
 
-def _published_content(root, outcome, figure_dir):
+def _published_content(root, outcome, figure_dir, *, embed=False):
     from .figures import (
         HISTOGRAM_PERCENTILES,
         map_mosaic,
@@ -442,7 +483,7 @@ def _published_content(root, outcome, figure_dir):
     reference, brain = _load(brain_file)
     brain = brain > 0
     shape = brain.shape
-    draw = _Figures(figure_dir, _prefix(outcome.subject, outcome.session))
+    draw = _Figures(figure_dir, _prefix(outcome.subject, outcome.session), embed=embed)
 
     loaded, skipped = {}, []
     for path in maps:
@@ -717,6 +758,8 @@ table.data td { white-space: nowrap; } table.data td.text { white-space: normal;
 .ok { color: #176b1e; } .failed { color: #b00020; font-weight: bold; } .skipped { color: #777; }
 tr.failed td { background: #fde7ea; } tr.skipped td { color: #666; }
 p.status { font-size: 1.1em; } p.note { color: #b00020; }
+h3.unpublished, p.unpublished { color: #8a4b00; }
+div.unpublished { border-left: 6px solid #e0a040; padding-left: 0.8em; }
 figure { margin: 0.3em 0; } img { max-width: 100%; } figcaption { font-size: 0.8em; color: #555; }
 pre { background: #f5f5f5; padding: 0.5em; white-space: pre-wrap; }
 """

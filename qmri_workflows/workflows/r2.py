@@ -74,7 +74,9 @@ def init_r2_wf(
     t1_file, m0_file, r1_stderr_file, r1_metadata
         The rest of the R1 family's outputs (passed on, or replaced by the refit).
     r1_signal_files, r1_flip_angles, r2star_file, r2star_stderr_file
-        What the R1 fit reads (for the refit; see :func:`~qmri_workflows.workflows.relaxometry.init_r1_wf`).
+        What the R1 fit read (its ``signal_files`` and ``flip_angles`` outputs: the R2* fit's S0 or the
+        denoised single-echo images) and the R2* maps, for the refit (see
+        :func:`~qmri_workflows.workflows.relaxometry.init_r1_wf`).
 
     Outputs
     -------
@@ -346,7 +348,7 @@ def estimate_r2_mem_gb(bssfp_file, map_file, n_cycle, n_flip, *, combination="ge
 
 def _build_r2(context):
     from .base import map_grid_file
-    from .relaxometry import r1_fit_mem_gb, r1_settings, r1_signal_inputs, spoiling_corrected
+    from .relaxometry import r1_fit_mem_gb, r1_settings, spoiling_corrected
 
     inputs, options = context.inputs, context.options
     series = inputs.bssfp
@@ -380,7 +382,6 @@ def _build_r2(context):
         workflow.inputs.inputnode.phase_files = [path for s in series for path in s.phase]
         workflow.inputs.inputnode.phase_scale = float(series[0].phase_scale)
     workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
-    r1_signal_inputs(workflow, context, prefix="r1_")
     return workflow
 
 
@@ -458,8 +459,9 @@ def _registry_entries():
             "m0_file": ("r1", "m0_file"),
             "r1_stderr_file": ("r1", "r1_stderr_file"),
             "r1_metadata": ("r1", "metadata"),
-            "r1_signal_files": ("r2star", "s0_files"),
-            "r1_flip_angles": ("r2star", "flip_angles"),
+            # the signals the R1 family fitted (S0 of the R2* fit, or the denoised single-echo images)
+            "r1_signal_files": ("r1", "signal_files"),
+            "r1_flip_angles": ("r1", "flip_angles"),
             "r2star_file": ("r2star", "r2star_file"),
             "r2star_stderr_file": ("r2star", "r2star_stderr_file"),
         },

@@ -44,6 +44,42 @@ def init_brain_mask_wf(*, mem_gb=1.0, name="brain_mask_wf"):
     return workflow
 
 
+def init_denoise_node(method, *, n_coils=1, search_radius=2, mem_gb=1.0, omp_nthreads=1, name="denoise"):
+    """The node that measures the noise of a collection's magnitudes and denoises them (``--denoise``).
+
+    Parameters
+    ----------
+    method : {"multispectral", "nlm", "none"}
+        ``interfaces.denoise.DenoiseCollection``'s method ("none": the noise map only).
+    n_coils : int
+        Receive channels combined by root-sum-of-squares.
+    search_radius : int
+        Search radius (voxels) of the non-local means.
+    mem_gb : float
+        Memory of the node (GB; see :func:`estimate_denoise_mem_gb`).
+    omp_nthreads : int
+        Threads (dipy's per-volume NLM only uses them).
+    name : str
+        Node name.
+
+    Returns
+    -------
+    nipype.pipeline.engine.Node
+        Inputs ``magnitude_files``, ``mask_file``, ``echo_times``, ``flip_angles``; outputs
+        ``denoised_files``, ``noise_map_file``, ``metadata``.
+    """
+    from nipype.pipeline import engine as pe
+
+    from ..interfaces.denoise import DenoiseCollection
+
+    return pe.Node(
+        DenoiseCollection(method=method, n_coils=n_coils, search_radius=search_radius, num_threads=omp_nthreads),
+        name=name,
+        mem_gb=mem_gb,
+        n_procs=omp_nthreads if method == "nlm" else 1,
+    )
+
+
 def init_r2star_wf(
     *,
     method="wls",
@@ -114,7 +150,6 @@ def init_r2star_wf(
     from nipype.interfaces.utility import IdentityInterface
     from nipype.pipeline import engine as pe
 
-    from ..interfaces.denoise import DenoiseCollection
     from ..interfaces.r2star import FitR2star
     from ..interfaces.utility import MergeMetadata
 
@@ -138,13 +173,12 @@ def init_r2star_wf(
         ),
         name="outputnode",
     )
-    denoise_node = pe.Node(
-        DenoiseCollection(
-            method=denoise, n_coils=n_coils, search_radius=denoise_search_radius, num_threads=omp_nthreads
-        ),
-        name="denoise",
+    denoise_node = init_denoise_node(
+        denoise,
+        n_coils=n_coils,
+        search_radius=denoise_search_radius,
         mem_gb=mem_gb if denoise_mem_gb is None else denoise_mem_gb,
-        n_procs=omp_nthreads if denoise == "nlm" else 1,
+        omp_nthreads=omp_nthreads,
     )
     fit_r2star = pe.Node(
         FitR2star(method=method, n_coils=n_coils, num_threads=omp_nthreads, denoised=denoise != "none"),
@@ -323,15 +357,7 @@ def _r2star_outputs(inputs):
             metadata={**masked, "Description": _t2star_description()},
         ),
     ]
-    outputs.append(
-        Output(
-            field="noise_map_file",
-            suffix=NOISE_MAP_SUFFIX,
-            desc=NOISE_MAP_DESC,
-            source_files=magnitude_files,
-            metadata={"Description": NOISE_MAP_DESCRIPTION, "Units": "arbitrary (units of the magnitude images)"},
-        )
-    )
+    outputs.append(noise_map_output(magnitude_files))
     several = inputs.gre_suffix == "VFA" and len(inputs.gre) > 1
     # The query layer sorts the series by flip angle, as the fit orders its S0 maps; each S0 map
     # describes its own acquisition (BIDS allows no flip entity on derivative maps: desc-flip<i>).
@@ -361,6 +387,25 @@ NOISE_MAP_DESCRIPTION = (
     "images, voxel by voxel (homomorphic estimate, Aja-Fernandez et al. 2015), in the units of the "
     "magnitude images; the sigma of the non-local-means denoising and of its bias correction"
 )
+
+
+def noise_map_output(magnitude_files):
+    """The derivative of the denoising step's noise map (``outputnode.noise_map_file``).
+
+    Parameters
+    ----------
+    magnitude_files : tuple of str
+        The magnitudes the noise was estimated from (``Sources``).
+    """
+    from .registry import Output
+
+    return Output(
+        field="noise_map_file",
+        suffix=NOISE_MAP_SUFFIX,
+        desc=NOISE_MAP_DESC,
+        source_files=tuple(magnitude_files),
+        metadata={"Description": NOISE_MAP_DESCRIPTION, "Units": "arbitrary (units of the magnitude images)"},
+    )
 
 
 def _registry_entries():

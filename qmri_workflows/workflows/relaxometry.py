@@ -88,6 +88,9 @@ def init_r1_wf(
     echo_times=None,
     field_strength=None,
     n_coils=1,
+    denoise=None,
+    denoise_search_radius=2,
+    denoise_mem_gb=None,
     mem_gb=1.0,
     omp_nthreads=1,
     name="r1_wf",
@@ -129,6 +132,16 @@ def init_r1_wf(
         B0 (T) for the T2 prior from R2* (3 T when unknown).
     n_coils : int, optional
         Receive channels, for the noise of single-echo images measured in the air.
+    denoise : {"multispectral", "nlm", "none"}, optional
+        Single-echo images only: the denoising of the R2* family's magnitudes
+        (``interfaces.denoise.DenoiseCollection``: noise map, non-local means with one set of weights
+        for all flip angles or per image, bias correction) applied to them before the fit and the
+        B1+ estimate; "none" makes the noise map only. None (ESTATICS intercepts): the signals
+        arrive fitted to magnitudes the R2* family already denoised, and are used as they come.
+    denoise_search_radius : int, optional
+        Search radius (voxels) of the non-local means.
+    denoise_mem_gb : float, optional
+        Memory of the denoising node (GB); ``mem_gb`` when None.
     mem_gb : float
         Memory of the fitting node (GB).
     omp_nthreads : int
@@ -155,6 +168,10 @@ def init_r1_wf(
         R1 (1/s), T1 (s), M0 (arbitrary), standard error of R1 (1/s).
     b1_file
         The B1+ ratio map (1 = nominal) the fit used, on the map grid (ones without B1+ data).
+    signal_files, flip_angles
+        The signals the fit used (denoised single-echo images, or the inputs), for a refit.
+    noise_map_file
+        Noise SD per channel, voxel by voxel (with ``denoise`` only).
     metadata
         Sidecar fields.
     """
@@ -162,6 +179,7 @@ def init_r1_wf(
     from nipype.pipeline import engine as pe
 
     from ..interfaces.relaxometry import FitR1
+    from ..interfaces.utility import MergeMetadata
 
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -171,7 +189,19 @@ def init_r1_wf(
         name="inputnode",
     )
     outputnode = pe.Node(
-        IdentityInterface(fields=["r1_file", "t1_file", "m0_file", "r1_stderr_file", "b1_file", "metadata"]),
+        IdentityInterface(
+            fields=[
+                "r1_file",
+                "t1_file",
+                "m0_file",
+                "r1_stderr_file",
+                "b1_file",
+                "signal_files",
+                "flip_angles",
+                "noise_map_file",
+                "metadata",
+            ]
+        ),
         name="outputnode",
     )
     fit = pe.Node(
@@ -181,12 +211,37 @@ def init_r1_wf(
             spoiling_correction=spoiling_correction,
             signal_kind=signal_kind,
             n_coils=n_coils,
+            denoised=denoise not in (None, "none"),
             num_threads=omp_nthreads,
         ),
         name="fit_r1",
         mem_gb=mem_gb,
         n_procs=omp_nthreads,
     )
+    # what the fit (and the B1+ estimate) reads: the inputs, or their denoised copies
+    signals, signals_field = inputnode, "signal_files"
+    if denoise is not None:
+        from .r2star import init_denoise_node
+
+        denoise_node = init_denoise_node(
+            denoise,
+            n_coils=n_coils,
+            search_radius=denoise_search_radius,
+            mem_gb=mem_gb if denoise_mem_gb is None else denoise_mem_gb,
+            omp_nthreads=omp_nthreads,
+        )
+        merge_metadata = pe.Node(MergeMetadata(), name="merge_metadata", run_without_submitting=True)
+        workflow.connect([
+            (inputnode, denoise_node, [("signal_files", "magnitude_files"), ("flip_angles", "flip_angles"),
+                                       ("mask_file", "mask_file")]),
+            (denoise_node, outputnode, [("noise_map_file", "noise_map_file")]),
+            (fit, merge_metadata, [("metadata", "base")]),
+            (denoise_node, merge_metadata, [("metadata", "update")]),
+            (merge_metadata, outputnode, [("out_dict", "metadata")]),
+        ])  # fmt: skip
+        signals, signals_field = denoise_node, "denoised_files"
+    else:
+        workflow.connect([(fit, outputnode, [("metadata", "metadata")])])
     _set_t2_and_noise_inputs(
         workflow,
         inputnode,
@@ -206,10 +261,12 @@ def init_r1_wf(
         fit.inputs.afi_repetition_times = [float(afi_protocol[0]), float(afi_protocol[1])]
         fit.inputs.afi_flip_angle = float(afi_protocol[2])
     workflow.connect([
-        (inputnode, fit, [("signal_files", "signal_files"), ("flip_angles", "flip_angles"),
-                          ("mask_file", "mask_file")]),
+        (signals, fit, [(signals_field, "signal_files")]),
+        (signals, outputnode, [(signals_field, "signal_files")]),
+        (inputnode, fit, [("flip_angles", "flip_angles"), ("mask_file", "mask_file")]),
+        (inputnode, outputnode, [("flip_angles", "flip_angles")]),
         (fit, outputnode, [("r1_file", "r1_file"), ("t1_file", "t1_file"), ("m0_file", "m0_file"),
-                           ("r1_stderr_file", "r1_stderr_file"), ("metadata", "metadata")]),
+                           ("r1_stderr_file", "r1_stderr_file")]),
     ])  # fmt: skip
     if b1_note is None:
         # B1+ data feed the fit: the map it used is the PD family's transmit field
@@ -224,8 +281,8 @@ def init_r1_wf(
             EstimateB1FromVFA(repetition_time=repetition_time, no_map_reason=b1_note), name="estimate_b1", mem_gb=mem_gb
         )
         workflow.connect([
-            (inputnode, estimate, [("signal_files", "signal_files"), ("flip_angles", "flip_angles"),
-                                   ("mask_file", "mask_file")]),
+            (signals, estimate, [(signals_field, "signal_files")]),
+            (inputnode, estimate, [("flip_angles", "flip_angles"), ("mask_file", "mask_file")]),
             (estimate, fit, [("b1_file", "b1_file"), ("description", "b1_description")]),
             (fit, outputnode, [("b1_file", "b1_file")]),
         ])  # fmt: skip
@@ -368,6 +425,9 @@ def _describe_r1(inputs, options=None):
 
     flips = ", ".join(f"{flip:g}" for flip in _flip_angles(inputs))
     signals = "S0 of the R2* fit" if _multi_echo(inputs) else "single-echo images"
+    denoise = (options or {}).get("denoise", "none")
+    if not _multi_echo(inputs) and denoise != "none":
+        signals = f"{signals} denoised ({denoise} non-local means)"
     b1 = (
         f"B1+ from {'the --derivatives TB1map' if _b1_source(inputs) == 'tb1map' else 'AFI'}"
         if _b1_source(inputs)
@@ -428,6 +488,9 @@ def r1_settings(context):
         echo_times=[list(series.echo_times) for series in inputs.gre] if multi_echo else None,
         field_strength=inputs.field_strength,
         n_coils=options.get("n_coils", 1),
+        # multi-echo: the R2* family denoised the magnitudes its intercepts come from
+        denoise=None if multi_echo else options.get("denoise", "none"),
+        denoise_search_radius=options.get("denoise_search_radius", 2),
     )
 
 
@@ -440,19 +503,12 @@ def spoiling_corrected(context):
     return spoiling_choice(True, *_spoiling_sidecar(context.inputs)[:2])[0] is not None
 
 
-def r1_signal_inputs(workflow, context, prefix=""):
-    """Single-echo data: the R1 fit reads the images themselves (multi-echo: the R2* family's S0).
-
-    Sets ``inputnode.<prefix>signal_files`` and ``inputnode.<prefix>flip_angles`` of ``workflow``.
-    """
+def _r1_signal_inputs(workflow, context):
+    """Single-echo data: the R1 workflow reads (and denoises) the images themselves (multi-echo: the
+    R2* family's S0, connected by the subject workflow)."""
     if "r2star" not in context.running:
-        setattr(
-            workflow.inputs.inputnode,
-            f"{prefix}signal_files",
-            [series.magnitude[0] for series in context.inputs.gre],
-        )
-        flips = [float(series.flip_angle) for series in context.inputs.gre]
-        setattr(workflow.inputs.inputnode, f"{prefix}flip_angles", flips)
+        workflow.inputs.inputnode.signal_files = [series.magnitude[0] for series in context.inputs.gre]
+        workflow.inputs.inputnode.flip_angles = [float(series.flip_angle) for series in context.inputs.gre]
 
 
 def r1_fit_mem_gb(context):
@@ -463,12 +519,15 @@ def r1_fit_mem_gb(context):
 
 
 def _build_r1(context):
+    from .r2star import estimate_denoise_mem_gb
+
     workflow = init_r1_wf(
         **r1_settings(context),
+        denoise_mem_gb=estimate_denoise_mem_gb(context.inputs.gre[0].magnitude[0], len(context.inputs.gre)),
         mem_gb=r1_fit_mem_gb(context),
         omp_nthreads=context.omp_nthreads,
     )
-    r1_signal_inputs(workflow, context)
+    _r1_signal_inputs(workflow, context)
     return workflow
 
 
@@ -539,6 +598,7 @@ def init_r1_refit_wf(*, settings, mem_gb=1.0, omp_nthreads=1, name="r1_refit_wf"
             spoiling_correction=True,
             signal_kind=settings["signal_kind"],
             n_coils=settings["n_coils"],
+            denoised=settings.get("denoise") not in (None, "none"),
             b1_units="ratio",
             num_threads=omp_nthreads,
         ),
@@ -586,7 +646,7 @@ def _r1_outputs(inputs):
     if inputs.afi:
         sources += (inputs.afi.tr1_file, inputs.afi.tr2_file)
     masked = {"SkullStripped": True}
-    return [
+    outputs = [
         Output(
             field="r1_file",
             suffix="R1map",
@@ -616,11 +676,18 @@ def _r1_outputs(inputs):
                 "Units": "1/s",
                 "Description": "Standard error of R1 (1/s) from the Fisher information of the DESPOT1 fit at "
                 "the estimate; the noise of the signals is the covariance of the TE = 0 intercepts of the "
-                "ESTATICS fit (multi-echo data), else the noise measured in the air or the residuals (more "
-                "than two flip angles); R1StandardErrorSource in the R1map sidecar says which; NaN where unknown",
+                "ESTATICS fit (multi-echo data), else the residuals (more than two flip angles) or the noise "
+                "measured in the air (raw images only: NaN for two flip angles of denoised single-echo images); "
+                "R1StandardErrorSource in the R1map sidecar says which; NaN where unknown",
             },
         ),
     ]
+    if not _multi_echo(inputs):
+        # single-echo images are denoised here, not by the R2* family: their noise map is this family's
+        from .r2star import noise_map_output
+
+        outputs.append(noise_map_output(path for series in inputs.gre for path in series.magnitude))
+    return outputs
 
 
 def _positive_seconds(text):

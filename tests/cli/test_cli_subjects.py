@@ -1,6 +1,7 @@
 """Per-subject outcomes of the App: each subject is processed or reported, never both silently."""
 
 import html
+import re
 
 import pytest
 
@@ -80,9 +81,12 @@ def test_a_failing_subject_publishes_nothing_and_the_others_everything(
         assert (anat / f"sub-{subject}_desc-copy_S0map.nii.gz").is_file()
         assert (anat / f"sub-{subject}_R2starmap.nii.gz").is_file()
     assert "sub-02: FAILED in sometimesfails_wf.probe" in caplog.text
-    # the failed subject's report says so (and has no figures: nothing of it is published)
+    # the failed subject's report says so, and shows the maps that finished as not published, their
+    # figures embedded in the page (no file of it is in the output)
     report = (out / "sub-02.html").read_text()
     assert "FAILED" in report and "sometimesfails_wf.probe" in report and html.escape(FAILING_MESSAGE) in report
-    assert "<img" not in report and "<img" in (out / "sub-01.html").read_text()
+    assert "NOT PUBLISHED" in report and "R2starmap (1/s)" in report
+    assert re.findall(r'<img src="([^":]*)[:"]', report) == ["data"] * report.count("<img")
+    assert '<img src="sub-01/figures/' in (out / "sub-01.html").read_text()
     logs = list((out / "logs").glob("qmri-workflows_*.log"))
     assert len(logs) == 1 and "sub-02: FAILED" in logs[0].read_text()

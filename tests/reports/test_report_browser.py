@@ -99,6 +99,10 @@ def test_failed_report_names_the_failed_step_and_its_error(browser, example_with
     text, title, images, problems = _render(browser, example_with_failure / "sub-02.html")
     assert problems == []
     assert title == "qmri-workflows report: sub-02", "the error's <script> ran"
-    assert images == []
+    # the maps that finished before the failure, embedded in the page and labelled as not published
+    assert len(images) > 10
+    not_loaded = [image["src"][:40] for image in images if not (image["complete"] and image["width"] > 0)]
+    assert not_loaded == []
+    assert "NOT PUBLISHED" in text and "R2starmap (" in text
     assert "FAILED" in text and FAILING_STEP in text
     assert FAILING_MESSAGE in text, "the error's markup must show as text"

@@ -124,7 +124,6 @@ def test_failed_subject_page_says_what_failed(example_with_failure):
     raw = (out / "sub-02.html").read_text(encoding="utf-8")
     page = _Page(raw)  # raises on a <script> element: the error's markup must arrive as text
     text = " ".join(page.text)
-    assert page.images == []
     assert "FAILED" in text and FAILING_STEP in text
     assert FAILING_MESSAGE in text, "the step's error is shown, as text"
     assert "<b>not bold</b>" not in raw
@@ -133,6 +132,58 @@ def test_failed_subject_page_says_what_failed(example_with_failure):
     ]
     outcomes = {row[0]: row[3] for row in plan}
     assert outcomes["report probe"] == "FAILED" and outcomes["R2*"] == "not published"
+
+
+def test_failed_subject_page_shows_the_maps_that_finished_as_not_published(example_with_failure):
+    """Issue 12: "written even when a step failed": the maps whose steps finished before the failure
+    are on the page, read from the work directory, under a heading that says they are not published,
+    their figures embedded (the output has no folder of the failed subject)."""
+    import base64
+
+    out = example_with_failure
+    unpublished = out.parent / "work" / "unpublished" / "sub-02"
+    anat = unpublished / "sub-02" / "anat"
+    assert (anat / "sub-02_R2starmap.nii.gz").is_file() and (anat / "sub-02_R1map.nii.gz").is_file()
+    assert not list(unpublished.rglob("*desc-probe*")), "the failed step's output cannot have been written"
+    assert not (out / ".qmri-staging").exists()
+
+    page = _page(out / "sub-02.html")
+    text = " ".join(page.text)
+    assert "Maps that finished before the failure: NOT PUBLISHED" in page.headings
+    assert "in the output dataset" in text and str(unpublished) in text
+    for name in ("R2starmap", "R1map", "PDmap", "Chimap", "R2map"):
+        units = json.loads((anat / f"sub-02_{name}.json").read_text())["Units"]
+        assert f"{name} ({units})" in page.headings
+        assert f"{name} ({units}): axial slices" in [image["alt"] for image in page.images]
+    assert len(page.images) > 10
+    for image in page.images:
+        prefix = "data:image/png;base64,"
+        assert image["src"].startswith(prefix), image["src"][:60]
+        png = base64.b64decode(image["src"][len(prefix) :])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", png[16:24])
+        assert width > 100 and height > 50
+    # the subject's own tables, computed before the failure, are there too
+    assert "Regional statistics" in page.headings
+
+
+def test_a_later_successful_run_drops_the_unpublished_maps(tmp_path):
+    """What a failed run kept in the work directory goes when the subject succeeds."""
+    from qmri_workflows.cli.run import _keep_unpublished
+    from qmri_workflows.io.staging import staging_directory, unpublished_directory
+
+    class Inputs:
+        subject, session = "01", None
+
+    staged = staging_directory(tmp_path / "out", "01") / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"map")
+    _keep_unpublished(tmp_path / "out", tmp_path / "work", [Inputs()], {"sub-01": ["r1_wf.fit_r1"]})
+    kept = unpublished_directory(tmp_path / "work", "01")
+    assert (kept / "sub-01" / "anat" / "sub-01_R2starmap.nii.gz").read_bytes() == b"map"
+    assert not (tmp_path / "out" / ".qmri-staging").exists()
+    _keep_unpublished(tmp_path / "out", tmp_path / "work", [Inputs()], {})
+    assert not kept.exists()
 
 
 def test_output_with_reports_is_still_valid_bids(example_with_failure):

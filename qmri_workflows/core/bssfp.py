@@ -244,14 +244,14 @@ def finite_pulse_equivalent(flip_angle, tr, pulse_duration, *, off_resonance=0.0
       :mod:`qmri_workflows.phantom.bssfp_steady_state`, itself checked against a time-stepped
       Bloch simulation): with them DESPOT2 at 15/50 deg, TR 5 ms and 1 ms pulses finds R2 within
       0.5 % for brain T1/T2 (0.05-0.2 s T2), B1+ 0.8-1.2 and off-resonance up to 90 Hz, against
-      -7 to -10 % without the correction (``tests/phantom/test_bssfp_steady_state.py``).
+      -7 to -13 % without the correction (``tests/phantom/test_bssfp_steady_state.py``).
 
     Bieri & Scheffler [1]_ describe a single
     on-resonance bSSFP image by :math:`TR_2 = TR - \zeta T_{RF}` with
     :math:`\zeta = 0.68 - 0.125(1 + T_{RF}/TR)T_2/T_1` (about 2/3: R2 is *reduced*, i.e. the
-    apparent T2 is longer). The band-free signal averages the phase cycles, whose magnetisation
-    turns along different paths during the pulse, and loses less T2 decay (1/3): their
-    :math:`\zeta` applied to it would turn the -7 to -10 % R2 error into +4 to +8 %.
+    apparent T2 is longer). The band-free signal combines phase cycles whose magnetisation turns
+    along other paths during the pulse: for it only a third of the pulse escapes T2 decay, and
+    their :math:`\zeta` would turn the -7 to -13 % R2 error into +1 to +8 %.
 
     References
     ----------
@@ -907,7 +907,7 @@ def fit_despot2(
     pulse_duration : float, optional
         Duration of the (rectangular) RF pulses (s). 0 (default): instantaneous pulses. Otherwise
         the model is corrected for the finite pulse (:func:`finite_pulse_equivalent`): 1 ms
-        pulses at TR 5 ms bias R2 by -7 to -10 % without the correction, by under 0.5 % with it.
+        pulses at TR 5 ms bias R2 by -7 to -13 % without the correction, within 0.5 % with it.
     off_resonance : array_like, optional
         Frequency offset (Hz) of each voxel, e.g. from :func:`geometric_off_resonance`; used with
         finite pulses only (0 when not given: at 1 ms, 90 Hz moves R2 by about 2.5 %). A frequency

@@ -104,7 +104,7 @@ def _band_free(t1, t2, b1, frequencies, pulse_duration):
 def test_despot2_finite_pulse_correction(tissue):
     """DESPOT2 (15/50 deg, TR 5 ms, 1 ms pulses) on the exact band-free signal, true off-resonance given.
 
-    Measured: without the correction R2 is 7-12 % low; with it within 0.8 % (B1+ 0.8-1.2, 0-90 Hz).
+    Measured: without the correction R2 is 7-13 % low; with it within 0.5 % (B1+ 0.8-1.2, 0-90 Hz).
     """
     t1, t2 = TISSUES[tissue]
     pulse = 0.001
@@ -118,7 +118,7 @@ def test_despot2_finite_pulse_correction(tissue):
         )
         on_resonance = fit_despot2(band_free, FLIPS, TR, 1 / t1, b1=b1, pulse_duration=pulse).r2 * t2 - 1
         assert np.all(uncorrected < -0.06), uncorrected
-        assert np.all(np.abs(corrected) < 0.008), corrected
+        assert np.all(np.abs(corrected) < 0.006), corrected
         # without the off-resonance map the correction is exact on resonance only (90 Hz: about -3 %)
         assert abs(on_resonance[0]) < 0.008 and np.all(np.abs(on_resonance) < 0.04)
 

@@ -27,7 +27,15 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.bssfp import fit_despot2, fit_ellipse, geometric_off_resonance, geometric_solution, magnitude_combination
+from ..core.bssfp import (
+    FINITE_PULSE_T1_SHARE,
+    FINITE_PULSE_T2_SHARE,
+    fit_despot2,
+    fit_ellipse,
+    geometric_off_resonance,
+    geometric_solution,
+    magnitude_combination,
+)
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import load_volume, load_volumes, same_grid
@@ -62,6 +70,11 @@ DESPOT2_REFERENCES = (
     "phase-cycled steady-state free precession imaging. J Magn Reson Imaging 2009;30:411-417. "
     "doi:10.1002/jmri.21849",
 )
+FINITE_PULSE_REFERENCE = (
+    "Bieri O, Scheffler K. SSFP signal with finite RF pulses. Magn Reson Med 2009;62:1232-1241. doi:10.1002/mrm.22116"
+)
+#: Sidecar key (project convention, not BIDS) of the duration (s) of the bSSFP excitation pulse.
+FINITE_PULSE_KEY = "RFPulseDuration"
 COMBINATION_REFERENCES = {
     "geometric": (XIANG_HOFF_REFERENCE,),
     "ellipse": (BJORK_REFERENCE, PLANET_REFERENCE),
@@ -299,6 +312,11 @@ class _FitDESPOT2InputSpec(BaseInterfaceInputSpec):
     combination = traits.Enum(
         "geometric", "ellipse", "rms", "max", usedefault=True, desc="how the band-free signals were made"
     )
+    pulse_duration = traits.Float(
+        0.0, usedefault=True, desc="RF pulse duration (s) for the finite-pulse correction; 0: instantaneous pulses"
+    )
+    pulse_duration_source = Str(desc="where pulse_duration comes from (recorded in the sidecar)")
+    offresonance_file = File(exists=True, desc="off-resonance (Hz) on the map grid, for the finite-pulse correction")
     noise_sigma = traits.Float(desc="noise SD of one phase-cycle image (NaN: unknown)")
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
@@ -321,6 +339,10 @@ class FitDESPOT2(SimpleInterface):
     cycle measured in the air, an approximation of the band-free signal's noise (the geometric
     solution of four cycles has about the noise of one cycle, more where the chords are nearly
     parallel).
+
+    With ``pulse_duration`` > 0 the model is corrected for finite RF pulses
+    (:func:`qmri_workflows.core.bssfp.finite_pulse_equivalent`), using the off-resonance map when
+    given; the sidecar records the duration (``RFPulseDuration``, s) and the correction.
     """
 
     input_spec = _FitDESPOT2InputSpec
@@ -360,6 +382,7 @@ class FitDESPOT2(SimpleInterface):
         sigma = None
         if flips.size == 2 and isdefined(self.inputs.noise_sigma) and np.isfinite(self.inputs.noise_sigma):
             sigma = float(self.inputs.noise_sigma)
+        pulse_duration, off_resonance = self._finite_pulse(reference, metadata)
         # only the voxels of ``fitted`` are read (mask), so the others need no placeholder values
         result = fit_despot2(
             signals,
@@ -369,6 +392,8 @@ class FitDESPOT2(SimpleInterface):
             b1=b1,
             sigma=sigma,
             method=self.inputs.method,
+            pulse_duration=pulse_duration,
+            off_resonance=off_resonance,
             mask=fitted,
             chunk_size=self.inputs.chunk_size,
             n_jobs=self.inputs.num_threads,
@@ -408,7 +433,11 @@ class FitDESPOT2(SimpleInterface):
         self._results["metadata"] = {
             "EstimationAlgorithm": f"{R2_ALGORITHMS[self.inputs.method]}; band-free signal per flip angle: "
             f"{COMBINATION_ALGORITHMS[combination]}; R1 (and B1+) from DESPOT1 on the spoiled GRE",
-            "EstimationReference": list(DESPOT2_REFERENCES + COMBINATION_REFERENCES[combination]),
+            "EstimationReference": list(
+                DESPOT2_REFERENCES
+                + COMBINATION_REFERENCES[combination]
+                + ((FINITE_PULSE_REFERENCE,) if pulse_duration > 0 else ())
+            ),
             "R2StandardErrorNote": (
                 "from the residuals of the fit (more than two flip angles)"
                 if flips.size > 2
@@ -419,3 +448,29 @@ class FitDESPOT2(SimpleInterface):
             **counts,
         }
         return runtime
+
+    def _finite_pulse(self, reference, metadata):
+        """Pulse duration (s) and off-resonance map (Hz or None) of the finite-pulse correction."""
+        pulse_duration = float(self.inputs.pulse_duration)
+        tr = float(self.inputs.repetition_time)
+        if not (math.isfinite(pulse_duration) and 0.0 <= pulse_duration < tr):
+            raise BIDSInputError(
+                f"RF pulse duration {pulse_duration!r} s is not in [0, TR = {tr:g} s) (bSSFP "
+                f"{self.inputs.band_free_files[0]}); give it in seconds ({FINITE_PULSE_KEY} or --bssfp-pulse-duration)"
+            )
+        source = self.inputs.pulse_duration_source if isdefined(self.inputs.pulse_duration_source) else "given"
+        metadata[FINITE_PULSE_KEY] = pulse_duration
+        if pulse_duration == 0.0:
+            metadata["FinitePulseCorrection"] = f"none: instantaneous RF pulses assumed ({source})"
+            return pulse_duration, None
+        off_resonance = None
+        if isdefined(self.inputs.offresonance_file):
+            off_resonance = load_volume(self.inputs.offresonance_file, reference=reference).astype(np.float64)
+            off_resonance[~np.isfinite(off_resonance)] = 0.0
+        frequency = "the off-resonance map (modulo 1/TR)" if off_resonance is not None else "on resonance (0 Hz)"
+        metadata["FinitePulseCorrection"] = (
+            f"rectangular RF pulses of {pulse_duration * 1e3:g} ms ({source}): band-free signal modelled with "
+            f"E2 over TR - {FINITE_PULSE_T2_SHARE:.3g} TRF, E1 over TR + {FINITE_PULSE_T1_SHARE:.3g} TRF "
+            f"tan^2(a/2) and the flip angle reduced by the off-resonance during the pulse, from {frequency}"
+        )
+        return pulse_duration, off_resonance

@@ -44,7 +44,8 @@ block-averaged truth does not model: the truth is then not the exact inverse of 
 ``oversample=1`` gives images that are the exact signal model of the truth (plumbing tests).
 
 The bSSFP increments follow :func:`qmri_workflows.core.signal.bssfp_signal`: increment 0 is
-conventional bSSFP (RF phase alternating by 180 degrees).
+conventional bSSFP (RF phase alternating by 180 degrees). The bSSFP sidecars record the duration
+of the rectangular RF pulse as ``RFPulseDuration`` (s; project convention, BIDS has no key for it).
 
 Storage: ``dtype="float32"`` writes magnitude and phase as float32; ``dtype="int16"`` quantises them
 to int16 with a NIfTI scale slope, like a scanner's reconstruction, to keep shipped examples small:
@@ -220,6 +221,7 @@ def _readme(
         "  Project convention (BIDS has no phase-cycling entity): one acq- label per RF phase-cycling",
         "  increment in degrees, repeated in the sidecar as PhaseCyclingIncrement. Increment 0 is",
         "  conventional bSSFP (RF phase alternating by 180 degrees, pass band centred on resonance).",
+        "  RFPulseDuration (s, project convention) is the duration of the rectangular RF pulse.",
         *(
             []
             if spoiling == "ideal"
@@ -311,7 +313,10 @@ def _raw_sidecar(volume, *, field_strength, part, n_coils):
     metadata["SequenceVariant"] = ["SS"] if volume.kind == "bssfp" else ["SS", "SP"]
     metadata["SequenceName"] = f"qmri_{volume.kind}"
     if volume.kind == "bssfp":
-        details = "balanced, TE = TR/2"
+        pulse = volume.parameters.get("pulse_duration", 0.0)
+        details = "balanced, TE = TR/2, exact steady state of one TR (qmri_workflows.phantom.bssfp_steady_state), " + (
+            f"rectangular RF pulses of {pulse * 1e3:g} ms (RFPulseDuration)" if pulse > 0 else "instantaneous RF pulses"
+        )
     elif volume.parameters.get("spoiling") is None:
         details = "ideal RF and gradient spoiling"
     else:

@@ -3,14 +3,16 @@
 Signal model
 ------------
 Every voxel is simulated from its own truth with the signal equations of
-:mod:`qmri_workflows.core.signal`:
+:mod:`qmri_workflows.core.signal`, except the bSSFP, which has its own steady-state simulator
+(:mod:`qmri_workflows.phantom.bssfp_steady_state`: exact Bloch propagation of one TR with finite
+rectangular RF pulses, apart from the closed form the R2 fit inverts):
 
 * actual flip angle = ``b1 * nominal``;
 * equilibrium magnetisation ``M0 = pd / 100 * receive * SIGNAL_SCALE`` (for the body coil of the
   RB1COR pair ``receive`` is the body coil's own, nearly uniform ``truth.body_receive``);
 * frequency offset ``f = b0_ppm * 1e-6 * GYROMAGNETIC_RATIO * field_strength`` (Hz); gradient-echo
-  phase ``phase_offset + 2 pi f TE``, wrapped to (-pi, pi]; bSSFP off-resonance ``2 pi f TR`` per TR
-  (plus the same transceive phase);
+  phase ``phase_offset + 2 pi f TE``, wrapped to (-pi, pi]; bSSFP: the frequency ``f`` acts during
+  free precession and during the RF pulse (plus the same transceive phase);
 * the spoiled sequences (SPGR, AFI, RB1COR) spoil as a scanner does (``Protocol.spoiling = "epg"``,
   the default): the TE = 0 signal is the ideal-spoiling one (Ernst; Yarnykh 2007 for AFI) times the
   ratio of the extended-phase-graph steady state of the actual protocol (quadratic RF phase
@@ -74,7 +76,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import scipy.fft
 
-from qmri_workflows.core.signal import afi_signals, bssfp_signal, spgr_signal
+from qmri_workflows.core.signal import afi_signals, spgr_signal
+from qmri_workflows.phantom.bssfp_steady_state import bssfp_steady_state
 from qmri_workflows.phantom.epg import RatioTable, afi_ratio_table, dephasing_from_gradient_moment, spgr_ratio_table
 
 __all__ = [
@@ -514,12 +517,14 @@ def list_volumes(protocol):
                             "PulseSequenceType": "bSSFP",
                             "PhaseCyclingIncrement": float(increment),
                             "SpoilingState": False,
+                            "RFPulseDuration": float(bssfp.pulse_duration),
                         },
                         with_phase=True,
                         parameters={
                             "flip_angle": math.radians(flip_angle),
                             "tr": float(bssfp.repetition_time),
                             "phase_increment": math.radians(increment),
+                            "pulse_duration": float(bssfp.pulse_duration),
                         },
                     )
                 )
@@ -716,16 +721,16 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = magnitude * np.exp(1j * phase)
         elif volume.kind == "bssfp":
-            theta = 2.0 * np.pi * field_hz * p["tr"]
-            signal = bssfp_signal(
+            signal = bssfp_steady_state(
                 _m0(truth, scale=scale),
                 truth.r1,
                 truth.r2,
                 p["flip_angle"],
                 p["tr"],
-                off_resonance=theta,
+                off_resonance=field_hz,
                 phase_increment=p["phase_increment"],
                 b1=b1,
+                pulse_duration=p.get("pulse_duration", 0.0),
             )
             signal = signal * np.exp(1j * np.asarray(truth.phase_offset, dtype=float))
         elif volume.kind == "afi":

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from qmri_workflows.cli import run
-from tests.bids_factory import make_dataset, sidecar_of
+from qmri_workflows.workflows.r2 import pulse_duration
+from tests.bids_factory import edit_sidecar, make_dataset, sidecar_of
 
 pytestmark = pytest.mark.usefixtures("cli_log")
 
@@ -41,6 +42,9 @@ def test_complex_bssfp_gives_r2_t2_stderr_and_offresonance(tmp_path, caplog):
     assert any("Xiang" in reference for reference in r2["EstimationReference"])
     assert any("Deoni" in reference for reference in r2["EstimationReference"])
     assert any("acq-bssfp270_flip-2_part-phase" in source for source in r2["Sources"])
+    # no pulse duration anywhere: instantaneous pulses, said so
+    assert r2["RFPulseDuration"] == 0 and r2["FinitePulseCorrection"].startswith("none: instantaneous")
+    assert "instantaneous pulses" in _plan_line(caplog, "R2")
     assert json.loads((out / "anat" / "sub-01_T2map.json").read_text())["Units"] == "s"
     assert (out / "anat" / "sub-01_desc-stderr_R2map.nii.gz").is_file()
     field = json.loads((out / "fmap" / "sub-01_desc-offresonance_fieldmap.json").read_text())
@@ -98,3 +102,51 @@ def test_single_echo_vfa_with_bssfp_refits_r1_with_the_r2_map(tmp_path, caplog):
     assert r1["SpoilingCorrectionT2"] == "R2map"
     assert "tissue T2 0.08 s elsewhere" in r1["SpoilingCorrectionT2Description"]
     assert (out / "anat" / "sub-01_R2map.nii.gz").is_file()
+
+
+def test_pulse_duration_option_wins_over_the_sidecars(tmp_path, caplog):
+    raw = _bssfp_dataset(tmp_path)
+    for path in raw.files["bssfp"]:
+        edit_sidecar(path, RFPulseDuration=0.001)
+    code, out = _run(raw.root, tmp_path, "--bssfp-pulse-duration", "0.0008")
+    assert code == 0, caplog.text
+    assert "finite-pulse correction for 0.8 ms pulses" in _plan_line(caplog, "R2")
+    r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
+    assert r2["RFPulseDuration"] == pytest.approx(0.0008)
+    correction = r2["FinitePulseCorrection"]
+    assert "0.8 ms (--bssfp-pulse-duration)" in correction and "off-resonance map" in correction
+    assert any("finite RF pulses" in reference for reference in r2["EstimationReference"])
+
+
+class _Series:
+    def __init__(self, metadata, repetition_time=0.005):
+        self.metadata = metadata
+        self.repetition_time = repetition_time
+        self.magnitude = ("sub-01_acq-bssfp000_flip-1_VFA.nii.gz",)
+
+
+class _Inputs:
+    def __init__(self, *metadata):
+        self.bssfp = tuple(_Series(m) for m in metadata)
+
+
+def test_pulse_duration_from_sidecars_and_its_errors():
+    assert pulse_duration(_Inputs({}, {}), {})[0][0] == 0.0
+    assert pulse_duration(_Inputs({"RFPulseDuration": 0.001}, {"RFPulseDuration": 0.001}), {}) == (
+        (0.001, "sidecar RFPulseDuration"),
+        None,
+    )
+    _, problem = pulse_duration(_Inputs({"RFPulseDuration": 0.001}, {"RFPulseDuration": 0.0005}), {})
+    assert "disagree on RFPulseDuration" in problem and "--bssfp-pulse-duration" in problem
+    # milliseconds by mistake, or not a number: R2 is skipped with the file and the fix
+    for wrong in (1.0, "1 ms", -0.001):
+        _, problem = pulse_duration(_Inputs({"RFPulseDuration": wrong}, {"RFPulseDuration": wrong}), {})
+        assert "not a time in seconds" in problem and "sub-01_acq-bssfp000_flip-1_VFA" in problem
+    assert pulse_duration(_Inputs({"RFPulseDuration": 1.0}), {"bssfp_pulse_duration": 0.0005})[0][0] == 0.0005
+
+
+def test_pulse_duration_option_rejects_milliseconds(tmp_path, capsys):
+    raw = _bssfp_dataset(tmp_path)
+    with pytest.raises(SystemExit):
+        _run(raw.root, tmp_path, "--bssfp-pulse-duration", "1")
+    assert "RF pulse duration in seconds" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from qmri_workflows.core.bssfp import (
     band_free_signal,
     complex_sum,
     despot2_crlb,
+    finite_pulse_equivalent,
     fit_bssfp_joint,
     fit_despot2,
     fit_ellipse,
@@ -537,3 +538,47 @@ def test_bad_voxels_give_flagged_values_without_warnings():
         np.testing.assert_allclose(fit.r2[3], 1 / t2, rtol=1e-8)
     assert np.isinf(ellipse.rms_residual[1]) and np.isinf(ellipse.rms_residual[2])
     assert np.all(np.isfinite(off_resonance))
+
+
+def _rotation(axis, angle):
+    """Right-handed rotation matrix about the unit ``axis`` by ``angle``."""
+    x, y, z = axis
+    c, s, t = np.cos(angle), np.sin(angle), 1 - np.cos(angle)
+    return np.array(
+        [
+            [c + x * x * t, x * y * t - z * s, x * z * t + y * s],
+            [y * x * t + z * s, c + y * y * t, y * z * t - x * s],
+            [z * x * t - y * s, z * y * t + x * s, c + z * z * t],
+        ]
+    )
+
+
+@pytest.mark.parametrize(("flip_deg", "frequency"), [(15.0, 90.0), (50.0, -60.0), (70.0, 150.0)])
+def test_finite_pulse_equivalent_flip_angle_is_the_rotation_without_its_z_parts(flip_deg, frequency):
+    """Without relaxation a tilted-axis pulse is z-precession, an x-rotation by the equivalent flip, z-precession."""
+    alpha, duration = np.deg2rad(flip_deg), 0.001
+    precession = 2 * np.pi * frequency * duration
+    field = np.array([-alpha, 0.0, precession])
+    pulse = _rotation(field / np.linalg.norm(field), np.linalg.norm(field))
+    equivalent = finite_pulse_equivalent(alpha, 0.005, duration, off_resonance=frequency)
+    # the rotation maps +z to (sin a' sin g, sin a' cos g, cos a') for some turn g about z
+    assert pulse[2, 2] == pytest.approx(np.cos(equivalent.flip_angle), abs=1e-12)
+    assert equivalent.tr_r2 == pytest.approx(0.005 - duration / 3)
+    assert equivalent.tr_r1 == pytest.approx(0.005 + duration * np.tan(equivalent.flip_angle / 2) ** 2 / 4)
+
+
+def test_finite_pulse_correction_vanishes_for_instantaneous_pulses_and_checks_the_duration():
+    flips = np.deg2rad([15.0, 50.0])
+    equivalent = finite_pulse_equivalent(flips, 0.005, 0.0, off_resonance=80.0)
+    np.testing.assert_array_equal(equivalent.flip_angle, flips)
+    assert equivalent.tr_r2 == 0.005 and np.all(equivalent.tr_r1 == 0.005)
+    signal = band_free_signal(1.0, 1 / 0.85, 1 / 0.07, flips, 0.005)
+    np.testing.assert_array_equal(band_free_signal(1.0, 1 / 0.85, 1 / 0.07, flips, 0.005, pulse_duration=0.0), signal)
+    # the model with finite pulses is what DESPOT2 then inverts exactly
+    finite = band_free_signal(1.0, 1 / 0.85, 1 / 0.07, flips, 0.005, pulse_duration=0.001, off_resonance=40.0)
+    fit = fit_despot2(finite, flips, 0.005, 1 / 0.85, pulse_duration=0.001, off_resonance=40.0)
+    assert fit.r2 == pytest.approx(1 / 0.07, rel=1e-8)
+    assert fit_despot2(finite, flips, 0.005, 1 / 0.85).r2 < 0.95 / 0.07
+    for wrong in (-0.001, 0.005):
+        with pytest.raises(ValueError, match="pulse_duration"):
+            fit_despot2(finite, flips, 0.005, 1 / 0.85, pulse_duration=wrong)

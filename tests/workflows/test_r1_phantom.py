@@ -128,7 +128,7 @@ def test_r1_with_the_r2_map_on_the_epg_spoiled_phantom(noiseless_phantom_2mm, tm
     1 % in every tissue and lesion stage with an interior (issue 8), and R2 within 1 % as well.
 
     Measured (2 mm): R1 0.10-0.39 % in WM, cortex and nuclei (pallidum 0.22 %), 0.12-0.16 % in the
-    lesion stages with an interior; R2 0.01-0.04 %.
+    lesion stages with an interior; R2 0.01-0.39 % (1 ms RF pulses, DESPOT2 corrected for them).
     """
     raw = _phantom(noiseless_phantom_2mm, tmp_path, "epg")
     out = _run_app(raw, tmp_path, "out")

@@ -10,8 +10,16 @@ data), for Helms' empirical B1 correction; ``--no-b1-correction`` turns it off f
 from __future__ import annotations
 
 
-def init_mtsat_wf(*, mt_series, mt_off_repetition_time, b1_correction=True, b1_description=None, b1_note=None,
-                  mem_gb=1.0, name="mtsat_wf"):  # fmt: skip
+def init_mtsat_wf(
+    *,
+    mt_series,
+    mt_off_repetition_time,
+    b1_correction=True,
+    b1_description=None,
+    b1_note=None,
+    mem_gb=1.0,
+    name="mtsat_wf",
+):
     """Build a workflow that maps MTsat.
 
     Parameters

@@ -98,8 +98,13 @@ def _b1_choice(inputs, options, running):
 
 
 def _check_mtsat(inputs):
-    if inputs.gre_suffix != "MPM":
-        return "MTsat needs an MPM collection with an MT-weighted (mt-on) contrast"
+    from ..io.query import MT
+
+    problem = inputs.problem(MT)
+    if problem is not None:
+        return f"MT-weighted (mt-on) images unusable: {problem.message}"
+    if inputs.gre_suffix != "MPM" or not inputs.has(MT):
+        return "no MT-weighted images (needs an MPM collection with an mt-on contrast, e.g. anat/*_acq-MTw_*_mt-on_MPM)"
     return None
 
 
@@ -161,7 +166,8 @@ def _registry_entries():
     mtsat = MapFamily(
         key="mtsat",
         name="MTsat",
-        needs=(GRE, MT),
+        needs=(GRE,),
+        reads=(MT,),
         depends=("brainmask", "r1"),
         uses=("r2star",),
         consumes={

@@ -117,3 +117,13 @@ def test_broken_mt_contrast_does_not_stop_r1(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     mt = [m for m in warnings if m.startswith("sub-01: mt unusable:")]
     assert len(mt) == 1 and "echo(es) 2 missing" in mt[0] and "acq-MTw" in mt[0]
+    assert "MTsat: no, MT-weighted (mt-on) images unusable: echo(es) 2 missing" in caplog.text
+
+
+def test_single_echo_mpm_mtsat_from_the_images(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", gre="MPM", flip_angles=(6.0, 21.0), n_echoes=1, phase=False)
+    code, anat = _run_mpm(raw, tmp_path)
+    assert code == 0, caplog.text
+    assert not (anat / "sub-01_R2starmap.nii.gz").exists()
+    sidecar = json.loads((anat / "sub-01_MTsat.json").read_text())
+    assert sidecar["MTwSignal"].startswith("first echo of each contrast")

@@ -105,3 +105,16 @@ def test_vfa_wins_over_mpm_with_a_note(tmp_path):
     inputs = _collect(dataset)
     assert inputs.gre_suffix == "VFA" and inputs.mt is None
     assert any(note.startswith("MPM images ignored") for note in inputs.notes)
+
+
+def test_hmri_entity_order_is_read_too(tmp_path):
+    """hMRI exports put echo- after mt- (``acq-MTw_flip-1_mt-on_echo-1_part-mag``); the entities decide."""
+    dataset = _mpm(tmp_path, phase=False)
+    for path in dataset.files["gre"] + dataset.files["mt"]:
+        echo = next(part for part in path.name.split("_") if part.startswith("echo-"))
+        renamed = path.with_name(path.name.replace(f"_{echo}", "").replace("_MPM", f"_{echo}_MPM"))
+        sidecar_of(path).rename(sidecar_of(renamed))
+        path.rename(renamed)
+    inputs = _collect(dataset)
+    assert not inputs.problems and len(inputs.gre) == 2 and len(inputs.mt.echo_times) == 4
+    assert inputs.mt.magnitude[0].endswith("sub-01_acq-MTw_flip-1_mt-on_echo-1_MPM.nii.gz")

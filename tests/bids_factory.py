@@ -158,13 +158,19 @@ def make_dataset(
     shape=DEFAULT_SHAPE,
     affine=DEFAULT_AFFINE,
     seed=0,
+    mt_echoes=None,
 ):
     """Write a raw BIDS dataset following docs/architecture.rst "Raw BIDS layout".
 
     Parameters
     ----------
-    gre : {"VFA", "MEGRE", None}
-        Spoiled multi-echo GRE at ``flip_angles`` (VFA) or at ``flip_angles[0]`` (MEGRE).
+    gre : {"VFA", "MPM", "MEGRE", None}
+        Spoiled multi-echo GRE at ``flip_angles`` (VFA) or at ``flip_angles[0]`` (MEGRE); "MPM" writes
+        the hMRI layout: ``acq-PDw_flip-1_mt-off`` at ``flip_angles[0]``, ``acq-T1w_flip-2_mt-off`` at
+        ``flip_angles[1]`` (``files["gre"]``) and ``acq-MTw_flip-1_mt-on`` at ``flip_angles[0]``
+        (``files["mt"]``), and with ``receive`` a head/body pair per contrast.
+    mt_echoes : int, optional
+        Echoes of the MPM MT-weighted contrast (``n_echoes`` by default).
     n_echoes : int
         Echoes per flip angle; with 1 and ``gre="VFA"`` the files carry no ``echo`` entity.
     phase : bool
@@ -215,15 +221,13 @@ def make_dataset(
             folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
             anat, fmap = folder / "anat", folder / "fmap"
             if gre:
-                flips = tuple(flip_angles) if gre == "VFA" else (flip_angles[0],)
-                for flip_index, flip_angle in enumerate(flips, start=1):
-                    for echo in range(1, n_echoes + 1):
+                for acq, trailing, flip_angle, series_echoes, key in _gre_series(gre, flip_angles, n_echoes, mt_echoes):
+                    for echo in range(1, series_echoes + 1):
                         for part in ("mag", "phase") if phase else (None,):
-                            entities = []
-                            if n_echoes > 1 or gre == "MEGRE":
+                            entities = list(acq)
+                            if series_echoes > 1 or gre == "MEGRE":
                                 entities.append(f"echo-{echo}")
-                            if gre == "VFA":
-                                entities.append(f"flip-{flip_index}")
+                            entities.extend(trailing)
                             if part:
                                 entities.append(f"part-{part}")
                             name = "_".join([prefix, *entities, gre]) + extension
@@ -249,12 +253,12 @@ def make_dataset(
                                 # BIDS requires Units for part-phase; scanner integers are "arbitrary"
                                 metadata["Units"] = "rad" if phase_units == "rad" else "arbitrary"
                                 path = image(anat / name, data, dtype)
-                                dataset.add("gre_phase", path)
+                                dataset.add(f"{key}_phase", path)
                             else:
                                 path = image(
                                     anat / name, head_image(shape, seed=counter[0] + 1, echo_time=metadata["EchoTime"])
                                 )
-                                dataset.add("gre", path)
+                                dataset.add(key, path)
                             write_sidecar(path, metadata)
             for increment in bssfp_increments:
                 for flip_index, flip_angle in enumerate(bssfp_flip_angles, start=1):
@@ -287,7 +291,8 @@ def make_dataset(
                     )
                     dataset.add("afi", path)
             if receive:
-                for label in ("headPDw", "bodyPDw"):
+                contrasts = ("PDw", "MTw", "T1w") if gre == "MPM" else ("PDw",)
+                for label in [f"{coil}{contrast}" for contrast in contrasts for coil in ("head", "body")]:
                     path = image(fmap / f"{prefix}_acq-{label}_RB1COR{extension}")
                     write_sidecar(
                         path, {**common, "FlipAngle": 6.0, "RepetitionTimeExcitation": 0.006, "EchoTime": 0.002}
@@ -296,6 +301,20 @@ def make_dataset(
     for suffix, shared in inherited.items():
         (root / f"{suffix}.json").write_text(json.dumps(shared, indent=2))
     return dataset
+
+
+def _gre_series(gre, flip_angles, n_echoes, mt_echoes):
+    """(acq entity, entities after echo, flip angle, echoes, files key) of each GRE series of
+    ``make_dataset``, in the BIDS entity order (acq, echo, flip, mt, part)."""
+    if gre == "VFA":
+        return [((), (f"flip-{i}",), flip, n_echoes, "gre") for i, flip in enumerate(flip_angles, start=1)]
+    if gre == "MPM":
+        return [
+            (("acq-PDw",), ("flip-1", "mt-off"), flip_angles[0], n_echoes, "gre"),
+            (("acq-T1w",), ("flip-2", "mt-off"), flip_angles[1], n_echoes, "gre"),
+            (("acq-MTw",), ("flip-1", "mt-on"), flip_angles[0], mt_echoes or n_echoes, "mt"),
+        ]
+    return [((), (), flip_angles[0], n_echoes, "gre")]
 
 
 def make_vfa_dataset(root, **kwargs):

@@ -69,7 +69,7 @@ def build_parser():
     """Return the argument parser of ``qmri-workflows``."""
     parser = _ArgumentParser(
         prog="qmri-workflows",
-        description="Quantitative MRI maps (R2*/T2*, B1+, R1/T1, PD, R2/T2, QSM), regional and lesion "
+        description="Quantitative MRI maps (R2*/T2*, B1+, R1/T1, PD, MTsat, R2/T2, QSM), regional and lesion "
         "statistics and a report per subject, from a raw BIDS dataset, written as BIDS derivatives.",
     )
     parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")

@@ -688,7 +688,7 @@ def write_dataset_description(
             {
                 "Name": "qmri-workflows",
                 "Version": __version__,
-                "Description": "Quantitative MRI maps (R1, R2, R2*, PD, QSM) from raw BIDS data",
+                "Description": "Quantitative MRI maps (R1, R2, R2*, PD, MTsat, QSM) from raw BIDS data",
             }
         ]
     elif isinstance(generated_by, Mapping):

@@ -146,6 +146,12 @@ def build_parser():
         "the ideal-spoiling (Ernst) equations (default: %(default)s)",
     )
     parser.add_argument(
+        "--mpm",
+        action="store_true",
+        help="write the VFA pair as an hMRI-style multi-parameter-mapping collection (anat/*_acq-PDw_..._mt-off_MPM, "
+        "*_acq-T1w_..._mt-off_MPM) and add an MT-weighted contrast (*_acq-MTw_..._mt-on_MPM) with its MTsat truth",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "int16"),
         default="float32",
@@ -170,7 +176,7 @@ def main(argv=None):
         arguments += ["--spoiling", args.spoiling]
     command = shlex.join(["qmri-phantom", *arguments])
     from qmri_workflows.phantom.dataset import write_phantom_dataset
-    from qmri_workflows.phantom.protocol import Protocol
+    from qmri_workflows.phantom.protocol import MPMProtocol, Protocol
 
     start = time.perf_counter()
     try:
@@ -188,7 +194,7 @@ def main(argv=None):
             command=command,
             kspace_filter=args.kspace_filter,
             noise_gfactor=args.noise_gfactor,
-            protocol=Protocol(spoiling=args.spoiling),
+            protocol=Protocol(spoiling=args.spoiling, mpm=MPMProtocol() if args.mpm else None),
         )
     except FileExistsError:
         # the library's message names its keyword argument; here the user needs the flag

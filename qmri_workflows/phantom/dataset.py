@@ -445,6 +445,20 @@ def _write_truth(derivatives_root, scanner, protocol, label, *, field_strength, 
                     **meta,
                 ),
             )
+        elif name == "MTsat":
+            write_map(
+                derivatives_root,
+                data,
+                affine,
+                subject=label,
+                suffix="MTsat",
+                metadata=_truth_metadata(
+                    "True MT saturation (Helms 2008) of the protocol's MT pulse at the nominal transmit field: the "
+                    "fraction of longitudinal magnetisation it removes per TR, in percent.",
+                    Units="p.u.",
+                    **meta,
+                ),
+            )
         elif name == "TB1map":
             write_map(
                 derivatives_root,

@@ -94,6 +94,7 @@ __all__ = [
     "coarsen_affine",
     "kspace_downsample",
     "list_volumes",
+    "mt_signal_factor",
     "noiseless_signal",
     "reference_sigma",
     "gfactor_map",
@@ -476,15 +477,20 @@ def list_volumes(protocol):
     volumes = []
     vfa = protocol.vfa
     vfa_spoiling = _spoiling_metadata(protocol.spoiling, vfa)
+    mpm = getattr(protocol, "mpm", None)
     for flip_index, flip_angle in enumerate(vfa.flip_angles, start=1):
         for echo_index, echo_time in enumerate(vfa.echo_times, start=1):
+            entities = {"echo": echo_index, "flip": flip_index}
+            if mpm is not None:  # the hMRI layout: the VFA pair is the PDw and T1w (mt-off) contrasts
+                entities = {"acq": ("PDw", "T1w")[flip_index - 1], **entities, "mt": "off"}
             volumes.append(
                 VolumeSpec(
                     kind="spgr",
                     datatype="anat",
-                    suffix="VFA",
-                    entities={"echo": echo_index, "flip": flip_index},
+                    suffix="VFA" if mpm is None else "MPM",
+                    entities=entities,
                     metadata={
+                        **({} if mpm is None else {"MTState": False}),
                         "FlipAngle": float(flip_angle),
                         "EchoTime": float(echo_time),
                         "RepetitionTimeExcitation": float(vfa.repetition_time),
@@ -497,6 +503,37 @@ def list_volumes(protocol):
                         "tr": float(vfa.repetition_time),
                         "te": float(echo_time),
                         "spoiling": _spoiling_parameters(vfa_spoiling),
+                    },
+                )
+            )
+    if mpm is not None:
+        for echo_index, echo_time in enumerate(vfa.echo_times[: mpm.n_echoes], start=1):
+            volumes.append(
+                VolumeSpec(
+                    kind="spgr",
+                    datatype="anat",
+                    suffix="MPM",
+                    entities={"acq": "MTw", "echo": echo_index, "flip": 1, "mt": "on"},
+                    metadata={
+                        "FlipAngle": float(mpm.flip_angle),
+                        "EchoTime": float(echo_time),
+                        "RepetitionTimeExcitation": float(mpm.repetition_time),
+                        "PulseSequenceType": "SPGR",
+                        "MTState": True,
+                        # the hMRI-style MT pulse the saturation model describes (MPMProtocol)
+                        "MTPulseShape": "GAUSSIAN",
+                        "MTPulseDuration": 0.004,
+                        "MTOffsetFrequency": 2000.0,
+                        "MTNominalFlipAngle": 220.0,
+                        **vfa_spoiling,
+                    },
+                    with_phase=True,
+                    parameters={
+                        "flip_angle": math.radians(mpm.flip_angle),
+                        "tr": float(mpm.repetition_time),
+                        "te": float(echo_time),
+                        "spoiling": _spoiling_parameters(vfa_spoiling),
+                        "mt_pulse": mpm,
                     },
                 )
             )
@@ -718,6 +755,8 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
             magnitude = spoiling * spgr_signal(
                 _m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1
             )
+            if p.get("mt_pulse") is not None:
+                magnitude = magnitude * mt_signal_factor(truth, p["mt_pulse"], p["flip_angle"], p["tr"])
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = magnitude * np.exp(1j * phase)
         elif volume.kind == "bssfp":
@@ -755,6 +794,38 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
     # air (pd = 0, r1 = 0) gives 0/0 in the steady-state formulas: no magnetisation, no signal
     signal = np.where(np.isfinite(signal) & (np.asarray(truth.pd) > 0), signal, 0.0)
     return np.asarray(signal, dtype=np.complex128)
+
+
+def mt_signal_factor(truth, mt_pulse, flip_angle, repetition_time):
+    """Ratio of the MT-weighted steady state to the Ernst signal, per voxel.
+
+    The MT pulse before each excitation removes the fraction ``delta`` (``mt_pulse.saturation`` of
+    the voxel's MTsat and actual transmit field) of the longitudinal magnetisation; the exact
+    steady state (see :class:`~qmri_workflows.phantom.protocol.MPMProtocol`) divided by the Ernst
+    signal at the same flip angle and TR is
+
+    ``(1 - delta) (1 - E1 cos a) / (1 - (1 - delta) E1 cos a)``.
+
+    Parameters
+    ----------
+    truth : PhantomTruth
+        Needs ``mtsat`` (p.u.), ``r1`` and ``b1``.
+    mt_pulse : qmri_workflows.phantom.protocol.MPMProtocol
+    flip_angle : float
+        Nominal flip angle (rad).
+    repetition_time : float
+        TR (s).
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    if getattr(truth, "mtsat", None) is None:
+        raise ValueError("the phantom truth has no MTsat map: build it with make_phantom to simulate an MT contrast")
+    b1 = np.asarray(truth.b1, dtype=float)
+    delta = mt_pulse.saturation(truth.mtsat, b1)
+    e1_cos = np.exp(-np.asarray(truth.r1, dtype=float) * repetition_time) * np.cos(b1 * flip_angle)
+    return (1.0 - delta) * (1.0 - e1_cos) / (1.0 - (1.0 - delta) * e1_cos)
 
 
 def white_matter_labels(labels):
@@ -975,7 +1046,8 @@ class PhantomScanner:
         Yields
         ------
         name : str
-            ``R1map``, ``R2map``, ``R2starmap``, ``PDmap``, ``Chimap``, ``M0map``, ``S0map-<flip index>``,
+            ``R1map``, ``R2map``, ``R2starmap``, ``PDmap``, ``Chimap``, ``M0map``, ``S0map-<flip index>``
+            (mt-off images), ``MTsat`` (p.u., only with an MPM protocol),
             ``TB1map`` (percent), ``RB1map``, ``RB1map-body`` (body coil, only when the truth has one),
             ``dseg``, ``brainmask``, ``headmask``, ``totalfield``, ``backgroundfield``, ``localfield``
             (ppm). The smooth fields (TB1map, RB1map and the field offsets) are set to 0 outside the
@@ -992,12 +1064,18 @@ class PhantomScanner:
         ):
             yield name, block_average(getattr(truth, attribute), factor)
         yield "M0map", block_average(_m0(truth, scale=self.scale), factor)
-        first_echoes = [v for v in list_volumes(protocol) if v.kind == "spgr" and v.entities["echo"] == 1]
+        first_echoes = [
+            v
+            for v in list_volumes(protocol)
+            if v.kind == "spgr" and v.entities["echo"] == 1 and v.parameters.get("mt_pulse") is None
+        ]
         for flip_index, first_echo in enumerate(first_echoes, start=1):
             # same protocol (flip, TR, spoiling) as the VFA images
             intercept = replace(first_echo, entities={}, metadata={}, parameters={**first_echo.parameters, "te": 0.0})
             # the TE = 0 intercept of the (k-space reduced) complex signal is what R2* fits estimate
             yield f"S0map-{flip_index}", np.abs(self._reduced_channels(intercept, factor, 1)[0])
+        if getattr(protocol, "mpm", None) is not None and getattr(truth, "mtsat", None) is not None:
+            yield "MTsat", block_average(truth.mtsat, factor)
         head = block_average(truth.head_mask, factor) >= 0.5
         # smooth fields are only observable where there is signal: 0 outside the head mask
         yield "TB1map", np.where(head, 100.0 * block_average(truth.b1, factor), 0.0)
@@ -1101,7 +1179,12 @@ def reference_sigma(scanner, protocol, snr):
         return 0.0
     flip_index = int(np.argmin(protocol.vfa.flip_angles))
     reference = next(
-        v for v in list_volumes(protocol) if v.kind == "spgr" and v.entities == {"echo": 1, "flip": flip_index + 1}
+        v
+        for v in list_volumes(protocol)
+        if v.kind == "spgr"
+        and v.entities.get("echo") == 1
+        and v.entities.get("flip") == flip_index + 1
+        and v.parameters.get("mt_pulse") is None
     )
     magnitude, _ = scanner.acquire(reference, sigma=0.0)
     dseg = block_majority(scanner.truth.dseg, scanner.oversample)

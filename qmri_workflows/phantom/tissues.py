@@ -56,6 +56,38 @@ assumption of this phantom, flagged in code by ``TissueParameters.assumed`` (the
 ``TissueParameters.assumption_note``: R1, R2 and PD follow the demyelination pattern of white-matter
 lesions at a smaller size, and the sizes of the R2* and chi changes are chosen, not measured.
 
+MT saturation
+-------------
+``TissueParameters.mtsat`` is the MT saturation of Helms et al. 2008 in percent units (p.u.): the
+fraction of longitudinal magnetisation an hMRI-style MT pulse (Gaussian, 220 degrees, 4 ms, 2 kHz
+off resonance, every TR of 25 ms) removes per TR at the nominal transmit field. Values at 3 T lie in
+the ranges of Helms 2008, Weiskopf 2013 and Callaghan 2014 (MPM of healthy adults: white matter
+about 1.4-2.0 p.u., cortex 0.7-1.0, putamen and caudate about 0.9-1.1, pallidum and thalamus higher,
+CSF near 0); MS lesions have less myelin and so less MT (Lommers 2019: lesions well below NAWM, NAWM
+slightly below control white matter):
+
+========================  ======  ========================  ======
+control compartment       MTsat   patient compartment       MTsat
+========================  ======  ========================  ======
+CSF                       0.00    NAWM                      1.62
+cortical GM               0.85    normal-appearing cortex   0.83
+WM                        1.70    early active lesion       1.00
+caudate                   0.95    late active lesion        0.90
+putamen                   1.00    chronic active core       0.80
+globus pallidus           1.35    chronic active rim        1.05
+thalamus                  1.15    chronic inactive lesion   0.75
+skull (assumed)           0.50    cortical lesions          0.70
+========================  ======  ========================  ======
+
+Assumed (no reference value): skull 0.5 (little MR-visible water), scalp 1.2 (skin and muscle),
+vein 0.2 (blood) and the cortical lesions' 0.70 (as every cortical-lesion value); the patient's
+thalamus has 1.10 (its myelin loss, as its R1) and the other deep grey nuclei keep the control
+values.
+
+MTsat is a property of the protocol's MT pulse as much as of the tissue; it is kept unchanged when
+the relaxation rates are scaled to another field. How the saturation changes with the transmit field
+is the simulator's model (``protocol.MPMProtocol``), not the tissue's.
+
 Atrophy of the patient
 ----------------------
 The patient's brain is smaller where MS shrinks it, so that iron *concentration* (mean R2* or chi of a
@@ -118,6 +150,16 @@ multiple sclerosis. Ann Neurol 2018;83:210-222.
 
 Sailer M, Fischl B, Salat D, et al. Focal thinning of the cerebral cortex in multiple sclerosis.
 Brain 2003;126:1734-1744.
+
+Helms G, Dathe H, Kallenberg K, Dechent P. High-resolution maps of magnetization transfer with
+inherent correction for RF inhomogeneity and T1 relaxation obtained from 3D FLASH MRI. Magn Reson Med
+2008;60:1396-1407.
+
+Weiskopf N, Suckling J, Williams G, et al. Quantitative multi-parameter mapping of R1, PD*, MT, and
+R2* at 3T: a multi-center validation. Front Neurosci 2013;7:95.
+
+Callaghan MF, Freund P, Draganski B, et al. Widespread age-related differences in the human brain
+microstructure revealed by quantitative magnetic resonance imaging. Neurobiol Aging 2014;35:1862-1872.
 
 Lommers E, Simon J, Reuter G, et al. Multiparameter MRI quantification of microstructural tissue
 alterations in multiple sclerosis. NeuroImage Clin 2019;23:101879.
@@ -228,6 +270,8 @@ class TissueParameters:
     r2star: float
     pd: float
     chi: float
+    #: MT saturation (p.u., Helms 2008) of the phantom's MT pulse at the nominal transmit field.
+    mtsat: float = 0.0
     #: exponent beta of R1 ~ B0^(-beta) (Rooney 2007); 0 for free water.
     r1_field_exponent: float = 0.38
     #: Names of the parameters (``"r1"``, ``"r2"``, ``"r2star"``, ``"pd"``, ``"chi"``) whose value
@@ -275,6 +319,20 @@ CONTROL_TISSUES_3T: dict[str, TissueParameters] = {
     "vein": _T(0.62, 20.0, 50.0, 85.0, 0.400),
 }
 
+_CONTROL_MTSAT = {
+    "csf": 0.0,
+    "cortical_gm": 0.85,
+    "wm": 1.70,
+    "caudate": 0.95,
+    "putamen": 1.00,
+    "globus_pallidus": 1.35,
+    "thalamus": 1.15,
+    "skull": 0.5,  # assumed: little MR-visible water, as the PD
+    "scalp": 1.2,  # assumed: skin and muscle have MT close to white matter's
+    "vein": 0.2,  # assumed: blood has little macromolecular MT
+}
+CONTROL_TISSUES_3T = {name: replace(values, mtsat=_CONTROL_MTSAT[name]) for name, values in CONTROL_TISSUES_3T.items()}
+
 _control = CONTROL_TISSUES_3T
 _CORTICAL_LESION_ASSUMED = ("r1", "r2", "r2star", "pd", "chi")
 _CORTICAL_LESION_NOTE = (
@@ -312,6 +370,21 @@ PATIENT_TISSUES_3T: dict[str, TissueParameters] = {
     "cortical_lesion_dia": _T(
         0.58, 9.0, 13.5, 86.0, -0.010, assumed=_CORTICAL_LESION_ASSUMED, assumption_note=_CORTICAL_LESION_NOTE
     ),
+}
+_PATIENT_MTSAT = {
+    "wm": 1.62,  # NAWM
+    "cortical_gm": 0.83,
+    "thalamus": 1.10,  # myelin loss, as its R1
+    "early_active": 1.00,
+    "late_active": 0.90,
+    "chronic_active_core": 0.80,
+    "chronic_active_rim": 1.05,
+    "chronic_inactive": 0.75,
+    "cortical_lesion_para": 0.70,  # assumed, as every cortical-lesion value
+    "cortical_lesion_dia": 0.70,
+}
+PATIENT_TISSUES_3T = {
+    name: replace(values, mtsat=_PATIENT_MTSAT.get(name, values.mtsat)) for name, values in PATIENT_TISSUES_3T.items()
 }
 del _control, _T
 

@@ -92,6 +92,9 @@ class PhantomTruth:
     lesion_index : ndarray of int16 or None
         Which lesion each voxel belongs to: ``i + 1`` for ``lesions[i]`` where ``dseg`` is a lesion
         label, 0 elsewhere (see :func:`lesion_instances`).
+    mtsat : ndarray of float32 or None
+        MT saturation (p.u.) at the nominal transmit field, water-weighted over the compartments
+        like the rates (it is a fraction of the water's longitudinal magnetisation); 0 in air.
     """
 
     affine: np.ndarray
@@ -117,6 +120,7 @@ class PhantomTruth:
     body_receive: np.ndarray | None = None
     label_fraction: np.ndarray | None = None
     lesion_index: np.ndarray | None = None
+    mtsat: np.ndarray | None = None
 
     @property
     def voxel_size(self):
@@ -184,6 +188,18 @@ def _mix(fractions, parameters):
     # float32 rounding can put R2* a hair below R2 where they are equal in a compartment.
     np.maximum(rates["r2star"], rates["r2"], out=rates["r2star"])
     return rates["r1"], rates["r2"], rates["r2star"], pd, chi
+
+
+def _mix_mtsat(fractions, parameters, pd):
+    """Water-weighted MTsat (p.u.) of the compartments, as :func:`_mix` mixes the rates."""
+    weighted = np.zeros(pd.shape, dtype=np.float32)
+    for name, fraction in fractions.items():
+        values = parameters[name]
+        for box, local_fraction in _pieces(fraction):
+            weighted[box] += local_fraction * np.float32(values.pd * values.mtsat)
+    mtsat = np.zeros(pd.shape, dtype=np.float32)
+    np.divide(weighted, pd, out=mtsat, where=pd > 0)
+    return mtsat
 
 
 def _segment(fractions, brain_mask, head_mask):
@@ -260,6 +276,7 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
     parameters = tissue_parameters(subject, field_strength)
     fractions = anatomy.fractions
     r1, r2, r2star, pd, chi = _mix(fractions, parameters)
+    mtsat = _mix_mtsat(fractions, parameters, pd)
     dseg, label_fraction = _segment(fractions, anatomy.brain_mask, anatomy.head_mask)
     tissue_fraction = np.zeros(r1.shape, dtype=np.float32)
     for fraction in fractions.values():
@@ -304,6 +321,7 @@ def make_phantom(*, resolution=1.0, field_strength=3.0, subject="patient", seed=
         body_receive=body_receive,
         label_fraction=label_fraction,
         lesion_index=lesion_instances(dseg, affine, anatomy.lesions),
+        mtsat=mtsat,
     )
 
 

@@ -358,7 +358,7 @@ def _r2star_outputs(inputs):
         ),
     ]
     outputs.append(noise_map_output(magnitude_files))
-    several = inputs.gre_suffix == "VFA" and len(inputs.gre) > 1
+    several = inputs.gre_suffix in ("VFA", "MPM") and len(inputs.gre) > 1
     # The query layer sorts the series by flip angle, as the fit orders its S0 maps; each S0 map
     # describes its own acquisition (BIDS allows no flip entity on derivative maps: desc-flip<i>).
     for index, series in enumerate(inputs.gre):

@@ -384,8 +384,8 @@ def _flip_angles(inputs):
 
 
 def _check_r1(inputs):
-    if inputs.gre_suffix != "VFA":
-        return f"{inputs.gre_suffix} data have one flip angle; R1 needs a VFA collection with at least two"
+    if inputs.gre_suffix not in ("VFA", "MPM"):
+        return f"{inputs.gre_suffix} data have one flip angle; R1 needs a VFA or MPM collection with at least two"
     flips = sorted(set(_flip_angles(inputs)))
     if len(flips) < MIN_FLIP_ANGLES_R1:
         return f"{len(flips)} flip angle(s); R1 needs at least {MIN_FLIP_ANGLES_R1} different ones"

@@ -18,7 +18,7 @@ from qmri_workflows.phantom.tissues import (  # noqa: E402
     scale_to_field,
     tissue_parameters,
 )
-from qmri_workflows.phantom.truth import PhantomTruth, _mix, make_phantom  # noqa: E402
+from qmri_workflows.phantom.truth import PhantomTruth, _mix, _mix_mtsat, make_phantom  # noqa: E402
 
 WM, CGM, CAUDATE, PUTAMEN, PALLIDUM, THALAMUS = 3, 2, 4, 5, 6, 7
 EARLY, LATE, CA_CORE, CA_RIM, INACTIVE, CORTICAL = 8, 9, 10, 11, 12, 13
@@ -207,6 +207,17 @@ def test_pure_compartments_give_table_values():
             atol=1e-7,
             err_msg=name,
         )
+
+
+def test_mtsat_is_water_weighted():
+    parameters = tissue_parameters("patient", 3.0)
+    wm, csf = parameters["wm"], parameters["csf"]
+    fractions = {"wm": np.array([[[1.0, 0.5, 0.0]]], dtype=np.float32)}
+    fractions["csf"] = 1.0 - fractions["wm"]
+    pd = _mix(fractions, parameters)[3]
+    mtsat = _mix_mtsat(fractions, parameters, pd)
+    expected = (0.5 * wm.pd * wm.mtsat + 0.5 * csf.pd * csf.mtsat) / (0.5 * wm.pd + 0.5 * csf.pd)
+    np.testing.assert_allclose(mtsat[0, 0], [wm.mtsat, expected, csf.mtsat], rtol=1e-6)
 
 
 def test_mixing_rule_everywhere(patient4):

@@ -4,6 +4,10 @@ The layout read here is described in ``docs/architecture.rst`` ("Raw BIDS layout
 
 * spoiled multi-echo GRE at several flip angles: ``anat/*_echo-<e>_flip-<f>_part-<mag|phase>_VFA``;
 * plain multi-echo GRE: ``anat/*_echo-<e>_part-<mag|phase>_MEGRE``;
+* multi-parameter mapping (hMRI style, BIDS ``MPM``):
+  ``anat/*_acq-<PDw|T1w|MTw>_flip-<f>_mt-<on|off>_echo-<e>_part-<mag|phase>_MPM``; the ``mt-off``
+  images are the spoiled GRE at several flip angles (as a VFA collection), the ``mt-on`` image is
+  the MT-weighted contrast (:data:`MT`);
 * phase-cycled bSSFP: ``anat/*_acq-bssfp<inc>_flip-<f>_part-<mag|phase>_VFA`` with
   ``PulseSequenceType`` "bSSFP" (project convention);
 * AFI: ``fmap/*_acq-tr1_TB1AFI`` / ``fmap/*_acq-tr2_TB1AFI``;
@@ -35,7 +39,7 @@ from ..errors import BIDSInputError
 from .bssfp import BSSFPSeries
 from .derivatives import DerivativeFile, open_derivatives, tb1map_scale
 from .fieldmaps import AFIPair, ReceivePair
-from .gre import EchoSeries
+from .gre import EchoSeries, MPMSeries
 from .inputs import UNSUPPORTED_TRANSMIT_SUFFIXES, SubjectInputs, collect_inputs
 from .layout import open_layout, select_participants
 from .metadata import phase_scale_from_values
@@ -48,6 +52,7 @@ from .problems import (
     ENHANCING_MASK,
     GRE,
     LESION_MASK,
+    MT,
     RECEIVE,
     TB1MAP,
     CollectionProblem,
@@ -62,6 +67,8 @@ __all__ = [
     "ENHANCING_MASK",
     "GRE",
     "LESION_MASK",
+    "MPMSeries",
+    "MT",
     "RECEIVE",
     "TB1MAP",
     "UNSUPPORTED_TRANSMIT_SUFFIXES",

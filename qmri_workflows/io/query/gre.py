@@ -1,4 +1,4 @@
-"""Multi-echo spoiled GRE: VFA (several flip angles) and MEGRE (one) echo series."""
+"""Multi-echo spoiled GRE: VFA (several flip angles), MEGRE (one) and MPM (PDw/T1w/MTw) echo series."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .metadata import (
     sorted_by_flip_angle,
 )
 
-__all__ = ["EchoSeries", "gre_series"]
+__all__ = ["EchoSeries", "MPMSeries", "gre_series", "mpm_series"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +177,124 @@ def _echo_series(ctx, files, *, suffix, require_flip, require_tr):
         phase_scale=scale,
         metadata=dict(ctx.metadata(first)),
     )
+
+
+@dataclass(frozen=True)
+class MPMSeries:
+    """A multi-parameter-mapping collection split into what the maps use.
+
+    Attributes
+    ----------
+    mt_off : tuple of EchoSeries
+        The ``mt-off`` contrasts (PDw, T1w) sorted by flip angle: the spoiled GRE at several flip
+        angles that R2*, R1, PD and QSM read as they read a VFA collection.
+    mt_on : EchoSeries or None
+        The MT-weighted contrast (``mt-on``); None when absent or unusable.
+    mt_problem : str or None
+        Why a present ``mt-on`` contrast cannot be used (names the file and the fix); the ``mt-off``
+        contrasts are usable all the same.
+    """
+
+    mt_off: tuple
+    mt_on: EchoSeries | None = None
+    mt_problem: str | None = None
+
+
+def mpm_series(ctx, files):
+    """Check an ``MPM`` collection (hMRI layout) and split it into its mt-off and mt-on contrasts.
+
+    The BIDS ``MPM`` suffix requires the ``flip`` and ``mt`` entities; hMRI-style datasets also
+    name the contrast with ``acq-PDw`` / ``acq-T1w`` / ``acq-MTw``. Each (acq, flip, mt) group is one
+    multi-echo series; its echoes must be numbered 1 to n without gaps.
+
+    Parameters
+    ----------
+    ctx : QueryContext
+    files : list of IndexedFile
+        All ``anat/*_MPM`` images of one subject/session.
+
+    Returns
+    -------
+    MPMSeries
+
+    Raises
+    ------
+    BIDSInputError
+        When the mt-off contrasts are unusable (fewer than two flip angles, missing ``mt`` entity,
+        missing echoes, other TRs ...). A broken mt-on contrast only sets ``mt_problem``.
+    """
+    for key, name in (("run", "run"), ("reconstruction", "rec")):
+        labels = sorted({str(entity(f, key)) for f in files if entity(f, key) is not None})
+        if labels:
+            raise BIDSInputError(
+                f"MPM images with {name}- labels ({', '.join(ctx.name(f.path) for f in files[:2])} ...); keep one "
+                "MPM collection per subject/session (move the other runs to sourcedata/ or another dataset)"
+            )
+    groups = {}
+    for bids_file in files:
+        mt = entity(bids_file, "mt")
+        if mt not in ("on", "off"):
+            raise BIDSInputError(
+                f"{ctx.name(bids_file.path)}: an MPM image needs the mt-on or mt-off entity (BIDS requires it); "
+                "rename it, e.g. *_acq-MTw_flip-1_mt-on_echo-1_part-mag_MPM"
+            )
+        if entity(bids_file, "flip") is None:
+            raise BIDSInputError(
+                f"{ctx.name(bids_file.path)}: an MPM image needs the flip- entity (BIDS requires it); rename it, "
+                "e.g. *_acq-PDw_flip-1_mt-off_echo-1_part-mag_MPM"
+            )
+        key = (str(entity(bids_file, "acquisition") or ""), str(entity(bids_file, "flip")), mt)
+        groups.setdefault(key, []).append(bids_file)
+
+    def build(group):
+        series = _echo_series(ctx, group, suffix="MPM", require_flip=True, require_tr=True)
+        _check_echo_numbers(ctx, group)
+        return series
+
+    off_groups = [group for (_, _, mt), group in sorted(groups.items()) if mt == "off"]
+    on_groups = [group for (_, _, mt), group in sorted(groups.items()) if mt == "on"]
+    if not off_groups:
+        raise BIDSInputError(
+            f"MPM collection without mt-off images ({ctx.name(files[0].path)} ...): R1, PD and R2* need the "
+            "PD- and T1-weighted contrasts (*_acq-PDw_flip-1_mt-off_*_MPM, *_acq-T1w_flip-2_mt-off_*_MPM)"
+        )
+    mt_off = sorted_by_flip_angle(ctx, [build(group) for group in off_groups], "MPM mt-off")
+    check_same(
+        ctx,
+        {s.magnitude[0]: s.repetition_time for s in mt_off},
+        "TR",
+        "the PD- and T1-weighted (mt-off) contrasts of an MPM collection must share one TR; fix the sidecars",
+        tolerance=TIME_TOLERANCE,
+    )
+    check_grids(ctx, [p for s in mt_off for p in (*s.magnitude, *(s.phase or ()))], "MPM mt-off")
+
+    mt_on, problem = None, None
+    try:
+        if len(on_groups) > 1:
+            listing = ", ".join(ctx.name(group[0].path) for group in on_groups)
+            raise BIDSInputError(
+                f"several MT-weighted (mt-on) series in one MPM collection ({listing}); MTsat takes one: keep "
+                "one acq-/flip- group with mt-on (move the others out of the dataset)"
+            )
+        if on_groups:
+            candidate = build(on_groups[0])
+            check_grids(
+                ctx,
+                [mt_off[0].magnitude[0], *candidate.magnitude, *(candidate.phase or ())],
+                "MPM (mt-on with mt-off)",
+            )
+            mt_on = candidate
+    except BIDSInputError as error:
+        problem = str(error)
+    return MPMSeries(mt_off=tuple(mt_off), mt_on=mt_on, mt_problem=problem)
+
+
+def _check_echo_numbers(ctx, files):
+    """The echo- indices of one MPM series must run 1..n: a gap is an echo lost in the export."""
+    numbers = sorted({int(entity(f, "echo")) for f in files if entity(f, "echo") is not None})
+    if numbers and numbers != list(range(1, len(numbers) + 1)):
+        missing = sorted(set(range(1, max(numbers) + 1)) - set(numbers))
+        raise BIDSInputError(
+            f"echo(es) {', '.join(map(str, missing))} missing from the MPM series of {ctx.name(files[0].path)} "
+            f"(echoes found: {', '.join(map(str, numbers))}); export every echo, or renumber the echo- entities"
+        )

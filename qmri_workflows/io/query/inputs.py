@@ -10,7 +10,7 @@ from ..errors import BIDSInputError
 from .bssfp import bssfp_series, says_bssfp, sequence_kind
 from .derivatives import find_derivatives
 from .fieldmaps import AFIPair, ReceivePair, afi_pair, receive_pair
-from .gre import gre_series
+from .gre import gre_series, mpm_series
 from .layout import QueryContext, select_images, strip_prefix, subject_images, subject_sessions
 from .metadata import FIELD_TOLERANCE, check_same, sidecar_number
 from .problems import (
@@ -19,6 +19,7 @@ from .problems import (
     COLLECTIONS,
     DERIVATIVE_COLLECTIONS,
     GRE,
+    MT,
     RECEIVE,
     CollectionProblem,
 )
@@ -41,8 +42,11 @@ class SubjectInputs:
     subject, session : str, str or None
         Labels without ``sub-``/``ses-``.
     gre : tuple of EchoSeries
-        Spoiled multi-echo GRE sorted by flip angle; empty if absent or unusable.
-    gre_suffix : {"VFA", "MEGRE"} or None
+        Spoiled multi-echo GRE sorted by flip angle; empty if absent or unusable. For an ``MPM``
+        collection: its mt-off contrasts (PDw, T1w).
+    gre_suffix : {"VFA", "MPM", "MEGRE"} or None
+    mt : EchoSeries or None
+        The MT-weighted (``mt-on``) contrast of an ``MPM`` collection.
     bssfp : tuple of BSSFPSeries
     afi : AFIPair or None
     receive : ReceivePair or None
@@ -64,6 +68,7 @@ class SubjectInputs:
     session: str | None
     gre: tuple = ()
     gre_suffix: str | None = None
+    mt: object = None
     bssfp: tuple = ()
     afi: AFIPair | None = None
     receive: ReceivePair | None = None
@@ -78,7 +83,7 @@ class SubjectInputs:
         _known(collection)
         if collection in DERIVATIVE_COLLECTIONS:
             return collection in self.derivatives
-        value = {GRE: self.gre, BSSFP: self.bssfp, AFI: self.afi, RECEIVE: self.receive}[collection]
+        value = {GRE: self.gre, MT: self.mt, BSSFP: self.bssfp, AFI: self.afi, RECEIVE: self.receive}[collection]
         return bool(value)
 
     def problem(self, collection):
@@ -99,7 +104,12 @@ class SubjectInputs:
                 phase = "with phase" if series.phase else "magnitude only"
                 lines.append(f"    flip {flip}, TR {tr}, {len(series.echo_times)} echo(es) TE [{tes}] ms, {phase}")
         else:
-            lines.append("  no multi-echo GRE (VFA/MEGRE)")
+            lines.append("  no multi-echo GRE (VFA/MPM/MEGRE)")
+        if self.mt:
+            lines.append(
+                f"  MT-weighted (MPM mt-on): flip {self.mt.flip_angle:g} deg, TR {self.mt.repetition_time * 1e3:g} ms, "
+                f"{len(self.mt.echo_times)} echo(es)"
+            )
         for series in self.bssfp:
             increments = ", ".join(f"{inc:g}" for inc in series.phase_increments)
             lines.append(
@@ -144,8 +154,9 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     Returns
     -------
     SubjectInputs
-        GRE series sorted by flip angle (``gre_suffix`` "VFA" if spoiled VFA files exist, else "MEGRE",
-        else None), bSSFP series, AFI and receive pairs, derivative inputs, field strength, notes
+        GRE series sorted by flip angle (``gre_suffix`` "VFA" if spoiled VFA files exist, else "MPM"
+        for an ``MPM`` collection, whose mt-on contrast goes to ``mt``, else "MEGRE", else None),
+        bSSFP series, AFI and receive pairs, derivative inputs, field strength, notes
         (e.g. phase rescaling), and one :class:`CollectionProblem` per collection that is present but
         unusable (missing or inconsistent metadata, images off the series' grid, incomplete pairs,
         another scanner's field strength ...), which is then left out. A subject without any GRE or
@@ -177,18 +188,34 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         if kind is not None:
             (bssfp_files if kind == "bssfp" else spoiled).append(bids_file)
     megre_files = select_images(images, suffix="MEGRE", datatype="anat")
+    mpm_files = select_images(images, suffix="MPM", datatype="anat")
 
     collected = dict.fromkeys((GRE, BSSFP, AFI, RECEIVE))
     gre_suffix = None
-    if spoiled or GRE in problems:
+    mt_series = None
+    ignored = [name for name, found in (("MPM", mpm_files), ("MEGRE", megre_files)) if found]
+    if mpm_files and not spoiled and GRE not in problems:
+        gre_suffix = "MPM"
+        mpm = attempt(GRE, mpm_series, ctx, mpm_files)
+        if mpm is not None:
+            collected[GRE] = mpm.mt_off
+            mt_series = mpm.mt_on
+            if mpm.mt_problem:
+                problems[MT] = CollectionProblem(MT, mpm.mt_problem)
+        if megre_files:
+            ctx.notes.append(f"MEGRE images ignored ({ctx.name(megre_files[0].path)} ...): the MPM collection is used")
+            LOGGER.warning(ctx.notes[-1])
+    elif spoiled or GRE in problems:
         gre_suffix = "VFA"
         if GRE not in problems:
             collected[GRE] = attempt(GRE, gre_series, ctx, spoiled, "VFA")
-        if megre_files:
+        if megre_files or mpm_files:
+            ignored_listing = " and ".join(ignored)
+            first = (mpm_files or megre_files)[0]
             ctx.notes.append(
-                f"MEGRE images ignored ({ctx.name(megre_files[0].path)} ...): the VFA collection is used"
+                f"{ignored_listing} images ignored ({ctx.name(first.path)} ...): the VFA collection is used"
                 + (
-                    " (it is unusable: fix it, or move it out of the dataset to use the MEGRE)"
+                    f" (it is unusable: fix it, or move it out of the dataset to use the {ignored[0]})"
                     if GRE in problems
                     else ""
                 )
@@ -221,7 +248,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
             GRE,
             (
                 f"no qMRI inputs for sub-{subject}" + (f" ses-{session}" if session else "") + f" in {ctx.root}: "
-                "expected anat/*_VFA or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
+                "expected anat/*_VFA, anat/*_MPM or anat/*_MEGRE images (see the documentation, 'Raw BIDS layout'); "
                 f"found: {listing}"
             ),
             missing=True,
@@ -238,6 +265,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         session=session,
         gre=collected[GRE] or (),
         gre_suffix=gre_suffix if collected[GRE] else None,
+        mt=mt_series if collected[GRE] else None,
         bssfp=collected[BSSFP] or (),
         afi=collected[AFI],
         receive=collected[RECEIVE],

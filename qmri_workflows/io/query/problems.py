@@ -14,6 +14,7 @@ __all__ = [
     "ENHANCING_MASK",
     "GRE",
     "LESION_MASK",
+    "MT",
     "RAW_COLLECTIONS",
     "RECEIVE",
     "TB1MAP",
@@ -28,6 +29,8 @@ AFI = "afi"
 """Actual flip-angle imaging pair (``TB1AFI``)."""
 RECEIVE = "receive"
 """Head/body coil receive-field pair (``RB1COR``)."""
+MT = "mt"
+"""MT-weighted spoiled GRE (the ``mt-on`` image of an ``MPM`` collection)."""
 TB1MAP = "TB1map"
 """Precomputed transmit-field map from a derivatives dataset."""
 DSEG = "dseg"
@@ -39,7 +42,7 @@ BRAIN_MASK = "brain_mask"
 ENHANCING_MASK = "enhancing_mask"
 """Gadolinium-enhancement mask (``*_label-enhancing_mask``) from a derivatives dataset."""
 
-RAW_COLLECTIONS = (GRE, BSSFP, AFI, RECEIVE)
+RAW_COLLECTIONS = (GRE, MT, BSSFP, AFI, RECEIVE)
 DERIVATIVE_COLLECTIONS = (TB1MAP, DSEG, LESION_MASK, BRAIN_MASK, ENHANCING_MASK)
 COLLECTIONS = RAW_COLLECTIONS + DERIVATIVE_COLLECTIONS
 

@@ -31,6 +31,7 @@ from qmri_workflows.core.crlb import estatics_intercept_covariance
 from qmri_workflows.core.relaxometry.despot1 import despot1_crlb
 from qmri_workflows.phantom.dataset import write_phantom_dataset
 from qmri_workflows.phantom.protocol import Protocol
+from tests.phantom_datasets import dataset_without
 
 SUBJECT = "01"
 TISSUES = ("WM", "CGM")
@@ -46,8 +47,8 @@ def _load(path):
 
 
 def _magnitude_only_phantom(root):
-    raw = write_phantom_dataset(
-        root,
+    simulated = write_phantom_dataset(
+        root / "simulated",
         resolution=2.0,
         snr=50.0,
         subjects=1,
@@ -55,11 +56,7 @@ def _magnitude_only_phantom(root):
         protocol=Protocol(bssfp=None, rb1cor=None, spoiling="ideal"),
         oversample=1,
     )
-    phase_files = sorted((raw / f"sub-{SUBJECT}" / "anat").glob("*_part-phase_VFA.*"))
-    assert phase_files, "the phantom wrote no GRE phase images: update this test"
-    for path in phase_files:
-        path.unlink()
-    return raw
+    return dataset_without(simulated, root / "raw", ("phase",))
 
 
 def _protocol_bound(truth, simulation, mask):

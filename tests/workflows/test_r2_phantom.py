@@ -18,9 +18,8 @@ import pytest
 from qmri_workflows.cli import run
 from qmri_workflows.core.bssfp import fit_despot2, geometric_solution
 from qmri_workflows.core.qsm.referencing import ppm_to_hz
-from qmri_workflows.phantom.dataset import write_phantom_dataset
 from qmri_workflows.phantom.evaluate import format_region_errors, region_errors
-from qmri_workflows.phantom.protocol import Protocol
+from tests.phantom_datasets import dataset_without
 
 TISSUES = ("WM", "CGM", "CAU", "PUT", "GP", "THA")
 LESIONS = ("LEA", "LLA", "LCAC", "LCAR", "LCI", "CL")
@@ -76,7 +75,7 @@ def _uncorrected_r2(raw, out, mask):
 
 
 @pytest.mark.slow
-def test_r2_on_the_phantom(tmp_path):
+def test_r2_on_the_phantom(noiseless_phantom_2mm, tmp_path):
     """2 mm simulated at 1 mm (oversample 2), noiseless, ideal spoiling, B1+ from AFI, 1 ms RF pulses.
 
     Measured (this phantom, 2 mm): see the closing note of the branch and README (R2). The test
@@ -84,15 +83,8 @@ def test_r2_on_the_phantom(tmp_path):
     (DESPOT2 corrected for the 1 ms pulses the sidecars record), an error over 5 % in WM without
     the finite-pulse correction, and a one-cycle error (no band removal) five times larger in WM.
     """
-    raw = write_phantom_dataset(
-        tmp_path / "raw",
-        resolution=2.0,
-        snr=float("inf"),
-        subjects=1,
-        seed=11,
-        protocol=Protocol(rb1cor=None, spoiling="ideal"),
-        oversample=2,
-    )
+    # the session's shared phantom (conftest.py) without the GRE phase: R2 needs no QSM
+    raw = dataset_without(noiseless_phantom_2mm("ideal"), tmp_path / "raw", ("phase",))
     out = tmp_path / "out"
     code = run.main(
         [str(raw), str(out), "participant", "--nprocs", "2", "-w", str(tmp_path / "work"),

@@ -137,6 +137,10 @@ class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
     )
     reference_file = File(exists=True, mandatory=True, desc="an image on the map grid")
     mask_file = File(exists=True, desc="brain mask on the map grid (used when the bSSFP shares that grid)")
+    pulse_duration = traits.Float(
+        0.0, usedefault=True, desc="RF pulse duration (s): the off-resonance is corrected for the precession during it"
+    )
+    b1_file = File(exists=True, desc="B1+ ratio on the map grid, for the actual flip angle of that correction")
     chunk_size = traits.Int(100_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads working on chunks at once")
 
@@ -158,6 +162,10 @@ class BandFreeBSSFP(SimpleInterface):
     (:func:`~qmri_workflows.core.bssfp.magnitude_combination`), the best combinations without phase,
     which are band-reduced, not band-free, and give no off-resonance (complex data combined by
     ``rms``/``max`` still get it from the cycles).
+
+    With ``pulse_duration`` > 0 each flip angle's frequency is corrected for the precession during
+    the RF pulse (:func:`~qmri_workflows.core.bssfp.finite_pulse_off_resonance`) at the actual flip
+    angle (nominal times ``b1_file``; nominal without it).
 
     The off-resonance of the flip angles is averaged as phasors :math:`e^{2\\pi i f TR}` weighted by
     the squared band-free signal, so it stays defined modulo 1/TR, in [-1/(2TR), 1/(2TR)). When the
@@ -196,6 +204,9 @@ class BandFreeBSSFP(SimpleInterface):
         if on_map_grid and isdefined(self.inputs.mask_file):
             mask = load_volume(self.inputs.mask_file, reference=source) > 0
 
+        pulse_duration = float(self.inputs.pulse_duration)
+        b1 = self._b1_on_source_grid(source, on_map_grid) if pulse_duration > 0 and has_phase else None
+
         band_free, phasor, weight_sum = [], np.zeros(shape, complex), np.zeros(shape)
         ill_conditioned = 0
         chunking = {"chunk_size": self.inputs.chunk_size, "n_jobs": self.inputs.num_threads}
@@ -220,7 +231,13 @@ class BandFreeBSSFP(SimpleInterface):
             if phases is not None:
                 signals = _complex_signals(voxel_magnitudes, phases[fitted], scale)
                 del phases
-            value, off_resonance = self._combine(signals, voxel_magnitudes, combination, increments, tr, chunking)
+            finite_pulse = {}
+            if b1 is not None:
+                actual = np.deg2rad(flips[index]) * (1.0 if b1 is False else b1[fitted])
+                finite_pulse = {"flip_angle": actual, "pulse_duration": pulse_duration}
+            value, off_resonance = self._combine(
+                signals, voxel_magnitudes, combination, increments, tr, chunking, finite_pulse
+            )
             if combination == "geometric":
                 value, gs_weight = value
                 ill_conditioned += int((gs_weight < 1).sum())
@@ -240,6 +257,11 @@ class BandFreeBSSFP(SimpleInterface):
         }
         if combination == "geometric":
             metadata["ComplexSumVoxels"] = ill_conditioned
+        if b1 is not None:
+            metadata["OffResonanceFinitePulse"] = (
+                f"corrected for the precession during the {pulse_duration * 1e3:g} ms RF pulses at the "
+                + ("actual flip angle (B1+ map)" if b1 is not False else "nominal flip angle (no B1+ map)")
+            )
         files = []
         for index, values in enumerate(band_free):
             files.append(
@@ -266,27 +288,43 @@ class BandFreeBSSFP(SimpleInterface):
             LOGGER.info("R2: no noise level for the standard error (%s)", error)
             return math.nan
 
+    def _b1_on_source_grid(self, source, on_map_grid):
+        """B1+ ratio on the bSSFP grid (float32), or False without a B1+ map (nominal flip angles)."""
+        if not isdefined(self.inputs.b1_file):
+            return False
+        if on_map_grid:
+            b1 = load_volume(self.inputs.b1_file, reference=source)
+        else:
+            image = resample_to_reference(self.inputs.b1_file, source, kind="linear", name=self.inputs.b1_file)
+            b1 = np.asarray(image.dataobj, dtype=np.float32)
+        # outside the B1+ map's support (NaN, 0) the nominal flip angle is the best guess
+        return np.where(np.isfinite(b1) & (b1 > 0), b1, np.float32(1.0))
+
     @staticmethod
-    def _combine(signals, magnitudes, combination, increments, tr, chunking):
+    def _combine(signals, magnitudes, combination, increments, tr, chunking, finite_pulse):
         """(band-free magnitude, off-resonance Hz or None) of voxels ``(n, n_cycle)``.
 
-        For ``geometric`` the first item is ``(magnitude, weight of the geometric solution)``.
+        For ``geometric`` the first item is ``(magnitude, weight of the geometric solution)``;
+        ``finite_pulse`` holds the ``flip_angle`` and ``pulse_duration`` keywords of the frequency's
+        finite-pulse correction (empty: none).
         """
         if combination == "geometric":
             value, weight = geometric_solution(signals, increments, return_weight=True, **chunking)
-            off_resonance, _ = geometric_off_resonance(signals, increments, tr, band_free=value, **chunking)
+            off_resonance, _ = geometric_off_resonance(
+                signals, increments, tr, band_free=value, **finite_pulse, **chunking
+            )
             return (np.abs(value), weight), off_resonance
         if combination == "ellipse":
-            fit = fit_ellipse(signals, increments, tr, **chunking)
+            fit = fit_ellipse(signals, increments, tr, **finite_pulse, **chunking)
             return np.abs(fit.amplitude), fit.off_resonance
         value = magnitude_combination(magnitudes.astype(np.float64), method=combination)
         if signals is None:
             return value, None
         # complex data combined by magnitude: the off-resonance still comes from the cycles
         try:
-            off_resonance, _ = geometric_off_resonance(signals, increments, tr, **chunking)
+            off_resonance, _ = geometric_off_resonance(signals, increments, tr, **finite_pulse, **chunking)
         except ValueError:  # cycles not in opposite pairs: no closed form
-            off_resonance = fit_ellipse(signals, increments, tr, **chunking).off_resonance
+            off_resonance = fit_ellipse(signals, increments, tr, **finite_pulse, **chunking).off_resonance
         return value, off_resonance
 
     def _on_map_grid(self, values, source, reference, on_map_grid, kind, name, cwd):

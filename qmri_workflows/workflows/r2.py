@@ -52,7 +52,8 @@ def init_r2_wf(
         Whether phase images are given (``phase_files``, ``phase_scale``).
     pulse_duration : float
         RF pulse duration (s) for DESPOT2's finite-pulse correction (0: instantaneous pulses); with
-        phase images the band-free step's off-resonance map feeds the correction.
+        phase images the band-free step's off-resonance map feeds the correction, itself corrected
+        for the precession during the pulse at the actual flip angle (B1+ map).
     pulse_duration_source : str, optional
         Where ``pulse_duration`` comes from (recorded in the R2 sidecar).
     b1_note : str, optional
@@ -148,6 +149,7 @@ def init_r2_wf(
             phase_increments=[float(v) for v in phase_increments],
             repetition_time=repetition_time,
             combination=combination,
+            pulse_duration=float(pulse_duration),
             num_threads=omp_nthreads,
         ),
         name="band_free",
@@ -189,6 +191,9 @@ def init_r2_wf(
         workflow.connect([(band_free, fit, [("offresonance_file", "offresonance_file")])])
     if b1_note is None:
         workflow.connect([(inputnode, fit, [("b1_file", "b1_file")])])
+        if use_offresonance:
+            # the off-resonance's finite-pulse correction depends on the actual flip angle
+            workflow.connect([(inputnode, band_free, [("b1_file", "b1_file")])])
     if refine_r1 is None:
         final_fit = fit
         workflow.connect([

@@ -154,3 +154,45 @@ def test_complex_data_combined_by_magnitude_still_give_the_offresonance(tmp_path
     field = np.asarray(nib.load(outputs.offresonance_file).dataobj, dtype=float)
     error = np.angle(np.exp(2j * np.pi * (field - frequency) * TR)) / (2 * np.pi * TR)
     assert np.abs(error).max() < 0.05
+
+
+@pytest.mark.parametrize("combination", ["geometric", "ellipse"])
+def test_offresonance_is_corrected_for_finite_pulses_at_the_actual_flip_angle(tmp_path, combination):
+    """1 ms pulses (the phantom's exact steady state), B1+ 0.85-1.15: the map within 0.03 Hz (geometric)."""
+    from qmri_workflows.phantom.bssfp_steady_state import bssfp_steady_state
+
+    r1, r2, b1, m0, frequency = _truth()
+    magnitudes, phases = [], []
+    for flip_index, flip in enumerate(FLIPS, start=1):
+        for increment in CYCLES:
+            signal = bssfp_steady_state(
+                m0, r1, r2, np.deg2rad(flip), TR, off_resonance=frequency, phase_increment=np.deg2rad(increment),
+                b1=b1, pulse_duration=0.001,
+            ) * np.exp(0.4j)  # fmt: skip
+            stem = tmp_path / f"acq-bssfp{int(increment):03d}_flip-{flip_index}"
+            magnitudes.append(str(write_nifti(f"{stem}_mag.nii", np.abs(signal).astype(np.float32), AFFINE)))
+            phases.append(str(write_nifti(f"{stem}_phase.nii", np.angle(signal).astype(np.float32), AFFINE)))
+    b1_file = str(write_nifti(str(tmp_path / "b1.nii"), b1.astype(np.float32), AFFINE))
+    # within ~1 Hz of +-1/(2 TR) a frequency aliases to the other side (finite_pulse_off_resonance)
+    inside = np.abs(frequency) < 95.0
+    errors = {}
+    for label, extra in (("corrected", {"pulse_duration": 0.001, "b1_file": b1_file}), ("uncorrected", {})):
+        node = BandFreeBSSFP(
+            magnitude_files=magnitudes, phase_files=phases, phase_scale=1.0, flip_angles=list(FLIPS),
+            phase_increments=list(CYCLES), repetition_time=TR, combination=combination, reference_file=magnitudes[0],
+            **extra,
+        )  # fmt: skip
+        work = tmp_path / f"work_{label}"
+        work.mkdir()
+        outputs = node.run(cwd=str(work)).outputs
+        field = np.asarray(nib.load(outputs.offresonance_file).dataobj, dtype=float)
+        error = np.angle(np.exp(2j * np.pi * (field - frequency) * TR)) / (2 * np.pi * TR)
+        errors[label] = np.abs(error[inside]).max()
+        if label == "corrected":
+            assert "actual flip angle" in outputs.metadata["OffResonanceFinitePulse"]
+        else:
+            assert "OffResonanceFinitePulse" not in outputs.metadata
+    print(f"\n{combination}: max |off-resonance error| {errors}")
+    assert errors["corrected"] < (0.03 if combination == "geometric" else 1.2)
+    if combination == "geometric":
+        assert errors["uncorrected"] > 10 * errors["corrected"]

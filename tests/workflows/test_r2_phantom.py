@@ -118,7 +118,8 @@ def test_r2_on_the_phantom(noiseless_phantom_2mm, tmp_path):
     interior = mask & np.isfinite(field)
     print(f"off-resonance: median |error| {np.median(np.abs(wrapped[interior])):.3f} Hz in the brain mask")
     assert np.all(np.abs(field[interior]) <= 100.0 + 1e-3)
-    assert np.median(np.abs(wrapped[interior])) < 1.0
+    # finite pulses corrected (core.bssfp.finite_pulse_off_resonance): 0.009 Hz measured, 0.88 Hz without
+    assert np.median(np.abs(wrapped[interior])) < 0.05
 
     # Without the finite-pulse correction R2 is several percent low everywhere
     uncorrected = _rows(raw, _uncorrected_r2(raw, out, mask), mask, "geometric solution, DESPOT2 without correction")

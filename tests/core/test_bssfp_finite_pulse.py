@@ -20,15 +20,10 @@ from qmri_workflows.core.bssfp import (
     planet_relaxation,
 )
 from qmri_workflows.core.signal import bssfp_signal
-from qmri_workflows.phantom.bssfp_steady_state import bssfp_steady_state
+from tests.bssfp_cases import FLIPS, FOUR_CYCLES, TISSUES, TR, phantom_cycles
 from tests.core.bssfp_bloch import simulate_bssfp
 
-TR = 0.005
 PULSE = 0.001
-FOUR_CYCLES = np.deg2rad([0.0, 90.0, 180.0, 270.0])
-FLIPS = np.deg2rad([15.0, 50.0])
-# (T1, T2) in s: white matter, grey matter, a lesion, a short-T2 nucleus
-TISSUES = {"wm": (0.85, 0.07), "gm": (1.4, 0.08), "lesion": (1.5, 0.2), "nucleus": (1.2, 0.05)}
 
 
 def _wrapped_hz(error):
@@ -36,24 +31,8 @@ def _wrapped_hz(error):
 
 
 def _cycles(t1, t2, flip, frequencies, *, b1=1.0, pulse_duration=PULSE, increments=FOUR_CYCLES):
-    """Exact steady state (..., n_cycle) of the phantom's simulator."""
-    return np.stack(
-        [
-            bssfp_steady_state(
-                1.0,
-                1 / t1,
-                1 / t2,
-                flip,
-                TR,
-                off_resonance=frequencies,
-                phase_increment=increment,
-                b1=b1,
-                pulse_duration=pulse_duration,
-            )  # fmt: skip
-            for increment in increments
-        ],
-        axis=-1,
-    )
+    """Exact steady state (..., n_cycle) of the phantom's simulator, 1 ms pulses by default."""
+    return phantom_cycles(t1, t2, flip, frequencies, b1=b1, pulse_duration=pulse_duration, increments=increments)
 
 
 def test_pulse_is_a_precession_a_turn_about_x_and_the_same_precession():

@@ -10,13 +10,8 @@ import pytest
 from qmri_workflows.core.bssfp import fit_despot2, geometric_solution
 from qmri_workflows.core.signal import bssfp_signal
 from qmri_workflows.phantom.bssfp_steady_state import bssfp_steady_state
+from tests.bssfp_cases import FLIPS, FOUR_CYCLES, TISSUES, TR, phantom_cycles
 from tests.core.bssfp_bloch import simulate_bssfp
-
-TR = 0.005
-FOUR_CYCLES = np.deg2rad([0.0, 90.0, 180.0, 270.0])
-FLIPS = np.deg2rad([15.0, 50.0])
-# (T1, T2) in s: white matter, grey matter, a lesion, a short-T2 nucleus
-TISSUES = {"wm": (0.85, 0.07), "gm": (1.4, 0.08), "lesion": (1.5, 0.2), "nucleus": (1.2, 0.05)}
 
 
 def test_instantaneous_pulses_give_the_closed_form():
@@ -75,27 +70,7 @@ def test_air_and_invalid_input():
 def _band_free(t1, t2, b1, frequencies, pulse_duration):
     """Geometric solution per flip angle (n_freq, n_flip) of the exact finite-pulse steady state."""
     cycles = np.stack(
-        [
-            np.stack(
-                [
-                    bssfp_steady_state(
-                        1.0,
-                        1 / t1,
-                        1 / t2,
-                        flip,
-                        TR,
-                        off_resonance=frequencies,
-                        phase_increment=increment,
-                        b1=b1,
-                        pulse_duration=pulse_duration,
-                    )  # fmt: skip
-                    for increment in FOUR_CYCLES
-                ],
-                axis=-1,
-            )
-            for flip in FLIPS
-        ],
-        axis=-2,
+        [phantom_cycles(t1, t2, flip, frequencies, b1=b1, pulse_duration=pulse_duration) for flip in FLIPS], axis=-2
     )
     return geometric_solution(cycles, FOUR_CYCLES)
 

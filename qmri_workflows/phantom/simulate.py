@@ -813,10 +813,7 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None, 
     b1 = None if volume.kind == "spgr" else np.asarray(truth.b1, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         if volume.kind == "spgr":
-            # every echo of every flip angle comes here: in place, without complex temporaries
-            magnitude = np.multiply(truth.r2star, -p["te"], dtype=np.float64)
-            np.exp(magnitude, out=magnitude)
-            magnitude *= amplitude
+            # every echo of every flip angle comes here: in place, in one real and one complex array
             phase = field_hz  # truth.phase_offset + 2 pi f TE
             phase *= 2.0 * np.pi
             phase *= p["te"]
@@ -824,7 +821,9 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None, 
             signal = np.empty(phase.shape, dtype=np.complex128)
             np.cos(phase, out=signal.real)
             np.sin(phase, out=signal.imag)
-            del phase
+            magnitude = np.multiply(truth.r2star, -p["te"], out=phase, dtype=np.float64)
+            np.exp(magnitude, out=magnitude)
+            magnitude *= amplitude
             signal.real *= magnitude
             signal.imag *= magnitude
         elif volume.kind == "bssfp":
@@ -861,7 +860,9 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None, 
             raise ValueError(f"unknown volume kind {volume.kind!r}")
     # air (pd = 0, r1 = 0) gives 0/0 in the steady-state formulas: no magnetisation, no signal
     signal = np.asarray(signal, dtype=np.complex128)
-    signal[~(np.isfinite(signal) & (np.asarray(truth.pd) > 0))] = 0.0
+    valid = np.isfinite(signal)
+    valid &= np.asarray(truth.pd) > 0
+    signal[~valid] = 0.0
     return signal
 
 

@@ -665,6 +665,7 @@ def write_phantom_dataset(
     command=None,
     kspace_filter="box",
     noise_gfactor=0.0,
+    make_truth=None,
 ):
     """Simulate the phantom protocol and write a raw BIDS dataset with its ground truth.
 
@@ -709,6 +710,12 @@ def write_phantom_dataset(
         (:func:`qmri_workflows.phantom.simulate.gfactor_map`; 0.5 = 50 % more noise at its centre);
         0 (default) gives uniform noise. The true per-channel noise SD of each voxel is written to
         the truth folder (``sub-XX_desc-noise_sigmamap.nii.gz``).
+    make_truth : callable, optional
+        Builds a subject's truth; called with the keywords ``resolution`` (of the simulation grid,
+        ``resolution / oversample``), ``field_strength``, ``subject`` and ``seed`` of
+        :func:`~qmri_workflows.phantom.truth.make_phantom`, which is the default. A caching wrapper
+        of it lets several datasets of the same subject share one build (the simulation only reads
+        the truth).
 
     Returns
     -------
@@ -717,6 +724,10 @@ def write_phantom_dataset(
     """
     from qmri_workflows.phantom.truth import make_phantom
 
+    if make_truth is None:
+        make_truth = make_phantom
+    elif not callable(make_truth):
+        raise ValueError(f"make_truth must be callable like make_phantom, got {type(make_truth).__name__}")
     output_dir = Path(os.path.abspath(output_dir))
     resolution = float(resolution)
     if not (math.isfinite(resolution) and resolution > 0):
@@ -759,7 +770,7 @@ def write_phantom_dataset(
             oversample=int(oversample),
             dtype=dtype,
             protocol=protocol,
-            make_phantom=make_phantom,
+            make_phantom=make_truth,
             command=command,
             kspace_filter=kspace_filter,
             noise_gfactor=float(noise_gfactor),

@@ -65,6 +65,9 @@ grid (:data:`SLAB_VOXELS` fine voxels, complex128), reduced in-plane slab by sla
 axis at the end (exact: the box average and the k-space crop are separable). The fine truth
 dominates: about 60 bytes per
 fine voxel, i.e. 0.5 GB at 1 mm and 4 GB for 1 mm at ``oversample=2`` (69 million fine voxels).
+What the echoes of an SPGR flip angle share, its TE = 0 amplitude (:func:`spgr_amplitude`: steady
+state, spoiling ratio, MT), is computed once and kept on the fine grid while its echoes are simulated
+(8 bytes per fine voxel); each echo then only decays it with R2* and adds its off-resonance phase.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ __all__ = [
     "list_volumes",
     "mt_signal_factor",
     "noiseless_signal",
+    "spgr_amplitude",
     "reference_sigma",
     "gfactor_map",
     "spoiling_ratio_map",
@@ -680,6 +684,15 @@ def _spoiling_key(volume):
     return ("spgr", flip_deg, (p["tr"],), p["spoiling"], 0)
 
 
+def _amplitude_key(volume, scale):
+    """What the TE = 0 amplitude of an SPGR volume depends on (hashable): all but the echo time."""
+    return (
+        volume.kind,
+        scale,
+        tuple(sorted((name, value) for name, value in volume.parameters.items() if name != "te")),
+    )
+
+
 def spoiling_ratio_map(truth, volume):
     """Ratio of the EPG steady state of ``volume``'s protocol to its ideal-spoiling signal, per voxel.
 
@@ -711,7 +724,11 @@ def spoiling_ratio_map(truth, volume):
 
 
 def _field_hz(truth):
-    return np.asarray(truth.b0_ppm, dtype=float) * 1e-6 * GYROMAGNETIC_RATIO * float(truth.field_strength)
+    """Frequency offset (Hz, float64): a new array, which the caller may change in place."""
+    field_hz = np.multiply(truth.b0_ppm, 1e-6, dtype=np.float64)
+    field_hz *= GYROMAGNETIC_RATIO
+    field_hz *= float(truth.field_strength)
+    return field_hz
 
 
 def _m0(truth, *, receive=True, scale=SIGNAL_SCALE):
@@ -721,7 +738,45 @@ def _m0(truth, *, receive=True, scale=SIGNAL_SCALE):
     return m0
 
 
-def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
+def spgr_amplitude(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
+    """TE = 0 magnitude of an SPGR volume: what all its echoes share.
+
+    The steady state at the actual flip angle (Ernst), times the spoiling ratio and, for an
+    MT-weighted volume, :func:`mt_signal_factor`; it does not depend on the echo time, so the
+    scanner computes it once per flip angle and decays it to each echo (:func:`noiseless_signal`).
+
+    Parameters
+    ----------
+    truth : PhantomTruth
+    volume : VolumeSpec
+        An ``spgr`` volume (its echo time is ignored).
+    scale : float, optional
+        See :data:`SIGNAL_SCALE`.
+    spoiling_ratio : numpy.ndarray, optional
+        :func:`spoiling_ratio_map` of ``truth`` and ``volume`` if already computed.
+
+    Returns
+    -------
+    numpy.ndarray of float64, the shape of the truth maps (not finite in air, where ``pd = 0``)
+    """
+    if volume.kind != "spgr":
+        raise ValueError(f"spgr_amplitude needs an spgr volume, got {volume.kind!r}")
+    p = volume.parameters
+    if spoiling_ratio is None:
+        spoiling_ratio = spoiling_ratio_map(truth, volume)
+    b1 = np.asarray(truth.b1, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # R2* = 0 at TE = 0: the decay is exactly 1
+        amplitude = spgr_signal(_m0(truth, scale=scale), truth.r1, 0.0, p["flip_angle"], p["tr"], 0.0, b1=b1)
+        # imperfect spoiling changes the TE = 0 amplitude only (the receiver follows the RF phase)
+        if spoiling_ratio is not None:
+            amplitude *= spoiling_ratio
+        if p.get("mt_pulse") is not None:
+            amplitude *= mt_signal_factor(truth, p["mt_pulse"], p["flip_angle"], p["tr"])
+    return amplitude
+
+
+def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None, amplitude=None):
     """Noiseless complex image of one volume on the grid of ``truth``.
 
     The magnitude includes the receive field (for the body coil of the RB1COR pair that of the body
@@ -738,27 +793,39 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
     spoiling_ratio : numpy.ndarray, optional
         :func:`spoiling_ratio_map` of ``truth`` and ``volume`` if already computed (it is computed
         here otherwise).
+    amplitude : numpy.ndarray, optional
+        For an ``spgr`` volume: its :func:`spgr_amplitude` if already computed (e.g. for another
+        echo of the same flip angle); ``spoiling_ratio`` and ``scale`` are then not used.
 
     Returns
     -------
     numpy.ndarray of complex128, the shape of the truth maps
     """
     p = volume.parameters
-    if spoiling_ratio is None:
+    if volume.kind == "spgr" and amplitude is None:
+        amplitude = spgr_amplitude(truth, volume, scale=scale, spoiling_ratio=spoiling_ratio)
+    elif volume.kind != "spgr" and spoiling_ratio is None:
         spoiling_ratio = spoiling_ratio_map(truth, volume)
     # imperfect spoiling changes the TE = 0 amplitude only (the receiver follows the RF phase)
     spoiling = 1.0 if spoiling_ratio is None else spoiling_ratio
     field_hz = _field_hz(truth)
-    b1 = np.asarray(truth.b1, dtype=float)
+    # the spgr amplitude already has the transmit field
+    b1 = None if volume.kind == "spgr" else np.asarray(truth.b1, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         if volume.kind == "spgr":
-            magnitude = spoiling * spgr_signal(
-                _m0(truth, scale=scale), truth.r1, truth.r2star, p["flip_angle"], p["tr"], p["te"], b1=b1
-            )
-            if p.get("mt_pulse") is not None:
-                magnitude = magnitude * mt_signal_factor(truth, p["mt_pulse"], p["flip_angle"], p["tr"])
-            phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
-            signal = magnitude * np.exp(1j * phase)
+            # every echo of every flip angle comes here: in place, in one real and one complex array
+            phase = field_hz  # truth.phase_offset + 2 pi f TE
+            phase *= 2.0 * np.pi
+            phase *= p["te"]
+            phase += truth.phase_offset
+            signal = np.empty(phase.shape, dtype=np.complex128)
+            np.cos(phase, out=signal.real)
+            np.sin(phase, out=signal.imag)
+            magnitude = np.multiply(truth.r2star, -p["te"], out=phase, dtype=np.float64)
+            np.exp(magnitude, out=magnitude)
+            magnitude *= amplitude
+            signal.real *= magnitude
+            signal.imag *= magnitude
         elif volume.kind == "bssfp":
             signal = bssfp_steady_state(
                 _m0(truth, scale=scale),
@@ -792,8 +859,11 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None):
         else:
             raise ValueError(f"unknown volume kind {volume.kind!r}")
     # air (pd = 0, r1 = 0) gives 0/0 in the steady-state formulas: no magnetisation, no signal
-    signal = np.where(np.isfinite(signal) & (np.asarray(truth.pd) > 0), signal, 0.0)
-    return np.asarray(signal, dtype=np.complex128)
+    signal = np.asarray(signal, dtype=np.complex128)
+    valid = np.isfinite(signal)
+    valid &= np.asarray(truth.pd) > 0
+    signal[~valid] = 0.0
+    return signal
 
 
 def mt_signal_factor(truth, mt_pulse, flip_angle, repetition_time):
@@ -923,8 +993,10 @@ class PhantomScanner:
         #: Optional noise amplification map on the main grid (see :func:`gfactor_map`); None: uniform.
         self.noise_gfactor = None
 
-        # the spoiling ratio of the last protocol: the echoes of a flip angle follow each other
+        # the spoiling ratio of the last protocol, and the TE = 0 amplitude of the last SPGR flip
+        # angle: the echoes of a flip angle follow each other (and the RB1COR pair shares a ratio)
         self._spoiling_cache = (None, None)
+        self._amplitude_cache = (None, None)
 
     def _spoiling_ratio(self, volume):
         """:func:`spoiling_ratio_map` on the fine grid (float32), kept for the next volume."""
@@ -940,6 +1012,25 @@ class PhantomScanner:
                 ratio[:, :, z0:z1] = spoiling_ratio_map(_TruthSlab(self.truth, z0, z1), volume)
             self._spoiling_cache = (key, ratio)
         return self._spoiling_cache[1]
+
+    def _spgr_amplitude(self, volume):
+        """:func:`spgr_amplitude` on the fine grid (float64), kept for the next echo; None unless SPGR.
+
+        Built slab by slab with its own spoiling ratio, which is not kept (every echo of the flip
+        angle takes the amplitude instead).
+        """
+        if volume.kind != "spgr":
+            return None
+        key = _amplitude_key(volume, self.scale)
+        if self._amplitude_cache[0] != key:
+            self._amplitude_cache = self._spoiling_cache = (None, None)
+            nz = self.fine_shape[2]
+            amplitude = np.empty(self.fine_shape, dtype=np.float64)
+            for z0 in range(0, nz, self.slab_thickness):
+                z1 = min(nz, z0 + self.slab_thickness)
+                amplitude[:, :, z0:z1] = spgr_amplitude(_TruthSlab(self.truth, z0, z1), volume, scale=self.scale)
+            self._amplitude_cache = (key, amplitude)
+        return self._amplitude_cache[1]
 
     @property
     def n_coils(self):
@@ -957,7 +1048,8 @@ class PhantomScanner:
         nx, ny, nz = self.fine_shape
         in_plane = coarse_shape((nx, ny, 1), factor)[:2]
         channels = [np.empty(in_plane + (nz,), dtype=np.complex128) for _ in range(n_channels)]
-        ratio = self._spoiling_ratio(volume)
+        amplitude = self._spgr_amplitude(volume)
+        ratio = None if amplitude is not None else self._spoiling_ratio(volume)
         for z0 in range(0, nz, self.slab_thickness):
             z1 = min(nz, z0 + self.slab_thickness)
             signal = noiseless_signal(
@@ -965,6 +1057,7 @@ class PhantomScanner:
                 volume,
                 scale=self.scale,
                 spoiling_ratio=None if ratio is None else ratio[:, :, z0:z1],
+                amplitude=None if amplitude is None else amplitude[:, :, z0:z1],
             )
             slab_affine = self.fine_affine.copy()
             slab_affine[:3, 3] += self.fine_affine[:3, 2] * z0

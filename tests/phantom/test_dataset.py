@@ -340,3 +340,33 @@ def test_default_is_oversampled_with_interior_masks(tmp_path):
     body = _load(truth / "fmap/sub-01_desc-bodycoil_RB1map.nii.gz")
     brain = _load(truth / "anat/sub-01_desc-brain_mask.nii.gz") > 0
     assert 0.005 < np.abs(body[brain] - 1).max() < 0.035
+
+
+def test_make_truth_builds_each_subject_on_the_simulation_grid(tmp_path):
+    """``make_truth`` (e.g. a cache shared by several datasets) gets make_phantom's keywords."""
+    from qmri_workflows.phantom.protocol import Protocol
+    from qmri_workflows.phantom.truth import make_phantom
+
+    calls = []
+
+    def make_truth(**arguments):
+        calls.append(arguments)
+        return make_phantom(**arguments)
+
+    raw = write_phantom_dataset(
+        tmp_path / "raw",
+        resolution=RESOLUTION,
+        subjects=2,
+        seed=3,
+        oversample=2,
+        protocol=Protocol(bssfp=None, afi=None, rb1cor=None, spoiling="ideal"),
+        make_truth=make_truth,
+    )
+    assert calls == [
+        {"resolution": RESOLUTION / 2, "field_strength": 3.0, "subject": "patient", "seed": 3},
+        {"resolution": RESOLUTION / 2, "field_strength": 3.0, "subject": "control", "seed": 4},
+    ]
+    assert (raw / "derivatives" / "phantom" / "sub-02" / "anat" / "sub-02_R1map.nii.gz").exists()
+    with pytest.raises(ValueError, match="make_truth must be callable"):
+        write_phantom_dataset(tmp_path / "refused", resolution=RESOLUTION, make_truth="make_phantom")
+    assert not (tmp_path / "refused").exists()

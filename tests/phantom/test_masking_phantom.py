@@ -20,7 +20,7 @@ from qmri_workflows.core.masking import brain_mask, check_brain_mask
 from qmri_workflows.phantom.protocol import Protocol
 from qmri_workflows.phantom.simulate import PhantomScanner, list_volumes, reference_sigma
 from qmri_workflows.phantom.tissues import LABELS, LESION_LABELS
-from qmri_workflows.phantom.truth import make_phantom
+from tests.phantom_truths import SHARED_SEED, make_truth
 
 SCALP = next(label for label, name in LABELS.items() if name == "scalp")
 PROTOCOL = Protocol()
@@ -28,7 +28,10 @@ PROTOCOL = Protocol()
 
 @functools.lru_cache(maxsize=4)
 def phantom(resolution, subject="patient"):
-    return make_phantom(resolution=resolution, subject=subject, seed=1)
+    # 1 mm: the session's shared patient (tests/phantom_truths.py), built once for all slow tests;
+    # the coarser phantoms keep their own seed
+    seed = SHARED_SEED if resolution == 1.0 else 1
+    return make_truth(resolution=resolution, subject=subject, seed=seed)
 
 
 @functools.lru_cache(maxsize=32)

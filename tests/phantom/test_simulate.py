@@ -358,3 +358,36 @@ def test_oversampled_scanner_keeps_truth_approximately(volumes):
     ratio = magnitude[interior] / (s0[interior] * np.exp(-0.0023 * truths["R2starmap"][interior]))
     assert np.median(np.abs(ratio - 1)) < 0.02
     assert truths["dseg"].shape == scanner.shape and truths["brainmask"].dtype == bool
+
+
+def test_a_scanner_kept_for_the_whole_protocol_equals_a_fresh_scanner_per_volume(truth):
+    """The scanner keeps the TE = 0 amplitude of an SPGR flip angle for its next echoes: changing
+    flip angle, TR or MT pulse (MT-on after MT-off at the same flip index) must not reuse it, and
+    neither must the TE = 0 intercepts of the truth maps."""
+    from dataclasses import replace
+
+    from qmri_workflows.phantom.protocol import MPMProtocol, VFAProtocol
+
+    with_mtsat = replace(truth, mtsat=np.where(truth.dseg >= 2, 1.5, 0.0))
+    protocol = Protocol(
+        vfa=VFAProtocol(echo_times=(0.0023, 0.0046, 0.0069)), mpm=MPMProtocol(n_echoes=2), spoiling="ideal"
+    )
+    volumes = list_volumes(protocol)
+    assert [v.parameters.get("mt_pulse") is not None for v in volumes if v.kind == "spgr"] == [False] * 6 + [True] * 2
+    kept = PhantomScanner(with_mtsat, oversample=2, slab_voxels=28 * 28 * 5)
+    for volume in volumes + volumes[:1]:  # back to the first flip angle at the end
+        magnitude, phase = kept.acquire(volume)
+        fresh_magnitude, fresh_phase = PhantomScanner(with_mtsat, oversample=2, slab_voxels=28 * 28 * 5).acquire(volume)
+        np.testing.assert_array_equal(magnitude, fresh_magnitude)
+        if phase is not None:
+            np.testing.assert_array_equal(phase, fresh_phase)
+    intercepts = {name: data for name, data in kept.truth_maps(protocol) if name.startswith("S0map")}
+    fresh = {name: data for name, data in PhantomScanner(with_mtsat, oversample=2).truth_maps(protocol)}
+    assert sorted(intercepts) == ["S0map-1", "S0map-2"]
+    for name, data in intercepts.items():
+        np.testing.assert_allclose(data, fresh[name], rtol=1e-12, atol=0)
+    # and the MT-weighted echo is darker than the MT-off one of the same flip angle and echo time
+    mt_off, _ = kept.acquire(_volume(volumes, kind="spgr", echo=1, flip=1, mt="off"))
+    mt_on, _ = kept.acquire(_volume(volumes, kind="spgr", echo=1, flip=1, mt="on"))
+    brain = block_average(truth.brain_mask, 2) >= 0.5
+    assert np.all(mt_on[brain] < mt_off[brain])

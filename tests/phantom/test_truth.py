@@ -19,6 +19,7 @@ from qmri_workflows.phantom.tissues import (  # noqa: E402
     tissue_parameters,
 )
 from qmri_workflows.phantom.truth import PhantomTruth, _mix, _mix_mtsat, make_phantom  # noqa: E402
+from tests.phantom_truths import SHARED_SEED, make_truth  # noqa: E402
 
 WM, CGM, CAUDATE, PUTAMEN, PALLIDUM, THALAMUS = 3, 2, 4, 5, 6, 7
 EARLY, LATE, CA_CORE, CA_RIM, INACTIVE, CORTICAL = 8, 9, 10, 11, 12, 13
@@ -36,7 +37,8 @@ def control4():
 
 @pytest.fixture(scope="module")
 def patient1():
-    return make_phantom(resolution=1.0, subject="patient", seed=0)
+    # the session's shared 1 mm patient (tests/phantom_truths.py)
+    return make_truth(resolution=1.0, subject="patient", seed=SHARED_SEED)
 
 
 def _region_mean(phantom, name, label):
@@ -318,7 +320,7 @@ def test_every_label_at_1mm(patient1):
 
 @pytest.mark.slow
 def test_pure_voxels_at_1mm_equal_table(patient1):
-    fractions = build_anatomy(resolution=1.0, subject="patient", seed=0).fractions
+    fractions = build_anatomy(resolution=1.0, subject="patient", seed=SHARED_SEED).fractions
     parameters = tissue_parameters("patient", 3.0)
     checked = 0
     for name, fraction in fractions.items():

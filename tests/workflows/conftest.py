@@ -11,12 +11,14 @@ import pytest
 
 from qmri_workflows.phantom.dataset import write_phantom_dataset
 from qmri_workflows.phantom.protocol import Protocol
+from tests.phantom_truths import SHARED_SEED, make_truth
 
 
 @pytest.fixture(scope="session")
 def noiseless_phantom_2mm(tmp_path_factory):
     """``build(spoiling)``: the noiseless 2 mm patient (seed 11) simulated at 1 mm (oversample 2),
-    with the VFA, AFI and bSSFP scans, spoiled ``"ideal"`` or by ``"epg"``; built on first use."""
+    with the VFA, AFI and bSSFP scans, spoiled ``"ideal"`` or by ``"epg"``; built on first use from
+    the session's shared 1 mm truth (``tests/phantom_truths.py``)."""
     built = {}
 
     def build(spoiling):
@@ -26,9 +28,10 @@ def noiseless_phantom_2mm(tmp_path_factory):
                 resolution=2.0,
                 snr=float("inf"),
                 subjects=1,
-                seed=11,
+                seed=SHARED_SEED,
                 protocol=Protocol(rb1cor=None, spoiling=spoiling),
                 oversample=2,
+                make_truth=make_truth,
             )
         return built[spoiling]
 

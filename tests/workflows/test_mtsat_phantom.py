@@ -24,6 +24,7 @@ from qmri_workflows.core.relaxometry.mtsat import HELMS_B1_COEFFICIENT
 from qmri_workflows.phantom.dataset import write_phantom_dataset
 from qmri_workflows.phantom.evaluate import format_region_errors, region_errors
 from qmri_workflows.phantom.protocol import MPMProtocol, Protocol, VFAProtocol
+from tests.phantom_truths import SHARED_SEED, make_truth
 
 MTSAT_LIMIT = 0.03
 R1_LIMIT = 0.01
@@ -46,7 +47,14 @@ def test_mtsat_and_r1_from_mpm_phantom(tmp_path):
         mpm=MPMProtocol(n_echoes=3),
     )
     raw = write_phantom_dataset(
-        tmp_path / "raw", resolution=2.0, snr=float("inf"), subjects=1, seed=11, protocol=protocol, oversample=2
+        tmp_path / "raw",
+        resolution=2.0,
+        snr=float("inf"),
+        subjects=1,
+        seed=SHARED_SEED,
+        protocol=protocol,
+        oversample=2,
+        make_truth=make_truth,  # simulated at 1 mm: the session's 1 mm patient (tests/phantom_truths.py)
     )
     out = tmp_path / "out"
     code = run.main(

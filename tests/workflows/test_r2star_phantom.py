@@ -18,6 +18,7 @@ from qmri_workflows.phantom.dataset import write_phantom_dataset
 from qmri_workflows.phantom.evaluate import format_region_errors, region_errors
 from qmri_workflows.phantom.protocol import Protocol
 from tests.phantom_datasets import dataset_without
+from tests.phantom_truths import SHARED_SEED, make_truth
 
 # Regions the issue names: white matter, cortical grey matter, each deep grey nucleus, the lesions.
 REGIONS = (
@@ -104,7 +105,14 @@ def test_noiseless_phantom_3mm_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_noiseless_phantom_1mm_every_region_within_half_a_percent(tmp_path):
     simulated = write_phantom_dataset(
-        tmp_path / "sim", resolution=1.0, snr=float("inf"), subjects=1, seed=11, protocol=_vfa_only(), oversample=1
+        tmp_path / "sim",
+        resolution=1.0,
+        snr=float("inf"),
+        subjects=1,
+        seed=SHARED_SEED,
+        protocol=_vfa_only(),
+        oversample=1,
+        make_truth=make_truth,  # the session's 1 mm patient (tests/phantom_truths.py)
     )
     # without the GRE phase: R2* needs the magnitudes only, and QSM at 1 mm would double the run
     raw = dataset_without(simulated, tmp_path / "raw", ("phase",))

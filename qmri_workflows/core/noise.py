@@ -75,7 +75,7 @@ def _asymptotic_series(snr, n_coils, *, derivative=False):
     if derivative:
         # d/dsnr [snr z^-k] = (1 - 2k) z^-k
         coefficients = [c * (1 - 2 * k) for k, c in enumerate(coefficients)]
-    inverse_z = 2.0 / (snr * snr)
+    inverse_z = 2.0 / snr / snr  # not 2 / snr^2: no overflow for the huge SNR of a diverging trial step
     total = coefficients[-1]
     for coefficient in coefficients[-2::-1]:
         total = total * inverse_z + coefficient

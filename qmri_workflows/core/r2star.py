@@ -64,6 +64,14 @@ __all__ = [
 _MAX_PLAUSIBLE_TE = 1.0
 # Exponents are clipped to keep exp() finite for diverging voxels.
 _MAX_EXPONENT = 600.0
+#: Largest decay exponent R2* x (first echo time) that the non-linear fit explores. A voxel without
+#: signal (noise only, or a signal gone before the first echo) may have no minimum: with the
+#: noise-floor model its fit runs off along S0 exp(-R2* TE1) -> 0 towards infinite R2*, and its
+#: intercept, extrapolated from the first echo by exp(R2* TE1), means nothing. Beyond e^10 (22 000
+#: fold; R2* = 5000 1/s at TE1 = 2 ms, 2000 1/s at 5 ms: far beyond tissue, haemorrhage included)
+#: no measurable signal is left at the first echo, so the fit stops there and a voxel that ends
+#: within one e-fold of this edge gets NaN (undetermined), as a voxel without data.
+MAX_DECAY_BEFORE_FIRST_ECHO = 10.0
 
 T2STAR_MIN_SIGNIFICANCE = 2.0
 """T2* is written where R2* exceeds this many standard errors (about a one-sided 2.3 % test)."""
@@ -258,17 +266,18 @@ def _lm_step(residual, jac_s0, jac_r2, damping):
     return delta_c, delta_r
 
 
-def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter, tol):
+def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter, tol, max_r2star):
     """Vectorised Levenberg-Marquardt from (s0, r2star); returns them refined, and the final cost.
 
     Converged voxels are removed from the working set; one model evaluation per iteration (the
-    trial point's residuals and Jacobian are kept when its step is accepted).
+    trial point's residuals and Jacobian are kept when its step is accepted). Steps beyond
+    ``max_r2star`` (per voxel) fail, as steps to negative intercepts do.
     """
     s0 = s0.copy()
-    r2star = r2star.copy()
+    r2star = np.minimum(r2star, max_r2star)
     final_cost = np.empty(s0.shape[0])
     active = np.arange(s0.shape[0])
-    a_s0, a_r2, a_data, a_valid, a_sigma = s0, r2star, data, valid, sigma
+    a_s0, a_r2, a_data, a_valid, a_sigma, a_max = s0, r2star, data, valid, sigma, max_r2star
     damping = np.full(active.size, 1e-3)
     residual, jac_s0, jac_r2, cost = _residuals_and_jacobian(a_s0, a_r2, a_data, te, a_valid, a_sigma, model)
     for _ in range(int(max_iter)):
@@ -277,11 +286,13 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
         delta_c, delta_r = _lm_step(residual, jac_s0, jac_r2, damping)
         trial_s0 = a_s0 + delta_c
         trial_r2 = a_r2 + delta_r
-        t_residual, t_jac_s0, t_jac_r2, t_cost = _residuals_and_jacobian(
-            trial_s0, trial_r2, a_data, te, a_valid, a_sigma, model
-        )
-        # Negative intercepts are outside the model's domain: treat as a failed step.
-        accept = (t_cost <= cost) & np.isfinite(t_cost) & ~(trial_s0 < 0).any(axis=-1)
+        # A wild step may overflow: its cost is then infinite and the step fails below.
+        with np.errstate(over="ignore"):
+            t_residual, t_jac_s0, t_jac_r2, t_cost = _residuals_and_jacobian(
+                trial_s0, trial_r2, a_data, te, a_valid, a_sigma, model
+            )
+        # Negative intercepts and runaway decay are outside the model's domain: failed steps.
+        accept = (t_cost <= cost) & np.isfinite(t_cost) & ~(trial_s0 < 0).any(axis=-1) & (trial_r2 <= a_max)
         a_s0 = np.where(accept[:, None], trial_s0, a_s0)
         a_r2 = np.where(accept, trial_r2, a_r2)
         cost = np.where(accept, t_cost, cost)
@@ -301,7 +312,7 @@ def _levenberg_marquardt(s0, r2star, data, te, valid, sigma, *, model, max_iter,
             final_cost[finished] = cost[done]
             keep = ~done
             active = active[keep]
-            a_s0, a_r2, a_data, a_valid = a_s0[keep], a_r2[keep], a_data[keep], a_valid[keep]
+            a_s0, a_r2, a_data, a_valid, a_max = a_s0[keep], a_r2[keep], a_data[keep], a_valid[keep], a_max[keep]
             damping, cost = damping[keep], cost[keep]
             residual, jac_s0, jac_r2 = residual[keep], jac_s0[keep], jac_r2[keep]
             if a_sigma is not None and a_sigma.ndim:
@@ -344,6 +355,9 @@ def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol, with_st
     s0 = np.nan_to_num(s0)
     r2star = np.nan_to_num(r2star)
 
+    first_te = np.min(np.where(valid, te, np.inf), axis=(-2, -1))
+    with np.errstate(divide="ignore"):
+        max_r2star = np.where(first_te > 0, MAX_DECAY_BEFORE_FIRST_ECHO / first_te, np.inf)
     active = np.flatnonzero(fitted)
     # The residual sum of squares at the fitted values (the LM cost), for the standard error.
     residual_ss = np.full(n_voxels, np.nan)
@@ -358,9 +372,12 @@ def _nonlinear_chunk(signal, echo_times, sigma, *, model, max_iter, tol, with_st
             model=model,
             max_iter=max_iter,
             tol=tol,
+            max_r2star=max_r2star[active],
         )
 
-    ok = fitted & np.isfinite(r2star) & np.isfinite(s0).all(axis=-1)
+    with np.errstate(invalid="ignore"):
+        runaway = r2star * first_te > MAX_DECAY_BEFORE_FIRST_ECHO - 1.0
+    ok = fitted & np.isfinite(r2star) & np.isfinite(s0).all(axis=-1) & ~runaway
     s0 = np.where(ok[:, None] & valid.any(axis=-1), s0, np.nan)
     r2star = np.where(ok, r2star, np.nan)
     if not with_stderr:

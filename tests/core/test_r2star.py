@@ -1,11 +1,14 @@
 """Tests of the R2* fits: exact recovery, efficiency against the CRLB, noise-floor bias."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 from qmri_workflows.core.crlb import estatics_crlb, r2star_crlb
 from qmri_workflows.core.noise import magnitude_mean
 from qmri_workflows.core.r2star import (
+    MAX_DECAY_BEFORE_FIRST_ECHO,
     fit_estatics,
     fit_r2star_loglinear,
     fit_r2star_nonlinear,
@@ -204,6 +207,33 @@ def test_noise_floor_model_removes_low_bias(n_coils):
     assert r2_ols.mean() / r2_true - 1 < -0.03
     assert abs(np.median(r2_floor) / r2_true - 1) < 0.015
     assert abs(r2_floor.mean() / r2_true - 1) < 0.035
+
+
+def test_noise_only_voxels_stay_finite_without_overflow():
+    """Air: pure Rician noise. The floor-aware NLS has no minimum there for many voxels (their fit
+    runs off towards infinite R2*); it must stop at the decay limit, warn about nothing, and give
+    NaN or values a float32 map can hold, while fast-decaying tissue is still recovered exactly."""
+    rng = np.random.default_rng(5)
+    echo_times = np.array([0.003, 0.006, 0.009, 0.012])
+    noise = _rician(np.zeros((20_000, 4)), 2.0, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow anywhere in the iterations
+        s0, r2star = fit_r2star_nonlinear(noise, echo_times, sigma=2.0)
+        plain_s0, plain_r2star = fit_r2star_nonlinear(noise, echo_times)
+    for intercept, rate in ((s0, r2star), (plain_s0, plain_r2star)):
+        finite = np.isfinite(rate)
+        assert finite.mean() > 0.9  # most noise voxels have a minimum; only runaways are dropped
+        assert np.all(rate[finite] * echo_times[0] <= MAX_DECAY_BEFORE_FIRST_ECHO)
+        assert np.all(np.isnan(intercept[~finite]))
+        assert np.nanmax(np.abs(intercept)) < np.finfo(np.float32).max
+    # Before this limit, the runaways ended at R2* ~ 3e8 1/s and S0 ~ 3e6 (here: NaN).
+    assert np.isnan(r2star).any()
+    # Haemorrhage-like decay (R2* up to 1500 1/s, R2* TE1 = 4.5) is not mistaken for a runaway.
+    fast = np.array([300.0, 800.0, 1500.0])
+    signal = magnitude_mean(_decay(np.full(3, 1000.0), fast, echo_times), 2.0)
+    s0_fast, r2_fast = fit_r2star_nonlinear(signal, echo_times, sigma=2.0)
+    np.testing.assert_allclose(r2_fast, fast, rtol=1e-5)
+    np.testing.assert_allclose(s0_fast, 1000.0, rtol=1e-5)
 
 
 def test_sigma_map_matches_scalar_sigma():

@@ -30,46 +30,19 @@ def phantom_participant_outputs(tmp_path_factory):
     return participant_outputs(tmp_path_factory.mktemp("analysis"))
 
 
-# Session fixtures that simulate or run something expensive once per session. Under pytest-xdist
-# each worker would build its own copy, so the modules that use one are kept on one worker.
-EXPENSIVE_SESSION_FIXTURES = ("noiseless_phantom_2mm", "phantom_participant_outputs", "example_with_failure")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Give every test an ``xdist_group``: its module's, or the group of the expensive session
-    fixtures its module shares with other modules (``--dist loadgroup`` in setup.cfg), and run
-    the groups that hold slow tests first.
+    """Run the test modules with the most slow tests first (a stable sort: each module keeps its order).
 
-    Whole modules stay on one worker so that module-scoped fixtures (a phantom per module) are
-    built once, as in a serial run.
+    pytest-xdist distributes whole modules (``--dist loadscope`` in setup.cfg), in this order, so the
+    longest modules do not start last on one worker while the other idles.
     """
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    parent = {}
-
-    def root(name):
-        while parent.setdefault(name, name) != name:
-            name = parent[name]
-        return name
 
     def module(item):
         return item.nodeid.split("::")[0]
 
-    sources = {}
-    for item in items:
-        if module(item) not in sources:  # a fixture may be requested by name (getfixturevalue)
-            sources[module(item)] = item.path.read_text(encoding="utf-8")
-        for fixture in EXPENSIVE_SESSION_FIXTURES:
-            if fixture in item.fixturenames or fixture in sources[module(item)]:
-                parent[root(module(item))] = root(fixture)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(root(module(item))))
-    # Groups with the most slow tests first, so that the longest ones do not start last on one
-    # worker while the other idles; each group keeps its own order.
-    first_seen, slow_tests = {}, {}
+    slow_tests, first_seen = {}, {}
     for index, item in enumerate(items):
-        group = root(module(item))
-        first_seen.setdefault(group, index)
-        slow_tests[group] = slow_tests.get(group, 0) + bool(item.get_closest_marker("slow"))
+        first_seen.setdefault(module(item), index)
+        slow_tests[module(item)] = slow_tests.get(module(item), 0) + bool(item.get_closest_marker("slow"))
     order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (-slow_tests[root(module(item))], first_seen[root(module(item))], order[id(item)]))
+    items.sort(key=lambda item: (-slow_tests[module(item)], first_seen[module(item)], order[id(item)]))

@@ -289,6 +289,16 @@ def _output_dtype(data, dtype):
 def _cast(data, dtype):
     """Cast ``data`` to ``dtype``, refusing values the target cannot hold exactly enough."""
     if dtype.kind == "f":
+        if data.dtype.kind == "f" and data.dtype.itemsize > dtype.itemsize and data.size:
+            # a finite value beyond the target's range would be written as inf, silently
+            limit = float(np.finfo(dtype).max)
+            largest = float(np.nanmax(np.abs(np.where(np.isfinite(data), data, 0))))
+            if largest > limit:
+                n_over = int(np.count_nonzero(np.isfinite(data) & (np.abs(data) > limit)))
+                raise ValueError(
+                    f"cannot cast {n_over} finite values up to {largest:.3g} (array shape {data.shape}) to {dtype}, "
+                    f"whose largest value is {limit:.3g}: they would be stored as inf"
+                )
         return data.astype(dtype, copy=False)
     values = data
     if values.dtype.kind == "f":
@@ -330,8 +340,8 @@ def write_nifti(path, data, affine, *, dtype=None, header=None):
     Raises
     ------
     ValueError
-        For a non-finite or non-4x4 affine, unsupported dtype, a wrong extension, or values that do
-        not fit the requested integer dtype.
+        For a non-finite or non-4x4 affine, unsupported dtype, a wrong extension, values that do
+        not fit the requested integer dtype, or finite values beyond the float dtype's range.
     """
     import nibabel as nib  # keep `import qmri_workflows.io.derivatives` light
 
@@ -348,7 +358,10 @@ def write_nifti(path, data, affine, *, dtype=None, header=None):
         raise ValueError(f"affine is singular (zero voxel size?): {affine.tolist()}")
 
     out_dtype = _output_dtype(data, dtype)
-    array = _cast(data, out_dtype)
+    try:
+        array = _cast(data, out_dtype)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
     if header is not None:
         header = nib.Nifti1Header.from_header(header)

@@ -170,6 +170,9 @@ def test_write_nifti_refuses_bad_input(tmp_path):
         write_nifti(tmp_path / "x.nii.gz", np.array([[[0.5]]]), np.eye(4), dtype=np.uint8)
     with pytest.raises(ValueError, match="complex"):
         write_nifti(tmp_path / "x.nii.gz", np.ones((2, 2, 2), complex), np.eye(4))
+    # float64 beyond float32's range would silently become inf; NaN and inf themselves are kept
+    with pytest.raises(ValueError, match=r"x\.nii\.gz: cannot cast 1 finite values up to 1e\+39 .* stored as inf"):
+        write_nifti(tmp_path / "x.nii.gz", np.array([[[1e39, np.inf, np.nan, -3.0e38]]]), np.eye(4))
     with pytest.raises(ValueError, match="4x4"):
         write_nifti(tmp_path / "x.nii.gz", np.ones((2, 2, 2)), np.eye(3))
     with pytest.raises(ValueError, match="singular"):

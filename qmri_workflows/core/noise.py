@@ -38,6 +38,7 @@ __all__ = [
     "estimate_sigma_piesno",
     "estimate_sigma_map",
     "MagnitudeMeanTable",
+    "zero_filled_regions",
 ]
 
 # Above this SNR (A / sigma) the asymptotic series of E[M] is used: with z = A^2 / (2 sigma^2) > 800
@@ -331,6 +332,40 @@ def estimate_sigma_piesno(images, *, n_coils=1, alpha=0.01, max_iterations=100):
     if not estimates:
         raise ValueError("PIESNO found no noise-only voxel in any slice (no background in the field of view?)")
     return float(np.median(estimates))
+
+
+def zero_filled_regions(image):
+    """Exact zeros that fill regions of an image: background the scanner or the converter masked,
+    or a zero-filled part of the field of view. They hold no noise.
+
+    Magnitude noise is never exactly 0, but an image stored as integers (or integers times a scale
+    slope) rounds a fraction of about ``q**2 / (8 sigma**2)`` of its air to 0 (step ``q``; 1.4 % at a
+    noise SD of 3 steps). Those zeros are noise samples, whereas zeros written by masking fill whole
+    regions. They are told apart by their extent: a zero-filled region holds 3 x 3 squares of zeros
+    in the slices along some axis, which independent rounded noise practically never makes
+    (probability ``p**9`` for a fraction ``p`` of zeros: below 1e-8 at ``p = 0.12``).
+
+    Parameters
+    ----------
+    image : ndarray, shape (X, Y, Z)
+
+    Returns
+    -------
+    ndarray of bool
+        The zeros that belong to a 3 x 3 square of zeros in an axial, coronal or sagittal slice.
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image)
+    zeros = image == 0
+    if not zeros.any():
+        return zeros
+    filled = np.zeros(image.shape, dtype=bool)
+    for axis in range(image.ndim):
+        square = np.ones((3,) * image.ndim, dtype=bool)
+        np.moveaxis(square, axis, 0)[[0, 2]] = False
+        filled |= ndimage.binary_opening(zeros, structure=square)
+    return filled
 
 
 def _smooth_log(log_sum, counts, filter_sigma_voxels):

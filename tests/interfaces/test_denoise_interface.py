@@ -73,6 +73,23 @@ def test_noiseless_images_pass_through_with_a_reason(tmp_path):
     assert result.metadata["Denoising"].startswith("none: ")
 
 
+def test_zero_filled_background_of_integer_images(tmp_path):
+    """Real magnitudes: integers, with the background zeroed beyond a few mm of the head. The zeros
+    hold no noise: the noise is measured in the air left (it was 0, and denoising was skipped as
+    for simulated data), and the noise map in the head is right (it was 40 % low)."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    kept = sum((g / 0.9) ** 2 for g in grid) < 1
+    files, tes, flips, _, head = _collection(tmp_path, sigma=5.0, kept=kept, integer=True)
+    result = (
+        DenoiseCollection(magnitude_files=files, echo_times=tes, flip_angles=flips, method="none")
+        .run(cwd=_cwd(tmp_path, "work"))
+        .outputs
+    )
+    assert abs(result.metadata["NoiseStandardDeviationAir"] / 5.0 - 1) < 0.10, result.metadata
+    noise_map = np.asarray(nib.load(result.noise_map_file).dataobj)
+    assert np.abs(noise_map[head] / 5.0 - 1).max() < 0.10
+
+
 def test_skull_stripped_images_pass_through_saying_the_background_is_zero_filled(tmp_path):
     files, *_ = _collection(tmp_path, sigma=3.0, kept=_collection_head())
     result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs

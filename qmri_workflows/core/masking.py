@@ -83,12 +83,17 @@ References
 import numpy as np
 from scipy import linalg, ndimage
 
+from .noise import zero_filled_regions
+
 __all__ = ["brain_mask", "check_brain_mask", "air_mask", "otsu_threshold", "fit_smooth_bias", "robust_linear_fit"]
 
 # Voxel size (mm) of the first, bias-finding pass.
 _FIRST_PASS_MM = 3.0
 # Typical adult skull thickness (mm), only used to size the working box around the brain.
 _SKULL_MM = 7.0
+# Bone and air are darker than this fraction of the head's median tissue intensity; lesions,
+# CSF and every other tissue are brighter.
+_DARK_FRACTION = 0.25
 
 
 def _ball_steps(radius_mm, voxel_size):
@@ -361,7 +366,17 @@ def air_mask(image, *, voxel_size=(1.0, 1.0, 1.0), margin_mm=5.0):
 
     Air and bone lie below a log-Otsu threshold (see :func:`brain_mask`); voxels within
     ``margin_mm`` (at least one voxel) of anything above it are dropped, which keeps ringing and
-    partial volume at the head's surface out.
+    partial volume at the head's surface out. Regions of exact zeros (background masked by the
+    scanner or the converter, a zero-filled part of the field of view, :func:`zero_filled_regions`)
+    are dropped too: they hold no noise, and counting them as air would make the noise level 0 or
+    too low. Isolated zeros, which an integer-stored magnitude rounds low noise to, are kept.
+
+    An image without noisy air (background zero-filled up to the head, as in skull-stripped or
+    tightly masked images; or cropped to the head) has only tissue above 0, and the threshold then
+    splits tissue classes: the "air" would be the darkest tissue. Air and bone are darker than a
+    quarter of the head's median (the convention of :func:`check_brain_mask`), and noise in the
+    air is: its median is about ``1.2 sigma`` (one channel), against ``20-100 sigma`` for tissue.
+    When the median of the air found is not, the mask is empty.
 
     Parameters
     ----------
@@ -379,7 +394,11 @@ def air_mask(image, *, voxel_size=(1.0, 1.0, 1.0), margin_mm=5.0):
     image = np.asarray(image, dtype=np.float32)
     voxel_size = np.asarray(voxel_size, dtype=float)
     head = image > _threshold_log_otsu(image)
-    return ~_dilate(head, max(float(margin_mm), float(voxel_size.max())), voxel_size)
+    air = ~_dilate(head, max(float(margin_mm), float(voxel_size.max())), voxel_size) & ~zero_filled_regions(image)
+    samples = image[air & np.isfinite(image)]
+    if samples.size and np.median(samples) >= _DARK_FRACTION * np.median(image[head]):
+        return np.zeros(image.shape, dtype=bool)  # tissue, not noise: there is no air
+    return air
 
 
 def _noise_power(image, voxel_size):
@@ -863,7 +882,7 @@ def check_brain_mask(
     if image is not None:
         # Relative to the head's tissue, not to the mask: a mask of a brainless head is mostly
         # noise, and its own median is noise too.
-        dark = mask & (image < 0.25 * tissue_level)
+        dark = mask & (image < _DARK_FRACTION * tissue_level)
         dark_fraction = np.count_nonzero(dark) / n_mask
         if dark_fraction > max_dark_fraction:
             problems.append(

@@ -38,6 +38,8 @@ __all__ = [
     "estimate_sigma_piesno",
     "estimate_sigma_map",
     "MagnitudeMeanTable",
+    "quantisation_step",
+    "zero_filled_regions",
 ]
 
 # Above this SNR (A / sigma) the asymptotic series of E[M] is used: with z = A^2 / (2 sigma^2) > 800
@@ -333,6 +335,64 @@ def estimate_sigma_piesno(images, *, n_coils=1, alpha=0.01, max_iterations=100):
     return float(np.median(estimates))
 
 
+def zero_filled_regions(image):
+    """Exact zeros that fill regions of an image: background the scanner or the converter masked,
+    or a zero-filled part of the field of view. They hold no noise.
+
+    Magnitude noise is never exactly 0, but an image stored as integers (or integers times a scale
+    slope) rounds a fraction of about ``q**2 / (8 sigma**2)`` of its air to 0 (step ``q``; 1.4 % at a
+    noise SD of 3 steps). Those zeros are noise samples, whereas zeros written by masking fill whole
+    regions. They are told apart by their extent: a zero-filled region holds 3 x 3 squares of zeros
+    in the slices along some axis, which independent rounded noise practically never makes
+    (probability ``p**9`` for a fraction ``p`` of zeros: below 1e-8 at ``p = 0.12``).
+
+    Parameters
+    ----------
+    image : ndarray, shape (X, Y, Z)
+
+    Returns
+    -------
+    ndarray of bool
+        The zeros that belong to a 3 x 3 square of zeros in an axial, coronal or sagittal slice.
+    """
+    from scipy import ndimage
+
+    image = np.asarray(image)
+    zeros = image == 0
+    if not zeros.any():
+        return zeros
+    filled = np.zeros(image.shape, dtype=bool)
+    for axis in range(image.ndim):
+        square = np.ones((3,) * image.ndim, dtype=bool)
+        np.moveaxis(square, axis, 0)[[0, 2]] = False
+        centres = ndimage.binary_erosion(zeros, structure=square)
+        if centres.any():  # an opening, without its dilation when nothing is left (rounded noise)
+            filled |= ndimage.binary_dilation(centres, structure=square)
+    return filled
+
+
+def quantisation_step(image, *, max_samples=200_000):
+    """Step between the values an image can hold: 1 for integers, the slope for integers stored with
+    a NIfTI scale slope; about the float precision for continuous data.
+
+    Parameters
+    ----------
+    image : array_like
+        Any shape; non-finite values are ignored.
+    max_samples : int, optional
+        At most this many values (evenly strided) are examined.
+
+    Returns
+    -------
+    step : float
+        Smallest gap between distinct values (0 with fewer than two).
+    """
+    values = np.asarray(image).ravel()
+    values = values[:: max(1, values.size // int(max_samples))]
+    values = np.unique(values[np.isfinite(values)].astype(np.float64))
+    return float(np.diff(values).min()) if values.size > 1 else 0.0
+
+
 def _smooth_log(log_sum, counts, filter_sigma_voxels):
     """Normalised Gaussian convolution: the low-pass mean of the samples, filled where there are none."""
     from scipy import ndimage
@@ -370,7 +430,13 @@ def estimate_sigma_map(
       is flat (gradient below ``sigma / 2`` per voxel), since at edges the residual holds anatomy.
       ``E[log |r|] = log(SD) - (gamma + log 2) / 2`` (``gamma`` Euler's constant);
     * background (``mu < background_snr x sigma``): ``M / sigma`` is central chi with ``2 N``
-      degrees of freedom and ``E[log M] = log(sigma) + (log 2 + psi(N)) / 2``.
+      degrees of freedom and ``E[log M] = log(sigma) + (log 2 + psi(N)) / 2``. Regions of exact
+      zeros (background masked or zero-filled by the scanner or the converter,
+      :func:`zero_filled_regions`) hold no noise and are left out.
+
+    Images stored as integers (or integers times a scale slope, step ``q``,
+    :func:`quantisation_step`) hold isolated exact zeros: rounded noise in the air and residuals
+    that cancel. Each gets the mean log of the bin of width ``q`` it stands for, not ``log 0``.
 
     Voxels in between (low SNR, where neither law holds) are left out, and the normalised
     Gaussian filter of both fills them.
@@ -383,7 +449,7 @@ def estimate_sigma_map(
         (Effective) number of RSS-combined channels, for the background law.
     sigma_global : float, optional
         First global SD used to classify voxels; by default the SD from the background law on the
-        darkest 10 % of voxels of the first image.
+        darkest 10 % of the non-zero voxels of the first image.
     echo_trains : sequence of sequences of int, optional
         Indices (last axis of ``magnitude``) of the echoes of each multi-echo series in echo-time
         order; trains of 3 or more echoes give the structure-free residuals above.
@@ -416,11 +482,23 @@ def estimate_sigma_map(
     residual_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(1.0 - 1.0 / neighbourhood**3)
     if sigma_global is None:
         first = magnitude[..., 0]
-        dark = first[np.isfinite(first) & (first <= np.nanpercentile(first, 10))]
+        positive = first[np.isfinite(first) & (first > 0)]  # zeros: masked background, no noise
+        dark = positive[positive <= np.percentile(positive, 10)] if positive.size else positive
         sigma_global = float(np.sqrt(np.mean(dark.astype(float) ** 2) / (2.0 * n_coils)))
     if not sigma_global > 0:
         raise ValueError("sigma_global must be > 0 (is the image noiseless?)")
-    tiny = np.float32(1e-6 * sigma_global)
+    tiny = 1e-6 * sigma_global
+    # An image stored as integers (or times a scale slope) holds exact zeros: rounded low noise in
+    # the air, and signal residuals that cancel. Each stands for a bin of values around 0, whose
+    # mean log it gets instead of log(tiny) ~ log(sigma) - 14, which would drag the map down (by
+    # 13-44 % for integer images of a noise SD of 10-2): for a density ~ m^(2N - 1) in [0, q/2)
+    # (chi noise), log(q/2) - 1/(2N); for a smooth residual density in (-q/2, q/2), log(q/2) - 1.
+    step = quantisation_step(magnitude[..., 0])
+    background_floor = np.float32(max(0.5 * step * np.exp(-0.5 / n_coils), tiny))
+    residual_floor = max(0.5 * step * np.exp(-1.0), tiny)
+    # the residual from the local mean of k^3 values moves in steps of q / k^3
+    mean_residual_floor = np.float32(max(residual_floor / neighbourhood**3, tiny))
+    residual_floor = np.float32(residual_floor)
     log_sum = np.zeros(magnitude.shape[:3], dtype=np.float32)
     weight_sum = np.zeros(magnitude.shape[:3], dtype=np.float32)
 
@@ -428,27 +506,31 @@ def estimate_sigma_map(
         log_sum[where] += log_values
         weight_sum[where] += 1.0
 
+    # zero-filled regions (masked or cropped by the scanner or the converter) are missing data too
     finite = np.isfinite(magnitude)
     magnitude = np.where(finite, magnitude, 0.0).astype(np.float32)
+    for index in range(magnitude.shape[-1]):
+        finite[..., index] &= ~zero_filled_regions(magnitude[..., index])
     triplets = [tuple(train[i : i + 3]) for train in (echo_trains or ()) for i in range(len(train) - 2)]
     for index in range(magnitude.shape[-1]):
         image = magnitude[..., index]
         local_mean = ndimage.uniform_filter(image, neighbourhood, mode="nearest")
         background = finite[..., index] & (local_mean < background_snr * sigma_global)
-        accumulate(np.log(image[background] + tiny) - background_offset, background)
+        accumulate(np.log(np.maximum(image[background], background_floor)) - background_offset, background)
         if not triplets:
             # only where the image is flat: at edges the residual holds anatomy, not noise
             slope = np.sqrt(sum(np.square(g) for g in np.gradient(local_mean)))
             flat = slope < 0.5 * sigma_global
             signal = finite[..., index] & flat & (local_mean > signal_snr * sigma_global)
-            accumulate(np.log(np.abs(image - local_mean)[signal] + tiny) - residual_offset, signal)
+            residual = np.abs(image - local_mean)[signal]
+            accumulate(np.log(np.maximum(residual, mean_residual_floor)) - residual_offset, signal)
     second_difference_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(6.0)
     for first, middle, last in triplets:
         # the last echo has the least signal: all three are above the Gaussian threshold
         local_mean = ndimage.uniform_filter(magnitude[..., last], neighbourhood, mode="nearest")
         signal = finite[..., [first, middle, last]].all(axis=-1) & (local_mean > signal_snr * sigma_global)
         residual = magnitude[..., first] - 2.0 * magnitude[..., middle] + magnitude[..., last]
-        accumulate(np.log(np.abs(residual[signal]) + tiny) - second_difference_offset, signal)
+        accumulate(np.log(np.maximum(np.abs(residual[signal]), residual_floor)) - second_difference_offset, signal)
     if not weight_sum.any():
         raise ValueError("no voxel is clearly signal or clearly background: cannot estimate the noise map")
     # every sample counts once: low-pass of the sum of logs over the low-pass of the counts

@@ -38,7 +38,7 @@ from ..core.bssfp import (
 )
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
-from ..io.images import load_volume, load_volumes, same_grid
+from ..io.images import check_phase_radians, load_volume, load_volumes, same_grid
 from ..io.resample import resample_to_reference
 from .r2star import estimate_noise_from_air
 
@@ -219,6 +219,9 @@ class BandFreeBSSFP(SimpleInterface):
             if has_phase:
                 phase_files = list(self.inputs.phase_files)[index * n_cycle : (index + 1) * n_cycle]
                 phases = load_volumes(phase_files, reference=source)
+                # the query read the units of the first phase cycle only, and trusts a sidecar "Units"
+                for cycle, phase_file in enumerate(phase_files):
+                    check_phase_radians(phases[..., cycle] * np.float32(scale), phase_file, scale, image="phase cycle")
             # NaN/Inf samples are missing data: the voxel gets NaN
             finite = np.isfinite(magnitudes).all(axis=-1)
             if phases is not None:

@@ -17,7 +17,6 @@ come from the image affine (:func:`b0_direction_from_affine`, :func:`voxel_size_
 from __future__ import annotations
 
 import csv
-import math
 import os
 
 import nibabel as nib
@@ -51,8 +50,7 @@ from ..core.qsm import (
     unwrap_echoes,
 )
 from ..io.derivatives import write_nifti
-from ..io.errors import BIDSInputError
-from ..io.images import load_phases, load_volume, load_volumes
+from ..io.images import check_phase_radians, load_phases, load_volume, load_volumes
 from .r2star import group_echoes_by_flip_angle
 
 __all__ = [
@@ -103,11 +101,6 @@ INVERSION_REFERENCES = {
 }
 UNWRAP_REFERENCE = "Dymerska B et al. Magn Reson Med 2021;85:2294-2308"
 
-# Scaled phase must look like radians: inside [-pi, 2 pi] (small rounding allowed), no wider than
-# one turn, and at least a quarter turn wide (noise in air and wraps fill the range; a radian image
-# read with an integer encoding's factor spans a few thousandths of a radian).
-_RADIAN_TOLERANCE = 1e-2
-_MIN_PHASE_SPAN = math.pi / 2
 _MIN_REFERENCE_VOXELS = 10
 CSF_DEPTH_MM = 8.0
 CSF_R2STAR_FRACTION = 0.3
@@ -131,38 +124,6 @@ def b0_direction_from_affine(affine):
     columns = np.asarray(affine, float)[:3, :3]
     direction = columns[2] / np.linalg.norm(columns, axis=0)
     return tuple(float(value) for value in direction / np.linalg.norm(direction))
-
-
-def check_phase_radians(phase, path, phase_scale):
-    """Raise if a phase volume multiplied by ``phase_scale`` does not look like radians.
-
-    The query layer infers the phase units from the first echo; this checks every echo against
-    them, so one echo exported differently (radians among scanner integers, say) is caught.
-
-    Raises
-    ------
-    BIDSInputError
-        Naming ``path``, its range and the fix.
-    """
-    low, high = float(np.min(phase)), float(np.max(phase))
-    if not (np.isfinite(low) and np.isfinite(high)):  # rare: only then pay for the finite subset
-        values = phase[np.isfinite(phase)]
-        low, high = float(values.min()), float(values.max())
-    span = high - low
-    looks_like_radians = (
-        low >= -math.pi - _RADIAN_TOLERANCE
-        and high <= 2 * math.pi + _RADIAN_TOLERANCE
-        and span <= 2 * math.pi + _RADIAN_TOLERANCE
-        and span >= _MIN_PHASE_SPAN
-    )
-    if not looks_like_radians:
-        raise BIDSInputError(
-            f"phase image {path} is not wrapped phase in the units of the first echo of its series: "
-            f"multiplied by {phase_scale:.6g} (the factor to radians found for echo 1) its values span "
-            f"[{low:.4g}, {high:.4g}], not one turn of radians; export every echo of the series as "
-            "wrapped phase in the same units (all radians, or all scanner integers) and give every "
-            'phase sidecar the same "Units"'
-        )
 
 
 def csf_labels(tsv_path):

@@ -19,7 +19,7 @@ from nipype.interfaces.base import (
 )
 
 from ..core.masking import air_mask
-from ..core.noise import estimate_sigma_background
+from ..core.noise import estimate_sigma_background, zero_filled_regions
 from ..core.r2star import (
     MIN_RESIDUAL_DOF,
     T2STAR_MIN_SIGNIFICANCE,
@@ -309,8 +309,14 @@ def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
     """
     air = image[air_mask(image, voxel_size=voxel_size) & np.isfinite(image)]
     if air.size < 100:
+        zero_filled = np.count_nonzero(zero_filled_regions(image))
+        reason = (
+            f"the background is zero-filled ({zero_filled} voxels of exact zeros, which hold no noise: "
+            "masked or cut by the scanner or the converter, or a noiseless simulation)"
+            if zero_filled >= 100
+            else "the field of view holds too little air around the head"
+        )
         raise ValueError(
-            f"only {air.size} air voxels to estimate the noise level from; the field of view "
-            "holds too little air around the head: give noise_sigma explicitly"
+            f"only {air.size} air voxels to estimate the noise level from; {reason}: give noise_sigma explicitly"
         )
     return float(estimate_sigma_background(air, n_coils=n_coils, method="median"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ from .errors import BIDSInputError
 
 __all__ = [
     "GRID_TOLERANCE_MM",
+    "check_phase_radians",
     "load_phase",
     "load_phases",
     "load_volume",
@@ -21,6 +23,12 @@ __all__ = [
 
 GRID_TOLERANCE_MM = 1e-3
 """Largest difference between affine entries (mm) for two images to count as on the same grid."""
+
+# Scaled phase must look like radians: inside [-pi, 2 pi] (small rounding allowed), no wider than
+# one turn, and at least a quarter turn wide (noise in air and wraps fill the range; a radian image
+# read with an integer encoding's factor spans a few thousandths of a radian).
+_RADIAN_TOLERANCE = 1e-2
+_MIN_PHASE_SPAN = math.pi / 2
 
 
 def same_grid(shape_a, affine_a, shape_b, affine_b, *, atol=GRID_TOLERANCE_MM):
@@ -277,3 +285,50 @@ def load_phases(paths, phase_scales, *, reference=None, max_threads=None):
 def _check_phase_scale(path, phase_scale):
     if phase_scale is None or not np.isfinite(phase_scale) or phase_scale <= 0:
         raise BIDSInputError(f"phase image {path}: invalid phase scale {phase_scale!r} (need a positive number)")
+
+
+def check_phase_radians(phase, path, phase_scale, *, image="echo"):
+    """Raise if a phase volume multiplied by ``phase_scale`` does not look like wrapped radians.
+
+    The query layer finds the factor to radians of a series from the sidecar ``"Units"`` of its
+    first phase image or, without one, from that image's values; it does not read the others, nor
+    the values of a labelled one. This checks every image of the series against that factor, so a
+    wrong ``"Units"`` (scanner integers labelled "rad", radians labelled "deg") or one image exported
+    differently is caught before its phase is used.
+
+    Parameters
+    ----------
+    phase : ndarray
+        Phase in radians (stored values times ``phase_scale``); non-finite values are ignored.
+    path : str
+        The file, for the message.
+    phase_scale : float
+        Factor to radians used.
+    image : str, optional
+        What one image of the series is ("echo", "phase cycle"), for the message.
+
+    Raises
+    ------
+    BIDSInputError
+        Naming ``path``, its range and the fix.
+    """
+    low, high = float(np.min(phase)), float(np.max(phase))
+    if not (np.isfinite(low) and np.isfinite(high)):  # rare: only then pay for the finite subset
+        values = phase[np.isfinite(phase)]
+        low, high = float(values.min()), float(values.max())
+    span = high - low
+    looks_like_radians = (
+        low >= -math.pi - _RADIAN_TOLERANCE
+        and high <= 2 * math.pi + _RADIAN_TOLERANCE
+        and span <= 2 * math.pi + _RADIAN_TOLERANCE
+        and span >= _MIN_PHASE_SPAN
+    )
+    if not looks_like_radians:
+        raise BIDSInputError(
+            f"phase image {path} is not wrapped phase in the units of the first {image} of its series: "
+            f"multiplied by {phase_scale:.6g} (the factor to radians found for {image} 1, from its sidecar "
+            f'"Units" or its values) its values span [{low:.4g}, {high:.4g}], not one turn of radians; '
+            f"export every {image} of the series as wrapped phase in the same units (all radians, or all "
+            'scanner integers) and give every phase sidecar the "Units" of its values ("rad", "deg", or '
+            "none for scanner integers)"
+        )

@@ -78,6 +78,68 @@ def test_noise_map_follows_a_spatially_varying_sigma_within_10_percent(with_echo
     assert np.abs(np.median(relative)) < 0.05
 
 
+@pytest.mark.parametrize("with_echo_trains", [True, False])
+def test_noise_map_of_integer_images_within_10_percent(with_echo_trains):
+    # Scanner magnitudes are often stored as integers: rounding makes exact-zero residuals (about 1
+    # in 10 second differences at a noise SD of 2-3), whose log must not drag the map down (it was
+    # 40 % low with echo trains).
+    rng = np.random.default_rng(3)
+    amplitude, _, _, head, *_ = _multi_echo()
+    true_sigma = _smooth_sigma(head.shape, low=2.0, high=3.0)
+    images = np.round(_magnitude(4.0 * amplitude, true_sigma[..., None], rng))
+    trains = [range(6), range(6, 12)] if with_echo_trains else None
+    estimate = noise.estimate_sigma_map(
+        images, sigma_global=2.5, voxel_size=(4.0, 4.0, 4.0), echo_trains=trains, filter_fwhm_mm=40.0
+    )
+    relative = estimate / true_sigma - 1
+    assert np.abs(relative[head]).max() < 0.10
+    # the same integers times a scale slope (as a NIfTI reader returns them): the same map
+    scaled = noise.estimate_sigma_map(
+        images * np.float32(0.37),
+        sigma_global=2.5 * 0.37,
+        voxel_size=(4.0,) * 3,
+        echo_trains=trains,
+        filter_fwhm_mm=40.0,
+    )
+    np.testing.assert_allclose(scaled, 0.37 * estimate, rtol=1e-3)
+
+
+def test_noise_map_ignores_a_zero_filled_background():
+    # Scanners and converters often write exact zeros outside the head or a reduced field of view:
+    # that background holds no noise (its log is -inf) and must not lower the map near it (the map
+    # was 3 times too low in the head, 20 times at its edge).
+    rng = np.random.default_rng(6)
+    amplitude, _, _, head, *_ = _multi_echo()
+    images = _magnitude(amplitude, 5.0, rng)
+    inside = np.zeros(head.shape, dtype=bool)
+    inside[6:-6, 4:-4, 6:-6] = True  # a reduced field of view, cutting the head on two sides
+    zeroed = np.where(inside[..., None], images, 0.0)
+    for trains in ([range(6), range(6, 12)], None):
+        estimate = noise.estimate_sigma_map(
+            zeroed, sigma_global=5.0, voxel_size=(4.0, 4.0, 4.0), echo_trains=trains, filter_fwhm_mm=40.0
+        )
+        assert np.abs(estimate[head] / 5.0 - 1).max() < 0.10
+    # without sigma_global, the first guess comes from the non-zero voxels
+    estimate = noise.estimate_sigma_map(zeroed, voxel_size=(4.0,) * 3, filter_fwhm_mm=40.0)
+    assert np.abs(estimate[head] / 5.0 - 1).max() < 0.10
+
+
+def test_zero_filled_regions_and_quantisation_step():
+    rng = np.random.default_rng(8)
+    air = np.round(_magnitude(np.zeros((30, 30, 20)), 1.0, rng))  # integer noise of SD 1: 12 % zeros
+    assert np.mean(air == 0) > 0.08
+    assert not noise.zero_filled_regions(air).any()  # rounded noise, not a filled region
+    air[:, :, :5] = 0  # a zero-filled slab and a zero-filled slice
+    air[:, 10] = 0
+    filled = noise.zero_filled_regions(air)
+    assert filled[:, :, :5].all() and filled[:, 10].all()
+    # (a few rounded zeros next to them complete a square with them)
+    assert 30 * 30 * 5 + 30 * 15 <= np.count_nonzero(filled) < 1.01 * (30 * 30 * 5 + 30 * 15)
+    assert noise.quantisation_step(air) == 1.0
+    assert noise.quantisation_step(air * np.float32(0.37)) == pytest.approx(0.37, rel=1e-5)
+    assert noise.quantisation_step(_magnitude(np.zeros(1000), 1.0, rng)) < 1e-3
+
+
 def test_second_moment_correction_is_unbiased_at_low_snr():
     # A weighted mean of M is biased by the noise floor; the corrected second moment is not.
     rng = np.random.default_rng(4)

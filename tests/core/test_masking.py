@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from qmri_workflows.core.masking import brain_mask, fit_smooth_bias, otsu_threshold
 
@@ -138,6 +139,47 @@ def test_air_mask_gives_the_noise_level_of_a_phantom_head():
     assert not (air & head).any()
     assert air.sum() > 0.3 * air.size
     assert estimate_sigma_background(image[air], method="median") == pytest.approx(sigma, rel=0.03)
+
+
+@pytest.mark.parametrize("stored", ["float", "integer"])
+def test_air_mask_leaves_out_a_zero_filled_background(stored):
+    """Exact zeros written outside the head or a reduced field of view hold no noise: counted as
+    air, they made the median noise level 0 (or too low when they were under half the air)."""
+    from qmri_workflows.core.masking import air_mask
+    from qmri_workflows.core.noise import estimate_sigma_background
+
+    rng = np.random.default_rng(5)
+    shape = (48, 48, 40)
+    grid = np.indices(shape) - np.array(shape)[:, None, None, None] / 2
+    head = ((grid / np.array([18, 20, 15])[:, None, None, None]) ** 2).sum(0) < 1
+    sigma = 5.0
+    image = np.abs(np.where(head, 200.0, 0.0) + rng.normal(0, sigma, shape) + 1j * rng.normal(0, sigma, shape))
+    if stored == "integer":
+        # 0.5 % of the air rounds to 0: noise samples, to be kept (the median of integers, 6 here,
+        # moves in steps of 1 / 1.18 of sigma: 5.1)
+        image = np.round(image)
+    kept = np.zeros(shape, dtype=bool)
+    kept[:, 6:-6, 5:-5] = True  # a reduced field of view, zero-filled on four sides
+    for zeroed in (np.where(kept, image, 0.0), np.where(ndimage.binary_dilation(head, iterations=6), image, 0.0)):
+        air = air_mask(zeroed, voxel_size=(2.0, 2.0, 2.0))
+        assert air.sum() > 1000
+        assert estimate_sigma_background(zeroed[air], method="median") == pytest.approx(sigma, rel=0.03)
+
+
+def test_air_mask_of_a_skull_stripped_image_is_empty():
+    """With the background zero-filled up to the brain, the log-Otsu threshold splits tissue: the
+    darkest tissue (here a 12 mm CSF-like shell, 0.4 of the rest) is far from the brighter one,
+    but it is not air, and its level is no noise level."""
+    from qmri_workflows.core.masking import air_mask
+
+    rng = np.random.default_rng(6)
+    shape = (48, 48, 40)
+    grid = np.indices(shape) - np.array(shape)[:, None, None, None] / 2
+    radius = np.sqrt(((grid / np.array([20, 22, 17])[:, None, None, None]) ** 2).sum(0))
+    amplitude = np.where(radius < 0.6, 1.0, np.where(radius < 1, 0.4, 0.0))
+    image = np.abs(amplitude + 0.03 * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)))
+    image = np.where(radius < 1, image, 0.0)
+    assert not air_mask(image, voxel_size=(2.0, 2.0, 2.0)).any()
 
 
 def test_speckled_head_without_skull_is_masked_whole():

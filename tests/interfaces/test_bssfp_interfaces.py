@@ -147,6 +147,27 @@ def test_geometric_without_phase_is_refused_with_the_file(tmp_path):
         _band_free(tmp_path, "geometric", with_phase=False)
 
 
+def test_phase_cycle_not_in_the_units_of_the_series_is_refused_with_the_file(tmp_path):
+    """The query reads the units of the first phase cycle only, and trusts a sidecar's "Units": a
+    cycle in Siemens integers under a factor of 1 (radians) was combined as radians, silently."""
+    magnitudes, phases = _write_series(tmp_path)
+    wrong = phases[2]
+    radians = np.asarray(nib.load(wrong).dataobj)
+    write_nifti(wrong, np.round(radians / np.pi * 4096).astype(np.float32), AFFINE)
+    node = BandFreeBSSFP(
+        magnitude_files=magnitudes,
+        phase_files=phases,
+        phase_scale=1.0,
+        flip_angles=list(FLIPS),
+        phase_increments=list(CYCLES),
+        repetition_time=TR,
+        combination="geometric",
+        reference_file=magnitudes[0],
+    )
+    with pytest.raises(BIDSInputError, match=r"acq-bssfp180_flip-1_phase\.nii is not wrapped phase in the units"):
+        node.run(cwd=str(tmp_path))
+
+
 def test_complex_data_combined_by_magnitude_still_give_the_offresonance(tmp_path):
     """Cycles not in opposite pairs (no closed form): the off-resonance comes from the ellipse fit."""
     frequency = _truth()[4]

@@ -18,8 +18,12 @@ def _cwd(tmp_path, name):
     return str(folder)
 
 
-def _collection(tmp_path, sigma, seed=0):
-    """Two flip angles x 4 echoes of an ellipsoid head in air; returns files, TEs, flips, amplitudes, head."""
+def _collection(tmp_path, sigma, seed=0, kept=None, integer=False):
+    """Two flip angles x 4 echoes of an ellipsoid head in air; returns files, TEs, flips, amplitudes, head.
+
+    ``kept``: voxels kept, the others zero-filled (as a scanner's or converter's mask); ``integer``:
+    magnitudes rounded to integers (as scanners store them).
+    """
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
     head = sum((g / 0.7) ** 2 for g in grid) < 1
     r2star = np.where(sum(g**2 for g in grid) < 0.15, 30.0, 18.0)
@@ -29,6 +33,10 @@ def _collection(tmp_path, sigma, seed=0):
         for index, te in enumerate(ECHO_TIMES):
             amplitude = np.where(head, s0 * np.exp(-r2star * te), 0.0)
             noisy = np.abs(amplitude + sigma * (rng.standard_normal(SHAPE) + 1j * rng.standard_normal(SHAPE)))
+            if integer:
+                noisy = np.round(noisy)
+            if kept is not None:
+                noisy = np.where(kept, noisy, 0.0)
             path = tmp_path / f"flip{int(flip)}_echo{index + 1}.nii.gz"
             files.append(str(write_image(path, noisy, shape=SHAPE, affine=AFFINE)))
             tes.append(te)
@@ -63,6 +71,35 @@ def test_noiseless_images_pass_through_with_a_reason(tmp_path):
     result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
     assert result.denoised_files == files
     assert result.metadata["Denoising"].startswith("none: ")
+
+
+def test_zero_filled_background_of_integer_images(tmp_path):
+    """Real magnitudes: integers, with the background zeroed beyond a few mm of the head. The zeros
+    hold no noise: the noise is measured in the air left (it was 0, and denoising was skipped as
+    for simulated data), and the noise map in the head is right (it was 40 % low)."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    kept = sum((g / 0.9) ** 2 for g in grid) < 1
+    files, tes, flips, _, head = _collection(tmp_path, sigma=5.0, kept=kept, integer=True)
+    result = (
+        DenoiseCollection(magnitude_files=files, echo_times=tes, flip_angles=flips, method="none")
+        .run(cwd=_cwd(tmp_path, "work"))
+        .outputs
+    )
+    assert abs(result.metadata["NoiseStandardDeviationAir"] / 5.0 - 1) < 0.10, result.metadata
+    noise_map = np.asarray(nib.load(result.noise_map_file).dataobj)
+    assert np.abs(noise_map[head] / 5.0 - 1).max() < 0.10
+
+
+def test_skull_stripped_images_pass_through_saying_the_background_is_zero_filled(tmp_path):
+    files, *_ = _collection(tmp_path, sigma=3.0, kept=_collection_head())
+    result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
+    assert result.denoised_files == files
+    assert result.metadata["Denoising"].startswith("none: ") and "zero-filled" in result.metadata["Denoising"]
+
+
+def _collection_head():
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    return sum((g / 0.7) ** 2 for g in grid) < 1
 
 
 def test_nls_on_denoised_data_models_no_noise_floor(tmp_path):

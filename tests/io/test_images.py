@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qmri_workflows.io.errors import BIDSInputError
-from qmri_workflows.io.images import load_volume
+from qmri_workflows.io.images import check_phase_radians, load_volume
 from tests.bids_factory import write_image
 
 
@@ -65,3 +65,17 @@ def test_damaged_gzip_data_are_an_input_error_naming_the_file(tmp_path):
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(BIDSInputError, match="echo.nii.gz"):
         load_volume(path)
+
+
+@pytest.mark.parametrize(
+    "stored, scale, what",
+    [
+        (np.arange(-4096, 4096, 3, dtype=float), 1.0, "scanner integers labelled radians"),
+        (np.linspace(-np.pi, np.pi, 200), np.pi / 180, "radians labelled degrees"),
+        (np.linspace(-np.pi, np.pi, 200), np.pi / 4096, "radians read as Siemens integers"),
+    ],
+)
+def test_phase_that_is_not_wrapped_radians_after_its_factor_is_refused_with_the_file(stored, scale, what):
+    with pytest.raises(BIDSInputError, match=r'cycle-2_part-phase\.nii is not wrapped phase.*"Units" of its values'):
+        check_phase_radians(stored * scale, "cycle-2_part-phase.nii", scale, image="phase cycle")
+    check_phase_radians(np.linspace(-np.pi, np.pi, 200), "any.nii", 1.0)  # radians pass

@@ -481,6 +481,13 @@ def test_phase_scale_from_values_refuses_unknown(minimum, maximum, integer):
         phase_scale_from_values(minimum, maximum, integer_valued=integer)
 
 
+@pytest.mark.parametrize("minimum, maximum, integer", [(-180.0, 179.9, False), (0.0, 359.0, True)])
+def test_phase_in_degrees_without_units_is_refused_with_the_degrees_advice(minimum, maximum, integer):
+    # "Units": "rad", the advice for unknown values, would make degrees be read as radians
+    with pytest.raises(BIDSInputError, match=r'cannot tell the units.*look like degrees: add "Units": "deg"'):
+        phase_scale_from_values(minimum, maximum, integer_valued=integer, name="phase image x_part-phase.nii")
+
+
 # ---------------------------------------------------------------------------------------------- images
 def test_load_volume(tmp_path):
     data = np.random.default_rng(0).normal(size=(4, 5, 6))

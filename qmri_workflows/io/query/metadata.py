@@ -245,10 +245,12 @@ def phase_scale_from_values(minimum, maximum, *, integer_valued, name="phase ima
         if candidates:
             _, scale, description = min(candidates)
             return scale, description
-    raise BIDSInputError(
-        f"cannot tell the units of {name}: values span [{minimum:g}, {maximum:g}]; convert it to "
-        'radians or add "Units": "rad" to its sidecar'
-    )
+    if minimum >= -180.0 - 0.5 and maximum <= 360.0 + 0.5 and 0.75 * 360.0 <= span <= 360.0 + 0.5:
+        # most of one turn in degrees (as the integer encodings above): "rad" would be wrong advice
+        advice = 'they look like degrees: add "Units": "deg" to its sidecar (or convert it to radians)'
+    else:
+        advice = 'convert it to radians or add "Units": "rad" to its sidecar'
+    raise BIDSInputError(f"cannot tell the units of {name}: values span [{minimum:g}, {maximum:g}]; {advice}")
 
 
 def phase_scale(ctx, path):

@@ -97,6 +97,30 @@ def test_estimate_sigma_background(n_coils, method):
     assert estimate == pytest.approx(2.5, rel=0.015)
 
 
+@pytest.mark.parametrize("n_coils", [1, 4])
+@pytest.mark.parametrize("method", ["second_moment", "mean", "median"])
+@pytest.mark.parametrize(("sigma_in_steps", "step"), [(0.8, 1.0), (3.0, 1.0), (7.0, 1.0), (3.0, 0.37)])
+def test_estimate_sigma_background_of_rounded_magnitudes(n_coils, method, sigma_in_steps, step):
+    """Integer-stored air (or integers times a scale slope): the median moves by whole steps.
+
+    With the plain median, noise of SD 1.5 and 3 steps read 13 % high, of SD 7 steps 3 % low.
+    """
+    rng = np.random.default_rng(11)
+    sigma = sigma_in_steps * step
+    rounded = step * np.round(_simulate_magnitude(0.0, sigma, n_coils, 200_000, rng) / step)
+    estimate = noise.estimate_sigma_background(rounded, n_coils=n_coils, method=method)
+    # measured within 0.5 %; the sampling SE with 2e5 samples is below 0.3 %
+    assert estimate == pytest.approx(sigma, rel=0.01)
+
+
+def test_estimate_sigma_background_of_continuous_samples_is_the_plain_formula():
+    samples = _simulate_magnitude(0.0, 2.5, 1, 10_001, np.random.default_rng(3))
+    median = noise.estimate_sigma_background(samples, method="median")
+    assert median == pytest.approx(np.median(samples) / np.sqrt(2 * np.log(2)), rel=1e-12)
+    second = noise.estimate_sigma_background(samples, method="second_moment")
+    assert second == pytest.approx(np.sqrt(np.mean(samples**2) / 2), rel=1e-12)
+
+
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="n_coils"):
         noise.magnitude_mean(1.0, 1.0, n_coils=0)

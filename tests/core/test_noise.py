@@ -120,6 +120,15 @@ def _rss_volume(amplitude, sigma, n_coils, rng):
     return np.sqrt((real**2 + imag**2).sum(axis=-1))
 
 
+@pytest.mark.parametrize("n_coils", [1, 2, 4])
+def test_noise_map_of_air_follows_the_central_chi_law_of_rss_data(n_coils):
+    """Pure air: the background law with 2 N degrees of freedom must give sigma (default first SD)."""
+    rng = np.random.default_rng(50 + n_coils)
+    air = _rss_volume(np.zeros((40, 40, 40)), 3.0, n_coils, rng)
+    estimate = noise.estimate_sigma_map(air, n_coils=n_coils, voxel_size=(2.0, 2.0, 2.0))
+    assert np.median(estimate) == pytest.approx(3.0, rel=0.03)
+
+
 def test_noise_map_from_flat_signal_without_echo_trains_is_unbiased():
     """High-SNR flat tissue, r = M - local mean: its SD is sigma sqrt(1 - 1/k^3), not sigma (-1.9 % for k = 3)."""
     rng = np.random.default_rng(60)

@@ -155,3 +155,14 @@ def test_noise_map_far_from_any_usable_voxel_falls_back_to_the_global_sigma():
     estimate = noise.estimate_sigma_map(images, sigma_global=2.0, filter_fwhm_mm=4.0)
     assert estimate[-1] == pytest.approx(np.full((16, 16), 2.0), rel=1e-6)
     assert np.median(estimate[:4]) == pytest.approx(2.0, rel=0.05)
+
+
+def test_default_first_sigma_keeps_rss_tissue_out_of_the_background_law():
+    """Half air, half tissue at amplitude 12 sigma, 4 channels, no sigma_global: the first SD comes
+    from the air's chi law with 8 degrees of freedom; the Rayleigh quantile would make it 4x too
+    large and classify the tissue as background."""
+    rng = np.random.default_rng(63)
+    amplitude = np.where(np.arange(40) < 20, 0.0, 36.0)[:, None, None] * np.ones((40, 24, 24))
+    images = _rss_volume(amplitude, 3.0, 4, rng)
+    estimate = noise.estimate_sigma_map(images, n_coils=4, filter_fwhm_mm=6.0)
+    assert np.median(estimate[30:]) == pytest.approx(3.0, rel=0.05)

@@ -183,3 +183,27 @@ def test_noise_map_removes_each_regions_own_noise_floor(function):
           f"{result[15:21, 4:-4, 4:-4].mean():.3f}")  # fmt: skip
     assert np.mean(result[3:9, 4:-4, 4:-4]) == pytest.approx(10.0, rel=0.03)
     assert np.mean(result[15:21, 4:-4, 4:-4]) == pytest.approx(10.0, rel=0.05)
+
+
+def test_multispectral_weights_follow_the_documented_formula_at_an_interior_voxel():
+    """Brute force at the centre of a 9^3 grid (search and patch inside it, no padding): with C images
+    and P patch voxels, d_ij = mean over patch and images of (M(i + q) - M(j + q))^2 / sigma^2, the weight
+    exp(-max(d_ij - 2, 0) / (smoothing sqrt(8 / (C P)))) and A^2 = sum w M_j^2 / sum w - 2 sigma^2."""
+    rng = np.random.default_rng(11)
+    images = rng.uniform(50.0, 150.0, (9, 9, 9, 3)).astype(np.float32)
+    sigma, smoothing, n_images, patch = 29.0, 0.5, 3, 27
+    width = smoothing * np.sqrt(8.0 / (n_images * patch))
+    centre = images[3:6, 3:6, 3:6].astype(float)
+    weights, moments = [], []
+    for dx in range(-2, 3):
+        for dy in range(-2, 3):
+            for dz in range(-2, 3):
+                neighbour = images[3 + dx : 6 + dx, 3 + dy : 6 + dy, 3 + dz : 6 + dz].astype(float)
+                distance = np.mean((centre - neighbour) ** 2) / sigma**2
+                weights.append(np.exp(-max(distance - 2.0, 0.0) / width))
+                moments.append(images[4 + dx, 4 + dy, 4 + dz].astype(float) ** 2)
+    weights = np.array(weights)
+    assert 0.05 < np.mean(weights) < 0.95  # the weights discriminate: the test can fail
+    expected = np.sqrt(np.maximum(weights @ np.array(moments) / weights.sum() - 2 * sigma**2, 0.0))
+    result = denoise.multispectral_nlmeans(images, sigma, smoothing=smoothing)
+    np.testing.assert_allclose(result[4, 4, 4], expected, rtol=1e-4)

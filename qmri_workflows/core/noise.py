@@ -468,14 +468,14 @@ def estimate_sigma_map(
     log recovers the map. Two regimes, chosen per voxel from the local mean ``mu`` (``k^3``
     neighbourhood) against a first global SD:
 
-    * signal (``mu > signal_snr x sigma``): the magnitude is about Gaussian of SD ``sigma`` [1]_.
+    * signal (``mu > signal_snr x floor``): the magnitude is about Gaussian of SD ``sigma`` [1]_.
       With echo trains, the residual is the second difference of three consecutive echoes,
       ``r = M_1 - 2 M_2 + M_3`` (SD ``sigma sqrt(6)``), in which the anatomy cancels (the decay's
       curvature over two echo spacings is ``(R2* dTE)^2`` of the signal, about 1 % at 50 1/s and
       2.3 ms); without them, ``r = M - mu`` (SD ``sigma sqrt(1 - 1/k^3)``) where the local mean
       is flat (gradient below ``sigma / 2`` per voxel), since at edges the residual holds anatomy.
       ``E[log |r|] = log(SD) - (gamma + log 2) / 2`` (``gamma`` Euler's constant);
-    * background (``mu < background_snr x sigma``): ``M / sigma`` is central chi with ``2 N``
+    * background (``mu < background_snr x floor``): ``M / sigma`` is central chi with ``2 N``
       degrees of freedom and ``E[log M] = log(sigma) + (log 2 + psi(N)) / 2``. Regions of exact
       zeros (background masked or zero-filled by the scanner or the converter,
       :func:`zero_filled_regions`) hold no noise and are left out.
@@ -483,6 +483,11 @@ def estimate_sigma_map(
     Images stored as integers (or integers times a scale slope, step ``q``,
     :func:`quantisation_step`) hold isolated exact zeros: rounded noise in the air and residuals
     that cancel. Each gets the mean log of the bin of width ``q`` it stands for, not ``log 0``.
+
+    Both thresholds are in units of ``floor = sigma x E0(N) / E0(1)`` (``floor = sigma`` for
+    ``N = 1``), with ``E0(N) sigma`` the mean of noise-only data: air has ``mu`` of 1.25, 1.88 and
+    2.74 ``sigma`` for 1, 2 and 4 channels, so thresholds in units of ``sigma`` alone would leave
+    the air of RSS data out of the background law (or keep only its darkest part).
 
     Voxels in between (low SNR, where neither law holds) are left out, and the normalised
     Gaussian filter of both fills them.
@@ -494,8 +499,9 @@ def estimate_sigma_map(
     n_coils : float, optional
         (Effective) number of RSS-combined channels, for the background law.
     sigma_global : float, optional
-        First global SD used to classify voxels; by default the SD from the background law on the
-        darkest 10 % of the non-zero voxels of the first image.
+        First global SD used to classify voxels; by default from the 10th percentile of the non-zero
+        voxels of the first image, taken as the 10th percentile of the background's central chi law
+        (at least 10 % of them must be air).
     echo_trains : sequence of sequences of int, optional
         Indices (last axis of ``magnitude``) of the echoes of each multi-echo series in echo-time
         order; trains of 3 or more echoes give the structure-free residuals above.
@@ -528,12 +534,17 @@ def estimate_sigma_map(
     residual_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(1.0 - 1.0 / neighbourhood**3)
     if sigma_global is None:
         first = magnitude[..., 0]
-        positive = first[np.isfinite(first) & (first > 0)]  # zeros: masked background, no noise
-        dark = positive[positive <= np.percentile(positive, 10)] if positive.size else positive
-        sigma_global = float(np.sqrt(np.mean(dark.astype(float) ** 2) / (2.0 * n_coils)))
+        # the darkest 10 % are the lower tail of the air's law, not a sample of it: match the quantile
+        # (M^2 / sigma^2 is chi-square with 2 N degrees of freedom, quantile 2 P^-1(N, q)); zeros are
+        # masked background, which holds no noise
+        positive = first[np.isfinite(first) & (first > 0)]
+        dark_quantile = float(np.percentile(positive, 10)) if positive.size else 0.0
+        sigma_global = dark_quantile / np.sqrt(2.0 * special.gammaincinv(n_coils, 0.1))
     if not sigma_global > 0:
         raise ValueError("sigma_global must be > 0 (is the image noiseless?)")
     tiny = 1e-6 * sigma_global
+    # noise-only mean over the Rayleigh one: the thresholds follow the noise floor of RSS data
+    floor = sigma_global * _mean_prefactor(n_coils) / _mean_prefactor(1)
     # An image stored as integers (or times a scale slope) holds exact zeros: rounded low noise in
     # the air, and signal residuals that cancel. Each stands for a bin of values around 0, whose
     # mean log it gets instead of log(tiny) ~ log(sigma) - 14, which would drag the map down (by
@@ -561,20 +572,20 @@ def estimate_sigma_map(
     for index in range(magnitude.shape[-1]):
         image = magnitude[..., index]
         local_mean = ndimage.uniform_filter(image, neighbourhood, mode="nearest")
-        background = finite[..., index] & (local_mean < background_snr * sigma_global)
+        background = finite[..., index] & (local_mean < background_snr * floor)
         accumulate(np.log(np.maximum(image[background], background_floor)) - background_offset, background)
         if not triplets:
             # only where the image is flat: at edges the residual holds anatomy, not noise
             slope = np.sqrt(sum(np.square(g) for g in np.gradient(local_mean)))
             flat = slope < 0.5 * sigma_global
-            signal = finite[..., index] & flat & (local_mean > signal_snr * sigma_global)
+            signal = finite[..., index] & flat & (local_mean > signal_snr * floor)
             residual = np.abs(image - local_mean)[signal]
             accumulate(np.log(np.maximum(residual, mean_residual_floor)) - residual_offset, signal)
     second_difference_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(6.0)
     for first, middle, last in triplets:
         # the last echo has the least signal: all three are above the Gaussian threshold
         local_mean = ndimage.uniform_filter(magnitude[..., last], neighbourhood, mode="nearest")
-        signal = finite[..., [first, middle, last]].all(axis=-1) & (local_mean > signal_snr * sigma_global)
+        signal = finite[..., [first, middle, last]].all(axis=-1) & (local_mean > signal_snr * floor)
         residual = magnitude[..., first] - 2.0 * magnitude[..., middle] + magnitude[..., last]
         accumulate(np.log(np.maximum(np.abs(residual[signal]), residual_floor)) - second_difference_offset, signal)
     if not weight_sum.any():

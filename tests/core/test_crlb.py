@@ -93,3 +93,32 @@ def test_per_voxel_missing_echoes():
         assert information[voxel] == pytest.approx(single**-2, rel=1e-12)
     second_only = crlb.estatics_crlb(s0[2, 1:], r2star[2], ECHO_TIMES, 1.0)
     assert information[2] == pytest.approx(second_only**-2, rel=1e-9)
+
+
+@pytest.mark.parametrize("s0", [[100.0], [100.0, 60.0], [80.0, 120.0, 40.0]])
+@pytest.mark.parametrize("r2star", [5.0, 40.0])
+def test_intercept_covariance_is_the_intercept_block_of_the_inverse_fisher(s0, r2star):
+    sigma = 1.7
+    te = np.array([ECHO_TIMES] * len(s0))
+    te[-1, 5:] = np.nan  # a shorter last contrast
+    finite_te = [row[np.isfinite(row)] for row in te]
+    expected = np.linalg.inv(_numeric_fisher(s0, r2star, finite_te, sigma))[:-1, :-1]
+    actual = crlb.estatics_intercept_covariance(np.array(s0), r2star, te, sigma=sigma)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+def test_intercept_covariance_from_the_r2star_standard_error_equals_the_one_from_sigma():
+    # A fit whose R2* standard error is the bound for noise SD sigma has noise SD sigma.
+    s0 = np.array([[100.0, 60.0], [30.0, 90.0]])
+    r2star = np.array([20.0, 55.0])
+    sigma = np.array([1.7, 0.4])
+    stderr = crlb.estatics_crlb(s0, r2star, ECHO_TIMES, sigma)
+    from_stderr = crlb.estatics_intercept_covariance(s0, r2star, ECHO_TIMES, r2star_stderr=stderr)
+    from_sigma = crlb.estatics_intercept_covariance(s0, r2star, ECHO_TIMES, sigma=sigma)
+    np.testing.assert_allclose(from_stderr, from_sigma, rtol=1e-10)
+
+
+def test_intercept_covariance_is_nan_for_a_contrast_without_echoes():
+    te = np.array([ECHO_TIMES, np.full(8, np.nan)])
+    covariance = crlb.estatics_intercept_covariance(np.array([100.0, 60.0]), 20.0, te, sigma=1.0)
+    assert np.isnan(covariance).all()

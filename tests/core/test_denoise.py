@@ -207,3 +207,65 @@ def test_bad_inputs_say_what_is_wrong():
         denoise.multispectral_nlmeans(images, 1.0, mask=np.zeros((8, 8, 8), bool))
     with pytest.raises(ValueError, match="n_images"):
         denoise.multispectral_nlmeans(images[..., 0], 1.0)
+
+
+def test_slabs_do_not_change_the_result_with_a_varying_noise_map():
+    # Each slab must read its own part of the noise map (the weights and the bias correction).
+    rng = np.random.default_rng(8)
+    amplitude, *_ = _multi_echo(shape=(20, 22, 18), n_echoes=3)
+    sigma = _smooth_sigma(amplitude.shape[:3], 2.0, 8.0)
+    images = _magnitude(amplitude, sigma[..., None], rng)
+    whole = denoise.multispectral_nlmeans(images, sigma)
+    slabs = denoise.multispectral_nlmeans(images, sigma, slab_voxels=1)
+    np.testing.assert_allclose(slabs, whole, rtol=2e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("function", [denoise.multispectral_nlmeans, denoise.nlmeans_volumes])
+def test_mask_changes_nothing_inside_and_keeps_the_input_outside(function):
+    """Neighbours outside the mask are used: inside it the result is the unmasked one."""
+    rng = np.random.default_rng(9)
+    amplitude, _, _, head, *_ = _multi_echo(shape=(24, 26, 22), n_echoes=2)
+    images = _magnitude(amplitude, 5.0, rng)
+    mask = np.zeros(head.shape, dtype=bool)
+    mask[6:15, 8:20, 5:14] = True
+    unmasked = function(images, 5.0)
+    masked = function(images, 5.0, mask=mask)
+    np.testing.assert_allclose(masked[mask], unmasked[mask], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(masked[~mask], images[~mask])
+
+
+@pytest.mark.parametrize("function", [denoise.multispectral_nlmeans, denoise.nlmeans_volumes])
+def test_noise_map_removes_each_regions_own_noise_floor(function):
+    """Flat amplitude 10 under noise SD 2 (left) and 8 (right): each half loses its own 2 sigma^2."""
+    rng = np.random.default_rng(10)
+    sigma = np.where(np.arange(24) < 12, 2.0, 8.0)[:, None, None] * np.ones((24, 24, 24))
+    images = _magnitude(np.full((24, 24, 24, 3), 10.0), sigma[..., None], rng)
+    result = function(images, sigma)
+    print(f"\nmean in the low- and high-noise halves: {result[3:9, 4:-4, 4:-4].mean():.3f}, "
+          f"{result[15:21, 4:-4, 4:-4].mean():.3f}")  # fmt: skip
+    assert np.mean(result[3:9, 4:-4, 4:-4]) == pytest.approx(10.0, rel=0.03)
+    assert np.mean(result[15:21, 4:-4, 4:-4]) == pytest.approx(10.0, rel=0.05)
+
+
+def test_multispectral_weights_follow_the_documented_formula_at_an_interior_voxel():
+    """Brute force at the centre of a 9^3 grid (search and patch inside it, no padding): with C images
+    and P patch voxels, d_ij = mean over patch and images of (M(i + q) - M(j + q))^2 / sigma^2, the weight
+    exp(-max(d_ij - 2, 0) / (smoothing sqrt(8 / (C P)))) and A^2 = sum w M_j^2 / sum w - 2 sigma^2."""
+    rng = np.random.default_rng(11)
+    images = rng.uniform(50.0, 150.0, (9, 9, 9, 3)).astype(np.float32)
+    sigma, smoothing, n_images, patch = 29.0, 0.5, 3, 27
+    width = smoothing * np.sqrt(8.0 / (n_images * patch))
+    centre = images[3:6, 3:6, 3:6].astype(float)
+    weights, moments = [], []
+    for dx in range(-2, 3):
+        for dy in range(-2, 3):
+            for dz in range(-2, 3):
+                neighbour = images[3 + dx : 6 + dx, 3 + dy : 6 + dy, 3 + dz : 6 + dz].astype(float)
+                distance = np.mean((centre - neighbour) ** 2) / sigma**2
+                weights.append(np.exp(-max(distance - 2.0, 0.0) / width))
+                moments.append(images[4 + dx, 4 + dy, 4 + dz].astype(float) ** 2)
+    weights = np.array(weights)
+    assert 0.05 < np.mean(weights) < 0.95  # the weights discriminate: the test can fail
+    expected = np.sqrt(np.maximum(weights @ np.array(moments) / weights.sum() - 2 * sigma**2, 0.0))
+    result = denoise.multispectral_nlmeans(images, sigma, smoothing=smoothing)
+    np.testing.assert_allclose(result[4, 4, 4], expected, rtol=1e-4)

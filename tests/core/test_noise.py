@@ -128,3 +128,65 @@ def test_invalid_arguments_raise():
         noise.magnitude_mean(1.0, -1.0)
     with pytest.raises(ValueError, match="method"):
         noise.estimate_sigma_background(np.ones(5), method="mode")
+
+
+def test_zero_or_nan_sigma_is_rejected():
+    for bad in (0.0, np.nan, np.inf * -1):
+        with pytest.raises(ValueError, match="sigma"):
+            noise.magnitude_mean(1.0, bad)
+
+
+def _rss_volume(amplitude, sigma, n_coils, rng):
+    """RSS magnitude volume of n_coils channels sharing ``amplitude`` equally."""
+    channel = np.asarray(amplitude, dtype=float)[..., None] / np.sqrt(n_coils)
+    real = channel + rng.normal(scale=sigma, size=channel.shape[:-1] + (n_coils,))
+    imag = rng.normal(scale=sigma, size=real.shape)
+    return np.sqrt((real**2 + imag**2).sum(axis=-1))
+
+
+@pytest.mark.parametrize("n_coils", [1, 2, 4])
+def test_noise_map_of_air_follows_the_central_chi_law_of_rss_data(n_coils):
+    """Pure air: the background law with 2 N degrees of freedom must give sigma (default first SD)."""
+    rng = np.random.default_rng(50 + n_coils)
+    air = _rss_volume(np.zeros((40, 40, 40)), 3.0, n_coils, rng)
+    estimate = noise.estimate_sigma_map(air, n_coils=n_coils, voxel_size=(2.0, 2.0, 2.0))
+    assert np.median(estimate) == pytest.approx(3.0, rel=0.03)
+
+
+def test_noise_map_from_flat_signal_without_echo_trains_is_unbiased():
+    """High-SNR flat tissue, r = M - local mean: its SD is sigma sqrt(1 - 1/k^3), not sigma (-1.9 % for k = 3)."""
+    rng = np.random.default_rng(60)
+    images = _rss_volume(np.full((40, 40, 40, 4), 200.0), 2.0, 1, rng)
+    estimate = noise.estimate_sigma_map(images, sigma_global=2.0, voxel_size=(2.0, 2.0, 2.0))
+    assert np.median(estimate) == pytest.approx(2.0, rel=0.025)
+
+
+def test_noise_map_scales_with_the_image_units():
+    # Scanner units are arbitrary (values of 1e5 and more are common): the map must scale with them.
+    rng = np.random.default_rng(61)
+    images = _rss_volume(np.where(np.arange(24) < 12, 0.0, 100.0)[:, None, None] * np.ones((24, 24, 24)), 2.0, 1, rng)
+    unit = noise.estimate_sigma_map(images, sigma_global=2.0)
+    scaled = noise.estimate_sigma_map(images * 1e5, sigma_global=2e5)
+    np.testing.assert_allclose(scaled, 1e5 * unit, rtol=1e-4)
+
+
+def test_noise_map_far_from_any_usable_voxel_falls_back_to_the_global_sigma():
+    """Low-SNR tissue (neither Gaussian nor central chi) is left out; far from the air the map is sigma_global."""
+    rng = np.random.default_rng(62)
+    amplitude = np.full((48, 16, 16), 5.0)  # local mean ~ 2.4 sigma: between the two regimes
+    amplitude[:6] = 0.0  # a slab of air at one end
+    images = _rss_volume(amplitude, 2.0, 1, rng)
+    estimate = noise.estimate_sigma_map(images, sigma_global=2.0, filter_fwhm_mm=4.0)
+    assert estimate[-1] == pytest.approx(np.full((16, 16), 2.0), rel=1e-6)
+    assert np.median(estimate[:4]) == pytest.approx(2.0, rel=0.05)
+
+
+def test_default_first_sigma_keeps_rss_tissue_out_of_the_background_law():
+    """Half air, half tissue at amplitude 12 sigma, 4 channels, no sigma_global: the first SD comes
+    from the air's chi law with 8 degrees of freedom; the Rayleigh quantile would make it 4x too
+    large and classify the tissue as background."""
+    rng = np.random.default_rng(63)
+    amplitude = np.where(np.arange(40) < 20, 0.0, 36.0)[:, None, None] * np.ones((40, 24, 24))
+    images = _rss_volume(amplitude, 3.0, 4, rng)
+    estimate = noise.estimate_sigma_map(images, n_coils=4, filter_fwhm_mm=6.0)
+    assert np.median(estimate[30:]) == pytest.approx(3.0, rel=0.05)

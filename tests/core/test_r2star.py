@@ -362,3 +362,33 @@ def test_significance_rule_removes_absurd_t2star_with_two_echoes(first_echo):
     )
     np.testing.assert_array_equal(np.isnan(rule), [False, True, True, True, True, True])
     assert rule[0] == pytest.approx(0.1)
+
+
+def test_negative_echo_times_raise():
+    with pytest.raises(ValueError, match="non-negative"):
+        fit_r2star_loglinear(np.ones((4, 8)), ECHO_TIMES - 5e-3)
+
+
+@pytest.mark.parametrize("method", ["wls", "nls"])
+def test_contrast_without_samples_changes_neither_fit_nor_standard_error(method):
+    """A contrast whose samples are all missing holds no intercept: the fit and its residual degrees
+    of freedom are those of the other contrast alone."""
+    rng = np.random.default_rng(51)
+    amplitude = np.broadcast_to(_decay(np.array([100.0, 60.0]), 20.0, MC_ECHO_TIMES), (50, 2, 8))
+    signals = _rician(amplitude, 1.0, rng)
+    signals[:, 1, :] = np.nan
+    _, r2star, stderr = fit_estatics(signals, MC_ECHO_TIMES, method=method, return_stderr=True)
+    _, alone, alone_stderr = fit_estatics(signals[:, :1], MC_ECHO_TIMES, method=method, return_stderr=True)
+    np.testing.assert_allclose(r2star, alone, rtol=1e-10)
+    np.testing.assert_allclose(stderr, alone_stderr, rtol=1e-10)
+
+
+def test_exactly_min_residual_dof_uses_the_voxels_own_residuals():
+    """Six echoes of one contrast leave MIN_RESIDUAL_DOF = 4 residual degrees of freedom: enough to
+    use the residuals, so a (deliberately wrong, 10x) noise SD given for the air is not used."""
+    rng = np.random.default_rng(52)
+    echo_times = MC_ECHO_TIMES[:6]
+    amplitude = np.broadcast_to(100.0 * np.exp(-WM_R2STAR * echo_times), (N_VOXELS, 1, 6))
+    signals = _rician(amplitude, 1.0, rng)
+    _, r2star, stderr = fit_estatics(signals, echo_times, sigma=10.0, return_stderr=True)
+    assert np.sqrt(np.mean(stderr**2)) == pytest.approx(r2star.std(), rel=0.10)

@@ -76,3 +76,15 @@ def test_halves_the_r1_error_of_the_uncorrected_fit_on_the_phantom():
     assert error_uncorrected > 0.05  # the transmit field matters on this phantom
     assert error_estimated <= 0.5 * error_uncorrected
     assert math.isclose(float(np.mean(estimate.b1[mask])), 1.0, rel_tol=1e-6)
+
+
+def test_mean_b1_sets_the_scale_the_data_cannot_give():
+    """A transmitter calibrated 10 % high: with mean_b1 = 1.1 the field and R1 are recovered."""
+    r1, b1 = _block_volume(shape=(32, 32, 32))
+    b1 = 1.1 * b1 / b1.mean()
+    mask = np.ones(r1.shape, bool)
+    signals = np.stack([spgr_signal(1000.0, r1, 0.0, a, TR, 0.0, b1=b1) for a in FLIPS], axis=-1)
+    estimate = estimate_b1_from_vfa(signals, FLIPS, TR, mask, voxel_size=(2.0, 2.0, 2.0), mean_b1=1.1)
+    assert float(np.mean(estimate.b1)) == pytest.approx(1.1, rel=1e-6)
+    assert np.median(np.abs(estimate.b1 / b1 - 1)) < 0.01
+    assert np.median(np.abs(estimate.r1 / r1 - 1)) < 0.02

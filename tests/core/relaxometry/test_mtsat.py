@@ -69,3 +69,22 @@ def test_bad_protocols_get_a_clear_error():
         mtsat(*signals, FLIPS[[0, 2, 1]], TRS)
     with pytest.raises(ValueError, match="positive seconds"):
         mtsat(*signals, FLIPS, (0.025, 0.0, 0.025))
+
+
+def test_exact_inversion_with_three_different_flip_angles_and_repetition_times():
+    # Equal TRs and equal MT/PD angles (the protocol above) hide any swap of TR or angle.
+    flips, trs = np.radians([5.0, 7.0, 18.0]), (0.031, 0.024, 0.019)
+    mt, pd, t1 = (_rational(flips[i], trs[i], R1, DELTA if i == 0 else 0.0) for i in range(3))
+    result = mtsat(mt, pd, t1, flips, trs)
+    np.testing.assert_allclose(result.mtsat, 100 * DELTA, rtol=1e-9)
+    np.testing.assert_allclose(result.r1, R1, rtol=1e-9)
+    np.testing.assert_allclose(result.amplitude, M0, rtol=1e-9)
+
+
+def test_non_positive_signals_and_non_positive_r1_give_nan():
+    mt, pd, t1 = _signals(_rational)
+    result = mtsat(np.array([0.0, -mt[1], mt[2]]), pd, t1, FLIPS, TRS)
+    assert np.isnan(result.mtsat[:2]).all() and np.isfinite(result.mtsat[2])
+    # a T1-weighted signal too large for the PD-weighted one (R1 < 0), e.g. misregistered images
+    swapped = mtsat(mt, pd, pd * FLIPS[2] / FLIPS[1] * 1.01, FLIPS, TRS)
+    assert np.isnan(swapped.mtsat).all() and np.isnan(swapped.r1).all()

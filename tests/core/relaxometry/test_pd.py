@@ -60,6 +60,9 @@ def test_receive_sensitivity_recovers_a_smooth_field_and_fills_low_signal_holes(
     print(f"\nRB1COR ratio, block phantom: median {100 * np.median(error):.2f} %, max {100 * error.max():.2f} %")
     assert np.median(error) < 0.005 and error.max() < 0.03
     assert abs(relative[20, 20, 18] - 1) < 0.02  # the hole is filled from its surroundings
+    # the documented scale: median 1 over the voxels used (the head without the sinus)
+    used = head_mask & (pd > 1.0)
+    assert np.median(estimate[used]) == pytest.approx(1.0, rel=1e-12)
 
 
 def test_receive_sensitivity_rejects_mismatched_or_empty_pairs():
@@ -84,6 +87,9 @@ def test_calibration_is_exact_with_the_true_receive_field(reference):
     m0 = 123.0 * pd * field
     result = calibrate_pd(m0, r1, np.ones(pd.shape, bool), receive=field, reference=reference)
     np.testing.assert_allclose(result.pd, pd, rtol=1e-9)
+    # another water content for the reference (e.g. CSF at 95 %) scales every voxel
+    own_reference = calibrate_pd(m0, r1, np.ones(pd.shape, bool), receive=field, reference=reference, reference_pd=95.0)
+    np.testing.assert_allclose(own_reference.pd, pd * 95.0 / TISSUE_PD[1 if reference == "csf" else 3], rtol=1e-9)
     with pytest.raises(ValueError, match="reference must be one of"):
         calibrate_pd(m0, r1, np.ones(pd.shape, bool), reference="gm")
 

@@ -55,8 +55,11 @@ def _check_n_coils(n_coils):
 
 def _check_sigma(sigma):
     sigma = np.asarray(sigma, dtype=float)
-    if np.any(~(sigma > 0)):
-        raise ValueError(f"sigma must be positive and finite, got min {np.nanmin(sigma)!r}")
+    bad = ~(np.isfinite(sigma) & (sigma > 0))
+    if np.any(bad):
+        raise ValueError(
+            f"sigma must be positive and finite, got {np.count_nonzero(bad)} values like {float(sigma[bad].flat[0])!r}"
+        )
     return sigma
 
 

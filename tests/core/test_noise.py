@@ -131,7 +131,7 @@ def test_invalid_arguments_raise():
 
 
 def test_zero_or_nan_sigma_is_rejected():
-    for bad in (0.0, np.nan, np.inf * -1):
+    for bad in (0.0, np.nan, np.inf * -1, np.inf, np.array([1.0, np.nan])):
         with pytest.raises(ValueError, match="sigma"):
             noise.magnitude_mean(1.0, bad)
 

@@ -101,8 +101,9 @@ class DenoiseCollection(SimpleInterface):
                 LOGGER.info("Noise map not estimated: %s", problem)
             else:
                 LOGGER.warning(
-                    "Denoising skipped: %s; the fits use the raw magnitude images (--denoise none says so "
-                    "without this warning)",
+                    "Denoising skipped for %s: %s; the fits use the raw magnitude images (--denoise none says "
+                    "so without this warning)",
+                    files[0],
                     problem,
                 )
             self._results["denoised_files"] = files

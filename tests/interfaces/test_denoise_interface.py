@@ -1,5 +1,7 @@
 """DenoiseCollection, and FitR2star on denoised data, as real Nipype nodes."""
 
+import logging
+
 import nibabel as nib
 import numpy as np
 
@@ -90,11 +92,14 @@ def test_zero_filled_background_of_integer_images(tmp_path):
     assert np.abs(noise_map[head] / 5.0 - 1).max() < 0.10
 
 
-def test_skull_stripped_images_pass_through_saying_the_background_is_zero_filled(tmp_path):
+def test_skull_stripped_images_pass_through_saying_the_background_is_zero_filled(tmp_path, caplog):
     files, *_ = _collection(tmp_path, sigma=3.0, kept=_collection_head())
-    result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
+    with caplog.at_level(logging.WARNING, logger="qmri_workflows.interfaces"):
+        result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
     assert result.denoised_files == files
     assert result.metadata["Denoising"].startswith("none: ") and "zero-filled" in result.metadata["Denoising"]
+    # the warning names the images, so that a user of many subjects knows which were not denoised
+    assert any("Denoising skipped" in r.getMessage() and files[0] in r.getMessage() for r in caplog.records)
 
 
 def _collection_head():

@@ -19,7 +19,7 @@ from nipype.interfaces.base import (
 )
 
 from ..core.masking import air_mask
-from ..core.noise import estimate_sigma_background, zero_filled_regions
+from ..core.noise import estimate_sigma_air, zero_filled_regions
 from ..core.r2star import (
     MIN_RESIDUAL_DOF,
     T2STAR_MIN_SIGNIFICANCE,
@@ -305,9 +305,11 @@ def _log_quality(counts, groups, signal, echo_times):
 def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
     """Noise SD per channel from the air around the head (see :func:`core.masking.air_mask`).
 
-    The median estimator is used: it is robust to the few ghosts or signal voxels that reach the air.
+    The median over blocks of the air (:func:`core.noise.estimate_sigma_air`) is robust to ghosts
+    and to the few signal voxels that reach the air.
     """
-    air = image[air_mask(image, voxel_size=voxel_size) & np.isfinite(image)]
+    in_air = air_mask(image, voxel_size=voxel_size) & np.isfinite(image)
+    air = image[in_air]
     if air.size < 100:
         zero_filled = np.count_nonzero(zero_filled_regions(image))
         reason = (
@@ -319,4 +321,4 @@ def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
         raise ValueError(
             f"only {air.size} air voxels to estimate the noise level from; {reason}: give noise_sigma explicitly"
         )
-    return float(estimate_sigma_background(air, n_coils=n_coils, method="median"))
+    return estimate_sigma_air(image, in_air, voxel_size=voxel_size, n_coils=n_coils)

@@ -13,6 +13,7 @@ spoiling bias that the R1 fit has without a B1+ map. Errors are measured in the 
 the truth folder.
 """
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +56,14 @@ class DenoisingCase:
     sigma_map: np.ndarray
     regions: dict
 
+    @functools.cached_property
     def air(self):
         """Mask of the air around the head in the first image."""
         return air_mask(self.images[..., 0], voxel_size=self.voxel_size)
 
     def air_sigma(self):
-        """Noise SD measured in the air (median estimator), as the App does."""
-        return noise.estimate_sigma_background(self.images[..., 0][self.air()], method="median")
+        """Noise SD measured in the air (median over blocks), as the App does."""
+        return noise.estimate_sigma_air(self.images[..., 0], self.air, voxel_size=self.voxel_size)
 
     def measured_noise_map(self):
         """The App's spatially varying noise map, anchored on the air's SD."""

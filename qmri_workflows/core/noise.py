@@ -266,7 +266,7 @@ def estimate_sigma_background(magnitude_background, *, n_coils=1, method="second
         raise ValueError(f"method must be 'second_moment', 'mean' or 'median', got {method!r}")
     step = _rounding_step(samples)
     if method == "second_moment":
-        return float(np.sqrt(max(np.mean(samples**2) - step**2 / 12.0, 0.0) / (2.0 * n_coils)))
+        return float(_sigma_from_mean_square(np.mean(samples**2), step, n_coils))
     if method == "mean":
         return float(np.mean(samples) / _mean_prefactor(n_coils))
     if step > 0:
@@ -276,6 +276,11 @@ def estimate_sigma_background(magnitude_background, *, n_coils=1, method="second
     # median of chi-square with 2N degrees of freedom, 2 P^-1(N, 1/2) (scipy.stats.chi2.ppf
     # computes the same; importing scipy.stats costs seconds in each worker process)
     return float(np.median(samples) / np.sqrt(2.0 * special.gammaincinv(n_coils, 0.5)))
+
+
+def _sigma_from_mean_square(mean_square, step, n_coils):
+    """``sqrt(E[M^2] / 2N)`` of noise-only magnitudes, less Sheppard's ``step^2 / 12`` of rounding."""
+    return np.sqrt(np.maximum(mean_square - step**2 / 12.0, 0.0) / (2.0 * n_coils))
 
 
 def _rounding_step(samples):
@@ -348,8 +353,9 @@ def estimate_sigma_air(image, air, *, voxel_size=(1.0, 1.0, 1.0), n_coils=1, blo
     """Noise SD per channel from the air of an image, robust to ghosts: the median over blocks.
 
     Ghosts of the head (Nyquist and motion ghosts, shifted along the phase-encoding direction) lie
-    in the air as bands of signal. An estimator over all air voxels moves with the fraction they
-    cover: the median by +19 % when a bright ghost fills 20 % of the air. Here the air is cut into
+    in the air as bands of signal; those of 1-2 noise SDs are too faint for an air mask to leave
+    out. An estimator over all air voxels moves with the fraction they cover: the median by +11 %
+    for a ghost of 2 SDs over a fifth of the air (tests/core/test_noise.py). Here the air is cut into
     cubes of about ``block_mm``; each cube with at least ``min_block_voxels`` air voxels gives its
     own estimate (the second moment, :func:`estimate_sigma_background`, with Sheppard's correction
     for integer-stored values), and the median over cubes is returned: ghost-free cubes decide as
@@ -390,9 +396,7 @@ def estimate_sigma_air(image, air, *, voxel_size=(1.0, 1.0, 1.0), n_coils=1, blo
     kept = counts >= int(min_block_voxels)
     if np.count_nonzero(kept) < 5:
         return estimate_sigma_background(values, n_coils=n_coils, method="median")
-    step = _rounding_step(values)
-    block_power = power[kept] / counts[kept] - step**2 / 12.0
-    return float(np.sqrt(max(np.median(block_power), 0.0) / (2.0 * n_coils)))
+    return float(_sigma_from_mean_square(np.median(power[kept] / counts[kept]), _rounding_step(values), n_coils))
 
 
 def estimate_sigma_piesno(images, *, n_coils=1, alpha=0.01, max_iterations=100):

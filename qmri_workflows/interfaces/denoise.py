@@ -19,11 +19,10 @@ from nipype.interfaces.base import (
 )
 
 from ..core.denoise import multispectral_nlmeans, nlmeans_volumes
-from ..core.masking import air_mask
-from ..core.noise import estimate_effective_coils, estimate_sigma_map
+from ..core.noise import estimate_effective_coils, estimate_sigma_air, estimate_sigma_map
 from ..io.derivatives import write_nifti
 from ..io.images import load_volume, load_volumes
-from .r2star import estimate_noise_from_air
+from .r2star import air_voxels
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
@@ -70,7 +69,8 @@ class DenoiseCollection(SimpleInterface):
     """Estimate the noise and denoise every magnitude image of a collection.
 
     The global noise SD and the effective number of coils are measured in the air of the first
-    image (:func:`~qmri_workflows.interfaces.r2star.estimate_noise_from_air`,
+    image (:func:`~qmri_workflows.interfaces.r2star.air_voxels`,
+    :func:`qmri_workflows.core.noise.estimate_sigma_air`,
     :func:`qmri_workflows.core.noise.estimate_effective_coils`); the noise map by the homomorphic
     approach on all images (:func:`qmri_workflows.core.noise.estimate_sigma_map`). Non-local means
     (:mod:`qmri_workflows.core.denoise`) with that map then gives the bias-corrected amplitude.
@@ -92,7 +92,9 @@ class DenoiseCollection(SimpleInterface):
         n_coils = self.inputs.n_coils
         metadata = {"DenoisingMethod": self.inputs.method}
         try:
-            sigma = estimate_noise_from_air(images[..., 0], voxel_size=voxel_size, n_coils=n_coils)
+            # the air is found once: the effective number of coils below is measured in it too
+            in_air = air_voxels(images[..., 0], voxel_size=voxel_size)
+            sigma = estimate_sigma_air(images[..., 0], in_air, voxel_size=voxel_size, n_coils=n_coils)
             if not (sigma > 0 and np.isfinite(sigma)):
                 raise ValueError("the air holds no noise (simulated data?)")
         except ValueError as error:
@@ -118,8 +120,7 @@ class DenoiseCollection(SimpleInterface):
             metadata.update({"Denoising": "none", "NoiseStandardDeviationAir": float(sigma)})
             self._results["metadata"] = metadata
             return runtime
-        air = images[..., 0][air_mask(images[..., 0], voxel_size=voxel_size) & np.isfinite(images[..., 0])]
-        n_effective, sigma_effective = estimate_effective_coils(air)
+        n_effective, sigma_effective = estimate_effective_coils(images[..., 0][in_air])
         sigma_map = self._noise_map(images, n_coils, sigma, voxel_size)
         radii = {"patch_radius": self.inputs.patch_radius, "search_radius": self.inputs.search_radius}
         if self.inputs.method == "nlm":

@@ -302,15 +302,17 @@ def _log_quality(counts, groups, signal, echo_times):
             )
 
 
-def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
-    """Noise SD per channel from the air around the head (see :func:`core.masking.air_mask`).
+def air_voxels(image, *, voxel_size):
+    """Finite air voxels around the head (:func:`core.masking.air_mask`), at least 100 of them.
 
-    The median over blocks of the air (:func:`core.noise.estimate_sigma_air`) is robust to ghosts
-    and to the few signal voxels that reach the air.
+    Raises
+    ------
+    ValueError
+        With fewer, saying whether the background is zero-filled or the field of view too tight.
     """
     in_air = air_mask(image, voxel_size=voxel_size) & np.isfinite(image)
-    air = image[in_air]
-    if air.size < 100:
+    n_air = np.count_nonzero(in_air)
+    if n_air < 100:
         zero_filled = np.count_nonzero(zero_filled_regions(image))
         reason = (
             f"the background is zero-filled ({zero_filled} voxels of exact zeros, which hold no noise: "
@@ -319,6 +321,16 @@ def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
             else "the field of view holds too little air around the head"
         )
         raise ValueError(
-            f"only {air.size} air voxels to estimate the noise level from; {reason}: give noise_sigma explicitly"
+            f"only {n_air} air voxels to estimate the noise level from; {reason}: give noise_sigma explicitly"
         )
+    return in_air
+
+
+def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
+    """Noise SD per channel from the air around the head (:func:`air_voxels`).
+
+    The median over blocks of the air (:func:`core.noise.estimate_sigma_air`) is robust to ghosts
+    and to the few signal voxels that reach the air.
+    """
+    in_air = air_voxels(image, voxel_size=voxel_size)
     return estimate_sigma_air(image, in_air, voxel_size=voxel_size, n_coils=n_coils)

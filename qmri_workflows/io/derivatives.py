@@ -292,9 +292,10 @@ def _cast(data, dtype):
         if data.dtype.kind == "f" and data.dtype.itemsize > dtype.itemsize and data.size:
             # a finite value beyond the target's range would be written as inf, silently
             limit = float(np.finfo(dtype).max)
-            largest = float(np.nanmax(np.abs(np.where(np.isfinite(data), data, 0))))
+            magnitudes = np.abs(data[np.isfinite(data)])
+            largest = float(np.max(magnitudes, initial=0.0))
             if largest > limit:
-                n_over = int(np.count_nonzero(np.isfinite(data) & (np.abs(data) > limit)))
+                n_over = int(np.count_nonzero(magnitudes > limit))
                 raise ValueError(
                     f"cannot cast {n_over} finite values up to {largest:.3g} (array shape {data.shape}) to {dtype}, "
                     f"whose largest value is {limit:.3g}: they would be stored as inf"

@@ -40,12 +40,12 @@ def phantom(tmp_path_factory):
 
 def test_global_noise_estimates_within_10_percent(phantom):
     images, true_map = phantom.images, phantom.sigma_map
-    air = phantom.air()
+    air = phantom.air
     sigma = phantom.air_sigma()
     true_air = float(np.median(true_map[air]))
     piesno = noise.estimate_sigma_piesno(images)
     n_effective, sigma_effective = noise.estimate_effective_coils(images[..., 0][air])
-    print(f"\nnoise SD in the air: true {true_air:.3f}, median estimator {sigma:.3f}, PIESNO {piesno:.3f}, "
+    print(f"\nnoise SD in the air: true {true_air:.3f}, median over air blocks {sigma:.3f}, PIESNO {piesno:.3f}, "
           f"moments {sigma_effective:.3f} with {n_effective:.2f} effective coils")  # fmt: skip
     assert sigma == pytest.approx(true_air, rel=0.10)
     assert piesno == pytest.approx(true_air, rel=0.10)

@@ -16,8 +16,9 @@ this truth on the fine grid; its written truth is the block average, which its i
 reduced, with partial volume and intravoxel dephasing) match only away from edges: see
 ``label_fraction`` and the interior masks.
 
-Below 1 mm (:data:`~.fields.FIELD_GRID_MM`) the B0 field is computed by the dipole model on a grid of
-about 1 mm and interpolated (memory; see ``_b0_fields``). Air has PD = 0 and all parameters 0; the outermost scalp
+Below 1 mm (:data:`~.fields.FIELD_GRID_MM`) the dipole transforms of the B0 field run on a grid of
+about 1 mm, one per polyphase component, and give the field at every fine voxel (memory; see
+``_b0_fields``). Air has PD = 0 and all parameters 0; the outermost scalp
 voxels (tissue fraction < 0.5, outside ``head_mask``) keep their partial-volume values.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .anatomy import LocalFraction, build_anatomy
 from .fields import (
@@ -35,7 +35,6 @@ from .fields import (
     body_receive_sensitivity,
     phase_offset,
     receive_sensitivity,
-    shim_residual,
     transmit_field,
 )
 from .tissues import BRAIN_LABELS, COMPARTMENT_LABELS, LABELS, LESION_LABELS, tissue_parameters
@@ -362,24 +361,20 @@ def lesion_instances(dseg, affine, lesions):
 
 
 def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, direction, seed):
-    """B0 fields on the phantom grid, computed on a grid no finer than :data:`FIELD_GRID_MM`.
+    """B0 fields on the phantom grid, with transforms on a grid no finer than :data:`FIELD_GRID_MM`.
 
-    On a finer grid (an oversampled phantom) the fields of the fine maps are brought to the grid
-    ``factor = round(FIELD_GRID_MM / voxel_size)`` times coarser by a k-space crop
-    (:func:`~.fields.band_limited_field`: the fine spectrum at the coarse frequencies, never the
-    coarse grid's own discrete model) and interpolated back (trilinear). The dipole FFT of a 0.5 mm
-    head with its zero padding would need about 6 GB; the interpolated field keeps the macroscopic
-    gradients that dephase the spins inside a voxel, and loses only field structure finer than the
-    field grid next to sharp susceptibility boundaries. The linear shim and the centre frequency
-    (mean total field over the brain = 0) are
-    exact on the phantom grid.
+    On a finer grid (an oversampled phantom) the dipole transforms run on the grid
+    ``factor = round(FIELD_GRID_MM / voxel_size)`` times coarser, one per polyphase component of
+    the fine maps, and the field is assembled at every fine voxel
+    (:func:`~.fields.fine_grid_field`): the same field as one transform of the fine grid (the
+    continuous kernel at all its frequencies), in half its memory. A k-space crop to the coarse
+    grid followed by interpolation, as earlier versions did, rang with a period of two coarse
+    voxels next to the air-tissue jumps of the field; a 1 mm voxel does not average that ripple
+    away, and its non-harmonic part, larger than the brain's own field variations, reached deep into
+    the brain of the 1 mm phantom.
     """
     factor = max(1, int(round(FIELD_GRID_MM / voxel_size)))
-    if factor == 1:
-        return b0_fields(
-            chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, b0_direction=direction, seed=seed
-        )
-    _, background, local = b0_fields(
+    return b0_fields(
         chi,
         tissue_fraction,
         brain_mask,
@@ -388,28 +383,5 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
         affine,
         b0_direction=direction,
         seed=seed,
-        factor=factor,
+        polyphase=factor,
     )
-    shape = chi.shape
-
-    def upsample(coarse):
-        # fine voxel i lies at coarse coordinate (i - (factor - 1) / 2) / factor
-        return ndimage.affine_transform(
-            coarse,
-            np.full(3, 1.0 / factor),
-            offset=-(factor - 1) / (2.0 * factor),
-            output_shape=shape,
-            order=1,
-            mode="nearest",
-            output=np.float32,
-        )
-
-    background = upsample(background)
-    local = upsample(local)
-    total = local + background
-    total += shim_residual(shape, affine, centre_mm, seed=seed)
-    # centre frequency on the brain of this grid
-    offset = np.float32(total[brain_mask].mean())
-    total -= offset
-    background -= offset
-    return total, background, local

@@ -99,9 +99,11 @@ def local_field_of_region(data, region, *, demean=True):
     on the 2 mm phantom). With ``demean`` the region's mean susceptibility is removed first: chi is
     known up to a constant, and the field of a uniform region is harmonic inside it, so no
     background removal can tell it from the background. Computed from the fine map with the
-    phantom's own fair model (:func:`~qmri_workflows.phantom.fields.band_limited_field`).
+    phantom's own field model: the field at every fine voxel, as the phantom's B0
+    (:func:`~qmri_workflows.phantom.fields.fine_grid_field`), averaged over each data voxel, as the
+    simulated signal is.
     """
-    from qmri_workflows.phantom.fields import band_limited_field
+    from qmri_workflows.phantom.fields import FIELD_GRID_MM, fine_grid_field
 
     factor = data["oversample"]
     chi = data["chi_fine"]
@@ -109,9 +111,11 @@ def local_field_of_region(data, region, *, demean=True):
     fine_region = fine_region[: chi.shape[0], : chi.shape[1], : chi.shape[2]] & data["brain_mask_fine"]
     if demean:
         chi = chi - np.float32(chi[fine_region].mean())
-    return band_limited_field(
-        np.where(fine_region, chi, 0), data["fine_voxel_size"], factor, b0_direction=data["b0_direction"]
+    polyphase = max(1, int(round(FIELD_GRID_MM / data["fine_voxel_size"])))
+    field = fine_grid_field(
+        np.where(fine_region, chi, 0), data["fine_voxel_size"], polyphase, b0_direction=data["b0_direction"]
     )
+    return block_average(field, factor).astype(np.float32)[: region.shape[0], : region.shape[1], : region.shape[2]]
 
 
 def write_gre(data, folder):

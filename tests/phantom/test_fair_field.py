@@ -106,3 +106,84 @@ def test_neck_extension_adds_the_field_of_sources_below_the_grid():
     assert not np.allclose(cut[:, :, 6:12], continued[:, :, 6:12], atol=1e-3)
     infinite_inside = 1.0 / 3.0  # an infinite column along B0: chi / 6 (3 - 1)
     assert abs(continued[16, 16, 0] - infinite_inside) < abs(cut[16, 16, 0] - infinite_inside)
+
+
+def _fine_transform_field(maps, voxel_mm, factor, pad, extend_low, b0):
+    """The field by one transform of the whole fine grid: what ``fine_grid_field`` must equal.
+
+    The fine grid is ``factor`` times the padded coarse grid of ``fine_grid_field``; the map is
+    edge-padded to a multiple of ``factor`` and continued below index 0 by its first slice. At a
+    Nyquist frequency the kernel is the mean over both signs of that component (written out here
+    from ``1/3 - (k.b)^2 / k^2``).
+    """
+    import itertools
+
+    import scipy.fft
+
+    coarse = [-(-n // factor) for n in maps.shape]
+    lengths = [factor * scipy.fft.next_fast_len(c + e + 2 * p, real=True) for c, e, p in zip(coarse, extend_low, pad)]
+    extended = np.pad(
+        maps, [(factor * e, factor * c - n) for e, c, n in zip(extend_low, coarse, maps.shape)], mode="edge"
+    )
+    grid = np.zeros(lengths)
+    grid[tuple(slice(factor * p, factor * p + m) for p, m in zip(pad, extended.shape))] = extended
+    axes = [np.fft.fftfreq(n, d=voxel_mm) for n in lengths]
+    k = np.stack(np.meshgrid(*axes, indexing="ij"))
+    nyquist = np.stack(np.meshgrid(*[2 * np.arange(n) == n for n in lengths], indexing="ij"))
+    kernel = np.zeros(lengths)
+    signs = list(itertools.product(*[(1, -1) if any(2 * np.arange(n) == n) else (1,) for n in lengths]))
+    k_squared = np.where((k**2).sum(0) > 0, (k**2).sum(0), 1.0)
+    for sign in signs:
+        flipped = np.stack([np.where(nyquist[a], s * k[a], k[a]) for a, s in enumerate(sign)])
+        kernel += 1 / 3 - np.einsum("a...,a->...", flipped, b0) ** 2 / k_squared
+    kernel /= len(signs)
+    kernel[0, 0, 0] = 0.0
+    field = np.real(np.fft.ifftn(np.fft.fftn(grid) * kernel))
+    start = [factor * (p + e) for p, e in zip(pad, extend_low)]
+    return field[tuple(slice(s, s + n) for s, n in zip(start, maps.shape))]
+
+
+@pytest.mark.parametrize(
+    "shape, factor, pad, extend_low",
+    [
+        ((20, 22, 18), 2, (5, 6, 5), (0, 0, 0)),
+        ((21, 17, 19), 2, (5, 4, 6), (0, 0, 4)),  # odd lengths: edge-padded to a multiple
+        ((18, 19, 22), 3, (3, 4, 3), (0, 2, 3)),
+    ],
+)
+def test_fine_grid_field_equals_one_transform_of_the_fine_grid(shape, factor, pad, extend_low):
+    from qmri_workflows.phantom.fields import fine_grid_field
+
+    rng = np.random.default_rng(sum(shape))
+    maps = rng.normal(size=shape).astype(np.float32)  # white: every frequency, Nyquist included
+    b0 = _direction(35.0)
+    expected = _fine_transform_field(maps.astype(float), 0.5, factor, pad, extend_low, b0)
+    field = fine_grid_field(maps, 0.5, factor, b0_direction=b0, pad=pad, extend_low=extend_low)
+    assert field.shape == shape and field.dtype == np.float32
+    np.testing.assert_allclose(field, expected, atol=2e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("theta", [0.0, 55.0])
+def test_fine_grid_field_of_a_sphere_matches_the_closed_form_up_to_its_edge(theta):
+    """Without the crop's ringing the field matches the closed form right up to the edge.
+
+    On the fine grid the field is that of the voxelised sphere (the closed form averaged over each
+    fine voxel is the reference). From 1 mm (two fine voxels) off its surface the error stays below
+    3 % of chi at worst and 0.1 % RMS; the crop to 1 mm reaches 3.5 % and 0.18 % RMS even from 2 mm
+    off (test_sphere_field_is_zero_inside_and_dipolar_outside).
+    """
+    from qmri_workflows.phantom.fields import fine_grid_field
+
+    b0 = _direction(theta)
+    radius, chi = 6.3, 1.0
+    chi_fine, expected = sample((2 * N,) * 3, FINE_MM, [("sphere", dict(centre=CENTRE, radius=radius, chi=chi))], b0)
+    field = fine_grid_field(chi_fine, FINE_MM, FACTOR, b0_direction=b0)
+    points = np.stack(np.meshgrid(*[np.arange(2 * N) * FINE_MM for _ in range(3)], indexing="ij"))
+    distance = np.abs(np.sqrt(((points - CENTRE.reshape(3, 1, 1, 1)) ** 2).sum(0)) - radius)
+    away = distance > 1.0
+    error = np.abs(field - expected)[away]
+    print(
+        f"\nsphere at {theta:g} deg, fine grid field: max error {error.max():.4f}, RMS {np.sqrt(np.mean(error**2)):.4f}"
+    )
+    assert error.max() < 0.03 * chi
+    assert np.sqrt(np.mean(error**2)) < 0.001 * chi

@@ -445,29 +445,22 @@ def test_label_fraction_marks_partial_volume(patient4):
     assert 0 < p.label_fraction[centre] <= 1
 
 
-def test_field_below_the_field_grid_is_interpolated(control4, monkeypatch):
-    """Below FIELD_GRID_MM (1 mm) the dipole field is computed on a coarser grid and interpolated.
+def test_field_below_the_field_grid_is_the_fine_grids_own(control4, monkeypatch):
+    """Below FIELD_GRID_MM (1 mm) the dipole transforms run on a coarser grid (polyphase).
 
-    Exercised cheaply at 4 mm with the field grid moved to 8 mm (the 0.5 mm phantom takes minutes).
+    The field assembled at every fine voxel must be the one a single transform of the fine grid
+    gives. Exercised cheaply at 4 mm with the field grid moved to 8 mm (the 0.5 mm phantom takes
+    minutes); the fields span 3.4 ppm in the brain.
     """
-    from scipy import ndimage
-
     from qmri_workflows.phantom import truth as truth_module
 
     monkeypatch.setattr(truth_module, "FIELD_GRID_MM", 8.0)
-    interpolated = make_phantom(resolution=4.0, subject="control", seed=0)
+    assembled = make_phantom(resolution=4.0, subject="control", seed=0)
     reference = control4
     brain = reference.brain_mask
-    # total = local + background + the linear shim, centre frequency on the brain of this grid
-    shim = interpolated.b0_ppm - interpolated.local_field_ppm - interpolated.background_field_ppm
-    expected_shim = reference.b0_ppm - reference.local_field_ppm - reference.background_field_ppm
-    np.testing.assert_allclose(shim - shim[brain].mean(), expected_shim - expected_shim[brain].mean(), atol=1e-5)
-    assert abs(interpolated.b0_ppm[brain].mean()) < 1e-5
-    # the smooth background field is close to the one computed on the grid itself
-    deep = ndimage.binary_erosion(brain, iterations=3)
-    difference = interpolated.background_field_ppm[deep] - reference.background_field_ppm[deep]
-    assert np.median(np.abs(difference - np.median(difference))) < 0.05
-    assert not np.array_equal(interpolated.local_field_ppm, reference.local_field_ppm)
+    for name in ("b0_ppm", "background_field_ppm", "local_field_ppm"):
+        np.testing.assert_allclose(getattr(assembled, name)[brain], getattr(reference, name)[brain], atol=1e-5)
+    assert abs(assembled.b0_ppm[brain].mean()) < 1e-5
 
 
 def test_b0_is_sum_of_parts(patient4):

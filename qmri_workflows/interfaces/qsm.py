@@ -83,7 +83,10 @@ BACKGROUND_ALGORITHMS = {
     "lbv": "Laplacian boundary value (LBV)",
 }
 INVERSION_ALGORITHMS = {
-    "tv": "total-variation inversion by ADMM (FANSI-like), non-linear magnitude-weighted data term",
+    "tv": (
+        "total-variation inversion by ADMM (FANSI-like), non-linear magnitude-weighted data term; total "
+        "variation in the QSM mask only, sources around it free (they absorb residual background)"
+    ),
     "tkd": "truncated k-space division (threshold 0.19) with correction of its underestimation",
     "l2": "closed-form L2 inversion with gradient regularisation",
     "ilsqr": "iLSQR (LSQR with streaking estimation and removal), magnitude-weighted",

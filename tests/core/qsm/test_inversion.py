@@ -168,3 +168,35 @@ def test_bad_input():
     field[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="not finite"):
         invert_l2_gradient(field, mask)
+
+
+def test_tv_recovers_the_field_background_removal_took_from_an_edge_vein():
+    """Free sources around the mask take up the harmonic part LBV removed from the local field.
+
+    A vein-like cylinder (0.45 ppm) runs just inside the mask's edge, as the superior sagittal sinus
+    does in a head. LBV on the exact local field removes the harmonic extension of its edge values,
+    part of the vein's own field. With the total variation in the mask only (the default) the
+    inversion puts that part back on sources outside the mask and keeps the vein: NRMSE 14.4 %
+    against 12.9 % without vein or LBV. With the same total variation outside: 20.4 %.
+    """
+    from qmri_workflows.core.qsm import remove_background_lbv
+
+    mask = ball((N,) * 3, CENTRE, 27)
+    vein = ("cylinder", dict(point_on_axis=CENTRE + (0, -24, 0), axis=(1, 0, 0.2), radius=1.5, chi=0.45))
+    chi, field = _phantom(MIX + [vein], OBLIQUE)
+    local, interior = remove_background_lbv(field, mask)
+    free = invert_tv_admm(local, interior, b0_direction=OBLIQUE, phase_scale=PHASE_SCALE)
+    same = invert_tv_admm(local, interior, b0_direction=OBLIQUE, phase_scale=PHASE_SCALE, outside_regularization=1.0)
+    free_error, same_error = nrmse(free, chi, interior), nrmse(same, chi, interior)
+    print(f"\nedge vein after LBV: TV NRMSE {free_error:.1f} % (free outside), {same_error:.1f} % (same TV outside)")
+    assert free_error < 0.8 * same_error
+    assert free_error < BOUNDS["tv_admm"]
+    assert np.all(free[~interior] == 0)
+
+
+def test_tv_refuses_a_negative_outside_regularization():
+    field = np.zeros((8, 8, 8), np.float32)
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:6, 2:6, 2:6] = True
+    with pytest.raises(ValueError, match="outside_regularization"):
+        invert_tv_admm(field, mask, data_term="linear", outside_regularization=-1.0)

@@ -693,7 +693,8 @@ def write_phantom_dataset(
         :mod:`qmri_workflows.phantom.simulate`), so that the images carry partial volume and
         intravoxel dephasing that the block-averaged truth does not model; 1 makes the truth the
         exact inverse of the signal model (fast plumbing tests). The fine truth takes about
-        60 bytes per fine voxel (4 GB for 1 mm at ``oversample=2``).
+        60 bytes per fine voxel (4 GB for 1 mm at ``oversample=2``); while it is built, the B0
+        field's transforms need about 4 GB more at that size (9.3 GB peak in all, measured).
     dtype : {"float32", "int16"}, optional
         Storage of the raw images.
     protocol : Protocol, optional

@@ -498,12 +498,12 @@ def fine_grid_field(maps, voxel_size, factor, *, b0_direction=(0, 0, 1), pad=Non
             del part
         # Slab by slab along the first axis: DFT over the offsets (the fine spectrum at p + j N),
         # the kernel at those fine frequencies, and the inverse DFT (the field's components).
-        slab = max(1, int(2**24 // max(1, factor**3 * half[1] * half[2])))
+        slab = max(1, int(2**22 // max(1, factor**3 * half[1] * half[2])))
         for start in range(0, half[0], slab):
             stop = min(half[0], start + slab)
             block = spectra[:, :, :, start:stop]
             if factor > 1:
-                block = np.fft.fftn(block, axes=(0, 1, 2))
+                block = scipy.fft.fftn(block, axes=(0, 1, 2), workers=workers)
             for alias in offsets:
                 frequencies, nyquist = [], []
                 for axis, (lo, hi) in enumerate(((start, stop), (0, half[1]), (0, half[2]))):
@@ -514,7 +514,7 @@ def fine_grid_field(maps, voxel_size, factor, *, b0_direction=(0, 0, 1), pad=Non
                     nyquist.append(2 * q == length)
                 block[alias] *= _signed_kernel(frequencies, nyquist, direction)
             if factor > 1:
-                block = np.fft.ifftn(block, axes=(0, 1, 2))
+                block = scipy.fft.ifftn(block, axes=(0, 1, 2), workers=workers, overwrite_x=True)
             spectra[:, :, :, start:stop] = block
             del block
         for offset in offsets:

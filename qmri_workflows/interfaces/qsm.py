@@ -41,6 +41,7 @@ from ..core.qsm import (
     invert_l2_gradient,
     invert_tkd,
     invert_tv_admm,
+    mask_interior,
     ppm_to_hz,
     reference_to_region,
     reliable_edge_mask,
@@ -382,7 +383,12 @@ class _RemoveBackgroundOutputSpec(TraitedSpec):
 
 
 class RemoveBackground(SimpleInterface):
-    """Local field (Hz) from the total field: V-SHARP, PDF or LBV (:mod:`qmri_workflows.core.qsm`)."""
+    """Local field (Hz) from the total field: V-SHARP, PDF or LBV (:mod:`qmri_workflows.core.qsm`).
+
+    The local mask leaves out the QSM mask's boundary layer for PDF and LBV
+    (:func:`~qmri_workflows.core.qsm.mask_interior`) and the voxels nearer its edge than the
+    smallest kernel for V-SHARP.
+    """
 
     input_spec = _RemoveBackgroundInputSpec
     output_spec = _RemoveBackgroundOutputSpec
@@ -406,7 +412,7 @@ class RemoveBackground(SimpleInterface):
                 workers=workers,
                 b0_direction=b0_direction_from_affine(reference.affine),
             )
-            local_mask = mask
+            local_mask = mask_interior(mask)
         else:
             # Conjugate gradients on a sparse system: BLAS threads only fight over the cores there
             # (10.4 s with OpenBLAS's threads, 1.8 s with one, 2 mm phantom on a busy machine).

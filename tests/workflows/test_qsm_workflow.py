@@ -147,8 +147,11 @@ ALTERNATIVES = [
 
 @pytest.mark.parametrize("options, expected", ALTERNATIVES, ids=["first", "second", "l2"])
 def test_every_option_changes_the_estimation_algorithm(tmp_path, options, expected):
-    raw = make_vfa_dataset(tmp_path / "raw", n_echoes=4)
-    derivatives = make_derivatives(tmp_path / "derivatives", tb1map=False, lesion_mask=False, brain_mask=False).root
+    # a head of 16 x 16 x 12 voxels: the CSF reference needs 10 CSF voxels inside the mask's interior
+    raw = make_vfa_dataset(tmp_path / "raw", n_echoes=4, shape=(16, 16, 12))
+    derivatives = make_derivatives(
+        tmp_path / "derivatives", tb1map=False, lesion_mask=False, brain_mask=False, shape=(20, 20, 16)
+    ).root
     assert _app(raw, tmp_path / "out", tmp_path / "work", "--derivatives", str(derivatives), *options) == 0
     sidecar = json.loads((tmp_path / "out" / "sub-01" / "anat" / "sub-01_Chimap.json").read_text())
     for text in expected:

@@ -14,6 +14,7 @@ Pure numpy/scipy on arrays; no file I/O.
 
 from .background import (
     erode_ball,
+    mask_interior,
     remove_background_lbv,
     remove_background_pdf,
     remove_background_vsharp,
@@ -36,6 +37,7 @@ __all__ = [
     "fit_field_complex",
     "erode_ball",
     "remove_background_vsharp",
+    "mask_interior",
     "remove_background_pdf",
     "remove_background_lbv",
     "invert_tkd",

@@ -39,7 +39,13 @@ from scipy.sparse import coo_matrix, diags
 
 from ._grid import PaddedGrid, check_mask_volume, check_volume, solve_lsqr
 
-__all__ = ["erode_ball", "remove_background_vsharp", "remove_background_pdf", "remove_background_lbv"]
+__all__ = [
+    "erode_ball",
+    "mask_interior",
+    "remove_background_vsharp",
+    "remove_background_pdf",
+    "remove_background_lbv",
+]
 
 # Convolution of a 0/1 mask with a normalised ball is 1 exactly where the whole ball is inside;
 # float32 FFT round-off stays far below this margin.
@@ -52,6 +58,17 @@ def _prepare(field, mask):
     if not np.all(np.isfinite(field[mask])):
         raise ValueError("field is not finite everywhere in the mask; exclude unreliable voxels from the mask")
     return field, mask
+
+
+def mask_interior(mask):
+    """The mask without its boundary layer (voxels with a face neighbour outside it).
+
+    Where a background removal cannot be trusted: LBV fixes the local field to 0 there, and PDF's
+    dipoles just outside the mask can take any value of it (on the 2 mm phantom of
+    ``tests/phantom/test_qsm_phantom.py`` PDF + TV reaches a chi NRMSE of 96 % over the whole
+    QSM mask and 41 % without its boundary layer).
+    """
+    return ndimage.binary_erosion(np.asarray(mask, dtype=bool), structure=ndimage.generate_binary_structure(3, 1))
 
 
 def erode_ball(mask, radius_mm, voxel_size=(1.0, 1.0, 1.0), *, workers=-1):
@@ -162,7 +179,9 @@ def remove_background_pdf(
 
     Solves ``min_x || W M (D * (1 - M) x - f) ||^2`` for a susceptibility ``x`` restricted to the
     outside of the mask (the padded box around it) by LSQR; the background is ``D * x``, the local
-    field ``f`` minus the background inside the mask.
+    field ``f`` minus the background inside the mask. On the mask's boundary layer the dipoles just
+    outside can fit any value, so the local field there is not to be trusted
+    (:func:`mask_interior`).
 
     Parameters
     ----------
@@ -282,7 +301,7 @@ def remove_background_lbv(field, mask, voxel_size=(1.0, 1.0, 1.0), *, tol=1e-6, 
     """
     field, mask = _prepare(field, mask)
     voxel_size = np.broadcast_to(np.asarray(voxel_size, dtype=float), (3,))
-    interior = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1))
+    interior = mask_interior(mask)
     if not interior.any():
         raise ValueError("the mask has no interior voxel; pass a larger mask")
     n_interior = int(interior.sum())

@@ -202,9 +202,9 @@ def test_local_field_nrmse(data, chain, method):
     what a source-free background would look like there, so it is removed with the background by
     LBV and V-SHARP (exactly the harmonic extension of the local field's values on the mask edge)
     and partly by PDF (the part that dipoles outside the mask fit). On this phantom the superior
-    sagittal sinus (+0.4 ppm, inside the intracranial mask, within a few mm of its surface) carries
-    about 70 % of the true local field's norm in the eroded mask and most of that loss; without it
-    LBV still loses about 28 % (2 mm data). That floor, not the background, keeps the issue 10
+    sagittal sinus (+0.4 ppm, inside the intracranial mask, within a few mm of its surface) and the
+    other veins carry 64 % of the true local field's norm in the eroded mask and most of that loss;
+    without the veins LBV still loses 33 % (2 mm data). That floor, not the background, keeps the issue 10
     target out of reach of these methods.
     """
     _, _, local, local_mask = chain["local"](method)

@@ -10,8 +10,8 @@ LBV and V-SHARP remove all of it (their local field is 0 on the edge); PDF keeps
 outside the mask cannot fit. It is large where strong sources lie just inside the edge: on the
 phantom of ``tests/phantom/test_qsm_phantom.py`` (2 mm) LBV applied to the exact local field alone
 (no background, no noise) loses 59 % of it (NRMSE in the mask eroded by 4 mm), mostly the field of
-the superior sagittal sinus that the QSM mask keeps, and 28 % without the sinus; V-SHARP loses 56 %
-and PDF 39 %. The TV inversion recovers much of it
+the superior sagittal sinus that the QSM mask keeps, and 33 % without the veins; V-SHARP loses 56 %
+and PDF 37 %. The TV inversion recovers much of it
 (:func:`~qmri_workflows.core.qsm.inversion.invert_tv_admm`, free sources outside the mask).
 Eroding the mask further or converging harder does not help (LBV on the mask eroded by one more
 voxel: 78 %; a 1e-9 conjugate-gradient tolerance changes the result by 0.01 %).

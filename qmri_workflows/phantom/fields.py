@@ -269,15 +269,13 @@ def b0_fields(
     sources = np.empty(chi.shape + (2,), dtype=np.float32)
     sources[..., 0] = chi + np.float32(CHI_WATER_PPM - CHI_AIR_PPM) * tissue_fraction
     sources[..., 1] = np.where(brain_mask, chi, 0)
-    factor = int(factor)
-    neck = int(round(NECK_EXTENSION_MM / (voxel_size * factor)))
-    if int(polyphase) > 1:
-        if factor != 1:
-            raise ValueError("b0_fields: give factor or polyphase, not both")
-        coarse_neck = int(round(NECK_EXTENSION_MM / (voxel_size * int(polyphase))))
-        fields = fine_grid_field(
-            sources, voxel_size, int(polyphase), b0_direction=b0_direction, extend_low=(0, 0, coarse_neck)
-        )
+    factor, polyphase = int(factor), int(polyphase)
+    if factor > 1 and polyphase > 1:
+        raise ValueError("b0_fields: give factor or polyphase, not both")
+    # the neck in voxels of the grid the transforms run on
+    neck = int(round(NECK_EXTENSION_MM / (voxel_size * factor * polyphase)))
+    if polyphase > 1:
+        fields = fine_grid_field(sources, voxel_size, polyphase, b0_direction=b0_direction, extend_low=(0, 0, neck))
     else:
         fields = band_limited_field(sources, voxel_size, factor, b0_direction=b0_direction, extend_low=(0, 0, neck))
     del sources
@@ -469,6 +467,7 @@ def fine_grid_field(maps, voxel_size, factor, *, b0_direction=(0, 0, 1), pad=Non
     offsets = list(np.ndindex(factor, factor, factor))
     out = np.empty(fine + (stacked.shape[3],), dtype=np.float32)
     spectra = np.empty((factor, factor, factor) + half, dtype=np.complex64)
+    region = tuple(slice(p + e, p + e + n) for p, e, n in zip(pad, extend, coarse))
 
     def shift(offset, sign):
         """exp(sign 2 pi i p.s / (factor N)) as three broadcastable factors."""
@@ -525,7 +524,6 @@ def fine_grid_field(maps, voxel_size, factor, *, b0_direction=(0, 0, 1), pad=Non
                 part *= y[None, :, None]
                 part *= z[None, None, :]
             field = scipy.fft.irfftn(part, s=padded, workers=workers)
-            region = tuple(slice(p + e, p + e + n) for p, e, n in zip(pad, extend, coarse))
             values = field[region]
             target = out[offset[0] :: factor, offset[1] :: factor, offset[2] :: factor, map_index]
             target[...] = values[: target.shape[0], : target.shape[1], : target.shape[2]]

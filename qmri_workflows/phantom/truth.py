@@ -360,11 +360,20 @@ def lesion_instances(dseg, affine, lesions):
     return index
 
 
+def field_grid_factor(voxel_size):
+    """How many times coarser than a ``voxel_size`` grid the B0 field's transforms run.
+
+    ``round(FIELD_GRID_MM / voxel_size)``, at least 1: the polyphase factor of
+    :func:`~.fields.fine_grid_field` for the phantom's B0 (see ``_b0_fields``).
+    """
+    return max(1, int(round(FIELD_GRID_MM / voxel_size)))
+
+
 def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, *, direction, seed):
     """B0 fields on the phantom grid, with transforms on a grid no finer than :data:`FIELD_GRID_MM`.
 
     On a finer grid (an oversampled phantom) the dipole transforms run on the grid
-    ``factor = round(FIELD_GRID_MM / voxel_size)`` times coarser, one per polyphase component of
+    :func:`field_grid_factor` times coarser, one per polyphase component of
     the fine maps, and the field is assembled at every fine voxel
     (:func:`~.fields.fine_grid_field`): the same field as one transform of the fine grid (the
     continuous kernel at all its frequencies), in half its memory. A k-space crop to the coarse
@@ -373,7 +382,6 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
     away, and its non-harmonic part, larger than the brain's own field variations, reached deep into
     the brain of the 1 mm phantom.
     """
-    factor = max(1, int(round(FIELD_GRID_MM / voxel_size)))
     return b0_fields(
         chi,
         tissue_fraction,
@@ -383,5 +391,5 @@ def _b0_fields(chi, tissue_fraction, brain_mask, voxel_size, centre_mm, affine, 
         affine,
         b0_direction=direction,
         seed=seed,
-        polyphase=factor,
+        polyphase=field_grid_factor(voxel_size),
     )

@@ -103,7 +103,8 @@ def local_field_of_region(data, region, *, demean=True):
     (:func:`~qmri_workflows.phantom.fields.fine_grid_field`), averaged over each data voxel, as the
     simulated signal is.
     """
-    from qmri_workflows.phantom.fields import FIELD_GRID_MM, fine_grid_field
+    from qmri_workflows.phantom.fields import fine_grid_field
+    from qmri_workflows.phantom.truth import field_grid_factor
 
     factor = data["oversample"]
     chi = data["chi_fine"]
@@ -111,9 +112,11 @@ def local_field_of_region(data, region, *, demean=True):
     fine_region = fine_region[: chi.shape[0], : chi.shape[1], : chi.shape[2]] & data["brain_mask_fine"]
     if demean:
         chi = chi - np.float32(chi[fine_region].mean())
-    polyphase = max(1, int(round(FIELD_GRID_MM / data["fine_voxel_size"])))
     field = fine_grid_field(
-        np.where(fine_region, chi, 0), data["fine_voxel_size"], polyphase, b0_direction=data["b0_direction"]
+        np.where(fine_region, chi, 0),
+        data["fine_voxel_size"],
+        field_grid_factor(data["fine_voxel_size"]),
+        b0_direction=data["b0_direction"],
     )
     return block_average(field, factor).astype(np.float32)[: region.shape[0], : region.shape[1], : region.shape[2]]
 

@@ -102,12 +102,14 @@ def _ball_steps(radius_mm, voxel_size):
     Alternating 6-connected crosses and 26-connected cubes (an octahedron-cube Minkowski sum) is
     within ~15 % of a Euclidean ball in every direction and costs a few 3x3x3 passes instead of a
     distance transform. Axis i takes part in ``round(radius_mm / voxel_size[i])`` steps; at least
-    one step is made along the finest axis, so no operation is silently a no-op.
+    one step is made along the finest axis, so no operation is silently a no-op, and along every
+    axis as fine as it (to 0.1 %), so that the result does not depend on the storage order of an
+    isotropic grid.
     """
     voxel_size = np.asarray(voxel_size, dtype=float)
     counts = np.rint(float(radius_mm) / voxel_size).astype(int)
     if counts.max() < 1:
-        counts[np.argmin(voxel_size)] = 1
+        counts[voxel_size <= 1.001 * voxel_size.min()] = 1
     offsets = np.indices((3, 3, 3)) - 1
     steps = []
     for step in range(int(counts.max())):

@@ -176,7 +176,7 @@ def test_tv_recovers_the_field_background_removal_took_from_an_edge_vein():
     A vein-like cylinder (0.45 ppm) runs just inside the mask's edge, as the superior sagittal sinus
     does in a head. LBV on the exact local field removes the harmonic extension of its edge values,
     part of the vein's own field. With the total variation in the mask only (the default) the
-    inversion puts that part back on sources outside the mask and keeps the vein: NRMSE 14.4 %
+    inversion puts that part back on sources outside the mask and keeps the vein: NRMSE 14.6 %
     against 12.9 % without vein or LBV. With the same total variation outside: 20.4 %.
     """
     from qmri_workflows.core.qsm import remove_background_lbv

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from qmri_workflows.core import denoise, noise
 
@@ -269,3 +270,60 @@ def test_multispectral_weights_follow_the_documented_formula_at_an_interior_voxe
     expected = np.sqrt(np.maximum(weights @ np.array(moments) / weights.sum() - 2 * sigma**2, 0.0))
     result = denoise.multispectral_nlmeans(images, sigma, smoothing=smoothing)
     np.testing.assert_allclose(result[4, 4, 4], expected, rtol=1e-4)
+
+
+def test_multispectral_weights_use_the_projected_images_when_given_a_basis():
+    """The documented formula with the ``k`` projected channels in place of the ``C`` images."""
+    rng = np.random.default_rng(12)
+    images = rng.uniform(50.0, 150.0, (9, 9, 9, 8)).astype(np.float32)
+    basis = np.linalg.qr(rng.standard_normal((8, 3)))[0].astype(np.float32)
+    projected = images.astype(float) @ basis
+    sigma, smoothing, patch = 27.0, 0.7, 27
+    width = smoothing * np.sqrt(8.0 / (3 * patch))
+    centre = projected[3:6, 3:6, 3:6]
+    weights, moments = [], []
+    for dx in range(-2, 3):
+        for dy in range(-2, 3):
+            for dz in range(-2, 3):
+                neighbour = projected[3 + dx : 6 + dx, 3 + dy : 6 + dy, 3 + dz : 6 + dz]
+                distance = np.mean((centre - neighbour) ** 2) / sigma**2
+                weights.append(np.exp(-max(distance - 2.0, 0.0) / width))
+                moments.append(images[4 + dx, 4 + dy, 4 + dz].astype(float) ** 2)
+    weights = np.array(weights)
+    assert 0.05 < np.mean(weights) < 0.95
+    expected = np.sqrt(np.maximum(weights @ np.array(moments) / weights.sum() - 2 * sigma**2, 0.0))
+    result = denoise.multispectral_nlmeans(images, sigma, smoothing=smoothing, similarity_basis=basis)
+    np.testing.assert_allclose(result[4, 4, 4], expected, rtol=1e-4)
+
+
+def _low_rank_collection(n_images, rank, shape=(20, 22, 18), sigma=1.0, seed=13):
+    """``n_images`` images mixing ``rank`` smooth random maps, plus Gaussian noise of SD ``sigma``."""
+    rng = np.random.default_rng(seed)
+    maps = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 2.0) for _ in range(rank)], -1)
+    maps *= 20.0 / maps.std(axis=(0, 1, 2))
+    patterns = rng.standard_normal((rank, n_images))
+    images = maps @ patterns + sigma * rng.standard_normal(shape + (n_images,))
+    return images.astype(np.float32), patterns
+
+
+@pytest.mark.parametrize("noise_map_scale", [1.0, 0.8, 1.3])
+def test_signal_subspace_finds_the_components_that_carry_signal(noise_map_scale):
+    """Rank 3 in 12 images: 3 components spanning the mixing patterns, even with a noise map off by 30 %."""
+    images, patterns = _low_rank_collection(12, 3)
+    basis, eigenvalues = denoise.signal_subspace(images, noise_map_scale)
+    assert basis.shape == (12, 3)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
+    # every mixing pattern lies in the span of the basis
+    for pattern in patterns:
+        inside = basis @ (basis.T @ pattern)
+        assert np.linalg.norm(inside) > 0.999 * np.linalg.norm(pattern)
+    assert np.all(np.diff(eigenvalues) <= 1e-9)
+
+
+def test_signal_subspace_keeps_every_image_when_it_cannot_help():
+    few, _ = _low_rank_collection(4, 1)
+    assert np.array_equal(denoise.signal_subspace(few, 1.0)[0], np.eye(4))
+    full, _ = _low_rank_collection(8, 5)  # signal in more than half of the components
+    assert np.array_equal(denoise.signal_subspace(full, 1.0)[0], np.eye(8))
+    with pytest.raises(ValueError, match="similarity_basis must have shape"):
+        denoise.multispectral_nlmeans(few, 1.0, similarity_basis=np.eye(3))

@@ -303,8 +303,9 @@ def estimate_denoise_mem_gb(reference_file, n_volumes):
     """Memory (GB) of the denoising node for ``n_volumes`` images on the grid of ``reference_file``.
 
     About 6.5 float32 copies of the stack (the images, their copy in the mask's box, its padded and
-    squared channels-first copies, the output) plus the interpreter: measured 2.48 GiB for 16 volumes
-    of 1 mm (191 x 227 x 201; benchmarks/bench_denoise.py), for which this gives 3.9 GB.
+    squared channels-first copies, the output) plus the interpreter: measured 2.24 GiB for 16 volumes
+    of 1 mm (191 x 227 x 201; benchmarks/bench_denoise.py; dipy's per-volume NLM 2.56 GiB), for
+    which this gives 3.9 GB. The distances in the signal subspace need only a few channels more.
     """
     import nibabel as nib
     import numpy as np

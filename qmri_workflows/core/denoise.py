@@ -22,6 +22,11 @@ not model the noise floor again.
   and flip angles), from patch distances summed over the images (Manjon et al. 2009, Borrelli et
   al. 2015). With ``C`` images the distance of two truly similar patches is ``C`` times less noisy,
   so the weights separate structure from noise much better at the same cost per image.
+* :func:`restore_structure`: what a filter removed (its "method noise", Buades et al. 2005) should
+  be noise; where its local mean over neighbours of similar signal stands above the noise, it is
+  structure the weights mixed away (a small lesion), and a Wiener gain gives it back.
+* :func:`multispectral_denoise`: the package's default, :func:`signal_subspace`, then
+  :func:`multispectral_nlmeans` and :func:`restore_structure` in that subspace.
 
 References
 ----------
@@ -38,15 +43,30 @@ References
 """
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
-__all__ = ["correct_second_moment", "nlmeans_volumes", "multispectral_nlmeans", "signal_subspace"]
+from .noise import magnitude_mean
+
+__all__ = [
+    "correct_second_moment",
+    "multispectral_denoise",
+    "multispectral_nlmeans",
+    "nlmeans_volumes",
+    "restore_structure",
+    "signal_subspace",
+]
 
 #: Fewest images for which :func:`signal_subspace` separates signal from noise components: the
 #: median eigenvalue stands for the noise only while the signal takes fewer than half of them.
 MIN_IMAGES_FOR_SUBSPACE = 6
 #: A principal component is signal when its variance exceeds the noise's by this fraction.
 SUBSPACE_MARGIN = 0.2
+#: Gain of :func:`restore_structure`'s Wiener rule: a local residual is restored in proportion
+#: ``1 - threshold x (its expected noise power) / (its power)``.
+RESTORATION_THRESHOLD = 1.0
+#: Distance (noise SDs, in the signal subspace) at which :func:`restore_structure` weighs a neighbour's
+#: residual ``exp(-1/2)``: neighbours across an edge do not count.
+SIMILAR_SIGNAL = 1.0
 #: Voxels per block of the covariance sum (bounds the whitened copy's memory).
 _COVARIANCE_BLOCK = 1_000_000
 
@@ -381,3 +401,182 @@ def _slab_inverse_noise(region_sigma, z0, z1, patch_radius, scale):
     if np.ndim(region_sigma) == 0:
         return np.float32(scale / float(region_sigma) ** 2)
     return (scale / np.square(region_sigma[:, :, z0:z1])).astype(np.float32)
+
+
+def restore_structure(
+    images, denoised, sigma, *, basis=None, mask=None, n_coils=1, radius=2, threshold=RESTORATION_THRESHOLD
+):
+    """Give back what a denoiser removed where it is structure, not noise.
+
+    What a filter removes, ``M - E[M | denoised]``, should be noise alone. Where the weights mixed
+    a small structure (a lesion of a few dozen voxels) with its surroundings, the removed part
+    keeps the structure's difference, with the same sign over neighbouring voxels and over the
+    images. So the residuals, divided by the noise SD and projected on the collection's signal
+    subspace (``basis``, ``k`` components), are averaged over a cube of ``(2 r + 1)^3`` voxels of
+    the mask, each neighbour weighted by ``exp(-|s_j - s_i|^2 / (2 h^2))`` where ``s`` is the
+    denoised signal in the same units and ``h`` is :data:`SIMILAR_SIGNAL` (one noise SD): voxels
+    across an edge (the ventricle beside the caudate) do not dilute or bias the mean. With ``n``
+    the weights' effective number of voxels, ``n |mean|^2`` is ``s chi^2_k`` under noise alone;
+    the scale ``s`` is measured as its median over the mask divided by that of ``chi^2_k`` (a
+    filter's residuals are spatially anticorrelated, so ``s < 1``; structure is too rare to move
+    a median). Each voxel gets back the local mean residual times the Wiener gain
+    ``max(0, 1 - threshold k s / (n |mean|^2))``: nothing where the residual looks like noise,
+    almost all of it where it stands far above.
+
+    On the 2 mm phantom at SNR 20 (tests/workflows/test_denoise_phantom.py), after multispectral
+    NLM: the R2* / R1 / PD contrasts of a 43-voxel lesion with white matter change by -1 / -2 /
+    -2 % instead of -14 / -8 / -11 %, for an R2* RMSE of 0.84 instead of 0.79 1/s (per-volume
+    dipy NLM 1.01, none 3.66). A plain cube mean (``h`` infinite) gave -4 / -5 / -6 % at 0.88 1/s
+    with ``r = 1``; ``r = 3`` gives -2 / -3 / -3 % at 0.81 1/s for 3 times the time of ``r = 2``.
+
+    Parameters
+    ----------
+    images : ndarray, shape (X, Y, Z, C)
+        The magnitudes given to the denoiser.
+    denoised : ndarray, shape (X, Y, Z, C)
+        Its bias-corrected amplitudes.
+    sigma : float or ndarray, shape (X, Y, Z)
+        Per-channel noise SD.
+    basis : ndarray, shape (C, k), optional
+        Orthonormal columns (:func:`signal_subspace`); every image by default.
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels restored, and the only ones whose residuals count.
+    n_coils : int, optional
+        RSS-combined channels: ``E[M | A]`` is the non-central chi mean
+        (:func:`qmri_workflows.core.noise.magnitude_mean`).
+    radius : int, optional
+        Half-width of the averaging cube, in voxels.
+    threshold : float, optional
+        Multiplies the expected noise power in the gain (1: Wiener; larger: restores less).
+
+    Returns
+    -------
+    restored : ndarray, shape (X, Y, Z, C), float32
+        ``denoised`` with the gained local residual added inside the mask (at least 0).
+    restored_fraction : float
+        Fraction of the mask's voxels given back something.
+    """
+    images = np.asarray(images, dtype=np.float32)
+    denoised = np.asarray(denoised, dtype=np.float32)
+    if images.ndim != 4 or denoised.shape != images.shape:
+        raise ValueError(
+            f"images and denoised must share one shape (X, Y, Z, C), got {images.shape} and {denoised.shape}"
+        )
+    if not (threshold > 0 and radius >= 1):
+        raise ValueError(f"threshold must be > 0 and radius >= 1, got {threshold!r} and {radius!r}")
+    shape, n_images = images.shape[:3], images.shape[-1]
+    basis = np.eye(n_images, dtype=np.float32) if basis is None else np.asarray(basis, dtype=np.float32)
+    if basis.ndim != 2 or basis.shape[0] != n_images:
+        raise ValueError(f"basis must have shape ({n_images}, k), got {basis.shape}")
+    sigma = _sigma_array(sigma, shape)
+    box, mask = _mask_box(mask, shape, radius)
+    inside = mask[box]
+    local_sigma = (sigma[box][inside] if sigma.ndim else np.full(np.count_nonzero(inside), sigma)).astype(np.float64)
+    # whitened residuals, projected image by image (no (voxels, C) float64 copy)
+    projected = np.zeros((np.count_nonzero(inside), basis.shape[1]))
+    for c in range(n_images):
+        measured = np.nan_to_num(images[box][..., c][inside], nan=0.0, posinf=0.0, neginf=0.0)
+        expected = magnitude_mean(denoised[box][..., c][inside], local_sigma, n_coils=n_coils)
+        projected += np.outer((measured - expected) / local_sigma, basis[c])
+    # local weighted mean of the residuals over the cube, each neighbour weighted by how close its
+    # denoised signal is to the centre's (an edge's other side does not count)
+    n_signal = basis.shape[1]
+    signal = np.zeros((n_signal,) + inside.shape, dtype=np.float32)  # channels first: contiguous slices
+    residual = np.zeros_like(signal)
+    whitened_signal = np.stack([denoised[box][..., c][inside] for c in range(n_images)], -1) @ basis
+    for j in range(n_signal):
+        signal[j][inside] = whitened_signal[:, j] / local_sigma
+        residual[j][inside] = projected[:, j]
+    del whitened_signal, projected
+    pad = [(0, 0)] + [(radius, radius)] * 3
+    signal_padded, residual_padded = np.pad(signal, pad), np.pad(residual, pad)
+    inside_padded = np.pad(inside, radius).astype(np.float32)
+    weight_sum = np.zeros(inside.shape, dtype=np.float32)
+    square_sum = np.zeros(inside.shape, dtype=np.float32)
+    local_mean = np.zeros_like(signal)
+    distance, difference, weight = (np.empty(inside.shape, dtype=np.float32) for _ in range(3))
+    nx, ny, nz = inside.shape
+    scale = np.float32(-0.5 / SIMILAR_SIGNAL**2)
+    for dx in range(2 * radius + 1):
+        for dy in range(2 * radius + 1):
+            for dz in range(2 * radius + 1):
+                window = (slice(dx, dx + nx), slice(dy, dy + ny), slice(dz, dz + nz))
+                distance[...] = 0.0
+                for j in range(n_signal):
+                    np.subtract(signal_padded[j][window], signal[j], out=difference)
+                    np.multiply(difference, difference, out=difference)
+                    distance += difference
+                np.multiply(distance, scale, out=weight)
+                np.exp(weight, out=weight)
+                weight *= inside_padded[window]
+                weight_sum += weight
+                np.multiply(weight, weight, out=difference)
+                square_sum += difference
+                for j in range(n_signal):
+                    np.multiply(weight, residual_padded[j][window], out=difference)
+                    local_mean[j] += difference
+    local_mean = np.moveaxis(local_mean, 0, -1)
+    local_mean /= np.maximum(weight_sum, 1e-30)[..., None]
+    # n |mean|^2 with n the weights' effective number of voxels
+    power = (np.square(weight_sum) / np.maximum(square_sum, 1e-30) * np.sum(np.square(local_mean), axis=-1))[inside]
+    noise_power = np.median(power) / stats.chi2.median(basis.shape[1])
+    if not noise_power > 0:  # nothing was removed
+        return denoised.copy(), 0.0
+    gain = np.clip(1.0 - threshold * basis.shape[1] * noise_power / np.maximum(power, 1e-30), 0.0, 1.0)
+    given_back = (gain[:, None] * local_mean[inside]) @ basis.T * local_sigma[:, None].astype(np.float32)
+    out = denoised.copy()
+    target = out[box]
+    target[inside] = np.maximum(target[inside] + given_back, 0.0)
+    out[box] = target
+    return out, float(np.count_nonzero(gain) / gain.size)
+
+
+def multispectral_denoise(
+    images,
+    sigma,
+    *,
+    mask=None,
+    n_coils=1,
+    patch_radius=1,
+    search_radius=2,
+    restoration_threshold=RESTORATION_THRESHOLD,
+):
+    """The package's default denoising of a collection: subspace, multispectral NLM, restoration.
+
+    :func:`signal_subspace` of the images in the mask, :func:`multispectral_nlmeans` with
+    distances in that subspace, then :func:`restore_structure` in the same subspace (skipped when
+    ``restoration_threshold`` is None).
+
+    Parameters
+    ----------
+    images : ndarray, shape (X, Y, Z, C)
+    sigma : float or ndarray, shape (X, Y, Z)
+        Per-channel noise SD.
+    mask : ndarray of bool, shape (X, Y, Z), optional
+    n_coils : int, optional
+    patch_radius, search_radius : int, optional
+    restoration_threshold : float or None, optional
+        ``threshold`` of :func:`restore_structure`.
+
+    Returns
+    -------
+    denoised : ndarray, shape (X, Y, Z, C), float32
+    details : dict
+        ``similarity_components`` (k) and ``restored_fraction`` (None without restoration).
+    """
+    basis, _ = signal_subspace(images, sigma, mask=mask)
+    denoised = multispectral_nlmeans(
+        images,
+        sigma,
+        mask=mask,
+        n_coils=n_coils,
+        patch_radius=patch_radius,
+        search_radius=search_radius,
+        similarity_basis=basis,
+    )
+    restored_fraction = None
+    if restoration_threshold is not None:
+        denoised, restored_fraction = restore_structure(
+            images, denoised, sigma, basis=basis, mask=mask, n_coils=n_coils, threshold=restoration_threshold
+        )
+    return denoised, {"similarity_components": int(basis.shape[1]), "restored_fraction": restored_fraction}

@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.denoise import multispectral_nlmeans, nlmeans_volumes, signal_subspace
+from ..core.denoise import multispectral_denoise, nlmeans_volumes
 from ..core.noise import estimate_effective_coils, estimate_sigma_air, estimate_sigma_map
 from ..io.derivatives import write_nifti
 from ..io.images import load_volume, load_volumes
@@ -32,7 +32,8 @@ DENOISING_DESCRIPTIONS = {
     "nlm": "non-local means of each magnitude image on its own (dipy nlmeans, classic), weights from its own patches",
     "multispectral": "multispectral non-local means: one set of weights for all magnitude images of the "
     "collection (patch distances summed over every echo and flip angle, after projection on the principal "
-    "components of the noise-whitened images that carry signal)",
+    "components of the noise-whitened images that carry signal), then the removed residual given back where "
+    "its local mean stands above the noise (Wiener gain, over neighbours of similar denoised signal)",
 }
 BIAS_CORRECTION = (
     "second moment averaged with the NLM weights, minus the noise power 2 N sigma^2 (sigma from the "
@@ -129,11 +130,9 @@ class DenoiseCollection(SimpleInterface):
                 images, sigma_map, mask=mask, n_coils=n_coils, num_threads=self.inputs.num_threads, **radii
             )
         else:
-            basis, _ = signal_subspace(images, sigma_map, mask=mask)
-            metadata["DenoisingSimilarityComponents"] = int(basis.shape[1])
-            denoised = multispectral_nlmeans(
-                images, sigma_map, mask=mask, n_coils=n_coils, similarity_basis=basis, **radii
-            )
+            denoised, details = multispectral_denoise(images, sigma_map, mask=mask, n_coils=n_coils, **radii)
+            metadata["DenoisingSimilarityComponents"] = details["similarity_components"]
+            metadata["DenoisingRestoredFraction"] = round(details["restored_fraction"], 4)
         outputs = []
         for index, path in enumerate(files):
             name = os.path.basename(path).split(".")[0]

@@ -3,7 +3,7 @@
 At 2 mm (``test_denoise_phantom.py``) a lesion's interior has a few dozen voxels, and the raw noise
 left in its mean is about the 2 % of the criterion. At 1 mm the same measurement
 (``tests/denoising_case.py``; ``benchmarks/bench_denoise_phantom.py`` prints every figure) resolves
-it. R2*, R1 and PD come from the raw, per-volume dipy NLM and multispectral NLM images with the
+it. R2*, R1 and PD come from the raw, per-volume dipy NLM and multispectral (NLM, then restoration) images with the
 measured noise map, and are compared with the noiseless fits: the true R2* map, and R1 and PD of the
 noiseless intercepts.
 """
@@ -65,17 +65,19 @@ def test_r2star_meets_the_criteria_but_for_the_cortical_lesion_at_1mm(maps):
     """
     _print_reductions("R2*", maps["R2*"])
     assert_rmse_and_large_regions("R2*", maps["R2*"])
-    assert_lesions_kept("R2*", maps["R2*"], lesions=[name for name in LESIONS if name != "CL"], against_raw=True)
+    assert_lesions_kept("R2*", maps["R2*"], lesions=[name for name in LESIONS if name != "CL"], against="raw")
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 11 at 1 mm: multispectral NLM raises the cortical lesion's mean R2* by about 4 points against "
-    "the raw map (contrast -9 %). Its signal is statistically the cortex's: over all 16 images the two differ "
-    "by a noncentrality of 1.4 per voxel, 0.66 SD of the noise of a 3x3x3 patch distance, so patch similarity "
-    "hardly tells them apart. Against the truth (raw map +1.6 %) dipy NLM gives +4.0 %, and multispectral NLM "
-    "+5.9 %, +5.0 % with a search radius of 1, +6.5 % with a 5x5x5 patch, +4.2 % with a spatial kernel and "
-    "+5.8 to +6.2 % with stricter thresholds (a box around the lesion); six noise draws: +4.4 to +9.7 %",
+    reason="issue 11 at 1 mm: denoising raises the cortical lesion's mean R2* by 3 points against the raw map "
+    "(contrast -7 %; 60 interior voxels). Its signal is statistically the cortex's: over all 16 images the two "
+    "differ by a noncentrality of 1.4 per voxel, 0.66 SD of the noise of a 3x3x3 patch distance, so patch "
+    "similarity hardly tells them apart, and the residual the filter removed there hardly stands above the noise "
+    "(the restoration takes +5.9 to +4.7 %). Against the truth (raw map +1.6 %) dipy NLM gives +4.0 %, and "
+    "multispectral NLM alone +5.9 %, +5.0 % with a search radius of 1, +6.5 % with a 5x5x5 patch, +4.2 % with a "
+    "spatial kernel and +5.8 to +6.2 % with stricter thresholds (a box around the lesion); six noise draws: +4.4 "
+    "to +9.7 %; a second pass of the restoration adds noise and overshoots the other lesions",
 )
 def test_r2star_cortical_lesion_is_kept_at_1mm(maps):
-    assert_lesions_kept("R2*", maps["R2*"], lesions=["CL"], against_raw=True)
+    assert_lesions_kept("R2*", maps["R2*"], lesions=["CL"], against="raw")

@@ -278,8 +278,10 @@ def group_validator_errors(report, *, files_per_group=3):
     return lines
 
 
-#: Derivative files BIDS has no suffix for, listed in the output's ``.bidsignore``.
-BIDSIGNORE_PATTERNS = ("*_desc-noise_sigmamap.*",)
+#: Derivative files listed in the output's ``.bidsignore``: the noise maps (BIDS has no suffix for
+#: them) and the bSSFP off-resonance map (a ``fieldmap`` without the ``magnitude`` the validator asks
+#: for next to a raw field map).
+BIDSIGNORE_PATTERNS = ("*_desc-noise_sigmamap.*", "*_desc-bssfpnoise_sigmamap.*", "*_desc-offresonance_fieldmap.*")
 
 
 def write_description(output_dir, bids_dir, argv):

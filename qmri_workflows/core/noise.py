@@ -531,8 +531,12 @@ def estimate_sigma_map(
       With echo trains, the residual is the second difference of three consecutive echoes,
       ``r = M_1 - 2 M_2 + M_3`` (SD ``sigma sqrt(6)``), in which the anatomy cancels (the decay's
       curvature over two echo spacings is ``(R2* dTE)^2`` of the signal, about 1 % at 50 1/s and
-      2.3 ms); without them, ``r = M - mu`` (SD ``sigma sqrt(1 - 1/k^3)``) where the local mean
+      2.3 ms); without them, ``r`` is the voxel minus the least-squares quadratic of its 3x3x3
+      neighbourhood at it (a fixed 27-tap filter; SD ``sigma sqrt(20/27)``), where the local mean
       is flat (gradient below ``sigma / 2`` per voxel), since at edges the residual holds anatomy.
+      The quadratic takes out the curvature a plain local mean leaves (bSSFP bands: on the 2 mm
+      phantom the map of the phase cycles went from a median of +4 % and 5 % of the brain over
+      10 % off to +1 % and 0.1 %).
       ``E[log |r|] = log(SD) - (gamma + log 2) / 2`` (``gamma`` Euler's constant);
     * background (``mu < background_snr x floor``): ``M / sigma`` is central chi with ``2 N``
       degrees of freedom and ``E[log M] = log(sigma) + (log 2 + psi(N)) / 2``. Regions of exact
@@ -590,7 +594,7 @@ def estimate_sigma_map(
     voxel_size = np.asarray(voxel_size, dtype=float)
     filter_sigma_voxels = filter_fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / voxel_size
     background_offset = 0.5 * (np.log(2.0) + special.digamma(n_coils))
-    residual_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(1.0 - 1.0 / neighbourhood**3)
+    quadratic_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(float(np.sum(_QUADRATIC_RESIDUAL**2)))
     if sigma_global is None:
         first = magnitude[..., 0]
         # the darkest 10 % are the lower tail of the air's law, not a sample of it: match the quantile
@@ -612,8 +616,8 @@ def estimate_sigma_map(
     step = quantisation_step(magnitude[..., 0])
     background_floor = np.float32(max(0.5 * step * np.exp(-0.5 / n_coils), tiny))
     residual_floor = max(0.5 * step * np.exp(-1.0), tiny)
-    # the residual from the local mean of k^3 values moves in steps of q / k^3
-    mean_residual_floor = np.float32(max(residual_floor / neighbourhood**3, tiny))
+    # the quadratic residual (weights in multiples of 1/27) moves in steps of q / 27
+    mean_residual_floor = np.float32(max(residual_floor / 27.0, tiny))
     residual_floor = np.float32(residual_floor)
     log_sum = np.zeros(magnitude.shape[:3], dtype=np.float32)
     weight_sum = np.zeros(magnitude.shape[:3], dtype=np.float32)
@@ -628,6 +632,9 @@ def estimate_sigma_map(
     for index in range(magnitude.shape[-1]):
         finite[..., index] &= ~zero_filled_regions(magnitude[..., index])
     triplets = [tuple(train[i : i + 3]) for train in (echo_trains or ()) for i in range(len(train) - 2)]
+    # the quadratic residual of a face voxel would fit padded copies of itself (too small)
+    full_neighbourhood = np.zeros(magnitude.shape[:3], dtype=bool)
+    full_neighbourhood[tuple(slice(1, -1) if n >= 3 else slice(None) for n in magnitude.shape[:3])] = True
     for index in range(magnitude.shape[-1]):
         image = magnitude[..., index]
         local_mean = ndimage.uniform_filter(image, neighbourhood, mode="nearest")
@@ -637,9 +644,9 @@ def estimate_sigma_map(
             # only where the image is flat: at edges the residual holds anatomy, not noise
             slope = np.sqrt(sum(np.square(g) for g in np.gradient(local_mean)))
             flat = slope < 0.5 * sigma_global
-            signal = finite[..., index] & flat & (local_mean > signal_snr * floor)
-            residual = np.abs(image - local_mean)[signal]
-            accumulate(np.log(np.maximum(residual, mean_residual_floor)) - residual_offset, signal)
+            signal = finite[..., index] & flat & (local_mean > signal_snr * floor) & full_neighbourhood
+            residual = np.abs(ndimage.convolve(image, _QUADRATIC_RESIDUAL, mode="nearest"))[signal]
+            accumulate(np.log(np.maximum(residual, mean_residual_floor)) - quadratic_offset, signal)
     second_difference_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(6.0)
     for first, middle, last in triplets:
         # the last echo has the least signal: all three are above the Gaussian threshold
@@ -653,6 +660,19 @@ def estimate_sigma_map(
     smoothed, support = _smooth_log(log_sum, weight_sum, filter_sigma_voxels)
     smoothed = np.where(support > 1e-6, smoothed, np.log(sigma_global))
     return np.exp(smoothed).astype(np.float32)
+
+
+def _quadratic_residual_kernel():
+    """Filter giving a voxel minus the least-squares quadratic of its 3x3x3 neighbourhood at it."""
+    offsets = np.array(list(np.ndindex(3, 3, 3)), dtype=float) - 1.0
+    x, y, z = offsets.T
+    design = np.stack([np.ones(27), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], axis=1)
+    kernel = -(design @ np.linalg.pinv(design))[13]
+    kernel[13] += 1.0
+    return kernel.reshape(3, 3, 3).astype(np.float32)
+
+
+_QUADRATIC_RESIDUAL = _quadratic_residual_kernel()
 
 
 class MagnitudeMeanTable:

@@ -359,6 +359,12 @@ class _FitDESPOT2InputSpec(BaseInterfaceInputSpec):
     pulse_duration_source = Str(desc="where pulse_duration comes from (recorded in the sidecar)")
     offresonance_file = File(exists=True, desc="off-resonance (Hz) on the map grid, for the finite-pulse correction")
     noise_sigma = traits.Float(desc="noise SD of one phase-cycle image (NaN: unknown)")
+    denoised = traits.Bool(
+        False,
+        usedefault=True,
+        desc="the phase cycles were NLM-denoised: the noise of the air (that of the raw images) is not theirs, "
+        "and is not used for the standard error",
+    )
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
 
@@ -421,7 +427,10 @@ class FitDESPOT2(SimpleInterface):
         usable_r1 = np.isfinite(r1) & (r1 > 0)
         fitted = mask & finite_signal & usable_r1 & np.isfinite(b1)
         sigma = None
-        if flips.size == 2 and isdefined(self.inputs.noise_sigma) and np.isfinite(self.inputs.noise_sigma):
+        # Non-local means lowered the noise by a factor that varies from voxel to voxel; the air keeps
+        # the raw noise, so a standard error from it would overstate the uncertainty.
+        raw_noise = isdefined(self.inputs.noise_sigma) and np.isfinite(self.inputs.noise_sigma)
+        if flips.size == 2 and raw_noise and not self.inputs.denoised:
             sigma = float(self.inputs.noise_sigma)
         pulse_duration, off_resonance = self._finite_pulse(reference, metadata)
         # only the voxels of ``fitted`` are read (mask), so the others need no placeholder values
@@ -482,6 +491,9 @@ class FitDESPOT2(SimpleInterface):
             "R2StandardErrorNote": (
                 "from the residuals of the fit (more than two flip angles)"
                 if flips.size > 2
+                else "none, NaN: two flip angles leave no residual, and the phase cycles are denoised (the noise "
+                "measured in the air is that of the raw images, not theirs)"
+                if self.inputs.denoised
                 else "from the noise SD of one phase cycle in the air, taken as that of the band-free signal "
                 "(approximate); NaN when unknown"
             ),

@@ -18,10 +18,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.denoise import multispectral_denoise, nlmeans_volumes
+from ..core.denoise import multispectral_denoise, multispectral_denoise_complex, nlmeans_volumes
 from ..core.noise import estimate_effective_coils, estimate_sigma_air, estimate_sigma_map
 from ..io.derivatives import write_nifti
-from ..io.images import load_volume, load_volumes
+from ..io.errors import BIDSInputError
+from ..io.images import check_phase_radians, load_volumes
+from ..io.resample import load_on_grid
 from .r2star import air_voxels
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
@@ -35,6 +37,10 @@ DENOISING_DESCRIPTIONS = {
     "components of the noise-whitened images that carry signal), then the removed residual given back where "
     "its local mean stands above the noise (Wiener gain, over neighbours of similar denoised signal)",
 }
+COMPLEX_DENOISING = (
+    "complex data (magnitude and phase): the real and imaginary parts of every image averaged with the "
+    "weights (Gaussian noise: no bias correction); magnitude and phase of the result"
+)
 BIAS_CORRECTION = (
     "second moment averaged with the NLM weights, minus the noise power 2 N sigma^2 (sigma from the "
     "noise map), square root; 0 where it is below the noise power"
@@ -49,12 +55,20 @@ DENOISING_REFERENCES = (
 
 class _DenoiseInputSpec(BaseInterfaceInputSpec):
     magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude images of one collection")
-    mask_file = File(exists=True, desc="voxels to denoise (others keep their raw values)")
+    mask_file = File(
+        exists=True, desc="voxels to denoise (others keep their raw values); resampled (nearest) if on another grid"
+    )
     echo_times = traits.List(traits.Float, desc="echo time (s) of each file (structure-free noise residuals)")
     flip_angles = traits.List(traits.Float, desc="flip angle (deg) of each file: one echo train per flip angle")
     method = traits.Enum(
         "multispectral", "nlm", "none", usedefault=True, desc="denoising method ('none': noise map only)"
     )
+    phase_files = InputMultiObject(
+        File(exists=True),
+        desc="phase of each magnitude file (complex data, e.g. bSSFP phase cycles): multispectral denoising then "
+        "averages the real and imaginary parts, and the phase comes out denoised too",
+    )
+    phase_scale = traits.Float(desc="factor from the stored phase values to radians")
     n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
     patch_radius = traits.Int(1, usedefault=True, desc="patch radius (voxels)")
     search_radius = traits.Int(2, usedefault=True, desc="search radius (voxels)")
@@ -63,6 +77,10 @@ class _DenoiseInputSpec(BaseInterfaceInputSpec):
 
 class _DenoiseOutputSpec(TraitedSpec):
     denoised_files = OutputMultiObject(File(exists=True), desc="denoised magnitude, in the order of the input")
+    denoised_phase_files = OutputMultiObject(
+        File(exists=True), desc="the phase the fits should read: denoised (radians) or the input phase files"
+    )
+    denoised_phase_scale = traits.Float(desc="factor from denoised_phase_files' values to radians")
     noise_map_file = File(exists=True, desc="noise SD per channel, voxel by voxel (0 when unmeasurable)")
     metadata = traits.Dict(desc="sidecar fields describing the denoising")
 
@@ -90,9 +108,14 @@ class DenoiseCollection(SimpleInterface):
         voxel_size = reference.header.get_zooms()[:3]
         mask = None
         if isdefined(self.inputs.mask_file):
-            mask = load_volume(self.inputs.mask_file, reference=reference) > 0
+            # a collection on another grid than the maps (bSSFP) gets the brain mask by nearest neighbour
+            mask = load_on_grid(self.inputs.mask_file, reference, kind="nearest") > 0
         n_coils = self.inputs.n_coils
         metadata = {"DenoisingMethod": self.inputs.method}
+        phases = self._phases(reference, len(files))
+        if phases is not None:  # until denoised, the fits read the input phase
+            self._results["denoised_phase_files"] = list(self.inputs.phase_files)
+            self._results["denoised_phase_scale"] = float(self.inputs.phase_scale)
         try:
             # the air is found once: the effective number of coils below is measured in it too
             in_air = air_voxels(images[..., 0], voxel_size=voxel_size)
@@ -129,8 +152,17 @@ class DenoiseCollection(SimpleInterface):
             denoised = nlmeans_volumes(
                 images, sigma_map, mask=mask, n_coils=n_coils, num_threads=self.inputs.num_threads, **radii
             )
-        else:
+        elif phases is None:
             denoised, details = multispectral_denoise(images, sigma_map, mask=mask, n_coils=n_coils, **radii)
+            metadata["DenoisingSimilarityComponents"] = details["similarity_components"]
+            metadata["DenoisingRestoredFraction"] = round(details["restored_fraction"], 4)
+        else:
+            denoised, denoised_phases, details = multispectral_denoise_complex(
+                images, phases, sigma_map, mask=mask, **radii
+            )
+            del phases
+            self._write_phases(runtime, denoised_phases, reference)
+            metadata["DenoisingComplex"] = True
             metadata["DenoisingSimilarityComponents"] = details["similarity_components"]
             metadata["DenoisingRestoredFraction"] = round(details["restored_fraction"], 4)
         outputs = []
@@ -148,7 +180,8 @@ class DenoiseCollection(SimpleInterface):
         inside = sigma_map[mask] if mask is not None else sigma_map
         metadata.update(
             {
-                "Denoising": f"{DENOISING_DESCRIPTIONS[self.inputs.method]}; bias correction: {BIAS_CORRECTION}",
+                "Denoising": f"{DENOISING_DESCRIPTIONS[self.inputs.method]}; "
+                + (COMPLEX_DENOISING if "DenoisingComplex" in metadata else f"bias correction: {BIAS_CORRECTION}"),
                 "DenoisingReference": DENOISING_REFERENCES,
                 "DenoisingPatchRadius": self.inputs.patch_radius,
                 "DenoisingSearchRadius": self.inputs.search_radius,
@@ -168,6 +201,33 @@ class DenoiseCollection(SimpleInterface):
         )
         self._results["metadata"] = metadata
         return runtime
+
+    def _phases(self, reference, n_files):
+        """The phase in radians (X, Y, Z, n_files), checked; None without phase files."""
+        if not isdefined(self.inputs.phase_files) or not self.inputs.phase_files:
+            return None
+        phase_files = list(self.inputs.phase_files)
+        scale = self.inputs.phase_scale if isdefined(self.inputs.phase_scale) else None
+        if len(phase_files) != n_files:
+            raise ValueError(f"{len(phase_files)} phase files for {n_files} magnitude files")
+        if scale is None or not np.isfinite(scale) or scale <= 0:
+            raise BIDSInputError(
+                f"phase image {phase_files[0]}: invalid phase scale {scale!r} (need a positive number)"
+            )
+        phases = load_volumes(phase_files, reference=reference)
+        phases *= np.float32(scale)
+        for index, path in enumerate(phase_files):
+            check_phase_radians(phases[..., index], path, scale)
+        return np.nan_to_num(phases, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def _write_phases(self, runtime, phases, reference):
+        outputs = []
+        for index, path in enumerate(self.inputs.phase_files):
+            name = os.path.basename(path).split(".")[0]
+            target = os.path.join(runtime.cwd, f"{name}_desc-denoised.nii")
+            outputs.append(str(write_nifti(target, phases[..., index], reference.affine)))
+        self._results["denoised_phase_files"] = outputs
+        self._results["denoised_phase_scale"] = 1.0
 
     def _write_noise_map(self, runtime, sigma_map, reference):
         path = write_nifti(os.path.join(runtime.cwd, "noise_sigmamap.nii"), sigma_map, reference.affine)

@@ -30,6 +30,10 @@ def init_r2_wf(
     pulse_duration_source=None,
     b1_note=None,
     refine_r1=None,
+    denoise=None,
+    denoise_search_radius=2,
+    n_coils=1,
+    denoise_mem_gb=None,
     mem_gb=1.0,
     omp_nthreads=1,
     name="r2_wf",
@@ -66,6 +70,19 @@ def init_r2_wf(
         the relative change of R2 (R1 moves ~2 % when T2 halves), and R2 follows R1 at most one to
         one, so by < 0.03 % where the first round moved R1 by < 1 %.
         Without it the ``refined_*`` outputs are the R1 family's own.
+    denoise : {"multispectral", "nlm", "none"}, optional
+        Denoising of the phase cycles before the band-free step
+        (``interfaces.denoise.DenoiseCollection`` on all cycles and flip angles at once: noise map,
+        then the filter). With phase images, ``multispectral`` averages the real and imaginary parts
+        of the complex signals (their noise is Gaussian), so magnitude and phase come out denoised;
+        ``nlm`` denoises the magnitudes only (dipy, per image) and the band-free step combines them
+        with the raw phases. None: no node (the images go in as they are).
+    denoise_search_radius : int, optional
+        Search radius (voxels) of the non-local means.
+    n_coils : int, optional
+        Receive channels combined by root-sum-of-squares (noise law of the magnitudes).
+    denoise_mem_gb : float, optional
+        Memory of the denoising node (GB); ``mem_gb["band_free"]`` when None.
     mem_gb : float or dict
         Memory (GB) of each node, or by node (``band_free``, ``fit`` and, with ``refine_r1``,
         ``refit_r1``) as :func:`_build_r2` gives them.
@@ -96,6 +113,8 @@ def init_r2_wf(
         R2 (1/s), T2 (s), standard error of R2 (1/s).
     offresonance_file
         Off-resonance (Hz, modulo 1/TR), complex data only.
+    noise_map_file
+        Noise SD per channel of the phase cycles, voxel by voxel (with ``denoise`` only).
     band_free_files
         Band-free signal per flip angle (map grid).
     metadata
@@ -137,6 +156,7 @@ def init_r2_wf(
                 "r2_stderr_file",
                 "offresonance_file",
                 "band_free_files",
+                "noise_map_file",
                 "metadata",
                 *(f"refined_{field}" for field in REFINED_R1_FIELDS),
             ]
@@ -163,6 +183,7 @@ def init_r2_wf(
             method=method,
             combination=combination,
             pulse_duration=float(pulse_duration),
+            denoised=denoise not in (None, "none"),
             num_threads=omp_nthreads,
         ),
         name="fit_despot2",
@@ -176,17 +197,46 @@ def init_r2_wf(
     # the finite-pulse correction depends on the off-resonance during the pulse
     use_offresonance = with_phase and pulse_duration > 0
     merge = pe.Node(MergeMetadata(), name="merge_metadata", run_without_submitting=True)
+    # what the band-free step reads: the magnitudes, or their denoised copies
+    magnitudes = inputnode
+    if denoise is not None:
+        from .r2star import init_denoise_node
+
+        denoise_node = init_denoise_node(
+            denoise,
+            n_coils=n_coils,
+            search_radius=denoise_search_radius,
+            mem_gb=_node_mem_gb(mem_gb, "band_free") if denoise_mem_gb is None else denoise_mem_gb,
+            omp_nthreads=omp_nthreads,
+        )
+        merge_denoise = pe.Node(MergeMetadata(), name="merge_denoise_metadata", run_without_submitting=True)
+        workflow.connect([
+            (inputnode, denoise_node, [("magnitude_files", "magnitude_files"), ("mask_file", "mask_file")]),
+            (denoise_node, outputnode, [("noise_map_file", "noise_map_file")]),
+            (band_free, merge_denoise, [("metadata", "base")]),
+            (denoise_node, merge_denoise, [("metadata", "update")]),
+            (merge_denoise, merge, [("out_dict", "base")]),
+        ])  # fmt: skip
+        magnitudes = denoise_node
+    else:
+        workflow.connect([(band_free, merge, [("metadata", "base")])])
     workflow.connect([
-        (inputnode, band_free, [("magnitude_files", "magnitude_files"), ("reference_file", "reference_file"),
-                                ("mask_file", "mask_file")]),
+        (magnitudes, band_free, [("magnitude_files" if denoise is None else "denoised_files", "magnitude_files")]),
+        (inputnode, band_free, [("reference_file", "reference_file"), ("mask_file", "mask_file")]),
         (inputnode, fit, [("mask_file", "mask_file"), ("r1_file", "r1_file")]),
         (band_free, fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]),
-        (band_free, merge, [("metadata", "base")]),
         (band_free, outputnode, [("offresonance_file", "offresonance_file"), ("band_free_files", "band_free_files")]),
         (merge, outputnode, [("out_dict", "metadata")]),
     ])  # fmt: skip
-    if with_phase:
+    if with_phase and denoise is None:
         workflow.connect([(inputnode, band_free, [("phase_files", "phase_files"), ("phase_scale", "phase_scale")])])
+    elif with_phase:
+        # multispectral denoising of complex data denoises the phase too (the node passes it through otherwise)
+        workflow.connect([
+            (inputnode, denoise_node, [("phase_files", "phase_files"), ("phase_scale", "phase_scale")]),
+            (denoise_node, band_free, [("denoised_phase_files", "phase_files"),
+                                       ("denoised_phase_scale", "phase_scale")]),
+        ])  # fmt: skip
     if use_offresonance:
         workflow.connect([(band_free, fit, [("offresonance_file", "offresonance_file")])])
     if b1_note is None:
@@ -413,6 +463,7 @@ def estimate_r2_mem_gb(bssfp_file, map_file, n_cycle, n_flip, *, combination="ge
 
 def _build_r2(context):
     from .base import map_grid_file
+    from .r2star import estimate_denoise_mem_gb
     from .relaxometry import r1_fit_mem_gb, r1_settings, spoiling_corrected
 
     inputs, options = context.inputs, context.options
@@ -431,6 +482,8 @@ def _build_r2(context):
     if refine_r1 is not None:
         mem_gb["refit_r1"] = r1_fit_mem_gb(context)
     (duration, duration_source), _ = pulse_duration(inputs, options)
+    magnitude_files = [path for s in series for path in s.magnitude]
+    denoise = _denoise_method(options)
     workflow = init_r2_wf(
         flip_angles=[s.flip_angle for s in series],
         phase_increments=list(series[0].phase_increments),
@@ -442,10 +495,17 @@ def _build_r2(context):
         pulse_duration_source=duration_source,
         b1_note=_b1_note(context),
         refine_r1=refine_r1,
+        denoise=denoise,
+        denoise_search_radius=options.get("denoise_search_radius", 2),
+        n_coils=options.get("n_coils", 1),
+        # complex data are denoised as real and imaginary parts, with magnitude and phase held besides
+        denoise_mem_gb=estimate_denoise_mem_gb(
+            magnitude_files[0], len(magnitude_files) * (3 if _has_phase(inputs) else 1)
+        ),
         mem_gb=mem_gb,
         omp_nthreads=context.omp_nthreads,
     )
-    workflow.inputs.inputnode.magnitude_files = [path for s in series for path in s.magnitude]
+    workflow.inputs.inputnode.magnitude_files = magnitude_files
     if _has_phase(inputs):
         workflow.inputs.inputnode.phase_files = [path for s in series for path in s.phase]
         workflow.inputs.inputnode.phase_scale = float(series[0].phase_scale)
@@ -453,7 +513,17 @@ def _build_r2(context):
     return workflow
 
 
+def _denoise_method(options):
+    """``--denoise`` for the phase cycles (``none`` still measures and writes their noise map, as for the GRE)."""
+    return (options or {}).get("denoise", "none")
+
+
+#: ``desc-`` of the phase cycles' noise map (the GRE's is ``desc-noise``).
+BSSFP_NOISE_MAP_DESC = "bssfpnoise"
+
+
 def _r2_outputs(inputs):
+    from .r2star import NOISE_MAP_SUFFIX
     from .registry import Output
 
     sources = tuple(path for s in inputs.bssfp for path in (*s.magnitude, *(s.phase or ())))
@@ -485,6 +555,21 @@ def _r2_outputs(inputs):
             },
         ),
     ]
+    outputs.append(
+        Output(
+            field="noise_map_file",
+            suffix=NOISE_MAP_SUFFIX,
+            desc=BSSFP_NOISE_MAP_DESC,
+            source_files=tuple(path for s in inputs.bssfp for path in s.magnitude),
+            metadata={
+                "Description": "Noise standard deviation per receive channel and per real/imaginary part of the "
+                "bSSFP phase-cycle magnitudes, voxel by voxel (homomorphic estimate, Aja-Fernandez et al. 2015), "
+                "in their units; the sigma of their non-local-means denoising (--denoise) and of its bias "
+                "correction; 0 where the air holds no measurable noise",
+                "Units": "arbitrary (units of the magnitude images)",
+            },
+        )
+    )
     if _has_phase(inputs):
         tr = inputs.bssfp[0].repetition_time
         outputs.append(

@@ -462,10 +462,11 @@ def _registry_entries():
                 {
                     "choices": ("none", "nlm", "multispectral"),
                     "default": "multispectral",
-                    "help": "denoising of the GRE magnitudes before every fit that uses them: "
-                    "multispectral non-local means, one set of weights for all echoes and flip angles "
-                    "(default), dipy's non-local means of each image (nlm), or none. Magnitudes only: "
-                    "phase images are never denoised",
+                    "help": "denoising of the magnitudes before every fit that uses them (GRE echoes and "
+                    "flip angles; bSSFP phase cycles and flip angles): multispectral non-local means, one "
+                    "set of weights for a whole collection (default; complex bSSFP: real and imaginary "
+                    "parts, so their phase too), dipy's non-local means of each image (nlm), or none. "
+                    "The GRE phase is never denoised",
                 },
             ),
             Option(

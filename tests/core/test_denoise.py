@@ -405,6 +405,25 @@ def test_restoration_does_not_carry_a_residual_across_an_edge():
     assert abs(beside) < 0.2
 
 
+def test_restoration_slabs_and_mask_box_do_not_change_the_result():
+    """Slabs of one plane give the whole-volume result, and the mask's voxels alone count."""
+    rng = np.random.default_rng(24)
+    amplitude, images, _ = _lesioned_collection(rng, shape=(24, 26, 22))
+    mask = np.zeros(amplitude.shape[:3], dtype=bool)
+    mask[3:20, 2:24, 4:19] = True
+    smoothed = denoise.multispectral_nlmeans(images, 5.0, mask=mask, smoothing=1.5)
+    whole, fraction = denoise.restore_structure(images, smoothed, 5.0, mask=mask)
+    slabs, fraction_slabs = denoise.restore_structure(images, smoothed, 5.0, mask=mask, slab_voxels=1)
+    np.testing.assert_allclose(slabs, whole, rtol=1e-5, atol=1e-4)
+    assert fraction_slabs == fraction > 0
+    np.testing.assert_array_equal(whole[~mask], smoothed[~mask])
+    # voxels outside the mask hold other data: the result inside does not see them
+    other = images.copy()
+    other[~mask] = rng.uniform(0.0, 300.0, other[~mask].shape)
+    again, _ = denoise.restore_structure(other, smoothed, 5.0, mask=mask)
+    np.testing.assert_allclose(again[mask], whole[mask], rtol=1e-5, atol=1e-4)
+
+
 def test_restoration_bad_inputs_say_what_is_wrong():
     images = np.ones((8, 8, 8, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="share one shape"):
@@ -413,3 +432,24 @@ def test_restoration_bad_inputs_say_what_is_wrong():
         denoise.restore_structure(images, images, 1.0, basis=np.eye(3))
     with pytest.raises(ValueError, match="threshold"):
         denoise.restore_structure(images, images, 1.0, threshold=0.0)
+
+
+def test_gaussian_channels_are_averaged_without_a_noise_floor():
+    """Real and imaginary parts (Gaussian noise, any sign): the weighted mean of the values, unbiased."""
+    rng = np.random.default_rng(25)
+    truth = np.zeros((24, 24, 24, 6), dtype=np.float32)
+    truth[..., :3] = 3.0  # low SNR: a magnitude filter would add a floor here
+    truth[..., 3:] = -2.0
+    images = truth + rng.normal(0.0, 2.0, truth.shape).astype(np.float32)
+    result = denoise.multispectral_nlmeans(images, 2.0, noise="gaussian")
+    inner = (slice(3, -3),) * 3
+    np.testing.assert_allclose(result[inner].mean(axis=(0, 1, 2)), truth[0, 0, 0], atol=0.05)
+    assert (result - truth)[inner].std() < 0.5 * (images - truth)[inner].std()
+    with pytest.raises(ValueError, match="noise must be"):
+        denoise.multispectral_nlmeans(images, 2.0, noise="rice")
+
+
+def test_complex_denoising_checks_its_inputs():
+    magnitudes = np.ones((8, 8, 8, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="share one shape"):
+        denoise.multispectral_denoise_complex(magnitudes, magnitudes[..., :3], 1.0)

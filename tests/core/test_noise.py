@@ -154,7 +154,8 @@ def test_noise_map_of_air_follows_the_central_chi_law_of_rss_data(n_coils):
 
 
 def test_noise_map_from_flat_signal_without_echo_trains_is_unbiased():
-    """High-SNR flat tissue, r = M - local mean: its SD is sigma sqrt(1 - 1/k^3), not sigma (-1.9 % for k = 3)."""
+    """High-SNR flat tissue, r = M minus its 3x3x3 quadratic fit: SD sigma sqrt(20/27), not sigma (-14 %);
+    the faces of the volume, whose fit would see padded copies, are left out (-7 % with them)."""
     rng = np.random.default_rng(60)
     images = _rss_volume(np.full((40, 40, 40, 4), 200.0), 2.0, 1, rng)
     estimate = noise.estimate_sigma_map(images, sigma_global=2.0, voxel_size=(2.0, 2.0, 2.0))

@@ -534,9 +534,10 @@ def estimate_sigma_map(
       2.3 ms); without them, ``r`` is the voxel minus the least-squares quadratic of its 3x3x3
       neighbourhood at it (a fixed 27-tap filter; SD ``sigma sqrt(20/27)``), where the local mean
       is flat (gradient below ``sigma / 2`` per voxel), since at edges the residual holds anatomy.
-      The quadratic takes out the curvature a plain local mean leaves (bSSFP bands: on the 2 mm
-      phantom the map of the phase cycles went from a median of +4 % and 5 % of the brain over
-      10 % off to +1 % and 0.1 %).
+      The quadratic takes out the curvature a plain local mean leaves, and residuals whose local
+      energy stands over 3 times the noise's (judged against the map, then the map made again)
+      are structure and go: on the 2 mm phantom the map of the bSSFP phase cycles went from a
+      median error of +4 % and 5 % of the brain over 10 % off to 0 % and 0.2 % (at most 11 %).
       ``E[log |r|] = log(SD) - (gamma + log 2) / 2`` (``gamma`` Euler's constant);
     * background (``mu < background_snr x floor``): ``M / sigma`` is central chi with ``2 N``
       degrees of freedom and ``E[log M] = log(sigma) + (log 2 + psi(N)) / 2``. Regions of exact
@@ -635,6 +636,7 @@ def estimate_sigma_map(
     # the quadratic residual of a face voxel would fit padded copies of itself (too small)
     full_neighbourhood = np.zeros(magnitude.shape[:3], dtype=bool)
     full_neighbourhood[tuple(slice(1, -1) if n >= 3 else slice(None) for n in magnitude.shape[:3])] = True
+    quadratic_residuals = []
     for index in range(magnitude.shape[-1]):
         image = magnitude[..., index]
         local_mean = ndimage.uniform_filter(image, neighbourhood, mode="nearest")
@@ -645,8 +647,9 @@ def estimate_sigma_map(
             slope = np.sqrt(sum(np.square(g) for g in np.gradient(local_mean)))
             flat = slope < 0.5 * sigma_global
             signal = finite[..., index] & flat & (local_mean > signal_snr * floor) & full_neighbourhood
-            residual = np.abs(ndimage.convolve(image, _QUADRATIC_RESIDUAL, mode="nearest"))[signal]
-            accumulate(np.log(np.maximum(residual, mean_residual_floor)) - quadratic_offset, signal)
+            residual = ndimage.convolve(image, _QUADRATIC_RESIDUAL, mode="nearest")
+            quadratic_residuals.append((residual, signal))
+            accumulate(np.log(np.maximum(np.abs(residual[signal]), mean_residual_floor)) - quadratic_offset, signal)
     second_difference_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(6.0)
     for first, middle, last in triplets:
         # the last echo has the least signal: all three are above the Gaussian threshold
@@ -659,6 +662,29 @@ def estimate_sigma_map(
     # every sample counts once: low-pass of the sum of logs over the low-pass of the counts
     smoothed, support = _smooth_log(log_sum, weight_sum, filter_sigma_voxels)
     smoothed = np.where(support > 1e-6, smoothed, np.log(sigma_global))
+    if quadratic_residuals:
+        # Structure a quadratic does not follow (the edges of bSSFP bands, vessels) gives residuals
+        # whose local energy stands far above the noise: judged against the map so far, those
+        # samples go and the map is made again, until none goes (the first map, raised by them,
+        # lets the weaker ones through). Noise alone exceeds 3 times its expected energy over 27
+        # voxels with a probability of about 1e-7.
+        removed = [np.zeros(signal.shape, dtype=bool) for _, signal in quadratic_residuals]
+        for _ in range(_MAX_REJECTION_PASSES):
+            expected_energy = np.float32(np.sum(_QUADRATIC_RESIDUAL**2)) * np.exp(2.0 * smoothed).astype(np.float32)
+            changed = False
+            for (residual, signal), gone in zip(quadratic_residuals, removed):
+                energy = ndimage.uniform_filter(np.square(residual), 3, mode="nearest")
+                structured = signal & ~gone & (energy > _MAX_ENERGY_RATIO * expected_energy)
+                if structured.any():
+                    values = np.log(np.maximum(np.abs(residual[structured]), mean_residual_floor)) - quadratic_offset
+                    log_sum[structured] -= values
+                    weight_sum[structured] -= 1.0
+                    gone |= structured
+                    changed = True
+            if not changed:
+                break
+            smoothed, support = _smooth_log(log_sum, weight_sum, filter_sigma_voxels)
+            smoothed = np.where(support > 1e-6, smoothed, np.log(sigma_global))
     return np.exp(smoothed).astype(np.float32)
 
 
@@ -673,6 +699,10 @@ def _quadratic_residual_kernel():
 
 
 _QUADRATIC_RESIDUAL = _quadratic_residual_kernel()
+#: Local energy of the quadratic residual over its noise expectation beyond which it is structure.
+_MAX_ENERGY_RATIO = 3.0
+#: Passes of that rejection at most.
+_MAX_REJECTION_PASSES = 4
 
 
 class MagnitudeMeanTable:

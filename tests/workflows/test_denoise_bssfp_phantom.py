@@ -135,10 +135,10 @@ def figures(case):
 
 
 def _assert_noise_map(estimate, case):
-    """Within 10 % in 99 % of the brain: the bands of the cycles leave structure in a few residuals.
+    """Within 10 % in 99 % of the brain.
 
-    Measured: median +0.8 %, 99th percentile of |error| 5 %, 0.1 % of the voxels over 10 % (at
-    most 18 %, in a cluster above the sinuses where the bands are densest).
+    Measured: median |error| 2 %, 99th percentile 8 %, 0.2 % of the voxels 10-11 % low, in a
+    cluster where the bands leave few flat voxels and the map is filled from farther away.
     """
     error = np.abs(estimate[case["brain"]] / case["true_sigma"][case["brain"]] - 1)
     quantiles = np.percentile(error, [50, 99, 100])
@@ -147,7 +147,7 @@ def _assert_noise_map(estimate, case):
     )
     assert quantiles[0] < 0.03
     assert quantiles[1] < 0.10
-    assert quantiles[2] < 0.25
+    assert quantiles[2] < 0.15
 
 
 def test_noise_map_of_the_phase_cycles(case):

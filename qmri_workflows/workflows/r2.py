@@ -498,9 +498,10 @@ def _build_r2(context):
         denoise=denoise,
         denoise_search_radius=options.get("denoise_search_radius", 2),
         n_coils=options.get("n_coils", 1),
-        # complex data are denoised as real and imaginary parts, with magnitude and phase held besides
+        # complex data are denoised as 2 C real and imaginary parts (1 mm phantom, 8 complex cycles:
+        # measured 3.16 GB, estimated 3.9 GB)
         denoise_mem_gb=estimate_denoise_mem_gb(
-            magnitude_files[0], len(magnitude_files) * (3 if _has_phase(inputs) else 1)
+            magnitude_files[0], len(magnitude_files) * (2 if _has_phase(inputs) else 1)
         ),
         mem_gb=mem_gb,
         omp_nthreads=context.omp_nthreads,

@@ -279,8 +279,8 @@ def group_validator_errors(report, *, files_per_group=3):
 
 
 #: Derivative files listed in the output's ``.bidsignore``: the noise maps (BIDS has no suffix for
-#: them) and the bSSFP off-resonance map (a ``fieldmap`` without the ``magnitude`` the validator asks
-#: for next to a raw field map).
+#: them) and the bSSFP off-resonance map (a ``fieldmap``; without QSM no ``magnitude``, which the
+#: validator asks for, stands beside it).
 BIDSIGNORE_PATTERNS = ("*_desc-noise_sigmamap.*", "*_desc-bssfpnoise_sigmamap.*", "*_desc-offresonance_fieldmap.*")
 
 

@@ -21,8 +21,7 @@ from nipype.interfaces.base import (
 from ..core.denoise import multispectral_denoise, multispectral_denoise_complex, nlmeans_volumes
 from ..core.noise import estimate_effective_coils, estimate_sigma_air, estimate_sigma_map
 from ..io.derivatives import write_nifti
-from ..io.errors import BIDSInputError
-from ..io.images import check_phase_radians, load_volumes
+from ..io.images import check_phase_radians, load_phases, load_volumes
 from ..io.resample import load_on_grid
 from .r2star import air_voxels
 
@@ -210,14 +209,9 @@ class DenoiseCollection(SimpleInterface):
         scale = self.inputs.phase_scale if isdefined(self.inputs.phase_scale) else None
         if len(phase_files) != n_files:
             raise ValueError(f"{len(phase_files)} phase files for {n_files} magnitude files")
-        if scale is None or not np.isfinite(scale) or scale <= 0:
-            raise BIDSInputError(
-                f"phase image {phase_files[0]}: invalid phase scale {scale!r} (need a positive number)"
-            )
-        phases = load_volumes(phase_files, reference=reference)
-        phases *= np.float32(scale)
+        phases = load_phases(phase_files, [scale] * n_files, reference=reference)
         for index, path in enumerate(phase_files):
-            check_phase_radians(phases[..., index], path, scale)
+            check_phase_radians(phases[..., index], path, scale, image="image")
         return np.nan_to_num(phases, nan=0.0, posinf=0.0, neginf=0.0)
 
     def _write_phases(self, runtime, phases, reference):

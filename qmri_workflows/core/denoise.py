@@ -331,8 +331,7 @@ def multispectral_nlmeans(
         return np.ascontiguousarray(np.moveaxis(np.pad(values, [(halo, halo)] * 3 + [(0, 0)], mode="reflect"), -1, 0))
 
     padded = padded_channels(region)
-    if noise not in ("rician", "gaussian"):
-        raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
+    _check_noise_model(noise)
     # Rician / non-central chi magnitudes: average M^2 and remove the noise power; Gaussian channels
     # (real and imaginary parts of complex data): average the values themselves
     averaged = np.square(padded) if noise == "rician" else padded
@@ -402,6 +401,12 @@ def multispectral_nlmeans(
     target[inside] = region_out[inside]
     out[box] = target
     return out
+
+
+def _check_noise_model(noise):
+    """``'rician'``: magnitudes (Rician / non-central chi); ``'gaussian'``: real or imaginary parts."""
+    if noise not in ("rician", "gaussian"):
+        raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
 
 
 def _slab_inverse_noise(region_sigma, z0, z1, patch_radius, scale):
@@ -482,8 +487,7 @@ def restore_structure(
         raise ValueError(
             f"images and denoised must share one shape (X, Y, Z, C), got {images.shape} and {denoised.shape}"
         )
-    if noise not in ("rician", "gaussian"):
-        raise ValueError(f"noise must be 'rician' or 'gaussian', got {noise!r}")
+    _check_noise_model(noise)
     if not (threshold > 0 and radius >= 1):
         raise ValueError(f"threshold must be > 0 and radius >= 1, got {threshold!r} and {radius!r}")
     shape, n_images = images.shape[:3], images.shape[-1]

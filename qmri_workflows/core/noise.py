@@ -595,7 +595,7 @@ def estimate_sigma_map(
     voxel_size = np.asarray(voxel_size, dtype=float)
     filter_sigma_voxels = filter_fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / voxel_size
     background_offset = 0.5 * (np.log(2.0) + special.digamma(n_coils))
-    quadratic_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(float(np.sum(_QUADRATIC_RESIDUAL**2)))
+    quadratic_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(_QUADRATIC_RESIDUAL_POWER)
     if sigma_global is None:
         first = magnitude[..., 0]
         # the darkest 10 % are the lower tail of the air's law, not a sample of it: match the quantile
@@ -636,7 +636,8 @@ def estimate_sigma_map(
     # the quadratic residual of a face voxel would fit padded copies of itself (too small)
     full_neighbourhood = np.zeros(magnitude.shape[:3], dtype=bool)
     full_neighbourhood[tuple(slice(1, -1) if n >= 3 else slice(None) for n in magnitude.shape[:3])] = True
-    quadratic_residuals = []
+    # per image, the voxels of quadratic residuals: flat indices, log samples, local energy
+    quadratic_samples = []
     for index in range(magnitude.shape[-1]):
         image = magnitude[..., index]
         local_mean = ndimage.uniform_filter(image, neighbourhood, mode="nearest")
@@ -648,8 +649,10 @@ def estimate_sigma_map(
             flat = slope < 0.5 * sigma_global
             signal = finite[..., index] & flat & (local_mean > signal_snr * floor) & full_neighbourhood
             residual = ndimage.convolve(image, _QUADRATIC_RESIDUAL, mode="nearest")
-            quadratic_residuals.append((residual, signal))
-            accumulate(np.log(np.maximum(np.abs(residual[signal]), mean_residual_floor)) - quadratic_offset, signal)
+            values = np.log(np.maximum(np.abs(residual[signal]), mean_residual_floor)) - quadratic_offset
+            accumulate(values, signal)
+            energy = ndimage.uniform_filter(np.square(residual), 3, mode="nearest")[signal]
+            quadratic_samples.append((np.flatnonzero(signal), values, energy))
     second_difference_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(6.0)
     for first, middle, last in triplets:
         # the last echo has the least signal: all three are above the Gaussian threshold
@@ -662,24 +665,23 @@ def estimate_sigma_map(
     # every sample counts once: low-pass of the sum of logs over the low-pass of the counts
     smoothed, support = _smooth_log(log_sum, weight_sum, filter_sigma_voxels)
     smoothed = np.where(support > 1e-6, smoothed, np.log(sigma_global))
-    if quadratic_residuals:
+    if quadratic_samples:
         # Structure a quadratic does not follow (the edges of bSSFP bands, vessels) gives residuals
         # whose local energy stands far above the noise: judged against the map so far, those
         # samples go and the map is made again, until none goes (the first map, raised by them,
         # lets the weaker ones through). Noise alone exceeds 3 times its expected energy over 27
         # voxels with a probability of about 1e-7.
-        removed = [np.zeros(signal.shape, dtype=bool) for _, signal in quadratic_residuals]
+        flat_log_sum, flat_weight_sum = log_sum.reshape(-1), weight_sum.reshape(-1)
+        kept = [np.ones(voxels.size, dtype=bool) for voxels, _, _ in quadratic_samples]
         for _ in range(_MAX_REJECTION_PASSES):
-            expected_energy = np.float32(np.sum(_QUADRATIC_RESIDUAL**2)) * np.exp(2.0 * smoothed).astype(np.float32)
+            expected_energy = (_QUADRATIC_RESIDUAL_POWER * np.exp(2.0 * smoothed)).reshape(-1)
             changed = False
-            for (residual, signal), gone in zip(quadratic_residuals, removed):
-                energy = ndimage.uniform_filter(np.square(residual), 3, mode="nearest")
-                structured = signal & ~gone & (energy > _MAX_ENERGY_RATIO * expected_energy)
+            for (voxels, values, energy), keep in zip(quadratic_samples, kept):
+                structured = keep & (energy > _MAX_ENERGY_RATIO * expected_energy[voxels])
                 if structured.any():
-                    values = np.log(np.maximum(np.abs(residual[structured]), mean_residual_floor)) - quadratic_offset
-                    log_sum[structured] -= values
-                    weight_sum[structured] -= 1.0
-                    gone |= structured
+                    flat_log_sum[voxels[structured]] -= values[structured]
+                    flat_weight_sum[voxels[structured]] -= 1.0
+                    keep &= ~structured
                     changed = True
             if not changed:
                 break
@@ -699,6 +701,8 @@ def _quadratic_residual_kernel():
 
 
 _QUADRATIC_RESIDUAL = _quadratic_residual_kernel()
+#: Its sum of squares (20/27): the residual's variance over the noise's.
+_QUADRATIC_RESIDUAL_POWER = float(np.sum(_QUADRATIC_RESIDUAL.astype(np.float64) ** 2))
 #: Local energy of the quadratic residual over its noise expectation beyond which it is structure.
 _MAX_ENERGY_RATIO = 3.0
 #: Passes of that rejection at most.

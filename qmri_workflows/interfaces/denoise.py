@@ -111,10 +111,11 @@ class DenoiseCollection(SimpleInterface):
             mask = load_on_grid(self.inputs.mask_file, reference, kind="nearest") > 0
         n_coils = self.inputs.n_coils
         metadata = {"DenoisingMethod": self.inputs.method}
-        phases = self._phases(reference, len(files))
-        if phases is not None:  # until denoised, the fits read the input phase
+        complex_data = isdefined(self.inputs.phase_files) and len(self.inputs.phase_files) > 0
+        if complex_data:  # unless multispectral denoises it, the fits read the input phase (and check it)
             self._results["denoised_phase_files"] = list(self.inputs.phase_files)
-            self._results["denoised_phase_scale"] = float(self.inputs.phase_scale)
+            if isdefined(self.inputs.phase_scale):
+                self._results["denoised_phase_scale"] = float(self.inputs.phase_scale)
         try:
             # the air is found once: the effective number of coils below is measured in it too
             in_air = air_voxels(images[..., 0], voxel_size=voxel_size)
@@ -151,15 +152,14 @@ class DenoiseCollection(SimpleInterface):
             denoised = nlmeans_volumes(
                 images, sigma_map, mask=mask, n_coils=n_coils, num_threads=self.inputs.num_threads, **radii
             )
-        elif phases is None:
+        elif not complex_data:
             denoised, details = multispectral_denoise(images, sigma_map, mask=mask, n_coils=n_coils, **radii)
             metadata["DenoisingSimilarityComponents"] = details["similarity_components"]
             metadata["DenoisingRestoredFraction"] = round(details["restored_fraction"], 4)
         else:
             denoised, denoised_phases, details = multispectral_denoise_complex(
-                images, phases, sigma_map, mask=mask, **radii
+                images, self._phases(reference, len(files)), sigma_map, mask=mask, **radii
             )
-            del phases
             self._write_phases(runtime, denoised_phases, reference)
             metadata["DenoisingComplex"] = True
             metadata["DenoisingSimilarityComponents"] = details["similarity_components"]
@@ -202,9 +202,7 @@ class DenoiseCollection(SimpleInterface):
         return runtime
 
     def _phases(self, reference, n_files):
-        """The phase in radians (X, Y, Z, n_files), checked; None without phase files."""
-        if not isdefined(self.inputs.phase_files) or not self.inputs.phase_files:
-            return None
+        """The phase in radians (X, Y, Z, n_files), its units checked image by image."""
         phase_files = list(self.inputs.phase_files)
         scale = self.inputs.phase_scale if isdefined(self.inputs.phase_scale) else None
         if len(phase_files) != n_files:

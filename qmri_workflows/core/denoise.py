@@ -28,6 +28,10 @@ not model the noise floor again.
 * :func:`multispectral_denoise`: the package's default, :func:`signal_subspace`, then
   :func:`multispectral_nlmeans` and :func:`restore_structure` in that subspace.
 
+A missing sample (NaN or Inf) is read as 0 by the filters, and comes out NaN again: a value made
+from its neighbours would reach the fits as a measurement. The subspace and the restoration leave
+out the voxels that miss a sample.
+
 References
 ----------
 .. [1] Buades A, Coll B, Morel JM. A non-local algorithm for image denoising. CVPR 2005;2:60-65.
@@ -83,6 +87,28 @@ def _sigma_array(sigma, shape):
     if not np.all(sigma > 0):
         raise ValueError("sigma must be positive and finite everywhere")
     return sigma
+
+
+def _complete_voxels(images):
+    """Voxels whose every image holds a finite value (the others miss data: NaN or Inf samples)."""
+    complete = np.ones(images.shape[:3], dtype=bool)
+    for index in range(images.shape[-1]):
+        complete &= np.isfinite(images[..., index])
+    return complete
+
+
+def _keep_missing(images, out):
+    """Put NaN back in ``out`` wherever ``images`` missed a sample.
+
+    A filter reads a missing sample as 0 and would hand back a value made from its neighbours (or
+    0), which a fit downstream would take for a measurement; left NaN, the fits treat it as on raw
+    data (left out of its voxel's fit, and counted in the sidecar).
+    """
+    for index in range(images.shape[-1]):
+        missing = ~np.isfinite(images[..., index])
+        if missing.any():
+            out[..., index][missing] = np.nan
+    return out
 
 
 def correct_second_moment(second_moment, sigma, *, n_coils=1):
@@ -155,6 +181,7 @@ def nlmeans_volumes(images, sigma, *, mask=None, n_coils=1, patch_radius=1, sear
             denoised = correct_second_moment(second_moment, cropped_sigma, n_coils=n_coils)
         target = out[box + (index,)]
         target[mask[box]] = denoised[mask[box]]
+    _keep_missing(images, out)
     return out[..., 0] if single else out
 
 
@@ -208,7 +235,7 @@ def signal_subspace(images, sigma, *, mask=None, margin=SUBSPACE_MARGIN):
     n_images = images.shape[-1]
     sigma = _sigma_array(sigma, images.shape[:3])
     _, selected = _mask_box(mask, images.shape[:3], 0)
-    flat = np.flatnonzero(selected)
+    flat = np.flatnonzero(selected & _complete_voxels(images))
     if flat.size <= n_images:
         raise ValueError(f"signal_subspace needs more voxels than images, got {flat.size}")
     values = images.reshape(-1, n_images)
@@ -400,7 +427,7 @@ def multispectral_nlmeans(
     inside = mask[box]
     target[inside] = region_out[inside]
     out[box] = target
-    return out
+    return _keep_missing(images, out)
 
 
 def _check_noise_model(noise):
@@ -463,7 +490,8 @@ def restore_structure(
     basis : ndarray, shape (C, k), optional
         Orthonormal columns (:func:`signal_subspace`); every image by default.
     mask : ndarray of bool, shape (X, Y, Z), optional
-        Voxels restored, and the only ones whose residuals count.
+        Voxels restored, and the only ones whose residuals count (a voxel that misses a sample,
+        NaN or Inf in ``images``, is neither).
     n_coils : int, optional
         RSS-combined channels: ``E[M | A]`` is the non-central chi mean
         (:func:`qmri_workflows.core.noise.magnitude_mean`).
@@ -496,7 +524,8 @@ def restore_structure(
         raise ValueError(f"basis must have shape ({n_images}, k), got {basis.shape}")
     sigma = _sigma_array(sigma, shape)
     box, mask = _mask_box(mask, shape, radius)
-    inside = mask[box]
+    # a voxel that misses a sample has no residual to give: it keeps its denoised (NaN) values
+    inside = (mask & _complete_voxels(images))[box]
     local_sigma = (sigma[box][inside] if sigma.ndim else np.full(np.count_nonzero(inside), sigma)).astype(np.float64)
     n_signal = basis.shape[1]
     # whitened denoised signal and residual of the mask's voxels, projected image by image

@@ -453,3 +453,63 @@ def test_complex_denoising_checks_its_inputs():
     magnitudes = np.ones((8, 8, 8, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="share one shape"):
         denoise.multispectral_denoise_complex(magnitudes, magnitudes[..., :3], 1.0)
+
+
+def _with_missing_samples(images):
+    """A copy of ``images`` that misses one sample of one voxel and every sample of another."""
+    missing = images.copy()
+    missing[8, 9, 10, 1] = np.nan
+    missing[16, 14, 12, :] = np.inf
+    return missing
+
+
+@pytest.mark.parametrize(
+    "function",
+    [denoise.nlmeans_volumes, denoise.multispectral_nlmeans, lambda *a, **k: denoise.multispectral_denoise(*a, **k)[0]],
+    ids=["nlm", "multispectral_nlmeans", "multispectral_denoise"],
+)
+def test_missing_samples_stay_missing_and_leave_the_rest_alone(function):
+    """A NaN or Inf sample comes out NaN, not a value the fits would take for a measurement.
+
+    The voxels out of reach of the missing ones (search and patch radii, restoration radius) keep
+    the result of the complete data, up to the subspace and the restoration's noise scale, which no
+    longer count the two voxels.
+    """
+    rng = np.random.default_rng(41)
+    amplitude, *_ = _multi_echo(shape=(26, 24, 22), n_echoes=4)
+    images = _magnitude(amplitude, 5.0, rng)
+    missing = _with_missing_samples(images)
+    complete, result = function(images, 5.0), function(missing, 5.0)
+    lost = ~np.isfinite(missing)
+    assert np.all(np.isnan(result[lost]))
+    assert np.all(np.isfinite(result[~lost]))
+    far = np.ones(images.shape[:3], dtype=bool)
+    for voxel in ((8, 9, 10), (16, 14, 12)):
+        far[tuple(slice(i - 5, i + 6) for i in voxel)] = False
+    np.testing.assert_allclose(result[far], complete[far], atol=0.01 * 5.0)
+
+
+def test_restoration_leaves_out_voxels_that_miss_a_sample():
+    """Their NaN denoised values would otherwise spread through every neighbour's similarity weights."""
+    rng = np.random.default_rng(42)
+    amplitude, *_ = _multi_echo(shape=(24, 24, 20), n_echoes=4)
+    images = _with_missing_samples(_magnitude(amplitude, 5.0, rng))
+    denoised = denoise.multispectral_nlmeans(images, 5.0)
+    restored, fraction = denoise.restore_structure(images, denoised, 5.0)
+    lost = ~np.isfinite(images)
+    assert np.all(np.isnan(restored[lost]))
+    assert np.all(np.isfinite(restored[~lost]))
+    assert 0 <= fraction <= 1
+
+
+def test_complex_denoising_keeps_a_missing_phase_sample_missing():
+    rng = np.random.default_rng(43)
+    shape = (20, 20, 20, 6)
+    cycles = np.exp(1j * np.linspace(0, np.pi, 6)) * 50.0
+    signal = np.broadcast_to(cycles, shape) + rng.normal(0, 2, shape) + 1j * rng.normal(0, 2, shape)
+    magnitudes, phases = np.abs(signal).astype(np.float32), np.angle(signal).astype(np.float32)
+    phases[10, 10, 10, 2] = np.nan
+    magnitude, phase, _ = denoise.multispectral_denoise_complex(magnitudes, phases, 2.0)
+    assert np.isnan(magnitude[10, 10, 10, 2]) and np.isnan(phase[10, 10, 10, 2])
+    assert np.isfinite(magnitude).sum() == magnitude.size - 1
+    np.testing.assert_allclose(np.nanmedian(magnitude, axis=(0, 1, 2)), 50.0, rtol=0.02)

@@ -121,6 +121,29 @@ def test_nls_on_denoised_data_models_no_noise_floor(tmp_path):
     assert "NoiseStandardDeviationPerChannel" not in denoised
 
 
+def test_a_missing_sample_reaches_the_fit_as_missing(tmp_path):
+    """A NaN sample inside the head stays NaN through denoising, so that FitR2star leaves it out
+    and counts it, as on the raw images, instead of fitting a value made from its neighbours."""
+    files, tes, flips, _, head = _collection(tmp_path, sigma=3.0)
+    image = nib.load(files[2])
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    data[20, 20, 16] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), files[2])
+    mask_file = str(write_image(tmp_path / "mask.nii.gz", head, shape=SHAPE, affine=AFFINE, dtype=np.uint8))
+    result = (
+        DenoiseCollection(magnitude_files=files, echo_times=tes, flip_angles=flips, mask_file=mask_file)
+        .run(cwd=_cwd(tmp_path, "work"))
+        .outputs
+    )
+    denoised = np.stack([np.asarray(nib.load(path).dataobj) for path in result.denoised_files], -1)
+    assert np.isnan(denoised[20, 20, 16, 2]) and np.isfinite(np.delete(denoised[20, 20, 16], 2)).all()
+    assert np.isfinite(denoised[head]).sum() == head.sum() * len(files) - 1
+    common = dict(echo_times=tes, flip_angles=flips)
+    for name, inputs in (("raw", files), ("denoised", result.denoised_files)):
+        fit = FitR2star(magnitude_files=inputs, **common, denoised=name == "denoised").run(cwd=_cwd(tmp_path, name))
+        assert fit.outputs.metadata["NonFiniteInputVoxels"] == 1, name
+
+
 def _complex_cycles(tmp_path, sigma, seed=5, phase_scale=1.0):
     """Four 'phase cycles' at two flip angles: complex images whose phase varies across the head."""
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")

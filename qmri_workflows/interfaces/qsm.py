@@ -17,6 +17,7 @@ come from the image affine (:func:`b0_direction_from_affine`, :func:`voxel_size_
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 import nibabel as nib
@@ -53,6 +54,8 @@ from ..core.qsm import (
 from ..io.derivatives import write_nifti
 from ..io.images import check_phase_radians, load_phases, load_volume, load_volumes
 from .r2star import group_echoes_by_flip_angle
+
+LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
 __all__ = [
     "InvertDipole",
@@ -190,8 +193,11 @@ class _TotalFieldOutputSpec(TraitedSpec):
 def _load_series(echoes, reference, threads=None):
     """Magnitude and phase (radians) ``(X, Y, Z, N)`` of one series; echoes are (te, (mag, phase, scale)).
 
-    Every echo's phase is checked against the units of the first (:func:`check_phase_radians`);
-    NaN samples become 0 (no signal), which gives them no weight in the fits.
+    Every echo's phase is checked against the units of the first (:func:`check_phase_radians`).
+    A sample that is NaN or Inf in its magnitude or its phase is missing: both become 0, and a 0
+    magnitude gives it no weight in the flip-angle average, the unwrapping's quality and the field
+    fits (a finite magnitude beside a missing phase would otherwise weigh a phase of 0 rad as a
+    measurement).
     """
     magnitude_paths = [magnitude_path for _, (magnitude_path, _, _) in echoes]
     phase_paths = [phase_path for _, (_, phase_path, _) in echoes]
@@ -200,8 +206,19 @@ def _load_series(echoes, reference, threads=None):
     phase = load_phases(phase_paths, scales, reference=reference, max_threads=threads)
     for index, (path, scale) in enumerate(zip(phase_paths, scales)):
         check_phase_radians(phase[..., index], path, scale)
-    for volumes in (magnitude, phase):
-        np.copyto(volumes, 0, where=~np.isfinite(volumes))
+    counts = []
+    for index, path in enumerate(magnitude_paths):
+        missing = ~(np.isfinite(magnitude[..., index]) & np.isfinite(phase[..., index]))
+        if missing.any():
+            magnitude[..., index][missing] = 0.0
+            phase[..., index][missing] = 0.0
+            counts.append(f"{os.path.basename(path)} / {os.path.basename(phase_paths[index])} ({int(missing.sum())})")
+    if counts:
+        LOGGER.warning(
+            "QSM: samples that are NaN/Inf in the magnitude or the phase get no weight in the field fit. "
+            "Missing samples per echo: %s",
+            ", ".join(counts),
+        )
     return magnitude, phase
 
 

@@ -6,6 +6,8 @@ echo, SNR 60-100. The given brain mask is one voxel larger than the signal, so t
 remove that shell.
 """
 
+import logging
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -200,6 +202,36 @@ def test_a_phase_echo_in_other_units_is_one_clear_error(head, tmp_path):
     expected = r"echo3_phase_siemens\.nii is not wrapped phase in the units of the first echo"
     with pytest.raises(BIDSInputError, match=expected):
         interface.run(cwd=str(tmp_path))
+
+
+def test_a_missing_phase_sample_gets_no_weight(head, tmp_path, caplog):
+    """A NaN phase beside a finite magnitude is a missing sample, not a phase of 0 rad."""
+    files = {key: list(value) for key, value in head["files"].items()}
+    brain = head["brain"]
+    voxels = np.argwhere(brain)[:: max(1, int(brain.sum()) // 40)]
+    for echo in (1, 4):  # flip angle 1, echoes 2 and 5: one voxel set each
+        phase = _data(files["phase"][echo]).astype(np.float32)
+        phase[tuple(voxels.T)] = np.nan
+        path = tmp_path / f"missing_{echo}_phase.nii"
+        nib.save(nib.Nifti1Image(phase, head["affine"]), path)
+        files["phase"][echo] = str(path)
+    with caplog.at_level(logging.WARNING, logger="qmri_workflows.interfaces"):
+        total = _run(
+            TotalField(
+                magnitude_files=files["magnitude"],
+                phase_files=files["phase"],
+                phase_scales=files["scales"],
+                echo_times=files["echo_times"],
+                flip_angles=files["flips"],
+                mask_file=head["mask_file"],
+            ),
+            tmp_path,
+            "total",
+        )
+    error = np.abs(_data(total.field_file) - head["total_hz"])[tuple(voxels.T)]
+    print(f"\nfield error at {len(voxels)} voxels missing two phase samples: max {error.max():.3f} Hz")
+    assert error.max() < 0.5
+    assert any("missing_1_phase.nii" in r.getMessage() and f"({len(voxels)})" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("unwrap, fit", [("region_growing", "complex"), ("laplacian", "linear")])

@@ -59,6 +59,19 @@ def head(tmp_path_factory):
     return dict(truth, files=files, mask_file=str(mask_path), given_mask=given_mask, folder=folder)
 
 
+def total_field(files, mask_file, **options):
+    """The TotalField node of the head's echoes (``files`` as in the ``head`` fixture)."""
+    return TotalField(
+        magnitude_files=files["magnitude"],
+        phase_files=files["phase"],
+        phase_scales=files["scales"],
+        echo_times=files["echo_times"],
+        flip_angles=files["flips"],
+        mask_file=mask_file,
+        **options,
+    )
+
+
 def _run(interface, folder, name):
     cwd = folder / name
     cwd.mkdir(exist_ok=True)
@@ -69,14 +82,7 @@ def _run(interface, folder, name):
 def chain(head):
     files, folder = head["files"], head["folder"]
     total = _run(
-        TotalField(
-            magnitude_files=files["magnitude"],
-            phase_files=files["phase"],
-            phase_scales=files["scales"],
-            echo_times=files["echo_times"],
-            flip_angles=files["flips"],
-            mask_file=head["mask_file"],
-        ),
+        total_field(files, head["mask_file"]),
         folder,
         "total",
     )
@@ -191,14 +197,7 @@ def test_a_phase_echo_in_other_units_is_one_clear_error(head, tmp_path):
     radians = _data(files["phase"][2])
     nib.save(nib.Nifti1Image(np.round(radians / np.pi * 4096).astype(np.int16), head["affine"]), wrong)
     files["phase"][2] = str(wrong)
-    interface = TotalField(
-        magnitude_files=files["magnitude"],
-        phase_files=files["phase"],
-        phase_scales=files["scales"],
-        echo_times=files["echo_times"],
-        flip_angles=files["flips"],
-        mask_file=head["mask_file"],
-    )
+    interface = total_field(files, head["mask_file"])
     expected = r"echo3_phase_siemens\.nii is not wrapped phase in the units of the first echo"
     with pytest.raises(BIDSInputError, match=expected):
         interface.run(cwd=str(tmp_path))
@@ -217,14 +216,7 @@ def test_a_missing_phase_sample_gets_no_weight(head, tmp_path, caplog):
         files["phase"][echo] = str(path)
     with caplog.at_level(logging.WARNING, logger="qmri_workflows.interfaces"):
         total = _run(
-            TotalField(
-                magnitude_files=files["magnitude"],
-                phase_files=files["phase"],
-                phase_scales=files["scales"],
-                echo_times=files["echo_times"],
-                flip_angles=files["flips"],
-                mask_file=head["mask_file"],
-            ),
+            total_field(files, head["mask_file"]),
             tmp_path,
             "total",
         )
@@ -238,17 +230,7 @@ def test_a_missing_phase_sample_gets_no_weight(head, tmp_path, caplog):
 def test_total_field_alternatives(head, tmp_path, unwrap, fit):
     files = head["files"]
     total = _run(
-        TotalField(
-            magnitude_files=files["magnitude"],
-            phase_files=files["phase"],
-            phase_scales=files["scales"],
-            echo_times=files["echo_times"],
-            flip_angles=files["flips"],
-            mask_file=head["mask_file"],
-            unwrap=unwrap,
-            fit=fit,
-            flip_angles_used="best",
-        ),
+        total_field(files, head["mask_file"], unwrap=unwrap, fit=fit, flip_angles_used="best"),
         tmp_path,
         "total",
     )

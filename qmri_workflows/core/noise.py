@@ -349,6 +349,18 @@ def estimate_effective_coils(magnitude_background):
     return float(second**2 / variance), float(np.sqrt(variance / (2.0 * second)))
 
 
+def _centred_blocks(n, voxels_per_block):
+    """``(count, step, offset)``: cubes of an odd ``step`` of voxels (at least 5), laid out
+    symmetrically about the centre of an axis of ``n`` voxels (voxel ``i`` is in block
+    ``(i + offset) // step``), so that reversing the axis maps blocks onto blocks: the estimate
+    does not depend on the direction in which the image is stored."""
+    step = max(5, int(round(voxels_per_block)) | 1)
+    count = -(-n // step)
+    if (count * step - n) % 2:  # an odd step changes the parity of the overhang
+        count += 1
+    return count, step, (count * step - n) // 2
+
+
 def estimate_sigma_air(image, air, *, voxel_size=(1.0, 1.0, 1.0), n_coils=1, block_mm=12.0, min_block_voxels=64):
     """Noise SD per channel from the air of an image, robust to ghosts: the median over blocks.
 
@@ -373,7 +385,7 @@ def estimate_sigma_air(image, air, *, voxel_size=(1.0, 1.0, 1.0), n_coils=1, blo
     n_coils : int, optional
         Number of RSS-combined channels.
     block_mm : float, optional
-        Edge of the cubes in mm (at least 4 voxels).
+        Edge of the cubes in mm (rounded to an odd number of voxels, at least 5).
     min_block_voxels : int, optional
         Air voxels a cube needs to count.
 
@@ -387,10 +399,12 @@ def estimate_sigma_air(image, air, *, voxel_size=(1.0, 1.0, 1.0), n_coils=1, blo
     values = image[air]
     if values.size == 0:
         raise ValueError("the air mask holds no finite voxel")
-    steps = [max(4, int(round(block_mm / float(size)))) for size in voxel_size]
     indices = np.nonzero(air)
-    n_blocks = [-(-n // step) for n, step in zip(image.shape, steps)]
-    block = np.ravel_multi_index(tuple(index // step for index, step in zip(indices, steps)), n_blocks)
+    grid = [_centred_blocks(n, block_mm / float(size)) for n, size in zip(image.shape, voxel_size)]
+    n_blocks = [count for count, _, _ in grid]
+    block = np.ravel_multi_index(
+        tuple((index + offset) // step for index, (_, step, offset) in zip(indices, grid)), n_blocks
+    )
     counts = np.bincount(block)
     power = np.bincount(block, weights=values**2)
     kept = counts >= int(min_block_voxels)

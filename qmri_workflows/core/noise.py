@@ -552,7 +552,8 @@ class _LogSmoother:
             self.data_centroid = np.nan_to_num(data_first / data_zeroth[..., None])
 
     def _filter(self, values, order=(0, 0, 0)):
-        """Sum of values x G x u^order over the blocks, u their offset from the point in SDs."""
+        """Sum of values x G x u^order over the blocks, u their offset from the point in SDs (with
+        ``u^2 - 1`` for a second order along one axis)."""
         from scipy import ndimage
 
         # derivatives of G: G' = -(d / s^2) G, G'' = (d^2 / s^4 - 1 / s^2) G with d = point - block

@@ -135,19 +135,21 @@ def figures(case):
 
 
 def _assert_noise_map(estimate, case):
-    """Within 10 % in 99 % of the brain.
+    """Within 8 % everywhere in the brain (issue 11: 10 %).
 
-    Measured: median |error| 2 %, 99th percentile 8 %, 0.2 % of the voxels 10-11 % low, in a
-    cluster where the bands leave few flat voxels and the map is filled from farther away.
+    Measured (seed 3): median |error| 1.3 %, 99th percentile 4.2 %, max 5.9 % (seeds 4 and 5: max
+    4.7 and 5.3 %). It was 10.8 % low in a cluster at the brain's edge, from the air samples whose
+    own noise fell low (told by a mean that held them) and from a low-pass that read the map at the
+    samples' centroid, in the air (``core.noise.estimate_sigma_map``).
     """
     error = np.abs(estimate[case["brain"]] / case["true_sigma"][case["brain"]] - 1)
     quantiles = np.percentile(error, [50, 99, 100])
     print(
         "\nbSSFP noise map in the brain: |error| median {:.3f}, 99th percentile {:.3f}, max {:.3f}".format(*quantiles)
     )
-    assert quantiles[0] < 0.03
-    assert quantiles[1] < 0.10
-    assert quantiles[2] < 0.15
+    assert quantiles[0] < 0.02
+    assert quantiles[1] < 0.06
+    assert quantiles[2] < 0.08
 
 
 def test_noise_map_of_the_phase_cycles(case):

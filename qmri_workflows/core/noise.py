@@ -349,12 +349,12 @@ def estimate_effective_coils(magnitude_background):
     return float(second**2 / variance), float(np.sqrt(variance / (2.0 * second)))
 
 
-def _centred_blocks(n, voxels_per_block):
-    """``(count, step, offset)``: cubes of an odd ``step`` of voxels (at least 5), laid out
-    symmetrically about the centre of an axis of ``n`` voxels (voxel ``i`` is in block
-    ``(i + offset) // step``), so that reversing the axis maps blocks onto blocks: the estimate
-    does not depend on the direction in which the image is stored."""
-    step = max(5, int(round(voxels_per_block)) | 1)
+def _centred_blocks(n, voxels_per_block, minimum=1):
+    """``(count, step, offset)``: blocks of an odd ``step`` of about ``voxels_per_block`` voxels (at
+    least ``minimum``), laid out symmetrically about the centre of an axis of ``n`` voxels (voxel
+    ``i`` is in block ``(i + offset) // step``), so that reversing the axis maps blocks onto blocks:
+    what is computed over them does not depend on the direction in which the image is stored."""
+    step = max(int(minimum), int(round(voxels_per_block))) | 1
     count = -(-n // step)
     if (count * step - n) % 2:  # an odd step changes the parity of the overhang
         count += 1
@@ -400,7 +400,7 @@ def estimate_sigma_air(image, air, *, voxel_size=(1.0, 1.0, 1.0), n_coils=1, blo
     if values.size == 0:
         raise ValueError("the air mask holds no finite voxel")
     indices = np.nonzero(air)
-    grid = [_centred_blocks(n, block_mm / float(size)) for n, size in zip(image.shape, voxel_size)]
+    grid = [_centred_blocks(n, block_mm / float(size), minimum=5) for n, size in zip(image.shape, voxel_size)]
     n_blocks = [count for count, _, _ in grid]
     block = np.ravel_multi_index(
         tuple((index + offset) // step for index, (_, step, offset) in zip(indices, grid)), n_blocks
@@ -531,10 +531,12 @@ class _LogSmoother:
     centimetres) against samples of variance ``_LOG_SAMPLE_VARIANCE``: where few samples determine
     it (a narrow filter, far from the samples) the plane flattens into their mean.
 
-    The map is smooth on the filter's scale, so the sums are taken over blocks of up to a third of
+    The map is smooth on the filter's scale, so the sums are taken over blocks of about a third of
     its SD, with the offsets of the samples from their block's centre; the weights are those of the
     centre (a blur of ``block^2 / 12`` voxels^2 more: the map moves by under 0.7 % on the phantom).
-    The plane is read at the blocks' centres and interpolated linearly to the voxels.
+    The blocks have an odd number of voxels and are centred on the volume, so that the map does not
+    depend on the order the image is stored in. The plane is read at the blocks' centres and
+    interpolated linearly to the voxels.
 
     Parameters
     ----------
@@ -551,9 +553,11 @@ class _LogSmoother:
     def __init__(self, data, filter_sigma_voxels, filter_sigma_mm, fallback):
         sigma_voxels = np.asarray(filter_sigma_voxels, dtype=float)
         self.shape = np.array(data.shape)
-        self.factor = np.maximum(1, (sigma_voxels / 3.0).astype(int))
-        self.n_blocks = -(-self.shape // self.factor)
-        self.padding = [(0, int(n * f - size)) for n, f, size in zip(self.n_blocks, self.factor, self.shape)]
+        # blocks laid symmetrically about the centre: the map does not depend on the storage order
+        grid = [_centred_blocks(int(n), sigma / 3.0) for n, sigma in zip(self.shape, sigma_voxels)]
+        self.n_blocks = np.array([count for count, _, _ in grid])
+        self.factor = np.array([step for _, step, _ in grid])
+        self.padding = [(offset, int(count * step - n - offset)) for (count, step, offset), n in zip(grid, self.shape)]
         # offset of each voxel from its block's centre, in filter SDs, along each axis
         self.offsets = [(np.arange(f) - 0.5 * (f - 1)) / sigma for f, sigma in zip(self.factor, sigma_voxels)]
         self.sigma = sigma_voxels / self.factor  # in blocks
@@ -615,8 +619,8 @@ class _LogSmoother:
         level = np.where(fitted, level, self.fallback)
         # from the blocks' centres to the voxels, linear along each axis (constant beyond the outer
         # centres)
-        for axis, (size, f, n) in enumerate(zip(self.shape, self.factor, self.n_blocks)):
-            position = (np.arange(size) - 0.5 * (f - 1)) / f
+        for axis, (size, f, n, (before, _)) in enumerate(zip(self.shape, self.factor, self.n_blocks, self.padding)):
+            position = (np.arange(size) + before - 0.5 * (f - 1)) / f
             lower = np.clip(np.floor(position).astype(int), 0, max(n - 2, 0))
             upper = np.minimum(lower + 1, n - 1)
             fraction = np.clip(position - lower, 0.0, 1.0).reshape([-1 if a == axis else 1 for a in range(3)])

@@ -255,6 +255,28 @@ def test_noise_from_the_air_does_not_depend_on_the_storage_order(shape):
     assert permuted == pytest.approx(reference, rel=1e-12)
 
 
+def test_noise_map_does_not_depend_on_the_storage_order():
+    """Reversed or permuted axes give the same map: the low-pass's blocks are centred on the volume.
+
+    With blocks laid from the first voxel, reversing an odd-length axis moved the 2 mm phantom's map
+    by up to 0.4 %.
+    """
+    rng = np.random.default_rng(7)
+    shape = (43, 38, 35)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    head = (grid[0] / 0.8) ** 2 + (grid[1] / 0.7) ** 2 + (grid[2] / 0.75) ** 2 < 1
+    sigma = 2.0 * (1.0 + 0.5 * np.exp(-2.0 * (grid[0] ** 2 + grid[1] ** 2)))
+    amplitude = np.where(head, 100.0 + 20.0 * grid[0], 0.0)[..., None] * np.array([1.0, 0.8, 0.6, 0.5])
+    images = _rss_volume(amplitude, sigma[..., None, None], 1, rng)
+    options = dict(sigma_global=2.0, voxel_size=(1.0, 1.0, 1.0))
+    reference = noise.estimate_sigma_map(images, **options)
+    for axes in ((0,), (1,), (2,), (0, 1, 2)):
+        flipped = noise.estimate_sigma_map(np.flip(images, axes).copy(), **options)
+        np.testing.assert_allclose(np.flip(flipped, axes), reference, rtol=1e-5)
+    permuted = noise.estimate_sigma_map(np.ascontiguousarray(np.transpose(images, (2, 0, 1, 3))), **options)
+    np.testing.assert_allclose(np.transpose(permuted, (1, 2, 0)), reference, rtol=1e-5)
+
+
 def test_noise_map_without_echo_trains_leaves_out_structured_residuals(monkeypatch):
     """Sparse bright specks (vessels, band edges) in flat tissue: their residuals are not noise."""
     rng = np.random.default_rng(63)

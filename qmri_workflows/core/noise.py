@@ -532,11 +532,15 @@ class _LogSmoother:
     it (a narrow filter, far from the samples) the plane flattens into their mean.
 
     The map is smooth on the filter's scale, so the sums are taken over blocks of about a third of
-    its SD, with the offsets of the samples from their block's centre; the weights are those of the
-    centre (a blur of ``block^2 / 12`` voxels^2 more: the map moves by under 0.7 % on the phantom).
-    The blocks have an odd number of voxels and are centred on the volume, so that the map does not
-    depend on the order the image is stored in. The plane is read at the blocks' centres and
-    interpolated linearly to the voxels.
+    its SD, each block's samples standing at its centre (a blur of ``block^2 / 12`` voxels^2 more:
+    the map moves by under 0.7 % on the phantom). Every moment of the fit is taken at the same
+    positions, so the spread of the samples about their centroid is a true weighted covariance,
+    never negative: with the first moments at the samples' own positions and the second at the
+    blocks' centres, a point with its samples in one or two blocks got a near-singular spread and a
+    slope without bound (a 2 x 2 x 4 mm bSSFP map ranged from 0.007 to 24 times sigma). The blocks
+    have an odd number of voxels and are centred on the volume, so that the map does not depend on
+    the order the image is stored in. The plane is read at the blocks' centres and interpolated
+    linearly to the voxels.
 
     Parameters
     ----------
@@ -558,8 +562,6 @@ class _LogSmoother:
         self.n_blocks = np.array([count for count, _, _ in grid])
         self.factor = np.array([step for _, step, _ in grid])
         self.padding = [(offset, int(count * step - n - offset)) for (count, step, offset), n in zip(grid, self.shape)]
-        # offset of each voxel from its block's centre, in filter SDs, along each axis
-        self.offsets = [(np.arange(f) - 0.5 * (f - 1)) / sigma for f, sigma in zip(self.factor, sigma_voxels)]
         self.sigma = sigma_voxels / self.factor  # in blocks
         # the filter's weights sum to 1: the prior's weight in the same units
         kernel_samples = np.prod(np.sqrt(2.0 * np.pi) * self.sigma)
@@ -579,26 +581,17 @@ class _LogSmoother:
         return filtered * np.prod(self.sigma ** np.asarray(order))
 
     def _moments(self, values, *, second=False):
-        """Zeroth, first (and second) moments of the samples' offsets from each point, in SDs."""
+        """Zeroth, first (and second) moments of the samples' offsets from each point, in SDs, the
+        samples of a block at its centre."""
         f0, f1, f2 = self.factor
         n0, n1, n2 = self.n_blocks
         blocks = np.pad(values, self.padding).reshape(n0, f0, n1, f1, n2, f2)
-        # sums over the blocks, and of the offsets from their centres along each axis
-        over_z = blocks.sum(axis=5, dtype=np.float64)
-        over_yz = over_z.sum(axis=3)
-        total = over_yz.sum(axis=1)
-        shifted = [
-            np.tensordot(over_yz, self.offsets[0], axes=([1], [0])),
-            np.tensordot(over_z.sum(axis=1), self.offsets[1], axes=([2], [0])),
-            np.tensordot(blocks.sum(axis=(1, 3), dtype=np.float64), self.offsets[2], axes=([3], [0])),
-        ]
+        total = blocks.sum(axis=(1, 3, 5), dtype=np.float64)
         zeroth = self._filter(total)
         unit = np.eye(3, dtype=int)
-        first = np.stack([self._filter(total, unit[i]) + self._filter(shifted[i]) for i in range(3)], axis=-1)
+        first = np.stack([self._filter(total, unit[i]) for i in range(3)], axis=-1)
         if not second:
             return zeroth, first, None
-        # the spread is that of the blocks' centres: the offsets within them only move the slope by
-        # a few tenths of a percent of its value
         moment = np.empty(zeroth.shape + (3, 3))
         for i in range(3):
             for j in range(i, 3):

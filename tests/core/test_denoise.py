@@ -489,6 +489,30 @@ def test_missing_samples_stay_missing_and_leave_the_rest_alone(function):
     np.testing.assert_allclose(result[far], complete[far], atol=0.01 * 5.0)
 
 
+def test_neighbours_of_a_missing_voxel_are_denoised_as_well():
+    """Missing voxels take no part in the patch distances: read as 0, they made every patch that
+    holds them unlike all others, and their neighbours kept most of their noise (RMS error 0.48
+    against 0.11 sigma here)."""
+    rng = np.random.default_rng(44)
+    shape = (24, 24, 24, 8)
+    amplitude = 100.0 * np.exp(-20.0 * 0.003 * np.arange(1, 9)) * np.ones(shape)
+    images = _magnitude(amplitude, 5.0, rng)
+    missing = images.copy()
+    centres = [(6, 6, 6), (6, 17, 6), (17, 6, 6), (17, 17, 17), (6, 6, 17)]
+    near = np.zeros(shape[:3], dtype=bool)
+    for centre in centres:
+        missing[centre] = np.nan
+        near[tuple(slice(i - 2, i + 3) for i in centre)] = True
+    for centre in centres:
+        near[centre] = False
+    error = {}
+    for name, data in (("complete", images), ("missing", missing)):
+        result, _ = denoise.multispectral_denoise(data, 5.0)
+        error[name] = float(np.sqrt(np.mean((result - amplitude)[near] ** 2)) / 5.0)
+    print(f"\nRMS error of the neighbours (sigma): {error}")
+    assert error["missing"] < 1.2 * error["complete"]
+
+
 def test_restoration_leaves_out_voxels_that_miss_a_sample():
     """Their NaN denoised values would otherwise spread through every neighbour's similarity weights."""
     rng = np.random.default_rng(42)

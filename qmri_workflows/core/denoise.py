@@ -396,6 +396,8 @@ def multispectral_nlmeans(
         with_halo = (nx + 2 * p, ny + 2 * p, z1 - z0 + 2 * p)
         # centre voxels with the patch halo, in padded coordinates
         centre = features[:, s : s + with_halo[0], s : s + with_halo[1], s + z0 : s + z0 + with_halo[2]]
+        if present is not None:
+            present_centre = present[s : s + with_halo[0], s : s + with_halo[1], s + z0 : s + z0 + with_halo[2]]
         inverse_noise = _slab_inverse_noise(region_sigma, z0, z1, patch_radius, scale)
         weight_sum = np.zeros(slab, dtype=np.float32)
         moment_sum = np.zeros((n_images,) + slab, dtype=np.float32)
@@ -416,10 +418,7 @@ def multispectral_nlmeans(
                 ndimage.uniform_filter(distance, patch, output=patch_distance, mode="nearest")
             else:
                 # the mean over the pairs of voxels that both hold data
-                pairs = (
-                    present[s : s + with_halo[0], s : s + with_halo[1], s + z0 : s + z0 + with_halo[2]]
-                    * present[x0 : x0 + with_halo[0], y0 : y0 + with_halo[1], zz : zz + with_halo[2]]
-                )
+                pairs = present_centre * present[x0 : x0 + with_halo[0], y0 : y0 + with_halo[1], zz : zz + with_halo[2]]
                 ndimage.uniform_filter(distance * pairs, patch, output=patch_distance, mode="nearest")
                 patch_distance /= np.maximum(ndimage.uniform_filter(pairs, patch, mode="nearest"), 1.0 / patch**3)
             # (d / (C sigma^2) - 2) / width, clipped at 0, then exp(-.)

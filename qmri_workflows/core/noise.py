@@ -607,7 +607,7 @@ class _LogSmoother:
         m0 = np.where(fitted, m0, 1.0)
         centroid = m1 / m0[..., None]
         spread = m2 - m0[..., None, None] * centroid[..., :, None] * centroid[..., None, :] + self.ridge * np.eye(3)
-        slope = _solve_symmetric_3x3(spread, c1 - centroid * c0[..., None])
+        slope = np.linalg.solve(spread, (c1 - centroid * c0[..., None])[..., None])[..., 0]
         level = c0 / m0 + np.sum(slope * (self.data_centroid - centroid), axis=-1)
         level = np.where(fitted, level, self.fallback)
         # from the blocks' centres to the voxels, linear along each axis (constant beyond the outer
@@ -619,22 +619,6 @@ class _LogSmoother:
             fraction = np.clip(position - lower, 0.0, 1.0).reshape([-1 if a == axis else 1 for a in range(3)])
             level = level.take(lower, axis=axis) * (1.0 - fraction) + level.take(upper, axis=axis) * fraction
         return level
-
-
-def _solve_symmetric_3x3(matrix, vector):
-    """Solutions of the symmetric positive definite systems ``matrix @ x = vector``, by the adjugate."""
-    a, b, c = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 0, 2]
-    d, e, f = matrix[..., 1, 1], matrix[..., 1, 2], matrix[..., 2, 2]
-    adjugate = np.stack(
-        [
-            np.stack([d * f - e * e, c * e - b * f, b * e - c * d], axis=-1),
-            np.stack([c * e - b * f, a * f - c * c, b * c - a * e], axis=-1),
-            np.stack([b * e - c * d, b * c - a * e, a * d - b * b], axis=-1),
-        ],
-        axis=-2,
-    )
-    determinant = a * adjugate[..., 0, 0] + b * adjugate[..., 0, 1] + c * adjugate[..., 0, 2]
-    return np.einsum("...ij,...j->...i", adjugate, vector) / determinant[..., None]
 
 
 def estimate_sigma_map(

@@ -83,8 +83,8 @@ def test_masks_are_identical(two_runs):
 def test_maps_agree_voxel_by_voxel(two_runs, relative):
     """To float32 rounding (measured: 2e-8 to 5e-8, the local field and chi 2e-7 and 8e-7).
 
-    Chi and the local field differed by 13 % and 100 % before the fixes this test came with; the
-    noise SD of the air by 0.5 % (blocks laid from the first voxel), and the maps by up to 3e-4.
+    Chi and the local field differed by 13 % and 100 % before the fixes this test came with, and the
+    noise SD of the air by 0.5 % (blocks laid from the first voxel) before its blocks were centred.
     """
     brain, _ = _pair(two_runs, "anat/sub-01_desc-brain_mask.nii.gz")
     first, second = _pair(two_runs, relative)

@@ -28,9 +28,10 @@ not model the noise floor again.
 * :func:`multispectral_denoise`: the package's default, :func:`signal_subspace`, then
   :func:`multispectral_nlmeans` and :func:`restore_structure` in that subspace.
 
-A missing sample (NaN or Inf) is read as 0 by the filters, and comes out NaN again: a value made
-from its neighbours would reach the fits as a measurement. The subspace and the restoration leave
-out the voxels that miss a sample.
+A missing sample (NaN or Inf) comes out NaN again: a value made from its neighbours would reach the
+fits as a measurement. Inside the filters it takes no part: the subspace, the multispectral patch
+distances and averages and the restoration leave out the voxels that miss a sample, and dipy's NLM,
+which cannot, sees the mean of the samples around it.
 
 References
 ----------
@@ -100,8 +101,8 @@ def _complete_voxels(images):
 def _keep_missing(images, out):
     """Put NaN back in ``out`` wherever ``images`` missed a sample.
 
-    A filter reads a missing sample as 0 and would hand back a value made from its neighbours (or
-    0), which a fit downstream would take for a measurement; left NaN, the fits treat it as on raw
+    A filter would hand back a value made from the neighbours of a missing sample, which a fit
+    downstream would take for a measurement; left NaN, the fits treat it as on raw
     data (left out of its voxel's fit, and counted in the sidecar).
     """
     for index in range(images.shape[-1]):
@@ -165,7 +166,7 @@ def nlmeans_volumes(images, sigma, *, mask=None, n_coils=1, patch_radius=1, sear
     out = images.astype(np.float32)
     cropped_sigma = sigma[box] if sigma.ndim else sigma
     for index in range(images.shape[-1]):
-        volume = np.nan_to_num(images[box + (index,)], nan=0.0, posinf=0.0, neginf=0.0)
+        volume = _fill_missing(images[box + (index,)])
         denoised = nlmeans(
             volume,
             cropped_sigma if sigma.ndim else dipy_sigma,
@@ -183,6 +184,21 @@ def nlmeans_volumes(images, sigma, *, mask=None, n_coils=1, patch_radius=1, sear
         target[mask[box]] = denoised[mask[box]]
     _keep_missing(images, out)
     return out[..., 0] if single else out
+
+
+def _fill_missing(volume):
+    """``volume`` with its missing samples (NaN, Inf) replaced by the mean of the samples around them.
+
+    For filters that cannot leave a sample out (dipy's NLM): read as 0, a missing sample makes
+    every patch that holds it unlike all others, and its neighbours keep most of their noise.
+    """
+    missing = ~np.isfinite(volume)
+    if not missing.any():
+        return volume
+    from .relaxometry._smooth import normalised_convolution
+
+    local_mean = normalised_convolution(volume, ~missing, (1.0,) * volume.ndim, fwhm_mm=2.0)
+    return np.where(missing, local_mean, volume)
 
 
 def _mask_box(mask, shape, halo):

@@ -29,6 +29,7 @@ from qmri_workflows.phantom.protocol import Protocol
 
 LARGE_REGIONS = ("WM", "CGM", "CAU", "PUT", "THA")
 LESIONS = ("LEA", "LLA", "LCAC", "LCAR", "LCI", "CL")
+ALL_LESIONS = "lesions"
 FLIP_ANGLES = np.radians([6.0, 21.0])
 REPETITION_TIME = 0.025
 ECHO_TIMES = np.array([[0.0023 * (i + 1) for i in range(8)]] * 2)
@@ -132,10 +133,14 @@ def denoise_with(method, case, sigma_map, *, search_radius=2):
 def figures(estimate, truth, regions):
     """RMSE over all regions, relative bias of each region's mean, relative change of each lesion's contrast.
 
-    The contrast is that of the lesion's mean against the white matter's mean.
+    The contrast is that of the lesion's mean against the white matter's mean. The lesions also
+    count together, as ``ALL_LESIONS`` (their voxels pooled), in the bias and the contrast.
     """
     tissue = np.any([mask for mask in regions.values()], axis=0)
     rmse = float(np.sqrt(np.nanmean((estimate - truth)[tissue] ** 2)))
+    lesions = [name for name in LESIONS if name in regions]
+    if lesions:
+        regions = {**regions, ALL_LESIONS: np.any([regions[name] for name in lesions], axis=0)}
     bias = {name: float(np.nanmean(estimate[mask]) / np.nanmean(truth[mask]) - 1) for name, mask in regions.items()}
     wm_estimate, wm_truth = np.nanmean(estimate[regions["WM"]]), np.nanmean(truth[regions["WM"]])
     contrast = {
@@ -143,7 +148,7 @@ def figures(estimate, truth, regions):
             (np.nanmean(estimate[regions[name]]) / wm_estimate - 1) / (np.nanmean(truth[regions[name]]) / wm_truth - 1)
             - 1
         )
-        for name in LESIONS
+        for name in (*lesions, ALL_LESIONS)
         if name in regions
     }
     return rmse, bias, contrast

@@ -11,6 +11,7 @@ noiseless intercepts.
 import pytest
 
 from tests.denoising_case import (
+    ALL_LESIONS,
     LESIONS,
     METHODS,
     assert_lesions_kept,
@@ -66,6 +67,13 @@ def test_r2star_meets_the_criteria_but_for_the_cortical_lesion_at_1mm(maps):
     _print_reductions("R2*", maps["R2*"])
     assert_rmse_and_large_regions("R2*", maps["R2*"])
     assert_lesions_kept("R2*", maps["R2*"], lesions=[name for name in LESIONS if name != "CL"], against="raw")
+
+
+@pytest.mark.parametrize("quantity", ["R2*", "R1", "PD"])
+def test_lesions_together_are_kept_at_1mm(maps, quantity):
+    """The issue's "mean lesion-to-NAWM contrast" read as one figure per map: the lesions' voxels
+    pooled (measured: R2* mean +1.2 %, contrast -3.5 % against the truth; R1 and PD within 1.2 %)."""
+    assert_lesions_kept(quantity, maps[quantity], lesions=[ALL_LESIONS])
 
 
 @pytest.mark.xfail(

@@ -172,7 +172,17 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     static_metadata = {}
     if inputs.field_strength:
         static_metadata["MagneticFieldStrength"] = inputs.field_strength
-    family_outputs = [(family, _with_options(family.outputs(inputs), family, context.options)) for family in running]
+    family_outputs = [
+        (
+            family,
+            _with_options(
+                family.outputs(inputs, context.options) if family.outputs_options else family.outputs(inputs),
+                family,
+                context.options,
+            ),
+        )
+        for family in running
+    ]
     ds_wf = init_ds_subject_wf(
         family_outputs=family_outputs,
         output_dir=str(output_dir),

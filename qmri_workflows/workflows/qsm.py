@@ -270,11 +270,12 @@ def _check_qsm(inputs):
 
 
 def _describe_qsm(inputs):
+    from .base import echo_counts
+
     used = _with_phase(inputs)
-    n_echoes = max(len(series.echo_times) for series in used)
     without = [series for series in inputs.gre if not series.phase]
     return (
-        f"phase of {inputs.gre_suffix} {len(used)} flip angle(s) x {n_echoes} echoes "
+        f"phase of {inputs.gre_suffix} {len(used)} flip angle(s) x {echo_counts(used)} echoes "
         f"at {inputs.field_strength:g} T"
         + (
             f" (not the {len(without)} flip angle(s) without phase images, e.g. {without[0].magnitude[0]})"

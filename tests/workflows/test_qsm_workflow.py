@@ -213,6 +213,16 @@ def test_phase_at_one_flip_angle_only_maps_qsm_from_that_one(head_dataset, tmp_p
     assert total_error < 2
 
 
+def test_plan_gives_the_range_of_echo_counts(tmp_path):
+    """One flip angle with an echo fewer: the plan lines said '2 flip angle(s) x 4 echoes'."""
+    raw = make_vfa_dataset(tmp_path / "raw", n_echoes=4)
+    for path in (raw / "sub-01" / "anat").glob("*_echo-4_flip-2_*"):
+        path.unlink()
+    plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(raw), "01"))}
+    assert "2 flip angle(s) x 3 to 4 echoes" in plans["r2star"].reason
+    assert "2 flip angle(s) x 3 to 4 echoes" in plans["qsm"].reason
+
+
 def test_plan_says_why_qsm_does_not_run(tmp_path):
     no_phase = make_vfa_dataset(tmp_path / "nophase", phase=False)
     plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(no_phase), "01"))}

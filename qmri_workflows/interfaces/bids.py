@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -25,8 +26,12 @@ _DTYPES = {"auto": None, "float32": "float32", "uint8": "uint8", "int16": "int16
 
 
 def find_dataset_root(path):
-    """Return the closest folder above ``path`` holding a ``dataset_description.json``, or None."""
-    for folder in Path(path).resolve().parents:
+    """Return the closest folder above ``path`` holding a ``dataset_description.json``, or None.
+
+    The file's own symbolic link is not followed: in a DataLad / git-annex dataset every file links
+    into the annex's object store (``.git/annex/objects/...``), whose folders are not the dataset's.
+    """
+    for folder in Path(os.path.abspath(path)).parents:
         if (folder / "dataset_description.json").is_file():
             return folder
     return None

@@ -348,6 +348,7 @@ class _FitDESPOT2InputSpec(BaseInterfaceInputSpec):
     r1_file = File(exists=True, mandatory=True, desc="R1 (1/s) on the map grid")
     b1_file = File(exists=True, desc="B1+ ratio (1 = nominal) on the map grid")
     b1_note = Str(desc="why there is no b1_file (recorded in the sidecar)")
+    b1_source = Str(desc="where b1_file comes from (the R1 family's B1Correction: measured, estimated ...)")
     mask_file = File(exists=True, desc="voxels to fit (0 elsewhere)")
     method = traits.Enum("nonlinear", "linear", usedefault=True, desc="DESPOT2 estimator")
     combination = traits.Enum(
@@ -416,7 +417,9 @@ class FitDESPOT2(SimpleInterface):
         if isdefined(self.inputs.b1_file):
             b1 = load_volume(self.inputs.b1_file, reference=reference)
             b1[~(b1 > 0)] = np.nan
-            metadata["B1Correction"] = "B1+ map of the R1 family (actual / nominal flip angle)"
+            metadata["B1Correction"] = "B1+ map of the R1 family (actual / nominal flip angle)" + (
+                f"; R1's: {self.inputs.b1_source}" if isdefined(self.inputs.b1_source) else ""
+            )
         else:
             b1 = np.ones(shape, dtype=np.float32)
             note = self.inputs.b1_note if isdefined(self.inputs.b1_note) else "no B1+ map"

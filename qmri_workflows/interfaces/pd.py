@@ -34,6 +34,10 @@ R1_BIAS_REFERENCE = (
     "Volz S, Nöth U, Deichmann R. Correction of systematic errors in quantitative proton density mapping. "
     "Magn Reson Med 2012;68:74-85. doi:10.1002/mrm.23206"
 )
+PD_CALIBRATION_REFERENCE = (
+    "Tofts P. PD: proton density of tissue water. In: Tofts P, ed. Quantitative MRI of the Brain. "
+    "Chichester: Wiley; 2003, chapter 4"
+)
 UNICORT_REFERENCE = (
     "Weiskopf N, Lutti A, Helms G, Novak M, Ashburner J, Hutton C. Unified segmentation based correction "
     "of R1 brain maps for RF transmit field inhomogeneities (UNICORT). NeuroImage 2011;54:2116-2124. "
@@ -215,10 +219,12 @@ class CalibratePD(SimpleInterface):
             }
         if fallback:
             self._results["metadata"]["CalibrationNote"] = fallback
-        if correction == "r1_relation":
-            self._results["metadata"]["EstimationReference"] = R1_BIAS_REFERENCE
-        elif correction == "rb1cor":
-            self._results["metadata"]["EstimationReference"] = RB1COR_REFERENCE
+        # Every method the map went through is cited: the calibration on a reference tissue (also
+        # without a receive correction, e.g. with --no-receive-correction) and the receive correction.
+        references = [PD_CALIBRATION_REFERENCE] if result is not None else []
+        references += {"r1_relation": [R1_BIAS_REFERENCE], "rb1cor": [RB1COR_REFERENCE]}.get(correction, [])
+        if references:
+            self._results["metadata"]["EstimationReference"] = references
         return runtime
 
 

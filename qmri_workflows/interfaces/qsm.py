@@ -229,7 +229,12 @@ def _combine_flip_angles(groups, reference, mask, choice, threads=1):
     :func:`~qmri_workflows.core.qsm.combine_series`; otherwise the series with most signal is used.
     """
     echo_times = [[te for te, _ in echoes] for _, echoes in groups]
-    same_echoes = all(np.allclose(times, echo_times[0], rtol=0, atol=1e-6) for times in echo_times)
+    # Series with different numbers of echoes (a protocol that drops the last echo at one flip
+    # angle) have different echo times too: np.allclose would fail to broadcast them.
+    same_echoes = all(
+        len(times) == len(echo_times[0]) and np.allclose(times, echo_times[0], rtol=0, atol=1e-6)
+        for times in echo_times
+    )
     if len(groups) == 1:
         flip = groups[0][0]
         return (*_load_series(groups[0][1], reference, threads), echo_times[0], [flip], "the only flip angle")

@@ -16,6 +16,7 @@ __all__ = [
     "load_phases",
     "load_volume",
     "load_volumes",
+    "looks_like_radians",
     "read_image",
     "same_grid",
     "volume_data",
@@ -287,6 +288,20 @@ def _check_phase_scale(path, phase_scale):
         raise BIDSInputError(f"phase image {path}: invalid phase scale {phase_scale!r} (need a positive number)")
 
 
+def looks_like_radians(low, high):
+    """Whether the range ``[low, high]`` of a phase image (in radians) looks like wrapped phase.
+
+    Inside [-pi, 2 pi] (small rounding allowed), no wider than one turn and at least a quarter turn
+    wide.
+    """
+    span = high - low
+    return (
+        low >= -math.pi - _RADIAN_TOLERANCE
+        and high <= 2 * math.pi + _RADIAN_TOLERANCE
+        and _MIN_PHASE_SPAN <= span <= 2 * math.pi + _RADIAN_TOLERANCE
+    )
+
+
 def check_phase_radians(phase, path, phase_scale, *, image="echo"):
     """Raise if a phase volume multiplied by ``phase_scale`` does not look like wrapped radians.
 
@@ -316,14 +331,7 @@ def check_phase_radians(phase, path, phase_scale, *, image="echo"):
     if not (np.isfinite(low) and np.isfinite(high)):  # rare: only then pay for the finite subset
         values = phase[np.isfinite(phase)]
         low, high = float(values.min()), float(values.max())
-    span = high - low
-    looks_like_radians = (
-        low >= -math.pi - _RADIAN_TOLERANCE
-        and high <= 2 * math.pi + _RADIAN_TOLERANCE
-        and span <= 2 * math.pi + _RADIAN_TOLERANCE
-        and span >= _MIN_PHASE_SPAN
-    )
-    if not looks_like_radians:
+    if not looks_like_radians(low, high):
         raise BIDSInputError(
             f"phase image {path} is not wrapped phase in the units of the first {image} of its series: "
             f"multiplied by {phase_scale:.6g} (the factor to radians found for {image} 1, from its sidecar "

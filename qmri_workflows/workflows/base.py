@@ -17,12 +17,19 @@ from .registry import (
 __all__ = [
     "MapPlan",
     "default_options",
+    "echo_counts",
     "estimate_fit_mem_gb",
     "flatten_echoes",
     "init_qmri_wf",
     "init_single_subject_wf",
     "map_grid_file",
 ]
+
+
+def echo_counts(gre_series):
+    """Number of echoes of the series for a plan line: ``"8"``, or ``"7 to 8"`` when they differ."""
+    counts = sorted({len(series.magnitude) for series in gre_series})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
 
 
 def flatten_echoes(gre_series):
@@ -172,7 +179,17 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
     static_metadata = {}
     if inputs.field_strength:
         static_metadata["MagneticFieldStrength"] = inputs.field_strength
-    family_outputs = [(family, _with_options(family.outputs(inputs), family, context.options)) for family in running]
+    family_outputs = [
+        (
+            family,
+            _with_options(
+                family.outputs(inputs, context.options) if family.outputs_options else family.outputs(inputs),
+                family,
+                context.options,
+            ),
+        )
+        for family in running
+    ]
     ds_wf = init_ds_subject_wf(
         family_outputs=family_outputs,
         output_dir=str(output_dir),

@@ -70,13 +70,14 @@ def _receive_used(inputs, options):
     return "rb1cor" if inputs.receive is not None else "r1_relation"
 
 
-def _describe_pd(inputs):
+def _describe_pd(inputs, options):
+    used = _receive_used(inputs, options)
+    if used == "none":
+        return "M0 of the R1 fit; no receive-field correction (--no-receive-correction)"
     receive = (
-        "the RB1COR head/body pair"
-        if inputs.receive is not None
-        else "the 1/PD-R1 relation of brain tissue (no RB1COR pair)"
+        "the RB1COR head/body pair" if used == "rb1cor" else "the 1/PD-R1 relation of brain tissue (no RB1COR pair)"
     )
-    return f"M0 of the R1 fit; receive field from {receive} unless --no-receive-correction"
+    return f"M0 of the R1 fit; receive field from {receive}"
 
 
 def _build_pd(context):
@@ -93,11 +94,12 @@ def _build_pd(context):
     return workflow
 
 
-def _pd_outputs(inputs):
+def _pd_outputs(inputs, options=None):
     from .registry import Output
 
     sources = tuple(series.magnitude[0] for series in inputs.gre)
-    if inputs.receive is not None:
+    # The RB1COR pair is a source only when it is used (not with --no-receive-correction).
+    if inputs.receive is not None and (options is None or _receive_used(inputs, options) == "rb1cor"):
         sources += (inputs.receive.head_file, inputs.receive.body_file)
     return [
         Output(
@@ -128,6 +130,8 @@ def _registry_entries():
         describe=_describe_pd,
         build=_build_pd,
         outputs=_pd_outputs,
+        outputs_options=True,
+        describe_options=True,
         options=(
             Option(
                 ("--pd-calibration",),

@@ -28,6 +28,7 @@ def init_qsm_wf(
     inversion="tv",
     reference="brain",
     dseg_tsv=None,
+    magnitude_indices=None,
     mem_gb=None,
     omp_nthreads=1,
     name="qsm_wf",
@@ -58,6 +59,9 @@ def init_qsm_wf(
         (:func:`~qmri_workflows.core.qsm.estimate_csf_mask`).
     dseg_tsv : str, optional
         Label table of the segmentation given with ``--derivatives``.
+    magnitude_indices : list of int, optional
+        Positions in ``magnitude_files`` of the echoes that have a phase image, in the order of
+        ``phase_files`` (the GRE series without phase are left out); default: all of them.
     mem_gb : dict, optional
         Memory (GB) of the nodes by step (``total_field``, ``mask``, ``background``,
         ``inversion``, ``reference``); :func:`estimate_qsm_mem_gb` gives them.
@@ -143,9 +147,21 @@ def init_qsm_wf(
     if dseg_tsv:
         reference_node.inputs.dseg_tsv = str(dseg_tsv)
     step_metadata = pe.Node(Merge(4), name="step_metadata", run_without_submitting=True)
+    if magnitude_indices is None:
+        workflow.connect([(inputnode, total_field, [("magnitude_files", "magnitude_files")])])
+    else:
+        from nipype.interfaces.utility import Select
+
+        select = pe.Node(
+            Select(index=list(magnitude_indices)), name="magnitudes_with_phase", run_without_submitting=True
+        )
+        workflow.connect([
+            (inputnode, select, [("magnitude_files", "inlist")]),
+            (select, total_field, [("out", "magnitude_files")]),
+        ])  # fmt: skip
     workflow.connect([
         (inputnode, total_field, [
-            ("magnitude_files", "magnitude_files"), ("phase_files", "phase_files"),
+            ("phase_files", "phase_files"),
             ("phase_scales", "phase_scales"), ("echo_times", "echo_times"),
             ("flip_angles", "flip_angles"), ("mask_file", "mask_file")]),
         (inputnode, qsm_mask, [("mask_file", "mask_file")]),
@@ -232,13 +248,17 @@ def _flatten_with_phase(gre_series):
     return magnitude, phase, scales, echo_times, flips
 
 
+def _with_phase(inputs):
+    """The GRE series (flip angles) that have a phase image per echo: QSM uses those only."""
+    return [series for series in inputs.gre if series.phase]
+
+
 def _check_qsm(inputs):
-    missing = [series.magnitude[0] for series in inputs.gre if not series.phase]
-    if missing:
-        return f"QSM needs the phase of every echo (part-phase images); {missing[0]} has none" + (
-            f" (nor {len(missing) - 1} other series)" if len(missing) > 1 else ""
+    if not _with_phase(inputs):
+        return f"QSM needs the phase of every echo (part-phase images); {inputs.gre[0].magnitude[0]} has none" + (
+            f" (nor {len(inputs.gre) - 1} other series)" if len(inputs.gre) > 1 else ""
         )
-    n_echoes = min(len(series.echo_times) for series in inputs.gre)
+    n_echoes = min(len(series.echo_times) for series in _with_phase(inputs))
     if n_echoes < MIN_ECHOES_QSM:
         return f"{n_echoes} echo(es); QSM needs at least {MIN_ECHOES_QSM}"
     if not inputs.field_strength:
@@ -250,18 +270,40 @@ def _check_qsm(inputs):
 
 
 def _describe_qsm(inputs):
-    n_echoes = max(len(series.echo_times) for series in inputs.gre)
+    from .base import echo_counts
+
+    used = _with_phase(inputs)
+    without = [series for series in inputs.gre if not series.phase]
     return (
-        f"phase of {inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {n_echoes} echoes "
+        f"phase of {inputs.gre_suffix} {len(used)} flip angle(s) x {echo_counts(used)} echoes "
         f"at {inputs.field_strength:g} T"
+        + (
+            f" (not the {len(without)} flip angle(s) without phase images, e.g. {without[0].magnitude[0]})"
+            if without
+            else ""
+        )
     )
+
+
+def _magnitude_indices(inputs):
+    """Positions of the echoes of the series with phase in the R2* family's flat magnitude list
+    (every series' echoes in ``inputs.gre`` order, :func:`~qmri_workflows.workflows.base.flatten_echoes`);
+    None when every series has phase."""
+    if all(series.phase for series in inputs.gre):
+        return None
+    indices, start = [], 0
+    for series in inputs.gre:
+        if series.phase:
+            indices += range(start, start + len(series.magnitude))
+        start += len(series.magnitude)
+    return indices
 
 
 def _build_qsm(context):
     from ..io.query import DSEG
 
     inputs, options = context.inputs, context.options
-    magnitude, phase, scales, echo_times, flips = _flatten_with_phase(inputs.gre)
+    magnitude, phase, scales, echo_times, flips = _flatten_with_phase(_with_phase(inputs))
     dseg = inputs.derivatives.get(DSEG)
     workflow = init_qsm_wf(
         field_strength=inputs.field_strength,
@@ -272,10 +314,11 @@ def _build_qsm(context):
         inversion=options["qsm_inversion"],
         reference=options["qsm_reference"],
         dseg_tsv=dseg.tsv if dseg is not None else None,
+        magnitude_indices=_magnitude_indices(inputs),
         mem_gb=estimate_qsm_mem_gb(
             magnitude[0],
-            max(len(s.magnitude) for s in inputs.gre),
-            len(inputs.gre),
+            max(len(s.magnitude) for s in _with_phase(inputs)),
+            len(_with_phase(inputs)),
             background=options["qsm_background"],
             inversion=options["qsm_inversion"],
         ),
@@ -295,7 +338,7 @@ def _build_qsm(context):
 def _qsm_outputs(inputs):
     from .registry import Output
 
-    magnitude, phase, *_ = _flatten_with_phase(inputs.gre)
+    magnitude, phase, *_ = _flatten_with_phase(_with_phase(inputs))
     sources = tuple(phase + magnitude)
     masked = {"SkullStripped": True}
     return [

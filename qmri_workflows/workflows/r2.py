@@ -240,7 +240,9 @@ def init_r2_wf(
     if use_offresonance:
         workflow.connect([(band_free, fit, [("offresonance_file", "offresonance_file")])])
     if b1_note is None:
-        workflow.connect([(inputnode, fit, [("b1_file", "b1_file")])])
+        workflow.connect([
+            (inputnode, fit, [("b1_file", "b1_file"), (("r1_metadata", _b1_source), "b1_source")]),
+        ])  # fmt: skip
         if use_offresonance:
             # the off-resonance's finite-pulse correction depends on the actual flip angle
             workflow.connect([(inputnode, band_free, [("b1_file", "b1_file")])])
@@ -274,7 +276,9 @@ def init_r2_wf(
             (refit, outputnode, [(f"outputnode.{field}", f"refined_{field}") for field in REFINED_R1_FIELDS]),
         ])  # fmt: skip
         if b1_note is None:
-            workflow.connect([(inputnode, final_fit, [("b1_file", "b1_file")])])
+            workflow.connect([
+                (inputnode, final_fit, [("b1_file", "b1_file"), (("r1_metadata", _b1_source), "b1_source")]),
+            ])  # fmt: skip
         if use_offresonance:
             workflow.connect([(band_free, final_fit, [("offresonance_file", "offresonance_file")])])
     workflow.connect([
@@ -283,6 +287,11 @@ def init_r2_wf(
                                  ("r2_stderr_file", "r2_stderr_file")]),
     ])  # fmt: skip
     return workflow
+
+
+def _b1_source(r1_metadata):
+    """The R1 family's ``B1Correction`` (measured map, estimate from the VFA data ...), for R2's sidecar."""
+    return str((r1_metadata or {}).get("B1Correction", "")) or "unknown"
 
 
 #: R1 family outputs the R2 family takes in and passes on (or replaces by its refit).
@@ -415,13 +424,19 @@ def _describe_r2(inputs, options):
 
 
 def _b1_note(context):
-    """None when the R1 family's B1+ map reaches R2, else why not."""
+    """None when the R1 family's B1+ map reaches R2, else why not.
+
+    Without B1+ data the R1 family estimates the field from the VFA data (unless
+    ``--no-b1-estimate``) and passes that map on, as it does a measured one: R2 uses it too, as the
+    refit of R1 inside this family and MTsat do.
+    """
     if context.options.get("r1_no_b1_correction"):
         return "turned off (--no-b1-correction)"
     if "b1" not in context.running:
         from .relaxometry import _no_b1_reason
 
-        return _no_b1_reason(context.inputs)
+        if context.options.get("r1_no_b1_estimate", False):
+            return f"{_no_b1_reason(context.inputs)}; --no-b1-estimate"
     return None
 
 

@@ -296,7 +296,9 @@ def _check_r2star(inputs):
 
 
 def _describe_r2star(inputs):
-    return f"{inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {_n_echoes(inputs)} echoes"
+    from .base import echo_counts
+
+    return f"{inputs.gre_suffix} {len(inputs.gre)} flip angle(s) x {echo_counts(inputs.gre)} echoes"
 
 
 def estimate_denoise_mem_gb(reference_file, n_volumes):

@@ -188,6 +188,11 @@ class MapFamily:
     describe_options : bool
         Whether ``describe`` takes the option values as its second argument (a plan line that says
         which corrections the options turn off).
+    outputs_options : bool
+        Whether ``outputs`` takes the option values as its second argument (outputs whose
+        ``Sources`` depend on an option: PD without receive correction does not read the RB1COR
+        pair). It must also accept being called with ``inputs`` alone (the fields and suffixes may
+        not depend on the options).
     supersedes : dict
         ``{(family key, outputnode field): own outputnode field}``: outputs of a family this one
         depends on and refines (R2 refits R1 with each voxel's own T2). When this family runs, the
@@ -220,6 +225,7 @@ class MapFamily:
     consumes_maps: bool = False
     check_options: bool = False
     describe_options: bool = False
+    outputs_options: bool = False
     supersedes: dict = field(default_factory=dict)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -108,9 +109,22 @@ def test_sink_dtype_and_folder_per_kind(tmp_path, suffix, extra, values, dtype, 
         assert "_flip-2_" in out.out_file
 
 
-def test_sink_finds_raw_root_from_sources(tmp_path, raw):
+def test_sources_of_a_dataset_whose_files_link_into_an_object_store(tmp_path, raw):
+    """Files that are symbolic links to a store outside the dataset (a shared archive, an ephemeral
+    DataLad clone whose .git/annex/objects links to the origin's): the Sources are the files' paths
+    in the dataset. The sink used to follow the link, found no dataset_description.json above the
+    object and failed, so nothing was published."""
+    objects = tmp_path / "store" / ".git" / "annex" / "objects"
+    objects.mkdir(parents=True)
     source = raw.files["gre"][0]
-    assert find_dataset_root(source) == raw.root.resolve()
+    stored = objects / "MD5E-s1--0123.nii.gz"
+    os.replace(source, stored)
+    os.symlink(os.path.relpath(stored, source.parent), source)
+    assert _published_sidecar(tmp_path, source)["Sources"] == [f"bids:raw:sub-01/anat/{source.name}"]
+
+
+def _published_sidecar(tmp_path, source):
+    """The sidecar of an R2* map the sink publishes for sub-01 from the raw file ``source``."""
     in_file = _image(tmp_path / "in.nii.gz", np.ones((4, 4, 3)))
     out = _run(
         tmp_path,
@@ -121,7 +135,13 @@ def test_sink_finds_raw_root_from_sources(tmp_path, raw):
         suffix="R2starmap",
         source_files=[str(source)],
     )
-    sidecar = json.loads(open(out.out_meta).read())
+    return json.loads(open(out.out_meta).read())
+
+
+def test_sink_finds_raw_root_from_sources(tmp_path, raw):
+    source = raw.files["gre"][0]
+    assert find_dataset_root(source) == Path(os.path.abspath(raw.root))
+    sidecar = _published_sidecar(tmp_path, source)
     assert sidecar["Sources"] == [f"bids:raw:sub-01/anat/{source.name}"]
     assert sidecar["Units"] == "1/s"
 

@@ -132,6 +132,12 @@ def test_without_a_pair_the_r1_relation_is_used_and_said(files, tmp_path):
     )
     assert off.outputs.metadata["ReceiveCorrection"] == "none"
     assert "no receive-sensitivity correction" in off.outputs.metadata["EstimationAlgorithm"]
+    # the calibration is cited with and without a receive correction, the correction when made
+    assert any("Tofts" in reference for reference in off.outputs.metadata["EstimationReference"])
+    assert not any("Volz" in reference for reference in off.outputs.metadata["EstimationReference"])
+    references = result.outputs.metadata["EstimationReference"]
+    assert any("Tofts" in reference for reference in references)
+    assert any("Volz" in reference for reference in references)
 
 
 def test_map_free_b1_writes_a_percent_tb1map(files, tmp_path):

@@ -226,6 +226,21 @@ def test_a_missing_phase_sample_gets_no_weight(head, tmp_path, caplog):
     assert any("missing_1_phase.nii" in r.getMessage() and f"({len(voxels)})" in r.getMessage() for r in caplog.records)
 
 
+def test_flip_angles_with_different_numbers_of_echoes_use_one_series(head, tmp_path):
+    """A flip angle with one echo fewer (its last dropped) is not averaged with the others: the
+    series of most signal is fitted. The echo-time comparison used to fail to broadcast (8 vs 7)."""
+    files = {key: list(value) for key, value in head["files"].items()}
+    last_of_first = max(i for i, flip in enumerate(files["flips"]) if flip == FLIP_ANGLES[0])
+    for values in files.values():
+        del values[last_of_first]
+    total = _run(total_field(files, head["mask_file"]), tmp_path, "total")
+    assert total.metadata["FlipAngle"] == FLIP_ANGLES[1]  # the brighter one, with every echo
+    assert total.metadata["EchoTime"] == list(ECHO_TIMES)
+    assert "different echo times" in total.metadata["QSMSteps"]["FlipAngles"]
+    error = _data(total.field_file) - head["total_hz"]
+    assert np.median(np.abs(error[head["brain"]])) < 0.2
+
+
 @pytest.mark.parametrize("unwrap, fit", [("region_growing", "complex"), ("laplacian", "linear")])
 def test_total_field_alternatives(head, tmp_path, unwrap, fit):
     files = head["files"]

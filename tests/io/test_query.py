@@ -361,11 +361,37 @@ def test_unsupported_phase_units_label(tmp_path):
     assert target.name.replace(".nii.gz", ".json") in message
 
 
+def _to_degrees(path):
+    image = nib.load(path)
+    degrees = np.degrees(np.asarray(image.dataobj, dtype=np.float64)).astype(np.float32)
+    nib.save(nib.Nifti1Image(degrees, image.affine), path)
+
+
 def test_phase_in_degrees_label(tmp_path):
     dataset = make_dataset(tmp_path / "raw")
     for path in dataset.files["gre_phase"]:
+        _to_degrees(path)
         edit_sidecar(path, Units="deg")
     assert all(s.phase_scale == pytest.approx(math.pi / 180) for s in _collect(dataset).gre)
+
+
+def test_scanner_integer_phase_labelled_radians_is_refused_at_query_time(tmp_path):
+    """A sidecar "Units": "rad" beside Siemens integers is one error naming the file, the values and
+    the fix, before any processing (it used to stop the App in its denoising and QSM steps)."""
+    dataset = make_dataset(tmp_path / "raw", phase_units="siemens")
+    for path in dataset.files["gre_phase"]:
+        edit_sidecar(path, Units="rad")
+    message = _problem(dataset, GRE, r'says "Units": \'rad\' but its values span \[-4096, 4095\]')
+    assert "echo-1_flip-1_part-phase" in message
+    assert "Siemens 12-bit phase" in message and '"arbitrary"' in message
+
+
+def test_radian_phase_labelled_degrees_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "raw")
+    for path in dataset.files["gre_phase"]:
+        edit_sidecar(path, Units="deg")
+    message = _problem(dataset, GRE, r'says "Units": \'deg\' but its values span')
+    assert 'they look like radians: give its sidecar the "Units" of its values ("rad")' in message
 
 
 def test_real_imaginary_parts_refused(tmp_path):

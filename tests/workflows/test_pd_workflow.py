@@ -92,10 +92,17 @@ def test_the_pd_entry_consumes_the_r1_outputs_and_plans_after_a_stand_in_r1(tmp_
     assert workflow.get_node("receive_sensitivity") is not None
     assert workflow.inputs.inputnode.head_file == inputs.receive.head_file
     assert [output.suffix for output in PD_FAMILY.outputs(inputs)] == ["PDmap"]
+    (output,) = PD_FAMILY.outputs(inputs, options)
+    assert inputs.receive.head_file in output.source_files and inputs.receive.body_file in output.source_files
     options["pd_no_receive_correction"] = True
     assert (
         PD_FAMILY.build(registry.BuildContext(inputs=inputs, options=options)).get_node("receive_sensitivity") is None
     )
+    # the unused RB1COR pair is no source of the map, and the plan says it is not used
+    (output,) = PD_FAMILY.outputs(inputs, options)
+    assert not {inputs.receive.head_file, inputs.receive.body_file} & set(output.source_files)
+    plans = {plan.key: plan for plan in registry.plan_families(inputs, options=options)}
+    assert "no receive-field correction" in plans["pd"].reason and "RB1COR" not in plans["pd"].reason
 
 
 def test_the_pd_options_reach_the_command_line(pd_beside_a_stand_in_r1):

@@ -186,6 +186,43 @@ def test_a_wrong_unit_phase_echo_is_one_clear_error(tmp_path, caplog):
     assert not (tmp_path / "out" / "sub-01").exists()
 
 
+def test_phase_at_one_flip_angle_only_maps_qsm_from_that_one(head_dataset, tmp_path):
+    """Phase saved at one flip angle only (the other's part-phase images absent): QSM runs on the
+    flip angle with phase, with its own magnitudes. It used to be skipped ('QSM needs the phase of
+    every echo')."""
+    import shutil
+
+    source, truth = head_dataset
+    raw = tmp_path / "raw"
+    shutil.copytree(source, raw)
+    for path in (raw / "sub-01" / "anat").glob("*_flip-1_part-phase_*"):
+        path.unlink()
+    plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(raw), "01"))}
+    assert plans["qsm"].run and "1 flip angle(s) x" in plans["qsm"].reason
+    assert "without phase images, e.g." in plans["qsm"].reason and "flip-1_part-mag" in plans["qsm"].reason
+    out = tmp_path / "out"
+    assert _app(raw, out, tmp_path / "work") == 0
+    anat = out / "sub-01" / "anat"
+    sidecar = json.loads((anat / "sub-01_Chimap.json").read_text())
+    assert sidecar["FlipAngle"] == FLIP_ANGLES[1]
+    assert not any("flip-1" in source for source in sidecar["Sources"])
+    total_hz = nib.load(out / "sub-01" / "fmap" / "sub-01_desc-total_fieldmap.nii.gz").get_fdata()
+    qsm_mask = nib.load(anat / "sub-01_desc-qsm_mask.nii.gz").get_fdata() > 0
+    total_error = nrmse(total_hz, truth["total_hz"], qsm_mask & truth["brain"], demean=False)
+    print(f"\nQSM from the second flip angle only: total field NRMSE {total_error:.2f} %")
+    assert total_error < 2
+
+
+def test_plan_gives_the_range_of_echo_counts(tmp_path):
+    """One flip angle with an echo fewer: the plan lines said '2 flip angle(s) x 4 echoes'."""
+    raw = make_vfa_dataset(tmp_path / "raw", n_echoes=4)
+    for path in (raw / "sub-01" / "anat").glob("*_echo-4_flip-2_*"):
+        path.unlink()
+    plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(raw), "01"))}
+    assert "2 flip angle(s) x 3 to 4 echoes" in plans["r2star"].reason
+    assert "2 flip angle(s) x 3 to 4 echoes" in plans["qsm"].reason
+
+
 def test_plan_says_why_qsm_does_not_run(tmp_path):
     no_phase = make_vfa_dataset(tmp_path / "nophase", phase=False)
     plans = {plan.key: plan for plan in registry.plan_families(collect_inputs(open_layout(no_phase), "01"))}

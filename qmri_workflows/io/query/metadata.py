@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..errors import BIDSInputError
-from ..images import GRID_TOLERANCE_MM, same_grid
+from ..images import GRID_TOLERANCE_MM, looks_like_radians, same_grid
 from ..integrity import check_image_file
 from .layout import IMAGE_EXTENSIONS
 
@@ -42,6 +42,12 @@ _INTEGER_PHASE_ENCODINGS = (
     ("milliradians (GE), -3142..3142", -3142, 3142, 1e-3),
     ("16-bit phase, -32768..32767", -32768, 32767, math.pi / 32768),
 )
+
+# Phase "Units" of a sidecar and their factors to radians.
+_PHASE_UNIT_SCALES = {
+    **dict.fromkeys(("rad", "radian", "radians"), 1.0),
+    **dict.fromkeys(("deg", "degree", "degrees"), math.pi / 180),
+}
 
 _UNITS_HINT = {
     "EchoTime": "seconds",
@@ -254,14 +260,15 @@ def phase_scale_from_values(minimum, maximum, *, integer_valued, name="phase ima
 
 
 def phase_scale(ctx, path):
-    """Phase scale of one phase image from its sidecar ``Units`` or, failing that, its values."""
+    """Phase scale of one phase image from its sidecar ``Units`` or, failing that, its values.
+
+    A labelled image (``"rad"``, ``"deg"``) is checked against its values, so that a sidecar that
+    contradicts them (scanner integers labelled "rad") is one error here, before any processing.
+    """
     units = ctx.metadata(path).get("Units")
     unit = str(units).strip().lower() if units is not None else None
-    if unit in ("rad", "radian", "radians"):
-        return 1.0
-    if unit in ("deg", "degree", "degrees"):
-        return math.pi / 180
-    if unit not in (None, "arbitrary", "a.u.", "au", ""):
+    labelled = _PHASE_UNIT_SCALES
+    if unit not in labelled and unit not in (None, "arbitrary", "a.u.", "au", ""):
         raise BIDSInputError(
             f'{ctx.name(path)}: unsupported phase "Units": {units!r} in {sidecar_name(ctx, path)}; '
             'phase must be in "rad" (or "deg"), or unlabelled scanner integers'
@@ -270,9 +277,24 @@ def phase_scale(ctx, path):
     values = data[np.isfinite(data)] if data.dtype.kind == "f" else data.ravel()
     if values.size == 0:
         raise BIDSInputError(f"phase image {ctx.name(path)} holds no finite value")
+    low, high = float(values.min()), float(values.max())
     integer_valued = data.dtype.kind in "iu" or bool(np.all(values == np.round(values)))
+    if unit in labelled:
+        if not looks_like_radians(low * labelled[unit], high * labelled[unit]):
+            try:
+                _, found = phase_scale_from_values(low, high, integer_valued=integer_valued)
+                advice = f'they look like {found}: give its sidecar the "Units" of its values'
+                advice += ' ("arbitrary" for scanner integers)' if found != "radians" else ' ("rad")'
+            except BIDSInputError:
+                advice = "convert the image to wrapped phase in radians"
+            raise BIDSInputError(
+                f'phase image {ctx.name(path)}: its sidecar {sidecar_name(ctx, path)} says "Units": {units!r} '
+                f"but its values span [{low:.4g}, {high:.4g}], not one turn of wrapped phase in those units; "
+                f"{advice}"
+            )
+        return labelled[unit]
     scale, description = phase_scale_from_values(
-        float(values.min()), float(values.max()), integer_valued=integer_valued, name=f"phase image {ctx.name(path)}"
+        low, high, integer_valued=integer_valued, name=f"phase image {ctx.name(path)}"
     )
     if scale != 1.0:
         ctx.notes.append(

@@ -27,6 +27,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..core.noise import estimate_sigma_air
 from ..core.relaxometry import DEFAULT_TISSUE_T2, afi_flip_angle_ratio, afi_t1_bias, fit_r1, spoiling_protocol
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
@@ -84,6 +85,7 @@ class _AFIFlipAngleMapInputSpec(BaseInterfaceInputSpec):
     min_signal_fraction = traits.Float(
         0.05, usedefault=True, desc="TR1 voxels below this fraction of its 99th percentile are not trusted"
     )
+    n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
 
 
 class _AFIFlipAngleMapOutputSpec(TraitedSpec):
@@ -97,7 +99,11 @@ class AFIFlipAngleMap(SimpleInterface):
     Calls :func:`qmri_workflows.core.relaxometry.afi_flip_angle_ratio` on the AFI grid (voxels with
     little signal, non-finite samples or an impossible signal ratio are discarded; the rest are
     smoothed by normalised convolution, which also fills the holes), then brings the smooth map
-    onto the map grid by linear interpolation (NaN outside the AFI field of view).
+    onto the map grid by linear interpolation (NaN outside the AFI field of view). The noise SD of
+    each image, measured in the air around the head of the TR1 image, removes the magnitude noise
+    floor first; without measurable air noise the ratio is taken as it is, and the sidecar says so.
+    The air gives the floor's power ``2 N sigma^2`` as a whole, so a wrong ``n_coils`` does not
+    bias the correction.
     """
 
     input_spec = _AFIFlipAngleMapInputSpec
@@ -110,6 +116,7 @@ class AFIFlipAngleMap(SimpleInterface):
         ).transpose(3, 0, 1, 2)
         non_finite = ~(np.isfinite(signal_1) & np.isfinite(signal_2))
         voxel_size = tuple(float(v) for v in tr1_image.header.get_zooms()[:3])
+        noise_sigma, floor_note = self._noise_sigma(signal_1, signal_2, voxel_size)
         try:
             afi = afi_flip_angle_ratio(
                 np.where(non_finite, np.nan, signal_1),
@@ -120,6 +127,8 @@ class AFIFlipAngleMap(SimpleInterface):
                 voxel_size=voxel_size,
                 smoothing_fwhm=self.inputs.smoothing_fwhm,
                 min_signal_fraction=self.inputs.min_signal_fraction,
+                noise_sigma=noise_sigma,
+                n_coils=self.inputs.n_coils,
             )
         except ValueError as error:
             raise BIDSInputError(f"AFI pair {self.inputs.tr1_file}, {self.inputs.tr2_file}: {error}") from error
@@ -149,8 +158,31 @@ class AFIFlipAngleMap(SimpleInterface):
             "ValidAFIVoxels": n_valid,
             "FilledAFIVoxels": int(afi.valid.size - n_valid),
             "NonFiniteInputVoxels": int(non_finite.sum()),
+            "NoiseFloorCorrection": floor_note,
         }
         return runtime
+
+    def _noise_sigma(self, signal_1, signal_2, voxel_size):
+        """Noise SD of each AFI image in the air of the TR1 image (the TR2 image's head may be too
+        dark to find the air by), and the sidecar's note; None without measurable air noise."""
+        from .r2star import air_voxels
+
+        n_coils = self.inputs.n_coils
+        try:
+            in_air = air_voxels(signal_1, voxel_size=voxel_size)
+            sigma = [
+                estimate_sigma_air(signal, in_air, voxel_size=voxel_size, n_coils=n_coils)
+                for signal in (signal_1, signal_2)
+            ]
+        except ValueError as error:
+            problem = str(error).split(": give noise_sigma")[0]
+            return None, f"none: {problem}"
+        if not all(value > 0 and np.isfinite(value) for value in sigma):
+            return None, "none: the air holds no noise (simulated data?)"
+        return sigma, (
+            f"sqrt(M^2 - 2 N sigma^2) with N = {n_coils} channel(s) and the noise SD in the air "
+            f"({sigma[0]:.4g} at TR1, {sigma[1]:.4g} at TR2), before the ratio"
+        )
 
 
 def _on_grid(image, reference_file):

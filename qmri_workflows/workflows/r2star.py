@@ -454,8 +454,9 @@ def _registry_entries():
                     "type": positive_int,
                     "default": 1,
                     "metavar": "N",
-                    "help": "receive channels combined by root-sum-of-squares (noise law for nls, and "
-                    "for the noise measured in the air with few echoes)",
+                    "help": "receive channels combined by root-sum-of-squares (noise law for nls and "
+                    "denoising, for the noise floor removed from the AFI pair, and for the noise "
+                    "measured in the air with few echoes)",
                 },
             ),
             Option(

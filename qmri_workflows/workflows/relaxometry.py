@@ -16,7 +16,7 @@ R1_METHOD_CHOICES = ("exact", "linear", "nonlinear")
 MIN_FLIP_ANGLES_R1 = 2
 
 
-def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, mem_gb=1.0, name="b1_wf"):
+def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name="b1_wf"):
     """Build a workflow that makes the B1+ map (percent of nominal) on the map grid.
 
     Parameters
@@ -25,6 +25,8 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, mem_gb=1.0, name="b1_wf"):
         From an AFI pair, or from a TB1map given with ``--derivatives`` (already on the map grid).
     smoothing_fwhm : float
         AFI smoothing (mm).
+    n_coils : int
+        Receive channels of the AFI magnitudes (root-sum-of-squares), for their noise floor.
     mem_gb : float
         Memory of the node (GB).
     name : str
@@ -58,7 +60,7 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, mem_gb=1.0, name="b1_wf"):
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(IdentityInterface(fields=["tb1map_file", "metadata"]), name="outputnode")
     if source == "afi":
-        node = pe.Node(AFIFlipAngleMap(smoothing_fwhm=smoothing_fwhm), name="afi_b1", mem_gb=mem_gb)
+        node = pe.Node(AFIFlipAngleMap(smoothing_fwhm=smoothing_fwhm, n_coils=n_coils), name="afi_b1", mem_gb=mem_gb)
         connections = [(field, field) for field in fields]
     elif source == "tb1map":
         node = pe.Node(ReadTB1map(), name="read_tb1map", mem_gb=mem_gb)
@@ -343,7 +345,11 @@ def _build_b1(context):
 
     inputs = context.inputs
     source = _b1_source(inputs)
-    workflow = init_b1_wf(source=source, mem_gb=estimate_fit_mem_gb(map_grid_file(inputs), 4))
+    workflow = init_b1_wf(
+        source=source,
+        n_coils=context.options.get("n_coils", 1),
+        mem_gb=estimate_fit_mem_gb(map_grid_file(inputs), 4),
+    )
     if source == "afi":
         afi = inputs.afi
         workflow.inputs.inputnode.tr1_file = afi.tr1_file

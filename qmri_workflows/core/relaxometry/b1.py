@@ -15,6 +15,10 @@ normalised convolution (Gaussian smoothing of the valid values weighted by their
 divided by the smoothed weights; Knutsson & Westin 1993), which both smooths and fills holes; voxels
 farther than the kernel from any valid voxel take the nearest valid value.
 
+Given the noise SD, the magnitude noise floor is removed from both images before the ratio: it
+raises the darker TR2 image more than the TR1 image, so :math:`r` reads high and the flip angle low,
+most with many receive channels (root-sum-of-squares data hold ``2 N sigma^2`` of noise power).
+
 References
 ----------
 .. [1] Yarnykh VL. Actual flip-angle imaging in the pulsed steady state: a method for rapid
@@ -28,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..noise import correct_noise_floor
 from ._smooth import normalised_convolution
 
 __all__ = ["AFIMap", "afi_b1_standard_error", "afi_flip_angle_ratio", "afi_raw_ratio", "afi_t1_bias"]
@@ -107,6 +112,8 @@ def afi_flip_angle_ratio(
     voxel_size=(1.0, 1.0, 1.0),
     smoothing_fwhm=8.0,
     min_signal_fraction=0.05,
+    noise_sigma=None,
+    n_coils=1,
 ):
     """Robust B1 ratio map from an AFI pair: masked, smoothed by normalised convolution, holes filled.
 
@@ -127,6 +134,14 @@ def afi_flip_angle_ratio(
         Gaussian FWHM (mm); hMRI uses 8 mm. 0 keeps the raw values (holes still filled).
     min_signal_fraction : float, optional
         Voxels of ``signal_1`` below this fraction of its 99th percentile are not trusted.
+    noise_sigma : float or (float, float), optional
+        Per-channel noise SD of the two images (one for both, or one each). Given, each magnitude
+        ``M`` becomes ``sqrt(max(M^2 - 2 N sigma^2, 0))`` (:func:`~qmri_workflows.core.noise.correct_noise_floor`)
+        before the ratio. On a 3 mm phantom at SNR 20 with 8 channels the floor put the map 2.1 %
+        low (median in the brain), 0.3 % high after the correction; with one channel 0.05 % low and
+        0.3 % high (the rest is the first-order formula's T1 bias, :func:`afi_t1_bias`).
+    n_coils : int, optional
+        Root-sum-of-squares channels of the magnitudes (1: Rician); used with ``noise_sigma``.
 
     Returns
     -------
@@ -137,6 +152,10 @@ def afi_flip_angle_ratio(
     signal_2 = np.asarray(signal_2, dtype=float)
     if signal_1.shape != signal_2.shape:
         raise ValueError(f"the two AFI images must share a grid, got shapes {signal_1.shape} and {signal_2.shape}")
+    if noise_sigma is not None:
+        sigma_1, sigma_2 = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (2,))
+        signal_1 = correct_noise_floor(signal_1, sigma_1, n_coils=n_coils)
+        signal_2 = correct_noise_floor(signal_2, sigma_2, n_coils=n_coils)
     raw = afi_raw_ratio(signal_1, signal_2, repetition_time_1, repetition_time_2, flip_angle)
     finite_signal = signal_1[np.isfinite(signal_1)]
     reference = np.percentile(finite_signal, 99) if finite_signal.size else 0.0

@@ -303,7 +303,8 @@ def _build_qsm(context):
     from ..io.query import DSEG
 
     inputs, options = context.inputs, context.options
-    magnitude, phase, scales, echo_times, flips = _flatten_with_phase(_with_phase(inputs))
+    with_phase = _with_phase(inputs)
+    magnitude, phase, scales, echo_times, flips = _flatten_with_phase(with_phase)
     dseg = inputs.derivatives.get(DSEG)
     workflow = init_qsm_wf(
         field_strength=inputs.field_strength,
@@ -317,8 +318,8 @@ def _build_qsm(context):
         magnitude_indices=_magnitude_indices(inputs),
         mem_gb=estimate_qsm_mem_gb(
             magnitude[0],
-            max(len(s.magnitude) for s in _with_phase(inputs)),
-            len(_with_phase(inputs)),
+            max(len(s.magnitude) for s in with_phase),
+            len(with_phase),
             background=options["qsm_background"],
             inversion=options["qsm_inversion"],
         ),

@@ -267,8 +267,7 @@ def phase_scale(ctx, path):
     """
     units = ctx.metadata(path).get("Units")
     unit = str(units).strip().lower() if units is not None else None
-    labelled = _PHASE_UNIT_SCALES
-    if unit not in labelled and unit not in (None, "arbitrary", "a.u.", "au", ""):
+    if unit not in _PHASE_UNIT_SCALES and unit not in (None, "arbitrary", "a.u.", "au", ""):
         raise BIDSInputError(
             f'{ctx.name(path)}: unsupported phase "Units": {units!r} in {sidecar_name(ctx, path)}; '
             'phase must be in "rad" (or "deg"), or unlabelled scanner integers'
@@ -279,8 +278,9 @@ def phase_scale(ctx, path):
         raise BIDSInputError(f"phase image {ctx.name(path)} holds no finite value")
     low, high = float(values.min()), float(values.max())
     integer_valued = data.dtype.kind in "iu" or bool(np.all(values == np.round(values)))
-    if unit in labelled:
-        if not looks_like_radians(low * labelled[unit], high * labelled[unit]):
+    if unit in _PHASE_UNIT_SCALES:
+        scale = _PHASE_UNIT_SCALES[unit]
+        if not looks_like_radians(low * scale, high * scale):
             try:
                 _, found = phase_scale_from_values(low, high, integer_valued=integer_valued)
                 advice = f'they look like {found}: give its sidecar the "Units" of its values'
@@ -292,7 +292,7 @@ def phase_scale(ctx, path):
                 f"but its values span [{low:.4g}, {high:.4g}], not one turn of wrapped phase in those units; "
                 f"{advice}"
             )
-        return labelled[unit]
+        return scale
     scale, description = phase_scale_from_values(
         low, high, integer_valued=integer_valued, name=f"phase image {ctx.name(path)}"
     )

@@ -50,7 +50,7 @@ References
 import numpy as np
 from scipy import ndimage, stats
 
-from .noise import magnitude_mean
+from .noise import magnitude_mean, remove_orthogonal_noise
 
 __all__ = [
     "correct_second_moment",
@@ -715,7 +715,7 @@ def multispectral_denoise(
     return denoised, {"similarity_components": int(basis.shape[1]), "restored_fraction": restored_fraction}
 
 
-def multispectral_denoise_complex(magnitudes, phases, sigma, *, mask=None, **options):
+def multispectral_denoise_complex(magnitudes, phases, sigma, *, mask=None, n_coils=1, **options):
     """:func:`multispectral_denoise` of complex images (bSSFP phase cycles), magnitude and phase out.
 
     The real and imaginary parts of every image are ``2 C`` channels with Gaussian noise of SD
@@ -727,14 +727,22 @@ def multispectral_denoise_complex(magnitudes, phases, sigma, *, mask=None, **opt
     magnitudes alone, with the raw phase, reaches 1.04: the phase noise is half the noise of the
     band-free signal.
 
+    Root-sum-of-squares magnitudes (``n_coils`` > 1) paired with the combined phase are not such
+    data: each magnitude first loses the noise power of the channel directions orthogonal to the
+    signal (:func:`~qmri_workflows.core.noise.remove_orthogonal_noise`), which averaging would
+    otherwise keep as a floor (on a 3 mm phantom at SNR 20 with 8 channels, R2 read up to 12 % low
+    in the pallidum).
+
     Parameters
     ----------
     magnitudes, phases : ndarray, shape (X, Y, Z, C)
         Magnitude and phase (radians) of each image.
     sigma : float or ndarray, shape (X, Y, Z)
-        Noise SD of the real and imaginary parts.
+        Per-channel noise SD: that of the real and imaginary parts of the combined signal.
     mask : ndarray of bool, shape (X, Y, Z), optional
         Voxels to denoise; the others keep their input values.
+    n_coils : int, optional
+        Receive channels combined by root-sum-of-squares in ``magnitudes`` (1: complex Gaussian data).
     **options
         ``patch_radius``, ``search_radius``, ``restoration_threshold`` of :func:`multispectral_denoise`.
 
@@ -751,6 +759,12 @@ def multispectral_denoise_complex(magnitudes, phases, sigma, *, mask=None, **opt
             f"magnitudes and phases must share one shape (X, Y, Z, C), got {magnitudes.shape} and {phases.shape}"
         )
     n_images = magnitudes.shape[-1]
+    if n_coils > 1:
+        corrected = remove_orthogonal_noise(magnitudes, np.asarray(sigma)[..., np.newaxis], n_coils=n_coils)
+        # voxels outside the mask keep their input values, as the filter promises
+        if mask is not None:
+            corrected = np.where(np.asarray(mask, bool)[..., np.newaxis], corrected, magnitudes)
+        magnitudes = corrected
     parts = np.concatenate([magnitudes * np.cos(phases), magnitudes * np.sin(phases)], axis=-1)
     parts, details = multispectral_denoise(parts, sigma, mask=mask, noise="gaussian", **options)
     signal = parts[..., :n_images] + 1j * parts[..., n_images:]

@@ -33,6 +33,7 @@ __all__ = [
     "magnitude_mean_derivative",
     "magnitude_second_moment",
     "correct_noise_floor",
+    "remove_orthogonal_noise",
     "estimate_sigma_background",
     "estimate_sigma_air",
     "estimate_effective_coils",
@@ -223,6 +224,48 @@ def correct_noise_floor(magnitude, sigma, *, n_coils=1):
     sigma = _check_sigma(sigma)
     magnitude = np.asarray(magnitude, dtype=float)
     return np.sqrt(np.maximum(magnitude**2 - 2.0 * n_coils * sigma**2, 0.0))
+
+
+def remove_orthogonal_noise(magnitude, sigma, *, n_coils):
+    """Magnitude of the optimally combined complex signal, from a root-sum-of-squares magnitude.
+
+    Project the channels' signals on the unit vector of the coil sensitivities: the projection
+    (the SNR-optimal, Roemer-type combination, whose phase scanners export as the phase image)
+    carries all the signal and complex Gaussian noise of SD ``sigma`` per part; the remaining
+    ``N - 1`` directions carry noise only. The RSS magnitude squared is the sum of both, so the
+    noise power of those directions, ``2 (N - 1) sigma^2`` on average, is what makes a magnitude
+    paired with the combined phase non-Gaussian (its floor). Removing it, and no more, leaves
+    data that complex-domain methods (bSSFP band-free combinations, complex averaging) can treat
+    as Gaussian; :func:`correct_noise_floor` removes the whole ``2 N sigma^2`` instead, for
+    magnitude-only estimates of the amplitude.
+
+    Parameters
+    ----------
+    magnitude : array_like
+        RSS magnitude of ``n_coils`` channels with equal, uncorrelated noise (floating point
+        input keeps its precision).
+    sigma : float or array_like
+        Per-channel noise SD, broadcastable to ``magnitude``; 0 where unknown (the magnitude is
+        then kept).
+    n_coils : int
+        Number of channels (1: the magnitude is returned unchanged).
+
+    Returns
+    -------
+    corrected : ndarray
+        ``sqrt(max(M^2 - 2 (N - 1) sigma^2, 0))``.
+    """
+    n_coils = _check_n_coils(n_coils)
+    magnitude = np.asarray(magnitude)
+    if not np.issubdtype(magnitude.dtype, np.floating):
+        magnitude = magnitude.astype(float)
+    sigma = np.asarray(sigma, dtype=magnitude.dtype)
+    if np.any(~np.isfinite(sigma) | (sigma < 0)):
+        raise ValueError("sigma must be finite and non-negative (0 where unknown)")
+    if n_coils == 1:
+        return magnitude.copy()
+    floor = np.asarray(2 * (n_coils - 1), dtype=magnitude.dtype) * sigma * sigma
+    return np.sqrt(np.maximum(magnitude * magnitude - floor, 0))
 
 
 def estimate_sigma_background(magnitude_background, *, n_coils=1, method="second_moment"):

@@ -36,6 +36,7 @@ from ..core.bssfp import (
     geometric_solution,
     magnitude_combination,
 )
+from ..core.noise import remove_orthogonal_noise
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import check_phase_radians, load_volume, load_volumes, same_grid
@@ -141,6 +142,17 @@ class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
         0.0, usedefault=True, desc="RF pulse duration (s): the off-resonance is corrected for the precession during it"
     )
     b1_file = File(exists=True, desc="B1+ ratio on the map grid, for the actual flip angle of that correction")
+    n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares in the magnitudes")
+    raw_magnitudes = traits.Bool(
+        True,
+        usedefault=True,
+        desc="the magnitudes are the scanner's root-sum-of-squares images (False: denoised, their noise floor "
+        "already removed): with n_coils > 1 the noise power of the channel directions orthogonal to the signal is "
+        "removed before the complex signals are formed",
+    )
+    noise_map_file = File(
+        exists=True, desc="per-channel noise SD of the phase cycles, voxel by voxel, on their grid (else: the air's)"
+    )
     chunk_size = traits.Int(100_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads working on chunks at once")
 
@@ -148,7 +160,10 @@ class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
 class _BandFreeBSSFPOutputSpec(TraitedSpec):
     band_free_files = OutputMultiObject(File(exists=True), desc="band-free magnitude per flip angle, map grid")
     offresonance_file = File(exists=True, desc="off-resonance (Hz, modulo 1/TR) on the map grid; complex data only")
-    noise_sigma = traits.Float(desc="noise SD of one phase-cycle magnitude image, from the air (NaN if unknown)")
+    noise_sigma = traits.Float(
+        desc="per-channel noise SD of the phase cycles, from the air (NaN if unknown): with root-sum-of-squares "
+        "data, the noise SD per part of the combined complex signal"
+    )
     metadata = traits.Dict(desc="sidecar fields")
 
 
@@ -171,6 +186,14 @@ class BandFreeBSSFP(SimpleInterface):
     the squared band-free signal, so it stays defined modulo 1/TR, in [-1/(2TR), 1/(2TR)). When the
     bSSFP lies on another grid than the maps, the band-free signals are resampled linearly and the
     off-resonance by nearest neighbour (a wrapped frequency must not be interpolated).
+
+    Root-sum-of-squares magnitudes of ``n_coils`` > 1 channels paired with the combined phase are
+    not complex Gaussian data: their floor makes the band-free signal read high where it is weak,
+    and DESPOT2's R2 low (-12 % in the pallidum of a 3 mm phantom at SNR 20 with 8 channels). Raw
+    magnitudes of complex data therefore lose the noise power of the channel directions orthogonal
+    to the signal first (:func:`~qmri_workflows.core.noise.remove_orthogonal_noise`), with the
+    noise map when given, else the noise SD of the air; the sidecar's ``NoiseFloorCorrection``
+    says which.
     """
 
     input_spec = _BandFreeBSSFPInputSpec
@@ -215,6 +238,7 @@ class BandFreeBSSFP(SimpleInterface):
             magnitudes = load_volumes(files, reference=source, require_variation=True)
             if index == 0:
                 sigma = self._noise_sigma(magnitudes[..., 0], source)
+                floor_sigma, floor_note = self._floor_sigma(source, sigma, has_phase)
             phases = None
             if has_phase:
                 phase_files = list(self.inputs.phase_files)[index * n_cycle : (index + 1) * n_cycle]
@@ -230,6 +254,9 @@ class BandFreeBSSFP(SimpleInterface):
             # only the fitted voxels, as (n_voxel, n_cycle): a third of the volume in a head
             voxel_magnitudes = magnitudes[fitted]
             del magnitudes
+            if floor_sigma is not None:
+                voxel_sigma = floor_sigma[fitted][:, np.newaxis] if np.ndim(floor_sigma) else floor_sigma
+                voxel_magnitudes = remove_orthogonal_noise(voxel_magnitudes, voxel_sigma, n_coils=self.inputs.n_coils)
             signals = None
             if phases is not None:
                 signals = _complex_signals(voxel_magnitudes, phases[fitted], scale)
@@ -260,6 +287,8 @@ class BandFreeBSSFP(SimpleInterface):
         }
         if combination == "geometric":
             metadata["ComplexSumVoxels"] = ill_conditioned
+        if floor_note is not None:
+            metadata["NoiseFloorCorrection"] = floor_note
         if b1 is not None:
             metadata["OffResonanceFinitePulse"] = (
                 f"corrected for the precession during the {pulse_duration * 1e3:g} ms RF pulses at the "
@@ -283,13 +312,36 @@ class BandFreeBSSFP(SimpleInterface):
         self._results["metadata"] = metadata
         return runtime
 
-    @staticmethod
-    def _noise_sigma(image, source):
+    def _noise_sigma(self, image, source):
         try:
-            return estimate_noise_from_air(image, voxel_size=tuple(float(v) for v in source.header.get_zooms()[:3]))
+            return estimate_noise_from_air(
+                image, voxel_size=tuple(float(v) for v in source.header.get_zooms()[:3]), n_coils=self.inputs.n_coils
+            )
         except ValueError as error:
             LOGGER.info("R2: no noise level for the standard error (%s)", error)
             return math.nan
+
+    def _floor_sigma(self, source, air_sigma, has_phase):
+        """(noise SD for the floor removal: a map on the bSSFP grid, a number, or None; the sidecar's note)."""
+        n_coils = self.inputs.n_coils
+        if not has_phase:
+            return None, None  # magnitude-only combinations: no complex signal to make Gaussian
+        if not self.inputs.raw_magnitudes:
+            return None, "none here: the denoising step removed the noise floor"
+        if n_coils == 1:
+            return None, "none needed: one receive channel, the complex signal's noise is Gaussian"
+        removed = (
+            f"root-sum-of-squares magnitudes of {n_coils} channels: the noise power of the {n_coils - 1} channel "
+            "directions orthogonal to the signal, 2 (N - 1) sigma^2, removed before the complex signals are formed "
+        )
+        if isdefined(self.inputs.noise_map_file):
+            sigma_map = load_volume(self.inputs.noise_map_file, reference=source)
+            sigma_map = np.where(np.isfinite(sigma_map) & (sigma_map > 0), sigma_map, np.float32(0))
+            if sigma_map.any():
+                return sigma_map, removed + "(sigma from the noise map)"
+        if np.isfinite(air_sigma) and air_sigma > 0:
+            return float(air_sigma), removed + "(sigma from the air)"
+        return None, "none: no noise level measured (the air holds no noise), the magnitudes are used as they are"
 
     def _b1_on_source_grid(self, source, on_map_grid):
         """B1+ ratio on the bSSFP grid (float32), or False without a B1+ map (nominal flip angles)."""

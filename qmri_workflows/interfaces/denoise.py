@@ -38,7 +38,8 @@ DENOISING_DESCRIPTIONS = {
 }
 COMPLEX_DENOISING = (
     "complex data (magnitude and phase): the real and imaginary parts of every image averaged with the "
-    "weights (Gaussian noise: no bias correction); magnitude and phase of the result"
+    "weights (Gaussian noise: no bias correction; root-sum-of-squares magnitudes of N channels first lose the "
+    "noise power orthogonal to the signal, 2 (N - 1) sigma^2); magnitude and phase of the result"
 )
 BIAS_CORRECTION = (
     "second moment averaged with the NLM weights, minus the noise power 2 N sigma^2 (sigma from the "
@@ -158,7 +159,7 @@ class DenoiseCollection(SimpleInterface):
             metadata["DenoisingRestoredFraction"] = round(details["restored_fraction"], 4)
         else:
             denoised, denoised_phases, details = multispectral_denoise_complex(
-                images, self._phases(reference, len(files)), sigma_map, mask=mask, **radii
+                images, self._phases(reference, len(files)), sigma_map, mask=mask, n_coils=n_coils, **radii
             )
             self._write_phases(runtime, denoised_phases, reference)
             metadata["DenoisingComplex"] = True

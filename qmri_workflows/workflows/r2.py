@@ -74,13 +74,15 @@ def init_r2_wf(
         Denoising of the phase cycles before the band-free step
         (``interfaces.denoise.DenoiseCollection`` on all cycles and flip angles at once: noise map,
         then the filter). With phase images, ``multispectral`` averages the real and imaginary parts
-        of the complex signals (their noise is Gaussian), so magnitude and phase come out denoised;
+        of the complex signals (made Gaussian first: root-sum-of-squares magnitudes lose the noise
+        power orthogonal to the signal), so magnitude and phase come out denoised;
         ``nlm`` denoises the magnitudes only (dipy, per image) and the band-free step combines them
         with the raw phases. None: no node (the images go in as they are).
     denoise_search_radius : int, optional
         Search radius (voxels) of the non-local means.
     n_coils : int, optional
-        Receive channels combined by root-sum-of-squares (noise law of the magnitudes).
+        Receive channels combined by root-sum-of-squares (noise law of the magnitudes). Without
+        denoising, the band-free step removes the floor such magnitudes have as complex data.
     denoise_mem_gb : float, optional
         Memory of the denoising node (GB); ``mem_gb["band_free"]`` when None.
     mem_gb : float or dict
@@ -170,6 +172,9 @@ def init_r2_wf(
             repetition_time=repetition_time,
             combination=combination,
             pulse_duration=float(pulse_duration),
+            n_coils=n_coils,
+            # denoising removes the magnitudes' noise floor itself (moment correction, or before complex averaging)
+            raw_magnitudes=denoise in (None, "none"),
             num_threads=omp_nthreads,
         ),
         name="band_free",
@@ -213,6 +218,7 @@ def init_r2_wf(
         workflow.connect([
             (inputnode, denoise_node, [("magnitude_files", "magnitude_files"), ("mask_file", "mask_file")]),
             (denoise_node, outputnode, [("noise_map_file", "noise_map_file")]),
+            (denoise_node, band_free, [("noise_map_file", "noise_map_file")]),
             (band_free, merge_denoise, [("metadata", "base")]),
             (denoise_node, merge_denoise, [("metadata", "update")]),
             (merge_denoise, merge, [("out_dict", "base")]),

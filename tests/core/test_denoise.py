@@ -543,3 +543,30 @@ def test_complex_denoising_keeps_a_missing_phase_sample_missing():
     assert np.isnan(magnitude[10, 10, 10, 2]) and np.isnan(phase[10, 10, 10, 2])
     assert np.isfinite(magnitude).sum() == magnitude.size - 1
     np.testing.assert_allclose(np.nanmedian(magnitude, axis=(0, 1, 2)), 50.0, rtol=0.02)
+
+
+def test_complex_denoising_of_many_channels_removes_their_floor_first():
+    """Root-sum-of-squares magnitudes with the combined phase: averaging them as complex data keeps
+    the floor of the channel directions without signal (+4.7 % here, 8 channels at 12 sigma);
+    with ``n_coils`` it is removed first, outside the mask nothing changes."""
+    rng = np.random.default_rng(44)
+    shape, n_channels, sigma = (18, 18, 18, 4), 8, 2.0
+    cycles = np.exp(1j * np.linspace(0, np.pi, shape[-1])) * 24.0
+    sensitivity = rng.uniform(0.3, 1.0, n_channels) * np.exp(1j * rng.uniform(-np.pi, np.pi, n_channels))
+    sensitivity /= np.linalg.norm(sensitivity)
+    noise_part = rng.normal(0.0, sigma, shape + (n_channels, 2)) @ np.array([1.0, 1.0j])
+    channels = np.broadcast_to(cycles, shape)[..., None] * sensitivity + noise_part
+    magnitudes = np.sqrt(np.sum(np.abs(channels) ** 2, axis=-1)).astype(np.float32)
+    phases = np.angle(channels @ sensitivity.conj()).astype(np.float32)
+    mask = np.zeros(shape[:3], bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    interior = np.zeros(shape[:3], bool)
+    interior[4:-4, 4:-4, 4:-4] = True
+    level = {}
+    for n_coils in (1, n_channels):
+        magnitude, _, _ = denoise.multispectral_denoise_complex(magnitudes, phases, sigma, mask=mask, n_coils=n_coils)
+        level[n_coils] = float(np.median(magnitude[interior]) / 24.0 - 1)
+        np.testing.assert_allclose(magnitude[~mask], magnitudes[~mask], rtol=1e-5)
+    print(f"\ncomplex NLM of 8-channel data: median level {level[1]:+.2%} as one channel, {level[8]:+.2%} with n_coils")
+    assert level[1] > 0.025
+    assert abs(level[n_channels]) < 0.01

@@ -35,6 +35,49 @@ def test_rician_mean_limits():
     np.testing.assert_allclose(noise.magnitude_mean(amplitude, 1.0), amplitude + 1.0 / (2 * amplitude), rtol=1e-7)
 
 
+def _channels(amplitude, sigma, sensitivities, n_samples, rng):
+    """Noisy complex channels of a signal ``amplitude * exp(0.6i)`` seen with complex sensitivities."""
+    unit = sensitivities / np.linalg.norm(sensitivities)
+    noise_part = rng.normal(scale=sigma, size=(n_samples, unit.size)) + 1j * rng.normal(
+        scale=sigma, size=(n_samples, unit.size)
+    )
+    return amplitude * np.exp(0.6j) * unit + noise_part, unit
+
+
+@pytest.mark.parametrize("amplitude", [3.0, 8.0, 25.0])
+def test_remove_orthogonal_noise_leaves_the_combined_complex_signal(amplitude):
+    # Unequal complex sensitivities of 8 channels; the phase image is that of the projection on
+    # them (Roemer), the magnitude the root-sum-of-squares. Paired with that phase, the corrected
+    # magnitude must average (as complex data do in the bSSFP combinations) to the true signal.
+    rng = np.random.default_rng(5)
+    sensitivities = rng.uniform(0.2, 1.0, 8) * np.exp(1j * rng.uniform(-np.pi, np.pi, 8))
+    channels, unit = _channels(amplitude, 1.0, sensitivities, 400_000, rng)
+    combined = channels @ unit.conj()
+    root_sum_of_squares = np.sqrt((np.abs(channels) ** 2).sum(axis=-1))
+    phase = np.exp(1j * np.angle(combined))
+    corrected = noise.remove_orthogonal_noise(root_sum_of_squares, 1.0, n_coils=8)
+    # second moment of the Gaussian combination, A^2 + 2 sigma^2 (clipping at 0 lifts it at low SNR)
+    np.testing.assert_allclose(np.mean(corrected**2), amplitude**2 + 2.0, rtol=0.01 + 0.3 / amplitude**2)
+    complex_mean = abs(np.mean(corrected * phase))
+    raw_mean = abs(np.mean(root_sum_of_squares * phase))
+    assert complex_mean == pytest.approx(abs(np.mean(combined)), rel=0.01 + 0.3 / amplitude**2)
+    assert complex_mean == pytest.approx(amplitude, rel=0.01 + 0.3 / amplitude**2)
+    # the raw RSS magnitude with that phase reads high by about (N - 1) sigma^2 / A
+    assert raw_mean - amplitude > 0.5 * 7.0 / amplitude
+
+
+def test_remove_orthogonal_noise_conventions():
+    magnitude = np.array([[0.5, 10.0], [3.0, 4.0]], dtype=np.float32)
+    one_coil = noise.remove_orthogonal_noise(magnitude, 1.0, n_coils=1)
+    np.testing.assert_array_equal(one_coil, magnitude)
+    assert one_coil is not magnitude
+    corrected = noise.remove_orthogonal_noise(magnitude, np.array([[1.0], [0.0]]), n_coils=3)
+    assert corrected.dtype == np.float32  # single precision stays single
+    np.testing.assert_allclose(corrected, [[0.0, np.sqrt(96.0)], [3.0, 4.0]], rtol=1e-6)  # clipped; sigma 0 keeps
+    with pytest.raises(ValueError, match="non-negative"):
+        noise.remove_orthogonal_noise(magnitude, -1.0, n_coils=3)
+
+
 @pytest.mark.parametrize("n_coils", [1, 4])
 def test_mean_is_continuous_at_asymptotic_switch(n_coils):
     snr = np.array([40.0 - 1e-9, 40.0 + 1e-9])

@@ -217,3 +217,92 @@ def test_offresonance_is_corrected_for_finite_pulses_at_the_actual_flip_angle(tm
     assert errors["corrected"] < (0.03 if combination == "geometric" else 1.2)
     if combination == "geometric":
         assert errors["uncorrected"] > 10 * errors["corrected"]
+
+
+def _head_array_series(tmp_path, sigma, n_channels, rng):
+    """Phase cycles of a box head in air seen by ``n_channels`` receive channels, channel by channel:
+    complex sensitivities, complex Gaussian noise of SD ``sigma`` in each, the magnitude combined by
+    root-sum-of-squares and the phase that of the projection on the sensitivities (as scanners
+    export it). Returns the files, the head's interior and its true band-free signals."""
+    shape = (36, 36, 18)
+    head = np.zeros(shape, bool)
+    head[6:-6, 6:-6, 3:-3] = True
+    frequency = np.broadcast_to(np.linspace(-90.0, 90.0, shape[0])[:, None, None], shape)
+    sensitivity = rng.uniform(0.3, 1.0, n_channels) * np.exp(1j * rng.uniform(-np.pi, np.pi, n_channels))
+    sensitivity /= np.linalg.norm(sensitivity)
+    magnitudes, phases, truths = [], [], []
+    for flip_index, flip in enumerate(FLIPS, start=1):
+        truths.append(band_free_signal(1000.0, 1.0, 14.0, np.deg2rad(flip), TR))
+        for increment in CYCLES:
+            signal = np.where(
+                head,
+                bssfp_signal(
+                    1000.0, 1.0, 14.0, np.deg2rad(flip), TR, off_resonance=2 * np.pi * frequency * TR,
+                    phase_increment=np.deg2rad(increment),
+                ),
+                0.0,
+            )  # fmt: skip
+            noise = rng.normal(0.0, sigma, shape + (n_channels, 2)) @ np.array([1.0, 1.0j])
+            channels = signal[..., None] * sensitivity + noise
+            stem = tmp_path / f"acq-bssfp{int(increment):03d}_flip-{flip_index}"
+            rss = np.sqrt(np.sum(np.abs(channels) ** 2, axis=-1))
+            combined_phase = np.angle(channels @ sensitivity.conj())
+            magnitudes.append(str(write_nifti(f"{stem}_mag.nii", rss.astype(np.float32), AFFINE)))
+            phases.append(str(write_nifti(f"{stem}_phase.nii", combined_phase.astype(np.float32), AFFINE)))
+    interior = np.zeros(shape, bool)
+    interior[8:-8, 8:-8, 5:-5] = True
+    return magnitudes, phases, interior, truths
+
+
+def test_noise_floor_of_many_channels_is_removed_before_the_complex_combination(tmp_path):
+    """Root-sum-of-squares magnitudes with the combined phase are not Gaussian complex data: their
+    floor lifts the band-free signal where it is weak (here by 2.1 % at 15 deg, 15 sigma, and 4.3 %
+    at 50 deg, 11 sigma), and DESPOT2's R2 then reads low. With ``n_coils`` the floor goes first,
+    measured in the air or taken from a noise map (+0.4 % and +0.2 % left)."""
+    sigma, n_channels = 6.0, 8
+    magnitudes, phases, interior, truths = _head_array_series(tmp_path, sigma, n_channels, np.random.default_rng(8))
+    noise_map = str(write_nifti(str(tmp_path / "noise.nii"), np.full(interior.shape, sigma, np.float32), AFFINE))
+    errors, outputs = {}, {}
+    for name, options in (
+        ("one channel assumed", {"n_coils": 1}),
+        ("air", {"n_coils": n_channels}),
+        ("noise map", {"n_coils": n_channels, "noise_map_file": noise_map}),
+    ):
+        work = tmp_path / name.replace(" ", "_")
+        work.mkdir()
+        result = BandFreeBSSFP(
+            magnitude_files=magnitudes, phase_files=phases, phase_scale=1.0, flip_angles=list(FLIPS),
+            phase_increments=list(CYCLES), repetition_time=TR, reference_file=magnitudes[0], **options,
+        ).run(cwd=str(work)).outputs  # fmt: skip
+        outputs[name] = result
+        errors[name] = [
+            float(np.median(np.asarray(nib.load(path).dataobj)[interior] / truth - 1))
+            for path, truth in zip(result.band_free_files, truths)
+        ]
+    print(f"\nband-free signal error per flip angle, 8 channels: {errors}")
+    assert errors["one channel assumed"][1] > 0.03
+    for name in ("air", "noise map"):
+        assert max(abs(error) for error in errors[name]) < 0.005
+        assert outputs[name].metadata["NoiseFloorCorrection"].endswith(f"(sigma from the {name})")
+    assert outputs["one channel assumed"].metadata["NoiseFloorCorrection"].startswith("none needed: one receive")
+    # with the channels known, the air gives the noise per channel: that of the combined complex signal
+    assert outputs["air"].noise_sigma == pytest.approx(sigma, rel=0.05)
+
+
+def test_denoised_phase_cycles_keep_their_magnitudes(tmp_path):
+    """Denoised magnitudes have lost their floor already: none is removed twice."""
+    sigma, n_channels = 6.0, 8
+    magnitudes, phases, interior, truths = _head_array_series(tmp_path, sigma, n_channels, np.random.default_rng(9))
+    values = {}
+    for raw in (True, False):
+        work = tmp_path / f"raw_{raw}"
+        work.mkdir()
+        result = BandFreeBSSFP(
+            magnitude_files=magnitudes, phase_files=phases, phase_scale=1.0, flip_angles=list(FLIPS),
+            phase_increments=list(CYCLES), repetition_time=TR, reference_file=magnitudes[0], n_coils=n_channels,
+            raw_magnitudes=raw,
+        ).run(cwd=str(work)).outputs  # fmt: skip
+        values[raw] = np.asarray(nib.load(result.band_free_files[1]).dataobj)[interior]
+        if not raw:
+            assert result.metadata["NoiseFloorCorrection"].startswith("none here: the denoising step")
+    assert np.median(values[False] / values[True] - 1) > 0.02

@@ -27,6 +27,9 @@ from .r2star import air_voxels
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
+#: Added to an input file's name for its denoised copy (:func:`input_name` takes it off again).
+DENOISED_SUFFIX = "_desc-denoised"
+
 DENOISE_METHODS = ("none", "nlm", "multispectral")
 
 DENOISING_DESCRIPTIONS = {
@@ -51,6 +54,15 @@ DENOISING_REFERENCES = (
     "Imaging 2009:756897; Aja-Fernandez S, Pieciak T, Vegas-Sanchez-Ferrero G. Spatially variant noise "
     "estimation in MRI: a homomorphic approach. Med Image Anal 2015;20:184-197"
 )
+
+
+def input_name(path):
+    """The name (no folder, no extension) of the input file that ``path`` is, or is the denoised copy of:
+    what a message about its values should name, since denoising keeps missing samples missing."""
+    name = os.path.basename(str(path))
+    for extension in (".nii.gz", ".nii"):
+        name = name.removesuffix(extension)
+    return name.removesuffix(DENOISED_SUFFIX)
 
 
 class _DenoiseInputSpec(BaseInterfaceInputSpec):
@@ -167,14 +179,8 @@ class DenoiseCollection(SimpleInterface):
             metadata["DenoisingRestoredFraction"] = round(details["restored_fraction"], 4)
         outputs = []
         for index, path in enumerate(files):
-            name = os.path.basename(path).split(".")[0]
-            outputs.append(
-                str(
-                    write_nifti(
-                        os.path.join(runtime.cwd, f"{name}_desc-denoised.nii"), denoised[..., index], reference.affine
-                    )
-                )
-            )
+            target = os.path.join(runtime.cwd, f"{input_name(path)}{DENOISED_SUFFIX}.nii")
+            outputs.append(str(write_nifti(target, denoised[..., index], reference.affine)))
         self._results["denoised_files"] = outputs
         self._write_noise_map(runtime, sigma_map, reference)
         inside = sigma_map[mask] if mask is not None else sigma_map
@@ -216,8 +222,7 @@ class DenoiseCollection(SimpleInterface):
     def _write_phases(self, runtime, phases, reference):
         outputs = []
         for index, path in enumerate(self.inputs.phase_files):
-            name = os.path.basename(path).split(".")[0]
-            target = os.path.join(runtime.cwd, f"{name}_desc-denoised.nii")
+            target = os.path.join(runtime.cwd, f"{input_name(path)}{DENOISED_SUFFIX}.nii")
             outputs.append(str(write_nifti(target, phases[..., index], reference.affine)))
         self._results["denoised_phase_files"] = outputs
         self._results["denoised_phase_scale"] = 1.0

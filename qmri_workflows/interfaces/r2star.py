@@ -44,6 +44,7 @@ ESTIMATION_ALGORITHMS = {
 }
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
+_FILES_SHOWN = 4
 
 
 def group_echoes_by_flip_angle(files, echo_times, flip_angles):
@@ -271,17 +272,26 @@ def _quality_counts(signal, echo_times, r2star, t2star, fitted):
 
 def _log_quality(counts, groups, signal, echo_times):
     if counts["NonFiniteInputVoxels"]:
-        files = [
-            f"{os.path.basename(path)} ({count})"
-            for c, (_, echoes) in enumerate(groups)
-            for e, (_, path) in enumerate(echoes)
-            if (count := int((~np.isfinite(signal[..., c, e])).sum()))
-        ]
+        from .denoise import input_name  # denoise imports this module
+
+        per_file = sorted(
+            (
+                (count, input_name(path))
+                for c, (_, echoes) in enumerate(groups)
+                for e, (_, path) in enumerate(echoes)
+                if (count := int((~np.isfinite(signal[..., c, e])).sum()))
+            ),
+            reverse=True,
+        )
+        # a long protocol can have dozens of files: the worst few say where to look
+        shown = ", ".join(f"{name} ({count})" for count, name in per_file[:_FILES_SHOWN])
+        if len(per_file) > _FILES_SHOWN:
+            shown += f" and {len(per_file) - _FILES_SHOWN} more file(s)"
         LOGGER.warning(
             "R2*: %d voxel(s) hold NaN/Inf in at least one echo; those samples are left out of "
-            "their voxel's fit. Non-finite voxels per file: %s",
+            "their voxel's fit. Most non-finite voxels: %s",
             counts["NonFiniteInputVoxels"],
-            ", ".join(files),
+            shown,
         )
     fitted = max(counts["FittedVoxels"], 1)
     for key, what in (

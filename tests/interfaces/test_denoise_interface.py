@@ -1,6 +1,7 @@
 """DenoiseCollection, and FitR2star on denoised data, as real Nipype nodes."""
 
 import logging
+import os
 
 import nibabel as nib
 import numpy as np
@@ -121,7 +122,7 @@ def test_nls_on_denoised_data_models_no_noise_floor(tmp_path):
     assert "NoiseStandardDeviationPerChannel" not in denoised
 
 
-def test_a_missing_sample_reaches_the_fit_as_missing(tmp_path):
+def test_a_missing_sample_reaches_the_fit_as_missing(tmp_path, caplog):
     """A NaN sample inside the head stays NaN through denoising, so that FitR2star leaves it out
     and counts it, as on the raw images, instead of fitting a value made from its neighbours."""
     files, tes, flips, _, head = _collection(tmp_path, sigma=3.0)
@@ -139,9 +140,14 @@ def test_a_missing_sample_reaches_the_fit_as_missing(tmp_path):
     assert np.isnan(denoised[20, 20, 16, 2]) and np.isfinite(np.delete(denoised[20, 20, 16], 2)).all()
     assert np.isfinite(denoised[head]).sum() == head.sum() * len(files) - 1
     common = dict(echo_times=tes, flip_angles=flips)
+    raw_name = os.path.basename(files[2]).split(".nii")[0]
     for name, inputs in (("raw", files), ("denoised", result.denoised_files)):
+        caplog.clear()
         fit = FitR2star(magnitude_files=inputs, **common, denoised=name == "denoised").run(cwd=_cwd(tmp_path, name))
         assert fit.outputs.metadata["NonFiniteInputVoxels"] == 1, name
+        # the warning names the input file, not the node's denoised copy of it
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert f"{raw_name} (1)" in warning and "denoised" not in warning, warning
 
 
 def _complex_cycles(tmp_path, sigma, seed=5, phase_scale=1.0):

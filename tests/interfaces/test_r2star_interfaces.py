@@ -1,5 +1,7 @@
 """FitR2star and BrainMask as real Nipype nodes on closed-form echoes."""
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -94,7 +96,7 @@ def test_non_finite_samples_are_left_out_counted_and_logged(tmp_path, caplog, mo
     assert result.metadata["FittedVoxels"] == np.prod(shape)
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warning) == 1 and "17 voxel(s) hold NaN/Inf" in warning[0]
-    assert "flip6.0_echo1.nii.gz (17)" in warning[0] and "flip21.0_echo1.nii.gz (9)" in warning[0]
+    assert "flip6.0_echo1 (17), flip21.0_echo1 (9)" in warning[0]  # most first
 
 
 @pytest.mark.parametrize("content", [0.0, 250.0])  # all-NaN: tests/io/test_images.py
@@ -108,3 +110,20 @@ def test_echo_without_signal_is_an_input_error_naming_it(tmp_path, content, monk
     write_image(files[2], np.full(shape, content), shape=shape)
     with pytest.raises(BIDSInputError, match=f"{files[2]} holds"):
         FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips).run()
+
+
+def test_warning_about_non_finite_samples_names_the_worst_files_only(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shape = (6, 5, 4)
+    s0 = {flip: np.full(shape, 500.0) for flip in (4.0, 8.0, 16.0)}
+    files, tes, flips = _echoes(tmp_path, np.random.default_rng(3).uniform(10.0, 30.0, shape), s0)
+    for index, path in enumerate(files):  # file i loses i + 1 voxels of its first slice
+        data = np.asarray(nib.load(path).dataobj)
+        data[np.unravel_index(np.arange(index + 1), shape)] = np.nan
+        write_image(path, data, shape=shape)
+    caplog.set_level("WARNING", logger="qmri_workflows.interfaces")
+    FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips).run()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    worst = [f"{os.path.basename(path).split('.nii')[0]} ({index + 1})" for index, path in enumerate(files)][::-1]
+    assert ", ".join(worst[:4]) in warning
+    assert warning.endswith(f"and {len(files) - 4} more file(s)")

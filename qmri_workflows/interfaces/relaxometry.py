@@ -2,7 +2,7 @@
 
 * :class:`AFIFlipAngleMap` -- the AFI pair to a ``TB1map`` (percent of the nominal flip angle) on the
   map grid.
-* :class:`ReadTB1map` -- a ``TB1map`` given with ``--derivatives`` (already on the map grid), read by
+* :class:`ReadTB1map` -- a pre-computed ``TB1map`` (raw ``fmap`` or ``--derivatives``; already on the map grid), read by
   its ``Units`` and written in percent.
 * :class:`FitR1` -- DESPOT1 from one TE = 0 intercept (or single-echo image) per flip angle,
   B1-corrected and corrected for imperfect RF spoiling.

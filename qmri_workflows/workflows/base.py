@@ -164,7 +164,7 @@ def init_single_subject_wf(*, inputs, output_dir, options=None, omp_nthreads=1, 
             )
         for field, (collection, interpolation) in family.derived_inputs.items():
             derived = inputs.derivatives.get(collection)
-            if derived is None:
+            if derived is None or (family.uses_derived is not None and not family.uses_derived(inputs)):
                 continue
             workflow.connect(
                 _resample_node(

@@ -83,13 +83,13 @@ def init_mtsat_wf(
 
 def _b1_choice(inputs, options, running):
     """(correct for B1, where the map comes from, why not): the map is the one the R1 fit used."""
-    from .relaxometry import _b1_source, _no_b1_reason
+    from .relaxometry import _b1_source, _no_b1_reason, _tb1map_origin
 
     if options["r1_no_b1_correction"]:
         return False, None, "turned off (--no-b1-correction)"
     source = _b1_source(inputs) if "b1" in running else None
     if source == "tb1map":
-        return True, "the TB1map given with --derivatives", None
+        return True, f"the TB1map {_tb1map_origin(inputs.derivatives['TB1map'])}", None
     if source == "afi":
         return True, "the AFI pair", None
     if options.get("r1_no_b1_estimate"):

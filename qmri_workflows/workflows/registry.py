@@ -179,6 +179,10 @@ class MapFamily:
         ``interpolation`` (``"linear"`` for smooth fields, ``"nearest"``/``"majority"`` for labels)
         before they reach the family. Optional: the field is left undefined when the subject has
         no such file.
+    uses_derived : callable or None
+        ``uses_derived(inputs) -> bool``: whether the family's build reads its ``derived_inputs``
+        for this subject (a raw AFI pair wins over a pre-computed TB1map of the raw dataset); None:
+        whenever they exist.
     options : tuple of Option
         Command-line options of the family.
     runtime_metadata : bool
@@ -219,6 +223,7 @@ class MapFamily:
     check: Callable | None = None
     consumes: dict = field(default_factory=dict)
     derived_inputs: dict = field(default_factory=dict)
+    uses_derived: Callable | None = None
     options: tuple = ()
     runtime_metadata: bool = True
     auxiliary: bool = False

@@ -295,14 +295,37 @@ def init_r1_wf(
 # registry entries
 # --------------------------------------------------------------------------------------------------
 def _b1_source(inputs):
-    """``"tb1map"`` (a user map wins), ``"afi"``, or None."""
+    """``"tb1map"``, ``"afi"``, or None.
+
+    A TB1map given with ``--derivatives`` wins (the user chose it), then the AFI pair (raw data the
+    App maps with its own corrections), then a pre-computed ``fmap/*_TB1map`` of the raw dataset.
+    """
     from ..io.query import AFI, TB1MAP
 
-    if inputs.has(TB1MAP):
+    given = inputs.derivatives.get(TB1MAP)
+    if given is not None and given.origin == "derivatives":
         return "tb1map"
     if inputs.has(AFI):
         return "afi"
+    if given is not None:
+        return "tb1map"
     return None
+
+
+def _b1_sources(inputs):
+    """The raw files of the B1+ map R1 reads when it has one (for ``Sources``: a TB1map of a
+    derivatives dataset has no ``bids:raw`` address)."""
+    source = _b1_source(inputs)
+    if source == "afi":
+        return (inputs.afi.tr1_file, inputs.afi.tr2_file)
+    derived = inputs.derivatives.get("TB1map")
+    if source == "tb1map" and derived.origin == "raw":
+        return (derived.path,)
+    return ()
+
+
+def _tb1map_origin(derived):
+    return "given with --derivatives" if derived.origin == "derivatives" else "pre-computed in the raw dataset's fmap"
 
 
 def _no_b1_reason(inputs):
@@ -317,10 +340,11 @@ def _no_b1_reason(inputs):
     if inputs.unsupported_transmit:
         reasons.append(
             f"transmit-field data of a kind this version cannot process ({', '.join(inputs.unsupported_transmit)}); "
-            "only an AFI pair (fmap/*_acq-tr1_TB1AFI + *_acq-tr2_TB1AFI) or a TB1map given with --derivatives is used"
+            "only an AFI pair (fmap/*_acq-tr1_TB1AFI + *_acq-tr2_TB1AFI) or a TB1map (fmap/*_TB1map, or given with "
+            "--derivatives) is used"
         )
     if not reasons:
-        reasons.append("no B1+ data (no TB1AFI pair, no TB1map given with --derivatives)")
+        reasons.append("no B1+ data (no TB1AFI pair, no TB1map in fmap or given with --derivatives)")
     return "; ".join(reasons)
 
 
@@ -329,14 +353,16 @@ def _check_b1(inputs):
 
 
 def _describe_b1(inputs):
+    derived = inputs.derivatives.get("TB1map")
     if _b1_source(inputs) == "tb1map":
-        derived = inputs.derivatives["TB1map"]
         units = derived.metadata.get("Units")
-        return f"TB1map given with --derivatives ({derived.path}; Units {units!r})" + (
+        return f"TB1map {_tb1map_origin(derived)} ({derived.path}; Units {units!r})" + (
             ", used instead of the AFI pair" if inputs.afi else ""
         )
     afi = inputs.afi
-    return f"AFI pair, flip {afi.flip_angle:g} deg, TR1/TR2 {afi.tr1 * 1e3:g}/{afi.tr2 * 1e3:g} ms"
+    return f"AFI pair, flip {afi.flip_angle:g} deg, TR1/TR2 {afi.tr1 * 1e3:g}/{afi.tr2 * 1e3:g} ms" + (
+        f" (the pre-computed {derived.path} is not used)" if derived is not None else ""
+    )
 
 
 def _build_b1(context):
@@ -435,7 +461,7 @@ def _describe_r1(inputs, options=None):
     if not _multi_echo(inputs) and denoise != "none":
         signals = f"{signals} denoised ({denoise} non-local means)"
     b1 = (
-        f"B1+ from {'the --derivatives TB1map' if _b1_source(inputs) == 'tb1map' else 'AFI'}"
+        f"B1+ from {'the TB1map' if _b1_source(inputs) == 'tb1map' else 'AFI'}"
         if _b1_source(inputs)
         else f"B1+ estimated from the VFA data, no B1+ map ({_no_b1_reason(inputs)}) unless --no-b1-estimate"
     )
@@ -648,9 +674,7 @@ def _set_t2_and_noise_inputs(workflow, inputnode, fit, settings):
 def _r1_outputs(inputs):
     from .registry import Output
 
-    sources = tuple(path for series in inputs.gre for path in series.magnitude)
-    if inputs.afi:
-        sources += (inputs.afi.tr1_file, inputs.afi.tr2_file)
+    sources = tuple(path for series in inputs.gre for path in series.magnitude) + _b1_sources(inputs)
     masked = {"SkullStripped": True}
     outputs = [
         Output(
@@ -721,6 +745,7 @@ def _registry_entries():
         build=_build_b1,
         outputs=_b1_outputs,
         derived_inputs={"tb1map_file": (TB1MAP, "linear")},
+        uses_derived=lambda inputs: _b1_source(inputs) == "tb1map",
         # it serves R1 (and PD): a subject with only a B1+ map to make has no map to compute
         auxiliary=True,
     )

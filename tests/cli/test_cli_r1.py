@@ -216,3 +216,69 @@ def test_no_spoiling_correction_option_in_plan_and_sidecar(tmp_path, caplog):
     assert r1["SpoilingRFPhaseIncrementSource"] == "none: turned off (--no-spoiling-correction)"
     assert "SpoilingCorrectionT2" not in r1
     assert r1["EstimationParameters"]["r1_no_spoiling_correction"] is True
+
+
+def _raw_tb1map(raw, label=None, value=0.9, units="ratio"):
+    """A pre-computed B1+ map in the raw dataset's fmap (as a scanner or another site exports it)."""
+    name = "sub-01" + (f"_acq-{label}" if label else "") + "_TB1map.nii.gz"
+    gre = nib.load(raw.files["gre"][0])
+    # twice the GRE's voxel size, over a little more than its field of view
+    affine = gre.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] -= gre.affine[:3, :3] @ np.ones(3)
+    shape = tuple(n // 2 + 2 for n in gre.shape[:3])
+    path = write_image(raw.root / "sub-01" / "fmap" / name, np.full(shape, value), shape=shape, affine=affine)
+    write_sidecar(path, {"Units": units} if units else {})
+    return path
+
+
+def test_raw_tb1map_in_fmap_corrects_r1(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    path = _raw_tb1map(raw)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: yes, TB1map pre-computed in the raw dataset's fmap") and path.name in b1_line
+    assert "B1+ from the TB1map" in _plan_line(caplog, "R1")
+    (b1_used,) = (tmp_path / "work").rglob("B1ratio.nii")  # on the map grid (the map's own is coarser)
+    values = nib.load(b1_used).get_fdata()
+    assert np.allclose(values[np.isfinite(values) & (values > 0)], 0.9, rtol=1e-5)
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert r1["B1Correction"].startswith("TB1map")
+    assert "bids:raw:sub-01/fmap/sub-01_TB1map.nii.gz" in r1["Sources"]
+    assert not (out / "fmap").exists()  # the user's map is used, not republished
+
+
+def test_raw_tb1map_gives_way_to_an_afi_pair_and_to_a_derivatives_map(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False, afi=True)
+    path = _raw_tb1map(raw)
+    code, _ = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: yes, AFI pair") and f"{path} is not used" in b1_line
+
+    caplog.clear()
+    derivatives = make_derivatives(tmp_path / "deriv", dseg=False, lesion_mask=False, brain_mask=False)
+    code = run.main(
+        [str(raw.root), str(tmp_path / "out2"), "participant", "--skip-bids-validation", "--nprocs", "1",
+         "-w", str(tmp_path / "work2"), "--derivatives", str(derivatives.root)]
+    )  # fmt: skip
+    assert code == 0, caplog.text
+    assert _plan_line(caplog, "B1+").startswith("B1+: yes, TB1map given with --derivatives")
+    assert f"sub-01/fmap/{path.name} not used: the TB1map given with --derivatives is" in caplog.text
+
+
+@pytest.mark.parametrize("problem", ["two maps", "unknown units"])
+def test_unusable_raw_tb1map_is_named_and_r1_estimates_b1(tmp_path, caplog, problem):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    if problem == "two maps":
+        _raw_tb1map(raw, "scanner")
+        _raw_tb1map(raw, "site")
+        expected = "several pre-computed B1+ maps in fmap"
+    else:
+        _raw_tb1map(raw, units="Tesla")
+        expected = "TB1map \"Units\" is 'Tesla'"
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: no, TB1map unusable:") and expected in b1_line
+    assert "B1+ estimated from the VFA data" in _plan_line(caplog, "R1")

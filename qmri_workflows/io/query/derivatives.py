@@ -32,7 +32,7 @@ from .layout import IMAGE_EXTENSIONS, dataset_indexer, dataset_root
 from .metadata import load_header
 from .problems import BRAIN_MASK, DSEG, ENHANCING_MASK, LESION_MASK, TB1MAP, CollectionProblem
 
-__all__ = ["DerivativeFile", "find_derivatives", "open_derivatives", "tb1map_scale"]
+__all__ = ["DerivativeFile", "checked_file", "find_derivatives", "open_derivatives", "tb1map_scale"]
 
 LOGGER = logging.getLogger("qmri_workflows.io")
 
@@ -74,6 +74,9 @@ class DerivativeFile:
     path: str
     metadata: dict = field(default_factory=dict, compare=False, hash=False)
     tsv: str | None = None
+    origin: str = "derivatives"
+    """Where it was found: "derivatives" (given with ``--derivatives``) or "raw" (a pre-computed map
+    in the raw dataset's ``fmap``, as BIDS allows for ``TB1map``)."""
 
 
 def open_derivatives(paths):
@@ -153,7 +156,7 @@ def find_derivatives(layouts, subject, session):
     from bids.layout import Query
 
     found, problems, notes = {}, [], []
-    for collection, (filters, pattern, integer_valued) in _QUERIES.items():
+    for collection, (filters, pattern, _) in _QUERIES.items():
         candidates = []
         for layout in layouts:
             if subject not in layout.get_subjects():
@@ -184,21 +187,42 @@ def find_derivatives(layouts, subject, session):
                 )
             )
             continue
-        bids_file = candidates[0]
         try:
-            metadata = dict(bids_file.get_metadata())
-            tsv = _check_volume(bids_file.path, collection, integer_valued)
-            if collection == TB1MAP:
-                values = np.asanyarray(load_header(bids_file.path).dataobj)
-                _, how = tb1map_scale(values, metadata.get("Units"), bids_file.path)
-            found[collection] = DerivativeFile(path=bids_file.path, metadata=metadata, tsv=tsv)
+            found[collection], note = checked_file(candidates[0].path, candidates[0].get_metadata(), collection)
         except BIDSInputError as error:
             problems.append(CollectionProblem(collection, str(error)))
             continue
-        if collection == TB1MAP and "Units" not in metadata:
-            notes.append(f'{bids_file.path}: {how}; add "Units" to its sidecar to be sure')
-            LOGGER.info(notes[-1])
+        if note:
+            notes.append(note)
+            LOGGER.info(note)
     return found, problems, notes
+
+
+def checked_file(path, metadata, collection, *, origin="derivatives"):
+    """One candidate image of ``collection`` (its path and merged sidecar), checked.
+
+    Returns
+    -------
+    file : DerivativeFile
+    note : str or None
+        What the user may want to know (how a TB1map without ``Units`` is read).
+
+    Raises
+    ------
+    BIDSInputError
+        If the image is unusable (non-finite values, labels that are not integers, a TB1map in
+        unknown units ...), naming it and the fix.
+    """
+    _, _, integer_valued = _QUERIES[collection]
+    metadata = dict(metadata)
+    tsv = _check_volume(path, collection, integer_valued)
+    note = None
+    if collection == TB1MAP:
+        values = np.asanyarray(load_header(path).dataobj)
+        _, how = tb1map_scale(values, metadata.get("Units"), path)
+        if "Units" not in metadata:
+            note = f'{path}: {how}; add "Units" to its sidecar to be sure'
+    return DerivativeFile(path=path, metadata=metadata, tsv=tsv, origin=origin), note
 
 
 def _check_volume(path, collection, integer_valued):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import BIDSInputError
 from .bssfp import bssfp_series, says_bssfp, sequence_kind
-from .derivatives import find_derivatives
+from .derivatives import checked_file, find_derivatives
 from .fieldmaps import AFIPair, ReceivePair, afi_pair, receive_pair
 from .gre import gre_series, mpm_series
 from .layout import QueryContext, select_images, strip_prefix, subject_images, subject_sessions
@@ -21,14 +21,16 @@ from .problems import (
     GRE,
     MT,
     RECEIVE,
+    TB1MAP,
     CollectionProblem,
 )
 
 __all__ = ["UNSUPPORTED_TRANSMIT_SUFFIXES", "SubjectInputs", "collect_inputs"]
 
-UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1DAM", "TB1EPI", "TB1TFL", "TB1RFM", "TB1SRGE", "TB1map")
-"""Raw ``fmap`` transmit-field collections the package cannot process yet (only ``TB1AFI``); they
-are listed in :attr:`SubjectInputs.unsupported_transmit` so R1 can say why it runs without B1+."""
+UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1DAM", "TB1EPI", "TB1TFL", "TB1RFM", "TB1SRGE")
+"""Raw ``fmap`` transmit-field collections the package cannot process yet (it reads ``TB1AFI`` pairs
+and pre-computed ``TB1map`` images); they are listed in :attr:`SubjectInputs.unsupported_transmit`
+so R1 can say why it runs without B1+."""
 
 LOGGER = logging.getLogger("qmri_workflows.io")
 
@@ -259,6 +261,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         found, derivative_problems, derivative_notes = find_derivatives(derivatives, subject, session)
         problems.update((problem.collection, problem) for problem in derivative_problems)
         ctx.notes.extend(derivative_notes)
+    _raw_tb1map(ctx, select_images(images, suffix="TB1map", datatype="fmap"), found, problems)
 
     return SubjectInputs(
         subject=subject,
@@ -275,6 +278,33 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         derivatives=found,
         unsupported_transmit=unsupported_transmit,
     )
+
+
+def _raw_tb1map(ctx, files, found, problems):
+    """A pre-computed ``fmap/*_TB1map`` of the raw dataset (a scanner's or a site's B1+ map), checked
+    like one given with ``--derivatives``, which wins over it; ``found`` and ``problems`` are
+    updated in place."""
+    if not files:
+        return
+    names = ", ".join(ctx.name(bids_file.path) for bids_file in files)
+    if TB1MAP in found or TB1MAP in problems:
+        ctx.notes.append(f"{names} not used: the TB1map given with --derivatives is")
+        LOGGER.info(ctx.notes[-1])
+        return
+    if len(files) > 1:
+        problems[TB1MAP] = CollectionProblem(
+            TB1MAP,
+            f"several pre-computed B1+ maps in fmap ({names}); keep one, or give the one to use with --derivatives",
+        )
+        return
+    try:
+        found[TB1MAP], note = checked_file(files[0].path, files[0].metadata, TB1MAP, origin="raw")
+    except BIDSInputError as error:
+        problems[TB1MAP] = CollectionProblem(TB1MAP, str(error))
+        return
+    if note:
+        ctx.notes.append(note)
+        LOGGER.info(note)
 
 
 def _check_subject(layout, subject, session):

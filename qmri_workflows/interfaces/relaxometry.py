@@ -28,7 +28,14 @@ from nipype.interfaces.base import (
 )
 
 from ..core.noise import estimate_sigma_air
-from ..core.relaxometry import DEFAULT_TISSUE_T2, afi_flip_angle_ratio, afi_t1_bias, fit_r1, spoiling_protocol
+from ..core.relaxometry import (
+    DEFAULT_TISSUE_T2,
+    afi_flip_angle_ratio,
+    afi_t1_bias,
+    dam_flip_angle_ratio,
+    fit_r1,
+    spoiling_protocol,
+)
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import load_volume, load_volumes, same_grid
@@ -37,6 +44,10 @@ from ..io.resample import resample_to_reference
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
+DAM_REFERENCE = (
+    "Insko EK, Bolinger L. Mapping of the radiofrequency field. J Magn Reson A 1993;103:82-85; Stollberger R, "
+    "Wach P. Imaging of the active B1 field in vivo. Magn Reson Med 1996;35:246-251"
+)
 AFI_REFERENCE = (
     "Yarnykh VL. Actual flip-angle imaging in the pulsed steady state: a method for rapid "
     "three-dimensional mapping of the transmitted radiofrequency field. Magn Reson Med 2007;57:192-200"
@@ -72,98 +83,107 @@ R1_ALGORITHMS = {
 
 
 # --------------------------------------------------------------------------------------------------
-# AFI
+# B1+ from a pair of images (AFI, double-angle method)
 # --------------------------------------------------------------------------------------------------
-class _AFIFlipAngleMapInputSpec(BaseInterfaceInputSpec):
-    tr1_file = File(exists=True, mandatory=True, desc="AFI image after the shorter TR (acq-tr1)")
-    tr2_file = File(exists=True, mandatory=True, desc="AFI image after the longer TR (acq-tr2)")
-    repetition_time_1 = traits.Float(mandatory=True, desc="TR1 (s)")
-    repetition_time_2 = traits.Float(mandatory=True, desc="TR2 (s), > TR1")
-    flip_angle = traits.Float(mandatory=True, desc="nominal flip angle (deg) of the AFI pulses")
-    reference_file = File(exists=True, desc="image on the map grid; without it the map stays on the AFI grid")
+class _PairInputSpec(BaseInterfaceInputSpec):
+    reference_file = File(exists=True, desc="image on the map grid; without it the map stays on the pair's grid")
     smoothing_fwhm = traits.Float(8.0, usedefault=True, desc="FWHM (mm) of the normalised-convolution smoothing")
     min_signal_fraction = traits.Float(
-        0.05, usedefault=True, desc="TR1 voxels below this fraction of its 99th percentile are not trusted"
+        0.05, usedefault=True, desc="first-image voxels below this fraction of its 99th percentile are not trusted"
     )
     n_coils = traits.Int(1, usedefault=True, desc="receive channels combined by root-sum-of-squares")
 
 
-class _AFIFlipAngleMapOutputSpec(TraitedSpec):
+class _PairOutputSpec(TraitedSpec):
     tb1map_file = File(exists=True, desc="B1+ in percent of the nominal flip angle, on the map grid")
     metadata = traits.Dict(desc="sidecar fields")
 
 
-class AFIFlipAngleMap(SimpleInterface):
-    """B1+ map (percent of nominal) from an AFI pair, robust where the signal is low.
+class _FlipAnglePairMap(SimpleInterface):
+    """B1+ map (percent of nominal) from two magnitude images whose ratio gives the flip angle.
 
-    Calls :func:`qmri_workflows.core.relaxometry.afi_flip_angle_ratio` on the AFI grid (voxels with
-    little signal, non-finite samples or an impossible signal ratio are discarded; the rest are
-    smoothed by normalised convolution, which also fills the holes), then brings the smooth map
-    onto the map grid by linear interpolation (NaN outside the AFI field of view). The noise SD of
-    each image, measured in the air around the head of the TR1 image, removes the magnitude noise
-    floor first; without measurable air noise the ratio is taken as it is, and the sidecar says so.
-    The air gives the floor's power ``2 N sigma^2`` as a whole, so a wrong ``n_coils`` does not
-    bias the correction.
+    Subclasses name the two files (:meth:`_pair`) and estimate the ratio map on the pair's grid
+    (:meth:`_estimate`, a core function returning an :class:`~qmri_workflows.core.relaxometry.AFIMap`);
+    here: the noise SD of each image, measured in the air around the head of the first (the
+    second's head may be too dark to find the air by), so that the core removes the magnitude
+    noise floor first (without measurable air noise the ratio is taken as it is, and the sidecar
+    says so; the air gives the floor's power ``2 N sigma^2`` as a whole, so a wrong ``n_coils``
+    does not bias it), then the smooth map brought onto the map grid by linear interpolation (NaN
+    outside the pair's field of view) and the sidecar.
     """
 
-    input_spec = _AFIFlipAngleMapInputSpec
-    output_spec = _AFIFlipAngleMapOutputSpec
+    output_spec = _PairOutputSpec
+    what = "pair"  # in messages
+    key = "Pair"  # in sidecar keys
+
+    def _pair(self):
+        raise NotImplementedError
+
+    def _estimate(self, signal_1, signal_2, voxel_size, noise_sigma):
+        raise NotImplementedError
+
+    def _method_metadata(self):
+        raise NotImplementedError
 
     def _run_interface(self, runtime):
-        tr1_image = nib.load(self.inputs.tr1_file)
-        signal_1, signal_2 = load_volumes(
-            [self.inputs.tr1_file, self.inputs.tr2_file], reference=tr1_image, require_variation=True
-        ).transpose(3, 0, 1, 2)
+        first, second = self._pair()
+        first_image = nib.load(first)
+        signal_1, signal_2 = load_volumes([first, second], reference=first_image, require_variation=True).transpose(
+            3, 0, 1, 2
+        )
         non_finite = ~(np.isfinite(signal_1) & np.isfinite(signal_2))
-        voxel_size = tuple(float(v) for v in tr1_image.header.get_zooms()[:3])
+        voxel_size = tuple(float(v) for v in first_image.header.get_zooms()[:3])
         noise_sigma, floor_note = self._noise_sigma(signal_1, signal_2, voxel_size)
         try:
-            afi = afi_flip_angle_ratio(
-                np.where(non_finite, np.nan, signal_1),
-                np.where(non_finite, np.nan, signal_2),
-                self.inputs.repetition_time_1,
-                self.inputs.repetition_time_2,
-                math.radians(self.inputs.flip_angle),
-                voxel_size=voxel_size,
-                smoothing_fwhm=self.inputs.smoothing_fwhm,
-                min_signal_fraction=self.inputs.min_signal_fraction,
-                noise_sigma=noise_sigma,
-                n_coils=self.inputs.n_coils,
+            estimate = self._estimate(
+                np.where(non_finite, np.nan, signal_1), np.where(non_finite, np.nan, signal_2), voxel_size, noise_sigma
             )
         except ValueError as error:
-            raise BIDSInputError(f"AFI pair {self.inputs.tr1_file}, {self.inputs.tr2_file}: {error}") from error
-        percent = (100.0 * afi.b1).astype(np.float32)
-        affine = tr1_image.affine
-        if isdefined(self.inputs.reference_file) and not _on_grid(tr1_image, self.inputs.reference_file):
+            raise BIDSInputError(f"{self.what} {first}, {second}: {error}") from error
+        percent = (100.0 * estimate.b1).astype(np.float32)
+        affine = first_image.affine
+        if isdefined(self.inputs.reference_file) and not _on_grid(first_image, self.inputs.reference_file):
             resampled = resample_to_reference(
-                nib.Nifti1Image(percent, affine), self.inputs.reference_file, kind="linear", name=self.inputs.tr1_file
+                nib.Nifti1Image(percent, affine), self.inputs.reference_file, kind="linear", name=first
             )
             percent, affine = np.asarray(resampled.dataobj, dtype=np.float32), resampled.affine
         self._results["tb1map_file"] = str(write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), percent, affine))
-        n_valid = int(afi.valid.sum())
+        n_valid = int(estimate.valid.sum())
         if non_finite.any():
-            LOGGER.warning("B1+: %d AFI voxel(s) hold NaN/Inf; they are filled from their neighbours", non_finite.sum())
+            LOGGER.warning(
+                "B1+: %d voxel(s) of the %s hold NaN/Inf; they are filled from their neighbours",
+                non_finite.sum(),
+                self.what,
+            )
         self._results["metadata"] = {
             "Units": "percent",
-            "EstimationAlgorithm": (
-                "AFI: actual flip angle arccos((r n - 1)/(n - r)), r = S(TR2)/S(TR1), n = TR2/TR1, over the "
-                f"nominal; voxels below {self.inputs.min_signal_fraction:g} x the 99th percentile of S(TR1) or "
-                f"with r outside (0, 1) discarded; normalised convolution (Gaussian FWHM "
-                f"{self.inputs.smoothing_fwhm:g} mm, weights S(TR1)^2) smooths and fills them; resampled "
-                "linearly onto the map grid"
-            ),
-            "EstimationReference": AFI_REFERENCE,
-            "FlipAngle": self.inputs.flip_angle,
-            "RepetitionTimeExcitation": [self.inputs.repetition_time_1, self.inputs.repetition_time_2],
-            "ValidAFIVoxels": n_valid,
-            "FilledAFIVoxels": int(afi.valid.size - n_valid),
+            **self._method_metadata(),
+            f"Valid{self.key}Voxels": n_valid,
+            f"Filled{self.key}Voxels": int(estimate.valid.size - n_valid),
             "NonFiniteInputVoxels": int(non_finite.sum()),
             "NoiseFloorCorrection": floor_note,
         }
         return runtime
 
+    def _map_options(self, voxel_size, noise_sigma):
+        """Keywords the core's ratio-map functions share."""
+        return {
+            "voxel_size": voxel_size,
+            "smoothing_fwhm": self.inputs.smoothing_fwhm,
+            "min_signal_fraction": self.inputs.min_signal_fraction,
+            "noise_sigma": noise_sigma,
+            "n_coils": self.inputs.n_coils,
+        }
+
+    def _smoothing_text(self, first):
+        return (
+            f"voxels below {self.inputs.min_signal_fraction:g} x the 99th percentile of {first} or with an "
+            f"impossible ratio discarded; normalised convolution (Gaussian FWHM {self.inputs.smoothing_fwhm:g} mm, "
+            f"weights {first}^2) smooths and fills them; resampled linearly onto the map grid"
+        )
+
     def _noise_sigma(self, signal_1, signal_2, voxel_size):
-        """Noise SD of each AFI image in the air of the TR1 image (the TR2 image's head may be too
+        """Noise SD of each image in the air of the first image (the second image's head may be too
         dark to find the air by), and the sidecar's note; None without measurable air noise."""
         from .r2star import air_voxels
 
@@ -181,8 +201,147 @@ class AFIFlipAngleMap(SimpleInterface):
             return None, "none: the air holds no noise (simulated data?)"
         return sigma, (
             f"sqrt(M^2 - 2 N sigma^2) with N = {n_coils} channel(s) and the noise SD in the air "
-            f"({sigma[0]:.4g} at TR1, {sigma[1]:.4g} at TR2), before the ratio"
+            f"({sigma[0]:.4g} and {sigma[1]:.4g}), before the ratio"
         )
+
+
+class _AFIFlipAngleMapInputSpec(_PairInputSpec):
+    tr1_file = File(exists=True, mandatory=True, desc="AFI image after the shorter TR (acq-tr1)")
+    tr2_file = File(exists=True, mandatory=True, desc="AFI image after the longer TR (acq-tr2)")
+    repetition_time_1 = traits.Float(mandatory=True, desc="TR1 (s)")
+    repetition_time_2 = traits.Float(mandatory=True, desc="TR2 (s), > TR1")
+    flip_angle = traits.Float(mandatory=True, desc="nominal flip angle (deg) of the AFI pulses")
+
+
+class AFIFlipAngleMap(_FlipAnglePairMap):
+    """B1+ map (percent of nominal) from an AFI pair (:func:`qmri_workflows.core.relaxometry.afi_flip_angle_ratio`
+    on the AFI grid; the rest as :class:`_FlipAnglePairMap`)."""
+
+    input_spec = _AFIFlipAngleMapInputSpec
+    what = "AFI pair"
+    key = "AFI"
+
+    def _pair(self):
+        return self.inputs.tr1_file, self.inputs.tr2_file
+
+    def _estimate(self, signal_1, signal_2, voxel_size, noise_sigma):
+        return afi_flip_angle_ratio(
+            signal_1,
+            signal_2,
+            self.inputs.repetition_time_1,
+            self.inputs.repetition_time_2,
+            math.radians(self.inputs.flip_angle),
+            **self._map_options(voxel_size, noise_sigma),
+        )
+
+    def _method_metadata(self):
+        return {
+            "EstimationAlgorithm": (
+                "AFI: actual flip angle arccos((r n - 1)/(n - r)), r = S(TR2)/S(TR1), n = TR2/TR1, over the "
+                f"nominal; {self._smoothing_text('S(TR1)')}"
+            ),
+            "EstimationReference": AFI_REFERENCE,
+            "FlipAngle": self.inputs.flip_angle,
+            "RepetitionTimeExcitation": [self.inputs.repetition_time_1, self.inputs.repetition_time_2],
+        }
+
+
+class _DAMFlipAngleMapInputSpec(_PairInputSpec):
+    flip1_file = File(exists=True, mandatory=True, desc="image at the smaller nominal flip angle (flip-1)")
+    flip2_file = File(exists=True, mandatory=True, desc="image at the larger nominal flip angle (flip-2)")
+    flip_angles = traits.Tuple(traits.Float, traits.Float, mandatory=True, desc="nominal flip angles (deg), a1 < a2")
+    repetition_time = traits.Float(mandatory=True, desc="TR (s) of the double-angle images")
+    vfa_files = InputMultiObject(
+        File(exists=True),
+        desc="one spoiled gradient echo per VFA flip angle, all at one echo time (e.g. each flip angle's first "
+        "echo): their T1 removes the double-angle reading's T1 bias voxel by voxel",
+    )
+    vfa_flip_angles = traits.List(traits.Float, desc="nominal flip angle (deg) of each vfa_files image")
+    vfa_repetition_time = traits.Float(desc="TR (s) of the VFA images")
+    t1_rounds = traits.Int(12, usedefault=True, desc="most rounds of T1 (VFA, at the current B1+) and B1+ (at that T1)")
+
+
+class DAMFlipAngleMap(_FlipAnglePairMap):
+    """B1+ map (percent of nominal) from a double-angle pair
+    (:func:`qmri_workflows.core.relaxometry.dam_flip_angle_ratio`; the rest as
+    :class:`_FlipAnglePairMap`).
+
+    A double-angle TR is rarely long against every T1, and the long-TR reading is then high by an
+    amount that differs between tissues (60/120 deg, TR 2 s: +5 % in white matter, +10 % in grey
+    matter, +24 % in CSF), which the smoothing would mix. With VFA images the ratio is read at each
+    voxel's T1 instead: T1 by DESPOT1 from the VFA images at the current B1+ map (no spoiling
+    correction: a few percent of T1 move B1+ by a few tenths of a percent), then B1+ at that T1,
+    until a round changes B1+ by less than 0.1 % of nominal in 99 % of the trusted voxels (each
+    round shrinks the change about 2.5-fold: eight rounds on the phantom at TR 2 s) or for
+    ``t1_rounds`` rounds; the sidecar says how many. Without VFA images the long-TR model is used
+    and the sidecar says so.
+    """
+
+    input_spec = _DAMFlipAngleMapInputSpec
+    what = "double-angle pair"
+    key = "DAM"
+
+    def _pair(self):
+        return self.inputs.flip1_file, self.inputs.flip2_file
+
+    def _estimate(self, signal_1, signal_2, voxel_size, noise_sigma):
+        flip_1, flip_2 = (math.radians(angle) for angle in self.inputs.flip_angles)
+        options = self._map_options(voxel_size, noise_sigma)
+        estimate = dam_flip_angle_ratio(signal_1, signal_2, flip_1, flip_2, **options)
+        if not (isdefined(self.inputs.vfa_files) and len(self.inputs.vfa_files) >= 2):
+            self._t1_note = "none: no VFA images for T1, long-TR model (full relaxation between excitations)"
+            return estimate
+        vfa_image = nib.load(self.inputs.vfa_files[0])
+        vfa = load_volumes(list(self.inputs.vfa_files), reference=vfa_image)
+        same = _on_grid(vfa_image, self.inputs.flip1_file)
+        strong = np.isfinite(vfa).all(axis=-1)
+        strong &= vfa[..., 0] > 0.05 * np.nanpercentile(vfa[..., 0], 99)
+        change, rounds = math.nan, 0
+        while rounds < self.inputs.t1_rounds and not change < 1e-3:
+            rounds += 1
+            b1 = estimate.b1 if same else self._moved(estimate.b1, self.inputs.flip1_file, self.inputs.vfa_files[0])
+            fit = fit_r1(
+                np.where(strong[..., None], vfa, 0.0),
+                np.deg2rad(self.inputs.vfa_flip_angles),
+                self.inputs.vfa_repetition_time,
+                b1=np.where(strong & np.isfinite(b1), b1, 1.0),
+                mask=strong,
+            )
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t1 = np.where(strong & (fit.r1 > 0), 1.0 / fit.r1, np.nan)
+            if not same:
+                t1 = self._moved(t1, self.inputs.vfa_files[0], self.inputs.flip1_file)
+            previous = estimate.b1
+            estimate = dam_flip_angle_ratio(
+                signal_1, signal_2, flip_1, flip_2, repetition_time=self.inputs.repetition_time, t1=t1, **options
+            )
+            change = float(np.nanpercentile(np.abs(estimate.b1 - previous)[estimate.valid], 99))
+        self._t1_note = (
+            f"ratio read at each voxel's T1 (Ernst signals at TR {self.inputs.repetition_time:g} s), T1 by DESPOT1 "
+            f"of the {len(self.inputs.vfa_files)} VFA images at the current B1+; {rounds} round(s), the last "
+            f"changed B1+ by at most {100 * change:.2g} % of nominal in 99 % of the trusted voxels"
+        )
+        return estimate
+
+    @staticmethod
+    def _moved(values, source_file, target_file):
+        """``values`` on the grid of ``source_file`` brought linearly onto that of ``target_file``."""
+        image = nib.Nifti1Image(np.asarray(values, dtype=np.float32), nib.load(source_file).affine)
+        return np.asarray(resample_to_reference(image, target_file, kind="linear", name=source_file).dataobj)
+
+    def _method_metadata(self):
+        flip_1, flip_2 = self.inputs.flip_angles
+        return {
+            "EstimationAlgorithm": (
+                "double-angle method: actual flip angle B1 a1 solving S(a2)/S(a1) = sin(B1 a2)/sin(B1 a1) x "
+                "(1 - E1 cos(B1 a1))/(1 - E1 cos(B1 a2)), E1 = exp(-TR/T1), over the nominal; "
+                f"{self._smoothing_text('S(a1)')}"
+            ),
+            "EstimationReference": DAM_REFERENCE,
+            "FlipAngle": [flip_1, flip_2],
+            "RepetitionTimeExcitation": self.inputs.repetition_time,
+            "T1Correction": self._t1_note,
+        }
 
 
 def _on_grid(image, reference_file):

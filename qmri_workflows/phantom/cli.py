@@ -152,6 +152,13 @@ def build_parser():
         "*_acq-T1w_..._mt-off_MPM) and add an MT-weighted contrast (*_acq-MTw_..._mt-on_MPM) with its MTsat truth",
     )
     parser.add_argument(
+        "--b1-method",
+        choices=("afi", "dam"),
+        default="afi",
+        help="how B1+ is mapped: an AFI pair (fmap/*_acq-tr1|tr2_TB1AFI) or a double-angle pair at 60 and 120 deg, "
+        "TR 2 s (fmap/*_flip-1|2_TB1DAM) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "int16"),
         default="float32",
@@ -176,7 +183,7 @@ def main(argv=None):
         arguments += ["--spoiling", args.spoiling]
     command = shlex.join(["qmri-phantom", *arguments])
     from qmri_workflows.phantom.dataset import write_phantom_dataset
-    from qmri_workflows.phantom.protocol import MPMProtocol, Protocol
+    from qmri_workflows.phantom.protocol import AFIProtocol, DAMProtocol, MPMProtocol, Protocol
 
     start = time.perf_counter()
     try:
@@ -194,7 +201,12 @@ def main(argv=None):
             command=command,
             kspace_filter=args.kspace_filter,
             noise_gfactor=args.noise_gfactor,
-            protocol=Protocol(spoiling=args.spoiling, mpm=MPMProtocol() if args.mpm else None),
+            protocol=Protocol(
+                spoiling=args.spoiling,
+                mpm=MPMProtocol() if args.mpm else None,
+                afi=AFIProtocol() if args.b1_method == "afi" else None,
+                dam=DAMProtocol() if args.b1_method == "dam" else None,
+            ),
         )
     except FileExistsError:
         # the library's message names its keyword argument; here the user needs the flag

@@ -233,6 +233,8 @@ def _readme(
         ),
         "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007)"
         + (", ideal spoiling." if spoiling == "ideal" else ", spoiled as in the sidecars (EPG)."),
+        "  (or fmap/*_flip-1|2_TB1DAM with qmri-phantom --b1-method dam: a double-angle pair, spoiled",
+        "  gradient echoes at the two flip angles with a 2 s TR, spoiled like the VFA images).",
         "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
         "  coil; body coil, single channel, smooth sensitivity within 3 % of uniform).",
         "",

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 __all__ = [
     "SPOILING_MODELS",
     "AFIProtocol",
+    "DAMProtocol",
     "BSSFPProtocol",
     "MPMProtocol",
     "Protocol",
@@ -241,6 +242,33 @@ class RB1CORProtocol:
 
 
 @dataclass(frozen=True)
+class DAMProtocol:
+    """Double-angle B1+ map (BIDS ``TB1DAM``, ``flip-1``/``flip-2``): two spoiled gradient echoes at
+    ``a`` and ``2a`` with a long TR, on the main grid.
+
+    Parameters
+    ----------
+    flip_angles : tuple of float
+        The two nominal flip angles (deg).
+    repetition_time : float
+        TR (s). 2 s is not long against every T1 (the long-TR reading is about 4 % high in grey
+        matter and 25 % in CSF at the nominal field): the App must remove that bias.
+    echo_time : float
+        TE (s).
+    """
+
+    flip_angles: tuple = (60.0, 120.0)
+    repetition_time: float = 2.0
+    echo_time: float = 0.003
+
+    def __post_init__(self):
+        _check_angles("DAM flip_angles", self.flip_angles, minimum_count=2)
+        _check_times("DAM times", [self.repetition_time, self.echo_time])
+        if len(self.flip_angles) != 2 or not self.flip_angles[0] < self.flip_angles[1] < 180:
+            raise ValueError(f"DAM needs two increasing flip angles below 180 deg, got {self.flip_angles!r}")
+
+
+@dataclass(frozen=True)
 class MPMProtocol:
     """MT-weighted contrast of a multi-parameter-mapping protocol (BIDS ``MPM``, ``mt-on``).
 
@@ -327,6 +355,8 @@ class Protocol:
     mpm : MPMProtocol or None
         With one, the VFA pair is written as the mt-off contrasts of an ``MPM`` collection and an
         MT-weighted (``mt-on``) contrast is added (needs exactly two VFA flip angles).
+    dam : DAMProtocol or None
+        A double-angle B1+ pair (spoiled like the VFA images); none by default.
     spoiling : {"epg", "ideal"}
         Simulation of the spoiled sequences (VFA, AFI, RB1COR): extended phase graphs of the actual
         RF phase schedule, spoiler and diffusion (default), or ideal spoiling.
@@ -338,6 +368,7 @@ class Protocol:
     rb1cor: RB1CORProtocol | None = field(default_factory=RB1CORProtocol)
     spoiling: str = "epg"
     mpm: MPMProtocol | None = None
+    dam: DAMProtocol | None = None
 
     def __post_init__(self):
         if not isinstance(self.vfa, VFAProtocol):
@@ -362,6 +393,7 @@ class Protocol:
             **{name: (None if value is None else asdict(value)) for name, value in sequences},
             "spoiling": self.spoiling,
         }
-        if self.mpm is not None:  # absent from the default record, which stays as it was
-            described["mpm"] = asdict(self.mpm)
+        for name in ("mpm", "dam"):  # absent from the default record, which stays as it was
+            if getattr(self, name) is not None:
+                described[name] = asdict(getattr(self, name))
         return described

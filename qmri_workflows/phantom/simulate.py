@@ -441,10 +441,10 @@ class VolumeSpec:
 
     Attributes
     ----------
-    kind : {"spgr", "bssfp", "afi", "rb1cor"}
+    kind : {"spgr", "bssfp", "afi", "rb1cor", "dam"}
     datatype : {"anat", "fmap"}
     suffix : str
-        BIDS suffix (``VFA``, ``TB1AFI``, ``RB1COR``).
+        BIDS suffix (``VFA``, ``TB1AFI``, ``RB1COR``, ``TB1DAM``).
     entities : dict
         File-name entities other than ``sub`` and ``part``.
     metadata : dict
@@ -625,6 +625,32 @@ def list_volumes(protocol):
                     grid="rb1cor",
                 )
             )
+    if protocol.dam is not None:  # last, so that the other volumes keep their noise seeds
+        dam = protocol.dam
+        for index, flip_angle in enumerate(dam.flip_angles, start=1):
+            volumes.append(
+                VolumeSpec(
+                    kind="dam",
+                    datatype="fmap",
+                    suffix="TB1DAM",
+                    entities={"flip": index},
+                    metadata={
+                        "FlipAngle": float(flip_angle),
+                        "EchoTime": float(dam.echo_time),
+                        "RepetitionTimeExcitation": float(dam.repetition_time),
+                        "PulseSequenceType": "SPGR",
+                        **vfa_spoiling,
+                    },
+                    with_phase=False,
+                    parameters={
+                        "flip_angle": math.radians(flip_angle),
+                        "tr": float(dam.repetition_time),
+                        "te": float(dam.echo_time),
+                        "coil": "head",
+                        "spoiling": _spoiling_parameters(vfa_spoiling),
+                    },
+                )
+            )
     return volumes
 
 
@@ -676,7 +702,7 @@ _DIFFUSIONS = (TISSUE_DIFFUSION, FREE_WATER_DIFFUSION)
 def _spoiling_key(volume):
     """What the spoiling ratio of ``volume`` depends on (hashable), or ``None`` (ideal spoiling)."""
     p = volume.parameters
-    if volume.kind not in ("spgr", "afi", "rb1cor") or p.get("spoiling") is None:
+    if volume.kind not in ("spgr", "afi", "rb1cor", "dam") or p.get("spoiling") is None:
         return None
     flip_deg = round(math.degrees(p["flip_angle"]), 9)
     if volume.kind == "afi":
@@ -701,7 +727,7 @@ def spoiling_ratio_map(truth, volume):
     truth : PhantomTruth
         Ground truth (``r1``, ``r2``, ``b1``, ``pd`` maps).
     volume : VolumeSpec
-        A spoiled volume (``spgr``, ``afi``, ``rb1cor``).
+        A spoiled volume (``spgr``, ``afi``, ``rb1cor``, ``dam``).
 
     Returns
     -------
@@ -845,7 +871,7 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None, 
             )
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = spoiling * pair[p["interval"] - 1] * np.exp(1j * phase)
-        elif volume.kind == "rb1cor":
+        elif volume.kind in ("rb1cor", "dam"):  # a spoiled gradient echo, head coil unless the RB1COR body image
             if p["coil"] == "head":
                 m0 = _m0(truth, scale=scale)
             else:

@@ -3,7 +3,7 @@
 Output (``docs/architecture.rst``, "MTsat"): ``anat/..._MTsat`` in percent units (p.u.), as the
 hMRI toolbox writes it. Inputs: the PD- and T1-weighted (mt-off) contrasts' TE = 0 intercepts from
 the R2* (ESTATICS) family, the MT-weighted (mt-on) echoes brought to TE = 0 with the same R2*, and the
-transmit field the R1 family used (an AFI or ``--derivatives`` TB1map, or its estimate from the VFA
+transmit field the R1 family used (an AFI or double-angle pair, a pre-computed TB1map, or its estimate from the VFA
 data), for Helms' empirical B1 correction; ``--no-b1-correction`` turns it off for MTsat as for R1.
 """
 
@@ -92,6 +92,8 @@ def _b1_choice(inputs, options, running):
         return True, f"the TB1map {_tb1map_origin(inputs.derivatives['TB1map'])}", None
     if source == "afi":
         return True, "the AFI pair", None
+    if source == "dam":
+        return True, "the double-angle pair", None
     if options.get("r1_no_b1_estimate"):
         return False, None, f"{_no_b1_reason(inputs)}; --no-b1-estimate"
     return True, f"the smooth B1+ field estimated from the mt-off data ({_no_b1_reason(inputs)})", None

@@ -1,12 +1,12 @@
 """B1+ (transmit field) and R1 mapping workflows, and their registry entries.
 
 Outputs (``docs/architecture.rst``, "R1 and B1+"): ``fmap/..._TB1map`` (percent of the nominal flip
-angle, from the AFI pair, on the map grid), ``anat/..._R1map`` (1/s), ``_T1map`` (s), ``_M0map``
+angle, from the AFI or double-angle pair, on the map grid), ``anat/..._R1map`` (1/s), ``_T1map`` (s), ``_M0map``
 (arbitrary units) and ``_desc-stderr_R1map`` (1/s).
 
 The R1 family takes the TE = 0 intercepts of the R2* (ESTATICS) fit when the VFA data are
-multi-echo, otherwise the single-echo images; the B1+ map when the B1 family runs (AFI pair, or a
-``TB1map`` given with ``--derivatives``); without one it runs uncorrected for B1+ and says so in the
+multi-echo, otherwise the single-echo images; the B1+ map when the B1 family runs (AFI pair,
+double-angle pair, or a pre-computed ``TB1map``); without one it runs uncorrected for B1+ and says so in the
 plan and in its sidecars.
 """
 
@@ -21,12 +21,12 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
 
     Parameters
     ----------
-    source : {"afi", "tb1map"}
-        From an AFI pair, or from a TB1map given with ``--derivatives`` (already on the map grid).
+    source : {"afi", "dam", "tb1map"}
+        From an AFI pair, a double-angle pair, or a pre-computed TB1map (already on the map grid).
     smoothing_fwhm : float
-        AFI smoothing (mm).
+        Smoothing of the pair's map (mm).
     n_coils : int
-        Receive channels of the AFI magnitudes (root-sum-of-squares), for their noise floor.
+        Receive channels of the pair's magnitudes (root-sum-of-squares), for their noise floor.
     mem_gb : float
         Memory of the node (GB).
     name : str
@@ -36,6 +36,12 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     ------
     tr1_file, tr2_file, repetition_time_1, repetition_time_2, flip_angle, reference_file
         The AFI pair, its protocol and an image on the map grid (``source="afi"``).
+    flip1_file, flip2_file, flip_angles, repetition_time, reference_file
+        The double-angle pair (smaller angle first), its protocol and an image on the map grid
+        (``source="dam"``).
+    vfa_files, vfa_flip_angles, vfa_repetition_time
+        One VFA image per flip angle at one echo time, for the T1 the double-angle reading needs
+        (``source="dam"``; optional).
     tb1map_file, units, source_name
         The resampled user map, its sidecar ``Units`` and its original path (``source="tb1map"``).
 
@@ -49,24 +55,32 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     from nipype.interfaces.utility import IdentityInterface
     from nipype.pipeline import engine as pe
 
-    from ..interfaces.relaxometry import AFIFlipAngleMap, ReadTB1map
+    from ..interfaces.relaxometry import AFIFlipAngleMap, DAMFlipAngleMap, ReadTB1map
 
     workflow = pe.Workflow(name=name)
-    fields = (
-        ["tr1_file", "tr2_file", "repetition_time_1", "repetition_time_2", "flip_angle", "reference_file"]
-        if source == "afi"
-        else ["tb1map_file", "units", "source_name"]
-    )
-    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
-    outputnode = pe.Node(IdentityInterface(fields=["tb1map_file", "metadata"]), name="outputnode")
-    if source == "afi":
-        node = pe.Node(AFIFlipAngleMap(smoothing_fwhm=smoothing_fwhm, n_coils=n_coils), name="afi_b1", mem_gb=mem_gb)
+    pairs = {
+        "afi": (
+            AFIFlipAngleMap,
+            ["tr1_file", "tr2_file", "repetition_time_1", "repetition_time_2", "flip_angle", "reference_file"],
+        ),
+        "dam": (
+            DAMFlipAngleMap,
+            ["flip1_file", "flip2_file", "flip_angles", "repetition_time", "reference_file"]
+            + ["vfa_files", "vfa_flip_angles", "vfa_repetition_time"],
+        ),
+    }
+    if source in pairs:
+        interface, fields = pairs[source]
+        node = pe.Node(interface(smoothing_fwhm=smoothing_fwhm, n_coils=n_coils), name=f"{source}_b1", mem_gb=mem_gb)
         connections = [(field, field) for field in fields]
     elif source == "tb1map":
+        fields = ["tb1map_file", "units", "source_name"]
         node = pe.Node(ReadTB1map(), name="read_tb1map", mem_gb=mem_gb)
         connections = [("tb1map_file", "in_file"), ("units", "units"), ("source_name", "source_name")]
     else:
-        raise ValueError(f"B1+ source must be 'afi' or 'tb1map', got {source!r}")
+        raise ValueError(f"B1+ source must be 'afi', 'dam' or 'tb1map', got {source!r}")
+    inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    outputnode = pe.Node(IdentityInterface(fields=["tb1map_file", "metadata"]), name="outputnode")
     workflow.connect([
         (inputnode, node, connections),
         (node, outputnode, [("tb1map_file", "tb1map_file"), ("metadata", "metadata")]),
@@ -295,18 +309,21 @@ def init_r1_wf(
 # registry entries
 # --------------------------------------------------------------------------------------------------
 def _b1_source(inputs):
-    """``"tb1map"``, ``"afi"``, or None.
+    """``"tb1map"``, ``"afi"``, ``"dam"``, or None.
 
-    A TB1map given with ``--derivatives`` wins (the user chose it), then the AFI pair (raw data the
-    App maps with its own corrections), then a pre-computed ``fmap/*_TB1map`` of the raw dataset.
+    A TB1map given with ``--derivatives`` wins (the user chose it), then the AFI pair and the
+    double-angle pair (raw data the App maps with its own corrections; AFI's steady state has the
+    smaller T1 bias), then a pre-computed ``fmap/*_TB1map`` of the raw dataset.
     """
-    from ..io.query import AFI, TB1MAP
+    from ..io.query import AFI, DAM, TB1MAP
 
     given = inputs.derivatives.get(TB1MAP)
     if given is not None and given.origin == "derivatives":
         return "tb1map"
     if inputs.has(AFI):
         return "afi"
+    if inputs.has(DAM):
+        return "dam"
     if given is not None:
         return "tb1map"
     return None
@@ -318,10 +335,15 @@ def _b1_sources(inputs):
     source = _b1_source(inputs)
     if source == "afi":
         return (inputs.afi.tr1_file, inputs.afi.tr2_file)
+    if source == "dam":
+        return (inputs.dam.flip1_file, inputs.dam.flip2_file)
     derived = inputs.derivatives.get("TB1map")
     if source == "tb1map" and derived.origin == "raw":
         return (derived.path,)
     return ()
+
+
+_B1_SOURCE_NAMES = {"tb1map": "the TB1map", "afi": "AFI", "dam": "the double-angle pair"}
 
 
 def _tb1map_origin(derived):
@@ -330,21 +352,21 @@ def _tb1map_origin(derived):
 
 def _no_b1_reason(inputs):
     """Why the subject has no usable B1+ data (for the plans of B1+ and R1)."""
-    from ..io.query import AFI, TB1MAP
+    from ..io.query import AFI, DAM, TB1MAP
 
     reasons = []
-    for collection in (AFI, TB1MAP):
+    for collection in (AFI, DAM, TB1MAP):
         problem = inputs.problem(collection)
         if problem is not None:
             reasons.append(f"{collection} unusable: {problem.message}")
     if inputs.unsupported_transmit:
         reasons.append(
             f"transmit-field data of a kind this version cannot process ({', '.join(inputs.unsupported_transmit)}); "
-            "only an AFI pair (fmap/*_acq-tr1_TB1AFI + *_acq-tr2_TB1AFI) or a TB1map (fmap/*_TB1map, or given with "
-            "--derivatives) is used"
+            "only an AFI pair (fmap/*_acq-tr1_TB1AFI + *_acq-tr2_TB1AFI), a double-angle pair "
+            "(fmap/*_flip-<n>_TB1DAM) or a TB1map (fmap/*_TB1map, or given with --derivatives) is used"
         )
     if not reasons:
-        reasons.append("no B1+ data (no TB1AFI pair, no TB1map in fmap or given with --derivatives)")
+        reasons.append("no B1+ data (no TB1AFI or TB1DAM pair, no TB1map in fmap or given with --derivatives)")
     return "; ".join(reasons)
 
 
@@ -354,15 +376,23 @@ def _check_b1(inputs):
 
 def _describe_b1(inputs):
     derived = inputs.derivatives.get("TB1map")
-    if _b1_source(inputs) == "tb1map":
+    source = _b1_source(inputs)
+    unused = [name for name, present in (("AFI", inputs.afi), ("double-angle", inputs.dam)) if present]
+    if source == "tb1map":
         units = derived.metadata.get("Units")
         return f"TB1map {_tb1map_origin(derived)} ({derived.path}; Units {units!r})" + (
-            ", used instead of the AFI pair" if inputs.afi else ""
+            f", used instead of the {' and '.join(unused)} pair" if unused else ""
         )
-    afi = inputs.afi
-    return f"AFI pair, flip {afi.flip_angle:g} deg, TR1/TR2 {afi.tr1 * 1e3:g}/{afi.tr2 * 1e3:g} ms" + (
-        f" (the pre-computed {derived.path} is not used)" if derived is not None else ""
-    )
+    if source == "afi":
+        afi = inputs.afi
+        text = f"AFI pair, flip {afi.flip_angle:g} deg, TR1/TR2 {afi.tr1 * 1e3:g}/{afi.tr2 * 1e3:g} ms"
+        if inputs.dam:
+            text += " (the double-angle pair is not used)"
+    else:
+        dam = inputs.dam
+        angles = "/".join(f"{angle:g}" for angle in dam.flip_angles)
+        text = f"double-angle pair, flip {angles} deg, TR {dam.repetition_time * 1e3:g} ms"
+    return text + (f" (the pre-computed {derived.path} is not used)" if derived is not None else "")
 
 
 def _build_b1(context):
@@ -376,7 +406,21 @@ def _build_b1(context):
         n_coils=context.options.get("n_coils", 1),
         mem_gb=estimate_fit_mem_gb(map_grid_file(inputs), 4),
     )
-    if source == "afi":
+    if source == "dam":
+        dam = inputs.dam
+        workflow.inputs.inputnode.flip1_file = dam.flip1_file
+        workflow.inputs.inputnode.flip2_file = dam.flip2_file
+        workflow.inputs.inputnode.flip_angles = tuple(dam.flip_angles)
+        workflow.inputs.inputnode.repetition_time = dam.repetition_time
+        workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
+        with_flip = [series for series in inputs.gre if series.flip_angle and series.repetition_time]
+        same_protocol = len({(s.repetition_time, round(s.echo_times[0], 6)) for s in with_flip}) == 1
+        if len({series.flip_angle for series in with_flip}) >= 2 and same_protocol:
+            # each flip angle's first echo, all at one TR and TE: T2* leaves their ratios alone
+            workflow.inputs.inputnode.vfa_files = [series.magnitude[0] for series in with_flip]
+            workflow.inputs.inputnode.vfa_flip_angles = [float(series.flip_angle) for series in with_flip]
+            workflow.inputs.inputnode.vfa_repetition_time = float(with_flip[0].repetition_time)
+    elif source == "afi":
         afi = inputs.afi
         workflow.inputs.inputnode.tr1_file = afi.tr1_file
         workflow.inputs.inputnode.tr2_file = afi.tr2_file
@@ -396,13 +440,13 @@ def _build_b1(context):
 def _b1_outputs(inputs):
     from .registry import Output
 
-    if _b1_source(inputs) != "afi":
+    if _b1_source(inputs) not in ("afi", "dam"):
         return []  # the user's own map is used as it is: nothing new to publish
     return [
         Output(
             field="tb1map_file",
             suffix="TB1map",
-            source_files=(inputs.afi.tr1_file, inputs.afi.tr2_file),
+            source_files=_b1_sources(inputs),
             metadata={
                 "Units": "percent",
                 "Description": "B1+ as percent of the nominal flip angle (100 = nominal), on the grid of the maps",
@@ -461,7 +505,7 @@ def _describe_r1(inputs, options=None):
     if not _multi_echo(inputs) and denoise != "none":
         signals = f"{signals} denoised ({denoise} non-local means)"
     b1 = (
-        f"B1+ from {'the TB1map' if _b1_source(inputs) == 'tb1map' else 'AFI'}"
+        f"B1+ from {_B1_SOURCE_NAMES[_b1_source(inputs)]}"
         if _b1_source(inputs)
         else f"B1+ estimated from the VFA data, no B1+ map ({_no_b1_reason(inputs)}) unless --no-b1-estimate"
     )
@@ -731,7 +775,7 @@ def _positive_seconds(text):
 
 def _registry_entries():
     from ..core.relaxometry import DEFAULT_TISSUE_T2
-    from ..io.query import AFI, GRE, TB1MAP
+    from ..io.query import AFI, DAM, GRE, TB1MAP
     from .registry import MapFamily, Option
 
     b1 = MapFamily(
@@ -739,7 +783,7 @@ def _registry_entries():
         name="B1+",
         # the GRE sets the grid of the maps the B1+ map is brought onto
         needs=(GRE,),
-        reads=(AFI, TB1MAP),
+        reads=(AFI, DAM, TB1MAP),
         check=_check_b1,
         describe=_describe_b1,
         build=_build_b1,

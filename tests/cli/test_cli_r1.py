@@ -118,14 +118,14 @@ def test_flip_angles_and_increment_written_as_strings(tmp_path, caplog):
 
 def test_unsupported_b1_collection_is_named_and_r1_runs_uncorrected(tmp_path, caplog):
     raw = make_dataset(tmp_path / "raw", phase=False)
-    for label in ("anglemap", "famp"):
-        path = write_image(raw.root / "sub-01" / "fmap" / f"sub-01_acq-{label}_TB1DAM.nii.gz")
-        write_sidecar(path, {"FlipAngle": 60.0, "RepetitionTime": 5.0})
+    for label in ("anat", "famp"):  # Siemens tfl_b1map
+        path = write_image(raw.root / "sub-01" / "fmap" / f"sub-01_acq-{label}_TB1TFL.nii.gz")
+        write_sidecar(path, {"FlipAngle": 8.0, "RepetitionTime": 5.0})
     code, out = _run(raw.root, tmp_path)
     assert code == 0, caplog.text
     b1_line = _plan_line(caplog, "B1+")
     assert b1_line.startswith("B1+: no, transmit-field data of a kind this version cannot process")
-    assert "sub-01_acq-anglemap_TB1DAM.nii.gz" in b1_line
+    assert "sub-01_acq-anat_TB1TFL.nii.gz" in b1_line
     assert "B1+ estimated from the VFA data" in _plan_line(caplog, "R1")
     assert "cannot process" in _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"]
 

@@ -16,6 +16,7 @@ from qmri_workflows.io.images import load_phase, load_volume
 from qmri_workflows.io.query import (
     AFI,
     BSSFP,
+    DAM,
     GRE,
     RECEIVE,
     BIDSInputError,
@@ -31,6 +32,7 @@ from tests.bids_factory import (
     phase_data,
     sidecar_of,
     write_image,
+    write_sidecar,
 )
 
 
@@ -457,6 +459,53 @@ def test_afi_errors(tmp_path):
     tr2.unlink()
     message = _problem(dataset, AFI, "incomplete AFI pair")
     assert tr1.name in message
+
+
+def _dam_pair(dataset, angles=(120.0, 60.0), trs=(4.0, 4.0)):
+    """A double-angle pair whose flip-1 image has the larger angle: labels only number the images."""
+    paths = []
+    for index, (angle, tr) in enumerate(zip(angles, trs), start=1):
+        path = write_image(dataset.root / "sub-01" / "fmap" / f"sub-01_flip-{index}_TB1DAM.nii.gz", seed=index)
+        write_sidecar(path, {"FlipAngle": angle, "RepetitionTime": tr, "MagneticFieldStrength": 3.0})
+        paths.append(path)
+    return paths
+
+
+def test_double_angle_pair_is_ordered_by_flip_angle(tmp_path):
+    dataset = make_dataset(tmp_path / "raw")
+    first, second = _dam_pair(dataset)
+    inputs = _collect(dataset)
+    assert inputs.has(DAM) and inputs.problems == () and inputs.unsupported_transmit == ()
+    assert inputs.dam.flip_angles == (60.0, 120.0) and inputs.dam.repetition_time == 4.0
+    assert (inputs.dam.flip1_file, inputs.dam.flip2_file) == (str(second), str(first))
+    assert "double-angle pair: flip 60/120 deg, TR 4000 ms" in inputs.describe()
+
+
+@pytest.mark.parametrize(
+    ("angles", "trs", "match"),
+    [
+        ((60.0, 60.0), (4.0, 4.0), "double-angle pair with one flip angle"),
+        ((60.0, 120.0), (4.0, 5.0), "different repetition times"),
+        ((60.0, 180.0), (4.0, 4.0), "flip angles below 180"),
+        ((60.0, 185.0), (4.0, 4.0), "not a valid excitation flip angle"),
+        ((60.0, None), (4.0, 4.0), "FlipAngle"),
+    ],
+)
+def test_double_angle_pair_errors_name_the_files_and_leave_the_gre(tmp_path, angles, trs, match):
+    dataset = make_dataset(tmp_path / "raw")
+    first, second = _dam_pair(dataset, angles=(60.0, 120.0), trs=trs)
+    edit_sidecar(second, FlipAngle=angles[1])
+    message = _problem(dataset, DAM, match)
+    assert second.name in message
+    assert len(_collect(dataset).gre) == 2
+
+
+def test_double_angle_pair_of_one_image_is_refused(tmp_path):
+    dataset = make_dataset(tmp_path / "raw")
+    first, second = _dam_pair(dataset)
+    second.unlink()
+    sidecar_of(second).unlink()
+    assert first.name in _problem(dataset, DAM, "needs two fmap/\\*_flip-<n>_TB1DAM images, found 1")
 
 
 def test_receive_pair_incomplete(tmp_path):

@@ -1,7 +1,7 @@
 """Relaxometry: R1 (DESPOT1), B1+ from AFI and the imperfect-spoiling correction (numpy/scipy only).
 
 * :mod:`.despot1` -- R1, M0 and their standard errors from variable-flip-angle SPGR, B1-corrected.
-* :mod:`.b1` -- flip-angle ratio maps (actual / nominal) from an AFI pair.
+* :mod:`.b1` -- flip-angle ratio maps (actual / nominal) from an AFI pair or a double-angle pair.
 * :mod:`.spoiling` -- the protocol's own EPG steady state and the correction it gives.
 * :mod:`.b1_free` -- a smooth B1+ estimate from the VFA data alone (UNICORT-like), without a B1 map.
 * :mod:`.pd` -- receive sensitivity (RB1COR pair, or the 1/PD-R1 relation) and PD in percent water.
@@ -18,6 +18,9 @@ _SUBMODULE_OF = {
     "afi_flip_angle_ratio": "b1",
     "afi_raw_ratio": "b1",
     "afi_t1_bias": "b1",
+    "dam_flip_angle_ratio": "b1",
+    "dam_raw_ratio": "b1",
+    "dam_t1_bias": "b1",
     "B1Estimate": "b1_free",
     "estimate_b1_from_vfa": "b1_free",
     "R1Fit": "despot1",

@@ -1,4 +1,5 @@
-r"""Transmit field (B1+) ratio maps from actual flip-angle imaging (AFI, Yarnykh 2007).
+r"""Transmit field (B1+) ratio maps from actual flip-angle imaging (AFI, Yarnykh 2007) and from the
+double-angle method (DAM, Insko & Bolinger 1993; see :func:`dam_raw_ratio`).
 
 AFI plays two identical pulses separated by alternating delays TR1 < TR2 (:math:`n = TR_2/TR_1`). To
 first order in :math:`TR/T_1` the ratio of the two signals :math:`r = S_2/S_1` gives the actual flip
@@ -24,6 +25,7 @@ References
 .. [1] Yarnykh VL. Actual flip-angle imaging in the pulsed steady state: a method for rapid
    three-dimensional mapping of the transmitted radiofrequency field. Magn Reson Med 2007;57:192-200.
 .. [2] Knutsson H, Westin C-F. Normalized and differential convolution. Proc IEEE CVPR 1993:515-523.
+.. [3] Insko EK, Bolinger L. Mapping of the radiofrequency field. J Magn Reson A 1993;103:82-85.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ import numpy as np
 from ..noise import correct_noise_floor
 from ._smooth import normalised_convolution
 
-__all__ = ["AFIMap", "afi_b1_standard_error", "afi_flip_angle_ratio", "afi_raw_ratio", "afi_t1_bias"]
+__all__ = [
+    "AFIMap",
+    "afi_b1_standard_error",
+    "afi_flip_angle_ratio",
+    "afi_raw_ratio",
+    "afi_t1_bias",
+    "dam_flip_angle_ratio",
+    "dam_raw_ratio",
+    "dam_t1_bias",
+]
 
 
 class AFIMap(NamedTuple):
@@ -148,29 +159,44 @@ def afi_flip_angle_ratio(
     AFIMap
         ``b1`` (ratio, 1 = nominal, everywhere finite), ``b1_raw`` (NaN where not valid), ``valid``.
     """
+    signal_1, signal_2 = _floor_removed(signal_1, signal_2, noise_sigma, n_coils, "AFI")
+    raw = afi_raw_ratio(signal_1, signal_2, repetition_time_1, repetition_time_2, flip_angle)
+    return _smooth_ratio_map(
+        raw,
+        signal_1,
+        mask,
+        voxel_size,
+        smoothing_fwhm,
+        min_signal_fraction,
+        "no voxel of the AFI pair has a usable signal ratio (S2/S1 in (0, 1) above the noise): check that "
+        "acq-tr1 and acq-tr2 are not swapped",
+    )
+
+
+def _floor_removed(signal_1, signal_2, noise_sigma, n_coils, what):
     signal_1 = np.asarray(signal_1, dtype=float)
     signal_2 = np.asarray(signal_2, dtype=float)
     if signal_1.shape != signal_2.shape:
-        raise ValueError(f"the two AFI images must share a grid, got shapes {signal_1.shape} and {signal_2.shape}")
+        raise ValueError(f"the two {what} images must share a grid, got shapes {signal_1.shape} and {signal_2.shape}")
     if noise_sigma is not None:
         sigma_1, sigma_2 = np.broadcast_to(np.asarray(noise_sigma, dtype=float), (2,))
         signal_1 = correct_noise_floor(signal_1, sigma_1, n_coils=n_coils)
         signal_2 = correct_noise_floor(signal_2, sigma_2, n_coils=n_coils)
-    raw = afi_raw_ratio(signal_1, signal_2, repetition_time_1, repetition_time_2, flip_angle)
-    finite_signal = signal_1[np.isfinite(signal_1)]
+    return signal_1, signal_2
+
+
+def _smooth_ratio_map(raw, signal, mask, voxel_size, smoothing_fwhm, min_signal_fraction, nothing_valid):
+    """Keep the voxel-wise ratios where ``signal`` is strong (and in ``mask``), then smooth and fill."""
+    finite_signal = signal[np.isfinite(signal)]
     reference = np.percentile(finite_signal, 99) if finite_signal.size else 0.0
-    strong = signal_1 > min_signal_fraction * reference
-    valid = np.isfinite(raw) & strong
+    valid = np.isfinite(raw) & (signal > min_signal_fraction * reference)
     if mask is not None:
         valid &= np.asarray(mask, dtype=bool)
     if not np.any(valid):
-        raise ValueError(
-            "no voxel of the AFI pair has a usable signal ratio (S2/S1 in (0, 1) above the "
-            "noise): check that acq-tr1 and acq-tr2 are not swapped"
-        )
+        raise ValueError(nothing_valid)
     raw = np.where(valid, raw, np.nan)
-    # inverse variance of the ratio ~ S1^2 (noise-free derivative factors are smooth)
-    b1 = normalised_convolution(raw, np.where(valid, signal_1**2, 0.0), voxel_size, smoothing_fwhm)
+    # inverse variance of the ratio ~ signal^2 (noise-free derivative factors are smooth)
+    b1 = normalised_convolution(raw, np.where(valid, signal**2, 0.0), voxel_size, smoothing_fwhm)
     return AFIMap(b1, raw, valid)
 
 
@@ -215,4 +241,171 @@ def afi_t1_bias(b1, t1, repetition_time_1, repetition_time_2, flip_angle):
         ratio = (1 - e1 + (1 - e2) * e1 * cosine) / (1 - e2 + (1 - e1) * e2 * cosine)
         read = np.arccos(np.clip((ratio * n - 1.0) / (n - ratio), -1.0, 1.0))
         factor = read / alpha
+    return np.where(np.isfinite(factor) & (factor > 0) & (t1 > 0), factor, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# double-angle method
+# --------------------------------------------------------------------------------------------------
+def _check_dam_protocol(flip_angle_1, flip_angle_2, repetition_time=None):
+    if not 0 < flip_angle_1 < flip_angle_2 < np.pi:
+        raise ValueError(
+            f"the double-angle method needs nominal flip angles 0 < a1 < a2 < pi rad, got {flip_angle_1!r} and "
+            f"{flip_angle_2!r}; check FlipAngle of the flip-1 and flip-2 TB1DAM sidecars (flip-1 the smaller)"
+        )
+    if repetition_time is not None and not repetition_time > 0:
+        raise ValueError(f"the double-angle method needs a positive repetition time, got {repetition_time!r}")
+
+
+def _dam_read(ratio, flip_angle_1, flip_angle_2):
+    """B1 whose long-TR ratio ``sin(B1 a2) / sin(B1 a1)`` is ``ratio``; NaN outside its range.
+
+    The ratio falls monotonically from ``a2 / a1`` at B1 -> 0 to 0 at ``B1 = pi / a2`` (``2 cos``
+    for ``a2 = 2 a1``); it is inverted on a fine table (0.0005 of the range, interpolation error
+    below 1e-6 of B1) and polished by one Newton step.
+    """
+    top = np.pi / flip_angle_2
+    table = np.linspace(top * 1e-4, top * (1 - 1e-9), 20_001)
+    values = np.sin(table * flip_angle_2) / np.sin(table * flip_angle_1)
+    ratio = np.asarray(ratio, dtype=float)
+    good = np.isfinite(ratio) & (ratio > 0) & (ratio < flip_angle_2 / flip_angle_1)
+    b1 = np.interp(np.where(good, ratio, 1.0), values[::-1], table[::-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sin_1, sin_2 = np.sin(b1 * flip_angle_1), np.sin(b1 * flip_angle_2)
+        model = sin_2 / sin_1
+        slope = (flip_angle_2 * np.cos(b1 * flip_angle_2) - flip_angle_1 * np.cos(b1 * flip_angle_1) * model) / sin_1
+        polished = b1 - (model - ratio) / slope
+    b1 = np.where(np.isfinite(polished) & (polished > 0) & (polished < top), polished, b1)
+    return np.where(good, b1, np.nan)
+
+
+def dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, *, repetition_time=None, t1=None):
+    r"""Voxel-wise B1 ratio (actual / nominal flip angle) from a double-angle pair.
+
+    With full relaxation between excitations the signals go as :math:`\sin(B_1 \alpha_i)`, so
+    :math:`r = S_2 / S_1 = \sin(B_1\alpha_2) / \sin(B_1\alpha_1)` (:math:`2\cos(B_1\alpha_1)`
+    for the classic :math:`\alpha_2 = 2\alpha_1`; Insko & Bolinger 1993). With ``repetition_time``
+    and ``t1`` each image is the Ernst signal instead,
+
+    .. math:: r = \frac{\sin(B_1\alpha_2)}{\sin(B_1\alpha_1)}\,
+              \frac{1 - E_1\cos(B_1\alpha_1)}{1 - E_1\cos(B_1\alpha_2)}, \quad E_1 = e^{-TR/T_1},
+
+    which still falls from :math:`\alpha_2/\alpha_1` to 0 over :math:`0 < B_1 < \pi/\alpha_2`
+    (both factors decrease), and is inverted by bisection there. Without that, a finite TR reads
+    the flip angle high (:func:`dam_t1_bias`).
+
+    Parameters
+    ----------
+    signal_1, signal_2 : array_like
+        Magnitudes at the smaller and the larger nominal flip angle.
+    flip_angle_1, flip_angle_2 : float
+        Nominal flip angles (rad), ``flip_angle_1 < flip_angle_2``.
+    repetition_time : float, optional
+        TR (s) of both images; with ``t1``.
+    t1 : array_like, optional
+        T1 (s) of each voxel, broadcastable to the signals; NaN or non-positive: taken as fully
+        relaxed.
+
+    Returns
+    -------
+    numpy.ndarray
+        NaN where ``r`` is outside the range the model can give.
+    """
+    _check_dam_protocol(flip_angle_1, flip_angle_2, repetition_time)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.asarray(signal_2, dtype=float) / np.asarray(signal_1, dtype=float)
+    if t1 is None or repetition_time is None:
+        return _dam_read(ratio, flip_angle_1, flip_angle_2)
+    t1 = np.asarray(t1, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        e1 = np.where(np.isfinite(t1) & (t1 > 0), np.exp(-repetition_time / t1), 0.0)
+    ratio, e1 = np.broadcast_arrays(ratio, e1)
+    good = np.isfinite(ratio) & (ratio > 0) & (ratio < flip_angle_2 / flip_angle_1)
+    ratio, e1 = ratio[good], e1[good]
+    # bisection on (0, pi / a2), where the ratio falls from a2/a1 to 0 whatever E1: 34 halvings
+    # leave 1e-10 of the range
+    low, high = np.zeros(ratio.shape), np.full(ratio.shape, np.pi / flip_angle_2)
+    for _ in range(34):
+        middle = 0.5 * (low + high)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recovery = (1 - e1 * np.cos(middle * flip_angle_1)) / (1 - e1 * np.cos(middle * flip_angle_2))
+            model = np.sin(middle * flip_angle_2) / np.sin(middle * flip_angle_1) * recovery
+        above = model > ratio
+        low = np.where(above, middle, low)
+        high = np.where(above, high, middle)
+    b1 = np.full(good.shape, np.nan)
+    b1[good] = 0.5 * (low + high)
+    return b1
+
+
+def dam_flip_angle_ratio(
+    signal_1,
+    signal_2,
+    flip_angle_1,
+    flip_angle_2,
+    *,
+    mask=None,
+    voxel_size=(1.0, 1.0, 1.0),
+    smoothing_fwhm=8.0,
+    min_signal_fraction=0.05,
+    noise_sigma=None,
+    n_coils=1,
+    repetition_time=None,
+    t1=None,
+):
+    """Robust B1 ratio map from a double-angle pair: floor removed, masked, smoothed, holes filled.
+
+    As :func:`afi_flip_angle_ratio` (same parameters, same result type), with the voxel-wise
+    ratio of :func:`dam_raw_ratio` (long-TR model, or the Ernst signals at ``repetition_time`` and
+    each voxel's ``t1``: the T1 bias differs between tissues, +2 % in white matter and +25 % in CSF
+    at TR 2 s, so it must go before the smoothing mixes them); the trusted voxels are those of
+    strong ``signal_1``.
+    """
+    signal_1, signal_2 = _floor_removed(signal_1, signal_2, noise_sigma, n_coils, "double-angle")
+    raw = dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, repetition_time=repetition_time, t1=t1)
+    return _smooth_ratio_map(
+        raw,
+        signal_1,
+        mask,
+        voxel_size,
+        smoothing_fwhm,
+        min_signal_fraction,
+        "no voxel of the double-angle pair has a usable signal ratio (S2/S1 in (0, a2/a1) above the noise): "
+        "check that flip-1 is the image at the smaller flip angle",
+    )
+
+
+def dam_t1_bias(b1, t1, repetition_time, flip_angle_1, flip_angle_2):
+    r"""Factor by which the long-TR double-angle reading misses the flip angle at a finite TR/T1.
+
+    With ideal spoiling each image is the Ernst signal
+    :math:`S_i \propto \sinlpha_i (1 - E_1) / (1 - E_1\coslpha_i)`, :math:`E_1 = e^{-TR/T_1}`;
+    the larger angle recovers less, so the ratio reads low and :func:`dam_raw_ratio` reads the flip
+    angle high (60/120 deg: T1 1 s at TR 2 s, +6.9 %; CSF, T1 4 s, at TR 5 s, +13 %).
+    Dividing a measured map by this factor, at the current B1 and T1 estimates, removes that bias;
+    it does not model imperfect spoiling or slice profiles.
+
+    Parameters
+    ----------
+    b1 : array_like
+        Transmit field ratio (actual / nominal).
+    t1 : array_like
+        T1 (s).
+    repetition_time : float
+        TR (s) of the double-angle images.
+    flip_angle_1, flip_angle_2 : float
+        Nominal flip angles (rad).
+
+    Returns
+    -------
+    numpy.ndarray
+        Reading / true ratio (1 for T1 much shorter than TR); 1 where undefined.
+    """
+    _check_dam_protocol(flip_angle_1, flip_angle_2, repetition_time)
+    b1, t1 = np.broadcast_arrays(np.asarray(b1, dtype=float), np.asarray(t1, dtype=float))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        e1 = np.exp(-repetition_time / t1)
+        alpha_1, alpha_2 = b1 * flip_angle_1, b1 * flip_angle_2
+        ratio = (np.sin(alpha_2) * (1 - e1 * np.cos(alpha_1))) / (np.sin(alpha_1) * (1 - e1 * np.cos(alpha_2)))
+        factor = _dam_read(ratio, flip_angle_1, flip_angle_2) / b1
     return np.where(np.isfinite(factor) & (factor > 0) & (t1 > 0), factor, 1.0)

@@ -1,4 +1,5 @@
-"""Field maps in ``fmap``: the AFI pair (transmit field) and the head/body RB1COR pair (receive field)."""
+"""Field maps in ``fmap``: the AFI pair and the double-angle pair (transmit field), and the head/body
+RB1COR pair (receive field)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from ..errors import BIDSInputError
 from .layout import entity
 from .metadata import ANGLE_TOLERANCE, check_grids, sidecar_number
 
-__all__ = ["AFIPair", "ReceivePair", "afi_pair", "receive_pair"]
+__all__ = ["AFIPair", "DAMPair", "ReceivePair", "afi_pair", "dam_pair", "receive_pair"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,16 @@ class AFIPair:
     tr1: float
     tr2: float
     flip_angle: float
+
+
+@dataclass(frozen=True)
+class DAMPair:
+    """Double-angle pair: the images at the smaller and the larger nominal flip angle (deg), one TR (s)."""
+
+    flip1_file: str
+    flip2_file: str
+    flip_angles: tuple
+    repetition_time: float
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,56 @@ def afi_pair(ctx, files):
         )
     check_grids(ctx, [tr1_file, tr2_file], "AFI")
     return AFIPair(tr1_file=tr1_file, tr2_file=tr2_file, tr1=tr1, tr2=tr2, flip_angle=flip1)
+
+
+def dam_pair(ctx, files):
+    """The double-angle pair among the ``TB1DAM`` files of one subject/session (None without files).
+
+    The two images are told apart by their sidecars' ``FlipAngle`` (the ``flip-`` labels only
+    number them); the smaller angle comes first.
+
+    Raises
+    ------
+    BIDSInputError
+        For other than two images, a missing FlipAngle or TR, equal flip angles, different TRs, or
+        images off one grid.
+    """
+    if not files:
+        return None
+    names = ", ".join(ctx.name(f.path) for f in files)
+    if len(files) != 2:
+        raise BIDSInputError(
+            f"a double-angle B1+ map needs two fmap/*_flip-<n>_TB1DAM images, found {len(files)} ({names}); keep "
+            "the pair of one acquisition"
+        )
+    what = " (required for the double-angle method)"
+    angles = {f.path: sidecar_number(ctx, f.path, "FlipAngle", what=what) for f in files}
+    first, second = sorted(angles, key=angles.get)
+    if angles[second] - angles[first] <= ANGLE_TOLERANCE:
+        raise BIDSInputError(
+            f"double-angle pair with one flip angle ({names}: {angles[first]:g} deg); the two images need different "
+            "nominal flip angles (usually a and 2a): fix the FlipAngle of their sidecars"
+        )
+    if angles[second] >= 180.0:
+        raise BIDSInputError(
+            f"{ctx.name(second)}: FlipAngle {angles[second]:g} deg; the double-angle method needs flip angles below 180"
+        )
+    trs = {
+        path: sidecar_number(ctx, path, "RepetitionTimeExcitation", fallback="RepetitionTime", what=what)
+        for path in (first, second)
+    }
+    if abs(trs[first] - trs[second]) > 1e-6 * max(trs.values()):
+        raise BIDSInputError(
+            f"double-angle pair with different repetition times ({ctx.name(first)}: {trs[first]:g} s, "
+            f"{ctx.name(second)}: {trs[second]:g} s); both images of the method share one TR"
+        )
+    check_grids(ctx, [first, second], "double-angle")
+    return DAMPair(
+        flip1_file=first,
+        flip2_file=second,
+        flip_angles=(angles[first], angles[second]),
+        repetition_time=trs[first],
+    )
 
 
 def receive_pair(ctx, files):

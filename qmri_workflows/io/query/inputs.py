@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import BIDSInputError
 from .bssfp import bssfp_series, says_bssfp, sequence_kind
 from .derivatives import checked_file, find_derivatives
-from .fieldmaps import AFIPair, ReceivePair, afi_pair, receive_pair
+from .fieldmaps import AFIPair, DAMPair, ReceivePair, afi_pair, dam_pair, receive_pair
 from .gre import gre_series, mpm_series
 from .layout import QueryContext, select_images, strip_prefix, subject_images, subject_sessions
 from .metadata import FIELD_TOLERANCE, check_same, sidecar_number
@@ -17,6 +17,7 @@ from .problems import (
     AFI,
     BSSFP,
     COLLECTIONS,
+    DAM,
     DERIVATIVE_COLLECTIONS,
     GRE,
     MT,
@@ -27,9 +28,9 @@ from .problems import (
 
 __all__ = ["UNSUPPORTED_TRANSMIT_SUFFIXES", "SubjectInputs", "collect_inputs"]
 
-UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1DAM", "TB1EPI", "TB1TFL", "TB1RFM", "TB1SRGE")
-"""Raw ``fmap`` transmit-field collections the package cannot process yet (it reads ``TB1AFI`` pairs
-and pre-computed ``TB1map`` images); they are listed in :attr:`SubjectInputs.unsupported_transmit`
+UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1EPI", "TB1TFL", "TB1RFM", "TB1SRGE")
+"""Raw ``fmap`` transmit-field collections the package cannot process yet (it reads ``TB1AFI`` and
+``TB1DAM`` pairs and pre-computed ``TB1map`` images); they are listed in :attr:`SubjectInputs.unsupported_transmit`
 so R1 can say why it runs without B1+."""
 
 LOGGER = logging.getLogger("qmri_workflows.io")
@@ -51,6 +52,8 @@ class SubjectInputs:
         The MT-weighted (``mt-on``) contrast of an ``MPM`` collection.
     bssfp : tuple of BSSFPSeries
     afi : AFIPair or None
+    dam : DAMPair or None
+        Double-angle pair (``TB1DAM``).
     receive : ReceivePair or None
     field_strength : float or None
         MagneticFieldStrength (T) shared by the usable collections.
@@ -60,10 +63,11 @@ class SubjectInputs:
         One per collection that is present but unusable (left out of the fields above).
     derivatives : dict
         {collection: DerivativeFile} for :data:`TB1MAP`, :data:`DSEG`, :data:`LESION_MASK`,
-        :data:`BRAIN_MASK` found in the ``--derivatives`` datasets.
+        :data:`BRAIN_MASK` found in the ``--derivatives`` datasets (a TB1map also in the raw
+        ``fmap``: its ``origin`` says which).
     unsupported_transmit : tuple of str
         Dataset-relative names of raw transmit-field images of a kind the package cannot process
-        (:data:`UNSUPPORTED_TRANSMIT_SUFFIXES`: double angle, EPI, TFL ...); a note says so.
+        (:data:`UNSUPPORTED_TRANSMIT_SUFFIXES`: EPI, TFL ...); a note says so.
     """
 
     subject: str
@@ -73,6 +77,7 @@ class SubjectInputs:
     mt: object = None
     bssfp: tuple = ()
     afi: AFIPair | None = None
+    dam: DAMPair | None = None
     receive: ReceivePair | None = None
     field_strength: float | None = None
     notes: tuple = ()
@@ -85,7 +90,14 @@ class SubjectInputs:
         _known(collection)
         if collection in DERIVATIVE_COLLECTIONS:
             return collection in self.derivatives
-        value = {GRE: self.gre, MT: self.mt, BSSFP: self.bssfp, AFI: self.afi, RECEIVE: self.receive}[collection]
+        value = {
+            GRE: self.gre,
+            MT: self.mt,
+            BSSFP: self.bssfp,
+            AFI: self.afi,
+            DAM: self.dam,
+            RECEIVE: self.receive,
+        }[collection]
         return bool(value)
 
     def problem(self, collection):
@@ -122,6 +134,9 @@ class SubjectInputs:
             lines.append(
                 f"  AFI: flip {self.afi.flip_angle:g} deg, TR1 {self.afi.tr1 * 1e3:g} ms, TR2 {self.afi.tr2 * 1e3:g} ms"
             )
+        if self.dam:
+            angles = "/".join(f"{angle:g}" for angle in self.dam.flip_angles)
+            lines.append(f"  double-angle pair: flip {angles} deg, TR {self.dam.repetition_time * 1e3:g} ms")
         if self.receive:
             lines.append("  receive field: head/body coil pair")
         for collection, found in self.derivatives.items():
@@ -192,7 +207,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     megre_files = select_images(images, suffix="MEGRE", datatype="anat")
     mpm_files = select_images(images, suffix="MPM", datatype="anat")
 
-    collected = dict.fromkeys((GRE, BSSFP, AFI, RECEIVE))
+    collected = dict.fromkeys((GRE, BSSFP, AFI, DAM, RECEIVE))
     gre_suffix = None
     mt_series = None
     ignored = [name for name, found in (("MPM", mpm_files), ("MEGRE", megre_files)) if found]
@@ -229,6 +244,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     if bssfp_files and BSSFP not in problems:
         collected[BSSFP] = attempt(BSSFP, bssfp_series, ctx, bssfp_files)
     collected[AFI] = attempt(AFI, afi_pair, ctx, select_images(images, suffix="TB1AFI", datatype="fmap"))
+    collected[DAM] = attempt(DAM, dam_pair, ctx, select_images(images, suffix="TB1DAM", datatype="fmap"))
     collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, select_images(images, suffix="RB1COR", datatype="fmap"))
     field_strength = _field_strength(ctx, collected, problems)
     unsupported_transmit = tuple(
@@ -239,8 +255,8 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         ctx.notes.append(
             f"transmit-field images of a kind this version cannot process ({', '.join(unsupported_transmit[:3])}"
             + (" ..." if len(unsupported_transmit) > 3 else "")
-            + "): only an AFI pair (fmap/*_acq-tr1_TB1AFI, *_acq-tr2_TB1AFI) or a TB1map given with "
-            "--derivatives corrects R1 for B1+"
+            + "): only an AFI pair (fmap/*_acq-tr1_TB1AFI, *_acq-tr2_TB1AFI), a double-angle pair "
+            "(fmap/*_flip-<n>_TB1DAM) or a TB1map (fmap/*_TB1map, or given with --derivatives) corrects R1 for B1+"
         )
         LOGGER.warning(ctx.notes[-1])
 
@@ -271,6 +287,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         mt=mt_series if collected[GRE] else None,
         bssfp=collected[BSSFP] or (),
         afi=collected[AFI],
+        dam=collected[DAM],
         receive=collected[RECEIVE],
         field_strength=field_strength,
         notes=tuple(ctx.notes),
@@ -337,6 +354,8 @@ def _collection_files(collection, value):
         return [series.magnitude[0] for series in value]
     if collection == AFI:
         return [value.tr1_file, value.tr2_file]
+    if collection == DAM:
+        return [value.flip1_file, value.flip2_file]
     return [value.head_file, value.body_file]
 
 

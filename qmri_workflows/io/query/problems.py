@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AFI",
+    "DAM",
     "BRAIN_MASK",
     "BSSFP",
     "COLLECTIONS",
@@ -27,6 +28,8 @@ BSSFP = "bssfp"
 """Phase-cycled bSSFP."""
 AFI = "afi"
 """Actual flip-angle imaging pair (``TB1AFI``)."""
+DAM = "dam"
+"""Double-angle pair (``TB1DAM``)."""
 RECEIVE = "receive"
 """Head/body coil receive-field pair (``RB1COR``)."""
 MT = "mt"
@@ -42,7 +45,7 @@ BRAIN_MASK = "brain_mask"
 ENHANCING_MASK = "enhancing_mask"
 """Gadolinium-enhancement mask (``*_label-enhancing_mask``) from a derivatives dataset."""
 
-RAW_COLLECTIONS = (GRE, MT, BSSFP, AFI, RECEIVE)
+RAW_COLLECTIONS = (GRE, MT, BSSFP, AFI, DAM, RECEIVE)
 DERIVATIVE_COLLECTIONS = (TB1MAP, DSEG, LESION_MASK, BRAIN_MASK, ENHANCING_MASK)
 COLLECTIONS = RAW_COLLECTIONS + DERIVATIVE_COLLECTIONS
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..noise import correct_noise_floor
-from ._smooth import normalised_convolution
+from ..smoothing import normalised_convolution
 
 __all__ = ["AFIMap", "afi_b1_standard_error", "afi_flip_angle_ratio", "afi_raw_ratio", "afi_t1_bias"]
 

@@ -103,9 +103,12 @@ def step_fit(workdir, method):
     mask = np.load(Path(workdir) / "mask.npy")
     sigma = None
     if method == "nls":
-        from qmri_workflows.interfaces.r2star import estimate_noise_from_air
+        from qmri_workflows.interfaces._noise import measure_air_noise
 
-        sigma = estimate_noise_from_air(signal[..., 0, 0], voxel_size=(RESOLUTION,) * 3)
+        noise = measure_air_noise(signal[..., 0, 0], voxel_size=(RESOLUTION,) * 3)
+        if noise.sigma is None:
+            raise ValueError(noise.problem)
+        sigma = noise.sigma
     fit_estatics(signal, echo_times, method=method, mask=mask, sigma=sigma, return_stderr=True)
     return f"{int(mask.sum())} voxels"
 

@@ -13,6 +13,7 @@ Example
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -315,6 +316,16 @@ def _gre_series(gre, flip_angles, n_echoes, mt_echoes):
             (("acq-MTw",), ("flip-1", "mt-on"), flip_angles[0], mt_echoes or n_echoes, "mt"),
         ]
     return [((), (), flip_angles[0], n_echoes, "gre")]
+
+
+def file_tree(folder):
+    """{relative path: sha256 (files) or None (folders)} of everything below ``folder``: equal
+    before and after a run when nothing was added, removed or changed by a single byte."""
+    folder = Path(folder)
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        for path in folder.rglob("*")
+    }
 
 
 def make_vfa_dataset(root, **kwargs):

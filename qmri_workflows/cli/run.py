@@ -12,7 +12,8 @@ the BIDS-Apps draft where it has one:
 64    command-line usage error (including a malformed --plugin-config)
 65    some subject's input is unusable, or a --derivatives path is not a derivatives dataset
 66    input dataset missing, or the selected subjects hold no qMRI data
-73    output or work directory cannot be created, overlaps the input, or is in use
+73    output or work directory cannot be created, is in the input dataset other than under its
+      derivatives/<name>, holds the input (output only), or is in use
 130   interrupted (Ctrl-C)
 ====  ====================================================================
 """
@@ -73,7 +74,11 @@ def build_parser():
         "statistics and a report per subject, from a raw BIDS dataset, written as BIDS derivatives.",
     )
     parser.add_argument("bids_dir", type=Path, help="root of the raw BIDS dataset (read only)")
-    parser.add_argument("output_dir", type=Path, help="where the derivatives dataset is written")
+    parser.add_argument(
+        "output_dir",
+        type=Path,
+        help="where the derivatives dataset is written: outside BIDS_DIR, or BIDS_DIR/derivatives/<name>",
+    )
     parser.add_argument(
         "analysis_level",
         help="processing stage: 'participant' (each subject separately) or 'group' (the subjects' tables "
@@ -140,8 +145,10 @@ def build_parser():
 
     other = parser.add_argument_group("Other options")
     other.add_argument(
-        "-w", "--work-dir", type=Path, default=None, help="Nipype working directory (default: OUTPUT_DIR/../qmri_work)"
-    )
+        "-w", "--work-dir", type=Path, default=None,
+        help="Nipype working directory, outside BIDS_DIR or BIDS_DIR/derivatives/<name> (default: "
+        "OUTPUT_DIR/../qmri_work, or ./qmri_work when that is in BIDS_DIR)",
+    )  # fmt: skip
     other.add_argument("--stop-on-first-crash", action="store_true", help="stop at the first failing step")
     verbosity = other.add_mutually_exclusive_group()
     verbosity.add_argument(
@@ -434,14 +441,13 @@ def _check_call(args):
     if not (bids_dir / "dataset_description.json").is_file():
         LOGGER.error("%s is not a BIDS dataset (no dataset_description.json); give the dataset root", bids_dir)
         return EXIT_NO_INPUT, None
+    from ..io.derivatives import check_output_root
+
     output_dir = args.output_dir.resolve()
-    if _inside(output_dir, bids_dir) or _inside(bids_dir, output_dir):
-        LOGGER.error(
-            "output directory %s overlaps the input dataset %s; the input is never "
-            "written to: choose a folder outside it",
-            output_dir,
-            bids_dir,
-        )
+    try:
+        check_output_root(output_dir, bids_dir=bids_dir)
+    except ValueError as error:
+        LOGGER.error("%s", error)
         return EXIT_CANNOT_CREATE, None
     foreign = _foreign_dataset(output_dir)
     if foreign:
@@ -452,10 +458,15 @@ def _check_call(args):
         )
         return EXIT_CANNOT_CREATE, None
     work_dir = args.work_dir.resolve() if args.work_dir else _default_work_dir(output_dir, bids_dir)
-    if work_dir is None or _inside(work_dir, bids_dir):
+    if work_dir is None:
         LOGGER.error(
             "the work directory would lie inside the input dataset %s; choose one outside it with -w", bids_dir
         )
+        return EXIT_CANNOT_CREATE, None
+    try:
+        check_output_root(work_dir, bids_dir=bids_dir, work=True)
+    except ValueError as error:
+        LOGGER.error("%s (-w)", error)
         return EXIT_CANNOT_CREATE, None
     if _inside(work_dir, output_dir):
         LOGGER.error(
@@ -575,16 +586,14 @@ def _run(args, argv):
         LOGGER.error("no selected subject has data for any map this version computes")
         return EXIT_DATA if unusable else EXIT_NO_INPUT
 
-    from ..io.derivatives import check_output_root
-
     # The output gets files only when a subject is published: a run that publishes nothing leaves
-    # a new output folder as it found it (absent), and its log in the work directory.
-    output_is_new = not output_dir.exists()
+    # a new output folder as it found it (absent, and so are the parents made for it: the input's
+    # derivatives/ folder, say), and its log in the work directory.
+    new_folders = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
     try:
-        check_output_root(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         work_dir.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as error:
+    except OSError as error:
         folder = work_dir if output_dir.is_dir() else output_dir
         LOGGER.error(
             "cannot create %s: %s%s",
@@ -651,8 +660,12 @@ def _run(args, argv):
         if published or plugin in GRAPH_PLUGINS:
             (output_dir / "logs").mkdir(exist_ok=True)
             log_file = Path(shutil.copy2(log_file, output_dir / "logs" / log_file.name))
-        elif output_is_new:
+        elif new_folders:
             shutil.rmtree(output_dir, ignore_errors=True)
+            # another run may be filling a parent by now: only empty ones go
+            with contextlib.suppress(OSError):
+                for folder in new_folders[1:]:
+                    folder.rmdir()
         LOGGER.info("log file: %s", log_file)
 
 

@@ -51,6 +51,7 @@ import numpy as np
 from scipy import ndimage, stats
 
 from .noise import magnitude_mean, remove_orthogonal_noise
+from .smoothing import normalised_convolution
 
 __all__ = [
     "correct_second_moment",
@@ -195,8 +196,6 @@ def _fill_missing(volume):
     missing = ~np.isfinite(volume)
     if not missing.any():
         return volume
-    from .relaxometry._smooth import normalised_convolution
-
     local_mean = normalised_convolution(volume, ~missing, (1.0,) * volume.ndim, fwhm_mm=2.0)
     return np.where(missing, local_mean, volume)
 

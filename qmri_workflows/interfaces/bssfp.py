@@ -41,7 +41,7 @@ from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import check_phase_radians, load_volume, load_volumes, same_grid
 from ..io.resample import resample_to_reference
-from .r2star import estimate_noise_from_air
+from ._noise import measure_air_noise
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
@@ -313,13 +313,12 @@ class BandFreeBSSFP(SimpleInterface):
         return runtime
 
     def _noise_sigma(self, image, source):
-        try:
-            return estimate_noise_from_air(
-                image, voxel_size=tuple(float(v) for v in source.header.get_zooms()[:3]), n_coils=self.inputs.n_coils
-            )
-        except ValueError as error:
-            LOGGER.info("R2: no noise level for the standard error (%s)", error)
+        voxel_size = tuple(float(v) for v in source.header.get_zooms()[:3])
+        noise = measure_air_noise(image, voxel_size=voxel_size, n_coils=self.inputs.n_coils)
+        if noise.sigma is None:
+            LOGGER.info("R2: no noise level for the standard error (%s)", noise.problem)
             return math.nan
+        return noise.sigma
 
     def _floor_sigma(self, source, air_sigma, has_phase):
         """(noise SD for the floor removal: a map on the bSSFP grid, a number, or None; the sidecar's note)."""

@@ -19,11 +19,11 @@ from nipype.interfaces.base import (
 )
 
 from ..core.denoise import multispectral_denoise, multispectral_denoise_complex, nlmeans_volumes
-from ..core.noise import estimate_effective_coils, estimate_sigma_air, estimate_sigma_map
+from ..core.noise import estimate_effective_coils, estimate_sigma_map
 from ..io.derivatives import write_nifti
 from ..io.images import check_phase_radians, load_phases, load_volumes
 from ..io.resample import load_on_grid
-from .r2star import air_voxels
+from ._noise import measure_air_noise
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
@@ -101,8 +101,7 @@ class DenoiseCollection(SimpleInterface):
     """Estimate the noise and denoise every magnitude image of a collection.
 
     The global noise SD and the effective number of coils are measured in the air of the first
-    image (:func:`~qmri_workflows.interfaces.r2star.air_voxels`,
-    :func:`qmri_workflows.core.noise.estimate_sigma_air`,
+    image (:func:`~qmri_workflows.interfaces._noise.measure_air_noise`,
     :func:`qmri_workflows.core.noise.estimate_effective_coils`); the noise map by the homomorphic
     approach on all images (:func:`qmri_workflows.core.noise.estimate_sigma_map`). Non-local means
     (:mod:`qmri_workflows.core.denoise`) with that map then gives the bias-corrected amplitude.
@@ -129,14 +128,10 @@ class DenoiseCollection(SimpleInterface):
             self._results["denoised_phase_files"] = list(self.inputs.phase_files)
             if isdefined(self.inputs.phase_scale):
                 self._results["denoised_phase_scale"] = float(self.inputs.phase_scale)
-        try:
-            # the air is found once: the effective number of coils below is measured in it too
-            in_air = air_voxels(images[..., 0], voxel_size=voxel_size)
-            sigma = estimate_sigma_air(images[..., 0], in_air, voxel_size=voxel_size, n_coils=n_coils)
-            if not (sigma > 0 and np.isfinite(sigma)):
-                raise ValueError("the air holds no noise (simulated data?)")
-        except ValueError as error:
-            problem = str(error).split(": give noise_sigma")[0]  # FitR2star's remedy does not apply here
+        # the effective number of coils below is measured in the same air
+        noise = measure_air_noise(images[..., 0], voxel_size=voxel_size, n_coils=n_coils)
+        sigma, in_air, problem = noise.sigma, noise.air, noise.problem
+        if sigma is None:
             if self.inputs.method == "none":
                 LOGGER.info("Noise map not estimated: %s", problem)
             else:

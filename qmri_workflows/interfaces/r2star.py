@@ -18,8 +18,6 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.masking import air_mask
-from ..core.noise import estimate_sigma_air, zero_filled_regions
 from ..core.r2star import (
     MIN_RESIDUAL_DOF,
     T2STAR_MIN_SIGNIFICANCE,
@@ -28,6 +26,7 @@ from ..core.r2star import (
 )
 from ..io.derivatives import write_nifti
 from ..io.images import load_volume, load_volumes
+from ._noise import measure_air_noise
 
 ESTATICS_REFERENCE = (
     "Weiskopf N, Callaghan MF, Josephs O, Lutti A, Mohammadi S. Estimating the apparent transverse "
@@ -227,20 +226,16 @@ class FitR2star(SimpleInterface):
         residual_dof = int(np.isfinite(echo_times).sum()) - n_contrasts - 1
         if self.inputs.method != "nls" and residual_dof >= MIN_RESIDUAL_DOF:
             return None
-        try:
-            sigma = estimate_noise_from_air(
-                signal[..., 0, 0],
-                voxel_size=reference.header.get_zooms()[:3],
-                n_coils=self.inputs.n_coils,
-            )
-        except ValueError as error:
-            if self.inputs.method == "nls":
-                raise
-            problem = str(error)
-        else:
-            if sigma > 0 and np.isfinite(sigma):
-                return sigma
-            problem = "the air holds no noise (simulated data?)"
+        noise = measure_air_noise(
+            signal[..., 0, 0], voxel_size=reference.header.get_zooms()[:3], n_coils=self.inputs.n_coils
+        )
+        if noise.sigma is not None:
+            return noise.sigma
+        problem = f"{noise.problem}: give noise_sigma explicitly"
+        if self.inputs.method == "nls" and noise.air is None:
+            # air that cannot be measured does not mean no floor (masked or cropped real data), and a
+            # fit without one biases R2* where the signal is weak; air without noise means there is none
+            raise ValueError(problem)
         consequence = "the non-linear fit models no noise floor" if self.inputs.method == "nls" else ""
         if residual_dof < MIN_RESIDUAL_DOF:
             consequence += (" and " if consequence else "") + (
@@ -310,37 +305,3 @@ def _log_quality(counts, groups, signal, echo_times):
                 100.0 * counts[key] / fitted,
                 what,
             )
-
-
-def air_voxels(image, *, voxel_size):
-    """Finite air voxels around the head (:func:`core.masking.air_mask`), at least 100 of them.
-
-    Raises
-    ------
-    ValueError
-        With fewer, saying whether the background is zero-filled or the field of view too tight.
-    """
-    in_air = air_mask(image, voxel_size=voxel_size) & np.isfinite(image)
-    n_air = np.count_nonzero(in_air)
-    if n_air < 100:
-        zero_filled = np.count_nonzero(zero_filled_regions(image))
-        reason = (
-            f"the background is zero-filled ({zero_filled} voxels of exact zeros, which hold no noise: "
-            "masked or cut by the scanner or the converter, or a noiseless simulation)"
-            if zero_filled >= 100
-            else "the field of view holds too little air around the head"
-        )
-        raise ValueError(
-            f"only {n_air} air voxels to estimate the noise level from; {reason}: give noise_sigma explicitly"
-        )
-    return in_air
-
-
-def estimate_noise_from_air(image, *, voxel_size, n_coils=1):
-    """Noise SD per channel from the air around the head (:func:`air_voxels`).
-
-    The median over blocks of the air (:func:`core.noise.estimate_sigma_air`) is robust to ghosts
-    and to the few signal voxels that reach the air.
-    """
-    in_air = air_voxels(image, voxel_size=voxel_size)
-    return estimate_sigma_air(image, in_air, voxel_size=voxel_size, n_coils=n_coils)

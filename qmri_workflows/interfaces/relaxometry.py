@@ -27,7 +27,6 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..core.noise import estimate_sigma_air
 from ..core.relaxometry import (
     DEFAULT_TISSUE_T2,
     afi_flip_angle_ratio,
@@ -41,6 +40,7 @@ from ..io.errors import BIDSInputError
 from ..io.images import load_volume, load_volumes, same_grid
 from ..io.query.derivatives import tb1map_scale
 from ..io.resample import resample_to_reference
+from ._noise import measure_air_noise
 
 LOGGER = logging.getLogger("qmri_workflows.interfaces")
 
@@ -185,20 +185,14 @@ class _FlipAnglePairMap(SimpleInterface):
     def _noise_sigma(self, signal_1, signal_2, voxel_size):
         """Noise SD of each image in the air of the first image (the second image's head may be too
         dark to find the air by), and the sidecar's note; None without measurable air noise."""
-        from .r2star import air_voxels
-
         n_coils = self.inputs.n_coils
-        try:
-            in_air = air_voxels(signal_1, voxel_size=voxel_size)
-            sigma = [
-                estimate_sigma_air(signal, in_air, voxel_size=voxel_size, n_coils=n_coils)
-                for signal in (signal_1, signal_2)
-            ]
-        except ValueError as error:
-            problem = str(error).split(": give noise_sigma")[0]
-            return None, f"none: {problem}"
-        if not all(value > 0 and np.isfinite(value) for value in sigma):
-            return None, "none: the air holds no noise (simulated data?)"
+        first = measure_air_noise(signal_1, voxel_size=voxel_size, n_coils=n_coils)
+        if first.sigma is None:
+            return None, f"none: {first.problem}"
+        second = measure_air_noise(signal_2, voxel_size=voxel_size, n_coils=n_coils, air=first.air)
+        if second.sigma is None:
+            return None, f"none: in the second image ({self._pair()[1]}), {second.problem}"
+        sigma = [first.sigma, second.sigma]
         return sigma, (
             f"sqrt(M^2 - 2 N sigma^2) with N = {n_coils} channel(s) and the noise SD in the air "
             f"({sigma[0]:.4g} and {sigma[1]:.4g}), before the ratio"
@@ -706,20 +700,17 @@ class FitR1(SimpleInterface):
             problem = "the images are denoised, and the noise measured in the air is that of the raw images, not theirs"
             LOGGER.info("R1: no standard error (%s)", problem)
             return None, None, f"none, NaN: two flip angles leave no residual, and {problem}"
-        from .r2star import estimate_noise_from_air
-
-        try:
-            sigma = estimate_noise_from_air(
-                signals[..., -1], voxel_size=reference.header.get_zooms()[:3], n_coils=self.inputs.n_coils
+        noise = measure_air_noise(
+            signals[..., -1], voxel_size=reference.header.get_zooms()[:3], n_coils=self.inputs.n_coils
+        )
+        if noise.sigma is not None:
+            return (
+                noise.sigma,
+                None,
+                f"noise SD {noise.sigma:g} measured in the air of the images (same for every signal)",
             )
-        except ValueError as error:
-            problem = str(error)
-        else:
-            if sigma > 0 and np.isfinite(sigma):
-                return sigma, None, f"noise SD {sigma:g} measured in the air of the images (same for every signal)"
-            problem = "the air holds no noise (simulated data?)"
-        LOGGER.info("R1: no standard error (%s)", problem)
-        return None, None, f"none, NaN: two flip angles leave no residual, and {problem}"
+        LOGGER.info("R1: no standard error (%s)", noise.problem)
+        return None, None, f"none, NaN: two flip angles leave no residual, and {noise.problem}"
 
     def _unbias_afi(self, signals, flips, b1, fitted):
         """B1+ map without the first-order AFI formula's T1 bias, at the T1 of a quick first fit.

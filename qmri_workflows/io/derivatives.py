@@ -5,9 +5,10 @@ same file system) and moves it into place with :func:`os.replace`, so a reader (
 crash) never sees a half-written file and an exception mid-write leaves the previous target, if any,
 untouched.
 
-Nothing here writes into an input dataset: :func:`write_map` and :func:`write_dataset_description`
-refuse an output root that is a raw BIDS dataset or lies inside one (other than under its
-``derivatives/`` folder); see :func:`check_output_root`.
+Nothing here writes into the raw part of a dataset: :func:`write_map` and
+:func:`write_dataset_description` refuse an output root that is a raw BIDS dataset or lies inside one
+other than under its ``derivatives/<name>/``; the App checks its output and work directories by the
+same rule (:func:`check_output_root`).
 
 Header conventions of :func:`write_nifti`
 -----------------------------------------
@@ -451,37 +452,64 @@ def _is_raw_description(description_file):
     return str(dataset_type).lower() == "raw"
 
 
-def check_output_root(out_root):
-    """Refuse an output root that would write into a raw BIDS dataset.
+def check_output_root(out_root, *, bids_dir=None, work=False):
+    """Refuse a folder that would put files into the raw part of a BIDS dataset.
 
-    Walks from ``out_root`` up to the file-system root. If a folder on the way holds a
-    ``dataset_description.json`` of a raw dataset (``DatasetType`` "raw", or absent without
-    ``GeneratedBy``), ``out_root`` must lie under that dataset's ``derivatives/`` folder.
+    The one rule for where derivatives (and the App's work directory) may go. The raw part of a
+    dataset is all of it but ``derivatives/<name>/`` (where BIDS puts the outputs of pipelines, and
+    which pybids and the BIDS validator keep out of the raw data): ``out_root`` may be such a folder,
+    or lie outside the dataset, but not be the dataset's root, its ``derivatives/`` folder, or any
+    other folder in it. The datasets checked are the raw ones above ``out_root`` (a
+    ``dataset_description.json`` with ``DatasetType`` "raw", or none without ``GeneratedBy``) and
+    ``bids_dir``, the input of a run, whatever its description says.
+
+    An output root must not hold ``bids_dir`` either: the input would become part of the derivative
+    dataset. A work directory (``work=True``) may, as nothing written there is read as BIDS.
+
+    Parameters
+    ----------
+    out_root : str or Path
+    bids_dir : str or Path, optional
+        The input dataset of the run.
+    work : bool, optional
+        ``out_root`` is a work directory, not a derivatives dataset (the message says which).
 
     Returns
     -------
     Path
-        The absolute output root.
+        The absolute ``out_root``.
 
     Raises
     ------
     ValueError
-        Naming the raw dataset and suggesting a separate output folder.
+        One sentence naming the dataset and where the folder may go instead.
     """
     root = Path(os.path.abspath(out_root))
     resolved = root.resolve()
-    for candidate in (resolved, *resolved.parents):
-        description = candidate / "dataset_description.json"
-        if not description.is_file() or not _is_raw_description(description):
+    what = "the work directory" if work else "the output directory"
+    datasets = [
+        candidate
+        for candidate in (resolved, *resolved.parents)
+        if (candidate / "dataset_description.json").is_file()
+        and _is_raw_description(candidate / "dataset_description.json")
+    ]
+    if bids_dir is not None:
+        bids_dir = Path(bids_dir).resolve()
+        if not work and resolved in bids_dir.parents:
+            raise ValueError(
+                f"{what} {root} holds the input dataset {bids_dir}, which would become part of the "
+                f"derivatives: choose a folder outside it, or under {bids_dir / 'derivatives'}/<pipeline-name>"
+            )
+        if bids_dir == resolved or bids_dir in resolved.parents:
+            datasets.append(bids_dir)
+    for dataset in dict.fromkeys(datasets):
+        relative = resolved.relative_to(dataset).parts
+        if len(relative) >= 2 and relative[0] == "derivatives":
             continue
-        relative = resolved.relative_to(candidate)
-        if relative.parts and relative.parts[0] == "derivatives" and len(relative.parts) >= 2:
-            continue
+        where = "the root of" if not relative else "inside"
         raise ValueError(
-            f"refusing to write derivatives to {root}: it is "
-            + ("the root of" if not relative.parts else "inside")
-            + f" the raw BIDS dataset {candidate} (see {description}). Choose an output folder "
-            f"outside it, or under {candidate / 'derivatives'}/<pipeline-name>."
+            f"{what} {root} is {where} the raw BIDS dataset {dataset}, whose raw data are never written to: "
+            f"choose a folder outside it, or under {dataset / 'derivatives'}/<pipeline-name>"
         )
     return root
 

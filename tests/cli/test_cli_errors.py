@@ -104,20 +104,6 @@ def test_every_bad_subject_is_reported_and_the_others_are_processed(tmp_path, ca
     assert "sub-02: brain mask, R2*, R1, PD, QSM, regional and lesion statistics written" in caplog.text
 
 
-def _tree(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def test_output_under_the_inputs_derivatives_is_refused_and_nothing_is_created(tmp_path, caplog):
-    from tests.bids_factory import make_vfa_dataset
-
-    bids = make_vfa_dataset(tmp_path / "raw")
-    before = _tree(bids)
-    code = run.main([str(bids), str(bids / "derivatives" / "qmri"), "participant", "--skip-bids-validation"])
-    assert code == run.EXIT_CANNOT_CREATE
-    assert _tree(bids) == before
-
-
 def test_another_tools_dataset_is_never_overwritten(tmp_path, caplog):
     from tests.bids_factory import make_vfa_dataset
 

@@ -1,21 +1,12 @@
 """The App on input files as users store them: below odd folder names, or damaged by a bad copy."""
 
-import hashlib
 import logging
 import re
 
 import pytest
 
 from qmri_workflows.cli import run
-from tests.bids_factory import DAMAGE_KINDS, DAMAGE_MESSAGES, damage_image, make_dataset
-
-
-def _tree(folder):
-    """{relative path: sha256 (files) or None (folders)} of everything below ``folder``."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-        for path in folder.rglob("*")
-    }
+from tests.bids_factory import DAMAGE_KINDS, DAMAGE_MESSAGES, damage_image, file_tree, make_dataset
 
 
 def test_dataset_below_folders_named_like_bids_ones(tmp_path, caplog):
@@ -43,11 +34,11 @@ def test_dataset_below_folders_named_like_bids_ones(tmp_path, caplog):
 def test_damaged_gre_echo_stops_before_anything_is_written(tmp_path, caplog, kind):
     raw = make_dataset(tmp_path / "raw", phase=False)
     damaged = damage_image(raw.files["gre"][2], kind)
-    before = _tree(tmp_path)
+    before = file_tree(tmp_path)
     # Default work directory (next to the output): it must not be created either.
     code = run.main([str(raw.root), str(tmp_path / "out"), "participant", "--skip-bids-validation"])
     assert code == run.EXIT_DATA
-    assert _tree(tmp_path) == before  # no output, no work directory, input byte-identical
+    assert file_tree(tmp_path) == before  # no output, no work directory, input byte-identical
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     naming = [m for m in messages if str(damaged) in m]
     assert naming and all("gre" in m and re.search(DAMAGE_MESSAGES[kind], m) for m in naming), messages

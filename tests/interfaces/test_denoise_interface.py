@@ -102,8 +102,17 @@ def test_skull_stripped_images_pass_through_saying_the_background_is_zero_filled
         result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
     assert result.denoised_files == files
     assert result.metadata["Denoising"].startswith("none: ") and "zero-filled" in result.metadata["Denoising"]
+    assert "noise_sigma" not in result.metadata["Denoising"]  # FitR2star's remedy, not this node's
     # the warning names the images, so that a user of many subjects knows which were not denoised
     assert any("Denoising skipped" in r.getMessage() and files[0] in r.getMessage() for r in caplog.records)
+
+
+def test_nonlinear_r2star_fit_without_air_asks_for_noise_sigma(tmp_path):
+    """The same skull-stripped images: the non-linear fit needs the noise floor, and says how to give it."""
+    files, tes, flips, *_ = _collection(tmp_path, sigma=3.0, kept=_collection_head())
+    fit = FitR2star(magnitude_files=files, echo_times=tes, flip_angles=flips, method="nls")
+    with pytest.raises(ValueError, match="background is zero-filled .*: give noise_sigma explicitly"):
+        fit.run(cwd=_cwd(tmp_path, "work"))
 
 
 def _collection_head():

@@ -351,6 +351,27 @@ def test_check_output_root_follows_symlinks(tmp_path):
         check_output_root(link / "out")
 
 
+def test_check_output_root_with_the_input_dataset(tmp_path):
+    """The App's rule: the input is checked whatever its description says, and an output may not hold it."""
+    bids = tmp_path / "study" / "input"
+    bids.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "x", "DatasetType": "derivative", "GeneratedBy": []}')
+    assert check_output_root(bids / "derivatives" / "qmri", bids_dir=bids) == bids / "derivatives" / "qmri"
+    assert check_output_root(tmp_path / "out", bids_dir=bids) == tmp_path / "out"
+    for bad in (bids, bids / "derivatives", bids / "anat"):
+        with pytest.raises(
+            ValueError, match=f"the output directory {bad} is .* BIDS dataset {bids}, whose raw data are never"
+        ):
+            check_output_root(bad, bids_dir=bids)
+    with pytest.raises(ValueError, match="holds the input dataset"):
+        check_output_root(tmp_path / "study", bids_dir=bids)
+    # a work directory may hold the input (nothing there is read as BIDS), not lie in its raw part
+    assert check_output_root(tmp_path / "study", bids_dir=bids, work=True) == tmp_path / "study"
+    assert check_output_root(bids / "derivatives" / "work", bids_dir=bids, work=True)
+    with pytest.raises(ValueError, match="the work directory .* is inside"):
+        check_output_root(bids / "work", bids_dir=bids, work=True)
+
+
 # ---------------------------------------------------------------------------------------------- dataset
 def test_write_dataset_description(tmp_path):
     path = write_dataset_description(

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..noise import correct_noise_floor
-from ._smooth import normalised_convolution
+from ..smoothing import normalised_convolution
 
 __all__ = [
     "AFIMap",

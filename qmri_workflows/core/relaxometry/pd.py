@@ -70,7 +70,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from ..masking import _LogPolynomial, robust_linear_fit, sample_voxels
-from ._smooth import normalised_convolution
+from ..smoothing import normalised_convolution
 
 __all__ = [
     "PD_REFERENCES",

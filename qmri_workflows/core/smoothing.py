@@ -1,4 +1,7 @@
-"""Smoothing of noisy, partly missing smooth fields (B1+, receive sensitivity) by normalised convolution.
+"""Smoothing of noisy, partly missing fields by normalised convolution.
+
+Used across the core: the B1+ and receive-sensitivity maps (``core.relaxometry``) and the filling of
+missing samples before denoising (``core.denoise``).
 
 Normalised convolution (Knutsson & Westin 1993) smooths values with a Gaussian while weighting each
 by its confidence, and divides by the smoothed confidences: it both smooths and fills holes. Voxels
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+__all__ = ["FWHM_TO_SIGMA", "fill_nearest", "normalised_convolution"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 

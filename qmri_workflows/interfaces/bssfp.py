@@ -315,6 +315,7 @@ class BandFreeBSSFP(SimpleInterface):
     def _noise_sigma(self, image, source):
         voxel_size = tuple(float(v) for v in source.header.get_zooms()[:3])
         noise = measure_air_noise(image, voxel_size=voxel_size, n_coils=self.inputs.n_coils)
+        self._air_problem = noise.problem
         if noise.sigma is None:
             LOGGER.info("R2: no noise level for the standard error (%s)", noise.problem)
             return math.nan
@@ -340,7 +341,7 @@ class BandFreeBSSFP(SimpleInterface):
                 return sigma_map, removed + "(sigma from the noise map)"
         if np.isfinite(air_sigma) and air_sigma > 0:
             return float(air_sigma), removed + "(sigma from the air)"
-        return None, "none: no noise level measured (the air holds no noise), the magnitudes are used as they are"
+        return None, f"none: no noise level ({self._air_problem}); the magnitudes are used as they are"
 
     def _b1_on_source_grid(self, source, on_map_grid):
         """B1+ ratio on the bSSFP grid (float32), or False without a B1+ map (nominal flip angles)."""

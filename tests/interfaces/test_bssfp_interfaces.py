@@ -306,3 +306,15 @@ def test_denoised_phase_cycles_keep_their_magnitudes(tmp_path):
         if not raw:
             assert result.metadata["NoiseFloorCorrection"].startswith("none here: the denoising step")
     assert np.median(values[False] / values[True] - 1) > 0.02
+
+
+def test_floor_left_in_place_says_why(tmp_path):
+    """Noiseless cycles filling the field of view: no air to measure the noise in."""
+    magnitudes, phases = _write_series(tmp_path)
+    result = BandFreeBSSFP(
+        magnitude_files=magnitudes, phase_files=phases, phase_scale=1.0, flip_angles=list(FLIPS),
+        phase_increments=list(CYCLES), repetition_time=TR, reference_file=magnitudes[0], n_coils=8,
+    ).run(cwd=str(tmp_path)).outputs  # fmt: skip
+    note = result.metadata["NoiseFloorCorrection"]
+    assert note.startswith("none: no noise level (only") and "air voxels" in note, note
+    assert np.isnan(result.noise_sigma)

@@ -28,6 +28,8 @@ References
 import numpy as np
 from scipy import special
 
+from .smoothing import FWHM_TO_SIGMA
+
 __all__ = [
     "magnitude_mean",
     "magnitude_mean_derivative",
@@ -755,7 +757,7 @@ def estimate_sigma_map(
     if not n_coils > 0:
         raise ValueError(f"n_coils must be positive, got {n_coils!r}")
     voxel_size = np.asarray(voxel_size, dtype=float)
-    filter_sigma_mm = filter_fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    filter_sigma_mm = filter_fwhm_mm * FWHM_TO_SIGMA
     filter_sigma_voxels = filter_sigma_mm / voxel_size
     background_offset = 0.5 * (np.log(2.0) + special.digamma(n_coils))
     quadratic_offset = -0.5 * (np.euler_gamma + np.log(2.0)) + 0.5 * np.log(_QUADRATIC_RESIDUAL_POWER)

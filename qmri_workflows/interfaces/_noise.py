@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.masking import air_mask
-from ..core.noise import estimate_sigma_air, zero_filled_regions
+from ..core.noise import estimate_sigma_air, magnitude_mean, magnitude_second_moment, zero_filled_regions
 
 # Fewer air voxels give too few blocks and too noisy a median to trust as the image's noise level.
 MIN_AIR_VOXELS = 100
@@ -39,6 +39,19 @@ class AirNoise:
     problem: str = ""
 
 
+def _spread(values):
+    """Coefficient of variation (0 for no values or a zero mean)."""
+    mean = float(np.mean(values)) if values.size else 0.0
+    return float(np.std(values)) / mean if mean > 0 else 0.0
+
+
+def _noise_only_spread(n_coils):
+    """Coefficient of variation of noise-only root-sum-of-squares data of ``n_coils`` channels
+    (0.52 for one, 0.18 for eight, 0.09 for 32): ``sqrt(E[M^2] / E[M]^2 - 1)``."""
+    mean = float(magnitude_mean(0.0, 1.0, n_coils=n_coils))
+    return float(np.sqrt(magnitude_second_moment(0.0, 1.0, n_coils=n_coils) / mean**2 - 1.0))
+
+
 def measure_air_noise(image, *, voxel_size, n_coils=1, air=None):
     """Noise SD per channel in the air around the head of a magnitude image.
 
@@ -62,7 +75,8 @@ def measure_air_noise(image, *, voxel_size, n_coils=1, air=None):
     -------
     AirNoise
         ``sigma`` with the air, or None with the reason: fewer than :data:`MIN_AIR_VOXELS` air
-        voxels (``air`` None), or air without noise (a noiseless simulation).
+        voxels (``air`` None), or air without noise (a noiseless simulation, or a background filled
+        with a constant, whose values vary by less than a quarter of what noise would).
     """
     if air is None:
         air = air_mask(image, voxel_size=voxel_size)
@@ -77,6 +91,17 @@ def measure_air_noise(image, *, voxel_size, n_coils=1, air=None):
             else "the field of view holds too little air around the head"
         )
         return AirNoise(None, None, f"only {n_air} air voxels to estimate the noise level from; {reason}")
+    spread, expected = _spread(image[air]), _noise_only_spread(n_coils)
+    if spread < 0.25 * expected:
+        # a background filled with one value (or nearly) by the scanner or the converter: its second
+        # moment would pass for noise of SD value / sqrt(2 N)
+        return AirNoise(
+            None,
+            air,
+            f"the air holds no noise: its {n_air} voxels vary by {100 * spread:.2g} % around "
+            f"{float(np.median(image[air])):.4g}, where noise of {n_coils} channel(s) varies by "
+            f"{100 * expected:.0f} % (a background filled with a constant?)",
+        )
     sigma = estimate_sigma_air(image, air, voxel_size=voxel_size, n_coils=n_coils)
     if not (sigma > 0 and np.isfinite(sigma)):
         return AirNoise(None, air, f"the air holds no noise ({n_air} voxels, noise SD {sigma:g}: simulated data?)")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from qmri_workflows.core.smoothing import FWHM_TO_SIGMA
+
 from .tissues import (
     AIR_CAVITIES,
     CENTRAL_VEIN_LESION_MIN_DIAMETER_MM,
@@ -373,7 +375,8 @@ def _output_grid(support, template_affine, resolution):
 def _resample(volume, template_affine, shape, affine, resolution):
     """Template (1 mm) -> output grid; both axis-aligned."""
     if resolution > 1:
-        sigma = np.sqrt(resolution**2 - 1) / np.sqrt(8 * np.log(2))
+        # a 1 mm template voxel blurred to a ``resolution`` mm one: FWHM sqrt(resolution^2 - 1) mm
+        sigma = np.sqrt(resolution**2 - 1) * FWHM_TO_SIGMA
         volume = ndimage.gaussian_filter(volume, sigma, mode="constant")
     scale = np.full(3, resolution)
     offset = affine[:3, 3] - template_affine[:3, 3]

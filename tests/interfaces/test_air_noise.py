@@ -77,3 +77,16 @@ def test_non_finite_air_voxels_do_not_count():
     image[~head] = np.nan
     noise = measure_air_noise(image, voxel_size=VOXEL_SIZE)
     assert noise.sigma is None and noise.problem.startswith("only 0 air voxels")
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.02])
+def test_background_filled_with_a_constant_is_not_noise(jitter):
+    """Some converters fill the background with one value (or nearly): its second moment would pass
+    for noise of SD value / sqrt(2 N), and every noise-floor correction would then remove a floor
+    that is not there."""
+    head = _head()
+    rng = np.random.default_rng(3)
+    image = np.where(head, 100.0, 5.0 * (1 + jitter * rng.standard_normal(SHAPE)))
+    noise = measure_air_noise(image, voxel_size=VOXEL_SIZE, n_coils=4)
+    assert noise.sigma is None and noise.air is not None
+    assert "filled with a constant" in noise.problem and "25 %" in noise.problem, noise.problem

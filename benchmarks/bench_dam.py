@@ -40,6 +40,8 @@ def main():
             vfa_files=vfa,
             vfa_flip_angles=[6.0, 21.0],
             vfa_repetition_time=0.025,
+            vfa_phase_increment=50.0,  # the phantom's VFA spoiling
+            vfa_gradient_moment=0.09,
             reference_file=vfa[0],
         )
         start = time.perf_counter()

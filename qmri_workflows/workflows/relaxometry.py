@@ -39,9 +39,9 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     flip1_file, flip2_file, flip_angles, repetition_time, reference_file
         The double-angle pair (smaller angle first), its protocol and an image on the map grid
         (``source="dam"``).
-    vfa_files, vfa_flip_angles, vfa_repetition_time
-        One VFA image per flip angle at one echo time, for the T1 the double-angle reading needs
-        (``source="dam"``; optional).
+    vfa_files, vfa_flip_angles, vfa_repetition_time, vfa_phase_increment, vfa_gradient_moment
+        One VFA image per flip angle at one echo time, for the T1 the double-angle reading needs,
+        and their spoiling for its correction (``source="dam"``; optional).
     tb1map_file, units, source_name
         The resampled user map, its sidecar ``Units`` and its original path (``source="tb1map"``).
 
@@ -66,7 +66,7 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
         "dam": (
             DAMFlipAngleMap,
             ["flip1_file", "flip2_file", "flip_angles", "repetition_time", "reference_file"]
-            + ["vfa_files", "vfa_flip_angles", "vfa_repetition_time"],
+            + ["vfa_files", "vfa_flip_angles", "vfa_repetition_time", "vfa_phase_increment", "vfa_gradient_moment"],
         ),
     }
     if source in pairs:
@@ -422,6 +422,15 @@ def _build_b1(context):
             workflow.inputs.inputnode.vfa_files = [series.magnitude[0] for series in with_flip]
             workflow.inputs.inputnode.vfa_flip_angles = [float(series.flip_angle) for series in with_flip]
             workflow.inputs.inputnode.vfa_repetition_time = float(with_flip[0].repetition_time)
+            from ..interfaces.relaxometry import spoiling_choice
+
+            increment_sidecar, manufacturer, moment = _spoiling_sidecar(inputs)
+            enabled = not context.options.get("r1_no_spoiling_correction", False)
+            increment, _ = spoiling_choice(enabled, increment_sidecar, manufacturer)
+            if increment is not None:  # the T1 that DAM needs, corrected as the R1 fit corrects its own
+                workflow.inputs.inputnode.vfa_phase_increment = increment
+                if moment is not None:
+                    workflow.inputs.inputnode.vfa_gradient_moment = moment
     elif source == "afi":
         afi = inputs.afi
         workflow.inputs.inputnode.tr1_file = afi.tr1_file

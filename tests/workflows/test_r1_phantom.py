@@ -157,8 +157,8 @@ def test_r1_with_b1_from_a_double_angle_pair(tmp_path):
     """A 3 mm phantom (oversampled, EPG-spoiled, SNR 50) whose B1+ scan is a double-angle pair at
     60/120 deg with a 2 s TR (``TB1DAM``) instead of AFI. The TR is short for CSF and grey matter:
     read as fully relaxed the map was 12 % high (median in the brain) and R1 of CSF -22 %, of the
-    lesions -6 to -16 %. Read at each voxel's T1 from the VFA images: B1+ -0.9 %, R1 -1.0 to -2.7 %
-    in white matter and the nuclei (measured)."""
+    lesions -6 to -16 %. Read at each voxel's T1 from the VFA images (spoiling-corrected DESPOT1):
+    B1+ -0.1 %, R1 -0.2 % in white matter, -0.5 to -1.3 % in the nuclei (measured)."""
     from qmri_workflows.phantom.dataset import write_phantom_dataset
     from qmri_workflows.phantom.protocol import DAMProtocol, Protocol
 
@@ -173,10 +173,11 @@ def test_r1_with_b1_from_a_double_angle_pair(tmp_path):
     true_b1 = np.asarray(nib.load(truth / "fmap" / "sub-01_TB1map.nii.gz").dataobj, dtype=float)
     b1_error = float(np.median(b1[mask] / true_b1[mask] - 1))
     print(f"\nB1+ from DAM: median error {b1_error:+.2%} in the brain")
-    assert abs(b1_error) < 0.02
+    assert abs(b1_error) < 0.01
     by_name = _r1_errors(raw, out, "B1+ from a double-angle pair")
     for name in ("WM", "CAU", "PUT", "GP", "THA"):
-        assert abs(by_name[name].interior_median) < 0.04, f"{name}: {by_name[name].interior_median:+.2%}"
+        assert abs(by_name[name].interior_median) < 0.025, f"{name}: {by_name[name].interior_median:+.2%}"
     sidecar = json.loads((out / "sub-01" / "fmap" / "sub-01_TB1map.json").read_text())
     assert sidecar["T1Correction"].startswith("ratio read at each voxel's T1")
+    assert "corrected for imperfect spoiling, increment 50 deg" in sidecar["T1Correction"]
     assert sidecar["Sources"] == [f"bids:raw:sub-01/fmap/sub-01_flip-{i}_TB1DAM.nii.gz" for i in (1, 2)]

@@ -805,7 +805,7 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *
     """
     from nipype import config as nipype_config
 
-    from ..io.query import AFI, BSSFP, GRE, RECEIVE
+    from ..io.query import AFI, BSSFP, DAM, GRE, RECEIVE
     from ..workflows.base import default_options, init_qmri_wf
     from .logs import StepReporter, configure_nipype
 
@@ -837,7 +837,9 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *
         label = _label(inputs.subject, inputs.session)
         LOGGER.info("%s plan:\n  %s", label, "\n  ".join(str(plan) for plan in plans[(inputs.subject, inputs.session)]))
         unused = [
-            collection for collection in (GRE, BSSFP, AFI, RECEIVE) if inputs.has(collection) and collection not in used
+            collection
+            for collection in (GRE, BSSFP, AFI, DAM, RECEIVE)
+            if inputs.has(collection) and collection not in used
         ]
         if unused:
             LOGGER.info("%s: %s data present; no map of this version uses them yet", label, ", ".join(unused))

@@ -703,6 +703,9 @@ def _input_files(inputs, bids_dir):
     afi = getattr(inputs, "afi", None)
     if afi is not None:
         files += [afi.tr1_file, afi.tr2_file]
+    dam = getattr(inputs, "dam", None)
+    if dam is not None:
+        files += [dam.flip1_file, dam.flip2_file]
     receive = getattr(inputs, "receive", None)
     if receive is not None:
         files += [receive.head_file, receive.body_file]

@@ -253,6 +253,7 @@ class _DAMFlipAngleMapInputSpec(_PairInputSpec):
     vfa_flip_angles = traits.List(traits.Float, desc="nominal flip angle (deg) of each vfa_files image")
     vfa_repetition_time = traits.Float(desc="TR (s) of the VFA images")
     t1_rounds = traits.Int(12, usedefault=True, desc="most rounds of T1 (VFA, at the current B1+) and B1+ (at that T1)")
+    t1_note = Str(desc="why there are no vfa_files (for the sidecar)")
 
 
 class DAMFlipAngleMap(_FlipAnglePairMap):
@@ -283,7 +284,8 @@ class DAMFlipAngleMap(_FlipAnglePairMap):
         options = self._map_options(voxel_size, noise_sigma)
         estimate = dam_flip_angle_ratio(signal_1, signal_2, flip_1, flip_2, **options)
         if not (isdefined(self.inputs.vfa_files) and len(self.inputs.vfa_files) >= 2):
-            self._t1_note = "none: no VFA images for T1, long-TR model (full relaxation between excitations)"
+            why_not = self.inputs.t1_note if isdefined(self.inputs.t1_note) else "no VFA images for T1"
+            self._t1_note = f"none: {why_not}; long-TR model (full relaxation between excitations)"
             return estimate
         vfa_image = nib.load(self.inputs.vfa_files[0])
         vfa = load_volumes(list(self.inputs.vfa_files), reference=vfa_image)

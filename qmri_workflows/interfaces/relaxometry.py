@@ -257,6 +257,7 @@ class _DAMFlipAngleMapInputSpec(_PairInputSpec):
     )
     vfa_gradient_moment = traits.Float(desc="SpoilingGradientMoment (mT s/m) of the VFA images")
     t1_rounds = traits.Int(12, usedefault=True, desc="most rounds of T1 (VFA, at the current B1+) and B1+ (at that T1)")
+    t1_note = Str(desc="why there are no vfa_files (for the sidecar)")
 
 
 class DAMFlipAngleMap(_FlipAnglePairMap):
@@ -286,11 +287,46 @@ class DAMFlipAngleMap(_FlipAnglePairMap):
         return self.inputs.flip1_file, self.inputs.flip2_file
 
     def _estimate(self, signal_1, signal_2, voxel_size, noise_sigma):
+        estimate = self._estimate_at_t1(signal_1, signal_2, voxel_size, noise_sigma)
+        self._fold_note = self._fold_check(estimate)
+        return estimate
+
+    #: share of the trusted voxels read above FOLD_MARGIN x pi/a2 beyond which the map may be folded
+    FOLD_SHARE = 0.01
+    FOLD_MARGIN = 0.9
+
+    def _fold_check(self, estimate):
+        """The sidecar's FoldCheck, with a warning when the field may pass pi/a2.
+
+        Magnitudes cannot tell B1 a2 = pi + x from pi - x, so a field above pi/a2 (1.5 for 60/120
+        deg, within reach at 7 T) reads as 2 pi/a2 - B1 without any sign in the ratio: only many
+        voxels read close to the limit betray it (none on a 3 T head; B1+ peaking at 1.65 put 28 %
+        of the brain above 0.9 x the limit and read the centre 11 % low).
+        """
+        limit = math.pi / math.radians(self.inputs.flip_angles[1])
+        near = estimate.valid & (estimate.b1_raw > self.FOLD_MARGIN * limit)
+        share = float(near.sum()) / max(int(estimate.valid.sum()), 1)
+        text = (
+            f"{100 * share:.2g} % of the trusted voxels read B1+ above {self.FOLD_MARGIN:g} x the method's limit "
+            f"pi/a2 = {100 * limit:.0f} % of nominal"
+        )
+        if share <= self.FOLD_SHARE:
+            return text
+        text += (
+            f"; where the field exceeds the limit the double-angle method folds back ({100 * limit:.0f} + x % reads "
+            f"as {100 * limit:.0f} - x %), so the map may be low where it is brightest: check it, or map B1+ with "
+            "smaller flip angles"
+        )
+        LOGGER.warning("B1+ (double-angle pair %s): %s", self.inputs.flip1_file, text)
+        return text
+
+    def _estimate_at_t1(self, signal_1, signal_2, voxel_size, noise_sigma):
         flip_1, flip_2 = (math.radians(angle) for angle in self.inputs.flip_angles)
         options = self._map_options(voxel_size, noise_sigma)
         estimate = dam_flip_angle_ratio(signal_1, signal_2, flip_1, flip_2, **options)
         if not (isdefined(self.inputs.vfa_files) and len(self.inputs.vfa_files) >= 2):
-            self._t1_note = "none: no VFA images for T1, long-TR model (full relaxation between excitations)"
+            why_not = self.inputs.t1_note if isdefined(self.inputs.t1_note) else "no VFA images for T1"
+            self._t1_note = f"none: {why_not}; long-TR model (full relaxation between excitations)"
             return estimate
         vfa_image = nib.load(self.inputs.vfa_files[0])
         vfa = load_volumes(list(self.inputs.vfa_files), reference=vfa_image)
@@ -373,6 +409,7 @@ class DAMFlipAngleMap(_FlipAnglePairMap):
             "FlipAngle": [flip_1, flip_2],
             "RepetitionTimeExcitation": self.inputs.repetition_time,
             "T1Correction": self._t1_note,
+            "FoldCheck": self._fold_note,
         }
 
 

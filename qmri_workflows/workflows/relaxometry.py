@@ -42,6 +42,8 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     vfa_files, vfa_flip_angles, vfa_repetition_time, vfa_phase_increment, vfa_gradient_moment
         One VFA image per flip angle at one echo time, for the T1 the double-angle reading needs,
         and their spoiling for its correction (``source="dam"``; optional).
+    t1_note
+        Why there are no ``vfa_files`` (``source="dam"``; for the sidecar).
     tb1map_file, units, source_name
         The resampled user map, its sidecar ``Units`` and its original path (``source="tb1map"``).
 
@@ -66,7 +68,8 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
         "dam": (
             DAMFlipAngleMap,
             ["flip1_file", "flip2_file", "flip_angles", "repetition_time", "reference_file"]
-            + ["vfa_files", "vfa_flip_angles", "vfa_repetition_time", "vfa_phase_increment", "vfa_gradient_moment"],
+            + ["vfa_files", "vfa_flip_angles", "vfa_repetition_time", "vfa_phase_increment", "vfa_gradient_moment"]
+            + ["t1_note"],
         ),
     }
     if source in pairs:
@@ -392,7 +395,32 @@ def _describe_b1(inputs):
         dam = inputs.dam
         angles = "/".join(f"{angle:g}" for angle in dam.flip_angles)
         text = f"double-angle pair, flip {angles} deg, TR {dam.repetition_time * 1e3:g} ms"
+        series, why_not = _dam_t1_series(inputs)
+        if series:
+            text += f", read at each voxel's T1 (DESPOT1 of the first echoes at flip {_degrees(series)} deg)"
+        else:
+            # the long-TR reading is high by several percent at a TR of seconds: the user must see it
+            text += f", long-TR model (full relaxation; reads high where T1 is not short against TR): {why_not}"
     return text + (f" (the pre-computed {derived.path} is not used)" if derived is not None else "")
+
+
+def _dam_t1_series(inputs):
+    """``(series, "")``: the VFA series whose first echoes give the T1 a double-angle pair is read
+    at, or ``((), why_not)``."""
+    with_flip = [series for series in inputs.gre if series.flip_angle and series.repetition_time]
+    if len({series.flip_angle for series in with_flip}) < 2:
+        return (), f"no T1 from the {inputs.gre_suffix or 'GRE'} data (fewer than two flip angles)"
+    if len({series.repetition_time for series in with_flip}) > 1:
+        return (), "no T1 from the VFA images (their flip angles have different TRs)"
+    if len({round(series.echo_times[0], 6) for series in with_flip}) > 1:
+        # T2* would weigh the first echoes differently and bias DESPOT1
+        first = ", ".join(f"{series.echo_times[0] * 1e3:g}" for series in with_flip)
+        return (), f"no T1 from the VFA images (their first echoes are at different TEs: {first} ms)"
+    return tuple(with_flip), ""
+
+
+def _degrees(series):
+    return ", ".join(f"{one.flip_angle:g}" for one in series)
 
 
 def _build_b1(context):
@@ -415,13 +443,11 @@ def _build_b1(context):
         workflow.inputs.inputnode.flip_angles = tuple(dam.flip_angles)
         workflow.inputs.inputnode.repetition_time = dam.repetition_time
         workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
-        with_flip = [series for series in inputs.gre if series.flip_angle and series.repetition_time]
-        same_protocol = len({(s.repetition_time, round(s.echo_times[0], 6)) for s in with_flip}) == 1
-        if len({series.flip_angle for series in with_flip}) >= 2 and same_protocol:
-            # each flip angle's first echo, all at one TR and TE: T2* leaves their ratios alone
-            workflow.inputs.inputnode.vfa_files = [series.magnitude[0] for series in with_flip]
-            workflow.inputs.inputnode.vfa_flip_angles = [float(series.flip_angle) for series in with_flip]
-            workflow.inputs.inputnode.vfa_repetition_time = float(with_flip[0].repetition_time)
+        series, why_not = _dam_t1_series(inputs)
+        if series:
+            workflow.inputs.inputnode.vfa_files = [one.magnitude[0] for one in series]
+            workflow.inputs.inputnode.vfa_flip_angles = [float(one.flip_angle) for one in series]
+            workflow.inputs.inputnode.vfa_repetition_time = float(series[0].repetition_time)
             from ..interfaces.relaxometry import spoiling_choice
 
             increment_sidecar, manufacturer, moment = _spoiling_sidecar(inputs)
@@ -431,6 +457,8 @@ def _build_b1(context):
                 workflow.inputs.inputnode.vfa_phase_increment = increment
                 if moment is not None:
                     workflow.inputs.inputnode.vfa_gradient_moment = moment
+        else:
+            workflow.inputs.inputnode.t1_note = why_not
     elif source == "afi":
         afi = inputs.afi
         workflow.inputs.inputnode.tr1_file = afi.tr1_file

@@ -415,3 +415,38 @@ def test_dam_map_reads_each_voxel_at_its_own_t1(tmp_path, vfa_grid):
     assert errors["T1"]["WM"] < 0.005 and errors["T1"]["CSF"] < 0.005
     assert errors["long TR note"].startswith("none: no VFA images")
     assert "round(s)" in errors["T1 note"] and "DESPOT1 of the 2 VFA images" in errors["T1 note"]
+
+
+def test_dam_map_warns_when_the_field_may_pass_the_fold(tmp_path, caplog):
+    """60/120 deg folds at B1+ = 1.5 (sin(B1 a2) changes sign): a field peaking at 1.65, as at 7 T,
+    reads as 1.35 in the centre with no sign in the ratio. Found on the 3 mm phantom with its B1+
+    scaled by 1.35: the voxels above 1.55 read 10.7 % low and nothing said so; a 3 T field (peak
+    1.22) puts no voxel above 0.9 x the limit."""
+    head = _ellipsoid()
+    t1 = np.full(SHAPE, 1.0)
+    results = {}
+    for name, peak in (("3 T", 1.22), ("7 T", 1.65)):
+        b1 = 0.9 + (peak - 0.9) * _smooth_b1_peak()
+        m0 = np.where(head, 1000.0, 0.0)
+        pair = [
+            _write(tmp_path / f"{name[0]}dam{i}.nii", np.abs(_ernst(m0, t1, b1 * math.radians(a), 100.0)))
+            for i, a in ((1, 60), (2, 120))
+        ]
+        work = tmp_path / name[0]
+        work.mkdir()
+        caplog.clear()
+        result = DAMFlipAngleMap(
+            flip1_file=pair[0], flip2_file=pair[1], flip_angles=(60.0, 120.0), repetition_time=100.0,
+            smoothing_fwhm=4.0,
+        ).run(cwd=str(work))  # fmt: skip
+        results[name] = (result.outputs.metadata["FoldCheck"], "folds back" in caplog.text)
+    assert results["3 T"][0].startswith("0 % of the trusted voxels") and not results["3 T"][1]
+    assert "folds back (150 + x % reads as 150 - x %)" in results["7 T"][0] and results["7 T"][1]
+
+
+def _smooth_b1_peak():
+    """0 at the edge of the field of view to 1 in its centre."""
+    grid = np.indices(SHAPE, dtype=float)
+    centre = (np.array(SHAPE, dtype=float)[:, None, None, None] - 1) / 2
+    radius = np.sqrt((((grid - centre) / centre) ** 2).sum(axis=0))
+    return np.clip(1 - radius, 0, 1)

@@ -104,6 +104,7 @@ def init_r1_wf(
     b1_note=None,
     estimate_b1=False,
     afi_protocol=None,
+    b1_description=None,
     echo_times=None,
     field_strength=None,
     n_coils=1,
@@ -143,6 +144,8 @@ def init_r1_wf(
     afi_protocol : tuple of float, optional
         ``(TR1, TR2, flip angle in deg)`` of the AFI pair the B1+ map comes from: its finite-T1
         bias is then removed with the fitted T1 (:func:`~qmri_workflows.core.relaxometry.afi_t1_bias`).
+    b1_description : str, optional
+        Which B1+ map ``b1_file`` is (the sidecar's ``B1Correction``).
     echo_times : list of list of float, optional
         Echo times (s) of each flip angle when ``signal_files`` are ESTATICS intercepts: then
         ``r2star_file`` and ``r2star_stderr_file`` are connected, for the T2 prior of the spoiling
@@ -276,6 +279,8 @@ def init_r1_wf(
     )
     if b1_note is not None:
         fit.inputs.b1_note = b1_note
+    if b1_description is not None:
+        fit.inputs.b1_description = b1_description
     if afi_protocol is not None:
         fit.inputs.afi_repetition_times = [float(afi_protocol[0]), float(afi_protocol[1])]
         fit.inputs.afi_flip_angle = float(afi_protocol[2])
@@ -349,6 +354,11 @@ def _b1_sources(inputs):
 _B1_SOURCE_NAMES = {"tb1map": "the TB1map", "afi": "AFI", "dam": "the double-angle pair"}
 
 
+def _b1_correction_text(inputs):
+    """R1's ``B1Correction``: which B1+ map corrects the flip angles (the plan's words)."""
+    return f"TB1map ({_describe_b1(inputs)}), actual / nominal flip angle"
+
+
 def _tb1map_origin(derived):
     return "given with --derivatives" if derived.origin == "derivatives" else "pre-computed in the raw dataset's fmap"
 
@@ -383,7 +393,8 @@ def _describe_b1(inputs):
     unused = [name for name, present in (("AFI", inputs.afi), ("double-angle", inputs.dam)) if present]
     if source == "tb1map":
         units = derived.metadata.get("Units")
-        return f"TB1map {_tb1map_origin(derived)} ({derived.path}; Units {units!r})" + (
+        units_text = f"Units {units!r}" if units is not None else "no Units: read from its values"
+        return f"TB1map {_tb1map_origin(derived)} ({derived.path}; {units_text})" + (
             f", used instead of the {' and '.join(unused)} pair" if unused else ""
         )
     if source == "afi":
@@ -600,6 +611,7 @@ def r1_settings(context):
             if b1_corrected and _b1_source(inputs) == "afi"
             else None
         ),
+        b1_description=_b1_correction_text(inputs) if b1_corrected else None,
         echo_times=[list(series.echo_times) for series in inputs.gre] if multi_echo else None,
         field_strength=inputs.field_strength,
         n_coils=options.get("n_coils", 1),

@@ -48,7 +48,7 @@ def test_afi_pair_gives_a_tb1map_and_corrected_r1(tmp_path, caplog):
     tb1map = _sidecar(out / "fmap" / "sub-01_TB1map.json")
     assert tb1map["Units"] == "percent" and any("TB1AFI" in source for source in tb1map["Sources"])
     r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
-    assert r1["Units"] == "1/s" and r1["B1Correction"].startswith("TB1map")
+    assert r1["Units"] == "1/s" and r1["B1Correction"].startswith("TB1map (AFI pair, flip")
     assert r1["SpoilingRFPhaseIncrementSource"] == "SpoilingRFPhaseIncrement 50 deg (sidecar)"
     for name in ("T1map", "M0map", "desc-stderr_R1map"):
         assert (out / "anat" / f"sub-01_{name}.nii.gz").is_file()
@@ -243,7 +243,7 @@ def test_raw_tb1map_in_fmap_corrects_r1(tmp_path, caplog):
     values = nib.load(b1_used).get_fdata()
     assert np.allclose(values[np.isfinite(values) & (values > 0)], 0.9, rtol=1e-5)
     r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
-    assert r1["B1Correction"].startswith("TB1map")
+    assert r1["B1Correction"].startswith("TB1map (TB1map pre-computed in the raw dataset's fmap")
     assert "bids:raw:sub-01/fmap/sub-01_TB1map.nii.gz" in r1["Sources"]
     assert not (out / "fmap").exists()  # the user's map is used, not republished
 

@@ -180,4 +180,6 @@ def test_r1_with_b1_from_a_double_angle_pair(tmp_path):
     sidecar = json.loads((out / "sub-01" / "fmap" / "sub-01_TB1map.json").read_text())
     assert sidecar["T1Correction"].startswith("ratio read at each voxel's T1")
     assert "corrected for imperfect spoiling, increment 50 deg" in sidecar["T1Correction"]
+    r1_sidecar = json.loads((out / "sub-01" / "anat" / "sub-01_R1map.json").read_text())
+    assert r1_sidecar["B1Correction"].startswith("TB1map (double-angle pair, flip 60/120 deg, TR 2000 ms, read at")
     assert sidecar["Sources"] == [f"bids:raw:sub-01/fmap/sub-01_flip-{i}_TB1DAM.nii.gz" for i in (1, 2)]

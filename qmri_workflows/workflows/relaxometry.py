@@ -392,8 +392,7 @@ def _describe_b1(inputs):
     source = _b1_source(inputs)
     unused = [name for name, present in (("AFI", inputs.afi), ("double-angle", inputs.dam)) if present]
     if source == "tb1map":
-        units = derived.metadata.get("Units")
-        units_text = f"Units {units!r}" if units is not None else "no Units: read from its values"
+        units_text = derived.units_read or f"Units {derived.metadata.get('Units')!r}"
         return f"TB1map {_tb1map_origin(derived)} ({derived.path}; {units_text})" + (
             f", used instead of the {' and '.join(unused)} pair" if unused else ""
         )

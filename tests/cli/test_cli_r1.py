@@ -155,7 +155,11 @@ def test_derivative_tb1map_is_read_by_its_units(tmp_path, caplog, units, stored,
     write_image(path, np.full(nib.load(path).shape, stored), affine=nib.load(path).affine)
     code, out = _run(raw.root, tmp_path, "--derivatives", str(derivatives.root))
     assert code == 0, caplog.text
-    assert "used instead of the AFI pair" in _plan_line(caplog, "B1+")
+    b1_line = _plan_line(caplog, "B1+")
+    assert "used instead of the AFI pair" in b1_line
+    # how the values were read, in the plan and in R1's sidecar
+    read = "read as a ratio (1 = nominal)" if units is None else f'Units "{units}"'
+    assert read in b1_line and read in _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"]
     # the user's map is used, not republished
     assert not (out / "fmap").exists()
     b1_used = list((tmp_path / "work").rglob("B1ratio.nii"))

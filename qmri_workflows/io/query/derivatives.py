@@ -77,6 +77,8 @@ class DerivativeFile:
     origin: str = "derivatives"
     """Where it was found: "derivatives" (given with ``--derivatives``) or "raw" (a pre-computed map
     in the raw dataset's ``fmap``, as BIDS allows for ``TB1map``)."""
+    units_read: str = ""
+    """For a ``TB1map``: how its values are read (:func:`tb1map_scale`), for the plan and sidecars."""
 
 
 def open_derivatives(paths):
@@ -216,13 +218,13 @@ def checked_file(path, metadata, collection, *, origin="derivatives"):
     _, _, integer_valued = _QUERIES[collection]
     metadata = dict(metadata)
     tsv = _check_volume(path, collection, integer_valued)
-    note = None
+    note, how = None, ""
     if collection == TB1MAP:
         values = np.asanyarray(load_header(path).dataobj)
         _, how = tb1map_scale(values, metadata.get("Units"), path)
         if "Units" not in metadata:
             note = f'{path}: {how}; add "Units" to its sidecar to be sure'
-    return DerivativeFile(path=path, metadata=metadata, tsv=tsv, origin=origin), note
+    return DerivativeFile(path=path, metadata=metadata, tsv=tsv, origin=origin, units_read=how), note
 
 
 def _check_volume(path, collection, integer_valued):

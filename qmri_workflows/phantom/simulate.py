@@ -488,57 +488,37 @@ def list_volumes(protocol):
             if mpm is not None:  # the hMRI layout: the VFA pair is the PDw and T1w (mt-off) contrasts
                 entities = {"acq": ("PDw", "T1w")[flip_index - 1], **entities, "mt": "off"}
             volumes.append(
-                VolumeSpec(
-                    kind="spgr",
-                    datatype="anat",
-                    suffix="VFA" if mpm is None else "MPM",
-                    entities=entities,
-                    metadata={
-                        **({} if mpm is None else {"MTState": False}),
-                        "FlipAngle": float(flip_angle),
-                        "EchoTime": float(echo_time),
-                        "RepetitionTimeExcitation": float(vfa.repetition_time),
-                        "PulseSequenceType": "SPGR",
-                        **vfa_spoiling,
-                    },
+                _spoiled_gre(
+                    "VFA" if mpm is None else "MPM",
+                    entities,
+                    flip_angle,
+                    vfa.repetition_time,
+                    echo_time,
+                    vfa_spoiling,
                     with_phase=True,
-                    parameters={
-                        "flip_angle": math.radians(flip_angle),
-                        "tr": float(vfa.repetition_time),
-                        "te": float(echo_time),
-                        "spoiling": _spoiling_parameters(vfa_spoiling),
-                    },
+                    metadata={} if mpm is None else {"MTState": False},
                 )
             )
     if mpm is not None:
         for echo_index, echo_time in enumerate(vfa.echo_times[: mpm.n_echoes], start=1):
             volumes.append(
-                VolumeSpec(
-                    kind="spgr",
-                    datatype="anat",
-                    suffix="MPM",
-                    entities={"acq": "MTw", "echo": echo_index, "flip": 1, "mt": "on"},
+                _spoiled_gre(
+                    "MPM",
+                    {"acq": "MTw", "echo": echo_index, "flip": 1, "mt": "on"},
+                    mpm.flip_angle,
+                    mpm.repetition_time,
+                    echo_time,
+                    vfa_spoiling,
+                    with_phase=True,
                     metadata={
-                        "FlipAngle": float(mpm.flip_angle),
-                        "EchoTime": float(echo_time),
-                        "RepetitionTimeExcitation": float(mpm.repetition_time),
-                        "PulseSequenceType": "SPGR",
                         "MTState": True,
                         # the hMRI-style MT pulse the saturation model describes (MPMProtocol)
                         "MTPulseShape": "GAUSSIAN",
                         "MTPulseDuration": 0.004,
                         "MTOffsetFrequency": 2000.0,
                         "MTNominalFlipAngle": 220.0,
-                        **vfa_spoiling,
                     },
-                    with_phase=True,
-                    parameters={
-                        "flip_angle": math.radians(mpm.flip_angle),
-                        "tr": float(mpm.repetition_time),
-                        "te": float(echo_time),
-                        "spoiling": _spoiling_parameters(vfa_spoiling),
-                        "mt_pulse": mpm,
-                    },
+                    parameters={"mt_pulse": mpm},
                 )
             )
     if protocol.bssfp is not None:
@@ -601,27 +581,16 @@ def list_volumes(protocol):
         rb1cor = protocol.rb1cor
         for label, coil in (("headPDw", "head"), ("bodyPDw", "body")):
             volumes.append(
-                VolumeSpec(
+                _spoiled_gre(
+                    "RB1COR",
+                    {"acq": label},
+                    rb1cor.flip_angle,
+                    rb1cor.repetition_time,
+                    rb1cor.echo_time,
+                    vfa_spoiling,
                     kind="rb1cor",
-                    datatype="fmap",
-                    suffix="RB1COR",
-                    entities={"acq": label},
-                    metadata={
-                        "FlipAngle": float(rb1cor.flip_angle),
-                        "EchoTime": float(rb1cor.echo_time),
-                        "RepetitionTimeExcitation": float(rb1cor.repetition_time),
-                        "PulseSequenceType": "SPGR",
-                        **vfa_spoiling,
-                        "ReceiveCoilName": f"{coil} coil",
-                    },
-                    with_phase=False,
-                    parameters={
-                        "flip_angle": math.radians(rb1cor.flip_angle),
-                        "tr": float(rb1cor.repetition_time),
-                        "te": float(rb1cor.echo_time),
-                        "coil": coil,
-                        "spoiling": _spoiling_parameters(vfa_spoiling),
-                    },
+                    metadata={"ReceiveCoilName": f"{coil} coil"},
+                    parameters={"coil": coil},
                     grid="rb1cor",
                 )
             )
@@ -629,29 +598,60 @@ def list_volumes(protocol):
         dam = protocol.dam
         for index, flip_angle in enumerate(dam.flip_angles, start=1):
             volumes.append(
-                VolumeSpec(
+                _spoiled_gre(
+                    "TB1DAM",
+                    {"flip": index},
+                    flip_angle,
+                    dam.repetition_time,
+                    dam.echo_time,
+                    vfa_spoiling,
                     kind="dam",
-                    datatype="fmap",
-                    suffix="TB1DAM",
-                    entities={"flip": index},
-                    metadata={
-                        "FlipAngle": float(flip_angle),
-                        "EchoTime": float(dam.echo_time),
-                        "RepetitionTimeExcitation": float(dam.repetition_time),
-                        "PulseSequenceType": "SPGR",
-                        **vfa_spoiling,
-                    },
-                    with_phase=False,
-                    parameters={
-                        "flip_angle": math.radians(flip_angle),
-                        "tr": float(dam.repetition_time),
-                        "te": float(dam.echo_time),
-                        "coil": "head",
-                        "spoiling": _spoiling_parameters(vfa_spoiling),
-                    },
+                    parameters={"coil": "head"},
                 )
             )
     return volumes
+
+
+def _spoiled_gre(
+    suffix,
+    entities,
+    flip_angle,
+    repetition_time,
+    echo_time,
+    spoiling,
+    *,
+    kind="spgr",
+    with_phase=False,
+    metadata=None,
+    parameters=None,
+    grid="main",
+):
+    """A spoiled gradient-echo volume (VFA, MPM, RB1COR, TB1DAM): its sidecar keys and simulation
+    parameters from the flip angle (deg), TR and TE (s) and the sequence's spoiling sidecar keys,
+    plus the volume's own ``metadata`` and ``parameters``."""
+    return VolumeSpec(
+        kind=kind,
+        datatype="anat" if kind == "spgr" else "fmap",
+        suffix=suffix,
+        entities=entities,
+        metadata={
+            "FlipAngle": float(flip_angle),
+            "EchoTime": float(echo_time),
+            "RepetitionTimeExcitation": float(repetition_time),
+            "PulseSequenceType": "SPGR",
+            **spoiling,
+            **(metadata or {}),
+        },
+        with_phase=with_phase,
+        parameters={
+            "flip_angle": math.radians(flip_angle),
+            "tr": float(repetition_time),
+            "te": float(echo_time),
+            "spoiling": _spoiling_parameters(spoiling),
+            **(parameters or {}),
+        },
+        grid=grid,
+    )
 
 
 def _spoiling_metadata(model, sequence):

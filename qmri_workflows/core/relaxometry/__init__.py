@@ -21,6 +21,7 @@ _SUBMODULE_OF = {
     "dam_flip_angle_ratio": "b1",
     "dam_raw_ratio": "b1",
     "dam_t1_bias": "b1",
+    "trusted_voxels": "b1",
     "B1Estimate": "b1_free",
     "estimate_b1_from_vfa": "b1_free",
     "R1Fit": "despot1",

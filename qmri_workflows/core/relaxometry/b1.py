@@ -46,6 +46,7 @@ __all__ = [
     "dam_flip_angle_ratio",
     "dam_raw_ratio",
     "dam_t1_bias",
+    "trusted_voxels",
 ]
 
 
@@ -164,10 +165,9 @@ def afi_flip_angle_ratio(
     return _smooth_ratio_map(
         raw,
         signal_1,
-        mask,
+        trusted_voxels(signal_1, min_signal_fraction, mask=mask),
         voxel_size,
         smoothing_fwhm,
-        min_signal_fraction,
         "no voxel of the AFI pair has a usable signal ratio (S2/S1 in (0, 1) above the noise): check that "
         "acq-tr1 and acq-tr2 are not swapped",
     )
@@ -185,17 +185,19 @@ def _floor_removed(signal_1, signal_2, noise_sigma, n_coils, what):
     return signal_1, signal_2
 
 
-def _trusted(signal, mask, min_signal_fraction):
-    """Voxels whose ``signal`` is above ``min_signal_fraction`` of its 99th percentile (and in ``mask``)."""
+def trusted_voxels(signal, min_signal_fraction, *, mask=None):
+    """Voxels whose ``signal`` is above ``min_signal_fraction`` of its 99th percentile (and in
+    ``mask``): where a ratio of two images is signal rather than noise. NaN samples are not trusted."""
+    signal = np.asarray(signal)
     finite_signal = signal[np.isfinite(signal)]
     reference = np.percentile(finite_signal, 99) if finite_signal.size else 0.0
     trusted = signal > min_signal_fraction * reference
     return trusted if mask is None else trusted & np.asarray(mask, dtype=bool)
 
 
-def _smooth_ratio_map(raw, signal, mask, voxel_size, smoothing_fwhm, min_signal_fraction, nothing_valid):
-    """Keep the voxel-wise ratios where ``signal`` is strong (and in ``mask``), then smooth and fill."""
-    valid = np.isfinite(raw) & _trusted(signal, mask, min_signal_fraction)
+def _smooth_ratio_map(raw, signal, trusted, voxel_size, smoothing_fwhm, nothing_valid):
+    """Keep the voxel-wise ratios of the ``trusted`` voxels, then smooth (weights ``signal^2``) and fill."""
+    valid = np.isfinite(raw) & trusted
     if not np.any(valid):
         raise ValueError(nothing_valid)
     raw = np.where(valid, raw, np.nan)
@@ -295,8 +297,8 @@ def dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, *, repetition_
               \frac{1 - E_1\cos(B_1\alpha_1)}{1 - E_1\cos(B_1\alpha_2)}, \quad E_1 = e^{-TR/T_1},
 
     which still falls from :math:`\alpha_2/\alpha_1` to 0 over :math:`0 < B_1 < \pi/\alpha_2`
-    (both factors decrease), and is inverted there by Newton's method within a bracket. Without that, a finite TR reads
-    the flip angle high (:func:`dam_t1_bias`).
+    (both factors decrease), and is inverted there by Newton's method within a bracket. Without
+    that, a finite TR reads the flip angle high (:func:`dam_t1_bias`).
 
     Parameters
     ----------
@@ -377,21 +379,21 @@ def dam_flip_angle_ratio(
 
     As :func:`afi_flip_angle_ratio` (same parameters, same result type), with the voxel-wise
     ratio of :func:`dam_raw_ratio` (long-TR model, or the Ernst signals at ``repetition_time`` and
-    each voxel's ``t1``: the T1 bias differs between tissues, +2 % in white matter and +25 % in CSF
-    at TR 2 s, so it must go before the smoothing mixes them); the trusted voxels are those of
-    strong ``signal_1``.
+    each voxel's ``t1``: the T1 bias differs between tissues, +5 % in white matter and +24 % in CSF
+    at 60/120 deg and TR 2 s, so it must go before the smoothing mixes them); the trusted voxels
+    are those of strong ``signal_1``.
     """
     signal_1, signal_2 = _floor_removed(signal_1, signal_2, noise_sigma, n_coils, "double-angle")
+    trusted = trusted_voxels(signal_1, min_signal_fraction, mask=mask)
     # only the voxels the map will trust are read (the head, not the air): the reading at T1 costs
-    signal_2 = np.where(_trusted(signal_1, mask, min_signal_fraction), signal_2, np.nan)
+    signal_2 = np.where(trusted, signal_2, np.nan)
     raw = dam_raw_ratio(signal_1, signal_2, flip_angle_1, flip_angle_2, repetition_time=repetition_time, t1=t1)
     return _smooth_ratio_map(
         raw,
         signal_1,
-        mask,
+        trusted,
         voxel_size,
         smoothing_fwhm,
-        min_signal_fraction,
         "no voxel of the double-angle pair has a usable signal ratio (S2/S1 in (0, a2/a1) above the noise): "
         "check that flip-1 is the image at the smaller flip angle",
     )
@@ -401,7 +403,7 @@ def dam_t1_bias(b1, t1, repetition_time, flip_angle_1, flip_angle_2):
     r"""Factor by which the long-TR double-angle reading misses the flip angle at a finite TR/T1.
 
     With ideal spoiling each image is the Ernst signal
-    :math:`S_i \propto \sinlpha_i (1 - E_1) / (1 - E_1\coslpha_i)`, :math:`E_1 = e^{-TR/T_1}`;
+    :math:`S_i \propto \sin\alpha_i (1 - E_1) / (1 - E_1\cos\alpha_i)`, :math:`E_1 = e^{-TR/T_1}`;
     the larger angle recovers less, so the ratio reads low and :func:`dam_raw_ratio` reads the flip
     angle high (60/120 deg: T1 1 s at TR 2 s, +6.9 %; CSF, T1 4 s, at TR 5 s, +13 %).
     Dividing a measured map by this factor, at the current B1 and T1 estimates, removes that bias;

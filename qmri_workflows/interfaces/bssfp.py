@@ -237,8 +237,8 @@ class BandFreeBSSFP(SimpleInterface):
             files = magnitude_files[index * n_cycle : (index + 1) * n_cycle]
             magnitudes = load_volumes(files, reference=source, require_variation=True)
             if index == 0:
-                sigma = self._noise_sigma(magnitudes[..., 0], source)
-                floor_sigma, floor_note = self._floor_sigma(source, sigma, has_phase)
+                air = self._air_noise(magnitudes[..., 0], source)
+                floor_sigma, floor_note = self._floor_sigma(source, air, has_phase)
             phases = None
             if has_phase:
                 phase_files = list(self.inputs.phase_files)[index * n_cycle : (index + 1) * n_cycle]
@@ -308,20 +308,18 @@ class BandFreeBSSFP(SimpleInterface):
             self._results["offresonance_file"] = self._on_map_grid(
                 frequency, source, reference, on_map_grid, "nearest", "offresonance.nii", runtime.cwd
             )
-        self._results["noise_sigma"] = float(sigma)
+        self._results["noise_sigma"] = math.nan if air.sigma is None else air.sigma
         self._results["metadata"] = metadata
         return runtime
 
-    def _noise_sigma(self, image, source):
+    def _air_noise(self, image, source):
         voxel_size = tuple(float(v) for v in source.header.get_zooms()[:3])
         noise = measure_air_noise(image, voxel_size=voxel_size, n_coils=self.inputs.n_coils)
-        self._air_problem = noise.problem
         if noise.sigma is None:
             LOGGER.info("R2: no noise level for the standard error (%s)", noise.problem)
-            return math.nan
-        return noise.sigma
+        return noise
 
-    def _floor_sigma(self, source, air_sigma, has_phase):
+    def _floor_sigma(self, source, air, has_phase):
         """(noise SD for the floor removal: a map on the bSSFP grid, a number, or None; the sidecar's note)."""
         n_coils = self.inputs.n_coils
         if not has_phase:
@@ -339,9 +337,9 @@ class BandFreeBSSFP(SimpleInterface):
             sigma_map = np.where(np.isfinite(sigma_map) & (sigma_map > 0), sigma_map, np.float32(0))
             if sigma_map.any():
                 return sigma_map, removed + "(sigma from the noise map)"
-        if np.isfinite(air_sigma) and air_sigma > 0:
-            return float(air_sigma), removed + "(sigma from the air)"
-        return None, f"none: no noise level ({self._air_problem}); the magnitudes are used as they are"
+        if air.sigma is not None:
+            return air.sigma, removed + "(sigma from the air)"
+        return None, f"none: no noise level ({air.problem}); the magnitudes are used as they are"
 
     def _b1_on_source_grid(self, source, on_map_grid):
         """B1+ ratio on the bSSFP grid (float32), or False without a B1+ map (nominal flip angles)."""

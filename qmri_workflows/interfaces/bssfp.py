@@ -36,7 +36,7 @@ from ..core.bssfp import (
     geometric_solution,
     magnitude_combination,
 )
-from ..core.noise import remove_orthogonal_noise
+from ..core.noise import correct_noise_floor, remove_orthogonal_noise
 from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import check_phase_radians, load_volume, load_volumes, same_grid
@@ -193,7 +193,10 @@ class BandFreeBSSFP(SimpleInterface):
     magnitudes of complex data therefore lose the noise power of the channel directions orthogonal
     to the signal first (:func:`~qmri_workflows.core.noise.remove_orthogonal_noise`), with the
     noise map when given, else the noise SD of the air; the sidecar's ``NoiseFloorCorrection``
-    says which.
+    says which. The ``rms`` combination of raw magnitudes instead loses the whole floor,
+    ``2 N sigma^2``, from its mean square over the cycles (:func:`~qmri_workflows.core.noise.correct_noise_floor`),
+    which leaves that mean square unbiased with or without phase; ``max`` has no closed form and
+    keeps its floor.
     """
 
     input_spec = _BandFreeBSSFPInputSpec
@@ -238,7 +241,7 @@ class BandFreeBSSFP(SimpleInterface):
             magnitudes = load_volumes(files, reference=source, require_variation=True)
             if index == 0:
                 air = self._air_noise(magnitudes[..., 0], source)
-                floor_sigma, floor_note = self._floor_sigma(source, air, has_phase)
+                floor_sigma, floor_note = self._floor_sigma(source, air, has_phase, combination)
             phases = None
             if has_phase:
                 phase_files = list(self.inputs.phase_files)[index * n_cycle : (index + 1) * n_cycle]
@@ -254,9 +257,13 @@ class BandFreeBSSFP(SimpleInterface):
             # only the fitted voxels, as (n_voxel, n_cycle): a third of the volume in a head
             voxel_magnitudes = magnitudes[fitted]
             del magnitudes
+            voxel_sigma = None
             if floor_sigma is not None:
-                voxel_sigma = floor_sigma[fitted][:, np.newaxis] if np.ndim(floor_sigma) else floor_sigma
-                voxel_magnitudes = remove_orthogonal_noise(voxel_magnitudes, voxel_sigma, n_coils=self.inputs.n_coils)
+                voxel_sigma = floor_sigma[fitted] if np.ndim(floor_sigma) else floor_sigma
+            if voxel_sigma is not None and combination != "rms":
+                voxel_magnitudes = remove_orthogonal_noise(
+                    voxel_magnitudes, np.expand_dims(voxel_sigma, -1), n_coils=self.inputs.n_coils
+                )
             signals = None
             if phases is not None:
                 signals = _complex_signals(voxel_magnitudes, phases[fitted], scale)
@@ -271,6 +278,9 @@ class BandFreeBSSFP(SimpleInterface):
             if combination == "geometric":
                 value, gs_weight = value
                 ill_conditioned += int((gs_weight < 1).sum())
+            elif combination == "rms" and voxel_sigma is not None:
+                # the mean square over cycles is unbiased once the whole 2 N sigma^2 is taken off
+                value = correct_noise_floor(value, voxel_sigma, n_coils=self.inputs.n_coils)
             full = np.full(shape, np.nan)
             full[fitted] = value
             band_free.append(full)
@@ -319,19 +329,26 @@ class BandFreeBSSFP(SimpleInterface):
             LOGGER.info("R2: no noise level for the standard error (%s)", noise.problem)
         return noise
 
-    def _floor_sigma(self, source, air, has_phase):
+    def _floor_sigma(self, source, air, has_phase, combination):
         """(noise SD for the floor removal: a map on the bSSFP grid, a number, or None; the sidecar's note)."""
         n_coils = self.inputs.n_coils
-        if not has_phase:
-            return None, None  # magnitude-only combinations: no complex signal to make Gaussian
+        if combination == "max" and not has_phase:
+            return None, None  # no closed form for the floor of a maximum; the sidecar says it is biased
         if not self.inputs.raw_magnitudes:
             return None, "none here: the denoising step removed the noise floor"
-        if n_coils == 1:
+        if combination == "rms":
+            removed = (
+                f"root mean square over the phase cycles: the noise power of the magnitudes ({n_coils} channel(s)), "
+                "2 N sigma^2, removed from the mean square "
+            )
+        elif n_coils == 1:
             return None, "none needed: one receive channel, the complex signal's noise is Gaussian"
-        removed = (
-            f"root-sum-of-squares magnitudes of {n_coils} channels: the noise power of the {n_coils - 1} channel "
-            "directions orthogonal to the signal, 2 (N - 1) sigma^2, removed before the complex signals are formed "
-        )
+        else:
+            removed = (
+                f"root-sum-of-squares magnitudes of {n_coils} channels: the noise power of the {n_coils - 1} channel "
+                "directions orthogonal to the signal, 2 (N - 1) sigma^2, removed before the complex signals are "
+                "formed "
+            )
         if isdefined(self.inputs.noise_map_file):
             sigma_map = load_volume(self.inputs.noise_map_file, reference=source)
             sigma_map = np.where(np.isfinite(sigma_map) & (sigma_map > 0), sigma_map, np.float32(0))

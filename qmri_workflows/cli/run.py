@@ -556,7 +556,9 @@ def _run(args, argv):
     for subject, session in selection:
         label = _label(subject, session)
         try:
-            inputs = collect_inputs(layout, subject, session, derivatives=derivatives)
+            inputs = collect_inputs(
+                layout, subject, session, derivatives=derivatives, tb1tfl_prep_angle=args.tb1tfl_prep_angle
+            )
         except BIDSInputError as error:
             unusable[label] = str(error)
             continue
@@ -805,7 +807,7 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *
     """
     from nipype import config as nipype_config
 
-    from ..io.query import AFI, BSSFP, DAM, GRE, RECEIVE
+    from ..io.query import AFI, BSSFP, DAM, GRE, RECEIVE, TFL
     from ..workflows.base import default_options, init_qmri_wf
     from .logs import StepReporter, configure_nipype
 
@@ -838,7 +840,7 @@ def _execute(args, subjects, plans, output_dir, work_dir, plugin, plugin_args, *
         LOGGER.info("%s plan:\n  %s", label, "\n  ".join(str(plan) for plan in plans[(inputs.subject, inputs.session)]))
         unused = [
             collection
-            for collection in (GRE, BSSFP, AFI, DAM, RECEIVE)
+            for collection in (GRE, BSSFP, AFI, DAM, TFL, RECEIVE)
             if inputs.has(collection) and collection not in used
         ]
         if unused:

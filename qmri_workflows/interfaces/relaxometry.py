@@ -49,6 +49,10 @@ DAM_REFERENCE = (
     "Insko EK, Bolinger L. Mapping of the radiofrequency field. J Magn Reson A 1993;103:82-85; Stollberger R, "
     "Wach P. Imaging of the active B1 field in vivo. Magn Reson Med 1996;35:246-251"
 )
+TFL_REFERENCE = (
+    "Chung S, Kim D, Breton E, Axel L. Rapid B1+ mapping using a preconditioning RF pulse with TurboFLASH "
+    "readout. Magn Reson Med 2010;64:439-446"
+)
 AFI_REFERENCE = (
     "Yarnykh VL. Actual flip-angle imaging in the pulsed steady state: a method for rapid "
     "three-dimensional mapping of the transmitted radiofrequency field. Magn Reson Med 2007;57:192-200"
@@ -440,11 +444,53 @@ class ReadTB1map(SimpleInterface):
         name = self.inputs.source_name if isdefined(self.inputs.source_name) else self.inputs.in_file
         image = nib.load(self.inputs.in_file)
         values = load_volume(self.inputs.in_file)
-        scale, how = tb1map_scale(values, self.inputs.units if isdefined(self.inputs.units) else None, name)
+        scale, how = self._scale(values, name)
         percent = np.where(values > 0, 100.0 * scale * values, np.nan).astype(np.float32)
         self._results["tb1map_file"] = str(write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), percent, image.affine))
-        self._results["metadata"] = {"Units": "percent", "B1Source": str(name), "B1UnitsRead": how}
+        self._results["metadata"] = {
+            "Units": "percent",
+            "B1Source": str(name),
+            "B1UnitsRead": how,
+            **self._method_metadata(),
+        }
         return runtime
+
+    def _scale(self, values, name):
+        """``(factor to the ratio actual / nominal, how the unit was read)``."""
+        return tb1map_scale(values, self.inputs.units if isdefined(self.inputs.units) else None, name)
+
+    def _method_metadata(self):
+        return {}
+
+
+class _ReadTFLMapInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the famp image of a Siemens tfl_b1map, on the map grid")
+    prep_angle = traits.Float(mandatory=True, desc="nominal preparation (saturation) flip angle (deg)")
+    angle_source = Str(mandatory=True, desc="where prep_angle comes from (sidecar FlipAngle or the option)")
+    source_name = Str(desc="the original famp file (for messages and provenance)")
+
+
+class ReadTFLMap(ReadTB1map):
+    """B1+ (percent of nominal) from the flip-angle map of a Siemens ``tfl_b1map``: famp holds 10 x
+    the actual preparation angle (deg), so B1+ = famp / (10 x nominal angle); read as a TB1map is
+    (resampled linearly onto the map grid before, not smoothed)."""
+
+    input_spec = _ReadTFLMapInputSpec
+
+    def _scale(self, values, name):
+        angle = self.inputs.prep_angle
+        return 1.0 / (10.0 * angle), f"famp / 10 / {angle:g} deg (angle from {self.inputs.angle_source})"
+
+    def _method_metadata(self):
+        return {
+            "EstimationAlgorithm": (
+                "Siemens tfl_b1map (saturation-prepared TurboFLASH): B1+ = famp / (10 x nominal preparation angle "
+                f"{self.inputs.prep_angle:g} deg, from {self.inputs.angle_source}); resampled linearly onto the map "
+                "grid, not smoothed"
+            ),
+            "EstimationReference": TFL_REFERENCE,
+            "PreparationFlipAngle": self.inputs.prep_angle,
+        }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -153,10 +153,13 @@ def build_parser():
     )
     parser.add_argument(
         "--b1-method",
-        choices=("afi", "dam"),
+        choices=("afi", "dam", "tfl", "tfl-vb"),
         default="afi",
-        help="how B1+ is mapped: an AFI pair (fmap/*_acq-tr1|tr2_TB1AFI) or a double-angle pair at 60 and 120 deg, "
-        "TR 2 s (fmap/*_flip-1|2_TB1DAM) (default: %(default)s)",
+        help="how B1+ is mapped: an AFI pair (fmap/*_acq-tr1|tr2_TB1AFI), a double-angle pair at 60 and 120 deg, "
+        "TR 2 s (fmap/*_flip-1|2_TB1DAM), or a Siemens tfl_b1map with an 80 deg preparation "
+        "(fmap/*_acq-anat|famp_TB1TFL) whose sidecar FlipAngle is the 8 deg readout angle as VE/XA software "
+        "writes it (tfl: the App needs --tb1tfl-prep-angle 80) or the preparation angle as VB writes it "
+        "(tfl-vb) (default: %(default)s)",
     )
     parser.add_argument(
         "--dtype",
@@ -183,7 +186,7 @@ def main(argv=None):
         arguments += ["--spoiling", args.spoiling]
     command = shlex.join(["qmri-phantom", *arguments])
     from qmri_workflows.phantom.dataset import write_phantom_dataset
-    from qmri_workflows.phantom.protocol import AFIProtocol, DAMProtocol, MPMProtocol, Protocol
+    from qmri_workflows.phantom.protocol import AFIProtocol, DAMProtocol, MPMProtocol, Protocol, TFLProtocol
 
     start = time.perf_counter()
     try:
@@ -206,6 +209,11 @@ def main(argv=None):
                 mpm=MPMProtocol() if args.mpm else None,
                 afi=AFIProtocol() if args.b1_method == "afi" else None,
                 dam=DAMProtocol() if args.b1_method == "dam" else None,
+                tfl=(
+                    TFLProtocol(sidecar_angle="preparation" if args.b1_method == "tfl-vb" else "readout")
+                    if args.b1_method.startswith("tfl")
+                    else None
+                ),
             ),
         )
     except FileExistsError:

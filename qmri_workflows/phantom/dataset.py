@@ -90,6 +90,7 @@ from qmri_workflows.phantom.simulate import (
     gfactor_map,
     list_volumes,
     reference_sigma,
+    tfl_flip_angle_map,
 )
 
 __all__ = ["ICBM_NOTICE", "MANUFACTURER", "subject_table", "write_phantom_dataset"]
@@ -234,7 +235,9 @@ def _readme(
         "- fmap/*_acq-tr1|tr2_TB1AFI: actual flip-angle imaging (Yarnykh 2007)"
         + (", ideal spoiling." if spoiling == "ideal" else ", spoiled as in the sidecars (EPG)."),
         "  (or fmap/*_flip-1|2_TB1DAM with qmri-phantom --b1-method dam: a double-angle pair, spoiled",
-        "  gradient echoes at the two flip angles with a 2 s TR, spoiled like the VFA images).",
+        "  gradient echoes at the two flip angles with a 2 s TR, spoiled like the VFA images;",
+        "  or fmap/*_acq-anat|famp_TB1TFL with --b1-method tfl: a Siemens tfl_b1map, famp = 10 x the",
+        "  actual 80 deg preparation angle, sidecar FlipAngle 8 (the readout angle; tfl-vb: 80)).",
         "- fmap/*_acq-headPDw|bodyPDw_RB1COR: low-resolution PD-weighted receive-field pair (head",
         "  coil; body coil, single channel, smooth sensitivity within 3 % of uniform).",
         "",
@@ -291,6 +294,36 @@ def _write_raw_image(path, data, affine, dtype, *, part=None, sigma=0.0):
     save_image(image, path)
 
 
+def _write_tfl_image(root, label, volume, scanner, rng, reference, affine, dtype, sigma, field_strength, n_coils):
+    """Acquire one image of a tfl_b1map and write what the scanner writes: the reference's magnitude
+    (``acq-anat``), or, after the saturated image, the flip-angle map ``acq-famp`` (integers, 10 x
+    deg, :func:`~qmri_workflows.phantom.simulate.tfl_flip_angle_map`). Returns the complex
+    reference (for the famp that follows it)."""
+    import nibabel as nib
+
+    magnitude, combined = scanner.acquire_complex(volume, rng=rng)
+    relative = bids_path(subject=label, suffix=volume.suffix, datatype=volume.datatype, **volume.entities)
+    sidecar = _raw_sidecar(volume, field_strength=field_strength, part=None, n_coils=n_coils)
+    if volume.parameters["image"] == "reference":
+        _write_raw_image(root / relative, magnitude, affine, dtype, sigma=sigma)
+        write_json(sidecar_path(root / relative), sidecar)
+        return combined
+    if reference is None:
+        raise ValueError("the saturated image of a tfl_b1map needs its reference acquired first")
+    # Siemens stores the map as unsigned integers without a scale slope, whatever the other images
+    image = nib.Nifti1Image(tfl_flip_angle_map(combined, reference), affine)
+    image.header.set_data_dtype(np.uint16)
+    image.header.set_xyzt_units(xyz="mm", t="sec")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+    save_image(image, root / relative)
+    sidecar.pop("Units")  # not a magnitude: 10 x the actual preparation angle (deg)
+    sidecar["ImageComments"] = "flip angle map: 10 x the actual preparation flip angle in degrees"
+    write_json(sidecar_path(root / relative), sidecar)
+    return reference
+
+
 def _raw_sidecar(volume, *, field_strength, part, n_coils):
     metadata = {
         **volume.metadata,
@@ -318,6 +351,11 @@ def _raw_sidecar(volume, *, field_strength, part, n_coils):
         pulse = volume.parameters.get("pulse_duration", 0.0)
         details = "balanced, TE = TR/2, exact steady state of one TR (qmri_workflows.phantom.bssfp_steady_state), " + (
             f"rectangular RF pulses of {pulse * 1e3:g} ms (RFPulseDuration)" if pulse > 0 else "instantaneous RF pulses"
+        )
+    elif volume.kind == "tfl":
+        details = (
+            "single TurboFLASH shot from full relaxation read at the centre of k-space, after a saturation pulse "
+            "(transverse magnetisation spoiled) or without (the reference)"
         )
     elif volume.parameters.get("spoiling") is None:
         details = "ideal RF and gradient spoiling"
@@ -909,10 +947,16 @@ def _write_dataset(
         scanner.sigma = sigma
         if noise_gfactor > 0:
             scanner.noise_gfactor = gfactor_map(scanner.shape, noise_gfactor)
+        tfl_reference = None  # the complex reference image of a tfl_b1map, for its famp
         for volume_index, volume in enumerate(volumes):
             rng = np.random.default_rng(np.random.SeedSequence([seed, index, volume_index]))
-            magnitude, phase = scanner.acquire(volume, rng=rng)
             affine, _ = scanner.grid(volume)
+            if volume.kind == "tfl":
+                tfl_reference = _write_tfl_image(
+                    root, label, volume, scanner, rng, tfl_reference, affine, dtype, sigma, field_strength, n_coils
+                )
+                continue
+            magnitude, phase = scanner.acquire(volume, rng=rng)
             parts = (("mag", magnitude), ("phase", phase)) if volume.with_phase else ((None, magnitude),)
             for part, data in parts:
                 relative = bids_path(

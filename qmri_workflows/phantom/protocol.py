@@ -52,6 +52,7 @@ __all__ = [
     "MPMProtocol",
     "Protocol",
     "RB1CORProtocol",
+    "TFLProtocol",
     "VFAProtocol",
 ]
 
@@ -269,6 +270,54 @@ class DAMProtocol:
 
 
 @dataclass(frozen=True)
+class TFLProtocol:
+    """Siemens product B1+ map ``tfl_b1map`` (BIDS ``TB1TFL``: ``acq-anat`` and ``acq-famp``), on the
+    main grid (Chung et al. 2010).
+
+    Two single-shot TurboFLASH images from full relaxation: a reference, and one after a
+    non-selective saturation pulse of ``prep_angle`` whose transverse magnetisation is spoiled.
+    Between the pulse and the centre of k-space (centric order) the longitudinal magnetisation
+    recovers for ``prep_delay``; both images are read by one readout pulse of
+    ``readout_flip_angle`` at the centre of k-space. The scanner's map is
+    ``10 x degrees(arccos(Re(saturated / reference)))``, stored as integers.
+
+    Parameters
+    ----------
+    prep_angle : float
+        Nominal preparation angle (deg); hard-coded in VE/XA software (80 deg here).
+    readout_flip_angle : float
+        Readout FLASH angle (deg).
+    prep_delay : float
+        From the preparation pulse to the centre of k-space (s).
+    echo_time, repetition_time : float
+        TE and the time between the shots (s), for the sidecars.
+    sidecar_angle : {"readout", "preparation"}
+        Which angle the sidecar's ``FlipAngle`` holds: the readout angle, as VE/XA software writes
+        (the App then needs ``--tb1tfl-prep-angle``), or the preparation angle, as VB does.
+    """
+
+    prep_angle: float = 80.0
+    readout_flip_angle: float = 8.0
+    prep_delay: float = 0.004
+    echo_time: float = 0.0019
+    repetition_time: float = 5.0
+    sidecar_angle: str = "readout"
+
+    def __post_init__(self):
+        _check_angles("TFL angles", [self.prep_angle, self.readout_flip_angle], minimum_count=2)
+        _check_times("TFL times", [self.prep_delay, self.echo_time, self.repetition_time])
+        if not self.prep_angle < 180:
+            raise ValueError(f"TFL prep_angle must be below 180 deg, got {self.prep_angle!r}")
+        if self.sidecar_angle not in ("readout", "preparation"):
+            raise ValueError(f"TFL sidecar_angle must be 'readout' or 'preparation', got {self.sidecar_angle!r}")
+
+    @property
+    def sidecar_flip_angle(self):
+        """The sidecar's ``FlipAngle`` (deg)."""
+        return self.prep_angle if self.sidecar_angle == "preparation" else self.readout_flip_angle
+
+
+@dataclass(frozen=True)
 class MPMProtocol:
     """MT-weighted contrast of a multi-parameter-mapping protocol (BIDS ``MPM``, ``mt-on``).
 
@@ -357,6 +406,8 @@ class Protocol:
         MT-weighted (``mt-on``) contrast is added (needs exactly two VFA flip angles).
     dam : DAMProtocol or None
         A double-angle B1+ pair (spoiled like the VFA images); none by default.
+    tfl : TFLProtocol or None
+        A Siemens tfl_b1map (``TB1TFL``); none by default.
     spoiling : {"epg", "ideal"}
         Simulation of the spoiled sequences (VFA, AFI, RB1COR): extended phase graphs of the actual
         RF phase schedule, spoiler and diffusion (default), or ideal spoiling.
@@ -369,6 +420,7 @@ class Protocol:
     spoiling: str = "epg"
     mpm: MPMProtocol | None = None
     dam: DAMProtocol | None = None
+    tfl: TFLProtocol | None = None
 
     def __post_init__(self):
         if not isinstance(self.vfa, VFAProtocol):
@@ -393,7 +445,7 @@ class Protocol:
             **{name: (None if value is None else asdict(value)) for name, value in sequences},
             "spoiling": self.spoiling,
         }
-        for name in ("mpm", "dam"):  # absent from the default record, which stays as it was
+        for name in ("mpm", "dam", "tfl"):  # absent from the default record, which stays as it was
             if getattr(self, name) is not None:
                 described[name] = asdict(getattr(self, name))
         return described

@@ -103,6 +103,7 @@ __all__ = [
     "reference_sigma",
     "gfactor_map",
     "spoiling_ratio_map",
+    "tfl_flip_angle_map",
     "white_matter_labels",
     "PURE_FRACTION",
     "MIN_ERODED_VOXELS",
@@ -441,10 +442,10 @@ class VolumeSpec:
 
     Attributes
     ----------
-    kind : {"spgr", "bssfp", "afi", "rb1cor", "dam"}
+    kind : {"spgr", "bssfp", "afi", "rb1cor", "dam", "tfl"}
     datatype : {"anat", "fmap"}
     suffix : str
-        BIDS suffix (``VFA``, ``TB1AFI``, ``RB1COR``, ``TB1DAM``).
+        BIDS suffix (``VFA``, ``TB1AFI``, ``RB1COR``, ``TB1DAM``, ``TB1TFL``).
     entities : dict
         File-name entities other than ``sub`` and ``part``.
     metadata : dict
@@ -609,7 +610,60 @@ def list_volumes(protocol):
                     parameters={"coil": "head"},
                 )
             )
+    if getattr(protocol, "tfl", None) is not None:  # last, so that the other volumes keep their noise seeds
+        volumes.extend(_tfl_volumes(protocol.tfl))
     return volumes
+
+
+def _tfl_volumes(tfl):
+    """The two acquisitions of a Siemens tfl_b1map: the reference (written as ``acq-anat``) and the
+    saturation-prepared image, from which with the reference the scanner makes ``acq-famp``
+    (:func:`tfl_flip_angle_map`)."""
+    return [
+        VolumeSpec(
+            kind="tfl",
+            datatype="fmap",
+            suffix="TB1TFL",
+            entities={"acq": label},
+            metadata={
+                "FlipAngle": float(tfl.sidecar_flip_angle),
+                "EchoTime": float(tfl.echo_time),
+                "RepetitionTime": float(tfl.repetition_time),
+                "PulseSequenceType": "tfl_b1map (saturation-prepared TurboFLASH)",
+            },
+            with_phase=False,
+            parameters={
+                "image": image,
+                "prep_angle": math.radians(tfl.prep_angle),
+                "readout_flip_angle": math.radians(tfl.readout_flip_angle),
+                "prep_delay": float(tfl.prep_delay),
+                "te": float(tfl.echo_time),
+            },
+        )
+        for label, image in (("anat", "reference"), ("famp", "saturated"))
+    ]
+
+
+def tfl_flip_angle_map(saturated, reference):
+    """The flip-angle map of a Siemens tfl_b1map as the scanner makes it: 10 x the angle (deg)
+    whose cosine is the real part of ``saturated / reference``, rounded to integers (uint16).
+
+    Parameters
+    ----------
+    saturated, reference : numpy.ndarray of complex
+        The coil-combined images with and without the preparation pulse.
+
+    Returns
+    -------
+    numpy.ndarray of uint16
+        0 where the reference is 0.
+    """
+    saturated, reference = np.asarray(saturated), np.asarray(reference)
+    power = np.abs(reference) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.real(saturated * np.conj(reference)) / power
+    angle = np.degrees(np.arccos(np.clip(np.nan_to_num(cosine, nan=1.0), -1.0, 1.0)))
+    return np.where(power > 0, np.round(10.0 * angle), 0).astype(np.uint16)
 
 
 def _spoiled_gre(
@@ -871,6 +925,22 @@ def noiseless_signal(truth, volume, *, scale=SIGNAL_SCALE, spoiling_ratio=None, 
             )
             phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
             signal = spoiling * pair[p["interval"] - 1] * np.exp(1j * phase)
+        elif volume.kind == "tfl":
+            # single shot from full relaxation, read at the centre of k-space: the saturation pulse
+            # (its transverse magnetisation spoiled) leaves Mz = M0 cos(B1 a_prep), which recovers
+            # towards M0 for prep_delay before the readout pulse
+            longitudinal = 1.0
+            if p["image"] == "saturated":
+                recovery = np.exp(-p["prep_delay"] * np.asarray(truth.r1, dtype=float))
+                longitudinal = np.cos(b1 * p["prep_angle"]) * recovery + (1.0 - recovery)
+            magnitude = (
+                _m0(truth, scale=scale)
+                * longitudinal
+                * np.sin(b1 * p["readout_flip_angle"])
+                * np.exp(-p["te"] * np.asarray(truth.r2star, dtype=float))
+            )
+            phase = truth.phase_offset + 2.0 * np.pi * field_hz * p["te"]
+            signal = magnitude * np.exp(1j * phase)
         elif volume.kind in ("rb1cor", "dam"):  # a spoiled gradient echo, head coil unless the RB1COR body image
             if p["coil"] == "head":
                 m0 = _m0(truth, scale=scale)
@@ -1108,6 +1178,23 @@ class PhantomScanner:
     def acquire(self, volume, *, rng=None, sigma=None):
         """Simulate one volume: magnitude and (if ``volume.with_phase``) phase on its target grid.
 
+        See :meth:`acquire_complex` for the arguments.
+
+        Returns
+        -------
+        magnitude : numpy.ndarray (float64)
+        phase : numpy.ndarray (float64, radians in (-pi, pi]) or None
+        """
+        magnitude, combined = self.acquire_complex(volume, rng=rng, sigma=sigma)
+        phase = None
+        if volume.with_phase:
+            phase = np.angle(combined)
+            phase[phase <= -np.pi] = np.pi  # (-pi, pi]
+        return magnitude, phase
+
+    def acquire_complex(self, volume, *, rng=None, sigma=None):
+        """Simulate one volume: its magnitude and its coil-combined complex image on its target grid.
+
         Parameters
         ----------
         volume : VolumeSpec
@@ -1119,7 +1206,9 @@ class PhantomScanner:
         Returns
         -------
         magnitude : numpy.ndarray (float64)
-        phase : numpy.ndarray (float64, radians in (-pi, pi]) or None
+            Root-sum-of-squares of the channels (the channel's modulus for one).
+        combined : numpy.ndarray (complex128)
+            The sensitivity-weighted (Roemer) sum of the channels, or the channel itself.
         """
         sigma = self.sigma if sigma is None else float(sigma)
         if sigma > 0 and rng is None:
@@ -1153,11 +1242,7 @@ class PhantomScanner:
                 combined += np.conj(self.coils.weights(coil, affine, shape)) * channel
                 del channel
             magnitude = np.sqrt(sum_of_squares)
-        phase = None
-        if volume.with_phase:
-            phase = np.angle(combined)
-            phase[phase <= -np.pi] = np.pi  # (-pi, pi]
-        return magnitude, phase
+        return magnitude, combined
 
     def truth_maps(self, protocol):
         """Ground-truth maps on the target grid, one at a time.

@@ -706,6 +706,9 @@ def _input_files(inputs, bids_dir):
     dam = getattr(inputs, "dam", None)
     if dam is not None:
         files += [dam.flip1_file, dam.flip2_file]
+    tfl = getattr(inputs, "tfl", None)
+    if tfl is not None:
+        files += [path for path in (tfl.famp_file, tfl.anat_file) if path]
     receive = getattr(inputs, "receive", None)
     if receive is not None:
         files += [receive.head_file, receive.body_file]

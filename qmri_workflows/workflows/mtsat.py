@@ -94,6 +94,8 @@ def _b1_choice(inputs, options, running):
         return True, "the AFI pair", None
     if source == "dam":
         return True, "the double-angle pair", None
+    if source == "tfl":
+        return True, "the Siemens tfl_b1map", None
     if options.get("r1_no_b1_estimate"):
         return False, None, f"{_no_b1_reason(inputs)}; --no-b1-estimate"
     return True, f"the smooth B1+ field estimated from the mt-off data ({_no_b1_reason(inputs)})", None

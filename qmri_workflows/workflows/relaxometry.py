@@ -1,13 +1,14 @@
 """B1+ (transmit field) and R1 mapping workflows, and their registry entries.
 
 Outputs (``docs/architecture.rst``, "R1 and B1+"): ``fmap/..._TB1map`` (percent of the nominal flip
-angle, from the AFI or double-angle pair, on the map grid), ``anat/..._R1map`` (1/s), ``_T1map`` (s), ``_M0map``
-(arbitrary units) and ``_desc-stderr_R1map`` (1/s).
+angle, from the AFI or double-angle pair or the Siemens tfl_b1map, on the map grid),
+``anat/..._R1map`` (1/s), ``_T1map`` (s), ``_M0map`` (arbitrary units) and ``_desc-stderr_R1map``
+(1/s).
 
 The R1 family takes the TE = 0 intercepts of the R2* (ESTATICS) fit when the VFA data are
 multi-echo, otherwise the single-echo images; the B1+ map when the B1 family runs (AFI pair,
-double-angle pair, or a pre-computed ``TB1map``); without one it runs uncorrected for B1+ and says so in the
-plan and in its sidecars.
+double-angle pair, Siemens tfl_b1map, or a pre-computed ``TB1map``); without one it runs
+uncorrected for B1+ and says so in the plan and in its sidecars.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
 
     Parameters
     ----------
-    source : {"afi", "dam", "tb1map"}
-        From an AFI pair, a double-angle pair, or a pre-computed TB1map (already on the map grid).
+    source : {"afi", "dam", "tfl", "tb1map"}
+        From an AFI pair, a double-angle pair, the famp image of a Siemens tfl_b1map (on any grid),
+        or a pre-computed TB1map (already on the map grid).
     smoothing_fwhm : float
         Smoothing of the pair's map (mm).
     n_coils : int
@@ -44,6 +46,9 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
         and their spoiling for its correction (``source="dam"``; optional).
     t1_note
         Why there are no ``vfa_files`` (``source="dam"``; for the sidecar).
+    famp_file, prep_angle, angle_source, reference_file
+        The tfl_b1map's famp image, its nominal preparation angle (deg), where that angle comes
+        from, and an image on the map grid (``source="tfl"``).
     tb1map_file, units, source_name
         The resampled user map, its sidecar ``Units`` and its original path (``source="tb1map"``).
 
@@ -57,7 +62,8 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     from nipype.interfaces.utility import IdentityInterface
     from nipype.pipeline import engine as pe
 
-    from ..interfaces.relaxometry import AFIFlipAngleMap, DAMFlipAngleMap, ReadTB1map
+    from ..interfaces.relaxometry import AFIFlipAngleMap, DAMFlipAngleMap, ReadTB1map, ReadTFLMap
+    from ..interfaces.resample import ResampleToReference
 
     workflow = pe.Workflow(name=name)
     pairs = {
@@ -76,13 +82,24 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
         interface, fields = pairs[source]
         node = pe.Node(interface(smoothing_fwhm=smoothing_fwhm, n_coils=n_coils), name=f"{source}_b1", mem_gb=mem_gb)
         connections = [(field, field) for field in fields]
+    elif source == "tfl":
+        # read as a TB1map is: brought linearly onto the map grid, then scaled, not smoothed
+        fields = ["famp_file", "prep_angle", "angle_source", "reference_file"]
+        resample = pe.Node(ResampleToReference(kind="linear"), name="resample_famp", mem_gb=mem_gb)
+        node = pe.Node(ReadTFLMap(), name="read_tfl", mem_gb=mem_gb)
+        connections = [("prep_angle", "prep_angle"), ("angle_source", "angle_source"), ("famp_file", "source_name")]
     elif source == "tb1map":
         fields = ["tb1map_file", "units", "source_name"]
         node = pe.Node(ReadTB1map(), name="read_tb1map", mem_gb=mem_gb)
         connections = [("tb1map_file", "in_file"), ("units", "units"), ("source_name", "source_name")]
     else:
-        raise ValueError(f"B1+ source must be 'afi', 'dam' or 'tb1map', got {source!r}")
+        raise ValueError(f"B1+ source must be 'afi', 'dam', 'tfl' or 'tb1map', got {source!r}")
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
+    if source == "tfl":
+        workflow.connect([
+            (inputnode, resample, [("famp_file", "in_file"), ("reference_file", "reference_file")]),
+            (resample, node, [("out_file", "in_file")]),
+        ])  # fmt: skip
     outputnode = pe.Node(IdentityInterface(fields=["tb1map_file", "metadata"]), name="outputnode")
     workflow.connect([
         (inputnode, node, connections),
@@ -317,13 +334,14 @@ def init_r1_wf(
 # registry entries
 # --------------------------------------------------------------------------------------------------
 def _b1_source(inputs):
-    """``"tb1map"``, ``"afi"``, ``"dam"``, or None.
+    """``"tb1map"``, ``"afi"``, ``"dam"``, ``"tfl"``, or None.
 
     A TB1map given with ``--derivatives`` wins (the user chose it), then the AFI pair and the
     double-angle pair (raw data the App maps with its own corrections; AFI's steady state has the
-    smaller T1 bias), then a pre-computed ``fmap/*_TB1map`` of the raw dataset.
+    smaller T1 bias), then the Siemens tfl_b1map (the scanner's own map, read with a nominal angle
+    the user or the sidecar gives), then a pre-computed ``fmap/*_TB1map`` of the raw dataset.
     """
-    from ..io.query import AFI, DAM, TB1MAP
+    from ..io.query import AFI, DAM, TB1MAP, TFL
 
     given = inputs.derivatives.get(TB1MAP)
     if given is not None and given.origin == "derivatives":
@@ -332,6 +350,8 @@ def _b1_source(inputs):
         return "afi"
     if inputs.has(DAM):
         return "dam"
+    if inputs.has(TFL):
+        return "tfl"
     if given is not None:
         return "tb1map"
     return None
@@ -345,13 +365,20 @@ def _b1_sources(inputs):
         return (inputs.afi.tr1_file, inputs.afi.tr2_file)
     if source == "dam":
         return (inputs.dam.flip1_file, inputs.dam.flip2_file)
+    if source == "tfl":
+        return tuple(path for path in (inputs.tfl.famp_file, inputs.tfl.anat_file) if path)
     derived = inputs.derivatives.get("TB1map")
     if source == "tb1map" and derived.origin == "raw":
         return (derived.path,)
     return ()
 
 
-_B1_SOURCE_NAMES = {"tb1map": "the TB1map", "afi": "AFI", "dam": "the double-angle pair"}
+_B1_SOURCE_NAMES = {
+    "tb1map": "the TB1map",
+    "afi": "AFI",
+    "dam": "the double-angle pair",
+    "tfl": "the Siemens tfl_b1map",
+}
 
 
 def _b1_correction_text(inputs):
@@ -365,10 +392,10 @@ def _tb1map_origin(derived):
 
 def _no_b1_reason(inputs):
     """Why the subject has no usable B1+ data (for the plans of B1+ and R1)."""
-    from ..io.query import AFI, DAM, TB1MAP
+    from ..io.query import AFI, DAM, TB1MAP, TFL
 
     reasons = []
-    for collection in (AFI, DAM, TB1MAP):
+    for collection in (AFI, DAM, TFL, TB1MAP):
         problem = inputs.problem(collection)
         if problem is not None:
             reasons.append(f"{collection} unusable: {problem.message}")
@@ -376,10 +403,13 @@ def _no_b1_reason(inputs):
         reasons.append(
             f"transmit-field data of a kind this version cannot process ({', '.join(inputs.unsupported_transmit)}); "
             "only an AFI pair (fmap/*_acq-tr1_TB1AFI + *_acq-tr2_TB1AFI), a double-angle pair "
-            "(fmap/*_flip-<n>_TB1DAM) or a TB1map (fmap/*_TB1map, or given with --derivatives) is used"
+            "(fmap/*_flip-<n>_TB1DAM), a Siemens tfl_b1map (fmap/*_acq-famp_TB1TFL) or a TB1map (fmap/*_TB1map, "
+            "or given with --derivatives) is used"
         )
     if not reasons:
-        reasons.append("no B1+ data (no TB1AFI or TB1DAM pair, no TB1map in fmap or given with --derivatives)")
+        reasons.append(
+            "no B1+ data (no TB1AFI or TB1DAM pair, no TB1TFL, no TB1map in fmap or given with --derivatives)"
+        )
     return "; ".join(reasons)
 
 
@@ -390,17 +420,26 @@ def _check_b1(inputs):
 def _describe_b1(inputs):
     derived = inputs.derivatives.get("TB1map")
     source = _b1_source(inputs)
-    unused = [name for name, present in (("AFI", inputs.afi), ("double-angle", inputs.dam)) if present]
+    # the raw sources in the order of _b1_source
+    raw_sources = (
+        ("afi", "AFI pair", inputs.afi),
+        ("dam", "double-angle pair", inputs.dam),
+        ("tfl", "tfl_b1map", inputs.tfl),
+    )
+    unused = [name for _, name, present in raw_sources if present]
     if source == "tb1map":
         units_text = derived.units_read or f"Units {derived.metadata.get('Units')!r}"
         return f"TB1map {_tb1map_origin(derived)} ({derived.path}; {units_text})" + (
-            f", used instead of the {' and '.join(unused)} pair" if unused else ""
+            f", used instead of the {' and the '.join(unused)}" if unused else ""
         )
+    rank = [key for key, _, _ in raw_sources].index(source)
+    not_used = [name for _, name, present in raw_sources[rank + 1 :] if present]
     if source == "afi":
         afi = inputs.afi
         text = f"AFI pair, flip {afi.flip_angle:g} deg, TR1/TR2 {afi.tr1 * 1e3:g}/{afi.tr2 * 1e3:g} ms"
-        if inputs.dam:
-            text += " (the double-angle pair is not used)"
+    elif source == "tfl":
+        tfl = inputs.tfl
+        text = f"{tfl.scale_text} ({tfl.famp_file}; median {tfl.median_ratio:.3g} of nominal in the head)"
     else:
         dam = inputs.dam
         angles = "/".join(f"{angle:g}" for angle in dam.flip_angles)
@@ -411,6 +450,8 @@ def _describe_b1(inputs):
         else:
             # the long-TR reading is high by several percent at a TR of seconds: the user must see it
             text += f", long-TR model (full relaxation; reads high where T1 is not short against TR): {why_not}"
+    if not_used:
+        text += f" (the {' and the '.join(not_used)} {'is' if len(not_used) == 1 else 'are'} not used)"
     return text + (f" (the pre-computed {derived.path} is not used)" if derived is not None else "")
 
 
@@ -469,6 +510,12 @@ def _build_b1(context):
                     workflow.inputs.inputnode.vfa_gradient_moment = moment
         else:
             workflow.inputs.inputnode.t1_note = why_not
+    elif source == "tfl":
+        tfl = inputs.tfl
+        workflow.inputs.inputnode.famp_file = tfl.famp_file
+        workflow.inputs.inputnode.prep_angle = tfl.prep_angle
+        workflow.inputs.inputnode.angle_source = tfl.angle_source
+        workflow.inputs.inputnode.reference_file = map_grid_file(inputs)
     elif source == "afi":
         afi = inputs.afi
         workflow.inputs.inputnode.tr1_file = afi.tr1_file
@@ -489,7 +536,7 @@ def _build_b1(context):
 def _b1_outputs(inputs):
     from .registry import Output
 
-    if _b1_source(inputs) not in ("afi", "dam"):
+    if _b1_source(inputs) not in ("afi", "dam", "tfl"):
         return []  # the user's own map is used as it is: nothing new to publish
     return [
         Output(
@@ -823,9 +870,22 @@ def _positive_seconds(text):
     return value
 
 
+def _preparation_angle(text):
+    import argparse
+
+    from ..io.query.fieldmaps import TFL_MIN_PREP_ANGLE
+
+    value = float(text)
+    if not TFL_MIN_PREP_ANGLE <= value < 180.0:
+        raise argparse.ArgumentTypeError(
+            f"a preparation flip angle in degrees ({TFL_MIN_PREP_ANGLE:g}-180, commonly 80 or 90), got {text}"
+        )
+    return value
+
+
 def _registry_entries():
     from ..core.relaxometry import DEFAULT_TISSUE_T2
-    from ..io.query import AFI, DAM, GRE, TB1MAP
+    from ..io.query import AFI, DAM, GRE, TB1MAP, TFL
     from .registry import MapFamily, Option
 
     b1 = MapFamily(
@@ -833,7 +893,7 @@ def _registry_entries():
         name="B1+",
         # the GRE sets the grid of the maps the B1+ map is brought onto
         needs=(GRE,),
-        reads=(AFI, DAM, TB1MAP),
+        reads=(AFI, DAM, TFL, TB1MAP),
         check=_check_b1,
         describe=_describe_b1,
         build=_build_b1,
@@ -842,6 +902,21 @@ def _registry_entries():
         uses_derived=lambda inputs: _b1_source(inputs) == "tb1map",
         # it serves R1 (and PD): a subject with only a B1+ map to make has no map to compute
         auxiliary=True,
+        options=(
+            Option(
+                ("--tb1tfl-prep-angle",),
+                "tb1tfl_prep_angle",
+                {
+                    "type": _preparation_angle,
+                    "default": None,
+                    "metavar": "DEG",
+                    "help": "nominal preparation (saturation) flip angle of a Siemens tfl_b1map "
+                    "(fmap/*_acq-famp_TB1TFL, whose values are 10 x the actual angle); needed when the sidecar's "
+                    "FlipAngle is the readout angle (VE/XA software: 8 or 10 deg; the preparation angle is commonly "
+                    "80 or 90 deg, check the scanner protocol); it wins over the sidecar",
+                },
+            ),
+        ),
     )
     r1 = MapFamily(
         key="r1",

@@ -118,14 +118,14 @@ def test_flip_angles_and_increment_written_as_strings(tmp_path, caplog):
 
 def test_unsupported_b1_collection_is_named_and_r1_runs_uncorrected(tmp_path, caplog):
     raw = make_dataset(tmp_path / "raw", phase=False)
-    for label in ("anat", "famp"):  # Siemens tfl_b1map
-        path = write_image(raw.root / "sub-01" / "fmap" / f"sub-01_acq-{label}_TB1TFL.nii.gz")
+    for label in ("anat", "famp"):  # a TB1EPI of another kind of scan
+        path = write_image(raw.root / "sub-01" / "fmap" / f"sub-01_acq-{label}_TB1EPI.nii.gz")
         write_sidecar(path, {"FlipAngle": 8.0, "RepetitionTime": 5.0})
     code, out = _run(raw.root, tmp_path)
     assert code == 0, caplog.text
     b1_line = _plan_line(caplog, "B1+")
     assert b1_line.startswith("B1+: no, transmit-field data of a kind this version cannot process")
-    assert "sub-01_acq-anat_TB1TFL.nii.gz" in b1_line
+    assert "sub-01_acq-anat_TB1EPI.nii.gz" in b1_line
     assert "B1+ estimated from the VFA data" in _plan_line(caplog, "R1")
     assert "cannot process" in _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"]
 
@@ -286,3 +286,63 @@ def test_unusable_raw_tb1map_is_named_and_r1_estimates_b1(tmp_path, caplog, prob
     b1_line = _plan_line(caplog, "B1+")
     assert b1_line.startswith("B1+: no, TB1map unusable:") and expected in b1_line
     assert "B1+ estimated from the VFA data" in _plan_line(caplog, "R1")
+
+
+def _raw_tfl(raw, *, flip_angle=8.0, b1=0.9):
+    """A Siemens tfl_b1map (famp: 10 x the actual 80 deg preparation angle, integers; and its
+    reference) on a grid twice as coarse as the GRE's, as the scanner exports it."""
+    gre = nib.load(raw.files["gre"][0])
+    affine = gre.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] -= gre.affine[:3, :3] @ np.ones(3)
+    shape = tuple(n // 2 + 2 for n in gre.shape[:3])
+    paths = {}
+    for label, data, dtype in (("famp", np.full(shape, 10 * 80 * b1), np.uint16), ("anat", None, np.float32)):
+        paths[label] = write_image(
+            raw.root / "sub-01" / "fmap" / f"sub-01_acq-{label}_TB1TFL.nii.gz",
+            data,
+            shape=shape,
+            affine=affine,
+            dtype=dtype,
+        )
+        write_sidecar(paths[label], {"FlipAngle": flip_angle, "RepetitionTime": 5.0})
+    return paths
+
+
+def test_tfl_b1map_corrects_r1_with_the_preparation_angle_given(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    paths = _raw_tfl(raw)
+    _raw_tb1map(raw, value=0.5)  # below the tfl_b1map in precedence
+    code, out = _run(raw.root, tmp_path, "--tb1tfl-prep-angle", "80")
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: yes, Siemens tfl_b1map (famp / 10 / 80 deg, angle from --tb1tfl-prep-angle)")
+    assert "sub-01_TB1map.nii.gz is not used" in b1_line
+    assert "B1+ from the Siemens tfl_b1map" in _plan_line(caplog, "R1")
+    (b1_used,) = (tmp_path / "work").rglob("B1ratio.nii")  # on the map grid (the famp's is coarser)
+    values = nib.load(b1_used).get_fdata()
+    assert np.allclose(values[np.isfinite(values) & (values > 0)], 0.9, rtol=1e-5)
+    tb1map = _sidecar(out / "fmap" / "sub-01_TB1map.json")
+    sources = [f"bids:raw:sub-01/fmap/{paths[label].name}" for label in ("famp", "anat")]
+    assert tb1map["Units"] == "percent" and tb1map["Sources"] == sources
+    assert tb1map["EstimationAlgorithm"].startswith("Siemens tfl_b1map")
+    r1 = _sidecar(out / "anat" / "sub-01_R1map.json")
+    assert "Siemens tfl_b1map (famp / 10 / 80 deg, angle from --tb1tfl-prep-angle)" in r1["B1Correction"]
+    assert set(sources) <= set(r1["Sources"])
+
+
+def test_tfl_b1map_with_a_readout_angle_is_refused_with_the_fix(tmp_path, caplog):
+    raw = make_dataset(tmp_path / "raw", phase=False)
+    paths = _raw_tfl(raw, flip_angle=8.0)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    b1_line = _plan_line(caplog, "B1+")
+    assert b1_line.startswith("B1+: no, tfl unusable:") and paths["famp"].name in b1_line
+    assert "give it with --tb1tfl-prep-angle DEG" in b1_line and "commonly 80 or 90 deg" in b1_line
+    assert "B1+ estimated from the VFA data" in _plan_line(caplog, "R1")
+    assert "--tb1tfl-prep-angle" in _sidecar(out / "anat" / "sub-01_R1map.json")["B1Correction"]
+
+
+def test_tfl_prep_angle_option_takes_a_preparation_angle(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["in", "out", "participant", "--tb1tfl-prep-angle", "8"])
+    assert "a preparation flip angle in degrees (30-180, commonly 80 or 90), got 8" in capsys.readouterr().err

@@ -12,6 +12,8 @@ The layout read here is described in ``docs/architecture.rst`` ("Raw BIDS layout
   ``PulseSequenceType`` "bSSFP" (project convention);
 * AFI: ``fmap/*_acq-tr1_TB1AFI`` / ``fmap/*_acq-tr2_TB1AFI``;
 * double-angle pair: ``fmap/*_flip-<1|2>_TB1DAM`` (told apart by ``FlipAngle``);
+* Siemens ``tfl_b1map``: ``fmap/*_acq-famp_TB1TFL`` (10 x the actual preparation angle, deg) and
+  its optional reference ``fmap/*_acq-anat_TB1TFL``;
 * a pre-computed ``fmap/*_TB1map``;
 * receive-field pair: ``fmap/*_acq-head<contrast>_RB1COR`` / ``fmap/*_acq-body<contrast>_RB1COR``;
 * from derivatives datasets (``--derivatives``): a ``TB1map``, a ``dseg`` with its table, a lesion
@@ -25,22 +27,23 @@ above it. Every image is checked whole first (:func:`~qmri_workflows.io.integrit
 so a damaged file is a problem of its collection. Only image headers are read, except for the first
 phase echo of a series whose sidecar does not state the phase units (its value range tells them, see
 :func:`phase_scale_from_values`), derivative masks and segmentations (their labels are checked) and
-a TB1map (its unit, :func:`tb1map_scale`). Raw transmit-field images of other kinds than AFI, DAM
-and TB1map (``TB1EPI``, ``TB1TFL`` ...) are listed in ``SubjectInputs.unsupported_transmit``.
+a TB1map (its unit, :func:`tb1map_scale`) and a ``tfl_b1map`` (the scale check of its famp). Raw
+transmit-field images of other kinds than AFI, DAM, TFL and TB1map (``TB1EPI``, ``TB1RFM`` ...)
+are listed in ``SubjectInputs.unsupported_transmit``.
 
 Sidecars written by dcm2niix are accepted: ``RepetitionTime`` stands in for
 ``RepetitionTimeExcitation``, a missing ``PulseSequenceType`` means spoiled GRE, and metadata
 inherited from dataset-level sidecars is merged by pybids.
 
 Modules: ``layout`` (dataset, participants, entity grouping), ``metadata`` (sidecar numbers,
-tolerances, phase units, grid checks), ``gre``, ``bssfp``, ``fieldmaps`` (AFI, DAM, receive pair),
+tolerances, phase units, grid checks), ``gre``, ``bssfp``, ``fieldmaps`` (AFI, DAM, TFL, receive pair),
 ``derivatives``, ``problems`` (collection names), ``inputs`` (:func:`collect_inputs`).
 """
 
 from ..errors import BIDSInputError
 from .bssfp import BSSFPSeries
 from .derivatives import DerivativeFile, open_derivatives, tb1map_scale
-from .fieldmaps import AFIPair, DAMPair, ReceivePair
+from .fieldmaps import AFIPair, DAMPair, ReceivePair, TFLMap
 from .gre import EchoSeries, MPMSeries
 from .inputs import UNSUPPORTED_TRANSMIT_SUFFIXES, SubjectInputs, collect_inputs
 from .layout import open_layout, select_participants
@@ -58,6 +61,7 @@ from .problems import (
     MT,
     RECEIVE,
     TB1MAP,
+    TFL,
     CollectionProblem,
 )
 
@@ -75,6 +79,7 @@ __all__ = [
     "MT",
     "RECEIVE",
     "TB1MAP",
+    "TFL",
     "UNSUPPORTED_TRANSMIT_SUFFIXES",
     "AFIPair",
     "DAMPair",
@@ -85,6 +90,7 @@ __all__ = [
     "EchoSeries",
     "ReceivePair",
     "SubjectInputs",
+    "TFLMap",
     "collect_inputs",
     "open_derivatives",
     "open_layout",

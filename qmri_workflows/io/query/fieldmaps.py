@@ -1,15 +1,29 @@
-"""Field maps in ``fmap``: the AFI pair and the double-angle pair (transmit field), and the head/body
-RB1COR pair (receive field)."""
+"""Field maps in ``fmap``: the AFI pair, the double-angle pair and the Siemens ``tfl_b1map``
+(transmit field), and the head/body RB1COR pair (receive field)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from ...core.relaxometry import trusted_voxels
 from ..errors import BIDSInputError
 from .layout import entity
-from .metadata import ANGLE_TOLERANCE, check_grids, sidecar_number
+from .metadata import ANGLE_TOLERANCE, check_grids, load_header, sidecar_number
 
-__all__ = ["AFIPair", "DAMPair", "ReceivePair", "afi_pair", "dam_pair", "receive_pair"]
+__all__ = [
+    "TFL_MIN_PREP_ANGLE",
+    "TFL_RATIO_RANGE",
+    "AFIPair",
+    "DAMPair",
+    "ReceivePair",
+    "TFLMap",
+    "afi_pair",
+    "dam_pair",
+    "receive_pair",
+    "tfl_map",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,36 @@ class DAMPair:
     flip2_file: str
     flip_angles: tuple
     repetition_time: float
+
+
+@dataclass(frozen=True)
+class TFLMap:
+    """Siemens ``tfl_b1map``: the flip-angle map (``acq-famp``: 10 x the actual preparation angle,
+    deg) and the nominal preparation angle it is read against.
+
+    Attributes
+    ----------
+    famp_file : str
+    anat_file : str or None
+        The anatomical reference (``acq-anat``), listed as a source only.
+    prep_angle : float
+        Nominal preparation (saturation) flip angle (deg).
+    angle_source : str
+        Where ``prep_angle`` comes from: ``"--tb1tfl-prep-angle"`` or ``"sidecar FlipAngle"``.
+    median_ratio : float
+        Median of famp / (10 x ``prep_angle``) in the head (the scale check).
+    """
+
+    famp_file: str
+    anat_file: str | None
+    prep_angle: float
+    angle_source: str
+    median_ratio: float
+
+    @property
+    def scale_text(self):
+        """How the values are read, for the plan and the sidecars."""
+        return f"Siemens tfl_b1map (famp / 10 / {self.prep_angle:g} deg, angle from {self.angle_source})"
 
 
 @dataclass(frozen=True)
@@ -140,6 +184,92 @@ def dam_pair(ctx, files):
         flip_angles=(angles[first], angles[second]),
         repetition_time=trs[first],
     )
+
+
+#: Smallest sidecar FlipAngle (deg) read as the preparation angle of a tfl_b1map: VB software writes
+#: it (e.g. 60 or 80), VE/XA the readout angle of the FLASH (e.g. 8 or 10), far below.
+TFL_MIN_PREP_ANGLE = 30.0
+#: Plausible median B1+ (actual / nominal) in the head; outside it the famp scale or the angle is wrong.
+TFL_RATIO_RANGE = (0.3, 2.0)
+# Head of the scale check: the reference image above this fraction of its 99th percentile (the
+# famp's background holds arccos of noise, whose median reads about as high as a plausible B1+).
+_TFL_HEAD_FRACTION = 0.1
+
+
+def tfl_map(ctx, files, prep_angle=None):
+    """The Siemens ``tfl_b1map`` among the ``TB1TFL`` files of one subject/session (None without files).
+
+    Parameters
+    ----------
+    ctx : QueryContext
+    files : list of BIDSFile
+        The ``fmap/*_TB1TFL`` images: ``acq-famp`` (required) and ``acq-anat`` (optional).
+    prep_angle : float, optional
+        Nominal preparation angle (deg) given on the command line (``--tb1tfl-prep-angle``); it
+        wins over the sidecar.
+
+    Returns
+    -------
+    TFLMap or None
+
+    Raises
+    ------
+    BIDSInputError
+        Without an ``acq-famp`` image, with two of a kind, when the preparation angle is not known
+        (the sidecar's FlipAngle is missing or a readout angle, below :data:`TFL_MIN_PREP_ANGLE`,
+        and no ``prep_angle``), or when the median ratio in the head is outside
+        :data:`TFL_RATIO_RANGE` (famp in degrees or as a ratio already, or the wrong angle).
+    """
+    if not files:
+        return None
+    found = _one_per_label(ctx, files, ("anat", "famp"), "TB1TFL")
+    names = ", ".join(ctx.name(f.path) for f in files)
+    if "famp" not in found:
+        raise BIDSInputError(
+            f"Siemens tfl_b1map without its flip-angle map ({names}): need fmap/*_acq-famp_TB1TFL "
+            "(the acq-anat image alone is only the reference)"
+        )
+    famp_file, anat_file = found["famp"], found.get("anat")
+    if prep_angle is not None:
+        angle, angle_source = float(prep_angle), "--tb1tfl-prep-angle"
+    else:
+        sidecar_angle = sidecar_number(ctx, famp_file, "FlipAngle", required=False)
+        if sidecar_angle is None or sidecar_angle < TFL_MIN_PREP_ANGLE:
+            stated = "no FlipAngle" if sidecar_angle is None else f"FlipAngle {sidecar_angle:g} deg"
+            raise BIDSInputError(
+                f"{ctx.name(famp_file)}: the sidecar has {stated}, which is not the nominal preparation angle of "
+                "the Siemens tfl_b1map (VE/XA software writes the readout flip angle there; the preparation angle, "
+                "commonly 80 or 90 deg, is not in the sidecar): give it with --tb1tfl-prep-angle DEG (check the "
+                "scanner protocol); without it this B1+ map is not used"
+            )
+        angle, angle_source = sidecar_angle, "sidecar FlipAngle"
+    median = _tfl_median_ratio(ctx, famp_file, anat_file, angle)
+    low, high = TFL_RATIO_RANGE
+    if not low <= median <= high:
+        raise BIDSInputError(
+            f"{ctx.name(famp_file)}: median famp / (10 x {angle:g} deg) in the head is {median:.3g}, not a plausible "
+            f"B1+ ({low:g}-{high:g} of nominal); a Siemens famp holds 10 x the actual preparation angle in degrees: "
+            "is it stored already in degrees or as a ratio, or is the preparation angle "
+            f"({angle:g} deg, from {angle_source}) wrong? Check the scanner protocol"
+            + (" and give the angle with --tb1tfl-prep-angle DEG" if angle_source != "--tb1tfl-prep-angle" else "")
+        )
+    return TFLMap(
+        famp_file=famp_file, anat_file=anat_file, prep_angle=angle, angle_source=angle_source, median_ratio=median
+    )
+
+
+def _tfl_median_ratio(ctx, famp_file, anat_file, prep_angle):
+    """Median of famp / (10 x ``prep_angle``) in the head: where the reference image has signal
+    when it is on the famp's grid, else wherever the famp is positive."""
+    famp = np.asarray(load_header(famp_file, ctx.name(famp_file)).dataobj, dtype=float)
+    inside = np.isfinite(famp) & (famp > 0)
+    if anat_file is not None:
+        anat = load_header(anat_file, ctx.name(anat_file))
+        if anat.shape[:3] == famp.shape[:3]:
+            inside &= trusted_voxels(np.asarray(anat.dataobj, dtype=float), _TFL_HEAD_FRACTION)
+    if not inside.any():
+        raise BIDSInputError(f"{ctx.name(famp_file)} holds no positive value in the head; is it a flip-angle map?")
+    return float(np.median(famp[inside])) / (10.0 * prep_angle)
 
 
 def receive_pair(ctx, files):

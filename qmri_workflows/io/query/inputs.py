@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import BIDSInputError
 from .bssfp import bssfp_series, says_bssfp, sequence_kind
 from .derivatives import checked_file, find_derivatives
-from .fieldmaps import AFIPair, DAMPair, ReceivePair, afi_pair, dam_pair, receive_pair
+from .fieldmaps import AFIPair, DAMPair, ReceivePair, TFLMap, afi_pair, dam_pair, receive_pair, tfl_map
 from .gre import gre_series, mpm_series
 from .layout import QueryContext, select_images, strip_prefix, subject_images, subject_sessions
 from .metadata import FIELD_TOLERANCE, check_same, sidecar_number
@@ -23,15 +23,16 @@ from .problems import (
     MT,
     RECEIVE,
     TB1MAP,
+    TFL,
     CollectionProblem,
 )
 
 __all__ = ["UNSUPPORTED_TRANSMIT_SUFFIXES", "SubjectInputs", "collect_inputs"]
 
-UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1EPI", "TB1TFL", "TB1RFM", "TB1SRGE")
+UNSUPPORTED_TRANSMIT_SUFFIXES = ("TB1EPI", "TB1RFM", "TB1SRGE")
 """Raw ``fmap`` transmit-field collections the package cannot process yet (it reads ``TB1AFI`` and
-``TB1DAM`` pairs and pre-computed ``TB1map`` images); they are listed in :attr:`SubjectInputs.unsupported_transmit`
-so R1 can say why it runs without B1+."""
+``TB1DAM`` pairs, the Siemens ``TB1TFL`` map and pre-computed ``TB1map`` images); they are listed in
+:attr:`SubjectInputs.unsupported_transmit` so R1 can say why it runs without B1+."""
 
 LOGGER = logging.getLogger("qmri_workflows.io")
 
@@ -54,6 +55,8 @@ class SubjectInputs:
     afi : AFIPair or None
     dam : DAMPair or None
         Double-angle pair (``TB1DAM``).
+    tfl : TFLMap or None
+        Siemens ``tfl_b1map`` (``TB1TFL``) with its nominal preparation angle.
     receive : ReceivePair or None
     field_strength : float or None
         MagneticFieldStrength (T) shared by the usable collections.
@@ -78,6 +81,7 @@ class SubjectInputs:
     bssfp: tuple = ()
     afi: AFIPair | None = None
     dam: DAMPair | None = None
+    tfl: TFLMap | None = None
     receive: ReceivePair | None = None
     field_strength: float | None = None
     notes: tuple = ()
@@ -96,6 +100,7 @@ class SubjectInputs:
             BSSFP: self.bssfp,
             AFI: self.afi,
             DAM: self.dam,
+            TFL: self.tfl,
             RECEIVE: self.receive,
         }[collection]
         return bool(value)
@@ -137,6 +142,8 @@ class SubjectInputs:
         if self.dam:
             angles = "/".join(f"{angle:g}" for angle in self.dam.flip_angles)
             lines.append(f"  double-angle pair: flip {angles} deg, TR {self.dam.repetition_time * 1e3:g} ms")
+        if self.tfl:
+            lines.append(f"  {self.tfl.scale_text}")
         if self.receive:
             lines.append("  receive field: head/body coil pair")
         for collection, found in self.derivatives.items():
@@ -153,7 +160,7 @@ def _known(collection):
         raise ValueError(f"unknown input collection {collection!r}; choose from {', '.join(COLLECTIONS)}")
 
 
-def collect_inputs(layout, subject, session=None, *, derivatives=()):
+def collect_inputs(layout, subject, session=None, *, derivatives=(), tb1tfl_prep_angle=None):
     """Collect and check one subject's qMRI inputs, each collection on its own.
 
     Parameters
@@ -167,6 +174,9 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     derivatives : sequence of bids.BIDSLayout, optional
         From :func:`open_derivatives`; searched for a TB1map, a segmentation, a lesion mask and a
         brain mask of the same subject and session.
+    tb1tfl_prep_angle : float, optional
+        Nominal preparation angle (deg) of a Siemens ``tfl_b1map`` (``--tb1tfl-prep-angle``); without
+        it the sidecar's ``FlipAngle`` is used when it is one (see :func:`~.fieldmaps.tfl_map`).
 
     Returns
     -------
@@ -207,7 +217,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
     megre_files = select_images(images, suffix="MEGRE", datatype="anat")
     mpm_files = select_images(images, suffix="MPM", datatype="anat")
 
-    collected = dict.fromkeys((GRE, BSSFP, AFI, DAM, RECEIVE))
+    collected = dict.fromkeys((GRE, BSSFP, AFI, DAM, TFL, RECEIVE))
     gre_suffix = None
     mt_series = None
     ignored = [name for name, found in (("MPM", mpm_files), ("MEGRE", megre_files)) if found]
@@ -245,6 +255,9 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         collected[BSSFP] = attempt(BSSFP, bssfp_series, ctx, bssfp_files)
     collected[AFI] = attempt(AFI, afi_pair, ctx, select_images(images, suffix="TB1AFI", datatype="fmap"))
     collected[DAM] = attempt(DAM, dam_pair, ctx, select_images(images, suffix="TB1DAM", datatype="fmap"))
+    collected[TFL] = attempt(
+        TFL, tfl_map, ctx, select_images(images, suffix="TB1TFL", datatype="fmap"), tb1tfl_prep_angle
+    )
     collected[RECEIVE] = attempt(RECEIVE, receive_pair, ctx, select_images(images, suffix="RB1COR", datatype="fmap"))
     field_strength = _field_strength(ctx, collected, problems)
     unsupported_transmit = tuple(
@@ -256,7 +269,8 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
             f"transmit-field images of a kind this version cannot process ({', '.join(unsupported_transmit[:3])}"
             + (" ..." if len(unsupported_transmit) > 3 else "")
             + "): only an AFI pair (fmap/*_acq-tr1_TB1AFI, *_acq-tr2_TB1AFI), a double-angle pair "
-            "(fmap/*_flip-<n>_TB1DAM) or a TB1map (fmap/*_TB1map, or given with --derivatives) corrects R1 for B1+"
+            "(fmap/*_flip-<n>_TB1DAM), a Siemens tfl_b1map (fmap/*_acq-famp_TB1TFL) or a TB1map (fmap/*_TB1map, "
+            "or given with --derivatives) corrects R1 for B1+"
         )
         LOGGER.warning(ctx.notes[-1])
 
@@ -288,6 +302,7 @@ def collect_inputs(layout, subject, session=None, *, derivatives=()):
         bssfp=collected[BSSFP] or (),
         afi=collected[AFI],
         dam=collected[DAM],
+        tfl=collected[TFL],
         receive=collected[RECEIVE],
         field_strength=field_strength,
         notes=tuple(ctx.notes),
@@ -356,6 +371,8 @@ def _collection_files(collection, value):
         return [value.tr1_file, value.tr2_file]
     if collection == DAM:
         return [value.flip1_file, value.flip2_file]
+    if collection == TFL:
+        return [value.famp_file] + ([value.anat_file] if value.anat_file else [])
     return [value.head_file, value.body_file]
 
 

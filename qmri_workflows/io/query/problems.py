@@ -7,6 +7,7 @@ from dataclasses import dataclass
 __all__ = [
     "AFI",
     "DAM",
+    "TFL",
     "BRAIN_MASK",
     "BSSFP",
     "COLLECTIONS",
@@ -30,6 +31,8 @@ AFI = "afi"
 """Actual flip-angle imaging pair (``TB1AFI``)."""
 DAM = "dam"
 """Double-angle pair (``TB1DAM``)."""
+TFL = "tfl"
+"""Siemens ``tfl_b1map`` flip-angle map (``TB1TFL``: ``acq-famp``, with its ``acq-anat`` reference)."""
 RECEIVE = "receive"
 """Head/body coil receive-field pair (``RB1COR``)."""
 MT = "mt"
@@ -45,7 +48,7 @@ BRAIN_MASK = "brain_mask"
 ENHANCING_MASK = "enhancing_mask"
 """Gadolinium-enhancement mask (``*_label-enhancing_mask``) from a derivatives dataset."""
 
-RAW_COLLECTIONS = (GRE, MT, BSSFP, AFI, DAM, RECEIVE)
+RAW_COLLECTIONS = (GRE, MT, BSSFP, AFI, DAM, TFL, RECEIVE)
 DERIVATIVE_COLLECTIONS = (TB1MAP, DSEG, LESION_MASK, BRAIN_MASK, ENHANCING_MASK)
 COLLECTIONS = RAW_COLLECTIONS + DERIVATIVE_COLLECTIONS
 

@@ -9,6 +9,7 @@ SCAN_PATTERNS = {
     "bssfp": ("*_acq-bssfp*",),
     "afi": ("*_TB1AFI.*",),
     "phase": ("*_echo-*_part-phase_VFA.*",),  # the multi-echo GRE phase only
+    "bssfp-phase": ("*_acq-bssfp*_part-phase_*",),
 }
 
 

@@ -35,7 +35,9 @@ Estimators:
   corrected for finite RF pulses when their duration is known, :func:`finite_pulse_equivalent`),
   :func:`planet_relaxation` (R1 and R2 from one flip angle's ellipse: efficient but several
   times noisier than DESPOT2 at the same SNR), :func:`fit_bssfp_joint` (all cycles and flip
-  angles at once: the most precise, the most sensitive to intravoxel frequency spread);
+  angles at once: the most precise, the most sensitive to intravoxel frequency spread),
+  :func:`fit_bssfp_magnitude` (the same from magnitudes only, DESPOT2-FM: the one unbiased
+  estimate without phase);
   :func:`despot2_crlb` bounds the DESPOT2 precision.
 
 Array conventions: phase cycles last (``signals[..., n_cycle]``, complex); the leading axes are
@@ -68,6 +70,7 @@ from collections import namedtuple
 import numpy as np
 
 from ._chunks import apply_in_chunks, check_mask
+from .noise import correct_noise_floor
 
 __all__ = [
     "EllipseFit",
@@ -89,6 +92,7 @@ __all__ = [
     "despot2_crlb",
     "JointFit",
     "fit_bssfp_joint",
+    "fit_bssfp_magnitude",
 ]
 
 EllipseFit = namedtuple("EllipseFit", ["amplitude", "a", "b", "off_resonance", "rms_residual"])
@@ -1212,12 +1216,17 @@ def despot2_crlb(m0, r1, r2, flip_angles, tr, sigma, *, b1=1.0):
 # Joint fit of all phase cycles and flip angles (R2 and off-resonance, R1 and B1+ given)
 # --------------------------------------------------------------------------------------------
 JointFit = namedtuple("JointFit", ["r2", "r2_se", "amplitude", "off_resonance", "rms_residual"])
-JointFit.__doc__ = """Joint bSSFP fit per voxel (see :func:`fit_bssfp_joint`)."""
+JointFit.__doc__ = """Joint bSSFP fit per voxel (see :func:`fit_bssfp_joint`, :func:`fit_bssfp_magnitude`)."""
 
 
 def _unit_signal(r1, r2, theta, alpha, tr, increments):
-    """``bssfp_signal`` with M0 = 1 for (n,) voxels, alpha (n, F), increments (N,) -> (n, F, N)."""
-    e1 = np.exp(-tr * r1)[:, None, None]
+    """``bssfp_signal`` with M0 = 1 for (n,) voxels, alpha (n, F), increments (N,) -> (n, F, N).
+
+    ``r1`` is (n,) or, per flip angle, (n, F) (the magnitude fit's finite-pulse equivalent).
+    Returns the signal and its derivative with theta.
+    """
+    r1 = np.asarray(r1)
+    e1 = np.exp(-tr * r1).reshape(r1.shape[0], -1, 1)
     e2 = np.exp(-np.clip(tr * r2, -_MAX_EXPONENT, _MAX_EXPONENT))[:, None, None]
     theta = theta[:, None, None]
     cos_a = np.cos(alpha)[..., None]
@@ -1239,37 +1248,65 @@ def _unit_signal(r1, r2, theta, alpha, tr, increments):
     return signal, d_theta
 
 
-def _projected_fit(signals, basis):
-    """Best complex amplitude per voxel and the residual (n, F, N)."""
+def _unit_signal_derivatives(r1, r2, theta, alpha, tr, increments):
+    """:func:`_unit_signal` and its derivatives with R2 (central difference) and theta, each (n, F, N)."""
+    signal, d_theta = _unit_signal(r1, r2, theta, alpha, tr, increments)
+    step = 1e-5 * np.maximum(np.abs(r2), 1.0)
+    plus, _ = _unit_signal(r1, r2 + step, theta, alpha, tr, increments)
+    minus, _ = _unit_signal(r1, r2 - step, theta, alpha, tr, increments)
+    return signal, (plus - minus) / (2.0 * step)[:, None, None], d_theta
+
+
+def _projected_fit(signals, basis, *, nonnegative=False):
+    """Best amplitude per voxel (complex, or real >= 0 with ``nonnegative``), the residual (n, F, N) and cost."""
     norm = np.sum(np.abs(basis) ** 2, axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         amplitude = np.sum(np.conj(basis) * signals, axis=(1, 2)) / norm
+    if nonnegative:
+        amplitude = np.maximum(amplitude, 0.0)
     residual = signals - amplitude[:, None, None] * basis
     return amplitude, residual, np.sum(np.abs(residual) ** 2, axis=(1, 2))
 
 
-def _joint_linearisation(signals, r1, r2, theta, alpha, tr, increments):
-    """Amplitude, real residual (n, 2 F N), cost and variable-projection Jacobian (n, 2 F N, 2).
+def _projected_columns(basis, amplitude, derivatives):
+    """Variable-projection Jacobian columns (n, F N), one per derivative of the basis (n, F, N).
 
-    The Jacobian (Kaufman's approximation, exact at a zero residual) keeps only the part of the
-    model change with (R2, theta) that the complex amplitude cannot absorb.
+    Kaufman's approximation, exact at a zero residual: each keeps only the part of the model's
+    change that the linear amplitude cannot absorb.
     """
-    basis, d_theta = _unit_signal(r1, r2, theta, alpha, tr, increments)
-    amplitude, residual, cost = _projected_fit(signals, basis)
-    step = 1e-5 * np.maximum(np.abs(r2), 1.0)
-    plus, _ = _unit_signal(r1, r2 + step, theta, alpha, tr, increments)
-    minus, _ = _unit_signal(r1, r2 - step, theta, alpha, tr, increments)
-    d_r2 = (plus - minus) / (2.0 * step)[:, None, None]
     norm = np.sum(np.abs(basis) ** 2, axis=(1, 2))
     columns = []
-    for derivative in (d_r2, d_theta):
+    for derivative in derivatives:
         column = amplitude[:, None, None] * derivative
         along = np.sum(np.conj(basis) * column, axis=(1, 2)) / norm
-        flat = (column - along[:, None, None] * basis).reshape(column.shape[0], -1)
-        columns.append(np.concatenate([flat.real, flat.imag], axis=1))
+        columns.append((column - along[:, None, None] * basis).reshape(column.shape[0], -1))
+    return columns
+
+
+def _joint_linearisation(signals, r1, r2, theta, alpha, tr, increments):
+    """Complex amplitude, real residual (n, 2 F N), cost and variable-projection Jacobian (n, 2 F N, 2)."""
+    basis, d_r2, d_theta = _unit_signal_derivatives(r1, r2, theta, alpha, tr, increments)
+    amplitude, residual, cost = _projected_fit(signals, basis)
+    columns = [np.concatenate([c.real, c.imag], axis=1) for c in _projected_columns(basis, amplitude, (d_r2, d_theta))]
     flat_residual = residual.reshape(residual.shape[0], -1)
     residual = np.concatenate([flat_residual.real, flat_residual.imag], axis=1)
     return amplitude, residual, cost, np.stack(columns, axis=-1)
+
+
+def _magnitude_linearisation(magnitudes, r1, r2, theta, alpha, tr, increments):
+    """Amplitude (real >= 0), residual (n, F N), cost and variable-projection Jacobian (n, F N, 2) of |model|."""
+    signal, d_r2, d_theta = _unit_signal_derivatives(r1, r2, theta, alpha, tr, increments)
+    basis = np.abs(signal)  # never 0: |1 + E2 e^{-i psi}| >= 1 - E2
+    # d|s| = Re(conj(s) ds) / |s|
+    derivatives = [np.real(np.conj(signal) * derivative) / basis for derivative in (d_r2, d_theta)]
+    amplitude, residual, cost = _projected_fit(magnitudes, basis, nonnegative=True)
+    columns = _projected_columns(basis, amplitude, derivatives)
+    return amplitude, residual.reshape(residual.shape[0], -1), cost, np.stack(columns, axis=-1)
+
+
+def _magnitude_cost(magnitudes, r1, r2, theta, alpha, tr, increments):
+    basis = np.abs(_unit_signal(r1, r2, theta, alpha, tr, increments)[0])
+    return _projected_fit(magnitudes, basis, nonnegative=True)[2]
 
 
 def _solve_2x2(normal, vector):
@@ -1278,6 +1315,51 @@ def _solve_2x2(normal, vector):
         first = (normal[:, 1, 1] * vector[:, 0] - normal[:, 0, 1] * vector[:, 1]) / det
         second = (normal[:, 0, 0] * vector[:, 1] - normal[:, 1, 0] * vector[:, 0]) / det
     return first, second, det
+
+
+def _levenberg_marquardt(r2, theta, cost, linearise, cost_at, max_iter, tol):
+    """Levenberg-Marquardt over (R2, theta) per voxel; updates ``r2``, ``theta`` and ``cost`` in place.
+
+    ``linearise(index, r2, theta)`` gives the residual (data - model, (m, K)) and the Jacobian
+    (m, K, 2) of the voxels ``index`` at those values, ``cost_at(index, r2, theta)`` their cost.
+    """
+    damping = np.full(r2.shape, 1e-3)
+    active = np.isfinite(cost)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        index = np.flatnonzero(active)
+        residual, jac = linearise(index, r2[index], theta[index])
+        jt = jac.transpose(0, 2, 1)
+        normal = jt @ jac
+        normal[:, [0, 1], [0, 1]] *= 1.0 + damping[index, None]
+        # residual = data - model and d(model) = jac d(params)
+        step_r2, step_theta, det = _solve_2x2(normal, (jt @ residual[..., None])[..., 0])
+        trial_r2, trial_theta = r2[index] + step_r2, theta[index] + step_theta
+        trial_cost = cost_at(index, trial_r2, trial_theta)
+        better = np.isfinite(trial_cost) & (trial_cost <= cost[index])
+        accepted = index[better]
+        r2[accepted], theta[accepted], cost[accepted] = trial_r2[better], trial_theta[better], trial_cost[better]
+        damping[accepted] = np.maximum(damping[accepted] / 10.0, 1e-9)
+        damping[index[~better]] *= 10.0
+        small = (np.abs(step_r2) <= tol * (np.abs(r2[index]) + 1.0)) & (np.abs(step_theta) <= tol)
+        converged = (better & small) | (damping[index] > 1e8) | ~np.isfinite(det)
+        active[index[converged]] = False
+
+
+def _r2_standard_error(jac, cost, n_free, sigma):
+    """SE of R2 from the Jacobian (n, K, 2) and the determinant of its normal matrix.
+
+    ``sigma`` (noise SD per datum) when given, else the residual variance ``cost / n_free``.
+    """
+    normal = jac.transpose(0, 2, 1) @ jac
+    det = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] ** 2
+    if sigma is None:
+        noise_variance = cost / n_free
+    else:
+        noise_variance = np.broadcast_to(np.asarray(sigma, dtype=float), cost.shape) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(noise_variance * normal[:, 1, 1] / det), det
 
 
 @_quiet
@@ -1290,42 +1372,23 @@ def _joint_chunk(signals, r1, b1, r2_start, theta_start, sigma, flip_angles, inc
     theta_start = np.broadcast_to(np.asarray(theta_start, dtype=float), (n,))
     r2 = np.where(np.isfinite(r2_start) & (r2_start > 0), r2_start, 15.0)
     theta = np.where(np.isfinite(theta_start), theta_start, 0.0)
-    _, _, cost = _projected_fit(signals, _unit_signal(r1, r2, theta, alpha, tr, increments)[0])
-    damping = np.full(n, 1e-3)
-    active = np.isfinite(cost)
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        index = np.flatnonzero(active)
+
+    def cost_at(index, r2_values, theta_values):
+        basis, _ = _unit_signal(r1[index], r2_values, theta_values, alpha[index], tr, increments)
+        return _projected_fit(signals[index], basis)[2]
+
+    def linearise(index, r2_values, theta_values):
         _, residual, _, jac = _joint_linearisation(
-            signals[index], r1[index], r2[index], theta[index], alpha[index], tr, increments
+            signals[index], r1[index], r2_values, theta_values, alpha[index], tr, increments
         )
-        jt = jac.transpose(0, 2, 1)
-        normal = jt @ jac
-        normal[:, [0, 1], [0, 1]] *= 1.0 + damping[index, None]
-        # residual = data - model and d(model) = jac d(params)
-        step_r2, step_theta, det = _solve_2x2(normal, (jt @ residual[..., None])[..., 0])
-        trial_r2, trial_theta = r2[index] + step_r2, theta[index] + step_theta
-        trial_basis, _ = _unit_signal(r1[index], trial_r2, trial_theta, alpha[index], tr, increments)
-        _, _, trial_cost = _projected_fit(signals[index], trial_basis)
-        better = np.isfinite(trial_cost) & (trial_cost <= cost[index])
-        accepted = index[better]
-        r2[accepted], theta[accepted], cost[accepted] = trial_r2[better], trial_theta[better], trial_cost[better]
-        damping[accepted] = np.maximum(damping[accepted] / 10.0, 1e-9)
-        damping[index[~better]] *= 10.0
-        small = (np.abs(step_r2) <= tol * (np.abs(r2[index]) + 1.0)) & (np.abs(step_theta) <= tol)
-        converged = (better & small) | (damping[index] > 1e8) | ~np.isfinite(det)
-        active[index[converged]] = False
+        return residual, jac
+
+    cost = cost_at(slice(None), r2, theta)
+    _levenberg_marquardt(r2, theta, cost, linearise, cost_at, max_iter, tol)
     amplitude, _, cost, jac = _joint_linearisation(signals, r1, r2, theta, alpha, tr, increments)
-    normal = jac.transpose(0, 2, 1) @ jac
-    det = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] ** 2
     n_data = 2 * signals.shape[1] * signals.shape[2]
-    if sigma is None:
-        noise_variance = cost / (n_data - 4)
-    else:
-        noise_variance = np.broadcast_to(np.asarray(sigma, dtype=float), (n,)) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r2_se = np.sqrt(noise_variance * normal[:, 1, 1] / det)
+    # four unknowns: the complex amplitude, R2 and theta
+    r2_se, det = _r2_standard_error(jac, cost, n_data - 4, sigma)
     wrapped = np.mod(theta + np.pi, 2 * np.pi) - np.pi
     # the model carries e^{i theta/2}: each 2 pi taken off theta flips the amplitude's sign
     turns = np.rint((theta - wrapped) / (2 * np.pi))
@@ -1340,6 +1403,42 @@ def _joint_chunk(signals, r1, b1, r2_start, theta_start, sigma, flip_angles, inc
         np.where(ok, theta / (2 * np.pi * tr), 0.0),
         np.where(ok, np.sqrt(cost / (n_data // 2)), np.inf),
     )
+
+
+def _joint_inputs(name, samples, flip_angles, phase_increments, tr, mask, r1, b1, sigma):
+    """Checked inputs of the joint fits: increments, flip angles, TR, voxel shape, mask, R1, B1+ and sigma."""
+    if samples.ndim < 2:
+        raise ValueError(f"{name} must have shape (..., n_flip, n_cycle), got shape {samples.shape}")
+    _, increments = _check_cycles(samples, phase_increments, minimum=3)
+    flip_angles = np.atleast_1d(np.asarray(flip_angles, dtype=float))
+    if flip_angles.shape != samples.shape[-2:-1]:
+        raise ValueError(
+            f"flip_angles must have shape ({samples.shape[-2]},) to match {name} of shape {samples.shape}, "
+            f"got {flip_angles.shape}"
+        )
+    leading_shape = samples.shape[:-2]
+    maps = [_voxel_parameter(key, value, leading_shape) for key, value in (("r1", r1), ("b1", b1))]
+    maps.append(None if sigma is None else _voxel_parameter("sigma", sigma, leading_shape))
+    return (increments, flip_angles, _check_tr(tr), leading_shape, check_mask(mask, leading_shape), *maps)
+
+
+def _joint_fit_in_chunks(chunk_function, inputs, leading_shape, mask, dtype, *, chunk_size, n_jobs):
+    """:class:`JointFit` of a joint chunk function over the (masked) voxels; ``r2_se`` and the residual inf outside."""
+    r2, r2_se, amplitude, off_resonance, rms = apply_in_chunks(
+        chunk_function,
+        inputs,
+        leading_shape=leading_shape,
+        output_shapes=[(), (), (), (), ()],
+        mask=mask,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        n_jobs=n_jobs,
+    )
+    r2_se, rms = r2_se.real, rms.real
+    if mask is not None:
+        r2_se[~mask] = np.inf
+        rms[~mask] = np.inf
+    return JointFit(r2.real, r2_se, amplitude, off_resonance.real, rms)
 
 
 def fit_bssfp_joint(
@@ -1411,26 +1510,14 @@ def fit_bssfp_joint(
     spread of frequencies within the voxel (uniform 40 Hz spread at TR 5 ms: median R2 bias
     +5 to +11 % against +1 to +6 % for DESPOT2 on the geometric solution). Like every
     DESPOT2 without its finite-pulse correction, it assumes instantaneous pulses (1 ms pulses at
-    TR 5 ms, 15/50 deg, 0-90 Hz: R2 6 to 12 % low; only :func:`fit_despot2` takes
-    ``pulse_duration``, and with it the linear and non-linear DESPOT2 are exact on the model).
+    TR 5 ms, 15/50 deg, 0-90 Hz: R2 6 to 12 % low; :func:`fit_despot2` takes ``pulse_duration``,
+    and with it the linear and non-linear DESPOT2 are exact on the model;
+    :func:`fit_bssfp_magnitude` takes it too, approximately).
     """
     signals = np.asarray(signals)
-    if signals.ndim < 2:
-        raise ValueError(f"signals must have shape (..., n_flip, n_cycle), got shape {signals.shape}")
-    _, increments = _check_cycles(signals, phase_increments, minimum=3)
-    flip_angles = np.atleast_1d(np.asarray(flip_angles, dtype=float))
-    if flip_angles.shape != signals.shape[-2:-1]:
-        raise ValueError(
-            f"flip_angles must have shape ({signals.shape[-2]},) to match signals of shape {signals.shape}, "
-            f"got {flip_angles.shape}"
-        )
-    tr = _check_tr(tr)
-    leading_shape = signals.shape[:-2]
-    mask = check_mask(mask, leading_shape)
-    r1 = _voxel_parameter("r1", r1, leading_shape)
-    b1 = _voxel_parameter("b1", b1, leading_shape)
-    if sigma is not None:
-        sigma = _voxel_parameter("sigma", sigma, leading_shape)
+    increments, flip_angles, tr, leading_shape, mask, r1, b1, sigma = _joint_inputs(
+        "signals", signals, flip_angles, phase_increments, tr, mask, r1, b1, sigma
+    )
     if r2_start is None or off_resonance_start is None:
         band_free = geometric_solution(signals, increments, chunk_size=chunk_size, n_jobs=n_jobs)
         if r2_start is None:
@@ -1448,18 +1535,226 @@ def fit_bssfp_joint(
             signal, r1_chunk, b1_chunk, r2_chunk, theta_chunk, sigma_chunk, flip_angles, increments, tr, max_iter, tol
         )
 
-    r2, r2_se, amplitude, off_resonance, rms = apply_in_chunks(
+    return _joint_fit_in_chunks(
         chunk_function,
         [signals, r1, b1, r2_start, theta_start, sigma],
-        leading_shape=leading_shape,
-        output_shapes=[(), (), (), (), ()],
-        mask=mask,
+        leading_shape,
+        mask,
+        np.complex128,
         chunk_size=chunk_size,
-        dtype=np.complex128,
         n_jobs=n_jobs,
     )
-    r2_se, rms = r2_se.real, rms.real
-    if mask is not None:
-        r2_se[~mask] = np.inf
-        rms[~mask] = np.inf
-    return JointFit(r2.real, r2_se, amplitude, off_resonance.real, rms)
+
+
+# --------------------------------------------------------------------------------------------
+# Joint fit of all phase-cycle magnitudes (DESPOT2-FM: R2 and off-resonance, R1 and B1+ given)
+# --------------------------------------------------------------------------------------------
+def _finite_pulse_model(r1, nominal_alpha, tr, pulse_duration, off_resonance):
+    """Flip angle (n, F), R1 (n, F) and the time of E2 that make :func:`_unit_signal` model finite pulses.
+
+    :func:`finite_pulse_equivalent` gives E2 over ``tr_r2`` and E1 over ``tr_r1`` (per flip):
+    the model is evaluated with ``tr = tr_r2`` and R1 scaled by ``tr_r1 / tr_r2``.
+    """
+    alpha, tr_r2, tr_r1 = finite_pulse_equivalent(nominal_alpha, tr, pulse_duration, off_resonance=off_resonance)
+    return alpha, r1[:, None] * tr_r1 / tr_r2, tr_r2
+
+
+@_quiet
+def _magnitude_chunk(
+    magnitudes,
+    r1,
+    b1,
+    r2_start,
+    theta_start,
+    sigma,
+    flip_angles,
+    increments,
+    tr,
+    pulse_duration,
+    n_starts,
+    max_iter,
+    tol,
+):
+    n = magnitudes.shape[0]
+    magnitudes = np.abs(magnitudes).astype(np.float64, copy=False)
+    r1 = np.broadcast_to(np.asarray(r1, dtype=float), (n,))
+    nominal_alpha = np.broadcast_to(np.asarray(b1, dtype=float), (n,))[:, None] * flip_angles
+    r2_start = np.broadcast_to(np.asarray(r2_start, dtype=float), (n,))
+    theta_start = np.broadcast_to(np.asarray(theta_start, dtype=float), (n,))
+    r2 = np.where(np.isfinite(r2_start) & (r2_start > 0), r2_start, 15.0)
+    frequency = np.where(np.isfinite(theta_start), theta_start, 0.0) / (2 * np.pi * tr)
+    alpha, r1_model, tr_model = _finite_pulse_model(r1, nominal_alpha, tr, pulse_duration, frequency[:, None])
+
+    def cost_at(index, r2_values, theta_values):
+        return _magnitude_cost(magnitudes[index], r1_model[index], r2_values, theta_values, alpha[index], tr_model,
+                               increments)  # fmt: skip
+
+    def linearise(index, r2_values, theta_values):
+        _, residual, _, jac = _magnitude_linearisation(
+            magnitudes[index], r1_model[index], r2_values, theta_values, alpha[index], tr_model, increments
+        )
+        return residual, jac
+
+    # Magnitudes alone leave several local minima in theta (a mirror image of the true one among
+    # them): the best of a grid over one period starts the search, unless a start is given.
+    theta = np.where(np.isfinite(theta_start), theta_start, np.nan)
+    cost = np.full(n, np.inf)
+    for value in np.linspace(-np.pi, np.pi, n_starts, endpoint=False):
+        trial = np.where(np.isfinite(theta_start), theta_start, value)
+        trial_cost = cost_at(slice(None), r2, trial)
+        better = trial_cost < cost
+        theta[better], cost[better] = trial[better], trial_cost[better]
+    theta = np.where(np.isfinite(theta), theta, 0.0)
+    _levenberg_marquardt(r2, theta, cost, linearise, cost_at, max_iter, tol)
+    if pulse_duration > 0:
+        # the equivalent flip angle depends on the frequency during the pulse: refit at the one found
+        alpha, r1_model, tr_model = _finite_pulse_model(r1, nominal_alpha, tr, pulse_duration,
+                                                        (theta / (2 * np.pi * tr))[:, None])  # fmt: skip
+        cost = cost_at(slice(None), r2, theta)
+        _levenberg_marquardt(r2, theta, cost, linearise, cost_at, max_iter, tol)
+    amplitude, _, cost, jac = _magnitude_linearisation(magnitudes, r1_model, r2, theta, alpha, tr_model, increments)
+    n_data = magnitudes.shape[1] * magnitudes.shape[2]
+    # three unknowns: the amplitude, R2 and theta
+    r2_se, det = _r2_standard_error(jac, cost, n_data - 3, sigma)
+    frequency = (np.mod(theta + np.pi, 2 * np.pi) - np.pi) / (2 * np.pi * tr)
+    if pulse_duration > 0:
+        # the ellipse's phase reads the pulse's extra precession as frequency; per flip angle, averaged
+        true = finite_pulse_off_resonance(frequency[:, None], nominal_alpha, tr, pulse_duration)
+        frequency = np.angle(np.mean(np.exp(2j * np.pi * true * tr), axis=-1)) / (2 * np.pi * tr)
+    ok = np.isfinite(r2) & np.isfinite(amplitude) & np.isfinite(cost) & (r1 > 0)
+    ok &= np.any(magnitudes > 0, axis=(1, 2))
+    return (
+        np.where(ok, r2, 0.0),
+        np.where(ok & (det > 0), r2_se, np.inf),
+        np.where(ok, amplitude, 0.0),
+        np.where(ok, frequency, 0.0),
+        np.where(ok, np.sqrt(cost / n_data), np.inf),
+    )
+
+
+def fit_bssfp_magnitude(
+    magnitudes,
+    flip_angles,
+    phase_increments,
+    tr,
+    r1,
+    *,
+    b1=1.0,
+    sigma=None,
+    n_coils=None,
+    pulse_duration=0.0,
+    r2_start=None,
+    off_resonance_start=None,
+    n_starts=12,
+    mask=None,
+    max_iter=30,
+    tol=1e-6,
+    chunk_size=20_000,
+    n_jobs=1,
+):
+    r"""R2 and off-resonance from the magnitudes of every phase cycle and flip angle (DESPOT2-FM).
+
+    Parameters
+    ----------
+    magnitudes : ndarray, shape (..., n_flip, n_cycle)
+        Phase-cycle magnitudes, the same increments at every flip angle.
+    flip_angles : array_like, shape (n_flip,)
+        Nominal flip angles (rad).
+    phase_increments : array_like, shape (n_cycle,)
+        RF phase-cycling increments (rad).
+    tr : float
+        Repetition time (s).
+    r1 : array_like
+        R1 (1/s), scalar or of the voxel shape.
+    b1 : array_like, optional
+        Transmit field ratio, scalar or of the voxel shape.
+    sigma : float or array_like, optional
+        Per-channel noise SD (that of each magnitude at high SNR), scalar or of the voxel shape:
+        ``r2_se`` comes from it; without it, from the residuals.
+    n_coils : int, optional
+        With ``sigma``: the magnitudes are raw root-sum-of-squares (Rician for 1) images of this
+        many channels, and each sample loses its noise floor :math:`2 N \sigma^2` from its square
+        (:func:`qmri_workflows.core.noise.correct_noise_floor`) before the fit. None (default):
+        the magnitudes carry no floor (denoised, or corrected already).
+    pulse_duration : float, optional
+        Rectangular RF pulse duration (s): the model takes the first-order equivalent of
+        :func:`finite_pulse_equivalent` (refitted once at the frequency found); 0: instantaneous.
+    r2_start, off_resonance_start : array_like, optional
+        Starting values (1/s, Hz) of the voxel shape. By default R2 comes from non-linear
+        :func:`fit_despot2` on the root mean square over the cycles (band-reduced, biased, close
+        enough), and theta is the best of ``n_starts`` values evenly spread over one period.
+    n_starts : int, optional
+        Starting values of theta on the grid.
+    mask : ndarray of bool, optional
+        Voxels to fit; others are 0.
+    max_iter, tol : optional
+        Levenberg-Marquardt iterations and step tolerance (relative for R2, rad for theta).
+    chunk_size : int, optional
+        Voxels per chunk (about 3 kB per voxel of temporaries for 2 x 4 samples).
+    n_jobs : int, optional
+        Threads working on chunks concurrently.
+
+    Returns
+    -------
+    JointFit
+        ``r2`` (1/s), ``r2_se`` (1/s), ``amplitude`` (real :math:`M_0` >= 0, receive gain
+        included), ``off_resonance`` (Hz, in [-1/(2 TR), 1/(2 TR))) and ``rms_residual``
+        (signal units).
+
+    Notes
+    -----
+    DESPOT2-FM (Deoni 2009 [6]_): least squares of
+    :math:`M_0 |\mathrm{bssfp\_signal}(M_0 = 1; R_1, R_2, \theta, b_1\alpha, TR, \Delta_n)|` over
+    every cycle and flip angle, with :math:`M_0 \ge 0` projected out (variable projection) and
+    Levenberg-Marquardt over :math:`(R_2, \theta)`, as :func:`fit_bssfp_joint` does with the
+    complex amplitude. The magnitudes of a cycle set fix the position on the ellipse (theta)
+    only up to local minima, the mirror image among them, hence the grid of starts. No
+    magnitude-only combination is band-free (:func:`magnitude_combination`), so DESPOT2 on
+    the root mean square is biased (3 mm phantom, 8 channels, SNR 20, interior medians: -7 % in
+    white matter to -22 % in the putamen; this fit -1.2 to +2.9 %); this fit is not, and its R2
+    SD is close to the Cramér-Rao bound
+    of the magnitude data (``tests/core/test_bssfp_magnitude.py``). Cost: about 1.8 times
+    :func:`fit_bssfp_joint` (measured on 20 000 voxels, 2 x 4 samples, one thread: 27 against
+    15 microseconds per voxel, the joint fit's geometric start included; with ``pulse_duration``
+    the second pass adds up to as much again), 30 times DESPOT2 on a band-free signal.
+    The finite-pulse equivalent is that of the band-free signal: applied to each cycle it is an
+    approximation; the per-flip-angle shift of theta the pulses cause is neglected.
+
+    References
+    ----------
+    .. [6] Deoni SCL. Transverse relaxation time (T2) mapping in the brain with off-resonance
+       correction using phase-cycled steady-state free precession imaging. J Magn Reson Imaging
+       2009;30:411-417. doi:10.1002/jmri.21849
+    """
+    magnitudes = np.abs(np.asarray(magnitudes))
+    increments, flip_angles, tr, leading_shape, mask, r1, b1, sigma = _joint_inputs(
+        "magnitudes", magnitudes, flip_angles, phase_increments, tr, mask, r1, b1, sigma
+    )
+    pulse_duration = _check_pulse_duration(pulse_duration, tr)
+    if sigma is not None and n_coils is not None:
+        magnitudes = correct_noise_floor(magnitudes, np.asarray(sigma)[..., None, None], n_coils=n_coils)
+    if r2_start is None:
+        rms = magnitude_combination(magnitudes, method="rms")
+        r2_start = fit_despot2(
+            rms, flip_angles, tr, r1, b1=b1, pulse_duration=pulse_duration, mask=mask, n_jobs=n_jobs
+        ).r2
+    r2_start = _voxel_parameter("r2_start", r2_start, leading_shape)
+    theta_start = np.nan
+    if off_resonance_start is not None:
+        theta_start = 2 * np.pi * tr * _voxel_parameter("off_resonance_start", off_resonance_start, leading_shape)
+
+    def chunk_function(signal, r1_chunk, b1_chunk, r2_chunk, theta_chunk, sigma_chunk):
+        return _magnitude_chunk(
+            signal, r1_chunk, b1_chunk, r2_chunk, theta_chunk, sigma_chunk, flip_angles, increments, tr,
+            pulse_duration, n_starts, max_iter, tol,
+        )  # fmt: skip
+
+    return _joint_fit_in_chunks(
+        chunk_function,
+        [magnitudes, r1, b1, r2_start, theta_start, sigma],
+        leading_shape,
+        mask,
+        np.float64,
+        chunk_size=chunk_size,
+        n_jobs=n_jobs,
+    )

@@ -4,7 +4,8 @@
   solution, ellipse fit, or a magnitude-only combination), and the off-resonance map when the
   data are complex; on the map grid.
 * :class:`FitDESPOT2` -- R2, T2 and the standard error of R2 by DESPOT2 on those signals, with R1
-  and B1+ from the R1 family.
+  and B1+ from the R1 family; for magnitude-only data (``despot2-fm``) by the joint fit of every
+  phase-cycle magnitude instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from nipype.interfaces.base import (
 from ..core.bssfp import (
     FINITE_PULSE_T1_SHARE,
     FINITE_PULSE_T2_SHARE,
+    fit_bssfp_magnitude,
     fit_despot2,
     fit_ellipse,
     geometric_off_resonance,
@@ -49,6 +51,10 @@ COMPLEX_COMBINATIONS = ("geometric", "ellipse")
 """Band-free combinations that need magnitude and phase."""
 MAGNITUDE_COMBINATIONS = ("rms", "max")
 """Band-reduced combinations of magnitude-only data (not band-free: DESPOT2 on them is biased)."""
+JOINT_MAGNITUDE_FIT = "despot2-fm"
+"""Magnitude-only data fitted cycle by cycle (DESPOT2-FM): no band-free signal, the phase cycles go to the fit."""
+COMBINATIONS = (*COMPLEX_COMBINATIONS, *MAGNITUDE_COMBINATIONS, JOINT_MAGNITUDE_FIT)
+"""Every value of ``combination`` (the first, ``geometric``, is the default)."""
 
 XIANG_HOFF_REFERENCE = (
     "Xiang QS, Hoff MN. Banding artifact removal for bSSFP imaging with an elliptical signal model. "
@@ -81,6 +87,7 @@ COMBINATION_REFERENCES = {
     "ellipse": (BJORK_REFERENCE, PLANET_REFERENCE),
     "rms": (),
     "max": (),
+    JOINT_MAGNITUDE_FIT: (),
 }
 COMBINATION_ALGORITHMS = {
     "geometric": "geometric solution (least-squares intersection of the chords joining opposite phase cycles), "
@@ -94,11 +101,17 @@ COMBINATION_ALGORITHMS = {
     "max": "magnitude-only data: maximum over the phase cycles (band-reduced, NOT band-free: a residual "
     "modulation with off-resonance remains and its level differs from the band-free signal, so DESPOT2 on it "
     "is biased; acquire phase images for the geometric solution)",
+    JOINT_MAGNITUDE_FIT: "none: every phase-cycle magnitude goes to the joint DESPOT2-FM fit (see "
+    "EstimationAlgorithm); the root mean square over the cycles (band-reduced) only starts it",
 }
 R2_ALGORITHMS = {
     "linear": "DESPOT2 on the band-free signal: regression S/sin(a) = m S/tan(a) + c, E2^2 = (E1 - m)/(1 - m E1)",
     "nonlinear": "DESPOT2 on the band-free signal: least squares of the band-free magnitudes over amplitude and R2 "
     "(Gauss-Newton, amplitude projected out), started from the DESPOT2 regression",
+    JOINT_MAGNITUDE_FIT: "DESPOT2-FM on magnitude-only data: least squares of the magnitudes of every phase cycle and "
+    "flip angle, M0 |bSSFP signal(R1, R2, off-resonance, B1+ x flip angle)|, over M0 >= 0 (projected out), R2 and "
+    "the off-resonance (Levenberg-Marquardt from the best of 12 off-resonances over 1/TR and from DESPOT2 on the "
+    "root mean square of the cycles)",
 }
 
 
@@ -134,7 +147,10 @@ class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
     phase_increments = traits.List(traits.Float, mandatory=True, desc="RF phase-cycling increments (deg)")
     repetition_time = traits.Float(mandatory=True, desc="TR (s)")
     combination = traits.Enum(
-        "geometric", "ellipse", "rms", "max", usedefault=True, desc="how the phase cycles are combined"
+        *COMBINATIONS,
+        usedefault=True,
+        desc=f"how the phase cycles are combined ({JOINT_MAGNITUDE_FIT}: the root mean square, and every cycle's "
+        "magnitude written for the joint fit)",
     )
     reference_file = File(exists=True, mandatory=True, desc="an image on the map grid")
     mask_file = File(exists=True, desc="brain mask on the map grid (used when the bSSFP shares that grid)")
@@ -159,6 +175,11 @@ class _BandFreeBSSFPInputSpec(BaseInterfaceInputSpec):
 
 class _BandFreeBSSFPOutputSpec(TraitedSpec):
     band_free_files = OutputMultiObject(File(exists=True), desc="band-free magnitude per flip angle, map grid")
+    cycle_files = OutputMultiObject(
+        File(exists=True),
+        desc=f"{JOINT_MAGNITUDE_FIT} only: every phase-cycle magnitude (flip angle by flip angle), its noise floor "
+        "removed when raw, on the map grid",
+    )
     offresonance_file = File(exists=True, desc="off-resonance (Hz, modulo 1/TR) on the map grid; complex data only")
     noise_sigma = traits.Float(
         desc="per-channel noise SD of the phase cycles, from the air (NaN if unknown): with root-sum-of-squares "
@@ -197,6 +218,11 @@ class BandFreeBSSFP(SimpleInterface):
     ``2 N sigma^2``, from its mean square over the cycles (:func:`~qmri_workflows.core.noise.correct_noise_floor`),
     which leaves that mean square unbiased with or without phase; ``max`` has no closed form and
     keeps its floor.
+
+    ``despot2-fm`` (magnitude-only data, for the joint fit of :class:`FitDESPOT2`): the band-free
+    files hold the root mean square (the fit's start) and ``cycle_files`` every cycle's magnitude,
+    each sample of raw magnitudes less its whole floor ``2 N sigma^2`` in its square
+    (:func:`~qmri_workflows.core.noise.correct_noise_floor`).
     """
 
     input_spec = _BandFreeBSSFPInputSpec
@@ -234,6 +260,7 @@ class BandFreeBSSFP(SimpleInterface):
         b1 = self._b1_on_source_grid(source, on_map_grid) if pulse_duration > 0 and has_phase else None
 
         band_free, phasor, weight_sum = [], np.zeros(shape, complex), np.zeros(shape)
+        cycles = []
         ill_conditioned = 0
         chunking = {"chunk_size": self.inputs.chunk_size, "n_jobs": self.inputs.num_threads}
         for index in range(n_flip):
@@ -260,7 +287,12 @@ class BandFreeBSSFP(SimpleInterface):
             voxel_sigma = None
             if floor_sigma is not None:
                 voxel_sigma = floor_sigma[fitted] if np.ndim(floor_sigma) else floor_sigma
-            if voxel_sigma is not None and combination != "rms":
+            if voxel_sigma is not None and combination == JOINT_MAGNITUDE_FIT:
+                # the joint fit reads each sample: each loses the whole floor, 2 N sigma^2, from its square
+                voxel_magnitudes = correct_noise_floor(
+                    voxel_magnitudes, np.expand_dims(voxel_sigma, -1), n_coils=self.inputs.n_coils
+                )
+            elif voxel_sigma is not None and combination != "rms":
                 voxel_magnitudes = remove_orthogonal_noise(
                     voxel_magnitudes, np.expand_dims(voxel_sigma, -1), n_coils=self.inputs.n_coils
                 )
@@ -284,6 +316,11 @@ class BandFreeBSSFP(SimpleInterface):
             full = np.full(shape, np.nan)
             full[fitted] = value
             band_free.append(full)
+            if combination == JOINT_MAGNITUDE_FIT:
+                for cycle in range(n_cycle):
+                    full = np.full(shape, np.nan, dtype=np.float32)
+                    full[fitted] = voxel_magnitudes[:, cycle]
+                    cycles.append(full)
             if off_resonance is not None:
                 weight = value**2
                 phasor[fitted] += weight * np.exp(2j * np.pi * off_resonance * tr)
@@ -312,6 +349,11 @@ class BandFreeBSSFP(SimpleInterface):
                 )
             )
         self._results["band_free_files"] = files
+        if cycles:
+            self._results["cycle_files"] = [
+                self._on_map_grid(values, source, reference, on_map_grid, "linear", f"cycle_{index}.nii", runtime.cwd)
+                for index, values in enumerate(cycles)
+            ]
         if weight_sum.any():
             with np.errstate(invalid="ignore", divide="ignore"):
                 frequency = np.where(weight_sum > 0, np.angle(phasor) / (2 * np.pi * tr), np.nan)
@@ -336,7 +378,12 @@ class BandFreeBSSFP(SimpleInterface):
             return None, None  # no closed form for the floor of a maximum; the sidecar says it is biased
         if not self.inputs.raw_magnitudes:
             return None, "none here: the denoising step removed the noise floor"
-        if combination == "rms":
+        if combination == JOINT_MAGNITUDE_FIT:
+            removed = (
+                f"each phase-cycle magnitude ({n_coils} channel(s)): its noise power 2 N sigma^2 removed from its "
+                "square before the joint fit "
+            )
+        elif combination == "rms":
             removed = (
                 f"root mean square over the phase cycles: the noise power of the magnitudes ({n_coils} channel(s)), "
                 "2 N sigma^2, removed from the mean square "
@@ -387,7 +434,8 @@ class BandFreeBSSFP(SimpleInterface):
         if combination == "ellipse":
             fit = fit_ellipse(signals, increments, tr, **finite_pulse, **chunking)
             return np.abs(fit.amplitude), fit.off_resonance
-        value = magnitude_combination(magnitudes.astype(np.float64), method=combination)
+        method = "rms" if combination == JOINT_MAGNITUDE_FIT else combination
+        value = magnitude_combination(magnitudes.astype(np.float64), method=method)
         if signals is None:
             return value, None
         # complex data combined by magnitude: the off-resonance still comes from the cycles
@@ -419,8 +467,16 @@ class _FitDESPOT2InputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, desc="voxels to fit (0 elsewhere)")
     method = traits.Enum("nonlinear", "linear", usedefault=True, desc="DESPOT2 estimator")
     combination = traits.Enum(
-        "geometric", "ellipse", "rms", "max", usedefault=True, desc="how the band-free signals were made"
+        *COMBINATIONS,
+        usedefault=True,
+        desc=f"how the band-free signals were made ({JOINT_MAGNITUDE_FIT}: the joint fit of cycle_files instead)",
     )
+    cycle_files = InputMultiObject(
+        File(exists=True),
+        desc=f"{JOINT_MAGNITUDE_FIT}: every phase-cycle magnitude, flip angle by flip angle, the cycles of each in "
+        "the order of phase_increments (BandFreeBSSFP's cycle_files)",
+    )
+    phase_increments = traits.List(traits.Float, desc=f"RF phase-cycling increments (deg), for {JOINT_MAGNITUDE_FIT}")
     pulse_duration = traits.Float(
         0.0, usedefault=True, desc="RF pulse duration (s) for the finite-pulse correction; 0: instantaneous pulses"
     )
@@ -458,6 +514,12 @@ class FitDESPOT2(SimpleInterface):
     With ``pulse_duration`` > 0 the model is corrected for finite RF pulses
     (:func:`qmri_workflows.core.bssfp.finite_pulse_equivalent`), using the off-resonance map when
     given; the sidecar records the duration (``RFPulseDuration``, s) and the correction.
+
+    ``combination="despot2-fm"`` (magnitude-only data): no band-free signal exists, so R2 comes
+    from the joint fit of every phase-cycle magnitude (``cycle_files``,
+    :func:`qmri_workflows.core.bssfp.fit_bssfp_magnitude`, DESPOT2-FM) with the off-resonance
+    as a free parameter (the finite-pulse correction included); ``method`` is not used, and the
+    standard error comes from the residuals (``n_flip x n_cycle`` magnitudes, three unknowns).
     """
 
     input_spec = _FitDESPOT2InputSpec
@@ -493,18 +555,22 @@ class FitDESPOT2(SimpleInterface):
             metadata["B1Correction"] = f"none: {note}; nominal flip angles assumed (R2 and R1 both biased)"
             LOGGER.info("R2: not corrected for B1+ (%s)", note)
 
-        finite_signal = np.isfinite(signals).all(axis=-1)
+        joint = self.inputs.combination == JOINT_MAGNITUDE_FIT
+        if joint:
+            signals = self._cycles(reference, flips.size)
+        finite_signal = np.isfinite(signals).all(axis=(-2, -1) if joint else -1)
         usable_r1 = np.isfinite(r1) & (r1 > 0)
         fitted = mask & finite_signal & usable_r1 & np.isfinite(b1)
         sigma = None
         # Non-local means lowered the noise by a factor that varies from voxel to voxel; the air keeps
         # the raw noise, so a standard error from it would overstate the uncertainty.
         raw_noise = isdefined(self.inputs.noise_sigma) and np.isfinite(self.inputs.noise_sigma)
-        if flips.size == 2 and raw_noise and not self.inputs.denoised:
+        if flips.size == 2 and raw_noise and not self.inputs.denoised and not joint:
             sigma = float(self.inputs.noise_sigma)
         pulse_duration, off_resonance = self._finite_pulse(reference, metadata)
         # only the voxels of ``fitted`` are read (mask), so the others need no placeholder values
-        result = fit_despot2(
+        fit = self._joint_fit if joint else fit_despot2
+        result = fit(
             signals,
             np.deg2rad(flips),
             self.inputs.repetition_time,
@@ -551,15 +617,19 @@ class FitDESPOT2(SimpleInterface):
                 )
         combination = self.inputs.combination
         self._results["metadata"] = {
-            "EstimationAlgorithm": f"{R2_ALGORITHMS[self.inputs.method]}; band-free signal per flip angle: "
-            f"{COMBINATION_ALGORITHMS[combination]}; R1 (and B1+) from DESPOT1 on the spoiled GRE",
+            "EstimationAlgorithm": f"{R2_ALGORITHMS[combination if joint else self.inputs.method]}; "
+            f"band-free signal per flip angle: {COMBINATION_ALGORITHMS[combination]}; R1 (and B1+) from DESPOT1 on "
+            "the spoiled GRE",
             "EstimationReference": list(
                 DESPOT2_REFERENCES
                 + COMBINATION_REFERENCES[combination]
                 + ((FINITE_PULSE_REFERENCE,) if pulse_duration > 0 else ())
             ),
             "R2StandardErrorNote": (
-                "from the residuals of the fit (more than two flip angles)"
+                f"from the residuals of the joint fit ({signals.shape[-2] * signals.shape[-1]} magnitudes, three "
+                "unknowns)"
+                if joint
+                else "from the residuals of the fit (more than two flip angles)"
                 if flips.size > 2
                 else "none, NaN: two flip angles leave no residual, and the phase cycles are denoised (the noise "
                 "measured in the air is that of the raw images, not theirs)"
@@ -571,6 +641,33 @@ class FitDESPOT2(SimpleInterface):
             **counts,
         }
         return runtime
+
+    def _cycles(self, reference, n_flip):
+        """The phase-cycle magnitudes on the map grid, float32 (x, y, z, n_flip, n_cycle)."""
+        n_cycle = len(self.inputs.phase_increments) if isdefined(self.inputs.phase_increments) else 0
+        files = list(self.inputs.cycle_files) if isdefined(self.inputs.cycle_files) else []
+        if n_cycle == 0 or len(files) != n_flip * n_cycle:
+            raise ValueError(
+                f"{JOINT_MAGNITUDE_FIT} needs cycle_files for {n_flip} flip angles x the phase_increments, got "
+                f"{len(files)} files and {n_cycle} increments"
+            )
+        cycles = load_volumes(files, reference=reference)
+        return cycles.reshape(cycles.shape[:3] + (n_flip, n_cycle))
+
+    def _joint_fit(self, cycles, flip_angles, tr, r1, *, b1, sigma, method, pulse_duration, off_resonance, **chunking):
+        """:func:`fit_bssfp_magnitude` with :func:`fit_despot2`'s call (``method``, ``off_resonance``: unused)."""
+        chunking["chunk_size"] = min(chunking["chunk_size"], 50_000)
+        return fit_bssfp_magnitude(
+            cycles,
+            flip_angles,
+            np.deg2rad(np.asarray(self.inputs.phase_increments, dtype=float)),
+            tr,
+            r1,
+            b1=b1,
+            sigma=sigma,
+            pulse_duration=pulse_duration,
+            **chunking,
+        )
 
     def _finite_pulse(self, reference, metadata):
         """Pulse duration (s) and off-resonance map (Hz or None) of the finite-pulse correction."""
@@ -591,6 +688,8 @@ class FitDESPOT2(SimpleInterface):
             off_resonance = load_volume(self.inputs.offresonance_file, reference=reference).astype(np.float64)
             off_resonance[~np.isfinite(off_resonance)] = 0.0
         frequency = "the off-resonance map (modulo 1/TR)" if off_resonance is not None else "on resonance (0 Hz)"
+        if self.inputs.combination == JOINT_MAGNITUDE_FIT:
+            frequency = "the off-resonance the joint fit finds (the equivalent applied to every phase cycle)"
         metadata["FinitePulseCorrection"] = (
             f"rectangular RF pulses of {pulse_duration * 1e3:g} ms ({source}): band-free signal modelled with "
             f"E2 over TR - {FINITE_PULSE_T2_SHARE:.3g} TRF, E1 over TR + {FINITE_PULSE_T1_SHARE:.3g} TRF "

@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 
 R2_METHOD_CHOICES = ("nonlinear", "linear")
-BSSFP_COMBINATION_CHOICES = ("auto", "geometric", "ellipse", "rms", "max")
+#: Magnitude-only data fitted cycle by cycle with the off-resonance (DESPOT2-FM), not combined; the
+#: same value as ``interfaces.bssfp.JOINT_MAGNITUDE_FIT`` (not imported: the registry loads this module
+#: without nipype).
+JOINT_MAGNITUDE_FIT = "despot2-fm"
+BSSFP_COMBINATION_CHOICES = ("auto", "geometric", "ellipse", JOINT_MAGNITUDE_FIT, "rms", "max")
 MIN_FLIP_ANGLES_R2 = 2
 MIN_PHASE_CYCLES = 4
 OFFRESONANCE_DESC = "offresonance"
@@ -48,10 +52,12 @@ def init_r2_wf(
         RF phase-cycling increments (deg), the same at every flip angle.
     repetition_time : float
         TR (s).
-    combination : {"geometric", "ellipse", "rms", "max"}
-        Band-free signal per flip angle (complex data) or the band-reduced magnitude combination.
+    combination : {"geometric", "ellipse", "despot2-fm", "rms", "max"}
+        Band-free signal per flip angle (complex data), the joint fit of every phase-cycle
+        magnitude (``despot2-fm``: the band-free step passes the cycles, floor removed, to the fit
+        node) or the band-reduced magnitude combination.
     method : {"nonlinear", "linear"}
-        DESPOT2 estimator.
+        DESPOT2 estimator (not used by ``despot2-fm``).
     with_phase : bool
         Whether phase images are given (``phase_files``, ``phase_scale``).
     pulse_duration : float
@@ -195,6 +201,8 @@ def init_r2_wf(
         mem_gb=_node_mem_gb(mem_gb, "fit"),
         n_procs=omp_nthreads,
     )
+    if combination == JOINT_MAGNITUDE_FIT:
+        fit.inputs.phase_increments = [float(v) for v in phase_increments]
     if b1_note is not None:
         fit.inputs.b1_note = b1_note
     if pulse_duration_source is not None:
@@ -231,6 +239,7 @@ def init_r2_wf(
         (inputnode, band_free, [("reference_file", "reference_file"), ("mask_file", "mask_file")]),
         (inputnode, fit, [("mask_file", "mask_file"), ("r1_file", "r1_file")]),
         (band_free, fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]),
+        *([(band_free, fit, [("cycle_files", "cycle_files")])] if combination == JOINT_MAGNITUDE_FIT else []),
         (band_free, outputnode, [("offresonance_file", "offresonance_file"), ("band_free_files", "band_free_files")]),
         (merge, outputnode, [("out_dict", "metadata")]),
     ])  # fmt: skip
@@ -278,7 +287,8 @@ def init_r2_wf(
             (fit, refit, [("r2_file", "inputnode.r2_file")]),
             (refit, final_fit, [("outputnode.r1_file", "r1_file")]),
             (inputnode, final_fit, [("mask_file", "mask_file")]),
-            (band_free, final_fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]),
+            (band_free, final_fit, [("band_free_files", "band_free_files"), ("noise_sigma", "noise_sigma")]
+             + ([("cycle_files", "cycle_files")] if combination == JOINT_MAGNITUDE_FIT else [])),
             (refit, outputnode, [(f"outputnode.{field}", f"refined_{field}") for field in REFINED_R1_FIELDS]),
         ])  # fmt: skip
         if b1_note is None:
@@ -329,12 +339,12 @@ def resolve_combination(inputs, requested):
     """The band-free combination ``--bssfp-combination`` means for these data.
 
     ``auto``: the geometric solution for complex data with cycles in opposite pairs, the ellipse fit
-    for other complex data, the root mean square of the magnitudes without phase.
+    for other complex data, the joint fit of the magnitudes (DESPOT2-FM) without phase.
     """
     if requested != "auto":
         return requested
     if not _has_phase(inputs):
-        return "rms"
+        return JOINT_MAGNITUDE_FIT
     return "geometric" if _in_opposite_pairs(inputs.bssfp[0].phase_increments) else "ellipse"
 
 
@@ -364,7 +374,7 @@ def _check_r2(inputs, options):
         return (
             f"--bssfp-combination {combination} needs the phase of every phase cycle, and the bSSFP has magnitude "
             f"only (e.g. {series[0].magnitude[0]}); add the part-phase images, or use --bssfp-combination rms "
-            "(band-reduced, biased) or auto"
+            f"(band-reduced, biased), {JOINT_MAGNITUDE_FIT} or auto"
         )
     if combination == "geometric" and not _in_opposite_pairs(increments):
         return (
@@ -415,7 +425,18 @@ def _describe_r2(inputs, options):
 
     series = inputs.bssfp
     flips = ", ".join(f"{s.flip_angle:g}" for s in series)
-    data = "complex" if _has_phase(inputs) else "WARNING: magnitude only, band-reduced not band-free (R2 biased)"
+    combination = resolve_combination(inputs, options["bssfp_combination"])
+    method = "DESPOT2"
+    if combination == JOINT_MAGNITUDE_FIT:
+        method = "DESPOT2-FM (joint fit of every cycle's magnitude with the off-resonance)"
+        data = "complex, phase not used" if _has_phase(inputs) else "magnitude only"
+    elif _has_phase(inputs):
+        data = "complex"
+    else:
+        data = (
+            f"WARNING: magnitude only, band-reduced not band-free (R2 biased; --bssfp-combination "
+            f"{JOINT_MAGNITUDE_FIT} is not)"
+        )
     refit = (
         "; R1 refitted with this R2's T2 (spoiling correction), then R2 with that R1"
         if spoiling_corrected(BuildContext(inputs=inputs, options=options))
@@ -424,7 +445,7 @@ def _describe_r2(inputs, options):
     (duration, _), _ = pulse_duration(inputs, options)
     pulses = f"finite-pulse correction for {duration * 1e3:g} ms pulses" if duration > 0 else "instantaneous pulses"
     return (
-        f"DESPOT2 from {len(series[0].phase_increments)} bSSFP phase cycles ({data}) at flip {flips} deg, "
+        f"{method} from {len(series[0].phase_increments)} bSSFP phase cycles ({data}) at flip {flips} deg, "
         f"TR {series[0].repetition_time * 1e3:g} ms, {pulses}; R1 and B1+ from the R1 family{refit}"
     )
 
@@ -450,7 +471,7 @@ def _b1_note(context):
 # voxels, 2 flip angles x 4 cycles, 2 threads: band-free 1.07-1.14 GB, DESPOT2 0.83-0.96 GB):
 # what stays besides the interpreter and the chunks' temporaries, in bytes per voxel of the grid.
 _R2_BASE_GB = 0.25
-_R2_CHUNK_BYTES_PER_CYCLE = {"geometric": 200, "ellipse": 250, "rms": 200, "max": 200}
+_R2_CHUNK_BYTES_PER_CYCLE = {"geometric": 200, "ellipse": 250, "rms": 200, "max": 200, JOINT_MAGNITUDE_FIT: 200}
 
 
 def _node_mem_gb(mem_gb, node):
@@ -466,6 +487,9 @@ def estimate_r2_mem_gb(bssfp_file, map_file, n_cycle, n_flip, *, combination="ge
     every flip angle and the off-resonance phasor sum; plus, per thread, a chunk of 100 000 voxels'
     temporaries (about 200 bytes per voxel and cycle, 250 for the ellipse fit). DESPOT2 holds the
     band-free stack, R1 and B1+ (float32 and float64), its float64 outputs and their float32 copies.
+    ``despot2-fm`` (counted, not measured): the band-free step also keeps every cycle's float32
+    magnitude, and the fit reads them (float32, plus its own float32 copy) and works on chunks of
+    50 000 voxels (about 200 bytes per voxel and sample).
     """
     import nibabel as nib
     import numpy as np
@@ -476,6 +500,10 @@ def estimate_r2_mem_gb(bssfp_file, map_file, n_cycle, n_flip, *, combination="ge
     band_free_chunks = 100_000 * n_cycle * _R2_CHUNK_BYTES_PER_CYCLE[combination] * max(n_threads, 1)
     fit = n_map * (4 * n_flip + 76)
     fit_chunks = 200_000 * (24 * n_flip + 100) * max(n_threads, 1)
+    if combination == JOINT_MAGNITUDE_FIT:
+        band_free += n_bssfp * 4 * n_flip * n_cycle
+        fit += n_map * 8 * n_flip * n_cycle
+        fit_chunks += 50_000 * 200 * n_flip * n_cycle * max(n_threads, 1)
     return {
         "band_free": round(_R2_BASE_GB + 1.3 * (band_free + band_free_chunks) / 1e9, 2),
         "fit": round(_R2_BASE_GB + 1.3 * (fit + fit_chunks) / 1e9, 2),
@@ -676,9 +704,11 @@ def _registry_entries():
                     "choices": BSSFP_COMBINATION_CHOICES,
                     "default": "auto",
                     "help": "band-free signal per flip angle from its phase cycles: geometric solution "
-                    "(complex data, cycles in opposite pairs), ellipse fit (complex data), or for magnitude-only "
-                    "data the root mean square (rms) or maximum (max) over cycles, which are band-reduced, not "
-                    "band-free; auto (default): geometric, else ellipse, else rms",
+                    "(complex data, cycles in opposite pairs), ellipse fit (complex data); for magnitude-only "
+                    f"data {JOINT_MAGNITUDE_FIT}, no combination but the joint fit of every cycle's magnitude with "
+                    "the off-resonance (Deoni 2009), or the root mean square (rms) or maximum (max) over cycles, "
+                    "which are band-reduced, not band-free (R2 biased); auto (default): geometric, else ellipse, "
+                    f"else {JOINT_MAGNITUDE_FIT}",
                 },
             ),
             Option(

@@ -102,14 +102,29 @@ def test_geometric_solution_without_phase_disables_r2_only(tmp_path, caplog):
     assert not (out / "anat" / "sub-01_R2map.nii.gz").exists()
 
 
-def test_magnitude_only_bssfp_gets_the_rms_combination_with_a_warning(tmp_path, caplog):
+def test_magnitude_only_bssfp_gets_the_joint_magnitude_fit(tmp_path, caplog):
+    """Without phase, ``auto`` fits every cycle's magnitude with the off-resonance (DESPOT2-FM):
+    no band-free signal, so no warning; ``rms`` stays selectable, with its warning."""
     raw = _bssfp_dataset(tmp_path, phase=False)
     code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    line = _plan_line(caplog, "R2")
+    assert line.startswith("R2: yes, DESPOT2-FM (joint fit of every cycle's magnitude with the off-resonance) from 4")
+    assert "(magnitude only)" in line and "WARNING" not in line
+    r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
+    assert r2["EstimationAlgorithm"].startswith("DESPOT2-FM on magnitude-only data")
+    assert r2["BandFreeCombination"].startswith("none: every phase-cycle magnitude goes to the joint DESPOT2-FM fit")
+    assert any("Deoni SCL. Transverse relaxation" in reference for reference in r2["EstimationReference"])
+    assert r2["R2StandardErrorNote"].startswith("from the residuals of the joint fit (8 magnitudes")
+    assert r2["FittedVoxels"] > 0 and (out / "anat" / "sub-01_desc-stderr_R2map.nii.gz").is_file()
+    assert not (out / "fmap" / "sub-01_desc-offresonance_fieldmap.nii.gz").exists()
+
+    caplog.clear()
+    code, out = _run(raw.root, tmp_path / "rms", "--bssfp-combination", "rms")
     assert code == 0, caplog.text
     assert "WARNING: magnitude only, band-reduced not band-free" in _plan_line(caplog, "R2")
     r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
     assert r2["BandFreeCombination"].startswith("magnitude-only data: root mean square")
-    assert not (out / "fmap" / "sub-01_desc-offresonance_fieldmap.nii.gz").exists()
 
 
 def test_single_echo_vfa_with_bssfp_refits_r1_with_the_r2_map(tmp_path, caplog):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...core.relaxometry import trusted_voxels
 from ..errors import BIDSInputError
 from .layout import entity
 from .metadata import ANGLE_TOLERANCE, check_grids, load_header, sidecar_number
@@ -261,6 +260,9 @@ def tfl_map(ctx, files, prep_angle=None):
 def _tfl_median_ratio(ctx, famp_file, anat_file, prep_angle):
     """Median of famp / (10 x ``prep_angle``) in the head: where the reference image has signal
     when it is on the famp's grid, else wherever the famp is positive."""
+    # imported here: the query is loaded by --help, which must not pay for scipy
+    from ...core.relaxometry import trusted_voxels
+
     famp = np.asarray(load_header(famp_file, ctx.name(famp_file)).dataobj, dtype=float)
     inside = np.isfinite(famp) & (famp > 0)
     if anat_file is not None:

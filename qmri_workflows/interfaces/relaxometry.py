@@ -442,11 +442,10 @@ class ReadTB1map(SimpleInterface):
 
     def _run_interface(self, runtime):
         name = self.inputs.source_name if isdefined(self.inputs.source_name) else self.inputs.in_file
-        image = nib.load(self.inputs.in_file)
-        values = load_volume(self.inputs.in_file)
+        values, affine = self._load(name)
         scale, how = self._scale(values, name)
         percent = np.where(values > 0, 100.0 * scale * values, np.nan).astype(np.float32)
-        self._results["tb1map_file"] = str(write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), percent, image.affine))
+        self._results["tb1map_file"] = str(write_nifti(os.path.join(runtime.cwd, "TB1map.nii"), percent, affine))
         self._results["metadata"] = {
             "Units": "percent",
             "B1Source": str(name),
@@ -454,6 +453,10 @@ class ReadTB1map(SimpleInterface):
             **self._method_metadata(),
         }
         return runtime
+
+    def _load(self, name):
+        """``(values, affine)`` of the map on the grid it is written on."""
+        return load_volume(self.inputs.in_file), nib.load(self.inputs.in_file).affine
 
     def _scale(self, values, name):
         """``(factor to the ratio actual / nominal, how the unit was read)``."""
@@ -464,7 +467,8 @@ class ReadTB1map(SimpleInterface):
 
 
 class _ReadTFLMapInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="the famp image of a Siemens tfl_b1map, on the map grid")
+    in_file = File(exists=True, mandatory=True, desc="the famp image of a Siemens tfl_b1map, on any grid")
+    reference_file = File(exists=True, desc="an image on the map grid, onto which famp is brought (default: in_file's)")
     prep_angle = traits.Float(mandatory=True, desc="nominal preparation (saturation) flip angle (deg)")
     angle_source = Str(mandatory=True, desc="where prep_angle comes from (sidecar FlipAngle or the option)")
     source_name = Str(desc="the original famp file (for messages and provenance)")
@@ -473,9 +477,28 @@ class _ReadTFLMapInputSpec(BaseInterfaceInputSpec):
 class ReadTFLMap(ReadTB1map):
     """B1+ (percent of nominal) from the flip-angle map of a Siemens ``tfl_b1map``: famp holds 10 x
     the actual preparation angle (deg), so B1+ = famp / (10 x nominal angle); read as a TB1map is
-    (resampled linearly onto the map grid before, not smoothed)."""
+    (brought linearly onto the grid of ``reference_file``, not smoothed).
+
+    famp values of 0 or below are no flip angle (the scanner masks the background with 0; a
+    preparation that does not tip is not a head's B1+) and count as missing while famp is
+    resampled: interpolated into the head's edge from a coarser famp, as a TB1map's values are,
+    they read B1+ low there (-12 % median, 5th percentile -32 % at the brain's edge on the 3 mm
+    phantom with a masked 5 mm famp). Missing voxels are filled from their finite neighbours
+    within one famp voxel (:func:`~qmri_workflows.io.resample.resample_to_reference`).
+    """
 
     input_spec = _ReadTFLMapInputSpec
+
+    def _load(self, name):
+        image = nib.load(self.inputs.in_file)
+        famp = load_volume(self.inputs.in_file)
+        famp = np.where(famp > 0, famp, np.nan).astype(np.float32)
+        if not isdefined(self.inputs.reference_file):
+            return famp, image.affine
+        resampled = resample_to_reference(
+            nib.Nifti1Image(famp, image.affine), self.inputs.reference_file, kind="linear", name=str(name)
+        )
+        return np.asarray(resampled.dataobj, dtype=np.float32), resampled.affine
 
     def _scale(self, values, name):
         angle = self.inputs.prep_angle

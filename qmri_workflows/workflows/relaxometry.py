@@ -63,7 +63,6 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     from nipype.pipeline import engine as pe
 
     from ..interfaces.relaxometry import AFIFlipAngleMap, DAMFlipAngleMap, ReadTB1map, ReadTFLMap
-    from ..interfaces.resample import ResampleToReference
 
     workflow = pe.Workflow(name=name)
     pairs = {
@@ -83,11 +82,12 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
         node = pe.Node(interface(smoothing_fwhm=smoothing_fwhm, n_coils=n_coils), name=f"{source}_b1", mem_gb=mem_gb)
         connections = [(field, field) for field in fields]
     elif source == "tfl":
-        # read as a TB1map is: brought linearly onto the map grid, then scaled, not smoothed
+        # brought linearly onto the map grid by the node itself (its masked zeros are no data there),
+        # then scaled, not smoothed
         fields = ["famp_file", "prep_angle", "angle_source", "reference_file"]
-        resample = pe.Node(ResampleToReference(kind="linear"), name="resample_famp", mem_gb=mem_gb)
         node = pe.Node(ReadTFLMap(), name="read_tfl", mem_gb=mem_gb)
-        connections = [("prep_angle", "prep_angle"), ("angle_source", "angle_source"), ("famp_file", "source_name")]
+        connections = [("famp_file", "in_file"), ("reference_file", "reference_file")]
+        connections += [("prep_angle", "prep_angle"), ("angle_source", "angle_source"), ("famp_file", "source_name")]
     elif source == "tb1map":
         fields = ["tb1map_file", "units", "source_name"]
         node = pe.Node(ReadTB1map(), name="read_tb1map", mem_gb=mem_gb)
@@ -95,11 +95,6 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     else:
         raise ValueError(f"B1+ source must be 'afi', 'dam', 'tfl' or 'tb1map', got {source!r}")
     inputnode = pe.Node(IdentityInterface(fields=fields), name="inputnode")
-    if source == "tfl":
-        workflow.connect([
-            (inputnode, resample, [("famp_file", "in_file"), ("reference_file", "reference_file")]),
-            (resample, node, [("out_file", "in_file")]),
-        ])  # fmt: skip
     outputnode = pe.Node(IdentityInterface(fields=["tb1map_file", "metadata"]), name="outputnode")
     workflow.connect([
         (inputnode, node, connections),

@@ -14,6 +14,7 @@ from qmri_workflows.interfaces.relaxometry import (
     DAMFlipAngleMap,
     FitR1,
     ReadTB1map,
+    ReadTFLMap,
     spoiling_choice,
 )
 from qmri_workflows.io.derivatives import write_nifti
@@ -76,6 +77,25 @@ def test_read_tb1map_writes_percent(tmp_path):
     percent = nib.load(result.outputs.tb1map_file).get_fdata()
     assert np.allclose(percent, 100 * ratio, rtol=1e-6)
     assert result.outputs.metadata["Units"] == "percent"
+
+
+def test_tfl_map_on_a_coarse_grid_ignores_the_masked_background(tmp_path):
+    # a scanner-masked famp (0 outside the head) on a 6 mm grid: the zeros are no flip angle, and
+    # interpolating them into the head's edge read B1+ low there (-12 % at the edge on the phantom)
+    coarse = np.diag([6.0, 6.0, 6.0, 1.0])
+    famp = np.where(_ellipsoid((10, 10, 10)), 800, 0).astype(np.float32)  # B1+ 1 at 80 deg
+    famp_file = _write(tmp_path / "famp.nii", famp, coarse)
+    fine = np.diag([3.0, 3.0, 3.0, 1.0])
+    fine[:3, 3] = -1.5  # voxel centres between the coarse ones
+    reference = _write(tmp_path / "ref.nii", np.ones((20, 20, 20)), fine)
+    result = ReadTFLMap(
+        in_file=famp_file, reference_file=reference, prep_angle=80.0, angle_source="--tb1tfl-prep-angle"
+    ).run(cwd=str(tmp_path))
+    percent = nib.load(result.outputs.tb1map_file).get_fdata()
+    assert percent.shape == (20, 20, 20)
+    finite = np.isfinite(percent)
+    assert finite.sum() > 0.9 * 8 * _ellipsoid((10, 10, 10)).sum()  # the head's edge stays covered
+    assert np.allclose(percent[finite], 100.0, atol=1e-3)
 
 
 # --- AFI --------------------------------------------------------------------------------------------

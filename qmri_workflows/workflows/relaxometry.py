@@ -46,9 +46,10 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
         and their spoiling for its correction (``source="dam"``; optional).
     t1_note
         Why there are no ``vfa_files`` (``source="dam"``; for the sidecar).
-    famp_file, prep_angle, angle_source, reference_file
-        The tfl_b1map's famp image, its nominal preparation angle (deg), where that angle comes
-        from, and an image on the map grid (``source="tfl"``).
+    famp_file, anat_file, prep_angle, angle_source, reference_file
+        The tfl_b1map's famp image, its reference image (optional: the head of the fold check),
+        the nominal preparation angle (deg), where that angle comes from, and an image on the map
+        grid (``source="tfl"``).
     tb1map_file, units, source_name
         The resampled user map, its sidecar ``Units`` and its original path (``source="tb1map"``).
 
@@ -84,9 +85,9 @@ def init_b1_wf(*, source="afi", smoothing_fwhm=8.0, n_coils=1, mem_gb=1.0, name=
     elif source == "tfl":
         # brought linearly onto the map grid by the node itself (its masked zeros are no data there),
         # then scaled, not smoothed
-        fields = ["famp_file", "prep_angle", "angle_source", "reference_file"]
+        fields = ["famp_file", "anat_file", "prep_angle", "angle_source", "reference_file"]
         node = pe.Node(ReadTFLMap(), name="read_tfl", mem_gb=mem_gb)
-        connections = [("famp_file", "in_file"), ("reference_file", "reference_file")]
+        connections = [("famp_file", "in_file"), ("anat_file", "anat_file"), ("reference_file", "reference_file")]
         connections += [("prep_angle", "prep_angle"), ("angle_source", "angle_source"), ("famp_file", "source_name")]
     elif source == "tb1map":
         fields = ["tb1map_file", "units", "source_name"]
@@ -508,6 +509,8 @@ def _build_b1(context):
     elif source == "tfl":
         tfl = inputs.tfl
         workflow.inputs.inputnode.famp_file = tfl.famp_file
+        if tfl.anat_file:
+            workflow.inputs.inputnode.anat_file = tfl.anat_file
         workflow.inputs.inputnode.prep_angle = tfl.prep_angle
         workflow.inputs.inputnode.angle_source = tfl.angle_source
         workflow.inputs.inputnode.reference_file = map_grid_file(inputs)

@@ -98,6 +98,32 @@ def test_tfl_map_on_a_coarse_grid_ignores_the_masked_background(tmp_path):
     assert np.allclose(percent[finite], 100.0, atol=1e-3)
 
 
+def test_tfl_map_warns_when_the_preparation_may_pass_180_degrees(tmp_path, caplog):
+    """famp is 10 x arccos of the saturated / reference signal, at most 1800: past 180 deg the
+    angle reads as 360 - angle, and near it noise moves it most. With an 80 deg preparation that
+    is B1+ 2.25, within reach at 7 T (the 3 mm phantom with B1+ up to 2.3: the voxels above 2.25
+    read 2.6 % low, up to 6 %, and nothing said so); a 3 T field (peak 1.22, 98 deg) is far below."""
+    head = _ellipsoid()
+    reference = _write(tmp_path / "ref.nii", np.where(head, 100.0, 1.0))
+    results = {}
+    for name, peak in (("3 T", 1.22), ("7 T", 2.5)):
+        b1 = 0.9 + (peak - 0.9) * _smooth_b1_peak()
+        angle = np.degrees(np.arccos(np.cos(np.radians(80.0 * b1))))  # folded past 180 deg
+        famp = _write(tmp_path / f"famp{name[0]}.nii", np.where(head, np.round(10 * angle), 900.0))
+        work = tmp_path / name[0]
+        work.mkdir()
+        caplog.clear()
+        result = ReadTFLMap(
+            in_file=famp, reference_file=reference, prep_angle=80.0, angle_source="--tb1tfl-prep-angle"
+        ).run(cwd=str(work))
+        results[name] = (result.outputs.metadata["FoldCheck"], "folds back" in caplog.text)
+    assert (
+        results["3 T"][0].startswith("0 % of the head reads a preparation angle above 162 deg")
+        and not results["3 T"][1]
+    )
+    assert "folds back (180 + x deg reads as 180 - x deg)" in results["7 T"][0] and results["7 T"][1]
+
+
 # --- AFI --------------------------------------------------------------------------------------------
 def test_afi_map_recovers_a_smooth_field_on_another_grid(tmp_path):
     head = _ellipsoid()

@@ -513,7 +513,9 @@ class ReadTFLMap(ReadTB1map):
         """The head on the map grid: where the tfl_b1map's own reference has signal, else the map
         grid's image (whose noise floor may pass the threshold: the median filter keeps it quiet)."""
         if isdefined(self.inputs.anat_file):
-            signal = np.asarray(resample_to_reference(self.inputs.anat_file, grid, kind="linear").dataobj)
+            # min_coverage 0: famp's own resampling has warned about a field of view they share
+            anat = resample_to_reference(self.inputs.anat_file, grid, kind="linear", min_coverage=0.0)
+            signal = np.asarray(anat.dataobj)
         elif isdefined(self.inputs.reference_file):
             signal = load_volume(self.inputs.reference_file)
         else:

@@ -20,6 +20,7 @@ from qmri_workflows.interfaces.relaxometry import (
 from qmri_workflows.io.derivatives import write_nifti
 from qmri_workflows.io.errors import BIDSInputError
 from qmri_workflows.io.query.derivatives import tb1map_scale
+from qmri_workflows.io.resample import PartialCoverageWarning
 
 SHAPE = (20, 22, 18)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -122,6 +123,22 @@ def test_tfl_map_warns_when_the_preparation_may_pass_180_degrees(tmp_path, caplo
         and not results["3 T"][1]
     )
     assert "folds back (180 + x deg reads as 180 - x deg)" in results["7 T"][0] and results["7 T"][1]
+
+
+def test_tfl_slab_warns_once_about_its_coverage(tmp_path):
+    # a famp slab covering a third of the maps: one warning naming famp, none about acq-anat,
+    # which is read only as the fold check's head (it named "the in-memory image")
+    slab = np.diag([2.0, 2.0, 2.0, 1.0])
+    slab[2, 3] = 12.0
+    famp = _write(tmp_path / "famp.nii", np.full((20, 22, 6), 800.0), slab)
+    anat = _write(tmp_path / "anat.nii", np.full((20, 22, 6), 100.0), slab)
+    reference = _write(tmp_path / "ref.nii", np.ones(SHAPE))
+    with pytest.warns(PartialCoverageWarning) as caught:
+        ReadTFLMap(
+            in_file=famp, anat_file=anat, reference_file=reference, prep_angle=80.0, angle_source="sidecar FlipAngle"
+        ).run(cwd=str(tmp_path))
+    messages = [str(w.message) for w in caught if issubclass(w.category, PartialCoverageWarning)]
+    assert len(messages) == 1 and "famp.nii" in messages[0]
 
 
 # --- AFI --------------------------------------------------------------------------------------------

@@ -477,6 +477,21 @@ class _ReadTFLMapInputSpec(BaseInterfaceInputSpec):
     source_name = Str(desc="the original famp file (for messages and provenance)")
 
 
+def _fill_from_neighbours(values):
+    """``values`` with each non-finite voxel that has a finite one among its 26 neighbours set to
+    their mean (one pass: holes close, masks grow by one voxel)."""
+    from scipy import ndimage
+
+    finite = np.isfinite(values)
+    box = np.ones((3, 3, 3))
+    total = ndimage.convolve(np.where(finite, values, 0.0).astype(np.float64), box, mode="constant")
+    count = ndimage.convolve(finite.astype(np.float64), box, mode="constant")
+    fill = ~finite & (count > 0)
+    filled = values.copy()
+    filled[fill] = total[fill] / count[fill]
+    return filled
+
+
 class ReadTFLMap(ReadTB1map):
     """B1+ (percent of nominal) from the flip-angle map of a Siemens ``tfl_b1map``: famp holds 10 x
     the actual preparation angle (deg), so B1+ = famp / (10 x nominal angle); read as a TB1map is
@@ -486,7 +501,10 @@ class ReadTFLMap(ReadTB1map):
     preparation that does not tip is not a head's B1+) and count as missing while famp is
     resampled: interpolated into the head's edge from a coarser famp, as a TB1map's values are,
     they read B1+ low there (-12 % median, 5th percentile -32 % at the brain's edge on the 3 mm
-    phantom with a masked 5 mm famp). Missing voxels are filled from their finite neighbours
+    phantom with a masked 5 mm famp). Each missing voxel with a finite neighbour (of 26) takes
+    their mean first, on famp's own grid: holes in the head close whatever the grids (on the map
+    grid nothing would fill them), and a mask's edge moves one famp voxel out, so that the brain's
+    edge is covered (B1+ is smooth over a voxel); the resampling then fills from finite neighbours
     within one famp voxel (:func:`~qmri_workflows.io.resample.resample_to_reference`).
     """
 
@@ -501,7 +519,7 @@ class ReadTFLMap(ReadTB1map):
     def _load(self, name):
         image = nib.load(self.inputs.in_file)
         famp = load_volume(self.inputs.in_file)
-        famp = np.where(famp > 0, famp, np.nan).astype(np.float32)
+        famp = _fill_from_neighbours(np.where(famp > 0, famp, np.nan).astype(np.float32))
         grid = nib.Nifti1Image(famp, image.affine)
         if isdefined(self.inputs.reference_file):
             grid = resample_to_reference(grid, self.inputs.reference_file, kind="linear", name=str(name))

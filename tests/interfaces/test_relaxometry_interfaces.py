@@ -141,6 +141,23 @@ def test_tfl_slab_warns_once_about_its_coverage(tmp_path):
     assert len(messages) == 1 and "famp.nii" in messages[0]
 
 
+def test_tfl_map_fills_holes_and_one_voxel_beyond_a_mask_from_the_neighbours(tmp_path):
+    # NaN or 0 inside the head (a converted famp, a scanner's mask) read no B1+ there, so no R1, on
+    # the famp's own grid, though the same hole on another grid is filled by the resampling (2 % of
+    # the phantom's brain NaN in R1 from 2 % NaN in famp); the mask's edge left the brain's edge NaN
+    # (1.8 % of the brain with a brain-masked 5 mm famp)
+    head = _ellipsoid()
+    famp = np.where(head, 800.0, 0.0)
+    famp[10, 11, 9] = np.nan
+    famp[8, 11, 9] = 0.0
+    famp_file = _write(tmp_path / "famp.nii", famp)
+    result = ReadTFLMap(in_file=famp_file, prep_angle=80.0, angle_source="sidecar FlipAngle").run(cwd=str(tmp_path))
+    percent = nib.load(result.outputs.tb1map_file).get_fdata()
+    assert np.allclose(percent[head], 100.0)
+    grown = ndimage.binary_dilation(head, np.ones((3, 3, 3), bool))
+    assert np.allclose(percent[grown], 100.0) and np.isnan(percent[~grown]).all()
+
+
 # --- AFI --------------------------------------------------------------------------------------------
 def test_afi_map_recovers_a_smooth_field_on_another_grid(tmp_path):
     head = _ellipsoid()

@@ -231,6 +231,9 @@ def init_r2_wf(
             (inputnode, denoise_node, [("magnitude_files", "magnitude_files"), ("mask_file", "mask_file")]),
             (denoise_node, outputnode, [("noise_map_file", "noise_map_file")]),
             (denoise_node, band_free, [("noise_map_file", "noise_map_file")]),
+            # without a noise level in the air (zero-filled background) the node passes the raw images on
+            (denoise_node, band_free, [(("applied", _not_denoised), "raw_magnitudes")]),
+            (denoise_node, fit, [("applied", "denoised")]),
             (band_free, merge_denoise, [("metadata", "base")]),
             (denoise_node, merge_denoise, [("metadata", "update")]),
             (merge_denoise, merge, [("out_dict", "base")]),
@@ -295,6 +298,8 @@ def init_r2_wf(
              + ([("cycle_files", "cycle_files")] if combination == JOINT_MAGNITUDE_FIT else [])),
             (refit, outputnode, [(f"outputnode.{field}", f"refined_{field}") for field in REFINED_R1_FIELDS]),
         ])  # fmt: skip
+        if denoise is not None:
+            workflow.connect([(denoise_node, final_fit, [("applied", "denoised")])])
         if b1_note is None:
             workflow.connect([
                 (inputnode, final_fit, [("b1_file", "b1_file"), (("r1_metadata", _b1_source), "b1_source")]),
@@ -307,6 +312,11 @@ def init_r2_wf(
                                  ("r2_stderr_file", "r2_stderr_file")]),
     ])  # fmt: skip
     return workflow
+
+
+def _not_denoised(applied):
+    """``raw_magnitudes`` of the band-free step from the denoising node's ``applied``."""
+    return not applied
 
 
 def _b1_source(r1_metadata):

@@ -206,3 +206,25 @@ def test_despot2_fm_plan_takes_three_phase_cycles_not_two(tmp_path, increments, 
         )
     else:
         assert "despot2-fm needs at least 3 per flip angle" in plan.reason and "removing the bands" not in plan.reason
+
+
+def test_despot2_fm_on_a_zero_filled_background_says_the_cycles_are_raw(tmp_path, caplog):
+    """Zeros around the head hold no noise, so the denoising step passes the raw phase cycles on:
+    the sidecar said "the denoising step removed the noise floor" and the standard error "the phase
+    cycles are denoised", both wrong."""
+    import nibabel as nib
+    import numpy as np
+
+    raw = _bssfp_dataset(tmp_path, phase=False)
+    for path in raw.files["bssfp"]:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape[:3]], indexing="ij")
+        data[sum(g**2 for g in grid) > 0.6] = 0.0
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
+    assert not r2["NoiseFloorCorrection"].startswith("none here: the denoising step"), r2["NoiseFloorCorrection"]
+    assert "denoised" not in r2["R2StandardErrorNote"]
+    assert r2["FittedVoxels"] > 0

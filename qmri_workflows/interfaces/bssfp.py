@@ -119,8 +119,8 @@ R2_ALGORITHMS = {
     "(Gauss-Newton, amplitude projected out), started from the DESPOT2 regression",
     JOINT_MAGNITUDE_FIT: "DESPOT2-FM on magnitude-only data: least squares of the magnitudes of every phase cycle and "
     "flip angle, M0 |bSSFP signal(R1, R2, off-resonance, B1+ x flip angle)|, over M0 >= 0 (projected out), R2 and "
-    "the off-resonance (Levenberg-Marquardt from the best of 12 off-resonances over 1/TR and from DESPOT2 on the "
-    "root mean square of the cycles)",
+    "the off-resonance (Levenberg-Marquardt finishing the best of 4-iteration searches from the 5 best of 12 "
+    "off-resonances over 1/TR, R2 starting from DESPOT2 on the root mean square of the cycles)",
 }
 
 

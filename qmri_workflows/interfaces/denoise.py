@@ -95,6 +95,10 @@ class _DenoiseOutputSpec(TraitedSpec):
     denoised_phase_scale = traits.Float(desc="factor from denoised_phase_files' values to radians")
     noise_map_file = File(exists=True, desc="noise SD per channel, voxel by voxel (0 when unmeasurable)")
     metadata = traits.Dict(desc="sidecar fields describing the denoising")
+    applied = traits.Bool(
+        desc="the images were denoised; False: denoised_files are the inputs, raw (method 'none', or no noise "
+        "level in the air), noise floor included"
+    )
 
 
 class DenoiseCollection(SimpleInterface):
@@ -142,6 +146,7 @@ class DenoiseCollection(SimpleInterface):
                     problem,
                 )
             self._results["denoised_files"] = files
+            self._results["applied"] = False
             self._write_noise_map(runtime, np.zeros(images.shape[:3], dtype=np.float32), reference)
             metadata["Denoising"] = f"none: {problem}"
             self._results["metadata"] = metadata
@@ -150,6 +155,7 @@ class DenoiseCollection(SimpleInterface):
             sigma_map = self._noise_map(images, n_coils, sigma, voxel_size)
             self._write_noise_map(runtime, sigma_map, reference)
             self._results["denoised_files"] = files
+            self._results["applied"] = False
             metadata.update({"Denoising": "none", "NoiseStandardDeviationAir": float(sigma)})
             self._results["metadata"] = metadata
             return runtime
@@ -177,6 +183,7 @@ class DenoiseCollection(SimpleInterface):
             target = os.path.join(runtime.cwd, f"{input_name(path)}{DENOISED_SUFFIX}.nii")
             outputs.append(str(write_nifti(target, denoised[..., index], reference.affine)))
         self._results["denoised_files"] = outputs
+        self._results["applied"] = True
         self._write_noise_map(runtime, sigma_map, reference)
         inside = sigma_map[mask] if mask is not None else sigma_map
         metadata.update(

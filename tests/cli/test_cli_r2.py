@@ -185,3 +185,46 @@ def test_pulse_duration_option_rejects_milliseconds(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(raw.root, tmp_path, "--bssfp-pulse-duration", "1")
     assert "RF pulse duration in seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("increments", "runs"), [((0, 180), False), ((0, 120, 240), True), ((0, 90, 180), True)])
+def test_despot2_fm_plan_takes_three_phase_cycles_not_two(tmp_path, increments, runs):
+    """DESPOT2-FM removes no band, so the four cycles of the band-free combinations are not needed:
+    three were refused with "removing the bands needs at least 4"; two stay refused, for the fit's
+    own reason (a second minimum at a wrong R2)."""
+    from qmri_workflows.io.query import collect_inputs, open_layout
+    from qmri_workflows.workflows.registry import plan_families
+
+    raw = make_dataset(
+        tmp_path / "raw", afi=True, bssfp_increments=increments, bssfp_flip_angles=(15.0, 50.0), phase=False
+    )
+    plan = {p.key: p for p in plan_families(collect_inputs(open_layout(raw.root), "01"))}["r2"]
+    assert plan.run is runs, plan.reason
+    if runs:
+        assert plan.reason.startswith(
+            f"DESPOT2-FM (joint fit of every cycle's magnitude with the off-resonance) from {len(increments)}"
+        )
+    else:
+        assert "despot2-fm needs at least 3 per flip angle" in plan.reason and "removing the bands" not in plan.reason
+
+
+def test_despot2_fm_on_a_zero_filled_background_says_the_cycles_are_raw(tmp_path, caplog):
+    """Zeros around the head hold no noise, so the denoising step passes the raw phase cycles on:
+    the sidecar said "the denoising step removed the noise floor" and the standard error "the phase
+    cycles are denoised", both wrong."""
+    import nibabel as nib
+    import numpy as np
+
+    raw = _bssfp_dataset(tmp_path, phase=False)
+    for path in raw.files["bssfp"]:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape[:3]], indexing="ij")
+        data[sum(g**2 for g in grid) > 0.6] = 0.0
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+    code, out = _run(raw.root, tmp_path)
+    assert code == 0, caplog.text
+    r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
+    assert not r2["NoiseFloorCorrection"].startswith("none here: the denoising step"), r2["NoiseFloorCorrection"]
+    assert "denoised" not in r2["R2StandardErrorNote"]
+    assert r2["FittedVoxels"] > 0

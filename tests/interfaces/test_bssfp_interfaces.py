@@ -403,6 +403,14 @@ def test_magnitude_only_joint_fit_recovers_r2(tmp_path):
     assert np.abs(estimate / r2 - 1).max() < 1e-4
     assert fit.metadata["EstimationAlgorithm"].startswith("DESPOT2-FM on magnitude-only data")
     assert fit.metadata["R2StandardErrorNote"].startswith("from the residuals of the joint fit (8 magnitudes")
+    assert "denoised" not in fit.metadata["R2StandardErrorNote"]
+    # denoised cycles: the residuals keep the finite-pulse model's misfit, not the noise, and the
+    # note says so (with instantaneous pulses there is no such misfit)
+    denoised = _fit_joint(tmp_path, "fit_denoised", outputs, "despot2-fm", denoised=True, **files)
+    assert "denoised" not in denoised.metadata["R2StandardErrorNote"]
+    pulsed = _fit_joint(tmp_path, "fit_pulsed", outputs, "despot2-fm", denoised=True, pulse_duration=0.001, **files)
+    assert "the phase cycles are denoised" in pulsed.metadata["R2StandardErrorNote"]
+    assert "overstates R2's random error" in pulsed.metadata["R2StandardErrorNote"]
     assert np.nanmax(np.asarray(nib.load(fit.r2_stderr_file).dataobj)) < 1e-3 * r2.min()
     rms = _fit_joint(tmp_path, "fit_rms", _band_free(tmp_path, "rms", with_phase=False), "rms", **files)
     assert np.abs(np.asarray(nib.load(rms.r2_file).dataobj) / r2 - 1).max() > 0.1

@@ -59,7 +59,7 @@ def test_denoise_node_lowers_the_error_and_measures_the_noise(tmp_path):
         .run(cwd=_cwd(tmp_path, "work"))
         .outputs
     )
-    assert len(result.denoised_files) == len(files)
+    assert len(result.denoised_files) == len(files) and result.applied is True
     denoised = np.stack([np.asarray(nib.load(path).dataobj) for path in result.denoised_files], -1)
     raw = np.stack([np.asarray(nib.load(path).dataobj) for path in files], -1)
     error = {name: np.sqrt(np.mean((data - amplitudes)[head] ** 2)) for name, data in (("raw", raw), ("ms", denoised))}
@@ -77,6 +77,8 @@ def test_noiseless_images_pass_through_with_a_reason(tmp_path):
     result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
     assert result.denoised_files == files
     assert result.metadata["Denoising"].startswith("none: ")
+    # the fits must know the images are raw (R2's band-free step then removes their noise floor)
+    assert result.applied is False
 
 
 def test_zero_filled_background_of_integer_images(tmp_path):
@@ -101,7 +103,9 @@ def test_skull_stripped_images_pass_through_saying_the_background_is_zero_filled
     with caplog.at_level(logging.WARNING, logger="qmri_workflows.interfaces"):
         result = DenoiseCollection(magnitude_files=files, method="nlm").run(cwd=_cwd(tmp_path, "work")).outputs
     assert result.denoised_files == files
-    assert result.metadata["Denoising"].startswith("none: ") and "zero-filled" in result.metadata["Denoising"]
+    assert result.metadata["Denoising"].startswith("none: ")
+    # the fits must know the images are raw (R2's band-free step then removes their noise floor)
+    assert result.applied is False and "zero-filled" in result.metadata["Denoising"]
     assert "noise_sigma" not in result.metadata["Denoising"]  # FitR2star's remedy, not this node's
     # the warning names the images, so that a user of many subjects knows which were not denoised
     assert any("Denoising skipped" in r.getMessage() and files[0] in r.getMessage() for r in caplog.records)

@@ -235,7 +235,10 @@ class FitR2star(SimpleInterface):
         if self.inputs.method == "nls" and noise.air is None:
             # air that cannot be measured does not mean no floor (masked or cropped real data), and a
             # fit without one biases R2* where the signal is weak; air without noise means there is none
-            raise ValueError(problem)
+            raise ValueError(
+                f"{problem} (in the BIDS App: use --r2star-method wls, which needs no noise level, or keep the noisy "
+                "air around the head in the images)"
+            )
         consequence = "the non-linear fit models no noise floor" if self.inputs.method == "nls" else ""
         if residual_dof < MIN_RESIDUAL_DOF:
             consequence += (" and " if consequence else "") + (

@@ -66,7 +66,8 @@ def init_denoise_node(method, *, n_coils=1, search_radius=2, mem_gb=1.0, omp_nth
     -------
     nipype.pipeline.engine.Node
         Inputs ``magnitude_files``, ``mask_file``, ``echo_times``, ``flip_angles``; outputs
-        ``denoised_files``, ``noise_map_file``, ``metadata``.
+        ``denoised_files``, ``noise_map_file``, ``metadata`` and ``applied`` (whether the images
+        were denoised).
     """
     from nipype.pipeline import engine as pe
 
@@ -181,7 +182,7 @@ def init_r2star_wf(
         omp_nthreads=omp_nthreads,
     )
     fit_r2star = pe.Node(
-        FitR2star(method=method, n_coils=n_coils, num_threads=omp_nthreads, denoised=denoise != "none"),
+        FitR2star(method=method, n_coils=n_coils, num_threads=omp_nthreads),
         name="fit_r2star",
         mem_gb=mem_gb,
         n_procs=omp_nthreads,
@@ -194,7 +195,8 @@ def init_r2star_wf(
             ("echo_times", "echo_times"),
             ("flip_angles", "flip_angles"),
         ]),
-        (denoise_node, fit_r2star, [("denoised_files", "magnitude_files")]),
+        # "applied", not the option: without noise in the air (zero-filled background) the images pass raw
+        (denoise_node, fit_r2star, [("denoised_files", "magnitude_files"), ("applied", "denoised")]),
         (denoise_node, outputnode, [("denoised_files", "magnitude_files"), ("noise_map_file", "noise_map_file")]),
         (denoise_node, merge_metadata, [("metadata", "update")]),
         (fit_r2star, merge_metadata, [("metadata", "base")]),

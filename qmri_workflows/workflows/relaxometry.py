@@ -270,6 +270,8 @@ def init_r1_wf(
             (inputnode, denoise_node, [("signal_files", "magnitude_files"), ("flip_angles", "flip_angles"),
                                        ("mask_file", "mask_file")]),
             (denoise_node, outputnode, [("noise_map_file", "noise_map_file")]),
+            # "applied", not the option: without noise in the air the images pass raw
+            (denoise_node, fit, [("applied", "denoised")]),
             (fit, merge_metadata, [("metadata", "base")]),
             (denoise_node, merge_metadata, [("metadata", "update")]),
             (merge_metadata, outputnode, [("out_dict", "metadata")]),

@@ -228,3 +228,28 @@ def test_despot2_fm_on_a_zero_filled_background_says_the_cycles_are_raw(tmp_path
     assert not r2["NoiseFloorCorrection"].startswith("none here: the denoising step"), r2["NoiseFloorCorrection"]
     assert "denoised" not in r2["R2StandardErrorNote"]
     assert r2["FittedVoxels"] > 0
+
+
+def test_r2star_and_r1_on_a_zero_filled_background_know_their_images_are_raw(tmp_path, caplog):
+    """The same for the GRE: without noise in the air the denoising step passes the raw echoes on.
+    R2*'s non-linear fit took them for denoised and fitted them without a noise floor (its sidecar
+    said "the denoised magnitudes are bias-corrected"); it now needs a noise level, as with
+    --denoise none, and says what to do without one. The default (wls) runs."""
+    import nibabel as nib
+    import numpy as np
+
+    raw = make_dataset(tmp_path / "raw", afi=True)
+    for path in raw.files["gre"]:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+        grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape[:3]], indexing="ij")
+        data[sum(g**2 for g in grid) > 0.6] = 0.0
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+    code, _ = _run(raw.root, tmp_path, "--r2star-method", "nls")
+    assert code != 0
+    assert "background is zero-filled" in caplog.text and "use --r2star-method wls" in caplog.text
+    caplog.clear()
+    code, out = _run(raw.root, tmp_path / "wls")
+    assert code == 0, caplog.text
+    r2star = json.loads((out / "anat" / "sub-01_R2starmap.json").read_text())
+    assert r2star["Denoising"].startswith("none: "), r2star["Denoising"]

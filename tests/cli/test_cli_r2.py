@@ -208,20 +208,25 @@ def test_despot2_fm_plan_takes_three_phase_cycles_not_two(tmp_path, increments, 
         assert "despot2-fm needs at least 3 per flip angle" in plan.reason and "removing the bands" not in plan.reason
 
 
-def test_despot2_fm_on_a_zero_filled_background_says_the_cycles_are_raw(tmp_path, caplog):
-    """Zeros around the head hold no noise, so the denoising step passes the raw phase cycles on:
-    the sidecar said "the denoising step removed the noise floor" and the standard error "the phase
-    cycles are denoised", both wrong."""
+def _zero_outside_the_head(paths):
+    """Fill the background of each image with exact zeros (as a scanner's or converter's mask does)."""
     import nibabel as nib
     import numpy as np
 
-    raw = _bssfp_dataset(tmp_path, phase=False)
-    for path in raw.files["bssfp"]:
+    for path in paths:
         image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
         grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape[:3]], indexing="ij")
         data[sum(g**2 for g in grid) > 0.6] = 0.0
         nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+
+
+def test_despot2_fm_on_a_zero_filled_background_says_the_cycles_are_raw(tmp_path, caplog):
+    """Zeros around the head hold no noise, so the denoising step passes the raw phase cycles on:
+    the sidecar said "the denoising step removed the noise floor" and the standard error "the phase
+    cycles are denoised", both wrong."""
+    raw = _bssfp_dataset(tmp_path, phase=False)
+    _zero_outside_the_head(raw.files["bssfp"])
     code, out = _run(raw.root, tmp_path)
     assert code == 0, caplog.text
     r2 = json.loads((out / "anat" / "sub-01_R2map.json").read_text())
@@ -235,16 +240,8 @@ def test_r2star_and_r1_on_a_zero_filled_background_know_their_images_are_raw(tmp
     R2*'s non-linear fit took them for denoised and fitted them without a noise floor (its sidecar
     said "the denoised magnitudes are bias-corrected"); it now needs a noise level, as with
     --denoise none, and says what to do without one. The default (wls) runs."""
-    import nibabel as nib
-    import numpy as np
-
     raw = make_dataset(tmp_path / "raw", afi=True)
-    for path in raw.files["gre"]:
-        image = nib.load(path)
-        data = np.asarray(image.dataobj, dtype=np.float32)
-        grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in data.shape[:3]], indexing="ij")
-        data[sum(g**2 for g in grid) > 0.6] = 0.0
-        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+    _zero_outside_the_head(raw.files["gre"])
     code, _ = _run(raw.root, tmp_path, "--r2star-method", "nls")
     assert code != 0
     assert "background is zero-filled" in caplog.text and "use --r2star-method wls" in caplog.text

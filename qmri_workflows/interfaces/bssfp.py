@@ -500,6 +500,15 @@ class _FitDESPOT2InputSpec(BaseInterfaceInputSpec):
         desc="the phase cycles were NLM-denoised: the noise of the air (that of the raw images) is not theirs, "
         "and is not used for the standard error",
     )
+    start_r2_file = File(
+        exists=True,
+        desc=f"{JOINT_MAGNITUDE_FIT}: R2 (1/s) of an earlier fit of the same cycles (with a slightly different R1), "
+        "to start from instead of searching the off-resonance grid",
+    )
+    start_offresonance_file = File(
+        exists=True,
+        desc=f"{JOINT_MAGNITUDE_FIT}: the off-resonance (Hz) that earlier fit found (its fitted_offresonance_file)",
+    )
     chunk_size = traits.Int(200_000, usedefault=True, nohash=True, desc="voxels per chunk")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads fitting chunks at once")
 
@@ -508,6 +517,9 @@ class _FitDESPOT2OutputSpec(TraitedSpec):
     r2_file = File(exists=True, desc="R2 (1/s); NaN where undetermined, 0 outside the mask")
     t2_file = File(exists=True, desc="T2 (s) = 1/R2; NaN where R2 is undetermined or not positive")
     r2_stderr_file = File(exists=True, desc="standard error of R2 (1/s); NaN where unknown")
+    fitted_offresonance_file = File(
+        exists=True, desc=f"{JOINT_MAGNITUDE_FIT} only: the off-resonance (Hz) the joint fit found; NaN elsewhere"
+    )
     metadata = traits.Dict(desc="sidecar fields")
 
 
@@ -607,6 +619,11 @@ class FitDESPOT2(SimpleInterface):
         for key, name, data in (("r2_file", "R2map.nii", r2), ("t2_file", "T2map.nii", t2),
                                 ("r2_stderr_file", "R2map_stderr.nii", stderr)):  # fmt: skip
             self._results[key] = str(write_nifti(os.path.join(runtime.cwd, name), data, affine))
+        if joint:
+            frequency = np.where(fitted, result.off_resonance, np.nan).astype(np.float32)
+            self._results["fitted_offresonance_file"] = str(
+                write_nifti(os.path.join(runtime.cwd, "offresonance_fit.nii"), frequency, affine)
+            )
 
         counts = {
             "FittedVoxels": int(fitted.sum()),
@@ -666,8 +683,19 @@ class FitDESPOT2(SimpleInterface):
         return cycles.reshape(cycles.shape[:3] + (n_flip, n_cycle))
 
     def _joint_fit(self, cycles, flip_angles, tr, r1, *, b1, sigma, method, pulse_duration, off_resonance, **chunking):
-        """:func:`fit_bssfp_magnitude` with :func:`fit_despot2`'s call (``method``, ``off_resonance``: unused)."""
+        """:func:`fit_bssfp_magnitude` with :func:`fit_despot2`'s call (``method``, ``off_resonance``: unused).
+
+        With ``start_r2_file`` and ``start_offresonance_file`` (a refit after R1 moved a little) each
+        voxel starts from the earlier minimum, not from the search over the off-resonance grid that
+        costs most of the first fit; voxels without a finite start are searched as before.
+        """
         chunking["chunk_size"] = min(chunking["chunk_size"], 50_000)
+        starts = {}
+        if isdefined(self.inputs.start_r2_file) and isdefined(self.inputs.start_offresonance_file):
+            reference = nib.load(self.inputs.start_r2_file)
+            r2_start = load_volume(self.inputs.start_r2_file).astype(np.float64)
+            frequency = load_volume(self.inputs.start_offresonance_file, reference=reference).astype(np.float64)
+            starts = {"r2_start": r2_start, "off_resonance_start": frequency}
         return fit_bssfp_magnitude(
             cycles,
             flip_angles,
@@ -677,6 +705,7 @@ class FitDESPOT2(SimpleInterface):
             b1=b1,
             sigma=sigma,
             pulse_duration=pulse_duration,
+            **starts,
             **chunking,
         )
 

@@ -298,6 +298,12 @@ def init_r2_wf(
              + ([("cycle_files", "cycle_files")] if combination == JOINT_MAGNITUDE_FIT else [])),
             (refit, outputnode, [(f"outputnode.{field}", f"refined_{field}") for field in REFINED_R1_FIELDS]),
         ])  # fmt: skip
+        if combination == JOINT_MAGNITUDE_FIT:
+            # R1 moved a little: start from the first fit's minimum instead of searching the grid again
+            workflow.connect([
+                (fit, final_fit, [("r2_file", "start_r2_file"),
+                                  ("fitted_offresonance_file", "start_offresonance_file")]),
+            ])  # fmt: skip
         if denoise is not None:
             workflow.connect([(denoise_node, final_fit, [("applied", "denoised")])])
         if b1_note is None:

@@ -40,6 +40,7 @@ from ..io.derivatives import write_nifti
 from ..io.errors import BIDSInputError
 from ..io.images import load_volume, load_volumes, same_grid
 from ..io.query.derivatives import tb1map_scale
+from ..io.query.fieldmaps import TFL_HEAD_FRACTION
 from ..io.resample import resample_to_reference
 from ._noise import measure_air_noise
 
@@ -245,6 +246,23 @@ class AFIFlipAngleMap(_FlipAnglePairMap):
         }
 
 
+#: Share of the head a B1+ map reads above FOLD_MARGIN x its method's limit beyond which it may be
+#: folded back there (the double-angle method at pi/a2, the tfl_b1map at 180 deg)
+FOLD_SHARE = 0.01
+FOLD_MARGIN = 0.9
+
+
+def _fold_note(share, reading, folding, source):
+    """The sidecar's FoldCheck: ``share`` of the head near the limit (``reading`` says what), and above
+    :data:`FOLD_SHARE` what folding means (``folding``), logged as a warning naming ``source``."""
+    text = f"{100 * share:.2g} % of {reading}"
+    if share <= FOLD_SHARE:
+        return text
+    text += f"; {folding}"
+    LOGGER.warning("B1+ (%s): %s", source, text)
+    return text
+
+
 class _DAMFlipAngleMapInputSpec(_PairInputSpec):
     flip1_file = File(exists=True, mandatory=True, desc="image at the smaller nominal flip angle (flip-1)")
     flip2_file = File(exists=True, mandatory=True, desc="image at the larger nominal flip angle (flip-2)")
@@ -296,10 +314,6 @@ class DAMFlipAngleMap(_FlipAnglePairMap):
         self._fold_note = self._fold_check(estimate)
         return estimate
 
-    #: share of the trusted voxels read above FOLD_MARGIN x pi/a2 beyond which the map may be folded
-    FOLD_SHARE = 0.01
-    FOLD_MARGIN = 0.9
-
     def _fold_check(self, estimate):
         """The sidecar's FoldCheck, with a warning when the field may pass pi/a2.
 
@@ -309,21 +323,17 @@ class DAMFlipAngleMap(_FlipAnglePairMap):
         of the brain above 0.9 x the limit and read the centre 11 % low).
         """
         limit = math.pi / math.radians(self.inputs.flip_angles[1])
-        near = estimate.valid & (estimate.b1_raw > self.FOLD_MARGIN * limit)
+        near = estimate.valid & (estimate.b1_raw > FOLD_MARGIN * limit)
         share = float(near.sum()) / max(int(estimate.valid.sum()), 1)
-        text = (
-            f"{100 * share:.2g} % of the trusted voxels read B1+ above {self.FOLD_MARGIN:g} x the method's limit "
-            f"pi/a2 = {100 * limit:.0f} % of nominal"
-        )
-        if share <= self.FOLD_SHARE:
-            return text
-        text += (
-            f"; where the field exceeds the limit the double-angle method folds back ({100 * limit:.0f} + x % reads "
+        return _fold_note(
+            share,
+            f"the trusted voxels read B1+ above {FOLD_MARGIN:g} x the method's limit pi/a2 = {100 * limit:.0f} % of "
+            "nominal",
+            f"where the field exceeds the limit the double-angle method folds back ({100 * limit:.0f} + x % reads "
             f"as {100 * limit:.0f} - x %), so the map may be low where it is brightest: check it, or map B1+ with "
-            "smaller flip angles"
+            "smaller flip angles",
+            f"double-angle pair {self.inputs.flip1_file}",
         )
-        LOGGER.warning("B1+ (double-angle pair %s): %s", self.inputs.flip1_file, text)
-        return text
 
     def _estimate_at_t1(self, signal_1, signal_2, voxel_size, noise_sigma):
         flip_1, flip_2 = (math.radians(angle) for angle in self.inputs.flip_angles)
@@ -510,12 +520,6 @@ class ReadTFLMap(ReadTB1map):
 
     input_spec = _ReadTFLMapInputSpec
 
-    #: share of the head read above FOLD_MARGIN x 180 deg beyond which the map may be folded
-    FOLD_SHARE = 0.01
-    FOLD_MARGIN = 0.9
-    # the head for the fold check: the reference image above this fraction of its 99th percentile
-    HEAD_FRACTION = 0.1
-
     def _load(self, name):
         image = nib.load(self.inputs.in_file)
         famp = load_volume(self.inputs.in_file)
@@ -538,7 +542,7 @@ class ReadTFLMap(ReadTB1map):
             signal = load_volume(self.inputs.reference_file)
         else:
             return np.isfinite(famp)
-        return trusted_voxels(signal, self.HEAD_FRACTION) & np.isfinite(famp)
+        return trusted_voxels(signal, TFL_HEAD_FRACTION) & np.isfinite(famp)
 
     def _fold_check(self, famp, grid, name):
         """The sidecar's FoldCheck, with a warning when the preparation may pass 180 deg.
@@ -553,18 +557,16 @@ class ReadTFLMap(ReadTB1map):
         # a fold is a smooth region; famp of noise (arccos of noise ratios, anywhere in 0-180 deg) is
         # not, and a 3-voxel median filter removes it (8 % of the phantom's head above 162 deg -> 0.01 %)
         angles = ndimage.median_filter(np.nan_to_num(famp, nan=0.0), size=3)[self._head(famp, grid)] / 10.0
-        limit = self.FOLD_MARGIN * 180.0
+        limit = FOLD_MARGIN * 180.0
         share = float(np.mean(angles > limit)) if angles.size else 0.0
-        text = f"{100 * share:.2g} % of the head reads a preparation angle above {limit:g} deg"
-        if share <= self.FOLD_SHARE:
-            return text
-        text += (
-            "; famp cannot exceed 180 deg and folds back (180 + x deg reads as 180 - x deg), so B1+ may be low "
+        return _fold_note(
+            share,
+            f"the head reads a preparation angle above {limit:g} deg",
+            "famp cannot exceed 180 deg and folds back (180 + x deg reads as 180 - x deg), so B1+ may be low "
             f"where it is highest (above {180 / self.inputs.prep_angle:.3g} of nominal at {self.inputs.prep_angle:g} "
-            "deg): check the map, or map B1+ with a smaller preparation angle"
+            "deg): check the map, or map B1+ with a smaller preparation angle",
+            f"Siemens tfl_b1map {name}",
         )
-        LOGGER.warning("B1+ (Siemens tfl_b1map %s): %s", name, text)
-        return text
 
     def _scale(self, values, name):
         angle = self.inputs.prep_angle

@@ -12,6 +12,7 @@ from .layout import entity
 from .metadata import ANGLE_TOLERANCE, check_grids, load_header, sidecar_number
 
 __all__ = [
+    "TFL_HEAD_FRACTION",
     "TFL_MIN_PREP_ANGLE",
     "TFL_RATIO_RANGE",
     "AFIPair",
@@ -190,9 +191,10 @@ def dam_pair(ctx, files):
 TFL_MIN_PREP_ANGLE = 30.0
 #: Plausible median B1+ (actual / nominal) in the head; outside it the famp scale or the angle is wrong.
 TFL_RATIO_RANGE = (0.3, 2.0)
-# Head of the scale check: the reference image above this fraction of its 99th percentile (the
-# famp's background holds arccos of noise, whose median reads about as high as a plausible B1+).
-_TFL_HEAD_FRACTION = 0.1
+#: The head of a tfl_b1map (its scale check here, its fold check when it is read): the reference
+#: image above this fraction of its 99th percentile (the famp's background holds arccos of noise,
+#: whose median reads about as high as a plausible B1+, and can pass any limit).
+TFL_HEAD_FRACTION = 0.1
 
 
 def tfl_map(ctx, files, prep_angle=None):
@@ -268,7 +270,7 @@ def _tfl_median_ratio(ctx, famp_file, anat_file, prep_angle):
     if anat_file is not None:
         anat = load_header(anat_file, ctx.name(anat_file))
         if anat.shape[:3] == famp.shape[:3]:
-            inside &= trusted_voxels(np.asarray(anat.dataobj, dtype=float), _TFL_HEAD_FRACTION)
+            inside &= trusted_voxels(np.asarray(anat.dataobj, dtype=float), TFL_HEAD_FRACTION)
     if not inside.any():
         raise BIDSInputError(f"{ctx.name(famp_file)} holds no positive value in the head; is it a flip-angle map?")
     return float(np.median(famp[inside])) / (10.0 * prep_angle)

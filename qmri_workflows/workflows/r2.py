@@ -183,8 +183,8 @@ def init_r2_wf(
             combination=combination,
             pulse_duration=float(pulse_duration),
             n_coils=n_coils,
-            # denoising removes the magnitudes' noise floor itself (moment correction, or before complex averaging)
-            raw_magnitudes=denoise in (None, "none"),
+            # raw_magnitudes: the denoising node's "applied" when there is one (denoising removes the
+            # floor itself: moment correction, or before complex averaging); else the default, raw
             num_threads=omp_nthreads,
         ),
         name="band_free",
@@ -198,7 +198,7 @@ def init_r2_wf(
             method=method,
             combination=combination,
             pulse_duration=float(pulse_duration),
-            denoised=denoise not in (None, "none"),
+            # denoised: the denoising node's "applied" when there is one
             num_threads=omp_nthreads,
         ),
         name="fit_despot2",

@@ -246,7 +246,7 @@ def init_r1_wf(
             spoiling_correction=spoiling_correction,
             signal_kind=signal_kind,
             n_coils=n_coils,
-            denoised=denoise not in (None, "none"),
+            # denoised: the denoising node's "applied" when there is one (single-echo images)
             num_threads=omp_nthreads,
         ),
         name="fit_r1",
